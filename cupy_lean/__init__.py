@@ -1,0 +1,43 @@
+"""cupy-lean: LeanAttention decode attention for CuPy.
+
+Public API:
+
+* :func:`attention` — decode attention over dense, ragged or paged KV caches
+  (NumPy in: float64 reference on the CPU; GPU in: fused CUDA kernel).
+* :func:`merge_states` — merge attention results over disjoint KV parts.
+* :func:`lean_schedule`, :func:`split_schedule`, :func:`head_schedule` — the
+  work decompositions as NumPy data, with ``describe()`` and ``plot()``.
+* :func:`warmup` — compile the GPU kernels ahead of the first call.
+* :mod:`cupy_lean.reference` — float64 reference and ``emulate``.
+"""
+
+from . import reference
+from .attention import attention, merge_states
+from .kernels import warmup
+from .schedule import Schedule, head_schedule, lean_schedule, num_splits_heuristic, split_schedule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attention",
+    "merge_states",
+    "lean_schedule",
+    "split_schedule",
+    "head_schedule",
+    "num_splits_heuristic",
+    "Schedule",
+    "warmup",
+    "reference",
+    "gpu_available",
+    "__version__",
+]
+
+
+def gpu_available() -> bool:
+    """True when CuPy imports and sees at least one CUDA device."""
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False

@@ -1,0 +1,223 @@
+"""GPU path of the front end: arrays already validated by attention.py."""
+
+from __future__ import annotations
+
+import math
+
+import cupy as cp
+import numpy as np
+
+from . import kernels as K
+from .schedule import num_splits_heuristic
+
+_LOG2E = 1.4426950408889634
+_NULL = np.uint64(0)
+_U64_MAX = np.uint64(2**64 - 1)
+
+
+def _aligned16(x):
+    """x itself if its pointer and strides allow 16-byte loads, else a
+    contiguous copy."""
+    if x.data.ptr % 16 == 0 and all(s % 16 == 0 for s, n in zip(x.strides[:-1], x.shape[:-1]) if n > 1):
+        return x
+    return cp.ascontiguousarray(x)
+
+
+def _index_array(x, low, high):
+    """int32, contiguous on the last axis, values outside [low, high] kept
+    outside it (clipped to low - 1 / high + 1) so a check still sees them."""
+    if isinstance(x, np.ndarray):
+        x = np.clip(x.astype(np.int64), low - 1, high + 1).astype(np.int32)
+        return cp.asarray(x)
+    if x.dtype != cp.int32:
+        x = cp.clip(x.astype(cp.int64), low - 1, high + 1).astype(cp.int32)
+    if x.ndim and x.shape[-1] > 1 and x.strides[-1] != 4:
+        x = cp.ascontiguousarray(x)
+    return x
+
+
+def _device_check(m, lens_orig, lens32, table_orig, table32):
+    bad = cp.full(1, _U64_MAX, dtype=cp.uint64)
+    fn = K.util_function("lean_check_inputs")
+    bt_sb = np.int64(table32.strides[0] // 4) if table32 is not None else np.int64(0)
+    grid = max(1, min(m.batch, 4096))
+    fn((grid,), (128,), (lens32, table32 if table32 is not None else _NULL, np.int32(m.batch),
+                         np.int32(m.capacity), np.int32(max(m.page_size, 1)), np.int32(m.num_pages),
+                         np.int32(m.max_pages), bt_sb, bad))
+    code = int(bad.get()[0])
+    if code == 2**64 - 1:
+        return
+    stride = m.max_pages + 1
+    b, j = divmod(code, stride)
+    if j == 0:
+        val = int(lens_orig[b].get())
+        raise ValueError(
+            f"kv_lens: expected values in [0, {m.capacity}] (the cache capacity), got kv_lens[{b}] = {val}")
+    j -= 1
+    val = int(table_orig[b, j].get())
+    raise ValueError(
+        f"block_table: expected page indices in [0, {m.num_pages}) for the pages in use, "
+        f"got block_table[{b}, {j}] = {val}")
+
+
+def _strides(x, n):
+    isz = x.dtype.itemsize
+    return [np.int64(x.strides[i] // isz) for i in range(n)]
+
+
+def attention(q, k, v, lens, table, m, out, return_lse, sched, num_ctas, tile_size, validate):
+    B, Hq, D, Hkv, g = m.batch, m.heads_q, m.head_dim, m.heads_kv, m.group
+    if out is None:
+        out = cp.empty((B, Hq, D), dtype=q.dtype)
+    lse = cp.empty((B, Hq), dtype=cp.float32) if return_lse else None
+    if B == 0:
+        return out, lse
+    dt = "f16" if q.dtype == np.float16 else "bf16"
+    spec = K.make_spec(dt, D, g, m.paged, tile_size)
+    kern = K.kernels_for(spec)
+    q, k, v = _aligned16(q), _aligned16(k), _aligned16(v)
+
+    host_lens = None
+    lens32 = None
+    if lens is not None:
+        if isinstance(lens, np.ndarray):
+            host_lens = lens.astype(np.int64)
+        lens32 = _index_array(lens, 0, m.capacity)
+    table32 = None
+    if table is not None:
+        table32 = _index_array(table, 0, max(m.num_pages - 1, 0))
+    if validate and (isinstance(lens, cp.ndarray) or isinstance(table, cp.ndarray)):
+        _device_check(m, lens, lens32, table, table32)
+
+    out_k = out
+    if out.data.ptr % 8 or any(s % 8 for s, n in zip(out.strides[:-1], out.shape[:-1]) if n > 1):
+        out_k = cp.empty((B, Hq, D), dtype=q.dtype)
+
+    tile = spec.tile
+    units = B * Hkv
+    if lens is None:
+        max_unit_tiles = -(-m.capacity // tile)
+        total = units * max_unit_tiles
+        exact = True
+    elif host_lens is not None:
+        t = -(-host_lens // tile)
+        max_unit_tiles = int(t.max())
+        total = Hkv * int(t.sum())
+        exact = True
+    else:
+        max_unit_tiles = -(-m.capacity // tile)
+        total = units * max_unit_tiles
+        exact = False
+
+    if exact and total == 0:
+        out_k.fill(0)
+        if lse is not None:
+            lse.fill(-np.inf)
+        if out_k is not out:
+            out[...] = out_k
+        return out, lse
+
+    slot_stride = -(-g * (D + 2) // 4) * 4
+    if sched == "lean":
+        grid = num_ctas if num_ctas is not None else kern.ctas_per_sm * kern.num_sms
+        grid = max(1, min(grid, total))
+        mode, ns = 0, 1
+        ws_floats = 2 * grid * slot_stride
+    else:
+        if sched == "head":
+            ns = 1
+        elif num_ctas is not None:
+            ns = max(1, num_ctas // units)
+        else:
+            ns = num_splits_heuristic(units, max_unit_tiles, kern.num_sms)
+        grid = units * ns
+        mode = 1
+        ws_floats = grid * slot_stride if ns > 1 else 0
+    ws, counters = K.workspace(ws_floats, units)
+
+    qs, ks, vs, os_ = _strides(q, 2), _strides(k, 3), _strides(v, 3), _strides(out_k, 2)
+    bt_sb = np.int64(table32.strides[0] // 4) if table32 is not None else np.int64(0)
+    args = (
+        q, k, v, out_k, lse if lse is not None else _NULL,
+        lens32 if lens32 is not None else _NULL, table32 if table32 is not None else _NULL,
+        ws, counters,
+        qs[0], qs[1], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], os_[0], os_[1], bt_sb,
+        np.int32(B), np.int32(Hkv), np.int32(g), np.int32(m.capacity),
+        np.int32(max(m.page_size, 1)), np.int32(m.num_pages), np.int32(mode), np.int32(ns),
+        np.float32(m.scale * _LOG2E), np.int32(slot_stride),
+    )
+    K.launch(kern.attn, grid, spec.threads, args, spec.smem_bytes)
+    if mode == 1 and ns > 1:
+        K.launch(kern.combine, units, spec.threads, args, 0)
+    if out_k is not out:
+        out[...] = out_k
+    return out, lse
+
+
+_MERGE = {np.dtype(np.float16): "merge_states_f16", np.dtype(np.float32): "merge_states_f32"}
+
+
+def merge_states(outs, lses):
+    from .attention import BFLOAT16
+
+    names = dict(_MERGE)
+    names[BFLOAT16] = "merge_states_bf16"
+    parts = int(outs.shape[0])
+    rest = tuple(outs.shape[1:-1])
+    D = int(outs.shape[-1])
+    R = int(math.prod(rest))
+    out = cp.empty(rest + (D,), dtype=outs.dtype)
+    lse = cp.empty(rest, dtype=cp.float32)
+    if R * D == 0:
+        if R:
+            lse[...] = _merge_lse_only(lses.reshape(parts, R)).reshape(rest)
+        return out, lse
+    o = cp.ascontiguousarray(outs.reshape(parts, R, D))
+    s = cp.ascontiguousarray(lses.reshape(parts, R).astype(cp.float32, copy=False))
+    fn = K.util_function(names[outs.dtype])
+    n = R * D
+    block = 256
+    grid = max(1, min(-(-n // block), 65535 * 8))
+    fn((grid,), (block,), (o, s, out, lse, np.int32(parts), np.int64(R), np.int32(D)))
+    return out, lse
+
+
+def _merge_lse_only(lses):
+    s = lses.astype(cp.float64)
+    mx = s.max(axis=0)
+    safe = cp.where(cp.isneginf(mx), 0.0, mx)
+    tot = cp.exp(s - safe).sum(axis=0)
+    return cp.where(tot == 0, -cp.inf, safe + cp.log(cp.where(tot == 0, 1.0, tot))).astype(cp.float32)
+
+
+def device_lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, max_segments=64):
+    """Run the kernel's own schedule derivation (mode 2: no attention) and
+    return, per CTA, ``(start, end, [(unit, tile_begin, tile_end, partial),
+    ...])``. For tests: the device schedule must equal
+    :func:`cupy_lean.lean_schedule`."""
+    lens32 = cp.asarray(np.asarray(kv_lens), dtype=cp.int32)
+    B = int(lens32.shape[0])
+    cap = max(1, int(np.asarray(kv_lens).max()) if B else 1)
+    spec = K.make_spec("f16", 128, 1, False, tile_size)
+    kern = K.kernels_for(spec)
+    stride = 3 + 4 * max_segments
+    ws = cp.zeros(num_ctas * stride, dtype=cp.int32)
+    ws[0::stride] = -1  # CTAs without work leave this untouched
+    out = cp.empty((max(B, 1), heads_kv, 128), dtype=cp.float16)
+    counters = cp.zeros(max(B * heads_kv, 1), dtype=cp.int32)
+    z = np.int64(0)
+    args = (out, out, out, out, _NULL, lens32, _NULL, ws.view(cp.float32), counters,
+            z, z, z, z, z, z, z, z, np.int64(heads_kv * 128), np.int64(128), z,
+            np.int32(B), np.int32(heads_kv), np.int32(1), np.int32(cap), np.int32(1), np.int32(0),
+            np.int32(2), np.int32(1), np.float32(1.0), np.int32(stride))
+    K.launch(kern.attn, num_ctas, spec.threads, args, spec.smem_bytes)
+    raw = ws.reshape(num_ctas, stride).get()
+    res = []
+    for c in range(num_ctas):
+        if raw[c, 0] < 0:
+            res.append(None)
+            continue
+        n = int(raw[c, 2])
+        segs = [tuple(int(x) for x in raw[c, 3 + 4 * i: 7 + 4 * i]) for i in range(min(n, max_segments))]
+        res.append((int(raw[c, 0]), int(raw[c, 1]), segs))
+    return res

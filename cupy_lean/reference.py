@@ -1,0 +1,215 @@
+"""Float64 reference of decode attention, in NumPy.
+
+Everything here is plain NumPy in float64 and written for clarity, not speed:
+it is the ground truth that every kernel path is tested against.
+
+* :func:`attention` — softmax attention of one query token per sequence over a
+  dense, ragged or paged KV cache.
+* :func:`merge_states` — merge results computed over disjoint parts of the same
+  sequences, given their log-sum-exp.
+* :func:`emulate` — run a :class:`~cupy_lean.schedule.Schedule`'s decomposition:
+  one partial state per segment, each unit's partial states reduced in CTA
+  order, exactly as the kernels do.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["attention", "merge_states", "emulate", "gather_kv", "partial_state"]
+
+
+def _f64(x):
+    return np.asarray(x).astype(np.float64)
+
+
+def gather_kv(k, v, b, length, block_table=None):
+    """K and V of sequence ``b``, first ``length`` tokens, as float64 arrays of
+    shape ``(length, heads_kv, head_dim)``."""
+    if block_table is None:
+        return _f64(k[b, :length]), _f64(v[b, :length])
+    page_size = k.shape[1]
+    npages = -(-length // page_size)
+    pages = np.asarray(block_table[b, :npages], dtype=np.int64)
+    kb = _f64(k[pages]).reshape(-1, k.shape[2], k.shape[3])[:length]
+    vb = _f64(v[pages]).reshape(-1, v.shape[2], v.shape[3])[:length]
+    return kb, vb
+
+
+def _default_lens(k, block_table, batch, kv_lens):
+    if kv_lens is not None:
+        return np.asarray(kv_lens, dtype=np.int64)
+    if block_table is not None:
+        raise ValueError("kv_lens: required with a paged cache (block_table given)")
+    return np.full(batch, k.shape[1], dtype=np.int64)
+
+
+def partial_state(qg, kt, vt, scale):
+    """Online-softmax state of query rows ``qg`` (g, D) over tokens ``kt``, ``vt``
+    (n, D): returns ``(m, l, acc)`` with ``m`` the row max of the scaled scores,
+    ``l = sum(exp(s - m))`` and ``acc = exp(s - m) @ v`` (unnormalised)."""
+    g = qg.shape[0]
+    if kt.shape[0] == 0:
+        return np.full(g, -np.inf), np.zeros(g), np.zeros((g, vt.shape[1]))
+    s = (qg @ kt.T) * scale
+    m = s.max(axis=1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        p = np.exp(s - m[:, None])
+    return m, p.sum(axis=1), p @ vt
+
+
+def merge_partial(states):
+    """Merge ``(m, l, acc)`` states in the given order. Empty states (``l == 0``)
+    are skipped, so an all-empty list gives ``l == 0``."""
+    m_tot = None
+    for m, l, acc in states:
+        if m_tot is None:
+            m_tot, l_tot, acc_tot = m.copy(), l.copy(), acc.copy()
+            continue
+        with np.errstate(invalid="ignore"):
+            m_new = np.maximum(m_tot, m)
+            safe = np.where(np.isneginf(m_new), 0.0, m_new)
+            a = np.exp(m_tot - safe)
+            c = np.exp(m - safe)
+        l_tot = l_tot * a + l * c
+        acc_tot = acc_tot * a[:, None] + acc * c[:, None]
+        m_tot = m_new
+    return m_tot, l_tot, acc_tot
+
+
+def finalize(m, l, acc):
+    """Normalise a state: ``out = acc / l``, ``lse = m + log(l)``; rows with
+    ``l == 0`` give zeros and ``-inf``."""
+    empty = l == 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = np.where(empty[:, None], 0.0, acc / np.where(empty, 1.0, l)[:, None])
+        lse = np.where(empty, -np.inf, m + np.log(np.where(empty, 1.0, l)))
+    return out, lse
+
+
+def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None):
+    """Float64 decode attention.
+
+    Parameters
+    ----------
+    q : array, shape (batch, heads_q, head_dim)
+    k, v : array, shape (batch, seqlen, heads_kv, head_dim), or with
+        ``block_table`` the paged cache (num_pages, page_size, heads_kv, head_dim)
+    kv_lens : array of int, shape (batch,), optional
+        Default: every sequence is ``seqlen`` long (dense only).
+    block_table : array of int, shape (batch, max_pages), optional
+    scale : float, optional
+        Default ``1 / sqrt(head_dim)``.
+
+    Returns
+    -------
+    out : ndarray of float64, shape (batch, heads_q, head_dim)
+    lse : ndarray of float64, shape (batch, heads_q)
+        Natural-log log-sum-exp of the scaled scores; ``-inf`` where
+        ``kv_len == 0`` (and ``out`` is zero there).
+    """
+    batch, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    if scale is None:
+        scale = 1.0 / np.sqrt(d)
+    lens = _default_lens(k, block_table, batch, kv_lens)
+    qf = _f64(q)
+    out = np.zeros((batch, hq, d))
+    lse = np.full((batch, hq), -np.inf)
+    for b in range(batch):
+        n = int(lens[b])
+        if n == 0:
+            continue
+        kb, vb = gather_kv(k, v, b, n, block_table)
+        for h in range(hkv):
+            rows = slice(h * g, (h + 1) * g)
+            m, l, acc = partial_state(qf[b, rows], kb[:, h], vb[:, h], scale)
+            out[b, rows], lse[b, rows] = finalize(m, l, acc)
+    return out, lse
+
+
+def merge_states(outs, lses):
+    """Merge attention results over disjoint parts of the same sequences.
+
+    Parameters
+    ----------
+    outs : array, shape (parts, ..., head_dim)
+        Normalised outputs of each part.
+    lses : array, shape (parts, ...)
+        Natural-log log-sum-exp of each part; ``-inf`` marks an empty part.
+
+    Returns
+    -------
+    out : float64 ndarray, shape (..., head_dim)
+    lse : float64 ndarray, shape (...)
+        As if attention had run over the union of the parts. Rows where every
+        part is empty give zeros and ``-inf``.
+    """
+    o = _f64(outs)
+    s = _f64(lses)
+    m = s.max(axis=0)
+    safe = np.where(np.isneginf(m), 0.0, m)
+    w = np.exp(s - safe)  # exp(-inf) = 0 for empty parts
+    tot = w.sum(axis=0)
+    empty = tot == 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out = (w[..., None] * np.where(np.isneginf(s)[..., None], 0.0, o)).sum(axis=0)
+        out = np.where(empty[..., None], 0.0, out / np.where(empty, 1.0, tot)[..., None])
+        lse = np.where(empty, -np.inf, safe + np.log(np.where(empty, 1.0, tot)))
+    return out, lse
+
+
+def emulate(schedule, q, k, v, *, kv_lens=None, block_table=None, scale=None,
+            return_partials=False):
+    """Run a schedule's decomposition in float64.
+
+    Every segment of ``schedule`` is computed on its own as an online-softmax
+    state; a segment that covers its whole unit is normalised straight into the
+    output, and each partial unit's states are merged in CTA order (for
+    ``split``, chunk order), as the kernels do.
+
+    ``schedule`` must have been built for the same ``kv_lens`` and ``heads_kv``
+    (and, for a paged cache, lengths within the block table). With
+    ``return_partials=True`` the per-slot states are returned as a third value
+    (a dict ``slot -> (m, l, acc)``, natural-log ``m``).
+    """
+    batch, hq, d = q.shape
+    hkv = k.shape[2]
+    if schedule.heads_kv != hkv:
+        raise ValueError(f"schedule: built for heads_kv={schedule.heads_kv}, arrays have {hkv}")
+    lens = _default_lens(k, block_table, batch, kv_lens)
+    if not np.array_equal(lens, schedule.kv_lens):
+        raise ValueError("schedule: built for other kv_lens than the ones given")
+    g = hq // hkv
+    if scale is None:
+        scale = 1.0 / np.sqrt(d)
+    ts = schedule.tile_size
+    qf = _f64(q)
+    out = np.zeros((batch, hq, d))
+    lse = np.full((batch, hq), -np.inf)
+    cache = {}
+    slots = {}
+    by_unit = {}
+    for s in schedule.segments:
+        b, h, u = int(s["batch"]), int(s["head"]), int(s["unit"])
+        if b not in cache:
+            cache[b] = gather_kv(k, v, b, int(lens[b]), block_table)
+        kb, vb = cache[b]
+        t0 = int(s["tile_begin"]) * ts
+        t1 = min(int(s["tile_end"]) * ts, int(lens[b]))
+        rows = slice(h * g, (h + 1) * g)
+        state = partial_state(qf[b, rows], kb[t0:t1, h], vb[t0:t1, h], scale)
+        if s["partial"]:
+            slots[int(s["slot"])] = state
+            by_unit.setdefault(u, []).append((int(s["cta"]), int(s["slot"])))
+        else:
+            out[b, rows], lse[b, rows] = finalize(*state)
+    for u, parts in by_unit.items():
+        b, h = divmod(u, hkv)
+        rows = slice(h * g, (h + 1) * g)
+        parts.sort()  # CTA order, whatever order they were produced in
+        out[b, rows], lse[b, rows] = finalize(*merge_partial([slots[sl] for _, sl in parts]))
+    if return_partials:
+        return out, lse, slots
+    return out, lse

@@ -1,0 +1,441 @@
+"""The work decompositions of decode attention, computed in NumPy.
+
+Vocabulary (see DESIGN.md):
+
+unit
+    One (batch ``b``, KV head ``h``) pair; unit index ``u = b * heads_kv + h``.
+    All query heads sharing KV head ``h`` are processed together.
+tile
+    ``tile_size`` consecutive KV tokens of one unit; the last tile of a unit may
+    be short. ``tiles(b) = ceil(kv_len[b] / tile_size)``.
+segment
+    The part of one CTA's tile range that lies inside one unit.
+partial segment
+    A segment that does not cover its whole unit: it writes a state to a
+    workspace slot and the unit is reduced afterwards.
+
+Three schedules share this vocabulary:
+
+``"lean"``
+    Stream-K: all tiles of all units are laid end to end (units in ``(b, h)``
+    order, tiles in context order) and cut into ``num_ctas`` ranges whose sizes
+    differ by at most one tile. A CTA's range may cross unit boundaries; only its
+    first and last segments can be partial. The last CTA to finish a partial unit
+    merges the unit's partial states in CTA order.
+``"split"``
+    FlashDecoding: every unit is cut into ``num_splits`` chunks of equal tile
+    count, one CTA per (unit, chunk), followed by a combine step.
+``"head"``
+    FlashAttention-2: one CTA per unit.
+
+The CUDA kernels derive the same quantities on the device; the tests hold the
+two equal, and :func:`cupy_lean.reference.emulate` runs a schedule's
+decomposition in float64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+__all__ = [
+    "Schedule",
+    "lean_schedule",
+    "split_schedule",
+    "head_schedule",
+    "num_splits_heuristic",
+    "tiles_per_sequence",
+]
+
+#: Names of the comparison schedules understood by :func:`cupy_lean.attention`.
+SCHEDULES = ("lean", "split", "head")
+
+
+def _as_lens(kv_lens, name="kv_lens"):
+    arr = np.asarray(kv_lens)
+    if arr.ndim != 1:
+        raise ValueError(f"{name}: expected a 1-D array of lengths, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{name}: expected an integer dtype, got {arr.dtype}")
+    arr = arr.astype(np.int64, copy=False)
+    if arr.size and arr.min() < 0:
+        i = int(np.argmin(arr))
+        raise ValueError(f"{name}: expected lengths >= 0, got {name}[{i}] = {int(arr[i])}")
+    return arr
+
+
+def _check_positive_int(value, name, low=1):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected an integer >= {low}, got {value!r}")
+    if int(value) < low:
+        raise ValueError(f"{name}: expected an integer >= {low}, got {int(value)}")
+    return int(value)
+
+
+def tiles_per_sequence(kv_lens, tile_size):
+    """Number of tiles of each sequence: ``ceil(kv_len / tile_size)``."""
+    lens = _as_lens(kv_lens)
+    tile_size = _check_positive_int(tile_size, "tile_size")
+    return (lens + tile_size - 1) // tile_size
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """A decomposition of the decode-attention work into CTAs.
+
+    Every array is NumPy. Per-unit arrays have ``batch * heads_kv`` entries,
+    per-CTA arrays ``num_ctas``; ``segments`` is a structured array with one row
+    per segment, ordered by CTA, then by position within the CTA.
+
+    Attributes
+    ----------
+    kind : str
+        ``"lean"``, ``"split"`` or ``"head"``.
+    kv_lens : ndarray of int64, shape (batch,)
+    heads_kv, tile_size : int
+    num_ctas : int
+        CTAs that own work (the grid may be larger; extra CTAs exit at once).
+    tiles_per_seq : ndarray of int64, shape (batch,)
+        ``ceil(kv_len / tile_size)``.
+    unit_tiles : ndarray, shape (units,)
+        Tiles of each unit (``tiles_per_seq`` repeated over heads).
+    unit_start : ndarray, shape (units,)
+        Index of each unit's first tile in the linear order (lean only; for the
+        other schedules the same prefix sum, for reference).
+    total_tiles : int
+    max_tiles, heavy_ctas : int
+        Stream-K split (lean): CTA ``c < heavy_ctas`` owns ``max_tiles`` tiles,
+        the others ``max_tiles - 1``. For ``split``/``head``: tiles per chunk
+        of the longest unit, and 0.
+    num_splits : int
+        Chunks per unit (split), 1 (head), 0 (lean).
+    cta_start, cta_end : ndarray, shape (num_ctas,)
+        Lean: each CTA's half-open range of linear tile indices. Split/head:
+        the range of tiles within its unit.
+    segments : structured ndarray
+        Fields ``cta``, ``unit``, ``batch``, ``head``, ``tile_begin``,
+        ``tile_end`` (tile indices within the unit, half open), ``partial``
+        (the segment does not cover its unit) and ``slot`` (workspace slot of a
+        partial segment, -1 otherwise).
+    contributors : ndarray, shape (units,)
+        Number of partial states that make up each unit (0 when one CTA covers
+        the unit whole, or the unit is empty).
+    """
+
+    kind: str
+    kv_lens: np.ndarray
+    heads_kv: int
+    tile_size: int
+    num_ctas: int
+    tiles_per_seq: np.ndarray
+    unit_tiles: np.ndarray
+    unit_start: np.ndarray
+    total_tiles: int
+    max_tiles: int
+    heavy_ctas: int
+    num_splits: int
+    cta_start: np.ndarray
+    cta_end: np.ndarray
+    segments: np.ndarray
+    contributors: np.ndarray
+
+    @property
+    def batch(self) -> int:
+        return int(self.kv_lens.shape[0])
+
+    @property
+    def num_units(self) -> int:
+        return int(self.unit_tiles.shape[0])
+
+    def tiles_per_cta(self) -> np.ndarray:
+        """Number of tiles each CTA processes."""
+        seg = self.segments
+        out = np.zeros(self.num_ctas, dtype=np.int64)
+        np.add.at(out, seg["cta"], seg["tile_end"] - seg["tile_begin"])
+        return out
+
+    def partial_units(self) -> np.ndarray:
+        """Indices of the units that need a reduction of partial states."""
+        return np.nonzero(self.contributors > 0)[0]
+
+    def describe(self) -> str:
+        """A text dump of every schedule quantity, for logs and experiments."""
+        seg = self.segments
+        per_cta = self.tiles_per_cta()
+        lines = [
+            f"schedule          {self.kind}",
+            f"batch             {self.batch}",
+            f"heads_kv          {self.heads_kv}",
+            f"units             {self.num_units}  (empty: {int((self.unit_tiles == 0).sum())})",
+            f"tile_size         {self.tile_size}",
+            f"total_tiles       {self.total_tiles}",
+            f"num_ctas          {self.num_ctas}",
+        ]
+        if self.kind == "lean":
+            lines += [
+                f"max_tiles         {self.max_tiles}",
+                f"heavy_ctas        {self.heavy_ctas}",
+            ]
+        else:
+            lines += [f"num_splits        {self.num_splits}"]
+        if self.num_ctas:
+            lines += [
+                f"tiles per CTA     min {int(per_cta.min())}  max {int(per_cta.max())}"
+                f"  mean {per_cta.mean():.2f}",
+            ]
+        lines += [
+            f"segments          {len(seg)}  (partial: {int(seg['partial'].sum())})",
+            f"partial units     {len(self.partial_units())}"
+            + (
+                f"  (contributors max {int(self.contributors.max())})"
+                if self.contributors.size and self.contributors.max() > 0
+                else ""
+            ),
+        ]
+        if self.kind == "lean" and self.num_ctas and self.total_tiles:
+            # The last wave is full by construction: the busiest CTA has at most
+            # one tile more than the average.
+            eff = self.total_tiles / (self.num_ctas * self.max_tiles)
+            lines.append(f"balance           {eff:.3f}  (mean / max tiles per CTA)")
+        return "\n".join(lines)
+
+    def plot(self, path, *, max_ctas=64, title=None):
+        """Draw the schedule to a PNG file: CTAs as rows, tiles coloured by unit.
+
+        Partial segments are hatched. Needs matplotlib (``pip install
+        cupy-lean[plot]``). Only the first ``max_ctas`` CTAs are drawn.
+        """
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+            from matplotlib.patches import Rectangle
+        except ImportError as exc:  # pragma: no cover - depends on environment
+            raise ImportError(
+                "Schedule.plot needs matplotlib: pip install 'cupy-lean[plot]'"
+            ) from exc
+        ncta = min(self.num_ctas, max_ctas)
+        seg = self.segments[self.segments["cta"] < ncta]
+        width = int(self.tiles_per_cta()[:ncta].max()) if ncta else 1
+        fig_h = max(2.0, 0.18 * ncta + 1.2)
+        fig, ax = plt.subplots(figsize=(10, fig_h))
+        cmap = plt.get_cmap("tab20")
+        pos = np.zeros(max(ncta, 1), dtype=np.int64)
+        for s in seg:
+            c = int(s["cta"])
+            n = int(s["tile_end"] - s["tile_begin"])
+            rect = Rectangle(
+                (pos[c], c - 0.4),
+                n,
+                0.8,
+                facecolor=cmap(int(s["unit"]) % 20),
+                edgecolor="black",
+                linewidth=0.5,
+                hatch="///" if s["partial"] else None,
+            )
+            ax.add_patch(rect)
+            if n >= max(2, width // 12):
+                ax.text(pos[c] + n / 2, c, f"b{int(s['batch'])}h{int(s['head'])}",
+                        ha="center", va="center", fontsize=6)
+            pos[c] += n
+        ax.set_xlim(0, max(width, 1))
+        ax.set_ylim(ncta - 0.5, -0.5)
+        ax.set_xlabel("tiles processed (in order)")
+        ax.set_ylabel("CTA")
+        ax.set_title(title or (
+            f"{self.kind} schedule: {self.total_tiles} tiles of {self.tile_size} tokens, "
+            f"{self.num_ctas} CTAs (hatched: partial segments)"
+            + (f", first {ncta} shown" if ncta < self.num_ctas else "")
+        ), fontsize=9)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path
+
+
+_SEG_DTYPE = np.dtype(
+    [
+        ("cta", np.int64),
+        ("unit", np.int64),
+        ("batch", np.int64),
+        ("head", np.int64),
+        ("tile_begin", np.int64),
+        ("tile_end", np.int64),
+        ("partial", np.bool_),
+        ("slot", np.int64),
+    ]
+)
+
+
+def _units(kv_lens, heads_kv, tile_size):
+    lens = _as_lens(kv_lens)
+    heads_kv = _check_positive_int(heads_kv, "heads_kv")
+    tile_size = _check_positive_int(tile_size, "tile_size")
+    tps = (lens + tile_size - 1) // tile_size
+    unit_tiles = np.repeat(tps, heads_kv)
+    unit_start = np.zeros(unit_tiles.shape[0], dtype=np.int64)
+    if unit_tiles.size:
+        np.cumsum(unit_tiles[:-1], out=unit_start[1:])
+    return lens, heads_kv, tile_size, tps, unit_tiles, unit_start
+
+
+def lean_cta_range(total_tiles, num_ctas, cta):
+    """Half-open tile range ``[start, end)`` of CTA ``cta`` under stream-K.
+
+    Works on scalars or NumPy arrays of CTA indices.
+    """
+    max_tiles = -(-total_tiles // num_ctas)
+    heavy = total_tiles - (max_tiles - 1) * num_ctas
+    cta = np.asarray(cta, dtype=np.int64)
+    start = np.where(cta < heavy, cta * max_tiles,
+                     heavy * max_tiles + (cta - heavy) * (max_tiles - 1))
+    length = np.where(cta < heavy, max_tiles, max_tiles - 1)
+    return start, start + length
+
+
+def lean_cta_of_tile(total_tiles, num_ctas, tile):
+    """The CTA that owns linear tile ``tile`` under stream-K."""
+    max_tiles = -(-total_tiles // num_ctas)
+    heavy = total_tiles - (max_tiles - 1) * num_ctas
+    tile = np.asarray(tile, dtype=np.int64)
+    light = np.maximum(max_tiles - 1, 1)
+    return np.where(tile < heavy * max_tiles, tile // max_tiles,
+                    heavy + (tile - heavy * max_tiles) // light)
+
+
+def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas):
+    """The stream-K (LeanAttention) schedule.
+
+    Parameters
+    ----------
+    kv_lens : array_like of int, shape (batch,)
+        KV length of each sequence (0 allowed).
+    heads_kv : int
+        Number of KV heads.
+    tile_size : int
+        Tokens per tile.
+    num_ctas : int
+        Grid size. CTAs beyond the number of tiles own no work: the effective
+        count is ``min(total_tiles, num_ctas)``.
+
+    Returns
+    -------
+    Schedule
+    """
+    lens, heads_kv, tile_size, tps, unit_tiles, unit_start = _units(kv_lens, heads_kv, tile_size)
+    num_ctas = _check_positive_int(num_ctas, "num_ctas")
+    total = int(unit_tiles.sum())
+    ncta = min(total, num_ctas)
+    if ncta == 0:
+        return Schedule("lean", lens, heads_kv, tile_size, 0, tps, unit_tiles, unit_start,
+                        0, 0, 0, 0, np.zeros(0, np.int64), np.zeros(0, np.int64),
+                        np.zeros(0, _SEG_DTYPE), np.zeros(unit_tiles.shape[0], np.int64))
+    max_tiles = -(-total // ncta)
+    heavy = total - (max_tiles - 1) * ncta
+    ctas = np.arange(ncta, dtype=np.int64)
+    cta_start, cta_end = lean_cta_range(total, ncta, ctas)
+    unit_end = unit_start + unit_tiles
+
+    rows = []
+    for c in range(ncta):
+        cs, ce = int(cta_start[c]), int(cta_end[c])
+        # First unit whose range contains tile cs (skipping empty units).
+        u = int(np.searchsorted(unit_end, cs, side="right"))
+        first = True
+        while cs < ce:
+            us, ue = int(unit_start[u]), int(unit_end[u])
+            if ue == us:
+                u += 1
+                continue
+            s_end = min(ce, ue)
+            partial = not (cs == us and s_end == ue)
+            slot = (2 * c + (0 if first else 1)) if partial else -1
+            b, h = divmod(u, heads_kv)
+            rows.append((c, u, b, h, cs - us, s_end - us, partial, slot))
+            first = False
+            cs = s_end
+            u += 1
+    segments = np.array(rows, dtype=_SEG_DTYPE)
+    contributors = np.zeros(unit_tiles.shape[0], dtype=np.int64)
+    part = segments[segments["partial"]]
+    np.add.at(contributors, part["unit"], 1)
+    return Schedule("lean", lens, heads_kv, tile_size, ncta, tps, unit_tiles, unit_start,
+                    total, max_tiles, heavy, 0, cta_start, cta_end, segments, contributors)
+
+
+def num_splits_heuristic(num_units, max_unit_tiles, num_sms, max_splits=128):
+    """FlashDecoding's choice of chunks per unit.
+
+    With enough units to fill the GPU (at least 80% of the SMs), no split. Else
+    every split count up to ``min(max_splits, num_sms, max_unit_tiles)`` gets a
+    wave efficiency ``w / ceil(w)`` with ``w = num_units * splits / num_sms``;
+    split counts that give the same chunk length as a smaller count are
+    skipped, and the smallest count within 85% of the best efficiency wins.
+    """
+    if num_units <= 0 or max_unit_tiles <= 0:
+        return 1
+    if num_units >= 0.8 * num_sms:
+        return 1
+    limit = max(1, min(max_splits, num_sms, max_unit_tiles))
+
+    def chunk(s):
+        return -(-max_unit_tiles // s)
+
+    effs = {}
+    for s in range(1, limit + 1):
+        if s > 1 and chunk(s) == chunk(s - 1):
+            continue
+        waves = num_units * s / num_sms
+        effs[s] = waves / math.ceil(waves)
+    best = max(effs.values())
+    for s in sorted(effs):
+        if effs[s] >= 0.85 * best:
+            return s
+    return 1  # pragma: no cover
+
+
+def split_schedule(kv_lens, heads_kv, *, tile_size, num_splits):
+    """The FlashDecoding schedule: ``num_splits`` chunks per unit.
+
+    CTA ``c`` handles unit ``c // num_splits``, chunk ``c % num_splits``; a chunk
+    has ``ceil(tiles(b) / num_splits)`` tiles (the last ones may be short or
+    empty). With ``num_splits == 1`` every CTA writes its unit's output directly
+    (the ``"head"`` schedule); otherwise every chunk writes a partial state to
+    slot ``c`` and a combine step merges each unit's chunks in order.
+    """
+    lens, heads_kv, tile_size, tps, unit_tiles, unit_start = _units(kv_lens, heads_kv, tile_size)
+    num_splits = _check_positive_int(num_splits, "num_splits")
+    nunits = unit_tiles.shape[0]
+    ncta = nunits * num_splits
+    chunk = -(-unit_tiles // num_splits)
+    rows = []
+    starts = np.zeros(ncta, dtype=np.int64)
+    ends = np.zeros(ncta, dtype=np.int64)
+    for u in range(nunits):
+        b, h = divmod(u, heads_kv)
+        n = int(unit_tiles[u])
+        for j in range(num_splits):
+            c = u * num_splits + j
+            t0 = min(j * int(chunk[u]), n)
+            t1 = min(t0 + int(chunk[u]), n)
+            starts[c], ends[c] = t0, t1
+            if t1 > t0:
+                partial = num_splits > 1
+                rows.append((c, u, b, h, t0, t1, partial, c if partial else -1))
+    segments = np.array(rows, dtype=_SEG_DTYPE)
+    contributors = np.zeros(nunits, dtype=np.int64)
+    part = segments[segments["partial"]]
+    np.add.at(contributors, part["unit"], 1)
+    kind = "head" if num_splits == 1 else "split"
+    max_chunk = int(chunk.max()) if chunk.size else 0
+    return Schedule(kind, lens, heads_kv, tile_size, ncta, tps, unit_tiles, unit_start,
+                    int(unit_tiles.sum()), max_chunk, 0, num_splits, starts, ends,
+                    segments, contributors)
+
+
+def head_schedule(kv_lens, heads_kv, *, tile_size):
+    """The FlashAttention-2 schedule: one CTA per unit, no partial states."""
+    return split_schedule(kv_lens, heads_kv, tile_size=tile_size, num_splits=1)

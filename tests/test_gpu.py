@@ -1,0 +1,439 @@
+"""GPU tests: the CUDA kernels against the float64 reference.
+
+Skipped cleanly on a machine without a CUDA GPU (CI); run on the H100 before a
+kernel change lands.
+"""
+
+import os
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+import cupy_lean
+from cupy_lean import reference
+
+try:
+    import ml_dtypes
+
+    BF16 = np.dtype(ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover
+    BF16 = None
+
+
+def _gpu_ok():
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+GPU = _gpu_ok()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")]
+
+if GPU:
+    import cupy as cp
+
+    NUM_SMS = cp.cuda.Device().attributes["MultiProcessorCount"]
+else:  # pragma: no cover
+    cp = None
+    NUM_SMS = 132
+
+GPU_SETTINGS = settings(deadline=None, max_examples=int(os.environ.get("GPU_EXAMPLES", "40")),
+                        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+                        derandomize=False)
+
+
+# ---------------------------------------------------------------- helpers
+
+def _round(x, dtype):
+    return np.asarray(x).astype(dtype).astype(np.float64)
+
+
+def naive_lowp(q, k, v, lens, table, scale, dtype):
+    """The same attention computed naively in the input precision: scores,
+    probabilities and output rounded to the dtype (fp32 sums)."""
+    B, hq, d = q.shape
+    hkv = k.shape[2]
+    g = hq // hkv
+    out = np.zeros((B, hq, d))
+    for b in range(B):
+        n = int(lens[b])
+        if n == 0:
+            continue
+        kb, vb = reference.gather_kv(k, v, b, n, table)
+        for h in range(hkv):
+            qq = q[b, h * g:(h + 1) * g].astype(np.float64)
+            s = _round(qq @ kb[:, h].T * scale, dtype)
+            s = s - s.max(axis=1, keepdims=True)
+            p = np.exp(s)
+            p = _round(p / p.sum(axis=1, keepdims=True), dtype)
+            out[b, h * g:(h + 1) * g] = _round(p @ vb[:, h], dtype)
+    return out
+
+
+def make_inputs(rng, B, hq, hkv, d, dtype, lens, layout, page_size=16, cap_extra=0):
+    lens = np.asarray(lens, dtype=np.int32)
+    cap = int(lens.max()) + cap_extra if B else 1
+    cap = max(cap, 1)
+    q = rng.standard_normal((B, hq, d)).astype(dtype)
+    table = None
+    if layout == "paged":
+        used = [-(-int(n) // page_size) for n in lens]
+        num_pages = sum(used) + 3
+        perm = rng.permutation(num_pages)
+        maxp = max(max(used) if used else 1, 1) + 1
+        table = np.full((B, maxp), -1, dtype=np.int32)
+        pos = 0
+        for b, u in enumerate(used):
+            table[b, :u] = perm[pos:pos + u]
+            pos += u
+        k = rng.standard_normal((num_pages, page_size, hkv, d)).astype(dtype)
+        v = rng.standard_normal((num_pages, page_size, hkv, d)).astype(dtype)
+    elif layout == "strided":
+        k = rng.standard_normal((B, hkv, cap, d)).astype(dtype).transpose(0, 2, 1, 3)
+        v = rng.standard_normal((B, hkv, cap, d)).astype(dtype).transpose(0, 2, 1, 3)
+    else:
+        k = rng.standard_normal((B, cap, hkv, d)).astype(dtype)
+        v = rng.standard_normal((B, cap, hkv, d)).astype(dtype)
+    return q, k, v, lens, table
+
+
+def to_gpu(x):
+    if x is None:
+        return None
+    if x.ndim == 4 and not x.flags.c_contiguous:  # keep the strided layout on the GPU
+        base = cp.asarray(np.ascontiguousarray(x.transpose(0, 2, 1, 3)))
+        return base.transpose(0, 2, 1, 3)
+    return cp.asarray(x)
+
+
+def check_close(out, lse, q, k, v, lens, table, dtype, scale=None):
+    d = q.shape[2]
+    scale = 1.0 / np.sqrt(d) if scale is None else scale
+    ref_o, ref_lse = reference.attention(q, k, v, kv_lens=lens, block_table=table, scale=scale)
+    naive = naive_lowp(q, k, v, lens, table, scale, dtype)
+    floor = 1e-3 if dtype == np.float16 else 4e-3
+    bound = 2 * np.abs(naive - ref_o).max(initial=0.0) + floor
+    got = cp.asnumpy(out).astype(np.float64)
+    err = np.abs(got - ref_o).max(initial=0.0)
+    assert np.isfinite(got).all()
+    assert err <= bound, f"max error {err:.3e} over bound {bound:.3e}"
+    if lse is not None:
+        got_lse = cp.asnumpy(lse).astype(np.float64)
+        empty = np.isneginf(ref_lse)
+        assert np.array_equal(np.isneginf(got_lse), empty)
+        assert np.abs(got_lse[~empty] - ref_lse[~empty]).max(initial=0.0) < 2e-3
+        assert (got[np.repeat(empty[..., None], d, axis=-1)] == 0).all()
+
+
+# ---------------------------------------------------------------- random cases
+
+TILE = {64: 128, 128: 64, 256: 32}
+
+
+@st.composite
+def cases(draw):
+    dtype = draw(st.sampled_from([np.float16, BF16]))
+    d = draw(st.sampled_from([64, 128, 256]))
+    group = draw(st.sampled_from([1, 2, 4, 5, 8, 16, 17, 32, 64, 128]))
+    hkv = draw(st.integers(1, 3)) if group <= 16 else 1
+    B = draw(st.integers(1, 4))
+    t = TILE[d]
+    edge = [0, 1, t - 1, t, t + 1, 2 * t + 3]
+    lens = draw(st.lists(st.one_of(st.sampled_from(edge), st.integers(0, 700)), min_size=B, max_size=B))
+    layout = draw(st.sampled_from(["dense", "strided", "paged"]))
+    page_size = draw(st.sampled_from([1, 3, 16, 64, 256])) if layout == "paged" else 16
+    sched = draw(st.sampled_from(["lean", "lean", "split", "head"]))
+    num_ctas = draw(st.sampled_from([None, 1, 7, NUM_SMS, 2 * NUM_SMS, 100000]))
+    lens_on_gpu = draw(st.booleans())
+    seed = draw(st.integers(0, 2**31))
+    return dict(dtype=dtype, d=d, group=group, hkv=hkv, B=B, lens=lens, layout=layout,
+                page_size=page_size, sched=sched, num_ctas=num_ctas, lens_on_gpu=lens_on_gpu, seed=seed)
+
+
+def _case(dtype=np.float16, d=128, group=4, hkv=2, B=3, lens=(0, 1, 65), layout="dense", page_size=16,
+          sched="lean", num_ctas=None, lens_on_gpu=True, seed=0):
+    return dict(dtype=dtype, d=d, group=group, hkv=hkv, B=B, lens=list(lens), layout=layout,
+                page_size=page_size, sched=sched, num_ctas=num_ctas, lens_on_gpu=lens_on_gpu, seed=seed)
+
+
+@GPU_SETTINGS
+@given(cases())
+@example(_case(lens=(0, 0, 0)))
+@example(_case(lens=(1, 63, 64)))
+@example(_case(lens=(65, 0, 129), num_ctas=1))
+@example(_case(lens=(65, 0, 129), num_ctas=7, sched="split"))
+@example(_case(lens=(700, 3, 64), num_ctas=100000, sched="head"))
+@example(_case(d=64, group=1, hkv=3, lens=(127, 128, 129), layout="paged", page_size=1))
+@example(_case(d=256, group=17, hkv=1, lens=(33, 31, 500), layout="strided", dtype=BF16))
+@example(_case(d=128, group=128, hkv=1, B=1, lens=(300,), layout="paged", page_size=256))
+def test_against_reference(c):
+    rng = np.random.default_rng(c["seed"])
+    B, hkv = c["B"], c["hkv"]
+    q, k, v, lens, table = make_inputs(rng, B, hkv * c["group"], hkv, c["d"], c["dtype"], c["lens"][:B],
+                                       c["layout"], c["page_size"])
+    kv_lens = cp.asarray(lens) if c["lens_on_gpu"] else lens
+    if c["layout"] == "dense" and not c["lens_on_gpu"] and len(set(lens.tolist())) == 1 and rng.random() < 0.5:
+        kv_lens = None  # uniform lengths: the kv_lens=None fast path
+    out, lse = cupy_lean.attention(to_gpu(q), to_gpu(k), to_gpu(v), kv_lens=kv_lens,
+                                   block_table=to_gpu(table), return_lse=True, schedule=c["sched"],
+                                   num_ctas=c["num_ctas"])
+    assert isinstance(out, cp.ndarray) and out.dtype == q.dtype and out.shape == q.shape
+    assert lse.dtype == cp.float32 and lse.shape == q.shape[:2]
+    check_close(out, lse, q, k, v, lens, table, c["dtype"])
+
+
+# ---------------------------------------------------------------- schedule
+
+@settings(deadline=None, max_examples=30)
+@given(st.lists(st.integers(0, 2000), min_size=1, max_size=40), st.integers(1, 8),
+       st.sampled_from([16, 64, 128]), st.integers(1, 600))
+@example([0, 64, 65, 1], 2, 64, 3)
+@example([5], 1, 16, 100)
+def test_device_schedule_equals_numpy(lens, hkv, tile, num_ctas):
+    from cupy_lean import _gpu
+
+    host = cupy_lean.lean_schedule(lens, hkv, tile_size=tile, num_ctas=num_ctas)
+    dev = _gpu.device_lean_schedule(lens, hkv, tile_size=tile, num_ctas=num_ctas)
+    for c in range(num_ctas):
+        if c >= host.num_ctas:
+            assert dev[c] is None
+            continue
+        start, end, segs = dev[c]
+        assert (start, end) == (host.cta_start[c], host.cta_end[c])
+        hs = host.segments[host.segments["cta"] == c]
+        expect = [(int(s["unit"]), int(s["tile_begin"]), int(s["tile_end"]), int(s["partial"])) for s in hs]
+        assert segs == expect[:len(segs)] and len(segs) == min(len(expect), 64)
+
+
+# ---------------------------------------------------------------- properties
+
+def _big_case(seed=1, dtype=np.float16, lens=(5000, 1, 0, 3001, 64, 777)):
+    rng = np.random.default_rng(seed)
+    return make_inputs(rng, len(lens), 32, 8, 128, dtype, list(lens), "dense")
+
+
+def test_bitwise_deterministic():
+    q, k, v, lens, table = _big_case()
+    args = [to_gpu(x) for x in (q, k, v)]
+    dl = cp.asarray(lens)
+    first = cupy_lean.attention(*args, kv_lens=dl, return_lse=True, num_ctas=3 * NUM_SMS)
+    for _ in range(5):
+        again = cupy_lean.attention(*args, kv_lens=dl, return_lse=True, num_ctas=3 * NUM_SMS)
+        assert cp.array_equal(first[0].view(cp.uint16), again[0].view(cp.uint16))
+        assert cp.array_equal(first[1].view(cp.uint32), again[1].view(cp.uint32))
+    check_close(first[0], first[1], q, k, v, lens, table, np.float16)
+
+
+_SPIN = r"""
+extern "C" __global__ void spin(long long cycles, int* flag) {
+  extern __shared__ int buf[];
+  long long t0 = clock64();
+  while (clock64() - t0 < cycles) { if (buf[threadIdx.x] == 12345) flag[0] = 1; }
+}
+"""
+
+
+def test_not_resident_and_oversubscribed():
+    """Correct, and not hung, when most SMs are busy with another kernel and
+    when the grid is 16x the SM count."""
+    q, k, v, lens, table = _big_case(seed=2)
+    qd, kd, vd, dl = to_gpu(q), to_gpu(k), to_gpu(v), cp.asarray(lens)
+    spin = cp.RawKernel(_SPIN, "spin")
+    smem = 200 * 1024
+    spin.max_dynamic_shared_size_bytes = smem
+    flag = cp.zeros(1, dtype=cp.int32)
+    busy = cp.cuda.Stream(non_blocking=True)
+    work = cp.cuda.Stream(non_blocking=True)
+    rate = cp.cuda.Device().attributes["ClockRate"] * 1000  # Hz
+    with busy:
+        spin((NUM_SMS - 4,), (256,), (np.int64(int(rate * 0.3)), flag), shared_mem=smem)
+    with work:
+        out, lse = cupy_lean.attention(qd, kd, vd, kv_lens=dl, return_lse=True, num_ctas=2 * NUM_SMS)
+        out2, lse2 = cupy_lean.attention(qd, kd, vd, kv_lens=dl, return_lse=True, num_ctas=16 * NUM_SMS)
+    work.synchronize()
+    busy.synchronize()
+    check_close(out, lse, q, k, v, lens, table, np.float16)
+    check_close(out2, lse2, q, k, v, lens, table, np.float16)
+
+
+def test_two_streams_concurrently():
+    cases_ = [_big_case(seed=s, lens=lens) for s, lens in ((3, (4000, 100, 9000)), (4, (1, 2, 12000, 64)))]
+    streams = [cp.cuda.Stream(non_blocking=True) for _ in cases_]
+    gpu_in = [[to_gpu(x) for x in c[:3]] + [cp.asarray(c[3])] for c in cases_]
+    results = [None, None]
+    barrier = threading.Barrier(2)
+
+    def run(i):
+        with streams[i]:
+            barrier.wait()
+            for _ in range(5):
+                results[i] = cupy_lean.attention(*gpu_in[i][:3], kv_lens=gpu_in[i][3], return_lse=True,
+                                                 validate=False)
+        streams[i].synchronize()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for (q, k, v, lens, table), (out, lse) in zip(cases_, results):
+        check_close(out, lse, q, k, v, lens, table, np.float16)
+
+
+def test_cuda_graph_with_changing_lengths():
+    rng = np.random.default_rng(5)
+    q, k, v, lens, table = make_inputs(rng, 4, 16, 4, 128, np.float16, [3000, 17, 0, 1200], "paged",
+                                       page_size=16, cap_extra=0)
+    qd, kd, vd, td = to_gpu(q), to_gpu(k), to_gpu(v), to_gpu(table)
+    dl = cp.asarray(lens)
+    out = cp.empty(q.shape, dtype=q.dtype)
+    stream = cp.cuda.Stream(non_blocking=True)
+    owned = np.array([-(-int(n) // 16) * 16 for n in lens])  # tokens on pages each sequence owns
+    with stream:
+        # eager call first: compiles, and sizes this stream's workspace
+        cupy_lean.attention(qd, kd, vd, kv_lens=dl, block_table=td, out=out, validate=False)
+        stream.synchronize()
+        stream.begin_capture()
+        cupy_lean.attention(qd, kd, vd, kv_lens=dl, block_table=td, out=out, validate=False)
+        graph = stream.end_capture()
+        for new in ([3000, 17, 0, 1200], [1, 2999, 640, 0], [0, 0, 0, 0], [2048, 2048, 1, 1199]):
+            new = np.minimum(np.asarray(new), owned).astype(np.int32)
+            dl[...] = cp.asarray(new)
+            graph.launch(stream)
+            stream.synchronize()
+            check_close(out, None, q, k, v, new, table, np.float16)
+
+
+def test_torch_tensor_input():
+    torch = pytest.importorskip("torch")
+    q, k, v, lens, table = _big_case(seed=6, lens=(300, 5, 1000))
+    tq, tk, tv = (torch.from_numpy(x.view(np.int16)).view(torch.float16).cuda() for x in (q, k, v))
+    tl = torch.from_numpy(lens).cuda()
+    out, lse = cupy_lean.attention(tq, tk, tv, kv_lens=tl, return_lse=True)
+    assert isinstance(out, cp.ndarray)
+    check_close(out, lse, q, k, v, lens, table, np.float16)
+
+
+# ---------------------------------------------------------------- bad values on the GPU
+
+def test_device_validation_raises():
+    q, k, v, lens, table = make_inputs(np.random.default_rng(7), 2, 8, 2, 64, np.float16, [100, 50], "paged")
+    qd, kd, vd = to_gpu(q), to_gpu(k), to_gpu(v)
+    bad = cp.asarray(np.array([100, 10**6], dtype=np.int32))
+    with pytest.raises(ValueError, match=r"kv_lens\[1\] = 1000000"):
+        cupy_lean.attention(qd, kd, vd, kv_lens=bad, block_table=cp.asarray(table))
+    neg = cp.asarray(np.array([-3, 5], dtype=np.int64))
+    with pytest.raises(ValueError, match=r"kv_lens\[0\] = -3"):
+        cupy_lean.attention(qd, kd, vd, kv_lens=neg, block_table=cp.asarray(table))
+    t2 = table.copy()
+    t2[1, 1] = k.shape[0] + 5
+    with pytest.raises(ValueError, match=r"block_table\[1, 1\]"):
+        cupy_lean.attention(qd, kd, vd, kv_lens=cp.asarray(lens), block_table=cp.asarray(t2))
+
+
+def test_bad_values_without_validation_are_safe():
+    """validate=False: lengths over the capacity are clamped; pages outside the
+    cache are masked (read as empty)."""
+    rng = np.random.default_rng(8)
+    q, k, v, lens, table = make_inputs(rng, 2, 8, 2, 128, np.float16, [300, 200], "dense")
+    over = cp.asarray(np.array([10**9, -5], dtype=np.int32))
+    out, lse = cupy_lean.attention(to_gpu(q), to_gpu(k), to_gpu(v), kv_lens=over, return_lse=True,
+                                   validate=False)
+    check_close(out, lse, q, k, v, np.array([k.shape[1], 0]), None, np.float16)
+
+    q, k, v, lens, table = make_inputs(rng, 2, 8, 2, 128, np.float16, [64, 64], "paged", page_size=16)
+    t2 = table.copy()
+    t2[0, 1] = 10**6  # tokens 16..31 of sequence 0 are on a page outside the cache
+    out, lse = cupy_lean.attention(to_gpu(q), to_gpu(k), to_gpu(v), kv_lens=cp.asarray(lens),
+                                   block_table=cp.asarray(t2), return_lse=True, validate=False)
+    # expected: sequence 0 without its second page
+    kk = np.concatenate([k[t2[0, 0]], k[t2[0, 2]], k[t2[0, 3]]])[None]
+    vv = np.concatenate([v[t2[0, 0]], v[t2[0, 2]], v[t2[0, 3]]])[None]
+    ref0, lse0 = reference.attention(q[:1], kk, vv)
+    got = cp.asnumpy(out[0]).astype(np.float64)
+    assert np.abs(got - ref0[0]).max() < 5e-3
+    assert abs(float(lse[0, 0]) - lse0[0, 0]) < 2e-3
+
+
+# ---------------------------------------------------------------- API details
+
+def test_out_argument_and_batch_zero():
+    q, k, v, lens, table = _big_case(seed=9, lens=(100, 2000))
+    out = cp.full(q.shape, cp.nan, dtype=cp.float16)
+    res = cupy_lean.attention(to_gpu(q), to_gpu(k), to_gpu(v), kv_lens=lens, out=out)
+    assert res is out
+    check_close(out, None, q, k, v, lens, table, np.float16)
+    e = cupy_lean.attention(cp.zeros((0, 4, 64), cp.float16), cp.zeros((0, 5, 2, 64), cp.float16),
+                            cp.zeros((0, 5, 2, 64), cp.float16), return_lse=True)
+    assert e[0].shape == (0, 4, 64) and e[1].shape == (0, 4)
+
+
+def test_nan_propagates_to_its_sequence_only():
+    q, k, v, lens, table = _big_case(seed=10, lens=(500, 600))
+    k = k.copy()
+    k[0, 10, 0, 3] = np.nan
+    out = cp.asnumpy(cupy_lean.attention(to_gpu(q), to_gpu(k), to_gpu(v), kv_lens=cp.asarray(lens)))
+    g = 4
+    assert np.isnan(out[0, :g].astype(np.float32)).all()
+    assert np.isfinite(out[1].astype(np.float32)).all()
+    assert np.isfinite(out[0, g:].astype(np.float32)).all()
+
+
+@pytest.mark.parametrize("dtype", [np.float16, BF16, np.float32])
+def test_merge_states_gpu(dtype):
+    rng = np.random.default_rng(11)
+    outs = rng.standard_normal((3, 2, 5, 64)).astype(dtype)
+    lses = rng.standard_normal((3, 2, 5)).astype(np.float32)
+    lses[1, 0, 0] = -np.inf
+    lses[:, 1, 1] = -np.inf
+    o, s = cupy_lean.merge_states(cp.asarray(outs), cp.asarray(lses))
+    ro, rs = reference.merge_states(outs, lses)
+    tol = 1e-5 if dtype == np.float32 else (2e-3 if dtype == np.float16 else 1.6e-2)
+    assert np.abs(cp.asnumpy(o).astype(np.float64) - ro).max() < tol
+    got = cp.asnumpy(s).astype(np.float64)
+    assert np.isneginf(got[1, 1]) and (cp.asnumpy(o)[1, 1].astype(np.float64) == 0).all()
+    fin = np.isfinite(rs)
+    assert np.abs(got[fin] - rs[fin]).max() < 1e-5
+
+
+def test_split_equals_lean_equals_head():
+    q, k, v, lens, table = _big_case(seed=12, lens=(9000, 10, 0, 4100))
+    args = [to_gpu(x) for x in (q, k, v)]
+    res = {s: cupy_lean.attention(*args, kv_lens=cp.asarray(lens), return_lse=True, schedule=s)
+           for s in ("lean", "split", "head")}
+    for s, (o, l) in res.items():
+        check_close(o, l, q, k, v, lens, table, np.float16)
+
+
+def test_long_context_64bit_offsets():
+    """Offsets past 2**31 elements: 3 sequences of 1M tokens x 8 KV heads x
+    128, so sequence 2 starts at element 2**31."""
+    n = 1 << 20
+    free = cp.cuda.runtime.memGetInfo()[0]
+    if free < 16 * 2**30:
+        pytest.skip("needs 16 GB of free GPU memory")
+    rng = np.random.default_rng(13)
+    B, hkv, d = 3, 8, 128
+    k = cp.zeros((B, n, hkv, d), dtype=cp.float16)
+    v = cp.zeros((B, n, hkv, d), dtype=cp.float16)
+    tail = 512
+    kt = rng.standard_normal((tail, hkv, d)).astype(np.float16)
+    vt = rng.standard_normal((tail, hkv, d)).astype(np.float16)
+    k[2, n - tail:] = cp.asarray(kt)
+    v[2, n - tail:] = cp.asarray(vt)
+    q = rng.standard_normal((B, hkv, d)).astype(np.float16)
+    out = cupy_lean.attention(cp.asarray(q), k, v)
+    # reference for batch 2: n - tail zero keys (score 0) + the tail
+    s_tail = (q[2, :, None, :].astype(np.float64) * kt.transpose(1, 0, 2)).sum(-1) / np.sqrt(d)  # (hkv, tail)
+    mx = np.maximum(s_tail.max(axis=1), 0.0)
+    w0 = (n - tail) * np.exp(0.0 - mx)
+    wt = np.exp(s_tail - mx[:, None])
+    ref = (wt[:, :, None] * vt.transpose(1, 0, 2).astype(np.float64)).sum(1) / (w0 + wt.sum(1))[:, None]
+    got = cp.asnumpy(out[2]).astype(np.float64)
+    assert np.abs(got - ref).max() < 1e-3

@@ -1,0 +1,72 @@
+"""A small representative set of calls for compute-sanitizer (tools/sanitize.sh):
+lean with partial units and empty sequences, paged, strided, split, head,
+bf16, large group, merge_states. Exits non-zero on a wrong result."""
+
+import sys
+
+import numpy as np
+
+sys.path.insert(0, ".")
+import cupy as cp  # noqa: E402
+
+import cupy_lean  # noqa: E402
+from cupy_lean import reference  # noqa: E402
+
+
+def run(dtype, d, hq, hkv, lens, layout="dense", sched="lean", num_ctas=None, page_size=16):
+    rng = np.random.default_rng(0)
+    lens = np.asarray(lens, dtype=np.int32)
+    B, cap = len(lens), max(int(lens.max()), 1)
+    q = rng.standard_normal((B, hq, d)).astype(dtype)
+    table = None
+    if layout == "paged":
+        used = [-(-int(n) // page_size) for n in lens]
+        npages = sum(used) + 1
+        perm = rng.permutation(npages)
+        table = np.full((B, max(used) + 1), -1, np.int32)
+        pos = 0
+        for b, u in enumerate(used):
+            table[b, :u] = perm[pos:pos + u]
+            pos += u
+        k = rng.standard_normal((npages, page_size, hkv, d)).astype(dtype)
+        v = rng.standard_normal((npages, page_size, hkv, d)).astype(dtype)
+    else:
+        k = rng.standard_normal((B, cap, hkv, d)).astype(dtype)
+        v = rng.standard_normal((B, cap, hkv, d)).astype(dtype)
+    kd, vd = cp.asarray(k), cp.asarray(v)
+    if layout == "strided":
+        kd = cp.ascontiguousarray(kd.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+        vd = cp.ascontiguousarray(vd.transpose(0, 2, 1, 3)).transpose(0, 2, 1, 3)
+    out, lse = cupy_lean.attention(cp.asarray(q), kd, vd, kv_lens=cp.asarray(lens),
+                                   block_table=None if table is None else cp.asarray(table),
+                                   return_lse=True, schedule=sched, num_ctas=num_ctas)
+    ref, _ = reference.attention(q, k, v, kv_lens=lens, block_table=table)
+    err = float(np.abs(cp.asnumpy(out).astype(np.float64) - ref).max())
+    ok = err < 2e-2
+    print(f"{np.dtype(dtype).name:8s} d={d} {hq}/{hkv} {layout:7s} {sched:5s} ctas={num_ctas} "
+          f"lens={lens.tolist()} err={err:.2e} {'ok' if ok else 'WRONG'}")
+    return ok
+
+
+def main():
+    import ml_dtypes
+
+    bf16 = ml_dtypes.bfloat16
+    ok = True
+    ok &= run(np.float16, 128, 8, 2, [300, 0, 129, 64], num_ctas=7)
+    ok &= run(np.float16, 128, 8, 2, [300, 0, 129, 64], num_ctas=1)
+    ok &= run(bf16, 64, 4, 4, [200, 17], layout="paged", num_ctas=5, page_size=3)
+    ok &= run(np.float16, 256, 34, 2, [90, 33], layout="strided", num_ctas=4)
+    ok &= run(np.float16, 128, 4, 1, [500, 5], sched="split")
+    ok &= run(bf16, 128, 16, 2, [500, 0], sched="head")
+    ok &= run(np.float16, 64, 128, 1, [150], num_ctas=3)
+    outs = cp.asarray(np.random.default_rng(1).standard_normal((3, 4, 64)).astype(np.float16))
+    lses = cp.asarray(np.random.default_rng(2).standard_normal((3, 4)).astype(np.float32))
+    cupy_lean.merge_states(outs, lses)
+    cp.cuda.Device().synchronize()
+    print("all ok" if ok else "SOME WRONG")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
