@@ -50,11 +50,11 @@ def _device_check(m, lens_orig, lens32, table_orig, table32):
     stride = m.max_pages + 1
     b, j = divmod(code, stride)
     if j == 0:
-        val = int(lens_orig[b].get())
+        val = int(cp.asnumpy(lens_orig)[b])
         raise ValueError(
             f"kv_lens: expected values in [0, {m.capacity}] (the cache capacity), got kv_lens[{b}] = {val}")
     j -= 1
-    val = int(table_orig[b, j].get())
+    val = int(cp.asnumpy(table_orig)[b, j])
     raise ValueError(
         f"block_table: expected page indices in [0, {m.num_pages}) for the pages in use, "
         f"got block_table[{b}, {j}] = {val}")
