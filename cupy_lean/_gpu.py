@@ -119,7 +119,8 @@ def attention(q, k, v, lens, table, m, out, return_lse, sched, num_ctas, tile_si
 
     slot_stride = -(-g * (D + 2) // 4) * 4
     if sched == "lean":
-        grid = num_ctas if num_ctas is not None else kern.ctas_per_sm * kern.num_sms
+        per_sm = K.OVERRIDES["ctas_per_sm"] or kern.ctas_per_sm
+        grid = num_ctas if num_ctas is not None else per_sm * kern.num_sms
         grid = max(1, min(grid, total))
         mode, ns = 0, 1
         ws_floats = 2 * grid * slot_stride

@@ -91,7 +91,7 @@ def _check_rank(x, name, ndim, axes):
 
 
 def _check_last_contiguous(x, name):
-    if x.ndim and x.shape[-1] > 1 and x.strides[-1] != x.dtype.itemsize:
+    if x.size and x.shape[-1] > 1 and x.strides[-1] != x.dtype.itemsize:
         raise ValueError(
             f"{name}: expected unit stride on the last axis (head_dim), got a stride of "
             f"{x.strides[-1] // max(x.dtype.itemsize, 1)} elements"

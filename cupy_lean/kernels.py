@@ -165,8 +165,15 @@ def default_config(head_dim, m_tiles, paged):
         tile //= 2
 
 
+#: Experiment knobs (None: defaults): pipeline depth of every spec, and CTAs
+#: per SM of the lean grid. For benchmarks; not part of the API contract.
+OVERRIDES = {"stages": None, "ctas_per_sm": None}
+
+
 def make_spec(dtype, head_dim, group, paged, tile_size=None, stages=None) -> Spec:
     """The spec that serves ``group`` query heads per KV head at ``head_dim``."""
+    if stages is None:
+        stages = OVERRIDES["stages"]
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"head_dim: the GPU kernels support {HEAD_DIMS}, got {head_dim}")
     if not 1 <= group <= MAX_GROUP:

@@ -1,9 +1,10 @@
-"""Quick device timing of lean / split / head on a few decode shapes (CUDA
-events, eager launches back to back, inputs far over the L2 size or rotated).
-Usage: python tools/quick_timing.py [--tile T] [--stages S]"""
+"""Quick device timing of lean / split / head on a few decode shapes: device
+time per call from CUDA-graph replays over rotating input copies (cold L2),
+plus host-side cost per call. Usage: python tools/quick_timing.py [--tiles 64,128]"""
 
 import argparse
 import sys
+import time
 
 import numpy as np
 
@@ -24,10 +25,8 @@ SHAPES = [  # (name, B, Hq, Hkv, N, D)
 
 
 def read_ceiling():
-    n = 1 << 28  # 2 GiB of float4... (16 B each) -> 4 GiB; use 2 GiB
     n = (2 << 30) // 16
-    buf = cp.empty(n * 4, dtype=cp.float32)
-    buf.fill(1)
+    buf = cp.ones(n * 4, dtype=cp.float32)
     k = cp.RawKernel(r"""
     extern "C" __global__ void rd(const float4* __restrict__ x, long long n, float* out) {
       float acc = 0.f;
@@ -50,40 +49,95 @@ def read_ceiling():
     return n * 16 / t / 1e12
 
 
+def graph_time(fn, sets, reps=5):
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        for s in sets:
+            fn(*s)
+        stream.synchronize()
+        stream.begin_capture()
+        for s in sets:
+            fn(*s)
+        g = stream.end_capture()
+        g.launch(stream)
+        stream.synchronize()
+        times = []
+        for _ in range(reps):
+            a, b = cp.cuda.Event(), cp.cuda.Event()
+            a.record(stream)
+            g.launch(stream)
+            b.record(stream)
+            b.synchronize()
+            times.append(cp.cuda.get_elapsed_time(a, b) * 1000 / len(sets))
+    return float(np.median(times))
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--tile", type=int, default=None)
+    p.add_argument("--tiles", default="")
+    p.add_argument("--shapes", default="")
+    p.add_argument("--variants", default="", help="lean variants tile:stages:ctas_per_sm, comma-separated")
+    p.add_argument("--no-baselines", action="store_true")
+    p.add_argument("--no-host", action="store_true")
     args = p.parse_args()
+    tiles = [int(t) for t in args.tiles.split(",") if t] or [None]
     ceil = read_ceiling()
     print(f"read ceiling {ceil:.2f} TB/s")
     rng = np.random.default_rng(0)
     for name, B, hq, hkv, n, d in SHAPES:
+        if args.shapes and args.shapes not in name:
+            continue
         kv_bytes = 2 * B * n * hkv * d * 2
-        copies = max(1, min(8, int(200e6 // kv_bytes) + 1))
+        copies = max(2, min(16, int(300e6 // kv_bytes) + 1))
         sets = []
         for _ in range(copies):
             q = cp.asarray(rng.standard_normal((B, hq, d)).astype(np.float16))
             k = cp.random.standard_normal((B, n, hkv, d), dtype=cp.float32).astype(cp.float16)
             v = cp.random.standard_normal((B, n, hkv, d), dtype=cp.float32).astype(cp.float16)
             sets.append((q, k, v))
-        row = [f"{name:18s} {kv_bytes / 1e6:8.1f} MB floor {kv_bytes / ceil / 1e6:7.1f} us"]
-        for sched in ("lean", "split", "head"):
-            for q, k, v in sets:
-                cupy_lean.attention(q, k, v, schedule=sched, tile_size=args.tile)
-            cp.cuda.Device().synchronize()
-            reps = max(3, min(200, int(2e9 // kv_bytes)))
-            s, e = cp.cuda.Event(), cp.cuda.Event()
-            s.record()
-            for i in range(reps):
-                q, k, v = sets[i % copies]
-                cupy_lean.attention(q, k, v, schedule=sched, tile_size=args.tile)
-            e.record()
-            e.synchronize()
-            us = cp.cuda.get_elapsed_time(s, e) * 1000 / reps
-            row.append(f"{sched} {us:8.1f} us ({kv_bytes / us / 1e6:5.2f} TB/s)")
+        row = [f"{name:17s} floor {kv_bytes / ceil / 1e6:6.1f} us"]
+        from cupy_lean import kernels as K
+        variants = [tuple(int(x) for x in v.split(":")) for v in args.variants.split(",") if v]
+        runs = [("lean", None, None, None)] + [("lean",) + v for v in variants]
+        if not args.no_baselines:
+            runs += [("split", None, None, None), ("head", None, None, None)]
+        for sched, tile, stages, per_sm in runs:
+            K.OVERRIDES["stages"] = stages
+            K.OVERRIDES["ctas_per_sm"] = per_sm
+            def fn(q, k, v, sched=sched, tile=tile):
+                cupy_lean.attention(q, k, v, schedule=sched, tile_size=tile, validate=False)
+            try:
+                us = graph_time(fn, sets)
+                lab = sched + (f"/t{tile}s{stages}c{per_sm}" if tile else "")
+                row.append(f"{lab} {us:7.1f} ({kv_bytes / us / 1e6:4.2f})")
+            except Exception as exc:
+                row.append(f"{sched}/t{tile}s{stages}: {type(exc).__name__}: {str(exc)[:80]}")
+        K.OVERRIDES["stages"] = K.OVERRIDES["ctas_per_sm"] = None
         print(" | ".join(row), flush=True)
         del sets
         cp.get_default_memory_pool().free_all_blocks()
+    if args.no_host:
+        return
+    # host cost per call (small shape, kernel time ~ few us)
+    q = cp.asarray(rng.standard_normal((1, 32, 128)).astype(np.float16))
+    k = cp.asarray(rng.standard_normal((1, 1024, 32, 128)).astype(np.float16))
+    v = k.copy()
+    for sched in ("lean", "split", "head"):
+        cupy_lean.attention(q, k, v, schedule=sched)
+        cp.cuda.Device().synchronize()
+        t = time.perf_counter()
+        for _ in range(500):
+            cupy_lean.attention(q, k, v, schedule=sched)
+        cp.cuda.Device().synchronize()
+        print(f"eager per call {sched}: {(time.perf_counter() - t) / 500 * 1e6:.1f} us")
+    import cProfile
+    import pstats
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(300):
+        cupy_lean.attention(q, k, v)
+    pr.disable()
+    pstats.Stats(pr).sort_stats("tottime").print_stats(14)
 
 
 if __name__ == "__main__":
