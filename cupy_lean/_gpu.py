@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import math
+import threading
 
 import cupy as cp
+from cupy_backends.cuda.api import driver as _driver
 import numpy as np
 
 from . import kernels as K
@@ -62,19 +65,81 @@ def _device_check(m, lens_orig, lens32, table_orig, table32):
 
 def _strides(x, n):
     isz = x.dtype.itemsize
-    return [np.int64(x.strides[i] // isz) for i in range(n)]
+    return [x.strides[i] // isz for i in range(n)]
+
+
+_CTYPES = {"ptr": ctypes.c_uint64, np.int64: ctypes.c_int64, np.int32: ctypes.c_int32,
+           np.float32: ctypes.c_float}
+
+
+class _Pack:
+    """Kernel parameters kept in ctypes storage: a launch only rewrites the
+    pointer fields and hands the array of addresses to cuLaunchKernel."""
+
+    def __init__(self, signature, values):
+        self.cvals = [_CTYPES[kind](val) for (_, kind), val in zip(signature, values)]
+        self.arr = (ctypes.c_void_p * len(self.cvals))(*[ctypes.addressof(c) for c in self.cvals])
+        self.addr = ctypes.addressof(self.arr)
+
+
+class _Plan:
+    __slots__ = ("spec", "attn_ptr", "combine_ptr", "grid", "threads", "smem", "mode", "ns", "units",
+                 "pack", "ws", "counters", "max_grid", "tile")
+
+
+_plans: dict = {}
+
+
+def _make_plan(q, k, v, out_k, lens32, table32, m, sched, num_ctas, tile_size, return_lse):
+    B, Hq, D, Hkv, g = m.batch, m.heads_q, m.head_dim, m.heads_kv, m.group
+    dt = "f16" if q.dtype == np.float16 else "bf16"
+    spec = K.make_spec(dt, D, g, m.paged, tile_size)
+    kern = K.kernels_for(spec)
+    tile = spec.tile
+    units = B * Hkv
+    max_unit_tiles = -(-m.capacity // tile)
+    slot_stride = -(-g * (D + 2) // 4) * 4
+    p = _Plan()
+    p.spec, p.tile, p.units = spec, tile, units
+    if sched == "lean":
+        per_sm = K.OVERRIDES["ctas_per_sm"] or kern.ctas_per_sm
+        grid = num_ctas if num_ctas is not None else per_sm * kern.num_sms
+        grid = max(1, min(grid, units * max_unit_tiles))
+        mode, ns = 0, 1
+        ws_floats = 2 * grid * slot_stride
+    else:
+        if sched == "head":
+            ns = 1
+        elif num_ctas is not None:
+            ns = max(1, num_ctas // units)
+        else:
+            ns = num_splits_heuristic(units, max_unit_tiles, kern.num_sms)
+        grid = units * ns
+        mode = 1
+        ws_floats = grid * slot_stride if ns > 1 else 0
+    p.grid = p.max_grid = grid
+    p.mode, p.ns = mode, ns
+    p.threads, p.smem = spec.threads, spec.smem_bytes
+    p.attn_ptr, p.combine_ptr = kern.attn.kernel.ptr, kern.combine.kernel.ptr
+    p.ws, p.counters = K.workspace(ws_floats, units)
+    qs, ks, vs, os_ = _strides(q, 2), _strides(k, 3), _strides(v, 3), _strides(out_k, 2)
+    bt_sb = table32.strides[0] // 4 if table32 is not None else 0
+    values = [0] * 9 + [
+        qs[0], qs[1], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], os_[0], os_[1], bt_sb,
+        B, Hkv, g, m.capacity, max(m.page_size, 1), m.num_pages, mode, ns,
+        m.scale * _LOG2E, slot_stride,
+    ]
+    p.pack = _Pack(K.ATTN_SIGNATURE, values)
+    return p
 
 
 def attention(q, k, v, lens, table, m, out, return_lse, sched, num_ctas, tile_size, validate):
-    B, Hq, D, Hkv, g = m.batch, m.heads_q, m.head_dim, m.heads_kv, m.group
+    B, Hq, D = m.batch, m.heads_q, m.head_dim
     if out is None:
         out = cp.empty((B, Hq, D), dtype=q.dtype)
     lse = cp.empty((B, Hq), dtype=cp.float32) if return_lse else None
     if B == 0:
         return out, lse
-    dt = "f16" if q.dtype == np.float16 else "bf16"
-    spec = K.make_spec(dt, D, g, m.paged, tile_size)
-    kern = K.kernels_for(spec)
     q, k, v = _aligned16(q), _aligned16(k), _aligned16(v)
 
     host_lens = None
@@ -93,63 +158,49 @@ def attention(q, k, v, lens, table, m, out, return_lse, sched, num_ctas, tile_si
     if out.data.ptr % 8 or any(s % 8 for s, n in zip(out.strides[:-1], out.shape[:-1]) if n > 1):
         out_k = cp.empty((B, Hq, D), dtype=q.dtype)
 
-    tile = spec.tile
-    units = B * Hkv
-    if lens is None:
-        max_unit_tiles = -(-m.capacity // tile)
-        total = units * max_unit_tiles
-        exact = True
-    elif host_lens is not None:
-        t = -(-host_lens // tile)
-        max_unit_tiles = int(t.max())
-        total = Hkv * int(t.sum())
-        exact = True
-    else:
-        max_unit_tiles = -(-m.capacity // tile)
-        total = units * max_unit_tiles
-        exact = False
+    stream = cp.cuda.get_current_stream()
+    key = (threading.get_ident(), cp.cuda.runtime.getDevice(), stream.ptr, q.shape, q.strides, k.shape,
+           k.strides, v.strides, q.dtype, out_k.strides, lens is None,
+           None if table32 is None else (table32.shape, table32.strides), sched, num_ctas, tile_size,
+           m.scale, K.OVERRIDES["stages"], K.OVERRIDES["ctas_per_sm"])
+    plan = _plans.get(key)
+    if plan is None:
+        if len(_plans) > 512:
+            _plans.clear()
+        plan = _plans[key] = _make_plan(q, k, v, out_k, lens32, table32, m, sched, num_ctas,
+                                        tile_size, return_lse)
 
-    if exact and total == 0:
-        out_k.fill(0)
-        if lse is not None:
-            lse.fill(-np.inf)
-        if out_k is not out:
-            out[...] = out_k
-        return out, lse
-
-    slot_stride = -(-g * (D + 2) // 4) * 4
-    if sched == "lean":
-        per_sm = K.OVERRIDES["ctas_per_sm"] or kern.ctas_per_sm
-        grid = num_ctas if num_ctas is not None else per_sm * kern.num_sms
-        grid = max(1, min(grid, total))
-        mode, ns = 0, 1
-        ws_floats = 2 * grid * slot_stride
-    else:
-        if sched == "head":
-            ns = 1
-        elif num_ctas is not None:
-            ns = max(1, num_ctas // units)
+    grid = plan.grid
+    if host_lens is not None or lens is None:
+        if lens is None:
+            total = plan.units * (-(-m.capacity // plan.tile))
         else:
-            ns = num_splits_heuristic(units, max_unit_tiles, kern.num_sms)
-        grid = units * ns
-        mode = 1
-        ws_floats = grid * slot_stride if ns > 1 else 0
-    ws, counters = K.workspace(ws_floats, units)
+            total = m.heads_kv * int((-(-host_lens // plan.tile)).sum())
+        if total == 0:
+            out_k.fill(0)
+            if lse is not None:
+                lse.fill(-np.inf)
+            if out_k is not out:
+                out[...] = out_k
+            return out, lse
+        if plan.mode == 0:
+            grid = min(plan.max_grid, total)
 
-    qs, ks, vs, os_ = _strides(q, 2), _strides(k, 3), _strides(v, 3), _strides(out_k, 2)
-    bt_sb = np.int64(table32.strides[0] // 4) if table32 is not None else np.int64(0)
-    args = (
-        q, k, v, out_k, lse if lse is not None else _NULL,
-        lens32 if lens32 is not None else _NULL, table32 if table32 is not None else _NULL,
-        ws, counters,
-        qs[0], qs[1], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], os_[0], os_[1], bt_sb,
-        np.int32(B), np.int32(Hkv), np.int32(g), np.int32(m.capacity),
-        np.int32(max(m.page_size, 1)), np.int32(m.num_pages), np.int32(mode), np.int32(ns),
-        np.float32(m.scale * _LOG2E), np.int32(slot_stride),
-    )
-    K.launch(kern.attn, grid, spec.threads, args, spec.smem_bytes)
-    if mode == 1 and ns > 1:
-        K.launch(kern.combine, units, spec.threads, args, 0)
+    cv = plan.pack.cvals
+    cv[0].value = q.data.ptr
+    cv[1].value = k.data.ptr
+    cv[2].value = v.data.ptr
+    cv[3].value = out_k.data.ptr
+    cv[4].value = 0 if lse is None else lse.data.ptr
+    cv[5].value = 0 if lens32 is None else lens32.data.ptr
+    cv[6].value = 0 if table32 is None else table32.data.ptr
+    cv[7].value = plan.ws.data.ptr
+    cv[8].value = plan.counters.data.ptr
+    _driver.launchKernel(plan.attn_ptr, grid, 1, 1, plan.threads, 1, 1, plan.smem, stream.ptr,
+                         plan.pack.addr, 0)
+    if plan.mode == 1 and plan.ns > 1:
+        _driver.launchKernel(plan.combine_ptr, plan.units, 1, 1, plan.threads, 1, 1, 0, stream.ptr,
+                             plan.pack.addr, 0)
     if out_k is not out:
         out[...] = out_k
     return out, lse

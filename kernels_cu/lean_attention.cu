@@ -185,33 +185,96 @@ __device__ void write_empty_rows(const Args& a, int b, int hq0, int n) {
 }
 
 // Merge the partial states of one unit, in the order slot_of(0..n-1), and
-// write its output. All threads of the block take part.
+// write its output. All threads of the block take part (it contains barriers).
+// `red` is shared-memory scratch of `red_floats` floats: when the n x group
+// maxima and sums fit, they are gathered there first (parallel loads), turned
+// into per-slot weights, and each output element then streams its n partial
+// accumulators with 8 loads in flight; otherwise a plain loop.
 template <class SlotOf>
-__device__ void reduce_unit(const Args& a, int b, int h, int n, SlotOf slot_of) {
+__device__ void reduce_unit(const Args& a, int b, int h, int n, SlotOf slot_of, float* red,
+                            int red_floats) {
   const int g = a.group;
-  const int per_row = D / 4;
-  for (int e = threadIdx.x; e < g * per_row; e += NT) {
-    const int row = e / per_row, d = (e % per_row) * 4;
-    float M = -LEAN_INF;
+  constexpr int PER_ROW = D / 4;
+  const float SKIP = -1.f;  // weight of an empty slot (its accumulator is never read)
+  if (2 * n * g + 2 * g <= red_floats) {
+    float* W = red;              // [n][g]: m, then the weight exp2(m - M)
+    float* Lp = red + n * g;     // [n][g]: l
+    float* M = red + 2 * n * g;  // [g]
+    float* L = M + g;            // [g]
+    __syncthreads();
+    for (int e = threadIdx.x; e < n * g; e += NT) {
+      const int j = e / g, row = e % g;
+      const float* s = a.ws + (i64)slot_of(j) * a.slot_stride;
+      W[e] = __ldcg(s + g * D + row);
+      Lp[e] = __ldcg(s + g * D + g + row);
+    }
+    __syncthreads();
+    for (int row = threadIdx.x; row < g; row += NT) {
+      float mx = -LEAN_INF;
+      for (int j = 0; j < n; ++j) mx = fmaxf(mx, W[j * g + row]);
+      float sum = 0.f;
+      for (int j = 0; j < n; ++j) {
+        const float mj = W[j * g + row];
+        if (mj != -LEAN_INF) sum += Lp[j * g + row] * fast_exp2(mj - mx);
+      }
+      M[row] = mx;
+      L[row] = sum;
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < n * g; e += NT) {
+      const float mj = W[e];
+      W[e] = (mj == -LEAN_INF) ? SKIP : fast_exp2(mj - M[e % g]);
+    }
+    __syncthreads();
+    for (int e = threadIdx.x; e < g * PER_ROW; e += NT) {
+      const int row = e / PER_ROW, d = (e % PER_ROW) * 4;
+      float4 acc = make_float4(0, 0, 0, 0);
+      for (int j0 = 0; j0 < n; j0 += 8) {
+        float4 x[8];
+        float w[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          const int j = j0 + u;
+          w[u] = (j < n) ? W[j * g + row] : SKIP;
+          x[u] = (w[u] != SKIP) ? ldcg4(a.ws + (i64)slot_of(j) * a.slot_stride + row * D + d)
+                                : make_float4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+          if (w[u] != SKIP) {
+            acc.x += w[u] * x[u].x;
+            acc.y += w[u] * x[u].y;
+            acc.z += w[u] * x[u].z;
+            acc.w += w[u] * x[u].w;
+          }
+        }
+      }
+      write_final4(a, b, h * g + row, d, acc, M[row], L[row]);
+    }
+    return;
+  }
+  for (int e = threadIdx.x; e < g * PER_ROW; e += NT) {
+    const int row = e / PER_ROW, d = (e % PER_ROW) * 4;
+    float mx = -LEAN_INF;
     for (int j = 0; j < n; ++j) {
       const float* s = a.ws + (i64)slot_of(j) * a.slot_stride;
-      M = fmaxf(M, __ldcg(s + g * D + row));
+      mx = fmaxf(mx, __ldcg(s + g * D + row));
     }
-    float L = 0.f;
+    float sum = 0.f;
     float4 acc = make_float4(0, 0, 0, 0);
     for (int j = 0; j < n; ++j) {
       const float* s = a.ws + (i64)slot_of(j) * a.slot_stride;
       const float mj = __ldcg(s + g * D + row);
       if (mj == -LEAN_INF) continue;
-      const float f = fast_exp2(mj - M);
-      L += f * __ldcg(s + g * D + g + row);
+      const float f = fast_exp2(mj - mx);
+      sum += f * __ldcg(s + g * D + g + row);
       const float4 x = ldcg4(s + row * D + d);
       acc.x += f * x.x;
       acc.y += f * x.y;
       acc.z += f * x.z;
       acc.w += f * x.w;
     }
-    write_final4(a, b, h * g + row, d, acc, M, L);
+    write_final4(a, b, h * g + row, d, acc, mx, sum);
   }
 }
 
@@ -620,7 +683,8 @@ __device__ __forceinline__ void kernel_body(const Args& a) {
           __threadfence();
           const int first = misc[35], n = misc[36];
           const int first_slot = 2 * first + (sch.start(first) < u0 ? 1 : 0);
-          reduce_unit(a, b, h, n, [&](int j) { return j == 0 ? first_slot : 2 * (first + j); });
+          reduce_unit(a, b, h, n, [&](int j) { return j == 0 ? first_slot : 2 * (first + j); },
+                      reinterpret_cast<float*>(kv_s + stage * (2 * TILE * D)), TILE * D);
           if (tid == 0) atomicExch(a.counters + unit, 0);
         }
       }
@@ -656,6 +720,7 @@ extern "C" __global__ void __launch_bounds__(lean::NT) LEAN_COMBINE_ENTRY(LEAN_A
   LEAN_FILL_ARGS(a);
   const int unit = blockIdx.x;
   const int ns = a.num_splits;
+  __shared__ float red[4096];
   lean::reduce_unit(a, unit / a.heads_kv, unit % a.heads_kv, ns,
-                    [&](int j) { return unit * ns + j; });
+                    [&](int j) { return unit * ns + j; }, red, 4096);
 }
