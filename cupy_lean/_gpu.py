@@ -21,6 +21,11 @@ _U64_MAX = np.uint64(2**64 - 1)
 def _aligned16(x):
     """x itself if its pointer and strides allow 16-byte loads, else a
     contiguous copy."""
+    acc = x.data.ptr
+    for s_ in x.strides[:-1]:
+        acc |= s_
+    if not acc & 15:
+        return x
     if x.data.ptr % 16 == 0 and all(s % 16 == 0 for s, n in zip(x.strides[:-1], x.shape[:-1]) if n > 1):
         return x
     return cp.ascontiguousarray(x)
@@ -155,8 +160,9 @@ def attention(q, k, v, lens, table, m, out, return_lse, sched, num_ctas, tile_si
         _device_check(m, lens, lens32, table, table32)
 
     out_k = out
-    if out.data.ptr % 8 or any(s % 8 for s, n in zip(out.strides[:-1], out.shape[:-1]) if n > 1):
-        out_k = cp.empty((B, Hq, D), dtype=q.dtype)
+    if (out.data.ptr | out.strides[0] | out.strides[1]) & 7:
+        if out.data.ptr % 8 or any(s % 8 for s, n in zip(out.strides[:-1], out.shape[:-1]) if n > 1):
+            out_k = cp.empty((B, Hq, D), dtype=q.dtype)
 
     stream = cp.cuda.get_current_stream()
     key = (threading.get_ident(), cp.cuda.runtime.getDevice(), stream.ptr, q.shape, q.strides, k.shape,

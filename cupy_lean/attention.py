@@ -31,8 +31,13 @@ def _dtype_names(dts):
 
 # ------------------------------------------------------------------ devices
 
+_CUPY_NDARRAY = None
+
+
 def _where(x):
     """'cpu', 'gpu' or None (None: not an array we know)."""
+    if type(x) is _CUPY_NDARRAY:
+        return "gpu"
     if isinstance(x, np.ndarray):
         return "cpu"
     mod = type(x).__module__
@@ -308,9 +313,11 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
         desc = ", ".join(f"{n} on the {'GPU' if p == 'gpu' else 'CPU'}" for n, p in places.items())
         raise TypeError(f"q, k, v, out: expected arrays on one device, got {desc}")
     if gpu:
-        from .kernels import _cupy
+        global _CUPY_NDARRAY
+        if _CUPY_NDARRAY is None:
+            from .kernels import _cupy
 
-        _cupy()  # clear error naming the extra when CuPy is missing
+            _CUPY_NDARRAY = _cupy().ndarray  # clear error naming the extra when CuPy is missing
         q, k, v = _to_gpu(q, "q"), _to_gpu(k, "k"), _to_gpu(v, "v")
         out_arr = _to_gpu(out, "out") if out is not None else None
         lens = None

@@ -295,6 +295,10 @@ class _Kernels:
         smem = spec.smem_bytes
         if smem > 48 * 1024:
             self.attn.max_dynamic_shared_size_bytes = smem
+        # Ask for the largest shared-memory carveout: without it the driver may
+        # pick a smaller one and fit fewer CTAs per SM than the occupancy
+        # calculation (which assumes the largest) reports.
+        self.attn.preferred_shared_memory_carveout = 100
         dev = cp.cuda.Device()
         self.num_sms = dev.attributes["MultiProcessorCount"]
         self.ctas_per_sm = max(1, driver.occupancyMaxActiveBlocksPerMultiprocessor(
