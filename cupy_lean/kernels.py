@@ -149,20 +149,36 @@ def _fits(tile, stages, head_dim, m_tiles, paged, budget):
 
 
 def default_config(head_dim, m_tiles, paged):
-    """Default (tile, stages) of a spec: a 32 KB K+V tile where possible, and
-    the deepest pipeline that still lets two CTAs share an SM (about 113 KB of
-    shared memory each on sm_90), at least two stages."""
+    """Default (tile, stages) of a spec.
+
+    Measured on an H100 (bench/NOTES.md): a 32 KB K+V tile and a 3-4 stage
+    cp.async pipeline at one CTA per SM stream at about 3 TB/s; configurations
+    above about 160 KB of shared memory, and two CTAs per SM at 115 KB each,
+    ran markedly slower. So: tile = 8192 / head_dim tokens (32 KB of K+V), as
+    many stages (up to 4) as fit in 160 KB, at least 2; head_dim 256 keeps
+    32-token tiles and 2 stages, small enough for two CTAs per SM.
+    """
     tile = max(16, min(128, 8192 // head_dim))
-    # The combine scratch must fit in one stage: tile >= warps_n * 16 * m_tiles.
+    if head_dim >= 256:
+        while tile > 16 and not _fits(tile, 2, head_dim, m_tiles, paged, 200 * 1024):
+            tile //= 2
+        return tile, 2
     while True:
         for stages in (4, 3):
-            if _fits(tile, stages, head_dim, m_tiles, paged, 113 * 1024):
+            if _fits(tile, stages, head_dim, m_tiles, paged, 160 * 1024):
                 return tile, stages
-        if _fits(tile, 2, head_dim, m_tiles, paged, 200 * 1024):
+        if _fits(tile, 2, head_dim, m_tiles, paged, 200 * 1024) or tile == 16:
             return tile, 2
-        if tile == 16:
-            return 16, 2
         tile //= 2
+
+
+def default_ctas_per_sm(spec, occupancy):
+    """CTAs per SM of the lean grid: one for specs over 100 KB of shared
+    memory (two of them did not co-reside reliably), else the occupancy, at
+    most two."""
+    if spec.smem_bytes > 100 * 1024:
+        return 1
+    return max(1, min(2, occupancy))
 
 
 #: Experiment knobs (None: defaults): pipeline depth of every spec, and CTAs
@@ -186,7 +202,7 @@ def make_spec(dtype, head_dim, group, paged, tile_size=None, stages=None) -> Spe
         tile = tile_size
         st = None
         for cand in (4, 3, 2):
-            if _fits(tile, cand, head_dim, mt, bool(paged), 113 * 1024):
+            if _fits(tile, cand, head_dim, mt, bool(paged), 160 * 1024):
                 st = cand
                 break
         if st is None:
@@ -301,8 +317,9 @@ class _Kernels:
         self.attn.preferred_shared_memory_carveout = 100
         dev = cp.cuda.Device()
         self.num_sms = dev.attributes["MultiProcessorCount"]
-        self.ctas_per_sm = max(1, driver.occupancyMaxActiveBlocksPerMultiprocessor(
+        self.occupancy = max(1, driver.occupancyMaxActiveBlocksPerMultiprocessor(
             self.attn.kernel.ptr, spec.threads, smem))
+        self.ctas_per_sm = default_ctas_per_sm(spec, self.occupancy)
 
 
 _kernels: dict = {}
