@@ -80,12 +80,15 @@ def _to_cpu(x, name):
 
 def _host_ints(x, name):
     """An index array given on the host (NumPy, list) or fetched from the GPU
-    for the NumPy path."""
+    for the NumPy path. An empty list becomes an empty int64 array."""
     if _where(x) == "gpu":
         import cupy
 
         return cupy.asnumpy(_to_gpu(x, name))
-    return np.asarray(x)
+    arr = np.asarray(x)
+    if arr.size == 0 and not np.issubdtype(arr.dtype, np.integer) and isinstance(x, (list, tuple)):
+        arr = arr.astype(np.int64)
+    return arr
 
 
 # ------------------------------------------------------------------ validation
@@ -186,6 +189,11 @@ def _validate(q, k, v, kv_lens, block_table, scale, out, sched, num_ctas, tile_s
             raise TypeError(f"kv_lens: expected an integer dtype, got {kv_lens.dtype}")
 
     if out is not None:
+        if not hasattr(out, "shape") or not hasattr(out, "dtype") or isinstance(out, (list, tuple)):
+            raise TypeError(f"out: expected an array of shape {(batch, hq, d)}, got {type(out).__name__}")
+        flags = getattr(out, "flags", None)
+        if flags is not None and hasattr(flags, "writeable") and not flags.writeable:
+            raise ValueError("out: expected a writeable array, got a read-only one")
         if tuple(out.shape) != (batch, hq, d):
             raise ValueError(f"out: expected shape {(batch, hq, d)}, got {tuple(out.shape)}")
         if out.dtype != q.dtype:
@@ -197,9 +205,13 @@ def _validate(q, k, v, kv_lens, block_table, scale, out, sched, num_ctas, tile_s
     else:
         if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, np.floating, np.integer)):
             raise TypeError(f"scale: expected a real number, got {type(scale).__name__} {scale!r}")
-        if not math.isfinite(float(scale)):
-            raise ValueError(f"scale: expected a finite number, got {float(scale)}")
-        m.scale = float(scale)
+        try:
+            fscale = float(scale)
+        except OverflowError:
+            fscale = math.inf
+        if not math.isfinite(fscale):
+            raise ValueError(f"scale: expected a finite number, got {fscale if math.isnan(fscale) or fscale != math.inf or isinstance(scale, float) else scale}")
+        m.scale = fscale
 
     if not isinstance(sched, str) or sched not in _schedule.SCHEDULES:
         raise ValueError(f"schedule: expected one of {_schedule.SCHEDULES}, got {sched!r}")
@@ -322,13 +334,14 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
         out_arr = _to_gpu(out, "out") if out is not None else None
         lens = None
         if kv_lens is not None:
-            lens = _to_gpu(kv_lens, "kv_lens") if _where(kv_lens) == "gpu" else np.asarray(kv_lens)
+            lens = _to_gpu(kv_lens, "kv_lens") if _where(kv_lens) == "gpu" else _host_ints(kv_lens, "kv_lens")
         table = None
         if block_table is not None:
-            table = _to_gpu(block_table, "block_table") if _where(block_table) == "gpu" else np.asarray(block_table)
+            table = (_to_gpu(block_table, "block_table") if _where(block_table) == "gpu"
+                     else _host_ints(block_table, "block_table"))
     else:
         q, k, v = _to_cpu(q, "q"), _to_cpu(k, "k"), _to_cpu(v, "v")
-        out_arr = _to_cpu(out, "out") if out is not None else None
+        out_arr = out if (out is None or isinstance(out, (list, tuple))) else _to_cpu(out, "out")
         lens = None if kv_lens is None else _host_ints(kv_lens, "kv_lens")
         table = None if block_table is None else _host_ints(block_table, "block_table")
 
@@ -402,7 +415,7 @@ def merge_states(outs, lses):
     allowed = _GPU_DTYPES + (np.dtype(np.float32),) + (() if gpu else (np.dtype(np.float64),))
     if outs.dtype not in allowed:
         raise TypeError(f"outs: expected dtype among {_dtype_names(allowed)}, got {outs.dtype}")
-    if not np.issubdtype(lses.dtype, np.floating):
+    if not (np.issubdtype(lses.dtype, np.floating) or lses.dtype == BFLOAT16):
         raise TypeError(f"lses: expected a floating dtype, got {lses.dtype}")
     if gpu:
         from . import _gpu

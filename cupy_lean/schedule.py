@@ -96,7 +96,9 @@ class Schedule:
     kv_lens : ndarray of int64, shape (batch,)
     heads_kv, tile_size : int
     num_ctas : int
-        CTAs that own work (the grid may be larger; extra CTAs exit at once).
+        Lean: CTAs that own work, ``min(total_tiles, grid)`` (extra CTAs of a
+        larger grid exit at once). Split/head: the grid, ``units *
+        num_splits``, including CTAs whose chunk is empty.
     tiles_per_seq : ndarray of int64, shape (batch,)
         ``ceil(kv_len / tile_size)``.
     unit_tiles : ndarray, shape (units,)
@@ -117,8 +119,10 @@ class Schedule:
     segments : structured ndarray
         Fields ``cta``, ``unit``, ``batch``, ``head``, ``tile_begin``,
         ``tile_end`` (tile indices within the unit, half open), ``partial``
-        (the segment does not cover its unit) and ``slot`` (workspace slot of a
-        partial segment, -1 otherwise).
+        (the segment writes a workspace state instead of the output: for lean,
+        the segment does not cover its unit; for split, every chunk when
+        ``num_splits > 1``) and ``slot`` (workspace slot of a partial segment,
+        -1 otherwise).
     contributors : ndarray, shape (units,)
         Number of partial states that make up each unit (0 when one CTA covers
         the unit whole, or the unit is empty).
@@ -242,7 +246,7 @@ class Schedule:
                         ha="center", va="center", fontsize=6)
             pos[c] += n
         ax.set_xlim(0, max(width, 1))
-        ax.set_ylim(ncta - 0.5, -0.5)
+        ax.set_ylim(max(ncta, 1) - 0.5, -0.5)
         ax.set_xlabel("tiles processed (in order)")
         ax.set_ylabel("CTA")
         ax.set_title(title or (

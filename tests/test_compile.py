@@ -33,10 +33,13 @@ def test_spec_compiles(spec, arch):
     assert cubin[:4] == b"\x7fELF"
     assert spec.entry.encode() in cubin and spec.combine_entry.encode() in cubin
     text = log[0]
-    # ptxas report: at most a few words of spill (a handful of paged specs
-    # spill up to 24 bytes in the loader's address arithmetic).
+    # ptxas report: no spills on the dense specs up to head_dim 128; the paged
+    # ones and head_dim 256 with large groups may spill a few words of loader
+    # address arithmetic (measured: at most 80 bytes).
     spills = [int(x) for x in re.findall(r"(\d+) bytes spill stores", text)]
-    assert spills and max(spills) <= 32, text
+    assert spills, text
+    limit = 0 if (not spec.paged and spec.head_dim <= 128) else 128
+    assert max(spills) <= limit, text
     regs = [int(x) for x in re.findall(r"Used (\d+) registers", text)]
     assert regs and max(regs) <= 255
     assert spec.smem_bytes <= 227 * 1024

@@ -1,0 +1,512 @@
+"""Rows -> derived numbers, targets, table, CSV, JSON and plots.
+
+No GPU and no CuPy / PyTorch here: the report can be rebuilt from a JSON file
+on any machine (``python -m bench.report results.json``) and is unit-tested on
+the CPU.
+
+A row is one (case, method, dtype). Measured fields: ``device_us`` (median
+device time per call from CUDA-graph replays, cold L2), ``eager_us``
+(per-call wall time from Python), ``max_abs_diff`` (vs lean's output).
+Derived here: ``bound_us`` (K/V bytes over the read ceiling), ``tbps``,
+``frac_ceiling``, ``best_peer`` / ``best_peer_us`` (the fastest peer on the
+same case and dtype) and ``speedup_vs_best_peer`` (best peer time / this
+time).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from typing import Dict, Iterable, List, Optional
+
+OURS = ("lean", "split", "head")
+SDPA = ("sdpa-flash", "sdpa-cudnn")
+FLASHINFER = ("flashinfer", "flashinfer-tc")
+PEERS = SDPA + FLASHINFER
+METHODS = OURS + PEERS
+
+FIELDS = [
+    "case", "family", "layout", "dtype", "method", "kind", "status",
+    "batch", "heads_q", "heads_kv", "head_dim", "context", "max_len", "total_tokens",
+    "kv_bytes", "n_copies", "n_calls",
+    "device_us", "device_us_min", "device_us_max", "eager_us", "bound_us",
+    "tbps", "frac_ceiling", "speedup_vs_best_peer", "best_peer", "best_peer_us",
+    "max_abs_diff", "note", "error",
+]
+
+#: Cases named by the targets.
+EAGER_CASES = ("b1_h32x32_d128_1k", "b1_h32x8_d128_4k")
+HEAD_CASE = "b1_h32x32_d128_512k"
+
+TIE = 0.98  # a ratio >= TIE counts as a tie
+SHORT_DTYPE = {"float16": "fp16", "bfloat16": "bf16"}
+
+
+def _ok(r) -> bool:
+    return r.get("status") == "ok" and _num(r.get("device_us")) is not None and r["device_us"] > 0
+
+
+def _num(x) -> Optional[float]:
+    if x is None:
+        return None
+    try:
+        f = float(x)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _key(r):
+    return (r["case"], r["dtype"])
+
+
+def _index(rows) -> Dict[tuple, Dict[str, dict]]:
+    idx: Dict[tuple, Dict[str, dict]] = {}
+    for r in rows:
+        idx.setdefault(_key(r), {})[r["method"]] = r
+    return idx
+
+
+def geomean(xs: Iterable[float]) -> Optional[float]:
+    xs = [float(x) for x in xs if x is not None and x > 0]
+    if not xs:
+        return None
+    return math.exp(sum(math.log(x) for x in xs) / len(xs))
+
+
+# ---------------------------------------------------------------------- derived
+
+def finalize(rows: List[dict], ceiling_tbps: Optional[float]) -> List[dict]:
+    """Fill the derived fields of every row in place; returns ``rows``."""
+    ceil = _num(ceiling_tbps)
+    for r in rows:
+        for f in FIELDS:
+            r.setdefault(f, None)
+        kvb = _num(r.get("kv_bytes"))
+        r["bound_us"] = kvb / (ceil * 1e12) * 1e6 if (kvb and ceil) else None
+        if _ok(r) and kvb:
+            r["tbps"] = kvb / (r["device_us"] * 1e-6) / 1e12
+            r["frac_ceiling"] = r["tbps"] / ceil if ceil else None
+        else:
+            r["tbps"] = r["frac_ceiling"] = None
+    for _, by in _index(rows).items():
+        peers = [(m, r["device_us"]) for m, r in by.items() if m in PEERS and _ok(r)]
+        best = min(peers, key=lambda p: p[1]) if peers else None
+        for r in by.values():
+            r["best_peer"] = best[0] if best else None
+            r["best_peer_us"] = best[1] if best else None
+            r["speedup_vs_best_peer"] = (best[1] / r["device_us"]) if (best and _ok(r)) else None
+    return rows
+
+
+# ---------------------------------------------------------------------- targets
+
+def _target(name, ok, detail, value=None, threshold=None, n=0):
+    status = "N/A" if ok is None else ("PASS" if ok else "MISS")
+    return {"name": name, "status": status, "detail": detail, "value": value, "threshold": threshold,
+            "n": n}
+
+
+def _label(r):
+    return f"{r['case']} {SHORT_DTYPE.get(r['dtype'], r['dtype'])}"
+
+
+def evaluate_targets(rows: List[dict]) -> List[dict]:
+    """The targets of issue 4, each PASS / MISS / N/A with its numbers."""
+    idx = _index(rows)
+    lean = [r for r in rows if r["method"] == "lean" and _ok(r)]
+    out = []
+
+    # 1. every case time <= 1.05 x bound + 4 us
+    name = "lean time <= 1.05 x bound + 4 us on every case"
+    xs = [(r["device_us"] / (1.05 * r["bound_us"] + 4.0), r) for r in lean if _num(r.get("bound_us")) is not None]
+    if xs:
+        worst, r = max(xs, key=lambda p: p[0])
+        out.append(_target(name, worst <= 1.0,
+                           f"worst {_label(r)}: {r['device_us']:.1f} us vs limit "
+                           f"{1.05 * r['bound_us'] + 4.0:.1f} us (bound {r['bound_us']:.1f} us); "
+                           f"{sum(1 for x, _ in xs if x > 1.0)} of {len(xs)} over",
+                           worst, 1.0, len(xs)))
+    else:
+        out.append(_target(name, None, "no lean measurement"))
+
+    # 2. at least as fast as the best peer on every case
+    name = f"lean >= best peer on every case (ratio >= {TIE} ties)"
+    sp = [(r["speedup_vs_best_peer"], r) for r in lean if _num(r.get("speedup_vs_best_peer")) is not None]
+    if sp:
+        worst, r = min(sp, key=lambda p: p[0])
+        out.append(_target(name, worst >= TIE,
+                           f"worst {_label(r)}: {worst:.3f}x vs {r['best_peer']} "
+                           f"({r['device_us']:.1f} us vs {r['best_peer_us']:.1f} us); "
+                           f"{sum(1 for x, _ in sp if x < TIE)} of {len(sp)} slower",
+                           worst, TIE, len(sp)))
+    else:
+        out.append(_target(name, None, "no peer measurement"))
+
+    # 3. geometric mean speedup >= 1.08x
+    name = "geomean speedup of lean over the best peer >= 1.08x"
+    g = geomean(x for x, _ in sp)
+    if g is not None:
+        out.append(_target(name, g >= 1.08, f"geomean {g:.3f}x over {len(sp)} case-dtypes "
+                                            f"(min {min(x for x, _ in sp):.3f}x, max {max(x for x, _ in sp):.3f}x)",
+                           g, 1.08, len(sp)))
+    else:
+        out.append(_target(name, None, "no peer measurement"))
+
+    # 4. ragged (plain and paged) geomean >= 1.05x over FlashInfer
+    name = "ragged + paged geomean of lean over FlashInfer >= 1.05x"
+    rs = []
+    for r in lean:
+        if r.get("layout") not in ("ragged", "paged"):
+            continue
+        by = idx.get(_key(r), {})
+        fi = [by[m]["device_us"] for m in FLASHINFER if m in by and _ok(by[m])]
+        if fi:
+            rs.append(min(fi) / r["device_us"])
+    g = geomean(rs)
+    if g is not None:
+        out.append(_target(name, g >= 1.05, f"geomean {g:.3f}x over {len(rs)} case-dtypes "
+                                            f"(min {min(rs):.3f}x) vs the faster FlashInfer variant",
+                           g, 1.05, len(rs)))
+    else:
+        out.append(_target(name, None, "no ragged FlashInfer measurement"))
+
+    # 5. eager per-call latency <= 20 us on the two small cases
+    name = f"eager per-call latency of lean <= 20 us on {' and '.join(EAGER_CASES)}"
+    es = [(r["eager_us"], r) for r in lean if r["case"] in EAGER_CASES and _num(r.get("eager_us")) is not None]
+    if es:
+        worst, r = max(es, key=lambda p: p[0])
+        vals = ", ".join(f"{_label(x)} {e:.1f} us" for e, x in es)
+        out.append(_target(name, worst <= 20.0, vals, worst, 20.0, len(es)))
+    else:
+        out.append(_target(name, None, "cases not measured"))
+
+    # 6. lean >= 3x head at B=1, 32/32, 512k
+    name = f"lean >= 3x head on {HEAD_CASE}"
+    hs = []
+    for r in lean:
+        if r["case"] != HEAD_CASE:
+            continue
+        h = idx.get(_key(r), {}).get("head")
+        if h is not None and _ok(h):
+            hs.append((h["device_us"] / r["device_us"], r, h))
+    if hs:
+        worst, r, h = min(hs, key=lambda p: p[0])
+        vals = ", ".join(f"{_label(x)} {s:.2f}x ({hh['device_us']:.0f} / {x['device_us']:.0f} us)" for s, x, hh in hs)
+        out.append(_target(name, worst >= 3.0, vals, worst, 3.0, len(hs)))
+    else:
+        out.append(_target(name, None, "case not measured"))
+
+    # 7. lean >= split on every case
+    name = f"lean >= split on every case (ratio >= {TIE} ties)"
+    ss = []
+    for r in lean:
+        s = idx.get(_key(r), {}).get("split")
+        if s is not None and _ok(s):
+            ss.append((s["device_us"] / r["device_us"], r, s))
+    if ss:
+        worst, r, s = min(ss, key=lambda p: p[0])
+        out.append(_target(name, worst >= TIE,
+                           f"worst {_label(r)}: {worst:.3f}x ({s['device_us']:.1f} us split vs "
+                           f"{r['device_us']:.1f} us lean); {sum(1 for x, _, _ in ss if x < TIE)} of {len(ss)} slower",
+                           worst, TIE, len(ss)))
+    else:
+        out.append(_target(name, None, "no split measurement"))
+    return out
+
+
+def format_targets(targets: List[dict]) -> str:
+    return "\n".join(f"{t['status']:4s}  {t['name']}: {t['detail']}" for t in targets)
+
+
+# ---------------------------------------------------------------------- table
+
+def _f(x, fmt, missing="-"):
+    x = _num(x)
+    return missing if x is None else format(x, fmt)
+
+
+def _cell(by, m, fmt=".1f"):
+    r = by.get(m)
+    if r is None:
+        return "-"
+    if r.get("status") == "n/a":
+        return "n/a"
+    if r.get("status") == "error":
+        return "ERR"
+    if r.get("status") == "skipped":
+        return "skip"
+    return _f(r.get("device_us"), fmt)
+
+
+def format_table(rows: List[dict], ceiling_tbps=None, gpu=None) -> str:
+    """One line per (case, dtype): times in us."""
+    idx = _index(rows)
+    head = (f"{'case':<22} {'dt':<4} {'KV MB':>8} {'bound':>7} {'lean':>7} {'TB/s':>5} {'ceil':>4} "
+            f"{'split':>7} {'head':>7} {'best peer':>13} {'peer':>7} {'x peer':>6} {'eager':>6} {'diff':>7}")
+    lines = []
+    title = "decode attention, device us per call (CUDA graphs, cold L2)"
+    if ceiling_tbps:
+        title += f"; read ceiling {float(ceiling_tbps):.2f} TB/s"
+    if gpu:
+        title += f"; {gpu}"
+    lines += [title, head, "-" * len(head)]
+    for key in sorted(idx, key=lambda k: (_order(rows, k))):
+        by = idx[key]
+        any_r = next(iter(by.values()))
+        lean = by.get("lean", {})
+        peer = any_r.get("best_peer")
+        diffs = [_num(r.get("max_abs_diff")) for m, r in by.items() if m != "lean"]
+        diffs = [d for d in diffs if d is not None]
+        lines.append(
+            f"{key[0][:22]:<22} {SHORT_DTYPE.get(key[1], key[1])[:4]:<4} "
+            f"{_f(_num(any_r.get('kv_bytes')) and any_r['kv_bytes'] / 1e6, '.1f'):>8} "
+            f"{_f(any_r.get('bound_us'), '.1f'):>7} {_cell(by, 'lean'):>7} "
+            f"{_f(lean.get('tbps'), '.2f'):>5} {_f(_num(lean.get('frac_ceiling')) and 100 * lean['frac_ceiling'], '.0f'):>3}% "
+            f"{_cell(by, 'split'):>7} {_cell(by, 'head'):>7} {(peer or '-')[:13]:>13} "
+            f"{_f(any_r.get('best_peer_us'), '.1f'):>7} {_f(lean.get('speedup_vs_best_peer'), '.2f'):>6} "
+            f"{_f(lean.get('eager_us'), '.1f'):>6} {_f(max(diffs) if diffs else None, '.0e'):>7}")
+    bad = [r for r in rows if "MISMATCH" in (r.get("note") or "") or "non-finite" in (r.get("note") or "")]
+    if bad:
+        lines.append(f"{len(bad)} row(s) with a wrong-looking output; first: {bad[0]['case']} "
+                     f"{bad[0]['method']}: {bad[0]['note'][:160]}")
+    errs = [r for r in rows if r.get("status") == "error"]
+    if errs:
+        lines.append(f"{len(errs)} method(s) failed; first: {errs[0]['case']} {errs[0]['method']}: "
+                     f"{(errs[0].get('error') or '')[:160]}")
+    return "\n".join(lines)
+
+
+def _order(rows, key):
+    for i, r in enumerate(rows):
+        if _key(r) == key:
+            return (0 if r["dtype"] == "float16" else 1, i)
+    return (2, 0)
+
+
+# ---------------------------------------------------------------------- files
+
+def _clean(x):
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if hasattr(x, "item") and not isinstance(x, (str, bytes)):  # NumPy scalars
+        try:
+            return _clean(x.item())
+        except Exception:
+            return str(x)
+    return x
+
+
+def _replace(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_csv(rows: List[dict], path: str):
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=FIELDS, extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        rr = {}
+        for f in FIELDS:
+            v = r.get(f)
+            if isinstance(v, float):
+                v = "" if not math.isfinite(v) else f"{v:.6g}"
+            rr[f] = "" if v is None else v
+        w.writerow(rr)
+    _replace(path, buf.getvalue())
+
+
+def write_json(doc: dict, path: str):
+    _replace(path, json.dumps(_clean(doc), indent=1, sort_keys=False, allow_nan=False) + "\n")
+
+
+def make_doc(meta: dict, rows: List[dict], targets: List[dict]) -> dict:
+    """The JSON document: GPU, versions and read ceiling first, then rows."""
+    return {
+        "schema": "cupy-lean-bench/1",
+        "gpu": meta.get("gpu"),
+        "versions": meta.get("versions"),
+        "read_ceiling_tbps": meta.get("read_ceiling_tbps"),
+        "read_ceiling": meta.get("read_ceiling"),
+        "meta": {k: v for k, v in meta.items()
+                 if k not in ("gpu", "versions", "read_ceiling_tbps", "read_ceiling", "cases")},
+        "cases": meta.get("cases"),
+        "targets": targets,
+        "rows": [{f: r.get(f) for f in FIELDS} for r in rows],
+    }
+
+
+# ---------------------------------------------------------------------- plots
+
+_COLORS = {
+    "lean": "#d62728", "split": "#ff7f0e", "head": "#8c564b", "sdpa-flash": "#1f77b4",
+    "sdpa-cudnn": "#17becf", "flashinfer": "#2ca02c", "flashinfer-tc": "#98df8a",
+}
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_speedup(rows: List[dict], path: str, title_extra: str = ""):
+    """Speedup of lean over the best peer by context length (one line per
+    family of uniform cases, ragged / paged batches at their mean length),
+    one panel per dtype."""
+    plt = _plt()
+    lean = [r for r in rows if r["method"] == "lean" and _num(r.get("speedup_vs_best_peer")) is not None]
+    dtypes = [d for d in ("float16", "bfloat16") if any(r["dtype"] == d for r in rows)] or ["float16"]
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(6.5 * len(dtypes), 4.6), squeeze=False, sharey=True)
+    markers = "osD^v<>phX*"
+    for ax, dt in zip(axes[0], dtypes):
+        rs = [r for r in lean if r["dtype"] == dt]
+        fams = []
+        for r in rs:
+            if r["family"] not in fams:
+                fams.append(r["family"])
+        for i, fam in enumerate(fams):
+            pts = sorted((r["context"], r["speedup_vs_best_peer"], r) for r in rs if r["family"] == fam)
+            xs = [p[0] for p in pts]
+            ys = [p[1] for p in pts]
+            uniform = pts and pts[0][2].get("layout") == "dense"
+            ax.plot(xs, ys, marker=markers[i % len(markers)], linestyle="-" if uniform else "none",
+                    label=fam, markersize=6)
+            if not uniform:
+                dy = 4 if pts[0][2].get("layout") == "ragged" else -9
+                for x, y, r in pts:
+                    ax.annotate(r["case"].split("_", 1)[-1], (x, y), textcoords="offset points",
+                                xytext=(4, dy), fontsize=6)
+        ax.axhline(1.0, color="k", linewidth=0.8, linestyle="--")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context length (tokens; ragged: mean)")
+        ax.set_title(f"{SHORT_DTYPE.get(dt, dt)}")
+        ax.grid(True, which="both", alpha=0.3)
+        if not rs:
+            ax.text(0.5, 0.5, "no peer results", transform=ax.transAxes, ha="center")
+        else:
+            ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("speedup of lean over the best peer")
+    fig.suptitle("LeanAttention decode: speedup over the best peer (device time, CUDA graphs)"
+                 + (f"\n{title_extra}" if title_extra else ""), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_bandwidth(rows: List[dict], path: str, ceiling_tbps=None, title_extra: str = ""):
+    """Achieved K/V bandwidth (TB/s) by case for every method, one panel per
+    dtype, the read ceiling as a dashed line."""
+    plt = _plt()
+    dtypes = [d for d in ("float16", "bfloat16") if any(r["dtype"] == d for r in rows)] or ["float16"]
+    cases = []
+    for r in rows:
+        if r["case"] not in cases:
+            cases.append(r["case"])
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    methods += sorted({r["method"] for r in rows} - set(methods))
+    width = min(28.0, max(10.0, 0.55 * len(cases) * max(1, len(methods)) / 3.0))
+    fig, axes = plt.subplots(len(dtypes), 1, figsize=(width, 4.2 * len(dtypes)), squeeze=False)
+    bw = 0.8 / max(1, len(methods))
+    for ax, dt in zip(axes[:, 0], dtypes):
+        idx = _index([r for r in rows if r["dtype"] == dt])
+        top = max([_num(r.get("tbps")) or 0.0 for r in rows if r["dtype"] == dt] + [_num(ceiling_tbps) or 0.0, 0.1])
+        for j, m in enumerate(methods):
+            xs, ys = [], []
+            for i, c in enumerate(cases):
+                r = idx.get((c, dt), {}).get(m)
+                if r is not None and _num(r.get("tbps")) is not None:
+                    xs.append(i - 0.4 + bw * (j + 0.5))
+                    ys.append(r["tbps"])
+            if xs:
+                ax.bar(xs, ys, width=bw, label=m, color=_COLORS.get(m))
+        if ceiling_tbps:
+            ax.axhline(float(ceiling_tbps), color="k", linestyle="--", linewidth=0.9,
+                       label=f"read ceiling {float(ceiling_tbps):.2f} TB/s")
+        ax.set_xticks(range(len(cases)))
+        ax.set_xticklabels(cases, rotation=60, ha="right", fontsize=7)
+        ax.set_ylabel("K/V bytes / device time (TB/s)")
+        ax.set_title(SHORT_DTYPE.get(dt, dt))
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.set_ylim(0, top * 1.3)
+        ax.legend(fontsize=7, ncol=8, loc="upper center")
+    fig.suptitle("Achieved bandwidth by case" + (f" ({title_extra})" if title_extra else ""), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------- all
+
+def output_paths(out_dir: str, tag: str) -> Dict[str, str]:
+    base = os.path.join(out_dir, f"bench_{tag}")
+    return {"csv": base + ".csv", "json": base + ".json", "speedup_png": base + "_speedup.png",
+            "bandwidth_png": base + "_bandwidth.png"}
+
+
+def write_all(out_dir: str, tag: str, meta: dict, rows: List[dict], plots: bool = True) -> Dict[str, str]:
+    """Finalize rows, evaluate targets, write CSV + JSON (+ PNGs). Returns
+    the paths written, plus the targets under ``"targets"``."""
+    os.makedirs(out_dir, exist_ok=True)
+    finalize(rows, meta.get("read_ceiling_tbps"))
+    targets = evaluate_targets(rows)
+    paths = output_paths(out_dir, tag)
+    write_csv(rows, paths["csv"])
+    write_json(make_doc(meta, rows, targets), paths["json"])
+    written = {"csv": paths["csv"], "json": paths["json"]}
+    if plots:
+        extra = str(meta.get("gpu", {}).get("name", "")) if isinstance(meta.get("gpu"), dict) else ""
+        try:
+            plot_speedup(rows, paths["speedup_png"], extra)
+            written["speedup_png"] = paths["speedup_png"]
+        except Exception as exc:  # a plot must not lose the numbers
+            written["speedup_png_error"] = f"{type(exc).__name__}: {exc}"
+        try:
+            plot_bandwidth(rows, paths["bandwidth_png"], meta.get("read_ceiling_tbps"), extra)
+            written["bandwidth_png"] = paths["bandwidth_png"]
+        except Exception as exc:
+            written["bandwidth_png_error"] = f"{type(exc).__name__}: {exc}"
+    written["targets"] = targets
+    return written
+
+
+def main(argv=None):
+    """Rebuild table, targets and plots from a JSON file of a run."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m bench.report", description=main.__doc__)
+    p.add_argument("json_file")
+    p.add_argument("--plots", metavar="DIR", help="also write the PNGs to DIR")
+    a = p.parse_args(argv)
+    with open(a.json_file) as f:
+        doc = json.load(f)
+    rows = doc["rows"]
+    finalize(rows, doc.get("read_ceiling_tbps"))
+    targets = evaluate_targets(rows)
+    if a.plots:
+        os.makedirs(a.plots, exist_ok=True)
+        stem = os.path.splitext(os.path.basename(a.json_file))[0]
+        plot_speedup(rows, os.path.join(a.plots, stem + "_speedup.png"))
+        plot_bandwidth(rows, os.path.join(a.plots, stem + "_bandwidth.png"), doc.get("read_ceiling_tbps"))
+    gpu = (doc.get("gpu") or {}).get("name") if isinstance(doc.get("gpu"), dict) else None
+    print(format_table(rows, doc.get("read_ceiling_tbps"), gpu))
+    print(format_targets(targets))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

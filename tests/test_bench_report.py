@@ -1,0 +1,263 @@
+"""The benchmark harness without a GPU: case bookkeeping, argument parsing,
+and the report (derived numbers, targets, table, CSV, JSON, PNG) on
+synthetic rows. Needs neither a CUDA device nor PyTorch."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from bench import cases as C  # noqa: E402
+from bench import report as R  # noqa: E402
+from bench import run as bench_run  # noqa: E402
+from bench import timing as T  # noqa: E402
+
+CEIL = 3.0  # TB/s
+
+
+def _row(case, dtype, method, device_us, status="ok", eager_us=None, **kw):
+    r = {f: None for f in R.FIELDS}
+    r.update(case.row_fields(2))
+    r.update(dtype=dtype, method=method, kind="ours" if method in R.OURS else "peer", status=status,
+             device_us=device_us if status == "ok" else None, eager_us=eager_us,
+             n_copies=2, n_calls=10, max_abs_diff=0.0 if method == "lean" else 1e-3)
+    r.update(kw)
+    return r
+
+
+def _fake_rows(lean_factor=1.02, peer_factor=1.3, split_factor=1.1, head_factor=4.0, eager=12.0,
+               dtypes=("float16", "bfloat16")):
+    """Rows where lean runs at lean_factor x bound + 2 us, the best peer
+    peer_factor x slower than lean."""
+    byname = {c.name: c for c in C.all_cases()}
+    names = ["b1_h32x32_d128_1k", "b1_h32x8_d128_4k", "b1_h32x32_d128_512k", "b8_h32x8_d128_8k",
+             "ragged_128k+31x1k", "paged_lognorm16"]
+    rows = []
+    for dt in dtypes:
+        for n in names:
+            c = byname[n]
+            bound = c.kv_bytes(2) / (CEIL * 1e12) * 1e6
+            lean = lean_factor * bound + 2.0
+            rows.append(_row(c, dt, "lean", lean, eager_us=eager))
+            rows.append(_row(c, dt, "split", lean * split_factor, eager_us=eager + 3))
+            rows.append(_row(c, dt, "head", lean * head_factor, eager_us=eager + 1))
+            if c.layout == "dense":
+                rows.append(_row(c, dt, "sdpa-flash", lean * peer_factor * 1.1, eager_us=55.0))
+                rows.append(_row(c, dt, "sdpa-cudnn", lean * peer_factor, eager_us=60.0))
+            else:
+                rows.append(_row(c, dt, "sdpa-flash", None, status="n/a", note="n/a: dense only"))
+                rows.append(_row(c, dt, "sdpa-cudnn", None, status="n/a", note="n/a: dense only"))
+            rows.append(_row(c, dt, "flashinfer", lean * peer_factor * 1.05, eager_us=30.0))
+            rows.append(_row(c, dt, "flashinfer-tc", None, status="error", error="RuntimeError: boom"))
+    return rows
+
+
+def _meta():
+    return {
+        "gpu": {"name": "Fake H100", "sm_count": 132, "l2_bytes": 50 << 20},
+        "versions": {"cupy": "14.2.0", "torch": "2.11.0", "flashinfer": "0.5.0", "cupy_lean": "0.1.0",
+                     "cuda_runtime": "13.0"},
+        "read_ceiling_tbps": CEIL,
+        "read_ceiling": {"tbps": CEIL, "bytes": 2 << 30},
+        "notes": [],
+        "cases": [c.to_json() for c in C.all_cases()],
+    }
+
+
+def _by_name(targets):
+    return {t["name"].split(" ")[0] + "|" + t["name"]: t for t in targets}
+
+
+def _status(targets, needle):
+    hits = [t for t in targets if needle in t["name"]]
+    assert len(hits) == 1, (needle, [t["name"] for t in targets])
+    return hits[0]["status"]
+
+
+# ---------------------------------------------------------------------- cases
+
+def test_case_list_and_bytes():
+    cs = C.all_cases()
+    assert len(cs) == 24
+    c = {x.name: x for x in cs}["b1_h32x32_d128_512k"]
+    assert c.kv_bytes(2) == 2 * 512 * 1024 * 32 * 128 * 2  # 8.6 GB
+    assert abs(C.floor_us(c) - c.kv_bytes(2) / 3.07e12 * 1e6) < 1e-9
+    short = C.select_cases(short=True)
+    assert [x.name for x in short] == C.short_case_names()
+    assert all("ragged" in x.name for x in C.select_cases(["ragged"]))
+    # fixed seeds: the ragged batches do not change between runs
+    assert C._ragged_lens() == C._ragged_lens()
+    for x in cs:
+        assert x.heads_q % x.heads_kv == 0 and x.head_dim in (64, 128, 256)
+        assert len(x.lens) == x.batch
+
+
+@pytest.mark.parametrize("name", ["paged_lognorm16", "ragged_unif64", "b8_h32x8_d128_8k"])
+def test_page_lists(name):
+    case = {x.name: x for x in C.all_cases()}[name]
+    num_pages, table, indptr, indices, last = C.page_lists(case)
+    npg = case.pages()
+    assert indptr[0] == 0 and list(np.diff(indptr)) == list(npg)
+    assert len(indices) == indptr[-1]
+    assert np.all((last >= 1) & (last <= C.PAGE_SIZE))
+    assert np.all((npg - 1) * C.PAGE_SIZE + last == np.asarray(case.lens))
+    assert indices.min() >= 0 and indices.max() < num_pages
+    if case.layout == "paged":
+        assert sorted(indices.tolist()) == list(range(num_pages))  # every page once
+        assert indices.tolist() != list(range(num_pages))  # shuffled
+        for b in range(case.batch):
+            assert table[b, : npg[b]].tolist() == indices[indptr[b]: indptr[b + 1]].tolist()
+    else:
+        assert table is None
+        per = case.capacity // C.PAGE_SIZE
+        for b in range(case.batch):
+            seq = indices[indptr[b]: indptr[b + 1]]
+            assert seq.tolist() == list(range(b * per, b * per + npg[b]))
+
+
+def test_plan_copies_and_calls():
+    cs = {x.name: x for x in C.all_cases()}
+    small = cs["b1_h32x32_d128_1k"]
+    n = C.plan_copies(small, 256e6, 40e9)
+    assert n * small.kv_bytes() >= 200e6
+    big = cs["b1_h32x32_d128_512k"]
+    assert C.plan_copies(big, 256e6, 40e9) == 1
+    assert C.plan_copies(big, 256e6, 5e9) == 1  # never 0
+    for copies in (1, 2, 7, 16):
+        for est in (1.0, 10.0, 3000.0):
+            k = T.calls_per_graph(copies, est)
+            assert k >= 2 and k % copies == 0
+
+
+# ---------------------------------------------------------------------- arguments
+
+def test_arguments():
+    p = bench_run.build_parser()
+    a = p.parse_args(["--short", "--time-budget", "60", "--out", "/tmp/x", "--no-peers"])
+    assert a.short and a.time_budget == 60.0 and a.out == "/tmp/x" and a.no_peers
+    assert bench_run.parse_dtypes(None, short=True) == ["float16"]
+    assert bench_run.parse_dtypes(None, short=False) == ["float16", "bfloat16"]
+    assert bench_run.parse_dtypes("bf16,fp16", short=False) == ["bfloat16", "float16"]
+    with pytest.raises(SystemExit):
+        bench_run.parse_dtypes("fp8", short=False)
+    assert bench_run.parse_methods(None, no_peers=True) == ["lean", "split", "head"]
+    assert bench_run.parse_methods("flashinfer,split,lean", no_peers=False) == ["lean", "split", "flashinfer"]
+    with pytest.raises(SystemExit):
+        bench_run.parse_methods("xformers", no_peers=False)
+
+
+def test_list_runs_without_gpu(capsys):
+    assert bench_run.main(["--list", "--cases", "paged"]) == 0
+    out = capsys.readouterr().out
+    assert "paged_unif64" in out and "ragged_unif64" not in out
+
+
+# ---------------------------------------------------------------------- report
+
+def test_finalize_derived_fields():
+    rows = R.finalize(_fake_rows(), CEIL)
+    r = next(x for x in rows if x["case"] == "b1_h32x32_d128_512k" and x["method"] == "lean"
+             and x["dtype"] == "float16")
+    bound = r["kv_bytes"] / (CEIL * 1e12) * 1e6
+    assert r["bound_us"] == pytest.approx(bound)
+    assert r["tbps"] == pytest.approx(r["kv_bytes"] / (r["device_us"] * 1e-6) / 1e12)
+    assert r["frac_ceiling"] == pytest.approx(r["tbps"] / CEIL)
+    assert r["best_peer"] == "sdpa-cudnn"
+    assert r["speedup_vs_best_peer"] == pytest.approx(1.3)
+    rg = next(x for x in rows if x["case"] == "paged_lognorm16" and x["method"] == "lean")
+    assert rg["best_peer"] == "flashinfer"
+    err = next(x for x in rows if x["method"] == "flashinfer-tc")
+    assert err["tbps"] is None and err["speedup_vs_best_peer"] is None
+
+
+def test_targets_pass():
+    rows = R.finalize(_fake_rows(), CEIL)
+    ts = R.evaluate_targets(rows)
+    assert len(ts) == 7
+    assert all(t["status"] == "PASS" for t in ts), R.format_targets(ts)
+
+
+def test_targets_miss():
+    # lean slow vs bound, slower than peers, head only 2x, split faster, eager slow
+    rows = R.finalize(_fake_rows(lean_factor=1.5, peer_factor=0.9, split_factor=0.9, head_factor=2.0,
+                                 eager=25.0), CEIL)
+    ts = R.evaluate_targets(rows)
+    assert all(t["status"] == "MISS" for t in ts), R.format_targets(ts)
+    text = R.format_targets(ts)
+    assert text.count("MISS") == 7
+
+
+def test_targets_tie_and_na():
+    rows = R.finalize(_fake_rows(peer_factor=0.985, dtypes=("float16",)), CEIL)
+    ts = R.evaluate_targets(rows)
+    assert _status(ts, "lean >= best peer") == "PASS"  # 0.985 counts as a tie
+    assert _status(ts, "geomean speedup") == "MISS"
+    # without peers: the peer targets are N/A, the others still evaluated
+    rows = [r for r in _fake_rows(dtypes=("float16",)) if r["method"] in R.OURS]
+    ts = R.evaluate_targets(R.finalize(rows, CEIL))
+    assert _status(ts, "lean >= best peer") == "N/A"
+    assert _status(ts, "FlashInfer") == "N/A"
+    assert _status(ts, "3x head") == "PASS"
+
+
+def test_write_all(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = _fake_rows()
+    paths = R.write_all(str(tmp_path), "unit", _meta(), rows, plots=True)
+    targets = paths.pop("targets")
+    assert [t["status"] for t in targets] == ["PASS"] * 7
+    for key in ("csv", "json", "speedup_png", "bandwidth_png"):
+        assert os.path.isfile(paths[key]), paths
+    for key in ("speedup_png", "bandwidth_png"):
+        with open(paths[key], "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+        assert os.path.getsize(paths[key]) > 10_000
+    with open(paths["csv"]) as f:
+        got = list(csv.DictReader(f))
+    assert len(got) == len(rows)
+    assert list(got[0].keys()) == R.FIELDS
+    with open(paths["json"]) as f:
+        doc = json.load(f)
+    assert doc["gpu"]["name"] == "Fake H100"
+    assert doc["read_ceiling_tbps"] == CEIL
+    for k in ("cupy", "torch", "flashinfer", "cupy_lean", "cuda_runtime"):
+        assert k in doc["versions"]
+    assert len(doc["rows"]) == len(rows)
+    for r in doc["rows"]:
+        for k in ("case", "method", "dtype", "kv_bytes", "device_us", "eager_us", "bound_us"):
+            assert k in r
+        assert r["bound_us"] == pytest.approx(r["kv_bytes"] / (CEIL * 1e12) * 1e6)
+    keys = {(r["case"], r["method"], r["dtype"]) for r in doc["rows"]}
+    assert len(keys) == len(doc["rows"])  # one row per (case, method, dtype)
+    assert [t["status"] for t in doc["targets"]] == ["PASS"] * 7
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp")]
+
+
+def test_table(tmp_path):
+    rows = R.finalize(_fake_rows(), CEIL)
+    text = R.format_table(rows, CEIL, "Fake H100")
+    lines = text.splitlines()
+    assert "read ceiling 3.00 TB/s" in lines[0]
+    body = [ln for ln in lines if ln.startswith(("b1_", "b8_", "ragged", "paged"))]
+    assert len(body) == 12  # 6 cases x 2 dtypes
+    assert any("n/a" not in ln and "sdpa-cudnn" in ln for ln in body)
+    assert "1 method(s) failed" not in text and "method(s) failed" in text
+    assert max(len(ln) for ln in lines[:3 + len(body)]) < 140
+
+
+def test_report_main_roundtrip(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    paths = R.write_all(str(tmp_path), "rt", _meta(), _fake_rows(), plots=False)
+    assert R.main([paths["json"], "--plots", str(tmp_path / "p")]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1].startswith(("PASS", "MISS", "N/A"))
+    assert len(os.listdir(tmp_path / "p")) == 2

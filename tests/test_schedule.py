@@ -1,0 +1,411 @@
+"""Property tests of the work decompositions in :mod:`cupy_lean.schedule`.
+
+Every quantity is recomputed here from DESIGN.md's definitions (units in
+``(b, h)`` order, ``tiles(b) = ceil(kv_len / tile_size)``, the stream-K split
+into ``max_tiles`` / ``max_tiles - 1`` tiles per CTA) and checked against the
+schedule the package builds.
+"""
+
+import math
+import re
+
+import numpy as np
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+import cupy_lean
+from cupy_lean import head_schedule, lean_schedule, num_splits_heuristic, split_schedule
+from cupy_lean.schedule import lean_cta_of_tile, tiles_per_sequence
+
+# ------------------------------------------------------------------ strategies
+
+lens_st = st.lists(st.integers(0, 300), min_size=0, max_size=5)
+heads_st = st.integers(1, 4)
+tile_st = st.one_of(st.sampled_from([1, 2, 3, 7, 16, 32, 64, 128]), st.integers(1, 80))
+# 1 CTA, a few (usually fewer than the tiles), many (usually more than the tiles).
+ctas_st = st.one_of(st.just(1), st.integers(1, 12), st.integers(1, 5000))
+splits_st = st.one_of(st.just(1), st.integers(2, 9))
+
+# Edge cases from DESIGN.md, shared by the @given tests below. Tile size 16:
+# length 0, 1, tile-1, tile, tile+1; more CTAs than tiles; one CTA; a CTA that
+# crosses several whole units; empty batch; all sequences empty.
+EDGE = [
+    ([0], 1, 16, 4),
+    ([1], 1, 16, 4),
+    ([15], 2, 16, 3),
+    ([16], 2, 16, 3),
+    ([17], 2, 16, 3),
+    ([16, 17, 15, 1, 0], 3, 16, 5),
+    ([17, 1], 2, 16, 1000),  # more CTAs than tiles
+    ([300, 5, 0, 77], 3, 16, 1),  # one CTA
+    ([5, 1, 1, 1, 9], 1, 1, 2),  # CTA 0 crosses three whole units
+    ([], 2, 16, 7),  # batch 0
+    ([0, 0, 0], 4, 16, 7),  # every unit empty
+    ([300, 300, 300, 300, 300], 4, 1, 5000),  # many tiles, many CTAs
+    ([33, 0, 64], 2, 32, 5),  # total divisible by CTAs: every CTA heavy
+]
+
+
+def with_edges(examples):
+    def deco(f):
+        for ex in examples:
+            f = example(*ex)(f)
+        return f
+
+    return deco
+
+
+# ------------------------------------------------------------------ helpers
+
+def expected_unit_tiles(lens, heads_kv, tile_size):
+    tps = [math.ceil(n / tile_size) for n in lens]
+    return [t for t in tps for _ in range(heads_kv)]
+
+
+def check_common(s, lens, heads_kv, tile_size):
+    """Invariants shared by all schedules: unit bookkeeping, exact coverage of
+    every tile of every unit, partial flags, contributors, slots."""
+    lens = list(lens)
+    ut = expected_unit_tiles(lens, heads_kv, tile_size)
+    nunits = len(lens) * heads_kv
+    assert s.batch == len(lens)
+    assert s.heads_kv == heads_kv and s.tile_size == tile_size
+    assert s.num_units == nunits
+    np.testing.assert_array_equal(s.kv_lens, np.asarray(lens, dtype=np.int64).reshape(-1))
+    np.testing.assert_array_equal(s.tiles_per_seq, [math.ceil(n / tile_size) for n in lens])
+    np.testing.assert_array_equal(s.unit_tiles, ut)
+    np.testing.assert_array_equal(s.unit_start, np.concatenate([[0], np.cumsum(ut)[:-1]]) if ut else [])
+    assert s.total_tiles == sum(ut)
+
+    seg = s.segments
+    assert seg.dtype.names == ("cta", "unit", "batch", "head", "tile_begin", "tile_end",
+                               "partial", "slot")
+    # Ordered by CTA.
+    assert np.all(np.diff(seg["cta"]) >= 0)
+    assert np.all((seg["cta"] >= 0) & (seg["cta"] < max(s.num_ctas, 1)))
+
+    # Coverage: every tile of every unit exactly once, one count array per unit.
+    cover = [np.zeros(n, dtype=np.int64) for n in ut]
+    for r in seg:
+        u = int(r["unit"])
+        assert 0 <= u < nunits
+        assert (int(r["batch"]), int(r["head"])) == divmod(u, heads_kv)
+        tb, te = int(r["tile_begin"]), int(r["tile_end"])
+        assert 0 <= tb < te <= ut[u], "segments are non-empty and inside their unit"
+        cover[u][tb:te] += 1
+    for u, c in enumerate(cover):
+        assert np.all(c == 1), f"unit {u}: tile coverage {c.tolist()}"
+
+    # Empty units have no segments and no contributors.
+    empty = [u for u, n in enumerate(ut) if n == 0]
+    assert not np.isin(seg["unit"], empty).any()
+    assert s.contributors.shape == (nunits,)
+    assert np.all(s.contributors[empty] == 0) if empty else True
+
+    # Contributors = number of partial segments per unit.
+    expect = np.zeros(nunits, dtype=np.int64)
+    for r in seg[seg["partial"]]:
+        expect[int(r["unit"])] += 1
+    np.testing.assert_array_equal(s.contributors, expect)
+    np.testing.assert_array_equal(s.partial_units(), np.nonzero(expect)[0])
+
+    # Slots: -1 exactly for the non-partial segments, distinct otherwise.
+    part = seg["partial"]
+    assert np.all(seg["slot"][~part] == -1)
+    assert np.all(seg["slot"][part] >= 0)
+    assert len(np.unique(seg["slot"][part])) == int(part.sum())
+
+    # tiles_per_cta agrees with the segments.
+    per = np.zeros(s.num_ctas, dtype=np.int64)
+    for r in seg:
+        per[int(r["cta"])] += int(r["tile_end"] - r["tile_begin"])
+    np.testing.assert_array_equal(s.tiles_per_cta(), per)
+    assert per.sum() == s.total_tiles
+    return ut
+
+
+# ------------------------------------------------------------------ lean
+
+@given(lens_st, heads_st, tile_st, ctas_st)
+@with_edges(EDGE)
+def test_lean_schedule(lens, heads_kv, tile_size, num_ctas):
+    s = lean_schedule(lens, heads_kv, tile_size=tile_size, num_ctas=num_ctas)
+    ut = check_common(s, lens, heads_kv, tile_size)
+    total = sum(ut)
+    assert s.kind == "lean" and s.num_splits == 0
+
+    # Effective grid.
+    ncta = min(total, num_ctas)
+    assert s.num_ctas == ncta
+    assert s.cta_start.shape == s.cta_end.shape == (ncta,)
+    if ncta == 0:
+        assert len(s.segments) == 0 and s.max_tiles == 0 and s.heavy_ctas == 0
+        assert np.all(s.contributors == 0)
+        return
+
+    # Stream-K split, from DESIGN.md.
+    max_tiles = -(-total // ncta)
+    heavy = total - (max_tiles - 1) * ncta
+    assert (s.max_tiles, s.heavy_ctas) == (max_tiles, heavy)
+    assert 1 <= heavy <= ncta
+    for c in range(ncta):
+        if c < heavy:
+            start, n = c * max_tiles, max_tiles
+        else:
+            start, n = heavy * max_tiles + (c - heavy) * (max_tiles - 1), max_tiles - 1
+        assert (int(s.cta_start[c]), int(s.cta_end[c])) == (start, start + n)
+    assert s.cta_start[0] == 0 and s.cta_end[-1] == total
+    np.testing.assert_array_equal(s.cta_start[1:], s.cta_end[:-1])
+
+    # Balance: heavy CTAs own max_tiles, the others max_tiles - 1.
+    per = s.tiles_per_cta()
+    assert per.max() - per.min() <= 1
+    assert np.all(per[:heavy] == max_tiles)
+    assert np.all(per[heavy:] == max_tiles - 1)
+    assert np.all(per >= 1), "every effective CTA owns work"
+
+    # Segments of each CTA: contiguous in the linear order, from cta_start to
+    # cta_end; only the first and last can be partial; slots 2c / 2c + 1.
+    seg = s.segments
+    unit_start = np.concatenate([[0], np.cumsum(ut)[:-1]])
+    for c in range(ncta):
+        rows = seg[seg["cta"] == c]
+        assert len(rows) >= 1
+        lin = [(int(unit_start[r["unit"]] + r["tile_begin"]), int(unit_start[r["unit"]] + r["tile_end"]))
+               for r in rows]
+        assert lin[0][0] == s.cta_start[c] and lin[-1][1] == s.cta_end[c]
+        for (a0, a1), (b0, b1) in zip(lin, lin[1:]):
+            assert a1 == b0
+        assert np.all(np.diff(rows["unit"]) > 0)
+        for i, r in enumerate(rows):
+            whole = r["tile_begin"] == 0 and r["tile_end"] == ut[int(r["unit"])]
+            assert bool(r["partial"]) == (not whole)
+            if 0 < i < len(rows) - 1:
+                assert whole, f"CTA {c}: middle segment {i} must cover its unit"
+            if r["partial"]:
+                assert r["slot"] == 2 * c + (0 if i == 0 else 1)
+
+    # A partial unit is made of consecutive CTAs, in CTA order, and never of a
+    # single contributor.
+    assert not np.any(s.contributors == 1)
+    for u in s.partial_units():
+        rows = seg[seg["unit"] == u]
+        assert np.all(rows["partial"])
+        np.testing.assert_array_equal(np.diff(rows["cta"]), 1)
+        np.testing.assert_array_equal(rows["tile_begin"][1:], rows["tile_end"][:-1])
+        assert len(rows) == s.contributors[u]
+        # At most two partial segments per CTA in the whole schedule.
+    counts = np.bincount(seg["cta"][seg["partial"]], minlength=ncta)
+    assert counts.max(initial=0) <= 2
+
+
+@given(st.integers(1, 3000), st.integers(1, 400))
+@example(1, 1)
+@example(7, 7)
+@example(7, 8)
+@example(7, 1000)
+@example(1000, 7)
+@example(1001, 1000)
+def test_lean_cta_of_tile(total, num_ctas):
+    ncta = min(total, num_ctas)
+    s = lean_schedule([total], 1, tile_size=1, num_ctas=num_ctas)
+    owner = lean_cta_of_tile(total, ncta, np.arange(total))
+    expect = np.repeat(np.arange(ncta), s.cta_end - s.cta_start)
+    np.testing.assert_array_equal(owner, expect)
+
+
+# ------------------------------------------------------------------ split / head
+
+@given(lens_st, heads_st, tile_st, splits_st)
+@with_edges([(lens, h, ts, min(n, 9)) for lens, h, ts, n in EDGE])
+@example([64, 1, 0, 33], 2, 16, 4)  # more splits than tiles in some units
+def test_split_schedule(lens, heads_kv, tile_size, num_splits):
+    s = split_schedule(lens, heads_kv, tile_size=tile_size, num_splits=num_splits)
+    ut = check_common(s, lens, heads_kv, tile_size)
+    nunits = len(ut)
+    assert s.kind == ("head" if num_splits == 1 else "split")
+    assert s.num_splits == num_splits
+    assert s.num_ctas == nunits * num_splits
+    assert s.heavy_ctas == 0
+    chunk = [-(-n // num_splits) for n in ut]
+    assert s.max_tiles == max(chunk, default=0)
+
+    seg = s.segments
+    # One CTA per (unit, chunk), at most one segment per CTA.
+    assert len(np.unique(seg["cta"])) == len(seg)
+    for c in range(s.num_ctas):
+        u, j = divmod(c, num_splits)
+        t0 = min(j * chunk[u], ut[u])
+        t1 = min(t0 + chunk[u], ut[u])
+        assert (int(s.cta_start[c]), int(s.cta_end[c])) == (t0, t1)
+        rows = seg[seg["cta"] == c]
+        if t1 == t0:
+            assert len(rows) == 0
+        else:
+            (r,) = rows
+            assert (int(r["unit"]), int(r["tile_begin"]), int(r["tile_end"])) == (u, t0, t1)
+            # Split writes every chunk to the workspace (slot = CTA), head never.
+            assert bool(r["partial"]) == (num_splits > 1)
+            assert r["slot"] == (c if num_splits > 1 else -1)
+    # Per-CTA work: at most one chunk.
+    per = s.tiles_per_cta()
+    for c in range(s.num_ctas):
+        assert per[c] <= chunk[c // num_splits]
+
+
+@given(lens_st, heads_st, tile_st)
+@with_edges([(lens, h, ts) for lens, h, ts, _ in EDGE])
+def test_head_schedule(lens, heads_kv, tile_size):
+    s = head_schedule(lens, heads_kv, tile_size=tile_size)
+    ut = check_common(s, lens, heads_kv, tile_size)
+    assert s.kind == "head" and s.num_splits == 1
+    assert s.num_ctas == len(ut)
+    seg = s.segments
+    assert not seg["partial"].any()
+    assert np.all(s.contributors == 0)
+    assert len(seg) == sum(1 for n in ut if n)
+    np.testing.assert_array_equal(seg["cta"], seg["unit"])
+    np.testing.assert_array_equal(s.tiles_per_cta(), ut)
+
+
+@given(st.lists(st.integers(0, 10**6), max_size=6), st.integers(1, 4096))
+@example([], 16)
+@example([0, 1, 15, 16, 17], 16)
+def test_tiles_per_sequence(lens, tile_size):
+    np.testing.assert_array_equal(tiles_per_sequence(lens, tile_size),
+                                  [math.ceil(n / tile_size) for n in lens])
+
+
+# ------------------------------------------------------------------ num_splits_heuristic
+
+def _spec_heuristic(num_units, max_unit_tiles, num_sms, max_splits):
+    """The docstring of num_splits_heuristic, as a brute-force search."""
+    if num_units <= 0 or max_unit_tiles <= 0 or num_units >= 0.8 * num_sms:
+        return 1
+    limit = max(1, min(max_splits, num_sms, max_unit_tiles))
+    cands = [s for s in range(1, limit + 1)
+             if s == 1 or -(-max_unit_tiles // s) != -(-max_unit_tiles // (s - 1))]
+    eff = {}
+    for s in cands:
+        w = num_units * s / num_sms
+        eff[s] = w / math.ceil(w)
+    best = max(eff.values())
+    return min(s for s in cands if eff[s] >= 0.85 * best)
+
+
+@given(st.integers(-2, 300), st.integers(-1, 5000), st.integers(1, 264), st.integers(1, 128))
+@example(0, 100, 132, 128)  # no units
+@example(8, 0, 132, 128)  # empty units
+@example(106, 1000, 132, 128)  # >= 80% of the SMs: no split
+@example(105, 1000, 132, 128)
+@example(1, 1, 132, 128)  # one tile: cannot split
+@example(1, 10_000, 132, 128)
+@example(8, 1000, 132, 128)
+@example(3, 5, 132, 4)
+def test_num_splits_heuristic(num_units, max_unit_tiles, num_sms, max_splits):
+    r = num_splits_heuristic(num_units, max_unit_tiles, num_sms, max_splits)
+    assert isinstance(r, int)
+    assert 1 <= r <= max(1, min(max_splits, num_sms, max(max_unit_tiles, 1)))
+    assert r == _spec_heuristic(num_units, max_unit_tiles, num_sms, max_splits)
+    if num_units <= 0 or max_unit_tiles <= 0 or num_units >= 0.8 * num_sms:
+        assert r == 1
+
+
+def test_num_splits_heuristic_known_values():
+    # B=1, 8 KV heads on a 132-SM H100 with a long context: 15 splits fill
+    # 120 of 132 SMs (0.91), 14 only 112 (0.85 - just below the threshold).
+    assert num_splits_heuristic(8, 1000, 132) == 15
+    assert num_splits_heuristic(132, 1000, 132) == 1
+    assert num_splits_heuristic(1, 1, 132) == 1
+    assert num_splits_heuristic(1, 3, 132) == 3  # as many splits as tiles
+
+
+# ------------------------------------------------------------------ argument checks
+
+@pytest.mark.parametrize(
+    "call, exc, match",
+    [
+        (lambda: lean_schedule([3, -1], 1, tile_size=4, num_ctas=2), ValueError, r"kv_lens.*-1"),
+        (lambda: lean_schedule([3.0], 1, tile_size=4, num_ctas=2), TypeError, r"kv_lens.*float"),
+        (lambda: lean_schedule([[3]], 1, tile_size=4, num_ctas=2), ValueError, r"kv_lens.*\(1, 1\)"),
+        (lambda: lean_schedule([3], 0, tile_size=4, num_ctas=2), ValueError, r"heads_kv.*0"),
+        (lambda: lean_schedule([3], 1, tile_size=0, num_ctas=2), ValueError, r"tile_size.*0"),
+        (lambda: lean_schedule([3], 1, tile_size=4, num_ctas=0), ValueError, r"num_ctas.*0"),
+        (lambda: lean_schedule([3], 1, tile_size=4, num_ctas=True), TypeError, r"num_ctas.*True"),
+        (lambda: lean_schedule([3], 1, tile_size=4.0, num_ctas=2), TypeError, r"tile_size.*4\.0"),
+        (lambda: split_schedule([3], 1, tile_size=4, num_splits=0), ValueError, r"num_splits.*0"),
+    ],
+)
+def test_schedule_rejects_bad_arguments(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+# ------------------------------------------------------------------ describe / plot
+
+def _field(text, name):
+    m = re.search(rf"^{name}\s+(\S+)", text, flags=re.M)
+    assert m, f"{name!r} missing from describe():\n{text}"
+    return m.group(1)
+
+
+@given(lens_st, heads_st, tile_st, ctas_st, st.sampled_from(["lean", "split", "head"]))
+@with_edges([ex + ("lean",) for ex in EDGE] + [ex[:3] + (3, "split") for ex in EDGE[:3]])
+def test_describe(lens, heads_kv, tile_size, num_ctas, kind):
+    if kind == "lean":
+        s = lean_schedule(lens, heads_kv, tile_size=tile_size, num_ctas=num_ctas)
+    elif kind == "split":
+        s = split_schedule(lens, heads_kv, tile_size=tile_size, num_splits=min(num_ctas, 9))
+    else:
+        s = head_schedule(lens, heads_kv, tile_size=tile_size)
+    text = s.describe()
+    assert isinstance(text, str)
+    assert _field(text, "schedule") == s.kind
+    assert int(_field(text, "batch")) == len(lens)
+    assert int(_field(text, "heads_kv")) == heads_kv
+    assert int(_field(text, "units")) == s.num_units
+    assert int(_field(text, "tile_size")) == tile_size
+    assert int(_field(text, "total_tiles")) == s.total_tiles
+    assert int(_field(text, "num_ctas")) == s.num_ctas
+    assert int(_field(text, "segments")) == len(s.segments)
+    assert int(_field(text, "partial units")) == len(s.partial_units())
+    if kind == "lean":
+        assert int(_field(text, "max_tiles")) == s.max_tiles
+        assert int(_field(text, "heavy_ctas")) == s.heavy_ctas
+    else:
+        assert int(_field(text, "num_splits")) == s.num_splits
+    if s.num_ctas:
+        per = s.tiles_per_cta()
+        assert re.search(rf"tiles per CTA\s+min {per.min()}\s+max {per.max()}\b", text)
+    if kind == "lean" and s.total_tiles:
+        bal = float(_field(text, "balance"))
+        assert bal == pytest.approx(s.total_tiles / (s.num_ctas * s.max_tiles), abs=1e-3)
+        assert 0 < bal <= 1
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: lean_schedule([300, 5, 0, 77], 3, tile_size=16, num_ctas=7),
+        lambda: lean_schedule([0, 0], 2, tile_size=16, num_ctas=7),  # nothing to draw
+        lambda: lean_schedule([3000] * 4, 8, tile_size=16, num_ctas=132),  # > max_ctas rows
+        lambda: split_schedule([40, 7], 2, tile_size=16, num_splits=3),
+        lambda: head_schedule([40, 7], 2, tile_size=16),
+    ],
+)
+def test_plot_writes_png(make, tmp_path):
+    s = make()
+    path = tmp_path / "schedule.png"
+    ret = s.plot(path)
+    assert ret == path
+    data = path.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    assert len(data) > 1000
+
+
+def test_public_names():
+    for name in ("attention", "merge_states", "lean_schedule", "split_schedule", "head_schedule",
+                 "num_splits_heuristic", "Schedule", "reference"):
+        assert hasattr(cupy_lean, name)
+    assert isinstance(lean_schedule([1], 1, tile_size=1, num_ctas=1), cupy_lean.Schedule)

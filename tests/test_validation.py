@@ -1,0 +1,395 @@
+"""Argument checks of :func:`cupy_lean.attention` and :func:`cupy_lean.merge_states`
+(NumPy path).
+
+One test per bad input: the exception type, and a message that names the
+argument and shows the value given. Tests marked ``# Was a gap, fixed:`` describe inputs
+that the package does not yet reject (or accept) properly; they are strict
+xfails, so they start failing - and the mark must go - once the package is
+fixed.
+"""
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import cupy_lean
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+B, HQ, HKV, D, S = 2, 4, 2, 8, 10
+NUM_PAGES, PAGE = 6, 4
+
+def dense(dtype=np.float32):
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((B, HQ, D)).astype(dtype)
+    k = rng.standard_normal((B, S, HKV, D)).astype(dtype)
+    v = rng.standard_normal((B, S, HKV, D)).astype(dtype)
+    return dict(q=q, k=k, v=v, kv_lens=np.array([3, S], dtype=np.int32))
+
+
+def paged(dtype=np.float32):
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((B, HQ, D)).astype(dtype)
+    k = rng.standard_normal((NUM_PAGES, PAGE, HKV, D)).astype(dtype)
+    v = rng.standard_normal((NUM_PAGES, PAGE, HKV, D)).astype(dtype)
+    # Sequence 0: 5 tokens on pages 4, 1; sequence 1: 9 tokens on pages 0, 5, 2.
+    table = np.array([[4, 1, -1], [0, 5, 2]], dtype=np.int32)
+    return dict(q=q, k=k, v=v, kv_lens=np.array([5, 9], dtype=np.int32), block_table=table)
+
+
+def call(args, **changes):
+    kw = dict(args)
+    kw.update(changes)
+    q, k, v = kw.pop("q"), kw.pop("k"), kw.pop("v")
+    return cupy_lean.attention(q, k, v, **kw)
+
+
+def strided(shape, step=2, dtype=np.float32):
+    """An array of ``shape`` whose last axis has stride ``step`` elements."""
+    full = np.zeros(shape[:-1] + (shape[-1] * step,), dtype=dtype)
+    return full[..., ::step]
+
+
+# (id, base, changes, exception, message regex)
+ATTENTION_CASES = [
+    # ranks
+    ("q rank 2", dense, lambda a: dict(q=a["q"][0]), ValueError,
+     r"q: expected 3 dimensions .*got shape \(4, 8\)"),
+    ("q rank 4", dense, lambda a: dict(q=a["q"][None]), ValueError,
+     r"q: expected 3 dimensions .*got shape \(1, 2, 4, 8\)"),
+    ("k rank 3", dense, lambda a: dict(k=a["k"][0]), ValueError,
+     r"k: expected 4 dimensions \(batch, seqlen, heads_kv, head_dim\), got shape \(10, 2, 8\)"),
+    ("v rank 5", dense, lambda a: dict(v=a["v"][..., None]), ValueError,
+     r"v: expected 4 dimensions .*got shape \(2, 10, 2, 8, 1\)"),
+    ("paged k rank 3", paged, lambda a: dict(k=a["k"][0], v=a["v"][0]), ValueError,
+     r"k: expected 4 dimensions \(num_pages, page_size, heads_kv, head_dim\), got shape \(4, 2, 8\)"),
+    # batch
+    ("k batch", dense, lambda a: dict(k=np.zeros((3, S, HKV, D), np.float32),
+                                      v=np.zeros((3, S, HKV, D), np.float32)), ValueError,
+     r"k: expected batch 2 \(q\.shape\[0\]\), got 3"),
+    ("v batch", dense, lambda a: dict(v=np.zeros((3, S, HKV, D), np.float32)), ValueError,
+     r"v: expected the shape of k \(2, 10, 2, 8\), got \(3, 10, 2, 8\)"),
+    ("q batch", dense, lambda a: dict(q=np.zeros((1, HQ, D), np.float32),
+                                      kv_lens=np.array([3])), ValueError,
+     r"k: expected batch 1 \(q\.shape\[0\]\), got 2"),
+    # heads
+    ("v heads", dense, lambda a: dict(v=np.zeros((B, S, 1, D), np.float32)), ValueError,
+     r"v: expected the shape of k \(2, 10, 2, 8\), got \(2, 10, 1, 8\)"),
+    ("heads_q not a multiple", dense, lambda a: dict(q=np.zeros((B, 3, D), np.float32)), ValueError,
+     r"q: heads_q must be a positive multiple of heads_kv, got heads_q=3, heads_kv=2"),
+    ("heads_q < heads_kv", dense, lambda a: dict(q=np.zeros((B, 1, D), np.float32)), ValueError,
+     r"q: heads_q .* got heads_q=1, heads_kv=2"),
+    ("heads_q 0", dense, lambda a: dict(q=np.zeros((B, 0, D), np.float32)), ValueError,
+     r"q: heads_q .* got heads_q=0, heads_kv=2"),
+    ("heads_kv 0", dense, lambda a: dict(k=np.zeros((B, S, 0, D), np.float32),
+                                         v=np.zeros((B, S, 0, D), np.float32)), ValueError,
+     r"k: expected heads_kv >= 1, got 0"),
+    # head_dim
+    ("k head_dim", dense, lambda a: dict(k=np.zeros((B, S, HKV, 16), np.float32),
+                                         v=np.zeros((B, S, HKV, 16), np.float32)), ValueError,
+     r"k: expected head_dim 8 \(q\.shape\[2\]\), got 16"),
+    ("v head_dim", dense, lambda a: dict(v=np.zeros((B, S, HKV, 4), np.float32)), ValueError,
+     r"v: expected the shape of k \(2, 10, 2, 8\), got \(2, 10, 2, 4\)"),
+    ("paged head_dim", paged, lambda a: dict(q=np.zeros((B, HQ, 16), np.float32)), ValueError,
+     r"k: expected head_dim 16 \(q\.shape\[2\]\), got 8"),
+    # dtypes
+    ("mixed dtypes k v", dense, lambda a: dict(k=a["k"].astype(np.float16), v=a["v"].astype(np.float16)),
+     TypeError, r"q, k, v: expected one dtype, got q float32, k float16, v float16"),
+    ("mixed dtypes v", dense, lambda a: dict(v=a["v"].astype(np.float64)),
+     TypeError, r"q, k, v: expected one dtype, got q float32, k float32, v float64"),
+    ("mixed dtypes q bf16", dense, lambda a: dict(q=a["q"].astype(BF16)),
+     TypeError, r"q, k, v: expected one dtype, got q bfloat16, k float32, v float32"),
+    ("int32", dense, lambda a: {n: a[n].astype(np.int32) for n in "qkv"},
+     TypeError, r"q: the NumPy path supports dtypes float16, bfloat16, float32, float64, got int32"),
+    ("k int32", dense, lambda a: dict(k=a["k"].astype(np.int32)),
+     TypeError, r"k: the NumPy path supports dtypes .*, got int32"),
+    ("complex64", dense, lambda a: {n: a[n].astype(np.complex64) for n in "qkv"},
+     TypeError, r"q: the NumPy path supports dtypes .*, got complex64"),
+    ("v complex128", dense, lambda a: dict(v=a["v"].astype(np.complex128)),
+     TypeError, r"v: the NumPy path supports dtypes .*, got complex128"),
+    ("bool", dense, lambda a: dict(q=a["q"] > 0),
+     TypeError, r"q: the NumPy path supports dtypes .*, got bool"),
+    # kv_lens
+    ("kv_lens too long", dense, lambda a: dict(kv_lens=np.array([1, 2, 3])), ValueError,
+     r"kv_lens: expected shape \(2,\), got \(3,\)"),
+    ("kv_lens 2-D", dense, lambda a: dict(kv_lens=np.array([[1], [2]])), ValueError,
+     r"kv_lens: expected shape \(2,\), got \(2, 1\)"),
+    ("kv_lens scalar", dense, lambda a: dict(kv_lens=3), ValueError,
+     r"kv_lens: expected shape \(2,\), got \(\)"),
+    ("kv_lens float", dense, lambda a: dict(kv_lens=np.array([3.0, 4.0])), TypeError,
+     r"kv_lens: expected an integer dtype, got float64"),
+    ("kv_lens float list", dense, lambda a: dict(kv_lens=[3, 4.5]), TypeError,
+     r"kv_lens: expected an integer dtype, got float64"),
+    ("kv_lens bool", dense, lambda a: dict(kv_lens=np.array([True, False])), TypeError,
+     r"kv_lens: expected an integer dtype, got bool"),
+    ("kv_lens negative", dense, lambda a: dict(kv_lens=np.array([3, -1])), ValueError,
+     r"kv_lens: expected values in \[0, 10\] .*got kv_lens\[1\] = -1"),
+    ("kv_lens over capacity", dense, lambda a: dict(kv_lens=np.array([11, 3])), ValueError,
+     r"kv_lens: expected values in \[0, 10\] .*got kv_lens\[0\] = 11"),
+    ("paged kv_lens over capacity", paged, lambda a: dict(kv_lens=np.array([5, 13])), ValueError,
+     r"kv_lens: expected values in \[0, 12\] .*got kv_lens\[1\] = 13"),
+    ("paged kv_lens negative", paged, lambda a: dict(kv_lens=np.array([-4, 9])), ValueError,
+     r"kv_lens: .*got kv_lens\[0\] = -4"),
+    ("paged without kv_lens", paged, lambda a: dict(kv_lens=None), ValueError,
+     r"kv_lens: required with a paged cache \(block_table given\)"),
+    # block_table
+    ("block_table batch", paged, lambda a: dict(block_table=np.zeros((3, 3), np.int32)), ValueError,
+     r"block_table: expected shape \(batch, max_pages\) with batch 2, got \(3, 3\)"),
+    ("block_table 1-D", paged, lambda a: dict(block_table=np.zeros(3, np.int32)), ValueError,
+     r"block_table: expected shape \(batch, max_pages\) with batch 2, got \(3,\)"),
+    ("block_table 3-D", paged, lambda a: dict(block_table=a["block_table"][..., None]), ValueError,
+     r"block_table: expected shape .*got \(2, 3, 1\)"),
+    ("block_table float", paged, lambda a: dict(block_table=a["block_table"].astype(np.float32)),
+     TypeError, r"block_table: expected an integer dtype, got float32"),
+    ("block_table negative page", paged,
+     lambda a: dict(block_table=np.array([[4, -1, -1], [0, 5, 2]])), ValueError,
+     r"block_table: expected page indices in \[0, 6\) .*got block_table\[0, 1\] = -1"),
+    ("block_table page past the cache", paged,
+     lambda a: dict(block_table=np.array([[4, 1, -1], [0, 5, 6]])), ValueError,
+     r"block_table: expected page indices in \[0, 6\) .*got block_table\[1, 2\] = 6"),
+    ("block_table huge page", paged,
+     lambda a: dict(block_table=np.array([[2**40, 1, -1], [0, 5, 2]])), ValueError,
+     r"block_table: .*got block_table\[0, 0\] = 1099511627776"),
+    # strides
+    ("k last axis strided", dense, lambda a: dict(k=strided((B, S, HKV, D))), ValueError,
+     r"k: expected unit stride on the last axis \(head_dim\), got a stride of 2 elements"),
+    ("v last axis strided", dense, lambda a: dict(v=strided((B, S, HKV, D), 3)), ValueError,
+     r"v: expected unit stride on the last axis \(head_dim\), got a stride of 3 elements"),
+    ("q last axis strided", dense, lambda a: dict(q=strided((B, HQ, D))), ValueError,
+     r"q: expected unit stride on the last axis \(head_dim\), got a stride of 2 elements"),
+    ("k last axis reversed", dense, lambda a: dict(k=a["k"][..., ::-1]), ValueError,
+     r"k: expected unit stride on the last axis \(head_dim\), got a stride of -1 elements"),
+    ("paged k strided", paged, lambda a: dict(k=strided((NUM_PAGES, PAGE, HKV, D))), ValueError,
+     r"k: expected unit stride .*got a stride of 2 elements"),
+    # out
+    ("out shape", dense, lambda a: dict(out=np.zeros((B, HQ, D + 1), np.float32)), ValueError,
+     r"out: expected shape \(2, 4, 8\), got \(2, 4, 9\)"),
+    ("out rank", dense, lambda a: dict(out=np.zeros((B, HQ * D), np.float32)), ValueError,
+     r"out: expected shape \(2, 4, 8\), got \(2, 32\)"),
+    ("out dtype", dense, lambda a: dict(out=np.zeros((B, HQ, D), np.float64)), TypeError,
+     r"out: expected dtype float32 \(q's dtype\), got float64"),
+    ("out dtype bf16", dense, lambda a: dict(out=np.zeros((B, HQ, D), BF16)), TypeError,
+     r"out: expected dtype float32 \(q's dtype\), got bfloat16"),
+    ("out strided", dense, lambda a: dict(out=strided((B, HQ, D))), ValueError,
+     r"out: expected unit stride on the last axis \(head_dim\), got a stride of 2 elements"),
+    # scale
+    ("scale nan", dense, lambda a: dict(scale=float("nan")), ValueError,
+     r"scale: expected a finite number, got nan"),
+    ("scale inf", dense, lambda a: dict(scale=float("inf")), ValueError,
+     r"scale: expected a finite number, got inf"),
+    ("scale -inf float32", dense, lambda a: dict(scale=np.float32("-inf")), ValueError,
+     r"scale: expected a finite number, got -inf"),
+    ("scale string", dense, lambda a: dict(scale="0.5"), TypeError,
+     r"scale: expected a real number, got str '0\.5'"),
+    ("scale complex", dense, lambda a: dict(scale=0.5 + 1j), TypeError,
+     r"scale: expected a real number, got complex \(0\.5\+1j\)"),
+    ("scale bool", dense, lambda a: dict(scale=True), TypeError,
+     r"scale: expected a real number, got bool True"),
+    ("scale list", dense, lambda a: dict(scale=[0.5]), TypeError,
+     r"scale: expected a real number, got list \[0\.5\]"),
+    # schedule
+    ("schedule unknown", dense, lambda a: dict(schedule="flash"), ValueError,
+     r"schedule: expected one of \('lean', 'split', 'head'\), got 'flash'"),
+    ("schedule case", dense, lambda a: dict(schedule="LEAN"), ValueError,
+     r"schedule: expected one of .*got 'LEAN'"),
+    ("schedule None", dense, lambda a: dict(schedule=None), ValueError,
+     r"schedule: expected one of .*got None"),
+    # tile_size
+    ("tile_size 0", dense, lambda a: dict(tile_size=0), ValueError,
+     r"tile_size: expected an integer >= 1, got 0"),
+    ("tile_size -16", dense, lambda a: dict(tile_size=-16), ValueError,
+     r"tile_size: expected an integer >= 1, got -16"),
+    ("tile_size 48", dense, lambda a: dict(tile_size=48), ValueError,
+     r"tile_size: expected one of \(16, 32, 64, 128\), got 48"),
+    ("tile_size 256", dense, lambda a: dict(tile_size=256), ValueError,
+     r"tile_size: expected one of \(16, 32, 64, 128\), got 256"),
+    ("tile_size str", dense, lambda a: dict(tile_size="64"), TypeError,
+     r"tile_size: expected an integer, got str '64'"),
+    ("tile_size float", dense, lambda a: dict(tile_size=64.0), TypeError,
+     r"tile_size: expected an integer, got float 64\.0"),
+    ("tile_size bool", dense, lambda a: dict(tile_size=True), TypeError,
+     r"tile_size: expected an integer, got bool True"),
+    # num_ctas
+    ("num_ctas 0", dense, lambda a: dict(num_ctas=0), ValueError,
+     r"num_ctas: expected an integer in \[1, 1048576\], got 0"),
+    ("num_ctas -1", dense, lambda a: dict(num_ctas=-1), ValueError,
+     r"num_ctas: expected an integer in \[1, 1048576\], got -1"),
+    ("num_ctas too many", dense, lambda a: dict(num_ctas=2**21), ValueError,
+     r"num_ctas: expected an integer in \[1, 1048576\], got 2097152"),
+    ("num_ctas 2.5", dense, lambda a: dict(num_ctas=2.5), TypeError,
+     r"num_ctas: expected an integer, got float 2\.5"),
+    ("num_ctas True", dense, lambda a: dict(num_ctas=True), TypeError,
+     r"num_ctas: expected an integer, got bool True"),
+    ("num_ctas np.bool_", dense, lambda a: dict(num_ctas=np.bool_(True)), TypeError,
+     r"num_ctas: expected an integer, got bool.*True"),
+    ("num_ctas str", dense, lambda a: dict(num_ctas="8"), TypeError,
+     r"num_ctas: expected an integer, got str '8'"),
+]
+
+
+@pytest.mark.parametrize("base, changes, exc, match",
+                         [c[1:] for c in ATTENTION_CASES], ids=[c[0] for c in ATTENTION_CASES])
+def test_attention_rejects(base, changes, exc, match):
+    args = base()
+    with pytest.raises(exc, match=match) as info:
+        call(args, **changes(args))
+    assert type(info.value) is exc  # not a subclass such as OverflowError
+
+
+# ------------------------------------------------------------------ accepted inputs
+
+def test_unused_block_table_entries_are_not_checked():
+    """Entries past ceil(kv_lens[b] / page_size) may hold anything."""
+    args = paged()
+    table = np.array([[4, 1, -1], [0, 5, 2]], dtype=np.int64)
+    ref = call(args, block_table=table)
+    for junk in (-1, -(2**40), NUM_PAGES, 2**40):
+        t = table.copy()
+        t[0, 2] = junk
+        np.testing.assert_array_equal(call(args, block_table=t), ref)
+    # A length-0 sequence reads no page at all.
+    t = np.array([[-1, -1, -1], [0, 5, 2]])
+    out, lse = call(args, block_table=t, kv_lens=np.array([0, 9]), return_lse=True)
+    assert np.all(out[0] == 0) and np.all(np.isneginf(lse[0]))
+    # The pages in use are the ones read: the result equals the dense gather.
+    dense_k = np.concatenate([args["k"][[4, 1]], np.zeros((1, PAGE, HKV, D), np.float32)]).reshape(-1, HKV, D)
+    dense_v = np.concatenate([args["v"][[4, 1]], np.zeros((1, PAGE, HKV, D), np.float32)]).reshape(-1, HKV, D)
+    seq0 = cupy_lean.attention(args["q"][:1], dense_k[None], dense_v[None], kv_lens=np.array([5]))
+    np.testing.assert_allclose(ref[:1], seq0, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        dict(kv_lens=[3, 10]),  # a list
+        dict(kv_lens=np.array([3, 10], np.uint16)),
+        dict(kv_lens=np.array([0, 0], np.int64)),
+        dict(scale=np.float32(0.25)),
+        dict(scale=1),
+        dict(scale=-0.5),
+        dict(tile_size=np.int64(64)),
+        dict(num_ctas=np.int32(7)),
+        dict(num_ctas=2**20),
+        dict(schedule="head", num_ctas=1, tile_size=16),
+    ],
+    ids=lambda c: ",".join(f"{k}={v!r}" for k, v in c.items()),
+)
+def test_attention_accepts(changes):
+    args = dense()
+    out = call(args, **changes)
+    assert out.shape == (B, HQ, D) and out.dtype == np.float32
+    assert np.all(np.isfinite(out))
+
+
+# Was a gap, fixed: an out= array that cannot be written fails with NumPy's own message
+# ("assignment destination is read-only"), which does not name `out`.
+def test_attention_rejects_read_only_out():
+    args = dense()
+    buf = np.zeros((B, HQ, D), np.float32)
+    buf.flags.writeable = False
+    with pytest.raises(ValueError, match=r"out: .*(read-only|writeable)"):
+        call(args, out=buf)
+
+
+# Was a gap, fixed: out= that is not an ndarray (here a nested list) is converted to a new
+# array, written and returned; the caller's object is silently left unchanged.
+def test_attention_rejects_out_that_is_not_an_array():
+    args = dense()
+    buf = np.zeros((B, HQ, D), np.float32).tolist()
+    with pytest.raises(TypeError, match=r"out: .*list"):
+        call(args, out=buf)
+
+
+# Was a gap, fixed: a Python int too large for a float escapes as OverflowError from
+# float(scale) instead of the ValueError naming `scale`.
+def test_attention_rejects_huge_integer_scale():
+    args = dense()
+    with pytest.raises(ValueError, match=r"scale: .*"):
+        call(args, scale=10**400)
+
+
+# page_size 0 (an empty paged cache) must be reported as such, not as a
+# stride problem (zero-size arrays have zero strides on NumPy >= 2).
+def test_attention_rejects_page_size_zero():
+    args = paged()
+    z = np.zeros((NUM_PAGES, 0, HKV, D), np.float32)
+    with pytest.raises(ValueError, match=r"k: expected page_size >= 1, got 0"):
+        call(args, k=z, v=z)
+
+
+# Was a gap, fixed: kv_lens=[] (batch 0) becomes a float64 array and is rejected as
+# "kv_lens: expected an integer dtype, got float64" (lean_schedule accepts it).
+def test_attention_accepts_empty_kv_lens_list_for_batch_zero():
+    q = np.zeros((0, HQ, D), np.float32)
+    k = np.zeros((0, S, HKV, D), np.float32)
+    out = cupy_lean.attention(q, k, k, kv_lens=[])
+    assert out.shape == (0, HQ, D)
+
+
+# A paged cache with no pages at all, every sequence of length 0, is valid:
+# zeros and lse -inf.
+def test_attention_accepts_empty_page_pool():
+    args = paged()
+    z = np.zeros((0, PAGE, HKV, D), np.float32)
+    out, lse = call(args, k=z, v=z, kv_lens=np.array([0, 0]),
+                    block_table=np.full((B, 3), -1), return_lse=True)
+    assert np.all(out == 0) and np.all(np.isneginf(lse))
+
+
+# ------------------------------------------------------------------ merge_states
+
+def states(parts=3, rows=4, d=8, dtype=np.float32):
+    rng = np.random.default_rng(2)
+    return (rng.standard_normal((parts, rows, d)).astype(dtype),
+            rng.standard_normal((parts, rows)).astype(np.float32))
+
+
+MERGE_CASES = [
+    ("outs 1-D", lambda o, s: (o[0, 0], s[0]), ValueError,
+     r"outs: expected at least 2 dimensions \(parts, \.\.\., head_dim\), got shape \(8,\)"),
+    ("outs 0-D", lambda o, s: (np.float32(1.0), s[0]), ValueError,
+     r"outs: expected at least 2 dimensions .*got shape \(\)"),
+    ("lses shape", lambda o, s: (o, s[:, :3]), ValueError,
+     r"lses: expected shape \(3, 4\) \(outs\.shape\[:-1\]\), got \(3, 3\)"),
+    ("lses with head_dim", lambda o, s: (o, np.zeros(o.shape, np.float32)), ValueError,
+     r"lses: expected shape \(3, 4\) .*got \(3, 4, 8\)"),
+    ("no parts", lambda o, s: (o[:0], s[:0]), ValueError,
+     r"outs: expected at least one part on axis 0, got 0"),
+    ("outs int32", lambda o, s: (o.astype(np.int32), s), TypeError,
+     r"outs: expected dtype among float16, bfloat16, float32, float64, got int32"),
+    ("outs complex", lambda o, s: (o.astype(np.complex128), s), TypeError,
+     r"outs: expected dtype among .*got complex128"),
+    ("outs bool", lambda o, s: (o > 0, s), TypeError,
+     r"outs: expected dtype among .*got bool"),
+    ("lses int", lambda o, s: (o, s.astype(np.int64)), TypeError,
+     r"lses: expected a floating dtype, got int64"),
+    ("lses complex", lambda o, s: (o, s.astype(np.complex64)), TypeError,
+     r"lses: expected a floating dtype, got complex64"),
+]
+
+
+@pytest.mark.parametrize("change, exc, match", [c[1:] for c in MERGE_CASES],
+                         ids=[c[0] for c in MERGE_CASES])
+def test_merge_states_rejects(change, exc, match):
+    outs, lses = change(*states())
+    with pytest.raises(exc, match=match) as info:
+        cupy_lean.merge_states(outs, lses)
+    assert type(info.value) is exc
+
+
+# Was a gap, fixed: bfloat16 lses are rejected ("lses: expected a floating dtype, got
+# bfloat16": np.issubdtype(bfloat16, np.floating) is False) although bfloat16
+# outs are accepted and float16 lses are.
+def test_merge_states_accepts_bfloat16_lses():
+    outs, lses = states(dtype=BF16)
+    out, lse = cupy_lean.merge_states(outs, lses.astype(BF16))
+    assert out.dtype == BF16 and lse.dtype == np.float32
+
+
+@pytest.mark.parametrize("dtype", [np.float16, BF16, np.float32, np.float64])
+@pytest.mark.parametrize("lse_dtype", [np.float16, np.float32, np.float64])
+def test_merge_states_accepts(dtype, lse_dtype):
+    outs, lses = states(dtype=dtype)
+    out, lse = cupy_lean.merge_states(outs, lses.astype(lse_dtype))
+    assert out.dtype == np.dtype(dtype) and out.shape == (4, 8)
+    assert lse.dtype == np.float32 and lse.shape == (4,)
+    assert np.all(np.isfinite(out.astype(np.float64))) and np.all(np.isfinite(lse))
