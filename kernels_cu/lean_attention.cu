@@ -398,6 +398,21 @@ __device__ __forceinline__ void kernel_body(const Args& a) {
   const u64 policy = evict_first_policy();
 
   // ------------------------------------------------------------ loader
+  constexpr int RSTEP = NT / CPR;
+  constexpr int ROW_ITERS = (TILE + RSTEP - 1) / RSTEP;
+  // Paged: the page index of each row this thread loads, fetched one tile
+  // ahead (prefetch_pages) so the block-table read is off the critical path.
+  int pg[PAGED ? ROW_ITERS : 1];
+  auto prefetch_pages = [&](const Cursor& cur, bool valid) {
+    if (!PAGED) return;
+    const int tok0 = cur.t * TILE;
+    const int ntok = valid ? min(TILE, cur.len - tok0) : 0;
+#pragma unroll
+    for (int it = 0; it < ROW_ITERS; ++it) {
+      const int r = tid / CPR + it * RSTEP;
+      pg[it] = (r < ntok) ? a.block_table[(i64)cur.b * a.bt_sb + (tok0 + r) / a.page_size] : -1;
+    }
+  };
   auto load_tile = [&](int stage, const Cursor& cur) {
     if (cur.g == cs || cur.t == 0) {
       // First tile of a segment: this unit's query rows into the Q ring.
@@ -415,8 +430,6 @@ __device__ __forceinline__ void kernel_body(const Args& a) {
     u16* ks = kv_s + stage * (2 * TILE * D);
     u16* vs = ks + TILE * D;
     const int ch = tid % CPR;
-    constexpr int RSTEP = NT / CPR;
-    constexpr int ROW_ITERS = (TILE + RSTEP - 1) / RSTEP;
 #pragma unroll
     for (int it = 0; it < ROW_ITERS; ++it) {
       const int r = tid / CPR + it * RSTEP;
@@ -425,8 +438,9 @@ __device__ __forceinline__ void kernel_body(const Args& a) {
       const int tok = tok0 + r;
       i64 koff, voff;
       if (PAGED) {
-        int p = ok ? a.block_table[(i64)cur.b * a.bt_sb + tok / a.page_size] : 0;
+        int p = pg[PAGED ? it : 0];
         ok = ok && p >= 0 && p < a.num_pages;
+        if (!ok) p = 0;
         const int pr = tok % a.page_size;
         koff = (i64)p * a.k_sb + (i64)pr * a.k_st;
         voff = (i64)p * a.v_sb + (i64)pr * a.v_st;
@@ -446,11 +460,13 @@ __device__ __forceinline__ void kernel_body(const Args& a) {
   };
 
   Cursor ld = start, cn = start;
+  prefetch_pages(ld, n_my > 0);
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
     if (s < n_my) {
       load_tile(s, ld);
       advance(ld, ce, a, lens_s, cached);
+      prefetch_pages(ld, s + 1 < n_my);
     }
     cp_async_commit();
   }
@@ -469,6 +485,7 @@ __device__ __forceinline__ void kernel_body(const Args& a) {
       if (jt < n_my) {
         load_tile(jt % STAGES, ld);
         advance(ld, ce, a, lens_s, cached);
+        prefetch_pages(ld, jt + 1 < n_my);
       }
       cp_async_commit();
     }
