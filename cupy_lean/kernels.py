@@ -42,7 +42,7 @@ TILE_SIZES = (16, 32, 64, 128)
 M_TILES = (1, 2, 4, 8)
 MAX_GROUP = 128
 MAX_PAGE_SIZE = 256
-LENS_CACHE = 1024  # must match kernels_cu/lean_attention.cu
+LENS_CACHE = 256  # must match kernels_cu/lean_attention.cu
 
 _CUPY_HINT = (
     "CuPy is needed for GPU arrays: pip install 'cupy-lean[cuda12]' (CUDA 12) "
@@ -119,7 +119,8 @@ class Spec:
     # Warp layout, mirrored from kernels_cu/lean_attention.cu.
     @property
     def warps_n(self) -> int:
-        return min(max(1, 4 // self.m_tiles), max(1, self.tile // (16 * self.m_tiles)))
+        wide = 2 if (self.m_tiles == 1 and self.tile >= 128) else 1
+        return min(max(1, 4 // self.m_tiles) * wide, max(1, self.tile // (16 * self.m_tiles)))
 
     @property
     def threads(self) -> int:

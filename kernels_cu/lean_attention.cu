@@ -68,13 +68,16 @@ __host__ __device__ constexpr int imin(int a, int b) { return a < b ? a : b; }
 __host__ __device__ constexpr int imax(int a, int b) { return a > b ? a : b; }
 
 constexpr int WM = MT;                                            // one 16-row tile per warp row
-constexpr int WN = imin(imax(1, 4 / MT), imax(1, TILE / (16 * MT)));  // token split per tile
+// Token split per tile: 4 warps, or 8 for single-row-tile units with 128-token
+// tiles (more warps per SM to hide latency at one CTA per SM).
+constexpr int WN = imin(imax(1, 4 / MT) * ((MT == 1 && TILE >= 128) ? 2 : 1),
+                        imax(1, TILE / (16 * MT)));
 constexpr int NW = WM * WN;
 constexpr int NT = NW * 32;
 constexpr int TW = TILE / WN;  // tokens per warp per tile
 constexpr int CPR = D / 8;     // 16-byte chunks per row
 constexpr int ROWS_Q = MT * 16;
-constexpr int LENS_CACHE = 1024;
+constexpr int LENS_CACHE = 256;
 
 static_assert(D == 64 || D == 128 || D == 256, "head dim");
 static_assert(MT == 1 || MT == 2 || MT == 4 || MT == 8, "MT");
@@ -402,15 +405,30 @@ __device__ __forceinline__ void kernel_body(const Args& a) {
   constexpr int ROW_ITERS = (TILE + RSTEP - 1) / RSTEP;
   // Paged: the page index of each row this thread loads, fetched one tile
   // ahead (prefetch_pages) so the block-table read is off the critical path.
+  // The row within its page goes to prow[]. Divisions by the page size are
+  // done once per tile and stepped by RSTEP rows.
   int pg[PAGED ? ROW_ITERS : 1];
+  int prow[PAGED ? ROW_ITERS : 1];
+  const int ps = a.page_size;
+  const int step_q = PAGED ? RSTEP / ps : 0, step_r = PAGED ? RSTEP % ps : 0;
   auto prefetch_pages = [&](const Cursor& cur, bool valid) {
     if (!PAGED) return;
     const int tok0 = cur.t * TILE;
     const int ntok = valid ? min(TILE, cur.len - tok0) : 0;
+    const int first = tok0 + tid / CPR;
+    int pq = first / ps, pr = first - pq * ps;
+    const int* bt = a.block_table + (i64)cur.b * a.bt_sb;
 #pragma unroll
     for (int it = 0; it < ROW_ITERS; ++it) {
       const int r = tid / CPR + it * RSTEP;
-      pg[it] = (r < ntok) ? a.block_table[(i64)cur.b * a.bt_sb + (tok0 + r) / a.page_size] : -1;
+      pg[it] = (r < ntok) ? bt[pq] : -1;
+      prow[it] = pr;
+      pq += step_q;
+      pr += step_r;
+      if (pr >= ps) {
+        pr -= ps;
+        pq++;
+      }
     }
   };
   auto load_tile = [&](int stage, const Cursor& cur) {
@@ -441,7 +459,7 @@ __device__ __forceinline__ void kernel_body(const Args& a) {
         int p = pg[PAGED ? it : 0];
         ok = ok && p >= 0 && p < a.num_pages;
         if (!ok) p = 0;
-        const int pr = tok % a.page_size;
+        const int pr = prow[PAGED ? it : 0];
         koff = (i64)p * a.k_sb + (i64)pr * a.k_st;
         voff = (i64)p * a.v_sb + (i64)pr * a.v_st;
         if (ch == 0) mask_s[stage * TILE + r] = ok ? 1 : 0;

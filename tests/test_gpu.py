@@ -178,7 +178,8 @@ def test_against_reference(c):
     q, k, v, lens, table = make_inputs(rng, B, hkv * c["group"], hkv, c["d"], c["dtype"], c["lens"][:B],
                                        c["layout"], c["page_size"])
     kv_lens = cp.asarray(lens) if c["lens_on_gpu"] else lens
-    if c["layout"] == "dense" and not c["lens_on_gpu"] and len(set(lens.tolist())) == 1 and rng.random() < 0.5:
+    if (c["layout"] == "dense" and not c["lens_on_gpu"] and len(set(lens.tolist())) == 1
+            and int(lens[0]) == k.shape[1] and rng.random() < 0.5):
         kv_lens = None  # uniform lengths: the kv_lens=None fast path
     out, lse = cupy_lean.attention(to_gpu(q), to_gpu(k), to_gpu(v), kv_lens=kv_lens,
                                    block_table=to_gpu(table), return_lse=True, schedule=c["sched"],
