@@ -702,20 +702,23 @@ __device__ __forceinline__ void kernel_body(const Args& a) {
       }
       if (partial && lean_mode) {
         // Publish the partial state, count it; the last contributor reduces.
-        __threadfence();
+        // The barrier orders every thread's stores before thread 0's fence
+        // (cumulativity), which orders them before the counter increment;
+        // the reducer's fence after the increment orders its loads after it.
         __syncthreads();
         const i64 u0 = cn.g - cn.t;  // linear index of the unit's first tile
         const int unit = b * a.heads_kv + h;
         if (tid == 0) {
           const i64 first = sch.cta_of(u0), last = sch.cta_of(u0 + cn.nt - 1);
+          __threadfence();
           const int old = atomicAdd(a.counters + unit, 1);
+          __threadfence();
           misc[34] = (old == (int)(last - first)) ? 1 : 0;
           misc[35] = (int)first;
           misc[36] = (int)(last - first + 1);
         }
         __syncthreads();
         if (misc[34]) {
-          __threadfence();
           const int first = misc[35], n = misc[36];
           const int first_slot = 2 * first + (sch.start(first) < u0 ? 1 : 0);
           reduce_unit(a, b, h, n, [&](int j) { return j == 0 ? first_slot : 2 * (first + j); },

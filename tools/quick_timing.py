@@ -95,6 +95,7 @@ def main():
             k = cp.random.standard_normal((B, n, hkv, d), dtype=cp.float32).astype(cp.float16)
             v = cp.random.standard_normal((B, n, hkv, d), dtype=cp.float32).astype(cp.float16)
             sets.append((q, k, v))
+        cp.cuda.Device().synchronize()  # input generation must not overlap the timing
         row = [f"{name:17s} floor {kv_bytes / ceil / 1e6:6.1f} us"]
         from cupy_lean import kernels as K
         variants = [tuple(int(x) for x in v.split(":")) for v in args.variants.split(",") if v]
