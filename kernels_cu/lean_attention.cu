@@ -489,7 +489,6 @@ __device__ __forceinline__ void kernel_body(const Args& a) {
     cp_async_commit();
   }
 
-  int npend = 0, pend_unit[2], pend_first[2], pend_n[2], pend_slot0[2];
   float acc[D / 8][4];
   float m0 = -LEAN_INF, m1 = -LEAN_INF, l0 = 0.f, l1 = 0.f;
   int seg_t0 = 0;
@@ -720,30 +719,17 @@ __device__ __forceinline__ void kernel_body(const Args& a) {
         }
         __syncthreads();
         if (misc[34]) {
-          // This CTA completed the unit: merge it after the main loop, so
-          // the stream of tiles is not held up (at most 2 per CTA).
-          const int first = misc[35];
-          pend_unit[npend] = unit;
-          pend_first[npend] = first;
-          pend_n[npend] = misc[36];
-          pend_slot0[npend] = 2 * first + (sch.start(first) < u0 ? 1 : 0);
-          npend++;
+          const int first = misc[35], n = misc[36];
+          const int first_slot = 2 * first + (sch.start(first) < u0 ? 1 : 0);
+          reduce_unit(a, b, h, n, [&](int j) { return j == 0 ? first_slot : 2 * (first + j); },
+                      reinterpret_cast<float*>(kv_s + stage * (2 * TILE * D)), TILE * D);
+          if (tid == 0) atomicExch(a.counters + unit, 0);
         }
       }
     }
     advance(cn, ce, a, lens_s, cached);
   }
   cp_async_wait<0>();
-#pragma unroll
-  for (int x = 0; x < 2; ++x) {
-    if (x < npend) {
-      const int unit = pend_unit[x], first = pend_first[x], slot0 = pend_slot0[x];
-      reduce_unit(a, unit / a.heads_kv, unit % a.heads_kv, pend_n[x],
-                  [&](int j) { return j == 0 ? slot0 : 2 * (first + j); },
-                  reinterpret_cast<float*>(kv_s), TILE * D);
-      if (tid == 0) atomicExch(a.counters + unit, 0);
-    }
-  }
 }
 
 }  // namespace lean
