@@ -138,7 +138,7 @@ def _make_plan(q, k, v, out_k, lens32, table32, m, sched, num_ctas, tile_size, r
     return p
 
 
-def attention(q, k, v, lens, table, m, out, return_lse, sched, num_ctas, tile_size, validate):
+def attention(q, k, v, lens, table, m, out, return_lse, sched, num_ctas, tile_size, validate, sig=None):
     B, Hq, D = m.batch, m.heads_q, m.head_dim
     if out is None:
         out = cp.empty((B, Hq, D), dtype=q.dtype)
@@ -165,10 +165,16 @@ def attention(q, k, v, lens, table, m, out, return_lse, sched, num_ctas, tile_si
             out_k = cp.empty((B, Hq, D), dtype=q.dtype)
 
     stream = cp.cuda.get_current_stream()
-    key = (threading.get_ident(), cp.cuda.runtime.getDevice(), stream.ptr, q.shape, q.strides, k.shape,
-           k.strides, v.strides, q.dtype, out_k.strides, lens is None,
-           None if table32 is None else (table32.shape, table32.strides), sched, num_ctas, tile_size,
-           m.scale, K.OVERRIDES["stages"], K.OVERRIDES["ctas_per_sm"])
+    ov = K.OVERRIDES
+    if sig is not None and out_k is out and table32 is table:
+        # sig (from the front end) holds every shape, stride, dtype and option
+        key = (sig, threading.get_ident(), cp.cuda.runtime.getDevice(), stream.ptr, ov["stages"],
+               ov["ctas_per_sm"])
+    else:
+        key = (threading.get_ident(), cp.cuda.runtime.getDevice(), stream.ptr, q.shape, q.strides, k.shape,
+               k.strides, v.strides, q.dtype, out_k.strides, lens is None,
+               None if table32 is None else (table32.shape, table32.strides), sched, num_ctas, tile_size,
+               m.scale, ov["stages"], ov["ctas_per_sm"])
     plan = _plans.get(key)
     if plan is None:
         if len(_plans) > 512:

@@ -330,7 +330,7 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
         m = _FAST.get(sig)
         if m is not None:
             res_out, res_lse = _gpu_mod.attention(q, k, v, kv_lens, block_table, m, out, return_lse,
-                                                  schedule, num_ctas, tile_size, validate)
+                                                  schedule, num_ctas, tile_size, validate, sig)
             return (res_out, res_lse) if return_lse else res_out
     places = {n: _where(x) for n, x in (("q", q), ("k", k), ("v", v))}
     if out is not None:
