@@ -167,13 +167,6 @@ __device__ __forceinline__ int block_incl_scan(int x, int* warp_buf, int* total)
   return incl + off;
 }
 
-// Atomic add with release semantics at GPU scope; returns the old value.
-__device__ __forceinline__ int atom_add_release_gpu(int* p, int v) {
-  int old;
-  asm volatile("atom.release.gpu.global.add.s32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
-  return old;
-}
-
 __device__ __forceinline__ float4 ldcg4(const float* p) {
   return __ldcg(reinterpret_cast<const float4*>(p));
 }

@@ -78,9 +78,6 @@ constexpr int TW = TILE / WN;  // tokens per warp per tile
 constexpr int CPR = D / 8;     // 16-byte chunks per row
 constexpr int ROWS_Q = MT * 16;
 constexpr int LENS_CACHE = 256;
-// Publish partial states without stalling (counts read after the last tile);
-// head_dim 256 keeps the synchronous form, which needs fewer registers.
-constexpr bool ASYNC_PUBLISH = D <= 128;
 
 static_assert(D == 64 || D == 128 || D == 256, "head dim");
 static_assert(MT == 1 || MT == 2 || MT == 4 || MT == 8, "MT");
@@ -492,8 +489,6 @@ __device__ __forceinline__ void kernel_body(const Args& a) {
     cp_async_commit();
   }
 
-  int npend = 0;  // partial segments published (at most 2); thread 0 holds their counts
-  int p0_old = 0, p1_old = 0;
   float acc[D / 8][4];
   float m0 = -LEAN_INF, m1 = -LEAN_INF, l0 = 0.f, l1 = 0.f;
   int seg_t0 = 0;
@@ -669,12 +664,10 @@ __device__ __forceinline__ void kernel_body(const Args& a) {
 #pragma unroll
         for (int x = 0; x < D / 8; ++x) {
           const int f2 = x * 4 + (lane & 3);  // float2 index within the row
-          if (!ASYNC_PUBLISH || row0 < g)
-            *reinterpret_cast<float2*>(mine + row0 * D + 2 * (f2 ^ ((row0 & 7) << 2))) =
-                make_float2(acc[x][0] * f0, acc[x][1] * f0);
-          if (!ASYNC_PUBLISH || row1 < g)
-            *reinterpret_cast<float2*>(mine + row1 * D + 2 * (f2 ^ ((row1 & 7) << 2))) =
-                make_float2(acc[x][2] * f1, acc[x][3] * f1);
+          *reinterpret_cast<float2*>(mine + row0 * D + 2 * (f2 ^ ((row0 & 7) << 2))) =
+              make_float2(acc[x][0] * f0, acc[x][1] * f0);
+          *reinterpret_cast<float2*>(mine + row1 * D + 2 * (f2 ^ ((row1 & 7) << 2))) =
+              make_float2(acc[x][2] * f1, acc[x][3] * f1);
         }
         __syncthreads();
         constexpr int PER_ROW = D / 4;
@@ -708,77 +701,35 @@ __device__ __forceinline__ void kernel_body(const Args& a) {
         }
       }
       if (partial && lean_mode) {
-        // Publish the partial state and count it, without stalling the tile
-        // stream: the barrier orders every thread's stores before thread 0's
-        // release increment (cumulativity); thread 0 keeps the old count in a
-        // register and only looks at it after the CTA's last tile. The CTA
-        // whose increment completes the unit merges it then.
-        if (ASYNC_PUBLISH) {
-          __syncthreads();
-          if (tid == 0) {
-            const i64 u0 = cn.g - cn.t;  // linear index of the unit's first tile
-            const int unit = b * a.heads_kv + h;
-            const i64 first = sch.cta_of(u0), last = sch.cta_of(u0 + cn.nt - 1);
-            const int old = atom_add_release_gpu(a.counters + unit, 1);
-            int* e = misc + 40 + 5 * npend;  // [is_last, unit, first, n, slot0]
-            e[1] = unit;
-            e[2] = (int)first;
-            e[3] = (int)(last - first + 1);
-            e[4] = 2 * (int)first + (sch.start(first) < u0 ? 1 : 0);
-            if (npend == 0)
-              p0_old = old;
-            else
-              p1_old = old;
-          }
-          npend++;
-        } else {
-          // head_dim 256: registers are short, publish synchronously and
-          // merge the unit at once if this CTA completes it.
-          __syncthreads();
-          const i64 u0 = cn.g - cn.t;
-          const int unit = b * a.heads_kv + h;
-          if (tid == 0) {
-            const i64 first = sch.cta_of(u0), last = sch.cta_of(u0 + cn.nt - 1);
-            __threadfence();
-            const int old = atomicAdd(a.counters + unit, 1);
-            __threadfence();
-            misc[34] = (old == (int)(last - first)) ? 1 : 0;
-            misc[35] = (int)first;
-            misc[36] = (int)(last - first + 1);
-          }
-          __syncthreads();
-          if (misc[34]) {
-            const int first = misc[35], n = misc[36];
-            const int first_slot = 2 * first + (sch.start(first) < u0 ? 1 : 0);
-            reduce_unit(a, b, h, n, [&](int j) { return j == 0 ? first_slot : 2 * (first + j); },
-                        reinterpret_cast<float*>(kv_s + stage * (2 * TILE * D)), TILE * D);
-            if (tid == 0) atomicExch(a.counters + unit, 0);
-          }
+        // Publish the partial state, count it; the last contributor reduces.
+        // The barrier orders every thread's stores before thread 0's fence
+        // (cumulativity), which orders them before the counter increment;
+        // the reducer's fence after the increment orders its loads after it.
+        __syncthreads();
+        const i64 u0 = cn.g - cn.t;  // linear index of the unit's first tile
+        const int unit = b * a.heads_kv + h;
+        if (tid == 0) {
+          const i64 first = sch.cta_of(u0), last = sch.cta_of(u0 + cn.nt - 1);
+          __threadfence();
+          const int old = atomicAdd(a.counters + unit, 1);
+          __threadfence();
+          misc[34] = (old == (int)(last - first)) ? 1 : 0;
+          misc[35] = (int)first;
+          misc[36] = (int)(last - first + 1);
+        }
+        __syncthreads();
+        if (misc[34]) {
+          const int first = misc[35], n = misc[36];
+          const int first_slot = 2 * first + (sch.start(first) < u0 ? 1 : 0);
+          reduce_unit(a, b, h, n, [&](int j) { return j == 0 ? first_slot : 2 * (first + j); },
+                      reinterpret_cast<float*>(kv_s + stage * (2 * TILE * D)), TILE * D);
+          if (tid == 0) atomicExch(a.counters + unit, 0);
         }
       }
     }
     advance(cn, ce, a, lens_s, cached);
   }
   cp_async_wait<0>();
-  if (ASYNC_PUBLISH && npend > 0) {
-    int* pend = misc + 40;  // [2][5]: is_last, unit, first, n, slot0
-    if (tid == 0) {
-      pend[0] = p0_old == pend[3] - 1;
-      if (npend > 1) pend[5] = p1_old == pend[8] - 1;
-      __threadfence();  // acquire side: order the reads of the slots after the counts
-    }
-    __syncthreads();
-    for (int x = 0; x < npend; ++x) {
-      const int* e = pend + 5 * x;
-      if (e[0]) {
-        const int unit = e[1], first = e[2], slot0 = e[4];
-        reduce_unit(a, unit / a.heads_kv, unit % a.heads_kv, e[3],
-                    [&](int j) { return j == 0 ? slot0 : 2 * (first + j); },
-                    reinterpret_cast<float*>(kv_s), TILE * D);
-        if (tid == 0) atomicExch(a.counters + unit, 0);
-      }
-    }
-  }
 }
 
 }  // namespace lean
@@ -796,7 +747,7 @@ __device__ __forceinline__ void kernel_body(const Args& a) {
                   k_st, k_sh, v_sb, v_st, v_sh, o_sb, o_sh, bt_sb, batch, heads_kv, group, \
                   capacity, page_size, num_pages, mode, num_splits, scale_log2, slot_stride}
 
-extern "C" __global__ void __launch_bounds__(lean::NT, 1) LEAN_ENTRY(LEAN_ARGS) {
+extern "C" __global__ void __launch_bounds__(lean::NT) LEAN_ENTRY(LEAN_ARGS) {
   LEAN_FILL_ARGS(a);
   lean::kernel_body(a);
 }
