@@ -433,7 +433,10 @@ def workspace(ws_floats, n_counters):
     """Workspace of the current (device, stream): fp32 slots and the unit
     counters (zero between launches: the kernel resets what it uses). Grows,
     never shrinks. Launches on one stream are ordered, so they can share it;
-    launches on different streams get different workspaces."""
+    launches on different streams get different workspaces. A CUDA graph
+    keeps the workspace of the stream it was captured on: replaying two graphs
+    captured on the same stream concurrently on different streams would share
+    it (capture them on different streams)."""
     cp = _cupy()
     stream = cp.cuda.get_current_stream()
     key = (_device_id(), stream.ptr)
