@@ -294,6 +294,13 @@ class Sweep:
             self.rows.append(r)
             self.row_index[key] = r
 
+    def add_fi_failed_row(self, case, dtype, m):
+        """An error row for a FlashInfer method whose JIT build failed."""
+        r = self.base_row(case, dtype, m.name, m.kind)
+        why = self.builder.failed.get((dtype, case.head_dim, m.name == "flashinfer-tc"), "?")
+        r.update(status="error", error="FlashInfer JIT build failed: " + why[-600:])
+        self.add_row(r)
+
     def write(self, final=False):
         meta = self.meta
         meta["wall_s"] = self.elapsed()
@@ -498,10 +505,7 @@ class Sweep:
                         self.deferred.setdefault((case.name, dt), []).append(m.name)
                         continue
                     if st == "failed":
-                        r = self.base_row(case, dt, m.name, m.kind)
-                        r.update(status="error", error="FlashInfer JIT build failed: " + self.builder.failed.get(
-                            (dt, case.head_dim, m.name == "flashinfer-tc"), "?")[-600:])
-                        self.add_row(r)
+                        self.add_fi_failed_row(case, dt, m)
                         continue
                 plan.append((m, "full"))
             self.run_unit(case, dt, plan)
@@ -542,10 +546,7 @@ class Sweep:
                 if m.name in fi:
                     st = self.fi_state(m, case, dt)
                     if st == "failed":
-                        r = self.base_row(case, dt, m.name, m.kind)
-                        r.update(status="error", error="FlashInfer JIT build failed: " + self.builder.failed.get(
-                            (dt, case.head_dim, m.name == "flashinfer-tc"), "?")[-600:])
-                        self.add_row(r)
+                        self.add_fi_failed_row(case, dt, m)
                         continue
                     plan.append((m, "full"))
                 elif m.name in re:

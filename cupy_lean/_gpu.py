@@ -11,6 +11,7 @@ from cupy_backends.cuda.api import driver as _driver
 import numpy as np
 
 from . import kernels as K
+from .attention import BFLOAT16
 from .schedule import num_splits_heuristic
 
 _LOG2E = 1.4426950408889634
@@ -18,17 +19,22 @@ _NULL = np.uint64(0)
 _U64_MAX = np.uint64(2**64 - 1)
 
 
+def is_aligned(ptr, strides, shape, nbytes):
+    """True when the pointer and every stride but the last (of axes longer
+    than 1) are multiples of ``nbytes``: vector accesses of that width stay
+    aligned everywhere."""
+    acc = ptr
+    for s_ in strides[:-1]:
+        acc |= s_
+    if not acc % nbytes:  # common case: one test
+        return True
+    return ptr % nbytes == 0 and all(s % nbytes == 0 for s, n in zip(strides[:-1], shape[:-1]) if n > 1)
+
+
 def _aligned16(x):
     """x itself if its pointer and strides allow 16-byte loads, else a
     contiguous copy."""
-    acc = x.data.ptr
-    for s_ in x.strides[:-1]:
-        acc |= s_
-    if not acc & 15:
-        return x
-    if x.data.ptr % 16 == 0 and all(s % 16 == 0 for s, n in zip(x.strides[:-1], x.shape[:-1]) if n > 1):
-        return x
-    return cp.ascontiguousarray(x)
+    return x if is_aligned(x.data.ptr, x.strides, x.shape, 16) else cp.ascontiguousarray(x)
 
 
 def _index_array(x, low, high):
@@ -82,6 +88,8 @@ class _Pack:
     pointer fields and hands the array of addresses to cuLaunchKernel."""
 
     def __init__(self, signature, values):
+        if len(values) != len(signature):
+            raise TypeError(f"kernel launch: expected {len(signature)} arguments, got {len(values)}")
         self.cvals = [_CTYPES[kind](val) for (_, kind), val in zip(signature, values)]
         self.arr = (ctypes.c_void_p * len(self.cvals))(*[ctypes.addressof(c) for c in self.cvals])
         self.addr = ctypes.addressof(self.arr)
@@ -116,7 +124,7 @@ def aligned_grid(units, tiles_per_unit, grid, min_fraction=0.85):
     return g if g >= min_fraction * grid else grid
 
 
-def _make_plan(q, k, v, out_k, lens32, table32, m, sched, num_ctas, tile_size, return_lse):
+def _make_plan(q, k, v, out_k, lens32, table32, m, sched, num_ctas, tile_size):
     B, Hq, D, Hkv, g = m.batch, m.heads_q, m.head_dim, m.heads_kv, m.group
     dt = "f16" if q.dtype == np.float16 else "bf16"
     spec = K.make_spec(dt, D, g, m.paged, tile_size)
@@ -182,10 +190,8 @@ def attention(q, k, v, lens, table, m, out, return_lse, sched, num_ctas, tile_si
     if validate and (isinstance(lens, cp.ndarray) or isinstance(table, cp.ndarray)):
         _device_check(m, lens, lens32, table, table32)
 
-    out_k = out
-    if (out.data.ptr | out.strides[0] | out.strides[1]) & 7:
-        if out.data.ptr % 8 or any(s % 8 for s, n in zip(out.strides[:-1], out.shape[:-1]) if n > 1):
-            out_k = cp.empty((B, Hq, D), dtype=q.dtype)
+    # the kernel stores 4 outputs (8 bytes) at a time
+    out_k = out if is_aligned(out.data.ptr, out.strides, out.shape, 8) else cp.empty((B, Hq, D), dtype=q.dtype)
 
     stream = cp.cuda.get_current_stream()
     ov = K.OVERRIDES
@@ -202,8 +208,7 @@ def attention(q, k, v, lens, table, m, out, return_lse, sched, num_ctas, tile_si
     if plan is None:
         if len(_plans) > 512:
             _plans.clear()
-        plan = _plans[key] = _make_plan(q, k, v, out_k, lens32, table32, m, sched, num_ctas,
-                                        tile_size, return_lse)
+        plan = _plans[key] = _make_plan(q, k, v, out_k, lens32, table32, m, sched, num_ctas, tile_size)
 
     grid = plan.grid
     if host_lens is not None or lens is None:
@@ -241,14 +246,11 @@ def attention(q, k, v, lens, table, m, out, return_lse, sched, num_ctas, tile_si
     return out, lse
 
 
-_MERGE = {np.dtype(np.float16): "merge_states_f16", np.dtype(np.float32): "merge_states_f32"}
+_MERGE = {np.dtype(np.float16): "merge_states_f16", np.dtype(np.float32): "merge_states_f32",
+          BFLOAT16: "merge_states_bf16"}
 
 
 def merge_states(outs, lses):
-    from .attention import BFLOAT16
-
-    names = dict(_MERGE)
-    names[BFLOAT16] = "merge_states_bf16"
     parts = int(outs.shape[0])
     rest = tuple(outs.shape[1:-1])
     D = int(outs.shape[-1])
@@ -261,7 +263,7 @@ def merge_states(outs, lses):
         return out, lse
     o = cp.ascontiguousarray(outs.reshape(parts, R, D))
     s = cp.ascontiguousarray(lses.reshape(parts, R).astype(cp.float32, copy=False))
-    fn = K.util_function(names[outs.dtype])
+    fn = K.util_function(_MERGE[outs.dtype])
     n = R * D
     block = 256
     grid = max(1, min(-(-n // block), 65535 * 8))

@@ -318,11 +318,7 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
         was expected and what was given.
     """
     global _CUPY_NDARRAY, _gpu_mod
-    nd = _CUPY_NDARRAY
-    if (nd is not None and type(q) is nd and type(k) is nd and type(v) is nd
-            and (out is None or type(out) is nd) and (kv_lens is None or type(kv_lens) is nd)
-            and (block_table is None or type(block_table) is nd)
-            and (scale is None or type(scale) is float)):
+    if _CUPY_NDARRAY is not None and _cacheable(q, k, v, out, kv_lens, block_table, scale):
         # CuPy inputs whose shapes, strides and dtypes were validated before:
         # the same checks would pass again (values of GPU kv_lens and
         # block_table are still checked by _gpu when validate=True).
@@ -370,10 +366,7 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
             from . import _gpu as _gpu_mod
         res_out, res_lse = _gpu_mod.attention(q, k, v, lens, table, m, out_arr, return_lse, schedule,
                                               num_ctas, tile_size, validate)
-        nd = _CUPY_NDARRAY
-        if (type(q) is nd and type(k) is nd and type(v) is nd and (out_arr is None or type(out_arr) is nd)
-                and (lens is None or type(lens) is nd) and (table is None or type(table) is nd)
-                and (scale is None or type(scale) is float)):
+        if _cacheable(q, k, v, out_arr, lens, table, scale):
             if len(_FAST) > 256:
                 _FAST.clear()
             _FAST[_signature(q, k, v, out_arr, lens, table, scale, schedule, num_ctas, tile_size)] = m
@@ -384,6 +377,15 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
 
 _FAST: dict = {}
 _gpu_mod = None
+
+
+def _cacheable(q, k, v, out, lens, table, scale):
+    """Every array a CuPy ndarray (or None) and scale None or a float: the
+    validation result then depends only on :func:`_signature`."""
+    nd = _CUPY_NDARRAY
+    return (type(q) is nd and type(k) is nd and type(v) is nd
+            and (out is None or type(out) is nd) and (lens is None or type(lens) is nd)
+            and (table is None or type(table) is nd) and (scale is None or type(scale) is float))
 
 
 def _signature(q, k, v, out, lens, table, scale, schedule, num_ctas, tile_size):

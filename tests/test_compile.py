@@ -86,3 +86,28 @@ def test_tile_override_and_limits():
         assert s.tile == t and s.smem_bytes <= 227 * 1024
     with pytest.raises(ValueError, match="tile_size"):
         K.make_spec("f16", 128, 1, False, tile_size=48)
+
+
+def test_launch_pack_checks_argument_count_and_packs_types():
+    from cupy_lean import _gpu
+
+    values = list(range(9)) + [1] * 11 + [2] * 8 + [0.5, 3]
+    pack = _gpu._Pack(K.ATTN_SIGNATURE, values)
+    assert len(pack.cvals) == len(K.ATTN_SIGNATURE) == 30
+    assert pack.cvals[-2].value == 0.5 and type(pack.cvals[-2]).__name__ == "c_float"
+    with pytest.raises(TypeError, match="expected 30 arguments, got 29"):
+        _gpu._Pack(K.ATTN_SIGNATURE, values[:-1])
+
+
+@pytest.mark.parametrize("ptr,strides,shape,n,ok", [
+    (4096, (8192, 256, 2), (2, 32, 128), 16, True),
+    (4098, (8192, 256, 2), (2, 32, 128), 16, False),   # pointer off by 2 bytes
+    (4096, (8194, 256, 2), (2, 32, 128), 16, False),   # batch stride not a multiple of 16
+    (4096, (8194, 256, 2), (1, 32, 128), 16, True),    # ... on an axis of length 1
+    (4104, (8, 8, 2), (3, 4, 4), 8, True),
+    (4100, (8, 8, 2), (3, 4, 4), 8, False),
+])
+def test_alignment_predicate(ptr, strides, shape, n, ok):
+    from cupy_lean import _gpu
+
+    assert _gpu.is_aligned(ptr, strides, shape, n) is ok
