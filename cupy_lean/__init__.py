@@ -4,6 +4,8 @@ Public API:
 
 * :func:`attention` — decode attention over dense, ragged or paged KV caches
   (NumPy in: float64 reference on the CPU; GPU in: fused CUDA kernel).
+* :func:`plan` — a launch plan for repeated calls of one signature
+  (``Plan.run``, ``Plan.describe()``, ``Plan.workspace_bytes``).
 * :func:`merge_states` — merge attention results over disjoint KV parts.
 * :func:`lean_schedule`, :func:`split_schedule`, :func:`head_schedule` — the
   work decompositions as NumPy data, with ``describe()`` and ``plot()``.
@@ -12,7 +14,8 @@ Public API:
 """
 
 from . import reference
-from .attention import attention, merge_states
+from .attention import attention, merge_states, plan
+from ._plan import Plan
 from .kernels import warmup
 from .schedule import Schedule, head_schedule, lean_schedule, num_splits_heuristic, split_schedule
 
@@ -20,6 +23,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "attention",
+    "plan",
+    "Plan",
     "merge_states",
     "lean_schedule",
     "split_schedule",

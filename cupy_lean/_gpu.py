@@ -1,56 +1,28 @@
-"""GPU path of the front end: arrays already validated by attention.py."""
+"""GPU helpers below the front end: the synchronising value check of
+kv_lens / block_table, merge_states, and the kernel's schedule dump (tests)."""
 
 from __future__ import annotations
 
-import ctypes
 import math
-import threading
 
 import cupy as cp
-from cupy_backends.cuda.api import driver as _driver
 import numpy as np
 
 from . import kernels as K
-from .attention import BFLOAT16
-from .schedule import num_splits_heuristic
+from ._dtypes import BFLOAT16
+from ._plan import _index_array
 
-_LOG2E = 1.4426950408889634
 _NULL = np.uint64(0)
 _U64_MAX = np.uint64(2**64 - 1)
 
 
-def is_aligned(ptr, strides, shape, nbytes):
-    """True when the pointer and every stride but the last (of axes longer
-    than 1) are multiples of ``nbytes``: vector accesses of that width stay
-    aligned everywhere."""
-    acc = ptr
-    for s_ in strides[:-1]:
-        acc |= s_
-    if not acc % nbytes:  # common case: one test
-        return True
-    return ptr % nbytes == 0 and all(s % nbytes == 0 for s, n in zip(strides[:-1], shape[:-1]) if n > 1)
-
-
-def _aligned16(x):
-    """x itself if its pointer and strides allow 16-byte loads, else a
-    contiguous copy."""
-    return x if is_aligned(x.data.ptr, x.strides, x.shape, 16) else cp.ascontiguousarray(x)
-
-
-def _index_array(x, low, high):
-    """int32, contiguous on the last axis, values outside [low, high] kept
-    outside it (clipped to low - 1 / high + 1) so a check still sees them."""
-    if isinstance(x, np.ndarray):
-        x = np.clip(x.astype(np.int64), low - 1, high + 1).astype(np.int32)
-        return cp.asarray(x)
-    if x.dtype != cp.int32:
-        x = cp.clip(x.astype(cp.int64), low - 1, high + 1).astype(cp.int32)
-    if x.ndim and x.shape[-1] > 1 and x.strides[-1] != 4:
-        x = cp.ascontiguousarray(x)
-    return x
-
-
-def _device_check(m, lens_orig, lens32, table_orig, table32):
+def device_check(m, lens, table):
+    """Raise ValueError naming the first bad kv_lens or block_table value
+    (checked on the GPU; synchronises)."""
+    lens32 = None if lens is None else _index_array(lens, 0, m.capacity)
+    table32 = None if table is None else _index_array(table, 0, max(m.num_pages - 1, 0))
+    if lens32 is None:
+        lens32 = cp.full(m.batch, m.capacity, dtype=cp.int32)
     bad = cp.full(1, _U64_MAX, dtype=cp.uint64)
     fn = K.util_function("lean_check_inputs")
     bt_sb = np.int64(table32.strides[0] // 4) if table32 is not None else np.int64(0)
@@ -64,186 +36,14 @@ def _device_check(m, lens_orig, lens32, table_orig, table32):
     stride = m.max_pages + 1
     b, j = divmod(code, stride)
     if j == 0:
-        val = int(cp.asnumpy(lens_orig)[b])
+        val = int(cp.asnumpy(lens)[b])
         raise ValueError(
             f"kv_lens: expected values in [0, {m.capacity}] (the cache capacity), got kv_lens[{b}] = {val}")
     j -= 1
-    val = int(cp.asnumpy(table_orig)[b, j])
+    val = int(cp.asnumpy(table)[b, j])
     raise ValueError(
         f"block_table: expected page indices in [0, {m.num_pages}) for the pages in use, "
         f"got block_table[{b}, {j}] = {val}")
-
-
-def _strides(x, n):
-    isz = x.dtype.itemsize
-    return [x.strides[i] // isz for i in range(n)]
-
-
-_CTYPES = {"ptr": ctypes.c_uint64, np.int64: ctypes.c_int64, np.int32: ctypes.c_int32,
-           np.float32: ctypes.c_float}
-
-
-class _Pack:
-    """Kernel parameters kept in ctypes storage: a launch only rewrites the
-    pointer fields and hands the array of addresses to cuLaunchKernel."""
-
-    def __init__(self, signature, values):
-        if len(values) != len(signature):
-            raise TypeError(f"kernel launch: expected {len(signature)} arguments, got {len(values)}")
-        self.cvals = [_CTYPES[kind](val) for (_, kind), val in zip(signature, values)]
-        self.arr = (ctypes.c_void_p * len(self.cvals))(*[ctypes.addressof(c) for c in self.cvals])
-        self.addr = ctypes.addressof(self.arr)
-
-
-class _Plan:
-    __slots__ = ("spec", "attn_ptr", "combine_ptr", "grid", "threads", "smem", "mode", "ns", "units",
-                 "pack", "ws", "counters", "max_grid", "tile")
-
-
-_plans: dict = {}
-
-
-def aligned_grid(units, tiles_per_unit, grid, min_fraction=0.85):
-    """For uniform lengths: a grid of at least ``min_fraction * grid`` CTAs
-    whose stream-K ranges start and end on unit boundaries (each CTA takes an
-    equal share of one unit, or whole units), else ``grid``. A unit boundary
-    inside a CTA's range costs a publication and a merge (measured 2-3 us per
-    boundary on an H100), more than the few SMs left idle."""
-    if units <= 0 or tiles_per_unit <= 0:
-        return grid
-    if units < grid:
-        p = grid // units
-        while p > 1 and tiles_per_unit % p:
-            p -= 1
-        g = units * p
-    else:
-        per = -(-units // grid)
-        if units % per:
-            return grid
-        g = units // per
-    return g if g >= min_fraction * grid else grid
-
-
-def _make_plan(q, k, v, out_k, lens32, table32, m, sched, num_ctas, tile_size):
-    B, Hq, D, Hkv, g = m.batch, m.heads_q, m.head_dim, m.heads_kv, m.group
-    dt = "f16" if q.dtype == np.float16 else "bf16"
-    spec = K.make_spec(dt, D, g, m.paged, tile_size)
-    kern = K.kernels_for(spec)
-    tile = spec.tile
-    units = B * Hkv
-    max_unit_tiles = -(-m.capacity // tile)
-    slot_stride = -(-g * (D + 2) // 4) * 4
-    p = _Plan()
-    p.spec, p.tile, p.units = spec, tile, units
-    if sched == "lean":
-        per_sm = K.OVERRIDES["ctas_per_sm"] or kern.ctas_per_sm
-        grid = num_ctas if num_ctas is not None else per_sm * kern.num_sms
-        grid = max(1, min(grid, units * max_unit_tiles))
-        if num_ctas is None and lens32 is None:
-            grid = aligned_grid(units, max_unit_tiles, grid)
-        mode, ns = 0, 1
-        ws_floats = 2 * grid * slot_stride
-    else:
-        if sched == "head":
-            ns = 1
-        elif num_ctas is not None:
-            ns = max(1, num_ctas // units)
-        else:
-            ns = num_splits_heuristic(units, max_unit_tiles, kern.num_sms)
-        grid = units * ns
-        mode = 1
-        ws_floats = grid * slot_stride if ns > 1 else 0
-    p.grid = p.max_grid = grid
-    p.mode, p.ns = mode, ns
-    p.threads, p.smem = spec.threads, spec.smem_bytes
-    p.attn_ptr, p.combine_ptr = kern.attn.kernel.ptr, kern.combine.kernel.ptr
-    p.ws, p.counters = K.workspace(ws_floats, units)
-    qs, ks, vs, os_ = _strides(q, 2), _strides(k, 3), _strides(v, 3), _strides(out_k, 2)
-    bt_sb = table32.strides[0] // 4 if table32 is not None else 0
-    values = [0] * 9 + [
-        qs[0], qs[1], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], os_[0], os_[1], bt_sb,
-        B, Hkv, g, m.capacity, max(m.page_size, 1), m.num_pages, mode, ns,
-        m.scale * _LOG2E, slot_stride,
-    ]
-    p.pack = _Pack(K.ATTN_SIGNATURE, values)
-    return p
-
-
-def attention(q, k, v, lens, table, m, out, return_lse, sched, num_ctas, tile_size, validate, sig=None):
-    B, Hq, D = m.batch, m.heads_q, m.head_dim
-    if out is None:
-        out = cp.empty((B, Hq, D), dtype=q.dtype)
-    lse = cp.empty((B, Hq), dtype=cp.float32) if return_lse else None
-    if B == 0:
-        return out, lse
-    q, k, v = _aligned16(q), _aligned16(k), _aligned16(v)
-
-    host_lens = None
-    lens32 = None
-    if lens is not None:
-        if isinstance(lens, np.ndarray):
-            host_lens = lens.astype(np.int64)
-        lens32 = _index_array(lens, 0, m.capacity)
-    table32 = None
-    if table is not None:
-        table32 = _index_array(table, 0, max(m.num_pages - 1, 0))
-    if validate and (isinstance(lens, cp.ndarray) or isinstance(table, cp.ndarray)):
-        _device_check(m, lens, lens32, table, table32)
-
-    # the kernel stores 4 outputs (8 bytes) at a time
-    out_k = out if is_aligned(out.data.ptr, out.strides, out.shape, 8) else cp.empty((B, Hq, D), dtype=q.dtype)
-
-    stream = cp.cuda.get_current_stream()
-    ov = K.OVERRIDES
-    if sig is not None and out_k is out and table32 is table:
-        # sig (from the front end) holds every shape, stride, dtype and option
-        key = (sig, threading.get_ident(), cp.cuda.runtime.getDevice(), stream.ptr, ov["stages"],
-               ov["ctas_per_sm"])
-    else:
-        key = (threading.get_ident(), cp.cuda.runtime.getDevice(), stream.ptr, q.shape, q.strides, k.shape,
-               k.strides, v.strides, q.dtype, out_k.strides, lens is None,
-               None if table32 is None else (table32.shape, table32.strides), sched, num_ctas, tile_size,
-               m.scale, ov["stages"], ov["ctas_per_sm"])
-    plan = _plans.get(key)
-    if plan is None:
-        if len(_plans) > 512:
-            _plans.clear()
-        plan = _plans[key] = _make_plan(q, k, v, out_k, lens32, table32, m, sched, num_ctas, tile_size)
-
-    grid = plan.grid
-    if host_lens is not None or lens is None:
-        if lens is None:
-            total = plan.units * (-(-m.capacity // plan.tile))
-        else:
-            total = m.heads_kv * int((-(-host_lens // plan.tile)).sum())
-        if total == 0:
-            out_k.fill(0)
-            if lse is not None:
-                lse.fill(-np.inf)
-            if out_k is not out:
-                out[...] = out_k
-            return out, lse
-        if plan.mode == 0:
-            grid = min(plan.max_grid, total)
-
-    cv = plan.pack.cvals
-    cv[0].value = q.data.ptr
-    cv[1].value = k.data.ptr
-    cv[2].value = v.data.ptr
-    cv[3].value = out_k.data.ptr
-    cv[4].value = 0 if lse is None else lse.data.ptr
-    cv[5].value = 0 if lens32 is None else lens32.data.ptr
-    cv[6].value = 0 if table32 is None else table32.data.ptr
-    cv[7].value = plan.ws.data.ptr
-    cv[8].value = plan.counters.data.ptr
-    _driver.launchKernel(plan.attn_ptr, grid, 1, 1, plan.threads, 1, 1, plan.smem, stream.ptr,
-                         plan.pack.addr, 0)
-    if plan.mode == 1 and plan.ns > 1:
-        _driver.launchKernel(plan.combine_ptr, plan.units, 1, 1, plan.threads, 1, 1, 0, stream.ptr,
-                             plan.pack.addr, 0)
-    if out_k is not out:
-        out[...] = out_k
-    return out, lse
 
 
 _MERGE = {np.dtype(np.float16): "merge_states_f16", np.dtype(np.float32): "merge_states_f32",

@@ -1,253 +1,21 @@
-"""Front end: validate, normalise arrays, dispatch (NumPy -> reference, GPU ->
-kernels)."""
+"""Front end: normalise arrays, validate into a signature, dispatch (NumPy ->
+float64 reference; GPU -> a cached :class:`~cupy_lean.plan.Plan`)."""
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import numpy as np
 
-from . import reference, schedule as _schedule
-from .kernels import HEAD_DIMS, MAX_GROUP, MAX_PAGE_SIZE, TILE_SIZES
+from . import _arrays, _cache, reference
+from . import _plan
+from ._arrays import host_ints as _host_ints, to_cpu as _to_cpu, to_gpu as _to_gpu, where as _where
+from ._dtypes import BFLOAT16, GPU_DTYPES, dtype_names
+from . import validation as _validation
 
-__all__ = ["attention", "merge_states"]
-
-try:  # ml_dtypes is a dependency; guard anyway so the error is clear.
-    import ml_dtypes
-
-    BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
-except ImportError:  # pragma: no cover
-    BFLOAT16 = None
-
-_GPU_DTYPES = tuple(d for d in (np.dtype(np.float16), BFLOAT16) if d is not None)
-_CPU_DTYPES = _GPU_DTYPES + (np.dtype(np.float32), np.dtype(np.float64))
-MAX_NUM_CTAS = 1 << 20
+__all__ = ["attention", "plan", "merge_states"]
 
 
-def _dtype_names(dts):
-    return ", ".join(str(d) for d in dts)
-
-
-# ------------------------------------------------------------------ devices
-
-_CUPY_NDARRAY = None
-
-
-def _where(x):
-    """'cpu', 'gpu' or None (None: not an array we know)."""
-    if type(x) is _CUPY_NDARRAY:
-        return "gpu"
-    if isinstance(x, np.ndarray):
-        return "cpu"
-    mod = type(x).__module__
-    if mod.startswith("cupy"):
-        return "gpu"
-    if hasattr(x, "__cuda_array_interface__"):
-        return "gpu"
-    dev = getattr(x, "__dlpack_device__", None)
-    if dev is not None:
-        try:
-            kind = int(dev()[0])
-        except Exception:  # pragma: no cover - foreign object
-            return None
-        return "gpu" if kind in (2, 3, 13) else "cpu"  # CUDA, CUDA host, CUDA managed
-    return None
-
-
-def _to_gpu(x, name):
-    import cupy
-
-    if isinstance(x, cupy.ndarray):
-        return x
-    if hasattr(x, "__cuda_array_interface__"):
-        return cupy.asarray(x)
-    if hasattr(x, "__dlpack__"):
-        return cupy.from_dlpack(x)
-    return cupy.asarray(x)
-
-
-def _to_cpu(x, name):
-    if isinstance(x, np.ndarray):
-        return x
-    if hasattr(x, "__dlpack__") and not isinstance(x, (list, tuple)):
-        try:
-            return np.from_dlpack(x)
-        except Exception:
-            pass
-    return np.asarray(x)
-
-
-def _host_ints(x, name):
-    """An index array given on the host (NumPy, list) or fetched from the GPU
-    for the NumPy path. An empty list becomes an empty int64 array."""
-    if _where(x) == "gpu":
-        import cupy
-
-        return cupy.asnumpy(_to_gpu(x, name))
-    arr = np.asarray(x)
-    if arr.size == 0 and not np.issubdtype(arr.dtype, np.integer) and isinstance(x, (list, tuple)):
-        arr = arr.astype(np.int64)
-    return arr
-
-
-# ------------------------------------------------------------------ validation
-
-def _check_rank(x, name, ndim, axes):
-    if x.ndim != ndim:
-        raise ValueError(f"{name}: expected {ndim} dimensions {axes}, got shape {tuple(x.shape)}")
-
-
-def _check_last_contiguous(x, name):
-    if x.size and x.shape[-1] > 1 and x.strides[-1] != x.dtype.itemsize:
-        raise ValueError(
-            f"{name}: expected unit stride on the last axis (head_dim), got a stride of "
-            f"{x.strides[-1] // max(x.dtype.itemsize, 1)} elements"
-        )
-
-
-def _check_int(value, name, low, high=None):
-    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
-        raise TypeError(f"{name}: expected an integer, got {type(value).__name__} {value!r}")
-    value = int(value)
-    if value < low or (high is not None and value > high):
-        rng = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name}: expected an integer {rng}, got {value}")
-    return value
-
-
-class _Meta:
-    __slots__ = ("batch", "heads_q", "heads_kv", "head_dim", "group", "paged", "seqlen",
-                 "page_size", "num_pages", "max_pages", "capacity", "scale")
-
-
-def _validate(q, k, v, kv_lens, block_table, scale, out, sched, num_ctas, tile_size, gpu):
-    _check_rank(q, "q", 3, "(batch, heads_q, head_dim)")
-    paged = block_table is not None
-    kaxes = "(num_pages, page_size, heads_kv, head_dim)" if paged else "(batch, seqlen, heads_kv, head_dim)"
-    _check_rank(k, "k", 4, kaxes)
-    _check_rank(v, "v", 4, kaxes)
-    if tuple(v.shape) != tuple(k.shape):
-        raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
-    batch, hq, d = (int(s) for s in q.shape)
-    hkv = int(k.shape[2])
-    if int(k.shape[3]) != d:
-        raise ValueError(f"k: expected head_dim {d} (q.shape[2]), got {int(k.shape[3])}")
-    if hkv < 1:
-        raise ValueError(f"k: expected heads_kv >= 1, got {hkv}")
-    if hq % hkv != 0 or hq == 0:
-        raise ValueError(f"q: heads_q must be a positive multiple of heads_kv, got heads_q={hq}, heads_kv={hkv}")
-    if not paged and int(k.shape[0]) != batch:
-        raise ValueError(f"k: expected batch {batch} (q.shape[0]), got {int(k.shape[0])}")
-
-    supported = _GPU_DTYPES if gpu else _CPU_DTYPES
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.dtype not in supported:
-            where = "GPU" if gpu else "NumPy"
-            raise TypeError(f"{name}: the {where} path supports dtypes {_dtype_names(supported)}, got {x.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise TypeError(f"q, k, v: expected one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        _check_last_contiguous(x, name)
-
-    m = _Meta()
-    m.batch, m.heads_q, m.heads_kv, m.head_dim, m.group = batch, hq, hkv, d, hq // hkv
-    m.paged = paged
-    if gpu:
-        if d not in HEAD_DIMS:
-            raise ValueError(f"head_dim: the GPU kernels support {HEAD_DIMS}, got {d}")
-        if m.group > MAX_GROUP:
-            raise ValueError(f"heads_q / heads_kv: the GPU kernels support groups of 1 to {MAX_GROUP}, got {m.group}")
-
-    if paged:
-        m.num_pages, m.page_size = int(k.shape[0]), int(k.shape[1])
-        if block_table.ndim != 2 or int(block_table.shape[0]) != batch:
-            raise ValueError(
-                f"block_table: expected shape (batch, max_pages) with batch {batch}, got {tuple(block_table.shape)}")
-        if not np.issubdtype(block_table.dtype, np.integer):
-            raise TypeError(f"block_table: expected an integer dtype, got {block_table.dtype}")
-        m.max_pages = int(block_table.shape[1])
-        if m.page_size < 1:
-            raise ValueError(f"k: expected page_size >= 1, got {m.page_size}")
-        if gpu and m.page_size > MAX_PAGE_SIZE:
-            raise ValueError(f"k: the GPU kernels support page sizes 1 to {MAX_PAGE_SIZE}, got {m.page_size}")
-        m.capacity = m.max_pages * m.page_size
-        if kv_lens is None:
-            raise ValueError("kv_lens: required with a paged cache (block_table given)")
-        m.seqlen = None
-    else:
-        m.seqlen = int(k.shape[1])
-        m.capacity = m.seqlen
-        m.num_pages = m.page_size = m.max_pages = 0
-    if gpu and m.capacity >= 2**31:
-        raise ValueError(f"k: capacity per sequence must be below 2**31 tokens, got {m.capacity}")
-
-    if kv_lens is not None:
-        if kv_lens.ndim != 1 or int(kv_lens.shape[0]) != batch:
-            raise ValueError(f"kv_lens: expected shape ({batch},), got {tuple(kv_lens.shape)}")
-        if not np.issubdtype(kv_lens.dtype, np.integer):
-            raise TypeError(f"kv_lens: expected an integer dtype, got {kv_lens.dtype}")
-
-    if out is not None:
-        if not hasattr(out, "shape") or not hasattr(out, "dtype") or isinstance(out, (list, tuple)):
-            raise TypeError(f"out: expected an array of shape {(batch, hq, d)}, got {type(out).__name__}")
-        flags = getattr(out, "flags", None)
-        if flags is not None and hasattr(flags, "writeable") and not flags.writeable:
-            raise ValueError("out: expected a writeable array, got a read-only one")
-        if tuple(out.shape) != (batch, hq, d):
-            raise ValueError(f"out: expected shape {(batch, hq, d)}, got {tuple(out.shape)}")
-        if out.dtype != q.dtype:
-            raise TypeError(f"out: expected dtype {q.dtype} (q's dtype), got {out.dtype}")
-        _check_last_contiguous(out, "out")
-
-    if scale is None:
-        m.scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
-    else:
-        if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, np.floating, np.integer)):
-            raise TypeError(f"scale: expected a real number, got {type(scale).__name__} {scale!r}")
-        try:
-            fscale = float(scale)
-        except OverflowError:
-            fscale = math.inf
-        if not math.isfinite(fscale):
-            raise ValueError(f"scale: expected a finite number, got {fscale if math.isnan(fscale) or fscale != math.inf or isinstance(scale, float) else scale}")
-        m.scale = fscale
-
-    if not isinstance(sched, str) or sched not in _schedule.SCHEDULES:
-        raise ValueError(f"schedule: expected one of {_schedule.SCHEDULES}, got {sched!r}")
-    if tile_size is not None:
-        tile_size = _check_int(tile_size, "tile_size", 1)
-        if tile_size not in TILE_SIZES:
-            raise ValueError(f"tile_size: expected one of {TILE_SIZES}, got {tile_size}")
-    if num_ctas is not None:
-        _check_int(num_ctas, "num_ctas", 1, MAX_NUM_CTAS)
-    return m
-
-
-def _check_host_values(m, lens, table):
-    """Range checks of kv_lens / block_table given on the host."""
-    if lens is not None and lens.size:
-        bad = np.nonzero((lens < 0) | (lens > m.capacity))[0]
-        if bad.size:
-            i = int(bad[0])
-            raise ValueError(
-                f"kv_lens: expected values in [0, {m.capacity}] (the cache capacity), got kv_lens[{i}] = {int(lens[i])}")
-    if table is not None and table.size and lens is not None:
-        used = -(-lens.astype(np.int64) // m.page_size)
-        cols = np.arange(table.shape[1])
-        mask = cols[None, :] < used[:, None]
-        badm = mask & ((table < 0) | (table >= m.num_pages))
-        if badm.any():
-            b, j = (int(x) for x in np.argwhere(badm)[0])
-            raise ValueError(
-                f"block_table: expected page indices in [0, {m.num_pages}) for the pages in use, "
-                f"got block_table[{b}, {j}] = {int(table[b, j])}")
-
-
-# ------------------------------------------------------------------ public API
-
-def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse=False, out=None,
-              schedule="lean", num_ctas=None, tile_size=None, validate=True):
+def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse=False, out=None, lse=None,
+              schedule="lean", num_ctas=None, tile_size=None, validate=False):
     """Decode attention: one new query token per sequence over its KV cache.
 
     For every sequence ``b`` and query head ``i`` (KV head ``i // group``,
@@ -297,12 +65,18 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
     tile_size : int, optional
         KV tokens per tile, one of 16, 32, 64, 128 (a compile-time parameter);
         default by head_dim (128 at 64, 64 at 128, 32 at 256).
+    lse : array of float32, shape (batch, heads_q), optional
+        Written in place with the log-sum-exp and returned (implies
+        ``return_lse``).
     validate : bool
-        GPU only: check ``kv_lens`` and ``block_table`` values that live on
-        the GPU with a small kernel, then synchronise to raise ``ValueError``
-        on a bad value. ``False`` skips it (for CUDA graphs and hot loops);
-        either way the kernel clamps lengths to the capacity and treats pages
-        outside the cache as empty, so it never reads out of bounds.
+        Check the *values* of ``kv_lens`` and ``block_table`` that live on the
+        GPU with a small kernel, then synchronise to raise ``ValueError`` on a
+        bad one. Default ``False``: a call does not synchronise; the kernel
+        clamps lengths to ``[0, capacity]`` and treats page indices outside
+        ``[0, num_pages)`` as empty pages, so it never reads outside its
+        arrays, and the result of a sequence with a bad value is that of the
+        clamped input. Values given on the host (NumPy, lists) are always
+        checked, without a synchronisation.
 
     Returns
     -------
@@ -316,84 +90,194 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
         For bad shapes, dtypes, strides, lengths, page indices, scale,
         schedule, tile size or CTA count; the message names the argument, what
         was expected and what was given.
+
+    Notes
+    -----
+    GPU calls keep one launch plan per signature (shapes, strides, dtypes,
+    pointer alignment, options) and device; a call with a known signature
+    costs a dictionary lookup and a launch. Calls are safe from several
+    streams and threads (launches that share a plan's workspace are ordered
+    on the GPU) and can be captured into CUDA graphs: each captured launch gets
+    a workspace of its own, so any number of graphs can be captured one after
+    another and replayed in any order or concurrently. Inside a capture, pass
+    ``kv_lens`` / ``block_table`` as GPU arrays (their values are read at
+    replay, so lengths may change between replays) and ``out=`` (and
+    ``lse=``) arrays that outlive the graph.
     """
-    global _CUPY_NDARRAY, _gpu_mod
-    if _CUPY_NDARRAY is not None and _cacheable(q, k, v, out, kv_lens, block_table, scale):
-        # CuPy inputs whose shapes, strides and dtypes were validated before:
-        # the same checks would pass again (values of GPU kv_lens and
-        # block_table are still checked by _gpu when validate=True).
-        sig = _signature(q, k, v, out, kv_lens, block_table, scale, schedule, num_ctas, tile_size)
-        m = _FAST.get(sig)
-        if m is not None:
-            res_out, res_lse = _gpu_mod.attention(q, k, v, kv_lens, block_table, m, out, return_lse,
-                                                  schedule, num_ctas, tile_size, validate, sig)
+    nd = _arrays._CUPY_NDARRAY
+    if (nd is not None and type(q) is nd and type(k) is nd and type(v) is nd
+            and (out is None or type(out) is nd) and lse is None and not validate
+            and (kv_lens is None or type(kv_lens) is nd) and (block_table is None or type(block_table) is nd)
+            and (scale is None or type(scale) is float) and type(return_lse) is bool):
+        # Hot path: CuPy arrays whose signature has a plan (validated when the
+        # plan was built).
+        sig = _plan.signature(q, k, v, out, kv_lens, block_table, scale, schedule, num_ctas, tile_size)
+        p = _cache.get(("plan", _device(), sig))
+        if p is not None:
+            res_out, res_lse = p._launch(q, k, v, kv_lens, block_table, out, None, return_lse)
             return (res_out, res_lse) if return_lse else res_out
+    return _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, schedule, num_ctas,
+                           tile_size, validate)
+
+
+_get_device = None
+
+
+def _device():
+    global _get_device
+    if _get_device is None:
+        import cupy
+
+        _get_device = cupy.cuda.runtime.getDevice
+    return _get_device()
+
+
+def _check_bool(value, name):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name}: expected True or False, got {type(value).__name__} {value!r}")
+    return bool(value)
+
+
+def _normalise(q, k, v, kv_lens, block_table, out, lse):
+    """Arrays on one device: CuPy views of GPU arrays (index arrays may stay
+    on the host), NumPy arrays otherwise. Returns (gpu, arrays...)."""
     places = {n: _where(x) for n, x in (("q", q), ("k", k), ("v", v))}
     if out is not None:
         places["out"] = _where(out)
+    if lse is not None:
+        places["lse"] = _where(lse)
     gpu = "gpu" in places.values()
     if gpu and any(p != "gpu" for p in places.values()):
         desc = ", ".join(f"{n} on the {'GPU' if p == 'gpu' else 'CPU'}" for n, p in places.items())
-        raise TypeError(f"q, k, v, out: expected arrays on one device, got {desc}")
+        raise TypeError(f"{', '.join(places)}: expected arrays on one device, got {desc}")
     if gpu:
-        if _CUPY_NDARRAY is None:
-            from .kernels import _cupy
-
-            _CUPY_NDARRAY = _cupy().ndarray  # clear error naming the extra when CuPy is missing
+        _arrays.cupy_ndarray()
         q, k, v = _to_gpu(q, "q"), _to_gpu(k, "k"), _to_gpu(v, "v")
-        out_arr = _to_gpu(out, "out") if out is not None else None
-        lens = None
-        if kv_lens is not None:
-            lens = _to_gpu(kv_lens, "kv_lens") if _where(kv_lens) == "gpu" else _host_ints(kv_lens, "kv_lens")
-        table = None
-        if block_table is not None:
-            table = (_to_gpu(block_table, "block_table") if _where(block_table) == "gpu"
-                     else _host_ints(block_table, "block_table"))
+        out = _to_gpu(out, "out") if out is not None else None
+        lse = _to_gpu(lse, "lse") if lse is not None else None
+        idx = []
+        for x, name in ((kv_lens, "kv_lens"), (block_table, "block_table")):
+            if x is None:
+                idx.append(None)
+            elif _where(x) == "gpu":
+                idx.append(_to_gpu(x, name))
+            else:
+                idx.append(_host_ints(x, name))
+        kv_lens, block_table = idx
     else:
         q, k, v = _to_cpu(q, "q"), _to_cpu(k, "k"), _to_cpu(v, "v")
-        out_arr = out if (out is None or isinstance(out, (list, tuple))) else _to_cpu(out, "out")
-        lens = None if kv_lens is None else _host_ints(kv_lens, "kv_lens")
-        table = None if block_table is None else _host_ints(block_table, "block_table")
+        out = out if (out is None or isinstance(out, (list, tuple))) else _to_cpu(out, "out")
+        lse = lse if (lse is None or isinstance(lse, (list, tuple))) else _to_cpu(lse, "lse")
+        kv_lens = None if kv_lens is None else _host_ints(kv_lens, "kv_lens")
+        block_table = None if block_table is None else _host_ints(block_table, "block_table")
+    return gpu, q, k, v, kv_lens, block_table, out, lse
 
-    m = _validate(q, k, v, lens, table, scale, out_arr, schedule, num_ctas, tile_size, gpu)
+
+def _check_lse(lse, m):
+    if lse is None:
+        return
+    if not hasattr(lse, "shape") or not hasattr(lse, "dtype"):
+        raise TypeError(f"lse: expected a float32 array of shape {(m.batch, m.heads_q)}, got {type(lse).__name__}")
+    if tuple(lse.shape) != (m.batch, m.heads_q):
+        raise ValueError(f"lse: expected shape {(m.batch, m.heads_q)}, got {tuple(lse.shape)}")
+    if lse.dtype != np.float32:
+        raise TypeError(f"lse: expected dtype float32, got {lse.dtype}")
+
+
+def _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, schedule, num_ctas, tile_size,
+                    check_values):
+    return_lse = _check_bool(return_lse, "return_lse") or lse is not None
+    check_values = _check_bool(check_values, "validate")
+    gpu, q, k, v, lens, table, out, lse = _normalise(q, k, v, kv_lens, block_table, out, lse)
+    m = _validation.validate(q, k, v, lens, table, scale, out, schedule, num_ctas, tile_size, gpu)
+    _check_lse(lse, m)
     host_lens = lens if isinstance(lens, np.ndarray) else None
     host_table = table if isinstance(table, np.ndarray) else None
     if host_lens is not None or host_table is not None:
-        _check_host_values(m, host_lens, host_table)
+        _validation.check_host_values(m, host_lens, host_table)
+    if not gpu:
+        res_out, res_lse = _cpu_attention(q, k, v, lens, table, m, out)
+        if lse is not None:
+            lse[...] = res_lse
+            res_lse = lse
+        return (res_out, res_lse) if return_lse else res_out
+    if host_table is not None:
+        import cupy
 
-    if gpu:
-        if _gpu_mod is None:
-            from . import _gpu as _gpu_mod
-        res_out, res_lse = _gpu_mod.attention(q, k, v, lens, table, m, out_arr, return_lse, schedule,
-                                              num_ctas, tile_size, validate)
-        if _cacheable(q, k, v, out_arr, lens, table, scale):
-            if len(_FAST) > 256:
-                _FAST.clear()
-            _FAST[_signature(q, k, v, out_arr, lens, table, scale, schedule, num_ctas, tile_size)] = m
-    else:
-        res_out, res_lse = _cpu_attention(q, k, v, lens, table, m, out_arr)
+        table = cupy.asarray(host_table)  # the kernel reads the table from the GPU
+    sig = _plan.signature(q, k, v, out, lens, table, m.scale if scale is not None else None, schedule,
+                          num_ctas, tile_size)
+    p = _plan.get_plan(sig, lambda: m)
+    on_gpu = (lens is not None and host_lens is None) or (table is not None and host_table is None)
+    if check_values and m.batch and on_gpu:
+        from . import _gpu
+
+        _gpu.device_check(m, lens, table)
+    res_out, res_lse = p._launch(q, k, v, lens, table, out, lse, return_lse)
     return (res_out, res_lse) if return_lse else res_out
 
 
-_FAST: dict = {}
-_gpu_mod = None
+def plan(q, k, v, *, kv_lens=None, block_table=None, scale=None, out=None, schedule="lean", num_ctas=None,
+         tile_size=None, stages=None, ctas_per_sm=None, workspace=None):
+    """Build a launch plan for calls like ``attention(q, k, v, ...)``.
 
+    The plan is made from the arrays' metadata (shapes, strides, dtypes,
+    pointer alignment, where ``kv_lens`` / ``block_table`` live) and the
+    options; :meth:`Plan.run` then launches with any arrays of the same
+    metadata, on CuPy's current stream, with no validation or host
+    synchronisation. :meth:`Plan.describe` says what will launch (kernel,
+    grid, decomposition, workspace) and ``Plan.workspace_bytes`` how much
+    workspace a launch uses.
 
-def _cacheable(q, k, v, out, lens, table, scale):
-    """Every array a CuPy ndarray (or None) and scale None or a float: the
-    validation result then depends only on :func:`_signature`."""
-    nd = _CUPY_NDARRAY
-    return (type(q) is nd and type(k) is nd and type(v) is nd
-            and (out is None or type(out) is nd) and (lens is None or type(lens) is nd)
-            and (table is None or type(table) is nd) and (scale is None or type(scale) is float))
+    Parameters
+    ----------
+    q, k, v, kv_lens, block_table, scale, out, schedule, num_ctas, tile_size
+        As in :func:`attention` (GPU arrays; ``kv_lens`` may be a NumPy
+        array, whose values are then checked at every run). ``out``: pass an
+        array when the runs will pass ``out=`` arrays of that layout; None when
+        they will let the plan allocate the output.
+    stages : int, optional
+        Pipeline depth of the kernel (2 to 6), for experiments; default by
+        configuration.
+    ctas_per_sm : int, optional
+        Lean grid: CTAs per SM (default from the kernel's occupancy).
+    workspace : cupy.ndarray, optional
+        Caller-owned workspace of at least ``workspace_bytes`` bytes
+        (contiguous, 256-byte aligned); its first bytes (unit counters) are
+        zeroed now and are zero again after every completed launch. Launches
+        that may overlap in time (two streams, two graphs replayed
+        concurrently) must not share one. Default: the plan owns its
+        workspaces, one for eager launches (ordered across streams) and one
+        per captured launch.
 
+    Returns
+    -------
+    Plan
 
-def _signature(q, k, v, out, lens, table, scale, schedule, num_ctas, tile_size):
-    return (q.shape, q.strides, q.dtype, k.shape, k.strides, k.dtype, v.shape, v.strides, v.dtype,
-            None if out is None else (out.shape, out.strides, out.dtype),
-            None if lens is None else (lens.shape, lens.dtype),
-            None if table is None else (table.shape, table.strides, table.dtype),
-            scale, schedule, num_ctas, tile_size)
+    Notes
+    -----
+    :func:`attention` keeps one plan per signature and device in the
+    package's cache; a plan from this function is the caller's, never shared
+    with another call. To capture several CUDA graphs that may replay
+    concurrently, one plan (or attention()) serves them all: each captured
+    launch gets a workspace of its own.
+    """
+    gpu, q, k, v, lens, table, out, _ = _normalise(q, k, v, kv_lens, block_table, out, None)
+    if not gpu:
+        raise TypeError("q: plan() needs GPU arrays (CuPy, or any with __cuda_array_interface__ / "
+                        f"CUDA __dlpack__), got {type(q).__module__}.{type(q).__name__}")
+    m = _validation.validate(q, k, v, lens, table, scale, out, schedule, num_ctas, tile_size, True)
+    if stages is not None:
+        _validation._check_int(stages, "stages", 2, 6)
+    if ctas_per_sm is not None:
+        _validation._check_int(ctas_per_sm, "ctas_per_sm", 1, 32)
+    if isinstance(table, np.ndarray):
+        import cupy
+
+        table = cupy.asarray(table)
+    sig = _plan.signature(q, k, v, out, lens, table, m.scale if scale is not None else None, schedule,
+                          num_ctas, tile_size, stages, ctas_per_sm)
+    return _plan.Plan(sig, m, workspace=workspace)
 
 
 def _cpu_attention(q, k, v, lens, table, m, out):
@@ -447,9 +331,9 @@ def merge_states(outs, lses):
         raise ValueError(f"lses: expected shape {tuple(outs.shape[:-1])} (outs.shape[:-1]), got {tuple(lses.shape)}")
     if outs.shape[0] < 1:
         raise ValueError("outs: expected at least one part on axis 0, got 0")
-    allowed = _GPU_DTYPES + (np.dtype(np.float32),) + (() if gpu else (np.dtype(np.float64),))
+    allowed = GPU_DTYPES + (np.dtype(np.float32),) + (() if gpu else (np.dtype(np.float64),))
     if outs.dtype not in allowed:
-        raise TypeError(f"outs: expected dtype among {_dtype_names(allowed)}, got {outs.dtype}")
+        raise TypeError(f"outs: expected dtype among {dtype_names(allowed)}, got {outs.dtype}")
     if not (np.issubdtype(lses.dtype, np.floating) or lses.dtype == BFLOAT16):
         raise TypeError(f"lses: expected a floating dtype, got {lses.dtype}")
     if gpu:

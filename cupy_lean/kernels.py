@@ -23,9 +23,9 @@ import functools
 import hashlib
 import os
 import pathlib
-import threading
-
 import numpy as np
+
+from . import _cache
 
 __all__ = [
     "Spec",
@@ -182,15 +182,8 @@ def default_ctas_per_sm(spec, occupancy):
     return max(1, min(2, occupancy))
 
 
-#: Experiment knobs (None: defaults): pipeline depth of every spec, and CTAs
-#: per SM of the lean grid. For benchmarks; not part of the API contract.
-OVERRIDES = {"stages": None, "ctas_per_sm": None}
-
-
 def make_spec(dtype, head_dim, group, paged, tile_size=None, stages=None) -> Spec:
     """The spec that serves ``group`` query heads per KV head at ``head_dim``."""
-    if stages is None:
-        stages = OVERRIDES["stages"]
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"head_dim: the GPU kernels support {HEAD_DIMS}, got {head_dim}")
     if not 1 <= group <= MAX_GROUP:
@@ -279,23 +272,8 @@ def compile_cubin(spec: Spec | None, arch: str = "sm_90", log=None) -> bytes:
 
 # --------------------------------------------------------------------- modules
 
-_lock = threading.Lock()
-_modules: dict = {}
-
-
-def _module(spec):
-    key = (_device_id(), spec)
-    mod = _modules.get(key)
-    if mod is None:
-        cp = _cupy()
-        with _lock:
-            mod = _modules.get(key)
-            if mod is None:
-                mod = cp.RawModule(code=_source_of(spec), options=compile_options(spec),
-                                   name_expressions=None)
-                mod.compile()
-                _modules[key] = mod
-    return mod
+def _device_id():
+    return _cupy().cuda.runtime.getDevice()
 
 
 class _Kernels:
@@ -306,7 +284,9 @@ class _Kernels:
 
         cp = _cupy()
         self.spec = spec
-        mod = _module(spec)
+        mod = cp.RawModule(code=_source_of(spec), options=compile_options(spec))
+        mod.compile()
+        self.module = mod
         self.attn = mod.get_function(spec.entry)
         self.combine = mod.get_function(spec.combine_entry)
         smem = spec.smem_bytes
@@ -323,33 +303,24 @@ class _Kernels:
         self.ctas_per_sm = default_ctas_per_sm(spec, self.occupancy)
 
 
-_kernels: dict = {}
-
-
-def _device_id():
-    cp = _cupy()
-    return cp.cuda.runtime.getDevice()
-
-
 def kernels_for(spec) -> _Kernels:
-    key = (_device_id(), spec)
-    k = _kernels.get(key)
-    if k is None:
-        k = _Kernels(spec)
-        _kernels[key] = k
-    return k
+    """The compiled kernels of ``spec`` on the current device (the package's
+    one cache holds them)."""
+    return _cache.get_or_build(("spec", _device_id(), spec), lambda: _Kernels(spec))
 
 
-@functools.lru_cache(maxsize=None)
-def _util_module(device):
-    cp = _cupy()
-    mod = cp.RawModule(code=_source_of(None), options=compile_options(None))
-    mod.compile()
-    return mod
+def _util_module():
+    def build():
+        mod = _cupy().RawModule(code=_source_of(None), options=compile_options(None))
+        mod.compile()
+        return mod
+
+    return _cache.get_or_build(("util", _device_id()), build)
 
 
 def util_function(name):
-    return _util_module(_device_id()).get_function(name)
+    """A function of the helper module (merge_states, input checks)."""
+    return _util_module().get_function(name)
 
 
 def warmup(dtypes=("float16", "bfloat16"), head_dims=(128,), groups=(1, 4, 8), paged=(False, True),
@@ -365,7 +336,7 @@ def warmup(dtypes=("float16", "bfloat16"), head_dims=(128,), groups=(1, 4, 8), p
                     s = make_spec(name, d, g, p, tile_size)
                     kernels_for(s)
                     specs.append(s)
-    _util_module(_device_id())
+    _util_module()
     return specs
 
 
@@ -413,42 +384,3 @@ def launch(func, grid, block, args, shared_mem=0, signature=ATTN_SIGNATURE):
     if _DEBUG_CHECKS:
         check_args(signature, args)
     func((int(grid),), (int(block),), args, shared_mem=int(shared_mem))
-
-
-# --------------------------------------------------------------------- workspace
-
-class _Workspace:
-    __slots__ = ("ws", "counters", "keep")
-
-    def __init__(self):
-        self.ws = None
-        self.counters = None
-        self.keep = []  # earlier buffers stay alive: captured graphs may point at them
-
-
-_workspaces: dict = {}
-
-
-def workspace(ws_floats, n_counters):
-    """Workspace of the current (device, stream): fp32 slots and the unit
-    counters (zero between launches: the kernel resets what it uses). Grows,
-    never shrinks. Launches on one stream are ordered, so they can share it;
-    launches on different streams get different workspaces. A CUDA graph
-    keeps the workspace of the stream it was captured on: replaying two graphs
-    captured on the same stream concurrently on different streams would share
-    it (capture them on different streams)."""
-    cp = _cupy()
-    stream = cp.cuda.get_current_stream()
-    key = (_device_id(), stream.ptr)
-    w = _workspaces.get(key)
-    if w is None:
-        w = _workspaces[key] = _Workspace()
-    if w.ws is None or w.ws.size < ws_floats:
-        if w.ws is not None:
-            w.keep.append(w.ws)
-        w.ws = cp.empty(max(ws_floats, 4096), dtype=cp.float32)
-    if w.counters is None or w.counters.size < n_counters:
-        if w.counters is not None:
-            w.keep.append(w.counters)
-        w.counters = cp.zeros(max(n_counters, 1024), dtype=cp.int32)
-    return w.ws, w.counters

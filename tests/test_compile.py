@@ -89,14 +89,14 @@ def test_tile_override_and_limits():
 
 
 def test_launch_pack_checks_argument_count_and_packs_types():
-    from cupy_lean import _gpu
+    from cupy_lean import _plan as P
 
     values = list(range(9)) + [1] * 11 + [2] * 8 + [0.5, 3]
-    pack = _gpu._Pack(K.ATTN_SIGNATURE, values)
+    pack = P._Pack(K.ATTN_SIGNATURE, values)
     assert len(pack.cvals) == len(K.ATTN_SIGNATURE) == 30
     assert pack.cvals[-2].value == 0.5 and type(pack.cvals[-2]).__name__ == "c_float"
     with pytest.raises(TypeError, match="expected 30 arguments, got 29"):
-        _gpu._Pack(K.ATTN_SIGNATURE, values[:-1])
+        P._Pack(K.ATTN_SIGNATURE, values[:-1])
 
 
 @pytest.mark.parametrize("ptr,strides,shape,n,ok", [
@@ -108,6 +108,6 @@ def test_launch_pack_checks_argument_count_and_packs_types():
     (4100, (8, 8, 2), (3, 4, 4), 8, False),
 ])
 def test_alignment_predicate(ptr, strides, shape, n, ok):
-    from cupy_lean import _gpu
+    from cupy_lean import _plan as P
 
-    assert _gpu.is_aligned(ptr, strides, shape, n) is ok
+    assert P._aligned_layout((shape, strides), ptr % n == 0, n) is ok

@@ -328,14 +328,14 @@ def test_device_validation_raises():
     qd, kd, vd = to_gpu(q), to_gpu(k), to_gpu(v)
     bad = cp.asarray(np.array([100, 10**6], dtype=np.int32))
     with pytest.raises(ValueError, match=r"kv_lens\[1\] = 1000000"):
-        cupy_lean.attention(qd, kd, vd, kv_lens=bad, block_table=cp.asarray(table))
+        cupy_lean.attention(qd, kd, vd, kv_lens=bad, block_table=cp.asarray(table), validate=True)
     neg = cp.asarray(np.array([-3, 5], dtype=np.int64))
     with pytest.raises(ValueError, match=r"kv_lens\[0\] = -3"):
-        cupy_lean.attention(qd, kd, vd, kv_lens=neg, block_table=cp.asarray(table))
+        cupy_lean.attention(qd, kd, vd, kv_lens=neg, block_table=cp.asarray(table), validate=True)
     t2 = table.copy()
     t2[1, 1] = k.shape[0] + 5
     with pytest.raises(ValueError, match=r"block_table\[1, 1\]"):
-        cupy_lean.attention(qd, kd, vd, kv_lens=cp.asarray(lens), block_table=cp.asarray(t2))
+        cupy_lean.attention(qd, kd, vd, kv_lens=cp.asarray(lens), block_table=cp.asarray(t2), validate=True)
 
 
 def test_bad_values_without_validation_are_safe():

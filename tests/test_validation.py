@@ -393,3 +393,54 @@ def test_merge_states_accepts(dtype, lse_dtype):
     assert out.dtype == np.dtype(dtype) and out.shape == (4, 8)
     assert lse.dtype == np.float32 and lse.shape == (4,)
     assert np.all(np.isfinite(out.astype(np.float64))) and np.all(np.isfinite(lse))
+
+
+# ---------------------------------------------------------------- signatures and plans (no GPU needed)
+
+class _FakeData:
+    def __init__(self, ptr):
+        self.ptr = ptr
+
+
+class _FakeArray:
+    """Just the metadata a signature reads."""
+
+    def __init__(self, shape, strides, dtype, ptr=4096):
+        self.shape, self.strides, self.dtype, self.data = tuple(shape), tuple(strides), np.dtype(dtype), _FakeData(ptr)
+
+
+def _sig(**over):
+    from cupy_lean._plan import signature
+
+    q = _FakeArray((2, 8, 64), (1024, 128, 2), np.float16)
+    k = _FakeArray((2, 100, 2, 64), (25600, 256, 128, 2), np.float16)
+    args = dict(q=q, k=k, v=k, out=None, kv_lens=None, block_table=None, scale=None, schedule="lean",
+                num_ctas=None, tile_size=None)
+    args.update(over)
+    return signature(**args)
+
+
+def test_signature_is_hashable_and_sees_every_launch_input():
+    base = _sig()
+    assert hash(base) == hash(_sig()) and base == _sig()
+    k_other = _FakeArray((2, 100, 2, 64), (25600, 256, 128, 2), np.float16, ptr=4098)
+    variants = [
+        _sig(q=_FakeArray((3, 8, 64), (1024, 128, 2), np.float16)),  # shape
+        _sig(q=_FakeArray((2, 8, 64), (2048, 128, 2), np.float16)),  # strides
+        _sig(q=_FakeArray((2, 8, 64), (1024, 128, 2), BF16)),  # dtype
+        _sig(k=k_other),  # alignment of a pointer
+        _sig(scale=0.5), _sig(schedule="split"), _sig(num_ctas=7), _sig(tile_size=32),
+        _sig(kv_lens=np.zeros(2, np.int32)),
+    ]
+    assert len({base, *variants}) == len(variants) + 1
+    # data pointers that keep the alignment do not change the signature
+    assert _sig(k=_FakeArray((2, 100, 2, 64), (25600, 256, 128, 2), np.float16, ptr=1 << 40)) == base
+
+
+def test_layers_below_the_front_end_do_not_import_it():
+    import inspect
+
+    from cupy_lean import _gpu, kernels, _plan as plan
+
+    for mod in (_gpu, kernels, plan):
+        assert "from .attention" not in inspect.getsource(mod)

@@ -98,7 +98,6 @@ def main():
             sets.append((q, k, v))
         cp.cuda.Device().synchronize()  # input generation must not overlap the timing
         row = [f"{name:17s} floor {kv_bytes / ceil / 1e6:6.1f} us"]
-        from cupy_lean import kernels as K
         variants = [tuple(int(x) for x in v.split(":")) for v in args.variants.split(",") if v]
         variants = [v + (None,) * (4 - len(v)) for v in variants]
         runs = [("lean", None, None, None, None)] + [("lean",) + v for v in variants]
@@ -106,17 +105,18 @@ def main():
             runs += [("split", None, None, None, None), ("head", None, None, None, None)]
         runs += [("lean", None, None, None, None)]
         for sched, tile, stages, per_sm, nct in runs:
-            K.OVERRIDES["stages"] = stages
-            K.OVERRIDES["ctas_per_sm"] = per_sm
-            def fn(q, k, v, sched=sched, tile=tile, nct=nct):
-                cupy_lean.attention(q, k, v, schedule=sched, tile_size=tile, validate=False, num_ctas=nct)
             try:
+                q0, k0, v0 = sets[0]
+                plan = cupy_lean.plan(q0, k0, v0, schedule=sched, tile_size=tile, num_ctas=nct, stages=stages,
+                                      ctas_per_sm=per_sm)
+
+                def fn(q, k, v, plan=plan):
+                    plan.run(q, k, v)
                 us = graph_time(fn, sets)
                 lab = sched + (f"/t{tile}s{stages}c{per_sm}" if tile else "") + (f"n{nct}" if nct else "")
                 row.append(f"{lab} {us:7.1f} ({kv_bytes / us / 1e6:4.2f})")
             except Exception as exc:
                 row.append(f"{sched}/t{tile}s{stages}: {type(exc).__name__}: {str(exc)[:80]}")
-        K.OVERRIDES["stages"] = K.OVERRIDES["ctas_per_sm"] = None
         print(" | ".join(row), flush=True)
         del sets
         cp.get_default_memory_pool().free_all_blocks()

@@ -1,0 +1,94 @@
+"""Host time per eager call of ``cupy_lean.attention`` (and of torch SDPA
+when PyTorch is installed), on shapes whose GPU time is small.
+
+Two figures per case, medians of 5 loops of 300 calls:
+
+* ``issue_us``: wall time until the 300 calls have returned, divided by 300,
+  before any synchronisation: the host cost of a call (the GPU queue is deep
+  enough that it never blocks here).
+* ``wall_us``: the same loop including the final synchronisation: the
+  per-call rate when host and GPU overlap (max of host and GPU time).
+
+Usage: ``python -m bench.host_time [--out FILE.json] [--label NAME]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import numpy as np
+
+CASES = {  # name: (batch, heads_q, heads_kv, head_dim, kv_len)
+    "b1_h32x8_d128_1k": (1, 32, 8, 128, 1024),
+    "b4_h32x8_d128_1k": (4, 32, 8, 128, 1000),
+}
+
+
+def _loop(fn, sync, n=300, loops=5):
+    for _ in range(10):
+        fn()
+    sync()
+    issue, wall = [], []
+    for _ in range(loops):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        t1 = time.perf_counter()
+        sync()
+        t2 = time.perf_counter()
+        issue.append((t1 - t0) / n * 1e6)
+        wall.append((t2 - t0) / n * 1e6)
+    return {"issue_us": statistics.median(issue), "wall_us": statistics.median(wall)}
+
+
+def main(argv=None):
+    import cupy as cp
+
+    import cupy_lean
+
+    ap = argparse.ArgumentParser(prog="python -m bench.host_time", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    ap.add_argument("--label", default="", help="label printed with the results")
+    args = ap.parse_args(argv)
+    rng = np.random.default_rng(1)
+    res = {}
+    sync = cp.cuda.Device().synchronize
+    for name, (B, hq, hkv, d, n) in CASES.items():
+        q = cp.asarray(rng.standard_normal((B, hq, d), dtype=np.float32).astype(np.float16))
+        k = cp.asarray(rng.standard_normal((B, n, hkv, d), dtype=np.float32).astype(np.float16))
+        v = cp.asarray(rng.standard_normal((B, n, hkv, d), dtype=np.float32).astype(np.float16))
+        lens = cp.full(B, n - 3, dtype=cp.int32)
+        out = cp.empty_like(q)
+        variants = {
+            "default (kv_lens on the GPU)": lambda: cupy_lean.attention(q, k, v, kv_lens=lens),
+            "out=": lambda: cupy_lean.attention(q, k, v, kv_lens=lens, out=out),
+            "validate=True (synchronises)": lambda: cupy_lean.attention(q, k, v, kv_lens=lens, validate=True),
+        }
+        if hasattr(cupy_lean, "plan"):  # older versions had no plans
+            p = cupy_lean.plan(q, k, v, kv_lens=lens, out=out)
+            variants["plan.run(out=)"] = lambda: p.run(q, k, v, kv_lens=lens, out=out)
+        try:
+            import torch
+            import torch.nn.functional as F
+
+            tq = torch.from_dlpack(q).unsqueeze(2)  # (B, Hq, 1, D)
+            tk = torch.from_dlpack(k).permute(0, 2, 1, 3)  # (B, Hkv, N, D), no copy
+            tv = torch.from_dlpack(v).permute(0, 2, 1, 3)
+            variants["torch SDPA (peer)"] = lambda: F.scaled_dot_product_attention(tq, tk, tv, enable_gqa=True)
+        except Exception:  # PyTorch missing: no peer row
+            pass
+        for var, fn in variants.items():
+            res[f"{name} | {var}"] = _loop(fn, sync)
+    for key, r in res.items():
+        print(f"{args.label:8s} {key:55s} host {r['issue_us']:7.1f} us/call   with GPU {r['wall_us']:7.1f} us/call")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,110 @@
+"""Where an array lives, and zero-copy conversion to CuPy or NumPy.
+
+GPU arrays of any library come in through DLPack or
+``__cuda_array_interface__`` without a copy. A 2-byte element type that
+arrives as raw bytes (``|V2``: how CuPy sees PyTorch's and JAX's bfloat16) is
+read as bfloat16 when the producer names its dtype bfloat16, and refused
+otherwise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._dtypes import BFLOAT16
+
+_CUPY_NDARRAY = None  # cupy.ndarray once CuPy has been imported by a GPU call
+
+
+def cupy_ndarray():
+    global _CUPY_NDARRAY
+    if _CUPY_NDARRAY is None:
+        from .kernels import _cupy
+
+        _CUPY_NDARRAY = _cupy().ndarray  # clear error naming the extra when CuPy is missing
+    return _CUPY_NDARRAY
+
+
+def where(x):
+    """'gpu', 'cpu' or None (None: not an array we know)."""
+    if type(x) is _CUPY_NDARRAY:
+        return "gpu"
+    if isinstance(x, np.ndarray):
+        return "cpu"
+    if type(x).__module__.startswith("cupy"):
+        return "gpu"
+    dev = getattr(x, "__dlpack_device__", None)
+    if dev is not None:
+        try:
+            kind = int(dev()[0])
+        except Exception:  # pragma: no cover - foreign object
+            return None
+        return "gpu" if kind in (2, 3, 13) else "cpu"  # CUDA, CUDA host, CUDA managed
+    try:
+        if getattr(x, "__cuda_array_interface__", None) is not None:
+            return "gpu"
+    except Exception:  # e.g. PyTorch bfloat16 refuses the interface
+        return "gpu"
+    return None
+
+
+def _producer_dtype_name(x):
+    dt = getattr(x, "dtype", None)
+    return "" if dt is None else str(dt).rsplit(".", 1)[-1]
+
+
+def _fix_void(arr, src, name):
+    """A CuPy/NumPy array whose dtype came through as raw 2-byte voids."""
+    if arr.dtype.kind != "V":
+        return arr
+    if arr.dtype.itemsize == 2 and BFLOAT16 is not None and _producer_dtype_name(src) == "bfloat16":
+        return arr.view(BFLOAT16)
+    raise TypeError(
+        f"{name}: got an element type of {arr.dtype.itemsize} raw bytes ({arr.dtype.str}) from "
+        f"{type(src).__module__}.{type(src).__name__} whose dtype is {getattr(src, 'dtype', '?')!s}; "
+        "expected float16 or bfloat16")
+
+
+def to_gpu(x, name):
+    """A CuPy view of a GPU array (no copy)."""
+    nd = cupy_ndarray()
+    if type(x) is nd:
+        return x
+    import cupy
+
+    if isinstance(x, cupy.ndarray):
+        return x
+    if hasattr(x, "__dlpack__"):
+        try:
+            arr = cupy.from_dlpack(x)
+        except Exception:
+            arr = None
+        if arr is not None:
+            return _fix_void(arr, x, name)
+    return _fix_void(cupy.asarray(x), x, name)
+
+
+def to_cpu(x, name):
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "__dlpack__") and not isinstance(x, (list, tuple)):
+        try:
+            return _fix_void(np.from_dlpack(x), x, name)
+        except TypeError:
+            raise
+        except Exception:
+            pass
+    return np.asarray(x)
+
+
+def host_ints(x, name):
+    """An index array given on the host (NumPy, list) or fetched from the GPU
+    for the NumPy path. An empty list becomes an empty int64 array."""
+    if where(x) == "gpu":
+        import cupy
+
+        return cupy.asnumpy(to_gpu(x, name))
+    arr = np.asarray(x)
+    if arr.size == 0 and not np.issubdtype(arr.dtype, np.integer) and isinstance(x, (list, tuple)):
+        arr = arr.astype(np.int64)
+    return arr

@@ -1,0 +1,482 @@
+"""Launch plans: everything a launch needs, built once per signature.
+
+A :class:`Signature` is the metadata of one call: the shapes, strides and
+dtypes of every array, the alignment of their pointers, where the lengths
+live, and the options. It determines the validation result and everything
+about a launch except the data pointers. A :class:`Plan` built from it holds
+the kernel spec and compiled kernels, the grid, the decomposition, the kernel
+parameters (in ctypes storage: a launch rewrites only the pointers) and its
+own workspace. Plans live in the package's one cache (``_cache``) keyed on the
+signature and the device.
+
+Workspace rules (what makes graphs and streams safe):
+
+* A plan owns its workspace (or uses the one the caller passed to
+  :func:`cupy_lean.plan`); no two plans share one.
+* Eager launches of one plan are ordered on the GPU: when a launch comes on a
+  stream other than the previous launch's, the new stream first waits for the
+  work already queued on the previous one (an event), so two streams never use
+  the workspace at once.
+* A launch captured into a CUDA graph gets a workspace of its own, kept as
+  long as the plan lives, so no two graphs (and no graph and an eager call)
+  share a workspace: graphs can be replayed in any order, on any streams,
+  concurrently.
+* The unit counters in a workspace are zero between launches: zeroed when the
+  workspace is made, and reset by the kernel that used them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from typing import NamedTuple, Optional
+
+import numpy as np
+
+from . import _cache
+from . import kernels as K
+from ._dtypes import KERNEL_TAG
+from .schedule import num_splits_heuristic
+
+__all__ = ["Signature", "Plan", "signature", "get_plan", "aligned_grid"]
+
+_LOG2E = 1.4426950408889634
+COUNTER_ALIGN = 256  # bytes: the fp32 slots start on this boundary
+_DEFAULT_STREAMS = (0, 1, 2)  # legacy and per-thread default streams: never destroyed
+
+
+class Signature(NamedTuple):
+    """The metadata of a call (hashable): it determines validation and the
+    launch, everything but the data pointers."""
+
+    dtypes: tuple  # q, k, v
+    q: tuple  # (shape, strides in bytes) of each array
+    k: tuple
+    v: tuple
+    out: Optional[tuple]  # (shape, strides), None: allocated by the call
+    kv_lens: Optional[tuple]  # ("gpu" | "cpu", shape, dtype, strides)
+    block_table: Optional[tuple]
+    aligned: tuple  # q, k, v pointers 16-byte aligned; out pointer 8-byte aligned
+    scale: Optional[float]
+    schedule: str
+    num_ctas: Optional[int]
+    tile_size: Optional[int]
+    stages: Optional[int]
+    ctas_per_sm: Optional[int]
+
+
+def _meta(x):
+    if x is None:
+        return None
+    where = "cpu" if isinstance(x, np.ndarray) else "gpu"
+    return (where, x.shape, x.dtype, x.strides)
+
+
+def signature(q, k, v, out, kv_lens, block_table, scale, schedule, num_ctas, tile_size,
+              stages=None, ctas_per_sm=None):
+    """The :class:`Signature` of CuPy arrays (``kv_lens`` / ``block_table``
+    CuPy, NumPy or None) and options."""
+    return Signature(
+        (q.dtype, k.dtype, v.dtype), (q.shape, q.strides), (k.shape, k.strides), (v.shape, v.strides),
+        None if out is None else (out.shape, out.strides, out.dtype),
+        _meta(kv_lens), _meta(block_table),
+        (not q.data.ptr & 15, not k.data.ptr & 15, not v.data.ptr & 15,
+         None if out is None else not out.data.ptr & 7),
+        scale, schedule, num_ctas, tile_size, stages, ctas_per_sm)
+
+
+def aligned_grid(units, tiles_per_unit, grid, min_fraction=0.85):
+    """For uniform lengths: a grid of at least ``min_fraction * grid`` CTAs
+    whose stream-K ranges start and end on unit boundaries (each CTA takes an
+    equal share of one unit, or whole units), else ``grid``. A unit boundary
+    inside a CTA's range costs a publication and a merge (measured 2-3 us per
+    boundary on an H100), more than the few SMs left idle."""
+    if units <= 0 or tiles_per_unit <= 0:
+        return grid
+    if units < grid:
+        p = grid // units
+        while p > 1 and tiles_per_unit % p:
+            p -= 1
+        g = units * p
+    else:
+        per = -(-units // grid)
+        if units % per:
+            return grid
+        g = units // per
+    return g if g >= min_fraction * grid else grid
+
+
+_CTYPES = {"ptr": ctypes.c_uint64, np.int64: ctypes.c_int64, np.int32: ctypes.c_int32,
+           np.float32: ctypes.c_float}
+
+
+class _Pack:
+    """Kernel parameters kept in ctypes storage: a launch rewrites the
+    pointer fields and hands the array of addresses to cuLaunchKernel, which
+    copies the values (also when the launch is captured into a graph)."""
+
+    def __init__(self, signature_, values):
+        if len(values) != len(signature_):
+            raise TypeError(f"kernel launch: expected {len(signature_)} arguments, got {len(values)}")
+        self.cvals = [_CTYPES[kind](val) for (_, kind), val in zip(signature_, values)]
+        self.arr = (ctypes.c_void_p * len(self.cvals))(*[ctypes.addressof(c) for c in self.cvals])
+        self.addr = ctypes.addressof(self.arr)
+
+
+def _elem_strides(strides, itemsize, n):
+    return [s // itemsize for s in strides[:n]]
+
+
+class Plan:
+    """A launch plan: build with :func:`cupy_lean.plan`, run with
+    :meth:`run` (or through :func:`cupy_lean.attention`, which keeps one plan
+    per signature).
+
+    Attributes
+    ----------
+    signature : Signature
+        The call metadata the plan was built for.
+    spec : cupy_lean.kernels.Spec
+        Compile-time parameters of the kernel (dtype, head_dim, query tiles,
+        tile size, pipeline stages, paged).
+    grid : int
+        CTAs launched (lean: the persistent grid; split/head: units x splits).
+    workspace_bytes : int
+        Size of one workspace: unit counters, then fp32 partial-state slots.
+    """
+
+    def __init__(self, sig: Signature, meta, *, workspace=None):
+        import cupy as cp
+
+        self.signature = sig
+        self.meta = meta
+        m = meta
+        B, D, Hkv, g = m.batch, m.head_dim, m.heads_kv, m.group
+        spec = K.make_spec(KERNEL_TAG[sig.dtypes[0]], D, g, m.paged, sig.tile_size, sig.stages)
+        kern = K.kernels_for(spec)
+        self.spec, self.kernels = spec, kern
+        self.device = cp.cuda.runtime.getDevice()
+        tile = spec.tile
+        units = B * Hkv
+        max_unit_tiles = -(-m.capacity // tile)
+        slot_stride = -(-g * (D + 2) // 4) * 4
+        self.units, self.tile, self.max_unit_tiles = units, tile, max_unit_tiles
+        self.num_sms = kern.num_sms
+        self.host_lens = sig.kv_lens is not None and sig.kv_lens[0] == "cpu"
+        self.aligned_grid_applied = False
+        if sig.schedule == "lean":
+            self.ctas_per_sm = sig.ctas_per_sm or kern.ctas_per_sm
+            full = sig.num_ctas if sig.num_ctas is not None else self.ctas_per_sm * kern.num_sms
+            grid = max(1, min(full, max(units * max_unit_tiles, 1)))
+            if sig.num_ctas is None and sig.kv_lens is None:
+                ag = aligned_grid(units, max_unit_tiles, grid)
+                self.aligned_grid_applied = ag != grid
+                grid = ag
+            mode, ns = 0, 1
+            slots = 2 * grid
+        else:
+            self.ctas_per_sm = None
+            if sig.schedule == "head":
+                ns = 1
+            elif sig.num_ctas is not None:
+                ns = max(1, sig.num_ctas // max(units, 1))
+            else:
+                ns = num_splits_heuristic(units, max_unit_tiles, kern.num_sms)
+            grid = units * ns
+            mode = 1
+            slots = grid if ns > 1 else 0
+        self.grid, self.mode, self.num_splits = grid, mode, ns
+        self.slot_stride = slot_stride
+        self.counter_bytes = -(-max(units, 1) * 4 // COUNTER_ALIGN) * COUNTER_ALIGN
+        self.workspace_bytes = self.counter_bytes + slots * slot_stride * 4
+        self.threads, self.smem = spec.threads, spec.smem_bytes
+        self._attn_ptr, self._combine_ptr = kern.attn.kernel.ptr, kern.combine.kernel.ptr
+
+        # Strides the kernel sees: those of the arrays, or of the contiguous
+        # copies made for arrays the kernel cannot read in place.
+        isz = sig.dtypes[0].itemsize
+        self.copy_q = not _aligned_layout(sig.q, sig.aligned[0], 16)
+        self.copy_k = not _aligned_layout(sig.k, sig.aligned[1], 16)
+        self.copy_v = not _aligned_layout(sig.v, sig.aligned[2], 16)
+        out_shape = (B, m.heads_q, D)
+        self.copy_out = sig.out is not None and not _aligned_layout(sig.out[:2], sig.aligned[3], 8)
+        qs = _elem_strides(_contig(sig.q[0], isz) if self.copy_q else sig.q[1], isz, 2)
+        ks = _elem_strides(_contig(sig.k[0], isz) if self.copy_k else sig.k[1], isz, 3)
+        vs = _elem_strides(_contig(sig.v[0], isz) if self.copy_v else sig.v[1], isz, 3)
+        os_ = _elem_strides(sig.out[1] if (sig.out is not None and not self.copy_out)
+                            else _contig(out_shape, isz), isz, 2)
+        # Index arrays the kernel reads directly: int32 on the GPU with unit
+        # stride on the last axis; others are converted per call.
+        self.lens_direct = (sig.kv_lens is not None and sig.kv_lens[0] == "gpu"
+                            and sig.kv_lens[2] == np.int32 and sig.kv_lens[3] in ((4,), (0,)) and B > 0)
+        tb = sig.block_table
+        self.table_direct = (tb is not None and tb[0] == "gpu" and tb[2] == np.int32
+                             and (tb[1][1] <= 1 or tb[3][1] == 4))
+        if tb is None:
+            bt_sb = 0
+        elif self.table_direct:
+            bt_sb = tb[3][0] // 4
+        else:
+            bt_sb = tb[1][1]  # contiguous int32 copy
+        values = [0] * 9 + [
+            qs[0], qs[1], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], os_[0], os_[1], bt_sb,
+            B, Hkv, g, m.capacity, max(m.page_size, 1), m.num_pages, mode, ns,
+            m.scale * _LOG2E, slot_stride,
+        ]
+        self._pack = _Pack(K.ATTN_SIGNATURE, values)
+        self._lock = threading.Lock()
+        self._graph_workspaces = []  # workspaces (and temporaries) of captured launches
+        self.captured = False
+        self._user_ws = workspace is not None
+        self._ws = None
+        if workspace is not None:
+            self._ws = _check_workspace(workspace, self.workspace_bytes)
+            self._ws[:self.counter_bytes].fill(0)
+        self._spare = None  # zeroed workspace for the next captured launch
+        self._stream = None  # stream of the previous eager launch (held: its handle cannot be reused)
+
+    # ------------------------------------------------------------ reporting
+
+    def describe(self) -> str:
+        """What launches: the spec, the grid and the decomposition."""
+        s, m = self.signature, self.meta
+        lines = [
+            f"plan: {s.schedule} schedule, {s.dtypes[0]}, batch {m.batch}, heads {m.heads_q}/{m.heads_kv} "
+            f"(group {m.group}), head_dim {m.head_dim}, "
+            + (f"paged (page_size {m.page_size}, {m.num_pages} pages, {m.max_pages} per sequence)"
+               if m.paged else f"dense (seqlen {m.seqlen})"),
+            f"  kernel: {self.spec.name} (tile {self.spec.tile} tokens, {self.spec.stages} stages, "
+            f"{self.threads} threads, {self.smem} B shared memory)",
+            f"  device {self.device}: {self.num_sms} SMs, occupancy {self.kernels.occupancy} CTA/SM",
+            f"  units {self.units} (batch x heads_kv), up to {self.max_unit_tiles} tiles per unit",
+        ]
+        if s.schedule == "lean":
+            note = " (aligned to unit boundaries for uniform lengths)" if self.aligned_grid_applied else ""
+            lines.append(f"  grid: {self.grid} persistent CTAs{note}; {self.ctas_per_sm} CTA/SM requested"
+                         + (f", num_ctas={s.num_ctas}" if s.num_ctas is not None else "")
+                         + "; each CTA takes an equal share (+-1 tile) of all tiles, derived on the GPU "
+                           "from kv_lens at run time")
+        else:
+            lines.append(f"  grid: {self.grid} CTAs = {self.units} units x {self.num_splits} splits"
+                         + ("; then a combine launch of one CTA per unit" if self.num_splits > 1 else ""))
+        lines.append(f"  workspace: {self.workspace_bytes} bytes ({self.counter_bytes} of unit counters, "
+                     f"{(self.workspace_bytes - self.counter_bytes) // (4 * self.slot_stride)} partial-state "
+                     f"slots of {self.slot_stride * 4} bytes)")
+        return "\n".join(lines)
+
+    def __repr__(self):
+        return f"<cupy_lean.Plan {self.spec.name} {self.signature.schedule} grid={self.grid}>"
+
+    # ------------------------------------------------------------ launching
+
+    def run(self, q, k, v, *, kv_lens=None, block_table=None, out=None, lse=None, return_lse=False):
+        """Launch on CuPy's current stream with new data of the planned
+        signature (same shapes, strides, dtypes and alignment).
+
+        Parameters are those of :func:`cupy_lean.attention`; ``lse`` is an
+        optional float32 ``(batch, heads_q)`` array to write the log-sum-exp
+        into (implies ``return_lse``). Returns ``out`` or ``(out, lse)``.
+
+        Raises
+        ------
+        ValueError
+            When an array does not match the plan's signature (the message
+            names the field, what was planned and what was given).
+        """
+        from ._arrays import to_gpu
+
+        q, k, v = to_gpu(q, "q"), to_gpu(k, "k"), to_gpu(v, "v")
+        if out is not None:
+            out = to_gpu(out, "out")
+        if kv_lens is not None and not isinstance(kv_lens, np.ndarray):
+            kv_lens = to_gpu(kv_lens, "kv_lens")
+        if block_table is not None and not isinstance(block_table, np.ndarray):
+            block_table = to_gpu(block_table, "block_table")
+        s = self.signature
+        got = signature(q, k, v, out, kv_lens, block_table, s.scale, s.schedule, s.num_ctas, s.tile_size,
+                        s.stages, s.ctas_per_sm)
+        if got != s:
+            for name in Signature._fields:
+                a, b = getattr(s, name), getattr(got, name)
+                if a != b:
+                    raise ValueError(f"{name}: the plan was made for {a}, got {b}")
+        if self.host_lens:
+            _check_host_lens(self.meta, kv_lens, block_table)
+        if lse is not None:
+            lse = to_gpu(lse, "lse")
+            if lse.shape != (self.meta.batch, self.meta.heads_q) or lse.dtype != np.float32:
+                raise ValueError(f"lse: expected a float32 array of shape {(self.meta.batch, self.meta.heads_q)}, "
+                                 f"got {lse.dtype} {lse.shape}")
+        res_out, res_lse = self._launch(q, k, v, kv_lens, block_table, out, lse, return_lse or lse is not None)
+        return (res_out, res_lse) if (return_lse or lse is not None) else res_out
+
+    def _new_workspace(self, cp):
+        return cp.zeros(max(self.workspace_bytes, COUNTER_ALIGN), dtype=cp.uint8)
+
+    def _order_after_previous(self, stream, cp):
+        """Order this launch after everything queued on the stream of the
+        previous eager launch: the workspace is never in use on two streams."""
+        prev = self._stream
+        if prev is not None and stream is not prev and not (stream.ptr == prev.ptr and stream.ptr in _DEFAULT_STREAMS):
+            ev = cp.cuda.Event(block=False, disable_timing=True)
+            ev.record(prev)
+            stream.wait_event(ev)
+        self._stream = stream
+
+    def _workspace_for(self, stream, cp):
+        """The workspace of this launch (see the module docstring); called
+        under the plan's lock."""
+        capturing = stream.ptr != 0 and stream.is_capturing()
+        if self._user_ws:  # the caller's workspace, for eager and captured launches alike
+            if not capturing:
+                self._order_after_previous(stream, cp)
+            else:
+                self.captured = True
+            return self._ws, capturing
+        if capturing:
+            ws = self._spare
+            self._spare = None
+            if ws is None:  # no zeroed spare: the zeroing is captured into the graph
+                ws = self._new_workspace(cp)
+            self.captured = True
+            return ws, True
+        self._order_after_previous(stream, cp)
+        if self._ws is None:
+            self._ws = self._new_workspace(cp)  # zeroed on this stream, before the launch
+        if self._spare is None:
+            # Prepared outside any capture, so that capturing allocates and
+            # zeroes nothing; one synchronisation per plan (and after each
+            # capture), never per call.
+            self._spare = self._new_workspace(cp)
+            stream.synchronize()
+        return self._ws, False
+
+    def _launch(self, q, k, v, lens, table, out, lse, want_lse):
+        """The hot path: arrays are CuPy (index arrays CuPy or NumPy) and match
+        the signature."""
+        import cupy as cp
+        from cupy_backends.cuda.api import driver
+
+        m = self.meta
+        B, Hq, D = m.batch, m.heads_q, m.head_dim
+        if out is None:
+            out = cp.empty((B, Hq, D), dtype=q.dtype)
+        if want_lse and lse is None:
+            lse = cp.empty((B, Hq), dtype=cp.float32)
+        if B == 0:
+            return out, lse
+        temps = None
+        if self.copy_q:
+            q = temps = cp.ascontiguousarray(q)
+        if self.copy_k:
+            k = cp.ascontiguousarray(k)
+            temps = (temps, k)
+        if self.copy_v:
+            v = cp.ascontiguousarray(v)
+            temps = (temps, v)
+        lens32 = None
+        if lens is not None:
+            lens32 = lens if self.lens_direct else _index_array(lens, 0, m.capacity)
+        table32 = None
+        if table is not None:
+            table32 = table if self.table_direct else _index_array(table, 0, max(m.num_pages - 1, 0))
+        out_k = cp.empty((B, Hq, D), dtype=q.dtype) if self.copy_out else out
+        if self.host_lens:
+            host = np.asarray(lens, dtype=np.int64)
+            total = m.heads_kv * int((-(-np.clip(host, 0, m.capacity) // self.tile)).sum())
+        elif lens is None:
+            total = self.units * self.max_unit_tiles
+        else:
+            total = None
+        if total == 0:
+            out.fill(0)
+            if lse is not None:
+                lse.fill(-np.inf)
+            return out, lse
+        grid = self.grid if (total is None or self.mode != 0) else min(self.grid, total)
+
+        stream = cp.cuda.get_current_stream()
+        with self._lock:
+            ws, captured = self._workspace_for(stream, cp)
+            if captured:  # the workspace and temporaries the graph reads live as long as the plan
+                self._graph_workspaces.append((ws, temps, lens32, table32, out_k))
+            cv = self._pack.cvals
+            cv[0].value = q.data.ptr
+            cv[1].value = k.data.ptr
+            cv[2].value = v.data.ptr
+            cv[3].value = out_k.data.ptr
+            cv[4].value = 0 if lse is None else lse.data.ptr
+            cv[5].value = 0 if lens32 is None else lens32.data.ptr
+            cv[6].value = 0 if table32 is None else table32.data.ptr
+            cv[7].value = ws.data.ptr + self.counter_bytes
+            cv[8].value = ws.data.ptr
+            driver.launchKernel(self._attn_ptr, grid, 1, 1, self.threads, 1, 1, self.smem, stream.ptr,
+                                self._pack.addr, 0)
+            if self.mode == 1 and self.num_splits > 1:
+                driver.launchKernel(self._combine_ptr, self.units, 1, 1, self.threads, 1, 1, 0, stream.ptr,
+                                    self._pack.addr, 0)
+        if out_k is not out:
+            out[...] = out_k
+        return out, lse
+
+
+def _contig(shape, isz):
+    st, acc = [], isz
+    for n in reversed(shape):
+        st.append(acc)
+        acc *= max(int(n), 1)
+    return tuple(reversed(st))
+
+
+def _aligned_layout(meta, ptr_aligned, nbytes):
+    """Pointer aligned and every stride but the last (of axes longer than 1)
+    a multiple of ``nbytes``."""
+    shape, strides = meta[0], meta[1]
+    return bool(ptr_aligned) and all(s % nbytes == 0 for s, n in zip(strides[:-1], shape[:-1]) if n > 1)
+
+
+def _index_array(x, low, high):
+    """int32 on the GPU, contiguous on the last axis; values outside
+    [low, high] kept outside it (clipped to low - 1 / high + 1) so a check
+    still sees them."""
+    import cupy as cp
+
+    if isinstance(x, np.ndarray):
+        return cp.asarray(np.clip(x.astype(np.int64), low - 1, high + 1).astype(np.int32))
+    if x.dtype != cp.int32:
+        x = cp.clip(x.astype(cp.int64), low - 1, high + 1).astype(cp.int32)
+    if x.ndim and x.shape[-1] > 1 and x.strides[-1] != 4:
+        x = cp.ascontiguousarray(x)
+    return x
+
+
+def _check_workspace(ws, nbytes):
+    import cupy as cp
+
+    if not isinstance(ws, cp.ndarray):
+        raise TypeError(f"workspace: expected a CuPy array, got {type(ws).__name__}")
+    if not ws.flags.c_contiguous or ws.data.ptr % 256:
+        raise ValueError("workspace: expected a contiguous array aligned to 256 bytes")
+    if ws.nbytes < nbytes:
+        raise ValueError(f"workspace: expected at least {nbytes} bytes (Plan.workspace_bytes), got {ws.nbytes}")
+    return ws.view(cp.uint8).reshape(-1)
+
+
+def _check_host_lens(meta, lens, table):
+    from .validation import check_host_values
+
+    check_host_values(meta, None if lens is None else np.asarray(lens),
+                      table if isinstance(table, np.ndarray) else None)
+
+
+def get_plan(sig, build_meta):
+    """The cached plan of ``sig`` on the current device, built (after
+    ``build_meta()`` validated the call) when missing."""
+    import cupy as cp
+
+    key = ("plan", cp.cuda.runtime.getDevice(), sig)
+    plan = _cache.get(key)
+    if plan is None:
+        meta = build_meta()
+        plan = _cache.get_or_build(key, lambda: Plan(sig, meta))
+    return plan

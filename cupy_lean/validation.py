@@ -1,0 +1,170 @@
+"""Validation of attention() arguments, shared by the front end and plans.
+
+Every error names the argument, what was expected and what was given.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import numpy as np
+
+from . import schedule as _schedule
+from ._dtypes import CPU_DTYPES, GPU_DTYPES, dtype_names
+from .kernels import HEAD_DIMS, MAX_GROUP, MAX_PAGE_SIZE, TILE_SIZES
+
+MAX_NUM_CTAS = 1 << 20
+
+
+def _check_rank(x, name, ndim, axes):
+    if x.ndim != ndim:
+        raise ValueError(f"{name}: expected {ndim} dimensions {axes}, got shape {tuple(x.shape)}")
+
+
+def _check_last_contiguous(x, name):
+    if x.size and x.shape[-1] > 1 and x.strides[-1] != x.dtype.itemsize:
+        raise ValueError(
+            f"{name}: expected unit stride on the last axis (head_dim), got a stride of "
+            f"{x.strides[-1] // max(x.dtype.itemsize, 1)} elements"
+        )
+
+
+def _check_int(value, name, low, high=None):
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
+        raise TypeError(f"{name}: expected an integer, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if value < low or (high is not None and value > high):
+        rng = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name}: expected an integer {rng}, got {value}")
+    return value
+
+
+class Meta:
+    __slots__ = ("batch", "heads_q", "heads_kv", "head_dim", "group", "paged", "seqlen",
+                 "page_size", "num_pages", "max_pages", "capacity", "scale")
+
+
+def validate(q, k, v, kv_lens, block_table, scale, out, sched, num_ctas, tile_size, gpu):
+    _check_rank(q, "q", 3, "(batch, heads_q, head_dim)")
+    paged = block_table is not None
+    kaxes = "(num_pages, page_size, heads_kv, head_dim)" if paged else "(batch, seqlen, heads_kv, head_dim)"
+    _check_rank(k, "k", 4, kaxes)
+    _check_rank(v, "v", 4, kaxes)
+    if tuple(v.shape) != tuple(k.shape):
+        raise ValueError(f"v: expected the shape of k {tuple(k.shape)}, got {tuple(v.shape)}")
+    batch, hq, d = (int(s) for s in q.shape)
+    hkv = int(k.shape[2])
+    if int(k.shape[3]) != d:
+        raise ValueError(f"k: expected head_dim {d} (q.shape[2]), got {int(k.shape[3])}")
+    if hkv < 1:
+        raise ValueError(f"k: expected heads_kv >= 1, got {hkv}")
+    if hq % hkv != 0 or hq == 0:
+        raise ValueError(f"q: heads_q must be a positive multiple of heads_kv, got heads_q={hq}, heads_kv={hkv}")
+    if not paged and int(k.shape[0]) != batch:
+        raise ValueError(f"k: expected batch {batch} (q.shape[0]), got {int(k.shape[0])}")
+
+    supported = GPU_DTYPES if gpu else CPU_DTYPES
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dtype not in supported:
+            where = "GPU" if gpu else "NumPy"
+            raise TypeError(f"{name}: the {where} path supports dtypes {dtype_names(supported)}, got {x.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v: expected one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_last_contiguous(x, name)
+
+    m = Meta()
+    m.batch, m.heads_q, m.heads_kv, m.head_dim, m.group = batch, hq, hkv, d, hq // hkv
+    m.paged = paged
+    if gpu:
+        if d not in HEAD_DIMS:
+            raise ValueError(f"head_dim: the GPU kernels support {HEAD_DIMS}, got {d}")
+        if m.group > MAX_GROUP:
+            raise ValueError(f"heads_q / heads_kv: the GPU kernels support groups of 1 to {MAX_GROUP}, got {m.group}")
+
+    if paged:
+        m.num_pages, m.page_size = int(k.shape[0]), int(k.shape[1])
+        if block_table.ndim != 2 or int(block_table.shape[0]) != batch:
+            raise ValueError(
+                f"block_table: expected shape (batch, max_pages) with batch {batch}, got {tuple(block_table.shape)}")
+        if not np.issubdtype(block_table.dtype, np.integer):
+            raise TypeError(f"block_table: expected an integer dtype, got {block_table.dtype}")
+        m.max_pages = int(block_table.shape[1])
+        if m.page_size < 1:
+            raise ValueError(f"k: expected page_size >= 1, got {m.page_size}")
+        if gpu and m.page_size > MAX_PAGE_SIZE:
+            raise ValueError(f"k: the GPU kernels support page sizes 1 to {MAX_PAGE_SIZE}, got {m.page_size}")
+        m.capacity = m.max_pages * m.page_size
+        if kv_lens is None:
+            raise ValueError("kv_lens: required with a paged cache (block_table given)")
+        m.seqlen = None
+    else:
+        m.seqlen = int(k.shape[1])
+        m.capacity = m.seqlen
+        m.num_pages = m.page_size = m.max_pages = 0
+    if gpu and m.capacity >= 2**31:
+        raise ValueError(f"k: capacity per sequence must be below 2**31 tokens, got {m.capacity}")
+
+    if kv_lens is not None:
+        if kv_lens.ndim != 1 or int(kv_lens.shape[0]) != batch:
+            raise ValueError(f"kv_lens: expected shape ({batch},), got {tuple(kv_lens.shape)}")
+        if not np.issubdtype(kv_lens.dtype, np.integer):
+            raise TypeError(f"kv_lens: expected an integer dtype, got {kv_lens.dtype}")
+
+    if out is not None:
+        if not hasattr(out, "shape") or not hasattr(out, "dtype") or isinstance(out, (list, tuple)):
+            raise TypeError(f"out: expected an array of shape {(batch, hq, d)}, got {type(out).__name__}")
+        flags = getattr(out, "flags", None)
+        if flags is not None and hasattr(flags, "writeable") and not flags.writeable:
+            raise ValueError("out: expected a writeable array, got a read-only one")
+        if tuple(out.shape) != (batch, hq, d):
+            raise ValueError(f"out: expected shape {(batch, hq, d)}, got {tuple(out.shape)}")
+        if out.dtype != q.dtype:
+            raise TypeError(f"out: expected dtype {q.dtype} (q's dtype), got {out.dtype}")
+        _check_last_contiguous(out, "out")
+
+    if scale is None:
+        m.scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
+    else:
+        if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, np.floating, np.integer)):
+            raise TypeError(f"scale: expected a real number, got {type(scale).__name__} {scale!r}")
+        try:
+            fscale = float(scale)
+        except OverflowError:
+            fscale = math.inf
+        if not math.isfinite(fscale):
+            raise ValueError(f"scale: expected a finite number, got {fscale if math.isnan(fscale) or fscale != math.inf or isinstance(scale, float) else scale}")
+        m.scale = fscale
+
+    if not isinstance(sched, str) or sched not in _schedule.SCHEDULES:
+        raise ValueError(f"schedule: expected one of {_schedule.SCHEDULES}, got {sched!r}")
+    if tile_size is not None:
+        tile_size = _check_int(tile_size, "tile_size", 1)
+        if tile_size not in TILE_SIZES:
+            raise ValueError(f"tile_size: expected one of {TILE_SIZES}, got {tile_size}")
+    if num_ctas is not None:
+        _check_int(num_ctas, "num_ctas", 1, MAX_NUM_CTAS)
+    return m
+
+
+def check_host_values(m, lens, table):
+    """Range checks of kv_lens / block_table given on the host."""
+    if lens is not None and lens.size:
+        bad = np.nonzero((lens < 0) | (lens > m.capacity))[0]
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(
+                f"kv_lens: expected values in [0, {m.capacity}] (the cache capacity), got kv_lens[{i}] = {int(lens[i])}")
+    if table is not None and table.size and lens is not None:
+        used = -(-lens.astype(np.int64) // m.page_size)
+        cols = np.arange(table.shape[1])
+        mask = cols[None, :] < used[:, None]
+        badm = mask & ((table < 0) | (table >= m.num_pages))
+        if badm.any():
+            b, j = (int(x) for x in np.argwhere(badm)[0])
+            raise ValueError(
+                f"block_table: expected page indices in [0, {m.num_pages}) for the pages in use, "
+                f"got block_table[{b}, {j}] = {int(table[b, j])}")
+
+
