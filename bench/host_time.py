@@ -1,9 +1,9 @@
 """Host time per eager call of ``cupy_lean.attention`` (and of torch SDPA
 when PyTorch is installed), on shapes whose GPU time is small.
 
-Two figures per case, medians of 5 loops of 300 calls:
+Two figures per case, from 7 loops of 300 calls per variant:
 
-* ``issue_us``: wall time until the 300 calls have returned, divided by 300,
+* ``issue_us``: median over 7 interleaved loops of the wall time until the 300 calls have returned, divided by 300,
   before any synchronisation: the host cost of a call (the GPU queue is deep
   enough that it never blocks here).
 * ``wall_us``: the same loop including the final synchronisation: the
@@ -21,27 +21,35 @@ import time
 
 import numpy as np
 
-CASES = {  # name: (batch, heads_q, heads_kv, head_dim, kv_len)
+CASES = {  # name: (batch, heads_q, heads_kv, head_dim, kv_len): GPU time well under the host time
     "b1_h32x8_d128_1k": (1, 32, 8, 128, 1024),
-    "b4_h32x8_d128_1k": (4, 32, 8, 128, 1000),
+    "b2_h8x1_d64_300": (2, 8, 1, 64, 300),
 }
 
 
-def _loop(fn, sync, n=300, loops=5):
-    for _ in range(10):
+def _one_loop(fn, sync, n):
+    t0 = time.perf_counter()
+    for _ in range(n):
         fn()
+    t1 = time.perf_counter()
     sync()
-    issue, wall = [], []
-    for _ in range(loops):
-        t0 = time.perf_counter()
-        for _ in range(n):
+    t2 = time.perf_counter()
+    return (t1 - t0) / n * 1e6, (t2 - t0) / n * 1e6
+
+
+def _measure(variants, sync, n=300, loops=7):
+    """Loops of every variant interleaved (so that machine noise hits all
+    alike); median over the loops."""
+    for fn in variants.values():
+        for _ in range(10):
             fn()
-        t1 = time.perf_counter()
-        sync()
-        t2 = time.perf_counter()
-        issue.append((t1 - t0) / n * 1e6)
-        wall.append((t2 - t0) / n * 1e6)
-    return {"issue_us": statistics.median(issue), "wall_us": statistics.median(wall)}
+    sync()
+    got = {name: [] for name in variants}
+    for _ in range(loops):
+        for name, fn in variants.items():
+            got[name].append(_one_loop(fn, sync, n))
+    return {name: {"issue_us": statistics.median(a for a, _ in r), "wall_us": statistics.median(b for _, b in r),
+                   "issue_min_us": min(a for a, _ in r)} for name, r in got.items()}
 
 
 def main(argv=None):
@@ -80,10 +88,10 @@ def main(argv=None):
             variants["torch SDPA (peer)"] = lambda: F.scaled_dot_product_attention(tq, tk, tv, enable_gqa=True)
         except Exception:  # PyTorch missing: no peer row
             pass
-        for var, fn in variants.items():
-            res[f"{name} | {var}"] = _loop(fn, sync)
+        for var, r in _measure(variants, sync).items():
+            res[f"{name} | {var}"] = r
     for key, r in res.items():
-        print(f"{args.label:8s} {key:55s} host {r['issue_us']:7.1f} us/call   with GPU {r['wall_us']:7.1f} us/call")
+        print(f"{args.label:8s} {key:55s} host {r['issue_us']:6.1f} us/call (min {r['issue_min_us']:5.1f})  with GPU {r['wall_us']:7.1f} us/call")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(res, f, indent=1)

@@ -11,6 +11,7 @@ after eviction, because those graphs point at its workspaces.
 
 from __future__ import annotations
 
+import atexit
 import threading
 
 MAX_PLANS = 1024
@@ -70,3 +71,12 @@ def clear():
 
 def size():
     return len(_entries)
+
+
+@atexit.register
+def _shutdown():
+    """Release kernel modules and workspaces while CUDA is still up (at
+    interpreter exit CuPy's driver bindings go first, and late unloads print
+    errors)."""
+    _entries.clear()
+    _retained.clear()

@@ -79,7 +79,7 @@ def signature(q, k, v, out, kv_lens, block_table, scale, schedule, num_ctas, til
     return Signature(
         (q.dtype, k.dtype, v.dtype), (q.shape, q.strides), (k.shape, k.strides), (v.shape, v.strides),
         None if out is None else (out.shape, out.strides, out.dtype),
-        _meta(kv_lens), _meta(block_table),
+        None if kv_lens is None else _meta(kv_lens), None if block_table is None else _meta(block_table),
         (not q.data.ptr & 15, not k.data.ptr & 15, not v.data.ptr & 15,
          None if out is None else not out.data.ptr & 7),
         scale, schedule, num_ctas, tile_size, stages, ctas_per_sm)
@@ -224,6 +224,12 @@ class Plan:
             m.scale * _LOG2E, slot_stride,
         ]
         self._pack = _Pack(K.ATTN_SIGNATURE, values)
+        self._combine = mode == 1 and ns > 1
+        # The common case: q, k, v and out used in place, kv_lens int32 on the
+        # GPU, block_table (if any) int32 on the GPU.
+        self._direct = (not (self.copy_q or self.copy_k or self.copy_v or self.copy_out)
+                        and self.lens_direct and (tb is None or self.table_direct))
+        _bind_cupy()
         self._lock = threading.Lock()
         self._graph_workspaces = []  # workspaces (and temporaries) of captured launches
         self.captured = False
@@ -354,46 +360,47 @@ class Plan:
     def _launch(self, q, k, v, lens, table, out, lse, want_lse):
         """The hot path: arrays are CuPy (index arrays CuPy or NumPy) and match
         the signature."""
-        import cupy as cp
-        from cupy_backends.cuda.api import driver
-
+        cp = _cp
         m = self.meta
-        B, Hq, D = m.batch, m.heads_q, m.head_dim
         if out is None:
-            out = cp.empty((B, Hq, D), dtype=q.dtype)
+            out = cp.empty((m.batch, m.heads_q, m.head_dim), dtype=q.dtype)
         if want_lse and lse is None:
-            lse = cp.empty((B, Hq), dtype=cp.float32)
-        if B == 0:
+            lse = cp.empty((m.batch, m.heads_q), dtype=cp.float32)
+        if m.batch == 0:
             return out, lse
-        temps = None
-        if self.copy_q:
-            q = temps = cp.ascontiguousarray(q)
-        if self.copy_k:
-            k = cp.ascontiguousarray(k)
-            temps = (temps, k)
-        if self.copy_v:
-            v = cp.ascontiguousarray(v)
-            temps = (temps, v)
-        lens32 = None
-        if lens is not None:
-            lens32 = lens if self.lens_direct else _index_array(lens, 0, m.capacity)
-        table32 = None
-        if table is not None:
-            table32 = table if self.table_direct else _index_array(table, 0, max(m.num_pages - 1, 0))
-        out_k = cp.empty((B, Hq, D), dtype=q.dtype) if self.copy_out else out
-        if self.host_lens:
-            host = np.asarray(lens, dtype=np.int64)
-            total = m.heads_kv * int((-(-np.clip(host, 0, m.capacity) // self.tile)).sum())
-        elif lens is None:
-            total = self.units * self.max_unit_tiles
+        temps = out_k = None
+        grid = self.grid
+        if self._direct:  # nothing to convert or copy; lengths (if any) on the GPU
+            out_k, lens32, table32 = out, lens, table
         else:
+            if self.copy_q:
+                q = temps = cp.ascontiguousarray(q)
+            if self.copy_k:
+                k = cp.ascontiguousarray(k)
+                temps = (temps, k)
+            if self.copy_v:
+                v = cp.ascontiguousarray(v)
+                temps = (temps, v)
+            lens32 = None
+            if lens is not None:
+                lens32 = lens if self.lens_direct else _index_array(lens, 0, m.capacity)
+            table32 = None
+            if table is not None:
+                table32 = table if self.table_direct else _index_array(table, 0, max(m.num_pages - 1, 0))
+            out_k = cp.empty(out.shape, dtype=q.dtype) if self.copy_out else out
             total = None
-        if total == 0:
-            out.fill(0)
-            if lse is not None:
-                lse.fill(-np.inf)
-            return out, lse
-        grid = self.grid if (total is None or self.mode != 0) else min(self.grid, total)
+            if self.host_lens:
+                host = np.asarray(lens, dtype=np.int64)
+                total = m.heads_kv * int((-(-np.clip(host, 0, m.capacity) // self.tile)).sum())
+            elif lens is None:
+                total = self.units * self.max_unit_tiles
+            if total == 0:
+                out.fill(0)
+                if lse is not None:
+                    lse.fill(-np.inf)
+                return out, lse
+            if total is not None and self.mode == 0:
+                grid = min(grid, total)
 
         stream = cp.cuda.get_current_stream()
         with self._lock:
@@ -408,16 +415,30 @@ class Plan:
             cv[4].value = 0 if lse is None else lse.data.ptr
             cv[5].value = 0 if lens32 is None else lens32.data.ptr
             cv[6].value = 0 if table32 is None else table32.data.ptr
-            cv[7].value = ws.data.ptr + self.counter_bytes
-            cv[8].value = ws.data.ptr
-            driver.launchKernel(self._attn_ptr, grid, 1, 1, self.threads, 1, 1, self.smem, stream.ptr,
-                                self._pack.addr, 0)
-            if self.mode == 1 and self.num_splits > 1:
-                driver.launchKernel(self._combine_ptr, self.units, 1, 1, self.threads, 1, 1, 0, stream.ptr,
-                                    self._pack.addr, 0)
+            wp = ws.data.ptr
+            cv[7].value = wp + self.counter_bytes
+            cv[8].value = wp
+            sp = stream.ptr
+            _driver.launchKernel(self._attn_ptr, grid, 1, 1, self.threads, 1, 1, self.smem, sp, self._pack.addr, 0)
+            if self._combine:
+                _driver.launchKernel(self._combine_ptr, self.units, 1, 1, self.threads, 1, 1, 0, sp,
+                                     self._pack.addr, 0)
         if out_k is not out:
             out[...] = out_k
         return out, lse
+
+
+_cp = _driver = None
+
+
+def _bind_cupy():
+    """Module-level handles on CuPy for the hot path (no import per call)."""
+    global _cp, _driver
+    if _driver is None:
+        import cupy
+        from cupy_backends.cuda.api import driver
+
+        _cp, _driver = cupy, driver
 
 
 def _contig(shape, isz):
