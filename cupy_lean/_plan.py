@@ -119,7 +119,15 @@ class _Pack:
         if len(values) != len(signature_):
             raise TypeError(f"kernel launch: expected {len(signature_)} arguments, got {len(values)}")
         self.cvals = [_CTYPES[kind](val) for (_, kind), val in zip(signature_, values)]
-        self.arr = (ctypes.c_void_p * len(self.cvals))(*[ctypes.addressof(c) for c in self.cvals])
+        # The leading pointer parameters live in one array, so that a launch
+        # sets them with one slice assignment.
+        n_ptr = 0
+        while n_ptr < len(signature_) and signature_[n_ptr][1] == "ptr":
+            n_ptr += 1
+        self.ptrs = (ctypes.c_uint64 * max(n_ptr, 1))(*[c.value or 0 for c in self.cvals[:n_ptr]])
+        base = ctypes.addressof(self.ptrs)
+        addrs = [base + 8 * i for i in range(n_ptr)] + [ctypes.addressof(c) for c in self.cvals[n_ptr:]]
+        self.arr = (ctypes.c_void_p * len(self.cvals))(*addrs)
         self.addr = ctypes.addressof(self.arr)
 
 
@@ -374,12 +382,12 @@ class Plan:
             out_k, lens32, table32 = out, lens, table
         else:
             if self.copy_q:
-                q = temps = cp.ascontiguousarray(q)
+                q = temps = cp.array(q, copy=True, order="C")  # a new (aligned) buffer even if q is contiguous
             if self.copy_k:
-                k = cp.ascontiguousarray(k)
+                k = cp.array(k, copy=True, order="C")
                 temps = (temps, k)
             if self.copy_v:
-                v = cp.ascontiguousarray(v)
+                v = cp.array(v, copy=True, order="C")
                 temps = (temps, v)
             lens32 = None
             if lens is not None:
@@ -407,17 +415,10 @@ class Plan:
             ws, captured = self._workspace_for(stream, cp)
             if captured:  # the workspace and temporaries the graph reads live as long as the plan
                 self._graph_workspaces.append((ws, temps, lens32, table32, out_k))
-            cv = self._pack.cvals
-            cv[0].value = q.data.ptr
-            cv[1].value = k.data.ptr
-            cv[2].value = v.data.ptr
-            cv[3].value = out_k.data.ptr
-            cv[4].value = 0 if lse is None else lse.data.ptr
-            cv[5].value = 0 if lens32 is None else lens32.data.ptr
-            cv[6].value = 0 if table32 is None else table32.data.ptr
             wp = ws.data.ptr
-            cv[7].value = wp + self.counter_bytes
-            cv[8].value = wp
+            self._pack.ptrs[:] = (q.data.ptr, k.data.ptr, v.data.ptr, out_k.data.ptr,
+                                  0 if lse is None else lse.data.ptr, 0 if lens32 is None else lens32.data.ptr,
+                                  0 if table32 is None else table32.data.ptr, wp + self.counter_bytes, wp)
             sp = stream.ptr
             _driver.launchKernel(self._attn_ptr, grid, 1, 1, self.threads, 1, 1, self.smem, sp, self._pack.addr, 0)
             if self._combine:

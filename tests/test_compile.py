@@ -95,6 +95,13 @@ def test_launch_pack_checks_argument_count_and_packs_types():
     pack = P._Pack(K.ATTN_SIGNATURE, values)
     assert len(pack.cvals) == len(K.ATTN_SIGNATURE) == 30
     assert pack.cvals[-2].value == 0.5 and type(pack.cvals[-2]).__name__ == "c_float"
+    # kernel parameter i is read from the address in slot i: pointers from the pointer block
+    import ctypes
+
+    pack.ptrs[:] = tuple(range(100, 109))
+    got = [ctypes.c_uint64.from_address(pack.arr[i]).value for i in range(9)]
+    assert got == list(range(100, 109))
+    assert ctypes.c_int64.from_address(pack.arr[9]).value == 1
     with pytest.raises(TypeError, match="expected 30 arguments, got 29"):
         P._Pack(K.ATTN_SIGNATURE, values[:-1])
 
