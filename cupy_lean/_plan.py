@@ -247,6 +247,7 @@ class Plan:
             self._ws = _check_workspace(workspace, self.workspace_bytes)
             self._ws[:self.counter_bytes].fill(0)
         self._spare = None  # zeroed workspace for the next captured launch
+        self._capture_id = self._capture_ws = None  # the capture in progress and its workspace
         self._stream = None  # stream of the previous eager launch (held: its handle cannot be reused)
 
     # ------------------------------------------------------------ reporting
@@ -340,7 +341,8 @@ class Plan:
     def _workspace_for(self, stream, cp):
         """The workspace of this launch (see the module docstring); called
         under the plan's lock."""
-        capturing = stream.ptr != 0 and stream.is_capturing()
+        capture_id = _capture_id(stream) if stream.ptr != 0 else None
+        capturing = capture_id is not None
         if self._user_ws:  # the caller's workspace, for eager and captured launches alike
             if not capturing:
                 self._order_after_previous(stream, cp)
@@ -348,11 +350,15 @@ class Plan:
                 self.captured = True
             return self._ws, capturing
         if capturing:
+            self.captured = True
+            if capture_id and capture_id == self._capture_id:
+                # Launches of one capture are ordered in its graph: they share.
+                return self._capture_ws, True
             ws = self._spare
             self._spare = None
             if ws is None:  # no zeroed spare: the zeroing is captured into the graph
                 ws = self._new_workspace(cp)
-            self.captured = True
+            self._capture_id, self._capture_ws = capture_id, ws
             return ws, True
         self._order_after_previous(stream, cp)
         if self._ws is None:
@@ -430,6 +436,35 @@ class Plan:
 
 
 _cp = _driver = None
+_get_capture_info = None
+
+
+def _capture_id(stream):
+    """The id of the capture in progress on ``stream`` (unique in the
+    process, never reused), 0 when capturing but the id cannot be read, None
+    when not capturing."""
+    global _get_capture_info
+    if _get_capture_info is None:
+        try:
+            lib = ctypes.CDLL("libcuda.so.1")
+            fn = lib.cuStreamGetCaptureInfo_v2
+            fn.restype = ctypes.c_int
+            fn.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_uint64),
+                           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+            status, cid = ctypes.c_int(), ctypes.c_uint64()
+
+            def info(ptr, fn=fn, status=status, cid=cid, byref=ctypes.byref):
+                if fn(ptr, byref(status), byref(cid), None, None, None) != 0:
+                    raise RuntimeError("cuStreamGetCaptureInfo failed")
+                return cid.value if status.value == 1 else None
+        except (OSError, AttributeError):
+            def info(ptr):
+                return 0 if _cp.cuda.ExternalStream(ptr).is_capturing() else None
+        _get_capture_info = info
+    try:
+        return _get_capture_info(stream.ptr)
+    except RuntimeError:
+        return 0 if stream.is_capturing() else None
 
 
 def _bind_cupy():
