@@ -154,8 +154,10 @@ def graph_time_cupy(call, n_copies: int, n_calls: int, repeats: int = 7) -> dict
     """Device time per call of ``call(i)`` (CuPy work on the current stream)
     from replays of a CUDA graph of ``n_calls`` calls over ``n_copies``
     copies. ``call`` must not allocate nor synchronise (pass ``out=``,
-    ``validate=False``); it is called once on the capture stream first, so
-    per-stream state (cupy_lean's workspace) exists before the capture."""
+    ``validate=False``); it is called once on the capture stream first (plans
+    and compiled kernels exist before the capture). The device is
+    synchronised before that call: inputs written on the default stream are
+    complete before the non-blocking capture stream reads them."""
     import cupy as cp
 
     stream = _cupy_stream()
