@@ -319,11 +319,17 @@ class Plan:
             _check_host_lens(self.meta, kv_lens, block_table)
         if lse is not None:
             lse = to_gpu(lse, "lse")
-            if lse.shape != (self.meta.batch, self.meta.heads_q) or lse.dtype != np.float32:
-                raise ValueError(f"lse: expected a float32 array of shape {(self.meta.batch, self.meta.heads_q)}, "
-                                 f"got {lse.dtype} {lse.shape}")
+            if not self._lse_ok(lse):
+                raise ValueError(f"lse: expected a C-contiguous float32 array of shape "
+                                 f"{(self.meta.batch, self.meta.heads_q)}, got {lse.dtype} {lse.shape} "
+                                 f"with strides {lse.strides}")
         res_out, res_lse = self._launch(q, k, v, kv_lens, block_table, out, lse, return_lse or lse is not None)
         return (res_out, res_lse) if (return_lse or lse is not None) else res_out
+
+    def _lse_ok(self, lse):
+        """lse can be written in place: float32, (batch, heads_q), C-contiguous."""
+        return (lse.shape == (self.meta.batch, self.meta.heads_q) and lse.dtype == np.float32
+                and lse.flags.c_contiguous)
 
     def _new_workspace(self, cp):
         return cp.zeros(max(self.workspace_bytes, COUNTER_ALIGN), dtype=cp.uint8)

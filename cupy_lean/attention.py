@@ -106,16 +106,17 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
     """
     nd = _arrays._CUPY_NDARRAY
     if (nd is not None and type(q) is nd and type(k) is nd and type(v) is nd
-            and (out is None or type(out) is nd) and lse is None and not validate
+            and (out is None or type(out) is nd) and (lse is None or type(lse) is nd) and not validate
             and (kv_lens is None or type(kv_lens) is nd) and (block_table is None or type(block_table) is nd)
             and (scale is None or type(scale) is float) and type(return_lse) is bool):
         # Hot path: CuPy arrays whose signature has a plan (validated when the
         # plan was built).
         sig = _plan.signature(q, k, v, out, kv_lens, block_table, scale, schedule, num_ctas, tile_size)
         p = _cache.get(("plan", _device(), sig))
-        if p is not None:
-            res_out, res_lse = p._launch(q, k, v, kv_lens, block_table, out, None, return_lse)
-            return (res_out, res_lse) if return_lse else res_out
+        if p is not None and (lse is None or p._lse_ok(lse)):
+            want = return_lse or lse is not None
+            res_out, res_lse = p._launch(q, k, v, kv_lens, block_table, out, lse, want)
+            return (res_out, res_lse) if want else res_out
     return _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, schedule, num_ctas,
                            tile_size, validate)
 
@@ -182,6 +183,9 @@ def _check_lse(lse, m):
         raise ValueError(f"lse: expected shape {(m.batch, m.heads_q)}, got {tuple(lse.shape)}")
     if lse.dtype != np.float32:
         raise TypeError(f"lse: expected dtype float32, got {lse.dtype}")
+    flags = getattr(lse, "flags", None)
+    if flags is not None and not flags.c_contiguous:
+        raise ValueError(f"lse: expected a C-contiguous array, got strides {tuple(lse.strides)}")
 
 
 def _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, schedule, num_ctas, tile_size,

@@ -171,6 +171,17 @@ ATTENTION_CASES = [
      r"out: expected dtype float32 \(q's dtype\), got bfloat16"),
     ("out strided", dense, lambda a: dict(out=strided((B, HQ, D))), ValueError,
      r"out: expected unit stride on the last axis \(head_dim\), got a stride of 2 elements"),
+    # lse, return_lse, validate
+    ("lse shape", dense, lambda a: dict(lse=np.zeros((B, HQ + 1), np.float32)), ValueError,
+     r"lse: expected shape \(2, 4\), got \(2, 5\)"),
+    ("lse dtype", dense, lambda a: dict(lse=np.zeros((B, HQ), np.float64)), TypeError,
+     r"lse: expected dtype float32, got float64"),
+    ("lse strided", dense, lambda a: dict(lse=np.zeros((HQ, B), np.float32).T), ValueError,
+     r"lse: expected a C-contiguous array"),
+    ("return_lse string", dense, lambda a: dict(return_lse="no"), TypeError,
+     r"return_lse: expected True or False, got str 'no'"),
+    ("validate int", dense, lambda a: dict(validate=2), TypeError,
+     r"validate: expected True or False, got int 2"),
     # scale
     ("scale nan", dense, lambda a: dict(scale=float("nan")), ValueError,
      r"scale: expected a finite number, got nan"),
@@ -444,3 +455,12 @@ def test_layers_below_the_front_end_do_not_import_it():
 
     for mod in (_gpu, kernels, plan):
         assert "from .attention" not in inspect.getsource(mod)
+
+
+def test_lse_argument_is_written_in_place():
+    args = dense()
+    lse = np.full((B, HQ), np.nan, np.float32)
+    out, got = call(args, lse=lse)
+    assert got is lse and np.isfinite(lse).all()
+    _, ref = call(args, return_lse=True)
+    assert np.array_equal(lse, ref)
