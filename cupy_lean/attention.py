@@ -8,7 +8,6 @@ import numpy as np
 from . import _arrays, _cache, reference
 from . import _plan
 from ._arrays import host_ints as _host_ints, to_cpu as _to_cpu, to_gpu as _to_gpu, where as _where
-from ._dtypes import BFLOAT16, GPU_DTYPES, dtype_names
 from . import validation as _validation
 
 __all__ = ["attention", "plan", "merge_states"]
@@ -329,17 +328,7 @@ def merge_states(outs, lses):
         outs, lses = _to_gpu(outs, "outs"), _to_gpu(lses, "lses")
     else:
         outs, lses = _to_cpu(outs, "outs"), _to_cpu(lses, "lses")
-    if outs.ndim < 2:
-        raise ValueError(f"outs: expected at least 2 dimensions (parts, ..., head_dim), got shape {tuple(outs.shape)}")
-    if tuple(lses.shape) != tuple(outs.shape[:-1]):
-        raise ValueError(f"lses: expected shape {tuple(outs.shape[:-1])} (outs.shape[:-1]), got {tuple(lses.shape)}")
-    if outs.shape[0] < 1:
-        raise ValueError("outs: expected at least one part on axis 0, got 0")
-    allowed = GPU_DTYPES + (np.dtype(np.float32),) + (() if gpu else (np.dtype(np.float64),))
-    if outs.dtype not in allowed:
-        raise TypeError(f"outs: expected dtype among {dtype_names(allowed)}, got {outs.dtype}")
-    if not (np.issubdtype(lses.dtype, np.floating) or lses.dtype == BFLOAT16):
-        raise TypeError(f"lses: expected a floating dtype, got {lses.dtype}")
+    _validation.validate_merge(outs, lses, gpu)
     if gpu:
         from . import _gpu
 

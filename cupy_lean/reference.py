@@ -87,8 +87,27 @@ def finalize(m, l, acc):
     return out, lse
 
 
+def _checked(q, k, v, kv_lens, block_table, scale):
+    """The arguments as NumPy arrays, validated exactly as
+    :func:`cupy_lean.attention` validates them (same code, same messages)."""
+    from ._arrays import host_ints, to_cpu
+    from .validation import check_host_values, validate
+
+    q, k, v = to_cpu(q, "q"), to_cpu(k, "k"), to_cpu(v, "v")
+    lens = None if kv_lens is None else host_ints(kv_lens, "kv_lens")
+    table = None if block_table is None else host_ints(block_table, "block_table")
+    m = validate(q, k, v, lens, table, scale, None, "lean", None, None, False)
+    check_host_values(m, lens, table)
+    return q, k, v, lens, table, m.scale
+
+
 def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None):
     """Float64 decode attention.
+
+    The arguments are validated as :func:`cupy_lean.attention` validates them
+    (lengths in ``[0, capacity]``, ``heads_q`` a multiple of ``heads_kv``,
+    page indices in range, ...): ``ValueError`` / ``TypeError`` name the
+    argument, what was expected and what was given.
 
     Parameters
     ----------
@@ -108,11 +127,10 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None):
         Natural-log log-sum-exp of the scaled scores; ``-inf`` where
         ``kv_len == 0`` (and ``out`` is zero there).
     """
+    q, k, v, kv_lens, block_table, scale = _checked(q, k, v, kv_lens, block_table, scale)
     batch, hq, d = q.shape
     hkv = k.shape[2]
     g = hq // hkv
-    if scale is None:
-        scale = 1.0 / np.sqrt(d)
     lens = _default_lens(k, block_table, batch, kv_lens)
     qf = _f64(q)
     out = np.zeros((batch, hq, d))
@@ -146,6 +164,11 @@ def merge_states(outs, lses):
         As if attention had run over the union of the parts. Rows where every
         part is empty give zeros and ``-inf``.
     """
+    from ._arrays import to_cpu
+    from .validation import validate_merge
+
+    outs, lses = to_cpu(outs, "outs"), to_cpu(lses, "lses")
+    validate_merge(outs, lses, False)
     o = _f64(outs)
     s = _f64(lses)
     m = s.max(axis=0)

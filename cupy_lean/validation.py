@@ -11,7 +11,7 @@ import numbers
 import numpy as np
 
 from . import schedule as _schedule
-from ._dtypes import CPU_DTYPES, GPU_DTYPES, dtype_names
+from ._dtypes import BFLOAT16, CPU_DTYPES, GPU_DTYPES, dtype_names
 from .kernels import HEAD_DIMS, MAX_GROUP, MAX_PAGE_SIZE, TILE_SIZES
 
 MAX_NUM_CTAS = 1 << 20
@@ -168,3 +168,16 @@ def check_host_values(m, lens, table):
                 f"got block_table[{b}, {j}] = {int(table[b, j])}")
 
 
+def validate_merge(outs, lses, gpu):
+    """Checks of merge_states' arguments (front end and reference alike)."""
+    if outs.ndim < 2:
+        raise ValueError(f"outs: expected at least 2 dimensions (parts, ..., head_dim), got shape {tuple(outs.shape)}")
+    if tuple(lses.shape) != tuple(outs.shape[:-1]):
+        raise ValueError(f"lses: expected shape {tuple(outs.shape[:-1])} (outs.shape[:-1]), got {tuple(lses.shape)}")
+    if outs.shape[0] < 1:
+        raise ValueError("outs: expected at least one part on axis 0, got 0")
+    allowed = GPU_DTYPES + (np.dtype(np.float32),) + (() if gpu else (np.dtype(np.float64),))
+    if outs.dtype not in allowed:
+        raise TypeError(f"outs: expected dtype among {dtype_names(allowed)}, got {outs.dtype}")
+    if not (np.issubdtype(lses.dtype, np.floating) or lses.dtype == BFLOAT16):
+        raise TypeError(f"lses: expected a floating dtype, got {lses.dtype}")

@@ -464,3 +464,30 @@ def test_lse_argument_is_written_in_place():
     assert got is lse and np.isfinite(lse).all()
     _, ref = call(args, return_lse=True)
     assert np.array_equal(lse, ref)
+
+
+@pytest.mark.parametrize("changes,exc,msg", [
+    (dict(kv_lens=[5, -1]), ValueError, r"kv_lens: expected values in \[0, 10\] .*kv_lens\[1\] = -1"),
+    (dict(kv_lens=[5, 11]), ValueError, r"kv_lens\[1\] = 11"),
+    (dict(q=np.zeros((B, 3, D), np.float32)), ValueError, r"heads_q must be a positive multiple of heads_kv"),
+    (dict(k=np.zeros((B, S, HKV, D + 1), np.float32), v=np.zeros((B, S, HKV, D + 1), np.float32)), ValueError, r"k: expected head_dim 8 \(q.shape\[2\]\), got 9"),
+])
+def test_reference_validates_like_attention(changes, exc, msg):
+    """The float64 reference is public and the ground truth of the property
+    tests: it refuses what attention() refuses, with the same message."""
+    from cupy_lean import reference
+
+    kw = dense()
+    kw.update(changes)
+    for fn in (cupy_lean.attention, reference.attention):
+        args = dict(kw)
+        q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
+        with pytest.raises(exc, match=msg):
+            fn(q, k, v, **args)
+
+
+def test_reference_merge_states_validates():
+    from cupy_lean import reference
+
+    with pytest.raises(ValueError, match=r"lses: expected shape \(2, 3\)"):
+        reference.merge_states(np.zeros((2, 3, 4)), np.zeros((2, 4)))
