@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -28,10 +30,10 @@ def _demo_inputs(seed=0):
 
 
 def demo(argv=None):
-    p = argparse.ArgumentParser(prog="python -m cupy_lean demo")
-    p.add_argument("--png", default="lean_schedule.png", help="where to write the schedule picture")
-    p.add_argument("--cpu", action="store_true", help="use the NumPy path even with a GPU")
-    args = p.parse_args(argv)
+    """The demo: one decode step on a realistic ragged batch, checked against
+    the float64 reference, and the lean schedule it runs."""
+    args = _parse(["demo"] + list(argv or []))
+    png = args.png or os.path.join(tempfile.mkdtemp(prefix="cupy_lean_"), "lean_schedule.png")
 
     q, k, v, lens = _demo_inputs()
     kv_bytes = 2 * int(lens.sum()) * DEMO_HEADS_KV * DEMO_HEAD_DIM * 2
@@ -78,8 +80,8 @@ def demo(argv=None):
     print()
     print(sched.describe())
     try:
-        sched.plot(args.png)
-        print(f"\nschedule picture written to {args.png}")
+        sched.plot(png)
+        print(f"\nschedule picture written to {png}")
     except ImportError as exc:
         print(f"\n(no picture: {exc})")
     if on_gpu:
@@ -92,15 +94,12 @@ def demo(argv=None):
 
 
 def schedule_cmd(argv=None):
-    p = argparse.ArgumentParser(prog="python -m cupy_lean schedule")
-    p.add_argument("--lens", required=True, help="comma-separated kv lengths, e.g. 131072,1024,1024")
-    p.add_argument("--heads-kv", type=int, default=8)
-    p.add_argument("--tile-size", type=int, default=64)
-    p.add_argument("--num-ctas", type=int, default=2 * H100_SMS)
-    p.add_argument("--png", default=None)
-    args = p.parse_args(argv)
-    lens = [int(x) for x in args.lens.split(",") if x]
-    s = lean_schedule(lens, args.heads_kv, tile_size=args.tile_size, num_ctas=args.num_ctas)
+    """Print (and draw) the lean schedule of a batch."""
+    args = _parse(["schedule"] + list(argv or []))
+    num_ctas = args.num_ctas if args.num_ctas is not None else 2 * args.sms
+    s = lean_schedule(args.lens, args.heads_kv, tile_size=args.tile_size, num_ctas=num_ctas)
+    src = f"--num-ctas {args.num_ctas}" if args.num_ctas is not None else f"2 CTAs per SM on {args.sms} SMs"
+    print(f"(grid: {num_ctas} CTAs, {src})")
     print(s.describe())
     if args.png:
         s.plot(args.png)
@@ -117,15 +116,76 @@ def bench_cmd(argv=None):
     return bench_run.main(["--short"] + list(argv or []))
 
 
+def _lens(text):
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not vals or min(vals) < 0:
+        raise argparse.ArgumentTypeError(f"expected one or more lengths >= 0, got {text!r}")
+    return vals
+
+
+def _positive(text):
+    try:
+        val = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if val < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {val}")
+    return val
+
+
+def _png(text):
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"folder {folder} does not exist")
+    return text
+
+
+def _parser():
+    from .kernels import TILE_SIZES
+
+    p = argparse.ArgumentParser(
+        prog="python -m cupy_lean",
+        description="cupy-lean: LeanAttention decode attention for CuPy.")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    d = sub.add_parser("demo", help="one decode step on a ragged batch, checked against the float64 reference",
+                       description="Run one decode step (32/8 heads, head_dim 128, a ragged fp16 batch) on the GPU, "
+                                   "or through the NumPy reference without one; check it; print and draw the "
+                                   "lean schedule.")
+    d.add_argument("--png", type=_png, default=None,
+                   help="where to write the schedule picture (default: a new temporary folder)")
+    d.add_argument("--cpu", action="store_true", help="use the NumPy path even with a GPU")
+    sc = sub.add_parser("schedule", help="print (and draw) the lean schedule of a batch",
+                        description="Print the stream-K decomposition of a batch: every CTA's tile range and "
+                                    "segments, partial units and their contributors.")
+    sc.add_argument("--lens", type=_lens, required=True, help="comma-separated KV lengths, e.g. 131072,1024,1024")
+    sc.add_argument("--heads-kv", type=_positive, default=8, help="KV heads (default 8)")
+    sc.add_argument("--tile-size", type=int, choices=TILE_SIZES, default=64,
+                    help="tokens per tile (default 64)")
+    sc.add_argument("--num-ctas", type=_positive, default=None,
+                    help="CTAs of the grid (default: 2 per SM, see --sms)")
+    sc.add_argument("--sms", type=_positive, default=H100_SMS,
+                    help=f"SM count the default grid assumes (default {H100_SMS}, an H100 SXM)")
+    sc.add_argument("--png", type=_png, default=None, help="also draw the schedule into this PNG file")
+    sub.add_parser("bench", help="the benchmark of a checkout's bench/ folder (--short); options pass through",
+                   add_help=False)
+    return p
+
+
+def _parse(argv):
+    return _parser().parse_args(argv)
+
+
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
-    cmds = {"demo": demo, "bench": bench_cmd, "schedule": schedule_cmd}
-    if not argv or argv[0] not in cmds:
-        print("usage: python -m cupy_lean {demo|bench|schedule} [options]")
-        return 2
+    if argv and argv[0] == "bench":
+        return bench_cmd(argv[1:])
+    args = _parse(argv)  # --help, a missing or unknown command, bad options: message and exit 2
     t = time.time()
-    rc = cmds[argv[0]](argv[1:])
-    if argv[0] == "demo":
+    rc = {"demo": demo, "schedule": schedule_cmd}[args.command](argv[1:])
+    if args.command == "demo":
         print(f"({time.time() - t:.1f} s)")
     return rc
 

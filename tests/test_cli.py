@@ -1,0 +1,43 @@
+"""The command line: help, argument errors (exit 2, no traceback), the
+schedule command."""
+
+import subprocess
+import sys
+
+import pytest
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "cupy_lean", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_help_lists_every_command():
+    r = _run("--help")
+    assert r.returncode == 0
+    for cmd in ("demo", "schedule", "bench"):
+        assert cmd in r.stdout
+    r = _run("schedule", "--help")
+    assert r.returncode == 0 and "--lens" in r.stdout and "default 132" in r.stdout
+
+
+@pytest.mark.parametrize("args,msg", [
+    ((), "required: COMMAND"),
+    (("nope",), "invalid choice: 'nope'"),
+    (("schedule", "--lens", "abc"), "expected comma-separated integers, got 'abc'"),
+    (("schedule", "--lens", "5,-1"), "lengths >= 0"),
+    (("schedule", "--lens", "64", "--tile-size", "48"), "invalid choice: 48"),
+    (("schedule", "--lens", "64", "--png", "/no/such/folder/x.png"), "does not exist"),
+    (("schedule", "--lens", "64", "--num-ctas", "0"), "expected an integer >= 1, got 0"),
+])
+def test_bad_arguments_exit_2_without_traceback(args, msg):
+    r = _run(*args)
+    assert r.returncode == 2
+    assert msg in r.stderr and "Traceback" not in r.stderr
+
+
+def test_schedule_says_which_grid_it_assumed(tmp_path):
+    png = tmp_path / "s.png"
+    r = _run("schedule", "--lens", "300,5,0", "--heads-kv", "2", "--sms", "10", "--png", str(png))
+    assert r.returncode == 0, r.stderr
+    assert "(grid: 20 CTAs, 2 CTAs per SM on 10 SMs)" in r.stdout
+    assert png.stat().st_size > 0
