@@ -45,8 +45,9 @@ MAX_PAGE_SIZE = 256
 LENS_CACHE = 256  # must match kernels_cu/lean_attention.cu
 
 _CUPY_HINT = (
-    "CuPy is needed for GPU arrays: pip install 'cupy-lean[cuda12]' (CUDA 12) "
-    "or 'cupy-lean[cuda13]' (CUDA 13)"
+    "CuPy is needed for GPU arrays: install cupy-lean with the extra of your CUDA driver, "
+    "pip install -e '.[cuda13]' (CUDA 13) or -e '.[cuda12]' (CUDA 12) from a checkout; NumPy arrays "
+    "run the CPU path without CuPy"
 )
 
 
@@ -56,6 +57,29 @@ def _cupy():
     except ImportError as exc:  # pragma: no cover - depends on environment
         raise ImportError(_CUPY_HINT) from exc
     return cupy
+
+
+def require_device():
+    """Raise RuntimeError saying what is missing when CuPy sees no usable
+    CUDA GPU (no GPU, no driver, or a driver older than CuPy's CUDA)."""
+    cp = _cupy()
+    try:
+        n = cp.cuda.runtime.getDeviceCount()
+    except Exception as exc:
+        why = f"{type(exc).__name__}: {exc}"
+    else:
+        if n > 0:
+            return
+        why = "no CUDA device found"
+    try:
+        built = cp.cuda.runtime.runtimeGetVersion()
+        cuda = f"CUDA {built // 1000}.{built % 1000 // 10}"
+    except Exception:
+        cuda = "its CUDA version"
+    raise RuntimeError(
+        f"cupy_lean: no usable CUDA GPU ({why}). CuPy {cp.__version__} is built for {cuda}: the GPU path needs "
+        f"an NVIDIA GPU and a driver at least that new (nvidia-smi shows both), and the cupy-lean extra that "
+        f"matches the driver ('.[cuda13]' or '.[cuda12]'). NumPy arrays run the CPU path without a GPU.")
 
 
 # --------------------------------------------------------------------- sources
@@ -306,6 +330,7 @@ class _Kernels:
 def kernels_for(spec) -> _Kernels:
     """The compiled kernels of ``spec`` on the current device (the package's
     one cache holds them)."""
+    require_device()
     return _cache.get_or_build(("spec", _device_id(), spec), lambda: _Kernels(spec))
 
 
@@ -327,6 +352,7 @@ def warmup(dtypes=("float16", "bfloat16"), head_dims=(128,), groups=(1, 4, 8), p
            tile_size=None):
     """Compile (or load from CuPy's disk cache) the kernels for these
     parameters ahead of the first call. Returns the specs prepared."""
+    require_device()
     specs = []
     for dt in dtypes:
         name = {"float16": "f16", "bfloat16": "bf16", "f16": "f16", "bf16": "bf16"}[str(dt)]

@@ -449,45 +449,18 @@ def test_signature_is_hashable_and_sees_every_launch_input():
 
 
 def test_layers_below_the_front_end_do_not_import_it():
-    import inspect
+    import pathlib
 
-    from cupy_lean import _gpu, kernels, _plan as plan
-
-    for mod in (_gpu, kernels, plan):
-        assert "from .attention" not in inspect.getsource(mod)
-
-
-def test_lse_argument_is_written_in_place():
-    args = dense()
-    lse = np.full((B, HQ), np.nan, np.float32)
-    out, got = call(args, lse=lse)
-    assert got is lse and np.isfinite(lse).all()
-    _, ref = call(args, return_lse=True)
-    assert np.array_equal(lse, ref)
+    pkg = pathlib.Path(cupy_lean.__file__).parent
+    for name in ("_gpu.py", "kernels.py", "_plan.py", "_cache.py", "validation.py", "reference.py"):
+        assert "from .attention" not in (pkg / name).read_text()
 
 
-@pytest.mark.parametrize("changes,exc,msg", [
-    (dict(kv_lens=[5, -1]), ValueError, r"kv_lens: expected values in \[0, 10\] .*kv_lens\[1\] = -1"),
-    (dict(kv_lens=[5, 11]), ValueError, r"kv_lens\[1\] = 11"),
-    (dict(q=np.zeros((B, 3, D), np.float32)), ValueError, r"heads_q must be a positive multiple of heads_kv"),
-    (dict(k=np.zeros((B, S, HKV, D + 1), np.float32), v=np.zeros((B, S, HKV, D + 1), np.float32)), ValueError, r"k: expected head_dim 8 \(q.shape\[2\]\), got 9"),
-])
-def test_reference_validates_like_attention(changes, exc, msg):
-    """The float64 reference is public and the ground truth of the property
-    tests: it refuses what attention() refuses, with the same message."""
-    from cupy_lean import reference
-
-    kw = dense()
-    kw.update(changes)
-    for fn in (cupy_lean.attention, reference.attention):
-        args = dict(kw)
-        q, k, v = args.pop("q"), args.pop("k"), args.pop("v")
-        with pytest.raises(exc, match=msg):
-            fn(q, k, v, **args)
-
-
-def test_reference_merge_states_validates():
-    from cupy_lean import reference
-
-    with pytest.raises(ValueError, match=r"lses: expected shape \(2, 3\)"):
-        reference.merge_states(np.zeros((2, 3, 4)), np.zeros((2, 4)))
+def test_no_gpu_says_what_is_missing():
+    """CuPy installed, no GPU (CI): the GPU entry points say what is wrong and
+    what to do instead of a bare CUDA runtime error."""
+    pytest.importorskip("cupy")
+    if cupy_lean.gpu_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(RuntimeError, match=r"no usable CUDA GPU .*driver.*NumPy arrays run the CPU path"):
+        cupy_lean.warmup()
