@@ -158,6 +158,7 @@ class Plan:
 
         self.signature = sig
         self.meta = meta
+        self.kv_layout = "NHD"  # axis order of the k, v that run() takes (set by cupy_lean.plan)
         m = meta
         B, D, Hkv, g = m.batch, m.head_dim, m.heads_kv, m.group
         spec = K.make_spec(KERNEL_TAG[sig.dtypes[0]], D, g, m.paged, sig.tile_size, sig.stages)
@@ -301,6 +302,8 @@ class Plan:
         from ._arrays import to_gpu
 
         q, k, v = to_gpu(q, "q"), to_gpu(k, "k"), to_gpu(v, "v")
+        if self.kv_layout == "HND" and k.ndim == v.ndim == 4:
+            k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         if out is not None:
             out = to_gpu(out, "out")
         if kv_lens is not None and not isinstance(kv_lens, np.ndarray):

@@ -14,7 +14,7 @@ __all__ = ["attention", "plan", "merge_states"]
 
 
 def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse=False, out=None, lse=None,
-              schedule="lean", num_ctas=None, tile_size=None, validate=False):
+              schedule="lean", num_ctas=None, tile_size=None, kv_layout="NHD", validate=False):
     """Decode attention: one new query token per sequence over its KV cache.
 
     For every sequence ``b`` and query head ``i`` (KV head ``i // group``,
@@ -64,6 +64,11 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
     tile_size : int, optional
         KV tokens per tile, one of 16, 32, 64, 128 (a compile-time parameter);
         default by head_dim (128 at 64, 64 at 128, 32 at 256).
+    kv_layout : {"NHD", "HND"}
+        Axis order of ``k`` and ``v``: ``"NHD"`` (default) tokens before
+        heads as above; ``"HND"`` heads before tokens, ``(batch, heads_kv,
+        seqlen, head_dim)`` dense or ``(num_pages, heads_kv, page_size,
+        head_dim)`` paged. Either is read in place, without a copy.
     lse : array of float32, shape (batch, heads_q), optional
         Written in place with the log-sum-exp and returned (implies
         ``return_lse``).
@@ -104,7 +109,10 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
     ``lse=``) arrays that outlive the graph.
     """
     nd = _arrays._CUPY_NDARRAY
-    if (nd is not None and type(q) is nd and type(k) is nd and type(v) is nd
+    if kv_layout == "HND" and nd is not None and type(k) is nd and type(v) is nd and k.ndim == v.ndim == 4:
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # NHD views, no copy
+        kv_layout = "NHD"
+    if (kv_layout == "NHD" and nd is not None and type(q) is nd and type(k) is nd and type(v) is nd
             and (out is None or type(out) is nd) and (lse is None or type(lse) is nd) and not validate
             and (kv_lens is None or type(kv_lens) is nd) and (block_table is None or type(block_table) is nd)
             and (scale is None or type(scale) is float) and type(return_lse) is bool):
@@ -117,7 +125,7 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
             res_out, res_lse = p._launch(q, k, v, kv_lens, block_table, out, lse, want)
             return (res_out, res_lse) if want else res_out
     return _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, schedule, num_ctas,
-                           tile_size, validate)
+                           tile_size, kv_layout, validate)
 
 
 _get_device = None
@@ -188,10 +196,11 @@ def _check_lse(lse, m):
 
 
 def _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, schedule, num_ctas, tile_size,
-                    check_values):
+                    kv_layout, check_values):
     return_lse = _check_bool(return_lse, "return_lse") or lse is not None
     check_values = _check_bool(check_values, "validate")
     gpu, q, k, v, lens, table, out, lse = _normalise(q, k, v, kv_lens, block_table, out, lse)
+    k, v = _validation.kv_layout_views(k, v, kv_layout, table is not None)
     m = _validation.validate(q, k, v, lens, table, scale, out, schedule, num_ctas, tile_size, gpu)
     _check_lse(lse, m)
     host_lens = lens if isinstance(lens, np.ndarray) else None
@@ -221,7 +230,7 @@ def _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, 
 
 
 def plan(q, k, v, *, kv_lens=None, block_table=None, scale=None, out=None, schedule="lean", num_ctas=None,
-         tile_size=None, stages=None, ctas_per_sm=None, workspace=None):
+         tile_size=None, kv_layout="NHD", stages=None, ctas_per_sm=None, workspace=None):
     """Build a launch plan for calls like ``attention(q, k, v, ...)``.
 
     The plan is made from the arrays' metadata (shapes, strides, dtypes,
@@ -234,7 +243,7 @@ def plan(q, k, v, *, kv_lens=None, block_table=None, scale=None, out=None, sched
 
     Parameters
     ----------
-    q, k, v, kv_lens, block_table, scale, out, schedule, num_ctas, tile_size
+    q, k, v, kv_lens, block_table, scale, out, schedule, num_ctas, tile_size, kv_layout
         As in :func:`attention` (GPU arrays; ``kv_lens`` may be a NumPy
         array, whose values are then checked at every run). ``out``: pass an
         array when the runs will pass ``out=`` arrays of that layout; None when
@@ -266,6 +275,7 @@ def plan(q, k, v, *, kv_lens=None, block_table=None, scale=None, out=None, sched
     launch gets a workspace of its own.
     """
     gpu, q, k, v, lens, table, out, _ = _normalise(q, k, v, kv_lens, block_table, out, None)
+    k, v = _validation.kv_layout_views(k, v, kv_layout, table is not None)
     if not gpu:
         raise TypeError("q: plan() needs GPU arrays (CuPy, or any with __cuda_array_interface__ / "
                         f"CUDA __dlpack__), got {type(q).__module__}.{type(q).__name__}")
@@ -280,7 +290,9 @@ def plan(q, k, v, *, kv_lens=None, block_table=None, scale=None, out=None, sched
         table = cupy.asarray(table)
     sig = _plan.signature(q, k, v, out, lens, table, m.scale if scale is not None else None, schedule,
                           num_ctas, tile_size, stages, ctas_per_sm)
-    return _plan.Plan(sig, m, workspace=workspace)
+    p = _plan.Plan(sig, m, workspace=workspace)
+    p.kv_layout = kv_layout
+    return p
 
 
 def _cpu_attention(q, k, v, lens, table, m, out):

@@ -45,6 +45,23 @@ class Meta:
                  "page_size", "num_pages", "max_pages", "capacity", "scale")
 
 
+KV_LAYOUTS = ("NHD", "HND")
+
+
+def kv_layout_views(k, v, kv_layout, paged):
+    """k, v as NHD views (tokens before heads): an HND cache
+    ``(batch | num_pages, heads_kv, seqlen | page_size, head_dim)`` is
+    transposed without a copy."""
+    if not isinstance(kv_layout, str) or kv_layout not in KV_LAYOUTS:
+        raise ValueError(f"kv_layout: expected one of {KV_LAYOUTS}, got {kv_layout!r}")
+    if kv_layout == "NHD":
+        return k, v
+    axes = "(num_pages, heads_kv, page_size, head_dim)" if paged else "(batch, heads_kv, seqlen, head_dim)"
+    _check_rank(k, "k", 4, axes + " (kv_layout='HND')")
+    _check_rank(v, "v", 4, axes + " (kv_layout='HND')")
+    return k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+
+
 def validate(q, k, v, kv_lens, block_table, scale, out, sched, num_ctas, tile_size, gpu):
     _check_rank(q, "q", 3, "(batch, heads_q, head_dim)")
     paged = block_table is not None

@@ -464,3 +464,22 @@ def test_no_gpu_says_what_is_missing():
         pytest.skip("a GPU is present")
     with pytest.raises(RuntimeError, match=r"no usable CUDA GPU .*driver.*NumPy arrays run the CPU path"):
         cupy_lean.warmup()
+
+
+@pytest.mark.parametrize("base", [dense, paged])
+def test_kv_layout_hnd_equals_nhd(base):
+    args = base()
+    nhd_out, nhd_lse = call(args, return_lse=True)
+    hnd = dict(args, k=np.ascontiguousarray(args["k"].transpose(0, 2, 1, 3)),
+               v=np.ascontiguousarray(args["v"].transpose(0, 2, 1, 3)))
+    out, lse = call(hnd, return_lse=True, kv_layout="HND")
+    assert np.array_equal(out, nhd_out) and np.array_equal(lse, nhd_lse)
+
+
+def test_kv_layout_errors():
+    args = dense()
+    with pytest.raises(ValueError, match=r"kv_layout: expected one of \('NHD', 'HND'\), got 'HDN'"):
+        call(args, kv_layout="HDN")
+    with pytest.raises(ValueError, match=r"k: expected 4 dimensions \(batch, heads_kv, seqlen, head_dim\) "
+                                         r"\(kv_layout='HND'\), got shape \(2, 10, 2\)"):
+        call(args, k=args["k"][..., 0], kv_layout="HND")
