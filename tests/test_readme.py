@@ -1,0 +1,45 @@
+"""The README's examples run as written (the NumPy one everywhere, the CuPy
+and PyTorch ones on a GPU)."""
+
+import pathlib
+import re
+
+import pytest
+
+README = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+BLOCKS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+
+
+def _block(marker):
+    found = [b for b in BLOCKS if marker in b]
+    assert found, f"no README example with {marker!r}"
+    return found[0]
+
+
+def test_numpy_example_runs_on_the_cpu():
+    ns = {}
+    exec(_block("import numpy as np"), ns)
+    out, lse = ns["out"], ns["lse"]
+    assert out.shape == (3, 8, 64) and lse.shape == (3, 8)
+    assert (out[2] == 0).all() and (lse[2] == float("-inf")).all()
+
+
+def _gpu():
+    try:
+        import cupy
+
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("marker", ["import cupy as cp", "import torch"])
+def test_gpu_examples_run(marker):
+    if marker == "import torch":
+        pytest.importorskip("torch")
+    ns = {}
+    exec(_block(marker), ns)
+    out = ns["out"]
+    assert tuple(out.shape) == (4, 32, 128)
