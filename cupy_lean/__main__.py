@@ -50,6 +50,7 @@ def demo(argv=None):
         spec = make_spec("f16", DEMO_HEAD_DIM, DEMO_HEADS_Q // DEMO_HEADS_KV, False)
         kern = _Kernels(spec)
         num_ctas = kern.ctas_per_sm * kern.num_sms
+        grid_note = f"{kern.ctas_per_sm} CTA per SM on this GPU's {kern.num_sms} SMs"
         qd, kd, vd, ld = (cp.asarray(x) for x in (q, k, v, lens))
         out, lse = attention(qd, kd, vd, kv_lens=ld, return_lse=True)
         cp.cuda.Device().synchronize()
@@ -67,6 +68,7 @@ def demo(argv=None):
               f"{kv_bytes / us / 1e6:.2f} TB/s; max |out - float64 reference| = {err:.2e}")
     else:
         num_ctas = 2 * H100_SMS
+        grid_note = f"no GPU: 2 CTAs per SM on a {H100_SMS}-SM H100 assumed"
         out, lse = attention(q, k, v, kv_lens=lens, return_lse=True)
         err = float(np.abs(out.astype(np.float64) - ref_out).max())
         print(f"attention() on NumPy arrays: max |out - float64 reference| = {err:.2e}")
@@ -78,9 +80,9 @@ def demo(argv=None):
     print(f"emulate(lean schedule) vs reference: max |diff| = {em_err:.2e}, "
           f"empty sequences give lse=-inf: {lse_ok}")
     print()
-    print(sched.describe())
+    print(sched.describe(grid_note=grid_note))
     try:
-        sched.plot(png)
+        sched.plot(png, grid_note=grid_note)
         print(f"\nschedule picture written to {png}")
     except ImportError as exc:
         print(f"\n(no picture: {exc})")
@@ -100,9 +102,9 @@ def schedule_cmd(argv=None):
     s = lean_schedule(args.lens, args.heads_kv, tile_size=args.tile_size, num_ctas=num_ctas)
     src = f"--num-ctas {args.num_ctas}" if args.num_ctas is not None else f"2 CTAs per SM on {args.sms} SMs"
     print(f"(grid: {num_ctas} CTAs, {src})")
-    print(s.describe())
+    print(s.describe(grid_note=src))
     if args.png:
-        s.plot(args.png)
+        s.plot(args.png, grid_note=src)
         print(f"picture written to {args.png}")
     return 0
 

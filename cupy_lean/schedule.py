@@ -164,8 +164,9 @@ class Schedule:
         """Indices of the units that need a reduction of partial states."""
         return np.nonzero(self.contributors > 0)[0]
 
-    def describe(self) -> str:
-        """A text dump of every schedule quantity, for logs and experiments."""
+    def describe(self, grid_note=None) -> str:
+        """A text dump of every schedule quantity, for logs and experiments;
+        ``grid_note`` says where the CTA count came from."""
         seg = self.segments
         per_cta = self.tiles_per_cta()
         lines = [
@@ -175,7 +176,7 @@ class Schedule:
             f"units             {self.num_units}  (empty: {int((self.unit_tiles == 0).sum())})",
             f"tile_size         {self.tile_size}",
             f"total_tiles       {self.total_tiles}",
-            f"num_ctas          {self.num_ctas}",
+            f"num_ctas          {self.num_ctas}" + (f"  ({grid_note})" if grid_note else ""),
         ]
         if self.kind == "lean":
             lines += [
@@ -205,55 +206,79 @@ class Schedule:
             lines.append(f"balance           {eff:.3f}  (mean / max tiles per CTA)")
         return "\n".join(lines)
 
-    def plot(self, path, *, max_ctas=64, title=None):
-        """Draw the schedule to a PNG file: CTAs as rows, tiles coloured by unit.
+    def plot(self, path, *, title=None, grid_note=None):
+        """Draw the schedule to a PNG file: every unit and every CTA.
 
-        Partial segments are hatched. Needs matplotlib (``pip install
-        cupy-lean[plot]``). Only the first ``max_ctas`` CTAs are drawn.
+        Bottom: one row per unit (grouped by sequence, coloured by sequence),
+        a bar from the first to the last CTA that works on it; a solid bar is a
+        unit one CTA covers whole (it writes the output), a hatched bar a unit
+        split over several CTAs (each writes a partial state, the last to
+        finish merges them). Empty sequences are listed on the left without a
+        bar. Top: tiles per CTA (the balance). ``grid_note`` says where the
+        CTA count came from (e.g. the SM count assumed). Needs matplotlib
+        (``pip install -e '.[plot]'``).
         """
         try:
             import matplotlib
 
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
-            from matplotlib.patches import Rectangle
+            from matplotlib.patches import Patch, Rectangle
         except ImportError as exc:  # pragma: no cover - depends on environment
-            raise ImportError(
-                "Schedule.plot needs matplotlib: pip install 'cupy-lean[plot]'"
-            ) from exc
-        ncta = min(self.num_ctas, max_ctas)
-        seg = self.segments[self.segments["cta"] < ncta]
-        width = int(self.tiles_per_cta()[:ncta].max()) if ncta else 1
-        fig_h = max(2.0, 0.18 * ncta + 1.2)
-        fig, ax = plt.subplots(figsize=(10, fig_h))
-        cmap = plt.get_cmap("tab20")
-        pos = np.zeros(max(ncta, 1), dtype=np.int64)
+            raise ImportError("Schedule.plot needs matplotlib: pip install -e '.[plot]'") from exc
+        seg = self.segments
+        n_ctas = max(self.num_ctas, 1)
+        units = self.num_units
+        first = np.full(units, -1, dtype=np.int64)
+        last = np.full(units, -1, dtype=np.int64)
         for s in seg:
-            c = int(s["cta"])
-            n = int(s["tile_end"] - s["tile_begin"])
-            rect = Rectangle(
-                (pos[c], c - 0.4),
-                n,
-                0.8,
-                facecolor=cmap(int(s["unit"]) % 20),
-                edgecolor="black",
-                linewidth=0.5,
-                hatch="///" if s["partial"] else None,
-            )
-            ax.add_patch(rect)
-            if n >= max(2, width // 12):
-                ax.text(pos[c] + n / 2, c, f"b{int(s['batch'])}h{int(s['head'])}",
-                        ha="center", va="center", fontsize=6)
-            pos[c] += n
-        ax.set_xlim(0, max(width, 1))
-        ax.set_ylim(max(ncta, 1) - 0.5, -0.5)
-        ax.set_xlabel("tiles processed (in order)")
-        ax.set_ylabel("CTA")
-        ax.set_title(title or (
-            f"{self.kind} schedule: {self.total_tiles} tiles of {self.tile_size} tokens, "
-            f"{self.num_ctas} CTAs (hatched: partial segments)"
-            + (f", first {ncta} shown" if ncta < self.num_ctas else "")
-        ), fontsize=9)
+            u, c = int(s["unit"]), int(s["cta"])
+            first[u] = c if first[u] < 0 else min(first[u], c)
+            last[u] = max(last[u], c)
+        row_h = 0.09 if units <= 64 else max(0.02, 6.0 / units)
+        fig_h = min(12.0, 2.2 + row_h * units + 0.25 * self.batch)
+        fig, (ax_load, ax) = plt.subplots(2, 1, figsize=(10, fig_h), sharex=True,
+                                          gridspec_kw={"height_ratios": [1, 4]})
+        cmap = plt.get_cmap("tab10")
+        per_cta = self.tiles_per_cta() if self.num_ctas else np.zeros(1)
+        ax_load.bar(np.arange(len(per_cta)), per_cta, width=1.0, color="0.45")
+        ax_load.set_ylabel("tiles\nper CTA", fontsize=8)
+        ax_load.tick_params(labelsize=7)
+        yticks, ylabels, empty = [], [], []
+        y = 0
+        for b in range(self.batch):
+            rows = range(b * self.heads_kv, (b + 1) * self.heads_kv)
+            n_tok = int(self.kv_lens[b])
+            if self.tiles_per_seq[b] == 0:
+                empty.append(b)
+                yticks.append(y)
+                ylabels.append(f"seq {b}: 0 tokens, no work")
+                y += 1
+                continue
+            top = y
+            for u in rows:
+                partial = bool(self.contributors[u] > 0)
+                ax.add_patch(Rectangle((first[u] - 0.5, y - 0.45), last[u] - first[u] + 1, 0.9,
+                                       facecolor=cmap(b % 10), edgecolor="black" if partial else "none",
+                                       linewidth=0.3, hatch="////" if partial else None))
+                y += 1
+            yticks.append((top + y - 1) / 2)
+            ylabels.append(f"seq {b}: {n_tok} tokens")
+            y += 0.5
+        ax.set_yticks(yticks)
+        ax.set_yticklabels(ylabels, fontsize=7 if self.batch <= 24 else 5)
+        ax.set_ylim(max(y, 1) - 0.5, -0.7)
+        ax.set_xlim(-0.5, n_ctas - 0.5)
+        ax.set_xlabel("CTA", fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+        ax.legend(handles=[Patch(facecolor="0.8", label="unit covered by one CTA: writes its output"),
+                           Patch(facecolor="0.8", hatch="////", edgecolor="black",
+                                 label="unit split over CTAs: partial states, merged by the last")],
+                  fontsize=7, loc="lower left", framealpha=0.9)
+        note = f"; {grid_note}" if grid_note else ""
+        fig.suptitle(title or (
+            f"{self.kind} schedule: {self.batch} sequences x {self.heads_kv} KV heads = {units} units (rows), "
+            f"{self.total_tiles} tiles of {self.tile_size} tokens over {self.num_ctas} CTAs{note}"), fontsize=9)
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)

@@ -409,3 +409,12 @@ def test_public_names():
                  "num_splits_heuristic", "Schedule", "reference"):
         assert hasattr(cupy_lean, name)
     assert isinstance(lean_schedule([1], 1, tile_size=1, num_ctas=1), cupy_lean.Schedule)
+
+
+def test_describe_and_plot_say_which_grid_they_assumed(tmp_path):
+    s = cupy_lean.lean_schedule([300, 0, 5], 2, tile_size=16, num_ctas=20)
+    assert "num_ctas          20  (2 CTAs per SM on 10 SMs)" in s.describe(grid_note="2 CTAs per SM on 10 SMs")
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "s.png"
+    s.plot(str(path), grid_note="2 CTAs per SM on 10 SMs")
+    assert path.stat().st_size > 1000
