@@ -110,12 +110,10 @@ def schedule_cmd(argv=None):
 
 
 def bench_cmd(argv=None):
-    try:
-        from bench import run as bench_run
-    except ImportError:
-        print("the benchmark lives in the repository's bench/ folder: run from a checkout")
-        return 1
-    return bench_run.main(["--short"] + list(argv or []))
+    """Time the package's decompositions and kernel variants on this GPU."""
+    from .bench import main as bench_main
+
+    return bench_main(argv)
 
 
 def _lens(text):
@@ -171,8 +169,8 @@ def _parser():
     sc.add_argument("--sms", type=_positive, default=H100_SMS,
                     help=f"SM count the default grid assumes (default {H100_SMS}, an H100 SXM)")
     sc.add_argument("--png", type=_png, default=None, help="also draw the schedule into this PNG file")
-    sub.add_parser("bench", help="the benchmark of a checkout's bench/ folder (--short); options pass through",
-                   add_help=False)
+    sub.add_parser("bench", help="time lean/split/head and tile, CTA and pipeline variants on this GPU "
+                                 "(python -m cupy_lean bench --help)", add_help=False)
     return p
 
 
@@ -183,7 +181,11 @@ def _parse(argv):
 def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
-        return bench_cmd(argv[1:])
+        try:
+            return bench_cmd(argv[1:])
+        except RuntimeError as exc:  # no usable GPU: say so, no traceback
+            print(exc, file=sys.stderr)
+            return 1
     args = _parse(argv)  # --help, a missing or unknown command, bad options: message and exit 2
     t = time.time()
     rc = {"demo": demo, "schedule": schedule_cmd}[args.command](argv[1:])

@@ -41,3 +41,17 @@ def test_schedule_says_which_grid_it_assumed(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "(grid: 20 CTAs, 2 CTAs per SM on 10 SMs)" in r.stdout
     assert png.stat().st_size > 0
+
+
+def test_bench_help_and_no_gpu_message():
+    r = _run("bench", "--help")
+    assert r.returncode == 0 and "--cold-l2" in r.stdout and "--tile-sizes" in r.stdout
+    r = _run("bench", "--lens", "5,x")
+    assert r.returncode == 2 and "expected comma-separated integers" in r.stderr
+    import cupy_lean
+
+    if cupy_lean.gpu_available():
+        pytest.skip("a GPU is present")
+    pytest.importorskip("cupy")
+    r = _run("bench")
+    assert r.returncode == 1 and "no usable CUDA GPU" in r.stderr and "Traceback" not in r.stderr

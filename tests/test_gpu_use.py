@@ -415,3 +415,15 @@ def test_kv_layout_hnd_reads_in_place(layout):
         _assert_bitwise(out, ref)
     p = cupy_lean.plan(qd, kh, vh, kv_lens=ld, block_table=td, kv_layout="HND")
     _assert_bitwise(p.run(qd, kh, vh, kv_lens=ld, block_table=td), ref)
+
+
+def test_package_bench_command_runs():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "cupy_lean", "bench", "--lens", "3000,5,0", "--cold-l2",
+                        "--tile-sizes", "32", "--num-ctas", "7", "--page-size", "16", "--repeats", "2"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    for label in ("schedule=lean", "schedule=split", "schedule=head", "tile_size=32", "num_ctas=7"):
+        assert label in r.stdout
