@@ -151,7 +151,10 @@ def validate(q, k, v, kv_lens, block_table, scale, out, sched, num_ctas, tile_si
         except OverflowError:
             fscale = math.inf
         if not math.isfinite(fscale):
-            raise ValueError(f"scale: expected a finite number, got {fscale if math.isnan(fscale) or fscale != math.inf or isinstance(scale, float) else scale}")
+            text = repr(fscale) if isinstance(scale, (float, np.floating)) or math.isnan(fscale) else repr(scale)
+            if len(text) > 24:  # a huge integer: its size, not its 400 digits
+                text = f"an integer of {len(str(abs(int(scale))))} digits"
+            raise ValueError(f"scale: expected a finite number, got {text}")
         m.scale = fscale
 
     if not isinstance(sched, str) or sched not in _schedule.SCHEDULES:
