@@ -43,3 +43,12 @@ def test_gpu_examples_run(marker):
     exec(_block(marker), ns)
     out = ns["out"]
     assert tuple(out.shape) == (4, 32, 128)
+
+
+def test_results_prose_matches_the_results_file():
+    import json
+
+    data = json.loads((pathlib.Path(__file__).resolve().parent.parent / "bench/results/bench_full.json").read_text())
+    stated = re.search(r"read ceiling measured in the same process: \*\*([0-9.]+) TB/s\*\*", README)
+    assert stated, "README no longer states the read ceiling of its results"
+    assert float(stated.group(1)) == round(data["read_ceiling_tbps"], 2)
