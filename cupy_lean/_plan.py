@@ -460,9 +460,8 @@ def _capture_id(stream):
             fn.restype = ctypes.c_int
             fn.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_uint64),
                            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-            status, cid = ctypes.c_int(), ctypes.c_uint64()
-
-            def info(ptr, fn=fn, status=status, cid=cid, byref=ctypes.byref):
+            def info(ptr, fn=fn, byref=ctypes.byref, c_int=ctypes.c_int, c_uint64=ctypes.c_uint64):
+                status, cid = c_int(), c_uint64()  # per call: threads must not share them
                 if fn(ptr, byref(status), byref(cid), None, None, None) != 0:
                     raise RuntimeError("cuStreamGetCaptureInfo failed")
                 return cid.value if status.value == 1 else None
