@@ -161,7 +161,8 @@ class Plan:
         self.kv_layout = "NHD"  # axis order of the k, v that run() takes (set by cupy_lean.plan)
         m = meta
         B, D, Hkv, g = m.batch, m.head_dim, m.heads_kv, m.group
-        spec = K.make_spec(KERNEL_TAG[sig.dtypes[0]], D, g, m.paged, sig.tile_size, sig.stages)
+        spec = K.make_spec(KERNEL_TAG[sig.dtypes[0]], D, g, m.paged, sig.tile_size, sig.stages,
+                           smem_limit=K.device_smem_limit())
         kern = K.kernels_for(spec)
         self.spec, self.kernels = spec, kern
         self.device = cp.cuda.runtime.getDevice()

@@ -173,66 +173,91 @@ def _fits(tile, stages, head_dim, m_tiles, paged, budget):
     return Spec("f16", head_dim, m_tiles, tile, stages, paged).smem_bytes <= budget
 
 
-def default_config(head_dim, m_tiles, paged):
-    """Default (tile, stages) of a spec.
+#: Tuning constants of the default configurations (measured on an H100, see
+#: bench/NOTES.md), in one place.
+TUNING = {
+    "kv_tile_bytes": 32 * 1024,  # K+V bytes of one tile: tile = kv_tile_bytes / (4 * head_dim)
+    "deep_pipeline_smem": 160 * 1024,  # 3-4 stages only up to this much shared memory
+    "max_smem": 200 * 1024,  # no configuration above this (slower when measured)
+    "one_cta_per_sm_above": 100 * 1024,  # two such CTAs did not co-reside reliably
+    "max_ctas_per_sm": 2,
+}
 
-    Measured on an H100 (bench/NOTES.md): a 32 KB K+V tile and a 3-4 stage
-    cp.async pipeline at one CTA per SM stream at about 3 TB/s; configurations
-    above about 160 KB of shared memory, and two CTAs per SM at 115 KB each,
-    ran markedly slower. So: tile = 8192 / head_dim tokens (32 KB of K+V), as
-    many stages (up to 4) as fit in 160 KB, at least 2; head_dim 256 keeps
-    32-token tiles and 2 stages, small enough for two CTAs per SM.
+#: Opt-in shared memory per block (bytes) by architecture; the plan asks the
+#: device itself, this table serves the CPU tests and the docs.
+SMEM_OPTIN = {"sm_80": 166912, "sm_86": 101376, "sm_89": 101376, "sm_90": 232448}
+DEFAULT_SMEM_LIMIT = SMEM_OPTIN["sm_90"]
+
+
+def default_config(head_dim, m_tiles, paged, smem_limit=DEFAULT_SMEM_LIMIT):
+    """Default (tile, stages) of a spec on a device whose blocks may use
+    ``smem_limit`` bytes of shared memory, or None when nothing fits.
+
+    A tile of ``TUNING["kv_tile_bytes"]`` of K+V (halved until it fits) and
+    as many stages (4, then 3) as fit in ``deep_pipeline_smem``, else 2 in
+    ``max_smem``; head_dim 256 keeps 2 stages (two CTAs per SM where they
+    fit). Every budget is capped by ``smem_limit``.
     """
-    tile = max(16, min(128, 8192 // head_dim))
-    if head_dim >= 256:
-        while tile > 16 and not _fits(tile, 2, head_dim, m_tiles, paged, 200 * 1024):
-            tile //= 2
-        return tile, 2
-    while True:
-        for stages in (4, 3):
-            if _fits(tile, stages, head_dim, m_tiles, paged, 160 * 1024):
-                return tile, stages
-        if _fits(tile, 2, head_dim, m_tiles, paged, 200 * 1024) or tile == 16:
+    deep = min(TUNING["deep_pipeline_smem"], smem_limit)
+    most = min(TUNING["max_smem"], smem_limit)
+    tile = max(16, min(128, TUNING["kv_tile_bytes"] // (4 * head_dim)))
+    while tile >= 16:
+        if head_dim < 256:
+            for stages in (4, 3):
+                if _fits(tile, stages, head_dim, m_tiles, paged, deep):
+                    return tile, stages
+        if _fits(tile, 2, head_dim, m_tiles, paged, most):
             return tile, 2
         tile //= 2
+    return None
 
 
 def default_ctas_per_sm(spec, occupancy):
-    """CTAs per SM of the lean grid: one for specs over 100 KB of shared
-    memory (two of them did not co-reside reliably), else the occupancy, at
-    most two."""
-    if spec.smem_bytes > 100 * 1024:
+    """CTAs per SM of the lean grid: one for specs over
+    ``TUNING["one_cta_per_sm_above"]`` bytes of shared memory, else the
+    occupancy, at most ``TUNING["max_ctas_per_sm"]``."""
+    if spec.smem_bytes > TUNING["one_cta_per_sm_above"]:
         return 1
-    return max(1, min(2, occupancy))
+    return max(1, min(TUNING["max_ctas_per_sm"], occupancy))
 
 
-def make_spec(dtype, head_dim, group, paged, tile_size=None, stages=None) -> Spec:
-    """The spec that serves ``group`` query heads per KV head at ``head_dim``."""
+def make_spec(dtype, head_dim, group, paged, tile_size=None, stages=None,
+              smem_limit=DEFAULT_SMEM_LIMIT) -> Spec:
+    """The spec that serves ``group`` query heads per KV head at ``head_dim``
+    on a device allowing ``smem_limit`` bytes of shared memory per block.
+
+    Raises ValueError naming the limit when no configuration (or not the
+    requested ``tile_size`` / ``stages``) fits it.
+    """
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"head_dim: the GPU kernels support {HEAD_DIMS}, got {head_dim}")
     if not 1 <= group <= MAX_GROUP:
         raise ValueError(f"heads_q / heads_kv: the GPU kernels support groups of 1 to {MAX_GROUP}, got {group}")
     mt = _pow2_at_least(-(-group // 16))
-    tile, st = default_config(head_dim, mt, bool(paged))
-    if tile_size is not None:
+    paged = bool(paged)
+    if tile_size is None:
+        cfg = default_config(head_dim, mt, paged, smem_limit)
+        if cfg is None:
+            need = Spec(dtype, head_dim, mt, 16, 2, paged).smem_bytes
+            raise ValueError(
+                f"heads_q / heads_kv: group {group} at head_dim {head_dim} needs at least {need} bytes of shared "
+                f"memory per block (16-token tiles, 2 stages), over this device's limit of {smem_limit} bytes")
+        tile, st = cfg
+    else:
         if tile_size not in TILE_SIZES:
             raise ValueError(f"tile_size: expected one of {TILE_SIZES}, got {tile_size}")
         tile = tile_size
-        st = None
-        for cand in (4, 3, 2):
-            if _fits(tile, cand, head_dim, mt, bool(paged), 160 * 1024):
-                st = cand
-                break
-        if st is None:
-            st = 2
+        st = next((c for c in (4, 3) if _fits(tile, c, head_dim, mt, paged,
+                                               min(TUNING["deep_pipeline_smem"], smem_limit))), 2)
     if stages is not None:
         st = int(stages)
-    spec = Spec(dtype, head_dim, mt, tile, st, bool(paged))
-    if spec.smem_bytes > 227 * 1024:
+    spec = Spec(dtype, head_dim, mt, tile, st, paged)
+    if spec.smem_bytes > smem_limit:
+        what = "stages" if stages is not None else "tile_size"
         raise ValueError(
-            f"tile_size: {tile} needs {spec.smem_bytes} bytes of shared memory at head_dim "
-            f"{head_dim} and group {group}, over the 227 KB limit; use a smaller tile_size"
-        )
+            f"{what}: tile {tile} with {st} stages needs {spec.smem_bytes} bytes of shared memory at head_dim "
+            f"{head_dim} and group {group}, over this device's limit of {smem_limit} bytes; use a smaller "
+            f"{'stages' if stages is not None else 'tile_size'}")
     return spec
 
 
@@ -327,6 +352,11 @@ class _Kernels:
         self.ctas_per_sm = default_ctas_per_sm(spec, self.occupancy)
 
 
+def device_smem_limit():
+    """Opt-in shared memory per block of the current device, in bytes."""
+    return int(_cupy().cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"])
+
+
 def kernels_for(spec) -> _Kernels:
     """The compiled kernels of ``spec`` on the current device (the package's
     one cache holds them)."""
@@ -353,13 +383,14 @@ def warmup(dtypes=("float16", "bfloat16"), head_dims=(128,), groups=(1, 4, 8), p
     """Compile (or load from CuPy's disk cache) the kernels for these
     parameters ahead of the first call. Returns the specs prepared."""
     require_device()
+    limit = device_smem_limit()
     specs = []
     for dt in dtypes:
         name = {"float16": "f16", "bfloat16": "bf16", "f16": "f16", "bf16": "bf16"}[str(dt)]
         for d in head_dims:
             for g in groups:
                 for p in paged:
-                    s = make_spec(name, d, g, p, tile_size)
+                    s = make_spec(name, d, g, p, tile_size, smem_limit=limit)
                     kernels_for(s)
                     specs.append(s)
     _util_module()

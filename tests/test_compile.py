@@ -156,3 +156,34 @@ def test_alignment_predicate(ptr, strides, shape, n, ok):
     from cupy_lean import _plan as P
 
     assert P._aligned_layout((shape, strides), ptr % n == 0, n) is ok
+
+
+@pytest.mark.parametrize("arch", sorted(K.SMEM_OPTIN))
+def test_default_configurations_fit_each_architecture(arch):
+    """For the shared-memory limits of sm_80, sm_86, sm_89 and sm_90: every
+    default configuration fits; where none can, the error names the limit."""
+    limit = K.SMEM_OPTIN[arch]
+    fitted = refused = 0
+    for d in K.HEAD_DIMS:
+        for mt in K.M_TILES:
+            for paged in (False, True):
+                try:
+                    s = K.make_spec("bf16", d, mt * 16, paged, smem_limit=limit)
+                except ValueError as exc:
+                    assert f"limit of {limit} bytes" in str(exc) and "heads_q / heads_kv" in str(exc)
+                    refused += 1
+                    continue
+                assert s.smem_bytes <= limit and s.stages >= 2
+                fitted += 1
+    assert fitted + refused == 3 * len(K.M_TILES) * 2
+    # 99 KB parts (sm_86, sm_89) cannot hold group > 64 at head_dim 256; the others hold everything
+    assert refused == (2 if K.SMEM_OPTIN[arch] < 128 * 1024 else 0)
+
+
+def test_too_large_requests_name_the_limit():
+    with pytest.raises(ValueError, match=r"tile_size: tile 128 with 2 stages needs \d+ bytes .*limit of 101376 bytes"):
+        K.make_spec("f16", 256, 4, False, tile_size=128, smem_limit=K.SMEM_OPTIN["sm_86"])
+    with pytest.raises(ValueError, match=r"stages: .*limit of 166912 bytes"):
+        K.make_spec("f16", 128, 16, False, tile_size=128, stages=6, smem_limit=K.SMEM_OPTIN["sm_80"])
+    with pytest.raises(ValueError, match=r"limit of 20000 bytes"):
+        K.make_spec("f16", 128, 1, False, smem_limit=20000)
