@@ -19,10 +19,8 @@ _U64_MAX = np.uint64(2**64 - 1)
 def device_check(m, lens, table):
     """Raise ValueError naming the first bad kv_lens or block_table value
     (checked on the GPU; synchronises)."""
-    lens32 = None if lens is None else _index_array(lens, 0, m.capacity)
+    lens32 = _index_array(lens, 0, m.capacity)  # given: a call checks values only when kv_lens is
     table32 = None if table is None else _index_array(table, 0, max(m.num_pages - 1, 0))
-    if lens32 is None:
-        lens32 = cp.full(m.batch, m.capacity, dtype=cp.int32)
     bad = cp.full(1, _U64_MAX, dtype=cp.uint64)
     fn = K.util_function("lean_check_inputs")
     bt_sb = np.int64(table32.strides[0] // 4) if table32 is not None else np.int64(0)
