@@ -16,9 +16,14 @@ Layouts
     Lengths ``lens``: dense cache of capacity ``max(lens)`` rounded up to the
     page size, cupy_lean gets ``kv_lens`` (CuPy int32).
 ``"paged"``
-    Lengths ``lens``: page pool ``(num_pages, 16, heads_kv, head_dim)`` whose
-    pages are handed out in a shuffled order (fixed seed), cupy_lean gets
-    ``kv_lens`` and ``block_table`` (CuPy int32).
+    Lengths ``lens``: page pool ``(num_pages, page_size, heads_kv, head_dim)``
+    (page size 16 for the fixed cases) whose pages are handed out in a
+    shuffled order (fixed seed), cupy_lean gets ``kv_lens`` and
+    ``block_table`` (CuPy int32).
+
+Dense and ragged caches have a capacity rounded up to the page size (so that
+FlashInfer can view them as pages); a dense case hands cupy_lean and SDPA a
+view of its first ``N`` tokens.
 """
 
 from __future__ import annotations
@@ -66,6 +71,7 @@ class Case:
     lens: Tuple[int, ...]  # one length per sequence
     layout: str  # "dense" | "ragged" | "paged"
     family: str  # series label of the speedup plot
+    page_size: int = PAGE_SIZE  # tokens per page (paged; the page view of the others for FlashInfer)
 
     @property
     def group(self) -> int:
@@ -95,15 +101,14 @@ class Case:
 
     @property
     def capacity(self) -> int:
-        """Tokens per sequence of the dense cache (ragged: max length rounded
-        up to the page size so that FlashInfer can view it as pages)."""
-        if self.layout == "dense":
-            return self.max_len
-        return -(-self.max_len // PAGE_SIZE) * PAGE_SIZE
+        """Tokens per sequence of the dense cache: the max length rounded up
+        to the page size, so that FlashInfer can view it as pages (a dense
+        case hands cupy_lean and SDPA a view of the first ``N`` tokens)."""
+        return -(-self.max_len // self.page_size) * self.page_size
 
     def pages(self) -> np.ndarray:
-        """Pages used by each sequence (page size 16)."""
-        return -(-np.asarray(self.lens, dtype=np.int64) // PAGE_SIZE)
+        """Pages used by each sequence."""
+        return -(-np.asarray(self.lens, dtype=np.int64) // self.page_size)
 
     def kv_bytes(self, itemsize: int = 2) -> int:
         """Bytes of K and V read: ``2 * sum(kv_lens) * heads_kv * head_dim * itemsize``."""
@@ -113,7 +118,7 @@ class Case:
         """Device bytes of one copy of K and V (q and out are negligible)."""
         per_token = self.heads_kv * self.head_dim * itemsize
         if self.layout == "paged":
-            return 2 * int(self.pages().sum()) * PAGE_SIZE * per_token
+            return 2 * int(self.pages().sum()) * self.page_size * per_token
         return 2 * self.batch * self.capacity * per_token
 
     def describe(self) -> str:
@@ -127,7 +132,8 @@ class Case:
     def row_fields(self, itemsize: int = 2) -> dict:
         """The case's columns of a result row."""
         return {
-            "case": self.name, "family": self.family, "layout": self.layout, "batch": self.batch,
+            "case": self.name, "family": self.family, "layout": self.layout, "page_size": self.page_size,
+            "batch": self.batch,
             "heads_q": self.heads_q, "heads_kv": self.heads_kv, "head_dim": self.head_dim,
             "context": self.context, "max_len": self.max_len, "total_tokens": self.total_tokens,
             "kv_bytes": self.kv_bytes(itemsize),
@@ -136,7 +142,7 @@ class Case:
     def to_json(self) -> dict:
         lens = list(self.lens)
         return {
-            "name": self.name, "batch": self.batch, "heads_q": self.heads_q, "heads_kv": self.heads_kv,
+            "name": self.name, "batch": self.batch, "page_size": self.page_size, "heads_q": self.heads_q, "heads_kv": self.heads_kv,
             "head_dim": self.head_dim, "layout": self.layout, "family": self.family,
             "total_tokens": self.total_tokens, "max_len": self.max_len, "context": self.context,
             "lens": lens if len(set(lens)) > 1 else None,
@@ -309,7 +315,8 @@ def page_lists(case: Case, seed: int = 7):
     npg = case.pages()
     indptr = np.zeros(case.batch + 1, dtype=np.int32)
     indptr[1:] = np.cumsum(npg)
-    last = np.where(lens > 0, lens - (npg - 1) * PAGE_SIZE, 0).astype(np.int32)
+    ps = case.page_size
+    last = np.where(lens > 0, lens - (npg - 1) * ps, 0).astype(np.int32)
     if case.layout == "paged":
         total = int(npg.sum())
         perm = np.random.default_rng(seed).permutation(total).astype(np.int32)
@@ -318,9 +325,9 @@ def page_lists(case: Case, seed: int = 7):
         for b in range(case.batch):
             table[b, : npg[b]] = perm[indptr[b]: indptr[b + 1]]
         return total, table, indptr, perm.copy(), last
-    if case.capacity % PAGE_SIZE:
+    if case.capacity % ps:
         raise ValueError(f"{case.name}: capacity {case.capacity} is not a multiple of the page size")
-    per_seq = case.capacity // PAGE_SIZE
+    per_seq = case.capacity // ps
     indices = np.concatenate([b * per_seq + np.arange(npg[b], dtype=np.int64) for b in range(case.batch)])
     return case.batch * per_seq, None, indptr, indices.astype(np.int32), last
 
@@ -334,7 +341,7 @@ def build_inputs(case: Case, dtype: str, n_copies: int) -> Inputs:
     B, Hq, Hkv, D = case.batch, case.heads_q, case.heads_kv, case.head_dim
     num_pages, table, indptr, indices, last = page_lists(case)
     if case.layout == "paged":
-        kv_shape = (num_pages, PAGE_SIZE, Hkv, D)
+        kv_shape = (num_pages, case.page_size, Hkv, D)
     else:
         kv_shape = (B, case.capacity, Hkv, D)
     qs, ks, vs, pages = [], [], [], []
@@ -348,8 +355,11 @@ def build_inputs(case: Case, dtype: str, n_copies: int) -> Inputs:
         qs.append(q)
         ks.append(k)
         vs.append(v)
-        pshape = (num_pages, PAGE_SIZE, Hkv, D)
+        pshape = (num_pages, case.page_size, Hkv, D)
         pages.append((k.reshape(pshape), v.reshape(pshape)))
+        if case.layout == "dense" and case.capacity != case.max_len:
+            k, v = k[:, :case.max_len], v[:, :case.max_len]  # views: the first N tokens
+        ks[-1], vs[-1] = k, v
     kv_lens = None if case.layout == "dense" else cp.asarray(np.asarray(case.lens, dtype=np.int32))
     bt = cp.asarray(table) if table is not None else None
     cp.cuda.Device().synchronize()

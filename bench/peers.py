@@ -33,7 +33,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from bench.cases import PAGE_SIZE, Case
+from bench.cases import Case
 from bench.report import FLASHINFER, OURS, SDPA
 from bench.report import METHODS as ALL_METHODS
 
@@ -333,7 +333,7 @@ def _fi_workspace():
 
 
 class FlashInfer:
-    """flashinfer.BatchDecodeWithPagedKVCacheWrapper, NHD pages of 16 tokens,
+    """flashinfer.BatchDecodeWithPagedKVCacheWrapper, NHD pages of the case's page size,
     ``use_tensor_cores`` False or True; ``plan()`` once per case, outside the
     timing; ``run(q, (k_pages, v_pages), out=...)`` timed."""
 
@@ -345,8 +345,8 @@ class FlashInfer:
         self.builder = builder
 
     def applicable(self, case: Case) -> Optional[str]:
-        if case.layout != "paged" and case.capacity % PAGE_SIZE:
-            return f"n/a: capacity {case.capacity} is not a multiple of {PAGE_SIZE}"
+        if case.layout != "paged" and case.capacity % case.page_size:
+            return f"n/a: capacity {case.capacity} is not a multiple of {case.page_size}"
         return None
 
     def setup(self, inp):
@@ -360,7 +360,7 @@ class FlashInfer:
         indices = torch.from_numpy(np.ascontiguousarray(inp.fi_indices, dtype=np.int32))
         last = torch.from_numpy(np.ascontiguousarray(inp.fi_last_page_len, dtype=np.int32))
         t0 = time.perf_counter()
-        wrapper.plan(indptr, indices, last, case.heads_q, case.heads_kv, case.head_dim, PAGE_SIZE,
+        wrapper.plan(indptr, indices, last, case.heads_q, case.heads_kv, case.head_dim, case.page_size,
                      pos_encoding_mode="NONE", q_data_type=tdt, kv_data_type=tdt)
         torch.cuda.synchronize()
         plan_s = time.perf_counter() - t0

@@ -28,7 +28,7 @@ PEERS = SDPA + FLASHINFER
 METHODS = OURS + PEERS
 
 FIELDS = [
-    "case", "family", "layout", "dtype", "method", "kind", "status",
+    "case", "family", "layout", "page_size", "dtype", "method", "kind", "status",
     "batch", "heads_q", "heads_kv", "head_dim", "context", "max_len", "total_tokens",
     "kv_bytes", "n_copies", "n_calls",
     "device_us", "device_us_min", "device_us_max", "eager_us", "bound_us",
@@ -215,6 +215,49 @@ def evaluate_targets(rows: List[dict]) -> List[dict]:
     else:
         out.append(_target(name, None, "no split measurement"))
     return out
+
+
+def family_summary(rows: List[dict], subset=None) -> Optional[dict]:
+    """The family figures of lean over the rows of ``subset`` (a predicate
+    on a lean row; all when None): geometric mean and minimum of lean's
+    speedup over the best peer (per case and dtype), how many are below
+    0.95x, and how many take longer than ``1.05 x bound + 4 us``. Rows must
+    be finalized (best peer and bound filled)."""
+    lean = [r for r in rows if r["method"] == "lean" and _ok(r) and (subset is None or subset(r))]
+    if not lean:
+        return None
+    sp = [(r["speedup_vs_best_peer"], r) for r in lean if _num(r.get("speedup_vs_best_peer")) is not None]
+    over = [r for r in lean if _num(r.get("bound_us")) is not None
+            and r["device_us"] > 1.05 * r["bound_us"] + 4.0]
+    worst = min(sp, key=lambda p: p[0]) if sp else None
+    return {
+        "n": len(lean), "n_peer": len(sp), "geomean": geomean(x for x, _ in sp),
+        "min": worst[0] if worst else None, "min_case": _label(worst[1]) if worst else None,
+        "below_095": sum(1 for x, _ in sp if x < 0.95), "over_bound": len(over),
+        "frac_ceiling_geomean": geomean(r.get("frac_ceiling") for r in lean),
+    }
+
+
+def format_family_summary(rows: List[dict], seed=None) -> str:
+    """One line per group (all, dense, ragged + paged) of
+    :func:`family_summary`."""
+    groups = [("all", None), ("dense", lambda r: r.get("layout") == "dense"),
+              ("ragged+paged", lambda r: r.get("layout") in ("ragged", "paged"))]
+    lines = []
+    for name, pred in groups:
+        f = family_summary(rows, pred)
+        if f is None:
+            continue
+        head = f"family{'' if seed is None else f' seed {seed}'} {name}: {f['n']} shapes"
+        if f["geomean"] is None:
+            lines.append(f"{head}; no peer measured; {f['over_bound']} over 1.05 x bound + 4 us; "
+                         f"fraction of the read ceiling geomean {f['frac_ceiling_geomean']:.3f}")
+            continue
+        lines.append(f"{head}; lean / best peer geomean {f['geomean']:.3f}x, min {f['min']:.3f}x "
+                     f"({f['min_case']}), {f['below_095']} of {f['n_peer']} below 0.95x; "
+                     f"{f['over_bound']} of {f['n']} over 1.05 x bound + 4 us; "
+                     f"fraction of the read ceiling geomean {f['frac_ceiling_geomean']:.3f}")
+    return "\n".join(lines)
 
 
 def format_targets(targets: List[dict]) -> str:
@@ -491,10 +534,17 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench.report", description=main.__doc__)
     p.add_argument("json_file")
     p.add_argument("--plots", metavar="DIR", help="also write the PNGs to DIR")
+    p.add_argument("--peers-from", metavar="JSON",
+                   help="take the peers' rows from this run of the same cases (a before/after comparison "
+                        "that re-measured only lean)")
     a = p.parse_args(argv)
     with open(a.json_file) as f:
         doc = json.load(f)
     rows = doc["rows"]
+    if a.peers_from:
+        with open(a.peers_from) as f:
+            other = json.load(f)["rows"]
+        rows = [r for r in rows if r["method"] not in PEERS] + [dict(r) for r in other if r["method"] in PEERS]
     finalize(rows, doc.get("read_ceiling_tbps"))
     targets = evaluate_targets(rows)
     if a.plots:
@@ -504,7 +554,11 @@ def main(argv=None):
         plot_bandwidth(rows, os.path.join(a.plots, stem + "_bandwidth.png"), doc.get("read_ceiling_tbps"))
     gpu = (doc.get("gpu") or {}).get("name") if isinstance(doc.get("gpu"), dict) else None
     print(format_table(rows, doc.get("read_ceiling_tbps"), gpu))
-    print(format_targets(targets))
+    fam = doc.get("family") or (doc.get("meta") or {}).get("family")
+    if fam:
+        print(format_family_summary(rows, fam.get("seed")))
+    else:
+        print(format_targets(targets))
     return 0
 
 

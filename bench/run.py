@@ -86,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prebuild", action="store_true",
                    help="only compile: cupy_lean's kernels and FlashInfer's JIT modules of the selection, then exit")
     p.add_argument("--list", action="store_true", help="list the selected cases with K/V bytes and floors, then exit")
+    p.add_argument("--family", type=int, default=None, metavar="N",
+                   help="instead of the fixed cases, N shapes drawn at random from the family (bench/family.py): "
+                        "what speed is judged on; ends with the family summary lines")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of --family (default: a fresh one, printed)")
     return p
 
 
@@ -254,7 +259,7 @@ class Sweep:
         self.builder = None
         self.fatal: Optional[str] = None
         self.stop_reason: Optional[str] = None
-        self.tag = args.tag or ("short" if args.short else "full")
+        self.tag = args.tag or (f"family_s{args.seed}" if args.family else ("short" if args.short else "full"))
 
     # .................................................................. helpers
 
@@ -604,6 +609,8 @@ class Sweep:
             return 2
         self.meta = collect_meta(self.args, self.cases, self.dtypes, self.method_names)
         self.meta["argv"] = self.argv
+        if self.args.family:
+            self.meta["family"] = {"n": self.args.family, "seed": self.args.seed}
         prog = Progress(len(self.cases) * len(self.dtypes))
         self.setup_peers(prog.info)
         if self.args.prebuild:
@@ -638,7 +645,10 @@ class Sweep:
         print(R.format_table(self.rows, self.meta["read_ceiling_tbps"], gpu))
         for n in self.meta["notes"]:
             print("note: " + n)
-        print(R.format_targets(targets))
+        if self.args.family:
+            print(R.format_family_summary(self.rows, self.args.seed))
+        else:
+            print(R.format_targets(targets))
         sys.stdout.flush()
         return 0
 
@@ -646,8 +656,21 @@ class Sweep:
 def main(argv=None) -> int:
     """Run the sweep; ``argv`` as for the command line (``None``: sys.argv)."""
     args = build_parser().parse_args(argv)
-    dtypes = parse_dtypes(args.dtypes, args.short)
-    cases = C.select_cases(_split(args.cases), short=args.short)
+    dtypes = parse_dtypes(args.dtypes, args.short or bool(args.family))
+    if args.family is not None:
+        from bench import family
+
+        if args.family < 1:
+            raise SystemExit(f"--family: expected a number of shapes >= 1, got {args.family}")
+        if args.seed is None:
+            args.seed = family.new_seed()
+        print(f"family: {args.family} shapes, seed {args.seed} (repeat with --family {args.family} "
+              f"--seed {args.seed})", flush=True)
+        cases = family.draw(args.family, args.seed)
+        if args.cases:
+            cases = [c for c in cases if any(f in c.name for f in _split(args.cases))]
+    else:
+        cases = C.select_cases(_split(args.cases), short=args.short)
     if not cases:
         raise SystemExit(f"--cases: no case matches {args.cases!r} (see --list)")
     methods = parse_methods(args.methods, args.no_peers)

@@ -1,5 +1,5 @@
 """GPU helpers below the front end: the synchronising value check of
-kv_lens / block_table, merge_states, and the kernel's schedule dump (tests)."""
+kv_lens / block_table, merge_states, and the kernel's schedule dump."""
 
 from __future__ import annotations
 
@@ -77,34 +77,39 @@ def _merge_lse_only(lses):
     return cp.where(tot == 0, -cp.inf, safe + cp.log(cp.where(tot == 0, 1.0, tot))).astype(cp.float32)
 
 
-def device_lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, max_segments=64):
-    """Run the kernel's own schedule derivation (mode 2: no attention) and
-    return, per CTA, ``(start, end, [(unit, tile_begin, tile_end, partial),
-    ...])``. For tests: the device schedule must equal
-    :func:`cupy_lean.lean_schedule`."""
-    lens32 = cp.asarray(np.asarray(kv_lens), dtype=cp.int32)
+def device_schedule(kv_lens, heads_kv, *, tile_size, num_ctas=None, num_splits=None, max_segments=64):
+    """The schedule as the kernel derives it (its schedule-dump entry: no
+    attention is computed). Stream-K with ``num_ctas`` CTAs, or split-K with
+    ``num_splits`` chunks per unit. Returns, per CTA, None (no work) or
+    ``(begin, end, [(unit, tile_begin, tile_end, partial, slot,
+    first_contributor, contributors), ...])``, the quantities of
+    :func:`cupy_lean.lean_schedule` / :func:`cupy_lean.split_schedule`."""
+    lens_host = np.asarray(kv_lens)
+    lens32 = cp.asarray(lens_host, dtype=cp.int32)
     B = int(lens32.shape[0])
-    cap = max(1, int(np.asarray(kv_lens).max()) if B else 1)
     spec = K.make_spec("f16", 128, 1, False, tile_size)
     kern = K.kernels_for(spec)
-    stride = 3 + 4 * max_segments
-    ws = cp.zeros(num_ctas * stride, dtype=cp.int32)
-    ws[0::stride] = -1  # CTAs without work leave this untouched
-    out = cp.empty((max(B, 1), heads_kv, 128), dtype=cp.float16)
-    counters = cp.zeros(max(B * heads_kv, 1), dtype=cp.int32)
-    z = np.int64(0)
-    args = (out, out, out, out, _NULL, lens32, _NULL, ws.view(cp.float32), counters,
-            z, z, z, z, z, z, z, z, np.int64(heads_kv * 128), np.int64(128), z,
-            np.int32(B), np.int32(heads_kv), np.int32(1), np.int32(cap), np.int32(1), np.int32(0),
-            np.int32(2), np.int32(1), np.float32(1.0), np.int32(stride))
-    K.launch(kern.attn, num_ctas, spec.threads, args, spec.smem_bytes)
-    raw = ws.reshape(num_ctas, stride).get()
+    prm = K.Params()
+    prm.batch, prm.heads_kv, prm.group = B, heads_kv, 1
+    prm.capacity = max(1, int(lens_host.max()) if B else 1)
+    prm.page_size = 1
+    if num_splits is None:
+        prm.decomposition, prm.num_splits, grid = K.Decomposition.STREAM_K, 1, num_ctas
+    else:
+        prm.decomposition, prm.num_splits, grid = K.Decomposition.SPLIT_K, num_splits, B * heads_kv * num_splits
+    stride = K.DUMP_HEADER + K.DUMP_RECORD * max_segments
+    rec = cp.full(grid * stride, -1, dtype=cp.int32)  # CTAs without work leave it as it is
+    prm.slot_stride, prm.epoch = stride, 1
+    prm.kv_lens, prm.partials = lens32.data.ptr, rec.data.ptr
+    K.launch_params(kern.dump, grid, spec.threads, spec.smem_bytes, cp.cuda.get_current_stream().ptr, prm)
+    raw = rec.reshape(grid, stride).get()
     res = []
-    for c in range(num_ctas):
+    for c in range(grid):
         if raw[c, 0] < 0:
             res.append(None)
             continue
         n = int(raw[c, 2])
-        segs = [tuple(int(x) for x in raw[c, 3 + 4 * i: 7 + 4 * i]) for i in range(min(n, max_segments))]
+        segs = [tuple(int(x) for x in raw[c, K.DUMP_HEADER + K.DUMP_RECORD * i: K.DUMP_HEADER + K.DUMP_RECORD * (i + 1)])
+                for i in range(min(n, max_segments))]
         res.append((int(raw[c, 0]), int(raw[c, 1]), segs))
     return res

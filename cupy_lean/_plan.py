@@ -21,8 +21,14 @@ Workspace rules (what makes graphs and streams safe):
   long as the plan lives, so no two graphs (and no graph and an eager call)
   share a workspace: graphs can be replayed in any order, on any streams,
   concurrently.
-* The unit counters in a workspace are zero between launches: zeroed when the
-  workspace is made, and reset by the kernel that used them.
+* Unit counters (stream-K: how many partial states of a unit have arrived)
+  are zeroed when a workspace is made and reset by the kernel that used
+  them. Each counter also carries a tag, the launch's *epoch*: every eager
+  launch of a plan gets a new one, and a count with another tag reads as
+  zero. So a launch that never finished (aborted, faulted, or a grid cut
+  short) cannot leave counts that make the next launch reduce a unit
+  early. A captured launch keeps its capture's epoch; each graph has its own
+  workspace, reset by every replay that completes.
 """
 
 from __future__ import annotations
@@ -106,31 +112,6 @@ def aligned_grid(units, tiles_per_unit, grid, min_fraction=0.85):
     return g if g >= min_fraction * grid else grid
 
 
-_CTYPES = {"ptr": ctypes.c_uint64, np.int64: ctypes.c_int64, np.int32: ctypes.c_int32,
-           np.float32: ctypes.c_float}
-
-
-class _Pack:
-    """Kernel parameters kept in ctypes storage: a launch rewrites the
-    pointer fields and hands the array of addresses to cuLaunchKernel, which
-    copies the values (also when the launch is captured into a graph)."""
-
-    def __init__(self, signature_, values):
-        if len(values) != len(signature_):
-            raise TypeError(f"kernel launch: expected {len(signature_)} arguments, got {len(values)}")
-        self.cvals = [_CTYPES[kind](val) for (_, kind), val in zip(signature_, values)]
-        # The leading pointer parameters live in one array, so that a launch
-        # sets them with one slice assignment.
-        n_ptr = 0
-        while n_ptr < len(signature_) and signature_[n_ptr][1] == "ptr":
-            n_ptr += 1
-        self.ptrs = (ctypes.c_uint64 * max(n_ptr, 1))(*[c.value or 0 for c in self.cvals[:n_ptr]])
-        base = ctypes.addressof(self.ptrs)
-        addrs = [base + 8 * i for i in range(n_ptr)] + [ctypes.addressof(c) for c in self.cvals[n_ptr:]]
-        self.arr = (ctypes.c_void_p * len(self.cvals))(*addrs)
-        self.addr = ctypes.addressof(self.arr)
-
-
 def _elem_strides(strides, itemsize, n):
     return [s // itemsize for s in strides[:n]]
 
@@ -150,7 +131,8 @@ class Plan:
     grid : int
         CTAs launched (lean: the persistent grid; split/head: units x splits).
     workspace_bytes : int
-        Size of one workspace: unit counters, then fp32 partial-state slots.
+        Size of one workspace: unit counters (8 bytes each), then fp32
+        partial-state slots.
     """
 
     def __init__(self, sig: Signature, meta, *, workspace=None):
@@ -182,7 +164,7 @@ class Plan:
                 ag = aligned_grid(units, max_unit_tiles, grid)
                 self.aligned_grid_applied = ag != grid
                 grid = ag
-            mode, ns = 0, 1
+            decomp, ns = K.Decomposition.STREAM_K, 1
             slots = 2 * grid
         else:
             self.ctas_per_sm = None
@@ -193,11 +175,11 @@ class Plan:
             else:
                 ns = num_splits_heuristic(units, max_unit_tiles, kern.num_sms)
             grid = units * ns
-            mode = 1
+            decomp = K.Decomposition.SPLIT_K
             slots = grid if ns > 1 else 0
-        self.grid, self.mode, self.num_splits = grid, mode, ns
+        self.grid, self.decomposition, self.num_splits = grid, decomp, ns
         self.slot_stride = slot_stride
-        self.counter_bytes = -(-max(units, 1) * 4 // COUNTER_ALIGN) * COUNTER_ALIGN
+        self.counter_bytes = -(-max(units, 1) * 8 // COUNTER_ALIGN) * COUNTER_ALIGN
         self.workspace_bytes = self.counter_bytes + slots * slot_stride * 4
         self.threads, self.smem = spec.threads, spec.smem_bytes
         self._attn_ptr, self._combine_ptr = kern.attn.kernel.ptr, kern.combine.kernel.ptr
@@ -228,13 +210,23 @@ class Plan:
             bt_sb = tb[3][0] // 4
         else:
             bt_sb = tb[1][1]  # contiguous int32 copy
-        values = [0] * 9 + [
-            qs[0], qs[1], ks[0], ks[1], ks[2], vs[0], vs[1], vs[2], os_[0], os_[1], bt_sb,
-            B, Hkv, g, m.capacity, max(m.page_size, 1), m.num_pages, mode, ns,
-            m.scale * _LOG2E, slot_stride,
-        ]
-        self._pack = _Pack(K.ATTN_SIGNATURE, values)
-        self._combine = mode == 1 and ns > 1
+        prm = K.Params()
+        prm.q_sb, prm.q_sh = qs
+        prm.k_sb, prm.k_st, prm.k_sh = ks
+        prm.v_sb, prm.v_st, prm.v_sh = vs
+        prm.o_sb, prm.o_sh = os_
+        prm.bt_sb = bt_sb
+        prm.batch, prm.heads_kv, prm.group, prm.capacity = B, Hkv, g, m.capacity
+        prm.page_size, prm.num_pages = max(m.page_size, 1), m.num_pages
+        prm.decomposition, prm.num_splits = int(decomp), ns
+        prm.scale_log2 = m.scale * _LOG2E
+        prm.slot_stride = slot_stride
+        prm.epoch = 1
+        self._params = prm
+        self._ptrs = K.pointer_view(prm)  # a launch sets the pointers with one slice assignment
+        self._param_arr = (ctypes.c_void_p * 1)(ctypes.addressof(prm))
+        self._param_addr = ctypes.addressof(self._param_arr)
+        self._combine = decomp == K.Decomposition.SPLIT_K and ns > 1
         # The common case: q, k, v and out used in place, kv_lens int32 on the
         # GPU, block_table (if any) int32 on the GPU.
         self._direct = (not (self.copy_q or self.copy_k or self.copy_v or self.copy_out)
@@ -423,7 +415,7 @@ class Plan:
                 if lse is not None:
                     lse.fill(-np.inf)
                 return out, lse
-            if total is not None and self.mode == 0:
+            if total is not None and self.decomposition == K.Decomposition.STREAM_K:
                 grid = min(grid, total)
 
         stream = cp.cuda.get_current_stream()
@@ -432,17 +424,24 @@ class Plan:
             if captured:  # the workspace and temporaries the graph reads live as long as the plan
                 self._graph_workspaces.append((ws, temps, lens32, table32, out_k))
             wp = ws.data.ptr
-            self._pack.ptrs[:] = (q.data.ptr, k.data.ptr, v.data.ptr, out_k.data.ptr,
-                                  0 if lse is None else lse.data.ptr, 0 if lens32 is None else lens32.data.ptr,
-                                  0 if table32 is None else table32.data.ptr, wp + self.counter_bytes, wp)
+            self._ptrs[:] = (q.data.ptr, k.data.ptr, v.data.ptr, out_k.data.ptr,
+                             0 if lse is None else lse.data.ptr, 0 if lens32 is None else lens32.data.ptr,
+                             0 if table32 is None else table32.data.ptr, wp + self.counter_bytes, wp)
+            if not captured:  # a fresh tag for the counters (see module docstring)
+                self._params.epoch = _next_epoch(self._params.epoch)
             sp = stream.ptr
-            _driver.launchKernel(self._attn_ptr, grid, 1, 1, self.threads, 1, 1, self.smem, sp, self._pack.addr, 0)
+            _driver.launchKernel(self._attn_ptr, grid, 1, 1, self.threads, 1, 1, self.smem, sp, self._param_addr, 0)
             if self._combine:
                 _driver.launchKernel(self._combine_ptr, self.units, 1, 1, self.threads, 1, 1, 0, sp,
-                                     self._pack.addr, 0)
+                                     self._param_addr, 0)
         if out_k is not out:
             out[...] = out_k
         return out, lse
+
+
+def _next_epoch(e):
+    """The next counter tag: 1 .. 2**32 - 1 (0, an idle counter's tag, is never used)."""
+    return e + 1 if e < 0xFFFFFFFF else 1
 
 
 _cp = _driver = None

@@ -18,12 +18,12 @@ alone (no GPU needed), which is what the CPU tests do for sm_80 and sm_90.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import enum
 import functools
 import hashlib
-import os
 import pathlib
-import numpy as np
 
 from . import _cache
 
@@ -35,6 +35,8 @@ __all__ = [
     "compile_options",
     "kernel_dir",
     "warmup",
+    "Decomposition",
+    "Params",
 ]
 
 HEAD_DIMS = (64, 128, 256)
@@ -42,7 +44,57 @@ TILE_SIZES = (16, 32, 64, 128)
 M_TILES = (1, 2, 4, 8)
 MAX_GROUP = 128
 MAX_PAGE_SIZE = 256
-LENS_CACHE = 256  # must match kernels_cu/lean_attention.cu
+LENS_CACHE = 256  # lengths kept in shared memory (the kernel static_asserts it equals its own)
+
+
+class Decomposition(enum.IntEnum):
+    """How the kernel cuts the work (``lean::Decomposition`` in the source)."""
+
+    STREAM_K = 0  #: LeanAttention: even tile ranges over a persistent grid, partial units merged by the last
+    SPLIT_K = 1  #: ``num_splits`` chunks per unit, one CTA each, then a combine launch (1: one CTA per unit)
+
+
+class Params(ctypes.Structure):
+    """The kernel's one parameter (``lean::Params``, passed as ``const
+    __grid_constant__``), field by field. The compile options carry every
+    field's offset and the size; the source ``static_assert``s them, so a
+    drift fails the compile (CPU tests) instead of a launch."""
+
+    _fields_ = [
+        ("q", ctypes.c_uint64), ("k", ctypes.c_uint64), ("v", ctypes.c_uint64), ("out", ctypes.c_uint64),
+        ("lse", ctypes.c_uint64), ("kv_lens", ctypes.c_uint64), ("block_table", ctypes.c_uint64),
+        ("partials", ctypes.c_uint64), ("counters", ctypes.c_uint64),
+        ("q_sb", ctypes.c_int64), ("q_sh", ctypes.c_int64),
+        ("k_sb", ctypes.c_int64), ("k_st", ctypes.c_int64), ("k_sh", ctypes.c_int64),
+        ("v_sb", ctypes.c_int64), ("v_st", ctypes.c_int64), ("v_sh", ctypes.c_int64),
+        ("o_sb", ctypes.c_int64), ("o_sh", ctypes.c_int64), ("bt_sb", ctypes.c_int64),
+        ("batch", ctypes.c_int32), ("heads_kv", ctypes.c_int32), ("group", ctypes.c_int32),
+        ("capacity", ctypes.c_int32), ("page_size", ctypes.c_int32), ("num_pages", ctypes.c_int32),
+        ("decomposition", ctypes.c_int32), ("num_splits", ctypes.c_int32),
+        ("scale_log2", ctypes.c_float), ("slot_stride", ctypes.c_int32), ("epoch", ctypes.c_uint32),
+    ]
+
+
+#: The pointer fields, first in :class:`Params` (a launch sets them with one
+#: slice assignment through :func:`pointer_view`).
+POINTER_FIELDS = ("q", "k", "v", "out", "lse", "kv_lens", "block_table", "partials", "counters")
+#: Schedule dump records (``lean::DUMP_HEADER`` / ``DUMP_RECORD``): ints per CTA header and per segment.
+DUMP_HEADER, DUMP_RECORD = 3, 7
+
+
+def pointer_view(params):
+    """The pointer fields of a :class:`Params` as one ``c_uint64`` array over
+    the same memory."""
+    return (ctypes.c_uint64 * len(POINTER_FIELDS)).from_buffer(params)
+
+
+def _params_layout_options():
+    fields = "".join(f"X({name},{getattr(Params, name).offset})" for name, _ in Params._fields_)
+    return [f"-DLEAN_HOST_PARAMS_FIELDS(X)={fields}", f"-DLEAN_HOST_PARAMS_SIZE={ctypes.sizeof(Params)}",
+            f"-DLEAN_HOST_STREAM_K={int(Decomposition.STREAM_K)}",
+            f"-DLEAN_HOST_SPLIT_K={int(Decomposition.SPLIT_K)}",
+            f"-DLEAN_HOST_LENS_CACHE={LENS_CACHE}",
+            f"-DLEAN_HOST_DUMP_HEADER={DUMP_HEADER}", f"-DLEAN_HOST_DUMP_RECORD={DUMP_RECORD}"]
 
 _CUPY_HINT = (
     "CuPy is needed for GPU arrays: install cupy-lean with the extra of your CUDA driver, "
@@ -168,6 +220,10 @@ class Spec:
     def combine_entry(self) -> str:
         return f"{self.name}_combine"
 
+    @property
+    def dump_entry(self) -> str:
+        return f"{self.name}_schedule_dump"
+
 
 def _fits(tile, stages, head_dim, m_tiles, paged, budget):
     return Spec("f16", head_dim, m_tiles, tile, stages, paged).smem_bytes <= budget
@@ -287,7 +343,10 @@ def compile_options(spec: Spec | None):
             f"-DLEAN_PAGED={1 if spec.paged else 0}",
             f"-DLEAN_ENTRY={spec.entry}",
             f"-DLEAN_COMBINE_ENTRY={spec.combine_entry}",
-        ]
+            f"-DLEAN_DUMP_ENTRY={spec.dump_entry}",
+            f"-DLEAN_HOST_SMEM_BYTES={spec.smem_bytes}",
+            f"-DLEAN_HOST_THREADS={spec.threads}",
+        ] + _params_layout_options()
     return tuple(opts)
 
 
@@ -338,9 +397,11 @@ class _Kernels:
         self.module = mod
         self.attn = mod.get_function(spec.entry)
         self.combine = mod.get_function(spec.combine_entry)
+        self.dump = mod.get_function(spec.dump_entry)
         smem = spec.smem_bytes
         if smem > 48 * 1024:
             self.attn.max_dynamic_shared_size_bytes = smem
+            self.dump.max_dynamic_shared_size_bytes = smem
         # Ask for the largest shared-memory carveout: without it the driver may
         # pick a smaller one and fit fewer CTAs per SM than the occupancy
         # calculation (which assumes the largest) reports.
@@ -399,45 +460,11 @@ def warmup(dtypes=("float16", "bfloat16"), head_dims=(128,), groups=(1, 4, 8), p
 
 # --------------------------------------------------------------------- launch
 
-_I32, _I64, _F32, _PTR = np.int32, np.int64, np.float32, "ptr"
+def launch_params(func, grid, threads, smem, stream_ptr, params):
+    """Launch an entry of an attention module with one :class:`Params` (the
+    driver copies the struct at the call, also into a graph being captured)."""
+    from cupy_backends.cuda.api import driver
 
-# Argument kinds of the attention and combine entries, in order.
-ATTN_SIGNATURE = (
-    ("q", _PTR), ("k", _PTR), ("v", _PTR), ("out", _PTR), ("lse", _PTR),
-    ("kv_lens", _PTR), ("block_table", _PTR), ("ws", _PTR), ("counters", _PTR),
-    ("q_sb", _I64), ("q_sh", _I64), ("k_sb", _I64), ("k_st", _I64), ("k_sh", _I64),
-    ("v_sb", _I64), ("v_st", _I64), ("v_sh", _I64), ("o_sb", _I64), ("o_sh", _I64),
-    ("bt_sb", _I64),
-    ("batch", _I32), ("heads_kv", _I32), ("group", _I32), ("capacity", _I32),
-    ("page_size", _I32), ("num_pages", _I32), ("mode", _I32), ("num_splits", _I32),
-    ("scale_log2", _F32), ("slot_stride", _I32),
-)
-
-_NULL = np.uint64(0)
-
-
-def check_args(signature, args):
-    """Check a launch's arguments against the entry's signature: count, and
-    for every scalar the exact NumPy type of the C parameter (a Python float
-    would reach a ``float`` parameter as a double). Pointers are CuPy arrays or
-    ``np.uint64(0)`` for null."""
-    if len(args) != len(signature):
-        raise TypeError(f"kernel launch: expected {len(signature)} arguments, got {len(args)}")
-    cp = _cupy()
-    for (name, kind), a in zip(signature, args):
-        if kind == _PTR:
-            if not (isinstance(a, cp.ndarray) or (isinstance(a, np.uint64) and a == 0)):
-                raise TypeError(f"kernel launch: argument {name} expected a CuPy array or null, got {type(a).__name__}")
-        elif type(a) is not kind:
-            raise TypeError(f"kernel launch: argument {name} expected {np.dtype(kind).name}, got {type(a).__name__}")
-
-
-_DEBUG_CHECKS = os.environ.get("CUPY_LEAN_CHECK_ARGS", "0") == "1"
-
-
-def launch(func, grid, block, args, shared_mem=0, signature=ATTN_SIGNATURE):
-    """Launch on CuPy's current stream (argument checks with
-    ``CUPY_LEAN_CHECK_ARGS=1``; the tests turn them on)."""
-    if _DEBUG_CHECKS:
-        check_args(signature, args)
-    func((int(grid),), (int(block),), args, shared_mem=int(shared_mem))
+    arr = (ctypes.c_void_p * 1)(ctypes.addressof(params))
+    driver.launchKernel(func.kernel.ptr, int(grid), 1, 1, int(threads), 1, 1, int(smem), int(stream_ptr),
+                        ctypes.addressof(arr), 0)

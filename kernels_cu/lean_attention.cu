@@ -1,61 +1,41 @@
-// cupy-lean: fused LeanAttention decode kernel (and the comparison schedules).
+// cupy-lean: the fused LeanAttention decode kernel (stream-K), the comparison
+// decompositions (split-K and one CTA per unit) and the schedule dump.
 //
-// One module per spec. The spec is fixed by these macros (set by
-// cupy_lean/kernels.py from compile-time parameters only):
-//   LEAN_BF      0: fp16, 1: bf16
-//   LEAN_D       head dim (64, 128, 256)
-//   LEAN_MT      16-row query tiles per unit: ceil(group / 16), a power of two
-//   LEAN_TILE    KV tokens per tile (16, 32, 64, 128)
-//   LEAN_STAGES  cp.async pipeline depth (2..5)
-//   LEAN_PAGED   0: dense cache, 1: paged cache
-//   LEAN_ENTRY / LEAN_COMBINE_ENTRY   names of the extern "C" entry points
+// Reading order:
+//   1. configuration      compile-time spec, warp layout, shared-memory layout
+//   2. Params             the one parameter struct (mirrored by kernels.Params)
+//   3. schedule           StreamK (a CTA's range, a tile's owner), Segment and
+//                         SegmentWalker (a CTA's work as segments), PartialSlots
+//                         (where partial states live), UnitCounter (last arrival)
+//   4. softmax state      merge_weight / finalize (the one merge rule),
+//                         WarpState (absorb a tile), emit (final or partial)
+//   5. unit reduction     reduce_unit: merge a unit's partial states
+//   6. the CTA            find_work, KVLoader, tile_scores / accumulate_pv,
+//                         finish_segment, attention_cta
+//   7. entry points       attention, combine (split-K), schedule dump
 //
-// Work decomposition (see DESIGN.md): a unit is one (batch, KV head) pair and
-// all `group` query heads that share the KV head; a tile is TILE consecutive KV
-// tokens of one unit. mode 0 (lean, stream-K): the grid derives from kv_lens
-// (in device memory) the linear list of all tiles and takes an even share of
-// it; a CTA's range can span several units. mode 1 (split / head): CTA c takes
-// chunk c % num_splits of unit c / num_splits; num_splits == 1 is the head
-// schedule (one CTA per unit, output written directly).
+// Vocabulary: a unit is one (sequence b, KV head h) pair and the `group` query
+// heads that share that KV head; a tile is TILE consecutive KV tokens of one
+// unit; a segment is the part of one CTA's tile range inside one unit; a
+// partial segment does not cover its unit and writes an fp32 softmax state to a
+// workspace slot, which the unit's reduction merges.
 //
-// Inside a CTA: WM x WN warps. Warp (wm, wn) owns query rows [16 wm, 16 wm + 16)
-// and tokens [wn TW, wn TW + TW) of every tile; it keeps its own online-softmax
-// state (m, l, acc) in registers. At the end of a segment the WN states of a
-// row block are merged through shared memory in a fixed order.
-//
-// Partial segments (a unit shared by several CTAs) write their fp32 state to a
-// workspace slot; the CTA whose atomic increment completes the unit's counter
-// merges the unit's slots in CTA order and resets the counter. No CTA waits for
-// another: correct whether or not the CTAs are co-resident.
+// Spec macros (set by cupy_lean/kernels.py from compile-time parameters only):
+//   LEAN_BF (0 fp16, 1 bf16), LEAN_D (64/128/256), LEAN_MT (16-row query tiles
+//   per unit), LEAN_TILE (tokens per tile), LEAN_STAGES (cp.async depth),
+//   LEAN_PAGED (0 dense, 1 paged), LEAN_ENTRY / LEAN_COMBINE_ENTRY /
+//   LEAN_DUMP_ENTRY (entry names), and LEAN_HOST_* (the host's view of the
+//   layouts, cross-checked below by static_assert).
 
 #include "common.cuh"
 
-#ifndef LEAN_BF
-#define LEAN_BF 0
-#endif
-#ifndef LEAN_D
-#define LEAN_D 128
-#endif
-#ifndef LEAN_MT
-#define LEAN_MT 1
-#endif
-#ifndef LEAN_TILE
-#define LEAN_TILE 64
-#endif
-#ifndef LEAN_STAGES
-#define LEAN_STAGES 3
-#endif
-#ifndef LEAN_PAGED
-#define LEAN_PAGED 0
-#endif
-#ifndef LEAN_ENTRY
-#define LEAN_ENTRY lean_attention_default
-#endif
-#ifndef LEAN_COMBINE_ENTRY
-#define LEAN_COMBINE_ENTRY lean_combine_default
+#if !defined(LEAN_D) || !defined(LEAN_HOST_SMEM_BYTES) || !defined(LEAN_HOST_PARAMS_FIELDS)
+#error "compile through cupy_lean.kernels (compile_options defines the spec and the host layouts)"
 #endif
 
 namespace lean {
+
+// ============================================================= 1. configuration
 
 constexpr bool BF = LEAN_BF != 0;
 constexpr int D = LEAN_D;
@@ -67,9 +47,10 @@ constexpr bool PAGED = LEAN_PAGED != 0;
 __host__ __device__ constexpr int imin(int a, int b) { return a < b ? a : b; }
 __host__ __device__ constexpr int imax(int a, int b) { return a > b ? a : b; }
 
-constexpr int WM = MT;                                            // one 16-row tile per warp row
-// Token split per tile: 4 warps, or 8 for single-row-tile units with 128-token
-// tiles (more warps per SM to hide latency at one CTA per SM).
+// Warps: WM x WN. Warp (wm, wn) owns query rows [16 wm, 16 wm + 16) and tokens
+// [wn TW, wn TW + TW) of every tile. 4 warps per CTA, or 8 for single-row-tile
+// units with 128-token tiles (more warps to hide latency at one CTA per SM).
+constexpr int WM = MT;
 constexpr int WN = imin(imax(1, 4 / MT) * ((MT == 1 && TILE >= 128) ? 2 : 1),
                         imax(1, TILE / (16 * MT)));
 constexpr int NW = WM * WN;
@@ -77,7 +58,7 @@ constexpr int NT = NW * 32;
 constexpr int TW = TILE / WN;  // tokens per warp per tile
 constexpr int CPR = D / 8;     // 16-byte chunks per row
 constexpr int ROWS_Q = MT * 16;
-constexpr int LENS_CACHE = 256;
+constexpr int LENS_CACHE = 256;  // lengths of the first LENS_CACHE sequences kept in shared memory
 
 static_assert(D == 64 || D == 128 || D == 256, "head dim");
 static_assert(MT == 1 || MT == 2 || MT == 4 || MT == 8, "MT");
@@ -85,680 +66,871 @@ static_assert(TILE == 16 || TILE == 32 || TILE == 64 || TILE == 128, "TILE");
 static_assert(STAGES >= 2 && STAGES <= 6, "STAGES");
 static_assert(TW % 16 == 0, "tokens per warp");
 static_assert(NT % CPR == 0, "loader mapping");
-static_assert(WN == 1 || WN * ROWS_Q <= TILE, "combine scratch fits in a stage");
+static_assert(WN == 1 || WN * ROWS_Q <= TILE, "the warp-merge scratch fits in one K/V stage");
 
-// Shared memory layout, in bytes (mirrored by kernels.py: smem_bytes()).
-constexpr int KV_STAGE_BYTES = 2 * TILE * D * 2;
-constexpr int Q_SLOT_BYTES = ROWS_Q * D * 2;
-constexpr int OFF_Q = STAGES * KV_STAGE_BYTES;
-constexpr int OFF_MASK = OFF_Q + STAGES * Q_SLOT_BYTES;
-constexpr int MASK_BYTES = PAGED ? ((STAGES * TILE + 15) / 16) * 16 : 0;
-constexpr int OFF_STATS = OFF_MASK + MASK_BYTES;
-constexpr int STATS_BYTES = 2 * WN * ROWS_Q * 4;
-constexpr int OFF_LENS = OFF_STATS + STATS_BYTES;
-constexpr int OFF_MISC = OFF_LENS + LENS_CACHE * 4;
-constexpr int SMEM_BYTES = OFF_MISC + 64 * 4;
+// Shared storage, in bytes: [K/V ring][Q ring][page mask][warp stats][lengths][scan scratch].
+struct SharedLayout {
+  static constexpr int KV_STAGE = 2 * TILE * D * 2;  // K then V of one tile
+  static constexpr int Q_SLOT = ROWS_Q * D * 2;
+  static constexpr int OFF_Q = STAGES * KV_STAGE;
+  static constexpr int OFF_MASK = OFF_Q + STAGES * Q_SLOT;
+  static constexpr int MASK = PAGED ? ((STAGES * TILE + 15) / 16) * 16 : 0;
+  static constexpr int OFF_STATS = OFF_MASK + MASK;
+  static constexpr int STATS = 2 * WN * ROWS_Q * 4;
+  static constexpr int OFF_LENS = OFF_STATS + STATS;
+  static constexpr int OFF_MISC = OFF_LENS + LENS_CACHE * 4;
+  static constexpr int MISC_INTS = 64;
+  static constexpr int BYTES = OFF_MISC + MISC_INTS * 4;
+};
+
+// The host computes the same numbers (kernels.Spec); a drift fails the compile.
+static_assert(SharedLayout::BYTES == LEAN_HOST_SMEM_BYTES, "shared-memory layout differs from kernels.Spec.smem_bytes");
+static_assert(NT == LEAN_HOST_THREADS, "warp layout differs from kernels.Spec.threads");
+static_assert(LENS_CACHE == LEAN_HOST_LENS_CACHE, "length cache differs from kernels.LENS_CACHE");
+
+// Named views of the shared storage.
+struct Shared {
+  unsigned char* base;
+  __device__ u16* kv(int stage) const { return reinterpret_cast<u16*>(base + stage * SharedLayout::KV_STAGE); }
+  __device__ float* scratch(int stage) const { return reinterpret_cast<float*>(kv(stage)); }  // TILE * D floats
+  __device__ u16* q(int slot) const { return reinterpret_cast<u16*>(base + SharedLayout::OFF_Q) + slot * ROWS_Q * D; }
+  __device__ unsigned char* mask(int stage) const { return base + SharedLayout::OFF_MASK + stage * TILE; }
+  __device__ float* stat_m() const { return reinterpret_cast<float*>(base + SharedLayout::OFF_STATS); }
+  __device__ float* stat_l() const { return stat_m() + WN * ROWS_Q; }
+  __device__ int* lens() const { return reinterpret_cast<int*>(base + SharedLayout::OFF_LENS); }
+  __device__ int* misc() const { return reinterpret_cast<int*>(base + SharedLayout::OFF_MISC); }
+};
+// misc[] use: [0, 32) block-scan scratch, then named words.
+enum Misc { MISC_START_SEQ = 32, MISC_START_TILE = 33, MISC_LAST = 34, MISC_FIRST = 35, MISC_COUNT = 36 };
 
 // Element offset of 16-byte chunk `ch` of row `r` in a [rows][D] tile, XOR
 // swizzled so that ldmatrix rows of one column hit distinct banks.
 __device__ __forceinline__ int swz(int r, int ch) { return r * D + ((ch ^ (r & 7)) << 3); }
 
-struct Args {
-  const u16* __restrict__ q;
-  const u16* __restrict__ k;
-  const u16* __restrict__ v;
-  u16* out;
-  float* lse;
-  const int* __restrict__ kv_lens;
-  const int* __restrict__ block_table;
-  float* ws;
-  int* counters;
-  i64 q_sb, q_sh, k_sb, k_st, k_sh, v_sb, v_st, v_sh, o_sb, o_sh, bt_sb;
-  int batch, heads_kv, group, capacity, page_size, num_pages, mode, num_splits;
-  float scale_log2;
-  int slot_stride;
+// ============================================================= 2. parameters
+
+// How the work is cut (kernels.Decomposition on the host).
+enum Decomposition : int {
+  STREAM_K = 0,  // LeanAttention: even tile ranges over a persistent grid
+  SPLIT_K = 1,   // num_splits chunks per unit, one CTA each (num_splits == 1: one CTA per unit)
 };
+static_assert(STREAM_K == LEAN_HOST_STREAM_K && SPLIT_K == LEAN_HOST_SPLIT_K, "Decomposition differs from the host's");
+
+// The one kernel parameter, passed as `const __grid_constant__` (read from the
+// constant bank, never copied). Mirrored field by field by kernels.Params.
+struct Params {
+  const u16* q;             // (batch, heads_q, D)
+  const u16* k;             // dense: (batch, capacity, heads_kv, D); paged: (pages, page_size, heads_kv, D)
+  const u16* v;
+  u16* out;                 // (batch, heads_q, D)
+  float* lse;               // (batch, heads_q) natural log, or null
+  const int* kv_lens;       // (batch,), or null: every sequence has `capacity` tokens
+  const int* block_table;   // (batch, max_pages), or null (dense)
+  float* partials;          // PartialSlots storage (the dump entry: its int records)
+  u64* counters;            // one UnitCounter per unit
+  i64 q_sb, q_sh;           // strides in elements: q per sequence, per head
+  i64 k_sb, k_st, k_sh;     // k per sequence (or page), per token, per head
+  i64 v_sb, v_st, v_sh;
+  i64 o_sb, o_sh;
+  i64 bt_sb;                // block_table per sequence
+  int batch, heads_kv, group, capacity, page_size, num_pages;
+  int decomposition;        // Decomposition
+  int num_splits;           // SPLIT_K: chunks per unit
+  float scale_log2;         // softmax scale * log2(e)
+  int slot_stride;          // floats per partial slot (dump: ints per CTA record)
+  u32 epoch;                // launch tag of the unit counters, never 0 (UnitCounter)
+};
+
+#define LEAN_CHECK_FIELD(name, offset) \
+  static_assert(__builtin_offsetof(Params, name) == offset, "Params." #name " offset differs from kernels.Params");
+LEAN_HOST_PARAMS_FIELDS(LEAN_CHECK_FIELD)
+#undef LEAN_CHECK_FIELD
+static_assert(sizeof(Params) == LEAN_HOST_PARAMS_SIZE, "sizeof(Params) differs from kernels.Params");
 
 __device__ __forceinline__ int clamp_len(int x, int cap) { return min(max(x, 0), cap); }
-
 __device__ __forceinline__ int ntiles_of(int len) { return (len + TILE - 1) / TILE; }
 
-// Walks a CTA's tiles in order: (b, h, t) plus the linear index g and the
-// number of units (segments) entered so far.
-struct Cursor {
-  int b, h, t, nt, len, seg;
-  i64 g;
-};
-
-struct Sched {
-  int nct;
-  i64 max_tiles, heavy;
-  __device__ __forceinline__ i64 start(i64 c) const {
-    return c < heavy ? c * max_tiles : heavy * max_tiles + (c - heavy) * (max_tiles - 1);
-  }
-  __device__ __forceinline__ i64 cta_of(i64 tile) const {
-    return tile < heavy * max_tiles ? tile / max_tiles
-                                    : heavy + (tile - heavy * max_tiles) / (max_tiles - 1);
-  }
-};
-
-__device__ __forceinline__ int len_of(const Args& a, const int* lens_s, int b, bool cached) {
-  if (a.kv_lens == nullptr) return a.capacity;
+// Length of sequence b (clamped to [0, capacity]); from the shared cache when filled.
+__device__ __forceinline__ int seq_len(const Params& p, const int* lens_s, int b, bool cached) {
+  if (p.kv_lens == nullptr) return p.capacity;
   if (cached && b < LENS_CACHE) return lens_s[b];
-  return clamp_len(a.kv_lens[b], a.capacity);
+  return clamp_len(p.kv_lens[b], p.capacity);
 }
 
-__device__ __forceinline__ void advance(Cursor& c, i64 ce, const Args& a, const int* lens_s,
-                                        bool cached) {
-  c.g++;
-  if (c.g >= ce) return;
-  c.t++;
-  if (c.t == c.nt) {
-    c.t = 0;
-    c.seg++;
-    c.h++;
-    if (c.h == a.heads_kv) {
-      c.h = 0;
-      do {
-        c.b++;
-        c.len = len_of(a, lens_s, c.b, cached);
-        c.nt = ntiles_of(c.len);
-      } while (c.nt == 0);
+// ============================================================= 3. schedule
+
+// Stream-K: `total` tiles (every unit's tiles end to end, units in (b, h)
+// order) cut into `ctas` ranges; the first `heavy` CTAs own `per` tiles, the
+// others `per - 1`. Mirrored by schedule.lean_cta_range / lean_cta_of_tile.
+struct StreamK {
+  i64 total, per, heavy;
+  int ctas;
+  __device__ static StreamK make(i64 total, int grid) {
+    StreamK s;
+    s.total = total;
+    s.ctas = (int)min((i64)grid, total);
+    s.per = s.ctas > 0 ? (total + s.ctas - 1) / s.ctas : 0;
+    s.heavy = total - (s.per - 1) * s.ctas;
+    return s;
+  }
+  __device__ i64 begin(i64 c) const { return c < heavy ? c * per : heavy * per + (c - heavy) * (per - 1); }
+  __device__ i64 end(i64 c) const { return begin(c) + (c < heavy ? per : per - 1); }
+  // The CTA whose range holds linear tile `tile`.
+  __device__ i64 owner(i64 tile) const {
+    return tile < heavy * per ? tile / per : heavy + (tile - heavy * per) / (per - 1);
+  }
+};
+
+// One segment: tiles [t0, t1) of unit (b, h).
+struct Segment {
+  int b, h;
+  int t0, t1;
+  int len, ntiles;  // the unit's tokens and tiles
+  int ordinal;      // position among this CTA's segments (0: its first)
+  i64 unit_first;   // STREAM_K: linear index of the unit's first tile
+  bool partial;     // does not cover the unit: writes a partial state
+  __device__ bool first_tile(int t) const { return t == t0; }
+};
+
+// Enumerates a CTA's segments in order. STREAM_K: from the unit holding tile
+// `g` (set by find_work) to the end of the CTA's range, skipping empty
+// sequences; SPLIT_K: the one chunk of the CTA's unit.
+struct SegmentWalker {
+  int b, h, t, len, ntiles, ordinal;
+  i64 g, end;
+
+  __device__ bool next(const Params& p, const int* lens_s, Segment& s) {
+    if (g >= end) return false;
+    s.b = b;
+    s.h = h;
+    s.t0 = t;
+    s.len = len;
+    s.ntiles = ntiles;
+    s.ordinal = ordinal++;
+    s.unit_first = g - t;
+    if (p.decomposition == SPLIT_K) {
+      s.t1 = t + (int)(end - g);
+      s.partial = p.num_splits > 1;
+      g = end;
+      return true;
+    }
+    s.t1 = (int)min((i64)ntiles, t + (end - g));
+    s.partial = !(s.t0 == 0 && s.t1 == ntiles);
+    g += s.t1 - s.t0;
+    if (g < end) {  // the next non-empty unit (one exists: tiles remain)
+      t = 0;
+      if (++h == p.heads_kv) {
+        h = 0;
+        do {
+          ++b;
+          len = seq_len(p, lens_s, b, true);
+          ntiles = ntiles_of(len);
+        } while (ntiles == 0);
+      }
+    }
+    return true;
+  }
+};
+
+// Partial states in the workspace: one slot per partial segment, holding the
+// unscaled accumulator acc[group][D], then the running max m[group] (base 2)
+// and the sum l[group]. STREAM_K: CTA c writes its first segment to slot 2c
+// and its last to 2c + 1 (only these two can be partial); SPLIT_K: CTA c
+// writes slot c.
+struct PartialSlots {
+  float* base;
+  int stride, group;
+  __device__ float* slot(int s) const { return base + (i64)s * stride; }
+  __device__ float* acc(int s, int row) const { return slot(s) + row * D; }
+  __device__ float* m(int s) const { return slot(s) + group * D; }
+  __device__ float* l(int s) const { return slot(s) + group * D + group; }
+  __device__ static int stream_k_slot(int cta, int ordinal) { return 2 * cta + (ordinal == 0 ? 0 : 1); }
+};
+
+// The contributors of a partial STREAM_K unit: CTAs first .. first + count - 1,
+// each with one segment of it, in tile order. The first one may hold the unit
+// as its last segment; every other one holds it as its first.
+struct Contributors {
+  int first, count, first_slot;
+  __device__ static Contributors of(const StreamK& sk, const Segment& s) {
+    Contributors c;
+    c.first = (int)sk.owner(s.unit_first);
+    c.count = (int)(sk.owner(s.unit_first + s.ntiles - 1) - c.first + 1);
+    c.first_slot = PartialSlots::stream_k_slot(c.first, sk.begin(c.first) < s.unit_first ? 1 : 0);
+    return c;
+  }
+  __device__ int slot(int j) const { return j == 0 ? first_slot : PartialSlots::stream_k_slot(first + j, 0); }
+};
+
+// Arrival counter of one partial unit: the CTA whose arrival completes the
+// count reduces the unit. No CTA ever waits for another, so the kernel is
+// correct whether or not its CTAs are co-resident.
+//
+// Publication protocol:
+//  * a contributor's threads store its partial slot, then the block meets at a
+//    barrier; thread 0 then arrives with an acq_rel atomic at GPU scope. The
+//    barrier makes the block's stores precede the release (cumulativity).
+//  * the arrival that completes the count acquires every earlier release, so
+//    after a second barrier all threads of the reducing CTA may read every
+//    contributor's slot (through L2: __ldcg, never the non-coherent path).
+//  * the reducer resets the counter to 0 when done (the next launch, e.g. a
+//    graph replay, starts from 0).
+// The word is (epoch << 32) | count. A count carrying another launch's epoch is
+// read as 0: an eager launch has a fresh epoch, so counts left by a launch
+// that never finished (aborted, faulted, killed) cannot complete a unit early.
+struct UnitCounter {
+  u64* word;
+  __device__ bool arrive_is_last(u32 epoch, int count) const {
+    u64 old;
+    asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(old) : "l"(word) : "memory");
+    for (;;) {
+      const u32 have = ((u32)(old >> 32) == epoch) ? (u32)old : 0u;
+      const u64 want = ((u64)epoch << 32) | (u64)(have + 1);
+      u64 seen;
+      asm volatile("atom.acq_rel.gpu.global.cas.b64 %0, [%1], %2, %3;"
+                   : "=l"(seen) : "l"(word), "l"(old), "l"(want) : "memory");
+      if (seen == old) return (int)(have + 1) == count;
+      old = seen;
+    }
+  }
+  __device__ void reset() const {
+    asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(word), "l"(0ull) : "memory");
+  }
+};
+
+// ============================================================= 4. softmax state
+
+// The one merge rule of softmax states (base-2 logits): a state whose running
+// max is m enters a merge with max M with weight 2^(m - M). An empty state
+// (m = -inf) weighs 0, also when every state is empty (M = -inf). Used by the
+// online update of a tile, the merge of the warps' states, and the reduction.
+__device__ __forceinline__ float merge_weight(float m, float M) {
+  return fast_exp2(m - (M == -LEAN_INF ? 0.f : M));
+}
+
+// A merged row: out = acc * inv, lse (natural log); an empty row gives 0, -inf.
+struct Finalized {
+  float inv, lse;
+  __device__ static Finalized of(float M, float L) {
+    Finalized f;
+    f.inv = (L == 0.f) ? 0.f : 1.f / L;
+    f.lse = (L == 0.f) ? -LEAN_INF : (M + fast_log2(L)) * LEAN_LN2;
+    return f;
+  }
+};
+
+// Writes N consecutive accumulator values [d, d + N) of query row `row` of unit
+// (b, h): finalized to `out` (and lse, by the d == 0 writer), or to partial
+// slot `slot` as they are (with m and l, by the d == 0 writer).
+template <int N>
+__device__ __forceinline__ void emit(const Params& p, const PartialSlots& ps, int b, int h, int row, int d,
+                                     const float (&x)[N], float M, float L, bool partial, int slot) {
+  static_assert(N == 2 || N == 4, "emit width");
+  if (!partial) {
+    const Finalized f = Finalized::of(M, L);
+    const int hq = h * p.group + row;
+    u16* o = p.out + (i64)b * p.o_sb + (i64)hq * p.o_sh + d;
+    if (N == 2) {
+      *reinterpret_cast<u32*>(o) = pack2<BF>(x[0] * f.inv, x[1] * f.inv);
+    } else {
+      uint2 w;
+      w.x = pack2<BF>(x[0] * f.inv, x[1] * f.inv);
+      w.y = pack2<BF>(x[N > 2 ? 2 : 0] * f.inv, x[N > 3 ? 3 : 0] * f.inv);
+      *reinterpret_cast<uint2*>(o) = w;
+    }
+    if (d == 0 && p.lse != nullptr) p.lse[(i64)b * p.heads_kv * p.group + hq] = f.lse;
+  } else {
+    float* a = ps.acc(slot, row) + d;
+    if (N == 2)
+      *reinterpret_cast<float2*>(a) = make_float2(x[0], x[1]);
+    else
+      *reinterpret_cast<float4*>(a) = make_float4(x[0], x[1], x[N > 2 ? 2 : 0], x[N > 3 ? 3 : 0]);
+    if (d == 0) {
+      ps.m(slot)[row] = M;
+      ps.l(slot)[row] = L;
     }
   }
 }
 
-// Final output of 4 consecutive elements of one query row, and its lse.
-__device__ __forceinline__ void write_final4(const Args& a, int b, int hq, int d, float4 acc,
-                                             float M, float L) {
-  float inv = (L == 0.f) ? 0.f : 1.f / L;
-  u16* o = a.out + (i64)b * a.o_sb + (i64)hq * a.o_sh + d;
-  uint2 w;
-  w.x = pack2<BF>(acc.x * inv, acc.y * inv);
-  w.y = pack2<BF>(acc.z * inv, acc.w * inv);
-  *reinterpret_cast<uint2*>(o) = w;
-  if (d == 0 && a.lse != nullptr)
-    a.lse[(i64)b * a.heads_kv * a.group + hq] = (L == 0.f) ? -LEAN_INF : (M + fast_log2(L)) * LEAN_LN2;
+// Zeros and lse = -inf for query rows [row0, row0 + n) of unit (b, h); one thread.
+__device__ void emit_empty_rows(const Params& p, int b, int h, int row0, int n) {
+  const PartialSlots none = {nullptr, 0, 0};
+  const float z[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int r = row0; r < row0 + n; ++r)
+    for (int d = 0; d < D; d += 4) emit<4>(p, none, b, h, r, d, z, -LEAN_INF, 0.f, false, 0);
 }
 
-// Zeros and lse = -inf for query rows [hq0, hq0 + n) of sequence b (one thread).
-__device__ void write_empty_rows(const Args& a, int b, int hq0, int n) {
-  for (int r = 0; r < n; ++r)
-    for (int d = 0; d < D; d += 4) write_final4(a, b, hq0 + r, d, make_float4(0, 0, 0, 0), -LEAN_INF, 0.f);
-}
+// One warp's softmax state over its 16 query rows and TW tokens per tile, in
+// the mma.m16n8k16 fragment layout: this thread holds rows r0 = lane / 4 and
+// r0 + 8 (index `half` 0 / 1), columns (lane % 4) * 2 + {0, 1} of every 8.
+struct WarpState {
+  float acc[D / 8][4];  // unnormalised output
+  float m[2];           // running max (base-2 logits)
+  float l[2];           // this thread's share of the running sum (quad_sum gives the row's)
 
-// Merge the partial states of one unit, in the order slot_of(0..n-1), and
-// write its output. All threads of the block take part (it contains barriers).
-// `red` is shared-memory scratch of `red_floats` floats: when the n x group
-// maxima and sums fit, they are gathered there first (parallel loads), turned
-// into per-slot weights, and each output element then streams its n partial
-// accumulators with 8 loads in flight; otherwise a plain loop.
+  __device__ void reset() {
+#pragma unroll
+    for (int x = 0; x < D / 8; ++x) acc[x][0] = acc[x][1] = acc[x][2] = acc[x][3] = 0.f;
+    m[0] = m[1] = -LEAN_INF;
+    l[0] = l[1] = 0.f;
+  }
+
+  // Absorbs a tile's scores (base-2 logits, -inf where masked): turns them into
+  // probabilities relative to the new running max and rescales acc and l.
+  __device__ void absorb(float (&s)[TW / 8][4]) {
+    float mx[2] = {-LEAN_INF, -LEAN_INF};
+#pragma unroll
+    for (int nb = 0; nb < TW / 8; ++nb) {
+      mx[0] = fmaxf(mx[0], fmaxf(s[nb][0], s[nb][1]));
+      mx[1] = fmaxf(mx[1], fmaxf(s[nb][2], s[nb][3]));
+    }
+    float alpha[2], rs[2] = {0.f, 0.f};
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const float mn = fmaxf(m[hf], quad_max(mx[hf]));
+      alpha[hf] = merge_weight(m[hf], mn);
+      m[hf] = mn;
+    }
+#pragma unroll
+    for (int nb = 0; nb < TW / 8; ++nb) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[nb][e] = merge_weight(s[nb][e], m[e >> 1]);
+        rs[e >> 1] += s[nb][e];
+      }
+    }
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) l[hf] = l[hf] * alpha[hf] + rs[hf];
+#pragma unroll
+    for (int x = 0; x < D / 8; ++x) {
+      acc[x][0] *= alpha[0];
+      acc[x][1] *= alpha[0];
+      acc[x][2] *= alpha[1];
+      acc[x][3] *= alpha[1];
+    }
+  }
+};
+
+// ============================================================= 5. unit reduction
+
+// Merges the n partial states of unit (b, h), slots slot_of(0 .. n-1) in that
+// order, and writes the output. Every thread of the block takes part (barriers
+// inside). `red` is shared scratch of `red_floats` floats: when the n x group
+// maxima and sums fit, they are gathered there and turned into weights first,
+// and each output element then streams its n accumulators 8 loads at a time;
+// otherwise each element walks the slots itself. Same arithmetic either way.
 template <class SlotOf>
-__device__ void reduce_unit(const Args& a, int b, int h, int n, SlotOf slot_of, float* red,
-                            int red_floats) {
-  const int g = a.group;
+__device__ void reduce_unit(const Params& p, int b, int h, int n, SlotOf slot_of, float* red, int red_floats) {
+  const int g = p.group;
+  const PartialSlots ps = {p.partials, p.slot_stride, g};
   constexpr int PER_ROW = D / 4;
-  const float SKIP = -1.f;  // weight of an empty slot (its accumulator is never read)
   if (2 * n * g + 2 * g <= red_floats) {
-    float* W = red;              // [n][g]: m, then the weight exp2(m - M)
+    float* W = red;              // [n][g]: m, then the weight
     float* Lp = red + n * g;     // [n][g]: l
     float* M = red + 2 * n * g;  // [g]
     float* L = M + g;            // [g]
     __syncthreads();
     for (int e = threadIdx.x; e < n * g; e += NT) {
       const int j = e / g, row = e % g;
-      const float* s = a.ws + (i64)slot_of(j) * a.slot_stride;
-      W[e] = __ldcg(s + g * D + row);
-      Lp[e] = __ldcg(s + g * D + g + row);
+      W[e] = __ldcg(ps.m(slot_of(j)) + row);
+      Lp[e] = __ldcg(ps.l(slot_of(j)) + row);
     }
     __syncthreads();
     for (int row = threadIdx.x; row < g; row += NT) {
-      float mx = -LEAN_INF;
+      float mx = -LEAN_INF, sum = 0.f;
       for (int j = 0; j < n; ++j) mx = fmaxf(mx, W[j * g + row]);
-      float sum = 0.f;
-      for (int j = 0; j < n; ++j) {
-        const float mj = W[j * g + row];
-        if (mj != -LEAN_INF) sum += Lp[j * g + row] * fast_exp2(mj - mx);
+      for (int j = 0; j < n; ++j) {  // an empty state's l is never read
+        const float w = merge_weight(W[j * g + row], mx);
+        if (w != 0.f) sum += w * Lp[j * g + row];
       }
       M[row] = mx;
       L[row] = sum;
     }
     __syncthreads();
-    for (int e = threadIdx.x; e < n * g; e += NT) {
-      const float mj = W[e];
-      W[e] = (mj == -LEAN_INF) ? SKIP : fast_exp2(mj - M[e % g]);
-    }
+    for (int e = threadIdx.x; e < n * g; e += NT) W[e] = merge_weight(W[e], M[e % g]);
     __syncthreads();
     for (int e = threadIdx.x; e < g * PER_ROW; e += NT) {
       const int row = e / PER_ROW, d = (e % PER_ROW) * 4;
-      float4 acc = make_float4(0, 0, 0, 0);
+      float acc[4] = {0.f, 0.f, 0.f, 0.f};
       for (int j0 = 0; j0 < n; j0 += 8) {
         float4 x[8];
         float w[8];
 #pragma unroll
-        for (int u = 0; u < 8; ++u) {
-          const int j = j0 + u;
-          w[u] = (j < n) ? W[j * g + row] : SKIP;
-          x[u] = (w[u] != SKIP) ? ldcg4(a.ws + (i64)slot_of(j) * a.slot_stride + row * D + d)
-                                : make_float4(0, 0, 0, 0);
+        for (int u = 0; u < 8; ++u) {  // a zero weight (empty state, or past n) reads nothing
+          w[u] = (j0 + u < n) ? W[(j0 + u) * g + row] : 0.f;
+          x[u] = (w[u] != 0.f) ? ldcg4(ps.acc(slot_of(j0 + u), row) + d) : make_float4(0, 0, 0, 0);
         }
 #pragma unroll
         for (int u = 0; u < 8; ++u) {
-          if (w[u] != SKIP) {
-            acc.x += w[u] * x[u].x;
-            acc.y += w[u] * x[u].y;
-            acc.z += w[u] * x[u].z;
-            acc.w += w[u] * x[u].w;
-          }
+          acc[0] += w[u] * x[u].x;
+          acc[1] += w[u] * x[u].y;
+          acc[2] += w[u] * x[u].z;
+          acc[3] += w[u] * x[u].w;
         }
       }
-      write_final4(a, b, h * g + row, d, acc, M[row], L[row]);
+      emit<4>(p, ps, b, h, row, d, acc, M[row], L[row], false, 0);
     }
     return;
   }
   for (int e = threadIdx.x; e < g * PER_ROW; e += NT) {
     const int row = e / PER_ROW, d = (e % PER_ROW) * 4;
-    float mx = -LEAN_INF;
+    float mx = -LEAN_INF, sum = 0.f;
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int j = 0; j < n; ++j) mx = fmaxf(mx, __ldcg(ps.m(slot_of(j)) + row));
     for (int j = 0; j < n; ++j) {
-      const float* s = a.ws + (i64)slot_of(j) * a.slot_stride;
-      mx = fmaxf(mx, __ldcg(s + g * D + row));
+      const float w = merge_weight(__ldcg(ps.m(slot_of(j)) + row), mx);
+      if (w == 0.f) continue;
+      sum += w * __ldcg(ps.l(slot_of(j)) + row);
+      const float4 x = ldcg4(ps.acc(slot_of(j), row) + d);
+      acc[0] += w * x.x;
+      acc[1] += w * x.y;
+      acc[2] += w * x.z;
+      acc[3] += w * x.w;
     }
-    float sum = 0.f;
-    float4 acc = make_float4(0, 0, 0, 0);
-    for (int j = 0; j < n; ++j) {
-      const float* s = a.ws + (i64)slot_of(j) * a.slot_stride;
-      const float mj = __ldcg(s + g * D + row);
-      if (mj == -LEAN_INF) continue;
-      const float f = fast_exp2(mj - mx);
-      sum += f * __ldcg(s + g * D + g + row);
-      const float4 x = ldcg4(s + row * D + d);
-      acc.x += f * x.x;
-      acc.y += f * x.y;
-      acc.z += f * x.z;
-      acc.w += f * x.w;
-    }
-    write_final4(a, b, h * g + row, d, acc, mx, sum);
+    emit<4>(p, ps, b, h, row, d, acc, mx, sum, false, 0);
   }
 }
 
-__device__ __forceinline__ void kernel_body(const Args& a) {
-  extern __shared__ __align__(128) unsigned char smem[];
-  u16* kv_s = reinterpret_cast<u16*>(smem);
-  u16* q_s = reinterpret_cast<u16*>(smem + OFF_Q);
-  unsigned char* mask_s = smem + OFF_MASK;
-  float* stat_m = reinterpret_cast<float*>(smem + OFF_STATS);
-  float* stat_l = stat_m + WN * ROWS_Q;
-  int* lens_s = reinterpret_cast<int*>(smem + OFF_LENS);
-  int* misc = reinterpret_cast<int*>(smem + OFF_MISC);
+// ============================================================= 6. the CTA
 
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int wm = warp / WN, wn = warp % WN;
-  const int c = blockIdx.x;
-  const bool lean_mode = a.mode == 0 || a.mode == 2;
-
-  if (tid == 0 && dynamic_smem_size() < (u32)SMEM_BYTES) __trap();
-
-  Cursor start;
-  i64 cs, ce;
-  Sched sch = {0, 0, 0};
-
-  if (lean_mode) {
-    // Pass 1: tiles of every sequence, lengths cached in shared memory, outputs
-    // of empty sequences written (sequence b by CTA b % gridDim.x).
-    int local = 0;
-    for (int b = tid; b < a.batch; b += NT) {
-      const int len = a.kv_lens ? clamp_len(a.kv_lens[b], a.capacity) : a.capacity;
-      if (b < LENS_CACHE) lens_s[b] = len;
-      const int nt = ntiles_of(len);
-      local += nt;
-      if (nt == 0 && (b % gridDim.x) == c) write_empty_rows(a, b, 0, a.heads_kv * a.group);
-    }
-    int seq_tiles;
-    block_incl_scan<NT>(local, misc, &seq_tiles);
-    const i64 total = (i64)seq_tiles * a.heads_kv;
-    const int nct = (int)min((i64)gridDim.x, total);
-    if (c >= nct) return;
-    sch.nct = nct;
-    sch.max_tiles = (total + nct - 1) / nct;
-    sch.heavy = total - (sch.max_tiles - 1) * nct;
-    cs = sch.start(c);
-    ce = cs + (c < sch.heavy ? sch.max_tiles : sch.max_tiles - 1);
-    // Pass 2: the sequence that holds tile cs.
-    int running = 0;
-    for (int base = 0; base < a.batch; base += NT) {
-      const int b = base + tid;
-      const int nt = b < a.batch ? ntiles_of(len_of(a, lens_s, b, true)) : 0;
-      int tot;
-      const int incl = block_incl_scan<NT>(nt, misc, &tot);
-      const i64 excl = (i64)running + incl - nt;
-      if (nt > 0 && excl * a.heads_kv <= cs && cs < (excl + nt) * a.heads_kv) {
-        misc[32] = b;
-        misc[33] = (int)excl;
-      }
-      running += tot;
-    }
-    __syncthreads();
-    start.b = misc[32];
-    start.len = len_of(a, lens_s, start.b, true);
-    start.nt = ntiles_of(start.len);
-    const i64 r = cs - (i64)misc[33] * a.heads_kv;
-    start.h = (int)(r / start.nt);
-    start.t = (int)(r % start.nt);
-  } else {
-    const int unit = c / a.num_splits, j = c % a.num_splits;
-    start.b = unit / a.heads_kv;
-    start.h = unit % a.heads_kv;
-    start.len = len_of(a, lens_s, start.b, false);
-    start.nt = ntiles_of(start.len);
-    const int chunk = (start.nt + a.num_splits - 1) / a.num_splits;
-    const int t0 = min(j * chunk, start.nt), t1 = min(t0 + chunk, start.nt);
-    if (t0 >= t1) {
-      if (a.num_splits == 1) {
-        if (tid == 0) write_empty_rows(a, start.b, start.h * a.group, a.group);
-      } else {
-        float* s = a.ws + (i64)c * a.slot_stride;
-        for (int r = tid; r < a.group; r += NT) s[a.group * D + r] = -LEAN_INF;
-      }
-      return;
-    }
-    start.t = t0;
-    cs = t0;
-    ce = t1;
+// This CTA's work: the stream-K split (STREAM_K) and a walker positioned at
+// the CTA's first tile. Fills the shared length cache and writes the outputs
+// of empty sequences (sequence b by CTA b % grid) when `write_empty`. Returns
+// false when the CTA owns no tiles. All threads call it (barriers inside).
+__device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, StreamK& sk, SegmentWalker& w) {
+  const int tid = threadIdx.x, c = blockIdx.x;
+  int* lens_s = sh.lens();
+  int* misc = sh.misc();
+  w.ordinal = 0;
+  if (p.decomposition == SPLIT_K) {
+    const int unit = c / p.num_splits, j = c % p.num_splits;
+    w.b = unit / p.heads_kv;
+    w.h = unit % p.heads_kv;
+    w.len = seq_len(p, lens_s, w.b, false);
+    w.ntiles = ntiles_of(w.len);
+    const int chunk = (w.ntiles + p.num_splits - 1) / p.num_splits;
+    const int t0 = min(j * chunk, w.ntiles), t1 = min(t0 + chunk, w.ntiles);
+    w.t = t0;
+    w.g = t0;
+    w.end = t1;
+    sk = StreamK::make(0, 1);
+    return t0 < t1;
   }
-  start.g = cs;
-  start.seg = 0;
-  const bool cached = lean_mode;
-  const int n_my = (int)(ce - cs);
-
-  if (a.mode == 2) {
-    // Schedule dump for the tests (lean decomposition, no attention): per CTA
-    // [cs, ce, nseg, then (unit, t_begin, t_end, partial) per segment].
-    if (tid == 0) {
-      int* dst = reinterpret_cast<int*>(a.ws) + (i64)c * a.slot_stride;
-      const int max_seg = (a.slot_stride - 3) / 4;
-      Cursor cur = start;
-      int nseg = 0, t_begin = cur.t;
-      for (int i = 0; i < n_my; ++i) {
-        if (cur.g == ce - 1 || cur.t == cur.nt - 1) {
-          if (nseg < max_seg) {
-            int* e = dst + 3 + 4 * nseg;
-            e[0] = cur.b * a.heads_kv + cur.h;
-            e[1] = t_begin;
-            e[2] = cur.t + 1;
-            e[3] = !(t_begin == 0 && cur.t == cur.nt - 1);
-          }
-          nseg++;
-          t_begin = 0;
-        }
-        advance(cur, ce, a, lens_s, cached);
-      }
-      dst[0] = (int)cs;
-      dst[1] = (int)ce;
-      dst[2] = nseg;
-    }
-    return;
+  // Pass 1: every sequence's tiles; lengths cached; empty sequences written.
+  int local = 0;
+  for (int b = tid; b < p.batch; b += NT) {
+    const int len = seq_len(p, lens_s, b, false);
+    if (b < LENS_CACHE) lens_s[b] = len;
+    const int nt = ntiles_of(len);
+    local += nt;
+    if (nt == 0 && write_empty && (b % gridDim.x) == c)
+      for (int h = 0; h < p.heads_kv; ++h) emit_empty_rows(p, b, h, 0, p.group);
   }
-  const u64 policy = evict_first_policy();
+  int seq_tiles;
+  block_incl_scan<NT>(local, misc, &seq_tiles);
+  sk = StreamK::make((i64)seq_tiles * p.heads_kv, gridDim.x);
+  if (c >= sk.ctas) return false;
+  w.g = sk.begin(c);
+  w.end = sk.end(c);
+  // Pass 2: the sequence that holds tile w.g (tiles of sequence b are
+  // [excl * heads_kv, (excl + nt) * heads_kv) with excl its prefix sum).
+  int running = 0;
+  for (int base = 0; base < p.batch; base += NT) {
+    const int b = base + tid;
+    const int nt = b < p.batch ? ntiles_of(seq_len(p, lens_s, b, true)) : 0;
+    int tot;
+    const int incl = block_incl_scan<NT>(nt, misc, &tot);
+    const i64 excl = (i64)running + incl - nt;
+    if (nt > 0 && excl * p.heads_kv <= w.g && w.g < (excl + nt) * p.heads_kv) {
+      misc[MISC_START_SEQ] = b;
+      misc[MISC_START_TILE] = (int)excl;
+    }
+    running += tot;
+  }
+  __syncthreads();
+  w.b = misc[MISC_START_SEQ];
+  w.len = seq_len(p, lens_s, w.b, true);
+  w.ntiles = ntiles_of(w.len);
+  const i64 r = w.g - (i64)misc[MISC_START_TILE] * p.heads_kv;
+  w.h = (int)(r / w.ntiles);
+  w.t = (int)(r % w.ntiles);
+  return true;
+}
 
-  // ------------------------------------------------------------ loader
-  constexpr int RSTEP = NT / CPR;
-  constexpr int ROW_ITERS = (TILE + RSTEP - 1) / RSTEP;
-  // Paged: the page index of each row this thread loads, fetched one tile
-  // ahead (prefetch_pages) so the block-table read is off the critical path.
-  // The row within its page goes to prow[]. Divisions by the page size are
-  // done once per tile and stepped by RSTEP rows.
-  int pg[PAGED ? ROW_ITERS : 1];
-  int prow[PAGED ? ROW_ITERS : 1];
-  const int ps = a.page_size;
-  const int step_q = PAGED ? RSTEP / ps : 0, step_r = PAGED ? RSTEP % ps : 0;
-  auto prefetch_pages = [&](const Cursor& cur, bool valid) {
+// Issues the cp.async copies of one tile of K and V (and, at a segment's first
+// tile, the unit's query rows) into a pipeline stage. Paged: the page of each
+// row this thread loads is fetched one tile ahead (prefetch_pages), so the
+// block-table read is off the critical path; rows on a page outside the cache
+// are zero-filled and masked.
+struct KVLoader {
+  static constexpr int RSTEP = NT / CPR;  // rows one pass of the block covers
+  static constexpr int ROW_ITERS = (TILE + RSTEP - 1) / RSTEP;
+  int page[PAGED ? ROW_ITERS : 1];  // physical page of each row this thread loads (-1: none)
+  u64 policy;
+
+  // Steps (page, row in page) by RSTEP tokens.
+  __device__ static void step(int& pq, int& pr, int ps) {
+    pq += RSTEP / ps;
+    pr += RSTEP % ps;
+    if (pr >= ps) {
+      pr -= ps;
+      pq++;
+    }
+  }
+
+  __device__ void prefetch_pages(const Params& p, const Segment& s, int t, bool valid) {
     if (!PAGED) return;
-    const int tok0 = cur.t * TILE;
-    const int ntok = valid ? min(TILE, cur.len - tok0) : 0;
-    const int first = tok0 + tid / CPR;
+    const int ps = p.page_size;
+    const int tok0 = t * TILE;
+    const int ntok = valid ? min(TILE, s.len - tok0) : 0;
+    const int first = tok0 + threadIdx.x / CPR;
     int pq = first / ps, pr = first - pq * ps;
-    const int* bt = a.block_table + (i64)cur.b * a.bt_sb;
+    const int* bt = p.block_table + (i64)s.b * p.bt_sb;
 #pragma unroll
     for (int it = 0; it < ROW_ITERS; ++it) {
-      const int r = tid / CPR + it * RSTEP;
-      pg[it] = (r < ntok) ? bt[pq] : -1;
-      prow[it] = pr;
-      pq += step_q;
-      pr += step_r;
-      if (pr >= ps) {
-        pr -= ps;
-        pq++;
-      }
+      const int r = threadIdx.x / CPR + it * RSTEP;
+      page[it] = (r < ntok) ? bt[pq] : -1;
+      step(pq, pr, ps);
     }
-  };
-  auto load_tile = [&](int stage, const Cursor& cur) {
-    if (cur.g == cs || cur.t == 0) {
-      // First tile of a segment: this unit's query rows into the Q ring.
-      u16* qd = q_s + (cur.seg % STAGES) * (ROWS_Q * D);
-      const u16* qsrc = a.q + (i64)cur.b * a.q_sb + (i64)cur.h * a.group * a.q_sh;
+  }
+
+  __device__ void load(const Params& p, const Shared& sh, int stage, const Segment& s, int t) const {
+    const int tid = threadIdx.x;
+    if (s.first_tile(t)) {  // the unit's query rows into the Q ring
+      u16* qd = sh.q(s.ordinal % STAGES);
+      const u16* qsrc = p.q + (i64)s.b * p.q_sb + (i64)s.h * p.group * p.q_sh;
       for (int e = tid; e < ROWS_Q * CPR; e += NT) {
         const int r = e / CPR, ch = e % CPR;
-        const bool ok = r < a.group;
-        cp_async16(smem_u32(qd + swz(r, ch)), ok ? (const void*)(qsrc + r * a.q_sh + ch * 8)
-                                                 : (const void*)a.q, ok ? 16 : 0);
+        const bool ok = r < p.group;
+        cp_async16(smem_u32(qd + swz(r, ch)), ok ? (const void*)(qsrc + r * p.q_sh + ch * 8) : (const void*)p.q,
+                   ok ? 16 : 0);
       }
     }
-    const int tok0 = cur.t * TILE;
-    const int ntok = min(TILE, cur.len - tok0);
-    u16* ks = kv_s + stage * (2 * TILE * D);
+    const int tok0 = t * TILE;
+    const int ntok = min(TILE, s.len - tok0);
+    u16* ks = sh.kv(stage);
     u16* vs = ks + TILE * D;
     const int ch = tid % CPR;
+    int pq = 0, pr = 0;  // paged: (logical page, row in page) of this thread's row
+    if (PAGED) {
+      const int first = tok0 + tid / CPR;
+      pq = first / p.page_size;
+      pr = first - pq * p.page_size;
+    }
 #pragma unroll
     for (int it = 0; it < ROW_ITERS; ++it) {
       const int r = tid / CPR + it * RSTEP;
       if (TILE % RSTEP != 0 && r >= TILE) break;
       bool ok = r < ntok;
-      const int tok = tok0 + r;
       i64 koff, voff;
       if (PAGED) {
-        int p = pg[PAGED ? it : 0];
-        ok = ok && p >= 0 && p < a.num_pages;
-        if (!ok) p = 0;
-        const int pr = prow[PAGED ? it : 0];
-        koff = (i64)p * a.k_sb + (i64)pr * a.k_st;
-        voff = (i64)p * a.v_sb + (i64)pr * a.v_st;
-        if (ch == 0) mask_s[stage * TILE + r] = ok ? 1 : 0;
+        int pg = page[PAGED ? it : 0];
+        ok = ok && pg >= 0 && pg < p.num_pages;
+        if (!ok) pg = 0;
+        koff = (i64)pg * p.k_sb + (i64)pr * p.k_st;
+        voff = (i64)pg * p.v_sb + (i64)pr * p.v_st;
+        if (ch == 0) sh.mask(stage)[r] = ok ? 1 : 0;
+        step(pq, pr, p.page_size);
       } else {
-        koff = (i64)cur.b * a.k_sb + (i64)tok * a.k_st;
-        voff = (i64)cur.b * a.v_sb + (i64)tok * a.v_st;
+        koff = (i64)s.b * p.k_sb + (i64)(tok0 + r) * p.k_st;
+        voff = (i64)s.b * p.v_sb + (i64)(tok0 + r) * p.v_st;
       }
-      koff += (i64)cur.h * a.k_sh + ch * 8;
-      voff += (i64)cur.h * a.v_sh + ch * 8;
+      koff += (i64)s.h * p.k_sh + ch * 8;
+      voff += (i64)s.h * p.v_sh + ch * 8;
       const int so = swz(r, ch);
-      cp_async16_stream(smem_u32(ks + so), ok ? (const void*)(a.k + koff) : (const void*)a.k,
-                        ok ? 16 : 0, policy);
-      cp_async16_stream(smem_u32(vs + so), ok ? (const void*)(a.v + voff) : (const void*)a.v,
-                        ok ? 16 : 0, policy);
+      cp_async16_stream(smem_u32(ks + so), ok ? (const void*)(p.k + koff) : (const void*)p.k, ok ? 16 : 0, policy);
+      cp_async16_stream(smem_u32(vs + so), ok ? (const void*)(p.v + voff) : (const void*)p.v, ok ? 16 : 0, policy);
     }
-  };
+  }
+};
 
-  Cursor ld = start, cn = start;
-  prefetch_pages(ld, n_my > 0);
+// The loader's position: runs up to STAGES - 1 tiles ahead of the compute.
+struct LoadCursor {
+  SegmentWalker walker;
+  Segment seg;
+  int t;
+  __device__ void start(const Params& p, const int* lens_s) {
+    walker.next(p, lens_s, seg);  // past the last segment: seg is kept, and nothing more is loaded
+    t = seg.t0;
+  }
+  __device__ void advance(const Params& p, const int* lens_s) {
+    if (++t == seg.t1) start(p, lens_s);
+  }
+};
+
+// S = Q K^T of this warp's 16 rows and TW tokens, masked (past the unit's
+// length, or on a page outside the cache) and scaled to base-2 logits.
+__device__ __forceinline__ void tile_scores(const Params& p, const Shared& sh, const u16* qs, const u16* ks,
+                                            int stage, int ntok, float (&s)[TW / 8][4]) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int wm = warp / WN, tokw = (warp % WN) * TW;
+#pragma unroll
+  for (int x = 0; x < TW / 8; ++x) s[x][0] = s[x][1] = s[x][2] = s[x][3] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    u32 a0, a1, a2, a3;
+    ldsm_x4(a0, a1, a2, a3, smem_u32(qs + swz(wm * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, kk * 2 + (lane >> 4))));
+#pragma unroll
+    for (int nb2 = 0; nb2 < TW / 16; ++nb2) {
+      u32 b0, b1, b2, b3;
+      ldsm_x4(b0, b1, b2, b3,
+              smem_u32(ks + swz(tokw + nb2 * 16 + (lane & 7) + ((lane >> 4) << 3), kk * 2 + ((lane >> 3) & 1))));
+      mma16816<BF>(s[2 * nb2], a0, a1, a2, a3, b0, b1);
+      mma16816<BF>(s[2 * nb2 + 1], a0, a1, a2, a3, b2, b3);
+    }
+  }
+  const unsigned char* mask = sh.mask(stage);
+#pragma unroll
+  for (int nb = 0; nb < TW / 8; ++nb) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int tk = tokw + nb * 8 + (lane & 3) * 2 + (e & 1);
+      bool ok = tk < ntok;
+      if (PAGED) ok = ok && mask[tk];
+      s[nb][e] = ok ? s[nb][e] * p.scale_log2 : -LEAN_INF;
+    }
+  }
+}
+
+// acc += P V for this warp's rows and tokens (P: the probabilities in s).
+__device__ __forceinline__ void accumulate_pv(WarpState& st, const float (&s)[TW / 8][4], const u16* vs) {
+  const int lane = threadIdx.x & 31, tokw = ((threadIdx.x >> 5) % WN) * TW;
+#pragma unroll
+  for (int kb = 0; kb < TW / 16; ++kb) {
+    const u32 p0 = pack2<BF>(s[2 * kb][0], s[2 * kb][1]);
+    const u32 p1 = pack2<BF>(s[2 * kb][2], s[2 * kb][3]);
+    const u32 p2 = pack2<BF>(s[2 * kb + 1][0], s[2 * kb + 1][1]);
+    const u32 p3 = pack2<BF>(s[2 * kb + 1][2], s[2 * kb + 1][3]);
+#pragma unroll
+    for (int db2 = 0; db2 < D / 16; ++db2) {
+      u32 b0, b1, b2, b3;
+      ldsm_x4_t(b0, b1, b2, b3,
+                smem_u32(vs + swz(tokw + kb * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, db2 * 2 + (lane >> 4))));
+      mma16816<BF>(st.acc[2 * db2], p0, p1, p2, p3, b0, b1);
+      mma16816<BF>(st.acc[2 * db2 + 1], p0, p1, p2, p3, b2, b3);
+    }
+  }
+}
+
+// Writes a segment's state: the output when it covers its unit, else its
+// partial slot. With WN == 1 each warp owns whole rows and writes from
+// registers; otherwise the WN token-slices of each row are merged through
+// shared memory (`scr`, the K/V stage just consumed: no load targets it before
+// the next iteration's barrier) in warp order.
+__device__ void store_segment(const Params& p, const Shared& sh, const Segment& s, const WarpState& st, int slot,
+                              float* scr) {
+  const int g = p.group;
+  const PartialSlots ps = {p.partials, p.slot_stride, g};
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wm = warp / WN, wn = warp % WN;
+  const int rows[2] = {wm * 16 + (lane >> 2), wm * 16 + (lane >> 2) + 8};
+  const float lq[2] = {quad_sum(st.l[0]), quad_sum(st.l[1])};
+  if (WN == 1) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      if (rows[hf] >= g) continue;
+#pragma unroll
+      for (int x = 0; x < D / 8; ++x) {
+        const float v[2] = {st.acc[x][2 * hf], st.acc[x][2 * hf + 1]};
+        emit<2>(p, ps, s.b, s.h, rows[hf], x * 8 + (lane & 3) * 2, v, st.m[hf], lq[hf], s.partial, slot);
+      }
+    }
+    return;
+  }
+  float* stat_m = sh.stat_m();
+  float* stat_l = sh.stat_l();
+  __syncthreads();
+  if ((lane & 3) == 0) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      stat_m[wn * ROWS_Q + rows[hf]] = st.m[hf];
+      stat_l[wn * ROWS_Q + rows[hf]] = lq[hf];
+    }
+  }
+  __syncthreads();
+  float* mine = scr + wn * ROWS_Q * D;
+#pragma unroll
+  for (int hf = 0; hf < 2; ++hf) {
+    const int row = rows[hf];
+    float M = -LEAN_INF;
+#pragma unroll
+    for (int j = 0; j < WN; ++j) M = fmaxf(M, stat_m[j * ROWS_Q + row]);
+    const float f = merge_weight(st.m[hf], M);
+#pragma unroll
+    for (int x = 0; x < D / 8; ++x) {
+      const int f2 = x * 4 + (lane & 3);  // float2 index within the row, swizzled below
+      *reinterpret_cast<float2*>(mine + row * D + 2 * (f2 ^ ((row & 7) << 2))) =
+          make_float2(st.acc[x][2 * hf] * f, st.acc[x][2 * hf + 1] * f);
+    }
+  }
+  __syncthreads();
+  constexpr int PER_ROW = D / 4;
+  for (int e = threadIdx.x; e < g * PER_ROW; e += NT) {
+    const int row = e / PER_ROW, d = (e % PER_ROW) * 4;
+    float M = -LEAN_INF, L = 0.f;
+#pragma unroll
+    for (int j = 0; j < WN; ++j) M = fmaxf(M, stat_m[j * ROWS_Q + row]);
+    float sum[4] = {0.f, 0.f, 0.f, 0.f};
+    const int f2 = (d >> 1) ^ ((row & 7) << 2);
+#pragma unroll
+    for (int j = 0; j < WN; ++j) {
+      L += stat_l[j * ROWS_Q + row] * merge_weight(stat_m[j * ROWS_Q + row], M);
+      const float4 x = *reinterpret_cast<const float4*>(scr + (j * ROWS_Q + row) * D + 2 * f2);
+      sum[0] += x.x;
+      sum[1] += x.y;
+      sum[2] += x.z;
+      sum[3] += x.w;
+    }
+    emit<4>(p, ps, s.b, s.h, row, d, sum, M, L, s.partial, slot);
+  }
+}
+
+// End of a segment: store it; for a partial STREAM_K unit, arrive at the unit's
+// counter and, if this CTA completes it, reduce the unit (UnitCounter says
+// why this is safe).
+__device__ void finish_segment(const Params& p, const Shared& sh, const StreamK& sk, const Segment& s,
+                               const WarpState& st, int stage) {
+  const int c = blockIdx.x;
+  const int slot = p.decomposition == STREAM_K ? PartialSlots::stream_k_slot(c, s.ordinal) : c;
+  store_segment(p, sh, s, st, slot, sh.scratch(stage));
+  if (!s.partial || p.decomposition != STREAM_K) return;
+  int* misc = sh.misc();
+  const Contributors who = Contributors::of(sk, s);
+  const UnitCounter counter = {p.counters + (s.b * p.heads_kv + s.h)};
+  __syncthreads();  // the slot's stores precede thread 0's release
+  if (threadIdx.x == 0) misc[MISC_LAST] = counter.arrive_is_last(p.epoch, who.count) ? 1 : 0;
+  __syncthreads();  // thread 0's acquire precedes every thread's slot loads
+  if (misc[MISC_LAST]) {
+    reduce_unit(p, s.b, s.h, who.count, [&](int j) { return who.slot(j); }, sh.scratch(stage), TILE * D);
+    if (threadIdx.x == 0) counter.reset();
+  }
+}
+
+// One CTA of the attention kernel.
+__device__ void attention_cta(const Params& p) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  const Shared sh = {smem};
+  if (threadIdx.x == 0 && dynamic_smem_size() < (u32)SharedLayout::BYTES) __trap();
+
+  StreamK sk;
+  SegmentWalker walker;
+  if (!find_work(p, sh, true, sk, walker)) {
+    // SPLIT_K chunk without tiles: an empty output (one CTA per unit) or an empty state.
+    if (p.decomposition == SPLIT_K && threadIdx.x == 0) {
+      if (p.num_splits == 1) {
+        emit_empty_rows(p, walker.b, walker.h, 0, p.group);
+      } else {
+        const PartialSlots ps = {p.partials, p.slot_stride, p.group};
+        for (int r = 0; r < p.group; ++r) {
+          ps.m(blockIdx.x)[r] = -LEAN_INF;
+          ps.l(blockIdx.x)[r] = 0.f;
+        }
+      }
+    }
+    return;
+  }
+  const int* lens_s = sh.lens();
+  const int n_my = (int)(walker.end - walker.g);  // tiles of this CTA
+
+  KVLoader loader;
+  loader.policy = evict_first_policy();
+  LoadCursor ld = {walker};
+  ld.start(p, lens_s);
+  loader.prefetch_pages(p, ld.seg, ld.t, true);
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
     if (s < n_my) {
-      load_tile(s, ld);
-      advance(ld, ce, a, lens_s, cached);
-      prefetch_pages(ld, s + 1 < n_my);
+      loader.load(p, sh, s, ld.seg, ld.t);
+      ld.advance(p, lens_s);
+      loader.prefetch_pages(p, ld.seg, ld.t, s + 1 < n_my);
     }
     cp_async_commit();
   }
 
-  float acc[D / 8][4];
-  float m0 = -LEAN_INF, m1 = -LEAN_INF, l0 = 0.f, l1 = 0.f;
-  int seg_t0 = 0;
-  const int tokw = wn * TW;
-  const int row0 = wm * 16 + (lane >> 2), row1 = row0 + 8;
-
-  for (int i = 0; i < n_my; ++i) {
-    cp_async_wait<STAGES - 2>();
-    __syncthreads();
-    {
+  WarpState st;
+  int i = 0;  // tiles consumed
+  for (Segment seg; walker.next(p, lens_s, seg);) {
+    st.reset();
+    for (int t = seg.t0; t < seg.t1; ++t, ++i) {
+      cp_async_wait<STAGES - 2>();
+      __syncthreads();  // stage i is in; stage i - 1 is free for the next load
       const int jt = i + STAGES - 1;
       if (jt < n_my) {
-        load_tile(jt % STAGES, ld);
-        advance(ld, ce, a, lens_s, cached);
-        prefetch_pages(ld, jt + 1 < n_my);
+        loader.load(p, sh, jt % STAGES, ld.seg, ld.t);
+        ld.advance(p, lens_s);
+        loader.prefetch_pages(p, ld.seg, ld.t, jt + 1 < n_my);
       }
       cp_async_commit();
+      const int stage = i % STAGES;
+      float s[TW / 8][4];
+      tile_scores(p, sh, sh.q(seg.ordinal % STAGES), sh.kv(stage), stage, min(TILE, seg.len - t * TILE), s);
+      st.absorb(s);
+      accumulate_pv(st, s, sh.kv(stage) + TILE * D);
     }
-    const int stage = i % STAGES;
-    if (cn.g == cs || cn.t == 0) {
-#pragma unroll
-      for (int x = 0; x < D / 8; ++x) acc[x][0] = acc[x][1] = acc[x][2] = acc[x][3] = 0.f;
-      m0 = m1 = -LEAN_INF;
-      l0 = l1 = 0.f;
-      seg_t0 = cn.t;
-    }
-    const u16* ks = kv_s + stage * (2 * TILE * D);
-    const u16* vs = ks + TILE * D;
-    const u16* qs = q_s + (cn.seg % STAGES) * (ROWS_Q * D);
-
-    // S = Q K^T for this warp's 16 rows and TW tokens.
-    float s[TW / 8][4];
-#pragma unroll
-    for (int x = 0; x < TW / 8; ++x) s[x][0] = s[x][1] = s[x][2] = s[x][3] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      u32 a0, a1, a2, a3;
-      ldsm_x4(a0, a1, a2, a3,
-              smem_u32(qs + swz(wm * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, kk * 2 + (lane >> 4))));
-#pragma unroll
-      for (int nb2 = 0; nb2 < TW / 16; ++nb2) {
-        u32 b0, b1, b2, b3;
-        ldsm_x4(b0, b1, b2, b3,
-                smem_u32(ks + swz(tokw + nb2 * 16 + (lane & 7) + ((lane >> 4) << 3),
-                                  kk * 2 + ((lane >> 3) & 1))));
-        mma16816<BF>(s[2 * nb2], a0, a1, a2, a3, b0, b1);
-        mma16816<BF>(s[2 * nb2 + 1], a0, a1, a2, a3, b2, b3);
-      }
-    }
-
-    // Online softmax (base 2). Tokens past the unit's length, or on a page
-    // outside the cache, are masked.
-    const int ntok = min(TILE, cn.len - cn.t * TILE);
-    float mx0 = -LEAN_INF, mx1 = -LEAN_INF;
-#pragma unroll
-    for (int nb = 0; nb < TW / 8; ++nb) {
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int tk = tokw + nb * 8 + (lane & 3) * 2 + e;
-        bool ok = tk < ntok;
-        if (PAGED) ok = ok && mask_s[stage * TILE + tk];
-        s[nb][e] = ok ? s[nb][e] * a.scale_log2 : -LEAN_INF;
-        s[nb][e + 2] = ok ? s[nb][e + 2] * a.scale_log2 : -LEAN_INF;
-        mx0 = fmaxf(mx0, s[nb][e]);
-        mx1 = fmaxf(mx1, s[nb][e + 2]);
-      }
-    }
-    mx0 = quad_max(mx0);
-    mx1 = quad_max(mx1);
-    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
-    const float base0 = mn0 == -LEAN_INF ? 0.f : mn0;
-    const float base1 = mn1 == -LEAN_INF ? 0.f : mn1;
-    const float al0 = fast_exp2(m0 - base0), al1 = fast_exp2(m1 - base1);
-    m0 = mn0;
-    m1 = mn1;
-    float rs0 = 0.f, rs1 = 0.f;
-#pragma unroll
-    for (int nb = 0; nb < TW / 8; ++nb) {
-      s[nb][0] = fast_exp2(s[nb][0] - base0);
-      s[nb][1] = fast_exp2(s[nb][1] - base0);
-      s[nb][2] = fast_exp2(s[nb][2] - base1);
-      s[nb][3] = fast_exp2(s[nb][3] - base1);
-      rs0 += s[nb][0] + s[nb][1];
-      rs1 += s[nb][2] + s[nb][3];
-    }
-    l0 = l0 * al0 + rs0;
-    l1 = l1 * al1 + rs1;
-#pragma unroll
-    for (int x = 0; x < D / 8; ++x) {
-      acc[x][0] *= al0;
-      acc[x][1] *= al0;
-      acc[x][2] *= al1;
-      acc[x][3] *= al1;
-    }
-
-    // O += P V
-#pragma unroll
-    for (int kb = 0; kb < TW / 16; ++kb) {
-      const u32 p0 = pack2<BF>(s[2 * kb][0], s[2 * kb][1]);
-      const u32 p1 = pack2<BF>(s[2 * kb][2], s[2 * kb][3]);
-      const u32 p2 = pack2<BF>(s[2 * kb + 1][0], s[2 * kb + 1][1]);
-      const u32 p3 = pack2<BF>(s[2 * kb + 1][2], s[2 * kb + 1][3]);
-#pragma unroll
-      for (int db2 = 0; db2 < D / 16; ++db2) {
-        u32 b0, b1, b2, b3;
-        ldsm_x4_t(b0, b1, b2, b3,
-                  smem_u32(vs + swz(tokw + kb * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
-                                    db2 * 2 + (lane >> 4))));
-        mma16816<BF>(acc[2 * db2], p0, p1, p2, p3, b0, b1);
-        mma16816<BF>(acc[2 * db2 + 1], p0, p1, p2, p3, b2, b3);
-      }
-    }
-
-    // ------------------------------------------------------------ segment end
-    if (cn.g == ce - 1 || cn.t == cn.nt - 1) {
-      const bool partial = lean_mode ? !(seg_t0 == 0 && cn.t == cn.nt - 1) : (a.num_splits > 1);
-      const int g = a.group;
-      const int b = cn.b, h = cn.h;
-      const int slot = lean_mode ? 2 * c + (cn.seg == 0 ? 0 : 1) : c;
-      float* sp = a.ws + (i64)slot * a.slot_stride;
-      const float lq0 = quad_sum(l0), lq1 = quad_sum(l1);
-      if (WN == 1) {
-        // Each warp owns whole rows: write straight from registers.
-#pragma unroll
-        for (int half = 0; half < 2; ++half) {
-          const int row = half ? row1 : row0;
-          if (row < g) {
-            const float M = half ? m1 : m0, L = half ? lq1 : lq0;
-            if (!partial) {
-              const float inv = (L == 0.f) ? 0.f : 1.f / L;
-              u16* o = a.out + (i64)b * a.o_sb + (i64)(h * g + row) * a.o_sh;
-#pragma unroll
-              for (int x = 0; x < D / 8; ++x)
-                *reinterpret_cast<u32*>(o + x * 8 + (lane & 3) * 2) =
-                    pack2<BF>(acc[x][2 * half] * inv, acc[x][2 * half + 1] * inv);
-              if ((lane & 3) == 0 && a.lse != nullptr)
-                a.lse[(i64)b * a.heads_kv * g + h * g + row] =
-                    (L == 0.f) ? -LEAN_INF : (M + fast_log2(L)) * LEAN_LN2;
-            } else {
-#pragma unroll
-              for (int x = 0; x < D / 8; ++x)
-                *reinterpret_cast<float2*>(sp + row * D + x * 8 + (lane & 3) * 2) =
-                    make_float2(acc[x][2 * half], acc[x][2 * half + 1]);
-              if ((lane & 3) == 0) {
-                sp[g * D + row] = M;
-                sp[g * D + g + row] = L;
-              }
-            }
-          }
-        }
-      } else {
-        // Merge the WN token-slices of each row block through shared memory,
-        // reusing this stage's K/V buffer (no load targets it until the next
-        // iteration's barrier).
-        float* scr = reinterpret_cast<float*>(kv_s + stage * (2 * TILE * D));
-        __syncthreads();
-        if ((lane & 3) == 0) {
-          stat_m[wn * ROWS_Q + row0] = m0;
-          stat_m[wn * ROWS_Q + row1] = m1;
-          stat_l[wn * ROWS_Q + row0] = lq0;
-          stat_l[wn * ROWS_Q + row1] = lq1;
-        }
-        __syncthreads();
-        float M0 = -LEAN_INF, M1 = -LEAN_INF;
-#pragma unroll
-        for (int j = 0; j < WN; ++j) {
-          M0 = fmaxf(M0, stat_m[j * ROWS_Q + row0]);
-          M1 = fmaxf(M1, stat_m[j * ROWS_Q + row1]);
-        }
-        const float f0 = m0 == -LEAN_INF ? 0.f : fast_exp2(m0 - M0);
-        const float f1 = m1 == -LEAN_INF ? 0.f : fast_exp2(m1 - M1);
-        float* mine = scr + wn * ROWS_Q * D;
-#pragma unroll
-        for (int x = 0; x < D / 8; ++x) {
-          const int f2 = x * 4 + (lane & 3);  // float2 index within the row
-          *reinterpret_cast<float2*>(mine + row0 * D + 2 * (f2 ^ ((row0 & 7) << 2))) =
-              make_float2(acc[x][0] * f0, acc[x][1] * f0);
-          *reinterpret_cast<float2*>(mine + row1 * D + 2 * (f2 ^ ((row1 & 7) << 2))) =
-              make_float2(acc[x][2] * f1, acc[x][3] * f1);
-        }
-        __syncthreads();
-        constexpr int PER_ROW = D / 4;
-        for (int e = tid; e < g * PER_ROW; e += NT) {
-          const int row = e / PER_ROW, d = (e % PER_ROW) * 4;
-          float M = -LEAN_INF;
-#pragma unroll
-          for (int j = 0; j < WN; ++j) M = fmaxf(M, stat_m[j * ROWS_Q + row]);
-          float L = 0.f;
-          float4 sum = make_float4(0, 0, 0, 0);
-          const int f2 = (d >> 1) ^ ((row & 7) << 2);
-#pragma unroll
-          for (int j = 0; j < WN; ++j) {
-            const float mj = stat_m[j * ROWS_Q + row];
-            if (mj != -LEAN_INF) L += stat_l[j * ROWS_Q + row] * fast_exp2(mj - M);
-            const float4 x = *reinterpret_cast<const float4*>(scr + (j * ROWS_Q + row) * D + 2 * f2);
-            sum.x += x.x;
-            sum.y += x.y;
-            sum.z += x.z;
-            sum.w += x.w;
-          }
-          if (!partial) {
-            write_final4(a, b, h * g + row, d, sum, M, L);
-          } else {
-            *reinterpret_cast<float4*>(sp + row * D + d) = sum;
-            if (d == 0) {
-              sp[g * D + row] = M;
-              sp[g * D + g + row] = L;
-            }
-          }
-        }
-      }
-      if (partial && lean_mode) {
-        // Publish the partial state, count it; the last contributor reduces.
-        // The barrier orders every thread's stores before thread 0's fence
-        // (cumulativity), which orders them before the counter increment;
-        // the reducer's fence after the increment orders its loads after it.
-        __syncthreads();
-        const i64 u0 = cn.g - cn.t;  // linear index of the unit's first tile
-        const int unit = b * a.heads_kv + h;
-        if (tid == 0) {
-          const i64 first = sch.cta_of(u0), last = sch.cta_of(u0 + cn.nt - 1);
-          __threadfence();
-          const int old = atomicAdd(a.counters + unit, 1);
-          __threadfence();
-          misc[34] = (old == (int)(last - first)) ? 1 : 0;
-          misc[35] = (int)first;
-          misc[36] = (int)(last - first + 1);
-        }
-        __syncthreads();
-        if (misc[34]) {
-          const int first = misc[35], n = misc[36];
-          const int first_slot = 2 * first + (sch.start(first) < u0 ? 1 : 0);
-          reduce_unit(a, b, h, n, [&](int j) { return j == 0 ? first_slot : 2 * (first + j); },
-                      reinterpret_cast<float*>(kv_s + stage * (2 * TILE * D)), TILE * D);
-          if (tid == 0) atomicExch(a.counters + unit, 0);
-        }
-      }
-    }
-    advance(cn, ce, a, lens_s, cached);
+    finish_segment(p, sh, sk, seg, st, (i - 1) % STAGES);
   }
   cp_async_wait<0>();
 }
 
-}  // namespace lean
+// The schedule as the kernel derives it, for tests and experiments: CTA c
+// writes the record at p.partials (as ints) + c * p.slot_stride:
+//   [begin, end, segments, then per segment: unit, tile_begin, tile_end,
+//    partial, slot, first contributor, contributors]
+// (slot -1 and contributors 0 for a whole segment; STREAM_K ranges are linear
+// tile indices, SPLIT_K ones tiles of the unit). CTAs without work write
+// nothing. Records past the stride are counted, not written.
+constexpr int DUMP_HEADER = 3, DUMP_RECORD = 7;
+static_assert(DUMP_HEADER == LEAN_HOST_DUMP_HEADER && DUMP_RECORD == LEAN_HOST_DUMP_RECORD, "dump layout");
 
-#define LEAN_ARGS                                                                             \
-  const u16 *__restrict__ q, const u16 *__restrict__ k, const u16 *__restrict__ v, u16 *out,  \
-      float *lse, const int *__restrict__ kv_lens, const int *__restrict__ block_table,       \
-      float *ws, int *counters, i64 q_sb, i64 q_sh, i64 k_sb, i64 k_st, i64 k_sh, i64 v_sb,   \
-      i64 v_st, i64 v_sh, i64 o_sb, i64 o_sh, i64 bt_sb, int batch, int heads_kv, int group,  \
-      int capacity, int page_size, int num_pages, int mode, int num_splits, float scale_log2, \
-      int slot_stride
-
-#define LEAN_FILL_ARGS(a)                                                                    \
-  lean::Args a = {q, k, v, out, lse, kv_lens, block_table, ws, counters, q_sb, q_sh, k_sb,  \
-                  k_st, k_sh, v_sb, v_st, v_sh, o_sb, o_sh, bt_sb, batch, heads_kv, group, \
-                  capacity, page_size, num_pages, mode, num_splits, scale_log2, slot_stride}
-
-extern "C" __global__ void __launch_bounds__(lean::NT) LEAN_ENTRY(LEAN_ARGS) {
-  LEAN_FILL_ARGS(a);
-  lean::kernel_body(a);
+__device__ void dump_cta(const Params& p) {
+  extern __shared__ __align__(128) unsigned char smem[];
+  const Shared sh = {smem};
+  StreamK sk;
+  SegmentWalker walker;
+  if (!find_work(p, sh, false, sk, walker) || threadIdx.x != 0) return;
+  int* rec = reinterpret_cast<int*>(p.partials) + (i64)blockIdx.x * p.slot_stride;
+  const int room = (p.slot_stride - DUMP_HEADER) / DUMP_RECORD;
+  rec[0] = (int)walker.g;
+  rec[1] = (int)walker.end;
+  int n = 0;
+  for (Segment s; walker.next(p, sh.lens(), s); ++n) {
+    if (n >= room) continue;
+    int* e = rec + DUMP_HEADER + DUMP_RECORD * n;
+    e[0] = s.b * p.heads_kv + s.h;
+    e[1] = s.t0;
+    e[2] = s.t1;
+    e[3] = s.partial;
+    e[4] = e[5] = -1;
+    e[6] = 0;
+    if (s.partial && p.decomposition == STREAM_K) {
+      const Contributors who = Contributors::of(sk, s);
+      e[4] = PartialSlots::stream_k_slot(blockIdx.x, s.ordinal);
+      e[5] = who.first;
+      e[6] = who.count;
+    } else if (s.partial) {
+      const int chunk = (s.ntiles + p.num_splits - 1) / p.num_splits;
+      e[4] = blockIdx.x;
+      e[5] = (s.b * p.heads_kv + s.h) * p.num_splits;
+      e[6] = (s.ntiles + chunk - 1) / chunk;  // chunks with tiles
+    }
+  }
+  rec[2] = n;
 }
 
-// Combine step of the split schedule: grid = units; merges each unit's
-// num_splits slots in chunk order. Same arguments as the attention entry.
-extern "C" __global__ void __launch_bounds__(lean::NT) LEAN_COMBINE_ENTRY(LEAN_ARGS) {
-  LEAN_FILL_ARGS(a);
-  const int unit = blockIdx.x;
-  const int ns = a.num_splits;
+}  // namespace lean
+
+// ============================================================= 7. entry points
+
+extern "C" __global__ void __launch_bounds__(lean::NT) LEAN_ENTRY(const __grid_constant__ lean::Params p) {
+  lean::attention_cta(p);
+}
+
+// SPLIT_K combine: grid = units; merges each unit's num_splits slots in chunk order.
+extern "C" __global__ void __launch_bounds__(lean::NT) LEAN_COMBINE_ENTRY(const __grid_constant__ lean::Params p) {
+  const int unit = blockIdx.x, ns = p.num_splits;
   __shared__ float red[4096];
-  lean::reduce_unit(a, unit / a.heads_kv, unit % a.heads_kv, ns,
-                    [&](int j) { return unit * ns + j; }, red, 4096);
+  lean::reduce_unit(p, unit / p.heads_kv, unit % p.heads_kv, ns, [&](int j) { return unit * ns + j; }, red, 4096);
+}
+
+extern "C" __global__ void __launch_bounds__(lean::NT) LEAN_DUMP_ENTRY(const __grid_constant__ lean::Params p) {
+  lean::dump_cta(p);
 }

@@ -1,5 +1,4 @@
-"""Shared test configuration: hypothesis profiles, the ``gpu`` marker, and the
-launch-argument checks of :mod:`cupy_lean.kernels`.
+"""Shared test configuration: hypothesis profiles and the ``gpu`` marker.
 
 Pick a hypothesis profile with ``HYPOTHESIS_PROFILE=ci|dev|thorough``
 (default ``dev``).
@@ -7,10 +6,7 @@ Pick a hypothesis profile with ``HYPOTHESIS_PROFILE=ci|dev|thorough``
 
 import os
 
-# Must be set before cupy_lean.kernels is imported: it reads the variable once.
-os.environ["CUPY_LEAN_CHECK_ARGS"] = "1"
-
-from hypothesis import HealthCheck, settings  # noqa: E402
+from hypothesis import HealthCheck, settings
 
 _COMMON = dict(
     deadline=None,

@@ -261,3 +261,58 @@ def test_report_main_roundtrip(tmp_path, capsys):
     out = capsys.readouterr().out.strip().splitlines()
     assert out[-1].startswith(("PASS", "MISS", "N/A"))
     assert len(os.listdir(tmp_path / "p")) == 2
+
+
+# ---------------------------------------------------------------- the family
+
+def test_family_draw_is_seeded_and_within_limits():
+    from bench import family as F
+
+    a = F.draw(60, 123)
+    assert [c.name for c in a] == [c.name for c in F.draw(60, 123)]
+    assert [c.name for c in a] != [c.name for c in F.draw(60, 124)]
+    seen_layouts, seen_pages, seen_d = set(), set(), set()
+    for c in a:
+        assert c.head_dim in (64, 128, 256) and 1 <= c.group <= 16 and c.heads_q == c.group * c.heads_kv
+        assert 1 <= c.heads_kv <= 32 and 1 <= c.batch <= 64 and len(c.lens) == c.batch
+        assert all(F.MIN_LEN <= n <= F.MAX_LEN for n in c.lens)
+        assert c.alloc_bytes() <= F.MAX_ALLOC
+        assert all(n % 8 for n in c.lens)  # a multiple of no tile or page size
+        assert F.MIN_BYTES <= c.kv_bytes() <= F.MAX_BYTES
+        assert c.capacity % c.page_size == 0 and c.capacity >= c.max_len
+        if c.layout == "dense":
+            assert len(set(c.lens)) == 1
+        seen_layouts.add(c.layout)
+        seen_d.add(c.head_dim)
+        if c.layout == "paged":
+            seen_pages.add(c.page_size)
+    assert seen_layouts == {"dense", "ragged", "paged"} and seen_d == {64, 128, 256}
+    assert seen_pages == {1, 16, 32, 64}
+    assert F.new_seed() != F.new_seed() or F.new_seed() != F.new_seed()
+
+
+def test_family_summary_counts():
+    from bench import family as F
+
+    cs = F.draw(6, 7)
+    rows = []
+    for i, c in enumerate(cs):
+        bound = c.kv_bytes() / (CEIL * 1e12) * 1e6
+        lean = bound * 1.02 + 1.0 if i % 2 else bound * 1.5 + 10.0  # odd: near the floor; even: far
+        rows += [_row(c, "float16", "lean", lean), _row(c, "float16", "flashinfer", lean * (1.2 if i % 2 else 0.8))]
+    R.finalize(rows, CEIL)
+    f = R.family_summary(rows)
+    assert f["n"] == 6 and f["n_peer"] == 6
+    assert abs(f["geomean"] - (1.2 * 0.8) ** 0.5) < 1e-9 and abs(f["min"] - 0.8) < 1e-9
+    assert f["below_095"] == 3 and f["over_bound"] == 3
+    text = R.format_family_summary(rows, 7)
+    assert text.splitlines()[0].startswith("family seed 7 all: 6 shapes; lean / best peer geomean 0.980x, min 0.800x")
+    assert "3 of 6 below 0.95x; 3 of 6 over 1.05 x bound + 4 us" in text
+
+
+def test_family_arguments(capsys):
+    rc = bench_run.main(["--family", "5", "--seed", "11", "--list"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "seed 11" in out and out.count("f0") == 5
+    with pytest.raises(SystemExit):
+        bench_run.main(["--family", "0", "--list"])

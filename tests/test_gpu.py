@@ -191,25 +191,62 @@ def test_against_reference(c):
 
 # ---------------------------------------------------------------- schedule
 
+def _expected_records(host, c):
+    """Schedule-dump records of CTA c computed from the NumPy schedule."""
+    seg = host.segments
+    out = []
+    for r in seg[seg["cta"] == c]:
+        u = int(r["unit"])
+        if r["partial"]:
+            first = int(seg["cta"][(seg["unit"] == u) & seg["partial"]].min())
+            count = int(host.contributors[u])
+        else:
+            first, count = -1, 0
+        out.append((u, int(r["tile_begin"]), int(r["tile_end"]), int(r["partial"]), int(r["slot"]), first, count))
+    return out
+
+
 @settings(deadline=None, max_examples=30)
 @given(st.lists(st.integers(0, 2000), min_size=1, max_size=40), st.integers(1, 8),
        st.sampled_from([16, 64, 128]), st.integers(1, 600))
 @example([0, 64, 65, 1], 2, 64, 3)
 @example([5], 1, 16, 100)
+@example([4000, 3, 0, 129], 3, 16, 7)
 def test_device_schedule_equals_numpy(lens, hkv, tile, num_ctas):
+    """The kernel's stream-K schedule (its dump entry) equals schedule.py's:
+    ranges, segments, slots, first contributor and contributor counts."""
     from cupy_lean import _gpu
 
     host = cupy_lean.lean_schedule(lens, hkv, tile_size=tile, num_ctas=num_ctas)
-    dev = _gpu.device_lean_schedule(lens, hkv, tile_size=tile, num_ctas=num_ctas)
+    dev = _gpu.device_schedule(lens, hkv, tile_size=tile, num_ctas=num_ctas)
     for c in range(num_ctas):
         if c >= host.num_ctas:
             assert dev[c] is None
             continue
         start, end, segs = dev[c]
         assert (start, end) == (host.cta_start[c], host.cta_end[c])
-        hs = host.segments[host.segments["cta"] == c]
-        expect = [(int(s["unit"]), int(s["tile_begin"]), int(s["tile_end"]), int(s["partial"])) for s in hs]
+        expect = _expected_records(host, c)
         assert segs == expect[:len(segs)] and len(segs) == min(len(expect), 64)
+
+
+@settings(deadline=None, max_examples=15)
+@given(st.lists(st.integers(0, 3000), min_size=1, max_size=12), st.integers(1, 4),
+       st.sampled_from([16, 64]), st.integers(1, 9))
+@example([0, 5, 64], 2, 16, 4)
+def test_device_split_schedule_equals_numpy(lens, hkv, tile, num_splits):
+    from cupy_lean import _gpu
+
+    host = cupy_lean.split_schedule(lens, hkv, tile_size=tile, num_splits=num_splits)
+    dev = _gpu.device_schedule(lens, hkv, tile_size=tile, num_splits=num_splits)
+    assert len(dev) == host.num_ctas
+    for c in range(host.num_ctas):
+        expect = _expected_records(host, c)
+        if not expect:
+            assert dev[c] is None
+            continue
+        start, end, segs = dev[c]
+        assert (start, end) == (host.cta_start[c], host.cta_end[c])
+        assert segs == expect
 
 
 # ---------------------------------------------------------------- properties

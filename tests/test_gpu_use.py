@@ -211,6 +211,43 @@ def test_plan_graphs_replayed_concurrently():
         _assert_bitwise(o, ref)
 
 
+def test_counters_survive_an_unfinished_launch():
+    """A launch that never finished leaves unit counters part-way (some
+    contributors arrived, the others never will) and its partial slots
+    half-written. The next launch on that workspace is still correct: the
+    counters carry the launch's epoch, and a count of another epoch reads as
+    zero. Also after the counters hold arbitrary bytes."""
+    rng = np.random.default_rng(75)
+    q, k, v, lens, table = make_inputs(rng, 4, 32, 4, 128, np.float16, [7001, 3, 12000, 999], "dense")
+    qd, kd, vd, ld = to_gpu(q), to_gpu(k), to_gpu(v), cp.asarray(lens)
+    ref = cupy_lean.attention(qd, kd, vd, kv_lens=ld, num_ctas=61)
+    ws = cp.zeros(cupy_lean.plan(qd, kd, vd, kv_lens=ld, num_ctas=61).workspace_bytes, dtype=cp.uint8)
+    p = cupy_lean.plan(qd, kd, vd, kv_lens=ld, num_ctas=61, workspace=ws)
+    sched = cupy_lean.lean_schedule(lens, 4, tile_size=p.tile, num_ctas=61)
+    partial = sched.partial_units()
+    assert len(partial) >= 4
+    out = _nan_like(q.shape, q.dtype)
+    p.run(qd, kd, vd, kv_lens=ld, out=out)
+    _assert_bitwise(out, ref)
+    counters = ws[:p.counter_bytes].view(cp.uint64)
+    assert int(counters.max()) == 0  # reset by the reducers
+    # What a launch of this epoch that stopped part-way leaves: every partial
+    # unit one arrival short of complete, the slots holding garbage.
+    epoch = p._params.epoch
+    left = np.zeros(counters.shape, np.uint64)
+    left[partial] = (np.uint64(epoch) << np.uint64(32)) | (sched.contributors[partial] - 1).astype(np.uint64)
+    counters[...] = cp.asarray(left)
+    ws[p.counter_bytes:].view(cp.float32).fill(cp.nan)
+    out.fill(cp.nan)
+    p.run(qd, kd, vd, kv_lens=ld, out=out)
+    _assert_bitwise(out, ref)
+    # arbitrary bytes
+    counters[...] = cp.asarray(rng.integers(0, 2**63, counters.shape, dtype=np.int64).view(np.uint64))
+    out.fill(cp.nan)
+    p.run(qd, kd, vd, kv_lens=ld, out=out)
+    _assert_bitwise(out, ref)
+
+
 # ---------------------------------------------------------------- array libraries
 
 def _lib_case(seed=73, dtype=np.float16):

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One build-test-measure cycle on a lent GPU machine, results under $OUT.
+# Usage: bash tools/device_cycle.sh STEPS...   (steps: tests sanitize family-quick family)
+#   tests        the GPU test suite                    -> $OUT/gpu_tests.txt
+#   sanitize     tools/sanitize.sh                     -> $OUT/sanitize.txt
+#   family-quick lean only, this tree and .base/ (a copy of the package before
+#                the change, with this tree's bench/), FAMILY_N shapes, seed SEED
+#   family       the same with every peer on this tree (FlashInfer from .whl/ if carried)
+# Env: SEED (default 1), FAMILY_N (default 24), DTYPES (default fp16).
+set -u
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+fi
+export PYTHONPATH=.:${PYTHONPATH:-}
+SEED=${SEED:-1}; N=${FAMILY_N:-24}; DT=${DTYPES:-fp16}
+nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem --format=csv,noheader > "$OUT/gpu.txt" 2>&1
+for step in "$@"; do
+  t0=$(date +%s)
+  case $step in
+    tests)
+      python3 -m pytest tests -q -m gpu -p no:cacheprovider -x > "$OUT/gpu_tests.txt" 2>&1
+      echo "tests: $(grep -E 'passed|failed|error' "$OUT/gpu_tests.txt" | tail -1)";;
+    sanitize)
+      bash tools/sanitize.sh /tmp/sanlogs > "$OUT/sanitize.txt" 2>&1; cat "$OUT/sanitize.txt";;
+    family-quick|family)
+      methods=lean; [ "$step" = family ] && methods=lean,sdpa-cudnn,sdpa-flash,flashinfer,flashinfer-tc
+      if [ -d .base ]; then
+        rm -rf .base/bench && cp -r bench .base/bench
+        (cd .base && PYTHONPATH=.:/tmp/site python3 -m bench.run --family "$N" --seed "$SEED" --dtypes "$DT" \
+           --methods lean --out "$OUT" --tag "base_$step" --no-plots --time-budget 0 > "$OUT/base_$step.txt" 2>&1)
+        echo "base: $(grep '^family seed' "$OUT/base_$step.txt" | head -1)"
+      fi
+      python3 -m bench.run --family "$N" --seed "$SEED" --dtypes "$DT" --methods "$methods" --out "$OUT" \
+        --tag "new_$step" --no-plots --time-budget 0 > "$OUT/new_$step.txt" 2>&1
+      grep '^family seed' "$OUT/new_$step.txt"
+      if [ -d .base ] && [ "$step" = family ]; then
+        python3 -m bench.report "$OUT/bench_base_$step.json" --peers-from "$OUT/bench_new_$step.json" \
+          > "$OUT/base_vs_peers.txt" 2>&1
+        echo "base with these peers:"; grep '^family seed' "$OUT/base_vs_peers.txt"
+      fi;;
+  esac
+  echo "[$step: $(( $(date +%s) - t0 )) s]"
+done
