@@ -57,8 +57,9 @@ class Decomposition(enum.IntEnum):
 class Params(ctypes.Structure):
     """The kernel's one parameter (``lean::Params``, passed as ``const
     __grid_constant__``), field by field. The compile options carry every
-    field's offset and the size; the source ``static_assert``s them, so a
-    drift fails the compile (CPU tests) instead of a launch."""
+    field's name and size in order, and the struct's size; the source
+    ``static_assert``s that its own list is the same, so a drift fails the
+    compile (CPU tests) instead of a launch."""
 
     _fields_ = [
         ("q", ctypes.c_uint64), ("k", ctypes.c_uint64), ("v", ctypes.c_uint64), ("out", ctypes.c_uint64),
@@ -89,8 +90,8 @@ def pointer_view(params):
 
 
 def _params_layout_options():
-    fields = "".join(f"X({name},{getattr(Params, name).offset})" for name, _ in Params._fields_)
-    return [f"-DLEAN_HOST_PARAMS_FIELDS(X)={fields}", f"-DLEAN_HOST_PARAMS_SIZE={ctypes.sizeof(Params)}",
+    fields = ",".join(f'{{"{name}",{ctypes.sizeof(ct)}}}' for name, ct in Params._fields_)
+    return [f"-DLEAN_HOST_PARAMS={fields}", f"-DLEAN_HOST_PARAMS_SIZE={ctypes.sizeof(Params)}",
             f"-DLEAN_HOST_STREAM_K={int(Decomposition.STREAM_K)}",
             f"-DLEAN_HOST_SPLIT_K={int(Decomposition.SPLIT_K)}",
             f"-DLEAN_HOST_LENS_CACHE={LENS_CACHE}",

@@ -29,7 +29,7 @@
 
 #include "common.cuh"
 
-#if !defined(LEAN_D) || !defined(LEAN_HOST_SMEM_BYTES) || !defined(LEAN_HOST_PARAMS_FIELDS)
+#if !defined(LEAN_D) || !defined(LEAN_HOST_SMEM_BYTES) || !defined(LEAN_HOST_PARAMS)
 #error "compile through cupy_lean.kernels (compile_options defines the spec and the host layouts)"
 #endif
 
@@ -117,34 +117,58 @@ enum Decomposition : int {
 static_assert(STREAM_K == LEAN_HOST_STREAM_K && SPLIT_K == LEAN_HOST_SPLIT_K, "Decomposition differs from the host's");
 
 // The one kernel parameter, passed as `const __grid_constant__` (read from the
-// constant bank, never copied). Mirrored field by field by kernels.Params.
-struct Params {
-  const u16* q;             // (batch, heads_q, D)
-  const u16* k;             // dense: (batch, capacity, heads_kv, D); paged: (pages, page_size, heads_kv, D)
-  const u16* v;
-  u16* out;                 // (batch, heads_q, D)
-  float* lse;               // (batch, heads_q) natural log, or null
-  const int* kv_lens;       // (batch,), or null: every sequence has `capacity` tokens
-  const int* block_table;   // (batch, max_pages), or null (dense)
-  float* partials;          // PartialSlots storage (the dump entry: its int records)
-  u64* counters;            // one UnitCounter per unit
-  i64 q_sb, q_sh;           // strides in elements: q per sequence, per head
-  i64 k_sb, k_st, k_sh;     // k per sequence (or page), per token, per head
-  i64 v_sb, v_st, v_sh;
-  i64 o_sb, o_sh;
-  i64 bt_sb;                // block_table per sequence
-  int batch, heads_kv, group, capacity, page_size, num_pages;
-  int decomposition;        // Decomposition
-  int num_splits;           // SPLIT_K: chunks per unit
-  float scale_log2;         // softmax scale * log2(e)
-  int slot_stride;          // floats per partial slot (dump: ints per CTA record)
-  u32 epoch;                // launch tag of the unit counters, never 0 (UnitCounter)
-};
+// constant bank, never copied). The struct and its layout check are made from
+// this one list of (type, name); kernels.Params mirrors it on the host.
+#define LEAN_PARAMS_FIELDS(F)                                                                    \
+  F(const u16*, q)           /* (batch, heads_q, D) */                                         \
+  F(const u16*, k)           /* dense: (batch, capacity, heads_kv, D); paged: (pages, page_size, heads_kv, D) */ \
+  F(const u16*, v)                                                                              \
+  F(u16*, out)               /* (batch, heads_q, D) */                                         \
+  F(float*, lse)             /* (batch, heads_q) natural log, or null */                       \
+  F(const int*, kv_lens)     /* (batch,), or null: every sequence has `capacity` tokens */     \
+  F(const int*, block_table) /* (batch, max_pages), or null (dense) */                         \
+  F(float*, partials)        /* PartialSlots storage (the dump entry: its int records) */      \
+  F(u64*, counters)          /* one UnitCounter per unit */                                    \
+  F(i64, q_sb) F(i64, q_sh)  /* strides in elements: q per sequence, per head */               \
+  F(i64, k_sb) F(i64, k_st) F(i64, k_sh) /* k per sequence (or page), per token, per head */   \
+  F(i64, v_sb) F(i64, v_st) F(i64, v_sh)                                                        \
+  F(i64, o_sb) F(i64, o_sh)                                                                     \
+  F(i64, bt_sb)              /* block_table per sequence */                                    \
+  F(int, batch) F(int, heads_kv) F(int, group) F(int, capacity) F(int, page_size) F(int, num_pages) \
+  F(int, decomposition)      /* Decomposition */                                               \
+  F(int, num_splits)         /* SPLIT_K: chunks per unit */                                    \
+  F(float, scale_log2)       /* softmax scale * log2(e) */                                     \
+  F(int, slot_stride)        /* floats per partial slot (dump: ints per CTA record) */         \
+  F(u32, epoch)              /* launch tag of the unit counters, never 0 (UnitCounter) */
 
-#define LEAN_CHECK_FIELD(name, offset) \
-  static_assert(__builtin_offsetof(Params, name) == offset, "Params." #name " offset differs from kernels.Params");
-LEAN_HOST_PARAMS_FIELDS(LEAN_CHECK_FIELD)
-#undef LEAN_CHECK_FIELD
+#define LEAN_DECLARE_FIELD(type, name) type name;
+struct Params {
+  LEAN_PARAMS_FIELDS(LEAN_DECLARE_FIELD)
+};
+#undef LEAN_DECLARE_FIELD
+
+// Layout check against the host: the same names and sizes in the same order
+// (with natural alignment on both sides, hence the same offsets), and the
+// same size. The host passes its list as LEAN_HOST_PARAMS.
+struct FieldLayout {
+  const char* name;
+  int size;
+};
+#define LEAN_FIELD_LAYOUT(type, name) {#name, (int)sizeof(type)},
+constexpr FieldLayout kParamsDevice[] = {LEAN_PARAMS_FIELDS(LEAN_FIELD_LAYOUT)};
+#undef LEAN_FIELD_LAYOUT
+constexpr FieldLayout kParamsHost[] = {LEAN_HOST_PARAMS};
+constexpr int kParamsCount = sizeof(kParamsDevice) / sizeof(kParamsDevice[0]);
+
+__host__ __device__ constexpr bool same_name(const char* a, const char* b) { return *a == *b && (*a == 0 || same_name(a + 1, b + 1)); }
+__host__ __device__ constexpr bool same_fields() {
+  for (int i = 0; i < kParamsCount; ++i)
+    if (!same_name(kParamsDevice[i].name, kParamsHost[i].name) || kParamsDevice[i].size != kParamsHost[i].size)
+      return false;
+  return true;
+}
+static_assert(sizeof(kParamsHost) / sizeof(kParamsHost[0]) == kParamsCount, "Params: field count differs from kernels.Params");
+static_assert(same_fields(), "Params: field names, order or sizes differ from kernels.Params");
 static_assert(sizeof(Params) == LEAN_HOST_PARAMS_SIZE, "sizeof(Params) differs from kernels.Params");
 
 __device__ __forceinline__ int clamp_len(int x, int cap) { return min(max(x, 0), cap); }

@@ -125,16 +125,16 @@ def test_tile_override_and_limits():
 
 
 def test_params_struct_layout_reaches_the_compile():
-    """The host's Params layout (every field offset and the size) and the
-    spec's layouts go into the compile options, where the source
-    static_asserts them."""
+    """The host's Params layout (every field's name and size in order, and
+    the struct's size) and the spec's layouts go into the compile options,
+    where the source static_asserts them."""
     import ctypes
 
     spec = K.make_spec("f16", 128, 8, True)
     opts = K.compile_options(spec)
-    fields = next(o for o in opts if o.startswith("-DLEAN_HOST_PARAMS_FIELDS(X)="))
-    assert fields.count("X(") == len(K.Params._fields_)
-    assert "X(q,0)" in fields and f"X(epoch,{K.Params.epoch.offset})" in fields
+    fields = next(o for o in opts if o.startswith("-DLEAN_HOST_PARAMS="))
+    assert fields.count("{") == len(K.Params._fields_)
+    assert fields.startswith('-DLEAN_HOST_PARAMS={"q",8},') and fields.endswith('{"epoch",4}')
     assert f"-DLEAN_HOST_PARAMS_SIZE={ctypes.sizeof(K.Params)}" in opts
     assert f"-DLEAN_HOST_SMEM_BYTES={spec.smem_bytes}" in opts
     assert f"-DLEAN_HOST_THREADS={spec.threads}" in opts
@@ -146,7 +146,7 @@ def test_params_struct_layout_reaches_the_compile():
 
 
 @needs_nvrtc
-@pytest.mark.parametrize("field", ["params", "smem", "threads"])
+@pytest.mark.parametrize("field", ["params", "order", "smem", "threads"])
 def test_layout_drift_fails_the_compile(field, monkeypatch):
     """A host layout that differs from the kernel's is a compile error that
     names the layout, not a wrong launch."""
@@ -156,15 +156,20 @@ def test_layout_drift_fails_the_compile(field, monkeypatch):
     def drifted(s):
         opts = list(real(s))
         if field == "params":
-            opts = [o.replace("X(scale_log2,", "X(scale_log2,4") if "PARAMS_FIELDS" in o else o for o in opts]
+            opts = [o.replace('{"scale_log2",4}', '{"scale_log2",8}') if "HOST_PARAMS=" in o else o for o in opts]
+        elif field == "order":
+            opts = [o.replace('{"batch",4},{"heads_kv",4}', '{"heads_kv",4},{"batch",4}') if "HOST_PARAMS=" in o
+                    else o for o in opts]
         elif field == "smem":
             opts = [f"-DLEAN_HOST_SMEM_BYTES={spec.smem_bytes + 16}" if "SMEM_BYTES" in o else o for o in opts]
         else:
             opts = [f"-DLEAN_HOST_THREADS={spec.threads * 2}" if "HOST_THREADS" in o else o for o in opts]
         return tuple(opts)
 
+    assert K.compile_cubin(spec, "sm_90")[:4] == b"\x7fELF"  # compiles as it is
     monkeypatch.setattr(K, "compile_options", drifted)
-    with pytest.raises(RuntimeError, match={"params": "Params.scale_log2 offset", "smem": "shared-memory layout",
+    with pytest.raises(RuntimeError, match={"params": "Params: field names, order or sizes", "smem": "shared-memory layout",
+                                            "order": "Params: field names, order or sizes",
                                             "threads": "warp layout"}[field]):
         K.compile_cubin(spec, "sm_90")
 
