@@ -99,7 +99,7 @@ def device_schedule(kv_lens, heads_kv, *, tile_size, num_ctas=None, num_splits=N
         prm.decomposition, prm.num_splits, grid = K.Decomposition.SPLIT_K, num_splits, B * heads_kv * num_splits
     stride = K.DUMP_HEADER + K.DUMP_RECORD * max_segments
     rec = cp.full(grid * stride, -1, dtype=cp.int32)  # CTAs without work leave it as it is
-    prm.slot_stride, prm.epoch = stride, 1
+    prm.slot_stride = stride
     prm.kv_lens, prm.partials = lens32.data.ptr, rec.data.ptr
     K.launch_params(kern.dump, grid, spec.threads, spec.smem_bytes, cp.cuda.get_current_stream().ptr, prm)
     raw = rec.reshape(grid, stride).get()

@@ -23,12 +23,13 @@ Workspace rules (what makes graphs and streams safe):
   concurrently.
 * Unit counters (stream-K: how many partial states of a unit have arrived)
   are zeroed when a workspace is made and reset by the kernel that used
-  them. Each counter also carries a tag, the launch's *epoch*: every eager
-  launch of a plan gets a new one, and a count with another tag reads as
-  zero. So a launch that never finished (aborted, faulted, or a grid cut
-  short) cannot leave counts that make the next launch reduce a unit
-  early. A captured launch keeps its capture's epoch; each graph has its own
-  workspace, reset by every replay that completes.
+  them, so they are zero whenever no launch is running. A launch that
+  starts always completes: a fault inside a kernel is sticky in CUDA (the
+  context and every workspace in it are lost), and a launch the driver
+  refuses never starts. What can still leave counts behind is a write from
+  outside into a caller's workspace: :meth:`Plan.rearm` zeroes the counters
+  (on the current stream, before the next launch), and a launch call that
+  raises re-arms the workspace before the plan's next launch.
 """
 
 from __future__ import annotations
@@ -131,8 +132,7 @@ class Plan:
     grid : int
         CTAs launched (lean: the persistent grid; split/head: units x splits).
     workspace_bytes : int
-        Size of one workspace: unit counters (8 bytes each), then fp32
-        partial-state slots.
+        Size of one workspace: unit counters, then fp32 partial-state slots.
     """
 
     def __init__(self, sig: Signature, meta, *, workspace=None):
@@ -179,7 +179,7 @@ class Plan:
             slots = grid if ns > 1 else 0
         self.grid, self.decomposition, self.num_splits = grid, decomp, ns
         self.slot_stride = slot_stride
-        self.counter_bytes = -(-max(units, 1) * 8 // COUNTER_ALIGN) * COUNTER_ALIGN
+        self.counter_bytes = -(-max(units, 1) * 4 // COUNTER_ALIGN) * COUNTER_ALIGN
         self.workspace_bytes = self.counter_bytes + slots * slot_stride * 4
         self.threads, self.smem = spec.threads, spec.smem_bytes
         self._attn_ptr, self._combine_ptr = kern.attn.kernel.ptr, kern.combine.kernel.ptr
@@ -221,7 +221,6 @@ class Plan:
         prm.decomposition, prm.num_splits = int(decomp), ns
         prm.scale_log2 = m.scale * _LOG2E
         prm.slot_stride = slot_stride
-        prm.epoch = 1
         self._params = prm
         self._ptrs = K.pointer_view(prm)  # a launch sets the pointers with one slice assignment
         self._param_arr = (ctypes.c_void_p * 1)(ctypes.addressof(prm))
@@ -241,6 +240,7 @@ class Plan:
             self._ws = _check_workspace(workspace, self.workspace_bytes)
             self._ws[:self.counter_bytes].fill(0)
         self._spare = None  # zeroed workspace for the next captured launch
+        self._rearm = set()  # workspace addresses whose counters are zeroed before their next launch
         self._capture_id = self._capture_ws = None  # the capture in progress and its workspace
         self._stream = None  # stream of the previous eager launch (held: its handle cannot be reused)
 
@@ -277,6 +277,18 @@ class Plan:
         return f"<cupy_lean.Plan {self.spec.name} {self.signature.schedule} grid={self.grid}>"
 
     # ------------------------------------------------------------ launching
+
+    def rearm(self):
+        """Zero the unit counters of every workspace of this plan, on CuPy's
+        current stream (ordered before the plan's next launch on it). The
+        counters are zero after every completed launch; call this only when
+        something outside the plan may have written into its workspace (a
+        caller's ``workspace=`` reused for other data)."""
+        with self._lock:
+            for ws in [self._ws, self._spare, self._capture_ws] + [w[0] for w in self._graph_workspaces]:
+                if ws is not None:
+                    ws[:self.counter_bytes].fill(0)
+
 
     def run(self, q, k, v, *, kv_lens=None, block_table=None, out=None, lse=None, return_lse=False):
         """Launch on CuPy's current stream with new data of the planned
@@ -427,21 +439,22 @@ class Plan:
             self._ptrs[:] = (q.data.ptr, k.data.ptr, v.data.ptr, out_k.data.ptr,
                              0 if lse is None else lse.data.ptr, 0 if lens32 is None else lens32.data.ptr,
                              0 if table32 is None else table32.data.ptr, wp + self.counter_bytes, wp)
-            if not captured:  # a fresh tag for the counters (see module docstring)
-                self._params.epoch = _next_epoch(self._params.epoch)
             sp = stream.ptr
-            _driver.launchKernel(self._attn_ptr, grid, 1, 1, self.threads, 1, 1, self.smem, sp, self._param_addr, 0)
-            if self._combine:
-                _driver.launchKernel(self._combine_ptr, self.units, 1, 1, self.threads, 1, 1, 0, sp,
+            if wp in self._rearm:
+                self._rearm.discard(wp)
+                ws[:self.counter_bytes].fill(0)
+            try:
+                _driver.launchKernel(self._attn_ptr, grid, 1, 1, self.threads, 1, 1, self.smem, sp,
                                      self._param_addr, 0)
+                if self._combine:
+                    _driver.launchKernel(self._combine_ptr, self.units, 1, 1, self.threads, 1, 1, 0, sp,
+                                         self._param_addr, 0)
+            except Exception:
+                self._rearm.add(wp)  # zero the counters before this workspace's next launch
+                raise
         if out_k is not out:
             out[...] = out_k
         return out, lse
-
-
-def _next_epoch(e):
-    """The next counter tag: 1 .. 2**32 - 1 (0, an idle counter's tag, is never used)."""
-    return e + 1 if e < 0xFFFFFFFF else 1
 
 
 _cp = _driver = None

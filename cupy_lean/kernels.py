@@ -72,7 +72,7 @@ class Params(ctypes.Structure):
         ("batch", ctypes.c_int32), ("heads_kv", ctypes.c_int32), ("group", ctypes.c_int32),
         ("capacity", ctypes.c_int32), ("page_size", ctypes.c_int32), ("num_pages", ctypes.c_int32),
         ("decomposition", ctypes.c_int32), ("num_splits", ctypes.c_int32),
-        ("scale_log2", ctypes.c_float), ("slot_stride", ctypes.c_int32), ("epoch", ctypes.c_uint32),
+        ("scale_log2", ctypes.c_float), ("slot_stride", ctypes.c_int32),
     ]
 
 

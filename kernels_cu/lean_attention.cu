@@ -128,7 +128,7 @@ static_assert(STREAM_K == LEAN_HOST_STREAM_K && SPLIT_K == LEAN_HOST_SPLIT_K, "D
   F(const int*, kv_lens)     /* (batch,), or null: every sequence has `capacity` tokens */     \
   F(const int*, block_table) /* (batch, max_pages), or null (dense) */                         \
   F(float*, partials)        /* PartialSlots storage (the dump entry: its int records) */      \
-  F(u64*, counters)          /* one UnitCounter per unit */                                    \
+  F(u32*, counters)          /* one UnitCounter per unit */                                    \
   F(i64, q_sb) F(i64, q_sh)  /* strides in elements: q per sequence, per head */               \
   F(i64, k_sb) F(i64, k_st) F(i64, k_sh) /* k per sequence (or page), per token, per head */   \
   F(i64, v_sb) F(i64, v_st) F(i64, v_sh)                                                        \
@@ -138,8 +138,7 @@ static_assert(STREAM_K == LEAN_HOST_STREAM_K && SPLIT_K == LEAN_HOST_SPLIT_K, "D
   F(int, decomposition)      /* Decomposition */                                               \
   F(int, num_splits)         /* SPLIT_K: chunks per unit */                                    \
   F(float, scale_log2)       /* softmax scale * log2(e) */                                     \
-  F(int, slot_stride)        /* floats per partial slot (dump: ints per CTA record) */         \
-  F(u32, epoch)              /* launch tag of the unit counters, never 0 (UnitCounter) */
+  F(int, slot_stride)        /* floats per partial slot (dump: ints per CTA record) */
 
 #define LEAN_DECLARE_FIELD(type, name) type name;
 struct Params {
@@ -292,34 +291,27 @@ struct Contributors {
 //
 // Publication protocol:
 //  * a contributor's threads store its partial slot, then the block meets at a
-//    barrier; thread 0 then arrives with an acq_rel atomic at GPU scope. The
-//    barrier makes the block's stores precede the release (cumulativity).
+//    barrier; thread 0 then arrives with one acq_rel atomic add at GPU scope.
+//    The barrier makes the block's stores precede the release (cumulativity).
 //  * the arrival that completes the count acquires every earlier release, so
 //    after a second barrier all threads of the reducing CTA may read every
 //    contributor's slot (through L2: __ldcg, never the non-coherent path).
-//  * the reducer resets the counter to 0 when done (the next launch, e.g. a
-//    graph replay, starts from 0).
-// The word is (epoch << 32) | count. A count carrying another launch's epoch is
-// read as 0: an eager launch has a fresh epoch, so counts left by a launch
-// that never finished (aborted, faulted, killed) cannot complete a unit early.
+//  * the reducer resets the counter to 0 when done: every counter is 0 again
+//    when a launch completes (the next launch, or graph replay, starts there).
+// A launch that starts always completes: a fault inside a kernel is sticky in
+// CUDA (the context, and every workspace in it, is lost), and a launch the
+// driver refuses never starts. What may leave counts behind is a write from
+// outside (a caller's workspace reused for something else): Plan re-arms
+// (zeroes) the counters before the next launch when told to, or after a launch
+// call raised.
 struct UnitCounter {
-  u64* word;
-  __device__ bool arrive_is_last(u32 epoch, int count) const {
-    u64 old;
-    asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(old) : "l"(word) : "memory");
-    for (;;) {
-      const u32 have = ((u32)(old >> 32) == epoch) ? (u32)old : 0u;
-      const u64 want = ((u64)epoch << 32) | (u64)(have + 1);
-      u64 seen;
-      asm volatile("atom.acq_rel.gpu.global.cas.b64 %0, [%1], %2, %3;"
-                   : "=l"(seen) : "l"(word), "l"(old), "l"(want) : "memory");
-      if (seen == old) return (int)(have + 1) == count;
-      old = seen;
-    }
+  u32* word;
+  __device__ bool arrive_is_last(int count) const {
+    u32 old;
+    asm volatile("atom.add.acq_rel.gpu.global.u32 %0, [%1], 1;" : "=r"(old) : "l"(word) : "memory");
+    return (int)old + 1 == count;
   }
-  __device__ void reset() const {
-    asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(word), "l"(0ull) : "memory");
-  }
+  __device__ void reset() const { asm volatile("st.relaxed.gpu.global.u32 [%0], 0;" ::"l"(word) : "memory"); }
 };
 
 // ============================================================= 4. softmax state
@@ -821,7 +813,7 @@ __device__ void finish_segment(const Params& p, const Shared& sh, const StreamK&
   const Contributors who = Contributors::of(sk, s);
   const UnitCounter counter = {p.counters + (s.b * p.heads_kv + s.h)};
   __syncthreads();  // the slot's stores precede thread 0's release
-  if (threadIdx.x == 0) misc[MISC_LAST] = counter.arrive_is_last(p.epoch, who.count) ? 1 : 0;
+  if (threadIdx.x == 0) misc[MISC_LAST] = counter.arrive_is_last(who.count) ? 1 : 0;
   __syncthreads();  // thread 0's acquire precedes every thread's slot loads
   if (misc[MISC_LAST]) {
     reduce_unit(p, s.b, s.h, who.count, [&](int j) { return who.slot(j); }, sh.scratch(stage), TILE * D);

@@ -211,39 +211,60 @@ def test_plan_graphs_replayed_concurrently():
         _assert_bitwise(o, ref)
 
 
-def test_counters_survive_an_unfinished_launch():
-    """A launch that never finished leaves unit counters part-way (some
-    contributors arrived, the others never will) and its partial slots
-    half-written. The next launch on that workspace is still correct: the
-    counters carry the launch's epoch, and a count of another epoch reads as
-    zero. Also after the counters hold arbitrary bytes."""
+def test_counters_rearmed_after_outside_writes_and_failed_launches(monkeypatch):
+    """Unit counters left part-way (every partial unit one arrival short, as
+    a foreign write into a caller's workspace could leave them) make a
+    launch reduce units early: Plan.rearm() zeroes them, and a launch call
+    that raised re-arms its workspace before the next launch."""
+    from cupy_lean import _plan
+
     rng = np.random.default_rng(75)
     q, k, v, lens, table = make_inputs(rng, 4, 32, 4, 128, np.float16, [7001, 3, 12000, 999], "dense")
     qd, kd, vd, ld = to_gpu(q), to_gpu(k), to_gpu(v), cp.asarray(lens)
+    out = _nan_like(q.shape, q.dtype)
     ref = cupy_lean.attention(qd, kd, vd, kv_lens=ld, num_ctas=61)
-    ws = cp.zeros(cupy_lean.plan(qd, kd, vd, kv_lens=ld, num_ctas=61).workspace_bytes, dtype=cp.uint8)
-    p = cupy_lean.plan(qd, kd, vd, kv_lens=ld, num_ctas=61, workspace=ws)
+    ws = cp.zeros(cupy_lean.plan(qd, kd, vd, kv_lens=ld, num_ctas=61, out=out).workspace_bytes, dtype=cp.uint8)
+    p = cupy_lean.plan(qd, kd, vd, kv_lens=ld, num_ctas=61, workspace=ws, out=out)
     sched = cupy_lean.lean_schedule(lens, 4, tile_size=p.tile, num_ctas=61)
     partial = sched.partial_units()
     assert len(partial) >= 4
-    out = _nan_like(q.shape, q.dtype)
     p.run(qd, kd, vd, kv_lens=ld, out=out)
     _assert_bitwise(out, ref)
-    counters = ws[:p.counter_bytes].view(cp.uint64)
+    counters = ws[:p.counter_bytes].view(cp.uint32)
     assert int(counters.max()) == 0  # reset by the reducers
-    # What a launch of this epoch that stopped part-way leaves: every partial
-    # unit one arrival short of complete, the slots holding garbage.
-    epoch = p._params.epoch
-    left = np.zeros(counters.shape, np.uint64)
-    left[partial] = (np.uint64(epoch) << np.uint64(32)) | (sched.contributors[partial] - 1).astype(np.uint64)
-    counters[...] = cp.asarray(left)
-    ws[p.counter_bytes:].view(cp.float32).fill(cp.nan)
-    out.fill(cp.nan)
+
+    def spoil():
+        left = np.zeros(counters.shape, np.uint32)
+        left[partial] = sched.contributors[partial] - 1
+        counters[...] = cp.asarray(left)
+        ws[p.counter_bytes:].view(cp.float32).fill(cp.nan)
+        out.fill(cp.nan)
+
+    spoil()
+    p.run(qd, kd, vd, kv_lens=ld, out=out)  # the test's premise: such counts give a wrong answer
+    assert cp.isnan(out).any() or not cp.array_equal(out.view(cp.uint16), ref.view(cp.uint16))
+    spoil()
+    p.rearm()
     p.run(qd, kd, vd, kv_lens=ld, out=out)
     _assert_bitwise(out, ref)
-    # arbitrary bytes
-    counters[...] = cp.asarray(rng.integers(0, 2**63, counters.shape, dtype=np.int64).view(np.uint64))
-    out.fill(cp.nan)
+    # a launch call that raises: the next launch re-arms first
+    spoil()
+    real = _plan._driver
+    calls = []
+
+    class Failing:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def launchKernel(self, *args):
+            calls.append(args)
+            raise RuntimeError("injected launch failure")
+
+    monkeypatch.setattr(_plan, "_driver", Failing())
+    with pytest.raises(RuntimeError, match="injected"):
+        p.run(qd, kd, vd, kv_lens=ld, out=out)
+    monkeypatch.setattr(_plan, "_driver", real)
+    assert calls
     p.run(qd, kd, vd, kv_lens=ld, out=out)
     _assert_bitwise(out, ref)
 
