@@ -5,7 +5,8 @@ Public API:
 * :func:`attention` — decode attention over dense, ragged or paged KV caches
   (NumPy in: float64 reference on the CPU; GPU in: fused CUDA kernel).
 * :func:`plan` — a launch plan for repeated calls of one signature
-  (``Plan.run``, ``Plan.describe()``, ``Plan.workspace_bytes``).
+  (``Plan.run``, ``Plan.describe()``, ``Plan.workspace_bytes``), with a
+  kernel :class:`Config` for experiments.
 * :func:`merge_states` — merge attention results over disjoint KV parts.
 * :func:`lean_schedule`, :func:`split_schedule`, :func:`head_schedule` — the
   work decompositions as NumPy data, with ``describe()`` and ``plot()``.
@@ -14,7 +15,7 @@ Public API:
 """
 
 from . import reference
-from .attention import attention, merge_states, plan
+from .attention import Config, attention, merge_states, plan
 from ._plan import Plan
 from .kernels import warmup
 from .schedule import Schedule, head_schedule, lean_schedule, num_splits_heuristic, split_schedule
@@ -25,6 +26,7 @@ __all__ = [
     "attention",
     "plan",
     "Plan",
+    "Config",
     "merge_states",
     "lean_schedule",
     "split_schedule",

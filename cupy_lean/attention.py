@@ -3,6 +3,9 @@ float64 reference; GPU -> a cached :class:`~cupy_lean.plan.Plan`)."""
 
 from __future__ import annotations
 
+import dataclasses
+from typing import Optional
+
 import numpy as np
 
 from . import _arrays, _cache, reference
@@ -10,7 +13,7 @@ from . import _plan
 from ._arrays import host_ints as _host_ints, to_cpu as _to_cpu, to_gpu as _to_gpu, where as _where
 from . import validation as _validation
 
-__all__ = ["attention", "plan", "merge_states"]
+__all__ = ["attention", "plan", "merge_states", "Config"]
 
 
 def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse=False, out=None, lse=None,
@@ -229,8 +232,41 @@ def _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, 
     return (res_out, res_lse) if return_lse else res_out
 
 
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A kernel configuration for :func:`plan`: the entry point of kernel
+    experiments (swap a tile size, a schedule, a CTA count and measure).
+    Every field left at None takes the default the plan would choose for
+    the device (``plan(...).describe()`` shows it).
+
+    Attributes
+    ----------
+    schedule : {"lean", "split", "head"}
+        The decomposition: stream-K (the product), FlashDecoding's split-K,
+        or one CTA per unit.
+    tile_size : int, optional
+        KV tokens per tile: 16, 32, 64 or 128.
+    stages : int, optional
+        Depth of the copy pipeline, 2 to 6.
+    ctas_per_sm : int, optional
+        Lean: persistent CTAs per SM.
+    num_ctas : int, optional
+        Lean: the grid; split: ``units x num_splits`` (``num_splits =
+        num_ctas // units``).
+
+    A configuration whose shared memory does not fit the device raises
+    ``ValueError`` naming the limit when the plan is made.
+    """
+
+    schedule: str = "lean"
+    tile_size: Optional[int] = None
+    stages: Optional[int] = None
+    ctas_per_sm: Optional[int] = None
+    num_ctas: Optional[int] = None
+
+
 def plan(q, k, v, *, kv_lens=None, block_table=None, scale=None, out=None, schedule="lean", num_ctas=None,
-         tile_size=None, kv_layout="NHD", stages=None, ctas_per_sm=None, workspace=None):
+         tile_size=None, kv_layout="NHD", stages=None, ctas_per_sm=None, workspace=None, config=None):
     """Build a launch plan for calls like ``attention(q, k, v, ...)``.
 
     The plan is made from the arrays' metadata (shapes, strides, dtypes,
@@ -253,6 +289,9 @@ def plan(q, k, v, *, kv_lens=None, block_table=None, scale=None, out=None, sched
         configuration.
     ctas_per_sm : int, optional
         Lean grid: CTAs per SM (default from the kernel's occupancy).
+    config : Config, optional
+        The kernel configuration in one object (schedule, tile_size, stages,
+        ctas_per_sm, num_ctas); pass either it or those arguments, not both.
     workspace : cupy.ndarray, optional
         Caller-owned workspace of at least ``workspace_bytes`` bytes
         (contiguous, 256-byte aligned); its first bytes (unit counters) are
@@ -274,6 +313,17 @@ def plan(q, k, v, *, kv_lens=None, block_table=None, scale=None, out=None, sched
     concurrently, one plan (or attention()) serves them all: each captured
     launch gets a workspace of its own.
     """
+    if config is not None:
+        if not isinstance(config, Config):
+            raise TypeError(f"config: expected a cupy_lean.Config, got {type(config).__name__}")
+        given = [n for n, val, default in (("schedule", schedule, "lean"), ("num_ctas", num_ctas, None),
+                                          ("tile_size", tile_size, None), ("stages", stages, None),
+                                          ("ctas_per_sm", ctas_per_sm, None)) if val != default]
+        if given:
+            raise ValueError(f"config: pass the configuration either as config= or as arguments, "
+                             f"got both (config and {', '.join(given)})")
+        schedule, num_ctas, tile_size = config.schedule, config.num_ctas, config.tile_size
+        stages, ctas_per_sm = config.stages, config.ctas_per_sm
     gpu, q, k, v, lens, table, out, _ = _normalise(q, k, v, kv_lens, block_table, out, None)
     k, v = _validation.kv_layout_views(k, v, kv_layout, table is not None)
     if not gpu:

@@ -269,6 +269,20 @@ def test_counters_rearmed_after_outside_writes_and_failed_launches(monkeypatch):
     _assert_bitwise(out, ref)
 
 
+def test_config_object_plans_what_the_arguments_plan():
+    rng = np.random.default_rng(76)
+    q, k, v, lens, table = make_inputs(rng, 3, 24, 3, 128, np.float16, [3001, 17, 999], "paged", page_size=32)
+    args = (to_gpu(q), to_gpu(k), to_gpu(v))
+    kw = dict(kv_lens=cp.asarray(lens), block_table=to_gpu(table))
+    a = cupy_lean.plan(*args, **kw, config=cupy_lean.Config(tile_size=32, stages=3, num_ctas=50))
+    b = cupy_lean.plan(*args, **kw, tile_size=32, stages=3, num_ctas=50)
+    assert a.describe() == b.describe() and a.spec.tile == 32 and a.spec.stages == 3 and a.grid == 50
+    _assert_bitwise(a.run(*args, **kw), b.run(*args, **kw))
+    s = cupy_lean.plan(*args, **kw, config=cupy_lean.Config(schedule="split", num_ctas=30))
+    assert s.num_splits == 30 // 9  # 9 units
+    check_close(s.run(*args, **kw), None, q, k, v, lens, table, np.float16)
+
+
 # ---------------------------------------------------------------- array libraries
 
 def _lib_case(seed=73, dtype=np.float16):

@@ -52,3 +52,11 @@ def test_results_prose_matches_the_results_file():
     stated = re.search(r"read ceiling measured in the same process: \*\*([0-9.]+) TB/s\*\*", README)
     assert stated, "README no longer states the read ceiling of its results"
     assert float(stated.group(1)) == round(data["read_ceiling_tbps"], 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _gpu(), reason="needs a CUDA GPU")
+def test_kernel_experiments_example_runs(capsys):
+    exec(_block("cupy_lean.Config("), {})
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 4 and all(line.endswith(" us") for line in lines)

@@ -8,6 +8,8 @@ xfails, so they start failing - and the mark must go - once the package is
 fixed.
 """
 
+import dataclasses
+
 import ml_dtypes
 import numpy as np
 import pytest
@@ -483,3 +485,18 @@ def test_kv_layout_errors():
     with pytest.raises(ValueError, match=r"k: expected 4 dimensions \(batch, heads_kv, seqlen, head_dim\) "
                                          r"\(kv_layout='HND'\), got shape \(2, 10, 2\)"):
         call(args, k=args["k"][..., 0], kv_layout="HND")
+
+
+def test_config_object_is_checked_before_any_gpu_work():
+    import cupy_lean
+
+    q = np.zeros((1, 4, 64), np.float16)
+    k = v = np.zeros((1, 16, 1, 64), np.float16)
+    with pytest.raises(TypeError, match="config: expected a cupy_lean.Config, got dict"):
+        cupy_lean.plan(q, k, v, config={"tile_size": 32})
+    with pytest.raises(ValueError, match=r"config: .*got both \(config and tile_size, stages\)"):
+        cupy_lean.plan(q, k, v, config=cupy_lean.Config(tile_size=32), tile_size=64, stages=3)
+    c = cupy_lean.Config(tile_size=32, stages=3)
+    assert (c.schedule, c.tile_size, c.stages, c.ctas_per_sm, c.num_ctas) == ("lean", 32, 3, None, None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.tile_size = 64
