@@ -238,6 +238,7 @@ TUNING = {
     "max_smem": 200 * 1024,  # no configuration above this (slower when measured)
     "one_cta_per_sm_above": 100 * 1024,  # two such CTAs did not co-reside reliably
     "max_ctas_per_sm": 2,
+    "min_warps": 4,  # the first tile tried has at least this many warps (head_dim 256: tile 64, not 32)
 }
 
 #: Opt-in shared memory per block (bytes) by architecture; the plan asks the
@@ -250,7 +251,8 @@ def default_config(head_dim, m_tiles, paged, smem_limit=DEFAULT_SMEM_LIMIT):
     """Default (tile, stages) of a spec on a device whose blocks may use
     ``smem_limit`` bytes of shared memory, or None when nothing fits.
 
-    A tile of ``TUNING["kv_tile_bytes"]`` of K+V (halved until it fits) and
+    A tile of ``TUNING["kv_tile_bytes"]`` of K+V, doubled while the CTA
+    would have fewer than ``TUNING["min_warps"]`` warps (halved until it fits), and
     as many stages (4, then 3) as fit in ``deep_pipeline_smem``, else 2 in
     ``max_smem``; head_dim 256 keeps 2 stages (two CTAs per SM where they
     fit). Every budget is capped by ``smem_limit``.
@@ -258,6 +260,8 @@ def default_config(head_dim, m_tiles, paged, smem_limit=DEFAULT_SMEM_LIMIT):
     deep = min(TUNING["deep_pipeline_smem"], smem_limit)
     most = min(TUNING["max_smem"], smem_limit)
     tile = max(16, min(128, TUNING["kv_tile_bytes"] // (4 * head_dim)))
+    while tile < 128 and Spec("f16", head_dim, m_tiles, tile, 2, paged).threads < 32 * TUNING["min_warps"]:
+        tile *= 2  # a CTA of fewer warps streams, stores and reduces with too few threads
     while tile >= 16:
         if head_dim < 256:
             for stages in (4, 3):

@@ -429,12 +429,16 @@ struct WarpState {
 
 // ============================================================= 5. unit reduction
 
-// Merges the n partial states of unit (b, h), slots slot_of(0 .. n-1) in that
-// order, and writes the output. Every thread of the block takes part (barriers
-// inside). `red` is shared scratch of `red_floats` floats: when the n x group
-// maxima and sums fit, they are gathered there and turned into weights first,
-// and each output element then streams its n accumulators 8 loads at a time;
-// otherwise each element walks the slots itself. Same arithmetic either way.
+// Merges the n partial states of unit (b, h), slots slot_of(0 .. n-1), and
+// writes the output. Every thread of the block takes part (barriers and warp
+// shuffles inside). `red` is shared scratch of `red_floats` floats: when the
+// n x group maxima and sums fit, they are gathered there first; each row's
+// max and sum are then reduced by one warp, and each output element (row,
+// d..d+3) sums its n weighted accumulators. With few elements and many states,
+// `lanes` adjacent threads share an element, each taking every lanes-th state
+// (8 loads in flight each), and a fixed butterfly adds their sums: the order
+// depends on n, group and the spec only, so results are deterministic.
+// Otherwise (too many states to gather) each element walks the slots itself.
 template <class SlotOf>
 __device__ void reduce_unit(const Params& p, int b, int h, int n, SlotOf slot_of, float* red, int red_floats) {
   const int g = p.group;
@@ -445,6 +449,7 @@ __device__ void reduce_unit(const Params& p, int b, int h, int n, SlotOf slot_of
     float* Lp = red + n * g;     // [n][g]: l
     float* M = red + 2 * n * g;  // [g]
     float* L = M + g;            // [g]
+    const int lane32 = threadIdx.x & 31, warp = threadIdx.x >> 5;
     __syncthreads();
     for (int e = threadIdx.x; e < n * g; e += NT) {
       const int j = e / g, row = e % g;
@@ -452,29 +457,42 @@ __device__ void reduce_unit(const Params& p, int b, int h, int n, SlotOf slot_of
       Lp[e] = __ldcg(ps.l(slot_of(j)) + row);
     }
     __syncthreads();
-    for (int row = threadIdx.x; row < g; row += NT) {
+    for (int row = warp; row < g; row += NW) {  // one warp per row
       float mx = -LEAN_INF, sum = 0.f;
-      for (int j = 0; j < n; ++j) mx = fmaxf(mx, W[j * g + row]);
-      for (int j = 0; j < n; ++j) {  // an empty state's l is never read
+      for (int j = lane32; j < n; j += 32) mx = fmaxf(mx, W[j * g + row]);
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      for (int j = lane32; j < n; j += 32) {  // an empty state's l is never read
         const float w = merge_weight(W[j * g + row], mx);
         if (w != 0.f) sum += w * Lp[j * g + row];
       }
-      M[row] = mx;
-      L[row] = sum;
+#pragma unroll
+      for (int o = 1; o < 32; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      if (lane32 == 0) {
+        M[row] = mx;
+        L[row] = sum;
+      }
     }
     __syncthreads();
     for (int e = threadIdx.x; e < n * g; e += NT) W[e] = merge_weight(W[e], M[e % g]);
     __syncthreads();
-    for (int e = threadIdx.x; e < g * PER_ROW; e += NT) {
-      const int row = e / PER_ROW, d = (e % PER_ROW) * 4;
+    const int E = g * PER_ROW;
+    int lanes = 1;
+    while (lanes < 32 && 2 * lanes * E <= NT && 2 * lanes <= n) lanes *= 2;
+    const int lane = threadIdx.x & (lanes - 1), per_pass = NT / lanes;
+    for (int e0 = 0; e0 < E; e0 += per_pass) {  // the same trip count in every thread (shuffles below)
+      const int e = e0 + threadIdx.x / lanes;
+      const bool live = e < E;
+      const int row = live ? e / PER_ROW : 0, d = live ? (e % PER_ROW) * 4 : 0;
       float acc[4] = {0.f, 0.f, 0.f, 0.f};
-      for (int j0 = 0; j0 < n; j0 += 8) {
+      for (int j0 = lane; j0 < n; j0 += 8 * lanes) {
         float4 x[8];
         float w[8];
 #pragma unroll
-        for (int u = 0; u < 8; ++u) {  // a zero weight (empty state, or past n) reads nothing
-          w[u] = (j0 + u < n) ? W[(j0 + u) * g + row] : 0.f;
-          x[u] = (w[u] != 0.f) ? ldcg4(ps.acc(slot_of(j0 + u), row) + d) : make_float4(0, 0, 0, 0);
+        for (int u = 0; u < 8; ++u) {  // a zero weight (empty state, past n, idle thread) reads nothing
+          const int j = j0 + u * lanes;
+          w[u] = (live && j < n) ? W[j * g + row] : 0.f;
+          x[u] = (w[u] != 0.f) ? ldcg4(ps.acc(slot_of(j), row) + d) : make_float4(0, 0, 0, 0);
         }
 #pragma unroll
         for (int u = 0; u < 8; ++u) {
@@ -484,7 +502,10 @@ __device__ void reduce_unit(const Params& p, int b, int h, int n, SlotOf slot_of
           acc[3] += w[u] * x[u].w;
         }
       }
-      emit<4>(p, ps, b, h, row, d, acc, M[row], L[row], false, 0);
+      for (int o = 1; o < lanes; o <<= 1)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) acc[c] += __shfl_xor_sync(0xffffffffu, acc[c], o);
+      if (live && lane == 0) emit<4>(p, ps, b, h, row, d, acc, M[row], L[row], false, 0);
     }
     return;
   }

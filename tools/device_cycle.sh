@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One build-test-measure cycle on a lent GPU machine, results under $OUT.
-# Usage: bash tools/device_cycle.sh STEPS...   (steps: tests sanitize family-quick family)
+# Usage: bash tools/device_cycle.sh STEPS...   (steps: precompile tests sanitize family-quick family)
+#   precompile   every spec (and tile override) into CuPy's disk cache, in parallel
 #   tests        the GPU test suite                    -> $OUT/gpu_tests.txt
 #   sanitize     tools/sanitize.sh                     -> $OUT/sanitize.txt
 #   family-quick lean only, this tree and .base/ (a copy of the package before
@@ -21,6 +22,8 @@ nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem --format=csv,noheader >
 for step in "$@"; do
   t0=$(date +%s)
   case $step in
+    precompile)
+      python3 tools/precompile.py --all-tiles;;
     tests)
       python3 -m pytest tests -q -m gpu -p no:cacheprovider -x > "$OUT/gpu_tests.txt" 2>&1
       echo "tests: $(grep -E 'passed|failed|error' "$OUT/gpu_tests.txt" | tail -1)";;

@@ -1,0 +1,66 @@
+"""Compile kernel specs in parallel into CuPy's on-disk kernel cache, so that
+later processes (the GPU tests, the benchmark) load them instead of compiling
+one after another. Needs a GPU (CuPy compiles for the current device).
+
+Usage: python tools/precompile.py [--all-tiles] [--jobs N]
+"""
+
+import argparse
+import concurrent.futures
+import multiprocessing
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _specs(all_tiles):
+    from cupy_lean import kernels as K
+
+    limit = None
+    out = []
+    for dtype in ("f16", "bf16"):
+        for d in K.HEAD_DIMS:
+            for mt in K.M_TILES:
+                for paged in (False, True):
+                    for tile in ((None,) + K.TILE_SIZES if all_tiles else (None,)):
+                        try:
+                            out.append(K.make_spec(dtype, d, mt * 16, paged, tile,
+                                                   smem_limit=limit or K.DEFAULT_SMEM_LIMIT))
+                        except ValueError:
+                            pass
+    return sorted(set(out), key=lambda s: s.name)
+
+
+def _compile(spec):
+    import cupy as cp
+
+    from cupy_lean import kernels as K
+
+    mod = cp.RawModule(code=K._source_of(spec), options=K.compile_options(spec))
+    mod.compile()
+    return spec.name
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--all-tiles", action="store_true", help="also every tile size override")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 4)
+    a = ap.parse_args()
+    specs = _specs(a.all_tiles)
+    t0 = time.time()
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(a.jobs, mp_context=ctx) as pool:
+        for _ in pool.map(_compile, specs):
+            pass
+    from cupy_lean import kernels as K
+    import cupy as cp
+
+    mod = cp.RawModule(code=K._source_of(None), options=K.compile_options(None))
+    mod.compile()
+    print(f"precompiled {len(specs)} specs in {time.time() - t0:.0f} s with {a.jobs} processes")
+
+
+if __name__ == "__main__":
+    main()
