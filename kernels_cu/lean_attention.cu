@@ -433,12 +433,15 @@ struct WarpState {
 // writes the output. Every thread of the block takes part (barriers and warp
 // shuffles inside). `red` is shared scratch of `red_floats` floats: when the
 // n x group maxima and sums fit, they are gathered there first; each row's
-// max and sum are then reduced by one warp, and each output element (row,
-// d..d+3) sums its n weighted accumulators. With few elements and many states,
-// `lanes` adjacent threads share an element, each taking every lanes-th state
-// (8 loads in flight each), and a fixed butterfly adds their sums: the order
-// depends on n, group and the spec only, so results are deterministic.
+// max and sum are then reduced (by a warp when n is large), and each output
+// element (row, d..d+3) sums its n weighted accumulators. With few elements
+// and many states, `lanes` adjacent threads share an element, each taking
+// every lanes-th state (8 loads in flight each), and a fixed butterfly adds
+// their sums: the order depends on n, group and the spec only, so results are
+// deterministic.
 // Otherwise (too many states to gather) each element walks the slots itself.
+constexpr int WIDE_REDUCTION = 32;  // states from which a warp, not a thread, reduces a row's max and sum
+
 template <class SlotOf>
 __device__ void reduce_unit(const Params& p, int b, int h, int n, SlotOf slot_of, float* red, int red_floats) {
   const int g = p.group;
@@ -457,18 +460,27 @@ __device__ void reduce_unit(const Params& p, int b, int h, int n, SlotOf slot_of
       Lp[e] = __ldcg(ps.l(slot_of(j)) + row);
     }
     __syncthreads();
-    for (int row = warp; row < g; row += NW) {  // one warp per row
+    // Each row's max and sum: one thread per row over few states, one warp
+    // per row (strided, then a butterfly) over many.
+    const bool wide = n >= WIDE_REDUCTION;
+    const int step = wide ? 32 : 1, first_row = wide ? warp : threadIdx.x, rows_step = wide ? NW : NT;
+    const int j_first = wide ? lane32 : 0;
+    for (int row0 = 0; row0 < g; row0 += rows_step) {  // the same trip count in every thread (shuffles)
+      const int row = row0 + first_row;
+      const bool live = row < g;
       float mx = -LEAN_INF, sum = 0.f;
-      for (int j = lane32; j < n; j += 32) mx = fmaxf(mx, W[j * g + row]);
+      for (int j = j_first; live && j < n; j += step) mx = fmaxf(mx, W[j * g + row]);
+      if (wide)
 #pragma unroll
-      for (int o = 1; o < 32; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-      for (int j = lane32; j < n; j += 32) {  // an empty state's l is never read
+        for (int o = 1; o < 32; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      for (int j = j_first; live && j < n; j += step) {  // an empty state's l is never read
         const float w = merge_weight(W[j * g + row], mx);
         if (w != 0.f) sum += w * Lp[j * g + row];
       }
+      if (wide)
 #pragma unroll
-      for (int o = 1; o < 32; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-      if (lane32 == 0) {
+        for (int o = 1; o < 32; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      if (live && j_first == 0) {
         M[row] = mx;
         L[row] = sum;
       }
@@ -478,7 +490,7 @@ __device__ void reduce_unit(const Params& p, int b, int h, int n, SlotOf slot_of
     __syncthreads();
     const int E = g * PER_ROW;
     int lanes = 1;
-    while (lanes < 32 && 2 * lanes * E <= NT && 2 * lanes <= n) lanes *= 2;
+    while (lanes < 32 && 2 * lanes * E <= NT && 8 * 2 * lanes <= n) lanes *= 2;  // >= 8 states per lane
     const int lane = threadIdx.x & (lanes - 1), per_pass = NT / lanes;
     for (int e0 = 0; e0 < E; e0 += per_pass) {  // the same trip count in every thread (shuffles below)
       const int e = e0 + threadIdx.x / lanes;

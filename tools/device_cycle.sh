@@ -7,7 +7,8 @@
 #   family-quick lean only, this tree and .base/ (a copy of the package before
 #                the change, with this tree's bench/), FAMILY_N shapes, seed SEED
 #   family       the same with every peer on this tree (FlashInfer from .whl/ if carried)
-# Env: SEED (default 1), FAMILY_N (default 24), DTYPES (default fp16).
+# Env: SEED (default 1), FAMILY_N (default 24), DTYPES (default fp16), BUDGET (seconds after
+# which the benchmark starts no new shape; default 0: none).
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
@@ -38,7 +39,7 @@ for step in "$@"; do
         echo "base: $(grep '^family seed' "$OUT/base_$step.txt" | head -1)"
       fi
       python3 -m bench.run --family "$N" --seed "$SEED" --dtypes "$DT" --methods "$methods" --out "$OUT" \
-        --tag "new_$step" --no-plots --time-budget 0 > "$OUT/new_$step.txt" 2>&1
+        --tag "new_$step" --no-plots --time-budget "${BUDGET:-0}" > "$OUT/new_$step.txt" 2>&1
       grep '^family seed' "$OUT/new_$step.txt"
       if [ -d .base ] && [ "$step" = family ]; then
         python3 -m bench.report "$OUT/bench_base_$step.json" --peers-from "$OUT/bench_new_$step.json" \
