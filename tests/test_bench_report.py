@@ -316,3 +316,42 @@ def test_family_arguments(capsys):
     assert rc == 0 and "seed 11" in out and out.count("f0") == 5
     with pytest.raises(SystemExit):
         bench_run.main(["--family", "0", "--list"])
+
+
+# ---------------------------------------------------------------- tuning
+
+def test_tune_configurations_fit_the_limits():
+    from bench import tune
+
+    cfgs = tune.configs_for(("f16", 128, 8, False), 232448, 233472)
+    assert ("split", None, None, None) in cfgs
+    lean = [c for c in cfgs if c[0] == "lean"]
+    assert ("lean", 64, 4, 1) in lean and ("lean", 128, 6, 1) not in lean
+    assert all(c[3] == 1 for c in lean if c[1] == 128)  # two 128-token CTAs do not fit one SM
+    small = tune.configs_for(("f16", 256, 128, True), 101376, 102400)
+    assert all(c[1] <= 32 for c in small if c[0] == "lean")
+
+
+def test_tune_fit_picks_one_configuration_per_group(tmp_path):
+    from bench import tune
+
+    def rec(d, kvb, times):
+        return {"case": "x", "features": {"head_dim": d, "m_tiles": 1, "paged": False, "kv_bytes": kvb},
+                "times": times}
+
+    doc = {"shapes": [
+        rec(128, 1e9, {"lean_t64_s4_c1": 10.0, "lean_t32_s4_c2": 11.0, "split": 12.0}),
+        rec(128, 2e9, {"lean_t64_s4_c1": 22.0, "lean_t32_s4_c2": 20.0, "split": 30.0}),
+        rec(128, 3e9, {"lean_t64_s4_c1": 10.0, "lean_t32_s4_c2": 10.5, "split": None}),
+        rec(128, 1e6, {"lean_t64_s4_c1": 9.0, "lean_t32_s4_c2": 9.0, "split": 6.0}),
+    ]}
+    table = tune.fit([doc])
+    large = table[(128, 1, False, "large")]
+    assert large[0] == "lean_t64_s4_c1" and large[2] == 3  # split was not measured on every shape
+    assert table[(128, 1, False, "small")][0] == "split"
+    path = tmp_path / "tuned.py"
+    tune.write_table(table, ["a.json"], str(path))
+    ns = {}
+    exec(path.read_text(), ns)
+    assert ns["TABLE"][(128, 1, False, "large")] == ("lean", 64, 4, 1)
+    assert ns["TABLE"][(128, 1, False, "small")] == ("split", None, None, None)

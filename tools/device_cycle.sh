@@ -2,6 +2,7 @@
 # One build-test-measure cycle on a lent GPU machine, results under $OUT.
 # Usage: bash tools/device_cycle.sh STEPS...   (steps: precompile tests sanitize family-quick family)
 #   precompile   every spec (and tile override) into CuPy's disk cache, in parallel
+#   tune         python -m bench.tune measure on FAMILY_N shapes of seed SEED -> $OUT/tune_SEED.json
 #   tests        the GPU test suite                    -> $OUT/gpu_tests.txt
 #   sanitize     tools/sanitize.sh                     -> $OUT/sanitize.txt
 #   family-quick lean only, this tree and .base/ (a copy of the package before
@@ -25,6 +26,9 @@ for step in "$@"; do
   case $step in
     precompile)
       python3 tools/precompile.py --all-tiles;;
+    tune)
+      python3 -m bench.tune measure --family "$N" --seed "$SEED" --out "$OUT/tune_$SEED.json" \
+        --time-budget "${BUDGET:-0}" > "$OUT/tune.txt" 2>&1; tail -3 "$OUT/tune.txt";;
     tests)
       python3 -m pytest tests -q -m gpu -p no:cacheprovider -x > "$OUT/gpu_tests.txt" 2>&1
       echo "tests: $(grep -E 'passed|failed|error' "$OUT/gpu_tests.txt" | tail -1)";;

@@ -1,0 +1,214 @@
+"""Measure kernel configurations over family shapes, and fit the default
+configuration table from the measurements.
+
+    python -m bench.tune measure --family 40 [--seed S] [--out bench/results/tune_S.json]
+    python -m bench.tune fit bench/results/tune_*.json [--write cupy_lean/_tuned.py]
+
+``measure`` draws shapes from the family (bench/family.py), and times every
+configuration that fits the device (tile size x pipeline stages x CTAs per
+SM, plus the split schedule) on each, with the same timing as the benchmark
+(CUDA-graph replays over rotating input copies, cold L2). One JSON file per
+run: the shapes, their features (head_dim, query tiles, paged, units, tiles,
+K/V bytes) and the time of every configuration.
+
+``fit`` groups the shapes by what picks a kernel spec (head_dim, query tiles,
+paged) and by size (K/V bytes below or above ``SMALL_BYTES``), and chooses
+for each group the configuration with the best geometric mean of (time /
+the shape's best time) over every shape of the group measured: one rule per
+group, never one per shape. ``--write`` regenerates the table the package
+reads (``cupy_lean/_tuned.py``), stating the runs it came from. Run
+``measure`` on fresh seeds before trusting a table: a table fitted to the
+shapes it is judged on is a defect.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import sys
+import time
+
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import cases as C  # noqa: E402
+from bench import family as F  # noqa: E402
+
+SMALL_BYTES = 64e6  # below this a call is "small": fixed costs and the reduction tail dominate
+STAGES = (2, 3, 4)
+CTAS_PER_SM = (1, 2)
+
+
+def configs_for(spec_args, smem_limit, sm_smem=None):
+    """Every (schedule, tile, stages, ctas_per_sm) for a spec of
+    ``spec_args`` = (dtype, head_dim, group, paged) whose CTA fits
+    ``smem_limit`` (per block) and whose CTAs per SM fit ``sm_smem`` (per
+    SM, 1 KB of it reserved per CTA; default: the block limit + 1 KB)."""
+    from cupy_lean import kernels as K
+
+    dtype, d, group, paged = spec_args
+    out = [("split", None, None, None)]
+    for tile, stages, cps in itertools.product(K.TILE_SIZES, STAGES, CTAS_PER_SM):
+        try:
+            s = K.make_spec(dtype, d, group, paged, tile, stages, smem_limit=smem_limit)
+        except ValueError:
+            continue
+        if cps * (s.smem_bytes + 1024) > (sm_smem or smem_limit + 1024):
+            continue
+        out.append(("lean", tile, stages, cps))
+    return out
+
+
+def features(case):
+    mt = 1
+    while mt * 16 < case.group:
+        mt *= 2
+    return {"head_dim": case.head_dim, "m_tiles": mt, "paged": case.layout == "paged",
+            "units": case.batch * case.heads_kv, "kv_bytes": case.kv_bytes(),
+            "group": case.group, "layout": case.layout, "page_size": case.page_size}
+
+
+def group_key(feat):
+    return (feat["head_dim"], feat["m_tiles"], bool(feat["paged"]),
+            "small" if feat["kv_bytes"] < SMALL_BYTES else "large")
+
+
+def measure(args):
+    import cupy as cp
+
+    import cupy_lean
+    from cupy_lean import kernels as K
+    from cupy_lean.bench import graph_time
+
+    seed = args.seed if args.seed is not None else F.new_seed()
+    print(f"tune: {args.family} shapes, seed {seed}", flush=True)
+    shapes = F.draw(args.family, seed)
+    limit = K.device_smem_limit()
+    sm_smem = int(cp.cuda.Device().attributes["MaxSharedMemoryPerMultiprocessor"])
+    doc = {"seed": seed, "family": args.family, "smem_limit": limit,
+           "gpu": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), "shapes": []}
+    t0 = time.time()
+    for case in shapes:
+        if args.time_budget and time.time() - t0 > args.time_budget:
+            print(f"tune: time budget reached after {len(doc['shapes'])} shapes", flush=True)
+            break
+        n_copies = C.plan_copies(case, 256e6, 30e9)
+        inp = C.build_inputs(case, "float16", n_copies)
+        kw = {}
+        if inp.kv_lens is not None:
+            kw["kv_lens"] = inp.kv_lens
+        if inp.block_table is not None:
+            kw["block_table"] = inp.block_table
+        outs = [cp.empty_like(q) for q in inp.q]
+        rec = {"case": case.name, "features": features(case), "times": {}}
+        for sched, tile, stages, cps in configs_for(("f16", case.head_dim, case.group, case.layout == "paged"), limit,
+                                                     sm_smem):
+            cfg = cupy_lean.Config(schedule=sched, tile_size=tile, stages=stages, ctas_per_sm=cps)
+            name = sched if sched != "lean" else f"lean_t{tile}_s{stages}_c{cps}"
+            try:
+                p = cupy_lean.plan(inp.q[0], inp.k[0], inp.v[0], out=outs[0], config=cfg, **kw)
+                us = graph_time(lambda i: p.run(inp.q[i], inp.k[i], inp.v[i], out=outs[i], **kw), n_copies,
+                                repeats=5)
+            except Exception as exc:  # a configuration that cannot run is recorded, not fatal
+                rec["times"][name] = None
+                rec.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"[:200]
+                continue
+            rec["times"][name] = us
+        default = cupy_lean.plan(inp.q[0], inp.k[0], inp.v[0], out=outs[0], **kw)
+        rec["default"] = f"lean_t{default.spec.tile}_s{default.spec.stages}_c{default.ctas_per_sm}"
+        best = min((t, n) for n, t in rec["times"].items() if t)
+        print(f"  {case.name}: best {best[1]} {best[0]:.1f} us, default {rec['default']} "
+              f"{rec['times'].get(rec['default']) or float('nan'):.1f} us", flush=True)
+        doc["shapes"].append(rec)
+        inp.free()
+        del inp, outs
+        cp.get_default_memory_pool().free_all_blocks()
+    out = args.out or os.path.join("bench", "results", f"tune_{seed}.json")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(doc, f, indent=1)
+    print(f"tune: wrote {out}")
+    return 0
+
+
+def fit(docs):
+    """The configuration table: ``{group_key: (config name, geomean ratio,
+    shapes)}`` from measurement documents."""
+    groups = {}
+    for doc in docs:
+        for rec in doc["shapes"]:
+            times = {n: t for n, t in rec["times"].items() if t}
+            if not times:
+                continue
+            best = min(times.values())
+            groups.setdefault(group_key(rec["features"]), []).append({n: t / best for n, t in times.items()})
+    table = {}
+    for key, ratios in groups.items():
+        names = set.intersection(*(set(r) for r in ratios))  # measured on every shape of the group
+        if not names:
+            continue
+        score = {n: math.exp(sum(math.log(r[n]) for r in ratios) / len(ratios)) for n in names}
+        name = min(score, key=lambda n: (score[n], n))
+        table[key] = (name, score[name], len(ratios))
+    return table
+
+
+def write_table(table, sources, path):
+    lines = [
+        '"""Default kernel configurations fitted by ``python -m bench.tune fit`` (generated; do not edit).',
+        "",
+        "Key: (head_dim, query tiles, paged, 'small' | 'large' by K/V bytes); value: (schedule, tile,",
+        "stages, CTAs per SM), the best geometric mean of time / best time over the shapes measured.",
+        f"Sources: {', '.join(sources)}.",
+        '"""',
+        "",
+        f"SMALL_BYTES = {SMALL_BYTES!r}",
+        "",
+        "TABLE = {",
+    ]
+    for key in sorted(table):
+        name, score, n = table[key]
+        if name == "split":
+            val = ("split", None, None, None)
+        else:
+            t, s, c = name.split("_")[1:]
+            val = ("lean", int(t[1:]), int(s[1:]), int(c[1:]))
+        lines.append(f"    {key!r}: {val!r},  # geomean {score:.3f} of best over {n} shapes")
+    lines.append("}")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m bench.tune", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("measure", help="time every fitting configuration on family shapes (needs a GPU)")
+    m.add_argument("--family", type=int, default=30, metavar="N")
+    m.add_argument("--seed", type=int, default=None)
+    m.add_argument("--out", default=None)
+    m.add_argument("--time-budget", type=float, default=0.0, metavar="SECONDS")
+    f = sub.add_parser("fit", help="fit the configuration table from measure's JSON files")
+    f.add_argument("files", nargs="+")
+    f.add_argument("--write", metavar="PATH", help="write the table as a Python module (cupy_lean/_tuned.py)")
+    a = ap.parse_args(argv)
+    if a.cmd == "measure":
+        return measure(a)
+    docs = []
+    for path in a.files:
+        with open(path) as fh:
+            docs.append(json.load(fh))
+    table = fit(docs)
+    for key in sorted(table):
+        name, score, n = table[key]
+        print(f"{key}: {name}  (geomean {score:.3f} of the best, {n} shapes)")
+    if a.write:
+        write_table(table, [os.path.basename(p) for p in a.files], a.write)
+        print(f"tune: wrote {a.write}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
