@@ -17,7 +17,8 @@ __all__ = ["attention", "plan", "merge_states", "Config"]
 
 
 def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse=False, out=None, lse=None,
-              schedule="lean", num_ctas=None, tile_size=None, kv_layout="NHD", validate=False):
+              schedule="lean", num_ctas=None, tile_size=None, kv_layout="NHD", validate=False, sinks=None,
+              window_left=None, softcap=None, batch_invariant=False):
     """Decode attention: one new query token per sequence over its KV cache.
 
     For every sequence ``b`` and query head ``i`` (KV head ``i // group``,
@@ -75,6 +76,24 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
     lse : array of float32, shape (batch, heads_q), optional
         Written in place with the log-sum-exp and returned (implies
         ``return_lse``).
+    sinks : array, shape (heads_q,), optional
+        Attention sinks: one learned logit per query head that joins the
+        softmax denominator with a zero value vector (as in gpt-oss); ``lse``
+        includes it, and a sequence with no keys gives zeros and ``lse =
+        sink``. ``-inf`` is no sink for that head. NumPy path only for now
+        (GPU inputs raise ``NotImplementedError``).
+    window_left : int, optional
+        Sliding window: the query sees only its last ``window_left + 1``
+        keys (``None`` or -1: the whole sequence). NumPy path only for now.
+    softcap : float, optional
+        Logit soft-capping: scores become ``softcap * tanh(score /
+        softcap)`` after scaling (``None``: off). NumPy path only for now.
+    batch_invariant : bool
+        A sequence's ``out`` and ``lse`` are bitwise the same whatever its
+        batch-mates, its position in the batch and the grid: every unit is
+        computed by one CTA over the same tiles in the same order (the
+        ``"head"`` decomposition), at its speed; ``schedule`` must be
+        ``"lean"`` (the default) or ``"head"``, and ``num_ctas`` None.
     validate : bool
         Check the *values* of ``kv_lens`` and ``block_table`` that live on the
         GPU with a small kernel, then synchronise to raise ``ValueError`` on a
@@ -118,7 +137,8 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
     if (kv_layout == "NHD" and nd is not None and type(q) is nd and type(k) is nd and type(v) is nd
             and (out is None or type(out) is nd) and (lse is None or type(lse) is nd) and not validate
             and (kv_lens is None or type(kv_lens) is nd) and (block_table is None or type(block_table) is nd)
-            and (scale is None or type(scale) is float) and type(return_lse) is bool):
+            and (scale is None or type(scale) is float) and type(return_lse) is bool
+            and sinks is None and window_left is None and softcap is None and batch_invariant is False):
         # Hot path: CuPy arrays whose signature has a plan (validated when the
         # plan was built).
         sig = _plan.signature(q, k, v, out, kv_lens, block_table, scale, schedule, num_ctas, tile_size)
@@ -128,7 +148,7 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
             res_out, res_lse = p._launch(q, k, v, kv_lens, block_table, out, lse, want)
             return (res_out, res_lse) if want else res_out
     return _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, schedule, num_ctas,
-                           tile_size, kv_layout, validate)
+                           tile_size, kv_layout, validate, sinks, window_left, softcap, batch_invariant)
 
 
 _get_device = None
@@ -199,19 +219,33 @@ def _check_lse(lse, m):
 
 
 def _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, schedule, num_ctas, tile_size,
-                    kv_layout, check_values):
+                    kv_layout, check_values, sinks=None, window_left=None, softcap=None, batch_invariant=False):
     return_lse = _check_bool(return_lse, "return_lse") or lse is not None
     check_values = _check_bool(check_values, "validate")
+    batch_invariant = _check_bool(batch_invariant, "batch_invariant")
     gpu, q, k, v, lens, table, out, lse = _normalise(q, k, v, kv_lens, block_table, out, lse)
     k, v = _validation.kv_layout_views(k, v, kv_layout, table is not None)
     m = _validation.validate(q, k, v, lens, table, scale, out, schedule, num_ctas, tile_size, gpu)
     _check_lse(lse, m)
+    if sinks is not None:
+        sinks = _to_gpu(sinks, "sinks") if gpu and _where(sinks) == "gpu" else _to_cpu(sinks, "sinks")
+    feats = _validation.validate_features(m, sinks, window_left, softcap,
+                                          gpu and sinks is not None and _where(sinks) == "gpu")
+    if batch_invariant:
+        if schedule not in ("lean", "head") or num_ctas is not None:
+            raise ValueError(f"batch_invariant: needs schedule 'lean' or 'head' and num_ctas None (one CTA per "
+                             f"unit), got schedule={schedule!r}, num_ctas={num_ctas!r}")
+        schedule = "head"
+    if gpu and feats.any():
+        names = [n for n in ("sinks", "window_left", "softcap") if getattr(feats, n) is not None]
+        raise NotImplementedError(f"{', '.join(names)}: not yet supported by the GPU kernels (NumPy inputs run "
+                                  f"the reference with them)")
     host_lens = lens if isinstance(lens, np.ndarray) else None
     host_table = table if isinstance(table, np.ndarray) else None
     if host_lens is not None or host_table is not None:
         _validation.check_host_values(m, host_lens, host_table)
     if not gpu:
-        res_out, res_lse = _cpu_attention(q, k, v, lens, table, m, out)
+        res_out, res_lse = _cpu_attention(q, k, v, lens, table, m, out, feats)
         if lse is not None:
             lse[...] = res_lse
             res_lse = lse
@@ -345,13 +379,16 @@ def plan(q, k, v, *, kv_lens=None, block_table=None, scale=None, out=None, sched
     return p
 
 
-def _cpu_attention(q, k, v, lens, table, m, out):
+def _cpu_attention(q, k, v, lens, table, m, out, feats=None):
+    feats = feats or _validation.Features()
     if m.batch == 0:
         o = np.zeros((0, m.heads_q, m.head_dim), dtype=q.dtype)
         lse = np.zeros((0, m.heads_q), dtype=np.float32)
     else:
         with np.errstate(all="ignore"):
-            o64, lse64 = reference.attention(q, k, v, kv_lens=lens, block_table=table, scale=m.scale)
+            o64, lse64 = reference.attention(q, k, v, kv_lens=lens, block_table=table, scale=m.scale,
+                                             sinks=feats.sinks, window_left=feats.window_left,
+                                             softcap=feats.softcap)
             o = o64.astype(q.dtype)
         lse = lse64.astype(np.float32)
     if out is not None:

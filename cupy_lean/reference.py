@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["attention", "merge_states", "emulate", "gather_kv", "partial_state"]
+__all__ = ["attention", "merge_states", "emulate", "gather_kv", "partial_state", "scores", "add_sink",
+           "window_start"]
 
 
 def _f64(x):
@@ -44,14 +45,24 @@ def _default_lens(k, block_table, batch, kv_lens):
     return np.full(batch, k.shape[1], dtype=np.int64)
 
 
-def partial_state(qg, kt, vt, scale):
+def scores(qg, kt, scale, softcap=None):
+    """Scaled scores ``scale * q @ k^T`` of rows ``qg`` (g, D) against tokens
+    ``kt`` (n, D); with ``softcap``, ``softcap * tanh(score / softcap)``."""
+    s = (qg @ kt.T) * scale
+    if softcap is not None:
+        s = softcap * np.tanh(s / softcap)
+    return s
+
+
+def partial_state(qg, kt, vt, scale, softcap=None):
     """Online-softmax state of query rows ``qg`` (g, D) over tokens ``kt``, ``vt``
-    (n, D): returns ``(m, l, acc)`` with ``m`` the row max of the scaled scores,
-    ``l = sum(exp(s - m))`` and ``acc = exp(s - m) @ v`` (unnormalised)."""
+    (n, D): returns ``(m, l, acc)`` with ``m`` the row max of the scores
+    (:func:`scores`), ``l = sum(exp(s - m))`` and ``acc = exp(s - m) @ v``
+    (unnormalised)."""
     g = qg.shape[0]
     if kt.shape[0] == 0:
         return np.full(g, -np.inf), np.zeros(g), np.zeros((g, vt.shape[1]))
-    s = (qg @ kt.T) * scale
+    s = scores(qg, kt, scale, softcap)
     m = s.max(axis=1)
     with np.errstate(invalid="ignore", over="ignore"):
         p = np.exp(s - m[:, None])
@@ -77,6 +88,17 @@ def merge_partial(states):
     return m_tot, l_tot, acc_tot
 
 
+def add_sink(m, l, acc, sink):
+    """Fold an attention sink into a state: one more logit ``sink`` (per row)
+    in the softmax denominator, with a zero value vector."""
+    sink = np.broadcast_to(np.asarray(sink, dtype=np.float64), m.shape)
+    m_new = np.maximum(m, sink)
+    safe = np.where(np.isneginf(m_new), 0.0, m_new)
+    with np.errstate(invalid="ignore"):
+        a = np.exp(m - safe)
+    return m_new, l * a + np.exp(sink - safe), acc * a[:, None]
+
+
 def finalize(m, l, acc):
     """Normalise a state: ``out = acc / l``, ``lse = m + log(l)``; rows with
     ``l == 0`` give zeros and ``-inf``."""
@@ -87,21 +109,32 @@ def finalize(m, l, acc):
     return out, lse
 
 
-def _checked(q, k, v, kv_lens, block_table, scale):
+def _checked(q, k, v, kv_lens, block_table, scale, sinks=None, window_left=None, softcap=None):
     """The arguments as NumPy arrays, validated exactly as
     :func:`cupy_lean.attention` validates them (same code, same messages)."""
     from ._arrays import host_ints, to_cpu
-    from .validation import check_host_values, validate
+    from .validation import check_host_values, validate, validate_features
 
     q, k, v = to_cpu(q, "q"), to_cpu(k, "k"), to_cpu(v, "v")
     lens = None if kv_lens is None else host_ints(kv_lens, "kv_lens")
     table = None if block_table is None else host_ints(block_table, "block_table")
     m = validate(q, k, v, lens, table, scale, None, "lean", None, None, False)
     check_host_values(m, lens, table)
-    return q, k, v, lens, table, m.scale
+    f = validate_features(m, None if sinks is None else to_cpu(sinks, "sinks"), window_left, softcap, False)
+    return q, k, v, lens, table, m.scale, f
 
 
-def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None):
+def window_start(lens, window_left):
+    """First key position each sequence's query sees: ``max(0, len - 1 -
+    window_left)``, or 0 without a window (``window_left`` None)."""
+    lens = np.asarray(lens, dtype=np.int64)
+    if window_left is None:
+        return np.zeros_like(lens)
+    return np.maximum(lens - 1 - int(window_left), 0)
+
+
+def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, sinks=None, window_left=None,
+              softcap=None):
     """Float64 decode attention.
 
     The arguments are validated as :func:`cupy_lean.attention` validates them
@@ -119,31 +152,41 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None):
     block_table : array of int, shape (batch, max_pages), optional
     scale : float, optional
         Default ``1 / sqrt(head_dim)``.
+    sinks : array, shape (heads_q,), optional
+        One logit per query head added to the softmax denominator (with a
+        zero value vector); ``lse`` includes it.
+    window_left : int, optional
+        The query sees only its last ``window_left + 1`` keys.
+    softcap : float, optional
+        Scores become ``softcap * tanh(score / softcap)`` (after scaling).
 
     Returns
     -------
     out : ndarray of float64, shape (batch, heads_q, head_dim)
     lse : ndarray of float64, shape (batch, heads_q)
-        Natural-log log-sum-exp of the scaled scores; ``-inf`` where
-        ``kv_len == 0`` (and ``out`` is zero there).
+        Natural-log log-sum-exp of the scores (and the sink); ``-inf`` where
+        ``kv_len == 0`` and there is no sink (and ``out`` is zero there).
     """
-    q, k, v, kv_lens, block_table, scale = _checked(q, k, v, kv_lens, block_table, scale)
+    q, k, v, kv_lens, block_table, scale, f = _checked(q, k, v, kv_lens, block_table, scale, sinks,
+                                                       window_left, softcap)
     batch, hq, d = q.shape
     hkv = k.shape[2]
     g = hq // hkv
     lens = _default_lens(k, block_table, batch, kv_lens)
+    start = window_start(lens, f.window_left)
     qf = _f64(q)
     out = np.zeros((batch, hq, d))
     lse = np.full((batch, hq), -np.inf)
     for b in range(batch):
         n = int(lens[b])
-        if n == 0:
-            continue
         kb, vb = gather_kv(k, v, b, n, block_table)
+        kb, vb = kb[start[b]:], vb[start[b]:]
         for h in range(hkv):
             rows = slice(h * g, (h + 1) * g)
-            m, l, acc = partial_state(qf[b, rows], kb[:, h], vb[:, h], scale)
-            out[b, rows], lse[b, rows] = finalize(m, l, acc)
+            state = partial_state(qf[b, rows], kb[:, h], vb[:, h], scale, f.softcap)
+            if f.sinks is not None:
+                state = add_sink(*state, f.sinks[rows])
+            out[b, rows], lse[b, rows] = finalize(*state)
     return out, lse
 
 
@@ -183,8 +226,8 @@ def merge_states(outs, lses):
     return out, lse
 
 
-def emulate(schedule, q, k, v, *, kv_lens=None, block_table=None, scale=None,
-            return_partials=False):
+def emulate(schedule, q, k, v, *, kv_lens=None, block_table=None, scale=None, sinks=None, window_left=None,
+            softcap=None, return_partials=False):
     """Run a schedule's decomposition in float64.
 
     Every segment of ``schedule`` is computed on its own as an online-softmax
@@ -192,8 +235,11 @@ def emulate(schedule, q, k, v, *, kv_lens=None, block_table=None, scale=None,
     output, and each partial unit's states are merged in CTA order (for
     ``split``, chunk order), as the kernels do.
 
-    ``schedule`` must have been built for the same ``kv_lens`` and ``heads_kv``
-    (and, for a paged cache, lengths within the block table). With
+    ``schedule`` must have been built for the same ``heads_kv`` and for the
+    lengths the kernel walks: ``kv_lens``, or with ``window_left`` the window
+    lengths ``kv_lens - window_start(kv_lens, window_left)`` (tiles start at
+    the window's first key). Sinks are folded in once per unit, at the final
+    merge. With
     ``return_partials=True`` the per-slot states are returned as a third value
     (a dict ``slot -> (m, l, acc)``, natural-log ``m``).
     """
@@ -202,8 +248,10 @@ def emulate(schedule, q, k, v, *, kv_lens=None, block_table=None, scale=None,
     if schedule.heads_kv != hkv:
         raise ValueError(f"schedule: built for heads_kv={schedule.heads_kv}, arrays have {hkv}")
     lens = _default_lens(k, block_table, batch, kv_lens)
-    if not np.array_equal(lens, schedule.kv_lens):
-        raise ValueError("schedule: built for other kv_lens than the ones given")
+    start = window_start(lens, window_left)
+    if not np.array_equal(lens - start, schedule.kv_lens):
+        raise ValueError("schedule: built for other kv_lens (or window lengths) than the ones given")
+    sink = None if sinks is None else _f64(sinks)
     g = hq // hkv
     if scale is None:
         scale = 1.0 / np.sqrt(d)
@@ -219,20 +267,29 @@ def emulate(schedule, q, k, v, *, kv_lens=None, block_table=None, scale=None,
         if b not in cache:
             cache[b] = gather_kv(k, v, b, int(lens[b]), block_table)
         kb, vb = cache[b]
-        t0 = int(s["tile_begin"]) * ts
-        t1 = min(int(s["tile_end"]) * ts, int(lens[b]))
+        t0 = int(start[b]) + int(s["tile_begin"]) * ts
+        t1 = min(int(start[b]) + int(s["tile_end"]) * ts, int(lens[b]))
         rows = slice(h * g, (h + 1) * g)
-        state = partial_state(qf[b, rows], kb[t0:t1, h], vb[t0:t1, h], scale)
+        state = partial_state(qf[b, rows], kb[t0:t1, h], vb[t0:t1, h], scale, softcap)
         if s["partial"]:
             slots[int(s["slot"])] = state
             by_unit.setdefault(u, []).append((int(s["cta"]), int(s["slot"])))
         else:
+            if sink is not None:
+                state = add_sink(*state, sink[rows])
             out[b, rows], lse[b, rows] = finalize(*state)
     for u, parts in by_unit.items():
         b, h = divmod(u, hkv)
         rows = slice(h * g, (h + 1) * g)
         parts.sort()  # CTA order, whatever order they were produced in
-        out[b, rows], lse[b, rows] = finalize(*merge_partial([slots[sl] for _, sl in parts]))
+        state = merge_partial([slots[sl] for _, sl in parts])
+        if sink is not None:
+            state = add_sink(*state, sink[rows])
+        out[b, rows], lse[b, rows] = finalize(*state)
+    if sink is not None:  # units without tiles: the sink alone
+        for b in np.nonzero(lens - start == 0)[0]:
+            state = add_sink(np.full(hq, -np.inf), np.zeros(hq), np.zeros((hq, d)), sink)
+            out[b], lse[b] = finalize(*state)
     if return_partials:
         return out, lse, slots
     return out, lse

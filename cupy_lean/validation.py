@@ -168,6 +168,58 @@ def validate(q, k, v, kv_lens, block_table, scale, out, sched, num_ctas, tile_si
     return m
 
 
+class Features:
+    """Validated optional semantics of a call (None / False: off)."""
+
+    __slots__ = ("sinks", "window_left", "softcap")
+
+    def __init__(self, sinks=None, window_left=None, softcap=None):
+        self.sinks, self.window_left, self.softcap = sinks, window_left, softcap
+
+    def any(self):
+        return self.sinks is not None or self.window_left is not None or self.softcap is not None
+
+
+def _check_real(value, name):
+    if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def validate_features(m, sinks, window_left, softcap, gpu):
+    """Checks of the optional semantics: ``sinks`` (heads_q,) real values
+    (NaN and +inf refused; -inf is "no sink" for that head), ``window_left``
+    an integer >= 0 (None or -1: no window), ``softcap`` a finite number > 0
+    (None: none). Returns :class:`Features` (sinks as float64 on the CPU)."""
+    f = Features()
+    if sinks is not None:
+        if not hasattr(sinks, "shape") or not hasattr(sinks, "dtype"):
+            raise TypeError(f"sinks: expected an array of shape ({m.heads_q},), got {type(sinks).__name__}")
+        if tuple(sinks.shape) != (m.heads_q,):
+            raise ValueError(f"sinks: expected shape ({m.heads_q},) (one logit per query head), "
+                             f"got {tuple(sinks.shape)}")
+        if not (np.issubdtype(sinks.dtype, np.floating) or sinks.dtype == BFLOAT16):
+            raise TypeError(f"sinks: expected a floating dtype, got {sinks.dtype}")
+        if not gpu:
+            vals = np.asarray(sinks, dtype=np.float64)
+            bad = np.nonzero(np.isnan(vals) | (vals == np.inf))[0]
+            if bad.size:
+                i = int(bad[0])
+                raise ValueError(f"sinks: expected finite values (or -inf: no sink), got sinks[{i}] = {vals[i]}")
+            f.sinks = vals
+        else:
+            f.sinks = sinks
+    if window_left is not None:
+        w = _check_int(window_left, "window_left", -1)
+        f.window_left = None if w == -1 else w
+    if softcap is not None:
+        c = _check_real(softcap, "softcap")
+        if not (math.isfinite(c) and c > 0):
+            raise ValueError(f"softcap: expected a finite number > 0 (None: no soft-capping), got {c!r}")
+        f.softcap = c
+    return f
+
+
 def check_host_values(m, lens, table):
     """Range checks of kv_lens / block_table given on the host."""
     if lens is not None and lens.size:

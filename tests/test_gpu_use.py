@@ -283,6 +283,38 @@ def test_config_object_plans_what_the_arguments_plan():
     check_close(s.run(*args, **kw), None, q, k, v, lens, table, np.float16)
 
 
+def test_batch_invariant_is_bitwise_whatever_the_batch():
+    """A sequence's out and lse are bitwise the same alone, inside batches
+    of other sizes, at other positions, dense and paged."""
+    rng = np.random.default_rng(77)
+    lens = [9000, 17, 3001, 0, 40000, 555]
+    for layout in ("dense", "paged"):
+        q, k, v, L, table = make_inputs(rng, len(lens), 32, 8, 128, np.float16, lens, layout, page_size=16)
+
+        def run(idx):
+            kw = dict(kv_lens=cp.asarray(L[idx]), return_lse=True, batch_invariant=True)
+            if layout == "paged":
+                return cupy_lean.attention(to_gpu(q[idx]), to_gpu(k), to_gpu(v), block_table=to_gpu(table[idx]), **kw)
+            return cupy_lean.attention(to_gpu(q[idx]), to_gpu(k[idx]), to_gpu(v[idx]), **kw)
+
+        full = run(np.arange(len(lens)))
+        check_close(full[0], full[1], q, k, v, L, table, np.float16)
+        for idx in ([0], [4], [4, 0], [5, 4, 3, 2, 1, 0], [2, 2, 4]):
+            out, lse = run(np.array(idx))
+            for j, b in enumerate(idx):
+                _assert_bitwise(out[j], full[0][b])
+                assert cp.array_equal(lse[j].view(cp.uint32), full[1][b].view(cp.uint32))
+
+
+def test_features_not_yet_on_the_gpu_are_refused():
+    rng = np.random.default_rng(78)
+    q, k, v, lens, _ = make_inputs(rng, 2, 8, 2, 64, np.float16, [100, 7], "dense")
+    args = (to_gpu(q), to_gpu(k), to_gpu(v))
+    for kw in (dict(sinks=cp.zeros(8, cp.float32)), dict(window_left=16), dict(softcap=30.0)):
+        with pytest.raises(NotImplementedError, match=f"{next(iter(kw))}: not yet supported by the GPU kernels"):
+            cupy_lean.attention(*args, kv_lens=cp.asarray(lens), **kw)
+
+
 # ---------------------------------------------------------------- array libraries
 
 def _lib_case(seed=73, dtype=np.float16):

@@ -60,3 +60,9 @@ def test_kernel_experiments_example_runs(capsys):
     exec(_block("cupy_lean.Config("), {})
     lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4 and all(line.endswith(" us") for line in lines)
+
+
+def test_features_example_runs_on_the_cpu():
+    ns = {}
+    exec(_block("sinks = np.full"), ns)
+    assert ns["out"].shape == (2, 8, 64) and ns["lse"].shape == (2, 8)
