@@ -70,6 +70,12 @@ class Signature(NamedTuple):
     tile_size: Optional[int]
     stages: Optional[int]
     ctas_per_sm: Optional[int]
+    features: Optional[tuple] = None  # (sinks meta | None, window_left | None, softcap | None)
+
+
+def sinks_meta(x):
+    """Signature entry of a GPU sinks array."""
+    return (x.shape, x.dtype, x.strides)
 
 
 def _meta(x):
@@ -80,7 +86,7 @@ def _meta(x):
 
 
 def signature(q, k, v, out, kv_lens, block_table, scale, schedule, num_ctas, tile_size,
-              stages=None, ctas_per_sm=None):
+              stages=None, ctas_per_sm=None, features=None):
     """The :class:`Signature` of CuPy arrays (``kv_lens`` / ``block_table``
     CuPy, NumPy or None) and options."""
     return Signature(
@@ -89,7 +95,7 @@ def signature(q, k, v, out, kv_lens, block_table, scale, schedule, num_ctas, til
         None if kv_lens is None else _meta(kv_lens), None if block_table is None else _meta(block_table),
         (not q.data.ptr & 15, not k.data.ptr & 15, not v.data.ptr & 15,
          None if out is None else not out.data.ptr & 7),
-        scale, schedule, num_ctas, tile_size, stages, ctas_per_sm)
+        scale, schedule, num_ctas, tile_size, stages, ctas_per_sm, features)
 
 
 def aligned_grid(units, tiles_per_unit, grid, min_fraction=0.85):
@@ -143,14 +149,19 @@ class Plan:
         self.kv_layout = "NHD"  # axis order of the k, v that run() takes (set by cupy_lean.plan)
         m = meta
         B, D, Hkv, g = m.batch, m.head_dim, m.heads_kv, m.group
+        f_sinks, f_window, f_softcap = sig.features or (None, None, None)
+        bits = ((K.FEATURES["sinks"] if f_sinks is not None else 0)
+                | (K.FEATURES["softcap"] if f_softcap is not None else 0)
+                | (K.FEATURES["window"] if f_window is not None else 0))
+        self.has_sinks = f_sinks is not None
         spec = K.make_spec(KERNEL_TAG[sig.dtypes[0]], D, g, m.paged, sig.tile_size, sig.stages,
-                           smem_limit=K.device_smem_limit())
+                           smem_limit=K.device_smem_limit(), features=bits)
         kern = K.kernels_for(spec)
         self.spec, self.kernels = spec, kern
         self.device = cp.cuda.runtime.getDevice()
         tile = spec.tile
         units = B * Hkv
-        max_unit_tiles = -(-m.capacity // tile)
+        max_unit_tiles = -(-(m.capacity if f_window is None else min(m.capacity, f_window + 1)) // tile)
         slot_stride = -(-g * (D + 2) // 4) * 4
         self.units, self.tile, self.max_unit_tiles = units, tile, max_unit_tiles
         self.num_sms = kern.num_sms
@@ -221,6 +232,10 @@ class Plan:
         prm.decomposition, prm.num_splits = int(decomp), ns
         prm.scale_log2 = m.scale * _LOG2E
         prm.slot_stride = slot_stride
+        prm.window_left = -1 if f_window is None else f_window
+        if f_softcap is not None:
+            prm.softcap_scale = m.scale / f_softcap
+            prm.softcap_log2 = f_softcap * _LOG2E
         self._params = prm
         self._ptrs = K.pointer_view(prm)  # a launch sets the pointers with one slice assignment
         self._param_arr = (ctypes.c_void_p * 1)(ctypes.addressof(prm))
@@ -268,6 +283,11 @@ class Plan:
         else:
             lines.append(f"  grid: {self.grid} CTAs = {self.units} units x {self.num_splits} splits"
                          + ("; then a combine launch of one CTA per unit" if self.num_splits > 1 else ""))
+        if s.features is not None:
+            f = s.features
+            lines.append("  features: " + ", ".join(x for x in (
+                "sinks" if f[0] is not None else "", f"window_left={f[1]}" if f[1] is not None else "",
+                f"softcap={f[2]}" if f[2] is not None else "") if x))
         lines.append(f"  workspace: {self.workspace_bytes} bytes ({self.counter_bytes} of unit counters, "
                      f"{(self.workspace_bytes - self.counter_bytes) // (4 * self.slot_stride)} partial-state "
                      f"slots of {self.slot_stride * 4} bytes)")
@@ -290,7 +310,7 @@ class Plan:
                     ws[:self.counter_bytes].fill(0)
 
 
-    def run(self, q, k, v, *, kv_lens=None, block_table=None, out=None, lse=None, return_lse=False):
+    def run(self, q, k, v, *, kv_lens=None, block_table=None, out=None, lse=None, return_lse=False, sinks=None):
         """Launch on CuPy's current stream with new data of the planned
         signature (same shapes, strides, dtypes and alignment).
 
@@ -316,8 +336,18 @@ class Plan:
         if block_table is not None and not isinstance(block_table, np.ndarray):
             block_table = to_gpu(block_table, "block_table")
         s = self.signature
+        feats = None
+        if s.features is not None:
+            if (sinks is None) != (s.features[0] is None):
+                raise ValueError(f"sinks: the plan was made {'with' if s.features[0] else 'without'} sinks, "
+                                 f"got {'none' if sinks is None else 'sinks'}")
+            if sinks is not None:
+                sinks = to_gpu(sinks, "sinks")
+            feats = (None if sinks is None else sinks_meta(sinks),) + tuple(s.features[1:])
+        elif sinks is not None:
+            raise ValueError("sinks: the plan was made without sinks")
         got = signature(q, k, v, out, kv_lens, block_table, s.scale, s.schedule, s.num_ctas, s.tile_size,
-                        s.stages, s.ctas_per_sm)
+                        s.stages, s.ctas_per_sm, feats)
         if got != s:
             for name in Signature._fields:
                 a, b = getattr(s, name), getattr(got, name)
@@ -331,7 +361,8 @@ class Plan:
                 raise ValueError(f"lse: expected a C-contiguous float32 array of shape "
                                  f"{(self.meta.batch, self.meta.heads_q)}, got {lse.dtype} {lse.shape} "
                                  f"with strides {lse.strides}")
-        res_out, res_lse = self._launch(q, k, v, kv_lens, block_table, out, lse, return_lse or lse is not None)
+        res_out, res_lse = self._launch(q, k, v, kv_lens, block_table, out, lse, return_lse or lse is not None,
+                                        sinks)
         return (res_out, res_lse) if (return_lse or lse is not None) else res_out
 
     def _lse_ok(self, lse):
@@ -385,7 +416,7 @@ class Plan:
             stream.synchronize()
         return self._ws, False
 
-    def _launch(self, q, k, v, lens, table, out, lse, want_lse):
+    def _launch(self, q, k, v, lens, table, out, lse, want_lse, sinks=None):
         """The hot path: arrays are CuPy (index arrays CuPy or NumPy) and match
         the signature."""
         cp = _cp
@@ -425,16 +456,25 @@ class Plan:
             if total == 0:
                 out.fill(0)
                 if lse is not None:
-                    lse.fill(-np.inf)
+                    if self.has_sinks:
+                        lse[...] = sinks.astype(cp.float32)[None, :]
+                    else:
+                        lse.fill(-np.inf)
                 return out, lse
             if total is not None and self.decomposition == K.Decomposition.STREAM_K:
                 grid = min(grid, total)
 
+        sinks32 = None
+        if self.has_sinks:
+            sinks32 = sinks if (sinks.dtype == cp.float32 and sinks.flags.c_contiguous) else \
+                cp.ascontiguousarray(sinks, dtype=cp.float32)
         stream = cp.cuda.get_current_stream()
         with self._lock:
             ws, captured = self._workspace_for(stream, cp)
             if captured:  # the workspace and temporaries the graph reads live as long as the plan
-                self._graph_workspaces.append((ws, temps, lens32, table32, out_k))
+                self._graph_workspaces.append((ws, temps, lens32, table32, out_k, sinks32))
+            if sinks32 is not None:
+                self._params.sinks = sinks32.data.ptr
             wp = ws.data.ptr
             self._ptrs[:] = (q.data.ptr, k.data.ptr, v.data.ptr, out_k.data.ptr,
                              0 if lse is None else lse.data.ptr, 0 if lens32 is None else lens32.data.ptr,

@@ -4,6 +4,7 @@ float64 reference; GPU -> a cached :class:`~cupy_lean.plan.Plan`)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional
 
 import numpy as np
@@ -236,10 +237,14 @@ def _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, 
             raise ValueError(f"batch_invariant: needs schedule 'lean' or 'head' and num_ctas None (one CTA per "
                              f"unit), got schedule={schedule!r}, num_ctas={num_ctas!r}")
         schedule = "head"
-    if gpu and feats.any():
+    if gpu and feats.any() and not GPU_FEATURES:
         names = [n for n in ("sinks", "window_left", "softcap") if getattr(feats, n) is not None]
         raise NotImplementedError(f"{', '.join(names)}: not yet supported by the GPU kernels (NumPy inputs run "
                                   f"the reference with them)")
+    if gpu and isinstance(feats.sinks, np.ndarray):  # host sinks with GPU arrays: checked, then copied
+        import cupy
+
+        feats.sinks = cupy.asarray(feats.sinks, dtype=cupy.float32)
     host_lens = lens if isinstance(lens, np.ndarray) else None
     host_table = table if isinstance(table, np.ndarray) else None
     if host_lens is not None or host_table is not None:
@@ -254,16 +259,29 @@ def _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, 
         import cupy
 
         table = cupy.asarray(host_table)  # the kernel reads the table from the GPU
+    fkey = _features_key(feats)
     sig = _plan.signature(q, k, v, out, lens, table, m.scale if scale is not None else None, schedule,
-                          num_ctas, tile_size)
+                          num_ctas, tile_size, features=fkey)
     p = _plan.get_plan(sig, lambda: m)
     on_gpu = (lens is not None and host_lens is None) or (table is not None and host_table is None)
     if check_values and m.batch and on_gpu:
         from . import _gpu
 
         _gpu.device_check(m, lens, table)
-    res_out, res_lse = p._launch(q, k, v, lens, table, out, lse, return_lse)
+    res_out, res_lse = p._launch(q, k, v, lens, table, out, lse, return_lse, feats.sinks)
     return (res_out, res_lse) if return_lse else res_out
+
+
+#: GPU kernels for sinks, window_left and softcap: compiled and wired, enabled
+#: once their GPU tests have run (CUPY_LEAN_GPU_FEATURES=1 turns them on).
+GPU_FEATURES = os.environ.get("CUPY_LEAN_GPU_FEATURES", "0") == "1"
+
+
+def _features_key(feats):
+    """The signature entry of a call's optional semantics (None: none)."""
+    if not feats.any():
+        return None
+    return (None if feats.sinks is None else _plan.sinks_meta(feats.sinks), feats.window_left, feats.softcap)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,7 +318,8 @@ class Config:
 
 
 def plan(q, k, v, *, kv_lens=None, block_table=None, scale=None, out=None, schedule="lean", num_ctas=None,
-         tile_size=None, kv_layout="NHD", stages=None, ctas_per_sm=None, workspace=None, config=None):
+         tile_size=None, kv_layout="NHD", stages=None, ctas_per_sm=None, workspace=None, config=None,
+         sinks=None, window_left=None, softcap=None):
     """Build a launch plan for calls like ``attention(q, k, v, ...)``.
 
     The plan is made from the arrays' metadata (shapes, strides, dtypes,
@@ -323,6 +342,11 @@ def plan(q, k, v, *, kv_lens=None, block_table=None, scale=None, out=None, sched
         configuration.
     ctas_per_sm : int, optional
         Lean grid: CTAs per SM (default from the kernel's occupancy).
+    sinks, window_left, softcap
+        As in :func:`attention` (``sinks``: an array of the layout the runs
+        will pass as ``run(..., sinks=...)``; its values are read at each
+        run). GPU kernels for them are enabled with
+        ``CUPY_LEAN_GPU_FEATURES=1`` in this release.
     config : Config, optional
         The kernel configuration in one object (schedule, tile_size, stages,
         ctas_per_sm, num_ctas); pass either it or those arguments, not both.
@@ -364,6 +388,12 @@ def plan(q, k, v, *, kv_lens=None, block_table=None, scale=None, out=None, sched
         raise TypeError("q: plan() needs GPU arrays (CuPy, or any with __cuda_array_interface__ / "
                         f"CUDA __dlpack__), got {type(q).__module__}.{type(q).__name__}")
     m = _validation.validate(q, k, v, lens, table, scale, out, schedule, num_ctas, tile_size, True)
+    if sinks is not None:
+        sinks = _to_gpu(sinks, "sinks")
+    feats = _validation.validate_features(m, sinks, window_left, softcap, True)
+    if feats.any() and not GPU_FEATURES:
+        names = [n for n in ("sinks", "window_left", "softcap") if getattr(feats, n) is not None]
+        raise NotImplementedError(f"{', '.join(names)}: not yet supported by the GPU kernels")
     if stages is not None:
         _validation._check_int(stages, "stages", 2, 6)
     if ctas_per_sm is not None:
@@ -373,7 +403,7 @@ def plan(q, k, v, *, kv_lens=None, block_table=None, scale=None, out=None, sched
 
         table = cupy.asarray(table)
     sig = _plan.signature(q, k, v, out, lens, table, m.scale if scale is not None else None, schedule,
-                          num_ctas, tile_size, stages, ctas_per_sm)
+                          num_ctas, tile_size, stages, ctas_per_sm, _features_key(feats))
     p = _plan.Plan(sig, m, workspace=workspace)
     p.kv_layout = kv_layout
     return p

@@ -47,6 +47,10 @@ MAX_PAGE_SIZE = 256
 LENS_CACHE = 256  # lengths kept in shared memory (the kernel static_asserts it equals its own)
 
 
+#: Optional semantics a spec can compile in (``LEAN_FEATURES`` bits).
+FEATURES = {"sinks": 1, "softcap": 2, "window": 4}
+
+
 class Decomposition(enum.IntEnum):
     """How the kernel cuts the work (``lean::Decomposition`` in the source)."""
 
@@ -73,6 +77,8 @@ class Params(ctypes.Structure):
         ("capacity", ctypes.c_int32), ("page_size", ctypes.c_int32), ("num_pages", ctypes.c_int32),
         ("decomposition", ctypes.c_int32), ("num_splits", ctypes.c_int32),
         ("scale_log2", ctypes.c_float), ("slot_stride", ctypes.c_int32),
+        ("sinks", ctypes.c_uint64), ("softcap_scale", ctypes.c_float), ("softcap_log2", ctypes.c_float),
+        ("window_left", ctypes.c_int32),
     ]
 
 
@@ -187,11 +193,13 @@ class Spec:
     tile: int
     stages: int
     paged: bool
+    features: int = 0  # FEATURES bits compiled in (0: the plain kernel)
 
     @property
     def name(self) -> str:
+        extra = "".join(f"_{n}" for n, bit in FEATURES.items() if self.features & bit)
         return (f"lean_{self.dtype}_d{self.head_dim}_m{self.m_tiles}_t{self.tile}"
-                f"_s{self.stages}_{'paged' if self.paged else 'dense'}")
+                f"_s{self.stages}_{'paged' if self.paged else 'dense'}{extra}")
 
     # Warp layout, mirrored from kernels_cu/lean_attention.cu.
     @property
@@ -283,10 +291,11 @@ def default_ctas_per_sm(spec, occupancy):
 
 
 def make_spec(dtype, head_dim, group, paged, tile_size=None, stages=None,
-              smem_limit=DEFAULT_SMEM_LIMIT) -> Spec:
+              smem_limit=DEFAULT_SMEM_LIMIT, features=0) -> Spec:
     """The spec that serves ``group`` query heads per KV head at ``head_dim``
     on a device allowing ``smem_limit`` bytes of shared memory per block.
 
+    ``features`` (bits of :data:`FEATURES`) compiles optional semantics in.
     Raises ValueError naming the limit when no configuration (or not the
     requested ``tile_size`` / ``stages``) fits it.
     """
@@ -312,7 +321,7 @@ def make_spec(dtype, head_dim, group, paged, tile_size=None, stages=None,
                                                min(TUNING["deep_pipeline_smem"], smem_limit))), 2)
     if stages is not None:
         st = int(stages)
-    spec = Spec(dtype, head_dim, mt, tile, st, paged)
+    spec = Spec(dtype, head_dim, mt, tile, st, paged, int(features))
     if spec.smem_bytes > smem_limit:
         what = "stages" if stages is not None else "tile_size"
         raise ValueError(
@@ -346,6 +355,7 @@ def compile_options(spec: Spec | None):
             f"-DLEAN_TILE={spec.tile}",
             f"-DLEAN_STAGES={spec.stages}",
             f"-DLEAN_PAGED={1 if spec.paged else 0}",
+            f"-DLEAN_FEATURES={spec.features}",
             f"-DLEAN_ENTRY={spec.entry}",
             f"-DLEAN_COMBINE_ENTRY={spec.combine_entry}",
             f"-DLEAN_DUMP_ENTRY={spec.dump_entry}",

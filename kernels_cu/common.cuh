@@ -11,6 +11,7 @@ typedef unsigned long long u64;
 
 #define LEAN_INF __int_as_float(0x7f800000)
 #define LEAN_LN2 0.69314718055994530942f
+#define LEAN_LOG2E 1.44269504088896340736f
 
 // ---------------------------------------------------------------- conversions
 template <bool BF>
@@ -45,6 +46,12 @@ __device__ __forceinline__ u32 pack2(float lo, float hi) {
 __device__ __forceinline__ float fast_exp2(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ float fast_tanh(float x) {
+  float y;
+  asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
 

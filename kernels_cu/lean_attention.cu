@@ -23,7 +23,8 @@
 // Spec macros (set by cupy_lean/kernels.py from compile-time parameters only):
 //   LEAN_BF (0 fp16, 1 bf16), LEAN_D (64/128/256), LEAN_MT (16-row query tiles
 //   per unit), LEAN_TILE (tokens per tile), LEAN_STAGES (cp.async depth),
-//   LEAN_PAGED (0 dense, 1 paged), LEAN_ENTRY / LEAN_COMBINE_ENTRY /
+//   LEAN_PAGED (0 dense, 1 paged), LEAN_FEATURES (optional semantics, a bit
+//   mask: 1 sinks, 2 soft-cap, 4 sliding window), LEAN_ENTRY / LEAN_COMBINE_ENTRY /
 //   LEAN_DUMP_ENTRY (entry names), and LEAN_HOST_* (the host's view of the
 //   layouts, cross-checked below by static_assert).
 
@@ -43,6 +44,14 @@ constexpr int MT = LEAN_MT;
 constexpr int TILE = LEAN_TILE;
 constexpr int STAGES = LEAN_STAGES;
 constexpr bool PAGED = LEAN_PAGED != 0;
+// Optional semantics compiled into a spec only when a call asks for them
+// (kernels.FEATURES): the plain specs do not carry their code.
+#ifndef LEAN_FEATURES
+#define LEAN_FEATURES 0
+#endif
+constexpr bool HAS_SINKS = (LEAN_FEATURES & 1) != 0;    // a logit per query head joins the denominator
+constexpr bool HAS_SOFTCAP = (LEAN_FEATURES & 2) != 0;  // scores soft-capped: cap * tanh(score / cap)
+constexpr bool HAS_WINDOW = (LEAN_FEATURES & 4) != 0;   // the query sees its last window_left + 1 keys
 
 __host__ __device__ constexpr int imin(int a, int b) { return a < b ? a : b; }
 __host__ __device__ constexpr int imax(int a, int b) { return a > b ? a : b; }
@@ -138,7 +147,11 @@ static_assert(STREAM_K == LEAN_HOST_STREAM_K && SPLIT_K == LEAN_HOST_SPLIT_K, "D
   F(int, decomposition)      /* Decomposition */                                               \
   F(int, num_splits)         /* SPLIT_K: chunks per unit */                                    \
   F(float, scale_log2)       /* softmax scale * log2(e) */                                     \
-  F(int, slot_stride)        /* floats per partial slot (dump: ints per CTA record) */
+  F(int, slot_stride)        /* floats per partial slot (dump: ints per CTA record) */         \
+  F(const float*, sinks)     /* HAS_SINKS: (heads_q,) natural-log logits, or null */           \
+  F(float, softcap_scale)    /* HAS_SOFTCAP: scale / cap */                                    \
+  F(float, softcap_log2)     /* HAS_SOFTCAP: cap * log2(e) */                                  \
+  F(int, window_left)        /* HAS_WINDOW: keys seen = window_left + 1; -1: all */
 
 #define LEAN_DECLARE_FIELD(type, name) type name;
 struct Params {
@@ -173,6 +186,13 @@ static_assert(sizeof(Params) == LEAN_HOST_PARAMS_SIZE, "sizeof(Params) differs f
 __device__ __forceinline__ int clamp_len(int x, int cap) { return min(max(x, 0), cap); }
 __device__ __forceinline__ int ntiles_of(int len) { return (len + TILE - 1) / TILE; }
 
+// The first key a sequence of `len` keys lets its query see: the sliding
+// window's start, or 0. A unit's tiles cover keys [window_start, len).
+__device__ __forceinline__ int window_start(const Params& p, int len) {
+  return (HAS_WINDOW && p.window_left >= 0) ? max(0, len - 1 - p.window_left) : 0;
+}
+__device__ __forceinline__ int tiles_of(const Params& p, int len) { return ntiles_of(len - window_start(p, len)); }
+
 // Length of sequence b (clamped to [0, capacity]); from the shared cache when filled.
 __device__ __forceinline__ int seq_len(const Params& p, const int* lens_s, int b, bool cached) {
   if (p.kv_lens == nullptr) return p.capacity;
@@ -204,11 +224,12 @@ struct StreamK {
   }
 };
 
-// One segment: tiles [t0, t1) of unit (b, h).
+// One segment: tiles [t0, t1) of unit (b, h); tile t holds keys
+// [start + t * TILE, start + (t + 1) * TILE) of the sequence, up to len.
 struct Segment {
   int b, h;
   int t0, t1;
-  int len, ntiles;  // the unit's tokens and tiles
+  int len, start, ntiles;  // the unit's keys, its first key seen, its tiles
   int ordinal;      // position among this CTA's segments (0: its first)
   i64 unit_first;   // STREAM_K: linear index of the unit's first tile
   bool partial;     // does not cover the unit: writes a partial state
@@ -219,7 +240,7 @@ struct Segment {
 // `g` (set by find_work) to the end of the CTA's range, skipping empty
 // sequences; SPLIT_K: the one chunk of the CTA's unit.
 struct SegmentWalker {
-  int b, h, t, len, ntiles, ordinal;
+  int b, h, t, len, start, ntiles, ordinal;
   i64 g, end;
 
   __device__ bool next(const Params& p, const int* lens_s, Segment& s) {
@@ -228,6 +249,7 @@ struct SegmentWalker {
     s.h = h;
     s.t0 = t;
     s.len = len;
+    s.start = start;
     s.ntiles = ntiles;
     s.ordinal = ordinal++;
     s.unit_first = g - t;
@@ -247,7 +269,8 @@ struct SegmentWalker {
         do {
           ++b;
           len = seq_len(p, lens_s, b, true);
-          ntiles = ntiles_of(len);
+          start = window_start(p, len);
+          ntiles = ntiles_of(len - start);
         } while (ntiles == 0);
       }
     }
@@ -325,10 +348,19 @@ __device__ __forceinline__ float merge_weight(float m, float M) {
 }
 
 // A merged row: out = acc * inv, lse (natural log); an empty row gives 0, -inf.
+// With a sink (base-2 logit `sink`, -inf: none), the sink joins the merge
+// once, here: as one more state of max `sink`, sum 1 and a zero accumulator.
 struct Finalized {
   float inv, lse;
-  __device__ static Finalized of(float M, float L) {
+  __device__ static Finalized of(float M, float L, float sink = -LEAN_INF) {
     Finalized f;
+    if (sink != -LEAN_INF) {
+      const float Mn = fmaxf(M, sink), a = merge_weight(M, Mn);
+      const float Ln = L * a + merge_weight(sink, Mn);
+      f.inv = a / Ln;
+      f.lse = (Mn + fast_log2(Ln)) * LEAN_LN2;
+      return f;
+    }
     f.inv = (L == 0.f) ? 0.f : 1.f / L;
     f.lse = (L == 0.f) ? -LEAN_INF : (M + fast_log2(L)) * LEAN_LN2;
     return f;
@@ -343,8 +375,9 @@ __device__ __forceinline__ void emit(const Params& p, const PartialSlots& ps, in
                                      const float (&x)[N], float M, float L, bool partial, int slot) {
   static_assert(N == 2 || N == 4, "emit width");
   if (!partial) {
-    const Finalized f = Finalized::of(M, L);
     const int hq = h * p.group + row;
+    const float sink = (HAS_SINKS && p.sinks != nullptr) ? p.sinks[hq] * LEAN_LOG2E : -LEAN_INF;
+    const Finalized f = Finalized::of(M, L, sink);
     u16* o = p.out + (i64)b * p.o_sb + (i64)hq * p.o_sh + d;
     if (N == 2) {
       *reinterpret_cast<u32*>(o) = pack2<BF>(x[0] * f.inv, x[1] * f.inv);
@@ -556,7 +589,8 @@ __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, S
     w.b = unit / p.heads_kv;
     w.h = unit % p.heads_kv;
     w.len = seq_len(p, lens_s, w.b, false);
-    w.ntiles = ntiles_of(w.len);
+    w.start = window_start(p, w.len);
+    w.ntiles = ntiles_of(w.len - w.start);
     const int chunk = (w.ntiles + p.num_splits - 1) / p.num_splits;
     const int t0 = min(j * chunk, w.ntiles), t1 = min(t0 + chunk, w.ntiles);
     w.t = t0;
@@ -570,7 +604,7 @@ __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, S
   for (int b = tid; b < p.batch; b += NT) {
     const int len = seq_len(p, lens_s, b, false);
     if (b < LENS_CACHE) lens_s[b] = len;
-    const int nt = ntiles_of(len);
+    const int nt = tiles_of(p, len);
     local += nt;
     if (nt == 0 && write_empty && (b % gridDim.x) == c)
       for (int h = 0; h < p.heads_kv; ++h) emit_empty_rows(p, b, h, 0, p.group);
@@ -586,7 +620,7 @@ __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, S
   int running = 0;
   for (int base = 0; base < p.batch; base += NT) {
     const int b = base + tid;
-    const int nt = b < p.batch ? ntiles_of(seq_len(p, lens_s, b, true)) : 0;
+    const int nt = b < p.batch ? tiles_of(p, seq_len(p, lens_s, b, true)) : 0;
     int tot;
     const int incl = block_incl_scan<NT>(nt, misc, &tot);
     const i64 excl = (i64)running + incl - nt;
@@ -599,7 +633,8 @@ __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, S
   __syncthreads();
   w.b = misc[MISC_START_SEQ];
   w.len = seq_len(p, lens_s, w.b, true);
-  w.ntiles = ntiles_of(w.len);
+  w.start = window_start(p, w.len);
+  w.ntiles = ntiles_of(w.len - w.start);
   const i64 r = w.g - (i64)misc[MISC_START_TILE] * p.heads_kv;
   w.h = (int)(r / w.ntiles);
   w.t = (int)(r % w.ntiles);
@@ -630,7 +665,7 @@ struct KVLoader {
   __device__ void prefetch_pages(const Params& p, const Segment& s, int t, bool valid) {
     if (!PAGED) return;
     const int ps = p.page_size;
-    const int tok0 = t * TILE;
+    const int tok0 = s.start + t * TILE;
     const int ntok = valid ? min(TILE, s.len - tok0) : 0;
     const int first = tok0 + threadIdx.x / CPR;
     int pq = first / ps, pr = first - pq * ps;
@@ -655,7 +690,7 @@ struct KVLoader {
                    ok ? 16 : 0);
       }
     }
-    const int tok0 = t * TILE;
+    const int tok0 = s.start + t * TILE;
     const int ntok = min(TILE, s.len - tok0);
     u16* ks = sh.kv(stage);
     u16* vs = ks + TILE * D;
@@ -708,7 +743,8 @@ struct LoadCursor {
 };
 
 // S = Q K^T of this warp's 16 rows and TW tokens, masked (past the unit's
-// length, or on a page outside the cache) and scaled to base-2 logits.
+// length, or on a page outside the cache) and scaled to base-2 logits
+// (HAS_SOFTCAP: soft-capped first).
 __device__ __forceinline__ void tile_scores(const Params& p, const Shared& sh, const u16* qs, const u16* ks,
                                             int stage, int ntok, float (&s)[TW / 8][4]) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -736,7 +772,8 @@ __device__ __forceinline__ void tile_scores(const Params& p, const Shared& sh, c
       const int tk = tokw + nb * 8 + (lane & 3) * 2 + (e & 1);
       bool ok = tk < ntok;
       if (PAGED) ok = ok && mask[tk];
-      s[nb][e] = ok ? s[nb][e] * p.scale_log2 : -LEAN_INF;
+      const float x = HAS_SOFTCAP ? p.softcap_log2 * fast_tanh(s[nb][e] * p.softcap_scale) : s[nb][e] * p.scale_log2;
+      s[nb][e] = ok ? x : -LEAN_INF;
     }
   }
 }
@@ -911,7 +948,8 @@ __device__ void attention_cta(const Params& p) {
       cp_async_commit();
       const int stage = i % STAGES;
       float s[TW / 8][4];
-      tile_scores(p, sh, sh.q(seg.ordinal % STAGES), sh.kv(stage), stage, min(TILE, seg.len - t * TILE), s);
+      tile_scores(p, sh, sh.q(seg.ordinal % STAGES), sh.kv(stage), stage,
+                  min(TILE, seg.len - (seg.start + t * TILE)), s);
       st.absorb(s);
       accumulate_pv(st, s, sh.kv(stage) + TILE * D);
     }

@@ -134,7 +134,7 @@ def test_params_struct_layout_reaches_the_compile():
     opts = K.compile_options(spec)
     fields = next(o for o in opts if o.startswith("-DLEAN_HOST_PARAMS="))
     assert fields.count("{") == len(K.Params._fields_)
-    assert fields.startswith('-DLEAN_HOST_PARAMS={"q",8},') and fields.endswith('{"slot_stride",4}')
+    assert fields.startswith('-DLEAN_HOST_PARAMS={"q",8},') and fields.endswith('{"window_left",4}')
     assert f"-DLEAN_HOST_PARAMS_SIZE={ctypes.sizeof(K.Params)}" in opts
     assert f"-DLEAN_HOST_SMEM_BYTES={spec.smem_bytes}" in opts
     assert f"-DLEAN_HOST_THREADS={spec.threads}" in opts
@@ -223,3 +223,25 @@ def test_too_large_requests_name_the_limit():
         K.make_spec("f16", 128, 16, False, tile_size=128, stages=6, smem_limit=K.SMEM_OPTIN["sm_80"])
     with pytest.raises(ValueError, match=r"limit of 20000 bytes"):
         K.make_spec("f16", 128, 1, False, smem_limit=20000)
+
+
+FEATURE_SPECS = [K.make_spec("f16", 64, 4, True, features=7), K.make_spec("bf16", 128, 32, False, features=7),
+                 K.make_spec("f16", 256, 8, True, features=1)]
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("spec", FEATURE_SPECS, ids=[s.name for s in FEATURE_SPECS])
+def test_feature_specs_compile(spec, arch):
+    """Specs with sinks, soft-cap and sliding window compiled in."""
+    log = []
+    cubin = K.compile_cubin(spec, arch, log=log)
+    assert spec.entry.encode() in cubin and spec.name.endswith(("_sinks_softcap_window", "_sinks"))
+    spills = [int(x) for x in re.findall(r"(\d+) bytes spill stores", log[0])]
+    assert spills and max(spills) <= 512, log[0]
+
+
+def test_feature_bits_name_the_spec():
+    assert K.make_spec("f16", 128, 8, False).name.endswith("_dense")
+    assert K.make_spec("f16", 128, 8, False, features=K.FEATURES["window"]).name.endswith("_dense_window")
+    assert "-DLEAN_FEATURES=3" in K.compile_options(K.make_spec("f16", 128, 8, False, features=3))

@@ -306,13 +306,77 @@ def test_batch_invariant_is_bitwise_whatever_the_batch():
                 assert cp.array_equal(lse[j].view(cp.uint32), full[1][b].view(cp.uint32))
 
 
-def test_features_not_yet_on_the_gpu_are_refused():
+def test_features_off_on_the_gpu_are_refused(monkeypatch):
+    from cupy_lean import attention as A
+
+    monkeypatch.setattr(A, "GPU_FEATURES", False)
     rng = np.random.default_rng(78)
     q, k, v, lens, _ = make_inputs(rng, 2, 8, 2, 64, np.float16, [100, 7], "dense")
     args = (to_gpu(q), to_gpu(k), to_gpu(v))
     for kw in (dict(sinks=cp.zeros(8, cp.float32)), dict(window_left=16), dict(softcap=30.0)):
         with pytest.raises(NotImplementedError, match=f"{next(iter(kw))}: not yet supported by the GPU kernels"):
             cupy_lean.attention(*args, kv_lens=cp.asarray(lens), **kw)
+
+
+_FEATURE_SETS = [dict(sinks=True), dict(window_left=700), dict(softcap=8.0),
+                 dict(sinks=True, window_left=2500, softcap=20.0)]
+
+
+@pytest.mark.parametrize("layout", ["dense", "paged"])
+@pytest.mark.parametrize("sched", ["lean", "split", "head"])
+@pytest.mark.parametrize("fs", range(len(_FEATURE_SETS)))
+def test_gpu_features_match_the_reference(monkeypatch, layout, sched, fs):
+    """Sinks, sliding window and soft-cap through every decomposition, dense
+    and paged, with an empty sequence and lengths shorter than the window."""
+    from cupy_lean import attention as A
+
+    monkeypatch.setattr(A, "GPU_FEATURES", True)
+    rng = np.random.default_rng(79 + fs)
+    lens = [9000, 17, 0, 3001, 64, 777]
+    q, k, v, L, table = make_inputs(rng, len(lens), 32, 8, 128, np.float16, lens, layout, page_size=16)
+    kw = dict(_FEATURE_SETS[fs])
+    host_kw = dict(kw)
+    if kw.get("sinks"):
+        sinks = rng.standard_normal(32).astype(np.float32) * 2
+        sinks[3] = -np.inf
+        kw["sinks"], host_kw["sinks"] = cp.asarray(sinks), sinks
+    out = _nan_like(q.shape, q.dtype)
+    got, lse = cupy_lean.attention(to_gpu(q), to_gpu(k), to_gpu(v), kv_lens=cp.asarray(L),
+                                   block_table=to_gpu(table), out=out, return_lse=True, schedule=sched,
+                                   num_ctas=None if sched == "head" else 97, **kw)
+    ro, rl = reference.attention(q, k, v, kv_lens=L, block_table=table, **host_kw)
+    g = cp.asnumpy(got).astype(np.float64)
+    assert np.isfinite(g).all()
+    assert np.abs(g - ro).max() < 4e-3
+    gl = cp.asnumpy(lse).astype(np.float64)
+    assert np.array_equal(np.isneginf(gl), np.isneginf(rl))
+    fin = np.isfinite(rl)
+    assert np.abs(gl[fin] - rl[fin]).max() < 4e-3
+
+
+def test_gpu_features_in_a_graph_with_new_lengths(monkeypatch):
+    from cupy_lean import attention as A
+
+    monkeypatch.setattr(A, "GPU_FEATURES", True)
+    rng = np.random.default_rng(90)
+    lens = np.array([5000, 300, 1], np.int32)
+    q, k, v, L, table = make_inputs(rng, 3, 16, 2, 64, np.float16, lens, "paged", page_size=32)
+    sinks = cp.asarray(rng.standard_normal(16).astype(np.float32))
+    qd, kd, vd, td, ld = to_gpu(q), to_gpu(k), to_gpu(v), to_gpu(table), cp.asarray(L)
+    out = _nan_like(q.shape, q.dtype)
+    kw = dict(kv_lens=ld, block_table=td, sinks=sinks, window_left=1000, softcap=15.0)
+    graph = _capture(lambda: cupy_lean.attention(qd, kd, vd, out=out, **kw))
+    new = np.array([4000, 0, 2500], np.int32)
+    ld[...] = cp.asarray(new)
+    out.fill(cp.nan)
+    cp.cuda.Device().synchronize()
+    graph.launch()
+    cp.cuda.Device().synchronize()
+    eager = cupy_lean.attention(qd, kd, vd, **kw)
+    _assert_bitwise(out, eager)
+    ro, _ = reference.attention(q, k, v, kv_lens=new, block_table=table, sinks=cp.asnumpy(sinks), window_left=1000,
+                                softcap=15.0)
+    assert np.abs(cp.asnumpy(out).astype(np.float64) - ro).max() < 4e-3
 
 
 # ---------------------------------------------------------------- array libraries
