@@ -4,7 +4,6 @@ float64 reference; GPU -> a cached :class:`~cupy_lean.plan.Plan`)."""
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Optional
 
 import numpy as np
@@ -81,14 +80,16 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
         Attention sinks: one learned logit per query head that joins the
         softmax denominator with a zero value vector (as in gpt-oss); ``lse``
         includes it, and a sequence with no keys gives zeros and ``lse =
-        sink``. ``-inf`` is no sink for that head. NumPy path only for now
-        (GPU inputs raise ``NotImplementedError``).
+        sink``. ``-inf`` is no sink for that head. Folded in once per query
+        row, at the final merge, so every decomposition supports it.
     window_left : int, optional
         Sliding window: the query sees only its last ``window_left + 1``
-        keys (``None`` or -1: the whole sequence). NumPy path only for now.
+        keys (``None`` or -1: the whole sequence); tiles outside the window
+        are never read, so a windowed call costs what the window costs.
     softcap : float, optional
         Logit soft-capping: scores become ``softcap * tanh(score /
-        softcap)`` after scaling (``None``: off). NumPy path only for now.
+        softcap)`` after scaling (``None``: off). A per-call value: calls
+        with another value get another plan, never a stale one.
     batch_invariant : bool
         A sequence's ``out`` and ``lse`` are bitwise the same whatever its
         batch-mates, its position in the batch and the grid: every unit is
@@ -237,10 +238,6 @@ def _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, 
             raise ValueError(f"batch_invariant: needs schedule 'lean' or 'head' and num_ctas None (one CTA per "
                              f"unit), got schedule={schedule!r}, num_ctas={num_ctas!r}")
         schedule = "head"
-    if gpu and feats.any() and not GPU_FEATURES:
-        names = [n for n in ("sinks", "window_left", "softcap") if getattr(feats, n) is not None]
-        raise NotImplementedError(f"{', '.join(names)}: not yet supported by the GPU kernels (NumPy inputs run "
-                                  f"the reference with them)")
     if gpu and isinstance(feats.sinks, np.ndarray):  # host sinks with GPU arrays: checked, then copied
         import cupy
 
@@ -270,11 +267,6 @@ def _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, 
         _gpu.device_check(m, lens, table)
     res_out, res_lse = p._launch(q, k, v, lens, table, out, lse, return_lse, feats.sinks)
     return (res_out, res_lse) if return_lse else res_out
-
-
-#: GPU kernels for sinks, window_left and softcap: compiled and wired, enabled
-#: once their GPU tests have run (CUPY_LEAN_GPU_FEATURES=1 turns them on).
-GPU_FEATURES = os.environ.get("CUPY_LEAN_GPU_FEATURES", "0") == "1"
 
 
 def _features_key(feats):
@@ -345,8 +337,7 @@ def plan(q, k, v, *, kv_lens=None, block_table=None, scale=None, out=None, sched
     sinks, window_left, softcap
         As in :func:`attention` (``sinks``: an array of the layout the runs
         will pass as ``run(..., sinks=...)``; its values are read at each
-        run). GPU kernels for them are enabled with
-        ``CUPY_LEAN_GPU_FEATURES=1`` in this release.
+        run).
     config : Config, optional
         The kernel configuration in one object (schedule, tile_size, stages,
         ctas_per_sm, num_ctas); pass either it or those arguments, not both.
@@ -391,9 +382,6 @@ def plan(q, k, v, *, kv_lens=None, block_table=None, scale=None, out=None, sched
     if sinks is not None:
         sinks = _to_gpu(sinks, "sinks")
     feats = _validation.validate_features(m, sinks, window_left, softcap, True)
-    if feats.any() and not GPU_FEATURES:
-        names = [n for n in ("sinks", "window_left", "softcap") if getattr(feats, n) is not None]
-        raise NotImplementedError(f"{', '.join(names)}: not yet supported by the GPU kernels")
     if stages is not None:
         _validation._check_int(stages, "stages", 2, 6)
     if ctas_per_sm is not None:

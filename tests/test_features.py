@@ -1,7 +1,6 @@
 """Attention sinks, sliding windows and logit soft-capping in the float64
 reference, the schedule emulation and the NumPy front end, against a naive
-softmax written here; and their validation. (GPU kernels: not yet; GPU
-inputs raise NotImplementedError, tested in test_gpu_use.py.)"""
+softmax written here; and their validation. (GPU kernels: test_gpu_use.py.)"""
 
 import math
 
