@@ -18,7 +18,7 @@ __all__ = ["attention", "plan", "merge_states", "Config"]
 
 def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse=False, out=None, lse=None,
               schedule="lean", num_ctas=None, tile_size=None, kv_layout="NHD", validate=False, sinks=None,
-              window_left=None, softcap=None, batch_invariant=False):
+              window_left=None, softcap=None, batch_invariant=False, kv_dtype=None, k_scale=None, v_scale=None):
     """Decode attention: one new query token per sequence over its KV cache.
 
     For every sequence ``b`` and query head ``i`` (KV head ``i // group``,
@@ -90,6 +90,11 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
         Logit soft-capping: scores become ``softcap * tanh(score /
         softcap)`` after scaling (``None``: off). A per-call value: calls
         with another value get another plan, never a stale one.
+    kv_dtype : {"e4m3", "e5m2"}, optional
+        Read ``uint8`` k and v as fp8 (``float8_e4m3fn`` / ``float8_e5m2``
+        arrays need no ``kv_dtype``). NumPy path only in this release.
+    k_scale, v_scale : float or array of shape (heads_kv,), optional
+        fp8 caches hold ``value / scale``; default 1.
     batch_invariant : bool
         A sequence's ``out`` and ``lse`` are bitwise the same whatever its
         batch-mates, its position in the batch and the grid: every unit is
@@ -140,7 +145,8 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
             and (out is None or type(out) is nd) and (lse is None or type(lse) is nd) and not validate
             and (kv_lens is None or type(kv_lens) is nd) and (block_table is None or type(block_table) is nd)
             and (scale is None or type(scale) is float) and type(return_lse) is bool
-            and sinks is None and window_left is None and softcap is None and batch_invariant is False):
+            and sinks is None and window_left is None and softcap is None and batch_invariant is False
+            and kv_dtype is None and k_scale is None and v_scale is None):
         # Hot path: CuPy arrays whose signature has a plan (validated when the
         # plan was built).
         sig = _plan.signature(q, k, v, out, kv_lens, block_table, scale, schedule, num_ctas, tile_size)
@@ -150,7 +156,8 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
             res_out, res_lse = p._launch(q, k, v, kv_lens, block_table, out, lse, want)
             return (res_out, res_lse) if want else res_out
     return _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, schedule, num_ctas,
-                           tile_size, kv_layout, validate, sinks, window_left, softcap, batch_invariant)
+                           tile_size, kv_layout, validate, sinks, window_left, softcap, batch_invariant,
+                           kv_dtype, k_scale, v_scale)
 
 
 _get_device = None
@@ -221,12 +228,22 @@ def _check_lse(lse, m):
 
 
 def _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, schedule, num_ctas, tile_size,
-                    kv_layout, check_values, sinks=None, window_left=None, softcap=None, batch_invariant=False):
+                    kv_layout, check_values, sinks=None, window_left=None, softcap=None, batch_invariant=False,
+                    kv_dtype=None, k_scale=None, v_scale=None):
     return_lse = _check_bool(return_lse, "return_lse") or lse is not None
     check_values = _check_bool(check_values, "validate")
     batch_invariant = _check_bool(batch_invariant, "batch_invariant")
     gpu, q, k, v, lens, table, out, lse = _normalise(q, k, v, kv_lens, block_table, out, lse)
     k, v = _validation.kv_layout_views(k, v, kv_layout, table is not None)
+    fp8 = kv_dtype is not None or k_scale is not None or v_scale is not None or str(k.dtype).startswith("float8")
+    if q.ndim == 4 or fp8:
+        if gpu:
+            what = "q: several query tokens per sequence (q of 4 dimensions)" if q.ndim == 4 else \
+                "k, v: fp8 KV caches (kv_dtype, k_scale, v_scale)"
+            raise NotImplementedError(f"{what}: not yet supported by the GPU kernels (NumPy inputs run the "
+                                      f"reference)")
+        return _cpu_general(q, k, v, lens, table, scale, return_lse, out, lse, schedule, num_ctas, tile_size,
+                            sinks, window_left, softcap, batch_invariant, kv_dtype, k_scale, v_scale)
     m = _validation.validate(q, k, v, lens, table, scale, out, schedule, num_ctas, tile_size, gpu)
     _check_lse(lse, m)
     if sinks is not None:
@@ -395,6 +412,30 @@ def plan(q, k, v, *, kv_lens=None, block_table=None, scale=None, out=None, sched
     p = _plan.Plan(sig, m, workspace=workspace)
     p.kv_layout = kv_layout
     return p
+
+
+def _cpu_general(q, k, v, lens, table, scale, return_lse, out, lse, schedule, num_ctas, tile_size, sinks,
+                 window_left, softcap, batch_invariant, kv_dtype, k_scale, v_scale):
+    """NumPy path of calls with several query tokens per sequence or an fp8
+    cache: the reference validates and computes; the result is cast to q's
+    dtype and written to ``out`` / ``lse`` when given."""
+    _validation.validate_options(schedule, num_ctas, tile_size)  # the arrays: checked by the reference
+    with np.errstate(all="ignore"):
+        o64, lse64 = reference.attention(q, k, v, kv_lens=lens, block_table=table, scale=scale, sinks=sinks,
+                                         window_left=window_left, softcap=softcap, kv_dtype=kv_dtype,
+                                         k_scale=k_scale, v_scale=v_scale)
+    res = o64.astype(q.dtype)
+    res_lse = lse64.astype(np.float32)
+    for name, dst, src in (("out", out, res), ("lse", lse, res_lse)):
+        if dst is None:
+            continue
+        if not hasattr(dst, "shape") or tuple(dst.shape) != src.shape or dst.dtype != src.dtype:
+            raise ValueError(f"{name}: expected an array of shape {src.shape} and dtype {src.dtype}, got "
+                             f"{getattr(dst, 'dtype', type(dst).__name__)} {tuple(getattr(dst, 'shape', ()))}")
+        dst[...] = src
+    res = out if out is not None else res
+    res_lse = lse if lse is not None else res_lse
+    return (res, res_lse) if return_lse else res
 
 
 def _cpu_attention(q, k, v, lens, table, m, out, feats=None):

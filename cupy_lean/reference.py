@@ -109,18 +109,24 @@ def finalize(m, l, acc):
     return out, lse
 
 
-def _checked(q, k, v, kv_lens, block_table, scale, sinks=None, window_left=None, softcap=None):
+def _checked(q, k, v, kv_lens, block_table, scale, sinks=None, window_left=None, softcap=None, kv_dtype=None,
+             k_scale=None, v_scale=None):
     """The arguments as NumPy arrays, validated exactly as
-    :func:`cupy_lean.attention` validates them (same code, same messages)."""
+    :func:`cupy_lean.attention` validates them (same code, same messages).
+    An fp8 cache comes back as its fp8 view, with its scales in ``f``."""
     from ._arrays import host_ints, to_cpu
-    from .validation import check_host_values, validate, validate_features
+    from .validation import check_host_values, fp8_cache, validate, validate_features
 
     q, k, v = to_cpu(q, "q"), to_cpu(k, "k"), to_cpu(v, "v")
+    fp8 = fp8_cache(k, v, kv_dtype, k_scale, v_scale, int(k.shape[2]) if k.ndim == 4 else 1)
+    if fp8 is not None:
+        k, v = fp8[0], fp8[1]
     lens = None if kv_lens is None else host_ints(kv_lens, "kv_lens")
     table = None if block_table is None else host_ints(block_table, "block_table")
     m = validate(q, k, v, lens, table, scale, None, "lean", None, None, False)
     check_host_values(m, lens, table)
     f = validate_features(m, None if sinks is None else to_cpu(sinks, "sinks"), window_left, softcap, False)
+    f.kv_scales = None if fp8 is None else (fp8[2], fp8[3])
     return q, k, v, lens, table, m.scale, f
 
 
@@ -134,7 +140,7 @@ def window_start(lens, window_left):
 
 
 def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, sinks=None, window_left=None,
-              softcap=None):
+              softcap=None, kv_dtype=None, k_scale=None, v_scale=None):
     """Float64 decode attention.
 
     The arguments are validated as :func:`cupy_lean.attention` validates them
@@ -144,9 +150,15 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, sinks=None
 
     Parameters
     ----------
-    q : array, shape (batch, heads_q, head_dim)
+    q : array, shape (batch, heads_q, head_dim) or (batch, q_len, heads_q, head_dim)
+        With ``q_len`` query tokens per sequence, the last ``q_len`` positions
+        of the sequence: query ``i`` sees keys ``[0, kv_len - q_len + i]``
+        (causal), and ``out`` / ``lse`` get the ``q_len`` axis too.
     k, v : array, shape (batch, seqlen, heads_kv, head_dim), or with
         ``block_table`` the paged cache (num_pages, page_size, heads_kv, head_dim)
+        fp8 (``float8_e4m3fn`` / ``float8_e5m2``, or ``uint8`` with
+        ``kv_dtype``) holds ``value / scale``, with ``k_scale`` / ``v_scale``
+        a number or one per KV head.
     kv_lens : array of int, shape (batch,), optional
         Default: every sequence is ``seqlen`` long (dense only).
     block_table : array of int, shape (batch, max_pages), optional
@@ -167,8 +179,24 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, sinks=None
         Natural-log log-sum-exp of the scores (and the sink); ``-inf`` where
         ``kv_len == 0`` and there is no sink (and ``out`` is zero there).
     """
+    from ._arrays import to_cpu
+
+    qa = to_cpu(q, "q")
+    if qa.ndim == 4:  # q_len query tokens: query i is a decode over the first kv_len - q_len + 1 + i keys
+        if qa.shape[1] < 1:
+            raise ValueError(f"q: expected q_len >= 1 query tokens on axis 1, got shape {tuple(qa.shape)}")
+        kk = to_cpu(k, "k")
+        if kv_lens is None and block_table is None and kk.ndim == 4:
+            kv_lens = np.full(qa.shape[0], kk.shape[1], dtype=np.int64)
+        full = None if kv_lens is None else np.asarray(to_cpu(kv_lens, "kv_lens"), dtype=np.int64)
+        ql = qa.shape[1]
+        res = [attention(qa[:, i], k, v, kv_lens=None if full is None else np.clip(full - ql + 1 + i, 0, None),
+                         block_table=block_table, scale=scale, sinks=sinks, window_left=window_left,
+                         softcap=softcap, kv_dtype=kv_dtype, k_scale=k_scale, v_scale=v_scale)
+               for i in range(ql)]
+        return np.stack([r[0] for r in res], axis=1), np.stack([r[1] for r in res], axis=1)
     q, k, v, kv_lens, block_table, scale, f = _checked(q, k, v, kv_lens, block_table, scale, sinks,
-                                                       window_left, softcap)
+                                                       window_left, softcap, kv_dtype, k_scale, v_scale)
     batch, hq, d = q.shape
     hkv = k.shape[2]
     g = hq // hkv
@@ -181,6 +209,8 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, sinks=None
         n = int(lens[b])
         kb, vb = gather_kv(k, v, b, n, block_table)
         kb, vb = kb[start[b]:], vb[start[b]:]
+        if f.kv_scales is not None:  # fp8: the cache holds value / scale
+            kb, vb = kb * f.kv_scales[0][None, :, None], vb * f.kv_scales[1][None, :, None]
         for h in range(hkv):
             rows = slice(h * g, (h + 1) * g)
             state = partial_state(qf[b, rows], kb[:, h], vb[:, h], scale, f.softcap)

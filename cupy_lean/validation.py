@@ -11,7 +11,7 @@ import numbers
 import numpy as np
 
 from . import schedule as _schedule
-from ._dtypes import BFLOAT16, CPU_DTYPES, GPU_DTYPES, dtype_names
+from ._dtypes import BFLOAT16, CPU_DTYPES, FP8_DTYPES, GPU_DTYPES, dtype_names
 from .kernels import HEAD_DIMS, MAX_GROUP, MAX_PAGE_SIZE, TILE_SIZES
 
 MAX_NUM_CTAS = 1 << 20
@@ -63,7 +63,9 @@ def kv_layout_views(k, v, kv_layout, paged):
 
 
 def validate(q, k, v, kv_lens, block_table, scale, out, sched, num_ctas, tile_size, gpu):
-    _check_rank(q, "q", 3, "(batch, heads_q, head_dim)")
+    if q.ndim != 3:
+        raise ValueError(f"q: expected 3 dimensions (batch, heads_q, head_dim) or 4 (batch, q_len, heads_q, "
+                         f"head_dim), got shape {tuple(q.shape)}")
     paged = block_table is not None
     kaxes = "(num_pages, page_size, heads_kv, head_dim)" if paged else "(batch, seqlen, heads_kv, head_dim)"
     _check_rank(k, "k", 4, kaxes)
@@ -82,11 +84,14 @@ def validate(q, k, v, kv_lens, block_table, scale, out, sched, num_ctas, tile_si
         raise ValueError(f"k: expected batch {batch} (q.shape[0]), got {int(k.shape[0])}")
 
     supported = GPU_DTYPES if gpu else CPU_DTYPES
-    for name, x in (("q", q), ("k", k), ("v", v)):
+    fp8 = not gpu and k.dtype in FP8_DTYPES.values()  # an fp8 cache (NumPy path), q in its own precision
+    for name, x in (("q", q),) + ((("k", k), ("v", v)) if not fp8 else ()):
         if x.dtype not in supported:
             where = "GPU" if gpu else "NumPy"
             raise TypeError(f"{name}: the {where} path supports dtypes {dtype_names(supported)}, got {x.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
+    if fp8 and v.dtype != k.dtype:
+        raise TypeError(f"v: expected k's fp8 dtype {k.dtype}, got {v.dtype}")
+    if not fp8 and not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"q, k, v: expected one dtype, got q {q.dtype}, k {k.dtype}, v {v.dtype}")
     for name, x in (("q", q), ("k", k), ("v", v)):
         _check_last_contiguous(x, name)
@@ -157,6 +162,12 @@ def validate(q, k, v, kv_lens, block_table, scale, out, sched, num_ctas, tile_si
             raise ValueError(f"scale: expected a finite number, got {text}")
         m.scale = fscale
 
+    validate_options(sched, num_ctas, tile_size)
+    return m
+
+
+def validate_options(sched, num_ctas, tile_size):
+    """Checks of the schedule, CTA count and tile size options."""
     if not isinstance(sched, str) or sched not in _schedule.SCHEDULES:
         raise ValueError(f"schedule: expected one of {_schedule.SCHEDULES}, got {sched!r}")
     if tile_size is not None:
@@ -165,16 +176,16 @@ def validate(q, k, v, kv_lens, block_table, scale, out, sched, num_ctas, tile_si
             raise ValueError(f"tile_size: expected one of {TILE_SIZES}, got {tile_size}")
     if num_ctas is not None:
         _check_int(num_ctas, "num_ctas", 1, MAX_NUM_CTAS)
-    return m
 
 
 class Features:
     """Validated optional semantics of a call (None / False: off)."""
 
-    __slots__ = ("sinks", "window_left", "softcap")
+    __slots__ = ("sinks", "window_left", "softcap", "kv_scales")
 
     def __init__(self, sinks=None, window_left=None, softcap=None):
         self.sinks, self.window_left, self.softcap = sinks, window_left, softcap
+        self.kv_scales = None  # fp8 cache: (k_scale, v_scale) per KV head
 
     def any(self):
         return self.sinks is not None or self.window_left is not None or self.softcap is not None
@@ -218,6 +229,43 @@ def validate_features(m, sinks, window_left, softcap, gpu):
             raise ValueError(f"softcap: expected a finite number > 0 (None: no soft-capping), got {c!r}")
         f.softcap = c
     return f
+
+
+def fp8_cache(k, v, kv_dtype, k_scale, v_scale, heads_kv):
+    """The fp8 view of an fp8 KV cache and its float64 scales per KV head,
+    or None for a cache that is not fp8 (then no scale may be given).
+
+    ``kv_dtype`` ("e4m3" or "e5m2") reads ``uint8`` storage as that type;
+    without it ``k`` and ``v`` must already be ``float8_e4m3fn`` /
+    ``float8_e5m2`` (ml_dtypes, or PyTorch through DLPack). ``k_scale`` /
+    ``v_scale``: a number or an array of shape ``(heads_kv,)``, finite and >
+    0 (default 1): the cache holds ``value / scale``."""
+    if kv_dtype is not None:
+        if not isinstance(kv_dtype, str) or kv_dtype not in FP8_DTYPES:
+            raise ValueError(f"kv_dtype: expected one of {tuple(FP8_DTYPES)}, got {kv_dtype!r}")
+        for name, x in (("k", k), ("v", v)):
+            if x.dtype not in (np.dtype(np.uint8), FP8_DTYPES[kv_dtype]):
+                raise TypeError(f"{name}: kv_dtype={kv_dtype!r} reads uint8 storage, got {x.dtype}")
+        k, v = k.view(FP8_DTYPES[kv_dtype]), v.view(FP8_DTYPES[kv_dtype])
+    elif k.dtype not in FP8_DTYPES.values():
+        for name, sc in (("k_scale", k_scale), ("v_scale", v_scale)):
+            if sc is not None:
+                raise ValueError(f"{name}: only with an fp8 KV cache (k of dtype float8_e4m3fn / float8_e5m2, "
+                                 f"or kv_dtype=), got k of dtype {k.dtype}")
+        return None
+    scales = []
+    for name, sc in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if sc is None:
+            scales.append(np.ones(heads_kv))
+            continue
+        arr = np.asarray(sc, dtype=np.float64) if not isinstance(sc, bool) else None
+        if arr is None or arr.ndim > 1 or (arr.ndim == 1 and arr.shape != (heads_kv,)):
+            raise ValueError(f"{name}: expected a number or an array of shape ({heads_kv},), got "
+                             f"{type(sc).__name__} {getattr(sc, 'shape', sc)!r}")
+        if not np.all(np.isfinite(arr) & (arr > 0)):
+            raise ValueError(f"{name}: expected finite values > 0, got {arr!r}")
+        scales.append(np.broadcast_to(arr, (heads_kv,)).copy())
+    return k, v, scales[0], scales[1]
 
 
 def check_host_values(m, lens, table):

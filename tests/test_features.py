@@ -148,3 +148,90 @@ def test_window_minus_one_is_no_window_and_sinks_may_be_a_list():
     c = cupy_lean.attention(q, k, v, kv_lens=lens, sinks=[0.5, -1.0])
     d = cupy_lean.attention(q, k, v, kv_lens=lens, sinks=np.array([0.5, -1.0]))
     assert np.array_equal(c, d)
+
+
+# ---------------------------------------------------------------- several query tokens
+
+@given(st.lists(st.integers(0, 60), min_size=1, max_size=3), st.integers(1, 5), st.integers(1, 2),
+       st.one_of(st.none(), st.integers(0, 20)), st.booleans(), st.integers(0, 10**6))
+@example([3, 0], 5, 1, None, False, 1)
+def test_query_tokens_are_causal_decodes(lens, q_len, hkv, window, with_sinks, seed):
+    """Query i of q_len sees keys [0, kv_len - q_len + i]: the decode of a
+    sequence cut to kv_len - q_len + 1 + i keys (empty when that is <= 0)."""
+    _, k, v, lens = make_problem(lens, hkv, 2, 16, seed)
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((len(lens), q_len, hkv * 2, 16))
+    sinks = rng.standard_normal(hkv * 2) if with_sinks else None
+    out, lse = reference.attention(q, k, v, kv_lens=lens, window_left=window, sinks=sinks)
+    assert out.shape == q.shape and lse.shape == q.shape[:3]
+    for i in range(q_len):
+        cut = np.clip(lens - q_len + 1 + i, 0, None)
+        ro, rl = naive(q[:, i], k, v, cut, sinks=sinks, window_left=window)
+        close(out[:, i], ro)
+        close(lse[:, i], rl)
+
+
+def test_query_tokens_through_the_front_end_with_out_and_lse():
+    q3, k, v, lens = make_problem([30, 4], 1, 4, 16, 4, dtype=np.float32)
+    q = np.stack([q3, q3 * 0.5], axis=1)
+    out = np.full(q.shape, np.nan, np.float32)
+    lse = np.full(q.shape[:3], np.nan, np.float32)
+    res, res_lse = cupy_lean.attention(q, k, v, kv_lens=lens, out=out, lse=lse)
+    assert res is out and res_lse is lse and np.isfinite(out).all()
+    last = cupy_lean.attention(q3 * 0.5, k, v, kv_lens=lens)
+    np.testing.assert_allclose(out[:, 1], last, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match=r"out: expected an array of shape \(2, 2, 4, 16\)"):
+        cupy_lean.attention(q, k, v, kv_lens=lens, out=np.zeros((2, 4, 16), np.float32))
+    with pytest.raises(ValueError, match="q: expected q_len >= 1"):
+        cupy_lean.attention(q[:, :0], k, v, kv_lens=lens)
+
+
+# ---------------------------------------------------------------- fp8 caches
+
+@pytest.mark.parametrize("name", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_fp8_cache_is_value_over_scale(name, per_head):
+    from cupy_lean._dtypes import FP8_DTYPES
+
+    q, k, v, lens = make_problem([50, 0, 9], 2, 3, 16, 6)
+    lens_k = np.nan_to_num(k)
+    lens_v = np.nan_to_num(v)
+    ks = np.array([0.25, 0.5]) if per_head else 0.25
+    vs = np.array([2.0, 4.0]) if per_head else 2.0
+    dt = FP8_DTYPES[name]
+    k8 = (lens_k / np.broadcast_to(ks, (2,))[None, None, :, None]).astype(dt)
+    v8 = (lens_v / np.broadcast_to(vs, (2,))[None, None, :, None]).astype(dt)
+    want = reference.attention(q, k8.astype(np.float64) * np.broadcast_to(ks, (2,))[None, None, :, None],
+                               v8.astype(np.float64) * np.broadcast_to(vs, (2,))[None, None, :, None], kv_lens=lens)
+    got = reference.attention(q, k8, v8, kv_lens=lens, k_scale=ks, v_scale=vs)
+    close(got[0], want[0])
+    close(got[1], want[1])
+    raw = cupy_lean.attention(q.astype(np.float16), k8.view(np.uint8), v8.view(np.uint8), kv_lens=lens,
+                              kv_dtype=name, k_scale=ks, v_scale=vs, return_lse=True)
+    typed = cupy_lean.attention(q.astype(np.float16), k8, v8, kv_lens=lens, k_scale=ks, v_scale=vs,
+                                return_lse=True)
+    assert raw[0].dtype == np.float16 and np.array_equal(raw[0], typed[0]) and np.array_equal(raw[1], typed[1])
+
+
+@pytest.mark.parametrize("kw,exc,match", [
+    (dict(kv_dtype="e3m4"), ValueError, r"kv_dtype: expected one of \('e4m3', 'e5m2'\), got 'e3m4'"),
+    (dict(kv_dtype="e4m3", raw=False), TypeError, "k: kv_dtype='e4m3' reads uint8 storage, got float64"),
+    (dict(k_scale=0.0), ValueError, "k_scale: expected finite values > 0"),
+    (dict(v_scale=np.array([1.0, np.nan])), ValueError, "v_scale: expected finite values > 0"),
+    (dict(k_scale=np.ones(3)), ValueError, r"k_scale: expected a number or an array of shape \(2,\)"),
+    (dict(k_scale=True), ValueError, "k_scale: expected a number"),
+    (dict(k_scale=0.5, plain=True), ValueError, "k_scale: only with an fp8 KV cache"),
+])
+def test_fp8_arguments_are_validated(kw, exc, match):
+    import ml_dtypes
+
+    q, k, v, lens = make_problem([5, 3], 2, 2, 16, 1)
+    k, v = np.nan_to_num(k), np.nan_to_num(v)
+    raw, plain = kw.pop("raw", True), kw.pop("plain", False)
+    if not plain:
+        k8, v8 = k.astype(ml_dtypes.float8_e4m3fn), v.astype(ml_dtypes.float8_e4m3fn)
+        k, v = (k8.view(np.uint8), v8.view(np.uint8)) if raw and "kv_dtype" in kw else (k8, v8)
+        if not raw:
+            k, v = np.nan_to_num(make_problem([5, 3], 2, 2, 16, 1)[1]), v
+    with pytest.raises(exc, match=match):
+        cupy_lean.attention(q, k, v, kv_lens=lens, **kw)

@@ -306,6 +306,19 @@ def test_batch_invariant_is_bitwise_whatever_the_batch():
                 assert cp.array_equal(lse[j].view(cp.uint32), full[1][b].view(cp.uint32))
 
 
+def test_not_yet_on_the_gpu_is_refused_clearly():
+    """Several query tokens per sequence and fp8 caches: NumPy path only in
+    this release; GPU inputs get NotImplementedError naming them."""
+    rng = np.random.default_rng(91)
+    q, k, v, lens, _ = make_inputs(rng, 2, 8, 2, 64, np.float16, [100, 7], "dense")
+    args = (to_gpu(q), to_gpu(k), to_gpu(v))
+    with pytest.raises(NotImplementedError, match="q: several query tokens per sequence"):
+        cupy_lean.attention(cp.stack([args[0], args[0]], axis=1), args[1], args[2], kv_lens=cp.asarray(lens))
+    with pytest.raises(NotImplementedError, match="k, v: fp8 KV caches"):
+        cupy_lean.attention(args[0], args[1].view(cp.uint8)[..., :64], args[2].view(cp.uint8)[..., :64],
+                            kv_lens=cp.asarray(lens), kv_dtype="e4m3")
+
+
 _FEATURE_SETS = [dict(sinks=True), dict(window_left=700), dict(softcap=8.0),
                  dict(sinks=True, window_left=2500, softcap=20.0)]
 

@@ -56,8 +56,10 @@ ATTENTION_CASES = [
     # ranks
     ("q rank 2", dense, lambda a: dict(q=a["q"][0]), ValueError,
      r"q: expected 3 dimensions .*got shape \(4, 8\)"),
-    ("q rank 4", dense, lambda a: dict(q=a["q"][None]), ValueError,
-     r"q: expected 3 dimensions .*got shape \(1, 2, 4, 8\)"),
+    ("q rank 5", dense, lambda a: dict(q=a["q"][None, None]), ValueError,
+     r"q: expected 3 dimensions .* or 4 .*got shape \(1, 1, 2, 4, 8\)"),
+    ("q rank 4 batch", dense, lambda a: dict(q=a["q"][None]), ValueError,
+     r"k: expected batch 1 \(q.shape\[0\]\), got 2"),
     ("k rank 3", dense, lambda a: dict(k=a["k"][0]), ValueError,
      r"k: expected 4 dimensions \(batch, seqlen, heads_kv, head_dim\), got shape \(10, 2, 8\)"),
     ("v rank 5", dense, lambda a: dict(v=a["v"][..., None]), ValueError,
