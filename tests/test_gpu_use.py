@@ -319,6 +319,42 @@ def test_not_yet_on_the_gpu_is_refused_clearly():
                             kv_lens=cp.asarray(lens), kv_dtype="e4m3")
 
 
+def _nccl():
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # CuPy warns when libnccl is missing
+            from cupy.cuda import nccl
+
+            nccl.get_version()
+        return nccl
+    except Exception:
+        return None
+
+
+@pytest.mark.skipif(_nccl() is None, reason="CuPy without NCCL")
+def test_distributed_single_rank_nccl_and_devices():
+    """The NCCL paths with one rank (what one GPU allows): the all-gather
+    of one shard, merged, equals the plain call; so does the one-process
+    multi-device path on one device."""
+    from cupy_lean import distributed
+
+    nccl = _nccl()
+    rng = np.random.default_rng(92)
+    q, k, v, lens, _ = make_inputs(rng, 3, 16, 4, 128, np.float16, [5000, 0, 77], "dense")
+    qd, kd, vd, ld = to_gpu(q), to_gpu(k), to_gpu(v), cp.asarray(lens)
+    plain = cupy_lean.attention(qd, kd, vd, kv_lens=ld, return_lse=True)
+    comm = nccl.NcclCommunicator(1, nccl.get_unique_id(), 0)
+    got = distributed.attention(qd, kd, vd, kv_lens=ld, group=distributed.NcclGroup(comm, 0, 1), return_lse=True)
+    _assert_bitwise(got[0], plain[0])
+    dev = cp.cuda.runtime.getDevice()
+    res = distributed.attention_devices([dict(device=dev, q=qd, k=kd, v=vd, kv_lens=ld)], return_lse=True)
+    out, lse = res[0]
+    assert float(cp.abs(out.astype(cp.float32) - plain[0].astype(cp.float32)).max()) < 2e-3
+    assert cp.array_equal(cp.isneginf(lse), cp.isneginf(plain[1]))
+
+
 _FEATURE_SETS = [dict(sinks=True), dict(window_left=700), dict(softcap=8.0),
                  dict(sinks=True, window_left=2500, softcap=20.0)]
 
