@@ -40,17 +40,22 @@ from bench import family as F  # noqa: E402
 SMALL_BYTES = 64e6  # below this a call is "small": fixed costs and the reduction tail dominate
 STAGES = (2, 3, 4)
 CTAS_PER_SM = (1, 2)
+MIN_TILES = (2, 4, 8, 16)  # tried with the default tile and stages
 
 
 def configs_for(spec_args, smem_limit, sm_smem=None):
-    """Every (schedule, tile, stages, ctas_per_sm) for a spec of
+    """Every (schedule, tile, stages, ctas_per_sm, min_tiles_per_cta) for a spec of
     ``spec_args`` = (dtype, head_dim, group, paged) whose CTA fits
     ``smem_limit`` (per block) and whose CTAs per SM fit ``sm_smem`` (per
     SM, 1 KB of it reserved per CTA; default: the block limit + 1 KB)."""
     from cupy_lean import kernels as K
 
     dtype, d, group, paged = spec_args
-    out = [("split", None, None, None)]
+    out = [("split", None, None, None, 1)]
+    try:
+        default = K.make_spec(dtype, d, group, paged, smem_limit=smem_limit)
+    except ValueError:  # nothing fits this device
+        return out
     for tile, stages, cps in itertools.product(K.TILE_SIZES, STAGES, CTAS_PER_SM):
         try:
             s = K.make_spec(dtype, d, group, paged, tile, stages, smem_limit=smem_limit)
@@ -58,8 +63,26 @@ def configs_for(spec_args, smem_limit, sm_smem=None):
             continue
         if cps * (s.smem_bytes + 1024) > (sm_smem or smem_limit + 1024):
             continue
-        out.append(("lean", tile, stages, cps))
+        out.append(("lean", tile, stages, cps, 1))
+        if (tile, stages) == (default.tile, default.stages):
+            out += [("lean", tile, stages, cps, m) for m in MIN_TILES]
     return out
+
+
+def config_name(cfg):
+    sched, tile, stages, cps, mt = cfg
+    if sched != "lean":
+        return sched
+    return f"lean_t{tile}_s{stages}_c{cps}" + (f"_m{mt}" if mt > 1 else "")
+
+
+def parse_name(name):
+    """(schedule, tile, stages, ctas_per_sm, min_tiles_per_cta) of a name."""
+    if name == "split":
+        return ("split", None, None, None, 1)
+    parts = name.split("_")[1:]
+    vals = {p[0]: int(p[1:]) for p in parts}
+    return ("lean", vals["t"], vals["s"], vals["c"], vals.get("m", 1))
 
 
 def features(case):
@@ -104,10 +127,11 @@ def measure(args):
             kw["block_table"] = inp.block_table
         outs = [cp.empty_like(q) for q in inp.q]
         rec = {"case": case.name, "features": features(case), "times": {}}
-        for sched, tile, stages, cps in configs_for(("f16", case.head_dim, case.group, case.layout == "paged"), limit,
-                                                     sm_smem):
-            cfg = cupy_lean.Config(schedule=sched, tile_size=tile, stages=stages, ctas_per_sm=cps)
-            name = sched if sched != "lean" else f"lean_t{tile}_s{stages}_c{cps}"
+        for c in configs_for(("f16", case.head_dim, case.group, case.layout == "paged"), limit, sm_smem):
+            sched, tile, stages, cps, mt = c
+            cfg = cupy_lean.Config(schedule=sched, tile_size=tile, stages=stages, ctas_per_sm=cps,
+                                   min_tiles_per_cta=mt if mt > 1 else None)
+            name = config_name(c)
             try:
                 p = cupy_lean.plan(inp.q[0], inp.k[0], inp.v[0], out=outs[0], config=cfg, **kw)
                 us = graph_time(lambda i: p.run(inp.q[i], inp.k[i], inp.v[i], out=outs[i], **kw), n_copies,
@@ -161,7 +185,8 @@ def write_table(table, sources, path):
         '"""Default kernel configurations fitted by ``python -m bench.tune fit`` (generated; do not edit).',
         "",
         "Key: (head_dim, query tiles, paged, 'small' | 'large' by K/V bytes); value: (schedule, tile,",
-        "stages, CTAs per SM), the best geometric mean of time / best time over the shapes measured.",
+        "stages, CTAs per SM, min tiles per CTA), the best geometric mean of time / best time over the",
+        "shapes measured.",
         f"Sources: {', '.join(sources)}.",
         '"""',
         "",
@@ -171,11 +196,7 @@ def write_table(table, sources, path):
     ]
     for key in sorted(table):
         name, score, n = table[key]
-        if name == "split":
-            val = ("split", None, None, None)
-        else:
-            t, s, c = name.split("_")[1:]
-            val = ("lean", int(t[1:]), int(s[1:]), int(c[1:]))
+        val = parse_name(name)
         lines.append(f"    {key!r}: {val!r},  # geomean {score:.3f} of best over {n} shapes")
     lines.append("}")
     with open(path, "w") as f:

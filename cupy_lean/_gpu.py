@@ -77,7 +77,8 @@ def _merge_lse_only(lses):
     return cp.where(tot == 0, -cp.inf, safe + cp.log(cp.where(tot == 0, 1.0, tot))).astype(cp.float32)
 
 
-def device_schedule(kv_lens, heads_kv, *, tile_size, num_ctas=None, num_splits=None, max_segments=64):
+def device_schedule(kv_lens, heads_kv, *, tile_size, num_ctas=None, num_splits=None, max_segments=64,
+                    min_tiles_per_cta=1):
     """The schedule as the kernel derives it (its schedule-dump entry: no
     attention is computed). Stream-K with ``num_ctas`` CTAs, or split-K with
     ``num_splits`` chunks per unit. Returns, per CTA, None (no work) or
@@ -93,6 +94,7 @@ def device_schedule(kv_lens, heads_kv, *, tile_size, num_ctas=None, num_splits=N
     prm.batch, prm.heads_kv, prm.group = B, heads_kv, 1
     prm.capacity = max(1, int(lens_host.max()) if B else 1)
     prm.page_size = 1
+    prm.window_left, prm.min_tiles_per_cta = -1, min_tiles_per_cta
     if num_splits is None:
         prm.decomposition, prm.num_splits, grid = K.Decomposition.STREAM_K, 1, num_ctas
     else:

@@ -71,6 +71,7 @@ class Signature(NamedTuple):
     stages: Optional[int]
     ctas_per_sm: Optional[int]
     features: Optional[tuple] = None  # (sinks meta | None, window_left | None, softcap | None)
+    min_tiles_per_cta: Optional[int] = None
 
 
 def sinks_meta(x):
@@ -86,7 +87,7 @@ def _meta(x):
 
 
 def signature(q, k, v, out, kv_lens, block_table, scale, schedule, num_ctas, tile_size,
-              stages=None, ctas_per_sm=None, features=None):
+              stages=None, ctas_per_sm=None, features=None, min_tiles_per_cta=None):
     """The :class:`Signature` of CuPy arrays (``kv_lens`` / ``block_table``
     CuPy, NumPy or None) and options."""
     return Signature(
@@ -95,7 +96,7 @@ def signature(q, k, v, out, kv_lens, block_table, scale, schedule, num_ctas, til
         None if kv_lens is None else _meta(kv_lens), None if block_table is None else _meta(block_table),
         (not q.data.ptr & 15, not k.data.ptr & 15, not v.data.ptr & 15,
          None if out is None else not out.data.ptr & 7),
-        scale, schedule, num_ctas, tile_size, stages, ctas_per_sm, features)
+        scale, schedule, num_ctas, tile_size, stages, ctas_per_sm, features, min_tiles_per_cta)
 
 
 def aligned_grid(units, tiles_per_unit, grid, min_fraction=0.85):
@@ -233,6 +234,7 @@ class Plan:
         prm.scale_log2 = m.scale * _LOG2E
         prm.slot_stride = slot_stride
         prm.window_left = -1 if f_window is None else f_window
+        prm.min_tiles_per_cta = sig.min_tiles_per_cta or 1
         if f_softcap is not None:
             prm.softcap_scale = m.scale / f_softcap
             prm.softcap_log2 = f_softcap * _LOG2E
@@ -278,6 +280,7 @@ class Plan:
             note = " (aligned to unit boundaries for uniform lengths)" if self.aligned_grid_applied else ""
             lines.append(f"  grid: {self.grid} persistent CTAs{note}; {self.ctas_per_sm} CTA/SM requested"
                          + (f", num_ctas={s.num_ctas}" if s.num_ctas is not None else "")
+                         + (f", at most one CTA per {s.min_tiles_per_cta} tiles" if s.min_tiles_per_cta else "")
                          + "; each CTA takes an equal share (+-1 tile) of all tiles, derived on the GPU "
                            "from kv_lens at run time")
         else:
@@ -347,7 +350,7 @@ class Plan:
         elif sinks is not None:
             raise ValueError("sinks: the plan was made without sinks")
         got = signature(q, k, v, out, kv_lens, block_table, s.scale, s.schedule, s.num_ctas, s.tile_size,
-                        s.stages, s.ctas_per_sm, feats)
+                        s.stages, s.ctas_per_sm, feats, s.min_tiles_per_cta)
         if got != s:
             for name in Signature._fields:
                 a, b = getattr(s, name), getattr(got, name)

@@ -314,6 +314,9 @@ class Config:
     num_ctas : int, optional
         Lean: the grid; split: ``units x num_splits`` (``num_splits =
         num_ctas // units``).
+    min_tiles_per_cta : int, optional
+        Lean: at most one CTA per this many tiles (fewer, longer ranges on
+        small calls: fewer partial states to merge); default 1.
 
     A configuration whose shared memory does not fit the device raises
     ``ValueError`` naming the limit when the plan is made.
@@ -324,11 +327,12 @@ class Config:
     stages: Optional[int] = None
     ctas_per_sm: Optional[int] = None
     num_ctas: Optional[int] = None
+    min_tiles_per_cta: Optional[int] = None
 
 
 def plan(q, k, v, *, kv_lens=None, block_table=None, scale=None, out=None, schedule="lean", num_ctas=None,
          tile_size=None, kv_layout="NHD", stages=None, ctas_per_sm=None, workspace=None, config=None,
-         sinks=None, window_left=None, softcap=None):
+         sinks=None, window_left=None, softcap=None, min_tiles_per_cta=None):
     """Build a launch plan for calls like ``attention(q, k, v, ...)``.
 
     The plan is made from the arrays' metadata (shapes, strides, dtypes,
@@ -355,9 +359,12 @@ def plan(q, k, v, *, kv_lens=None, block_table=None, scale=None, out=None, sched
         As in :func:`attention` (``sinks``: an array of the layout the runs
         will pass as ``run(..., sinks=...)``; its values are read at each
         run).
+    min_tiles_per_cta : int, optional
+        Lean: at most one CTA per this many tiles (see :class:`Config`).
     config : Config, optional
         The kernel configuration in one object (schedule, tile_size, stages,
-        ctas_per_sm, num_ctas); pass either it or those arguments, not both.
+        ctas_per_sm, num_ctas, min_tiles_per_cta); pass either it or those
+        arguments, not both.
     workspace : cupy.ndarray, optional
         Caller-owned workspace of at least ``workspace_bytes`` bytes
         (contiguous, 256-byte aligned); its first bytes (unit counters) are
@@ -384,12 +391,14 @@ def plan(q, k, v, *, kv_lens=None, block_table=None, scale=None, out=None, sched
             raise TypeError(f"config: expected a cupy_lean.Config, got {type(config).__name__}")
         given = [n for n, val, default in (("schedule", schedule, "lean"), ("num_ctas", num_ctas, None),
                                           ("tile_size", tile_size, None), ("stages", stages, None),
-                                          ("ctas_per_sm", ctas_per_sm, None)) if val != default]
+                                          ("ctas_per_sm", ctas_per_sm, None),
+                                          ("min_tiles_per_cta", min_tiles_per_cta, None)) if val != default]
         if given:
             raise ValueError(f"config: pass the configuration either as config= or as arguments, "
                              f"got both (config and {', '.join(given)})")
         schedule, num_ctas, tile_size = config.schedule, config.num_ctas, config.tile_size
         stages, ctas_per_sm = config.stages, config.ctas_per_sm
+        min_tiles_per_cta = config.min_tiles_per_cta
     gpu, q, k, v, lens, table, out, _ = _normalise(q, k, v, kv_lens, block_table, out, None)
     k, v = _validation.kv_layout_views(k, v, kv_layout, table is not None)
     if not gpu:
@@ -403,12 +412,14 @@ def plan(q, k, v, *, kv_lens=None, block_table=None, scale=None, out=None, sched
         _validation._check_int(stages, "stages", 2, 6)
     if ctas_per_sm is not None:
         _validation._check_int(ctas_per_sm, "ctas_per_sm", 1, 32)
+    if min_tiles_per_cta is not None:
+        _validation._check_int(min_tiles_per_cta, "min_tiles_per_cta", 1, 1 << 20)
     if isinstance(table, np.ndarray):
         import cupy
 
         table = cupy.asarray(table)
     sig = _plan.signature(q, k, v, out, lens, table, m.scale if scale is not None else None, schedule,
-                          num_ctas, tile_size, stages, ctas_per_sm, _features_key(feats))
+                          num_ctas, tile_size, stages, ctas_per_sm, _features_key(feats), min_tiles_per_cta)
     p = _plan.Plan(sig, m, workspace=workspace)
     p.kv_layout = kv_layout
     return p

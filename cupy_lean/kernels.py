@@ -78,7 +78,7 @@ class Params(ctypes.Structure):
         ("decomposition", ctypes.c_int32), ("num_splits", ctypes.c_int32),
         ("scale_log2", ctypes.c_float), ("slot_stride", ctypes.c_int32),
         ("sinks", ctypes.c_uint64), ("softcap_scale", ctypes.c_float), ("softcap_log2", ctypes.c_float),
-        ("window_left", ctypes.c_int32),
+        ("window_left", ctypes.c_int32), ("min_tiles_per_cta", ctypes.c_int32),
     ]
 
 

@@ -335,7 +335,7 @@ def lean_cta_of_tile(total_tiles, num_ctas, tile):
                     heavy + (tile - heavy * max_tiles) // light)
 
 
-def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas):
+def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1):
     """The stream-K (LeanAttention) schedule.
 
     Parameters
@@ -348,7 +348,10 @@ def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas):
         Tokens per tile.
     num_ctas : int
         Grid size. CTAs beyond the number of tiles own no work: the effective
-        count is ``min(total_tiles, num_ctas)``.
+        count is ``min(total_tiles, num_ctas)``, and with ``min_tiles_per_cta
+        = m > 1`` at most ``max(1, total_tiles // m)``.
+    min_tiles_per_cta : int
+        Fewer, longer ranges on small calls (fewer partial states to merge).
 
     Returns
     -------
@@ -356,8 +359,9 @@ def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas):
     """
     lens, heads_kv, tile_size, tps, unit_tiles, unit_start = _units(kv_lens, heads_kv, tile_size)
     num_ctas = _check_positive_int(num_ctas, "num_ctas")
+    min_tiles = _check_positive_int(min_tiles_per_cta, "min_tiles_per_cta")
     total = int(unit_tiles.sum())
-    ncta = min(total, num_ctas)
+    ncta = min(num_ctas, max(1, total // min_tiles) if min_tiles > 1 else total) if total else 0
     if ncta == 0:
         return Schedule("lean", lens, heads_kv, tile_size, 0, tps, unit_tiles, unit_start,
                         0, 0, 0, 0, np.zeros(0, np.int64), np.zeros(0, np.int64),

@@ -151,7 +151,8 @@ static_assert(STREAM_K == LEAN_HOST_STREAM_K && SPLIT_K == LEAN_HOST_SPLIT_K, "D
   F(const float*, sinks)     /* HAS_SINKS: (heads_q,) natural-log logits, or null */           \
   F(float, softcap_scale)    /* HAS_SOFTCAP: scale / cap */                                    \
   F(float, softcap_log2)     /* HAS_SOFTCAP: cap * log2(e) */                                  \
-  F(int, window_left)        /* HAS_WINDOW: keys seen = window_left + 1; -1: all */
+  F(int, window_left)        /* HAS_WINDOW: keys seen = window_left + 1; -1: all */         \
+  F(int, min_tiles_per_cta)  /* STREAM_K: at most one CTA per this many tiles (StreamK) */
 
 #define LEAN_DECLARE_FIELD(type, name) type name;
 struct Params {
@@ -204,14 +205,17 @@ __device__ __forceinline__ int seq_len(const Params& p, const int* lens_s, int b
 
 // Stream-K: `total` tiles (every unit's tiles end to end, units in (b, h)
 // order) cut into `ctas` ranges; the first `heavy` CTAs own `per` tiles, the
-// others `per - 1`. Mirrored by schedule.lean_cta_range / lean_cta_of_tile.
+// others `per - 1`. `ctas` is the grid, at most one CTA per `min_tiles`
+// tiles (fewer, longer ranges: fewer partial states to merge on small
+// calls); CTAs past it exit. Mirrored by schedule.lean_schedule.
 struct StreamK {
   i64 total, per, heavy;
   int ctas;
-  __device__ static StreamK make(i64 total, int grid) {
+  __device__ static StreamK make(i64 total, int grid, int min_tiles = 1) {
     StreamK s;
     s.total = total;
-    s.ctas = (int)min((i64)grid, total);
+    s.ctas = (int)min((i64)grid, min_tiles > 1 ? max((i64)1, total / min_tiles) : total);
+    if (total == 0) s.ctas = 0;
     s.per = s.ctas > 0 ? (total + s.ctas - 1) / s.ctas : 0;
     s.heavy = total - (s.per - 1) * s.ctas;
     return s;
@@ -611,7 +615,7 @@ __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, S
   }
   int seq_tiles;
   block_incl_scan<NT>(local, misc, &seq_tiles);
-  sk = StreamK::make((i64)seq_tiles * p.heads_kv, gridDim.x);
+  sk = StreamK::make((i64)seq_tiles * p.heads_kv, gridDim.x, p.min_tiles_per_cta);
   if (c >= sk.ctas) return false;
   w.g = sk.begin(c);
   w.end = sk.end(c);

@@ -324,9 +324,10 @@ def test_tune_configurations_fit_the_limits():
     from bench import tune
 
     cfgs = tune.configs_for(("f16", 128, 8, False), 232448, 233472)
-    assert ("split", None, None, None) in cfgs
+    assert ("split", None, None, None, 1) in cfgs
     lean = [c for c in cfgs if c[0] == "lean"]
-    assert ("lean", 64, 4, 1) in lean and ("lean", 128, 6, 1) not in lean
+    assert ("lean", 64, 4, 1, 1) in lean and ("lean", 64, 4, 1, 8) in lean and ("lean", 32, 4, 1, 8) not in lean
+    assert all(tune.parse_name(tune.config_name(c)) == c for c in cfgs)
     assert all(c[3] == 1 for c in lean if c[1] == 128)  # two 128-token CTAs do not fit one SM
     small = tune.configs_for(("f16", 256, 128, True), 101376, 102400)
     assert all(c[1] <= 32 for c in small if c[0] == "lean")
@@ -353,5 +354,5 @@ def test_tune_fit_picks_one_configuration_per_group(tmp_path):
     tune.write_table(table, ["a.json"], str(path))
     ns = {}
     exec(path.read_text(), ns)
-    assert ns["TABLE"][(128, 1, False, "large")] == ("lean", 64, 4, 1)
-    assert ns["TABLE"][(128, 1, False, "small")] == ("split", None, None, None)
+    assert ns["TABLE"][(128, 1, False, "large")] == ("lean", 64, 4, 1, 1)
+    assert ns["TABLE"][(128, 1, False, "small")] == ("split", None, None, None, 1)

@@ -134,7 +134,7 @@ def test_params_struct_layout_reaches_the_compile():
     opts = K.compile_options(spec)
     fields = next(o for o in opts if o.startswith("-DLEAN_HOST_PARAMS="))
     assert fields.count("{") == len(K.Params._fields_)
-    assert fields.startswith('-DLEAN_HOST_PARAMS={"q",8},') and fields.endswith('{"window_left",4}')
+    assert fields.startswith('-DLEAN_HOST_PARAMS={"q",8},') and fields.endswith('{"min_tiles_per_cta",4}')
     assert f"-DLEAN_HOST_PARAMS_SIZE={ctypes.sizeof(K.Params)}" in opts
     assert f"-DLEAN_HOST_SMEM_BYTES={spec.smem_bytes}" in opts
     assert f"-DLEAN_HOST_THREADS={spec.threads}" in opts

@@ -208,17 +208,18 @@ def _expected_records(host, c):
 
 @settings(deadline=None, max_examples=30)
 @given(st.lists(st.integers(0, 2000), min_size=1, max_size=40), st.integers(1, 8),
-       st.sampled_from([16, 64, 128]), st.integers(1, 600))
-@example([0, 64, 65, 1], 2, 64, 3)
-@example([5], 1, 16, 100)
-@example([4000, 3, 0, 129], 3, 16, 7)
-def test_device_schedule_equals_numpy(lens, hkv, tile, num_ctas):
+       st.sampled_from([16, 64, 128]), st.integers(1, 600), st.sampled_from([1, 1, 3, 8]))
+@example([0, 64, 65, 1], 2, 64, 3, 1)
+@example([5], 1, 16, 100, 1)
+@example([4000, 3, 0, 129], 3, 16, 7, 1)
+@example([4000, 3, 0, 129], 3, 16, 300, 8)
+def test_device_schedule_equals_numpy(lens, hkv, tile, num_ctas, min_tiles):
     """The kernel's stream-K schedule (its dump entry) equals schedule.py's:
     ranges, segments, slots, first contributor and contributor counts."""
     from cupy_lean import _gpu
 
-    host = cupy_lean.lean_schedule(lens, hkv, tile_size=tile, num_ctas=num_ctas)
-    dev = _gpu.device_schedule(lens, hkv, tile_size=tile, num_ctas=num_ctas)
+    host = cupy_lean.lean_schedule(lens, hkv, tile_size=tile, num_ctas=num_ctas, min_tiles_per_cta=min_tiles)
+    dev = _gpu.device_schedule(lens, hkv, tile_size=tile, num_ctas=num_ctas, min_tiles_per_cta=min_tiles)
     for c in range(num_ctas):
         if c >= host.num_ctas:
             assert dev[c] is None

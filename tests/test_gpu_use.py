@@ -278,6 +278,9 @@ def test_config_object_plans_what_the_arguments_plan():
     b = cupy_lean.plan(*args, **kw, tile_size=32, stages=3, num_ctas=50)
     assert a.describe() == b.describe() and a.spec.tile == 32 and a.spec.stages == 3 and a.grid == 50
     _assert_bitwise(a.run(*args, **kw), b.run(*args, **kw))
+    m = cupy_lean.plan(*args, **kw, config=cupy_lean.Config(min_tiles_per_cta=8))
+    assert "at most one CTA per 8 tiles" in m.describe()
+    check_close(m.run(*args, **kw), None, q, k, v, lens, table, np.float16)
     s = cupy_lean.plan(*args, **kw, config=cupy_lean.Config(schedule="split", num_ctas=30))
     assert s.num_splits == 30 // 9  # 9 units
     check_close(s.run(*args, **kw), None, q, k, v, lens, table, np.float16)

@@ -418,3 +418,30 @@ def test_describe_and_plot_say_which_grid_they_assumed(tmp_path):
     path = tmp_path / "s.png"
     s.plot(str(path), grid_note="2 CTAs per SM on 10 SMs")
     assert path.stat().st_size > 1000
+
+
+@given(st.lists(st.integers(0, 3000), min_size=1, max_size=8), st.integers(1, 4), st.integers(1, 300),
+       st.integers(1, 40))
+@example([100], 1, 132, 8)
+@example([0, 0], 2, 5, 3)
+def test_min_tiles_per_cta_bounds_the_grid(lens, hkv, num_ctas, min_tiles):
+    from cupy_lean import reference
+
+    plain = lean_schedule(lens, hkv, tile_size=16, num_ctas=num_ctas)
+    s = lean_schedule(lens, hkv, tile_size=16, num_ctas=num_ctas, min_tiles_per_cta=min_tiles)
+    assert s.num_ctas == (min(num_ctas, max(1, s.total_tiles // min_tiles)) if s.total_tiles else 0)
+    if s.num_ctas > 1:
+        assert s.tiles_per_cta().min() >= min(min_tiles, plain.tiles_per_cta().max())
+    assert s.num_ctas <= plain.num_ctas
+    rng = np.random.default_rng(len(lens))
+    q = rng.standard_normal((len(lens), hkv * 2, 8))
+    k = rng.standard_normal((len(lens), max(max(lens), 1), hkv, 8))
+    v = rng.standard_normal(k.shape)
+    got = reference.emulate(s, q, k, v, kv_lens=lens)
+    want = reference.attention(q, k, v, kv_lens=lens)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-9, atol=1e-12)
+
+
+def test_min_tiles_per_cta_is_checked():
+    with pytest.raises(ValueError, match="min_tiles_per_cta: expected an integer >= 1, got 0"):
+        lean_schedule([10], 1, tile_size=16, num_ctas=4, min_tiles_per_cta=0)
