@@ -125,7 +125,8 @@ def parse_methods(s: Optional[str], no_peers: bool) -> List[str]:
 
 def list_cases(cases, dtypes, ceiling_tbps=C.H100_CEILING_TBPS) -> str:
     lines = [f"{'case':<24} {'layout':<7} {'B':>3} {'Hq/Hkv':>7} {'D':>4} {'tokens':>9} {'KV MB':>9} "
-             f"{'floor us':>9}  (floor: K/V bytes at {ceiling_tbps} TB/s; dtypes {','.join(dtypes)})"]
+             f"{'floor us':>9}  (floor: K/V bytes at {ceiling_tbps} TB/s, a typical H100 read ceiling; a run "
+             f"measures its own; dtypes {','.join(dtypes)})"]
     for c in cases:
         lines.append(f"{c.name:<24} {c.layout:<7} {c.batch:>3} {c.heads_q:>3}/{c.heads_kv:<3} {c.head_dim:>4} "
                      f"{c.total_tokens:>9} {c.kv_bytes() / 1e6:>9.1f} {C.floor_us(c, ceiling_tbps):>9.1f}")

@@ -91,8 +91,20 @@ def demo(argv=None):
     else:
         print("\nNo GPU used: this ran on the CPU through the NumPy reference path "
               f"(schedule shown for a {H100_SMS}-SM H100 at 2 CTAs per SM).")
+        if not args.cpu:
+            print(f"Why: {_no_gpu_reason()}")
     ok = err < 1e-2 and em_err < 1e-9 and lse_ok
     return 0 if ok else 1
+
+
+def _no_gpu_reason():
+    from .kernels import require_device
+
+    try:
+        require_device()
+    except (ImportError, RuntimeError) as exc:
+        return str(exc)
+    return "--cpu was not given, yet no GPU was used"  # pragma: no cover
 
 
 def schedule_cmd(argv=None):

@@ -34,8 +34,11 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
 
     Parameters
     ----------
-    q : array, shape (batch, heads_q, head_dim)
-        Query of the newest token of each sequence.
+    q : array, shape (batch, heads_q, head_dim) or (batch, q_len, heads_q, head_dim)
+        Query of the newest token of each sequence; or of its last ``q_len``
+        tokens (speculative decoding), causal at the end of the cache: query
+        ``i`` sees keys ``[0, kv_len - q_len + i]``, and ``out`` / ``lse``
+        get the ``q_len`` axis (NumPy path only in this release).
     k, v : array, shape (batch, seqlen, heads_kv, head_dim)
         Dense KV cache, any strides with unit stride on the last axis: a
         ``(batch, heads_kv, seqlen, head_dim)`` cache passed as
@@ -114,8 +117,10 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
     Returns
     -------
     out : array, shape (batch, heads_q, head_dim), q's dtype
+        (``(batch, q_len, heads_q, head_dim)`` for a 4-D ``q``)
     lse : array of float32, shape (batch, heads_q)
-        Only with ``return_lse=True``.
+        (``(batch, q_len, heads_q)`` for a 4-D ``q``). Only with
+        ``return_lse=True``.
 
     Raises
     ------
