@@ -151,11 +151,14 @@ class Plan:
         m = meta
         B, D, Hkv, g = m.batch, m.head_dim, m.heads_kv, m.group
         f_sinks, f_window, f_softcap = sig.features or (None, None, None)
+        self.q_len = int(sig.q[0][1]) if len(sig.q[0]) == 4 else 0  # 0: q of 3 dimensions
         bits = ((K.FEATURES["sinks"] if f_sinks is not None else 0)
                 | (K.FEATURES["softcap"] if f_softcap is not None else 0)
-                | (K.FEATURES["window"] if f_window is not None else 0))
+                | (K.FEATURES["window"] if f_window is not None else 0)
+                | (K.FEATURES["qlen"] if self.q_len else 0))
         self.has_sinks = f_sinks is not None
-        spec = K.make_spec(KERNEL_TAG[sig.dtypes[0]], D, g, m.paged, sig.tile_size, sig.stages,
+        rows = g * max(self.q_len, 1)  # query rows of a unit
+        spec = K.make_spec(KERNEL_TAG[sig.dtypes[0]], D, rows, m.paged, sig.tile_size, sig.stages,
                            smem_limit=K.device_smem_limit(), features=bits)
         kern = K.kernels_for(spec)
         self.spec, self.kernels = spec, kern
@@ -163,7 +166,7 @@ class Plan:
         tile = spec.tile
         units = B * Hkv
         max_unit_tiles = -(-(m.capacity if f_window is None else min(m.capacity, f_window + 1)) // tile)
-        slot_stride = -(-g * (D + 2) // 4) * 4
+        slot_stride = -(-rows * (D + 2) // 4) * 4
         self.units, self.tile, self.max_unit_tiles = units, tile, max_unit_tiles
         self.num_sms = kern.num_sms
         self.host_lens = sig.kv_lens is not None and sig.kv_lens[0] == "cpu"
@@ -202,13 +205,19 @@ class Plan:
         self.copy_q = not _aligned_layout(sig.q, sig.aligned[0], 16)
         self.copy_k = not _aligned_layout(sig.k, sig.aligned[1], 16)
         self.copy_v = not _aligned_layout(sig.v, sig.aligned[2], 16)
-        out_shape = (B, m.heads_q, D)
+        out_shape = (B, self.q_len, m.heads_q, D) if self.q_len else (B, m.heads_q, D)
+        self.out_shape, self.lse_shape = out_shape, out_shape[:-1]
         self.copy_out = sig.out is not None and not _aligned_layout(sig.out[:2], sig.aligned[3], 8)
-        qs = _elem_strides(_contig(sig.q[0], isz) if self.copy_q else sig.q[1], isz, 2)
+        qs = _elem_strides(_contig(sig.q[0], isz) if self.copy_q else sig.q[1], isz, 3 if self.q_len else 2)
         ks = _elem_strides(_contig(sig.k[0], isz) if self.copy_k else sig.k[1], isz, 3)
         vs = _elem_strides(_contig(sig.v[0], isz) if self.copy_v else sig.v[1], isz, 3)
         os_ = _elem_strides(sig.out[1] if (sig.out is not None and not self.copy_out)
-                            else _contig(out_shape, isz), isz, 2)
+                            else _contig(out_shape, isz), isz, 3 if self.q_len else 2)
+        if self.q_len:  # (per sequence, per query token, per head)
+            (q_sb, q_st, q_sh), (o_sb, o_st, o_sh) = qs, os_
+            qs, os_ = (q_sb, q_sh), (o_sb, o_sh)
+        else:
+            q_st = o_st = 0
         # Index arrays the kernel reads directly: int32 on the GPU with unit
         # stride on the last axis; others are converted per call.
         self.lens_direct = (sig.kv_lens is not None and sig.kv_lens[0] == "gpu"
@@ -224,6 +233,7 @@ class Plan:
             bt_sb = tb[1][1]  # contiguous int32 copy
         prm = K.Params()
         prm.q_sb, prm.q_sh = qs
+        prm.q_len, prm.q_st, prm.o_st = max(self.q_len, 1), q_st, o_st
         prm.k_sb, prm.k_st, prm.k_sh = ks
         prm.v_sb, prm.v_st, prm.v_sh = vs
         prm.o_sb, prm.o_sh = os_
@@ -362,7 +372,7 @@ class Plan:
             lse = to_gpu(lse, "lse")
             if not self._lse_ok(lse):
                 raise ValueError(f"lse: expected a C-contiguous float32 array of shape "
-                                 f"{(self.meta.batch, self.meta.heads_q)}, got {lse.dtype} {lse.shape} "
+                                 f"{self.lse_shape}, got {lse.dtype} {lse.shape} "
                                  f"with strides {lse.strides}")
         res_out, res_lse = self._launch(q, k, v, kv_lens, block_table, out, lse, return_lse or lse is not None,
                                         sinks)
@@ -370,7 +380,7 @@ class Plan:
 
     def _lse_ok(self, lse):
         """lse can be written in place: float32, (batch, heads_q), C-contiguous."""
-        return (lse.shape == (self.meta.batch, self.meta.heads_q) and lse.dtype == np.float32
+        return (lse.shape == self.lse_shape and lse.dtype == np.float32
                 and lse.flags.c_contiguous)
 
     def _new_workspace(self, cp):
@@ -425,9 +435,9 @@ class Plan:
         cp = _cp
         m = self.meta
         if out is None:
-            out = cp.empty((m.batch, m.heads_q, m.head_dim), dtype=q.dtype)
+            out = cp.empty(self.out_shape, dtype=q.dtype)
         if want_lse and lse is None:
-            lse = cp.empty((m.batch, m.heads_q), dtype=cp.float32)
+            lse = cp.empty(self.lse_shape, dtype=cp.float32)
         if m.batch == 0:
             return out, lse
         temps = out_k = None

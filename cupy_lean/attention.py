@@ -4,6 +4,7 @@ float64 reference; GPU -> a cached :class:`~cupy_lean.plan.Plan`)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Optional
 
 import numpy as np
@@ -241,6 +242,9 @@ def _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, 
     gpu, q, k, v, lens, table, out, lse = _normalise(q, k, v, kv_lens, block_table, out, lse)
     k, v = _validation.kv_layout_views(k, v, kv_layout, table is not None)
     fp8 = kv_dtype is not None or k_scale is not None or v_scale is not None or str(k.dtype).startswith("float8")
+    if gpu and q.ndim == 4 and GPU_QLEN and not fp8:
+        return _gpu_multi_query(q, k, v, lens, table, scale, return_lse, out, lse, schedule, num_ctas, tile_size,
+                                check_values, sinks, window_left, softcap, batch_invariant)
     if q.ndim == 4 or fp8:
         if gpu:
             what = "q: several query tokens per sequence (q of 4 dimensions)" if q.ndim == 4 else \
@@ -428,6 +432,62 @@ def plan(q, k, v, *, kv_lens=None, block_table=None, scale=None, out=None, sched
     p = _plan.Plan(sig, m, workspace=workspace)
     p.kv_layout = kv_layout
     return p
+
+
+#: The GPU kernel for several query tokens per sequence is compiled and wired
+#: (feature bit "qlen") but enabled only with CUPY_LEAN_GPU_QLEN=1 until its
+#: GPU tests have run.
+GPU_QLEN = os.environ.get("CUPY_LEAN_GPU_QLEN", "0") == "1"
+MAX_Q_LEN = 8
+
+
+def _gpu_multi_query(q, k, v, lens, table, scale, return_lse, out, lse, schedule, num_ctas, tile_size,
+                     check_values, sinks, window_left, softcap, batch_invariant):
+    """GPU call with q of shape (batch, q_len, heads_q, head_dim): the q_len x
+    group rows of a unit share one pass over its K and V."""
+    from .kernels import MAX_GROUP
+
+    q_len = int(q.shape[1])
+    if not 1 <= q_len <= MAX_Q_LEN:
+        raise ValueError(f"q: the GPU kernels support 1 to {MAX_Q_LEN} query tokens per sequence (axis 1), "
+                         f"got {q_len}")
+    m = _validation.validate(q[:, 0], k, v, lens, table, scale, None, schedule, num_ctas, tile_size, True)
+    if m.group * q_len > MAX_GROUP:
+        raise ValueError(f"q: q_len x heads_q / heads_kv must be at most {MAX_GROUP} on the GPU, got "
+                         f"{q_len} x {m.group}")
+    shape = (m.batch, q_len, m.heads_q, m.head_dim)
+    if out is not None and (tuple(out.shape) != shape or out.dtype != q.dtype):
+        raise ValueError(f"out: expected an array of shape {shape} and dtype {q.dtype}, got {out.dtype} "
+                         f"{tuple(out.shape)}")
+    if lse is not None and (tuple(lse.shape) != shape[:3] or lse.dtype != np.float32 or not lse.flags.c_contiguous):
+        raise ValueError(f"lse: expected a C-contiguous float32 array of shape {shape[:3]}, got {lse.dtype} "
+                         f"{tuple(lse.shape)}")
+    if sinks is not None:
+        sinks = _to_gpu(sinks, "sinks") if _where(sinks) == "gpu" else _to_cpu(sinks, "sinks")
+    feats = _validation.validate_features(m, sinks, window_left, softcap, sinks is not None and _where(sinks) == "gpu")
+    if isinstance(feats.sinks, np.ndarray):
+        import cupy
+
+        feats.sinks = cupy.asarray(feats.sinks, dtype=cupy.float32)
+    if batch_invariant:
+        schedule = "head"
+    host_lens = lens if isinstance(lens, np.ndarray) else None
+    host_table = table if isinstance(table, np.ndarray) else None
+    if host_lens is not None or host_table is not None:
+        _validation.check_host_values(m, host_lens, host_table)
+    if host_table is not None:
+        import cupy
+
+        table = cupy.asarray(host_table)
+    sig = _plan.signature(q, k, v, out, lens, table, m.scale if scale is not None else None, schedule,
+                          num_ctas, tile_size, features=_features_key(feats))
+    p = _plan.get_plan(sig, lambda: m)
+    if check_values and m.batch and lens is not None and host_lens is None:
+        from . import _gpu
+
+        _gpu.device_check(m, lens, table)
+    res_out, res_lse = p._launch(q, k, v, lens, table, out, lse, return_lse, feats.sinks)
+    return (res_out, res_lse) if return_lse else res_out
 
 
 def _cpu_general(q, k, v, lens, table, scale, return_lse, out, lse, schedule, num_ctas, tile_size, sinks,

@@ -48,7 +48,7 @@ LENS_CACHE = 256  # lengths kept in shared memory (the kernel static_asserts it 
 
 
 #: Optional semantics a spec can compile in (``LEAN_FEATURES`` bits).
-FEATURES = {"sinks": 1, "softcap": 2, "window": 4}
+FEATURES = {"sinks": 1, "softcap": 2, "window": 4, "qlen": 8}
 
 
 class Decomposition(enum.IntEnum):
@@ -79,6 +79,7 @@ class Params(ctypes.Structure):
         ("scale_log2", ctypes.c_float), ("slot_stride", ctypes.c_int32),
         ("sinks", ctypes.c_uint64), ("softcap_scale", ctypes.c_float), ("softcap_log2", ctypes.c_float),
         ("window_left", ctypes.c_int32), ("min_tiles_per_cta", ctypes.c_int32),
+        ("q_len", ctypes.c_int32), ("q_st", ctypes.c_int64), ("o_st", ctypes.c_int64),
     ]
 
 

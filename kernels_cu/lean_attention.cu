@@ -52,6 +52,7 @@ constexpr bool PAGED = LEAN_PAGED != 0;
 constexpr bool HAS_SINKS = (LEAN_FEATURES & 1) != 0;    // a logit per query head joins the denominator
 constexpr bool HAS_SOFTCAP = (LEAN_FEATURES & 2) != 0;  // scores soft-capped: cap * tanh(score / cap)
 constexpr bool HAS_WINDOW = (LEAN_FEATURES & 4) != 0;   // the query sees its last window_left + 1 keys
+constexpr bool HAS_QLEN = (LEAN_FEATURES & 8) != 0;     // q_len query tokens per sequence, causal
 
 __host__ __device__ constexpr int imin(int a, int b) { return a < b ? a : b; }
 __host__ __device__ constexpr int imax(int a, int b) { return a > b ? a : b; }
@@ -152,7 +153,9 @@ static_assert(STREAM_K == LEAN_HOST_STREAM_K && SPLIT_K == LEAN_HOST_SPLIT_K, "D
   F(float, softcap_scale)    /* HAS_SOFTCAP: scale / cap */                                    \
   F(float, softcap_log2)     /* HAS_SOFTCAP: cap * log2(e) */                                  \
   F(int, window_left)        /* HAS_WINDOW: keys seen = window_left + 1; -1: all */         \
-  F(int, min_tiles_per_cta)  /* STREAM_K: at most one CTA per this many tiles (StreamK) */
+  F(int, min_tiles_per_cta)  /* STREAM_K: at most one CTA per this many tiles (StreamK) */  \
+  F(int, q_len)              /* HAS_QLEN: query tokens per sequence (rows = q_len * group) */   \
+  F(i64, q_st) F(i64, o_st)  /* HAS_QLEN: q and out strides per query token */
 
 #define LEAN_DECLARE_FIELD(type, name) type name;
 struct Params {
@@ -185,12 +188,20 @@ static_assert(same_fields(), "Params: field names, order or sizes differ from ke
 static_assert(sizeof(Params) == LEAN_HOST_PARAMS_SIZE, "sizeof(Params) differs from kernels.Params");
 
 __device__ __forceinline__ int clamp_len(int x, int cap) { return min(max(x, 0), cap); }
+
+// Query rows of a unit: group query heads, for each of q_len query tokens
+// (HAS_QLEN; row r is token r / group, head r % group of the unit).
+__device__ __forceinline__ int unit_rows(const Params& p) { return HAS_QLEN ? p.q_len * p.group : p.group; }
+__device__ __forceinline__ int row_token(const Params& p, int r) { return HAS_QLEN ? r / p.group : 0; }
+__device__ __forceinline__ int row_head(const Params& p, int h, int r) {
+  return h * p.group + (HAS_QLEN ? r % p.group : r);
+}
 __device__ __forceinline__ int ntiles_of(int len) { return (len + TILE - 1) / TILE; }
 
 // The first key a sequence of `len` keys lets its query see: the sliding
 // window's start, or 0. A unit's tiles cover keys [window_start, len).
 __device__ __forceinline__ int window_start(const Params& p, int len) {
-  return (HAS_WINDOW && p.window_left >= 0) ? max(0, len - 1 - p.window_left) : 0;
+  return (HAS_WINDOW && p.window_left >= 0) ? max(0, len - (HAS_QLEN ? p.q_len : 1) - p.window_left) : 0;
 }
 __device__ __forceinline__ int tiles_of(const Params& p, int len) { return ntiles_of(len - window_start(p, len)); }
 
@@ -379,10 +390,10 @@ __device__ __forceinline__ void emit(const Params& p, const PartialSlots& ps, in
                                      const float (&x)[N], float M, float L, bool partial, int slot) {
   static_assert(N == 2 || N == 4, "emit width");
   if (!partial) {
-    const int hq = h * p.group + row;
+    const int hq = row_head(p, h, row), tok = row_token(p, row);
     const float sink = (HAS_SINKS && p.sinks != nullptr) ? p.sinks[hq] * LEAN_LOG2E : -LEAN_INF;
     const Finalized f = Finalized::of(M, L, sink);
-    u16* o = p.out + (i64)b * p.o_sb + (i64)hq * p.o_sh + d;
+    u16* o = p.out + (i64)b * p.o_sb + (HAS_QLEN ? (i64)tok * p.o_st : 0) + (i64)hq * p.o_sh + d;
     if (N == 2) {
       *reinterpret_cast<u32*>(o) = pack2<BF>(x[0] * f.inv, x[1] * f.inv);
     } else {
@@ -391,7 +402,8 @@ __device__ __forceinline__ void emit(const Params& p, const PartialSlots& ps, in
       w.y = pack2<BF>(x[N > 2 ? 2 : 0] * f.inv, x[N > 3 ? 3 : 0] * f.inv);
       *reinterpret_cast<uint2*>(o) = w;
     }
-    if (d == 0 && p.lse != nullptr) p.lse[(i64)b * p.heads_kv * p.group + hq] = f.lse;
+    if (d == 0 && p.lse != nullptr)
+      p.lse[((i64)b * (HAS_QLEN ? p.q_len : 1) + tok) * p.heads_kv * p.group + hq] = f.lse;
   } else {
     float* a = ps.acc(slot, row) + d;
     if (N == 2)
@@ -481,7 +493,7 @@ constexpr int WIDE_REDUCTION = 32;  // states from which a warp, not a thread, r
 
 template <class SlotOf>
 __device__ void reduce_unit(const Params& p, int b, int h, int n, SlotOf slot_of, float* red, int red_floats) {
-  const int g = p.group;
+  const int g = unit_rows(p);
   const PartialSlots ps = {p.partials, p.slot_stride, g};
   constexpr int PER_ROW = D / 4;
   if (2 * n * g + 2 * g <= red_floats) {
@@ -611,7 +623,7 @@ __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, S
     const int nt = tiles_of(p, len);
     local += nt;
     if (nt == 0 && write_empty && (b % gridDim.x) == c)
-      for (int h = 0; h < p.heads_kv; ++h) emit_empty_rows(p, b, h, 0, p.group);
+      for (int h = 0; h < p.heads_kv; ++h) emit_empty_rows(p, b, h, 0, unit_rows(p));
   }
   int seq_tiles;
   block_incl_scan<NT>(local, misc, &seq_tiles);
@@ -686,11 +698,12 @@ struct KVLoader {
     const int tid = threadIdx.x;
     if (s.first_tile(t)) {  // the unit's query rows into the Q ring
       u16* qd = sh.q(s.ordinal % STAGES);
-      const u16* qsrc = p.q + (i64)s.b * p.q_sb + (i64)s.h * p.group * p.q_sh;
+      const u16* qsrc = p.q + (i64)s.b * p.q_sb;
       for (int e = tid; e < ROWS_Q * CPR; e += NT) {
         const int r = e / CPR, ch = e % CPR;
-        const bool ok = r < p.group;
-        cp_async16(smem_u32(qd + swz(r, ch)), ok ? (const void*)(qsrc + r * p.q_sh + ch * 8) : (const void*)p.q,
+        const bool ok = r < unit_rows(p);
+        const i64 off = (HAS_QLEN ? (i64)row_token(p, r) * p.q_st : 0) + (i64)row_head(p, s.h, r) * p.q_sh + ch * 8;
+        cp_async16(smem_u32(qd + swz(r, ch)), ok ? (const void*)(qsrc + off) : (const void*)p.q,
                    ok ? 16 : 0);
       }
     }
@@ -749,10 +762,22 @@ struct LoadCursor {
 // S = Q K^T of this warp's 16 rows and TW tokens, masked (past the unit's
 // length, or on a page outside the cache) and scaled to base-2 logits
 // (HAS_SOFTCAP: soft-capped first).
+// HAS_QLEN: row r (query token i = r / group) sees keys up to len - q_len +
+// i, and with a window none before that minus window_left; `tok0` is the
+// tile's first key, `len` the sequence's.
 __device__ __forceinline__ void tile_scores(const Params& p, const Shared& sh, const u16* qs, const u16* ks,
-                                            int stage, int ntok, float (&s)[TW / 8][4]) {
+                                            int stage, int ntok, int tok0, int len, float (&s)[TW / 8][4]) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int wm = warp / WN, tokw = (warp % WN) * TW;
+  int hi[2] = {0, 0}, lo[2] = {0, 0};  // HAS_QLEN: visible keys [lo, hi] relative to tok0, per half
+  if (HAS_QLEN) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int last = len - p.q_len + row_token(p, wm * 16 + (lane >> 2) + 8 * hf);
+      hi[hf] = last - tok0;
+      lo[hf] = (HAS_WINDOW && p.window_left >= 0) ? last - p.window_left - tok0 : -(1 << 30);
+    }
+  }
 #pragma unroll
   for (int x = 0; x < TW / 8; ++x) s[x][0] = s[x][1] = s[x][2] = s[x][3] = 0.f;
 #pragma unroll
@@ -776,6 +801,7 @@ __device__ __forceinline__ void tile_scores(const Params& p, const Shared& sh, c
       const int tk = tokw + nb * 8 + (lane & 3) * 2 + (e & 1);
       bool ok = tk < ntok;
       if (PAGED) ok = ok && mask[tk];
+      if (HAS_QLEN) ok = ok && tk <= hi[e >> 1] && tk >= lo[e >> 1];
       const float x = HAS_SOFTCAP ? p.softcap_log2 * fast_tanh(s[nb][e] * p.softcap_scale) : s[nb][e] * p.scale_log2;
       s[nb][e] = ok ? x : -LEAN_INF;
     }
@@ -809,7 +835,7 @@ __device__ __forceinline__ void accumulate_pv(WarpState& st, const float (&s)[TW
 // the next iteration's barrier) in warp order.
 __device__ void store_segment(const Params& p, const Shared& sh, const Segment& s, const WarpState& st, int slot,
                               float* scr) {
-  const int g = p.group;
+  const int g = unit_rows(p);
   const PartialSlots ps = {p.partials, p.slot_stride, g};
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wm = warp / WN, wn = warp % WN;
   const int rows[2] = {wm * 16 + (lane >> 2), wm * 16 + (lane >> 2) + 8};
@@ -907,10 +933,10 @@ __device__ void attention_cta(const Params& p) {
     // SPLIT_K chunk without tiles: an empty output (one CTA per unit) or an empty state.
     if (p.decomposition == SPLIT_K && threadIdx.x == 0) {
       if (p.num_splits == 1) {
-        emit_empty_rows(p, walker.b, walker.h, 0, p.group);
+        emit_empty_rows(p, walker.b, walker.h, 0, unit_rows(p));
       } else {
-        const PartialSlots ps = {p.partials, p.slot_stride, p.group};
-        for (int r = 0; r < p.group; ++r) {
+        const PartialSlots ps = {p.partials, p.slot_stride, unit_rows(p)};
+        for (int r = 0; r < unit_rows(p); ++r) {
           ps.m(blockIdx.x)[r] = -LEAN_INF;
           ps.l(blockIdx.x)[r] = 0.f;
         }
@@ -953,7 +979,7 @@ __device__ void attention_cta(const Params& p) {
       const int stage = i % STAGES;
       float s[TW / 8][4];
       tile_scores(p, sh, sh.q(seg.ordinal % STAGES), sh.kv(stage), stage,
-                  min(TILE, seg.len - (seg.start + t * TILE)), s);
+                  min(TILE, seg.len - (seg.start + t * TILE)), seg.start + t * TILE, seg.len, s);
       st.absorb(s);
       accumulate_pv(st, s, sh.kv(stage) + TILE * D);
     }

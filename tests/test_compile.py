@@ -134,7 +134,7 @@ def test_params_struct_layout_reaches_the_compile():
     opts = K.compile_options(spec)
     fields = next(o for o in opts if o.startswith("-DLEAN_HOST_PARAMS="))
     assert fields.count("{") == len(K.Params._fields_)
-    assert fields.startswith('-DLEAN_HOST_PARAMS={"q",8},') and fields.endswith('{"min_tiles_per_cta",4}')
+    assert fields.startswith('-DLEAN_HOST_PARAMS={"q",8},') and fields.endswith(f'{{"{K.Params._fields_[-1][0]}",{ctypes.sizeof(K.Params._fields_[-1][1])}}}')
     assert f"-DLEAN_HOST_PARAMS_SIZE={ctypes.sizeof(K.Params)}" in opts
     assert f"-DLEAN_HOST_SMEM_BYTES={spec.smem_bytes}" in opts
     assert f"-DLEAN_HOST_THREADS={spec.threads}" in opts
@@ -226,7 +226,7 @@ def test_too_large_requests_name_the_limit():
 
 
 FEATURE_SPECS = [K.make_spec("f16", 64, 4, True, features=7), K.make_spec("bf16", 128, 32, False, features=7),
-                 K.make_spec("f16", 256, 8, True, features=1)]
+                 K.make_spec("f16", 256, 8, True, features=1), K.make_spec("f16", 128, 32, True, features=15)]
 
 
 @needs_nvrtc
@@ -236,7 +236,7 @@ def test_feature_specs_compile(spec, arch):
     """Specs with sinks, soft-cap and sliding window compiled in."""
     log = []
     cubin = K.compile_cubin(spec, arch, log=log)
-    assert spec.entry.encode() in cubin and spec.name.endswith(("_sinks_softcap_window", "_sinks"))
+    assert spec.entry.encode() in cubin and spec.name.endswith(("_sinks_softcap_window", "_sinks", "_sinks_softcap_window_qlen"))
     spills = [int(x) for x in re.findall(r"(\d+) bytes spill stores", log[0])]
     assert spills and max(spills) <= 512, log[0]
 
