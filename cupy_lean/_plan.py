@@ -165,7 +165,8 @@ class Plan:
         self.device = cp.cuda.runtime.getDevice()
         tile = spec.tile
         units = B * Hkv
-        max_unit_tiles = -(-(m.capacity if f_window is None else min(m.capacity, f_window + 1)) // tile)
+        max_unit_tiles = -(-(m.capacity if f_window is None else min(m.capacity, f_window + max(self.q_len, 1)))
+                           // tile)
         slot_stride = -(-rows * (D + 2) // 4) * 4
         self.units, self.tile, self.max_unit_tiles = units, tile, max_unit_tiles
         self.num_sms = kern.num_sms

@@ -222,7 +222,9 @@ def validate_features(m, sinks, window_left, softcap, gpu):
             f.sinks = sinks
     if window_left is not None:
         w = _check_int(window_left, "window_left", -1)
-        f.window_left = None if w == -1 else w
+        # A window of at least the capacity sees every key: clamped there, so
+        # the kernel's 32-bit field never wraps.
+        f.window_left = None if w == -1 else min(w, max(int(m.capacity), 0))
     if softcap is not None:
         c = _check_real(softcap, "softcap")
         if not (math.isfinite(c) and c > 0):

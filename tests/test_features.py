@@ -235,3 +235,12 @@ def test_fp8_arguments_are_validated(kw, exc, match):
             k, v = np.nan_to_num(make_problem([5, 3], 2, 2, 16, 1)[1]), v
     with pytest.raises(exc, match=match):
         cupy_lean.attention(q, k, v, kv_lens=lens, **kw)
+
+
+def test_huge_window_is_the_whole_sequence():
+    """A window past the capacity (even past 2**32) sees every key: never a
+    wrapped 32-bit value."""
+    q, k, v, lens = make_problem([40, 7], 1, 2, 16, 8)
+    full = cupy_lean.attention(q, k, v, kv_lens=lens)
+    for w in (40, 2**31, 2**32 + 5):
+        assert np.array_equal(cupy_lean.attention(q, k, v, kv_lens=lens, window_left=w), full)
