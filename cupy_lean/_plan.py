@@ -494,7 +494,7 @@ class Plan:
                              0 if lse is None else lse.data.ptr, 0 if lens32 is None else lens32.data.ptr,
                              0 if table32 is None else table32.data.ptr, wp + self.counter_bytes, wp)
             sp = stream.ptr
-            if wp in self._rearm:
+            if self._rearm and wp in self._rearm:
                 self._rearm.discard(wp)
                 ws[:self.counter_bytes].fill(0)
             try:

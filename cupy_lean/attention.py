@@ -242,10 +242,8 @@ def _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, 
     gpu, q, k, v, lens, table, out, lse = _normalise(q, k, v, kv_lens, block_table, out, lse)
     k, v = _validation.kv_layout_views(k, v, kv_layout, table is not None)
     fp8 = kv_dtype is not None or k_scale is not None or v_scale is not None or str(k.dtype).startswith("float8")
-    if gpu and q.ndim == 4 and GPU_QLEN and not fp8:
-        return _gpu_multi_query(q, k, v, lens, table, scale, return_lse, out, lse, schedule, num_ctas, tile_size,
-                                check_values, sinks, window_left, softcap, batch_invariant)
-    if q.ndim == 4 or fp8:
+    multi = gpu and q.ndim == 4 and GPU_QLEN and not fp8  # several query tokens, GPU kernel
+    if (q.ndim == 4 or fp8) and not multi:
         if gpu:
             what = "q: several query tokens per sequence (q of 4 dimensions)" if q.ndim == 4 else \
                 "k, v: fp8 KV caches (kv_dtype, k_scale, v_scale)"
@@ -253,21 +251,17 @@ def _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, 
                                       f"reference)")
         return _cpu_general(q, k, v, lens, table, scale, return_lse, out, lse, schedule, num_ctas, tile_size,
                             sinks, window_left, softcap, batch_invariant, kv_dtype, k_scale, v_scale)
-    m = _validation.validate(q, k, v, lens, table, scale, out, schedule, num_ctas, tile_size, gpu)
-    _check_lse(lse, m)
-    if sinks is not None:
-        sinks = _to_gpu(sinks, "sinks") if gpu and _where(sinks) == "gpu" else _to_cpu(sinks, "sinks")
-    feats = _validation.validate_features(m, sinks, window_left, softcap,
-                                          gpu and sinks is not None and _where(sinks) == "gpu")
+    if multi:
+        m = _check_multi_query(q, k, v, lens, table, scale, out, lse, schedule, num_ctas, tile_size)
+    else:
+        m = _validation.validate(q, k, v, lens, table, scale, out, schedule, num_ctas, tile_size, gpu)
+        _check_lse(lse, m)
+    feats = _features(m, sinks, window_left, softcap, gpu)
     if batch_invariant:
         if schedule not in ("lean", "head") or num_ctas is not None:
             raise ValueError(f"batch_invariant: needs schedule 'lean' or 'head' and num_ctas None (one CTA per "
                              f"unit), got schedule={schedule!r}, num_ctas={num_ctas!r}")
         schedule = "head"
-    if gpu and isinstance(feats.sinks, np.ndarray):  # host sinks with GPU arrays: checked, then copied
-        import cupy
-
-        feats.sinks = cupy.asarray(feats.sinks, dtype=cupy.float32)
     host_lens = lens if isinstance(lens, np.ndarray) else None
     host_table = table if isinstance(table, np.ndarray) else None
     if host_lens is not None or host_table is not None:
@@ -414,9 +408,7 @@ def plan(q, k, v, *, kv_lens=None, block_table=None, scale=None, out=None, sched
         raise TypeError("q: plan() needs GPU arrays (CuPy, or any with __cuda_array_interface__ / "
                         f"CUDA __dlpack__), got {type(q).__module__}.{type(q).__name__}")
     m = _validation.validate(q, k, v, lens, table, scale, out, schedule, num_ctas, tile_size, True)
-    if sinks is not None:
-        sinks = _to_gpu(sinks, "sinks")
-    feats = _validation.validate_features(m, sinks, window_left, softcap, True)
+    feats = _features(m, sinks, window_left, softcap, True)
     if stages is not None:
         _validation._check_int(stages, "stages", 2, 6)
     if ctas_per_sm is not None:
@@ -441,10 +433,10 @@ GPU_QLEN = os.environ.get("CUPY_LEAN_GPU_QLEN", "0") == "1"
 MAX_Q_LEN = 8
 
 
-def _gpu_multi_query(q, k, v, lens, table, scale, return_lse, out, lse, schedule, num_ctas, tile_size,
-                     check_values, sinks, window_left, softcap, batch_invariant):
-    """GPU call with q of shape (batch, q_len, heads_q, head_dim): the q_len x
-    group rows of a unit share one pass over its K and V."""
+def _check_multi_query(q, k, v, lens, table, scale, out, lse, schedule, num_ctas, tile_size):
+    """Checks of a GPU call with q of shape (batch, q_len, heads_q,
+    head_dim), whose q_len x group rows of a unit share one pass over its K
+    and V. Returns the call's Meta."""
     from .kernels import MAX_GROUP
 
     q_len = int(q.shape[1])
@@ -462,32 +454,21 @@ def _gpu_multi_query(q, k, v, lens, table, scale, return_lse, out, lse, schedule
     if lse is not None and (tuple(lse.shape) != shape[:3] or lse.dtype != np.float32 or not lse.flags.c_contiguous):
         raise ValueError(f"lse: expected a C-contiguous float32 array of shape {shape[:3]}, got {lse.dtype} "
                          f"{tuple(lse.shape)}")
+    return m
+
+
+def _features(m, sinks, window_left, softcap, gpu):
+    """The call's optional semantics, validated; on the GPU path the sinks
+    are a GPU array (host sinks are value-checked, then copied as float32)."""
+    on_gpu = gpu and sinks is not None and _where(sinks) == "gpu"
     if sinks is not None:
-        sinks = _to_gpu(sinks, "sinks") if _where(sinks) == "gpu" else _to_cpu(sinks, "sinks")
-    feats = _validation.validate_features(m, sinks, window_left, softcap, sinks is not None and _where(sinks) == "gpu")
-    if isinstance(feats.sinks, np.ndarray):
+        sinks = _to_gpu(sinks, "sinks") if on_gpu else _to_cpu(sinks, "sinks")
+    feats = _validation.validate_features(m, sinks, window_left, softcap, on_gpu)
+    if gpu and isinstance(feats.sinks, np.ndarray):
         import cupy
 
         feats.sinks = cupy.asarray(feats.sinks, dtype=cupy.float32)
-    if batch_invariant:
-        schedule = "head"
-    host_lens = lens if isinstance(lens, np.ndarray) else None
-    host_table = table if isinstance(table, np.ndarray) else None
-    if host_lens is not None or host_table is not None:
-        _validation.check_host_values(m, host_lens, host_table)
-    if host_table is not None:
-        import cupy
-
-        table = cupy.asarray(host_table)
-    sig = _plan.signature(q, k, v, out, lens, table, m.scale if scale is not None else None, schedule,
-                          num_ctas, tile_size, features=_features_key(feats))
-    p = _plan.get_plan(sig, lambda: m)
-    if check_values and m.batch and lens is not None and host_lens is None:
-        from . import _gpu
-
-        _gpu.device_check(m, lens, table)
-    res_out, res_lse = p._launch(q, k, v, lens, table, out, lse, return_lse, feats.sinks)
-    return (res_out, res_lse) if return_lse else res_out
+    return feats
 
 
 def _cpu_general(q, k, v, lens, table, scale, return_lse, out, lse, schedule, num_ctas, tile_size, sinks,
