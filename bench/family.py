@@ -68,10 +68,10 @@ def _lengths(rng, batch, mean, spread):
     return np.clip(np.rint(x), MIN_LEN, MAX_LEN).astype(np.int64)
 
 
-def _one(rng, index) -> Case:
+def _one(rng, index, groups=(1, 16)) -> Case:
     for _ in range(1000):
         d = int(rng.choice(HEAD_DIMS))
-        group = int(rng.integers(1, 17))
+        group = int(rng.integers(groups[0], groups[1] + 1))
         hkv = _log_uniform_int(rng, 1, 32)
         batch = _log_uniform_int(rng, 1, 64)
         target = math.exp(rng.uniform(math.log(MIN_BYTES), math.log(MAX_BYTES)))
@@ -97,8 +97,11 @@ def _one(rng, index) -> Case:
     raise RuntimeError("family: no shape drawn within the limits")  # pragma: no cover
 
 
-def draw(n: int, seed: int) -> List[Case]:
+def draw(n: int, seed: int, groups=(1, 16)) -> List[Case]:
     """``n`` shapes of the family from ``seed`` (the same seed gives the
-    same shapes)."""
+    same shapes). ``groups``: the range of query heads per KV head, inclusive
+    (the benchmark's family is 1 to 16; tuning also measures larger groups)."""
+    if not 1 <= groups[0] <= groups[1]:
+        raise ValueError(f"groups: expected 1 <= low <= high, got {groups}")
     rng = np.random.default_rng(seed)
-    return [_one(rng, i) for i in range(n)]
+    return [_one(rng, i, groups) for i in range(n)]

@@ -1,24 +1,27 @@
-"""Measure kernel configurations over family shapes, and fit the default
-configuration table from the measurements.
+"""Measure kernel configurations over family shapes, and check the package's
+default rules against the measurements.
 
-    python -m bench.tune measure --family 40 [--seed S] [--out bench/results/tune_S.json]
-    python -m bench.tune fit bench/results/tune_*.json [--write cupy_lean/_tuned.py]
+    python -m bench.tune measure --family 40 [--seed S] [--groups 1 16] [--out bench/results/tune_S.json]
+    python -m bench.tune fit bench/results/tune_*.json
 
 ``measure`` draws shapes from the family (bench/family.py), and times every
 configuration that fits the device (tile size x pipeline stages x CTAs per
-SM, plus the split schedule) on each, with the same timing as the benchmark
-(CUDA-graph replays over rotating input copies, cold L2). One JSON file per
-run: the shapes, their features (head_dim, query tiles, paged, units, tiles,
-K/V bytes) and the time of every configuration.
+SM, plus the split schedule; with the default tile and stages also
+``min_tiles_per_cta`` and ``merge_balance`` variants) on each, with the same
+timing as the benchmark (CUDA-graph replays over rotating input copies, cold
+L2). One JSON file per run: the shapes, their features (head_dim, query
+tiles, paged, units, tiles, K/V bytes) and the time of every configuration.
 
-``fit`` groups the shapes by what picks a kernel spec (head_dim, query tiles,
-paged) and by size (K/V bytes below or above ``SMALL_BYTES``), and chooses
-for each group the configuration with the best geometric mean of (time /
-the shape's best time) over every shape of the group measured: one rule per
-group, never one per shape. ``--write`` regenerates the table the package
-reads (``cupy_lean/_tuned.py``), stating the runs it came from. Run
-``measure`` on fresh seeds before trusting a table: a table fitted to the
-shapes it is judged on is a defect.
+``fit`` reads such files and prints, per group of shapes (head_dim, query
+tiles, paged, small/large), the configuration with the best geometric mean
+of (time / the shape's best time), then scores the package's rules on every
+shape: the default (tile, stages) of ``kernels.default_config`` and the
+merge balance ``a`` of ``kernels.TUNING`` (each candidate ``a`` scored; the
+range floor it implies is looked up at the nearest measured
+``min_tiles_per_cta`` below it). The package's constants are chosen from this
+output, one rule for all shapes, never one per shape; run ``measure`` on
+fresh seeds before trusting it: a rule fitted to the shapes it is judged on
+is a defect.
 """
 
 from __future__ import annotations
@@ -40,18 +43,21 @@ from bench import family as F  # noqa: E402
 SMALL_BYTES = 64e6  # below this a call is "small": fixed costs and the reduction tail dominate
 STAGES = (2, 3, 4)
 CTAS_PER_SM = (1, 2)
-MIN_TILES = (2, 4, 8, 16)  # tried with the default tile and stages
+MIN_TILES = (2, 3, 4, 8, 16)  # tried with the default tile and stages, merge balance off
+MERGE_BALANCE = (1, 2, 4)  # tried with the default tile and stages
 
 
 def configs_for(spec_args, smem_limit, sm_smem=None):
-    """Every (schedule, tile, stages, ctas_per_sm, min_tiles_per_cta) for a spec of
-    ``spec_args`` = (dtype, head_dim, group, paged) whose CTA fits
-    ``smem_limit`` (per block) and whose CTAs per SM fit ``sm_smem`` (per
-    SM, 1 KB of it reserved per CTA; default: the block limit + 1 KB)."""
+    """Every (schedule, tile, stages, ctas_per_sm, min_tiles_per_cta,
+    merge_balance) for a spec of ``spec_args`` = (dtype, head_dim, group,
+    paged) whose CTA fits ``smem_limit`` (per block) and whose CTAs per SM fit
+    ``sm_smem`` (per SM, 1 KB of it reserved per CTA; default: the block limit
+    + 1 KB). Lean configurations run with the merge balance off unless they
+    name one."""
     from cupy_lean import kernels as K
 
     dtype, d, group, paged = spec_args
-    out = [("split", None, None, None, 1)]
+    out = [("split", None, None, None, 1, 0)]
     try:
         default = K.make_spec(dtype, d, group, paged, smem_limit=smem_limit)
     except ValueError:  # nothing fits this device
@@ -63,26 +69,27 @@ def configs_for(spec_args, smem_limit, sm_smem=None):
             continue
         if cps * (s.smem_bytes + 1024) > (sm_smem or smem_limit + 1024):
             continue
-        out.append(("lean", tile, stages, cps, 1))
+        out.append(("lean", tile, stages, cps, 1, 0))
         if (tile, stages) == (default.tile, default.stages):
-            out += [("lean", tile, stages, cps, m) for m in MIN_TILES]
+            out += [("lean", tile, stages, cps, m, 0) for m in MIN_TILES]
+            out += [("lean", tile, stages, cps, 1, a) for a in MERGE_BALANCE]
     return out
 
 
 def config_name(cfg):
-    sched, tile, stages, cps, mt = cfg
+    sched, tile, stages, cps, mt, mb = cfg
     if sched != "lean":
         return sched
-    return f"lean_t{tile}_s{stages}_c{cps}" + (f"_m{mt}" if mt > 1 else "")
+    return f"lean_t{tile}_s{stages}_c{cps}" + (f"_m{mt}" if mt > 1 else "") + (f"_b{mb}" if mb else "")
 
 
 def parse_name(name):
-    """(schedule, tile, stages, ctas_per_sm, min_tiles_per_cta) of a name."""
+    """(schedule, tile, stages, ctas_per_sm, min_tiles_per_cta, merge_balance) of a name."""
     if name == "split":
-        return ("split", None, None, None, 1)
+        return ("split", None, None, None, 1, 0)
     parts = name.split("_")[1:]
     vals = {p[0]: int(p[1:]) for p in parts}
-    return ("lean", vals["t"], vals["s"], vals["c"], vals.get("m", 1))
+    return ("lean", vals["t"], vals["s"], vals["c"], vals.get("m", 1), vals.get("b", 0))
 
 
 def features(case):
@@ -108,7 +115,7 @@ def measure(args):
 
     seed = args.seed if args.seed is not None else F.new_seed()
     print(f"tune: {args.family} shapes, seed {seed}", flush=True)
-    shapes = F.draw(args.family, seed)
+    shapes = F.draw(args.family, seed, tuple(args.groups))
     limit = K.device_smem_limit()
     sm_smem = int(cp.cuda.Device().attributes["MaxSharedMemoryPerMultiprocessor"])
     doc = {"seed": seed, "family": args.family, "smem_limit": limit,
@@ -126,11 +133,11 @@ def measure(args):
         if inp.block_table is not None:
             kw["block_table"] = inp.block_table
         outs = [cp.empty_like(q) for q in inp.q]
-        rec = {"case": case.name, "features": features(case), "times": {}}
+        rec = {"case": case.name, "features": features(case), "lens": list(case.lens), "times": {}}
         for c in configs_for(("f16", case.head_dim, case.group, case.layout == "paged"), limit, sm_smem):
-            sched, tile, stages, cps, mt = c
+            sched, tile, stages, cps, mt, mb = c
             cfg = cupy_lean.Config(schedule=sched, tile_size=tile, stages=stages, ctas_per_sm=cps,
-                                   min_tiles_per_cta=mt if mt > 1 else None)
+                                   min_tiles_per_cta=mt if mt > 1 else None, merge_balance=mb)
             name = config_name(c)
             try:
                 p = cupy_lean.plan(inp.q[0], inp.k[0], inp.v[0], out=outs[0], config=cfg, **kw)
@@ -142,7 +149,8 @@ def measure(args):
                 continue
             rec["times"][name] = us
         default = cupy_lean.plan(inp.q[0], inp.k[0], inp.v[0], out=outs[0], **kw)
-        rec["default"] = f"lean_t{default.spec.tile}_s{default.spec.stages}_c{default.ctas_per_sm}"
+        rec["default"] = f"lean_t{default.spec.tile}_s{default.spec.stages}_c{default.ctas_per_sm}" + (
+            f"_b{default.merge_balance}" if default.merge_balance else "")
         best = min((t, n) for n, t in rec["times"].items() if t)
         print(f"  {case.name}: best {best[1]} {best[0]:.1f} us, default {rec['default']} "
               f"{rec['times'].get(rec['default']) or float('nan'):.1f} us", flush=True)
@@ -180,27 +188,45 @@ def fit(docs):
     return table
 
 
-def write_table(table, sources, path):
-    lines = [
-        '"""Default kernel configurations fitted by ``python -m bench.tune fit`` (generated; do not edit).',
-        "",
-        "Key: (head_dim, query tiles, paged, 'small' | 'large' by K/V bytes); value: (schedule, tile,",
-        "stages, CTAs per SM, min tiles per CTA), the best geometric mean of time / best time over the",
-        "shapes measured.",
-        f"Sources: {', '.join(sources)}.",
-        '"""',
-        "",
-        f"SMALL_BYTES = {SMALL_BYTES!r}",
-        "",
-        "TABLE = {",
-    ]
-    for key in sorted(table):
-        name, score, n = table[key]
-        val = parse_name(name)
-        lines.append(f"    {key!r}: {val!r},  # geomean {score:.3f} of best over {n} shapes")
-    lines.append("}")
-    with open(path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+def _geomean(xs):
+    return math.exp(sum(math.log(x) for x in xs) / len(xs)) if xs else float("nan")
+
+
+def score_rules(docs, balances=(0, 1, 2, 4, 8)):
+    """The package's rules scored on measured shapes: ``{"default_tile":
+    {head_dim: (geomean, max, shapes)}, "merge_balance": {a: (geomean, max,
+    shapes)}}``, each a ratio of the rule's time to the shape's best time.
+
+    The default (tile, stages) is scored with the merge balance off (the
+    plain configuration of that name). A merge balance ``a`` implies a range
+    floor of ``merge_balanced_tiles(longest unit's tiles, a, rows, tile)``
+    tiles; it is scored at the largest measured ``min_tiles_per_cta`` variant
+    of the default (tile, stages) not above that floor."""
+    from cupy_lean import kernels as K
+    from cupy_lean.schedule import merge_balanced_tiles
+
+    tiles, bal = {}, {a: [] for a in balances}
+    for doc in docs:
+        for rec in doc["shapes"]:
+            times = {n: t for n, t in rec["times"].items() if t}
+            feat = rec["features"]
+            if not times or "lens" not in rec:
+                continue
+            best = min(times.values())
+            spec = K.make_spec("f16", feat["head_dim"], feat["group"], feat["paged"])
+            base = f"lean_t{spec.tile}_s{spec.stages}_c1"
+            if base not in times:
+                continue
+            tiles.setdefault(feat["head_dim"], []).append(times[base] / best)
+            variants = {1: times[base]}
+            variants.update({m: times[f"{base}_m{m}"] for m in MIN_TILES if f"{base}_m{m}" in times})
+            longest = max(-(-x // spec.tile) for x in rec["lens"])
+            for a in balances:
+                floor = merge_balanced_tiles(longest, a, 16 * spec.m_tiles, spec.tile) if a else 1
+                m = max(x for x in variants if x <= floor)
+                bal[a].append(variants[m] / best)
+    return {"default_tile": {d: (_geomean(r), max(r), len(r)) for d, r in sorted(tiles.items())},
+            "merge_balance": {a: (_geomean(r), max(r), len(r)) for a, r in bal.items() if r}}
 
 
 def main(argv=None):
@@ -211,9 +237,10 @@ def main(argv=None):
     m.add_argument("--seed", type=int, default=None)
     m.add_argument("--out", default=None)
     m.add_argument("--time-budget", type=float, default=0.0, metavar="SECONDS")
-    f = sub.add_parser("fit", help="fit the configuration table from measure's JSON files")
+    m.add_argument("--groups", type=int, nargs=2, default=(1, 16), metavar=("LOW", "HIGH"),
+                   help="range of query heads per KV head to draw (default: the family's 1 16)")
+    f = sub.add_parser("fit", help="best configuration per group, and the package's rules scored")
     f.add_argument("files", nargs="+")
-    f.add_argument("--write", metavar="PATH", help="write the table as a Python module (cupy_lean/_tuned.py)")
     a = ap.parse_args(argv)
     if a.cmd == "measure":
         return measure(a)
@@ -222,12 +249,19 @@ def main(argv=None):
         with open(path) as fh:
             docs.append(json.load(fh))
     table = fit(docs)
+    print("best configuration per group (geomean of time / best time over its shapes):")
     for key in sorted(table):
         name, score, n = table[key]
-        print(f"{key}: {name}  (geomean {score:.3f} of the best, {n} shapes)")
-    if a.write:
-        write_table(table, [os.path.basename(p) for p in a.files], a.write)
-        print(f"tune: wrote {a.write}")
+        print(f"  {key}: {name}  ({score:.3f}, {n} shapes)")
+    from cupy_lean import kernels as K
+
+    rules = score_rules(docs)
+    print("the package's default (tile, stages), merge balance off, by head_dim (geomean, max of time / best):")
+    for d, (g, mx, n) in rules["default_tile"].items():
+        print(f"  head_dim {d}: {g:.3f}, max {mx:.2f} ({n} shapes)")
+    print(f"merge balance a (the package uses {K.TUNING['merge_balance']}), all shapes:")
+    for bal, (g, mx, n) in rules["merge_balance"].items():
+        print(f"  a = {bal}: {g:.3f}, max {mx:.2f} ({n} shapes)")
     return 0
 
 

@@ -78,9 +78,9 @@ def _merge_lse_only(lses):
 
 
 def device_schedule(kv_lens, heads_kv, *, tile_size, num_ctas=None, num_splits=None, max_segments=64,
-                    min_tiles_per_cta=1):
+                    min_tiles_per_cta=1, merge_balance=0):
     """The schedule as the kernel derives it (its schedule-dump entry: no
-    attention is computed). Stream-K with ``num_ctas`` CTAs, or split-K with
+    attention is computed; the kernel spec has 16 state rows). Stream-K with ``num_ctas`` CTAs, or split-K with
     ``num_splits`` chunks per unit. Returns, per CTA, None (no work) or
     ``(begin, end, [(unit, tile_begin, tile_end, partial, slot,
     first_contributor, contributors), ...])``, the quantities of
@@ -94,7 +94,7 @@ def device_schedule(kv_lens, heads_kv, *, tile_size, num_ctas=None, num_splits=N
     prm.batch, prm.heads_kv, prm.group = B, heads_kv, 1
     prm.capacity = max(1, int(lens_host.max()) if B else 1)
     prm.page_size = 1
-    prm.window_left, prm.min_tiles_per_cta = -1, min_tiles_per_cta
+    prm.window_left, prm.min_tiles_per_cta, prm.merge_balance = -1, min_tiles_per_cta, merge_balance
     if num_splits is None:
         prm.decomposition, prm.num_splits, grid = K.Decomposition.STREAM_K, 1, num_ctas
     else:

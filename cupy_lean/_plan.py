@@ -43,7 +43,7 @@ import numpy as np
 from . import _cache
 from . import kernels as K
 from ._dtypes import KERNEL_TAG
-from .schedule import num_splits_heuristic
+from .schedule import merge_balanced_tiles, num_splits_heuristic
 
 __all__ = ["Signature", "Plan", "signature", "get_plan", "aligned_grid"]
 
@@ -72,6 +72,7 @@ class Signature(NamedTuple):
     ctas_per_sm: Optional[int]
     features: Optional[tuple] = None  # (sinks meta | None, window_left | None, softcap | None)
     min_tiles_per_cta: Optional[int] = None
+    merge_balance: Optional[int] = None  # None: the default (kernels.TUNING)
 
 
 def sinks_meta(x):
@@ -87,7 +88,7 @@ def _meta(x):
 
 
 def signature(q, k, v, out, kv_lens, block_table, scale, schedule, num_ctas, tile_size,
-              stages=None, ctas_per_sm=None, features=None, min_tiles_per_cta=None):
+              stages=None, ctas_per_sm=None, features=None, min_tiles_per_cta=None, merge_balance=None):
     """The :class:`Signature` of CuPy arrays (``kv_lens`` / ``block_table``
     CuPy, NumPy or None) and options."""
     return Signature(
@@ -96,7 +97,7 @@ def signature(q, k, v, out, kv_lens, block_table, scale, schedule, num_ctas, til
         None if kv_lens is None else _meta(kv_lens), None if block_table is None else _meta(block_table),
         (not q.data.ptr & 15, not k.data.ptr & 15, not v.data.ptr & 15,
          None if out is None else not out.data.ptr & 7),
-        scale, schedule, num_ctas, tile_size, stages, ctas_per_sm, features, min_tiles_per_cta)
+        scale, schedule, num_ctas, tile_size, stages, ctas_per_sm, features, min_tiles_per_cta, merge_balance)
 
 
 def aligned_grid(units, tiles_per_unit, grid, min_fraction=0.85):
@@ -172,10 +173,19 @@ class Plan:
         self.num_sms = kern.num_sms
         self.host_lens = sig.kv_lens is not None and sig.kv_lens[0] == "cpu"
         self.aligned_grid_applied = False
+        self.merge_balance = K.TUNING["merge_balance"] if sig.merge_balance is None else sig.merge_balance
         if sig.schedule == "lean":
             self.ctas_per_sm = sig.ctas_per_sm or kern.ctas_per_sm
             full = sig.num_ctas if sig.num_ctas is not None else self.ctas_per_sm * kern.num_sms
             grid = max(1, min(full, max(units * max_unit_tiles, 1)))
+            if sig.kv_lens is None and units * max_unit_tiles:
+                # uniform lengths: the kernel's range floor is known here, so the grid
+                # (and its unit alignment below) follows it
+                floor = max(sig.min_tiles_per_cta or 1,
+                            merge_balanced_tiles(max_unit_tiles, self.merge_balance, 16 * spec.m_tiles, tile)
+                            if self.merge_balance else 1)
+                if floor > 1:
+                    grid = max(1, min(grid, units * max_unit_tiles // floor))
             if sig.num_ctas is None and sig.kv_lens is None:
                 ag = aligned_grid(units, max_unit_tiles, grid)
                 self.aligned_grid_applied = ag != grid
@@ -246,6 +256,7 @@ class Plan:
         prm.slot_stride = slot_stride
         prm.window_left = -1 if f_window is None else f_window
         prm.min_tiles_per_cta = sig.min_tiles_per_cta or 1
+        prm.merge_balance = self.merge_balance
         if f_softcap is not None:
             prm.softcap_scale = m.scale / f_softcap
             prm.softcap_log2 = f_softcap * _LOG2E
@@ -292,6 +303,9 @@ class Plan:
             lines.append(f"  grid: {self.grid} persistent CTAs{note}; {self.ctas_per_sm} CTA/SM requested"
                          + (f", num_ctas={s.num_ctas}" if s.num_ctas is not None else "")
                          + (f", at most one CTA per {s.min_tiles_per_cta} tiles" if s.min_tiles_per_cta else "")
+                         + (f", ranges of at least ceil(sqrt({self.merge_balance} x longest unit's tiles x "
+                            f"{16 * self.spec.m_tiles} rows / {self.spec.tile})) tiles (merge balance)"
+                            if self.merge_balance else "")
                          + "; each CTA takes an equal share (+-1 tile) of all tiles, derived on the GPU "
                            "from kv_lens at run time")
         else:
@@ -361,7 +375,7 @@ class Plan:
         elif sinks is not None:
             raise ValueError("sinks: the plan was made without sinks")
         got = signature(q, k, v, out, kv_lens, block_table, s.scale, s.schedule, s.num_ctas, s.tile_size,
-                        s.stages, s.ctas_per_sm, feats, s.min_tiles_per_cta)
+                        s.stages, s.ctas_per_sm, feats, s.min_tiles_per_cta, s.merge_balance)
         if got != s:
             for name in Signature._fields:
                 a, b = getattr(s, name), getattr(got, name)

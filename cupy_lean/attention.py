@@ -320,6 +320,12 @@ class Config:
     min_tiles_per_cta : int, optional
         Lean: at most one CTA per this many tiles (fewer, longer ranges on
         small calls: fewer partial states to merge); default 1.
+    merge_balance : int, optional
+        Lean: 0, or ``a``: every CTA's range holds at least the tiles of
+        :func:`cupy_lean.schedule.merge_balanced_tiles` for the longest
+        sequence (computed on the GPU from ``kv_lens``), so that no unit is cut
+        into more pieces than one CTA merges in about ``a`` times a range's
+        stream. Default 1 (measured over family shapes; 0 turns it off).
 
     A configuration whose shared memory does not fit the device raises
     ``ValueError`` naming the limit when the plan is made.
@@ -331,6 +337,7 @@ class Config:
     ctas_per_sm: Optional[int] = None
     num_ctas: Optional[int] = None
     min_tiles_per_cta: Optional[int] = None
+    merge_balance: Optional[int] = None
 
 
 def plan(q, k, v, *, kv_lens=None, block_table=None, scale=None, out=None, schedule="lean", num_ctas=None,
@@ -366,8 +373,8 @@ def plan(q, k, v, *, kv_lens=None, block_table=None, scale=None, out=None, sched
         Lean: at most one CTA per this many tiles (see :class:`Config`).
     config : Config, optional
         The kernel configuration in one object (schedule, tile_size, stages,
-        ctas_per_sm, num_ctas, min_tiles_per_cta); pass either it or those
-        arguments, not both.
+        ctas_per_sm, num_ctas, min_tiles_per_cta, merge_balance); pass either
+        it or those arguments, not both (``merge_balance`` only through it).
     workspace : cupy.ndarray, optional
         Caller-owned workspace of at least ``workspace_bytes`` bytes
         (contiguous, 256-byte aligned); its first bytes (unit counters) are
@@ -402,6 +409,7 @@ def plan(q, k, v, *, kv_lens=None, block_table=None, scale=None, out=None, sched
         schedule, num_ctas, tile_size = config.schedule, config.num_ctas, config.tile_size
         stages, ctas_per_sm = config.stages, config.ctas_per_sm
         min_tiles_per_cta = config.min_tiles_per_cta
+    merge_balance = None if config is None else config.merge_balance
     gpu, q, k, v, lens, table, out, _ = _normalise(q, k, v, kv_lens, block_table, out, None)
     k, v = _validation.kv_layout_views(k, v, kv_layout, table is not None)
     if not gpu:
@@ -415,12 +423,14 @@ def plan(q, k, v, *, kv_lens=None, block_table=None, scale=None, out=None, sched
         _validation._check_int(ctas_per_sm, "ctas_per_sm", 1, 32)
     if min_tiles_per_cta is not None:
         _validation._check_int(min_tiles_per_cta, "min_tiles_per_cta", 1, 1 << 20)
+    if merge_balance is not None:
+        _validation._check_int(merge_balance, "merge_balance", 0, 1 << 10)
     if isinstance(table, np.ndarray):
         import cupy
 
         table = cupy.asarray(table)
     sig = _plan.signature(q, k, v, out, lens, table, m.scale if scale is not None else None, schedule,
-                          num_ctas, tile_size, stages, ctas_per_sm, _features_key(feats), min_tiles_per_cta)
+                          num_ctas, tile_size, stages, ctas_per_sm, _features_key(feats), min_tiles_per_cta, merge_balance)
     p = _plan.Plan(sig, m, workspace=workspace)
     p.kv_layout = kv_layout
     return p

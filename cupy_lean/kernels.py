@@ -78,7 +78,7 @@ class Params(ctypes.Structure):
         ("decomposition", ctypes.c_int32), ("num_splits", ctypes.c_int32),
         ("scale_log2", ctypes.c_float), ("slot_stride", ctypes.c_int32),
         ("sinks", ctypes.c_uint64), ("softcap_scale", ctypes.c_float), ("softcap_log2", ctypes.c_float),
-        ("window_left", ctypes.c_int32), ("min_tiles_per_cta", ctypes.c_int32),
+        ("window_left", ctypes.c_int32), ("min_tiles_per_cta", ctypes.c_int32), ("merge_balance", ctypes.c_int32),
         ("q_len", ctypes.c_int32), ("q_st", ctypes.c_int64), ("o_st", ctypes.c_int64),
     ]
 
@@ -242,12 +242,13 @@ def _fits(tile, stages, head_dim, m_tiles, paged, budget):
 #: Tuning constants of the default configurations (measured on an H100, see
 #: bench/NOTES.md), in one place.
 TUNING = {
-    "kv_tile_bytes": 32 * 1024,  # K+V bytes of one tile: tile = kv_tile_bytes / (4 * head_dim)
-    "deep_pipeline_smem": 160 * 1024,  # 3-4 stages only up to this much shared memory
-    "max_smem": 200 * 1024,  # no configuration above this (slower when measured)
+    "kv_tile_bytes": 32 * 1024,  # K+V bytes of the first tile tried: tile = kv_tile_bytes / (4 * head_dim)
+    "min_warps": 8,  # the tile doubles (up to 128) while that adds warps and the CTA has fewer
+    "deep_pipeline_smem": 160 * 1024,  # 4 stages only up to this much shared memory
+    "max_smem": 216 * 1024,  # 3 stages (2 at head_dim 256) up to this; nothing above it
     "one_cta_per_sm_above": 100 * 1024,  # two such CTAs did not co-reside reliably
     "max_ctas_per_sm": 2,
-    "min_warps": 4,  # the first tile tried has at least this many warps (head_dim 256: tile 64, not 32)
+    "merge_balance": 1,  # stream-K ranges >= sqrt(a x longest unit's tiles x state rows / tile) tiles
 }
 
 #: Opt-in shared memory per block (bytes) by architecture; the plan asks the
@@ -260,22 +261,30 @@ def default_config(head_dim, m_tiles, paged, smem_limit=DEFAULT_SMEM_LIMIT):
     """Default (tile, stages) of a spec on a device whose blocks may use
     ``smem_limit`` bytes of shared memory, or None when nothing fits.
 
-    A tile of ``TUNING["kv_tile_bytes"]`` of K+V, doubled while the CTA
-    would have fewer than ``TUNING["min_warps"]`` warps (halved until it fits), and
-    as many stages (4, then 3) as fit in ``deep_pipeline_smem``, else 2 in
-    ``max_smem``; head_dim 256 keeps 2 stages (two CTAs per SM where they
-    fit). Every budget is capped by ``smem_limit``.
+    A tile of ``TUNING["kv_tile_bytes"]`` of K+V, doubled (up to 128 tokens)
+    while that gives the CTA more warps and it has fewer than
+    ``TUNING["min_warps"]``; then 4 stages if they fit in
+    ``deep_pipeline_smem``, else 3, else 2 in ``max_smem`` (head_dim 256: 2
+    stages); the tile is halved until something fits. Every budget is capped
+    by ``smem_limit``. Measured over family shapes (``python -m bench.tune``):
+    more warps per CTA, then the deepest pipeline, is what made a default
+    fast at every head_dim.
     """
     deep = min(TUNING["deep_pipeline_smem"], smem_limit)
     most = min(TUNING["max_smem"], smem_limit)
+
+    def warps(t):
+        return Spec("f16", head_dim, m_tiles, t, 2, paged).threads // 32
+
     tile = max(16, min(128, TUNING["kv_tile_bytes"] // (4 * head_dim)))
-    while tile < 128 and Spec("f16", head_dim, m_tiles, tile, 2, paged).threads < 32 * TUNING["min_warps"]:
+    while tile < 128 and warps(tile) < TUNING["min_warps"] and warps(2 * tile) > warps(tile):
         tile *= 2  # a CTA of fewer warps streams, stores and reduces with too few threads
     while tile >= 16:
         if head_dim < 256:
-            for stages in (4, 3):
-                if _fits(tile, stages, head_dim, m_tiles, paged, deep):
-                    return tile, stages
+            if _fits(tile, 4, head_dim, m_tiles, paged, deep):
+                return tile, 4
+            if _fits(tile, 3, head_dim, m_tiles, paged, most):
+                return tile, 3
         if _fits(tile, 2, head_dim, m_tiles, paged, most):
             return tile, 2
         tile //= 2

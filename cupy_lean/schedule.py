@@ -45,6 +45,7 @@ __all__ = [
     "lean_schedule",
     "split_schedule",
     "head_schedule",
+    "merge_balanced_tiles",
     "num_splits_heuristic",
     "tiles_per_sequence",
 ]
@@ -335,7 +336,26 @@ def lean_cta_of_tile(total_tiles, num_ctas, tile):
                     heavy + (tile - heavy * max_tiles) // light)
 
 
-def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1):
+def merge_balanced_tiles(longest_unit_tiles, merge_balance, state_rows, tile_size):
+    """The fewest tiles ``n`` per stream-K CTA with ``n * n * tile_size >=
+    merge_balance * longest_unit_tiles * state_rows`` (1 at least).
+
+    A unit cut into ``P`` pieces is merged by one CTA that reads ``P``
+    partial states of ``state_rows`` rows while the other CTAs stream; ranges
+    of ``n`` tiles bound ``P`` to about ``longest / n``, which keeps that
+    merge within ``merge_balance`` times the stream of one range. The kernel
+    computes the same integer."""
+    v = int(merge_balance) * int(longest_unit_tiles) * int(state_rows)
+    n = max(1, math.isqrt(-(-v // int(tile_size))))
+    while n * n * tile_size < v:
+        n += 1
+    while n > 1 and (n - 1) * (n - 1) * tile_size >= v:
+        n -= 1
+    return n
+
+
+def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1, merge_balance=0,
+                  state_rows=16):
     """The stream-K (LeanAttention) schedule.
 
     Parameters
@@ -352,6 +372,15 @@ def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1
         = m > 1`` at most ``max(1, total_tiles // m)``.
     min_tiles_per_cta : int
         Fewer, longer ranges on small calls (fewer partial states to merge).
+    merge_balance : int
+        0, or ``a``: every range holds at least
+        :func:`merge_balanced_tiles` ``(longest unit's tiles, a, state_rows,
+        tile_size)`` tiles (as if ``min_tiles_per_cta`` were that much, when
+        larger), so that no unit is cut into more pieces than one CTA merges
+        in about the time of one range's stream. What the kernel's default
+        plan uses (``a = 1``).
+    state_rows : int
+        Rows of a unit's partial state (16 per query tile of the kernel spec).
 
     Returns
     -------
@@ -360,7 +389,13 @@ def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1
     lens, heads_kv, tile_size, tps, unit_tiles, unit_start = _units(kv_lens, heads_kv, tile_size)
     num_ctas = _check_positive_int(num_ctas, "num_ctas")
     min_tiles = _check_positive_int(min_tiles_per_cta, "min_tiles_per_cta")
+    if not isinstance(merge_balance, (int, np.integer)) or isinstance(merge_balance, bool) or merge_balance < 0:
+        raise ValueError(f"merge_balance: expected an integer >= 0, got {merge_balance!r}")
+    state_rows = _check_positive_int(state_rows, "state_rows")
     total = int(unit_tiles.sum())
+    if merge_balance and total:
+        min_tiles = max(min_tiles, merge_balanced_tiles(int(unit_tiles.max()), merge_balance, state_rows,
+                                                        tile_size))
     ncta = min(num_ctas, max(1, total // min_tiles) if min_tiles > 1 else total) if total else 0
     if ncta == 0:
         return Schedule("lean", lens, heads_kv, tile_size, 0, tps, unit_tiles, unit_start,

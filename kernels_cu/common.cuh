@@ -174,6 +174,22 @@ __device__ __forceinline__ int block_incl_scan(int x, int* warp_buf, int* total)
   return incl + off;
 }
 
+// Maximum over the block (x >= 0); `warp_buf` holds one int per warp.
+// Contains barriers.
+template <int NT>
+__device__ __forceinline__ int block_max(int x, int* warp_buf) {
+  constexpr int NW = NT / 32;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  x = __reduce_max_sync(0xffffffffu, x);
+  if (lane == 0) warp_buf[warp] = x;
+  __syncthreads();
+  int m = 0;
+#pragma unroll
+  for (int w = 0; w < NW; ++w) m = max(m, warp_buf[w]);
+  __syncthreads();
+  return m;
+}
+
 __device__ __forceinline__ float4 ldcg4(const float* p) {
   return __ldcg(reinterpret_cast<const float4*>(p));
 }

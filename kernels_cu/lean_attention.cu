@@ -154,6 +154,7 @@ static_assert(STREAM_K == LEAN_HOST_STREAM_K && SPLIT_K == LEAN_HOST_SPLIT_K, "D
   F(float, softcap_log2)     /* HAS_SOFTCAP: cap * log2(e) */                                  \
   F(int, window_left)        /* HAS_WINDOW: keys seen = window_left + 1; -1: all */         \
   F(int, min_tiles_per_cta)  /* STREAM_K: at most one CTA per this many tiles (StreamK) */  \
+  F(int, merge_balance)      /* STREAM_K: 0, or a, for ranges of >= sqrt(a x longest unit x rows / TILE) */ \
   F(int, q_len)              /* HAS_QLEN: query tokens per sequence (rows = q_len * group) */   \
   F(i64, q_st) F(i64, o_st)  /* HAS_QLEN: q and out strides per query token */
 
@@ -213,6 +214,20 @@ __device__ __forceinline__ int seq_len(const Params& p, const int* lens_s, int b
 }
 
 // ============================================================= 3. schedule
+
+// Merge balance: the fewest tiles n per CTA with n * n * TILE >= a * longest
+// * rows (rows: the unit's state, 16 * MT). A unit cut into P pieces is
+// merged by one CTA reading P states of rows x D floats while the others
+// stream; ranges of n tiles bound P to about longest / n, so the merge
+// (P x rows) stays within a times a range's stream (n x TILE). Integer
+// arithmetic only: schedule.merge_balanced_tiles mirrors it exactly.
+__device__ __forceinline__ int merge_balanced_tiles(int longest, int a) {
+  const long long v = (long long)a * longest * (16 * MT);
+  long long n = (long long)sqrtf((float)v / TILE);
+  while (n * n * TILE < v) ++n;
+  while (n > 1 && (n - 1) * (n - 1) * TILE >= v) --n;
+  return (int)max(1LL, n);
+}
 
 // Stream-K: `total` tiles (every unit's tiles end to end, units in (b, h)
 // order) cut into `ctas` ranges; the first `heavy` CTAs own `per` tiles, the
@@ -615,19 +630,26 @@ __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, S
     sk = StreamK::make(0, 1);
     return t0 < t1;
   }
-  // Pass 1: every sequence's tiles; lengths cached; empty sequences written.
-  int local = 0;
+  // Pass 1: every sequence's tiles (and the longest); lengths cached; empty
+  // sequences written.
+  int local = 0, longest = 0;
   for (int b = tid; b < p.batch; b += NT) {
     const int len = seq_len(p, lens_s, b, false);
     if (b < LENS_CACHE) lens_s[b] = len;
     const int nt = tiles_of(p, len);
     local += nt;
+    longest = max(longest, nt);
     if (nt == 0 && write_empty && (b % gridDim.x) == c)
       for (int h = 0; h < p.heads_kv; ++h) emit_empty_rows(p, b, h, 0, unit_rows(p));
   }
   int seq_tiles;
   block_incl_scan<NT>(local, misc, &seq_tiles);
-  sk = StreamK::make((i64)seq_tiles * p.heads_kv, gridDim.x, p.min_tiles_per_cta);
+  int min_tiles = p.min_tiles_per_cta;
+  if (p.merge_balance > 0) {
+    longest = block_max<NT>(longest, misc);
+    min_tiles = max(min_tiles, merge_balanced_tiles(longest, p.merge_balance));
+  }
+  sk = StreamK::make((i64)seq_tiles * p.heads_kv, gridDim.x, min_tiles);
   if (c >= sk.ctas) return false;
   w.g = sk.begin(c);
   w.end = sk.end(c);

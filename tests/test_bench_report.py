@@ -324,16 +324,21 @@ def test_tune_configurations_fit_the_limits():
     from bench import tune
 
     cfgs = tune.configs_for(("f16", 128, 8, False), 232448, 233472)
-    assert ("split", None, None, None, 1) in cfgs
+    assert ("split", None, None, None, 1, 0) in cfgs
     lean = [c for c in cfgs if c[0] == "lean"]
-    assert ("lean", 64, 4, 1, 1) in lean and ("lean", 64, 4, 1, 8) in lean and ("lean", 32, 4, 1, 8) not in lean
+    # the default (tile 128, 3 stages at head_dim 128, group 8) gets the min-tiles and merge-balance
+    # variants, the others not
+    assert ("lean", 128, 3, 1, 1, 0) in lean and ("lean", 128, 3, 1, 8, 0) in lean
+    assert ("lean", 128, 3, 1, 1, 2) in lean and ("lean", 64, 4, 1, 8, 0) not in lean
+    assert ("lean", 64, 4, 1, 1, 0) in lean and ("lean", 64, 4, 1, 1, 2) not in lean
     assert all(tune.parse_name(tune.config_name(c)) == c for c in cfgs)
     assert all(c[3] == 1 for c in lean if c[1] == 128)  # two 128-token CTAs do not fit one SM
     small = tune.configs_for(("f16", 256, 128, True), 101376, 102400)
     assert all(c[1] <= 32 for c in small if c[0] == "lean")
+    assert tune.parse_name("lean_t64_s4_c1_m8") == ("lean", 64, 4, 1, 8, 0)  # runs before merge balance
 
 
-def test_tune_fit_picks_one_configuration_per_group(tmp_path):
+def test_tune_fit_picks_one_configuration_per_group():
     from bench import tune
 
     def rec(d, kvb, times):
@@ -350,9 +355,21 @@ def test_tune_fit_picks_one_configuration_per_group(tmp_path):
     large = table[(128, 1, False, "large")]
     assert large[0] == "lean_t64_s4_c1" and large[2] == 3  # split was not measured on every shape
     assert table[(128, 1, False, "small")][0] == "split"
-    path = tmp_path / "tuned.py"
-    tune.write_table(table, ["a.json"], str(path))
-    ns = {}
-    exec(path.read_text(), ns)
-    assert ns["TABLE"][(128, 1, False, "large")] == ("lean", 64, 4, 1, 1)
-    assert ns["TABLE"][(128, 1, False, "small")] == ("split", None, None, None, 1)
+
+
+def test_tune_scores_the_rules():
+    """The merge balance's floor is looked up at the largest measured
+    min-tiles variant below it; the default tile is scored as measured."""
+    from bench import tune
+    from cupy_lean.schedule import merge_balanced_tiles
+
+    base = "lean_t128_s3_c1"  # the default at head_dim 128, group 4, dense
+    lens = [24050]  # one unit of 188 tiles: a = 1 gives a floor of 5 tiles (16 rows), a = 0 none
+    assert merge_balanced_tiles(188, 1, 16, 128) == 5
+    times = {base: 40.0, base + "_m2": 30.0, base + "_m4": 20.0, base + "_m8": 25.0, "split": 50.0}
+    doc = {"shapes": [{"case": "x", "lens": lens, "times": times,
+                       "features": {"head_dim": 128, "group": 4, "paged": False, "m_tiles": 1, "kv_bytes": 1e7}}]}
+    got = tune.score_rules([doc], balances=(0, 1))
+    assert got["default_tile"][128] == (2.0, 2.0, 1)
+    assert got["merge_balance"][0][0] == 2.0  # floor 1: the plain configuration
+    assert got["merge_balance"][1][0] == 1.0  # floor 5: the m4 variant

@@ -445,3 +445,52 @@ def test_min_tiles_per_cta_bounds_the_grid(lens, hkv, num_ctas, min_tiles):
 def test_min_tiles_per_cta_is_checked():
     with pytest.raises(ValueError, match="min_tiles_per_cta: expected an integer >= 1, got 0"):
         lean_schedule([10], 1, tile_size=16, num_ctas=4, min_tiles_per_cta=0)
+
+
+@given(st.integers(0, 200_000), st.integers(1, 64), st.sampled_from([16, 32, 64, 128, 256]),
+       st.sampled_from([16, 32, 64, 128]))
+def test_merge_balanced_tiles_is_the_smallest_square_root(longest, a, rows, tile):
+    from cupy_lean.schedule import merge_balanced_tiles
+
+    n = merge_balanced_tiles(longest, a, rows, tile)
+    v = a * longest * rows
+    assert n >= 1 and n * n * tile >= v
+    assert n == 1 or (n - 1) * (n - 1) * tile < v
+
+
+@given(st.lists(st.integers(0, 30000), min_size=1, max_size=6), st.integers(1, 4), st.integers(1, 300),
+       st.sampled_from([1, 2, 8]), st.sampled_from([16, 64, 128]))
+@example([24050], 1, 132, 1, 64)
+def test_merge_balance_bounds_the_pieces_of_a_unit(lens, hkv, num_ctas, a, rows):
+    """With the merge balance every range holds at least n tiles (the last
+    CTAs one less: ranges differ by at most one), so the longest unit is cut
+    into at most longest / (n - 1) + 1 pieces, and the schedule still
+    computes the reference."""
+    from cupy_lean import reference
+    from cupy_lean.schedule import merge_balanced_tiles
+
+    tile = 16
+    plain = lean_schedule(lens, hkv, tile_size=tile, num_ctas=num_ctas)
+    s = lean_schedule(lens, hkv, tile_size=tile, num_ctas=num_ctas, merge_balance=a, state_rows=rows)
+    assert s.num_ctas <= plain.num_ctas
+    if s.total_tiles:
+        longest = int(s.unit_tiles.max())
+        n = merge_balanced_tiles(longest, a, rows, tile)
+        assert s.num_ctas == min(num_ctas, s.total_tiles, max(1, s.total_tiles // n))
+        if s.num_ctas > 1:
+            assert s.tiles_per_cta().min() >= min(n, plain.tiles_per_cta().max())
+    rng = np.random.default_rng(len(lens))
+    lens_small = [x // 64 for x in lens]  # the same rule on a problem the reference computes quickly
+    s2 = lean_schedule(lens_small, hkv, tile_size=1, num_ctas=num_ctas, merge_balance=a, state_rows=rows)
+    q = rng.standard_normal((len(lens), hkv * 2, 8))
+    k = rng.standard_normal((len(lens), max(max(lens_small), 1), hkv, 8))
+    v = rng.standard_normal(k.shape)
+    got = reference.emulate(s2, q, k, v, kv_lens=lens_small)
+    want = reference.attention(q, k, v, kv_lens=lens_small)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-9, atol=1e-12)
+
+
+def test_merge_balance_is_checked():
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="merge_balance: expected an integer >= 0"):
+            lean_schedule([10], 1, tile_size=16, num_ctas=4, merge_balance=bad)

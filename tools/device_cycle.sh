@@ -8,7 +8,8 @@
 #   family-quick lean only, this tree and .base/ (a copy of the package before
 #                the change, with this tree's bench/), FAMILY_N shapes, seed SEED
 #   family       the same with every peer on this tree (FlashInfer from .whl/ if carried)
-# Env: SEED (default 1), FAMILY_N (default 24), DTYPES (default fp16), BUDGET (seconds after
+# trees: lean only with each package tree in TREES (older commits), the same shapes
+# Env: TUNE_GROUPS ("LOW HIGH" for tune), TREES, SEED (default 1), FAMILY_N (default 24), DTYPES (default fp16), BUDGET (seconds after
 # which the benchmark starts no new shape; default 0: none).
 set -u
 OUT=${OUT:-/tmp/out}
@@ -20,6 +21,7 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 export PYTHONPATH=.:${PYTHONPATH:-}
 SEED=${SEED:-1}; N=${FAMILY_N:-24}; DT=${DTYPES:-fp16}
+DT_SPEC=$(echo "$DT" | sed 's/fp16/f16/g')
 nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem --format=csv,noheader > "$OUT/gpu.txt" 2>&1
 for step in "$@"; do
   t0=$(date +%s)
@@ -27,10 +29,21 @@ for step in "$@"; do
     precompile)
       python3 tools/precompile.py --all-tiles;;
     tune)
-      python3 -m bench.tune measure --family "$N" --seed "$SEED" --out "$OUT/tune_$SEED.json" \
-        --time-budget "${BUDGET:-0}" > "$OUT/tune.txt" 2>&1; tail -3 "$OUT/tune.txt";;
+      python3 -m bench.tune measure --family "$N" --seed "$SEED" --out "$OUT/tune_$SEED${TUNE_GROUPS:+_g${TUNE_GROUPS// /-}}.json" \
+        --time-budget "${BUDGET:-0}" --groups ${TUNE_GROUPS:-1 16} > "$OUT/tune_$SEED.txt" 2>&1; tail -3 "$OUT/tune_$SEED.txt";;
+    trees)
+      # lean only, the same family shapes, with each package tree in TREES (dirs holding cupy_lean/ and
+      # kernels_cu/, e.g. older commits) and this tree's bench/
+      for t in ${TREES:-}; do
+        rm -rf "$t/bench" "$t/tools" && cp -r bench "$t/bench" && cp -r tools "$t/tools"
+        (cd "$t" && python3 tools/precompile.py --dtypes $DT_SPEC > /dev/null 2>&1 || true)
+        tag=$(basename "$t")
+        (cd "$t" && PYTHONPATH=.:/tmp/site python3 -m bench.run --family "$N" --seed "$SEED" --dtypes "$DT" \
+           --methods lean --out "$OUT" --tag "tree$tag" --no-plots --time-budget 0 > "$OUT/tree$tag.txt" 2>&1)
+        echo "$tag: $(grep '^family seed' "$OUT/tree$tag.txt" | head -1)"
+      done;;
     tests)
-      python3 -m pytest tests -q -m gpu -p no:cacheprovider -x > "$OUT/gpu_tests.txt" 2>&1
+      python3 -m pytest tests -q -m gpu -p no:cacheprovider --maxfail=8 > "$OUT/gpu_tests.txt" 2>&1
       echo "tests: $(grep -E 'passed|failed|error' "$OUT/gpu_tests.txt" | tail -1)";;
     sanitize)
       bash tools/sanitize.sh /tmp/sanlogs > "$OUT/sanitize.txt" 2>&1; cat "$OUT/sanitize.txt";;

@@ -27,7 +27,7 @@ def _specs(all_tiles, features=(0,), dtypes=("f16", "bf16"), head_dims=None):
                     for tile in ((None,) + K.TILE_SIZES if all_tiles else (None,)):
                         for f in features:
                             try:
-                                out.append(K.make_spec(dtype, d, mt * 16, paged, tile, features=f))
+                                out.append(K.make_spec(dtype, d, mt * 16, paged, tile, **({"features": f} if f else {})))
                             except ValueError:
                                 pass
     return sorted(set(out), key=lambda s: s.name)
