@@ -4,7 +4,6 @@ float64 reference; GPU -> a cached :class:`~cupy_lean.plan.Plan`)."""
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Optional
 
 import numpy as np
@@ -39,7 +38,8 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
         Query of the newest token of each sequence; or of its last ``q_len``
         tokens (speculative decoding), causal at the end of the cache: query
         ``i`` sees keys ``[0, kv_len - q_len + i]``, and ``out`` / ``lse``
-        get the ``q_len`` axis (NumPy path only in this release).
+        get the ``q_len`` axis (GPU: ``q_len x heads_q / heads_kv`` at most
+        128, the rows of a KV head computed together).
     k, v : array, shape (batch, seqlen, heads_kv, head_dim)
         Dense KV cache, any strides with unit stride on the last axis: a
         ``(batch, heads_kv, seqlen, head_dim)`` cache passed as
@@ -242,13 +242,11 @@ def _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, 
     gpu, q, k, v, lens, table, out, lse = _normalise(q, k, v, kv_lens, block_table, out, lse)
     k, v = _validation.kv_layout_views(k, v, kv_layout, table is not None)
     fp8 = kv_dtype is not None or k_scale is not None or v_scale is not None or str(k.dtype).startswith("float8")
-    multi = gpu and q.ndim == 4 and GPU_QLEN and not fp8  # several query tokens, GPU kernel
+    multi = gpu and q.ndim == 4 and not fp8  # several query tokens, GPU kernel
     if (q.ndim == 4 or fp8) and not multi:
         if gpu:
-            what = "q: several query tokens per sequence (q of 4 dimensions)" if q.ndim == 4 else \
-                "k, v: fp8 KV caches (kv_dtype, k_scale, v_scale)"
-            raise NotImplementedError(f"{what}: not yet supported by the GPU kernels (NumPy inputs run the "
-                                      f"reference)")
+            raise NotImplementedError("k, v: fp8 KV caches (kv_dtype, k_scale, v_scale): not yet supported by "
+                                      "the GPU kernels (NumPy inputs run the reference)")
         return _cpu_general(q, k, v, lens, table, scale, return_lse, out, lse, schedule, num_ctas, tile_size,
                             sinks, window_left, softcap, batch_invariant, kv_dtype, k_scale, v_scale)
     if multi:
@@ -436,10 +434,6 @@ def plan(q, k, v, *, kv_lens=None, block_table=None, scale=None, out=None, sched
     return p
 
 
-#: The GPU kernel for several query tokens per sequence is compiled and wired
-#: (feature bit "qlen") but enabled only with CUPY_LEAN_GPU_QLEN=1 until its
-#: GPU tests have run.
-GPU_QLEN = os.environ.get("CUPY_LEAN_GPU_QLEN", "0") == "1"
 MAX_Q_LEN = 8
 
 

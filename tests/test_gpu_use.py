@@ -340,13 +340,11 @@ def test_batch_invariant_is_bitwise_whatever_the_batch():
 
 
 def test_not_yet_on_the_gpu_is_refused_clearly():
-    """Several query tokens per sequence and fp8 caches: NumPy path only in
-    this release; GPU inputs get NotImplementedError naming them."""
+    """fp8 caches: NumPy path only in this release; GPU inputs get
+    NotImplementedError naming them."""
     rng = np.random.default_rng(91)
     q, k, v, lens, _ = make_inputs(rng, 2, 8, 2, 64, np.float16, [100, 7], "dense")
     args = (to_gpu(q), to_gpu(k), to_gpu(v))
-    with pytest.raises(NotImplementedError, match="q: several query tokens per sequence"):
-        cupy_lean.attention(cp.stack([args[0], args[0]], axis=1), args[1], args[2], kv_lens=cp.asarray(lens))
     with pytest.raises(NotImplementedError, match="k, v: fp8 KV caches"):
         cupy_lean.attention(args[0], args[1].view(cp.uint8)[..., :64], args[2].view(cp.uint8)[..., :64],
                             kv_lens=cp.asarray(lens), kv_dtype="e4m3")
@@ -391,13 +389,9 @@ def test_distributed_single_rank_nccl_and_devices():
 @pytest.mark.parametrize("layout", ["dense", "paged"])
 @pytest.mark.parametrize("sched", ["lean", "split", "head"])
 @pytest.mark.parametrize("q_len,extra", [(2, {}), (4, dict(window_left=300)), (3, dict(sinks=True, softcap=10.0))])
-def test_gpu_query_tokens_match_the_reference(monkeypatch, layout, sched, q_len, extra):
+def test_gpu_query_tokens_match_the_reference(layout, sched, q_len, extra):
     """q of shape (batch, q_len, heads_q, head_dim), causal at the end of each
-    sequence, through every decomposition (the kernel behind
-    CUPY_LEAN_GPU_QLEN until this test has run on a GPU)."""
-    import sys
-
-    monkeypatch.setattr(sys.modules["cupy_lean.attention"], "GPU_QLEN", True)
+    sequence, through every decomposition."""
     rng = np.random.default_rng(93 + q_len)
     lens = [9000, 2, 0, 3001, 64, 777]
     q3, k, v, L, table = make_inputs(rng, len(lens), 16, 4, 128, np.float16, lens, layout, page_size=16)
@@ -419,10 +413,7 @@ def test_gpu_query_tokens_match_the_reference(monkeypatch, layout, sched, q_len,
     assert np.abs(gl[fin] - rl[fin]).max() < 4e-3
 
 
-def test_gpu_one_query_token_in_four_dimensions_is_the_plain_call(monkeypatch):
-    import sys
-
-    monkeypatch.setattr(sys.modules["cupy_lean.attention"], "GPU_QLEN", True)
+def test_gpu_one_query_token_in_four_dimensions_is_the_plain_call():
     rng = np.random.default_rng(99)
     q, k, v, L, _ = make_inputs(rng, 3, 32, 8, 64, np.float16, [5000, 1, 300], "dense")
     args = (to_gpu(k), to_gpu(v))
