@@ -210,13 +210,13 @@ def _expected_records(host, c):
 @given(st.lists(st.integers(0, 2000), min_size=1, max_size=40), st.integers(1, 8),
        st.sampled_from([16, 64, 128]), st.integers(1, 600), st.sampled_from([1, 1, 3, 8]),
        st.sampled_from([0, 0, 1, 4]))
-@example([0, 64, 65, 1], 2, 64, 3, 1)
-@example([5], 1, 16, 100, 1)
-@example([4000, 3, 0, 129], 3, 16, 7, 1)
-@example([4000, 3, 0, 129], 3, 16, 300, 8)
+@example([0, 64, 65, 1], 2, 64, 3, 1, 0)
+@example([5], 1, 16, 100, 1, 0)
+@example([4000, 3, 0, 129], 3, 16, 7, 1, 0)
+@example([4000, 3, 0, 129], 3, 16, 300, 8, 0)
 @example([24050], 1, 64, 132, 1, 1)
 @example([3103, 2900, 17], 2, 32, 264, 2, 3)
-def test_device_schedule_equals_numpy(lens, hkv, tile, num_ctas, min_tiles, merge_balance=0):
+def test_device_schedule_equals_numpy(lens, hkv, tile, num_ctas, min_tiles, merge_balance):
     """The kernel's stream-K schedule (its dump entry) equals schedule.py's:
     ranges, segments, slots, first contributor and contributor counts (also
     with the merge balance, whose square root the kernel takes in float)."""

@@ -9,7 +9,7 @@
 #                the change, with this tree's bench/), FAMILY_N shapes, seed SEED
 #   family       the same with every peer on this tree (FlashInfer from .whl/ if carried)
 # trees: lean only with each package tree in TREES (older commits), the same shapes
-# Env: TUNE_GROUPS ("LOW HIGH" for tune), TREES, SEED (default 1), FAMILY_N (default 24), DTYPES (default fp16), BUDGET (seconds after
+# Env: METHODS (family step, default lean and every peer), TUNE_GROUPS ("LOW HIGH" for tune), TREES, SEED (default 1), FAMILY_N (default 24), DTYPES (default fp16), BUDGET (seconds after
 # which the benchmark starts no new shape; default 0: none).
 set -u
 OUT=${OUT:-/tmp/out}
@@ -48,7 +48,7 @@ for step in "$@"; do
     sanitize)
       bash tools/sanitize.sh /tmp/sanlogs > "$OUT/sanitize.txt" 2>&1; cat "$OUT/sanitize.txt";;
     family-quick|family)
-      methods=lean; [ "$step" = family ] && methods=lean,sdpa-cudnn,sdpa-flash,flashinfer,flashinfer-tc
+      methods=lean; [ "$step" = family ] && methods=${METHODS:-lean,sdpa-cudnn,sdpa-flash,flashinfer,flashinfer-tc}
       if [ -d .base ]; then
         rm -rf .base/bench && cp -r bench .base/bench
         (cd .base && PYTHONPATH=.:/tmp/site python3 -m bench.run --family "$N" --seed "$SEED" --dtypes "$DT" \
