@@ -1,0 +1,50 @@
+"""Run the lean kernel on chosen family shapes for Nsight Compute: what
+bounds a shape that misses the read floor (achieved DRAM throughput, warp
+stalls, grid).
+
+    ncu --kernel-name regex:lean_ --launch-skip 3 --launch-count 1 \\
+        --section SpeedOfLight --section LaunchStats --section WarpStateStats \\
+        python tools/ncu_family.py --seed S --family N --case f12 [--dtype float16]
+
+Runs the case's default plan four times (the first compiles); profile the
+fourth launch.
+"""
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seed", type=int, required=True)
+    ap.add_argument("--family", type=int, required=True)
+    ap.add_argument("--case", required=True, help="name prefix, e.g. f12")
+    ap.add_argument("--dtype", default="float16")
+    a = ap.parse_args()
+    import cupy as cp
+
+    import cupy_lean
+    from bench import cases as C
+    from bench import family as F
+
+    case = next(c for c in F.draw(a.family, a.seed) if c.name.startswith(a.case + "_"))
+    inp = C.build_inputs(case, a.dtype, 1)
+    kw = {}
+    if inp.kv_lens is not None:
+        kw["kv_lens"] = inp.kv_lens
+    if inp.block_table is not None:
+        kw["block_table"] = inp.block_table
+    out = cp.empty_like(inp.q[0])
+    p = cupy_lean.plan(inp.q[0], inp.k[0], inp.v[0], out=out, **kw)
+    print(case.name, f"{case.kv_bytes() / 1e6:.1f} MB")
+    print(p.describe())
+    for _ in range(4):
+        p.run(inp.q[0], inp.k[0], inp.v[0], out=out, **kw)
+    cp.cuda.Device().synchronize()
+
+
+if __name__ == "__main__":
+    main()
