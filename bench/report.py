@@ -243,6 +243,12 @@ def format_family_summary(rows: List[dict], seed=None) -> str:
     :func:`family_summary`."""
     groups = [("all", None), ("dense", lambda r: r.get("layout") == "dense"),
               ("ragged+paged", lambda r: r.get("layout") in ("ragged", "paged"))]
+    dtypes = sorted({r.get("dtype") for r in rows if r["method"] == "lean"} - {None})
+    if len(dtypes) > 1:  # each dtype's lines after the lines over all of them
+        short = {"float16": "fp16", "bfloat16": "bf16"}
+        groups += [(f"{name} {short.get(dt, dt)}",
+                    (lambda dt, pred: lambda r: r.get("dtype") == dt and (pred is None or pred(r)))(dt, pred))
+                   for dt in dtypes for name, pred in groups[:3]]
     lines = []
     for name, pred in groups:
         f = family_summary(rows, pred)
