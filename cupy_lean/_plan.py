@@ -75,6 +75,32 @@ class Signature(NamedTuple):
     merge_balance: Optional[int] = None  # None: the default (kernels.TUNING)
 
 
+def check_q_lens(q_lens, batch, q_len, check_values):
+    """``q_lens`` of a call with ``q_len`` query tokens per sequence: a GPU
+    int32 array of shape ``(batch,)`` (contiguous: used in place, its values
+    read at launch, clamped to ``[0, q_len]`` by the kernel, checked here when
+    ``check_values``), or host integers (checked, copied at launch)."""
+    from ._arrays import host_ints, to_gpu, where as _where
+
+    if _where(q_lens) == "gpu":
+        x = to_gpu(q_lens, "q_lens")
+        if tuple(x.shape) != (batch,) or x.dtype.kind not in "iu":
+            raise ValueError(f"q_lens: expected integers of shape ({batch},), got {x.dtype} {tuple(x.shape)}")
+        if x.dtype != np.int32 or not x.flags.c_contiguous:
+            x = _cp.ascontiguousarray(x, dtype=_cp.int32)
+        if check_values and batch:
+            lo, hi = int(x.min()), int(x.max())
+            if lo < 0 or hi > q_len:
+                raise ValueError(f"q_lens: expected values in [0, {q_len}] (q_len), got {lo} to {hi}")
+        return x
+    x = host_ints(q_lens, "q_lens")
+    if x.shape != (batch,):
+        raise ValueError(f"q_lens: expected integers of shape ({batch},), got shape {tuple(x.shape)}")
+    if batch and (x.min() < 0 or x.max() > q_len):
+        raise ValueError(f"q_lens: expected values in [0, {q_len}] (q_len), got {int(x.min())} to {int(x.max())}")
+    return x.astype(np.int32)
+
+
 def sinks_meta(x):
     """Signature entry of a GPU sinks array."""
     return (x.shape, x.dtype, x.strides)
@@ -338,7 +364,8 @@ class Plan:
                     ws[:self.counter_bytes].fill(0)
 
 
-    def run(self, q, k, v, *, kv_lens=None, block_table=None, out=None, lse=None, return_lse=False, sinks=None):
+    def run(self, q, k, v, *, kv_lens=None, block_table=None, out=None, lse=None, return_lse=False, sinks=None,
+            q_lens=None):
         """Launch on CuPy's current stream with new data of the planned
         signature (same shapes, strides, dtypes and alignment).
 
@@ -389,8 +416,12 @@ class Plan:
                 raise ValueError(f"lse: expected a C-contiguous float32 array of shape "
                                  f"{self.lse_shape}, got {lse.dtype} {lse.shape} "
                                  f"with strides {lse.strides}")
+        if q_lens is not None:
+            if not self.q_len:
+                raise ValueError("q_lens: needs a plan for q of shape (batch, q_len, heads_q, head_dim)")
+            q_lens = check_q_lens(q_lens, self.meta.batch, self.q_len, False)
         res_out, res_lse = self._launch(q, k, v, kv_lens, block_table, out, lse, return_lse or lse is not None,
-                                        sinks)
+                                        sinks, q_lens)
         return (res_out, res_lse) if (return_lse or lse is not None) else res_out
 
     def _lse_ok(self, lse):
@@ -444,7 +475,7 @@ class Plan:
             stream.synchronize()
         return self._ws, False
 
-    def _launch(self, q, k, v, lens, table, out, lse, want_lse, sinks=None):
+    def _launch(self, q, k, v, lens, table, out, lse, want_lse, sinks=None, q_lens=None):
         """The hot path: arrays are CuPy (index arrays CuPy or NumPy) and match
         the signature."""
         cp = _cp
@@ -496,13 +527,18 @@ class Plan:
         if self.has_sinks:
             sinks32 = sinks if (sinks.dtype == cp.float32 and sinks.flags.c_contiguous) else \
                 cp.ascontiguousarray(sinks, dtype=cp.float32)
+        qn32 = None
+        if q_lens is not None:  # checked by the caller: int32 on the GPU, or host ints in range
+            qn32 = q_lens if isinstance(q_lens, cp.ndarray) else cp.asarray(q_lens, dtype=cp.int32)
         stream = cp.cuda.get_current_stream()
         with self._lock:
             ws, captured = self._workspace_for(stream, cp)
             if captured:  # the workspace and temporaries the graph reads live as long as the plan
-                self._graph_workspaces.append((ws, temps, lens32, table32, out_k, sinks32))
+                self._graph_workspaces.append((ws, temps, lens32, table32, out_k, sinks32, qn32))
             if sinks32 is not None:
                 self._params.sinks = sinks32.data.ptr
+            if self.q_len:
+                self._params.q_lens = 0 if qn32 is None else qn32.data.ptr
             wp = ws.data.ptr
             self._ptrs[:] = (q.data.ptr, k.data.ptr, v.data.ptr, out_k.data.ptr,
                              0 if lse is None else lse.data.ptr, 0 if lens32 is None else lens32.data.ptr,

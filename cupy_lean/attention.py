@@ -18,7 +18,8 @@ __all__ = ["attention", "plan", "merge_states", "Config"]
 
 def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse=False, out=None, lse=None,
               schedule="lean", num_ctas=None, tile_size=None, kv_layout="NHD", validate=False, sinks=None,
-              window_left=None, softcap=None, batch_invariant=False, kv_dtype=None, k_scale=None, v_scale=None):
+              window_left=None, softcap=None, batch_invariant=False, kv_dtype=None, k_scale=None, v_scale=None,
+              q_lens=None):
     """Decode attention: one new query token per sequence over its KV cache.
 
     For every sequence ``b`` and query head ``i`` (KV head ``i // group``,
@@ -40,6 +41,15 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
         ``i`` sees keys ``[0, kv_len - q_len + i]``, and ``out`` / ``lse``
         get the ``q_len`` axis (GPU: ``q_len x heads_q / heads_kv`` at most
         128, the rows of a KV head computed together).
+    q_lens : array of int, shape (batch,), optional
+        With a 4-D ``q``, a ragged batch: sequence ``b`` has ``q_lens[b]``
+        query tokens (0 to ``q_len``), the first ``q_lens[b]`` entries of
+        ``q``'s axis 1, query ``i`` seeing keys ``[0, kv_len - q_lens[b] +
+        i]``. The padding tokens past ``q_lens[b]`` see no key: their ``out``
+        rows are zero and their ``lse`` ``-inf`` (the sink's logit with
+        ``sinks``). A GPU array is read at launch (CUDA graphs replay new
+        values); its values are clamped to ``[0, q_len]`` on the GPU, checked
+        with ``validate=True``; host values are always checked.
     k, v : array, shape (batch, seqlen, heads_kv, head_dim)
         Dense KV cache, any strides with unit stride on the last axis: a
         ``(batch, heads_kv, seqlen, head_dim)`` cache passed as
@@ -152,7 +162,7 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
             and (kv_lens is None or type(kv_lens) is nd) and (block_table is None or type(block_table) is nd)
             and (scale is None or type(scale) is float) and type(return_lse) is bool
             and sinks is None and window_left is None and softcap is None and batch_invariant is False
-            and kv_dtype is None and k_scale is None and v_scale is None):
+            and kv_dtype is None and k_scale is None and v_scale is None and q_lens is None):
         # Hot path: CuPy arrays whose signature has a plan (validated when the
         # plan was built).
         sig = _plan.signature(q, k, v, out, kv_lens, block_table, scale, schedule, num_ctas, tile_size)
@@ -163,7 +173,7 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
             return (res_out, res_lse) if want else res_out
     return _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, schedule, num_ctas,
                            tile_size, kv_layout, validate, sinks, window_left, softcap, batch_invariant,
-                           kv_dtype, k_scale, v_scale)
+                           kv_dtype, k_scale, v_scale, q_lens)
 
 
 _get_device = None
@@ -235,22 +245,27 @@ def _check_lse(lse, m):
 
 def _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, schedule, num_ctas, tile_size,
                     kv_layout, check_values, sinks=None, window_left=None, softcap=None, batch_invariant=False,
-                    kv_dtype=None, k_scale=None, v_scale=None):
+                    kv_dtype=None, k_scale=None, v_scale=None, q_lens=None):
     return_lse = _check_bool(return_lse, "return_lse") or lse is not None
     check_values = _check_bool(check_values, "validate")
     batch_invariant = _check_bool(batch_invariant, "batch_invariant")
     gpu, q, k, v, lens, table, out, lse = _normalise(q, k, v, kv_lens, block_table, out, lse)
     k, v = _validation.kv_layout_views(k, v, kv_layout, table is not None)
     fp8 = kv_dtype is not None or k_scale is not None or v_scale is not None or str(k.dtype).startswith("float8")
+    if q_lens is not None and q.ndim != 4:
+        raise ValueError(f"q_lens: needs q of shape (batch, q_len, heads_q, head_dim), got q of shape "
+                         f"{tuple(q.shape)}")
     multi = gpu and q.ndim == 4 and not fp8  # several query tokens, GPU kernel
     if (q.ndim == 4 or fp8) and not multi:
         if gpu:
             raise NotImplementedError("k, v: fp8 KV caches (kv_dtype, k_scale, v_scale): not yet supported by "
                                       "the GPU kernels (NumPy inputs run the reference)")
         return _cpu_general(q, k, v, lens, table, scale, return_lse, out, lse, schedule, num_ctas, tile_size,
-                            sinks, window_left, softcap, batch_invariant, kv_dtype, k_scale, v_scale)
+                            sinks, window_left, softcap, batch_invariant, kv_dtype, k_scale, v_scale, q_lens)
     if multi:
         m = _check_multi_query(q, k, v, lens, table, scale, out, lse, schedule, num_ctas, tile_size)
+        if q_lens is not None:
+            q_lens = _plan.check_q_lens(q_lens, m.batch, int(q.shape[1]), check_values)
     else:
         m = _validation.validate(q, k, v, lens, table, scale, out, schedule, num_ctas, tile_size, gpu)
         _check_lse(lse, m)
@@ -283,7 +298,7 @@ def _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, 
         from . import _gpu
 
         _gpu.device_check(m, lens, table)
-    res_out, res_lse = p._launch(q, k, v, lens, table, out, lse, return_lse, feats.sinks)
+    res_out, res_lse = p._launch(q, k, v, lens, table, out, lse, return_lse, feats.sinks, q_lens)
     return (res_out, res_lse) if return_lse else res_out
 
 
@@ -476,7 +491,7 @@ def _features(m, sinks, window_left, softcap, gpu):
 
 
 def _cpu_general(q, k, v, lens, table, scale, return_lse, out, lse, schedule, num_ctas, tile_size, sinks,
-                 window_left, softcap, batch_invariant, kv_dtype, k_scale, v_scale):
+                 window_left, softcap, batch_invariant, kv_dtype, k_scale, v_scale, q_lens=None):
     """NumPy path of calls with several query tokens per sequence or an fp8
     cache: the reference validates and computes; the result is cast to q's
     dtype and written to ``out`` / ``lse`` when given."""
@@ -484,7 +499,7 @@ def _cpu_general(q, k, v, lens, table, scale, return_lse, out, lse, schedule, nu
     with np.errstate(all="ignore"):
         o64, lse64 = reference.attention(q, k, v, kv_lens=lens, block_table=table, scale=scale, sinks=sinks,
                                          window_left=window_left, softcap=softcap, kv_dtype=kv_dtype,
-                                         k_scale=k_scale, v_scale=v_scale)
+                                         k_scale=k_scale, v_scale=v_scale, q_lens=q_lens)
     res = o64.astype(q.dtype)
     res_lse = lse64.astype(np.float32)
     for name, dst, src in (("out", out, res), ("lse", lse, res_lse)):

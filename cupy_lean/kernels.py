@@ -80,6 +80,7 @@ class Params(ctypes.Structure):
         ("sinks", ctypes.c_uint64), ("softcap_scale", ctypes.c_float), ("softcap_log2", ctypes.c_float),
         ("window_left", ctypes.c_int32), ("min_tiles_per_cta", ctypes.c_int32), ("merge_balance", ctypes.c_int32),
         ("q_len", ctypes.c_int32), ("q_st", ctypes.c_int64), ("o_st", ctypes.c_int64),
+        ("q_lens", ctypes.c_uint64),
     ]
 
 

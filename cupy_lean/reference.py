@@ -140,7 +140,7 @@ def window_start(lens, window_left):
 
 
 def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, sinks=None, window_left=None,
-              softcap=None, kv_dtype=None, k_scale=None, v_scale=None):
+              softcap=None, kv_dtype=None, k_scale=None, v_scale=None, q_lens=None):
     """Float64 decode attention.
 
     The arguments are validated as :func:`cupy_lean.attention` validates them
@@ -154,6 +154,11 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, sinks=None
         With ``q_len`` query tokens per sequence, the last ``q_len`` positions
         of the sequence: query ``i`` sees keys ``[0, kv_len - q_len + i]``
         (causal), and ``out`` / ``lse`` get the ``q_len`` axis too.
+    q_lens : array of int, shape (batch,), optional
+        With a 4-D ``q``: sequence ``b`` has ``q_lens[b]`` query tokens (0 to
+        ``q_len``), the first ``q_lens[b]`` of axis 1; query ``i`` sees keys
+        ``[0, kv_len - q_lens[b] + i]``. Tokens past ``q_lens[b]`` are padding:
+        they see no key (``out`` zero, ``lse`` ``-inf``, or the sink's logit).
     k, v : array, shape (batch, seqlen, heads_kv, head_dim), or with
         ``block_table`` the paged cache (num_pages, page_size, heads_kv, head_dim)
         fp8 (``float8_e4m3fn`` / ``float8_e5m2``, or ``uint8`` with
@@ -182,6 +187,9 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, sinks=None
     from ._arrays import to_cpu
 
     qa = to_cpu(q, "q")
+    if q_lens is not None and qa.ndim != 4:
+        raise ValueError(f"q_lens: needs q of shape (batch, q_len, heads_q, head_dim), got q of shape "
+                         f"{tuple(qa.shape)}")
     if qa.ndim == 4:  # q_len query tokens: query i is a decode over the first kv_len - q_len + 1 + i keys
         if qa.shape[1] < 1:
             raise ValueError(f"q: expected q_len >= 1 query tokens on axis 1, got shape {tuple(qa.shape)}")
@@ -190,7 +198,20 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, sinks=None
             kv_lens = np.full(qa.shape[0], kk.shape[1], dtype=np.int64)
         full = None if kv_lens is None else np.asarray(to_cpu(kv_lens, "kv_lens"), dtype=np.int64)
         ql = qa.shape[1]
-        res = [attention(qa[:, i], k, v, kv_lens=None if full is None else np.clip(full - ql + 1 + i, 0, None),
+        nq = np.full(qa.shape[0], ql, dtype=np.int64)
+        if q_lens is not None:
+            nq = np.asarray(to_cpu(q_lens, "q_lens"))
+            if nq.shape != (qa.shape[0],) or nq.dtype.kind not in "iu":
+                raise ValueError(f"q_lens: expected integers of shape ({qa.shape[0]},), got {nq.dtype} "
+                                 f"{tuple(nq.shape)}")
+            if nq.size and (nq.min() < 0 or nq.max() > ql):
+                raise ValueError(f"q_lens: expected values in [0, {ql}] (q_len), got {int(nq.min())} to "
+                                 f"{int(nq.max())}")
+            nq = nq.astype(np.int64)
+            if full is None:
+                raise ValueError("q_lens: needs kv_lens (or a dense k of which every sequence is full)")
+        res = [attention(qa[:, i], k, v,
+                         kv_lens=None if full is None else np.where(i < nq, np.clip(full - nq + 1 + i, 0, None), 0),
                          block_table=block_table, scale=scale, sinks=sinks, window_left=window_left,
                          softcap=softcap, kv_dtype=kv_dtype, k_scale=k_scale, v_scale=v_scale)
                for i in range(ql)]

@@ -156,7 +156,8 @@ static_assert(STREAM_K == LEAN_HOST_STREAM_K && SPLIT_K == LEAN_HOST_SPLIT_K, "D
   F(int, min_tiles_per_cta)  /* STREAM_K: at most one CTA per this many tiles (StreamK) */  \
   F(int, merge_balance)      /* STREAM_K: 0, or a, for ranges of >= sqrt(a x longest unit x rows / TILE) */ \
   F(int, q_len)              /* HAS_QLEN: query tokens per sequence (rows = q_len * group) */   \
-  F(i64, q_st) F(i64, o_st)  /* HAS_QLEN: q and out strides per query token */
+  F(i64, q_st) F(i64, o_st)  /* HAS_QLEN: q and out strides per query token */                 \
+  F(const int*, q_lens)      /* HAS_QLEN: query tokens of each sequence (<= q_len), or null */
 
 #define LEAN_DECLARE_FIELD(type, name) type name;
 struct Params {
@@ -194,13 +195,20 @@ __device__ __forceinline__ int clamp_len(int x, int cap) { return min(max(x, 0),
 // (HAS_QLEN; row r is token r / group, head r % group of the unit).
 __device__ __forceinline__ int unit_rows(const Params& p) { return HAS_QLEN ? p.q_len * p.group : p.group; }
 __device__ __forceinline__ int row_token(const Params& p, int r) { return HAS_QLEN ? r / p.group : 0; }
+// Query tokens of sequence b: q_lens[b] clamped to [0, q_len] (ragged), else q_len.
+__device__ __forceinline__ int query_tokens(const Params& p, int b) {
+  if (!HAS_QLEN) return 1;
+  return p.q_lens != nullptr ? min(max(__ldg(p.q_lens + b), 0), p.q_len) : p.q_len;
+}
 __device__ __forceinline__ int row_head(const Params& p, int h, int r) {
   return h * p.group + (HAS_QLEN ? r % p.group : r);
 }
 __device__ __forceinline__ int ntiles_of(int len) { return (len + TILE - 1) / TILE; }
 
 // The first key a sequence of `len` keys lets its query see: the sliding
-// window's start, or 0. A unit's tiles cover keys [window_start, len).
+// window's start, or 0. A unit's tiles cover keys [window_start, len). With
+// ragged query counts (q_lens) the start is that of q_len tokens, at most
+// q_len - 1 keys early: tile_scores masks them per row.
 __device__ __forceinline__ int window_start(const Params& p, int len) {
   return (HAS_WINDOW && p.window_left >= 0) ? max(0, len - (HAS_QLEN ? p.q_len : 1) - p.window_left) : 0;
 }
@@ -784,19 +792,22 @@ struct LoadCursor {
 // S = Q K^T of this warp's 16 rows and TW tokens, masked (past the unit's
 // length, or on a page outside the cache) and scaled to base-2 logits
 // (HAS_SOFTCAP: soft-capped first).
-// HAS_QLEN: row r (query token i = r / group) sees keys up to len - q_len +
-// i, and with a window none before that minus window_left; `tok0` is the
-// tile's first key, `len` the sequence's.
+// HAS_QLEN: row r (query token i = r / group) of a sequence of `nq` query
+// tokens sees keys up to len - nq + i (none when i >= nq: a padding token of
+// a ragged batch), and with a window none before that minus window_left;
+// `tok0` is the tile's first key, `len` the sequence's.
 __device__ __forceinline__ void tile_scores(const Params& p, const Shared& sh, const u16* qs, const u16* ks,
-                                            int stage, int ntok, int tok0, int len, float (&s)[TW / 8][4]) {
+                                            int stage, int ntok, int tok0, int len, int nq,
+                                            float (&s)[TW / 8][4]) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int wm = warp / WN, tokw = (warp % WN) * TW;
   int hi[2] = {0, 0}, lo[2] = {0, 0};  // HAS_QLEN: visible keys [lo, hi] relative to tok0, per half
   if (HAS_QLEN) {
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
-      const int last = len - p.q_len + row_token(p, wm * 16 + (lane >> 2) + 8 * hf);
-      hi[hf] = last - tok0;
+      const int tok = row_token(p, wm * 16 + (lane >> 2) + 8 * hf);
+      const int last = len - nq + tok;
+      hi[hf] = tok < nq ? last - tok0 : -(1 << 30);
       lo[hf] = (HAS_WINDOW && p.window_left >= 0) ? last - p.window_left - tok0 : -(1 << 30);
     }
   }
@@ -988,6 +999,7 @@ __device__ void attention_cta(const Params& p) {
   int i = 0;  // tiles consumed
   for (Segment seg; walker.next(p, lens_s, seg);) {
     st.reset();
+    const int nq = query_tokens(p, seg.b);
     for (int t = seg.t0; t < seg.t1; ++t, ++i) {
       cp_async_wait<STAGES - 2>();
       __syncthreads();  // stage i is in; stage i - 1 is free for the next load
@@ -1001,7 +1013,7 @@ __device__ void attention_cta(const Params& p) {
       const int stage = i % STAGES;
       float s[TW / 8][4];
       tile_scores(p, sh, sh.q(seg.ordinal % STAGES), sh.kv(stage), stage,
-                  min(TILE, seg.len - (seg.start + t * TILE)), seg.start + t * TILE, seg.len, s);
+                  min(TILE, seg.len - (seg.start + t * TILE)), seg.start + t * TILE, seg.len, nq, s);
       st.absorb(s);
       accumulate_pv(st, s, sh.kv(stage) + TILE * D);
     }

@@ -186,6 +186,48 @@ def test_query_tokens_through_the_front_end_with_out_and_lse():
         cupy_lean.attention(q[:, :0], k, v, kv_lens=lens)
 
 
+@given(st.lists(st.integers(0, 60), min_size=1, max_size=4), st.integers(1, 5), st.integers(1, 2),
+       st.one_of(st.none(), st.integers(0, 20)), st.booleans(), st.integers(0, 10**6))
+@example([3, 0, 40], 4, 1, None, True, 2)
+def test_ragged_query_tokens_are_each_sequence_alone(lens, q_len, hkv, window, with_sinks, seed):
+    """With q_lens, sequence b's first q_lens[b] tokens are the causal decode
+    of a call with q_len = q_lens[b]; its padding tokens see no key (zero,
+    -inf or the sink's logit)."""
+    _, k, v, lens = make_problem(lens, hkv, 2, 16, seed)
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((len(lens), q_len, hkv * 2, 16))
+    sinks = rng.standard_normal(hkv * 2) if with_sinks else None
+    nq = rng.integers(0, q_len + 1, size=len(lens))
+    out, lse = reference.attention(q, k, v, kv_lens=lens, window_left=window, sinks=sinks, q_lens=nq)
+    for b in range(len(lens)):
+        n = int(nq[b])
+        if n:
+            ro, rl = reference.attention(q[b:b + 1, :n], k[b:b + 1], v[b:b + 1], kv_lens=lens[b:b + 1],
+                                         window_left=window, sinks=sinks)
+            close(out[b, :n], ro[0])
+            close(lse[b, :n], rl[0])
+        assert (out[b, n:] == 0).all()
+        want = np.broadcast_to(-np.inf if sinks is None else sinks, lse[b, n:].shape)
+        close(lse[b, n:], want)
+    full, full_lse = reference.attention(q, k, v, kv_lens=lens, window_left=window, sinks=sinks)
+    same, same_lse = reference.attention(q, k, v, kv_lens=lens, window_left=window, sinks=sinks,
+                                         q_lens=np.full(len(lens), q_len))
+    assert np.array_equal(full, same) and np.array_equal(full_lse, same_lse)
+
+
+def test_q_lens_is_checked():
+    q3, k, v, lens = make_problem([30, 4], 1, 4, 16, 4, dtype=np.float32)
+    q = np.stack([q3, q3], axis=1)
+    with pytest.raises(ValueError, match=r"q_lens: expected values in \[0, 2\] \(q_len\), got 0 to 3"):
+        cupy_lean.attention(q, k, v, kv_lens=lens, q_lens=[3, 0])
+    with pytest.raises(ValueError, match=r"q_lens: expected integers of shape \(2,\)"):
+        cupy_lean.attention(q, k, v, kv_lens=lens, q_lens=[1, 1, 1])
+    with pytest.raises(ValueError, match="q_lens: needs q of shape"):
+        cupy_lean.attention(q3, k, v, kv_lens=lens, q_lens=[1, 1])
+    got = cupy_lean.attention(q, k, v, kv_lens=lens, q_lens=[1, 2])
+    assert got.shape == q.shape and (got[0, 1] == 0).all()
+
+
 # ---------------------------------------------------------------- fp8 caches
 
 @pytest.mark.parametrize("name", ["e4m3", "e5m2"])

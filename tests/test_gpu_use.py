@@ -413,6 +413,50 @@ def test_gpu_query_tokens_match_the_reference(layout, sched, q_len, extra):
     assert np.abs(gl[fin] - rl[fin]).max() < 4e-3
 
 
+@pytest.mark.parametrize("layout", ["dense", "paged"])
+@pytest.mark.parametrize("sched", ["lean", "split", "head"])
+@pytest.mark.parametrize("extra", [{}, dict(window_left=300, sinks=True)])
+def test_gpu_ragged_query_tokens_match_the_reference(layout, sched, extra):
+    """q_lens (a ragged batch of query tokens) through every decomposition:
+    padding tokens get zeros and -inf (or the sink), the others the causal
+    decode; then a CUDA graph replayed with new q_lens values."""
+    rng = np.random.default_rng(95)
+    lens = [9000, 2, 0, 3001, 64, 777]
+    q3, k, v, L, table = make_inputs(rng, len(lens), 16, 4, 128, np.float16, lens, layout, page_size=16)
+    q = rng.standard_normal((len(lens), 4, 16, 128)).astype(np.float16)
+    kw, host_kw = dict(extra), dict(extra)
+    if extra.get("sinks"):
+        sinks = rng.standard_normal(16).astype(np.float32)
+        kw["sinks"], host_kw["sinks"] = cp.asarray(sinks), sinks
+    args = (to_gpu(q), to_gpu(k), to_gpu(v))
+    gkw = dict(kv_lens=cp.asarray(L), block_table=to_gpu(table), schedule=sched,
+               num_ctas=None if sched == "head" else 97, **kw)
+    out = _nan_like(q.shape, q.dtype)
+    lse = cp.full(q.shape[:3], cp.nan, dtype=cp.float32)
+    qn = cp.asarray(np.array([4, 1, 3, 0, 2, 4], dtype=np.int32))
+
+    def check(nq):
+        ro, rl = reference.attention(q, k, v, kv_lens=L, block_table=table, q_lens=nq, **host_kw)
+        g = cp.asnumpy(out).astype(np.float64)
+        assert np.isfinite(g).all() and np.abs(g - ro).max() < 4e-3
+        gl = cp.asnumpy(lse).astype(np.float64)
+        assert np.array_equal(np.isneginf(gl), np.isneginf(rl))
+        fin = np.isfinite(rl)
+        assert np.abs(gl[fin] - rl[fin]).max() < 4e-3
+
+    cupy_lean.attention(*args, **gkw, out=out, lse=lse, q_lens=qn)
+    check(cp.asnumpy(qn))
+    graph = _capture(lambda: cupy_lean.attention(*args, **gkw, out=out, lse=lse, q_lens=qn))
+    qn[...] = cp.asarray(np.array([0, 4, 1, 2, 3, 1], dtype=np.int32))
+    out.fill(cp.nan)
+    lse.fill(cp.nan)
+    graph.launch()
+    cp.cuda.get_current_stream().synchronize()
+    check(cp.asnumpy(qn))
+    with pytest.raises(ValueError, match="q_lens: expected values in"):
+        cupy_lean.attention(*args, **gkw, q_lens=cp.asarray(np.full(6, 5, np.int32)), validate=True)
+
+
 def test_gpu_one_query_token_in_four_dimensions_is_the_plain_call():
     rng = np.random.default_rng(99)
     q, k, v, L, _ = make_inputs(rng, 3, 32, 8, 64, np.float16, [5000, 1, 300], "dense")
