@@ -75,6 +75,32 @@ class Signature(NamedTuple):
     merge_balance: Optional[int] = None  # None: the default (kernels.TUNING)
 
 
+def gpu_fp8_scales(k_scale, v_scale, heads_kv):
+    """``(k_scale, v_scale)`` of a GPU fp8 call as float32 GPU arrays of
+    shape ``(heads_kv,)`` (None: 1). Host numbers / arrays are checked
+    (finite, > 0); GPU arrays of shape () or (heads_kv,) are used as they are
+    (their values read at launch)."""
+    from ._arrays import to_gpu, where as _where
+    from .validation import fp8_scales
+
+    out = []
+    for name, sc in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if sc is None:
+            out.append(None)
+        elif _where(sc) == "gpu":
+            x = to_gpu(sc, name)
+            if x.ndim > 1 or (x.ndim == 1 and x.shape != (heads_kv,)) or x.dtype.kind != "f":
+                raise ValueError(f"{name}: expected floats of shape () or ({heads_kv},), got {x.dtype} "
+                                 f"{tuple(x.shape)}")
+            if not (x.dtype == np.float32 and x.shape == (heads_kv,) and x.flags.c_contiguous):
+                x = _cp.ascontiguousarray(_cp.broadcast_to(x.astype(_cp.float32), (heads_kv,)))
+            out.append(x)  # used in place: a captured graph reads its values at replay
+        else:
+            host = fp8_scales(sc, None, heads_kv)[0]
+            out.append(_cp.asarray(host, dtype=_cp.float32))
+    return tuple(out)
+
+
 def check_q_lens(q_lens, batch, q_len, check_values):
     """``q_lens`` of a call with ``q_len`` query tokens per sequence: a GPU
     int32 array of shape ``(batch,)`` (contiguous: used in place, its values
@@ -177,12 +203,14 @@ class Plan:
         self.kv_layout = "NHD"  # axis order of the k, v that run() takes (set by cupy_lean.plan)
         m = meta
         B, D, Hkv, g = m.batch, m.head_dim, m.heads_kv, m.group
-        f_sinks, f_window, f_softcap = sig.features or (None, None, None)
+        f_sinks, f_window, f_softcap, f_kv8 = (tuple(sig.features or ()) + (None,) * 4)[:4]
         self.q_len = int(sig.q[0][1]) if len(sig.q[0]) == 4 else 0  # 0: q of 3 dimensions
         bits = ((K.FEATURES["sinks"] if f_sinks is not None else 0)
                 | (K.FEATURES["softcap"] if f_softcap is not None else 0)
                 | (K.FEATURES["window"] if f_window is not None else 0)
-                | (K.FEATURES["qlen"] if self.q_len else 0))
+                | (K.FEATURES["qlen"] if self.q_len else 0)
+                | (K.FP8_FEATURES[f_kv8] if f_kv8 is not None else 0))
+        self.kv8 = f_kv8  # "e4m3" | "e5m2": an fp8 cache (uint8 storage)
         self.has_sinks = f_sinks is not None
         rows = g * max(self.q_len, 1)  # query rows of a unit
         spec = K.make_spec(KERNEL_TAG[sig.dtypes[0]], D, rows, m.paged, sig.tile_size, sig.stages,
@@ -246,8 +274,9 @@ class Plan:
         self.out_shape, self.lse_shape = out_shape, out_shape[:-1]
         self.copy_out = sig.out is not None and not _aligned_layout(sig.out[:2], sig.aligned[3], 8)
         qs = _elem_strides(_contig(sig.q[0], isz) if self.copy_q else sig.q[1], isz, 3 if self.q_len else 2)
-        ks = _elem_strides(_contig(sig.k[0], isz) if self.copy_k else sig.k[1], isz, 3)
-        vs = _elem_strides(_contig(sig.v[0], isz) if self.copy_v else sig.v[1], isz, 3)
+        ksz, vsz = sig.dtypes[1].itemsize, sig.dtypes[2].itemsize  # 1 for an fp8 cache (uint8 storage)
+        ks = _elem_strides(_contig(sig.k[0], ksz) if self.copy_k else sig.k[1], ksz, 3)
+        vs = _elem_strides(_contig(sig.v[0], vsz) if self.copy_v else sig.v[1], vsz, 3)
         os_ = _elem_strides(sig.out[1] if (sig.out is not None and not self.copy_out)
                             else _contig(out_shape, isz), isz, 3 if self.q_len else 2)
         if self.q_len:  # (per sequence, per query token, per head)
@@ -341,7 +370,8 @@ class Plan:
             f = s.features
             lines.append("  features: " + ", ".join(x for x in (
                 "sinks" if f[0] is not None else "", f"window_left={f[1]}" if f[1] is not None else "",
-                f"softcap={f[2]}" if f[2] is not None else "") if x))
+                f"softcap={f[2]}" if f[2] is not None else "",
+                f"fp8 {self.kv8} K/V" if self.kv8 is not None else "") if x))
         lines.append(f"  workspace: {self.workspace_bytes} bytes ({self.counter_bytes} of unit counters, "
                      f"{(self.workspace_bytes - self.counter_bytes) // (4 * self.slot_stride)} partial-state "
                      f"slots of {self.slot_stride * 4} bytes)")
@@ -365,7 +395,7 @@ class Plan:
 
 
     def run(self, q, k, v, *, kv_lens=None, block_table=None, out=None, lse=None, return_lse=False, sinks=None,
-            q_lens=None):
+            q_lens=None, k_scale=None, v_scale=None):
         """Launch on CuPy's current stream with new data of the planned
         signature (same shapes, strides, dtypes and alignment).
 
@@ -420,8 +450,13 @@ class Plan:
             if not self.q_len:
                 raise ValueError("q_lens: needs a plan for q of shape (batch, q_len, heads_q, head_dim)")
             q_lens = check_q_lens(q_lens, self.meta.batch, self.q_len, False)
+        scales = None
+        if self.kv8 is not None:
+            scales = gpu_fp8_scales(k_scale, v_scale, self.meta.heads_kv)
+        elif k_scale is not None or v_scale is not None:
+            raise ValueError("k_scale, v_scale: the plan was made for a cache that is not fp8")
         res_out, res_lse = self._launch(q, k, v, kv_lens, block_table, out, lse, return_lse or lse is not None,
-                                        sinks, q_lens)
+                                        sinks, q_lens, scales)
         return (res_out, res_lse) if (return_lse or lse is not None) else res_out
 
     def _lse_ok(self, lse):
@@ -475,7 +510,7 @@ class Plan:
             stream.synchronize()
         return self._ws, False
 
-    def _launch(self, q, k, v, lens, table, out, lse, want_lse, sinks=None, q_lens=None):
+    def _launch(self, q, k, v, lens, table, out, lse, want_lse, sinks=None, q_lens=None, scales=None):
         """The hot path: arrays are CuPy (index arrays CuPy or NumPy) and match
         the signature."""
         cp = _cp
@@ -534,9 +569,13 @@ class Plan:
         with self._lock:
             ws, captured = self._workspace_for(stream, cp)
             if captured:  # the workspace and temporaries the graph reads live as long as the plan
-                self._graph_workspaces.append((ws, temps, lens32, table32, out_k, sinks32, qn32))
+                self._graph_workspaces.append((ws, temps, lens32, table32, out_k, sinks32, qn32, scales))
             if sinks32 is not None:
                 self._params.sinks = sinks32.data.ptr
+            if self.kv8 is not None:
+                ks, vs = scales or (None, None)
+                self._params.k_scale = 0 if ks is None else ks.data.ptr
+                self._params.v_scale = 0 if vs is None else vs.data.ptr
             if self.q_len:
                 self._params.q_lens = 0 if qn32 is None else qn32.data.ptr
             wp = ws.data.ptr

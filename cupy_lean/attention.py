@@ -249,27 +249,41 @@ def _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, 
     return_lse = _check_bool(return_lse, "return_lse") or lse is not None
     check_values = _check_bool(check_values, "validate")
     batch_invariant = _check_bool(batch_invariant, "batch_invariant")
+    k, v, kv_dtype = _torch_fp8_storage(k, v, kv_dtype)
     gpu, q, k, v, lens, table, out, lse = _normalise(q, k, v, kv_lens, block_table, out, lse)
     k, v = _validation.kv_layout_views(k, v, kv_layout, table is not None)
     fp8 = kv_dtype is not None or k_scale is not None or v_scale is not None or str(k.dtype).startswith("float8")
     if q_lens is not None and q.ndim != 4:
         raise ValueError(f"q_lens: needs q of shape (batch, q_len, heads_q, head_dim), got q of shape "
                          f"{tuple(q.shape)}")
-    multi = gpu and q.ndim == 4 and not fp8  # several query tokens, GPU kernel
-    if (q.ndim == 4 or fp8) and not multi:
-        if gpu:
-            raise NotImplementedError("k, v: fp8 KV caches (kv_dtype, k_scale, v_scale): not yet supported by "
-                                      "the GPU kernels (NumPy inputs run the reference)")
+    kv8 = None
+    if gpu and fp8:
+        if kv_dtype is None:
+            raise ValueError(f"kv_dtype: an fp8 cache on the GPU is uint8 storage with kv_dtype='e4m3' or 'e5m2' "
+                             f"(or a PyTorch float8 tensor), got k of dtype {k.dtype} and no kv_dtype")
+        from .kernels import FP8_FEATURES
+
+        if not isinstance(kv_dtype, str) or kv_dtype not in FP8_FEATURES:
+            raise ValueError(f"kv_dtype: expected one of {tuple(FP8_FEATURES)}, got {kv_dtype!r}")
+        kv8 = kv_dtype
+    multi = gpu and q.ndim == 4  # several query tokens, GPU kernel
+    if (q.ndim == 4 or fp8) and not gpu:
         return _cpu_general(q, k, v, lens, table, scale, return_lse, out, lse, schedule, num_ctas, tile_size,
                             sinks, window_left, softcap, batch_invariant, kv_dtype, k_scale, v_scale, q_lens)
     if multi:
-        m = _check_multi_query(q, k, v, lens, table, scale, out, lse, schedule, num_ctas, tile_size)
+        m = _check_multi_query(q, k, v, lens, table, scale, out, lse, schedule, num_ctas, tile_size, kv8)
         if q_lens is not None:
             q_lens = _plan.check_q_lens(q_lens, m.batch, int(q.shape[1]), check_values)
     else:
-        m = _validation.validate(q, k, v, lens, table, scale, out, schedule, num_ctas, tile_size, gpu)
+        m = _validation.validate(q, k, v, lens, table, scale, out, schedule, num_ctas, tile_size, gpu, kv8)
         _check_lse(lse, m)
     feats = _features(m, sinks, window_left, softcap, gpu)
+    scales = None
+    if kv8 is not None:
+        feats.kv8 = kv8
+        _arrays.cupy_ndarray()
+        _plan._bind_cupy()
+        scales = _plan.gpu_fp8_scales(k_scale, v_scale, m.heads_kv)
     if batch_invariant:
         if schedule not in ("lean", "head") or num_ctas is not None:
             raise ValueError(f"batch_invariant: needs schedule 'lean' or 'head' and num_ctas None (one CTA per "
@@ -298,7 +312,7 @@ def _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, 
         from . import _gpu
 
         _gpu.device_check(m, lens, table)
-    res_out, res_lse = p._launch(q, k, v, lens, table, out, lse, return_lse, feats.sinks, q_lens)
+    res_out, res_lse = p._launch(q, k, v, lens, table, out, lse, return_lse, feats.sinks, q_lens, scales)
     return (res_out, res_lse) if return_lse else res_out
 
 
@@ -306,7 +320,8 @@ def _features_key(feats):
     """The signature entry of a call's optional semantics (None: none)."""
     if not feats.any():
         return None
-    return (None if feats.sinks is None else _plan.sinks_meta(feats.sinks), feats.window_left, feats.softcap)
+    return (None if feats.sinks is None else _plan.sinks_meta(feats.sinks), feats.window_left, feats.softcap,
+            feats.kv8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,7 +370,7 @@ class Config:
 
 def plan(q, k, v, *, kv_lens=None, block_table=None, scale=None, out=None, schedule="lean", num_ctas=None,
          tile_size=None, kv_layout="NHD", stages=None, ctas_per_sm=None, workspace=None, config=None,
-         sinks=None, window_left=None, softcap=None, min_tiles_per_cta=None):
+         sinks=None, window_left=None, softcap=None, min_tiles_per_cta=None, kv_dtype=None):
     """Build a launch plan for calls like ``attention(q, k, v, ...)``.
 
     The plan is made from the arrays' metadata (shapes, strides, dtypes,
@@ -384,6 +399,10 @@ def plan(q, k, v, *, kv_lens=None, block_table=None, scale=None, out=None, sched
         run).
     min_tiles_per_cta : int, optional
         Lean: at most one CTA per this many tiles (see :class:`Config`).
+    kv_dtype : {"e4m3", "e5m2"}, optional
+        An fp8 cache: ``k`` and ``v`` are its uint8 storage (or PyTorch
+        float8 tensors, whose format needs no ``kv_dtype``); the runs pass
+        ``k_scale`` / ``v_scale`` (default 1).
     config : Config, optional
         The kernel configuration in one object (schedule, tile_size, stages,
         ctas_per_sm, num_ctas, min_tiles_per_cta, merge_balance); pass either
@@ -423,13 +442,23 @@ def plan(q, k, v, *, kv_lens=None, block_table=None, scale=None, out=None, sched
         stages, ctas_per_sm = config.stages, config.ctas_per_sm
         min_tiles_per_cta = config.min_tiles_per_cta
     merge_balance = None if config is None else config.merge_balance
+    k, v, kv_dtype = _torch_fp8_storage(k, v, kv_dtype)
     gpu, q, k, v, lens, table, out, _ = _normalise(q, k, v, kv_lens, block_table, out, None)
     k, v = _validation.kv_layout_views(k, v, kv_layout, table is not None)
     if not gpu:
         raise TypeError("q: plan() needs GPU arrays (CuPy, or any with __cuda_array_interface__ / "
                         f"CUDA __dlpack__), got {type(q).__module__}.{type(q).__name__}")
-    m = _validation.validate(q, k, v, lens, table, scale, out, schedule, num_ctas, tile_size, True)
+    if kv_dtype is not None:
+        from .kernels import FP8_FEATURES
+
+        if not isinstance(kv_dtype, str) or kv_dtype not in FP8_FEATURES:
+            raise ValueError(f"kv_dtype: expected one of {tuple(FP8_FEATURES)}, got {kv_dtype!r}")
+    if q.ndim == 4:
+        m = _check_multi_query(q, k, v, lens, table, scale, out, None, schedule, num_ctas, tile_size, kv_dtype)
+    else:
+        m = _validation.validate(q, k, v, lens, table, scale, out, schedule, num_ctas, tile_size, True, kv_dtype)
     feats = _features(m, sinks, window_left, softcap, True)
+    feats.kv8 = kv_dtype
     if stages is not None:
         _validation._check_int(stages, "stages", 2, 6)
     if ctas_per_sm is not None:
@@ -452,7 +481,24 @@ def plan(q, k, v, *, kv_lens=None, block_table=None, scale=None, out=None, sched
 MAX_Q_LEN = 8
 
 
-def _check_multi_query(q, k, v, lens, table, scale, out, lse, schedule, num_ctas, tile_size):
+def _torch_fp8_storage(k, v, kv_dtype):
+    """PyTorch float8 K/V (which CuPy cannot import) as their uint8 storage
+    and the matching kv_dtype; other arrays as they are."""
+    names = {"torch.float8_e4m3fn": "e4m3", "torch.float8_e5m2": "e5m2"}
+    fmt = names.get(str(getattr(k, "dtype", "")))
+    if fmt is None or type(k).__module__.split(".")[0] != "torch":
+        return k, v, kv_dtype
+    if str(getattr(v, "dtype", "")) != str(k.dtype):
+        raise TypeError(f"v: expected k's dtype {k.dtype}, got {getattr(v, 'dtype', type(v).__name__)}")
+    if kv_dtype is not None and kv_dtype != fmt:
+        raise ValueError(f"kv_dtype: k is {k.dtype}, got kv_dtype={kv_dtype!r}")
+    import sys
+
+    u8 = sys.modules["torch"].uint8
+    return k.view(u8), v.view(u8), fmt
+
+
+def _check_multi_query(q, k, v, lens, table, scale, out, lse, schedule, num_ctas, tile_size, kv8=None):
     """Checks of a GPU call with q of shape (batch, q_len, heads_q,
     head_dim), whose q_len x group rows of a unit share one pass over its K
     and V. Returns the call's Meta."""
@@ -462,7 +508,7 @@ def _check_multi_query(q, k, v, lens, table, scale, out, lse, schedule, num_ctas
     if not 1 <= q_len <= MAX_Q_LEN:
         raise ValueError(f"q: the GPU kernels support 1 to {MAX_Q_LEN} query tokens per sequence (axis 1), "
                          f"got {q_len}")
-    m = _validation.validate(q[:, 0], k, v, lens, table, scale, None, schedule, num_ctas, tile_size, True)
+    m = _validation.validate(q[:, 0], k, v, lens, table, scale, None, schedule, num_ctas, tile_size, True, kv8)
     if m.group * q_len > MAX_GROUP:
         raise ValueError(f"q: q_len x heads_q / heads_kv must be at most {MAX_GROUP} on the GPU, got "
                          f"{q_len} x {m.group}")

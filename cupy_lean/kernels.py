@@ -48,7 +48,9 @@ LENS_CACHE = 256  # lengths kept in shared memory (the kernel static_asserts it 
 
 
 #: Optional semantics a spec can compile in (``LEAN_FEATURES`` bits).
-FEATURES = {"sinks": 1, "softcap": 2, "window": 4, "qlen": 8}
+FEATURES = {"sinks": 1, "softcap": 2, "window": 4, "qlen": 8, "fp8_e4m3": 16, "fp8_e5m2": 32}
+#: fp8 K/V formats and their feature bits.
+FP8_FEATURES = {"e4m3": FEATURES["fp8_e4m3"], "e5m2": FEATURES["fp8_e5m2"]}
 
 
 class Decomposition(enum.IntEnum):
@@ -80,7 +82,7 @@ class Params(ctypes.Structure):
         ("sinks", ctypes.c_uint64), ("softcap_scale", ctypes.c_float), ("softcap_log2", ctypes.c_float),
         ("window_left", ctypes.c_int32), ("min_tiles_per_cta", ctypes.c_int32), ("merge_balance", ctypes.c_int32),
         ("q_len", ctypes.c_int32), ("q_st", ctypes.c_int64), ("o_st", ctypes.c_int64),
-        ("q_lens", ctypes.c_uint64),
+        ("q_lens", ctypes.c_uint64), ("k_scale", ctypes.c_uint64), ("v_scale", ctypes.c_uint64),
     ]
 
 
@@ -216,12 +218,14 @@ class Spec:
     @property
     def smem_bytes(self) -> int:
         d, t, s, mt = self.head_dim, self.tile, self.stages, self.m_tiles
-        kv = 2 * t * d * 2
+        fp8 = bool(self.features & (FEATURES["fp8_e4m3"] | FEATURES["fp8_e5m2"]))
+        kv = 2 * t * d * (1 if fp8 else 2)  # the ring holds fp8 K/V as bytes
         qslot = mt * 16 * d * 2
         off_mask = s * kv + s * qslot
         mask = ((s * t + 15) // 16) * 16 if self.paged else 0
         stats = 2 * self.warps_n * mt * 16 * 4
-        return off_mask + mask + stats + LENS_CACHE * 4 + 64 * 4
+        conv = 2 * t * d * 2 if fp8 else 0  # fp8: the tile converted for the MMAs
+        return off_mask + mask + stats + LENS_CACHE * 4 + 64 * 4 + conv
 
     @property
     def entry(self) -> str:

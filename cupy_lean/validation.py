@@ -62,7 +62,7 @@ def kv_layout_views(k, v, kv_layout, paged):
     return k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
 
-def validate(q, k, v, kv_lens, block_table, scale, out, sched, num_ctas, tile_size, gpu):
+def validate(q, k, v, kv_lens, block_table, scale, out, sched, num_ctas, tile_size, gpu, kv8=None):
     if q.ndim != 3:
         raise ValueError(f"q: expected 3 dimensions (batch, heads_q, head_dim) or 4 (batch, q_len, heads_q, "
                          f"head_dim), got shape {tuple(q.shape)}")
@@ -85,10 +85,17 @@ def validate(q, k, v, kv_lens, block_table, scale, out, sched, num_ctas, tile_si
 
     supported = GPU_DTYPES if gpu else CPU_DTYPES
     fp8 = not gpu and k.dtype in FP8_DTYPES.values()  # an fp8 cache (NumPy path), q in its own precision
+    if gpu and kv8 is not None:  # an fp8 cache on the GPU: uint8 storage read as kv_dtype
+        for name, x in (("k", k), ("v", v)):
+            if x.dtype != np.uint8:
+                raise TypeError(f"{name}: kv_dtype={kv8!r} on the GPU reads uint8 storage, got {x.dtype}")
+        fp8 = True
     for name, x in (("q", q),) + ((("k", k), ("v", v)) if not fp8 else ()):
         if x.dtype not in supported:
             where = "GPU" if gpu else "NumPy"
-            raise TypeError(f"{name}: the {where} path supports dtypes {dtype_names(supported)}, got {x.dtype}")
+            hint = (" (an fp8 cache stored as uint8 needs kv_dtype='e4m3' or 'e5m2')"
+                    if name != "q" and x.dtype == np.uint8 else "")
+            raise TypeError(f"{name}: the {where} path supports dtypes {dtype_names(supported)}, got {x.dtype}{hint}")
     if fp8 and v.dtype != k.dtype:
         raise TypeError(f"v: expected k's fp8 dtype {k.dtype}, got {v.dtype}")
     if not fp8 and not (q.dtype == k.dtype == v.dtype):
@@ -181,14 +188,16 @@ def validate_options(sched, num_ctas, tile_size):
 class Features:
     """Validated optional semantics of a call (None / False: off)."""
 
-    __slots__ = ("sinks", "window_left", "softcap", "kv_scales")
+    __slots__ = ("sinks", "window_left", "softcap", "kv_scales", "kv8")
 
     def __init__(self, sinks=None, window_left=None, softcap=None):
         self.sinks, self.window_left, self.softcap = sinks, window_left, softcap
         self.kv_scales = None  # fp8 cache: (k_scale, v_scale) per KV head
+        self.kv8 = None  # GPU fp8 cache: "e4m3" | "e5m2"
 
     def any(self):
-        return self.sinks is not None or self.window_left is not None or self.softcap is not None
+        return (self.sinks is not None or self.window_left is not None or self.softcap is not None
+                or self.kv8 is not None)
 
 
 def _check_real(value, name):
@@ -255,6 +264,14 @@ def fp8_cache(k, v, kv_dtype, k_scale, v_scale, heads_kv):
                 raise ValueError(f"{name}: only with an fp8 KV cache (k of dtype float8_e4m3fn / float8_e5m2, "
                                  f"or kv_dtype=), got k of dtype {k.dtype}")
         return None
+    ks, vs = fp8_scales(k_scale, v_scale, heads_kv)
+    return k, v, ks, vs
+
+
+def fp8_scales(k_scale, v_scale, heads_kv):
+    """``k_scale`` / ``v_scale`` of an fp8 cache as float64 arrays of shape
+    ``(heads_kv,)``: a number or such an array (host values), finite and > 0;
+    None: 1."""
     scales = []
     for name, sc in (("k_scale", k_scale), ("v_scale", v_scale)):
         if sc is None:
@@ -267,7 +284,7 @@ def fp8_cache(k, v, kv_dtype, k_scale, v_scale, heads_kv):
         if not np.all(np.isfinite(arr) & (arr > 0)):
             raise ValueError(f"{name}: expected finite values > 0, got {arr!r}")
         scales.append(np.broadcast_to(arr, (heads_kv,)).copy())
-    return k, v, scales[0], scales[1]
+    return scales[0], scales[1]
 
 
 def check_host_values(m, lens, table):

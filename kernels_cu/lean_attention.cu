@@ -53,6 +53,13 @@ constexpr bool HAS_SINKS = (LEAN_FEATURES & 1) != 0;    // a logit per query hea
 constexpr bool HAS_SOFTCAP = (LEAN_FEATURES & 2) != 0;  // scores soft-capped: cap * tanh(score / cap)
 constexpr bool HAS_WINDOW = (LEAN_FEATURES & 4) != 0;   // the query sees its last window_left + 1 keys
 constexpr bool HAS_QLEN = (LEAN_FEATURES & 8) != 0;     // q_len query tokens per sequence, causal
+// fp8 K and V (e4m3 or e5m2 bytes, one scale per KV head): copied to the ring
+// as bytes, converted to the compute type in shared memory, scales folded into
+// the score scale (K) and the final normalisation (V).
+constexpr bool FP8_E4M3 = (LEAN_FEATURES & 16) != 0;
+constexpr bool FP8_E5M2 = (LEAN_FEATURES & 32) != 0;
+constexpr bool HAS_FP8 = FP8_E4M3 || FP8_E5M2;
+static_assert(!(FP8_E4M3 && FP8_E5M2), "one fp8 format");
 
 __host__ __device__ constexpr int imin(int a, int b) { return a < b ? a : b; }
 __host__ __device__ constexpr int imax(int a, int b) { return a > b ? a : b; }
@@ -66,7 +73,9 @@ constexpr int WN = imin(imax(1, 4 / MT) * ((MT == 1 && TILE >= 128) ? 2 : 1),
 constexpr int NW = WM * WN;
 constexpr int NT = NW * 32;
 constexpr int TW = TILE / WN;  // tokens per warp per tile
-constexpr int CPR = D / 8;     // 16-byte chunks per row
+constexpr int CPR = D / 8;     // 16-byte chunks per row of fp16/bf16 (q, and the K/V the MMAs read)
+constexpr int KV_ELEM = HAS_FP8 ? 1 : 2;  // bytes per K/V element in global memory and in the ring
+constexpr int KCPR = D * KV_ELEM / 16;    // 16-byte chunks per K/V row in global memory
 constexpr int ROWS_Q = MT * 16;
 constexpr int LENS_CACHE = 256;  // lengths of the first LENS_CACHE sequences kept in shared memory
 
@@ -75,12 +84,12 @@ static_assert(MT == 1 || MT == 2 || MT == 4 || MT == 8, "MT");
 static_assert(TILE == 16 || TILE == 32 || TILE == 64 || TILE == 128, "TILE");
 static_assert(STAGES >= 2 && STAGES <= 6, "STAGES");
 static_assert(TW % 16 == 0, "tokens per warp");
-static_assert(NT % CPR == 0, "loader mapping");
+static_assert(NT % CPR == 0 && NT % KCPR == 0, "loader mapping");
 static_assert(WN == 1 || WN * ROWS_Q <= TILE, "the warp-merge scratch fits in one K/V stage");
 
 // Shared storage, in bytes: [K/V ring][Q ring][page mask][warp stats][lengths][scan scratch].
 struct SharedLayout {
-  static constexpr int KV_STAGE = 2 * TILE * D * 2;  // K then V of one tile
+  static constexpr int KV_STAGE = 2 * TILE * D * KV_ELEM;  // K then V of one tile (HAS_FP8: bytes)
   static constexpr int Q_SLOT = ROWS_Q * D * 2;
   static constexpr int OFF_Q = STAGES * KV_STAGE;
   static constexpr int OFF_MASK = OFF_Q + STAGES * Q_SLOT;
@@ -90,7 +99,9 @@ struct SharedLayout {
   static constexpr int OFF_LENS = OFF_STATS + STATS;
   static constexpr int OFF_MISC = OFF_LENS + LENS_CACHE * 4;
   static constexpr int MISC_INTS = 64;
-  static constexpr int BYTES = OFF_MISC + MISC_INTS * 4;
+  static constexpr int OFF_CONV = OFF_MISC + MISC_INTS * 4;  // HAS_FP8: the tile converted for the MMAs
+  static constexpr int CONV = HAS_FP8 ? 2 * TILE * D * 2 : 0;
+  static constexpr int BYTES = OFF_CONV + CONV;
 };
 
 // The host computes the same numbers (kernels.Spec); a drift fails the compile.
@@ -102,7 +113,11 @@ static_assert(LENS_CACHE == LEAN_HOST_LENS_CACHE, "length cache differs from ker
 struct Shared {
   unsigned char* base;
   __device__ u16* kv(int stage) const { return reinterpret_cast<u16*>(base + stage * SharedLayout::KV_STAGE); }
-  __device__ float* scratch(int stage) const { return reinterpret_cast<float*>(kv(stage)); }  // TILE * D floats
+  // K then V of the tile the MMAs read: the ring stage, or (HAS_FP8) the converted copy.
+  __device__ u16* mma_kv(int stage) const {
+    return HAS_FP8 ? reinterpret_cast<u16*>(base + SharedLayout::OFF_CONV) : kv(stage);
+  }
+  __device__ float* scratch(int stage) const { return reinterpret_cast<float*>(mma_kv(stage)); }  // TILE * D floats
   __device__ u16* q(int slot) const { return reinterpret_cast<u16*>(base + SharedLayout::OFF_Q) + slot * ROWS_Q * D; }
   __device__ unsigned char* mask(int stage) const { return base + SharedLayout::OFF_MASK + stage * TILE; }
   __device__ float* stat_m() const { return reinterpret_cast<float*>(base + SharedLayout::OFF_STATS); }
@@ -157,7 +172,9 @@ static_assert(STREAM_K == LEAN_HOST_STREAM_K && SPLIT_K == LEAN_HOST_SPLIT_K, "D
   F(int, merge_balance)      /* STREAM_K: 0, or a, for ranges of >= sqrt(a x longest unit x rows / TILE) */ \
   F(int, q_len)              /* HAS_QLEN: query tokens per sequence (rows = q_len * group) */   \
   F(i64, q_st) F(i64, o_st)  /* HAS_QLEN: q and out strides per query token */                 \
-  F(const int*, q_lens)      /* HAS_QLEN: query tokens of each sequence (<= q_len), or null */
+  F(const int*, q_lens)      /* HAS_QLEN: query tokens of each sequence (<= q_len), or null */ \
+  F(const float*, k_scale)   /* HAS_FP8: K = stored value x k_scale[h] (heads_kv floats) */   \
+  F(const float*, v_scale)   /* HAS_FP8: V = stored value x v_scale[h] */
 
 #define LEAN_DECLARE_FIELD(type, name) type name;
 struct Params {
@@ -195,6 +212,17 @@ __device__ __forceinline__ int clamp_len(int x, int cap) { return min(max(x, 0),
 // (HAS_QLEN; row r is token r / group, head r % group of the unit).
 __device__ __forceinline__ int unit_rows(const Params& p) { return HAS_QLEN ? p.q_len * p.group : p.group; }
 __device__ __forceinline__ int row_token(const Params& p, int r) { return HAS_QLEN ? r / p.group : 0; }
+// HAS_FP8: the converted tile holds stored / 256 (e4m3, see convert_tile) or
+// stored (e5m2); these restore the scale and apply the KV head's k_scale /
+// v_scale (1 without fp8).
+constexpr float FP8_UNIT = FP8_E4M3 ? 256.f : 1.f;
+__device__ __forceinline__ float k_multiplier(const Params& p, int h) {
+  return HAS_FP8 ? FP8_UNIT * (p.k_scale != nullptr ? p.k_scale[h] : 1.f) : 1.f;
+}
+__device__ __forceinline__ float v_multiplier(const Params& p, int h) {
+  return HAS_FP8 ? FP8_UNIT * (p.v_scale != nullptr ? p.v_scale[h] : 1.f) : 1.f;
+}
+
 // Query tokens of sequence b: q_lens[b] clamped to [0, q_len] (ragged), else q_len.
 __device__ __forceinline__ int query_tokens(const Params& p, int b) {
   if (!HAS_QLEN) return 1;
@@ -415,7 +443,8 @@ __device__ __forceinline__ void emit(const Params& p, const PartialSlots& ps, in
   if (!partial) {
     const int hq = row_head(p, h, row), tok = row_token(p, row);
     const float sink = (HAS_SINKS && p.sinks != nullptr) ? p.sinks[hq] * LEAN_LOG2E : -LEAN_INF;
-    const Finalized f = Finalized::of(M, L, sink);
+    Finalized f = Finalized::of(M, L, sink);
+    f.inv *= v_multiplier(p, h);
     u16* o = p.out + (i64)b * p.o_sb + (HAS_QLEN ? (i64)tok * p.o_st : 0) + (i64)hq * p.o_sh + d;
     if (N == 2) {
       *reinterpret_cast<u32*>(o) = pack2<BF>(x[0] * f.inv, x[1] * f.inv);
@@ -693,7 +722,7 @@ __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, S
 // block-table read is off the critical path; rows on a page outside the cache
 // are zero-filled and masked.
 struct KVLoader {
-  static constexpr int RSTEP = NT / CPR;  // rows one pass of the block covers
+  static constexpr int RSTEP = NT / KCPR;  // rows one pass of the block covers
   static constexpr int ROW_ITERS = (TILE + RSTEP - 1) / RSTEP;
   int page[PAGED ? ROW_ITERS : 1];  // physical page of each row this thread loads (-1: none)
   u64 policy;
@@ -713,12 +742,12 @@ struct KVLoader {
     const int ps = p.page_size;
     const int tok0 = s.start + t * TILE;
     const int ntok = valid ? min(TILE, s.len - tok0) : 0;
-    const int first = tok0 + threadIdx.x / CPR;
+    const int first = tok0 + threadIdx.x / KCPR;
     int pq = first / ps, pr = first - pq * ps;
     const int* bt = p.block_table + (i64)s.b * p.bt_sb;
 #pragma unroll
     for (int it = 0; it < ROW_ITERS; ++it) {
-      const int r = threadIdx.x / CPR + it * RSTEP;
+      const int r = threadIdx.x / KCPR + it * RSTEP;
       page[it] = (r < ntok) ? bt[pq] : -1;
       step(pq, pr, ps);
     }
@@ -739,18 +768,20 @@ struct KVLoader {
     }
     const int tok0 = s.start + t * TILE;
     const int ntok = min(TILE, s.len - tok0);
-    u16* ks = sh.kv(stage);
-    u16* vs = ks + TILE * D;
-    const int ch = tid % CPR;
+    unsigned char* ks = reinterpret_cast<unsigned char*>(sh.kv(stage));
+    unsigned char* vs = ks + TILE * D * KV_ELEM;
+    const char* kg = reinterpret_cast<const char*>(p.k);
+    const char* vg = reinterpret_cast<const char*>(p.v);
+    const int ch = tid % KCPR;
     int pq = 0, pr = 0;  // paged: (logical page, row in page) of this thread's row
     if (PAGED) {
-      const int first = tok0 + tid / CPR;
+      const int first = tok0 + tid / KCPR;
       pq = first / p.page_size;
       pr = first - pq * p.page_size;
     }
 #pragma unroll
     for (int it = 0; it < ROW_ITERS; ++it) {
-      const int r = tid / CPR + it * RSTEP;
+      const int r = tid / KCPR + it * RSTEP;
       if (TILE % RSTEP != 0 && r >= TILE) break;
       bool ok = r < ntok;
       i64 koff, voff;
@@ -766,11 +797,14 @@ struct KVLoader {
         koff = (i64)s.b * p.k_sb + (i64)(tok0 + r) * p.k_st;
         voff = (i64)s.b * p.v_sb + (i64)(tok0 + r) * p.v_st;
       }
-      koff += (i64)s.h * p.k_sh + ch * 8;
-      voff += (i64)s.h * p.v_sh + ch * 8;
-      const int so = swz(r, ch);
-      cp_async16_stream(smem_u32(ks + so), ok ? (const void*)(p.k + koff) : (const void*)p.k, ok ? 16 : 0, policy);
-      cp_async16_stream(smem_u32(vs + so), ok ? (const void*)(p.v + voff) : (const void*)p.v, ok ? 16 : 0, policy);
+      koff += (i64)s.h * p.k_sh + ch * (16 / KV_ELEM);  // elements
+      voff += (i64)s.h * p.v_sh + ch * (16 / KV_ELEM);
+      // fp16/bf16: swizzled for ldmatrix; fp8: row-major bytes (convert_tile reads them)
+      const int so = HAS_FP8 ? r * D + ch * 16 : 2 * swz(r, ch);
+      cp_async16_stream(smem_u32(ks + so), ok ? (const void*)(kg + koff * KV_ELEM) : (const void*)kg, ok ? 16 : 0,
+                        policy);
+      cp_async16_stream(smem_u32(vs + so), ok ? (const void*)(vg + voff * KV_ELEM) : (const void*)vg, ok ? 16 : 0,
+                        policy);
     }
   }
 };
@@ -789,6 +823,44 @@ struct LoadCursor {
   }
 };
 
+// HAS_FP8: two fp8 values (bytes 0, 1 or 2, 3 of w) as a pair of fp16 words.
+// e5m2 is the high byte of the fp16 of the same value. e4m3 (4 exponent
+// bits, bias 7; 3 mantissa bits) moved into fp16's fields keeps its exponent
+// field and mantissa bits, which reads as the value / 256 for normal and
+// subnormal numbers alike (exact: the bias differs by 8); k_multiplier and
+// v_multiplier restore the 256.
+template <int HALF>
+__device__ __forceinline__ u32 fp8x2_to_f16x2(u32 w) {
+  const u32 t = __byte_perm(w, 0u, HALF ? 0x3424 : 0x1404);  // each byte b as b << 8 in its 16-bit half
+  return FP8_E5M2 ? t : ((t & 0x80008000u) | ((t & 0x7F007F00u) >> 1));
+}
+template <int HALF>
+__device__ __forceinline__ u32 fp8x2_to_mma(u32 w) {
+  const u32 h = fp8x2_to_f16x2<HALF>(w);
+  if (!BF) return h;
+  return pack2<true>(to_float<false>((u16)(h & 0xFFFFu)), to_float<false>((u16)(h >> 16)));  // exact
+}
+
+// HAS_FP8: the ring stage's fp8 K and V (row-major bytes) into the MMA tile
+// (fp16/bf16, swizzled as the loader writes non-fp8 tiles). All threads; the
+// caller synchronises before the MMAs read it.
+__device__ __forceinline__ void convert_tile(const Shared& sh, int stage) {
+  const unsigned char* src = reinterpret_cast<const unsigned char*>(sh.kv(stage));
+  u16* dst = sh.mma_kv(stage);
+  for (int e = threadIdx.x; e < 2 * TILE * KCPR; e += NT) {
+    const int kv = e / (TILE * KCPR), r = (e / KCPR) % TILE, c = e % KCPR;
+    const uint4 x = *reinterpret_cast<const uint4*>(src + (kv * TILE + r) * D + c * 16);
+    uint4 lo, hi;
+    lo.x = fp8x2_to_mma<0>(x.x); lo.y = fp8x2_to_mma<1>(x.x);
+    lo.z = fp8x2_to_mma<0>(x.y); lo.w = fp8x2_to_mma<1>(x.y);
+    hi.x = fp8x2_to_mma<0>(x.z); hi.y = fp8x2_to_mma<1>(x.z);
+    hi.z = fp8x2_to_mma<0>(x.w); hi.w = fp8x2_to_mma<1>(x.w);
+    u16* d = dst + kv * TILE * D;
+    *reinterpret_cast<uint4*>(d + swz(r, 2 * c)) = lo;
+    *reinterpret_cast<uint4*>(d + swz(r, 2 * c + 1)) = hi;
+  }
+}
+
 // S = Q K^T of this warp's 16 rows and TW tokens, masked (past the unit's
 // length, or on a page outside the cache) and scaled to base-2 logits
 // (HAS_SOFTCAP: soft-capped first).
@@ -797,7 +869,7 @@ struct LoadCursor {
 // a ragged batch), and with a window none before that minus window_left;
 // `tok0` is the tile's first key, `len` the sequence's.
 __device__ __forceinline__ void tile_scores(const Params& p, const Shared& sh, const u16* qs, const u16* ks,
-                                            int stage, int ntok, int tok0, int len, int nq,
+                                            int stage, int ntok, int tok0, int len, int nq, float kmul,
                                             float (&s)[TW / 8][4]) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int wm = warp / WN, tokw = (warp % WN) * TW;
@@ -835,7 +907,8 @@ __device__ __forceinline__ void tile_scores(const Params& p, const Shared& sh, c
       bool ok = tk < ntok;
       if (PAGED) ok = ok && mask[tk];
       if (HAS_QLEN) ok = ok && tk <= hi[e >> 1] && tk >= lo[e >> 1];
-      const float x = HAS_SOFTCAP ? p.softcap_log2 * fast_tanh(s[nb][e] * p.softcap_scale) : s[nb][e] * p.scale_log2;
+      const float x = HAS_SOFTCAP ? p.softcap_log2 * fast_tanh(s[nb][e] * (p.softcap_scale * kmul))
+                                  : s[nb][e] * (p.scale_log2 * kmul);
       s[nb][e] = ok ? x : -LEAN_INF;
     }
   }
@@ -1000,6 +1073,7 @@ __device__ void attention_cta(const Params& p) {
   for (Segment seg; walker.next(p, lens_s, seg);) {
     st.reset();
     const int nq = query_tokens(p, seg.b);
+    const float kmul = k_multiplier(p, seg.h);
     for (int t = seg.t0; t < seg.t1; ++t, ++i) {
       cp_async_wait<STAGES - 2>();
       __syncthreads();  // stage i is in; stage i - 1 is free for the next load
@@ -1011,11 +1085,15 @@ __device__ void attention_cta(const Params& p) {
       }
       cp_async_commit();
       const int stage = i % STAGES;
+      if (HAS_FP8) {
+        convert_tile(sh, stage);
+        __syncthreads();
+      }
       float s[TW / 8][4];
-      tile_scores(p, sh, sh.q(seg.ordinal % STAGES), sh.kv(stage), stage,
-                  min(TILE, seg.len - (seg.start + t * TILE)), seg.start + t * TILE, seg.len, nq, s);
+      tile_scores(p, sh, sh.q(seg.ordinal % STAGES), sh.mma_kv(stage), stage,
+                  min(TILE, seg.len - (seg.start + t * TILE)), seg.start + t * TILE, seg.len, nq, kmul, s);
       st.absorb(s);
-      accumulate_pv(st, s, sh.kv(stage) + TILE * D);
+      accumulate_pv(st, s, sh.mma_kv(stage) + TILE * D);
     }
     finish_segment(p, sh, sk, seg, st, (i - 1) % STAGES);
   }

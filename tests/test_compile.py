@@ -226,7 +226,9 @@ def test_too_large_requests_name_the_limit():
 
 
 FEATURE_SPECS = [K.make_spec("f16", 64, 4, True, features=7), K.make_spec("bf16", 128, 32, False, features=7),
-                 K.make_spec("f16", 256, 8, True, features=1), K.make_spec("f16", 128, 32, True, features=15)]
+                 K.make_spec("f16", 256, 8, True, features=1), K.make_spec("f16", 128, 32, True, features=15),
+                 K.make_spec("f16", 128, 8, True, features=16), K.make_spec("bf16", 256, 4, False, features=32 | 9),
+                 K.make_spec("bf16", 64, 16, False, features=16 | 7)]
 
 
 @needs_nvrtc
@@ -236,9 +238,22 @@ def test_feature_specs_compile(spec, arch):
     """Specs with sinks, soft-cap and sliding window compiled in."""
     log = []
     cubin = K.compile_cubin(spec, arch, log=log)
-    assert spec.entry.encode() in cubin and spec.name.endswith(("_sinks_softcap_window", "_sinks", "_sinks_softcap_window_qlen"))
+    assert spec.entry.encode() in cubin and spec.name.endswith(
+        ("_sinks_softcap_window", "_sinks", "_sinks_softcap_window_qlen", "_fp8_e4m3", "_sinks_qlen_fp8_e5m2",
+         "_sinks_softcap_window_fp8_e4m3"))
     spills = [int(x) for x in re.findall(r"(\d+) bytes spill stores", log[0])]
     assert spills and max(spills) <= 512, log[0]
+
+
+def test_fp8_specs_hold_bytes_in_the_ring():
+    """An fp8 spec's ring holds K/V as bytes plus one converted fp16 tile:
+    never more shared memory than the fp16 spec of the same tile and stages."""
+    for d, tile, stages in ((64, 128, 4), (128, 128, 3), (256, 64, 2)):
+        plain = K.Spec("f16", d, 1, tile, stages, False)
+        for bit in K.FP8_FEATURES.values():
+            fp8 = K.Spec("f16", d, 1, tile, stages, False, bit)
+            assert fp8.smem_bytes == plain.smem_bytes - stages * 2 * tile * d + 2 * tile * d * 2
+            assert fp8.smem_bytes <= plain.smem_bytes
 
 
 def test_feature_bits_name_the_spec():

@@ -339,15 +339,97 @@ def test_batch_invariant_is_bitwise_whatever_the_batch():
                 assert cp.array_equal(lse[j].view(cp.uint32), full[1][b].view(cp.uint32))
 
 
-def test_not_yet_on_the_gpu_is_refused_clearly():
-    """fp8 caches: NumPy path only in this release; GPU inputs get
-    NotImplementedError naming them."""
-    rng = np.random.default_rng(91)
-    q, k, v, lens, _ = make_inputs(rng, 2, 8, 2, 64, np.float16, [100, 7], "dense")
-    args = (to_gpu(q), to_gpu(k), to_gpu(v))
-    with pytest.raises(NotImplementedError, match="k, v: fp8 KV caches"):
-        cupy_lean.attention(args[0], args[1].view(cp.uint8)[..., :64], args[2].view(cp.uint8)[..., :64],
-                            kv_lens=cp.asarray(lens), kv_dtype="e4m3")
+def _fp8_cache(rng, k, fmt, per_head):
+    """fp8 storage of k (value / scale, rounded by ml_dtypes), its uint8
+    view and the scale (a number or one per KV head)."""
+    import ml_dtypes
+
+    f8 = {"e4m3": ml_dtypes.float8_e4m3fn, "e5m2": ml_dtypes.float8_e5m2}[fmt]
+    hkv = k.shape[2]
+    sc = rng.uniform(0.5, 2.0, hkv) if per_head else 0.75
+    k8 = (k.astype(np.float32) / np.broadcast_to(sc, (hkv,))[None, None, :, None]).astype(f8)
+    return k8, k8.view(np.uint8), sc
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("layout", ["dense", "paged"])
+@pytest.mark.parametrize("sched", ["lean", "split", "head"])
+@pytest.mark.parametrize("dt", ["float16", "bfloat16"])
+def test_gpu_fp8_cache_matches_the_reference(fmt, layout, sched, dt):
+    """K and V as fp8 bytes (uint8 with kv_dtype), scales per KV head for K
+    (a GPU array) and per tensor for V, q and out in fp16 / bf16, every
+    decomposition; NaN-prefilled outputs."""
+    rng = np.random.default_rng(101 + len(fmt) + len(layout) + len(sched))
+    lens = [9000, 17, 0, 3001, 777]
+    npdt = np.float16 if dt == "float16" else BF16
+    q, k, v, L, table = make_inputs(rng, len(lens), 32, 8, 128, np.float16, lens, layout, page_size=16)
+    k8, ku8, ks = _fp8_cache(rng, k, fmt, True)
+    v8, vu8, vs = _fp8_cache(rng, v, fmt, False)
+    qd = q.astype(npdt)
+    ro, rl = reference.attention(qd, k8, v8, kv_lens=L, block_table=table, k_scale=ks, v_scale=vs)
+    out = cp.asarray(np.full(q.shape, np.nan, dtype=npdt))
+    lse = cp.full(q.shape[:2], cp.nan, dtype=cp.float32)
+    cupy_lean.attention(to_gpu(qd), cp.asarray(ku8), cp.asarray(vu8), kv_lens=cp.asarray(L), block_table=to_gpu(table),
+                        kv_dtype=fmt, k_scale=cp.asarray(ks), v_scale=vs, schedule=sched,
+                        num_ctas=None if sched == "head" else 97, out=out, lse=lse)
+    g = cp.asnumpy(out).astype(np.float64)
+    assert np.isfinite(g).all()
+    assert np.abs(g - ro).max() < (4e-3 if dt == "float16" else 2e-2) * max(1.0, np.abs(ro).max())
+    gl = cp.asnumpy(lse).astype(np.float64)
+    assert np.array_equal(np.isneginf(gl), np.isneginf(rl))
+    fin = np.isfinite(rl)
+    assert np.abs(gl[fin] - rl[fin]).max() < 2e-3 * max(1.0, np.abs(rl[fin]).max())
+
+
+def test_gpu_fp8_with_query_tokens_window_sinks_plans_and_graphs():
+    """fp8 with several query tokens, a window and sinks; a plan run twice
+    with other scales; a CUDA graph replay; errors name the argument."""
+    rng = np.random.default_rng(103)
+    lens = [5000, 3, 0, 1234]
+    _, k, v, L, table = make_inputs(rng, len(lens), 16, 4, 64, np.float16, lens, "paged", page_size=32)
+    q = rng.standard_normal((len(lens), 3, 16, 64)).astype(np.float16)
+    sinks = rng.standard_normal(16).astype(np.float32)
+    k8, ku8, ks = _fp8_cache(rng, k, "e4m3", True)
+    v8, vu8, vs = _fp8_cache(rng, v, "e4m3", True)
+    args = (cp.asarray(q), cp.asarray(ku8), cp.asarray(vu8))
+    kw = dict(kv_lens=cp.asarray(L), block_table=to_gpu(table))
+    for scale_k in (ks, ks * 2):
+        ro, rl = reference.attention(q, k8, v8, kv_lens=L, block_table=table, k_scale=scale_k, v_scale=vs,
+                                     window_left=700, sinks=sinks)
+        out = _nan_like(q.shape, q.dtype)
+        cupy_lean.attention(*args, **kw, kv_dtype="e4m3", k_scale=scale_k, v_scale=vs, window_left=700,
+                            sinks=cp.asarray(sinks), out=out)
+        assert np.abs(cp.asnumpy(out).astype(np.float64) - ro).max() < 4e-3
+    p = cupy_lean.plan(*args, **kw, kv_dtype="e4m3", out=_nan_like(q.shape, q.dtype))
+    assert "fp8 e4m3" in p.describe()
+    ro, _ = reference.attention(q, k8, v8, kv_lens=L, block_table=table, k_scale=ks, v_scale=vs)
+    out = _nan_like(q.shape, q.dtype)
+    ksd, vsd = cp.asarray(ks, dtype=cp.float32), cp.asarray(vs, dtype=cp.float32)
+    graph = _capture(lambda: p.run(*args, **kw, out=out, k_scale=ksd, v_scale=vsd))
+    out.fill(cp.nan)
+    graph.launch()
+    cp.cuda.get_current_stream().synchronize()
+    assert np.abs(cp.asnumpy(out).astype(np.float64) - ro).max() < 4e-3
+    with pytest.raises(ValueError, match="kv_dtype: an fp8 cache on the GPU is uint8 storage"):
+        cupy_lean.attention(*args, **kw, k_scale=2.0)
+    with pytest.raises(ValueError, match="k_scale: expected finite values > 0"):
+        cupy_lean.attention(*args, **kw, kv_dtype="e4m3", k_scale=-1.0)
+    with pytest.raises(TypeError, match="k: kv_dtype='e5m2' on the GPU reads uint8 storage"):
+        cupy_lean.attention(args[0], cp.asarray(k), cp.asarray(v), **kw, kv_dtype="e5m2")
+
+
+def test_gpu_fp8_from_pytorch_float8():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(104)
+    q, k, v, L, _ = make_inputs(rng, 2, 8, 2, 128, np.float16, [3000, 77], "dense")
+    k8, ku8, ks = _fp8_cache(rng, k, "e4m3", False)
+    v8, vu8, vs = _fp8_cache(rng, v, "e4m3", False)
+    tk = torch.from_numpy(ku8).cuda().view(torch.float8_e4m3fn)
+    tv = torch.from_numpy(vu8).cuda().view(torch.float8_e4m3fn)
+    tq = torch.from_numpy(q).cuda()
+    got = cupy_lean.attention(tq, tk, tv, kv_lens=torch.from_numpy(L.astype(np.int32)).cuda(), k_scale=ks, v_scale=vs)
+    ro, _ = reference.attention(q, k8, v8, kv_lens=L, k_scale=ks, v_scale=vs)
+    assert np.abs(cp.asnumpy(cp.asarray(got)).astype(np.float64) - ro).max() < 4e-3
 
 
 def _nccl():

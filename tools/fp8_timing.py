@@ -1,0 +1,70 @@
+"""fp8 K/V against fp16 K/V on family shapes, lean only (the same shapes, the
+same timing as the benchmark: CUDA-graph replays over rotating copies).
+
+    python tools/fp8_timing.py --family 16 --seed S [--out fp8.json]
+
+For each shape: fp16 time, e4m3 time (the uint8 storage of the same
+values, per-head scales), their ratio, and the fp8 call's bytes per second.
+fp8 reads half the bytes: the target ratio is about 0.5.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--family", type=int, default=16)
+    ap.add_argument("--seed", type=int, required=True)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    import cupy as cp
+
+    import cupy_lean
+    from bench import cases as C
+    from bench import family as F
+    from cupy_lean.bench import graph_time
+
+    rows = []
+    for case in F.draw(a.family, a.seed):
+        n_copies = C.plan_copies(case, 256e6, 30e9)
+        inp = C.build_inputs(case, "float16", n_copies)
+        kw = {}
+        if inp.kv_lens is not None:
+            kw["kv_lens"] = inp.kv_lens
+        if inp.block_table is not None:
+            kw["block_table"] = inp.block_table
+        outs = [cp.empty_like(x) for x in inp.q]
+        t16 = graph_time(lambda i: cupy_lean.attention(inp.q[i], inp.k[i], inp.v[i], out=outs[i], **kw), n_copies)
+        # e5m2 bytes of the same values are the high bytes of fp16; timed as e4m3 (same bytes read)
+        k8 = [x.view(cp.uint8)[..., 1::2] for x in inp.k]
+        v8 = [x.view(cp.uint8)[..., 1::2] for x in inp.v]
+        del inp.k[:], inp.v[:]
+        k8 = [cp.ascontiguousarray(x) for x in k8]
+        v8 = [cp.ascontiguousarray(x) for x in v8]
+        ks = cp.full(case.heads_kv, 0.5, dtype=cp.float32)
+        t8 = graph_time(lambda i: cupy_lean.attention(inp.q[i], k8[i], v8[i], out=outs[i], kv_dtype="e4m3",
+                                                      k_scale=ks, v_scale=ks, **kw), n_copies)
+        b8 = case.kv_bytes() / 2
+        rows.append({"case": case.name, "kv_bytes_fp16": case.kv_bytes(), "fp16_us": t16, "fp8_us": t8,
+                     "ratio": t8 / t16, "fp8_tbps": b8 / t8 / 1e6, "fp16_tbps": case.kv_bytes() / t16 / 1e6})
+        print(f"{case.name:48s} fp16 {t16:8.1f} us ({rows[-1]['fp16_tbps']:.2f} TB/s)  e4m3 {t8:8.1f} us "
+              f"({rows[-1]['fp8_tbps']:.2f} TB/s)  ratio {t8 / t16:.3f}", flush=True)
+        inp.free()
+        del k8, v8, outs
+        cp.get_default_memory_pool().free_all_blocks()
+    g = math.exp(sum(math.log(r["ratio"]) for r in rows) / len(rows))
+    print(f"fp8 seed {a.seed}: {len(rows)} shapes; fp8 / fp16 time geomean {g:.3f}, "
+          f"min {min(r['ratio'] for r in rows):.3f}, max {max(r['ratio'] for r in rows):.3f}")
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"seed": a.seed, "rows": rows, "geomean_ratio": g}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
