@@ -336,6 +336,12 @@ def make_spec(dtype, head_dim, group, paged, tile_size=None, stages=None,
                                                min(TUNING["deep_pipeline_smem"], smem_limit))), 2)
     if stages is not None:
         st = int(stages)
+    elif int(features) & (FEATURES["fp8_e4m3"] | FEATURES["fp8_e5m2"]):
+        # fp8 tiles carry half the bytes: up to twice the stages (as many as fit
+        # max_smem), to keep as many bytes in flight as the fp16 spec
+        budget = min(TUNING["max_smem"], smem_limit)
+        st = next((c for c in range(min(6, 2 * st), st, -1)
+                   if Spec(dtype, head_dim, mt, tile, c, paged, int(features)).smem_bytes <= budget), st)
     spec = Spec(dtype, head_dim, mt, tile, st, paged, int(features))
     if spec.smem_bytes > smem_limit:
         what = "stages" if stages is not None else "tile_size"
