@@ -373,3 +373,20 @@ def test_tune_scores_the_rules():
     assert got["default_tile"][128] == (2.0, 2.0, 1)
     assert got["merge_balance"][0][0] == 2.0  # floor 1: the plain configuration
     assert got["merge_balance"][1][0] == 1.0  # floor 5: the m4 variant
+
+
+# ---------------------------------------------------------------- distributed benchmark
+
+def test_distributed_benchmark_arguments_and_sizes():
+    from bench import distributed as D
+
+    assert D.parse_ints("1,2, 4", "--gpus") == [1, 2, 4]
+    assert D.parse_heads("32/8") == (32, 8)
+    for bad in ("0,1", "a"):
+        with pytest.raises(SystemExit):
+            D.parse_ints(bad, "--gpus")
+    with pytest.raises(SystemExit, match="--heads"):
+        D.parse_heads("30/8")
+    # 1M tokens, 8 KV heads, head_dim 128, fp16: 4 GB per layer, 1 GB per GPU over four
+    assert D.shard_bytes(1 << 20, 1, 1, 8, 128) == 4 * (1 << 30)
+    assert D.shard_bytes(1 << 20, 4, 1, 8, 128) == 1 << 30
