@@ -213,7 +213,8 @@ def score_rules(docs, balances=(0, 1, 2, 4, 8)):
             if not times or "lens" not in rec:
                 continue
             best = min(times.values())
-            spec = K.make_spec("f16", feat["head_dim"], feat["group"], feat["paged"])
+            spec = K.make_spec("f16", feat["head_dim"], feat["group"], feat["paged"],
+                               smem_limit=doc.get("smem_limit", K.DEFAULT_SMEM_LIMIT))
             base = f"lean_t{spec.tile}_s{spec.stages}_c1"
             if base not in times:
                 continue

@@ -67,13 +67,19 @@ def demo(argv=None):
         print(f"GPU: {name}; lean kernel {us:.1f} us per call (warm L2, eager), "
               f"{kv_bytes / us / 1e6:.2f} TB/s; max |out - float64 reference| = {err:.2e}")
     else:
-        num_ctas = 2 * H100_SMS
-        grid_note = f"no GPU: 2 CTAs per SM on a {H100_SMS}-SM H100 assumed"
+        from .kernels import make_spec
+
+        spec = make_spec("f16", DEMO_HEAD_DIM, DEMO_HEADS_Q // DEMO_HEADS_KV, False)
+        num_ctas = _default_ctas_per_sm(spec) * H100_SMS
+        grid_note = f"no GPU: the default plan on a {H100_SMS}-SM H100 assumed"
         out, lse = attention(q, k, v, kv_lens=lens, return_lse=True)
         err = float(np.abs(out.astype(np.float64) - ref_out).max())
         print(f"attention() on NumPy arrays: max |out - float64 reference| = {err:.2e}")
 
-    sched = lean_schedule(lens, DEMO_HEADS_KV, tile_size=64, num_ctas=num_ctas)
+    from .kernels import TUNING
+
+    sched = lean_schedule(lens, DEMO_HEADS_KV, tile_size=spec.tile, num_ctas=num_ctas,
+                          merge_balance=TUNING["merge_balance"], state_rows=16 * spec.m_tiles)
     em_out, em_lse = reference.emulate(sched, q, k, v, kv_lens=lens)
     em_err = float(np.nanmax(np.abs(em_out - ref_out)))
     lse_ok = np.array_equal(np.isneginf(em_lse), np.isneginf(ref_lse))
@@ -90,11 +96,19 @@ def demo(argv=None):
         print("\nRan on the GPU (CUDA kernels via CuPy/NVRTC).")
     else:
         print("\nNo GPU used: this ran on the CPU through the NumPy reference path "
-              f"(schedule shown for a {H100_SMS}-SM H100 at 2 CTAs per SM).")
+              f"(schedule shown as the default plan would launch it on a {H100_SMS}-SM H100).")
         if not args.cpu:
             print(f"Why: {_no_gpu_reason()}")
     ok = err < 1e-2 and em_err < 1e-9 and lse_ok
     return 0 if ok else 1
+
+
+def _default_ctas_per_sm(spec):
+    """CTAs per SM of the default lean grid without a device to ask (the
+    occupancy taken as what the shared memory allows)."""
+    from .kernels import SMEM_OPTIN, TUNING, default_ctas_per_sm
+
+    return default_ctas_per_sm(spec, max(1, (SMEM_OPTIN["sm_90"] + 1024) // (spec.smem_bytes + 1024)))
 
 
 def _no_gpu_reason():
@@ -109,10 +123,17 @@ def _no_gpu_reason():
 
 def schedule_cmd(argv=None):
     """Print (and draw) the lean schedule of a batch."""
+    from .kernels import TUNING, make_spec
+
     args = _parse(["schedule"] + list(argv or []))
-    num_ctas = args.num_ctas if args.num_ctas is not None else 2 * args.sms
-    s = lean_schedule(args.lens, args.heads_kv, tile_size=args.tile_size, num_ctas=num_ctas)
-    src = f"--num-ctas {args.num_ctas}" if args.num_ctas is not None else f"2 CTAs per SM on {args.sms} SMs"
+    spec = make_spec("f16", args.head_dim, args.group, False, args.tile_size)
+    cps = _default_ctas_per_sm(spec)
+    num_ctas = args.num_ctas if args.num_ctas is not None else cps * args.sms
+    mb = TUNING["merge_balance"] if args.merge_balance is None else args.merge_balance
+    s = lean_schedule(args.lens, args.heads_kv, tile_size=spec.tile, num_ctas=num_ctas, merge_balance=mb,
+                      state_rows=16 * spec.m_tiles)
+    src = (f"--num-ctas {args.num_ctas}" if args.num_ctas is not None else f"{cps} CTA(s) per SM on {args.sms} SMs"
+           ) + f", tile {spec.tile}, merge balance {mb}"
     print(f"(grid: {num_ctas} CTAs, {src})")
     print(s.describe(grid_note=src))
     if args.png:
@@ -174,10 +195,14 @@ def _parser():
                                     "segments, partial units and their contributors.")
     sc.add_argument("--lens", type=_lens, required=True, help="comma-separated KV lengths, e.g. 131072,1024,1024")
     sc.add_argument("--heads-kv", type=_positive, default=8, help="KV heads (default 8)")
-    sc.add_argument("--tile-size", type=int, choices=TILE_SIZES, default=64,
-                    help="tokens per tile (default 64)")
+    sc.add_argument("--tile-size", type=int, choices=TILE_SIZES, default=None,
+                    help="tokens per tile (default: the default plan's, by --head-dim and --group)")
+    sc.add_argument("--head-dim", type=int, choices=(64, 128, 256), default=128, help="head_dim (default 128)")
+    sc.add_argument("--group", type=_positive, default=4, help="query heads per KV head (default 4)")
+    sc.add_argument("--merge-balance", type=int, default=None,
+                    help="ranges of at least sqrt(a x longest unit x rows / tile) tiles (default: the package's)")
     sc.add_argument("--num-ctas", type=_positive, default=None,
-                    help="CTAs of the grid (default: 2 per SM, see --sms)")
+                    help="CTAs of the grid (default: the default plan's CTAs per SM, see --sms)")
     sc.add_argument("--sms", type=_positive, default=H100_SMS,
                     help=f"SM count the default grid assumes (default {H100_SMS}, an H100 SXM)")
     sc.add_argument("--png", type=_png, default=None, help="also draw the schedule into this PNG file")

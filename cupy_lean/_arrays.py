@@ -94,6 +94,10 @@ def to_cpu(x, name):
             raise
         except Exception:
             pass
+    if isinstance(x, (list, tuple)):
+        shapes = [tuple(np.shape(e)) for e in x]
+        if len(set(shapes)) > 1:
+            raise ValueError(f"{name}: expected a sequence of arrays of one shape, got shapes {shapes}")
     return np.asarray(x)
 
 

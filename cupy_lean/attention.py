@@ -81,7 +81,9 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
         units``; ignored by head).
     tile_size : int, optional
         KV tokens per tile, one of 16, 32, 64, 128 (a compile-time parameter);
-        default by head_dim (128 at 64, 64 at 128, 32 at 256).
+        default by head_dim and group for the device (``plan(...).describe()``
+        shows it; on an H100 with groups up to 16: 128 at head_dim 64 and 128,
+        64 at 256).
     kv_layout : {"NHD", "HND"}
         Axis order of ``k`` and ``v``: ``"NHD"`` (default) tokens before
         heads as above; ``"HND"`` heads before tokens, ``(batch, heads_kv,

@@ -334,6 +334,8 @@ def make_spec(dtype, head_dim, group, paged, tile_size=None, stages=None,
         tile = tile_size
         st = next((c for c in (4, 3) if _fits(tile, c, head_dim, mt, paged,
                                                min(TUNING["deep_pipeline_smem"], smem_limit))), 2)
+        if st == 2 and head_dim < 256 and _fits(tile, 3, head_dim, mt, paged, min(TUNING["max_smem"], smem_limit)):
+            st = 3  # as default_config: 3 stages up to max_smem
     if stages is not None:
         st = int(stages)
     elif int(features) & (FEATURES["fp8_e4m3"] | FEATURES["fp8_e5m2"]):

@@ -502,3 +502,9 @@ def test_config_object_is_checked_before_any_gpu_work():
     assert (c.schedule, c.tile_size, c.stages, c.ctas_per_sm, c.num_ctas) == ("lean", 32, 3, None, None)
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.tile_size = 64
+
+
+def test_lists_of_arrays_of_different_shapes_name_the_argument():
+    a, l = np.zeros((2, 3, 4)), np.zeros((2, 3))
+    with pytest.raises(ValueError, match=r"outs: expected a sequence of arrays of one shape"):
+        cupy_lean.merge_states([a, a[:1]], [l, l])
