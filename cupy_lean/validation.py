@@ -62,6 +62,10 @@ def kv_layout_views(k, v, kv_layout, paged):
     return k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
 
 
+#: Longest sequence capacity of the GPU kernels (tile counts stay within 32 bits).
+MAX_CAPACITY = 2**31 - 256
+
+
 def validate(q, k, v, kv_lens, block_table, scale, out, sched, num_ctas, tile_size, gpu, kv8=None):
     if q.ndim != 3:
         raise ValueError(f"q: expected 3 dimensions (batch, heads_q, head_dim) or 4 (batch, q_len, heads_q, "
@@ -132,8 +136,9 @@ def validate(q, k, v, kv_lens, block_table, scale, out, sched, num_ctas, tile_si
         m.seqlen = int(k.shape[1])
         m.capacity = m.seqlen
         m.num_pages = m.page_size = m.max_pages = 0
-    if gpu and m.capacity >= 2**31:
-        raise ValueError(f"k: capacity per sequence must be below 2**31 tokens, got {m.capacity}")
+    if gpu and m.capacity > MAX_CAPACITY:
+        raise ValueError(f"k: capacity per sequence must be at most {MAX_CAPACITY} tokens (2**31 - 256: the "
+                         f"kernel counts tiles in 32 bits), got {m.capacity}")
 
     if kv_lens is not None:
         if kv_lens.ndim != 1 or int(kv_lens.shape[0]) != batch:
