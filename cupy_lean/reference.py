@@ -130,13 +130,14 @@ def _checked(q, k, v, kv_lens, block_table, scale, sinks=None, window_left=None,
     return q, k, v, lens, table, m.scale, f
 
 
-def window_start(lens, window_left):
-    """First key position each sequence's query sees: ``max(0, len - 1 -
-    window_left)``, or 0 without a window (``window_left`` None)."""
+def window_start(lens, window_left, q_len=1):
+    """First key position the queries of each sequence see: ``max(0, len -
+    q_len - window_left)`` (the first of ``q_len`` query tokens sees keys
+    up to ``len - q_len``), or 0 without a window (``window_left`` None)."""
     lens = np.asarray(lens, dtype=np.int64)
     if window_left is None:
         return np.zeros_like(lens)
-    return np.maximum(lens - 1 - int(window_left), 0)
+    return np.maximum(lens - int(q_len) - int(window_left), 0)
 
 
 def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, sinks=None, window_left=None,
@@ -278,7 +279,7 @@ def merge_states(outs, lses):
 
 
 def emulate(schedule, q, k, v, *, kv_lens=None, block_table=None, scale=None, sinks=None, window_left=None,
-            softcap=None, return_partials=False):
+            softcap=None, return_partials=False, q_lens=None, kv_dtype=None, k_scale=None, v_scale=None):
     """Run a schedule's decomposition in float64.
 
     Every segment of ``schedule`` is computed on its own as an online-softmax
@@ -288,28 +289,67 @@ def emulate(schedule, q, k, v, *, kv_lens=None, block_table=None, scale=None, si
 
     ``schedule`` must have been built for the same ``heads_kv`` and for the
     lengths the kernel walks: ``kv_lens``, or with ``window_left`` the window
-    lengths ``kv_lens - window_start(kv_lens, window_left)`` (tiles start at
-    the window's first key). Sinks are folded in once per unit, at the final
-    merge. With
-    ``return_partials=True`` the per-slot states are returned as a third value
-    (a dict ``slot -> (m, l, acc)``, natural-log ``m``).
+    lengths ``kv_lens - window_start(kv_lens, window_left, q_len)`` (tiles
+    start at the window's first key). Sinks are folded in once per unit, at
+    the final merge. A 4-D ``q`` (``q_len`` query tokens, optionally ragged
+    through ``q_lens``) makes a unit's rows ``q_len x group``, token-major,
+    each with its own causal limit, as in the kernel; ``kv_dtype`` /
+    ``k_scale`` / ``v_scale`` read an fp8 cache as :func:`attention` does.
+    With ``return_partials=True`` the per-slot states are returned as a third
+    value (a dict ``slot -> (m, l, acc)``, natural-log ``m``).
     """
-    batch, hq, d = q.shape
+    from .validation import fp8_cache
+
     hkv = k.shape[2]
+    fp8 = fp8_cache(np.asarray(k), np.asarray(v), kv_dtype, k_scale, v_scale, hkv)
+    if fp8 is not None:
+        k8, v8, ks, vs = fp8
+        k = k8.astype(np.float64) * ks[None, None, :, None]
+        v = v8.astype(np.float64) * vs[None, None, :, None]
+    multi = q.ndim == 4
+    qm = q if multi else q[:, None]
+    batch, ql, hq, d = qm.shape
     if schedule.heads_kv != hkv:
         raise ValueError(f"schedule: built for heads_kv={schedule.heads_kv}, arrays have {hkv}")
     lens = _default_lens(k, block_table, batch, kv_lens)
-    start = window_start(lens, window_left)
+    start = window_start(lens, window_left, ql)
     if not np.array_equal(lens - start, schedule.kv_lens):
         raise ValueError("schedule: built for other kv_lens (or window lengths) than the ones given")
+    nq = np.full(batch, ql, dtype=np.int64) if q_lens is None else np.asarray(q_lens, dtype=np.int64)
     sink = None if sinks is None else _f64(sinks)
     g = hq // hkv
     if scale is None:
         scale = 1.0 / np.sqrt(d)
     ts = schedule.tile_size
-    qf = _f64(q)
-    out = np.zeros((batch, hq, d))
-    lse = np.full((batch, hq), -np.inf)
+    qf = _f64(qm)
+    out = np.zeros((batch, ql, hq, d))
+    lse = np.full((batch, ql, hq), -np.inf)
+    toks = np.repeat(np.arange(ql), g)  # unit row r: query token r // g, head r % g of the unit
+    heads = np.tile(np.arange(g), ql)
+
+    def rows_of(b, h):
+        return qf[b, toks, h * g + heads]
+
+    def state_of(b, h, kb, vb, t0, t1):
+        """The unit's rows over keys [t0, t1), each row within its causal and window limits."""
+        if not multi:
+            return partial_state(rows_of(b, h), kb[t0:t1, h], vb[t0:t1, h], scale, softcap)
+        parts = []
+        for r in range(ql * g):
+            i = int(toks[r])
+            hi = int(lens[b]) - int(nq[b]) + i  # last key this token sees
+            lo = 0 if window_left is None else hi - int(window_left)
+            a, e = max(t0, lo, 0), min(t1, hi + 1) if i < nq[b] else t0
+            parts.append(partial_state(rows_of(b, h)[r:r + 1], kb[a:max(a, e), h], vb[a:max(a, e), h], scale,
+                                       softcap))
+        return tuple(np.concatenate([p[j] for p in parts]) for j in range(3))
+
+    def put(b, h, state):
+        if sink is not None:
+            state = add_sink(*state, sink[h * g + heads])
+        o, ls = finalize(*state)
+        out[b, toks, h * g + heads], lse[b, toks, h * g + heads] = o, ls
+
     cache = {}
     slots = {}
     by_unit = {}
@@ -320,27 +360,23 @@ def emulate(schedule, q, k, v, *, kv_lens=None, block_table=None, scale=None, si
         kb, vb = cache[b]
         t0 = int(start[b]) + int(s["tile_begin"]) * ts
         t1 = min(int(start[b]) + int(s["tile_end"]) * ts, int(lens[b]))
-        rows = slice(h * g, (h + 1) * g)
-        state = partial_state(qf[b, rows], kb[t0:t1, h], vb[t0:t1, h], scale, softcap)
+        state = state_of(b, h, kb, vb, t0, t1)
         if s["partial"]:
             slots[int(s["slot"])] = state
             by_unit.setdefault(u, []).append((int(s["cta"]), int(s["slot"])))
         else:
-            if sink is not None:
-                state = add_sink(*state, sink[rows])
-            out[b, rows], lse[b, rows] = finalize(*state)
+            put(b, h, state)
     for u, parts in by_unit.items():
         b, h = divmod(u, hkv)
-        rows = slice(h * g, (h + 1) * g)
         parts.sort()  # CTA order, whatever order they were produced in
-        state = merge_partial([slots[sl] for _, sl in parts])
-        if sink is not None:
-            state = add_sink(*state, sink[rows])
-        out[b, rows], lse[b, rows] = finalize(*state)
+        put(b, h, merge_partial([slots[sl] for _, sl in parts]))
     if sink is not None:  # units without tiles: the sink alone
         for b in np.nonzero(lens - start == 0)[0]:
-            state = add_sink(np.full(hq, -np.inf), np.zeros(hq), np.zeros((hq, d)), sink)
-            out[b], lse[b] = finalize(*state)
+            for h in range(hkv):
+                n = ql * g
+                put(b, h, (np.full(n, -np.inf), np.zeros(n), np.zeros((n, d))))
+    if not multi:
+        out, lse = out[:, 0], lse[:, 0]
     if return_partials:
         return out, lse, slots
     return out, lse

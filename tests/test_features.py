@@ -107,6 +107,46 @@ def test_emulate_with_features_matches_the_reference(lens, hkv, window, kind, co
     close(got[1], want[1], rtol=1e-9, atol=1e-11)
 
 
+@given(st.lists(st.integers(0, 300), min_size=1, max_size=4), st.integers(1, 2), st.integers(1, 4),
+       st.one_of(st.none(), st.integers(0, 120)), st.sampled_from(["lean", "split"]), st.integers(1, 40),
+       st.booleans(), st.integers(0, 10**6))
+@example([300, 0, 5], 2, 3, 50, "lean", 7, True, 0)
+def test_emulate_with_query_tokens_matches_the_reference(lens, hkv, q_len, window, kind, count, ragged, seed):
+    """q_len query tokens (optionally ragged) share a unit's tiles, each row
+    with its own causal and window limits: the decomposition gives the
+    reference's result, with sinks and soft-cap."""
+    _, k, v, lens = make_problem(lens, hkv, 2, 16, seed)
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((len(lens), q_len, hkv * 2, 16))
+    sinks = rng.standard_normal(hkv * 2)
+    nq = rng.integers(0, q_len + 1, size=len(lens)) if ragged else None
+    eff = lens - reference.window_start(lens, window, q_len)
+    if kind == "lean":
+        sched = lean_schedule(eff, hkv, tile_size=16, num_ctas=count)
+    else:
+        sched = split_schedule(eff, hkv, tile_size=16, num_splits=min(count, 9))
+    kw = dict(kv_lens=lens, sinks=sinks, window_left=window, softcap=4.0, q_lens=nq)
+    got = reference.emulate(sched, q, k, v, **kw)
+    want = reference.attention(q, k, v, **kw)
+    close(got[0], want[0], rtol=1e-9, atol=1e-11)
+    close(got[1], want[1], rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_emulate_reads_an_fp8_cache(fmt):
+    from cupy_lean._dtypes import FP8_DTYPES
+
+    q, k, v, lens = make_problem([50, 0, 9], 2, 3, 16, 6)
+    k8 = np.nan_to_num(k).astype(FP8_DTYPES[fmt]).view(np.uint8)
+    v8 = np.nan_to_num(v).astype(FP8_DTYPES[fmt]).view(np.uint8)
+    sched = lean_schedule(lens, 2, tile_size=16, num_ctas=5)
+    kw = dict(kv_lens=lens, kv_dtype=fmt, k_scale=np.array([0.5, 2.0]), v_scale=0.25)
+    got = reference.emulate(sched, q, k8, v8, **kw)
+    want = reference.attention(q, k8, v8, **kw)
+    close(got[0], want[0], rtol=1e-9, atol=1e-11)
+    close(got[1], want[1], rtol=1e-9, atol=1e-11)
+
+
 def test_front_end_numpy_path_and_batch_invariant():
     q, k, v, lens = make_problem([20, 0, 7], 1, 4, 16, 9, dtype=np.float32)
     sinks = np.linspace(-1, 1, 4).astype(np.float32)
