@@ -112,3 +112,20 @@ def host_ints(x, name):
     if arr.size == 0 and not np.issubdtype(arr.dtype, np.integer) and isinstance(x, (list, tuple)):
         arr = arr.astype(np.int64)
     return arr
+
+
+def torch_fp8_storage(k, v, kv_dtype):
+    """PyTorch float8 K/V (which CuPy cannot import) as their uint8 storage
+    and the matching kv_dtype; other arrays as they are."""
+    names = {"torch.float8_e4m3fn": "e4m3", "torch.float8_e5m2": "e5m2"}
+    fmt = names.get(str(getattr(k, "dtype", "")))
+    if fmt is None or type(k).__module__.split(".")[0] != "torch":
+        return k, v, kv_dtype
+    if str(getattr(v, "dtype", "")) != str(k.dtype):
+        raise TypeError(f"v: expected k's dtype {k.dtype}, got {getattr(v, 'dtype', type(v).__name__)}")
+    if kv_dtype is not None and kv_dtype != fmt:
+        raise ValueError(f"kv_dtype: k is {k.dtype}, got kv_dtype={kv_dtype!r}")
+    import sys
+
+    u8 = sys.modules["torch"].uint8
+    return k.view(u8), v.view(u8), fmt

@@ -76,17 +76,21 @@ class Signature(NamedTuple):
 
 
 def gpu_fp8_scales(k_scale, v_scale, heads_kv):
-    """``(k_scale, v_scale)`` of a GPU fp8 call as float32 GPU arrays of
-    shape ``(heads_kv,)`` (None: 1). Host numbers / arrays are checked
-    (finite, > 0); GPU arrays of shape () or (heads_kv,) are used as they are
-    (their values read at launch)."""
+    """``(k_scale, v_scale)`` of a GPU fp8 call, each a float (one scale for
+    every KV head, passed by value: None is 1) or a float32 GPU array of shape
+    ``(heads_kv,)`` (read at launch). Host numbers and arrays are checked
+    (finite, > 0); a host array is copied to the GPU (``_HostCopy``: refused
+    inside a CUDA graph capture); GPU arrays of shape () or (heads_kv,) are
+    used as they are."""
     from ._arrays import to_gpu, where as _where
     from .validation import fp8_scales
 
     out = []
     for name, sc in (("k_scale", k_scale), ("v_scale", v_scale)):
         if sc is None:
-            out.append(None)
+            out.append(1.0)
+        elif _where(sc) != "gpu" and np.ndim(sc) == 0:
+            out.append(float(fp8_scales(sc, None, 1)[0][0]))
         elif _where(sc) == "gpu":
             x = to_gpu(sc, name)
             if x.ndim > 1 or (x.ndim == 1 and x.shape != (heads_kv,)) or x.dtype.kind != "f":
@@ -96,9 +100,16 @@ def gpu_fp8_scales(k_scale, v_scale, heads_kv):
                 x = _cp.ascontiguousarray(_cp.broadcast_to(x.astype(_cp.float32), (heads_kv,)))
             out.append(x)  # used in place: a captured graph reads its values at replay
         else:
-            host = fp8_scales(sc, None, heads_kv)[0]
-            out.append(_cp.asarray(host, dtype=_cp.float32))
+            out.append(_HostCopy(name, fp8_scales(sc, None, heads_kv)[0].astype(np.float32)))
     return tuple(out)
+
+
+class _HostCopy:
+    """An array given on the host, copied to the GPU by the launch (refused,
+    naming it, when the launch is being captured into a CUDA graph)."""
+
+    def __init__(self, name, array):
+        self.name, self.array = name, array
 
 
 def check_q_lens(q_lens, batch, q_len, check_values):
@@ -112,12 +123,12 @@ def check_q_lens(q_lens, batch, q_len, check_values):
         x = to_gpu(q_lens, "q_lens")
         if tuple(x.shape) != (batch,) or x.dtype.kind not in "iu":
             raise ValueError(f"q_lens: expected integers of shape ({batch},), got {x.dtype} {tuple(x.shape)}")
-        if x.dtype != np.int32 or not x.flags.c_contiguous:
-            x = _cp.ascontiguousarray(x, dtype=_cp.int32)
-        if check_values and batch:
+        if check_values and batch:  # on the given dtype: a cast to int32 could wrap
             lo, hi = int(x.min()), int(x.max())
             if lo < 0 or hi > q_len:
                 raise ValueError(f"q_lens: expected values in [0, {q_len}] (q_len), got {lo} to {hi}")
+        if x.dtype != np.int32 or not x.flags.c_contiguous:
+            x = _cp.ascontiguousarray(_cp.clip(x, 0, q_len).astype(_cp.int32))
         return x
     x = host_ints(q_lens, "q_lens")
     if x.shape != (batch,):
@@ -411,6 +422,10 @@ class Plan:
         """
         from ._arrays import to_gpu
 
+        if self.kv8 is not None:  # PyTorch float8 K/V: their uint8 storage
+            from ._arrays import torch_fp8_storage
+
+            k, v, _ = torch_fp8_storage(k, v, self.kv8)
         q, k, v = to_gpu(q, "q"), to_gpu(k, "k"), to_gpu(v, "v")
         if self.kv_layout == "HND" and k.ndim == v.ndim == 4:
             k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
@@ -563,17 +578,39 @@ class Plan:
             sinks32 = sinks if (sinks.dtype == cp.float32 and sinks.flags.c_contiguous) else \
                 cp.ascontiguousarray(sinks, dtype=cp.float32)
         qn32 = None
+        host_copies = []  # arrays this call copied from the host: not replayable from a graph
         if q_lens is not None:  # checked by the caller: int32 on the GPU, or host ints in range
-            qn32 = q_lens if isinstance(q_lens, cp.ndarray) else cp.asarray(q_lens, dtype=cp.int32)
+            qn32 = q_lens
+            if not isinstance(q_lens, cp.ndarray):
+                host_copies.append("q_lens")
+        scale_args = [None, None, 1.0, 1.0]  # k_scale, v_scale pointers' arrays, by-value scales
+        if scales is not None:
+            for i, sc in enumerate(scales):
+                if isinstance(sc, _HostCopy):
+                    host_copies.append(sc.name)
+                if isinstance(sc, float):
+                    scale_args[2 + i] = sc
+                else:
+                    scale_args[i] = sc  # a GPU array, or a _HostCopy converted below
         stream = cp.cuda.get_current_stream()
+        if host_copies and _capturing(stream):
+            raise ValueError(f"{', '.join(host_copies)}: inside a CUDA graph capture pass GPU arrays (or a number "
+                             f"for a scale); a host array is copied by each call, and a replay would not see new "
+                             f"values")
+        if host_copies:
+            if qn32 is not None and not isinstance(qn32, cp.ndarray):
+                qn32 = cp.asarray(qn32, dtype=cp.int32)
+            for i in (0, 1):
+                if isinstance(scale_args[i], _HostCopy):
+                    scale_args[i] = cp.asarray(scale_args[i].array)
         with self._lock:
             ws, captured = self._workspace_for(stream, cp)
             if captured:  # the workspace and temporaries the graph reads live as long as the plan
-                self._graph_workspaces.append((ws, temps, lens32, table32, out_k, sinks32, qn32, scales))
+                self._graph_workspaces.append((ws, temps, lens32, table32, out_k, sinks32, qn32, scale_args))
             if sinks32 is not None:
                 self._params.sinks = sinks32.data.ptr
             if self.kv8 is not None:
-                ks, vs = scales or (None, None)
+                ks, vs, self._params.k_scale_value, self._params.v_scale_value = scale_args
                 self._params.k_scale = 0 if ks is None else ks.data.ptr
                 self._params.v_scale = 0 if vs is None else vs.data.ptr
             if self.q_len:
@@ -639,6 +676,11 @@ def _bind_cupy():
         from cupy_backends.cuda.api import driver
 
         _cp, _driver = cupy, driver
+
+
+def _capturing(stream):
+    """Is ``stream`` being captured into a CUDA graph?"""
+    return stream.ptr != 0 and _capture_id(stream) is not None
 
 
 def _contig(shape, isz):

@@ -11,6 +11,7 @@ import numpy as np
 from . import _arrays, _cache, reference
 from . import _plan
 from ._arrays import host_ints as _host_ints, to_cpu as _to_cpu, to_gpu as _to_gpu, where as _where
+from ._arrays import torch_fp8_storage as _torch_fp8_storage
 from . import validation as _validation
 
 __all__ = ["attention", "plan", "merge_states", "Config"]
@@ -151,9 +152,10 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
     on the GPU) and can be captured into CUDA graphs: each captured launch gets
     a workspace of its own, so any number of graphs can be captured one after
     another and replayed in any order or concurrently. Inside a capture, pass
-    ``kv_lens`` / ``block_table`` as GPU arrays (their values are read at
-    replay, so lengths may change between replays) and ``out=`` (and
-    ``lse=``) arrays that outlive the graph.
+    ``kv_lens`` / ``block_table`` (and ``q_lens``, per-head fp8 scales) as
+    GPU arrays (their values are read at replay, so lengths may change
+    between replays) and ``out=`` (and ``lse=``) arrays that outlive the
+    graph.
     """
     nd = _arrays._CUPY_NDARRAY
     if kv_layout == "HND" and nd is not None and type(k) is nd and type(v) is nd and k.ndim == v.ndim == 4:
@@ -260,6 +262,9 @@ def _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, 
                          f"{tuple(q.shape)}")
     kv8 = None
     if gpu and fp8:
+        if kv_dtype is None and k.dtype != np.uint8:
+            raise ValueError(f"k_scale, v_scale: only with an fp8 KV cache (uint8 storage with kv_dtype=, or a "
+                             f"PyTorch float8 tensor), got k of dtype {k.dtype}")
         if kv_dtype is None:
             raise ValueError(f"kv_dtype: an fp8 cache on the GPU is uint8 storage with kv_dtype='e4m3' or 'e5m2' "
                              f"(or a PyTorch float8 tensor), got k of dtype {k.dtype} and no kv_dtype")
@@ -481,23 +486,6 @@ def plan(q, k, v, *, kv_lens=None, block_table=None, scale=None, out=None, sched
 
 
 MAX_Q_LEN = 8
-
-
-def _torch_fp8_storage(k, v, kv_dtype):
-    """PyTorch float8 K/V (which CuPy cannot import) as their uint8 storage
-    and the matching kv_dtype; other arrays as they are."""
-    names = {"torch.float8_e4m3fn": "e4m3", "torch.float8_e5m2": "e5m2"}
-    fmt = names.get(str(getattr(k, "dtype", "")))
-    if fmt is None or type(k).__module__.split(".")[0] != "torch":
-        return k, v, kv_dtype
-    if str(getattr(v, "dtype", "")) != str(k.dtype):
-        raise TypeError(f"v: expected k's dtype {k.dtype}, got {getattr(v, 'dtype', type(v).__name__)}")
-    if kv_dtype is not None and kv_dtype != fmt:
-        raise ValueError(f"kv_dtype: k is {k.dtype}, got kv_dtype={kv_dtype!r}")
-    import sys
-
-    u8 = sys.modules["torch"].uint8
-    return k.view(u8), v.view(u8), fmt
 
 
 def _check_multi_query(q, k, v, lens, table, scale, out, lse, schedule, num_ctas, tile_size, kv8=None):

@@ -83,6 +83,7 @@ class Params(ctypes.Structure):
         ("window_left", ctypes.c_int32), ("min_tiles_per_cta", ctypes.c_int32), ("merge_balance", ctypes.c_int32),
         ("q_len", ctypes.c_int32), ("q_st", ctypes.c_int64), ("o_st", ctypes.c_int64),
         ("q_lens", ctypes.c_uint64), ("k_scale", ctypes.c_uint64), ("v_scale", ctypes.c_uint64),
+        ("k_scale_value", ctypes.c_float), ("v_scale_value", ctypes.c_float),
     ]
 
 

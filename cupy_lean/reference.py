@@ -311,11 +311,22 @@ def emulate(schedule, q, k, v, *, kv_lens=None, block_table=None, scale=None, si
     batch, ql, hq, d = qm.shape
     if schedule.heads_kv != hkv:
         raise ValueError(f"schedule: built for heads_kv={schedule.heads_kv}, arrays have {hkv}")
+    if window_left is not None and int(window_left) == -1:
+        window_left = None  # as in attention(): -1 is no window
     lens = _default_lens(k, block_table, batch, kv_lens)
     start = window_start(lens, window_left, ql)
     if not np.array_equal(lens - start, schedule.kv_lens):
         raise ValueError("schedule: built for other kv_lens (or window lengths) than the ones given")
-    nq = np.full(batch, ql, dtype=np.int64) if q_lens is None else np.asarray(q_lens, dtype=np.int64)
+    nq = np.full(batch, ql, dtype=np.int64)
+    if q_lens is not None:
+        if not multi:
+            raise ValueError(f"q_lens: needs q of shape (batch, q_len, heads_q, head_dim), got q of shape "
+                             f"{tuple(q.shape)}")
+        nq = np.asarray(q_lens)
+        if nq.shape != (batch,) or nq.dtype.kind not in "iu" or (nq.size and (nq.min() < 0 or nq.max() > ql)):
+            raise ValueError(f"q_lens: expected integers in [0, {ql}] of shape ({batch},), got {nq.dtype} "
+                             f"{tuple(nq.shape)}")
+        nq = nq.astype(np.int64)
     sink = None if sinks is None else _f64(sinks)
     g = hq // hkv
     if scale is None:

@@ -173,8 +173,10 @@ static_assert(STREAM_K == LEAN_HOST_STREAM_K && SPLIT_K == LEAN_HOST_SPLIT_K, "D
   F(int, q_len)              /* HAS_QLEN: query tokens per sequence (rows = q_len * group) */   \
   F(i64, q_st) F(i64, o_st)  /* HAS_QLEN: q and out strides per query token */                 \
   F(const int*, q_lens)      /* HAS_QLEN: query tokens of each sequence (<= q_len), or null */ \
-  F(const float*, k_scale)   /* HAS_FP8: K = stored value x k_scale[h] (heads_kv floats) */   \
-  F(const float*, v_scale)   /* HAS_FP8: V = stored value x v_scale[h] */
+  F(const float*, k_scale)   /* HAS_FP8: K = stored value x k_scale[h] (heads_kv floats), or null: */ \
+  F(const float*, v_scale)   /* HAS_FP8: V = stored value x v_scale[h], or null: */         \
+  F(float, k_scale_value)    /* HAS_FP8: ... one scale for every head (by value) */          \
+  F(float, v_scale_value)
 
 #define LEAN_DECLARE_FIELD(type, name) type name;
 struct Params {
@@ -217,10 +219,10 @@ __device__ __forceinline__ int row_token(const Params& p, int r) { return HAS_QL
 // v_scale (1 without fp8).
 constexpr float FP8_UNIT = FP8_E4M3 ? 256.f : 1.f;
 __device__ __forceinline__ float k_multiplier(const Params& p, int h) {
-  return HAS_FP8 ? FP8_UNIT * (p.k_scale != nullptr ? p.k_scale[h] : 1.f) : 1.f;
+  return HAS_FP8 ? FP8_UNIT * (p.k_scale != nullptr ? p.k_scale[h] : p.k_scale_value) : 1.f;
 }
 __device__ __forceinline__ float v_multiplier(const Params& p, int h) {
-  return HAS_FP8 ? FP8_UNIT * (p.v_scale != nullptr ? p.v_scale[h] : 1.f) : 1.f;
+  return HAS_FP8 ? FP8_UNIT * (p.v_scale != nullptr ? p.v_scale[h] : p.v_scale_value) : 1.f;
 }
 
 // Query tokens of sequence b: q_lens[b] clamped to [0, q_len] (ragged), else q_len.
@@ -828,7 +830,8 @@ struct LoadCursor {
 // bits, bias 7; 3 mantissa bits) moved into fp16's fields keeps its exponent
 // field and mantissa bits, which reads as the value / 256 for normal and
 // subnormal numbers alike (exact: the bias differs by 8); k_multiplier and
-// v_multiplier restore the 256.
+// v_multiplier restore the 256. e4m3's NaN bytes (0x7F, 0xFF) read as +-480
+// (the format has no infinity; caches do not hold NaN).
 template <int HALF>
 __device__ __forceinline__ u32 fp8x2_to_f16x2(u32 w) {
   const u32 t = __byte_perm(w, 0u, HALF ? 0x3424 : 0x1404);  // each byte b as b << 8 in its 16-bit half

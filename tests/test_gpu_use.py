@@ -410,6 +410,24 @@ def test_gpu_fp8_with_query_tokens_window_sinks_plans_and_graphs():
     graph.launch()
     cp.cuda.get_current_stream().synchronize()
     assert np.abs(cp.asnumpy(out).astype(np.float64) - ro).max() < 4e-3
+    # scalar scales are passed by value: a graph replays them; host arrays are refused inside a capture
+    out2 = _nan_like(q.shape, q.dtype)
+    ro2, _ = reference.attention(q, k8, v8, kv_lens=L, block_table=table, k_scale=0.5, v_scale=2.0)
+    graph2 = _capture(lambda: p.run(*args, **kw, out=out2, k_scale=0.5, v_scale=2.0))
+    out2.fill(cp.nan)
+    graph2.launch()
+    cp.cuda.get_current_stream().synchronize()
+    assert np.abs(cp.asnumpy(out2).astype(np.float64) - ro2).max() < 4e-3
+    s = cp.cuda.Stream(non_blocking=True)
+    with s:
+        s.begin_capture()
+        try:
+            with pytest.raises(ValueError, match="k_scale: inside a CUDA graph capture pass GPU arrays"):
+                p.run(*args, **kw, out=out2, k_scale=ks, v_scale=vsd)
+        finally:
+            s.end_capture()
+    with pytest.raises(ValueError, match="k_scale, v_scale: only with an fp8 KV cache"):
+        cupy_lean.attention(args[0], cp.asarray(k), cp.asarray(v), **kw, k_scale=2.0)
     with pytest.raises(ValueError, match="kv_dtype: an fp8 cache on the GPU is uint8 storage"):
         cupy_lean.attention(*args, **kw, k_scale=2.0)
     with pytest.raises(ValueError, match="k_scale: expected finite values > 0"):
@@ -427,8 +445,13 @@ def test_gpu_fp8_from_pytorch_float8():
     tk = torch.from_numpy(ku8).cuda().view(torch.float8_e4m3fn)
     tv = torch.from_numpy(vu8).cuda().view(torch.float8_e4m3fn)
     tq = torch.from_numpy(q).cuda()
-    got = cupy_lean.attention(tq, tk, tv, kv_lens=torch.from_numpy(L.astype(np.int32)).cuda(), k_scale=ks, v_scale=vs)
+    tl = torch.from_numpy(L.astype(np.int32)).cuda()
+    got = cupy_lean.attention(tq, tk, tv, kv_lens=tl, k_scale=ks, v_scale=vs)
     ro, _ = reference.attention(q, k8, v8, kv_lens=L, k_scale=ks, v_scale=vs)
+    assert np.abs(cp.asnumpy(cp.asarray(got)).astype(np.float64) - ro).max() < 4e-3
+    p = cupy_lean.plan(tq, tk, tv, kv_lens=tl)  # the format comes from the tensors
+    assert "fp8 e4m3" in p.describe()
+    got = p.run(tq, tk, tv, kv_lens=tl, k_scale=ks, v_scale=vs)
     assert np.abs(cp.asnumpy(cp.asarray(got)).astype(np.float64) - ro).max() < 4e-3
 
 
