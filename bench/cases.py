@@ -289,6 +289,16 @@ class Inputs:
     fi_last_page_len: np.ndarray
     fi_pages: list  # per copy: (k_pages, v_pages), each (num_pages, 16, heads_kv, head_dim)
 
+    def index_kwargs(self) -> dict:
+        """``kv_lens`` / ``block_table`` keyword arguments of a cupy_lean call
+        on these inputs (the ones the layout has)."""
+        kw = {}
+        if self.kv_lens is not None:
+            kw["kv_lens"] = self.kv_lens
+        if self.block_table is not None:
+            kw["block_table"] = self.block_table
+        return kw
+
     def free(self):
         self.q = self.k = self.v = self.fi_pages = []
         self.kv_lens = self.block_table = None

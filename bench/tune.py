@@ -127,11 +127,7 @@ def measure(args):
             break
         n_copies = C.plan_copies(case, 256e6, 30e9)
         inp = C.build_inputs(case, "float16", n_copies)
-        kw = {}
-        if inp.kv_lens is not None:
-            kw["kv_lens"] = inp.kv_lens
-        if inp.block_table is not None:
-            kw["block_table"] = inp.block_table
+        kw = inp.index_kwargs()
         outs = [cp.empty_like(q) for q in inp.q]
         rec = {"case": case.name, "features": features(case), "lens": list(case.lens), "times": {}}
         for c in configs_for(("f16", case.head_dim, case.group, case.layout == "paged"), limit, sm_smem):

@@ -79,7 +79,7 @@ def gpu_fp8_scales(k_scale, v_scale, heads_kv):
     """``(k_scale, v_scale)`` of a GPU fp8 call, each a float (one scale for
     every KV head, passed by value: None is 1) or a float32 GPU array of shape
     ``(heads_kv,)`` (read at launch). Host numbers and arrays are checked
-    (finite, > 0); a host array is copied to the GPU (``_HostCopy``: refused
+    (finite, > 0); a host array stays on the host (copied at launch, refused
     inside a CUDA graph capture); GPU arrays of shape () or (heads_kv,) are
     used as they are."""
     from ._arrays import to_gpu, where as _where
@@ -89,8 +89,6 @@ def gpu_fp8_scales(k_scale, v_scale, heads_kv):
     for name, sc in (("k_scale", k_scale), ("v_scale", v_scale)):
         if sc is None:
             out.append(1.0)
-        elif _where(sc) != "gpu" and np.ndim(sc) == 0:
-            out.append(float(fp8_scales(sc, None, 1)[0][0]))
         elif _where(sc) == "gpu":
             x = to_gpu(sc, name)
             if x.ndim > 1 or (x.ndim == 1 and x.shape != (heads_kv,)) or x.dtype.kind != "f":
@@ -99,43 +97,29 @@ def gpu_fp8_scales(k_scale, v_scale, heads_kv):
             if not (x.dtype == np.float32 and x.shape == (heads_kv,) and x.flags.c_contiguous):
                 x = _cp.ascontiguousarray(_cp.broadcast_to(x.astype(_cp.float32), (heads_kv,)))
             out.append(x)  # used in place: a captured graph reads its values at replay
-        else:
-            out.append(_HostCopy(name, fp8_scales(sc, None, heads_kv)[0].astype(np.float32)))
+        else:  # a number: by value; an array: copied at launch
+            arr = fp8_scales(sc, None, heads_kv)[0]
+            out.append(float(arr[0]) if np.ndim(sc) == 0 else arr.astype(np.float32))
     return tuple(out)
 
 
-class _HostCopy:
-    """An array given on the host, copied to the GPU by the launch (refused,
-    naming it, when the launch is being captured into a CUDA graph)."""
-
-    def __init__(self, name, array):
-        self.name, self.array = name, array
-
-
 def check_q_lens(q_lens, batch, q_len, check_values):
-    """``q_lens`` of a call with ``q_len`` query tokens per sequence: a GPU
-    int32 array of shape ``(batch,)`` (contiguous: used in place, its values
-    read at launch, clamped to ``[0, q_len]`` by the kernel, checked here when
-    ``check_values``), or host integers (checked, copied at launch)."""
+    """``q_lens`` of a call with ``q_len`` query tokens per sequence, of
+    shape ``(batch,)``: on the GPU as int32 (used in place when it is; its
+    values read at launch, clamped to ``[0, q_len]`` by the kernel, checked
+    here when ``check_values``), or host integers (always checked, copied at
+    launch)."""
     from ._arrays import host_ints, to_gpu, where as _where
 
-    if _where(q_lens) == "gpu":
-        x = to_gpu(q_lens, "q_lens")
-        if tuple(x.shape) != (batch,) or x.dtype.kind not in "iu":
-            raise ValueError(f"q_lens: expected integers of shape ({batch},), got {x.dtype} {tuple(x.shape)}")
-        if check_values and batch:  # on the given dtype: a cast to int32 could wrap
-            lo, hi = int(x.min()), int(x.max())
-            if lo < 0 or hi > q_len:
-                raise ValueError(f"q_lens: expected values in [0, {q_len}] (q_len), got {lo} to {hi}")
-        if x.dtype != np.int32 or not x.flags.c_contiguous:
-            x = _cp.ascontiguousarray(_cp.clip(x, 0, q_len).astype(_cp.int32))
-        return x
-    x = host_ints(q_lens, "q_lens")
-    if x.shape != (batch,):
-        raise ValueError(f"q_lens: expected integers of shape ({batch},), got shape {tuple(x.shape)}")
-    if batch and (x.min() < 0 or x.max() > q_len):
-        raise ValueError(f"q_lens: expected values in [0, {q_len}] (q_len), got {int(x.min())} to {int(x.max())}")
-    return x.astype(np.int32)
+    gpu = _where(q_lens) == "gpu"
+    x = to_gpu(q_lens, "q_lens") if gpu else host_ints(q_lens, "q_lens")
+    if tuple(x.shape) != (batch,) or x.dtype.kind not in "iu":
+        raise ValueError(f"q_lens: expected integers of shape ({batch},), got {x.dtype} {tuple(x.shape)}")
+    if batch and (check_values or not gpu):  # on the given dtype: a cast to int32 could wrap
+        lo, hi = int(x.min()), int(x.max())
+        if lo < 0 or hi > q_len:
+            raise ValueError(f"q_lens: expected values in [0, {q_len}] (q_len), got {lo} to {hi}")
+    return _index_array(x, 0, q_len) if gpu else x
 
 
 def sinks_meta(x):
@@ -474,7 +458,24 @@ class Plan:
                                         sinks, q_lens, scales)
         return (res_out, res_lse) if (return_lse or lse is not None) else res_out
 
-    def _lse_ok(self, lse):
+    def _extra_args(self, q_lens, scales, stream):
+        """The q_lens / fp8-scale Params fields of a launch, ``((q_lens ptr,
+        k_scale ptr, v_scale ptr, k_scale value, v_scale value), arrays)``.
+        Host arrays are copied here, and refused, naming them, inside a CUDA
+        graph capture (a replay would not see new values)."""
+        arrays = [q_lens] + list(scales or (1.0, 1.0))  # q_lens, k_scale, v_scale
+        host = [name for name, x in zip(("q_lens", "k_scale", "v_scale"), arrays)
+                if isinstance(x, np.ndarray)]
+        if host:
+            if _capture_id(stream) is not None:
+                raise ValueError(f"{', '.join(host)}: inside a CUDA graph capture pass GPU arrays (or a number "
+                                 f"for a scale); a host array is copied by each call, and a replay would not "
+                                 f"see new values")
+            arrays = [x if not isinstance(x, np.ndarray) else _index_array(x, 0, self.q_len) if i == 0
+                      else _cp.asarray(x) for i, x in enumerate(arrays)]
+        ptrs = tuple(0 if x is None or isinstance(x, float) else x.data.ptr for x in arrays)
+        values = tuple(x if isinstance(x, float) else 1.0 for x in arrays[1:])
+        return ptrs + values, arrays
         """lse can be written in place: float32, (batch, heads_q), C-contiguous."""
         return (lse.shape == self.lse_shape and lse.dtype == np.float32
                 and lse.flags.c_contiguous)
@@ -495,7 +496,7 @@ class Plan:
     def _workspace_for(self, stream, cp):
         """The workspace of this launch (see the module docstring); called
         under the plan's lock."""
-        capture_id = _capture_id(stream) if stream.ptr != 0 else None
+        capture_id = _capture_id(stream)
         capturing = capture_id is not None
         if self._user_ws:  # the caller's workspace, for eager and captured launches alike
             if not capturing:
@@ -577,44 +578,19 @@ class Plan:
         if self.has_sinks:
             sinks32 = sinks if (sinks.dtype == cp.float32 and sinks.flags.c_contiguous) else \
                 cp.ascontiguousarray(sinks, dtype=cp.float32)
-        qn32 = None
-        host_copies = []  # arrays this call copied from the host: not replayable from a graph
-        if q_lens is not None:  # checked by the caller: int32 on the GPU, or host ints in range
-            qn32 = q_lens
-            if not isinstance(q_lens, cp.ndarray):
-                host_copies.append("q_lens")
-        scale_args = [None, None, 1.0, 1.0]  # k_scale, v_scale pointers' arrays, by-value scales
-        if scales is not None:
-            for i, sc in enumerate(scales):
-                if isinstance(sc, _HostCopy):
-                    host_copies.append(sc.name)
-                if isinstance(sc, float):
-                    scale_args[2 + i] = sc
-                else:
-                    scale_args[i] = sc  # a GPU array, or a _HostCopy converted below
         stream = cp.cuda.get_current_stream()
-        if host_copies and _capturing(stream):
-            raise ValueError(f"{', '.join(host_copies)}: inside a CUDA graph capture pass GPU arrays (or a number "
-                             f"for a scale); a host array is copied by each call, and a replay would not see new "
-                             f"values")
-        if host_copies:
-            if qn32 is not None and not isinstance(qn32, cp.ndarray):
-                qn32 = cp.asarray(qn32, dtype=cp.int32)
-            for i in (0, 1):
-                if isinstance(scale_args[i], _HostCopy):
-                    scale_args[i] = cp.asarray(scale_args[i].array)
+        extra = None  # q_lens and fp8 scales: only plans for them look at them
+        if self.q_len or self.kv8 is not None:
+            extra = self._extra_args(q_lens, scales, stream)
         with self._lock:
             ws, captured = self._workspace_for(stream, cp)
             if captured:  # the workspace and temporaries the graph reads live as long as the plan
-                self._graph_workspaces.append((ws, temps, lens32, table32, out_k, sinks32, qn32, scale_args))
+                self._graph_workspaces.append((ws, temps, lens32, table32, out_k, sinks32, extra))
             if sinks32 is not None:
                 self._params.sinks = sinks32.data.ptr
-            if self.kv8 is not None:
-                ks, vs, self._params.k_scale_value, self._params.v_scale_value = scale_args
-                self._params.k_scale = 0 if ks is None else ks.data.ptr
-                self._params.v_scale = 0 if vs is None else vs.data.ptr
-            if self.q_len:
-                self._params.q_lens = 0 if qn32 is None else qn32.data.ptr
+            if extra is not None:
+                (self._params.q_lens, self._params.k_scale, self._params.v_scale, self._params.k_scale_value,
+                 self._params.v_scale_value) = extra[0]
             wp = ws.data.ptr
             self._ptrs[:] = (q.data.ptr, k.data.ptr, v.data.ptr, out_k.data.ptr,
                              0 if lse is None else lse.data.ptr, 0 if lens32 is None else lens32.data.ptr,
@@ -644,8 +620,10 @@ _get_capture_info = None
 def _capture_id(stream):
     """The id of the capture in progress on ``stream`` (unique in the
     process, never reused), 0 when capturing but the id cannot be read, None
-    when not capturing."""
+    when not capturing (the legacy default stream never is)."""
     global _get_capture_info
+    if stream.ptr == 0:
+        return None
     if _get_capture_info is None:
         try:
             lib = ctypes.CDLL("libcuda.so.1")
@@ -676,11 +654,6 @@ def _bind_cupy():
         from cupy_backends.cuda.api import driver
 
         _cp, _driver = cupy, driver
-
-
-def _capturing(stream):
-    """Is ``stream`` being captured into a CUDA graph?"""
-    return stream.ptr != 0 and _capture_id(stream) is not None
 
 
 def _contig(shape, isz):

@@ -109,7 +109,9 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
         with another value get another plan, never a stale one.
     kv_dtype : {"e4m3", "e5m2"}, optional
         Read ``uint8`` k and v as fp8 (``float8_e4m3fn`` / ``float8_e5m2``
-        arrays need no ``kv_dtype``). NumPy path only in this release.
+        arrays, NumPy (ml_dtypes) or PyTorch, need no ``kv_dtype``). On the
+        GPU the bytes are converted in the kernel; ``q`` and ``out`` stay
+        fp16 / bf16.
     k_scale, v_scale : float or array of shape (heads_kv,), optional
         fp8 caches hold ``value / scale``; default 1.
     batch_invariant : bool
@@ -260,19 +262,7 @@ def _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, 
     if q_lens is not None and q.ndim != 4:
         raise ValueError(f"q_lens: needs q of shape (batch, q_len, heads_q, head_dim), got q of shape "
                          f"{tuple(q.shape)}")
-    kv8 = None
-    if gpu and fp8:
-        if kv_dtype is None and k.dtype != np.uint8:
-            raise ValueError(f"k_scale, v_scale: only with an fp8 KV cache (uint8 storage with kv_dtype=, or a "
-                             f"PyTorch float8 tensor), got k of dtype {k.dtype}")
-        if kv_dtype is None:
-            raise ValueError(f"kv_dtype: an fp8 cache on the GPU is uint8 storage with kv_dtype='e4m3' or 'e5m2' "
-                             f"(or a PyTorch float8 tensor), got k of dtype {k.dtype} and no kv_dtype")
-        from .kernels import FP8_FEATURES
-
-        if not isinstance(kv_dtype, str) or kv_dtype not in FP8_FEATURES:
-            raise ValueError(f"kv_dtype: expected one of {tuple(FP8_FEATURES)}, got {kv_dtype!r}")
-        kv8 = kv_dtype
+    kv8 = _gpu_fp8_format(k, kv_dtype, k_scale is not None or v_scale is not None) if gpu else None
     multi = gpu and q.ndim == 4  # several query tokens, GPU kernel
     if (q.ndim == 4 or fp8) and not gpu:
         return _cpu_general(q, k, v, lens, table, scale, return_lse, out, lse, schedule, num_ctas, tile_size,
@@ -285,12 +275,7 @@ def _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, 
         m = _validation.validate(q, k, v, lens, table, scale, out, schedule, num_ctas, tile_size, gpu, kv8)
         _check_lse(lse, m)
     feats = _features(m, sinks, window_left, softcap, gpu)
-    scales = None
-    if kv8 is not None:
-        feats.kv8 = kv8
-        _arrays.cupy_ndarray()
-        _plan._bind_cupy()
-        scales = _plan.gpu_fp8_scales(k_scale, v_scale, m.heads_kv)
+    feats.kv8 = kv8
     if batch_invariant:
         if schedule not in ("lean", "head") or num_ctas is not None:
             raise ValueError(f"batch_invariant: needs schedule 'lean' or 'head' and num_ctas None (one CTA per "
@@ -319,6 +304,7 @@ def _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, 
         from . import _gpu
 
         _gpu.device_check(m, lens, table)
+    scales = None if kv8 is None else _plan.gpu_fp8_scales(k_scale, v_scale, m.heads_kv)
     res_out, res_lse = p._launch(q, k, v, lens, table, out, lse, return_lse, feats.sinks, q_lens, scales)
     return (res_out, res_lse) if return_lse else res_out
 
@@ -455,11 +441,7 @@ def plan(q, k, v, *, kv_lens=None, block_table=None, scale=None, out=None, sched
     if not gpu:
         raise TypeError("q: plan() needs GPU arrays (CuPy, or any with __cuda_array_interface__ / "
                         f"CUDA __dlpack__), got {type(q).__module__}.{type(q).__name__}")
-    if kv_dtype is not None:
-        from .kernels import FP8_FEATURES
-
-        if not isinstance(kv_dtype, str) or kv_dtype not in FP8_FEATURES:
-            raise ValueError(f"kv_dtype: expected one of {tuple(FP8_FEATURES)}, got {kv_dtype!r}")
+    kv_dtype = _gpu_fp8_format(k, kv_dtype)
     if q.ndim == 4:
         m = _check_multi_query(q, k, v, lens, table, scale, out, None, schedule, num_ctas, tile_size, kv_dtype)
     else:
@@ -479,13 +461,32 @@ def plan(q, k, v, *, kv_lens=None, block_table=None, scale=None, out=None, sched
 
         table = cupy.asarray(table)
     sig = _plan.signature(q, k, v, out, lens, table, m.scale if scale is not None else None, schedule,
-                          num_ctas, tile_size, stages, ctas_per_sm, _features_key(feats), min_tiles_per_cta, merge_balance)
+                          num_ctas, tile_size, stages, ctas_per_sm, _features_key(feats), min_tiles_per_cta,
+                          merge_balance)
     p = _plan.Plan(sig, m, workspace=workspace)
     p.kv_layout = kv_layout
     return p
 
 
 MAX_Q_LEN = 8
+
+
+def _gpu_fp8_format(k, kv_dtype, scales_given=False):
+    """The fp8 format ("e4m3" | "e5m2") of a GPU call's K/V storage, or None
+    for an fp16 / bf16 cache; errors name what is missing."""
+    if kv_dtype is None and not scales_given:
+        return None
+    if kv_dtype is None:
+        if k.dtype != np.uint8:
+            raise ValueError(f"k_scale, v_scale: only with an fp8 KV cache (uint8 storage with kv_dtype=, or a "
+                             f"PyTorch float8 tensor), got k of dtype {k.dtype}")
+        raise ValueError(f"kv_dtype: an fp8 cache on the GPU is uint8 storage with kv_dtype='e4m3' or 'e5m2' "
+                         f"(or a PyTorch float8 tensor), got k of dtype {k.dtype} and no kv_dtype")
+    from .kernels import FP8_FEATURES
+
+    if not isinstance(kv_dtype, str) or kv_dtype not in FP8_FEATURES:
+        raise ValueError(f"kv_dtype: expected one of {tuple(FP8_FEATURES)}, got {kv_dtype!r}")
+    return kv_dtype
 
 
 def _check_multi_query(q, k, v, lens, table, scale, out, lse, schedule, num_ctas, tile_size, kv8=None):

@@ -199,18 +199,7 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, sinks=None
             kv_lens = np.full(qa.shape[0], kk.shape[1], dtype=np.int64)
         full = None if kv_lens is None else np.asarray(to_cpu(kv_lens, "kv_lens"), dtype=np.int64)
         ql = qa.shape[1]
-        nq = np.full(qa.shape[0], ql, dtype=np.int64)
-        if q_lens is not None:
-            nq = np.asarray(to_cpu(q_lens, "q_lens"))
-            if nq.shape != (qa.shape[0],) or nq.dtype.kind not in "iu":
-                raise ValueError(f"q_lens: expected integers of shape ({qa.shape[0]},), got {nq.dtype} "
-                                 f"{tuple(nq.shape)}")
-            if nq.size and (nq.min() < 0 or nq.max() > ql):
-                raise ValueError(f"q_lens: expected values in [0, {ql}] (q_len), got {int(nq.min())} to "
-                                 f"{int(nq.max())}")
-            nq = nq.astype(np.int64)
-            if full is None:
-                raise ValueError("q_lens: needs kv_lens (or a dense k of which every sequence is full)")
+        nq = _query_tokens(q_lens, qa.shape[0], ql)
         res = [attention(qa[:, i], k, v,
                          kv_lens=None if full is None else np.where(i < nq, np.clip(full - nq + 1 + i, 0, None), 0),
                          block_table=block_table, scale=scale, sinks=sinks, window_left=window_left,
@@ -240,6 +229,21 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, sinks=None
                 state = add_sink(*state, f.sinks[rows])
             out[b, rows], lse[b, rows] = finalize(*state)
     return out, lse
+
+
+def _query_tokens(q_lens, batch, q_len):
+    """Query tokens of each sequence: ``q_lens`` checked (integers of shape
+    ``(batch,)`` in ``[0, q_len]``) as int64, or ``q_len`` for all."""
+    from ._arrays import to_cpu
+
+    if q_lens is None:
+        return np.full(batch, q_len, dtype=np.int64)
+    nq = np.asarray(to_cpu(q_lens, "q_lens"))
+    if nq.shape != (batch,) or nq.dtype.kind not in "iu":
+        raise ValueError(f"q_lens: expected integers of shape ({batch},), got {nq.dtype} {tuple(nq.shape)}")
+    if nq.size and (nq.min() < 0 or nq.max() > q_len):
+        raise ValueError(f"q_lens: expected values in [0, {q_len}] (q_len), got {int(nq.min())} to {int(nq.max())}")
+    return nq.astype(np.int64)
 
 
 def merge_states(outs, lses):
@@ -317,16 +321,10 @@ def emulate(schedule, q, k, v, *, kv_lens=None, block_table=None, scale=None, si
     start = window_start(lens, window_left, ql)
     if not np.array_equal(lens - start, schedule.kv_lens):
         raise ValueError("schedule: built for other kv_lens (or window lengths) than the ones given")
-    nq = np.full(batch, ql, dtype=np.int64)
-    if q_lens is not None:
-        if not multi:
-            raise ValueError(f"q_lens: needs q of shape (batch, q_len, heads_q, head_dim), got q of shape "
-                             f"{tuple(q.shape)}")
-        nq = np.asarray(q_lens)
-        if nq.shape != (batch,) or nq.dtype.kind not in "iu" or (nq.size and (nq.min() < 0 or nq.max() > ql)):
-            raise ValueError(f"q_lens: expected integers in [0, {ql}] of shape ({batch},), got {nq.dtype} "
-                             f"{tuple(nq.shape)}")
-        nq = nq.astype(np.int64)
+    if q_lens is not None and not multi:
+        raise ValueError(f"q_lens: needs q of shape (batch, q_len, heads_q, head_dim), got q of shape "
+                         f"{tuple(q.shape)}")
+    nq = _query_tokens(q_lens, batch, ql)
     sink = None if sinks is None else _f64(sinks)
     g = hq // hkv
     if scale is None:

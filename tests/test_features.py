@@ -332,7 +332,7 @@ def test_emulate_checks_q_lens_and_reads_window_minus_one_as_none():
     q3, k, v, lens = make_problem([40, 7], 1, 2, 16, 3)
     q = np.stack([q3, q3], axis=1)
     sched = lean_schedule(lens, 1, tile_size=16, num_ctas=3)
-    with pytest.raises(ValueError, match=r"q_lens: expected integers in \[0, 2\]"):
+    with pytest.raises(ValueError, match=r"q_lens: expected values in \[0, 2\] \(q_len\)"):
         reference.emulate(sched, q, k, v, kv_lens=lens, q_lens=[3, 0])
     with pytest.raises(ValueError, match="q_lens: needs q of shape"):
         reference.emulate(sched, q3, k, v, kv_lens=lens, q_lens=[1, 1])

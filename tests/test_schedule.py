@@ -425,19 +425,24 @@ def test_describe_and_plot_say_which_grid_they_assumed(tmp_path):
 @example([100], 1, 132, 8)
 @example([0, 0], 2, 5, 3)
 def test_min_tiles_per_cta_bounds_the_grid(lens, hkv, num_ctas, min_tiles):
-    from cupy_lean import reference
-
     plain = lean_schedule(lens, hkv, tile_size=16, num_ctas=num_ctas)
     s = lean_schedule(lens, hkv, tile_size=16, num_ctas=num_ctas, min_tiles_per_cta=min_tiles)
     assert s.num_ctas == (min(num_ctas, max(1, s.total_tiles // min_tiles)) if s.total_tiles else 0)
     if s.num_ctas > 1:
         assert s.tiles_per_cta().min() >= min(min_tiles, plain.tiles_per_cta().max())
     assert s.num_ctas <= plain.num_ctas
+    _assert_emulation_is_the_reference(s, lens, hkv)
+
+
+def _assert_emulation_is_the_reference(sched, lens, hkv):
+    """``sched`` (built for ``lens``) run by emulate gives the reference."""
+    from cupy_lean import reference
+
     rng = np.random.default_rng(len(lens))
     q = rng.standard_normal((len(lens), hkv * 2, 8))
     k = rng.standard_normal((len(lens), max(max(lens), 1), hkv, 8))
     v = rng.standard_normal(k.shape)
-    got = reference.emulate(s, q, k, v, kv_lens=lens)
+    got = reference.emulate(sched, q, k, v, kv_lens=lens)
     want = reference.attention(q, k, v, kv_lens=lens)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-9, atol=1e-12)
 
@@ -466,7 +471,6 @@ def test_merge_balance_bounds_the_pieces_of_a_unit(lens, hkv, num_ctas, a, rows)
     CTAs one less: ranges differ by at most one), so the longest unit is cut
     into at most longest / (n - 1) + 1 pieces, and the schedule still
     computes the reference."""
-    from cupy_lean import reference
     from cupy_lean.schedule import merge_balanced_tiles
 
     tile = 16
@@ -479,15 +483,9 @@ def test_merge_balance_bounds_the_pieces_of_a_unit(lens, hkv, num_ctas, a, rows)
         assert s.num_ctas == min(num_ctas, s.total_tiles, max(1, s.total_tiles // n))
         if s.num_ctas > 1:
             assert s.tiles_per_cta().min() >= min(n, plain.tiles_per_cta().max())
-    rng = np.random.default_rng(len(lens))
     lens_small = [x // 64 for x in lens]  # the same rule on a problem the reference computes quickly
     s2 = lean_schedule(lens_small, hkv, tile_size=1, num_ctas=num_ctas, merge_balance=a, state_rows=rows)
-    q = rng.standard_normal((len(lens), hkv * 2, 8))
-    k = rng.standard_normal((len(lens), max(max(lens_small), 1), hkv, 8))
-    v = rng.standard_normal(k.shape)
-    got = reference.emulate(s2, q, k, v, kv_lens=lens_small)
-    want = reference.attention(q, k, v, kv_lens=lens_small)
-    np.testing.assert_allclose(got[0], want[0], rtol=1e-9, atol=1e-12)
+    _assert_emulation_is_the_reference(s2, lens_small, hkv)
 
 
 def test_merge_balance_is_checked():

@@ -34,11 +34,7 @@ def main():
     for case in F.draw(a.family, a.seed):
         n_copies = C.plan_copies(case, 256e6, 30e9)
         inp = C.build_inputs(case, "float16", n_copies)
-        kw = {}
-        if inp.kv_lens is not None:
-            kw["kv_lens"] = inp.kv_lens
-        if inp.block_table is not None:
-            kw["block_table"] = inp.block_table
+        kw = inp.index_kwargs()
         outs = [cp.empty_like(x) for x in inp.q]
         t16 = graph_time(lambda i: cupy_lean.attention(inp.q[i], inp.k[i], inp.v[i], out=outs[i], **kw), n_copies)
         # e5m2 bytes of the same values are the high bytes of fp16; timed as e4m3 (same bytes read)

@@ -32,11 +32,7 @@ def main():
 
     case = next(c for c in F.draw(a.family, a.seed) if c.name.startswith(a.case + "_"))
     inp = C.build_inputs(case, a.dtype, 1)
-    kw = {}
-    if inp.kv_lens is not None:
-        kw["kv_lens"] = inp.kv_lens
-    if inp.block_table is not None:
-        kw["block_table"] = inp.block_table
+    kw = inp.index_kwargs()
     out = cp.empty_like(inp.q[0])
     p = cupy_lean.plan(inp.q[0], inp.k[0], inp.v[0], out=out, **kw)
     print(case.name, f"{case.kv_bytes() / 1e6:.1f} MB")
