@@ -476,6 +476,8 @@ class Plan:
         ptrs = tuple(0 if x is None or isinstance(x, float) else x.data.ptr for x in arrays)
         values = tuple(x if isinstance(x, float) else 1.0 for x in arrays[1:])
         return ptrs + values, arrays
+
+    def _lse_ok(self, lse):
         """lse can be written in place: float32, (batch, heads_q), C-contiguous."""
         return (lse.shape == self.lse_shape and lse.dtype == np.float32
                 and lse.flags.c_contiguous)

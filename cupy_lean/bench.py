@@ -32,9 +32,11 @@ def graph_time(call, n_copies, repeats=7, n_calls=None):
         call(0)
         stream.synchronize()
         stream.begin_capture()
-        for i in range(n_calls):
-            call(i % n_copies)
-        graph = stream.end_capture()
+        try:
+            for i in range(n_calls):
+                call(i % n_copies)
+        finally:
+            graph = stream.end_capture()  # a capture left open would break every later call
         graph.launch(stream)
         stream.synchronize()
         times = []

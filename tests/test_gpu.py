@@ -345,8 +345,10 @@ def test_cuda_graph_with_changing_lengths():
         cupy_lean.attention(qd, kd, vd, kv_lens=dl, block_table=td, out=out, validate=False)
         stream.synchronize()
         stream.begin_capture()
-        cupy_lean.attention(qd, kd, vd, kv_lens=dl, block_table=td, out=out, validate=False)
-        graph = stream.end_capture()
+        try:
+            cupy_lean.attention(qd, kd, vd, kv_lens=dl, block_table=td, out=out, validate=False)
+        finally:
+            graph = stream.end_capture()
         for new in ([3000, 17, 0, 1200], [1, 2999, 640, 0], [0, 0, 0, 0], [2048, 2048, 1, 1199]):
             new = np.minimum(np.asarray(new), owned).astype(np.int32)
             dl[...] = cp.asarray(new)

@@ -84,8 +84,10 @@ def _capture(call):
         call()
         s.synchronize()
         s.begin_capture()
-        call()
-        g = s.end_capture()
+        try:
+            call()
+        finally:
+            g = s.end_capture()  # also when call() raised: a capture left open breaks every later test
     s.synchronize()
     del s
     return g
