@@ -54,8 +54,9 @@ constexpr bool HAS_SOFTCAP = (LEAN_FEATURES & 2) != 0;  // scores soft-capped: c
 constexpr bool HAS_WINDOW = (LEAN_FEATURES & 4) != 0;   // the query sees its last window_left + 1 keys
 constexpr bool HAS_QLEN = (LEAN_FEATURES & 8) != 0;     // q_len query tokens per sequence, causal
 // fp8 K and V (e4m3 or e5m2 bytes, one scale per KV head): copied to the ring
-// as bytes, converted to the compute type in shared memory, scales folded into
-// the score scale (K) and the final normalisation (V).
+// as bytes (swz8 layout), read by the MMA warps straight from the ring and
+// converted to the compute type in registers; scales folded into the score
+// scale (K) and the final normalisation (V).
 constexpr bool FP8_E4M3 = (LEAN_FEATURES & 16) != 0;
 constexpr bool FP8_E5M2 = (LEAN_FEATURES & 32) != 0;
 constexpr bool HAS_FP8 = FP8_E4M3 || FP8_E5M2;
@@ -99,7 +100,10 @@ struct SharedLayout {
   static constexpr int OFF_LENS = OFF_STATS + STATS;
   static constexpr int OFF_MISC = OFF_LENS + LENS_CACHE * 4;
   static constexpr int MISC_INTS = 64;
-  static constexpr int OFF_CONV = OFF_MISC + MISC_INTS * 4;  // HAS_FP8: the tile converted for the MMAs
+  // HAS_FP8: scratch of TILE * D floats for store_segment and reduce_unit (a
+  // ring stage of bytes is too small for it, and the other stages hold loads
+  // in flight).
+  static constexpr int OFF_CONV = OFF_MISC + MISC_INTS * 4;
   static constexpr int CONV = HAS_FP8 ? 2 * TILE * D * 2 : 0;
   static constexpr int BYTES = OFF_CONV + CONV;
 };
@@ -113,11 +117,10 @@ static_assert(LENS_CACHE == LEAN_HOST_LENS_CACHE, "length cache differs from ker
 struct Shared {
   unsigned char* base;
   __device__ u16* kv(int stage) const { return reinterpret_cast<u16*>(base + stage * SharedLayout::KV_STAGE); }
-  // K then V of the tile the MMAs read: the ring stage, or (HAS_FP8) the converted copy.
-  __device__ u16* mma_kv(int stage) const {
-    return HAS_FP8 ? reinterpret_cast<u16*>(base + SharedLayout::OFF_CONV) : kv(stage);
+  // TILE * D floats of scratch once a stage is consumed: that stage, or (HAS_FP8) the scratch region.
+  __device__ float* scratch(int stage) const {
+    return reinterpret_cast<float*>(HAS_FP8 ? base + SharedLayout::OFF_CONV : base + stage * SharedLayout::KV_STAGE);
   }
-  __device__ float* scratch(int stage) const { return reinterpret_cast<float*>(mma_kv(stage)); }  // TILE * D floats
   __device__ u16* q(int slot) const { return reinterpret_cast<u16*>(base + SharedLayout::OFF_Q) + slot * ROWS_Q * D; }
   __device__ unsigned char* mask(int stage) const { return base + SharedLayout::OFF_MASK + stage * TILE; }
   __device__ float* stat_m() const { return reinterpret_cast<float*>(base + SharedLayout::OFF_STATS); }
@@ -131,6 +134,16 @@ enum Misc { MISC_START_SEQ = 32, MISC_START_TILE = 33, MISC_LAST = 34, MISC_FIRS
 // Element offset of 16-byte chunk `ch` of row `r` in a [rows][D] tile, XOR
 // swizzled so that ldmatrix rows of one column hit distinct banks.
 __device__ __forceinline__ int swz(int r, int ch) { return r * D + ((ch ^ (r & 7)) << 3); }
+// HAS_FP8: byte offset of 16-byte chunk `ch` of row `r` in a [rows][D]-byte
+// tile. The chunk index is XORed with the row's 128-byte line (rows / line:
+// 128 / D at D = 64), so that the same chunk of 8 consecutive rows lies in 8
+// distinct 16-byte bank groups: a K word read per (row, chunk) by 8 x 4 lanes
+// and an ldmatrix of 8 rows are both conflict-free.
+constexpr int FP8_ROWS_PER_LINE = D >= 128 ? 1 : 128 / D;
+constexpr int FP8_SWZ_MASK = (KCPR < 8 ? KCPR : 8) - 1;
+__device__ __forceinline__ int swz8(int r, int ch) {
+  return r * D + ((ch ^ ((r / FP8_ROWS_PER_LINE) & FP8_SWZ_MASK)) << 4);
+}
 
 // ============================================================= 2. parameters
 
@@ -214,7 +227,7 @@ __device__ __forceinline__ int clamp_len(int x, int cap) { return min(max(x, 0),
 // (HAS_QLEN; row r is token r / group, head r % group of the unit).
 __device__ __forceinline__ int unit_rows(const Params& p) { return HAS_QLEN ? p.q_len * p.group : p.group; }
 __device__ __forceinline__ int row_token(const Params& p, int r) { return HAS_QLEN ? r / p.group : 0; }
-// HAS_FP8: the converted tile holds stored / 256 (e4m3, see convert_tile) or
+// HAS_FP8: the converted operands hold stored / 256 (e4m3, see fp8x2_to_f16x2) or
 // stored (e5m2); these restore the scale and apply the KV head's k_scale /
 // v_scale (1 without fp8).
 constexpr float FP8_UNIT = FP8_E4M3 ? 256.f : 1.f;
@@ -801,8 +814,8 @@ struct KVLoader {
       }
       koff += (i64)s.h * p.k_sh + ch * (16 / KV_ELEM);  // elements
       voff += (i64)s.h * p.v_sh + ch * (16 / KV_ELEM);
-      // fp16/bf16: swizzled for ldmatrix; fp8: row-major bytes (convert_tile reads them)
-      const int so = HAS_FP8 ? r * D + ch * 16 : 2 * swz(r, ch);
+      // fp16/bf16: swizzled for ldmatrix; fp8: bytes, swizzled by swz8
+      const int so = HAS_FP8 ? swz8(r, ch) : 2 * swz(r, ch);
       cp_async16_stream(smem_u32(ks + so), ok ? (const void*)(kg + koff * KV_ELEM) : (const void*)kg, ok ? 16 : 0,
                         policy);
       cp_async16_stream(smem_u32(vs + so), ok ? (const void*)(vg + voff * KV_ELEM) : (const void*)vg, ok ? 16 : 0,
@@ -825,43 +838,41 @@ struct LoadCursor {
   }
 };
 
-// HAS_FP8: two fp8 values (bytes 0, 1 or 2, 3 of w) as a pair of fp16 words.
-// e5m2 is the high byte of the fp16 of the same value. e4m3 (4 exponent
-// bits, bias 7; 3 mantissa bits) moved into fp16's fields keeps its exponent
-// field and mantissa bits, which reads as the value / 256 for normal and
-// subnormal numbers alike (exact: the bias differs by 8); k_multiplier and
-// v_multiplier restore the 256. e4m3's NaN bytes (0x7F, 0xFF) read as +-480
-// (the format has no infinity; caches do not hold NaN).
-template <int HALF>
+// HAS_FP8: two fp8 values (bytes B0 and B1 of w) as a pair of fp16 words (B0
+// in the low half). e5m2 is the high byte of the fp16 of the same value. e4m3
+// (4 exponent bits, bias 7; 3 mantissa bits) moved into fp16's fields keeps
+// its exponent field and mantissa bits, which reads as the value / 256 for
+// normal and subnormal numbers alike (exact: the bias differs by 8);
+// k_multiplier and v_multiplier restore the 256. e4m3's NaN bytes (0x7F, 0xFF)
+// read as +-480 (the format has no infinity; caches do not hold NaN).
+template <int B0, int B1>
 __device__ __forceinline__ u32 fp8x2_to_f16x2(u32 w) {
-  const u32 t = __byte_perm(w, 0u, HALF ? 0x3424 : 0x1404);  // each byte b as b << 8 in its 16-bit half
+  const u32 t = __byte_perm(w, 0u, (B1 << 12) | (4 << 8) | (B0 << 4) | 4);  // byte b as b << 8 in its half
   return FP8_E5M2 ? t : ((t & 0x80008000u) | ((t & 0x7F007F00u) >> 1));
 }
-template <int HALF>
+template <int B0, int B1>
 __device__ __forceinline__ u32 fp8x2_to_mma(u32 w) {
-  const u32 h = fp8x2_to_f16x2<HALF>(w);
+  const u32 h = fp8x2_to_f16x2<B0, B1>(w);
   if (!BF) return h;
   return pack2<true>(to_float<false>((u16)(h & 0xFFFFu)), to_float<false>((u16)(h >> 16)));  // exact
 }
 
-// HAS_FP8: the ring stage's fp8 K and V (row-major bytes) into the MMA tile
-// (fp16/bf16, swizzled as the loader writes non-fp8 tiles). All threads; the
-// caller synchronises before the MMAs read it.
-__device__ __forceinline__ void convert_tile(const Shared& sh, int stage) {
-  const unsigned char* src = reinterpret_cast<const unsigned char*>(sh.kv(stage));
-  u16* dst = sh.mma_kv(stage);
-  for (int e = threadIdx.x; e < 2 * TILE * KCPR; e += NT) {
-    const int kv = e / (TILE * KCPR), r = (e / KCPR) % TILE, c = e % KCPR;
-    const uint4 x = *reinterpret_cast<const uint4*>(src + (kv * TILE + r) * D + c * 16);
-    uint4 lo, hi;
-    lo.x = fp8x2_to_mma<0>(x.x); lo.y = fp8x2_to_mma<1>(x.x);
-    lo.z = fp8x2_to_mma<0>(x.y); lo.w = fp8x2_to_mma<1>(x.y);
-    hi.x = fp8x2_to_mma<0>(x.z); hi.y = fp8x2_to_mma<1>(x.z);
-    hi.z = fp8x2_to_mma<0>(x.w); hi.w = fp8x2_to_mma<1>(x.w);
-    u16* d = dst + kv * TILE * D;
-    *reinterpret_cast<uint4*>(d + swz(r, 2 * c)) = lo;
-    *reinterpret_cast<uint4*>(d + swz(r, 2 * c + 1)) = hi;
+// Column of the first of the two accumulator values acc[x][2 hf + {0, 1}] that
+// this lane's accumulator pair x stands for, and those two values.
+// fp16/bf16: n8 block x holds columns 8x + 2 (lane % 4) + {0, 1}.
+// HAS_FP8 (accumulate_pv): blocks 2j and 2j + 1 hold the even and odd columns
+// of columns [16j, 16j + 16), so this lane holds 16j + 4 (lane % 4) + {0..3}:
+// pair 2j is columns + {0, 1}, pair 2j + 1 columns + {2, 3}.
+__device__ __forceinline__ int acc_pair(const float (&acc)[D / 8][4], int x, int hf, int lane, float (&v)[2]) {
+  if (!HAS_FP8) {
+    v[0] = acc[x][2 * hf];
+    v[1] = acc[x][2 * hf + 1];
+    return x * 8 + (lane & 3) * 2;
   }
+  const int j = x >> 1, e = x & 1;
+  v[0] = acc[2 * j][2 * hf + e];
+  v[1] = acc[2 * j + 1][2 * hf + e];
+  return 16 * j + 4 * (lane & 3) + 2 * e;
 }
 
 // S = Q K^T of this warp's 16 rows and TW tokens, masked (past the unit's
@@ -888,8 +899,28 @@ __device__ __forceinline__ void tile_scores(const Params& p, const Shared& sh, c
   }
 #pragma unroll
   for (int x = 0; x < TW / 8; ++x) s[x][0] = s[x][1] = s[x][2] = s[x][3] = 0.f;
+  if (HAS_FP8) {
+    // fp8 K straight from the ring: in each 16-wide step kk the MMA's k indices
+    // {2q, 2q+1, 2q+8, 2q+9} (q = lane % 4) are mapped to columns 16kk + 4q +
+    // {0..3} of q and K alike (a dot product does not depend on the order of
+    // its terms), so that one 32-bit read of a K row gives both B registers
+    // and one 64-bit read of a q row both A registers of that row.
+    const unsigned char* kb = reinterpret_cast<const unsigned char*>(ks);
+    const int q4 = lane & 3, rq = wm * 16 + (lane >> 2);
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
+    for (int kk = 0; kk < D / 16; ++kk) {
+      const int qo = swz(rq, 2 * kk + (q4 >> 1)) + (q4 & 1) * 4;
+      const uint2 top = *reinterpret_cast<const uint2*>(qs + qo);
+      const uint2 bot = *reinterpret_cast<const uint2*>(qs + qo + 8 * D);  // row rq + 8: same chunk swizzle
+#pragma unroll
+      for (int nb = 0; nb < TW / 8; ++nb) {
+        const u32 w = *reinterpret_cast<const u32*>(kb + swz8(tokw + nb * 8 + (lane >> 2), kk) + 4 * q4);
+        mma16816<BF>(s[nb], top.x, bot.x, top.y, bot.y, fp8x2_to_mma<0, 1>(w), fp8x2_to_mma<2, 3>(w));
+      }
+    }
+  }
+#pragma unroll
+  for (int kk = 0; kk < (HAS_FP8 ? 0 : D / 16); ++kk) {
     u32 a0, a1, a2, a3;
     ldsm_x4(a0, a1, a2, a3, smem_u32(qs + swz(wm * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, kk * 2 + (lane >> 4))));
 #pragma unroll
@@ -918,6 +949,10 @@ __device__ __forceinline__ void tile_scores(const Params& p, const Shared& sh, c
 }
 
 // acc += P V for this warp's rows and tokens (P: the probabilities in s).
+// HAS_FP8: V bytes straight from the ring. An ldmatrix.trans of 16-bit
+// elements gives a lane the byte pairs (columns 2n, 2n + 1) of two tokens;
+// the even bytes form the B operand of the even columns, the odd bytes that
+// of the odd columns (see acc_pair for where each column lands).
 __device__ __forceinline__ void accumulate_pv(WarpState& st, const float (&s)[TW / 8][4], const u16* vs) {
   const int lane = threadIdx.x & 31, tokw = ((threadIdx.x >> 5) % WN) * TW;
 #pragma unroll
@@ -926,6 +961,20 @@ __device__ __forceinline__ void accumulate_pv(WarpState& st, const float (&s)[TW
     const u32 p1 = pack2<BF>(s[2 * kb][2], s[2 * kb][3]);
     const u32 p2 = pack2<BF>(s[2 * kb + 1][0], s[2 * kb + 1][1]);
     const u32 p3 = pack2<BF>(s[2 * kb + 1][2], s[2 * kb + 1][3]);
+    if (HAS_FP8) {
+      const unsigned char* vb = reinterpret_cast<const unsigned char*>(vs);
+      const int mi = lane >> 3;  // matrix: tokens + 8 (mi & 1), chunk + 1 (mi >> 1)
+#pragma unroll
+      for (int c2 = 0; c2 < D / 32; ++c2) {
+        u32 r0, r1, r2, r3;
+        ldsm_x4_t(r0, r1, r2, r3, smem_u32(vb + swz8(tokw + kb * 16 + (mi & 1) * 8 + (lane & 7), 2 * c2 + (mi >> 1))));
+        mma16816<BF>(st.acc[4 * c2], p0, p1, p2, p3, fp8x2_to_mma<0, 2>(r0), fp8x2_to_mma<0, 2>(r1));
+        mma16816<BF>(st.acc[4 * c2 + 1], p0, p1, p2, p3, fp8x2_to_mma<1, 3>(r0), fp8x2_to_mma<1, 3>(r1));
+        mma16816<BF>(st.acc[4 * c2 + 2], p0, p1, p2, p3, fp8x2_to_mma<0, 2>(r2), fp8x2_to_mma<0, 2>(r3));
+        mma16816<BF>(st.acc[4 * c2 + 3], p0, p1, p2, p3, fp8x2_to_mma<1, 3>(r2), fp8x2_to_mma<1, 3>(r3));
+      }
+      continue;
+    }
 #pragma unroll
     for (int db2 = 0; db2 < D / 16; ++db2) {
       u32 b0, b1, b2, b3;
@@ -955,8 +1004,9 @@ __device__ void store_segment(const Params& p, const Shared& sh, const Segment& 
       if (rows[hf] >= g) continue;
 #pragma unroll
       for (int x = 0; x < D / 8; ++x) {
-        const float v[2] = {st.acc[x][2 * hf], st.acc[x][2 * hf + 1]};
-        emit<2>(p, ps, s.b, s.h, rows[hf], x * 8 + (lane & 3) * 2, v, st.m[hf], lq[hf], s.partial, slot);
+        float v[2];
+        const int col = acc_pair(st.acc, x, hf, lane, v);
+        emit<2>(p, ps, s.b, s.h, rows[hf], col, v, st.m[hf], lq[hf], s.partial, slot);
       }
     }
     return;
@@ -982,9 +1032,10 @@ __device__ void store_segment(const Params& p, const Shared& sh, const Segment& 
     const float f = merge_weight(st.m[hf], M);
 #pragma unroll
     for (int x = 0; x < D / 8; ++x) {
-      const int f2 = x * 4 + (lane & 3);  // float2 index within the row, swizzled below
-      *reinterpret_cast<float2*>(mine + row * D + 2 * (f2 ^ ((row & 7) << 2))) =
-          make_float2(st.acc[x][2 * hf] * f, st.acc[x][2 * hf + 1] * f);
+      float v[2];
+      const int col = acc_pair(st.acc, x, hf, lane, v);
+      const int f2 = HAS_FP8 ? col >> 1 : x * 4 + (lane & 3);  // float2 index within the row, swizzled below
+      *reinterpret_cast<float2*>(mine + row * D + 2 * (f2 ^ ((row & 7) << 2))) = make_float2(v[0] * f, v[1] * f);
     }
   }
   __syncthreads();
@@ -1088,15 +1139,11 @@ __device__ void attention_cta(const Params& p) {
       }
       cp_async_commit();
       const int stage = i % STAGES;
-      if (HAS_FP8) {
-        convert_tile(sh, stage);
-        __syncthreads();
-      }
       float s[TW / 8][4];
-      tile_scores(p, sh, sh.q(seg.ordinal % STAGES), sh.mma_kv(stage), stage,
+      tile_scores(p, sh, sh.q(seg.ordinal % STAGES), sh.kv(stage), stage,
                   min(TILE, seg.len - (seg.start + t * TILE)), seg.start + t * TILE, seg.len, nq, kmul, s);
       st.absorb(s);
-      accumulate_pv(st, s, sh.mma_kv(stage) + TILE * D);
+      accumulate_pv(st, s, sh.kv(stage) + TILE * D * KV_ELEM / 2);
     }
     finish_segment(p, sh, sk, seg, st, (i - 1) % STAGES);
   }

@@ -246,8 +246,9 @@ def test_feature_specs_compile(spec, arch):
 
 
 def test_fp8_specs_hold_bytes_in_the_ring():
-    """An fp8 spec's ring holds K/V as bytes plus one converted fp16 tile:
-    never more shared memory than the fp16 spec of the same tile and stages."""
+    """An fp8 spec's ring holds K/V as bytes (the MMAs read them there) plus
+    a scratch of TILE x D floats for the segment stores and reductions: never
+    more shared memory than the fp16 spec of the same tile and stages."""
     for d, tile, stages in ((64, 128, 4), (128, 128, 3), (256, 64, 2)):
         plain = K.Spec("f16", d, 1, tile, stages, False)
         for bit in K.FP8_FEATURES.values():

@@ -391,6 +391,34 @@ def test_gpu_fp8_cache_matches_the_reference(fmt, layout, sched, dt):
                     2e-3 * max(1.0, np.abs(rl[fin]).max()))
 
 
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("hq,hkv", [(6, 2), (20, 1), (50, 1)])
+@pytest.mark.parametrize("dt", ["float16", "bfloat16"])
+@pytest.mark.parametrize("layout,tile", [("dense", None), ("paged", 32)])
+def test_gpu_fp8_every_head_dim_and_query_tiles(d, hq, hkv, dt, layout, tile):
+    """fp8 K/V (e4m3, one scale per KV head) at every head_dim with 1, 2 and 4
+    query tiles per unit: the MMAs read the bytes straight from the ring, so
+    each head_dim's byte swizzle and each warp layout is exercised; a grid
+    that cuts units (partial states merged), a default and an explicit tile;
+    NaN-prefilled outputs and lse against the float64 reference."""
+    rng = np.random.default_rng(13 * d + hq + (tile or 0))
+    lens = [2049, 1, 0, 333, 130]
+    q, k, v, L, table = make_inputs(rng, len(lens), hq, hkv, d, np.float16, lens, layout, page_size=16)
+    npdt = np.float16 if dt == "float16" else BF16
+    k8, ku8, ks = _fp8_cache(rng, k, "e4m3", True)
+    v8, vu8, vs = _fp8_cache(rng, v, "e4m3", True)
+    qd = (q * 2.0).astype(npdt)
+    ro, rl = reference.attention(qd, k8, v8, kv_lens=L, block_table=table, k_scale=ks, v_scale=vs)
+    out = _nan_like(q.shape, npdt)
+    lse = cp.full(q.shape[:2], cp.nan, dtype=cp.float32)
+    cupy_lean.attention(to_gpu(qd), cp.asarray(ku8), cp.asarray(vu8), kv_lens=cp.asarray(L), block_table=to_gpu(table),
+                        kv_dtype="e4m3", k_scale=cp.asarray(ks), v_scale=cp.asarray(vs), num_ctas=23,
+                        tile_size=tile, out=out, lse=lse)
+    fin = np.isfinite(rl)
+    _assert_out_lse(out, lse, ro, rl, (4e-3 if dt == "float16" else 2e-2) * max(1.0, np.abs(ro).max()),
+                    2e-3 * max(1.0, np.abs(rl[fin]).max()))
+
+
 def test_gpu_fp8_with_query_tokens_window_sinks_plans_and_graphs():
     """fp8 with several query tokens, a window and sinks; a plan run twice
     with other scales; a CUDA graph replay; errors name the argument."""

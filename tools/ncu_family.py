@@ -4,7 +4,7 @@ stalls, grid).
 
     ncu --kernel-name regex:lean_ --launch-skip 3 --launch-count 1 \\
         --section SpeedOfLight --section LaunchStats --section WarpStateStats \\
-        python tools/ncu_family.py --seed S --family N --case f12 [--dtype float16]
+        python tools/ncu_family.py --seed S --family N --case f12 [--dtype float16] [--fp8]
 
 Runs the case's default plan four times (the first compiles); profile the
 fourth launch.
@@ -23,6 +23,7 @@ def main():
     ap.add_argument("--family", type=int, required=True)
     ap.add_argument("--case", required=True, help="name prefix, e.g. f12")
     ap.add_argument("--dtype", default="float16")
+    ap.add_argument("--fp8", action="store_true", help="K/V as e4m3 bytes (the high bytes of the fp16 cache)")
     a = ap.parse_args()
     import cupy as cp
 
@@ -34,6 +35,10 @@ def main():
     inp = C.build_inputs(case, a.dtype, 1)
     kw = inp.index_kwargs()
     out = cp.empty_like(inp.q[0])
+    if a.fp8:
+        inp.k[0] = cp.ascontiguousarray(inp.k[0].view(cp.uint8)[..., 1::2])
+        inp.v[0] = cp.ascontiguousarray(inp.v[0].view(cp.uint8)[..., 1::2])
+        kw["kv_dtype"] = "e4m3"
     p = cupy_lean.plan(inp.q[0], inp.k[0], inp.v[0], out=out, **kw)
     print(case.name, f"{case.kv_bytes() / 1e6:.1f} MB")
     print(p.describe())
