@@ -227,10 +227,17 @@ __device__ __forceinline__ int clamp_len(int x, int cap) { return min(max(x, 0),
 // (HAS_QLEN; row r is token r / group, head r % group of the unit).
 __device__ __forceinline__ int unit_rows(const Params& p) { return HAS_QLEN ? p.q_len * p.group : p.group; }
 __device__ __forceinline__ int row_token(const Params& p, int r) { return HAS_QLEN ? r / p.group : 0; }
-// HAS_FP8: the converted operands hold stored / 256 (e4m3, see fp8x2_to_f16x2) or
+// HAS_FP8: the converted operands hold stored / 256 (e4m3 before sm_89, see fp8x2_to_f16x2) or
 // stored (e5m2); these restore the scale and apply the KV head's k_scale /
 // v_scale (1 without fp8).
-constexpr float FP8_UNIT = FP8_E4M3 ? 256.f : 1.f;
+// sm_89 and later convert e4m3 pairs in hardware (exact values, NaN bytes to
+// NaN); earlier GPUs move the bits (value / 256, see fp8x2_to_f16x2).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+constexpr bool FP8_HW_CVT = true;
+#else
+constexpr bool FP8_HW_CVT = false;
+#endif
+constexpr float FP8_UNIT = (FP8_E4M3 && !FP8_HW_CVT) ? 256.f : 1.f;
 __device__ __forceinline__ float k_multiplier(const Params& p, int h) {
   return HAS_FP8 ? FP8_UNIT * (p.k_scale != nullptr ? p.k_scale[h] : p.k_scale_value) : 1.f;
 }
@@ -844,9 +851,18 @@ struct LoadCursor {
 // its exponent field and mantissa bits, which reads as the value / 256 for
 // normal and subnormal numbers alike (exact: the bias differs by 8);
 // k_multiplier and v_multiplier restore the 256. e4m3's NaN bytes (0x7F, 0xFF)
-// read as +-480 (the format has no infinity; caches do not hold NaN).
+// read as +-480 there (the format has no infinity; caches do not hold NaN).
+// FP8_HW_CVT: e4m3 by the hardware conversion (one instruction a pair;
+// exact, NaN bytes to NaN).
 template <int B0, int B1>
 __device__ __forceinline__ u32 fp8x2_to_f16x2(u32 w) {
+  if (FP8_E4M3 && FP8_HW_CVT) {
+    const u16 pair = (B1 == B0 + 1 && B0 % 2 == 0) ? (u16)(w >> (8 * B0))  // a half of w as it is
+                                                   : (u16)__byte_perm(w, 0u, B0 | (B1 << 4));
+    u32 r;
+    asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(r) : "h"(pair));
+    return r;
+  }
   const u32 t = __byte_perm(w, 0u, (B1 << 12) | (4 << 8) | (B0 << 4) | 4);  // byte b as b << 8 in its half
   return FP8_E5M2 ? t : ((t & 0x80008000u) | ((t & 0x7F007F00u) >> 1));
 }
