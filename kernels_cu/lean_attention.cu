@@ -24,7 +24,8 @@
 //   LEAN_BF (0 fp16, 1 bf16), LEAN_D (64/128/256), LEAN_MT (16-row query tiles
 //   per unit), LEAN_TILE (tokens per tile), LEAN_STAGES (cp.async depth),
 //   LEAN_PAGED (0 dense, 1 paged), LEAN_FEATURES (optional semantics, a bit
-//   mask: 1 sinks, 2 soft-cap, 4 sliding window), LEAN_ENTRY / LEAN_COMBINE_ENTRY /
+//   mask: 1 sinks, 2 soft-cap, 4 sliding window, 8 query tokens, 16 / 32 fp8
+//   e4m3 / e5m2 K/V), LEAN_ENTRY / LEAN_COMBINE_ENTRY /
 //   LEAN_DUMP_ENTRY (entry names), and LEAN_HOST_* (the host's view of the
 //   layouts, cross-checked below by static_assert).
 
@@ -74,7 +75,7 @@ constexpr int WN = imin(imax(1, 4 / MT) * ((MT == 1 && TILE >= 128) ? 2 : 1),
 constexpr int NW = WM * WN;
 constexpr int NT = NW * 32;
 constexpr int TW = TILE / WN;  // tokens per warp per tile
-constexpr int CPR = D / 8;     // 16-byte chunks per row of fp16/bf16 (q, and the K/V the MMAs read)
+constexpr int CPR = D / 8;     // 16-byte chunks per row of fp16/bf16 (q, and fp16/bf16 K/V in the ring)
 constexpr int KV_ELEM = HAS_FP8 ? 1 : 2;  // bytes per K/V element in global memory and in the ring
 constexpr int KCPR = D * KV_ELEM / 16;    // 16-byte chunks per K/V row in global memory
 constexpr int ROWS_Q = MT * 16;
@@ -86,7 +87,7 @@ static_assert(TILE == 16 || TILE == 32 || TILE == 64 || TILE == 128, "TILE");
 static_assert(STAGES >= 2 && STAGES <= 6, "STAGES");
 static_assert(TW % 16 == 0, "tokens per warp");
 static_assert(NT % CPR == 0 && NT % KCPR == 0, "loader mapping");
-static_assert(WN == 1 || WN * ROWS_Q <= TILE, "the warp-merge scratch fits in one K/V stage");
+static_assert(WN == 1 || WN * ROWS_Q <= TILE, "the warp-merge scratch fits in one K/V stage (fp8: the scratch region)");
 
 // Shared storage, in bytes: [K/V ring][Q ring][page mask][warp stats][lengths][scan scratch].
 struct SharedLayout {
@@ -501,7 +502,8 @@ __device__ void emit_empty_rows(const Params& p, int b, int h, int row0, int n) 
 
 // One warp's softmax state over its 16 query rows and TW tokens per tile, in
 // the mma.m16n8k16 fragment layout: this thread holds rows r0 = lane / 4 and
-// r0 + 8 (index `half` 0 / 1), columns (lane % 4) * 2 + {0, 1} of every 8.
+// r0 + 8 (index `half` 0 / 1), columns (lane % 4) * 2 + {0, 1} of every 8
+// (HAS_FP8: of the even / odd columns of every 16, see acc_pair).
 struct WarpState {
   float acc[D / 8][4];  // unnormalised output
   float m[2];           // running max (base-2 logits)
@@ -851,7 +853,8 @@ struct LoadCursor {
 // its exponent field and mantissa bits, which reads as the value / 256 for
 // normal and subnormal numbers alike (exact: the bias differs by 8);
 // k_multiplier and v_multiplier restore the 256. e4m3's NaN bytes (0x7F, 0xFF)
-// read as +-480 there (the format has no infinity; caches do not hold NaN).
+// read as +-480 there, and as NaN with the hardware conversion (the format has
+// no infinity; caches do not hold NaN).
 // FP8_HW_CVT: e4m3 by the hardware conversion (one instruction a pair;
 // exact, NaN bytes to NaN).
 template <int B0, int B1>
@@ -1006,7 +1009,7 @@ __device__ __forceinline__ void accumulate_pv(WarpState& st, const float (&s)[TW
 // partial slot. With WN == 1 each warp owns whole rows and writes from
 // registers; otherwise the WN token-slices of each row are merged through
 // shared memory (`scr`, the K/V stage just consumed: no load targets it before
-// the next iteration's barrier) in warp order.
+// the next iteration's barrier; HAS_FP8: the scratch region) in warp order.
 __device__ void store_segment(const Params& p, const Shared& sh, const Segment& s, const WarpState& st, int slot,
                               float* scr) {
   const int g = unit_rows(p);
