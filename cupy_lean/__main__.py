@@ -132,7 +132,9 @@ def schedule_cmd(argv=None):
     mb = TUNING["merge_balance"] if args.merge_balance is None else args.merge_balance
     s = lean_schedule(args.lens, args.heads_kv, tile_size=spec.tile, num_ctas=num_ctas, merge_balance=mb,
                       state_rows=16 * spec.m_tiles)
-    src = (f"--num-ctas {args.num_ctas}" if args.num_ctas is not None else f"{cps} CTA(s) per SM on {args.sms} SMs"
+    src = (f"--num-ctas {args.num_ctas}" if args.num_ctas is not None
+           else f"{cps} CTA(s) per SM on {args.sms} SMs"
+           + (" (--sms default: an H100's / H200's)" if args.sms == H100_SMS else "")
            ) + f", tile {spec.tile}, merge balance {mb}"
     print(f"(grid: {num_ctas} CTAs, {src})")
     print(s.describe(grid_note=src))
