@@ -23,6 +23,7 @@ import dataclasses
 import enum
 import functools
 import hashlib
+import os
 import pathlib
 
 from . import _cache
@@ -367,10 +368,19 @@ def shipped_specs():
     return out
 
 
+#: Environment variable: "1" compiles fp8 specs with the e4m3 conversion of
+#: GPUs before sm_89 (bit moves) on every GPU, so that a newer GPU can test
+#: that path; read when a spec is compiled (once per spec and process).
+FP8_BITMOVES_ENV = "CUPY_LEAN_FP8_BITMOVES"
+
+
 def compile_options(spec: Spec | None):
     """NVRTC options of a spec (None: the helper module)."""
     _, h = _sources()
     opts = ["-std=c++17", f"-I{kernel_dir()}", f"-DLEAN_SRC_HASH={h}"]
+    fp8 = spec is not None and bool(spec.features & (FEATURES["fp8_e4m3"] | FEATURES["fp8_e5m2"]))
+    if fp8 and os.environ.get(FP8_BITMOVES_ENV) == "1":
+        opts.append("-DLEAN_FP8_BITMOVES=1")
     if spec is not None:
         opts += [
             f"-DLEAN_BF={1 if spec.dtype == 'bf16' else 0}",

@@ -232,8 +232,9 @@ __device__ __forceinline__ int row_token(const Params& p, int r) { return HAS_QL
 // stored (e5m2); these restore the scale and apply the KV head's k_scale /
 // v_scale (1 without fp8).
 // sm_89 and later convert e4m3 pairs in hardware (exact values, NaN bytes to
-// NaN); earlier GPUs move the bits (value / 256, see fp8x2_to_f16x2).
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+// NaN); earlier GPUs move the bits (value / 256, see fp8x2_to_f16x2), and so
+// does every GPU with LEAN_FP8_BITMOVES (kernels.FP8_BITMOVES_ENV, for tests).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890 && !defined(LEAN_FP8_BITMOVES)
 constexpr bool FP8_HW_CVT = true;
 #else
 constexpr bool FP8_HW_CVT = false;

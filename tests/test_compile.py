@@ -261,3 +261,30 @@ def test_feature_bits_name_the_spec():
     assert K.make_spec("f16", 128, 8, False).name.endswith("_dense")
     assert K.make_spec("f16", 128, 8, False, features=K.FEATURES["window"]).name.endswith("_dense_window")
     assert "-DLEAN_FEATURES=3" in K.compile_options(K.make_spec("f16", 128, 8, False, features=3))
+
+
+@needs_nvrtc
+def test_fp8_conversion_path_per_architecture(monkeypatch):
+    """e4m3 K/V: sm_90 converts with the hardware instruction, sm_80 moves
+    bits; FP8_BITMOVES_ENV compiles the bit moves for sm_90 too (so a newer
+    GPU can test that path), and leaves non-fp8 specs alone."""
+    from cupy.cuda import nvrtc
+
+    spec = K.make_spec("f16", 64, 20, True, features=K.FEATURES["fp8_e4m3"])
+
+    def ptx(arch):
+        prog = nvrtc.createProgram(K._source_of(spec), f"{spec.name}.cu", [], [])
+        try:
+            nvrtc.compileProgram(prog, list(K.compile_options(spec)) + [f"--gpu-architecture={arch}"])
+            out = nvrtc.getPTX(prog)
+        finally:
+            nvrtc.destroyProgram(prog)
+        return out.decode() if isinstance(out, bytes) else out
+
+    monkeypatch.delenv(K.FP8_BITMOVES_ENV, raising=False)
+    assert "cvt.rn.f16x2.e4m3x2" in ptx("compute_90")
+    assert "cvt.rn.f16x2.e4m3x2" not in ptx("compute_80")
+    monkeypatch.setenv(K.FP8_BITMOVES_ENV, "1")
+    assert "-DLEAN_FP8_BITMOVES=1" in K.compile_options(spec)
+    assert "-DLEAN_FP8_BITMOVES=1" not in K.compile_options(K.make_spec("f16", 64, 20, True))
+    assert "cvt.rn.f16x2.e4m3x2" not in ptx("compute_90")

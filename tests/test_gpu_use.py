@@ -419,6 +419,44 @@ def test_gpu_fp8_every_head_dim_and_query_tiles(d, hq, hkv, dt, layout, tile):
                     2e-3 * max(1.0, np.abs(rl[fin]).max()))
 
 
+def test_gpu_fp8_bit_move_conversion_in_a_fresh_process():
+    """The e4m3 conversion of GPUs before sm_89 (bit moves, value / 256 with
+    the 256 restored in the scales), forced on this GPU through
+    kernels.FP8_BITMOVES_ENV in a fresh process: every head_dim, 1 and 4 query
+    tiles, bf16 q, a grid that cuts units."""
+    import subprocess
+    import sys
+
+    script = r"""
+import numpy as np, cupy as cp, ml_dtypes, cupy_lean
+from cupy_lean import reference
+rng = np.random.default_rng(17)
+worst = 0.0
+for d, hq, hkv, dt in ((64, 20, 1, np.float16), (128, 8, 2, ml_dtypes.bfloat16), (256, 50, 1, np.float16)):
+    lens = np.array([1500, 0, 97, 640], np.int32)
+    q = rng.standard_normal((4, hq, d)).astype(dt)
+    k = rng.standard_normal((4, 1500, hkv, d)).astype(ml_dtypes.float8_e4m3fn)
+    v = rng.standard_normal((4, 1500, hkv, d)).astype(ml_dtypes.float8_e4m3fn)
+    out = cp.full(q.shape, cp.nan, dtype=q.dtype)
+    cupy_lean.attention(cp.asarray(q), cp.asarray(k.view(np.uint8)), cp.asarray(v.view(np.uint8)),
+                        kv_lens=cp.asarray(lens), kv_dtype="e4m3", k_scale=0.5, v_scale=2.0, num_ctas=23, out=out)
+    ref, _ = reference.attention(q, k, v, kv_lens=lens, k_scale=0.5, v_scale=2.0)
+    g = cp.asnumpy(out).astype(np.float64)
+    assert np.isfinite(g).all()
+    tol = (4e-3 if dt == np.float16 else 2e-2) * max(1.0, np.abs(ref).max())
+    err = float(np.abs(g - ref).max())
+    assert err < tol, (d, err, tol)
+print("ok")
+"""
+    from cupy_lean import kernels as K
+
+    env = dict(os.environ, **{K.FP8_BITMOVES_ENV: "1"})
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+
+
 def test_gpu_fp8_with_query_tokens_window_sinks_plans_and_graphs():
     """fp8 with several query tokens, a window and sinks; a plan run twice
     with other scales; a CUDA graph replay; errors name the argument."""
