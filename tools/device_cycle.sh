@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One build-test-measure cycle on a lent GPU machine, results under $OUT.
-# Usage: bash tools/device_cycle.sh STEPS...   (steps: precompile tests sanitize family-quick family)
+# Usage: bash tools/device_cycle.sh STEPS...   (steps: precompile tests sanitize fp8 family-quick family tune trees)
 #   precompile   every spec (and tile override) into CuPy's disk cache, in parallel
 #   tune         python -m bench.tune measure on FAMILY_N shapes of seed SEED -> $OUT/tune_SEED.json
 #   tests        the GPU test suite                    -> $OUT/gpu_tests.txt
 #   sanitize     tools/sanitize.sh                     -> $OUT/sanitize.txt
+#   fp8          tools/fp8_timing.py on FAMILY_N shapes of seed SEED -> $OUT/fp8_SEED.json
 #   family-quick lean only, this tree and .base/ (a copy of the package before
 #                the change, with this tree's bench/), FAMILY_N shapes, seed SEED
 #   family       the same with every peer on this tree (FlashInfer from .whl/ if carried)
@@ -47,6 +48,9 @@ for step in "$@"; do
       echo "tests: $(grep -E 'passed|failed|error' "$OUT/gpu_tests.txt" | tail -1)";;
     sanitize)
       bash tools/sanitize.sh /tmp/sanlogs > "$OUT/sanitize.txt" 2>&1; cat "$OUT/sanitize.txt";;
+    fp8)
+      python3 tools/fp8_timing.py --family "$N" --seed "$SEED" --out "$OUT/fp8_$SEED.json" > "$OUT/fp8_$SEED.txt" 2>&1
+      tail -1 "$OUT/fp8_$SEED.txt";;
     family-quick|family)
       methods=lean; [ "$step" = family ] && methods=${METHODS:-lean,sdpa-cudnn,sdpa-flash,flashinfer,flashinfer-tc}
       if [ -d .base ]; then
