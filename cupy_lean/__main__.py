@@ -106,7 +106,7 @@ def demo(argv=None):
 def _default_ctas_per_sm(spec):
     """CTAs per SM of the default lean grid without a device to ask (the
     occupancy taken as what the shared memory allows)."""
-    from .kernels import SMEM_OPTIN, TUNING, default_ctas_per_sm
+    from .kernels import SMEM_OPTIN, default_ctas_per_sm
 
     return default_ctas_per_sm(spec, max(1, (SMEM_OPTIN["sm_90"] + 1024) // (spec.smem_bytes + 1024)))
 

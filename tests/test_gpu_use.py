@@ -14,7 +14,7 @@ import pytest
 import cupy_lean
 from cupy_lean import reference
 
-from test_gpu import BF16, GPU, NUM_SMS, check_close, make_inputs, to_gpu
+from test_gpu import BF16, GPU, check_close, make_inputs, to_gpu
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not GPU, reason="needs a CUDA GPU")]
 
@@ -154,7 +154,6 @@ def test_graphs_captured_in_sequence():
 def _replay_and_compare(rng, item):
     g, c, out, lse, sched = item
     q, k, v, lens0, table = c["host"]
-    cap = k.shape[1] if table is None else table.shape[1] * k.shape[1]
     for attempt in range(2):
         new = _other_lengths(rng, lens0, int(lens0.max()), k.shape[1] if table is not None else None, table)
         c["lens"][...] = cp.asarray(new)

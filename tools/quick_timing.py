@@ -1,6 +1,6 @@
 """Quick device timing of lean / split / head on a few decode shapes: device
 time per call from CUDA-graph replays over rotating input copies (cold L2),
-plus host-side cost per call. Usage: python tools/quick_timing.py [--tiles 64,128]"""
+plus host-side cost per call. Usage: python tools/quick_timing.py [--variants 128:3:1,64:4:2] [--shapes NAME]"""
 
 import argparse
 import sys
@@ -59,13 +59,11 @@ def graph_time(fn, sets, reps=5):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--tiles", default="")
     p.add_argument("--shapes", default="")
     p.add_argument("--variants", default="", help="lean variants tile:stages:ctas_per_sm, comma-separated")
     p.add_argument("--no-baselines", action="store_true")
     p.add_argument("--no-host", action="store_true")
     args = p.parse_args()
-    tiles = [int(t) for t in args.tiles.split(",") if t] or [None]
     ceil = read_ceiling()
     print(f"read ceiling {ceil:.2f} TB/s")
     rng = np.random.default_rng(0)
