@@ -280,9 +280,12 @@ class Plan:
         else:
             q_st = o_st = 0
         # Index arrays the kernel reads directly: int32 on the GPU with unit
-        # stride on the last axis; others are converted per call.
+        # stride on the last axis (kv_lens: the kernel reads kv_lens[b], so a
+        # broadcast stride of 0 only for one sequence); others are converted
+        # per call.
         self.lens_direct = (sig.kv_lens is not None and sig.kv_lens[0] == "gpu"
-                            and sig.kv_lens[2] == np.int32 and sig.kv_lens[3] in ((4,), (0,)) and B > 0)
+                            and sig.kv_lens[2] == np.int32 and B > 0
+                            and (sig.kv_lens[3] == (4,) or (sig.kv_lens[3] == (0,) and B == 1)))
         tb = sig.block_table
         self.table_direct = (tb is not None and tb[0] == "gpu" and tb[2] == np.int32
                              and (tb[1][1] <= 1 or tb[3][1] == 4))
@@ -330,7 +333,7 @@ class Plan:
             self._ws[:self.counter_bytes].fill(0)
         self._spare = None  # zeroed workspace for the next captured launch
         self._rearm = set()  # workspace addresses whose counters are zeroed before their next launch
-        self._capture_id = self._capture_ws = None  # the capture in progress and its workspace
+        self._capture_id = self._capture_ws = None  # (capture, stream) in progress and its workspace
         self._stream = None  # stream of the previous eager launch (held: its handle cannot be reused)
 
     # ------------------------------------------------------------ reporting
@@ -426,6 +429,7 @@ class Plan:
                 raise ValueError(f"sinks: the plan was made {'with' if s.features[0] else 'without'} sinks, "
                                  f"got {'none' if sinks is None else 'sinks'}")
             if sinks is not None:
+                refuse_host_in_capture(["sinks"] if isinstance(sinks, np.ndarray) else [])
                 sinks = to_gpu(sinks, "sinks")
             feats = (None if sinks is None else sinks_meta(sinks),) + tuple(s.features[1:])
         elif sinks is not None:
@@ -508,14 +512,16 @@ class Plan:
             return self._ws, capturing
         if capturing:
             self.captured = True
-            if capture_id and capture_id == self._capture_id:
-                # Launches of one capture are ordered in its graph: they share.
+            if capture_id and (capture_id, stream.ptr) == self._capture_id:
+                # Launches of one capture on one stream are ordered in its
+                # graph: they share. (A stream forked into the capture has the
+                # same capture id but may run beside it: its own workspace.)
                 return self._capture_ws, True
             ws = self._spare
             self._spare = None
             if ws is None:  # no zeroed spare: the zeroing is captured into the graph
                 ws = self._new_workspace(cp)
-            self._capture_id, self._capture_ws = capture_id, ws
+            self._capture_id, self._capture_ws = (capture_id, stream.ptr), ws
             return ws, True
         self._order_after_previous(stream, cp)
         if self._ws is None:
@@ -552,6 +558,8 @@ class Plan:
             if self.copy_v:
                 v = cp.array(v, copy=True, order="C")
                 temps = (temps, v)
+            refuse_host_in_capture([name for name, x in (("kv_lens", lens), ("block_table", table))
+                                    if isinstance(x, np.ndarray)])
             lens32 = None
             if lens is not None:
                 lens32 = lens if self.lens_direct else _index_array(lens, 0, m.capacity)
@@ -617,6 +625,18 @@ class Plan:
 
 _cp = _driver = None
 _get_capture_info = None
+
+
+def refuse_host_in_capture(names):
+    """Raises ValueError naming the host arrays ``names`` when the current
+    stream is capturing a CUDA graph: a host array is copied to the GPU by
+    each call, and a replay would read a staging buffer reused since."""
+    if not names:
+        return
+    _bind_cupy()
+    if _capture_id(_cp.cuda.get_current_stream()) is not None:
+        raise ValueError(f"{', '.join(names)}: inside a CUDA graph capture pass GPU arrays; a host array is "
+                         f"copied by each call, and a replay would read a staging buffer reused since")
 
 
 def _capture_id(stream):

@@ -507,6 +507,8 @@ def _check_multi_query(q, k, v, lens, table, scale, out, lse, schedule, num_ctas
     if out is not None and (tuple(out.shape) != shape or out.dtype != q.dtype):
         raise ValueError(f"out: expected an array of shape {shape} and dtype {q.dtype}, got {out.dtype} "
                          f"{tuple(out.shape)}")
+    if out is not None:
+        _validation._check_last_contiguous(out, "out")
     if lse is not None and (tuple(lse.shape) != shape[:3] or lse.dtype != np.float32 or not lse.flags.c_contiguous):
         raise ValueError(f"lse: expected a C-contiguous float32 array of shape {shape[:3]}, got {lse.dtype} "
                          f"{tuple(lse.shape)}")
@@ -523,6 +525,7 @@ def _features(m, sinks, window_left, softcap, gpu):
     if gpu and isinstance(feats.sinks, np.ndarray):
         import cupy
 
+        _plan.refuse_host_in_capture(["sinks"])
         feats.sinks = cupy.asarray(feats.sinks, dtype=cupy.float32)
     return feats
 

@@ -224,6 +224,90 @@ def test_plan_graphs_replayed_concurrently():
         _assert_bitwise(o, ref)
 
 
+def test_streams_forked_inside_one_capture_get_their_own_workspaces():
+    """One capture, two branches (a stream forked with an event and joined
+    back) each launching the same plan: the branches may run at the same time,
+    so they must not share unit counters and partial states."""
+    rng = np.random.default_rng(73)
+    q, k, v, lens, table = make_inputs(rng, 2, 32, 4, 128, np.float16, [20000, 9000], "dense")
+    qd, kd, vd, ld = to_gpu(q), to_gpu(k), to_gpu(v), cp.asarray(lens)
+    outs = [_nan_like(q.shape, q.dtype) for _ in range(2)]
+    p = cupy_lean.plan(qd, kd, vd, kv_lens=ld, out=outs[0])
+    ref = p.run(qd, kd, vd, kv_lens=ld)
+    cp.cuda.Device().synchronize()
+    main, side = cp.cuda.Stream(non_blocking=True), cp.cuda.Stream(non_blocking=True)
+    with main:
+        main.begin_capture()
+        try:
+            fork = cp.cuda.Event(disable_timing=True)
+            fork.record(main)
+            side.wait_event(fork)
+            with side:
+                p.run(qd, kd, vd, kv_lens=ld, out=outs[1])
+            p.run(qd, kd, vd, kv_lens=ld, out=outs[0])
+            join = cp.cuda.Event(disable_timing=True)
+            join.record(side)
+            main.wait_event(join)
+        finally:
+            g = main.end_capture()
+    for _ in range(3):
+        for o in outs:
+            o.fill(cp.nan)
+        cp.cuda.Device().synchronize()
+        g.launch(main)
+        main.synchronize()
+        for o in outs:
+            _assert_bitwise(o, ref)
+
+
+def test_host_index_arrays_refused_inside_a_capture():
+    """A host kv_lens, block_table or sinks is copied by each call: inside a
+    capture it is refused, naming it (a replay would read a reused staging
+    buffer); the capture is left usable."""
+    rng = np.random.default_rng(74)
+    q, k, v, lens, table = make_inputs(rng, 2, 8, 2, 64, np.float16, [300, 40], "paged")
+    args = (to_gpu(q), to_gpu(k), to_gpu(v))
+    cupy_lean.attention(*args, kv_lens=lens, block_table=table)  # eagerly: accepted
+    s = cp.cuda.Stream(non_blocking=True)
+    for kw, name in ((dict(kv_lens=lens, block_table=cp.asarray(table)), "kv_lens"),
+                     (dict(kv_lens=cp.asarray(lens), block_table=table), "block_table"),
+                     (dict(kv_lens=cp.asarray(lens), block_table=cp.asarray(table),
+                           sinks=np.zeros(8, np.float32)), "sinks")):
+        cupy_lean.attention(*args, **kw)  # compiles and prepares the plan outside the capture
+        cp.cuda.Device().synchronize()
+        with s:
+            s.begin_capture()
+            try:
+                with pytest.raises(ValueError, match=f"{name}: inside a CUDA graph capture pass GPU arrays"):
+                    cupy_lean.attention(*args, **kw)
+            finally:
+                s.end_capture()
+
+
+def test_broadcast_kv_lens_is_read_per_sequence():
+    """kv_lens as a stride-0 broadcast view (one length for every sequence):
+    each sequence gets that length, not memory past the one element."""
+    rng = np.random.default_rng(75)
+    q, k, v, lens, table = make_inputs(rng, 5, 8, 2, 64, np.float16, [700] * 5, "dense")
+    one = cp.asarray(np.int32(333)).reshape(1)
+    lens_view = cp.broadcast_to(one, (5,))
+    assert lens_view.strides == (0,)
+    out = _nan_like(q.shape, q.dtype)
+    cupy_lean.attention(to_gpu(q), to_gpu(k), to_gpu(v), kv_lens=lens_view, out=out)
+    check_close(out, None, q, k, v, np.full(5, 333, np.int32), None, np.float16)
+
+
+def test_four_dimensional_out_with_a_strided_last_axis_is_refused():
+    rng = np.random.default_rng(76)
+    q3, k, v, lens, table = make_inputs(rng, 2, 8, 2, 64, np.float16, [300, 40], "dense")
+    q = to_gpu(rng.standard_normal((2, 3, 8, 64)).astype(np.float16))
+    big = cp.zeros((2, 3, 8, 128), dtype=cp.float16)
+    with pytest.raises(ValueError, match="out: expected unit stride on the last axis"):
+        cupy_lean.attention(q, to_gpu(k), to_gpu(v), kv_lens=cp.asarray(lens), out=big[..., ::2])
+    with pytest.raises(ValueError, match="out: expected unit stride on the last axis"):
+        cupy_lean.plan(q, to_gpu(k), to_gpu(v), kv_lens=cp.asarray(lens), out=big[..., ::2])
+
+
 def test_counters_rearmed_after_outside_writes_and_failed_launches(monkeypatch):
     """Unit counters left part-way (every partial unit one arrival short, as
     a foreign write into a caller's workspace could leave them) make a
