@@ -405,9 +405,15 @@ class Plan:
         ------
         ValueError
             When an array does not match the plan's signature (the message
-            names the field, what was planned and what was given).
+            names the field, what was planned and what was given), or the
+            current device is not the plan's.
         """
         from ._arrays import to_gpu
+
+        current = _cp.cuda.runtime.getDevice()
+        if current != self.device:
+            raise ValueError(f"device: the plan was made on device {self.device}, the current device is {current} "
+                             f"(run it under cupy.cuda.Device({self.device}))")
 
         if self.kv8 is not None:  # PyTorch float8 K/V: their uint8 storage
             from ._arrays import torch_fp8_storage

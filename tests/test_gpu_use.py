@@ -284,6 +284,17 @@ def test_host_index_arrays_refused_inside_a_capture():
                 s.end_capture()
 
 
+def test_plan_run_refuses_another_device():
+    rng = np.random.default_rng(77)
+    q, k, v, lens, table = make_inputs(rng, 2, 8, 2, 64, np.float16, [300, 40], "dense")
+    args = (to_gpu(q), to_gpu(k), to_gpu(v))
+    p = cupy_lean.plan(*args, kv_lens=cp.asarray(lens))
+    p.run(*args, kv_lens=cp.asarray(lens))
+    p.device = p.device + 1  # as if made under another device
+    with pytest.raises(ValueError, match="device: the plan was made on device"):
+        p.run(*args, kv_lens=cp.asarray(lens))
+
+
 def test_broadcast_kv_lens_is_read_per_sequence():
     """kv_lens as a stride-0 broadcast view (one length for every sequence):
     each sequence gets that length, not memory past the one element."""
