@@ -66,7 +66,8 @@ def _fix_void(arr, src, name):
 
 
 def to_gpu(x, name):
-    """A CuPy view of a GPU array (no copy)."""
+    """A CuPy view of a GPU array (no copy); anything else is copied to the
+    GPU, and refused, naming it, inside a CUDA graph capture."""
     nd = cupy_ndarray()
     if type(x) is nd:
         return x
@@ -81,6 +82,9 @@ def to_gpu(x, name):
             arr = None
         if arr is not None:
             return _fix_void(arr, x, name)
+    from ._plan import refuse_host_in_capture
+
+    refuse_host_in_capture([name])
     return _fix_void(cupy.asarray(x), x, name)
 
 

@@ -280,12 +280,10 @@ class Plan:
         else:
             q_st = o_st = 0
         # Index arrays the kernel reads directly: int32 on the GPU with unit
-        # stride on the last axis (kv_lens: the kernel reads kv_lens[b], so a
-        # broadcast stride of 0 only for one sequence); others are converted
-        # per call.
+        # stride on the last axis (the kernel reads kv_lens[b]: any stride for
+        # one sequence, a broadcast one copied); others are converted per call.
         self.lens_direct = (sig.kv_lens is not None and sig.kv_lens[0] == "gpu"
-                            and sig.kv_lens[2] == np.int32 and B > 0
-                            and (sig.kv_lens[3] == (4,) or (sig.kv_lens[3] == (0,) and B == 1)))
+                            and sig.kv_lens[2] == np.int32 and B > 0 and (sig.kv_lens[3] == (4,) or B == 1))
         tb = sig.block_table
         self.table_direct = (tb is not None and tb[0] == "gpu" and tb[2] == np.int32
                              and (tb[1][1] <= 1 or tb[3][1] == 4))
@@ -435,7 +433,6 @@ class Plan:
                 raise ValueError(f"sinks: the plan was made {'with' if s.features[0] else 'without'} sinks, "
                                  f"got {'none' if sinks is None else 'sinks'}")
             if sinks is not None:
-                refuse_host_in_capture(["sinks"] if isinstance(sinks, np.ndarray) else [])
                 sinks = to_gpu(sinks, "sinks")
             feats = (None if sinks is None else sinks_meta(sinks),) + tuple(s.features[1:])
         elif sinks is not None:
@@ -477,10 +474,7 @@ class Plan:
         host = [name for name, x in zip(("q_lens", "k_scale", "v_scale"), arrays)
                 if isinstance(x, np.ndarray)]
         if host:
-            if _capture_id(stream) is not None:
-                raise ValueError(f"{', '.join(host)}: inside a CUDA graph capture pass GPU arrays (or a number "
-                                 f"for a scale); a host array is copied by each call, and a replay would not "
-                                 f"see new values")
+            refuse_host_in_capture(host, stream)
             arrays = [x if not isinstance(x, np.ndarray) else _index_array(x, 0, self.q_len) if i == 0
                       else _cp.asarray(x) for i, x in enumerate(arrays)]
         ptrs = tuple(0 if x is None or isinstance(x, float) else x.data.ptr for x in arrays)
@@ -565,7 +559,7 @@ class Plan:
                 v = cp.array(v, copy=True, order="C")
                 temps = (temps, v)
             refuse_host_in_capture([name for name, x in (("kv_lens", lens), ("block_table", table))
-                                    if isinstance(x, np.ndarray)])
+                                    if isinstance(x, np.ndarray)], cp.cuda.get_current_stream())
             lens32 = None
             if lens is not None:
                 lens32 = lens if self.lens_direct else _index_array(lens, 0, m.capacity)
@@ -633,14 +627,15 @@ _cp = _driver = None
 _get_capture_info = None
 
 
-def refuse_host_in_capture(names):
-    """Raises ValueError naming the host arrays ``names`` when the current
-    stream is capturing a CUDA graph: a host array is copied to the GPU by
-    each call, and a replay would read a staging buffer reused since."""
+def refuse_host_in_capture(names, stream=None):
+    """Raises ValueError naming the host arrays ``names`` when ``stream`` (or
+    CuPy's current stream) is capturing a CUDA graph: a host array is copied
+    to the GPU by each call, and a replay would read a staging buffer reused
+    since (and never see new values)."""
     if not names:
         return
     _bind_cupy()
-    if _capture_id(_cp.cuda.get_current_stream()) is not None:
+    if _capture_id(stream or _cp.cuda.get_current_stream()) is not None:
         raise ValueError(f"{', '.join(names)}: inside a CUDA graph capture pass GPU arrays; a host array is "
                          f"copied by each call, and a replay would read a staging buffer reused since")
 

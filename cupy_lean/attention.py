@@ -523,10 +523,7 @@ def _features(m, sinks, window_left, softcap, gpu):
         sinks = _to_gpu(sinks, "sinks") if on_gpu else _to_cpu(sinks, "sinks")
     feats = _validation.validate_features(m, sinks, window_left, softcap, on_gpu)
     if gpu and isinstance(feats.sinks, np.ndarray):
-        import cupy
-
-        _plan.refuse_host_in_capture(["sinks"])
-        feats.sinks = cupy.asarray(feats.sinks, dtype=cupy.float32)
+        feats.sinks = _to_gpu(feats.sinks.astype(np.float32), "sinks")
     return feats
 
 

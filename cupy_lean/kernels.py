@@ -52,6 +52,7 @@ LENS_CACHE = 256  # lengths kept in shared memory (the kernel static_asserts it 
 FEATURES = {"sinks": 1, "softcap": 2, "window": 4, "qlen": 8, "fp8_e4m3": 16, "fp8_e5m2": 32}
 #: fp8 K/V formats and their feature bits.
 FP8_FEATURES = {"e4m3": FEATURES["fp8_e4m3"], "e5m2": FEATURES["fp8_e5m2"]}
+FP8_BITS = FEATURES["fp8_e4m3"] | FEATURES["fp8_e5m2"]
 
 
 class Decomposition(enum.IntEnum):
@@ -218,9 +219,14 @@ class Spec:
         return 32 * self.m_tiles * self.warps_n
 
     @property
+    def fp8(self) -> bool:
+        """K/V are fp8 bytes (either format)."""
+        return bool(self.features & FP8_BITS)
+
+    @property
     def smem_bytes(self) -> int:
         d, t, s, mt = self.head_dim, self.tile, self.stages, self.m_tiles
-        fp8 = bool(self.features & (FEATURES["fp8_e4m3"] | FEATURES["fp8_e5m2"]))
+        fp8 = self.fp8
         kv = 2 * t * d * (1 if fp8 else 2)  # the ring holds fp8 K/V as bytes
         qslot = mt * 16 * d * 2
         off_mask = s * kv + s * qslot
@@ -340,7 +346,7 @@ def make_spec(dtype, head_dim, group, paged, tile_size=None, stages=None,
             st = 3  # as default_config: 3 stages up to max_smem
     if stages is not None:
         st = int(stages)
-    elif int(features) & (FEATURES["fp8_e4m3"] | FEATURES["fp8_e5m2"]):
+    elif int(features) & FP8_BITS:
         # fp8 tiles carry half the bytes: up to twice the stages (as many as fit
         # max_smem), to keep as many bytes in flight as the fp16 spec
         budget = min(TUNING["max_smem"], smem_limit)
@@ -378,8 +384,7 @@ def compile_options(spec: Spec | None):
     """NVRTC options of a spec (None: the helper module)."""
     _, h = _sources()
     opts = ["-std=c++17", f"-I{kernel_dir()}", f"-DLEAN_SRC_HASH={h}"]
-    fp8 = spec is not None and bool(spec.features & (FEATURES["fp8_e4m3"] | FEATURES["fp8_e5m2"]))
-    if fp8 and os.environ.get(FP8_BITMOVES_ENV) == "1":
+    if spec is not None and spec.fp8 and os.environ.get(FP8_BITMOVES_ENV) == "1":
         opts.append("-DLEAN_FP8_BITMOVES=1")
     if spec is not None:
         opts += [
