@@ -294,6 +294,7 @@ def _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, 
     if host_table is not None:
         import cupy
 
+        _plan.refuse_host_in_capture(["block_table"])  # before the copy, which a capture refuses unnamed
         table = cupy.asarray(host_table)  # the kernel reads the table from the GPU
     fkey = _features_key(feats)
     sig = _plan.signature(q, k, v, out, lens, table, m.scale if scale is not None else None, schedule,

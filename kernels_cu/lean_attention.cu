@@ -543,6 +543,9 @@ struct WarpState {
     }
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) l[hf] = l[hf] * alpha[hf] + rs[hf];
+    // Once the running max settles most tiles leave it unchanged (alpha = 1
+    // in every row of the warp): the rescale is skipped, a no-op exactly.
+    if (!__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) return;
 #pragma unroll
     for (int x = 0; x < D / 8; ++x) {
       acc[x][0] *= alpha[0];
@@ -741,25 +744,47 @@ __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, S
   return true;
 }
 
+// The loader's position: runs up to STAGES - 1 tiles ahead of the compute.
+// kb / vb: this thread's chunk of the segment's unit in K and V (dense: of
+// its sequence's token 0; paged: of page 0, row 0), set once per segment.
+struct LoadCursor {
+  SegmentWalker walker;
+  Segment seg;
+  int t;
+  const char* kb;
+  const char* vb;
+  __device__ void start(const Params& p, const int* lens_s) {
+    walker.next(p, lens_s, seg);  // past the last segment: seg is kept, and nothing more is loaded
+    t = seg.t0;
+    const i64 ch = (threadIdx.x % KCPR) * (16 / KV_ELEM);
+    kb = reinterpret_cast<const char*>(p.k) + ((PAGED ? 0 : (i64)seg.b * p.k_sb) + (i64)seg.h * p.k_sh + ch) * KV_ELEM;
+    vb = reinterpret_cast<const char*>(p.v) + ((PAGED ? 0 : (i64)seg.b * p.v_sb) + (i64)seg.h * p.v_sh + ch) * KV_ELEM;
+  }
+  __device__ void advance(const Params& p, const int* lens_s) {
+    if (++t == seg.t1) start(p, lens_s);
+  }
+};
+
 // Issues the cp.async copies of one tile of K and V (and, at a segment's first
-// tile, the unit's query rows) into a pipeline stage. Paged: the page of each
-// row this thread loads is fetched one tile ahead (prefetch_pages), so the
-// block-table read is off the critical path; rows on a page outside the cache
-// are zero-filled and masked.
+// tile, the unit's query rows) into a pipeline stage. Thread t copies 16-byte
+// chunk t % KCPR of rows t / KCPR + RSTEP i. The per-row work is kept to a
+// pointer step and a compare (the copies are most of the loop's instructions):
+// dense rows are stepped by a stride from the tile's first row; paged rows
+// have their page and row in the page found one tile ahead (prefetch_pages,
+// so the block-table read is off the critical path), rows on a page outside
+// the cache are zero-filled and masked.
 struct KVLoader {
   static constexpr int RSTEP = NT / KCPR;  // rows one pass of the block covers
   static constexpr int ROW_ITERS = (TILE + RSTEP - 1) / RSTEP;
-  int page[PAGED ? ROW_ITERS : 1];  // physical page of each row this thread loads (-1: none)
+  int page[PAGED ? ROW_ITERS : 1];  // physical page of each row this thread loads (-1: none; checked in load)
+  int prow0;                        // PAGED: the first row's place in its page (the others: stepped)
+  int step_pages, step_rows;        // PAGED: RSTEP tokens as whole pages and rows (set once by init)
   u64 policy;
 
-  // Steps (page, row in page) by RSTEP tokens.
-  __device__ static void step(int& pq, int& pr, int ps) {
-    pq += RSTEP / ps;
-    pr += RSTEP % ps;
-    if (pr >= ps) {
-      pr -= ps;
-      pq++;
-    }
+  __device__ void init(const Params& p) {
+    policy = evict_first_policy();
+    step_pages = PAGED ? RSTEP / p.page_size : 0;
+    step_rows = PAGED ? RSTEP - step_pages * p.page_size : 0;
   }
 
   __device__ void prefetch_pages(const Params& p, const Segment& s, int t, bool valid) {
@@ -773,14 +798,21 @@ struct KVLoader {
 #pragma unroll
     for (int it = 0; it < ROW_ITERS; ++it) {
       const int r = threadIdx.x / KCPR + it * RSTEP;
-      page[it] = (r < ntok) ? bt[pq] : -1;
-      step(pq, pr, ps);
+      page[it] = (r < ntok) ? bt[pq] : -1;  // checked when used (load): this read's latency is hidden
+      if (it == 0) prow0 = pr;
+      pq += step_pages;
+      pr += step_rows;
+      if (pr >= ps) {
+        pr -= ps;
+        pq++;
+      }
     }
   }
 
-  __device__ void load(const Params& p, const Shared& sh, int stage, const Segment& s, int t) const {
+  __device__ void load(const Params& p, const Shared& sh, int stage, const LoadCursor& c) const {
     const int tid = threadIdx.x;
-    if (s.first_tile(t)) {  // the unit's query rows into the Q ring
+    const Segment& s = c.seg;
+    if (s.first_tile(c.t)) {  // the unit's query rows into the Q ring
       u16* qd = sh.q(s.ordinal % STAGES);
       const u16* qsrc = p.q + (i64)s.b * p.q_sb;
       for (int e = tid; e < ROWS_Q * CPR; e += NT) {
@@ -791,60 +823,44 @@ struct KVLoader {
                    ok ? 16 : 0);
       }
     }
-    const int tok0 = s.start + t * TILE;
+    const int tok0 = s.start + c.t * TILE;
     const int ntok = min(TILE, s.len - tok0);
     unsigned char* ks = reinterpret_cast<unsigned char*>(sh.kv(stage));
     unsigned char* vs = ks + TILE * D * KV_ELEM;
-    const char* kg = reinterpret_cast<const char*>(p.k);
-    const char* vg = reinterpret_cast<const char*>(p.v);
-    const int ch = tid % KCPR;
-    int pq = 0, pr = 0;  // paged: (logical page, row in page) of this thread's row
-    if (PAGED) {
-      const int first = tok0 + tid / KCPR;
-      pq = first / p.page_size;
-      pr = first - pq * p.page_size;
-    }
+    const int ch = tid % KCPR, r0 = tid / KCPR;
+    // Both ring layouts (swz, swz8) repeat every 8 rows: with RSTEP a multiple
+    // of 8, row r0 + RSTEP it lies a constant distance after row r0.
+    const int so0 = HAS_FP8 ? swz8(r0, ch) : 2 * swz(r0, ch);
+    const i64 kst = p.k_st * KV_ELEM, vst = p.v_st * KV_ELEM;  // bytes per token
+    const char* kp = c.kb + (i64)(tok0 + r0) * kst;  // dense: row r0 of the tile, stepped below
+    const char* vp = c.vb + (i64)(tok0 + r0) * vst;
+    int pr = prow0;  // PAGED: row in the page of row r0 + RSTEP it
+    // A row past the tile's tokens (or on a page outside the cache) is
+    // zero-filled: src-size 0 reads nothing at its address.
 #pragma unroll
     for (int it = 0; it < ROW_ITERS; ++it) {
-      const int r = tid / KCPR + it * RSTEP;
+      const int r = r0 + it * RSTEP;
       if (TILE % RSTEP != 0 && r >= TILE) break;
-      bool ok = r < ntok;
-      i64 koff, voff;
+      bool ok;
       if (PAGED) {
-        int pg = page[PAGED ? it : 0];
-        ok = ok && pg >= 0 && pg < p.num_pages;
-        if (!ok) pg = 0;
-        koff = (i64)pg * p.k_sb + (i64)pr * p.k_st;
-        voff = (i64)pg * p.v_sb + (i64)pr * p.v_st;
+        const int pg = page[it];
+        ok = pg >= 0 && pg < p.num_pages;
+        kp = c.kb + (i64)pg * (p.k_sb * KV_ELEM) + (i64)pr * kst;
+        vp = c.vb + (i64)pg * (p.v_sb * KV_ELEM) + (i64)pr * vst;
         if (ch == 0) sh.mask(stage)[r] = ok ? 1 : 0;
-        step(pq, pr, p.page_size);
+        pr += step_rows;
+        if (pr >= p.page_size) pr -= p.page_size;
       } else {
-        koff = (i64)s.b * p.k_sb + (i64)(tok0 + r) * p.k_st;
-        voff = (i64)s.b * p.v_sb + (i64)(tok0 + r) * p.v_st;
+        ok = r < ntok;
       }
-      koff += (i64)s.h * p.k_sh + ch * (16 / KV_ELEM);  // elements
-      voff += (i64)s.h * p.v_sh + ch * (16 / KV_ELEM);
-      // fp16/bf16: swizzled for ldmatrix; fp8: bytes, swizzled by swz8
-      const int so = HAS_FP8 ? swz8(r, ch) : 2 * swz(r, ch);
-      cp_async16_stream(smem_u32(ks + so), ok ? (const void*)(kg + koff * KV_ELEM) : (const void*)kg, ok ? 16 : 0,
-                        policy);
-      cp_async16_stream(smem_u32(vs + so), ok ? (const void*)(vg + voff * KV_ELEM) : (const void*)vg, ok ? 16 : 0,
-                        policy);
+      const int so = RSTEP % 8 == 0 ? so0 + it * RSTEP * D * KV_ELEM : (HAS_FP8 ? swz8(r, ch) : 2 * swz(r, ch));
+      cp_async16_stream(smem_u32(ks + so), kp, ok ? 16 : 0, policy);
+      cp_async16_stream(smem_u32(vs + so), vp, ok ? 16 : 0, policy);
+      if (!PAGED) {
+        kp += RSTEP * kst;
+        vp += RSTEP * vst;
+      }
     }
-  }
-};
-
-// The loader's position: runs up to STAGES - 1 tiles ahead of the compute.
-struct LoadCursor {
-  SegmentWalker walker;
-  Segment seg;
-  int t;
-  __device__ void start(const Params& p, const int* lens_s) {
-    walker.next(p, lens_s, seg);  // past the last segment: seg is kept, and nothing more is loaded
-    t = seg.t0;
-  }
-  __device__ void advance(const Params& p, const int* lens_s) {
-    if (++t == seg.t1) start(p, lens_s);
   }
 };
 
@@ -954,6 +970,18 @@ __device__ __forceinline__ void tile_scores(const Params& p, const Shared& sh, c
     }
   }
   const unsigned char* mask = sh.mask(stage);
+  // Per-element masks only where an element can be masked: a tile past the
+  // sequence's end, paged rows, query-token limits (ntok is the same in
+  // every thread: a uniform branch).
+  if (!PAGED && !HAS_QLEN && ntok == TILE) {
+#pragma unroll
+    for (int nb = 0; nb < TW / 8; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        s[nb][e] = HAS_SOFTCAP ? p.softcap_log2 * fast_tanh(s[nb][e] * (p.softcap_scale * kmul))
+                               : s[nb][e] * (p.scale_log2 * kmul);
+    return;
+  }
 #pragma unroll
   for (int nb = 0; nb < TW / 8; ++nb) {
 #pragma unroll
@@ -1131,14 +1159,14 @@ __device__ void attention_cta(const Params& p) {
   const int n_my = (int)(walker.end - walker.g);  // tiles of this CTA
 
   KVLoader loader;
-  loader.policy = evict_first_policy();
+  loader.init(p);
   LoadCursor ld = {walker};
   ld.start(p, lens_s);
   loader.prefetch_pages(p, ld.seg, ld.t, true);
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
     if (s < n_my) {
-      loader.load(p, sh, s, ld.seg, ld.t);
+      loader.load(p, sh, s, ld);
       ld.advance(p, lens_s);
       loader.prefetch_pages(p, ld.seg, ld.t, s + 1 < n_my);
     }
@@ -1156,7 +1184,7 @@ __device__ void attention_cta(const Params& p) {
       __syncthreads();  // stage i is in; stage i - 1 is free for the next load
       const int jt = i + STAGES - 1;
       if (jt < n_my) {
-        loader.load(p, sh, jt % STAGES, ld.seg, ld.t);
+        loader.load(p, sh, jt % STAGES, ld);
         ld.advance(p, lens_s);
         loader.prefetch_pages(p, ld.seg, ld.t, jt + 1 < n_my);
       }

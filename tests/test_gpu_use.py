@@ -233,7 +233,7 @@ def test_streams_forked_inside_one_capture_get_their_own_workspaces():
     qd, kd, vd, ld = to_gpu(q), to_gpu(k), to_gpu(v), cp.asarray(lens)
     outs = [_nan_like(q.shape, q.dtype) for _ in range(2)]
     p = cupy_lean.plan(qd, kd, vd, kv_lens=ld, out=outs[0])
-    ref = p.run(qd, kd, vd, kv_lens=ld)
+    ref = p.run(qd, kd, vd, kv_lens=ld, out=cp.empty_like(outs[0]))
     cp.cuda.Device().synchronize()
     main, side = cp.cuda.Stream(non_blocking=True), cp.cuda.Stream(non_blocking=True)
     with main:
