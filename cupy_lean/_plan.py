@@ -168,6 +168,12 @@ def aligned_grid(units, tiles_per_unit, grid, min_fraction=0.85):
     return g if g >= min_fraction * grid else grid
 
 
+def _page_strides_fit(strides, itemsize, page_size):
+    """Whether a paged cache's page stride and a page's rows (``page_size``
+    token strides) are below 2**31 bytes, as the kernel's loader needs."""
+    return abs(strides[0]) * itemsize < 2**31 and abs(strides[1]) * itemsize * page_size < 2**31
+
+
 def _elem_strides(strides, itemsize, n):
     return [s // itemsize for s in strides[:n]]
 
@@ -272,6 +278,13 @@ class Plan:
         ksz, vsz = sig.dtypes[1].itemsize, sig.dtypes[2].itemsize  # 1 for an fp8 cache (uint8 storage)
         ks = _elem_strides(_contig(sig.k[0], ksz) if self.copy_k else sig.k[1], ksz, 3)
         vs = _elem_strides(_contig(sig.v[0], vsz) if self.copy_v else sig.v[1], vsz, 3)
+        if m.paged:  # the kernel steps a page's bytes and a page's rows in 32 bits: else a contiguous copy
+            if not _page_strides_fit(ks, ksz, m.page_size):
+                self.copy_k = True
+                ks = _elem_strides(_contig(sig.k[0], ksz), ksz, 3)
+            if not _page_strides_fit(vs, vsz, m.page_size):
+                self.copy_v = True
+                vs = _elem_strides(_contig(sig.v[0], vsz), vsz, 3)
         os_ = _elem_strides(sig.out[1] if (sig.out is not None and not self.copy_out)
                             else _contig(out_shape, isz), isz, 3 if self.q_len else 2)
         if self.q_len:  # (per sequence, per query token, per head)

@@ -809,7 +809,9 @@ struct KVLoader {
     }
   }
 
-  __device__ void load(const Params& p, const Shared& sh, int stage, const LoadCursor& c) const {
+  // Returns true when a row of the tile's tokens lies on a page outside the
+  // cache (paged; such rows are zero-filled and masked).
+  __device__ bool load(const Params& p, const Shared& sh, int stage, const LoadCursor& c) const {
     const int tid = threadIdx.x;
     const Segment& s = c.seg;
     if (s.first_tile(c.t)) {  // the unit's query rows into the Q ring
@@ -835,6 +837,10 @@ struct KVLoader {
     const char* kp = c.kb + (i64)(tok0 + r0) * kst;  // dense: row r0 of the tile, stepped below
     const char* vp = c.vb + (i64)(tok0 + r0) * vst;
     int pr = prow0;  // PAGED: row in the page of row r0 + RSTEP it
+    // PAGED: a page's bytes and a page's rows fit in 32 bits (the plan copies a cache whose do not)
+    const int ksb = (int)(p.k_sb * KV_ELEM), vsb = (int)(p.v_sb * KV_ELEM);
+    const int kst32 = (int)kst, vst32 = (int)vst;
+    bool bad = false;
     // A row past the tile's tokens (or on a page outside the cache) is
     // zero-filled: src-size 0 reads nothing at its address.
 #pragma unroll
@@ -845,9 +851,10 @@ struct KVLoader {
       if (PAGED) {
         const int pg = page[it];
         ok = pg >= 0 && pg < p.num_pages;
-        kp = c.kb + (i64)pg * (p.k_sb * KV_ELEM) + (i64)pr * kst;
-        vp = c.vb + (i64)pg * (p.v_sb * KV_ELEM) + (i64)pr * vst;
+        kp = c.kb + (i64)pg * ksb + pr * kst32;
+        vp = c.vb + (i64)pg * vsb + pr * vst32;
         if (ch == 0) sh.mask(stage)[r] = ok ? 1 : 0;
+        bad = bad || (!ok && r < ntok);
         pr += step_rows;
         if (pr >= p.page_size) pr -= p.page_size;
       } else {
@@ -861,6 +868,7 @@ struct KVLoader {
         vp += RSTEP * vst;
       }
     }
+    return bad;
   }
 };
 
@@ -920,7 +928,7 @@ __device__ __forceinline__ int acc_pair(const float (&acc)[D / 8][4], int x, int
 // `tok0` is the tile's first key, `len` the sequence's.
 __device__ __forceinline__ void tile_scores(const Params& p, const Shared& sh, const u16* qs, const u16* ks,
                                             int stage, int ntok, int tok0, int len, int nq, float kmul,
-                                            float (&s)[TW / 8][4]) {
+                                            bool bad_pages, float (&s)[TW / 8][4]) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int wm = warp / WN, tokw = (warp % WN) * TW;
   int hi[2] = {0, 0}, lo[2] = {0, 0};  // HAS_QLEN: visible keys [lo, hi] relative to tok0, per half
@@ -971,9 +979,9 @@ __device__ __forceinline__ void tile_scores(const Params& p, const Shared& sh, c
   }
   const unsigned char* mask = sh.mask(stage);
   // Per-element masks only where an element can be masked: a tile past the
-  // sequence's end, paged rows, query-token limits (ntok is the same in
-  // every thread: a uniform branch).
-  if (!PAGED && !HAS_QLEN && ntok == TILE) {
+  // sequence's end, a row on a page outside the cache (bad_pages), query-token
+  // limits (ntok and bad_pages are the same in every thread: a uniform branch).
+  if (!bad_pages && !HAS_QLEN && ntok == TILE) {
 #pragma unroll
     for (int nb = 0; nb < TW / 8; ++nb)
 #pragma unroll
@@ -1163,10 +1171,11 @@ __device__ void attention_cta(const Params& p) {
   LoadCursor ld = {walker};
   ld.start(p, lens_s);
   loader.prefetch_pages(p, ld.seg, ld.t, true);
+  u32 bad_bits = 0;  // PAGED: bit s set when this thread copied a row on a page outside the cache into stage s
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
     if (s < n_my) {
-      loader.load(p, sh, s, ld);
+      if (loader.load(p, sh, s, ld)) bad_bits |= 1u << s;
       ld.advance(p, lens_s);
       loader.prefetch_pages(p, ld.seg, ld.t, s + 1 < n_my);
     }
@@ -1181,18 +1190,25 @@ __device__ void attention_cta(const Params& p) {
     const float kmul = k_multiplier(p, seg.h);
     for (int t = seg.t0; t < seg.t1; ++t, ++i) {
       cp_async_wait<STAGES - 2>();
-      __syncthreads();  // stage i is in; stage i - 1 is free for the next load
+      const int stage = i % STAGES;
+      // stage i is in; stage i - 1 is free for the next load (paged: and whether
+      // any thread copied a row on a page outside the cache into stage i)
+      bool bad_pages = false;
+      if (PAGED)
+        bad_pages = __syncthreads_or((bad_bits >> stage) & 1u) != 0;
+      else
+        __syncthreads();
       const int jt = i + STAGES - 1;
       if (jt < n_my) {
-        loader.load(p, sh, jt % STAGES, ld);
+        const u32 bit = 1u << (jt % STAGES);
+        bad_bits = loader.load(p, sh, jt % STAGES, ld) ? (bad_bits | bit) : (bad_bits & ~bit);
         ld.advance(p, lens_s);
         loader.prefetch_pages(p, ld.seg, ld.t, jt + 1 < n_my);
       }
       cp_async_commit();
-      const int stage = i % STAGES;
       float s[TW / 8][4];
       tile_scores(p, sh, sh.q(seg.ordinal % STAGES), sh.kv(stage), stage,
-                  min(TILE, seg.len - (seg.start + t * TILE)), seg.start + t * TILE, seg.len, nq, kmul, s);
+                  min(TILE, seg.len - (seg.start + t * TILE)), seg.start + t * TILE, seg.len, nq, kmul, bad_pages, s);
       st.absorb(s);
       accumulate_pv(st, s, sh.kv(stage) + TILE * D * KV_ELEM / 2);
     }

@@ -994,3 +994,25 @@ def test_package_bench_command_runs():
     assert r.returncode == 0, r.stderr
     for label in ("schedule=lean", "schedule=split", "schedule=head", "tile_size=32", "num_ctas=7"):
         assert label in r.stdout
+
+
+def test_paged_cache_with_a_page_stride_past_two_gigabytes():
+    """Pages 2**31 + 2048 bytes apart (a view into a larger pool): the loader
+    steps pages in 32 bits, so the plan reads such a cache through a
+    contiguous copy; the result is that of the same pages packed."""
+    if cp.cuda.Device().mem_info[0] < 6 * 2**30:
+        pytest.skip("needs 6 GB of free GPU memory")
+    rng = np.random.default_rng(78)
+    ps, d, pages = 16, 64, 2
+    row = 2**30 + 1024  # fp16 elements between pages: 2**31 + 2048 bytes
+    pool = cp.zeros((pages, row), dtype=cp.float16)
+    kv = rng.standard_normal((pages, ps, 1, d)).astype(np.float16)
+    pool[:, :ps * d] = cp.asarray(kv.reshape(pages, ps * d))
+    k = pool[:, :ps * d].reshape(pages, ps, 1, d)
+    assert k.strides[0] == row * 2
+    q = rng.standard_normal((1, 4, d)).astype(np.float16)
+    lens = np.array([27], np.int32)
+    table = np.array([[1, 0]], np.int32)
+    out = _nan_like(q.shape, q.dtype)
+    cupy_lean.attention(to_gpu(q), k, k, kv_lens=cp.asarray(lens), block_table=cp.asarray(table), out=out)
+    check_close(out, None, q, kv, kv, lens, table, np.float16)

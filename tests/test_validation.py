@@ -508,3 +508,12 @@ def test_lists_of_arrays_of_different_shapes_name_the_argument():
     a, l = np.zeros((2, 3, 4)), np.zeros((2, 3))
     with pytest.raises(ValueError, match=r"outs: expected a sequence of arrays of one shape"):
         cupy_lean.merge_states([a, a[:1]], [l, l])
+
+
+def test_page_strides_fit_32_bits():
+    from cupy_lean._plan import _page_strides_fit
+
+    assert _page_strides_fit((16 * 8 * 128, 8 * 128, 128), 2, 16)
+    assert _page_strides_fit((-(2**30 - 1), 64, 1), 2, 256)  # a reversed page order
+    assert not _page_strides_fit((2**30, 64, 1), 2, 16)  # a page stride of 2**31 bytes
+    assert not _page_strides_fit((256, 2**23, 1), 1, 256)  # a page's rows span 2**31 bytes
