@@ -168,6 +168,14 @@ def aligned_grid(units, tiles_per_unit, grid, min_fraction=0.85):
     return g if g >= min_fraction * grid else grid
 
 
+def _unit_axes_zeroed(strides, shape):
+    """Strides of a K/V cache's (sequence or page, token) axes with those of
+    length 1 set to 0: such a stride is never needed, and the kernel forms
+    (unread, zero-filled) row addresses from it past a tile's tokens, which
+    must stay as aligned as the array's start."""
+    return tuple(0 if i < 2 and int(shape[i]) == 1 else st for i, st in enumerate(strides))
+
+
 def _page_strides_fit(strides, itemsize, page_size):
     """Whether a paged cache's page stride and a page's rows (``page_size``
     token strides) are below 2**31 bytes, as the kernel's loader needs."""
@@ -276,15 +284,18 @@ class Plan:
         self.copy_out = sig.out is not None and not _aligned_layout(sig.out[:2], sig.aligned[3], 8)
         qs = _elem_strides(_contig(sig.q[0], isz) if self.copy_q else sig.q[1], isz, 3 if self.q_len else 2)
         ksz, vsz = sig.dtypes[1].itemsize, sig.dtypes[2].itemsize  # 1 for an fp8 cache (uint8 storage)
-        ks = _elem_strides(_contig(sig.k[0], ksz) if self.copy_k else sig.k[1], ksz, 3)
-        vs = _elem_strides(_contig(sig.v[0], vsz) if self.copy_v else sig.v[1], vsz, 3)
+        ks = _unit_axes_zeroed(_elem_strides(_contig(sig.k[0], ksz) if self.copy_k else sig.k[1], ksz, 3), sig.k[0])
+        vs = _unit_axes_zeroed(_elem_strides(_contig(sig.v[0], vsz) if self.copy_v else sig.v[1], vsz, 3), sig.v[0])
         if m.paged:  # the kernel steps a page's bytes and a page's rows in 32 bits: else a contiguous copy
             if not _page_strides_fit(ks, ksz, m.page_size):
                 self.copy_k = True
-                ks = _elem_strides(_contig(sig.k[0], ksz), ksz, 3)
+                ks = _unit_axes_zeroed(_elem_strides(_contig(sig.k[0], ksz), ksz, 3), sig.k[0])
             if not _page_strides_fit(vs, vsz, m.page_size):
                 self.copy_v = True
-                vs = _elem_strides(_contig(sig.v[0], vsz), vsz, 3)
+                vs = _unit_axes_zeroed(_elem_strides(_contig(sig.v[0], vsz), vsz, 3), sig.v[0])
+            if not (_page_strides_fit(ks, ksz, m.page_size) and _page_strides_fit(vs, vsz, m.page_size)):
+                raise ValueError(f"k, v: the GPU kernels support pages of under 2 GB, got pages of "
+                                 f"{m.page_size * m.heads_kv * m.head_dim * ksz} bytes")
         os_ = _elem_strides(sig.out[1] if (sig.out is not None and not self.copy_out)
                             else _contig(out_shape, isz), isz, 3 if self.q_len else 2)
         if self.q_len:  # (per sequence, per query token, per head)

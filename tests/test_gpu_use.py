@@ -1016,3 +1016,23 @@ def test_paged_cache_with_a_page_stride_past_two_gigabytes():
     out = _nan_like(q.shape, q.dtype)
     cupy_lean.attention(to_gpu(q), k, k, kv_lens=cp.asarray(lens), block_table=cp.asarray(table), out=out)
     check_close(out, None, q, kv, kv, lens, table, np.float16)
+
+
+def test_one_token_cache_with_an_odd_token_stride():
+    """A cache of one token per sequence whose (unused) token stride is 2
+    bytes: the rows past each tile's token are addressed from the array's
+    start, never from that stride (a misaligned copy source)."""
+    from cupy.lib.stride_tricks import as_strided
+
+    rng = np.random.default_rng(79)
+    b, hkv, d = 2, 2, 64
+    kv = rng.standard_normal((b, 1, hkv, d)).astype(np.float16)
+    base = cp.zeros(b * hkv * d + 64, dtype=cp.float16)
+    k = as_strided(base, shape=(b, 1, hkv, d), strides=(hkv * d * 2, 2, d * 2, 2))
+    k[...] = cp.asarray(kv)
+    q = rng.standard_normal((b, 4 * hkv, d)).astype(np.float16)
+    lens = np.array([1, 1], np.int32)
+    out = _nan_like(q.shape, q.dtype)
+    cupy_lean.attention(to_gpu(q), k, k, kv_lens=cp.asarray(lens), out=out)
+    cp.cuda.Device().synchronize()
+    check_close(out, None, q, kv, kv, lens, None, np.float16)

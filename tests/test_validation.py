@@ -517,3 +517,12 @@ def test_page_strides_fit_32_bits():
     assert _page_strides_fit((-(2**30 - 1), 64, 1), 2, 256)  # a reversed page order
     assert not _page_strides_fit((2**30, 64, 1), 2, 16)  # a page stride of 2**31 bytes
     assert not _page_strides_fit((256, 2**23, 1), 1, 256)  # a page's rows span 2**31 bytes
+
+
+def test_unit_axes_zeroed():
+    from cupy_lean._plan import _unit_axes_zeroed
+
+    # a one-token cache with an odd token stride: past-the-tile row addresses stay aligned
+    assert _unit_axes_zeroed((3, 1, 64), (2, 1, 1, 64)) == (3, 0, 64)
+    assert _unit_axes_zeroed((4096, 64, 8), (1, 7, 8, 64)) == (0, 64, 8)  # one page (or sequence)
+    assert _unit_axes_zeroed((4096, 64, 8), (5, 7, 1, 64)) == (4096, 64, 8)  # heads kept
