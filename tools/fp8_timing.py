@@ -52,7 +52,7 @@ def main():
         print(f"{case.name:48s} fp16 {t16:8.1f} us ({rows[-1]['fp16_tbps']:.2f} TB/s)  e4m3 {t8:8.1f} us "
               f"({rows[-1]['fp8_tbps']:.2f} TB/s)  ratio {t8 / t16:.3f}", flush=True)
         inp.free()
-        del k8, v8, outs
+        k8 = v8 = outs = None  # free before the next shape
         cp.get_default_memory_pool().free_all_blocks()
     g = math.exp(sum(math.log(r["ratio"]) for r in rows) / len(rows))
     print(f"fp8 seed {a.seed}: {len(rows)} shapes; fp8 / fp16 time geomean {g:.3f}, "
