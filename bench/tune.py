@@ -152,7 +152,7 @@ def measure(args):
               f"{rec['times'].get(rec['default']) or float('nan'):.1f} us", flush=True)
         doc["shapes"].append(rec)
         inp.free()
-        del inp, outs
+        inp = outs = None  # free before the next shape
         cp.get_default_memory_pool().free_all_blocks()
     out = args.out or os.path.join("bench", "results", f"tune_{seed}.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
