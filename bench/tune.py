@@ -116,6 +116,10 @@ def measure(args):
     seed = args.seed if args.seed is not None else F.new_seed()
     print(f"tune: {args.family} shapes, seed {seed}", flush=True)
     shapes = F.draw(args.family, seed, tuple(args.groups))
+    if args.head_dims:
+        dims = {int(x) for x in args.head_dims.split(",")}
+        shapes = [c for c in shapes if c.head_dim in dims]
+    only = set(args.configs.split(",")) if args.configs else None
     limit = K.device_smem_limit()
     sm_smem = int(cp.cuda.Device().attributes["MaxSharedMemoryPerMultiprocessor"])
     doc = {"seed": seed, "family": args.family, "smem_limit": limit,
@@ -130,7 +134,12 @@ def measure(args):
         kw = inp.index_kwargs()
         outs = [cp.empty_like(q) for q in inp.q]
         rec = {"case": case.name, "features": features(case), "lens": list(case.lens), "times": {}}
+        default = cupy_lean.plan(inp.q[0], inp.k[0], inp.v[0], out=outs[0], **kw)
+        rec["default"] = f"lean_t{default.spec.tile}_s{default.spec.stages}_c{default.ctas_per_sm}" + (
+            f"_b{default.merge_balance}" if default.merge_balance else "")
         for c in configs_for(("f16", case.head_dim, case.group, case.layout == "paged"), limit, sm_smem):
+            if only is not None and config_name(c) not in only | {rec["default"]}:
+                continue
             sched, tile, stages, cps, mt, mb = c
             cfg = cupy_lean.Config(schedule=sched, tile_size=tile, stages=stages, ctas_per_sm=cps,
                                    min_tiles_per_cta=mt if mt > 1 else None, merge_balance=mb)
@@ -144,9 +153,6 @@ def measure(args):
                 rec.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"[:200]
                 continue
             rec["times"][name] = us
-        default = cupy_lean.plan(inp.q[0], inp.k[0], inp.v[0], out=outs[0], **kw)
-        rec["default"] = f"lean_t{default.spec.tile}_s{default.spec.stages}_c{default.ctas_per_sm}" + (
-            f"_b{default.merge_balance}" if default.merge_balance else "")
         best = min((t, n) for n, t in rec["times"].items() if t)
         print(f"  {case.name}: best {best[1]} {best[0]:.1f} us, default {rec['default']} "
               f"{rec['times'].get(rec['default']) or float('nan'):.1f} us", flush=True)
@@ -236,6 +242,10 @@ def main(argv=None):
     m.add_argument("--time-budget", type=float, default=0.0, metavar="SECONDS")
     m.add_argument("--groups", type=int, nargs=2, default=(1, 16), metavar=("LOW", "HIGH"),
                    help="range of query heads per KV head to draw (default: the family's 1 16)")
+    m.add_argument("--head-dims", default="", help="comma-separated: time only the drawn shapes of these head_dims")
+    m.add_argument("--configs", default="",
+                   help="comma-separated configuration names (e.g. lean_t64_s3_c1): time only these and the "
+                        "default")
     f = sub.add_parser("fit", help="best configuration per group, and the package's rules scored")
     f.add_argument("files", nargs="+")
     a = ap.parse_args(argv)

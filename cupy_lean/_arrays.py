@@ -84,7 +84,7 @@ def to_gpu(x, name):
             return _fix_void(arr, x, name)
     from ._plan import refuse_host_in_capture
 
-    refuse_host_in_capture([name])
+    refuse_host_in_capture(name)
     return _fix_void(cupy.asarray(x), x, name)
 
 

@@ -19,8 +19,8 @@ _U64_MAX = np.uint64(2**64 - 1)
 def device_check(m, lens, table):
     """Raise ValueError naming the first bad kv_lens or block_table value
     (checked on the GPU; synchronises)."""
-    lens32 = _index_array(lens, 0, m.capacity)  # given: a call checks values only when kv_lens is
-    table32 = None if table is None else _index_array(table, 0, max(m.num_pages - 1, 0))
+    lens32 = _index_array(lens, 0, m.capacity, "kv_lens")  # given: a call checks values only when kv_lens is
+    table32 = None if table is None else _index_array(table, 0, max(m.num_pages - 1, 0), "block_table")
     bad = cp.full(1, _U64_MAX, dtype=cp.uint64)
     fn = K.util_function("lean_check_inputs")
     bt_sb = np.int64(table32.strides[0] // 4) if table32 is not None else np.int64(0)

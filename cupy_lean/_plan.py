@@ -119,7 +119,7 @@ def check_q_lens(q_lens, batch, q_len, check_values):
         lo, hi = int(x.min()), int(x.max())
         if lo < 0 or hi > q_len:
             raise ValueError(f"q_lens: expected values in [0, {q_len}] (q_len), got {lo} to {hi}")
-    return _index_array(x, 0, q_len) if gpu else x
+    return _index_array(x, 0, q_len, "q_lens") if gpu else x
 
 
 def sinks_meta(x):
@@ -168,12 +168,28 @@ def aligned_grid(units, tiles_per_unit, grid, min_fraction=0.85):
     return g if g >= min_fraction * grid else grid
 
 
-def _unit_axes_zeroed(strides, shape):
-    """Strides of a K/V cache's (sequence or page, token) axes with those of
-    length 1 set to 0: such a stride is never needed, and the kernel forms
-    (unread, zero-filled) row addresses from it past a tile's tokens, which
-    must stay as aligned as the array's start."""
-    return tuple(0 if i < 2 and int(shape[i]) == 1 else st for i, st in enumerate(strides))
+def _kv_strides(meta, itemsize, copy, page_size, name):
+    """The element strides (sequence or page, token, head) the kernel gets
+    for K or V (``meta``: the signature's (shape, strides)), and whether the
+    array is read through a contiguous copy: when ``copy`` already, or when
+    a paged cache's (``page_size`` > 0) page stride or page rows reach 2**31
+    bytes (the loader steps pages in 32 bits). The strides of length-1
+    (sequence or page, token) axes are 0: such a stride is never needed, and
+    the kernel forms (unread, zero-filled) row addresses from it past a
+    tile's tokens, which must stay as aligned as the array's start."""
+    shape = meta[0]
+
+    def strides(contiguous):
+        st = _elem_strides(_contig(shape, itemsize) if contiguous else meta[1], itemsize, 3)
+        return tuple(0 if i < 2 and int(shape[i]) == 1 else x for i, x in enumerate(st))
+
+    st = strides(copy)
+    if page_size and not _page_strides_fit(st, itemsize, page_size):
+        copy, st = True, strides(True)
+        if not _page_strides_fit(st, itemsize, page_size):
+            raise ValueError(f"{name}: the GPU kernels support pages of under 2 GB, got pages of "
+                             f"{abs(st[0]) * itemsize} bytes")
+    return st, copy
 
 
 def _page_strides_fit(strides, itemsize, page_size):
@@ -284,18 +300,8 @@ class Plan:
         self.copy_out = sig.out is not None and not _aligned_layout(sig.out[:2], sig.aligned[3], 8)
         qs = _elem_strides(_contig(sig.q[0], isz) if self.copy_q else sig.q[1], isz, 3 if self.q_len else 2)
         ksz, vsz = sig.dtypes[1].itemsize, sig.dtypes[2].itemsize  # 1 for an fp8 cache (uint8 storage)
-        ks = _unit_axes_zeroed(_elem_strides(_contig(sig.k[0], ksz) if self.copy_k else sig.k[1], ksz, 3), sig.k[0])
-        vs = _unit_axes_zeroed(_elem_strides(_contig(sig.v[0], vsz) if self.copy_v else sig.v[1], vsz, 3), sig.v[0])
-        if m.paged:  # the kernel steps a page's bytes and a page's rows in 32 bits: else a contiguous copy
-            if not _page_strides_fit(ks, ksz, m.page_size):
-                self.copy_k = True
-                ks = _unit_axes_zeroed(_elem_strides(_contig(sig.k[0], ksz), ksz, 3), sig.k[0])
-            if not _page_strides_fit(vs, vsz, m.page_size):
-                self.copy_v = True
-                vs = _unit_axes_zeroed(_elem_strides(_contig(sig.v[0], vsz), vsz, 3), sig.v[0])
-            if not (_page_strides_fit(ks, ksz, m.page_size) and _page_strides_fit(vs, vsz, m.page_size)):
-                raise ValueError(f"k, v: the GPU kernels support pages of under 2 GB, got pages of "
-                                 f"{m.page_size * m.heads_kv * m.head_dim * ksz} bytes")
+        ks, self.copy_k = _kv_strides(sig.k, ksz, self.copy_k, m.page_size if m.paged else 0, "k")
+        vs, self.copy_v = _kv_strides(sig.v, vsz, self.copy_v, m.page_size if m.paged else 0, "v")
         os_ = _elem_strides(sig.out[1] if (sig.out is not None and not self.copy_out)
                             else _contig(out_shape, isz), isz, 3 if self.q_len else 2)
         if self.q_len:  # (per sequence, per query token, per head)
@@ -489,18 +495,17 @@ class Plan:
                                         sinks, q_lens, scales)
         return (res_out, res_lse) if (return_lse or lse is not None) else res_out
 
-    def _extra_args(self, q_lens, scales, stream):
+    def _extra_args(self, q_lens, scales):
         """The q_lens / fp8-scale Params fields of a launch, ``((q_lens ptr,
         k_scale ptr, v_scale ptr, k_scale value, v_scale value), arrays)``.
         Host arrays are copied here, and refused, naming them, inside a CUDA
         graph capture (a replay would not see new values)."""
         arrays = [q_lens] + list(scales or (1.0, 1.0))  # q_lens, k_scale, v_scale
-        host = [name for name, x in zip(("q_lens", "k_scale", "v_scale"), arrays)
-                if isinstance(x, np.ndarray)]
-        if host:
-            refuse_host_in_capture(host, stream)
-            arrays = [x if not isinstance(x, np.ndarray) else _index_array(x, 0, self.q_len) if i == 0
-                      else _cp.asarray(x) for i, x in enumerate(arrays)]
+        if any(isinstance(x, np.ndarray) for x in arrays):
+            from ._arrays import to_gpu
+
+            arrays = [x if not isinstance(x, np.ndarray) else _index_array(x, 0, self.q_len, name) if i == 0
+                      else to_gpu(x, name) for i, (name, x) in enumerate(zip(("q_lens", "k_scale", "v_scale"), arrays))]
         ptrs = tuple(0 if x is None or isinstance(x, float) else x.data.ptr for x in arrays)
         values = tuple(x if isinstance(x, float) else 1.0 for x in arrays[1:])
         return ptrs + values, arrays
@@ -582,14 +587,13 @@ class Plan:
             if self.copy_v:
                 v = cp.array(v, copy=True, order="C")
                 temps = (temps, v)
-            refuse_host_in_capture([name for name, x in (("kv_lens", lens), ("block_table", table))
-                                    if isinstance(x, np.ndarray)], cp.cuda.get_current_stream())
             lens32 = None
             if lens is not None:
-                lens32 = lens if self.lens_direct else _index_array(lens, 0, m.capacity)
+                lens32 = lens if self.lens_direct else _index_array(lens, 0, m.capacity, "kv_lens")
             table32 = None
             if table is not None:
-                table32 = table if self.table_direct else _index_array(table, 0, max(m.num_pages - 1, 0))
+                table32 = table if self.table_direct else _index_array(table, 0, max(m.num_pages - 1, 0),
+                                                                       "block_table")
             out_k = cp.empty(out.shape, dtype=q.dtype) if self.copy_out else out
             total = None
             if self.host_lens:
@@ -615,7 +619,7 @@ class Plan:
         stream = cp.cuda.get_current_stream()
         extra = None  # q_lens and fp8 scales: only plans for them look at them
         if self.q_len or self.kv8 is not None:
-            extra = self._extra_args(q_lens, scales, stream)
+            extra = self._extra_args(q_lens, scales)
         with self._lock:
             ws, captured = self._workspace_for(stream, cp)
             if captured:  # the workspace and temporaries the graph reads live as long as the plan
@@ -651,16 +655,14 @@ _cp = _driver = None
 _get_capture_info = None
 
 
-def refuse_host_in_capture(names, stream=None):
-    """Raises ValueError naming the host arrays ``names`` when ``stream`` (or
-    CuPy's current stream) is capturing a CUDA graph: a host array is copied
-    to the GPU by each call, and a replay would read a staging buffer reused
-    since (and never see new values)."""
-    if not names:
-        return
+def refuse_host_in_capture(name):
+    """Raises ValueError naming the host array ``name`` when CuPy's current
+    stream is capturing a CUDA graph: a host array is copied to the GPU by
+    each call, and a replay would read a staging buffer reused since (and
+    never see new values)."""
     _bind_cupy()
-    if _capture_id(stream or _cp.cuda.get_current_stream()) is not None:
-        raise ValueError(f"{', '.join(names)}: inside a CUDA graph capture pass GPU arrays; a host array is "
+    if _capture_id(_cp.cuda.get_current_stream()) is not None:
+        raise ValueError(f"{name}: inside a CUDA graph capture pass GPU arrays; a host array is "
                          f"copied by each call, and a replay would read a staging buffer reused since")
 
 
@@ -718,13 +720,15 @@ def _aligned_layout(meta, ptr_aligned, nbytes):
     return bool(ptr_aligned) and all(s % nbytes == 0 for s, n in zip(strides[:-1], shape[:-1]) if n > 1)
 
 
-def _index_array(x, low, high):
+def _index_array(x, low, high, name):
     """int32 on the GPU, contiguous on the last axis; values outside
     [low, high] kept outside it (clipped to low - 1 / high + 1) so a check
-    still sees them."""
+    still sees them. A host array is copied, and refused, naming it, inside
+    a CUDA graph capture."""
     import cupy as cp
 
     if isinstance(x, np.ndarray):
+        refuse_host_in_capture(name)
         return cp.asarray(np.clip(x.astype(np.int64), low - 1, high + 1).astype(np.int32))
     if x.dtype != cp.int32:
         x = cp.clip(x.astype(cp.int64), low - 1, high + 1).astype(cp.int32)

@@ -292,10 +292,7 @@ def _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, 
             res_lse = lse
         return (res_out, res_lse) if return_lse else res_out
     if host_table is not None:
-        import cupy
-
-        _plan.refuse_host_in_capture(["block_table"])  # before the copy, which a capture refuses unnamed
-        table = cupy.asarray(host_table)  # the kernel reads the table from the GPU
+        table = _to_gpu(host_table, "block_table")  # the kernel reads the table from the GPU
     fkey = _features_key(feats)
     sig = _plan.signature(q, k, v, out, lens, table, m.scale if scale is not None else None, schedule,
                           num_ctas, tile_size, features=fkey)

@@ -977,6 +977,10 @@ __device__ __forceinline__ void tile_scores(const Params& p, const Shared& sh, c
       }
     }
   }
+  // a score as a base-2 logit
+  auto logit = [&](float x) {
+    return HAS_SOFTCAP ? p.softcap_log2 * fast_tanh(x * (p.softcap_scale * kmul)) : x * (p.scale_log2 * kmul);
+  };
   const unsigned char* mask = sh.mask(stage);
   // Per-element masks only where an element can be masked: a tile past the
   // sequence's end, a row on a page outside the cache (bad_pages), query-token
@@ -985,9 +989,7 @@ __device__ __forceinline__ void tile_scores(const Params& p, const Shared& sh, c
 #pragma unroll
     for (int nb = 0; nb < TW / 8; ++nb)
 #pragma unroll
-      for (int e = 0; e < 4; ++e)
-        s[nb][e] = HAS_SOFTCAP ? p.softcap_log2 * fast_tanh(s[nb][e] * (p.softcap_scale * kmul))
-                               : s[nb][e] * (p.scale_log2 * kmul);
+      for (int e = 0; e < 4; ++e) s[nb][e] = logit(s[nb][e]);
     return;
   }
 #pragma unroll
@@ -998,8 +1000,7 @@ __device__ __forceinline__ void tile_scores(const Params& p, const Shared& sh, c
       bool ok = tk < ntok;
       if (PAGED) ok = ok && mask[tk];
       if (HAS_QLEN) ok = ok && tk <= hi[e >> 1] && tk >= lo[e >> 1];
-      const float x = HAS_SOFTCAP ? p.softcap_log2 * fast_tanh(s[nb][e] * (p.softcap_scale * kmul))
-                                  : s[nb][e] * (p.scale_log2 * kmul);
+      const float x = logit(s[nb][e]);
       s[nb][e] = ok ? x : -LEAN_INF;
     }
   }

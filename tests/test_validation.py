@@ -519,10 +519,15 @@ def test_page_strides_fit_32_bits():
     assert not _page_strides_fit((256, 2**23, 1), 1, 256)  # a page's rows span 2**31 bytes
 
 
-def test_unit_axes_zeroed():
-    from cupy_lean._plan import _unit_axes_zeroed
+def test_kv_strides_zero_unit_axes_and_copy_wide_pages():
+    from cupy_lean._plan import _kv_strides
 
     # a one-token cache with an odd token stride: past-the-tile row addresses stay aligned
-    assert _unit_axes_zeroed((3, 1, 64), (2, 1, 1, 64)) == (3, 0, 64)
-    assert _unit_axes_zeroed((4096, 64, 8), (1, 7, 8, 64)) == (0, 64, 8)  # one page (or sequence)
-    assert _unit_axes_zeroed((4096, 64, 8), (5, 7, 1, 64)) == (4096, 64, 8)  # heads kept
+    assert _kv_strides(((2, 1, 1, 64), (6, 2, 128, 2)), 2, False, 0, "k") == ((3, 0, 64), False)
+    # one page (or sequence)
+    assert _kv_strides(((1, 7, 8, 64), (8192, 128, 16, 2)), 2, False, 0, "k") == ((0, 64, 8), False)
+    assert _kv_strides(((5, 7, 1, 64), (8192, 128, 16, 2)), 2, False, 0, "k") == ((4096, 64, 8), False)  # heads kept
+    # a page stride of 2**31 bytes: read through a contiguous copy
+    assert _kv_strides(((2, 16, 1, 64), (2**31, 128, 128, 2)), 2, False, 16, "k") == ((1024, 64, 64), True)
+    with pytest.raises(ValueError, match="v: the GPU kernels support pages of under 2 GB"):
+        _kv_strides(((2, 256, 2**16, 64), (2**32, 2**23, 128, 2)), 2, False, 256, "v")
