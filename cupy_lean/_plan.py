@@ -21,8 +21,8 @@ Workspace rules (what makes graphs and streams safe):
   long as the plan lives, so no two graphs (and no graph and an eager call)
   share a workspace: graphs can be replayed in any order, on any streams,
   concurrently.
-* Unit counters (stream-K: how many partial states of a unit have arrived)
-  are zeroed when a workspace is made and reset by the kernel that used
+* Unit counters (stream-K: how many partial states of a unit, or of a group
+  of its contributors, have arrived) are zeroed when a workspace is made and reset by the kernel that used
   them, so they are zero whenever no launch is running. A launch that
   starts always completes: a fault inside a kernel is sticky in CUDA (the
   context and every workspace in it are lost), and a launch the driver
@@ -217,7 +217,8 @@ class Plan:
     grid : int
         CTAs launched (lean: the persistent grid; split/head: units x splits).
     workspace_bytes : int
-        Size of one workspace: unit counters, then fp32 partial-state slots.
+        Size of one workspace: unit (and merge group) counters, then fp32
+        partial-state slots.
     """
 
     def __init__(self, sig: Signature, meta, *, workspace=None):
@@ -284,7 +285,14 @@ class Plan:
             slots = grid if ns > 1 else 0
         self.grid, self.decomposition, self.num_splits = grid, decomp, ns
         self.slot_stride = slot_stride
-        self.counter_bytes = -(-max(units, 1) * 4 // COUNTER_ALIGN) * COUNTER_ALIGN
+        # stream-K: a counter per unit, then one per slot for the groups of
+        # the two-level merge (schedule.merge_group_size)
+        counters = units + (slots if decomp == K.Decomposition.STREAM_K else 0)
+        self.counter_bytes = -(-max(counters, 1) * 4 // COUNTER_ALIGN) * COUNTER_ALIGN
+        if slots * slot_stride >= 2**31:  # the kernel's merge indexes the slots in 32 bits
+            raise ValueError(f"num_ctas: {grid} CTAs need {slots} partial states of {slot_stride} floats, "
+                             f"2**31 floats or more; expected fewer CTAs (at most "
+                             f"{(2**31 - 1) // (2 * slot_stride)} here)")
         self.workspace_bytes = self.counter_bytes + slots * slot_stride * 4
         self.threads, self.smem = spec.threads, spec.smem_bytes
         self._attn_ptr, self._combine_ptr = kern.attn.kernel.ptr, kern.combine.kernel.ptr
@@ -398,7 +406,7 @@ class Plan:
                 "sinks" if f[0] is not None else "", f"window_left={f[1]}" if f[1] is not None else "",
                 f"softcap={f[2]}" if f[2] is not None else "",
                 f"fp8 {self.kv8} K/V" if self.kv8 is not None else "") if x))
-        lines.append(f"  workspace: {self.workspace_bytes} bytes ({self.counter_bytes} of unit counters, "
+        lines.append(f"  workspace: {self.workspace_bytes} bytes ({self.counter_bytes} of counters, "
                      f"{(self.workspace_bytes - self.counter_bytes) // (4 * self.slot_stride)} partial-state "
                      f"slots of {self.slot_stride * 4} bytes)")
         return "\n".join(lines)

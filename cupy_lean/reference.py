@@ -289,7 +289,9 @@ def emulate(schedule, q, k, v, *, kv_lens=None, block_table=None, scale=None, si
     Every segment of ``schedule`` is computed on its own as an online-softmax
     state; a segment that covers its whole unit is normalised straight into the
     output, and each partial unit's states are merged in CTA order (for
-    ``split``, chunk order), as the kernels do.
+    ``split``, chunk order), as the kernels do; a ``lean`` unit cut into
+    many pieces in groups first (:func:`cupy_lean.schedule.merge_group_size`
+    with the kernel's scratch of ``tile_size x head_dim`` floats).
 
     ``schedule`` must have been built for the same ``heads_kv`` and for the
     lengths the kernel walks: ``kv_lens``, or with ``window_left`` the window
@@ -302,6 +304,7 @@ def emulate(schedule, q, k, v, *, kv_lens=None, block_table=None, scale=None, si
     With ``return_partials=True`` the per-slot states are returned as a third
     value (a dict ``slot -> (m, l, acc)``, natural-log ``m``).
     """
+    from .schedule import merge_group_size
     from .validation import fp8_cache
 
     hkv = k.shape[2]
@@ -378,7 +381,12 @@ def emulate(schedule, q, k, v, *, kv_lens=None, block_table=None, scale=None, si
     for u, parts in by_unit.items():
         b, h = divmod(u, hkv)
         parts.sort()  # CTA order, whatever order they were produced in
-        put(b, h, merge_partial([slots[sl] for _, sl in parts]))
+        states = [slots[sl] for _, sl in parts]
+        if schedule.kind == "lean":  # the kernel's two-level merge of a unit cut into many pieces
+            size = merge_group_size(len(states), ql * g, ts * d)
+            if size:
+                states = [merge_partial(states[i:i + size]) for i in range(0, len(states), size)]
+        put(b, h, merge_partial(states))
     if sink is not None:  # units without tiles: the sink alone
         for b in np.nonzero(lens - start == 0)[0]:
             for h in range(hkv):

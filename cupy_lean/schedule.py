@@ -46,6 +46,7 @@ __all__ = [
     "split_schedule",
     "head_schedule",
     "merge_balanced_tiles",
+    "merge_group_size",
     "num_splits_heuristic",
     "tiles_per_sequence",
 ]
@@ -334,6 +335,34 @@ def lean_cta_of_tile(total_tiles, num_ctas, tile):
     light = np.maximum(max_tiles - 1, 1)
     return np.where(tile < heavy * max_tiles, tile // max_tiles,
                     heavy + (tile - heavy * max_tiles) // light)
+
+
+#: Contributors of a unit from which the kernel merges its states in two
+#: levels (:func:`merge_group_size`).
+MERGE_TREE_FROM = 16
+
+
+def merge_group_size(contributors, state_rows, scratch_floats):
+    """Group size of the kernel's two-level merge of a stream-K unit cut into
+    ``contributors`` pieces, or 0 for one merge of all of them.
+
+    From :data:`MERGE_TREE_FROM` pieces on, contributors ``[q G, q G + G)``
+    form group ``q``: the group's last arrival merges its states (in CTA
+    order) into the slot of its first member, and the last group to finish
+    merges the ``ceil(contributors / G)`` group states (in group order), so
+    no CTA merges more than about ``2 sqrt(contributors)`` states while the
+    others wait. ``G = ceil(sqrt(contributors))``, at most ``(scratch_floats
+    // state_rows - 2) // 2`` (a group's maxima and sums fit the merge's
+    shared scratch of ``scratch_floats = tile_size x head_dim`` floats); 0
+    when that leaves fewer than 2. The grouping depends on the count only,
+    so the result is deterministic. The kernel computes the same integer.
+    """
+    n, rows, red = (int(x) for x in (contributors, state_rows, scratch_floats))
+    if n < MERGE_TREE_FROM:
+        return 0
+    g = max(1, math.isqrt(n - 1) + 1) if n > 1 else 1
+    g = min(g, (red // rows - 2) // 2)
+    return g if g >= 2 else 0
 
 
 def merge_balanced_tiles(longest_unit_tiles, merge_balance, state_rows, tile_size):

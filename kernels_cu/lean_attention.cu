@@ -398,6 +398,32 @@ struct Contributors {
   __device__ int slot(int j) const { return j == 0 ? first_slot : PartialSlots::stream_k_slot(first + j, 0); }
 };
 
+// The slots of n states to merge, in merge order: state 0 in slot `first`,
+// state j >= 1 in slot next + (j - 1) * step (every list the kernel merges
+// has this form, so the merge steps a pointer instead of recomputing slots).
+struct SlotList {
+  int first, next, step;
+  __device__ int operator()(int j) const { return j == 0 ? first : next + (j - 1) * step; }
+};
+
+// Merge tree of a unit with n contributors: 0 (one merge of all n states by
+// the last arrival) up to MERGE_TREE_FROM - 1 states, else the group size G:
+// contributors j in [q G, q G + G) form group q, whose last arrival merges the
+// group's states into the slot of its first member, and the last group to
+// finish merges the ceil(n / G) group states. G ~ sqrt(n), capped so that a
+// group's maxima and sums fit the `red_floats` of shared scratch of the
+// merge (its in-place store relies on that path; schedule.merge_group_size
+// is the same rule).
+constexpr int MERGE_TREE_FROM = 16;
+static_assert(MERGE_TREE_FROM == LEAN_HOST_MERGE_TREE_FROM, "schedule.MERGE_TREE_FROM differs");
+__device__ __forceinline__ int merge_group_size(int n, int rows, int red_floats) {
+  if (n < MERGE_TREE_FROM) return 0;
+  int G = 1;
+  while (G * G < n) ++G;
+  G = min(G, (red_floats / rows - 2) / 2);
+  return G >= 2 ? G : 0;
+}
+
 // Arrival counter of one partial unit: the CTA whose arrival completes the
 // count reduces the unit. No CTA ever waits for another, so the kernel is
 // correct whether or not its CTAs are co-resident.
@@ -559,21 +585,34 @@ struct WarpState {
 // ============================================================= 5. unit reduction
 
 // Merges the n partial states of unit (b, h), slots slot_of(0 .. n-1), and
-// writes the output. Every thread of the block takes part (barriers and warp
-// shuffles inside). `red` is shared scratch of `red_floats` floats: when the
-// n x group maxima and sums fit, they are gathered there first; each row's
-// max and sum are then reduced (by a warp when n is large), and each output
-// element (row, d..d+3) sums its n weighted accumulators. With few elements
-// and many states, `lanes` adjacent threads share an element, each taking
-// every lanes-th state (8 loads in flight each), and a fixed butterfly adds
-// their sums: the order depends on n, group and the spec only, so results are
-// deterministic.
+// writes the output, or (out_slot >= 0) the merged state to that slot, which
+// may be one of the merged ones (on the shared-scratch path below every
+// element is stored by the thread that read it, after its reads, and the
+// maxima and sums are all read before any is stored). Every thread of the
+// block takes part (barriers and warp shuffles inside). `red` is shared
+// scratch of `red_floats` floats: when the n x group maxima and sums fit, they
+// are gathered there first; each row's max and sum are then reduced (by a
+// warp when n is large), and each output element (row, d..d+3) sums its n
+// weighted accumulators. With few elements and many states, `lanes` adjacent
+// threads share an element, each taking every lanes-th state (up to RED_LOADS
+// loads in flight each), and a fixed butterfly adds their sums: the order
+// depends on n, group and the spec only, so results are deterministic.
 // Otherwise (too many states to gather) each element walks the slots itself.
 constexpr int WIDE_REDUCTION = 32;  // states from which a warp, not a thread, reduces a row's max and sum
+// Partial accumulators a thread loads at once while merging many states: a
+// unit cut into many pieces is merged at the pace of L2 round trips and of
+// the merge's own instructions. More at the head_dims whose tile loop holds
+// more registers anyway.
+constexpr int RED_LOADS = D >= 256 ? 32 : (D >= 128 ? 16 : 8);
+template <int N>
+struct IntConst {
+  static constexpr int value = N;
+};
 
-template <class SlotOf>
-__device__ void reduce_unit(const Params& p, int b, int h, int n, SlotOf slot_of, float* red, int red_floats) {
+__device__ void reduce_unit(const Params& p, int b, int h, int n, SlotList slot_of, float* red, int red_floats,
+                            int out_slot = -1) {
   const int g = unit_rows(p);
+  const bool to_slot = out_slot >= 0;
   const PartialSlots ps = {p.partials, p.slot_stride, g};
   constexpr int PER_ROW = D / 4;
   if (2 * n * g + 2 * g <= red_floats) {
@@ -583,10 +622,21 @@ __device__ void reduce_unit(const Params& p, int b, int h, int n, SlotOf slot_of
     float* L = M + g;            // [g]
     const int lane32 = threadIdx.x & 31, warp = threadIdx.x >> 5;
     __syncthreads();
-    for (int e = threadIdx.x; e < n * g; e += NT) {
-      const int j = e / g, row = e % g;
-      W[e] = __ldcg(ps.m(slot_of(j)) + row);
-      Lp[e] = __ldcg(ps.l(slot_of(j)) + row);
+    for (int e0 = threadIdx.x; e0 < n * g; e0 += 4 * NT) {  // 8 loads in flight, then the stores
+      float mv[4], lv[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        const int e = e0 + u * NT, j = e / g, row = e % g;
+        mv[u] = e < n * g ? __ldcg(ps.m(slot_of(j)) + row) : 0.f;
+        lv[u] = e < n * g ? __ldcg(ps.l(slot_of(j)) + row) : 0.f;
+      }
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        if (e0 + u * NT < n * g) {
+          W[e0 + u * NT] = mv[u];
+          Lp[e0 + u * NT] = lv[u];
+        }
+      }
     }
     __syncthreads();
     // Each row's max and sum: one thread per row over few states, one warp
@@ -626,27 +676,41 @@ __device__ void reduce_unit(const Params& p, int b, int h, int n, SlotOf slot_of
       const bool live = e < E;
       const int row = live ? e / PER_ROW : 0, d = live ? (e % PER_ROW) * 4 : 0;
       float acc[4] = {0.f, 0.f, 0.f, 0.f};
-      for (int j0 = lane; j0 < n; j0 += 8 * lanes) {
-        float4 x[8];
-        float w[8];
+      // RED_LOADS states at once while more than 8 remain for this lane, then
+      // 8: the same states in the same order either way (states past n add
+      // an exact 0, so the sum is bitwise the same), but a unit cut into many
+      // pieces waits for n / RED_LOADS L2 round trips, not n / 8.
+      // State j of this element at p.partials + off(j) floats, off(j) in 32
+      // bits (the workspace holds far fewer than 2^31 floats) and affine in
+      // j from state 1 on.
+      const int within = row * D + d, off0 = slot_of.first * ps.stride + within;
+      const int off1 = slot_of.next * ps.stride + within, jstep = slot_of.step * ps.stride;
+      auto gather = [&](auto width, int j0) {
+        constexpr int U = decltype(width)::value;
+        float4 x[U];
+        float w[U];
 #pragma unroll
-        for (int u = 0; u < 8; ++u) {  // a zero weight (empty state, past n, idle thread) reads nothing
+        for (int u = 0; u < U; ++u) {  // a zero weight (empty state, past n, idle thread) reads nothing
           const int j = j0 + u * lanes;
           w[u] = (live && j < n) ? W[j * g + row] : 0.f;
-          x[u] = (w[u] != 0.f) ? ldcg4(ps.acc(slot_of(j), row) + d) : make_float4(0, 0, 0, 0);
+          const int off = j == 0 ? off0 : off1 + (j - 1) * jstep;
+          x[u] = (w[u] != 0.f) ? ldcg4(p.partials + off) : make_float4(0, 0, 0, 0);
         }
 #pragma unroll
-        for (int u = 0; u < 8; ++u) {
+        for (int u = 0; u < U; ++u) {
           acc[0] += w[u] * x[u].x;
           acc[1] += w[u] * x[u].y;
           acc[2] += w[u] * x[u].z;
           acc[3] += w[u] * x[u].w;
         }
-      }
+      };
+      int j0 = lane;
+      for (; j0 + 8 * lanes < n; j0 += RED_LOADS * lanes) gather(IntConst<RED_LOADS>(), j0);
+      for (; j0 < n; j0 += 8 * lanes) gather(IntConst<8>(), j0);
       for (int o = 1; o < lanes; o <<= 1)
 #pragma unroll
         for (int c = 0; c < 4; ++c) acc[c] += __shfl_xor_sync(0xffffffffu, acc[c], o);
-      if (live && lane == 0) emit<4>(p, ps, b, h, row, d, acc, M[row], L[row], false, 0);
+      if (live && lane == 0) emit<4>(p, ps, b, h, row, d, acc, M[row], L[row], to_slot, out_slot);
     }
     return;
   }
@@ -665,7 +729,7 @@ __device__ void reduce_unit(const Params& p, int b, int h, int n, SlotOf slot_of
       acc[2] += w * x.z;
       acc[3] += w * x.w;
     }
-    emit<4>(p, ps, b, h, row, d, acc, mx, sum, false, 0);
+    emit<4>(p, ps, b, h, row, d, acc, mx, sum, to_slot, out_slot);  // never in place here (merge_group_size)
   }
 }
 
@@ -1131,13 +1195,29 @@ __device__ void finish_segment(const Params& p, const Shared& sh, const StreamK&
   if (!s.partial || p.decomposition != STREAM_K) return;
   int* misc = sh.misc();
   const Contributors who = Contributors::of(sk, s);
-  const UnitCounter counter = {p.counters + (s.b * p.heads_kv + s.h)};
-  __syncthreads();  // the slot's stores precede thread 0's release
-  if (threadIdx.x == 0) misc[MISC_LAST] = counter.arrive_is_last(who.count) ? 1 : 0;
-  __syncthreads();  // thread 0's acquire precedes every thread's slot loads
-  if (misc[MISC_LAST]) {
-    reduce_unit(p, s.b, s.h, who.count, [&](int j) { return who.slot(j); }, sh.scratch(stage), TILE * D);
+  const int G = merge_group_size(who.count, unit_rows(p), TILE * D);
+  float* red = sh.scratch(stage);
+  // With a merge tree (G > 0) this CTA first arrives in its group (level 0):
+  // the counters of groups follow the units', one per slot, indexed by the
+  // group's first slot, and the group is merged into that slot. Level 1 is
+  // the unit. One call of reduce_unit serves both levels (one copy of its
+  // code), and little is live across it.
+#pragma unroll 1
+  for (int level = G > 0 ? 0 : 1;; ++level) {
+    const int q0 = level == 0 ? (c - who.first) / G * G : 0;
+    const int into = level == 0 ? who.slot(q0) : -1;
+    const UnitCounter counter = {p.counters + (level == 0 ? p.batch * p.heads_kv + into : s.b * p.heads_kv + s.h)};
+    const int members = level == 0 ? min(G, who.count - q0) : (G > 0 ? (who.count + G - 1) / G : who.count);
+    __syncthreads();  // the slot's stores precede thread 0's release
+    if (threadIdx.x == 0) misc[MISC_LAST] = counter.arrive_is_last(members) ? 1 : 0;
+    __syncthreads();  // thread 0's acquire precedes every thread's slot loads
+    if (!misc[MISC_LAST]) return;
+    const int step = level == 0 || G == 0 ? 1 : G;  // in contributors
+    reduce_unit(p, s.b, s.h, members,
+                {who.slot(q0), PartialSlots::stream_k_slot(who.first + q0 + step, 0), 2 * step}, red, TILE * D,
+                into);
     if (threadIdx.x == 0) counter.reset();
+    if (level == 1) return;
   }
 }
 
@@ -1267,7 +1347,7 @@ __device__ void dump_cta(const Params& p) {
 
 // ============================================================= 7. entry points
 
-extern "C" __global__ void __launch_bounds__(lean::NT) LEAN_ENTRY(const __grid_constant__ lean::Params p) {
+extern "C" __global__ void __launch_bounds__(lean::NT, 1) LEAN_ENTRY(const __grid_constant__ lean::Params p) {
   lean::attention_cta(p);
 }
 
@@ -1275,7 +1355,7 @@ extern "C" __global__ void __launch_bounds__(lean::NT) LEAN_ENTRY(const __grid_c
 extern "C" __global__ void __launch_bounds__(lean::NT) LEAN_COMBINE_ENTRY(const __grid_constant__ lean::Params p) {
   const int unit = blockIdx.x, ns = p.num_splits;
   __shared__ float red[4096];
-  lean::reduce_unit(p, unit / p.heads_kv, unit % p.heads_kv, ns, [&](int j) { return unit * ns + j; }, red, 4096);
+  lean::reduce_unit(p, unit / p.heads_kv, unit % p.heads_kv, ns, {unit * ns, unit * ns + 1, 1}, red, 4096);
 }
 
 extern "C" __global__ void __launch_bounds__(lean::NT) LEAN_DUMP_ENTRY(const __grid_constant__ lean::Params p) {

@@ -408,6 +408,43 @@ def test_bad_values_without_validation_are_safe():
     assert abs(float(lse[0, 0]) - lse0[0, 0]) < 2e-3
 
 
+# ---------------------------------------------------------------- units cut into many pieces
+
+@pytest.mark.parametrize("d,hq,hkv,n,layout,ctas", [
+    (256, 24, 2, 20011, "dense", None),    # the default grid: ~35 pieces per unit, groups of 6
+    (256, 24, 2, 20011, "paged", 264),     # as many as the merge balance allows
+    (64, 8, 1, 65537, "dense", 132),       # ~57 pieces per unit: groups of 8
+    (128, 16, 2, 9001, "strided", 80),     # ~20 pieces per unit: groups of 5
+    (128, 16, 2, 9001, "dense", 30),       # ~8 pieces: one merge
+])
+def test_units_cut_into_many_pieces(d, hq, hkv, n, layout, ctas):
+    """Few long units over the whole grid: every unit's states are merged in
+    two levels from 16 pieces on (schedule.merge_group_size). Output
+    prefilled with NaN, lse checked, and two replays of a captured call give
+    the first call's bits: the group counters are back at zero after each
+    launch."""
+    rng = np.random.default_rng(d + n)
+    lens = [n, n - 977]
+    q, k, v, lens, table = make_inputs(rng, 2, hq, hkv, d, np.float16, lens, layout)
+    kw = dict(kv_lens=cp.asarray(lens), block_table=to_gpu(table), num_ctas=ctas)
+    out = cp.full(q.shape, cp.nan, dtype=cp.float16)
+    lse = cp.full(q.shape[:2], cp.nan, dtype=cp.float32)
+    qg, kg, vg = to_gpu(q), to_gpu(k), to_gpu(v)
+    cupy_lean.attention(qg, kg, vg, out=out, lse=lse, return_lse=True, **kw)
+    check_close(out, lse, q, k, v, lens, table, np.float16)
+    first = out.copy()
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        cupy_lean.attention(qg, kg, vg, out=out, lse=lse, return_lse=True, **kw)
+        graph = stream.end_capture()
+        for _ in range(2):
+            out.fill(cp.nan)
+            graph.launch(stream)
+            stream.synchronize()
+            assert cp.array_equal(out, first)
+
+
 # ---------------------------------------------------------------- API details
 
 def test_out_argument_and_batch_zero():

@@ -463,6 +463,47 @@ def test_merge_balanced_tiles_is_the_smallest_square_root(longest, a, rows, tile
     assert n == 1 or (n - 1) * (n - 1) * tile < v
 
 
+@given(st.integers(0, 2000), st.integers(1, 512), st.sampled_from([1024, 2048, 4096, 8192, 16384, 32768]))
+@example(62, 12, 64 * 256)
+@example(15, 16, 8192)
+@example(16, 512, 1024)
+def test_merge_group_size_bounds_the_serial_merge(n, rows, scratch):
+    """The kernel's two-level merge: none below MERGE_TREE_FROM pieces; else
+    groups of G >= 2 whose maxima and sums fit the scratch, G the ceiling of
+    sqrt(n) unless the scratch caps it, so the last group and the unit merge
+    together touch at most G + ceil(n / G) states."""
+    from cupy_lean.schedule import MERGE_TREE_FROM, merge_group_size
+
+    g = merge_group_size(n, rows, scratch)
+    if n < MERGE_TREE_FROM or (scratch // rows - 2) // 2 < 2:
+        assert g == 0
+        return
+    assert 2 <= g and (2 * g + 2) * rows <= scratch
+    assert g <= math.isqrt(n - 1) + 1
+    if (scratch // rows - 2) // 2 >= math.isqrt(n - 1) + 1:
+        assert (g - 1) ** 2 < n <= g * g
+        assert g + -(-n // g) <= 2 * math.isqrt(n) + 3
+
+
+def test_emulate_merges_a_unit_of_many_pieces_in_groups():
+    """emulate follows the kernel's grouping (float64: the same result as one
+    merge to rounding), and the grouping is what merge_group_size gives."""
+    from cupy_lean import reference
+    from cupy_lean.schedule import merge_group_size
+
+    rng = np.random.default_rng(5)
+    lens = np.array([3001, 2999])
+    q = rng.standard_normal((2, 8, 64))
+    k = rng.standard_normal((2, 3001, 1, 64))
+    v = rng.standard_normal((2, 3001, 1, 64))
+    sch = lean_schedule(lens, 1, tile_size=16, num_ctas=120)
+    pieces = np.bincount(sch.segments["unit"][sch.segments["partial"].astype(bool)])
+    assert pieces.min() >= 16 and merge_group_size(int(pieces.min()), 8, 16 * 64) >= 4
+    out, lse = reference.emulate(sch, q, k, v, kv_lens=lens)
+    ref, ref_lse = reference.attention(q, k, v, kv_lens=lens)
+    assert np.abs(out - ref).max() < 1e-12 and np.abs(lse - ref_lse).max() < 1e-12
+
+
 @given(st.lists(st.integers(0, 30000), min_size=1, max_size=6), st.integers(1, 4), st.integers(1, 300),
        st.sampled_from([1, 2, 8]), st.sampled_from([16, 64, 128]))
 @example([24050], 1, 132, 1, 64)

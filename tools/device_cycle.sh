@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One build-test-measure cycle on a lent GPU machine, results under $OUT.
-# Usage: bash tools/device_cycle.sh STEPS...   (steps: precompile tests sanitize fp8 family-quick family tune trees)
+# Usage: bash tools/device_cycle.sh STEPS...   (steps: precompile tests tests-par sanitize fp8 family-quick family tune trees)
 #   precompile   every spec (and tile override) into CuPy's disk cache, in parallel
 #   tune         python -m bench.tune measure on FAMILY_N shapes of seed SEED -> $OUT/tune_SEED.json
 #   tests        the GPU test suite                    -> $OUT/gpu_tests.txt
+#   tests-par    the same in SHARDS parallel processes (default 6) -> $OUT/gpu_tests.txt
 #   sanitize     tools/sanitize.sh                     -> $OUT/sanitize.txt
 #   fp8          tools/fp8_timing.py on FAMILY_N shapes of seed SEED -> $OUT/fp8_SEED.json
 #   family-quick lean only, this tree and .base/ (a copy of the package before
@@ -46,6 +47,11 @@ for step in "$@"; do
     tests)
       python3 -m pytest tests -q -m gpu -p no:cacheprovider --maxfail=8 > "$OUT/gpu_tests.txt" 2>&1
       echo "tests: $(grep -E 'passed|failed|error' "$OUT/gpu_tests.txt" | tail -1)";;
+    tests-par)
+      # the GPU tests in SHARDS processes at once (they are mostly compile- and
+      # NumPy-bound), round-robin over the collected ids; one summary file
+      python3 tools/gpu_shards.py --shards "${SHARDS:-6}" --out "$OUT/gpu_tests.txt" ${TESTS_K:+-k "$TESTS_K"}
+      tail -${SHARDS:-6} "$OUT/gpu_tests.txt";;
     sanitize)
       bash tools/sanitize.sh /tmp/sanlogs > "$OUT/sanitize.txt" 2>&1; cat "$OUT/sanitize.txt";;
     fp8)

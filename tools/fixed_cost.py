@@ -5,6 +5,12 @@ latency, store, no merge), the real lengths, and the real lengths with one CTA
 per unit (no merge); an empty kernel gives the graph's launch cost.
 
     python tools/fixed_cost.py [--seed S] [--out FILE.json]
+
+With --shape B,HQ,HKV,D,N[,PAGE] only that shape is timed, once per CTA count
+in --ctas (0: the library's choice) and once with the split schedule, lengths
+given as a GPU array (as a ragged batch gives them):
+
+    python tools/fixed_cost.py --shape 1,24,2,256,63828 --ctas 0,2,16,32,64,124
 """
 
 import argparse
@@ -33,40 +39,60 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="")
+    ap.add_argument("--shape", default="", help="B,HQ,HKV,D,N[,PAGE]: time this shape only")
+    ap.add_argument("--ctas", default="0", help="with --shape: CTA counts to time (0: default)")
     a = ap.parse_args()
     rng = np.random.default_rng(a.seed)
+    if a.shape:
+        f = [int(x) for x in a.shape.split(",")]
+        b, hq, hkv, d, n = f[:5]
+        ps = f[5] if len(f) > 5 else 0
+        name = f"b{b} {hq}/{hkv} d{d} {n}" + (f" paged{ps}" if ps else "")
+        labels = [(f"num_ctas {c}" if c else "default", n, {"num_ctas": c} if c else {})
+                  for c in (int(x) for x in a.ctas.split(","))]
+        rows = [time_shape(rng, name, b, hq, hkv, d, n, ps, labels + [("split", n, {"schedule": "split"})])]
+        if a.out:
+            with open(a.out, "w") as fh:
+                json.dump(rows, fh, indent=1)
+        return
     empty = cp.RawKernel('extern "C" __global__ void nothing() {}', "nothing")
     t_empty = graph_time(lambda i: empty((1,), (32,), ()), 1, n_calls=20)
     rows = [{"case": "empty kernel", "us": t_empty}]
     print(f"empty kernel: {t_empty:.2f} us")
     for name, b, hq, hkv, d, n, ps in SHAPES:
-        q = cp.asarray(rng.standard_normal((b, hq, d)), dtype=cp.float16)
-        if ps:
-            pages = -(-n // ps)
-            k = cp.asarray(rng.standard_normal((b * pages, ps, hkv, d)), dtype=cp.float16)
-            v = cp.asarray(rng.standard_normal((b * pages, ps, hkv, d)), dtype=cp.float16)
-            table = cp.asarray(rng.permutation(b * pages).reshape(b, pages).astype(np.int32))
-        else:
-            k = cp.asarray(rng.standard_normal((b, n, hkv, d)), dtype=cp.float16)
-            v = cp.asarray(rng.standard_normal((b, n, hkv, d)), dtype=cp.float16)
-            table = None
-        out = cp.empty_like(q)
-        mb = 2 * b * n * hkv * d * 2 / 1e6
-        copies = int(min(8, max(1, -(-150 // mb))))  # rotating copies: cold L2 on the real lengths
-        kvs = [(k, v)] + [(k.copy(), v.copy()) for _ in range(copies - 1)]
-        res = {"case": name, "kv_mb": mb}
-        for label, lens, kw in (("len 0", 0, {}), ("len 1", 1, {}), (f"len {n}", n, {}),
+        rows.append(time_shape(rng, name, b, hq, hkv, d, n, ps,
+                               (("len 0", 0, {}), ("len 1", 1, {}), (f"len {n}", n, {}),
                                 (f"len {n}, one CTA per unit", n, {"num_ctas": b * hkv}),
-                                (f"len {n}, split", n, {"schedule": "split"})):
-            kv = cp.full((b,), lens, dtype=cp.int32)
-            t = graph_time(lambda i: cupy_lean.attention(q, *kvs[i], kv_lens=kv, block_table=table, out=out, **kw),
-                           copies, n_calls=max(20, copies))
-            res[label.split(",")[0] if "," not in label else label] = t
-            print(f"{name:28s} {mb:7.1f} MB  {label:34s} {t:7.2f} us")
-        rows.append(res)
+                                (f"len {n}, split", n, {"schedule": "split"}))))
     if a.out:
         with open(a.out, "w") as f:
             json.dump(rows, f, indent=1)
+
+
+def time_shape(rng, name, b, hq, hkv, d, n, ps, labels):
+    """Device microseconds of one shape under each (label, length, kwargs)."""
+    q = cp.asarray(rng.standard_normal((b, hq, d)), dtype=cp.float16)
+    if ps:
+        pages = -(-n // ps)
+        k = cp.asarray(rng.standard_normal((b * pages, ps, hkv, d)), dtype=cp.float16)
+        v = cp.asarray(rng.standard_normal((b * pages, ps, hkv, d)), dtype=cp.float16)
+        table = cp.asarray(rng.permutation(b * pages).reshape(b, pages).astype(np.int32))
+    else:
+        k = cp.asarray(rng.standard_normal((b, n, hkv, d)), dtype=cp.float16)
+        v = cp.asarray(rng.standard_normal((b, n, hkv, d)), dtype=cp.float16)
+        table = None
+    out = cp.empty_like(q)
+    mb = 2 * b * n * hkv * d * 2 / 1e6
+    copies = int(min(8, max(1, -(-150 // mb))))  # rotating copies: cold L2 on the real lengths
+    kvs = [(k, v)] + [(k.copy(), v.copy()) for _ in range(copies - 1)]
+    res = {"case": name, "kv_mb": mb}
+    for label, lens, kw in labels:
+        kv = cp.full((b,), lens, dtype=cp.int32)
+        t = graph_time(lambda i: cupy_lean.attention(q, *kvs[i], kv_lens=kv, block_table=table, out=out, **kw),
+                       copies, n_calls=max(20, copies))
+        res[label.split(",")[0] if "," not in label else label] = t
+        print(f"{name:28s} {mb:7.1f} MB  {label:34s} {t:7.2f} us")
+    return res
 
 
 if __name__ == "__main__":
