@@ -290,9 +290,11 @@ class Plan:
         counters = units + (slots if decomp == K.Decomposition.STREAM_K else 0)
         self.counter_bytes = -(-max(counters, 1) * 4 // COUNTER_ALIGN) * COUNTER_ALIGN
         if slots * slot_stride >= 2**31:  # the kernel's merge indexes the slots in 32 bits
-            raise ValueError(f"num_ctas: {grid} CTAs need {slots} partial states of {slot_stride} floats, "
-                             f"2**31 floats or more; expected fewer CTAs (at most "
-                             f"{(2**31 - 1) // (2 * slot_stride)} here)")
+            per_cta = 2 if decomp == K.Decomposition.STREAM_K else 1  # partial states per CTA
+            what = "num_ctas" if sig.num_ctas is not None else f"schedule={sig.schedule!r}"
+            raise ValueError(f"{what}: a grid of {grid} CTAs needs {slots} partial states of {slot_stride} "
+                             f"floats, 2**31 floats or more (the kernels index them in 32 bits); expected at "
+                             f"most {(2**31 - 1) // (per_cta * slot_stride)} CTAs for this shape")
         self.workspace_bytes = self.counter_bytes + slots * slot_stride * 4
         self.threads, self.smem = spec.threads, spec.smem_bytes
         self._attn_ptr, self._combine_ptr = kern.attn.kernel.ptr, kern.combine.kernel.ptr

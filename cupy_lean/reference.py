@@ -302,7 +302,9 @@ def emulate(schedule, q, k, v, *, kv_lens=None, block_table=None, scale=None, si
     each with its own causal limit, as in the kernel; ``kv_dtype`` /
     ``k_scale`` / ``v_scale`` read an fp8 cache as :func:`attention` does.
     With ``return_partials=True`` the per-slot states are returned as a third
-    value (a dict ``slot -> (m, l, acc)``, natural-log ``m``).
+    value (a dict ``slot -> (m, l, acc)``, natural-log ``m``): each
+    contributor's own state (in the kernel's workspace, after a two-level
+    merge, a group's first slot holds the group's merged state instead).
     """
     from .schedule import merge_group_size
     from .validation import fp8_cache

@@ -167,7 +167,7 @@ static_assert(STREAM_K == LEAN_HOST_STREAM_K && SPLIT_K == LEAN_HOST_SPLIT_K, "D
   F(const int*, kv_lens)     /* (batch,), or null: every sequence has `capacity` tokens */     \
   F(const int*, block_table) /* (batch, max_pages), or null (dense) */                         \
   F(float*, partials)        /* PartialSlots storage (the dump entry: its int records) */      \
-  F(u32*, counters)          /* one UnitCounter per unit */                                    \
+  F(u32*, counters)          /* UnitCounters: one per unit, then one per slot (merge groups) */\
   F(i64, q_sb) F(i64, q_sh)  /* strides in elements: q per sequence, per head */               \
   F(i64, k_sb) F(i64, k_st) F(i64, k_sh) /* k per sequence (or page), per token, per head */   \
   F(i64, v_sb) F(i64, v_st) F(i64, v_sh)                                                        \
