@@ -11,6 +11,12 @@ in --ctas (0: the library's choice) and once with the split schedule, lengths
 given as a GPU array (as a ragged batch gives them):
 
     python tools/fixed_cost.py --shape 1,24,2,256,63828 --ctas 0,2,16,32,64,124
+
+--lens L1,L2,... times the shape at each of these lengths (the cache holds N
+tokens): with --ctas 0,UNITS (one CTA per unit: no merge) and --no-split it
+separates a small call's fixed cost, its per-tile cost and its merge:
+
+    python tools/fixed_cost.py --shape 3,45,3,256,2696 --lens 1,64,512,2696 --ctas 0,9 --no-split
 """
 
 import argparse
@@ -41,6 +47,8 @@ def main():
     ap.add_argument("--out", default="")
     ap.add_argument("--shape", default="", help="B,HQ,HKV,D,N[,PAGE]: time this shape only")
     ap.add_argument("--ctas", default="0", help="with --shape: CTA counts to time (0: default)")
+    ap.add_argument("--lens", default="", help="with --shape: lengths to time (default N), each <= N")
+    ap.add_argument("--no-split", action="store_true", help="with --shape: skip the split schedule")
     a = ap.parse_args()
     rng = np.random.default_rng(a.seed)
     if a.shape:
@@ -48,9 +56,17 @@ def main():
         b, hq, hkv, d, n = f[:5]
         ps = f[5] if len(f) > 5 else 0
         name = f"b{b} {hq}/{hkv} d{d} {n}" + (f" paged{ps}" if ps else "")
-        labels = [(f"num_ctas {c}" if c else "default", n, {"num_ctas": c} if c else {})
-                  for c in (int(x) for x in a.ctas.split(","))]
-        rows = [time_shape(rng, name, b, hq, hkv, d, n, ps, labels + [("split", n, {"schedule": "split"})])]
+        lens = [int(x) for x in a.lens.split(",")] if a.lens else [n]
+        if max(lens) > n or min(lens) < 0:
+            raise SystemExit(f"--lens: expected lengths in [0, {n}], got {a.lens}")
+        labels = []
+        for length in lens:
+            at = f"len {length}, " if a.lens else ""
+            labels += [(at + (f"num_ctas {c}" if c else "default"), length, {"num_ctas": c} if c else {})
+                       for c in (int(x) for x in a.ctas.split(","))]
+            if not a.no_split:
+                labels.append((at + "split", length, {"schedule": "split"}))
+        rows = [time_shape(rng, name, b, hq, hkv, d, n, ps, labels)]
         if a.out:
             with open(a.out, "w") as fh:
                 json.dump(rows, fh, indent=1)
