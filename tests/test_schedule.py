@@ -485,6 +485,76 @@ def test_merge_group_size_bounds_the_serial_merge(n, rows, scratch):
         assert g + -(-n // g) <= 2 * math.isqrt(n) + 3
 
 
+def _kernel_merge_protocol(sched, rows, scratch, rng):
+    """The kernel's arrival-and-merge protocol (finish_segment's level loop)
+    played over a lean schedule with contributors arriving in a random order:
+    returns, per unit, the labels its final merge read, and the counters at
+    the end. A state is labelled ("s", j) (contributor j's own) or ("g", q)
+    (group q's merge, stored in place in its first member's slot)."""
+    from cupy_lean.schedule import merge_group_size
+
+    units = len(sched.kv_lens) * sched.heads_kv
+    counters = np.zeros(units + 2 * sched.num_ctas, np.int64)
+    owner = {}  # counter index -> (unit, level, first member): one group or unit each
+    content, by_unit, final = {}, {}, {}
+    for sg in sched.segments:
+        if sg["partial"]:
+            by_unit.setdefault(int(sg["unit"]), []).append((int(sg["cta"]), int(sg["slot"])))
+    for u, parts in by_unit.items():
+        parts.sort()
+        first, n = parts[0][0], len(parts)
+        assert [c for c, _ in parts] == list(range(first, first + n))
+        for j, (c, sl) in enumerate(parts):
+            content[sl] = ("s", j)
+
+        def slot(j):
+            return parts[0][1] if j == 0 else 2 * (first + j)  # Contributors::slot
+
+        g = merge_group_size(n, rows, scratch)
+        for j in rng.permutation(n):
+            level = 0 if g else 1
+            while True:
+                q0 = int(j) // g * g if level == 0 else 0
+                idx = units + slot(q0) if level == 0 else u
+                assert owner.setdefault(idx, (u, level, q0)) == (u, level, q0)
+                members = min(g, n - q0) if level == 0 else (-(-n // g) if g else n)
+                counters[idx] += 1
+                if counters[idx] != members:
+                    break
+                step = g if (level == 1 and g) else 1
+                read = [slot(q0)] + [2 * (first + q0 + step) + (i - 1) * 2 * step for i in range(1, members)]
+                labels = [content[x] for x in read]
+                counters[idx] = 0  # the merger resets the counter
+                if level == 1:
+                    final[u] = labels
+                    break
+                assert labels == [("s", q0 + i) for i in range(members)]
+                content[slot(q0)] = ("g", q0 // g)
+                level = 1
+    return by_unit, final, counters
+
+
+@given(st.lists(st.integers(0, 5000), min_size=1, max_size=4), st.integers(1, 3), st.sampled_from([16, 32, 64]),
+       st.integers(1, 300), st.sampled_from([1, 8, 16, 64]), st.sampled_from([64, 128, 256]), st.integers(0, 99))
+@example([63828], 2, 64, 132, 16, 256, 0)
+def test_two_level_merge_reads_every_state_once(lens, hkv, tile, num_ctas, rows, head_dim, seed):
+    """Whatever order the contributors arrive in, every partial unit is
+    merged exactly once, from every contributor's state exactly once
+    (through its group's state from 16 pieces on), no two groups or units
+    share a counter, the counters fit the workspace's (units + 2 x grid)
+    and are all back at zero: the kernel's protocol, mirrored."""
+    from cupy_lean.schedule import merge_group_size
+
+    sched = lean_schedule(lens, hkv, tile_size=tile, num_ctas=num_ctas)
+    by_unit, final, counters = _kernel_merge_protocol(sched, rows, tile * head_dim, np.random.default_rng(seed))
+    assert set(final) == set(by_unit) and not counters.any()
+    for u, parts in by_unit.items():
+        n = len(parts)
+        g = merge_group_size(n, rows, tile * head_dim)
+        want = [("g", q) for q in range(-(-n // g))] if g else [("s", j) for j in range(n)]
+        assert final[u] == want
+
+
 def test_emulate_merges_a_unit_of_many_pieces_in_groups():
     """emulate follows the kernel's grouping (float64: the same result as one
     merge to rounding), and the grouping is what merge_group_size gives."""
