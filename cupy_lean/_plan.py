@@ -22,11 +22,11 @@ Workspace rules (what makes graphs and streams safe):
   share a workspace: graphs can be replayed in any order, on any streams,
   concurrently.
 * Unit counters (stream-K: how many partial states of a unit, or of a group
-  of its contributors, have arrived) are zeroed when a workspace is made and reset by the kernel that used
-  them, so they are zero whenever no launch is running. A launch that
-  starts always completes: a fault inside a kernel is sticky in CUDA (the
-  context and every workspace in it are lost), and a launch the driver
-  refuses never starts. What can still leave counts behind is a write from
+  of its contributors, have arrived) are zeroed when a workspace is made
+  and reset by the kernel that used them, so they are zero whenever no
+  launch is running. A launch that starts always completes: a fault inside
+  a kernel is sticky in CUDA (the context and every workspace in it are
+  lost), and a launch the driver refuses never starts. What can still leave counts behind is a write from
   outside into a caller's workspace: :meth:`Plan.rearm` zeroes the counters
   (on the current stream, before the next launch), and a launch call that
   raises re-arms the workspace before the plan's next launch.

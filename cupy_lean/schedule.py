@@ -360,8 +360,7 @@ def merge_group_size(contributors, state_rows, scratch_floats):
     n, rows, red = (int(x) for x in (contributors, state_rows, scratch_floats))
     if n < MERGE_TREE_FROM:
         return 0
-    g = max(1, math.isqrt(n - 1) + 1) if n > 1 else 1
-    g = min(g, (red // rows - 2) // 2)
+    g = min(math.isqrt(n - 1) + 1, (red // rows - 2) // 2)  # ceil(sqrt(n)), capped by the scratch
     return g if g >= 2 else 0
 
 
