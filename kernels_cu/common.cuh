@@ -174,20 +174,37 @@ __device__ __forceinline__ int block_incl_scan(int x, int* warp_buf, int* total)
   return incl + off;
 }
 
-// Maximum over the block (x >= 0); `warp_buf` holds one int per warp.
-// Contains barriers.
+// block_incl_scan of x and, in the same two barriers, the block's maximum of
+// m (m >= 0) in *max_out; `warp_buf` holds two ints per warp.
 template <int NT>
-__device__ __forceinline__ int block_max(int x, int* warp_buf) {
+__device__ __forceinline__ int block_incl_scan_max(int x, int m, int* warp_buf, int* total, int* max_out) {
   constexpr int NW = NT / 32;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  x = __reduce_max_sync(0xffffffffu, x);
-  if (lane == 0) warp_buf[warp] = x;
+  const int incl = warp_incl_scan(x);
+  m = __reduce_max_sync(0xffffffffu, m);
+  if (lane == 31) {
+    warp_buf[warp] = incl;
+    warp_buf[NW + warp] = m;
+  }
   __syncthreads();
-  int m = 0;
+  int off = 0, tot = 0, mx = 0;
 #pragma unroll
-  for (int w = 0; w < NW; ++w) m = max(m, warp_buf[w]);
+  for (int w = 0; w < NW; ++w) {
+    const int s = warp_buf[w];
+    if (w < warp) off += s;
+    tot += s;
+    mx = max(mx, warp_buf[NW + w]);
+  }
   __syncthreads();
-  return m;
+  *total = tot;
+  *max_out = mx;
+  return incl + off;
+}
+
+// a / b for a >= 0, b > 0: in 32 bits when both fit (a 64-bit division is a
+// long instruction sequence, and the prologue of a small call is latency).
+__device__ __forceinline__ i64 div_pos(i64 a, i64 b) {
+  return ((a | b) >> 31) == 0 ? (i64)((u32)a / (u32)b) : a / b;
 }
 
 __device__ __forceinline__ float4 ldcg4(const float* p) {

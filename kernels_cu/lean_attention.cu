@@ -31,6 +31,26 @@
 
 #include "common.cuh"
 
+// Phase timestamps of each CTA (ns, %globaltimer), for tools/timeline.py only:
+// compiled in with -DLEAN_TIMELINE=<CTAs recorded>; the plain specs carry none.
+#ifdef LEAN_TIMELINE
+extern "C" {
+__device__ unsigned long long lean_timeline[LEAN_TIMELINE * 16];
+}
+#define LEAN_STAMP(k)                                                                   \
+  do {                                                                                  \
+    if (threadIdx.x == 0 && blockIdx.x < LEAN_TIMELINE) {                               \
+      unsigned long long t_;                                                            \
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_));                            \
+      lean_timeline[blockIdx.x * 16 + (k)] = t_;                                        \
+    }                                                                                   \
+  } while (0)
+#else
+#define LEAN_STAMP(k) \
+  do {                \
+  } while (0)
+#endif
+
 #if !defined(LEAN_D) || !defined(LEAN_HOST_SMEM_BYTES) || !defined(LEAN_HOST_PARAMS)
 #error "compile through cupy_lean.kernels (compile_options defines the spec and the host layouts)"
 #endif
@@ -300,9 +320,9 @@ struct StreamK {
   __device__ static StreamK make(i64 total, int grid, int min_tiles = 1) {
     StreamK s;
     s.total = total;
-    s.ctas = (int)min((i64)grid, min_tiles > 1 ? max((i64)1, total / min_tiles) : total);
+    s.ctas = (int)min((i64)grid, min_tiles > 1 ? max((i64)1, div_pos(total, min_tiles)) : total);
     if (total == 0) s.ctas = 0;
-    s.per = s.ctas > 0 ? (total + s.ctas - 1) / s.ctas : 0;
+    s.per = s.ctas > 0 ? div_pos(total + s.ctas - 1, s.ctas) : 0;
     s.heavy = total - (s.per - 1) * s.ctas;
     return s;
   }
@@ -310,7 +330,7 @@ struct StreamK {
   __device__ i64 end(i64 c) const { return begin(c) + (c < heavy ? per : per - 1); }
   // The CTA whose range holds linear tile `tile`.
   __device__ i64 owner(i64 tile) const {
-    return tile < heavy * per ? tile / per : heavy + (tile - heavy * per) / (per - 1);
+    return tile < heavy * per ? div_pos(tile, per) : heavy + div_pos(tile - heavy * per, per - 1);
   }
 };
 
@@ -410,10 +430,10 @@ struct SlotList {
 // the last arrival) up to MERGE_TREE_FROM - 1 states, else the group size G:
 // contributors j in [q G, q G + G) form group q, whose last arrival merges the
 // group's states into the slot of its first member, and the last group to
-// finish merges the ceil(n / G) group states. G ~ sqrt(n), capped so that a
-// group's maxima and sums fit the `red_floats` of shared scratch of the
-// merge (its in-place store relies on that path; schedule.merge_group_size
-// is the same rule).
+// finish merges the ceil(n / G) group states. G ~ sqrt(n), at most
+// (red_floats / rows - 2) / 2 with red_floats = TILE x D (a bound from the
+// merge's former shared-memory gather, kept so that the host's mirror,
+// schedule.merge_group_size, and the schedules it describes stay the same).
 constexpr int MERGE_TREE_FROM = 16;
 static_assert(MERGE_TREE_FROM == LEAN_HOST_MERGE_TREE_FROM, "schedule.MERGE_TREE_FROM differs");
 __device__ __forceinline__ int merge_group_size(int n, int rows, int red_floats) {
@@ -586,151 +606,120 @@ struct WarpState {
 
 // Merges the n partial states of unit (b, h), slots slot_of(0 .. n-1), and
 // writes the output, or (out_slot >= 0) the merged state to that slot, which
-// may be one of the merged ones (on the shared-scratch path below every
-// element is stored by the thread that read it, after its reads, and the
-// maxima and sums are all read before any is stored). Every thread of the
-// block takes part (barriers and warp shuffles inside). `red` is shared
-// scratch of `red_floats` floats: when the n x group maxima and sums fit, they
-// are gathered there first; each row's max and sum are then reduced (by a
-// warp when n is large), and each output element (row, d..d+3) sums its n
-// weighted accumulators. With few elements and many states, `lanes` adjacent
-// threads share an element, each taking every lanes-th state (up to RED_LOADS
-// loads in flight each), and a fixed butterfly adds their sums: the order
-// depends on n, group and the spec only, so results are deterministic.
-// Otherwise (too many states to gather) each element walks the slots itself.
-constexpr int WIDE_REDUCTION = 32;  // states from which a warp, not a thread, reduces a row's max and sum
-// Partial accumulators a thread loads at once while merging many states: a
-// unit cut into many pieces is merged at the pace of L2 round trips and of
-// the merge's own instructions. More at the head_dims whose tile loop holds
-// more registers anyway.
-constexpr int RED_LOADS = D >= 256 ? 32 : (D >= 128 ? 16 : 8);
+// may be one of the merged ones (every element is stored by the thread that
+// read it, and only after a barrier that follows every thread's reads). Every
+// thread of the block takes part (barriers and warp shuffles inside).
+//
+// One pass, online: a thread takes CH float4 elements of one row (columns col
+// + TPR c, TPR threads per row: coalesced loads) and walks its lane's states
+// in order, U at a time, loading each state's max and sum with its
+// accumulators (RED_LOADS float4 loads in flight); the batch's max rescales
+// the running state once, then each state of the batch adds with weight
+// 2^(m_j - max). No gather of the maxima first, no shared memory, no barrier
+// between the phases: a merge of a few states costs about one L2 round trip
+// per batch, and with one warp per scheduler (head_dim 256) its instruction
+// count (about 6 per float4 of a state) is what bounds it. CH: the elements a
+// thread would hold if spread evenly over the block, rounded up to a power of
+// two, at most 8. With few elements and many states, `lanes` adjacent threads
+// share the elements, each taking every lanes-th state, and a fixed butterfly
+// merges their states: the order depends on n, the rows and the spec only,
+// so results are deterministic.
+// Partial accumulators a thread loads at once while merging (more would
+// spill at head_dim 256, whose tile loop holds 128 accumulators per thread).
+constexpr int RED_LOADS = D >= 128 ? 16 : 8;
 template <int N>
 struct IntConst {
   static constexpr int value = N;
 };
 
-__device__ void reduce_unit(const Params& p, int b, int h, int n, SlotList slot_of, float* red, int red_floats,
-                            int out_slot = -1) {
+__device__ void reduce_unit(const Params& p, int b, int h, int n, SlotList slot_of, int out_slot = -1) {
   const int g = unit_rows(p);
   const bool to_slot = out_slot >= 0;
   const PartialSlots ps = {p.partials, p.slot_stride, g};
   constexpr int PER_ROW = D / 4;
-  if (2 * n * g + 2 * g <= red_floats) {
-    float* W = red;              // [n][g]: m, then the weight
-    float* Lp = red + n * g;     // [n][g]: l
-    float* M = red + 2 * n * g;  // [g]
-    float* L = M + g;            // [g]
-    const int lane32 = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    __syncthreads();
-    for (int e0 = threadIdx.x; e0 < n * g; e0 += 4 * NT) {  // 8 loads in flight, then the stores
-      float mv[4], lv[4];
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        const int e = e0 + u * NT, j = e / g, row = e % g;
-        mv[u] = e < n * g ? __ldcg(ps.m(slot_of(j)) + row) : 0.f;
-        lv[u] = e < n * g ? __ldcg(ps.l(slot_of(j)) + row) : 0.f;
-      }
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        if (e0 + u * NT < n * g) {
-          W[e0 + u * NT] = mv[u];
-          Lp[e0 + u * NT] = lv[u];
-        }
-      }
-    }
-    __syncthreads();
-    // Each row's max and sum: one thread per row over few states, one warp
-    // per row (strided, then a butterfly) over many.
-    const bool wide = n >= WIDE_REDUCTION;
-    const int step = wide ? 32 : 1, first_row = wide ? warp : threadIdx.x, rows_step = wide ? NW : NT;
-    const int j_first = wide ? lane32 : 0;
-    for (int row0 = 0; row0 < g; row0 += rows_step) {  // the same trip count in every thread (shuffles)
-      const int row = row0 + first_row;
+  static_assert(PER_ROW % 8 == 0, "8 elements of a row per thread");
+  const int E = g * PER_ROW;
+  int lanes = 1;
+  while (lanes < 32 && 2 * lanes * E <= NT && 8 * 2 * lanes <= n) lanes *= 2;  // >= 8 states per lane
+  const int lane = threadIdx.x & (lanes - 1);
+  const int ept = (E * lanes + NT - 1) / NT;
+  // State j at p.partials + base(j) floats: base(j) in 32 bits (the host keeps
+  // the workspace under 2^31 floats), affine in j from state 1 on; a row's
+  // max and sum at + g D + row and + g D + g + row (PartialSlots).
+  const int base0 = slot_of.first * ps.stride, base1 = slot_of.next * ps.stride, jstep = slot_of.step * ps.stride;
+  auto merge = [&](auto chunk) {
+    constexpr int CH = decltype(chunk)::value, TPR = PER_ROW / CH, U = RED_LOADS / CH;
+    const int q = threadIdx.x / lanes, col = q % TPR, rows_per_pass = NT / lanes / TPR;
+    for (int r0 = 0; r0 < g; r0 += rows_per_pass) {  // the same trip count in every thread (barrier, shuffles)
+      const int row = r0 + q / TPR;
       const bool live = row < g;
-      float mx = -LEAN_INF, sum = 0.f;
-      for (int j = j_first; live && j < n; j += step) mx = fmaxf(mx, W[j * g + row]);
-      if (wide)
+      const int within = live ? row * D + 4 * col : 0, stat = live ? g * D + row : 0;
+      float acc[CH][4];
 #pragma unroll
-        for (int o = 1; o < 32; o <<= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-      for (int j = j_first; live && j < n; j += step) {  // an empty state's l is never read
-        const float w = merge_weight(W[j * g + row], mx);
-        if (w != 0.f) sum += w * Lp[j * g + row];
-      }
-      if (wide)
+      for (int c = 0; c < CH; ++c) acc[c][0] = acc[c][1] = acc[c][2] = acc[c][3] = 0.f;
+      float M = -LEAN_INF, L = 0.f;
+      for (int j0 = lane; j0 < n; j0 += U * lanes) {
+        float4 x[U][CH];
+        float mj[U], lj[U];
 #pragma unroll
-        for (int o = 1; o < 32; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-      if (live && j_first == 0) {
-        M[row] = mx;
-        L[row] = sum;
-      }
-    }
-    __syncthreads();
-    for (int e = threadIdx.x; e < n * g; e += NT) W[e] = merge_weight(W[e], M[e % g]);
-    __syncthreads();
-    const int E = g * PER_ROW;
-    int lanes = 1;
-    while (lanes < 32 && 2 * lanes * E <= NT && 8 * 2 * lanes <= n) lanes *= 2;  // >= 8 states per lane
-    const int lane = threadIdx.x & (lanes - 1), per_pass = NT / lanes;
-    for (int e0 = 0; e0 < E; e0 += per_pass) {  // the same trip count in every thread (shuffles below)
-      const int e = e0 + threadIdx.x / lanes;
-      const bool live = e < E;
-      const int row = live ? e / PER_ROW : 0, d = live ? (e % PER_ROW) * 4 : 0;
-      float acc[4] = {0.f, 0.f, 0.f, 0.f};
-      // RED_LOADS states at once while more than 8 remain for this lane, then
-      // 8: the same states in the same order either way (states past n add
-      // an exact 0, so the sum is bitwise the same), but a unit cut into many
-      // pieces waits for n / RED_LOADS L2 round trips, not n / 8.
-      // State j of this element at p.partials + off(j) floats, off(j) in 32
-      // bits (the workspace holds far fewer than 2^31 floats) and affine in
-      // j from state 1 on.
-      const int within = row * D + d, off0 = slot_of.first * ps.stride + within;
-      const int off1 = slot_of.next * ps.stride + within, jstep = slot_of.step * ps.stride;
-      auto gather = [&](auto width, int j0) {
-        constexpr int U = decltype(width)::value;
-        float4 x[U];
-        float w[U];
-#pragma unroll
-        for (int u = 0; u < U; ++u) {  // a zero weight (empty state, past n, idle thread) reads nothing
+        for (int u = 0; u < U; ++u) {  // past n or an idle row: an empty state, nothing read
           const int j = j0 + u * lanes;
-          w[u] = (live && j < n) ? W[j * g + row] : 0.f;
-          const int off = j == 0 ? off0 : off1 + (j - 1) * jstep;
-          x[u] = (w[u] != 0.f) ? ldcg4(p.partials + off) : make_float4(0, 0, 0, 0);
+          const bool ok = live && j < n;
+          const float* st = p.partials + (j == 0 ? base0 : (ok ? base1 + (j - 1) * jstep : base0));
+          mj[u] = ok ? __ldcg(st + stat) : -LEAN_INF;
+          lj[u] = ok ? __ldcg(st + stat + g) : 0.f;
+#pragma unroll
+          for (int c = 0; c < CH; ++c) x[u][c] = ok ? ldcg4(st + within + 4 * TPR * c) : make_float4(0, 0, 0, 0);
+        }
+        float Mn = M;
+#pragma unroll
+        for (int u = 0; u < U; ++u) Mn = fmaxf(Mn, mj[u]);
+        const float a = merge_weight(M, Mn);
+        L *= a;
+        if (__any_sync(0xffffffffu, a != 1.f)) {  // the running max settles: most batches skip this
+#pragma unroll
+          for (int c = 0; c < CH; ++c)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[c][i] *= a;
         }
 #pragma unroll
         for (int u = 0; u < U; ++u) {
-          acc[0] += w[u] * x[u].x;
-          acc[1] += w[u] * x[u].y;
-          acc[2] += w[u] * x[u].z;
-          acc[3] += w[u] * x[u].w;
-        }
-      };
-      int j0 = lane;
-      for (; j0 + 8 * lanes < n; j0 += RED_LOADS * lanes) gather(IntConst<RED_LOADS>(), j0);
-      for (; j0 < n; j0 += 8 * lanes) gather(IntConst<8>(), j0);
-      for (int o = 1; o < lanes; o <<= 1)
+          const float w = merge_weight(mj[u], Mn);  // an empty state (max -inf) weighs 0
+          L += w * lj[u];
 #pragma unroll
-        for (int c = 0; c < 4; ++c) acc[c] += __shfl_xor_sync(0xffffffffu, acc[c], o);
-      if (live && lane == 0) emit<4>(p, ps, b, h, row, d, acc, M[row], L[row], to_slot, out_slot);
+          for (int c = 0; c < CH; ++c) {
+            acc[c][0] += w * x[u][c].x;
+            acc[c][1] += w * x[u][c].y;
+            acc[c][2] += w * x[u][c].z;
+            acc[c][3] += w * x[u][c].w;
+          }
+        }
+        M = Mn;
+      }
+      for (int o = 1; o < lanes; o <<= 1) {  // merge the lanes' states
+        const float Mo = __shfl_xor_sync(0xffffffffu, M, o), Lo = __shfl_xor_sync(0xffffffffu, L, o);
+        const float Mn = fmaxf(M, Mo), a = merge_weight(M, Mn), ao = merge_weight(Mo, Mn);
+        L = L * a + Lo * ao;
+#pragma unroll
+        for (int c = 0; c < CH; ++c)
+#pragma unroll
+          for (int i = 0; i < 4; ++i) acc[c][i] = acc[c][i] * a + __shfl_xor_sync(0xffffffffu, acc[c][i], o) * ao;
+        M = Mn;
+      }
+      if (to_slot) __syncthreads();  // in place: every thread's reads of these rows precede the stores
+      if (live && lane == 0)
+#pragma unroll
+        for (int c = 0; c < CH; ++c) emit<4>(p, ps, b, h, row, 4 * (col + TPR * c), acc[c], M, L, to_slot, out_slot);
     }
-    return;
-  }
-  for (int e = threadIdx.x; e < g * PER_ROW; e += NT) {
-    const int row = e / PER_ROW, d = (e % PER_ROW) * 4;
-    float mx = -LEAN_INF, sum = 0.f;
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
-    for (int j = 0; j < n; ++j) mx = fmaxf(mx, __ldcg(ps.m(slot_of(j)) + row));
-    for (int j = 0; j < n; ++j) {
-      const float w = merge_weight(__ldcg(ps.m(slot_of(j)) + row), mx);
-      if (w == 0.f) continue;
-      sum += w * __ldcg(ps.l(slot_of(j)) + row);
-      const float4 x = ldcg4(ps.acc(slot_of(j), row) + d);
-      acc[0] += w * x.x;
-      acc[1] += w * x.y;
-      acc[2] += w * x.z;
-      acc[3] += w * x.w;
-    }
-    emit<4>(p, ps, b, h, row, d, acc, mx, sum, to_slot, out_slot);  // never in place here (merge_group_size)
-  }
+  };
+  if (ept > 4)
+    merge(IntConst<8>());
+  else if (ept > 2)
+    merge(IntConst<4>());
+  else if (ept > 1)
+    merge(IntConst<2>());
+  else
+    merge(IntConst<1>());
 }
 
 // ============================================================= 6. the CTA
@@ -772,24 +761,24 @@ __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, S
       for (int h = 0; h < p.heads_kv; ++h) emit_empty_rows(p, b, h, 0, unit_rows(p));
   }
   int seq_tiles;
-  block_incl_scan<NT>(local, misc, &seq_tiles);
+  const int incl1 = block_incl_scan_max<NT>(local, longest, misc, &seq_tiles, &longest);
+  LEAN_STAMP(8);
   int min_tiles = p.min_tiles_per_cta;
-  if (p.merge_balance > 0) {
-    longest = block_max<NT>(longest, misc);
-    min_tiles = max(min_tiles, merge_balanced_tiles(longest, p.merge_balance));
-  }
+  if (p.merge_balance > 0) min_tiles = max(min_tiles, merge_balanced_tiles(longest, p.merge_balance));
   sk = StreamK::make((i64)seq_tiles * p.heads_kv, gridDim.x, min_tiles);
   if (c >= sk.ctas) return false;
+  LEAN_STAMP(9);
   w.g = sk.begin(c);
   w.end = sk.end(c);
   // Pass 2: the sequence that holds tile w.g (tiles of sequence b are
-  // [excl * heads_kv, (excl + nt) * heads_kv) with excl its prefix sum).
+  // [excl * heads_kv, (excl + nt) * heads_kv) with excl its prefix sum). Up
+  // to NT sequences, pass 1's scan (one sequence per thread) is that of pass 2.
   int running = 0;
   for (int base = 0; base < p.batch; base += NT) {
     const int b = base + tid;
-    const int nt = b < p.batch ? tiles_of(p, seq_len(p, lens_s, b, true)) : 0;
-    int tot;
-    const int incl = block_incl_scan<NT>(nt, misc, &tot);
+    const int nt = p.batch <= NT ? local : (b < p.batch ? tiles_of(p, seq_len(p, lens_s, b, true)) : 0);
+    int tot = seq_tiles;
+    const int incl = p.batch <= NT ? incl1 : block_incl_scan<NT>(nt, misc, &tot);
     const i64 excl = (i64)running + incl - nt;
     if (nt > 0 && excl * p.heads_kv <= w.g && w.g < (excl + nt) * p.heads_kv) {
       misc[MISC_START_SEQ] = b;
@@ -803,8 +792,8 @@ __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, S
   w.start = window_start(p, w.len);
   w.ntiles = ntiles_of(w.len - w.start);
   const i64 r = w.g - (i64)misc[MISC_START_TILE] * p.heads_kv;
-  w.h = (int)(r / w.ntiles);
-  w.t = (int)(r % w.ntiles);
+  w.h = (int)div_pos(r, w.ntiles);
+  w.t = (int)(r - (i64)w.h * w.ntiles);
   return true;
 }
 
@@ -1192,11 +1181,11 @@ __device__ void finish_segment(const Params& p, const Shared& sh, const StreamK&
   const int c = blockIdx.x;
   const int slot = p.decomposition == STREAM_K ? PartialSlots::stream_k_slot(c, s.ordinal) : c;
   store_segment(p, sh, s, st, slot, sh.scratch(stage));
+  LEAN_STAMP(4);
   if (!s.partial || p.decomposition != STREAM_K) return;
   int* misc = sh.misc();
   const Contributors who = Contributors::of(sk, s);
   const int G = merge_group_size(who.count, unit_rows(p), TILE * D);
-  float* red = sh.scratch(stage);
   // With a merge tree (G > 0) this CTA first arrives in its group (level 0):
   // the counters of groups follow the units', one per slot, indexed by the
   // group's first slot, and the group is merged into that slot. Level 1 is
@@ -1211,12 +1200,13 @@ __device__ void finish_segment(const Params& p, const Shared& sh, const StreamK&
     __syncthreads();  // the slot's stores precede thread 0's release
     if (threadIdx.x == 0) misc[MISC_LAST] = counter.arrive_is_last(members) ? 1 : 0;
     __syncthreads();  // thread 0's acquire precedes every thread's slot loads
+    LEAN_STAMP(5);
     if (!misc[MISC_LAST]) return;
     const int step = level == 0 || G == 0 ? 1 : G;  // in contributors
     reduce_unit(p, s.b, s.h, members,
-                {who.slot(q0), PartialSlots::stream_k_slot(who.first + q0 + step, 0), 2 * step}, red, TILE * D,
-                into);
+                {who.slot(q0), PartialSlots::stream_k_slot(who.first + q0 + step, 0), 2 * step}, into);
     if (threadIdx.x == 0) counter.reset();
+    LEAN_STAMP(6);
     if (level == 1) return;
   }
 }
@@ -1226,6 +1216,7 @@ __device__ void attention_cta(const Params& p) {
   extern __shared__ __align__(128) unsigned char smem[];
   const Shared sh = {smem};
   if (threadIdx.x == 0 && dynamic_smem_size() < (u32)SharedLayout::BYTES) __trap();
+  LEAN_STAMP(0);
 
   StreamK sk;
   SegmentWalker walker;
@@ -1244,6 +1235,7 @@ __device__ void attention_cta(const Params& p) {
     }
     return;
   }
+  LEAN_STAMP(1);
   const int* lens_s = sh.lens();
   const int n_my = (int)(walker.end - walker.g);  // tiles of this CTA
 
@@ -1262,6 +1254,7 @@ __device__ void attention_cta(const Params& p) {
     }
     cp_async_commit();
   }
+  LEAN_STAMP(10);
 
   WarpState st;
   int i = 0;  // tiles consumed
@@ -1279,6 +1272,7 @@ __device__ void attention_cta(const Params& p) {
         bad_pages = __syncthreads_or((bad_bits >> stage) & 1u) != 0;
       else
         __syncthreads();
+      if (i == 0) LEAN_STAMP(2);
       const int jt = i + STAGES - 1;
       if (jt < n_my) {
         const u32 bit = 1u << (jt % STAGES);
@@ -1293,9 +1287,11 @@ __device__ void attention_cta(const Params& p) {
       st.absorb(s);
       accumulate_pv(st, s, sh.kv(stage) + TILE * D * KV_ELEM / 2);
     }
+    LEAN_STAMP(3);
     finish_segment(p, sh, sk, seg, st, (i - 1) % STAGES);
   }
   cp_async_wait<0>();
+  LEAN_STAMP(7);
 }
 
 // The schedule as the kernel derives it, for tests and experiments: CTA c
@@ -1352,10 +1348,9 @@ extern "C" __global__ void __launch_bounds__(lean::NT, 1) LEAN_ENTRY(const __gri
 }
 
 // SPLIT_K combine: grid = units; merges each unit's num_splits slots in chunk order.
-extern "C" __global__ void __launch_bounds__(lean::NT) LEAN_COMBINE_ENTRY(const __grid_constant__ lean::Params p) {
+extern "C" __global__ void __launch_bounds__(lean::NT, 1) LEAN_COMBINE_ENTRY(const __grid_constant__ lean::Params p) {
   const int unit = blockIdx.x, ns = p.num_splits;
-  __shared__ float red[4096];
-  lean::reduce_unit(p, unit / p.heads_kv, unit % p.heads_kv, ns, {unit * ns, unit * ns + 1, 1}, red, 4096);
+  lean::reduce_unit(p, unit / p.heads_kv, unit % p.heads_kv, ns, {unit * ns, unit * ns + 1, 1});
 }
 
 extern "C" __global__ void __launch_bounds__(lean::NT) LEAN_DUMP_ENTRY(const __grid_constant__ lean::Params p) {

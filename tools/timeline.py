@@ -1,0 +1,140 @@
+"""The critical path of one decode call, CTA by CTA: the kernel is compiled
+with phase timestamps (-DLEAN_TIMELINE, %globaltimer in ns) and the last call
+of a CUDA-graph replay (rotating copies: cold L2) is read back. Sampling
+profilers weigh a phase by how many SMs spend time in it; a small call's
+time is set by its slowest chain (the last contributor of a unit, then that
+unit's merge), which this shows.
+
+    python tools/timeline.py --shape 3,45,3,256,2696[,PAGE] [--lens L] [--ctas C] [--out F.json]
+
+Phases per CTA (ns from the first CTA's start): 0 start, 1 work found
+(find_work), 2 first tile in shared memory, 3 last segment streamed, 4 its
+state stored, 5 its arrival counted, 6 its merge done (merging CTAs only),
+7 end; inside the prologue: 8 lengths read and scanned (find_work's pass
+1), 9 the split made (StreamK), 10 the first tiles' copies issued.
+"""
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+sys.path.insert(0, ".")
+import cupy as cp  # noqa: E402
+
+import cupy_lean  # noqa: E402
+from cupy_lean import kernels as K  # noqa: E402
+from cupy_lean.bench import graph_time  # noqa: E402
+
+MAX_CTAS = 2048
+PHASES = ["start", "found", "tile0", "streamed", "stored", "arrived", "merged", "end", "scanned", "split",
+          "issued"]
+
+
+def instrument():
+    plain = K.compile_options
+
+    def with_timeline(spec):
+        opts = plain(spec)
+        return opts + (f"-DLEAN_TIMELINE={MAX_CTAS}",) if spec is not None else opts
+
+    K.compile_options = with_timeline
+
+
+def summary(t, grid):
+    t = t[:grid].astype(np.int64)
+    live = t[:, 0] > 0
+    t0 = t[live, 0].min()
+    rel = np.where(t > 0, t - t0, -1)
+    out = {"ctas": int(live.sum()), "span_us": float((t[live, 7].max() - t0) / 1e3)}
+    for k, name in enumerate(PHASES):
+        col = rel[live, k]
+        col = col[col >= 0]
+        if len(col):
+            out[name] = [float(np.min(col)) / 1e3, float(np.median(col)) / 1e3, float(np.max(col)) / 1e3]
+    merging = rel[live & (t[:, 6] > 0)]
+    out["merging_ctas"] = int(len(merging))
+    if len(merging):
+        last = merging[np.argmax(merging[:, 7])]
+        out["critical_merger"] = [float(x) / 1e3 for x in last]
+        out["merge_us"] = [float(np.min(merging[:, 6] - merging[:, 5])) / 1e3,
+                           float(np.median(merging[:, 6] - merging[:, 5])) / 1e3,
+                           float(np.max(merging[:, 6] - merging[:, 5])) / 1e3]
+    crit = rel[live][np.argmax(rel[live, 7])]
+    out["critical_cta"] = [float(x) / 1e3 for x in crit]
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", required=True, help="B,HQ,HKV,D,N[,PAGE]")
+    ap.add_argument("--lens", default="", help="lengths to time, each <= N (default N)")
+    ap.add_argument("--ctas", default="0", help="CTA counts (0: default)")
+    ap.add_argument("--tile", type=int, default=None, help="tile_size (default: the library's)")
+    ap.add_argument("--stages", type=int, default=None, help="pipeline stages (default: the library's)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="")
+    a = ap.parse_args()
+    instrument()
+    f = [int(x) for x in a.shape.split(",")]
+    b, hq, hkv, d, n = f[:5]
+    ps = f[5] if len(f) > 5 else 0
+    rng = np.random.default_rng(a.seed)
+    q = cp.asarray(rng.standard_normal((b, hq, d)), dtype=cp.float16)
+    if ps:
+        pages = -(-n // ps)
+        k = cp.asarray(rng.standard_normal((b * pages, ps, hkv, d)), dtype=cp.float16)
+        table = cp.asarray(rng.permutation(b * pages).reshape(b, pages).astype(np.int32))
+    else:
+        k = cp.asarray(rng.standard_normal((b, n, hkv, d)), dtype=cp.float16)
+        table = None
+    v = k.copy()
+    out = cp.empty_like(q)
+    mb = 2 * k.nbytes / 1e6
+    copies = int(min(8, max(1, -(-150 // mb))))
+    kvs = [(k, v)] + [(k.copy(), v.copy()) for _ in range(copies - 1)]
+    rows = []
+    name = f"b{b} {hq}/{hkv} d{d} {n}" + (f" paged{ps}" if ps else "")
+    for length in [int(x) for x in a.lens.split(",")] if a.lens else [n]:
+        for c in (int(x) for x in a.ctas.split(",")):
+            kv = cp.full((b,), length, dtype=cp.int32)
+            kw = {"num_ctas": c} if c else {}
+            kw.update(tile_size=a.tile, stages=a.stages)
+            pl = cupy_lean.plan(q, k, v, kv_lens=kv, block_table=table, out=out, **kw)
+            glob = K.kernels_for(pl.spec).module.get_global("lean_timeline")
+            tl = cp.ndarray((MAX_CTAS, 16), cp.uint64, glob)
+
+            n_calls = max(20, copies)
+            seen = [0]
+
+            def call(i, kv=kv, pl=pl, tl=tl):
+                # graph_time calls once, then captures n_calls calls: the table
+                # is zeroed (in the graph) before the last one, whose stamps stay
+                seen[0] += 1
+                if seen[0] == n_calls + 1:
+                    tl.fill(0)
+                pl.run(q, *kvs[i], kv_lens=kv, block_table=table, out=out)
+
+            us = graph_time(call, copies, n_calls=n_calls, repeats=5)
+            s = summary(cp.asnumpy(tl), pl.grid)
+            s.update(case=name, length=length, num_ctas=c or None, grid=pl.grid, call_us=us)
+            rows.append(s)
+            print(f"{name} len {length} ctas {c or 'default'} (grid {pl.grid}, {pl.spec.name}): {us:.2f} us/call, "
+                  f"kernel span {s['span_us']:.2f} us, {s['merging_ctas']} merging CTAs")
+            for key in PHASES:
+                if key in s:
+                    lo, med, hi = s[key]
+                    print(f"   {key:9s} min {lo:7.2f}  median {med:7.2f}  max {hi:7.2f} us")
+            for key in ("critical_cta", "critical_merger"):
+                if key in s:
+                    print(f"   {key}: " + " ".join(f"{nm}={x:.2f}" for nm, x in zip(PHASES, s[key]) if x >= 0))
+            if "merge_us" in s:
+                print("   merge duration min/median/max: " + " / ".join(f"{x:.2f}" for x in s["merge_us"]) + " us")
+    if a.out:
+        with open(a.out, "w") as fh:
+            json.dump(rows, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
