@@ -658,12 +658,14 @@ __device__ void reduce_unit(const Params& p, int b, int h, int n, SlotList slot_
 #pragma unroll
       for (int c = 0; c < CH; ++c) acc[c][0] = acc[c][1] = acc[c][2] = acc[c][3] = 0.f;
       float M = -LEAN_INF, L = 0.f;
-      for (int j0 = lane; j0 < n; j0 += U * lanes) {
+      // j0: the same trip count in every thread (__any_sync below): lane l takes
+      // states l, l + lanes, ... in order.
+      for (int j0 = 0; j0 < n; j0 += U * lanes) {
         float4 x[U][CH];
         float mj[U], lj[U];
 #pragma unroll
         for (int u = 0; u < U; ++u) {  // past n or an idle row: an empty state, nothing read
-          const int j = j0 + u * lanes;
+          const int j = j0 + lane + u * lanes;
           const bool ok = live && j < n;
           const float* st = p.partials + (j == 0 ? base0 : (ok ? base1 + (j - 1) * jstep : base0));
           mj[u] = ok ? __ldcg(st + stat) : -LEAN_INF;
