@@ -289,3 +289,24 @@ def test_fp8_conversion_path_per_architecture(monkeypatch):
     assert "-DLEAN_FP8_BITMOVES=1" in K.compile_options(spec)
     assert "-DLEAN_FP8_BITMOVES=1" not in K.compile_options(K.make_spec("f16", 64, 20, True))
     assert "cvt.rn.f16x2.e4m3x2" not in ptx("compute_90")
+
+
+@needs_nvrtc
+def test_timeline_instrumentation_compiles(monkeypatch):
+    """tools/timeline.py compiles the kernel with -DLEAN_TIMELINE: the
+    stamps must keep compiling (and define the table the tool reads), while
+    the plain specs carry none of them."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "tools" / "timeline.py"
+    spec_ = importlib.util.spec_from_file_location("lean_timeline_tool", path)
+    tool = importlib.util.module_from_spec(spec_)
+    spec_.loader.exec_module(tool)
+    spec = K.make_spec("f16", 128, 8, True)
+    plain = K.compile_cubin(spec, "sm_90")
+    monkeypatch.setattr(K, "compile_options", K.compile_options)  # restored after the test
+    tool.instrument()
+    assert any(o.startswith("-DLEAN_TIMELINE=") for o in K.compile_options(spec))
+    stamped = K.compile_cubin(spec, "sm_90")
+    assert b"lean_timeline" in stamped and b"lean_timeline" not in plain
