@@ -676,7 +676,7 @@ __device__ void reduce_unit(const Params& p, int b, int h, int n, SlotList slot_
         float Mn = M;
 #pragma unroll
         for (int u = 0; u < U; ++u) Mn = fmaxf(Mn, mj[u]);
-        const float a = merge_weight(M, Mn);
+        const float a = M == Mn ? 1.f : merge_weight(M, Mn);  // 1 also while every state so far is empty
         L *= a;
         if (__any_sync(0xffffffffu, a != 1.f)) {  // the running max settles: most batches skip this
 #pragma unroll
@@ -1223,13 +1223,18 @@ __device__ void attention_cta(const Params& p) {
   StreamK sk;
   SegmentWalker walker;
   if (!find_work(p, sh, true, sk, walker)) {
-    // SPLIT_K chunk without tiles: an empty output (one CTA per unit) or an empty state.
-    if (p.decomposition == SPLIT_K && threadIdx.x == 0) {
+    // SPLIT_K chunk without tiles: an empty output (one CTA per unit) or an
+    // empty state: max -inf, sum 0 and zero accumulators (the merge reads
+    // every state's accumulators and weighs them, 0 here: stale workspace
+    // bytes must not turn 0 x NaN into the output).
+    if (p.decomposition == SPLIT_K) {
+      const int g = unit_rows(p);
       if (p.num_splits == 1) {
-        emit_empty_rows(p, walker.b, walker.h, 0, unit_rows(p));
+        if (threadIdx.x == 0) emit_empty_rows(p, walker.b, walker.h, 0, g);
       } else {
-        const PartialSlots ps = {p.partials, p.slot_stride, unit_rows(p)};
-        for (int r = 0; r < unit_rows(p); ++r) {
+        const PartialSlots ps = {p.partials, p.slot_stride, g};
+        for (int e = threadIdx.x; e < g * D; e += NT) ps.acc(blockIdx.x, 0)[e] = 0.f;
+        for (int r = threadIdx.x; r < g; r += NT) {
           ps.m(blockIdx.x)[r] = -LEAN_INF;
           ps.l(blockIdx.x)[r] = 0.f;
         }

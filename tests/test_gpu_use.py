@@ -1036,3 +1036,26 @@ def test_one_token_cache_with_an_odd_token_stride():
     cupy_lean.attention(to_gpu(q), k, k, kv_lens=cp.asarray(lens), out=out)
     cp.cuda.Device().synchronize()
     check_close(out, None, q, kv, kv, lens, None, np.float16)
+
+
+@pytest.mark.parametrize("d,hq,hkv", [(64, 4, 4), (128, 16, 2), (256, 8, 1)])
+def test_split_with_empty_chunks_over_a_nan_workspace(d, hq, hkv):
+    """Split-K chunks without tiles (sequences shorter than the chunk count,
+    or empty) publish empty states; the merge reads every state's
+    accumulators, so a caller's workspace full of NaN bytes (or inf left by
+    an earlier call) must not reach the output. 33 chunks per unit also
+    makes the merge's lanes split the states of small groups."""
+    rng = np.random.default_rng(d + hq)
+    lens = [0, 1, 70, 33 * 64 + 5]
+    q, k, v, lens, _ = make_inputs(rng, len(lens), hq, hkv, d, np.float16, lens, "dense")
+    qd, kd, vd, ld = to_gpu(q), to_gpu(k), to_gpu(v), cp.asarray(np.array(lens, np.int32))
+    units = len(lens) * hkv
+    out = _nan_like(q.shape, q.dtype)
+    probe = cupy_lean.plan(qd, kd, vd, kv_lens=ld, out=out, schedule="split", num_ctas=33 * units)
+    assert probe.num_splits == 33
+    ws = cp.full(probe.workspace_bytes, 0xFF, dtype=cp.uint8)  # every float a NaN
+    p = cupy_lean.plan(qd, kd, vd, kv_lens=ld, out=out, schedule="split", num_ctas=33 * units, workspace=ws)
+    lse = cp.full((len(lens), hq), cp.nan, dtype=cp.float32)
+    p.run(qd, kd, vd, kv_lens=ld, out=out, lse=lse)
+    assert not bool(cp.isnan(out).any()) and not bool(cp.isnan(lse).any())
+    check_close(out, lse, q, k, v, lens, None, np.float16)
