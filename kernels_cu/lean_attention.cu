@@ -1213,6 +1213,19 @@ __device__ void finish_segment(const Params& p, const Shared& sh, const StreamK&
   }
 }
 
+// SPLIT_K: this CTA's slot as an empty state (max -inf, sum 0, zero
+// accumulators); all threads. Out of line: a rare path, kept out of the
+// register allocation of the tile loop.
+__device__ __noinline__ void write_empty_state(const Params& p, int g) {
+  const PartialSlots ps = {p.partials, p.slot_stride, g};
+  float* acc = ps.acc(blockIdx.x, 0);
+  for (int e = threadIdx.x; e < g * D; e += NT) acc[e] = 0.f;
+  for (int r = threadIdx.x; r < g; r += NT) {
+    ps.m(blockIdx.x)[r] = -LEAN_INF;
+    ps.l(blockIdx.x)[r] = 0.f;
+  }
+}
+
 // One CTA of the attention kernel.
 __device__ void attention_cta(const Params& p) {
   extern __shared__ __align__(128) unsigned char smem[];
@@ -1232,12 +1245,7 @@ __device__ void attention_cta(const Params& p) {
       if (p.num_splits == 1) {
         if (threadIdx.x == 0) emit_empty_rows(p, walker.b, walker.h, 0, g);
       } else {
-        const PartialSlots ps = {p.partials, p.slot_stride, g};
-        for (int e = threadIdx.x; e < g * D; e += NT) ps.acc(blockIdx.x, 0)[e] = 0.f;
-        for (int r = threadIdx.x; r < g; r += NT) {
-          ps.m(blockIdx.x)[r] = -LEAN_INF;
-          ps.l(blockIdx.x)[r] = 0.f;
-        }
+        write_empty_state(p, g);
       }
     }
     return;
