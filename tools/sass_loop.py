@@ -3,7 +3,7 @@
     python tools/sass_loop.py [--specs f16:128:8:dense,f16:128:8:dense:16 ...]
 
 For each spec (dtype:head_dim:group:dense|paged[:features]): NVRTC compiles
-the kernel to PTX for compute_90, ptxas assembles it for sm_90, cuobjdump
+the kernel to PTX for compute_90 (--arch sm_80: compute_80), ptxas assembles it, cuobjdump
 disassembles it; the tile loop is the innermost backward branch whose body
 holds every HMMA of the kernel. Prints the loop's static instruction count
 (a loop body with branches: an upper bound of what one tile executes), its
@@ -60,26 +60,26 @@ def _spec(text):
     return K.make_spec(dtype, int(d), int(group), layout == "paged", features=features)
 
 
-def _ptx(spec):
+def _ptx(spec, arch="sm_90"):
     from cupy.cuda import nvrtc
 
     from cupy_lean import kernels as K
 
     prog = nvrtc.createProgram(K._source_of(spec), f"{spec.name}.cu", [], [])
     try:
-        nvrtc.compileProgram(prog, list(K.compile_options(spec)) + ["--gpu-architecture=compute_90"])
+        nvrtc.compileProgram(prog, list(K.compile_options(spec)) + [f"--gpu-architecture=compute_{arch[3:]}"])
         out = nvrtc.getPTX(prog)
     finally:
         nvrtc.destroyProgram(prog)
     return out.decode() if isinstance(out, bytes) else out
 
 
-def _assemble(ptx, ptxas, path):
+def _assemble(ptx, ptxas, path, arch="sm_90"):
     src = path + ".ptx"
     for attempt in range(2):
         with open(src, "w") as f:
             f.write(ptx)
-        r = subprocess.run([ptxas, "-arch=sm_90", src, "-o", path], capture_output=True, text=True)
+        r = subprocess.run([ptxas, f"-arch={arch}", src, "-o", path], capture_output=True, text=True)
         if r.returncode == 0:
             return
         m = re.search(r"current version is '(\d+\.\d+)'", r.stderr)
@@ -125,22 +125,27 @@ def main(argv=None):
     ap.add_argument("--specs", default=",".join(DEFAULT_SPECS),
                     help="comma-separated dtype:head_dim:group:dense|paged[:features] (features: kernels.FEATURES bits)")
     ap.add_argument("--top", type=int, default=10, help="opcodes listed per part")
+    ap.add_argument("--arch", default="sm_90", help="sm_80 or sm_90 (default sm_90)")
     a = ap.parse_args(argv)
     ptxas, cuobjdump = _tool("ptxas", "PTXAS"), _tool("cuobjdump", "CUOBJDUMP")
     tmp = tempfile.mkdtemp(prefix="cupy_lean_sass_")
     for text in a.specs.split(","):
         spec = _spec(text)
         path = os.path.join(tmp, spec.name + ".cubin")
-        _assemble(_ptx(spec), ptxas, path)
-        found = _tile_loop(_instructions(path, spec.entry, cuobjdump))
+        _assemble(_ptx(spec, a.arch), ptxas, path, a.arch)
+        ins = _instructions(path, spec.entry, cuobjdump)
+        found = _tile_loop(ins)
         if found is None:
             print(f"{spec.name}: no loop with HMMA found")
             continue
         h, body = found
         tw = spec.tile // spec.warps_n
         cut = next((k for k, (_, t) in enumerate(body) if t.startswith("LDGDEPBAR")), len(body))
-        print(f"{spec.name}: tile loop {len(body)} instructions ({len(body) / tw:.1f} per token of a warp), "
-              f"HMMA {h}; loader part {cut}, compute part {len(body) - cut}")
+        spills = sum(_opcode(t) in ("STL", "LDL") for _, t in ins)
+        loop_spills = sum(_opcode(t) in ("STL", "LDL") for _, t in body)
+        print(f"{spec.name} ({a.arch}): tile loop {len(body)} instructions ({len(body) / tw:.1f} per token of a "
+              f"warp), HMMA {h}; loader part {cut}, compute part {len(body) - cut}; local-memory (spill) "
+              f"instructions {loop_spills} in the loop, {spills} in the kernel")
         for name, part in (("loader", body[:cut]), ("compute", body[cut:])):
             c = collections.Counter(_opcode(t) for _, t in part)
             print(f"    {name:8s}" + ", ".join(f"{k} {v}" for k, v in c.most_common(a.top)))
