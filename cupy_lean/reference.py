@@ -291,7 +291,7 @@ def emulate(schedule, q, k, v, *, kv_lens=None, block_table=None, scale=None, si
     output, and each partial unit's states are merged in CTA order (for
     ``split``, chunk order), as the kernels do; a ``lean`` unit cut into
     many pieces in groups first (:func:`cupy_lean.schedule.merge_group_size`
-    with the kernel's scratch of ``tile_size x head_dim`` floats).
+    with ``scratch_floats = tile_size x head_dim``).
 
     ``schedule`` must have been built for the same ``heads_kv`` and for the
     lengths the kernel walks: ``kv_lens``, or with ``window_left`` the window

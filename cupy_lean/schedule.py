@@ -352,15 +352,17 @@ def merge_group_size(contributors, state_rows, scratch_floats):
     merges the ``ceil(contributors / G)`` group states (in group order), so
     no CTA merges more than about ``2 sqrt(contributors)`` states while the
     others wait. ``G = ceil(sqrt(contributors))``, at most ``(scratch_floats
-    // state_rows - 2) // 2`` (a group's maxima and sums fit the merge's
-    shared scratch of ``scratch_floats = tile_size x head_dim`` floats); 0
-    when that leaves fewer than 2. The grouping depends on the count only,
-    so the result is deterministic. The kernel computes the same integer.
+    // state_rows - 2) // 2`` with ``scratch_floats = tile_size x
+    head_dim`` (a bound from the kernel's earlier merge, which gathered a
+    group's maxima and sums in that much shared memory; kept so that the
+    schedules stay the same); 0 when that leaves fewer than 2. The grouping
+    depends on the count only, so the result is deterministic. The kernel
+    computes the same integer.
     """
     n, rows, red = (int(x) for x in (contributors, state_rows, scratch_floats))
     if n < MERGE_TREE_FROM:
         return 0
-    g = min(math.isqrt(n - 1) + 1, (red // rows - 2) // 2)  # ceil(sqrt(n)), capped by the scratch
+    g = min(math.isqrt(n - 1) + 1, (red // rows - 2) // 2)  # ceil(sqrt(n)), capped
     return g if g >= 2 else 0
 
 

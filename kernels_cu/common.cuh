@@ -153,29 +153,9 @@ __device__ __forceinline__ int warp_incl_scan(int x) {
   return x;
 }
 
-// Inclusive scan over the block; `warp_buf` holds one int per warp. Returns the
-// thread's inclusive prefix; *total receives the block sum. Contains barriers.
-template <int NT>
-__device__ __forceinline__ int block_incl_scan(int x, int* warp_buf, int* total) {
-  constexpr int NW = NT / 32;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  int incl = warp_incl_scan(x);
-  if (lane == 31) warp_buf[warp] = incl;
-  __syncthreads();
-  int off = 0, tot = 0;
-#pragma unroll
-  for (int w = 0; w < NW; ++w) {
-    int s = warp_buf[w];
-    if (w < warp) off += s;
-    tot += s;
-  }
-  __syncthreads();
-  *total = tot;
-  return incl + off;
-}
-
-// block_incl_scan of x and, in the same two barriers, the block's maximum of
-// m (m >= 0) in *max_out; `warp_buf` holds two ints per warp.
+// Inclusive scan of x over the block, and in the same two barriers the
+// block's maximum of m (m >= 0) in *max_out; `warp_buf` holds two ints per
+// warp. Returns the thread's inclusive prefix; *total receives the block sum.
 template <int NT>
 __device__ __forceinline__ int block_incl_scan_max(int x, int m, int* warp_buf, int* total, int* max_out) {
   constexpr int NW = NT / 32;
@@ -199,6 +179,13 @@ __device__ __forceinline__ int block_incl_scan_max(int x, int m, int* warp_buf, 
   *total = tot;
   *max_out = mx;
   return incl + off;
+}
+
+// block_incl_scan_max without the maximum.
+template <int NT>
+__device__ __forceinline__ int block_incl_scan(int x, int* warp_buf, int* total) {
+  int unused;
+  return block_incl_scan_max<NT>(x, 0, warp_buf, total, &unused);
 }
 
 // a / b for a >= 0, b > 0: in 32 bits when both fit (a 64-bit division is a

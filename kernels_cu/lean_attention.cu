@@ -1218,12 +1218,9 @@ __device__ void finish_segment(const Params& p, const Shared& sh, const StreamK&
 // register allocation of the tile loop.
 __device__ __noinline__ void write_empty_state(const Params& p, int g) {
   const PartialSlots ps = {p.partials, p.slot_stride, g};
-  float* acc = ps.acc(blockIdx.x, 0);
-  for (int e = threadIdx.x; e < g * D; e += NT) acc[e] = 0.f;
-  for (int r = threadIdx.x; r < g; r += NT) {
-    ps.m(blockIdx.x)[r] = -LEAN_INF;
-    ps.l(blockIdx.x)[r] = 0.f;
-  }
+  const float z[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int e = threadIdx.x; e < g * (D / 4); e += NT)
+    emit<4>(p, ps, 0, 0, e / (D / 4), e % (D / 4) * 4, z, -LEAN_INF, 0.f, true, blockIdx.x);
 }
 
 // One CTA of the attention kernel.
