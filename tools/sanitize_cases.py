@@ -111,6 +111,8 @@ def main():
     ok &= run(bf16, 64, 4, 4, [200, 17], layout="paged", num_ctas=5, page_size=3)
     ok &= run(np.float16, 256, 34, 2, [90, 33], layout="strided", num_ctas=4)
     ok &= run(np.float16, 128, 4, 1, [500, 5], sched="split")
+    # split-K with 33 chunks: empty chunks publish empty states, the merge's lanes split the states (d64, group 2)
+    ok &= run(np.float16, 64, 4, 2, [0, 1, 70, 33 * 64 + 5], sched="split", num_ctas=33 * 8)
     ok &= run(bf16, 128, 16, 2, [500, 0], sched="head")
     ok &= run(np.float16, 64, 128, 1, [150], num_ctas=3)
     # units cut into 16+ pieces: the two-level merge (in-place group states, group counters)
