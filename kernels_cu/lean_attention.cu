@@ -45,8 +45,18 @@ __device__ unsigned long long lean_timeline[LEAN_TIMELINE * 16];
       lean_timeline[blockIdx.x * 16 + (k)] = t_;                                        \
     }                                                                                   \
   } while (0)
+// the SM's cycle counter (slots 14, 15: at start and end; their ratio to the
+// time between gives the SM clock)
+#define LEAN_CLOCK(k)                                                                   \
+  do {                                                                                  \
+    if (threadIdx.x == 0 && blockIdx.x < LEAN_TIMELINE)                                 \
+      lean_timeline[blockIdx.x * 16 + (k)] = clock64();                                 \
+  } while (0)
 #else
 #define LEAN_STAMP(k) \
+  do {                \
+  } while (0)
+#define LEAN_CLOCK(k) \
   do {                \
   } while (0)
 #endif
@@ -1229,6 +1239,7 @@ __device__ void attention_cta(const Params& p) {
   const Shared sh = {smem};
   if (threadIdx.x == 0 && dynamic_smem_size() < (u32)SharedLayout::BYTES) __trap();
   LEAN_STAMP(0);
+  LEAN_CLOCK(14);
 
   StreamK sk;
   SegmentWalker walker;
@@ -1296,14 +1307,18 @@ __device__ void attention_cta(const Params& p) {
       float s[TW / 8][4];
       tile_scores(p, sh, sh.q(seg.ordinal % STAGES), sh.kv(stage), stage,
                   min(TILE, seg.len - (seg.start + t * TILE)), seg.start + t * TILE, seg.len, nq, kmul, bad_pages, s);
+      if (i == 0) LEAN_STAMP(11);
       st.absorb(s);
+      if (i == 0) LEAN_STAMP(12);
       accumulate_pv(st, s, sh.kv(stage) + TILE * D * KV_ELEM / 2);
+      if (i == 0) LEAN_STAMP(13);
     }
     LEAN_STAMP(3);
     finish_segment(p, sh, sk, seg, st, (i - 1) % STAGES);
   }
   cp_async_wait<0>();
   LEAN_STAMP(7);
+  LEAN_CLOCK(15);
 }
 
 // The schedule as the kernel derives it, for tests and experiments: CTA c

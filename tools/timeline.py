@@ -11,7 +11,9 @@ Phases per CTA (ns from the first CTA's start): 0 start, 1 work found
 (find_work), 2 first tile in shared memory, 3 last segment streamed, 4 its
 state stored, 5 its arrival counted, 6 its merge done (merging CTAs only),
 7 end; inside the prologue: 8 lengths read and scanned (find_work's pass
-1), 9 the split made (StreamK), 10 the first tiles' copies issued.
+1), 9 the split made (StreamK), 10 the first tiles' copies issued; inside
+the first tile: 11 scores, 12 softmax update, 13 P V; slots 14 and 15 hold
+the SM's cycle counter at start and end (the SM clock, printed).
 """
 
 import argparse
@@ -29,7 +31,7 @@ from cupy_lean.bench import graph_time  # noqa: E402
 
 MAX_CTAS = 2048
 PHASES = ["start", "found", "tile0", "streamed", "stored", "arrived", "merged", "end", "scanned", "split",
-          "issued"]
+          "issued", "t0_scores", "t0_absorb", "t0_pv"]
 
 
 def instrument():
@@ -46,8 +48,12 @@ def summary(t, grid):
     t = t[:grid].astype(np.int64)
     live = t[:, 0] > 0
     t0 = t[live, 0].min()
-    rel = np.where(t > 0, t - t0, -1)
+    rel = np.where(t > 0, t - t0, -1)[:, :len(PHASES)]
     out = {"ctas": int(live.sum()), "span_us": float((t[live, 7].max() - t0) / 1e3)}
+    # slots 14, 15: the SM clock (cycles) at start and end; / the ns between: GHz
+    ok = live & (t[:, 15] > t[:, 14]) & (t[:, 7] > t[:, 0])
+    if ok.any():
+        out["sm_mhz"] = float(np.median((t[ok, 15] - t[ok, 14]) / (t[ok, 7] - t[ok, 0]))) * 1e3
     for k, name in enumerate(PHASES):
         col = rel[live, k]
         col = col[col >= 0]
@@ -121,7 +127,8 @@ def main():
             s.update(case=name, length=length, num_ctas=c or None, grid=pl.grid, call_us=us)
             rows.append(s)
             print(f"{name} len {length} ctas {c or 'default'} (grid {pl.grid}, {pl.spec.name}): {us:.2f} us/call, "
-                  f"kernel span {s['span_us']:.2f} us, {s['merging_ctas']} merging CTAs")
+                  f"kernel span {s['span_us']:.2f} us, {s['merging_ctas']} merging CTAs, "
+                  f"SM clock {s.get('sm_mhz', 0):.0f} MHz")
             for key in PHASES:
                 if key in s:
                     lo, med, hi = s[key]
