@@ -444,8 +444,8 @@ struct SlotList {
 // (red_floats / rows - 2) / 2 with red_floats = TILE x D (a bound from the
 // merge's former shared-memory gather, kept so that the host's mirror,
 // schedule.merge_group_size, and the schedules it describes stay the same).
-constexpr int MERGE_TREE_FROM = 16;
-static_assert(MERGE_TREE_FROM == LEAN_HOST_MERGE_TREE_FROM, "schedule.MERGE_TREE_FROM differs");
+constexpr int MERGE_TREE_FROM = LEAN_HOST_MERGE_TREE_FROM;  // schedule.MERGE_TREE_FROM
+static_assert(MERGE_TREE_FROM >= 2, "a merge tree needs 2 pieces at least");
 __device__ __forceinline__ int merge_group_size(int n, int rows, int red_floats) {
   if (n < MERGE_TREE_FROM) return 0;
   int G = 1;

@@ -79,6 +79,7 @@ def main():
     ap.add_argument("--ctas", default="0", help="CTA counts (0: default)")
     ap.add_argument("--tile", type=int, default=None, help="tile_size (default: the library's)")
     ap.add_argument("--stages", type=int, default=None, help="pipeline stages (default: the library's)")
+    ap.add_argument("--merge-balance", type=int, default=None, help="Config(merge_balance=...) (default: the library's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="")
     a = ap.parse_args()
@@ -105,8 +106,12 @@ def main():
     for length in [int(x) for x in a.lens.split(",")] if a.lens else [n]:
         for c in (int(x) for x in a.ctas.split(",")):
             kv = cp.full((b,), length, dtype=cp.int32)
-            kw = {"num_ctas": c} if c else {}
-            kw.update(tile_size=a.tile, stages=a.stages)
+            if a.merge_balance is not None:
+                kw = {"config": cupy_lean.Config(tile_size=a.tile, stages=a.stages, num_ctas=c or None,
+                                                 merge_balance=a.merge_balance)}
+            else:
+                kw = {"num_ctas": c} if c else {}
+                kw.update(tile_size=a.tile, stages=a.stages)
             pl = cupy_lean.plan(q, k, v, kv_lens=kv, block_table=table, out=out, **kw)
             glob = K.kernels_for(pl.spec).module.get_global("lean_timeline")
             tl = cp.ndarray((MAX_CTAS, 16), cp.uint64, glob)
