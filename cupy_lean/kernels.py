@@ -263,7 +263,9 @@ TUNING = {
     "max_smem": 216 * 1024,  # 3 stages (2 at head_dim 256) up to this; nothing above it
     "one_cta_per_sm_above": 100 * 1024,  # two such CTAs did not co-reside reliably
     "max_ctas_per_sm": 2,
-    "merge_balance": 1,  # stream-K ranges >= sqrt(a x longest unit's tiles x state rows / tile) tiles
+    # stream-K ranges >= sqrt(a x longest unit's tiles x state rows / tile) tiles; 0: no floor (since the
+    # one-pass merge and the merge tree, the floor cost more streaming SMs than the merge it saved)
+    "merge_balance": 0,
 }
 
 #: Opt-in shared memory per block (bytes) by architecture; the plan asks the

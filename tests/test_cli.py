@@ -40,11 +40,11 @@ def test_schedule_says_which_grid_it_assumed(tmp_path):
     r = _run("schedule", "--lens", "300,5,0", "--heads-kv", "2", "--sms", "10", "--png", str(png))
     assert r.returncode == 0, r.stderr
     # the default plan's grid: head_dim 128, group 4 -> tile 128, one CTA per SM
-    assert "(grid: 10 CTAs, 1 CTA(s) per SM on 10 SMs, tile 128, merge balance 1)" in r.stdout
+    assert "(grid: 10 CTAs, 1 CTA(s) per SM on 10 SMs, tile 128, merge balance 0)" in r.stdout
     assert png.stat().st_size > 0
-    r = _run("schedule", "--lens", "300,5,0", "--heads-kv", "2", "--tile-size", "16", "--merge-balance", "0",
+    r = _run("schedule", "--lens", "300,5,0", "--heads-kv", "2", "--tile-size", "16", "--merge-balance", "1",
              "--num-ctas", "7")
-    assert r.returncode == 0 and "(grid: 7 CTAs, --num-ctas 7, tile 16, merge balance 0)" in r.stdout
+    assert r.returncode == 0 and "(grid: 7 CTAs, --num-ctas 7, tile 16, merge balance 1)" in r.stdout
 
 
 def test_bench_help_and_no_gpu_message():

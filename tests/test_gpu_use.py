@@ -397,10 +397,10 @@ def test_config_object_plans_what_the_arguments_plan():
 @pytest.mark.parametrize("layout,hq,hkv,lens", [("paged", 49, 1, [24050]), ("dense", 104, 2, [3103]),
                                                   ("dense", 8, 8, [30001]), ("paged", 40, 2, [20000, 7, 0, 513])])
 def test_merge_balance_bounds_the_pieces_and_stays_exact(layout, hq, hkv, lens):
-    """Large groups on few units (where one CTA merging 132 pieces was 3-5x
-    slower): the default plan's ranges hold at least the balanced number of
-    tiles of the longest unit, its results match the reference and the plan
-    without the balance; NaN-prefilled outputs catch unwritten rows."""
+    """Large groups on few units: a plan with merge_balance=1 holds at least
+    the balanced number of tiles of the longest unit in every range, and it
+    and the default plan (no floor) match the reference; NaN-prefilled
+    outputs catch unwritten rows."""
     from cupy_lean.schedule import merge_balanced_tiles
 
     rng = np.random.default_rng(sum(lens) + hq)
@@ -409,9 +409,9 @@ def test_merge_balance_bounds_the_pieces_and_stays_exact(layout, hq, hkv, lens):
     args = (to_gpu(q), to_gpu(k), to_gpu(v))
     kw = dict(kv_lens=cp.asarray(L), block_table=to_gpu(table))
     template = _nan_like(q.shape, q.dtype)
-    p = cupy_lean.plan(*args, **kw, out=template)
+    p = cupy_lean.plan(*args, **kw, out=template, config=cupy_lean.Config(merge_balance=1))
     assert p.merge_balance == 1 and "merge balance" in p.describe()
-    off = cupy_lean.plan(*args, **kw, out=template, config=cupy_lean.Config(merge_balance=0))
+    off = cupy_lean.plan(*args, **kw, out=template)
     assert off.merge_balance == 0 and "merge balance" not in off.describe()
     floor = merge_balanced_tiles(-(-max(lens) // p.spec.tile), 1, 16 * p.spec.m_tiles, p.spec.tile)
     sched = cupy_lean.lean_schedule(L, hkv, tile_size=p.spec.tile, num_ctas=p.grid, merge_balance=1,
