@@ -1156,6 +1156,7 @@ __device__ void store_segment(const Params& p, const Shared& sh, const Segment& 
 #pragma unroll
   for (int hf = 0; hf < 2; ++hf) {
     const int row = rows[hf];
+    if (row >= g) continue;  // padding rows of the query tile: read by no one below
     float M = -LEAN_INF;
 #pragma unroll
     for (int j = 0; j < WN; ++j) M = fmaxf(M, stat_m[j * ROWS_Q + row]);
