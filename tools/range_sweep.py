@@ -27,7 +27,14 @@ SHAPES = ("1,6,1,256,6212;3,45,3,256,2696;2,2,1,64,89577;16,2,2,128,580;1,49,1,1
           "8,8,1,256,4000;1,16,1,128,100000")
 
 
-def inputs(b, hq, hkv, d, n, ps, rng):
+def decode_inputs(shape, rng, rotate_mb=150):
+    """fp16 inputs of shape text "B,HQ,HKV,D,N[,PAGE]": (dims, q, table, kvs)
+    with dims = (B, HQ, HKV, D, N, PAGE or 0) and kvs a list of (k, v)
+    copies of about ``rotate_mb`` MB in all (at most 8; cold L2 when timed
+    over them in turn). Paged: pages in a random order."""
+    f = [int(x) for x in shape.split(",")]
+    b, hq, hkv, d, n = f[:5]
+    ps = f[5] if len(f) > 5 else 0
     q = cp.asarray(rng.standard_normal((b, hq, d)), dtype=cp.float16)
     if ps:
         pages = -(-n // ps)
@@ -36,7 +43,10 @@ def inputs(b, hq, hkv, d, n, ps, rng):
     else:
         k = cp.asarray(rng.standard_normal((b, n, hkv, d)), dtype=cp.float16)
         table = None
-    return q, k, table
+    v = k.copy()
+    copies = int(min(8, max(1, -(-rotate_mb // (2 * k.nbytes / 1e6)))))
+    kvs = [(k, v)] + [(k.copy(), v.copy()) for _ in range(copies - 1)]
+    return (b, hq, hkv, d, n, ps), q, table, kvs
 
 
 def main():
@@ -55,15 +65,11 @@ def main():
     rng = np.random.default_rng(a.seed)
     rows = []
     for text in a.shapes.split(";"):
-        f = [int(x) for x in text.split(",")]
-        b, hq, hkv, d, n = f[:5]
-        ps = f[5] if len(f) > 5 else 0
-        q, k, table = inputs(b, hq, hkv, d, n, ps, rng)
-        v = k.copy()
+        (b, hq, hkv, d, n, ps), q, table, kvs = decode_inputs(text, rng)
+        k, v = kvs[0]
         out = cp.empty_like(q)
         mb = 2 * k.nbytes / 1e6
-        copies = int(min(8, max(1, -(-150 // mb))))
-        kvs = [(k, v)] + [(k.copy(), v.copy()) for _ in range(copies - 1)]
+        copies = len(kvs)
         lens = cp.full((b,), n, dtype=cp.int32)
         variants = [("default", None), ("balance 0", cupy_lean.Config(merge_balance=0))]
         variants += [(f"n {m}", cupy_lean.Config(min_tiles_per_cta=m, merge_balance=0))

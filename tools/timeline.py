@@ -84,23 +84,12 @@ def main():
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     instrument()
-    f = [int(x) for x in a.shape.split(",")]
-    b, hq, hkv, d, n = f[:5]
-    ps = f[5] if len(f) > 5 else 0
-    rng = np.random.default_rng(a.seed)
-    q = cp.asarray(rng.standard_normal((b, hq, d)), dtype=cp.float16)
-    if ps:
-        pages = -(-n // ps)
-        k = cp.asarray(rng.standard_normal((b * pages, ps, hkv, d)), dtype=cp.float16)
-        table = cp.asarray(rng.permutation(b * pages).reshape(b, pages).astype(np.int32))
-    else:
-        k = cp.asarray(rng.standard_normal((b, n, hkv, d)), dtype=cp.float16)
-        table = None
-    v = k.copy()
+    from range_sweep import decode_inputs  # tools/, beside this script
+
+    (b, hq, hkv, d, n, ps), q, table, kvs = decode_inputs(a.shape, np.random.default_rng(a.seed))
+    k, v = kvs[0]
     out = cp.empty_like(q)
-    mb = 2 * k.nbytes / 1e6
-    copies = int(min(8, max(1, -(-150 // mb))))
-    kvs = [(k, v)] + [(k.copy(), v.copy()) for _ in range(copies - 1)]
+    copies = len(kvs)
     rows = []
     name = f"b{b} {hq}/{hkv} d{d} {n}" + (f" paged{ps}" if ps else "")
     for length in [int(x) for x in a.lens.split(",")] if a.lens else [n]:
