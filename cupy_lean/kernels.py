@@ -27,7 +27,7 @@ import os
 import pathlib
 
 from . import _cache
-from .schedule import MERGE_ARRIVAL_BATCHES, MERGE_TREE_FROM
+from .schedule import MERGE_TREE_FROM
 
 __all__ = [
     "Spec",
@@ -110,8 +110,7 @@ def _params_layout_options():
             f"-DLEAN_HOST_SPLIT_K={int(Decomposition.SPLIT_K)}",
             f"-DLEAN_HOST_LENS_CACHE={LENS_CACHE}",
             f"-DLEAN_HOST_DUMP_HEADER={DUMP_HEADER}", f"-DLEAN_HOST_DUMP_RECORD={DUMP_RECORD}",
-            f"-DLEAN_HOST_MERGE_TREE_FROM={MERGE_TREE_FROM}",
-            f"-DLEAN_HOST_MERGE_ARRIVAL_BATCHES={MERGE_ARRIVAL_BATCHES}"]
+            f"-DLEAN_HOST_MERGE_TREE_FROM={MERGE_TREE_FROM}"]
 
 _CUPY_HINT = (
     "CuPy is needed for GPU arrays: install cupy-lean with the extra of your CUDA driver, "

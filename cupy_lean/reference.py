@@ -290,9 +290,8 @@ def emulate(schedule, q, k, v, *, kv_lens=None, block_table=None, scale=None, si
     state; a segment that covers its whole unit is normalised straight into the
     output, and each partial unit's states are merged in CTA order (for
     ``split``, chunk order), as the kernels do; a ``lean`` unit cut into
-    many pieces in groups first where the kernel does
-    (:func:`cupy_lean.schedule.merge_group_size`, for the CTA the kernel
-    runs at these rows, head_dim and tile size).
+    many pieces in groups first (:func:`cupy_lean.schedule.merge_group_size`
+    with ``scratch_floats = tile_size x head_dim``).
 
     ``schedule`` must have been built for the same ``heads_kv`` and for the
     lengths the kernel walks: ``kv_lens``, or with ``window_left`` the window
@@ -336,10 +335,6 @@ def emulate(schedule, q, k, v, *, kv_lens=None, block_table=None, scale=None, si
     if scale is None:
         scale = 1.0 / np.sqrt(d)
     ts = schedule.tile_size
-    # the kernel's CTA for these rows and this tile (its threads decide its merge tree)
-    from .kernels import Spec, _pow2_at_least
-
-    threads = Spec("f16", d, _pow2_at_least(-(-(ql * g) // 16)), ts, 2, False).threads
     qf = _f64(qm)
     out = np.zeros((batch, ql, hq, d))
     lse = np.full((batch, ql, hq), -np.inf)
@@ -390,7 +385,7 @@ def emulate(schedule, q, k, v, *, kv_lens=None, block_table=None, scale=None, si
         parts.sort()  # CTA order, whatever order they were produced in
         states = [slots[sl] for _, sl in parts]
         if schedule.kind == "lean":  # the kernel's two-level merge of a unit cut into many pieces
-            size = merge_group_size(len(states), ql * g, d, threads)
+            size = merge_group_size(len(states), ql * g, ts * d)
             if size:
                 states = [merge_partial(states[i:i + size]) for i in range(0, len(states), size)]
         put(b, h, merge_partial(states))

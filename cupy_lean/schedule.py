@@ -46,7 +46,6 @@ __all__ = [
     "split_schedule",
     "head_schedule",
     "merge_balanced_tiles",
-    "merge_batches",
     "merge_group_size",
     "num_splits_heuristic",
     "tiles_per_sequence",
@@ -338,62 +337,33 @@ def lean_cta_of_tile(total_tiles, num_ctas, tile):
                     heavy + (tile - heavy * max_tiles) // light)
 
 
-#: Contributors of a unit from which the kernel considers merging its states
-#: in two levels (:func:`merge_group_size`).
-MERGE_TREE_FROM = 4
-#: What one more level of arrival costs in :func:`merge_group_size`'s
-#: comparison, in state batches (a batch and an arrival are each about one
-#: L2 round trip or two).
-MERGE_ARRIVAL_BATCHES = 2
+#: Contributors of a unit from which the kernel merges its states in two
+#: levels (:func:`merge_group_size`).
+MERGE_TREE_FROM = 16
 
 
-def merge_batches(states, state_rows, head_dim, threads):
-    """State batches of the kernel's one-pass merge of ``states`` partial
-    states of ``state_rows`` rows by a CTA of ``threads`` threads: the loads
-    each thread issues one after another (each about one L2 round trip).
-    ``lanes`` adjacent threads share an element while there are at least 8
-    states a lane and each thread keeps at least 2 elements' worth of work;
-    a thread takes ``ch`` float4 elements of one row (the elements per
-    thread rounded up to a power of two, at most 8) and loads ``16 / ch``
-    states at a time (``8 / ch`` at head_dim 64); rows that do not fit one
-    pass of the block take more passes. Mirrors the kernel's MergeShape."""
-    n, g, d, nt = (int(x) for x in (states, state_rows, head_dim, threads))
-    e = g * (d // 4)
-    lanes = 1
-    while lanes < 32 and 2 * lanes * e <= nt and 16 * lanes <= n:
-        lanes *= 2
-    ept = -(-(e * lanes) // nt)
-    ch = 8 if ept > 4 else 4 if ept > 2 else 2 if ept > 1 else 1
-    per_pass = nt // lanes // (d // 4 // ch)
-    per_batch = (16 if d >= 128 else 8) // ch * lanes
-    return -(-g // per_pass) * -(-n // per_batch)
-
-
-def merge_group_size(contributors, state_rows, head_dim, threads):
+def merge_group_size(contributors, state_rows, scratch_floats):
     """Group size of the kernel's two-level merge of a stream-K unit cut into
     ``contributors`` pieces, or 0 for one merge of all of them.
 
-    With a tree, contributors ``[q G, q G + G)`` form group ``q``: the
-    group's last arrival merges its states (in CTA order) into the slot of
-    its first member, and the last group to finish merges the
-    ``ceil(contributors / G)`` group states (in group order). ``G =
-    ceil(sqrt(contributors))``. The tree is taken from
-    :data:`MERGE_TREE_FROM` pieces on when its two merges plus one more
-    arrival (:data:`MERGE_ARRIVAL_BATCHES`) take fewer state batches
-    (:func:`merge_batches`) than one merge of all: large states (many rows,
-    head_dim 256) merge in groups from about 8 pieces, small ones merge in
-    one pass up to about a hundred. The result depends on the count, the
-    rows, the head_dim and the CTA's threads only, so it is deterministic.
-    The kernel computes the same integer.
+    From :data:`MERGE_TREE_FROM` pieces on, contributors ``[q G, q G + G)``
+    form group ``q``: the group's last arrival merges its states (in CTA
+    order) into the slot of its first member, and the last group to finish
+    merges the ``ceil(contributors / G)`` group states (in group order), so
+    no CTA merges more than about ``2 sqrt(contributors)`` states while the
+    others wait. ``G = ceil(sqrt(contributors))``, at most ``(scratch_floats
+    // state_rows - 2) // 2`` with ``scratch_floats = tile_size x
+    head_dim`` (a bound from the kernel's earlier merge, which gathered a
+    group's maxima and sums in that much shared memory; kept so that the
+    schedules stay the same); 0 when that leaves fewer than 2. The grouping
+    depends on the count only, so the result is deterministic. The kernel
+    computes the same integer.
     """
-    n = int(contributors)
+    n, rows, red = (int(x) for x in (contributors, state_rows, scratch_floats))
     if n < MERGE_TREE_FROM:
         return 0
-    g = math.isqrt(n - 1) + 1  # ceil(sqrt(n))
-    m = -(-n // g)
-    tree = (merge_batches(g, state_rows, head_dim, threads) + merge_batches(m, state_rows, head_dim, threads)
-            + MERGE_ARRIVAL_BATCHES)
-    return g if tree < merge_batches(n, state_rows, head_dim, threads) else 0
+    g = min(math.isqrt(n - 1) + 1, (red // rows - 2) // 2)  # ceil(sqrt(n)), capped
+    return g if g >= 2 else 0
 
 
 def merge_balanced_tiles(longest_unit_tiles, merge_balance, state_rows, tile_size):

@@ -436,6 +436,24 @@ struct SlotList {
   __device__ int operator()(int j) const { return j == 0 ? first : next + (j - 1) * step; }
 };
 
+// Merge tree of a unit with n contributors: 0 (one merge of all n states by
+// the last arrival) up to MERGE_TREE_FROM - 1 states, else the group size G:
+// contributors j in [q G, q G + G) form group q, whose last arrival merges the
+// group's states into the slot of its first member, and the last group to
+// finish merges the ceil(n / G) group states. G ~ sqrt(n), at most
+// (red_floats / rows - 2) / 2 with red_floats = TILE x D (a bound from the
+// merge's former shared-memory gather, kept so that the host's mirror,
+// schedule.merge_group_size, and the schedules it describes stay the same).
+constexpr int MERGE_TREE_FROM = LEAN_HOST_MERGE_TREE_FROM;  // schedule.MERGE_TREE_FROM
+static_assert(MERGE_TREE_FROM >= 2, "a merge tree needs 2 pieces at least");
+__device__ __forceinline__ int merge_group_size(int n, int rows, int red_floats) {
+  if (n < MERGE_TREE_FROM) return 0;
+  int G = 1;
+  while (G * G < n) ++G;
+  G = min(G, (red_floats / rows - 2) / 2);
+  return G >= 2 ? G : 0;
+}
+
 // Arrival counter of one partial unit: the CTA whose arrival completes the
 // count reduces the unit. No CTA ever waits for another, so the kernel is
 // correct whether or not its CTAs are co-resident.
@@ -624,56 +642,17 @@ struct IntConst {
   static constexpr int value = N;
 };
 
-// How reduce_unit spreads a merge of n states of g rows over the block:
-// `lanes` threads share an element (each taking every lanes-th state), a
-// thread holds `chunk()` float4 elements of one row, and it loads U =
-// RED_LOADS / chunk states at a time: batches() is the number of such loads
-// (each about one L2 round trip), which merge_group_size weighs.
-struct MergeShape {
-  int E, lanes, ept;
-  __device__ static MergeShape of(int n, int g) {
-    const int E = g * (D / 4);
-    int lanes = 1;
-    while (lanes < 32 && 2 * lanes * E <= NT && 8 * 2 * lanes <= n) lanes *= 2;  // >= 8 states per lane
-    const int ept = (E * lanes + NT - 1) / NT;
-    return {E, lanes, ept};
-  }
-  __device__ int chunk() const { return ept > 4 ? 8 : ept > 2 ? 4 : ept > 1 ? 2 : 1; }
-  __device__ int batches(int n, int g) const {
-    const int ch = chunk(), tpr = D / 4 / ch, per_pass = NT / lanes / tpr;
-    return (g + per_pass - 1) / per_pass * ((n + RED_LOADS / ch * lanes - 1) / (RED_LOADS / ch * lanes));
-  }
-};
-
-// Merge tree of a unit with n contributors: 0 (one merge of all n states by
-// the last arrival), or the group size G = ceil(sqrt(n)): contributors j in
-// [q G, q G + G) form group q, whose last arrival merges the group's states
-// into the slot of its first member, and the last group to finish merges the
-// ceil(n / G) group states. The tree is taken from MERGE_TREE_FROM states on
-// when its two merges, plus an arrival (counted as MERGE_ARRIVAL_BATCHES
-// batches: about two L2 round trips), take fewer state batches than one
-// merge of all n. Mirrored by schedule.merge_group_size.
-constexpr int MERGE_TREE_FROM = LEAN_HOST_MERGE_TREE_FROM;  // schedule.MERGE_TREE_FROM
-constexpr int MERGE_ARRIVAL_BATCHES = LEAN_HOST_MERGE_ARRIVAL_BATCHES;
-static_assert(MERGE_TREE_FROM >= 4, "a merge tree needs 2 groups of 2 pieces at least");
-__device__ __forceinline__ int merge_group_size(int n, int g) {
-  if (n < MERGE_TREE_FROM) return 0;
-  int G = 1;
-  while (G * G < n) ++G;
-  const int m = (n + G - 1) / G;
-  const int tree = MergeShape::of(G, g).batches(G, g) + MergeShape::of(m, g).batches(m, g) + MERGE_ARRIVAL_BATCHES;
-  return tree < MergeShape::of(n, g).batches(n, g) ? G : 0;
-}
-
 __device__ void reduce_unit(const Params& p, int b, int h, int n, SlotList slot_of, int out_slot = -1) {
   const int g = unit_rows(p);
   const bool to_slot = out_slot >= 0;
   const PartialSlots ps = {p.partials, p.slot_stride, g};
   constexpr int PER_ROW = D / 4;
   static_assert(PER_ROW % 8 == 0, "8 elements of a row per thread");
-  const MergeShape shape = MergeShape::of(n, g);
-  const int E = shape.E, lanes = shape.lanes, ept = shape.ept;
+  const int E = g * PER_ROW;
+  int lanes = 1;
+  while (lanes < 32 && 2 * lanes * E <= NT && 8 * 2 * lanes <= n) lanes *= 2;  // >= 8 states per lane
   const int lane = threadIdx.x & (lanes - 1);
+  const int ept = (E * lanes + NT - 1) / NT;
   // State j at p.partials + base(j) floats: base(j) in 32 bits (the host keeps
   // the workspace under 2^31 floats), affine in j from state 1 on; a row's
   // max and sum at + g D + row and + g D + g + row (PartialSlots).
@@ -745,12 +724,14 @@ __device__ void reduce_unit(const Params& p, int b, int h, int n, SlotList slot_
         for (int c = 0; c < CH; ++c) emit<4>(p, ps, b, h, row, 4 * (col + TPR * c), acc[c], M, L, to_slot, out_slot);
     }
   };
-  switch (shape.chunk()) {
-    case 8: merge(IntConst<8>()); break;
-    case 4: merge(IntConst<4>()); break;
-    case 2: merge(IntConst<2>()); break;
-    default: merge(IntConst<1>()); break;
-  }
+  if (ept > 4)
+    merge(IntConst<8>());
+  else if (ept > 2)
+    merge(IntConst<4>());
+  else if (ept > 1)
+    merge(IntConst<2>());
+  else
+    merge(IntConst<1>());
 }
 
 // ============================================================= 6. the CTA
@@ -1224,7 +1205,7 @@ __device__ void finish_segment(const Params& p, const Shared& sh, const StreamK&
   if (!s.partial || p.decomposition != STREAM_K) return;
   int* misc = sh.misc();
   const Contributors who = Contributors::of(sk, s);
-  const int G = merge_group_size(who.count, unit_rows(p));
+  const int G = merge_group_size(who.count, unit_rows(p), TILE * D);
   // With a merge tree (G > 0) this CTA first arrives in its group (level 0):
   // the counters of groups follow the units', one per slot, indexed by the
   // group's first slot, and the group is merged into that slot. Level 1 is

@@ -419,16 +419,15 @@ def test_bad_values_without_validation_are_safe():
 # ---------------------------------------------------------------- units cut into many pieces
 
 @pytest.mark.parametrize("d,hq,hkv,n,layout,ctas", [
-    (256, 24, 2, 20011, "dense", None),    # the default grid: ~33 pieces per unit of 12 rows, groups of 6
-    (256, 24, 2, 20011, "paged", 264),     # ~66 pieces per unit: groups of 9
-    (64, 8, 1, 65537, "dense", 132),       # ~66 pieces of 8 rows: one merge (lanes share the states)
-    (128, 16, 2, 9001, "strided", 80),     # ~20 pieces per unit: one merge
+    (256, 24, 2, 20011, "dense", None),    # the default grid: ~35 pieces per unit, groups of 6
+    (256, 24, 2, 20011, "paged", 264),     # as many as the merge balance allows
+    (64, 8, 1, 65537, "dense", 132),       # ~57 pieces per unit: groups of 8
+    (128, 16, 2, 9001, "strided", 80),     # ~20 pieces per unit: groups of 5
     (128, 16, 2, 9001, "dense", 30),       # ~8 pieces: one merge
 ])
 def test_units_cut_into_many_pieces(d, hq, hkv, n, layout, ctas):
     """Few long units over the whole grid: every unit's states are merged in
-    two levels where schedule.merge_group_size says so (large states), else
-    in one pass over many states (small ones). Output
+    two levels from 16 pieces on (schedule.merge_group_size). Output
     prefilled with NaN, lse checked, and two replays of a captured call give
     the first call's bits: the group counters are back at zero after each
     launch."""

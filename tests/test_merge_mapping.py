@@ -17,7 +17,6 @@ MIRRORED = [
     "constexpr int RED_LOADS = D >= 128 ? 16 : 8;",
     "while (lanes < 32 && 2 * lanes * E <= NT && 8 * 2 * lanes <= n) lanes *= 2;",
     "const int ept = (E * lanes + NT - 1) / NT;",
-    "__device__ int chunk() const { return ept > 4 ? 8 : ept > 2 ? 4 : ept > 1 ? 2 : 1; }",
     "constexpr int CH = decltype(chunk)::value, TPR = PER_ROW / CH, U = RED_LOADS / CH;",
     "const int q = threadIdx.x / lanes, col = q % TPR, rows_per_pass = NT / lanes / TPR;",
     "for (int r0 = 0; r0 < g; r0 += rows_per_pass) {",
@@ -95,7 +94,3 @@ def test_merge_mapping_covers_once_and_keeps_warps_together(head_dim, threads, g
         assert len({trips[t] for t in range(w0, w0 + 32)}) == 1
     for (r, c, j), t in reads.items():  # lanes share an element: the writer is one of its lane group
         assert t // lanes == writes[(r, c)] // lanes
-    # the batch count the merge tree weighs (schedule.merge_batches, the kernel's MergeShape) is the loop's
-    from cupy_lean.schedule import merge_batches
-
-    assert set(trips.values()) == {merge_batches(n, g, head_dim, threads)}

@@ -463,43 +463,29 @@ def test_merge_balanced_tiles_is_the_smallest_square_root(longest, a, rows, tile
     assert n == 1 or (n - 1) * (n - 1) * tile < v
 
 
-@given(st.integers(0, 2000), st.integers(1, 128), st.sampled_from([64, 128, 256]), st.sampled_from([32, 64, 128, 256]))
-@example(19, 3, 128, 256)   # few rows, a few dozen pieces: one merge (one batch)
-@example(98, 6, 256, 128)   # head_dim 256, many pieces: groups of 10
-@example(15, 15, 256, 128)  # 15 pieces of 15 rows at head_dim 256: 8 batches in one merge, 6 in a tree
-def test_merge_group_size_weighs_batches(n, rows, head_dim, threads):
-    """The kernel's two-level merge: none below MERGE_TREE_FROM pieces; a
-    tree of G = ceil(sqrt(n)) exactly when its two merges and one arrival
-    take fewer state batches than one merge of all n, so the merging CTAs
-    never wait longer (by this count) than with one merge."""
-    from cupy_lean.schedule import MERGE_ARRIVAL_BATCHES, MERGE_TREE_FROM, merge_batches, merge_group_size
+@given(st.integers(0, 2000), st.integers(1, 512), st.sampled_from([1024, 2048, 4096, 8192, 16384, 32768]))
+@example(62, 12, 64 * 256)
+@example(15, 16, 8192)
+@example(16, 512, 1024)
+def test_merge_group_size_bounds_the_serial_merge(n, rows, scratch):
+    """The kernel's two-level merge: none below MERGE_TREE_FROM pieces; else
+    groups of G >= 2 whose maxima and sums fit the scratch, G the ceiling of
+    sqrt(n) unless the scratch caps it, so the last group and the unit merge
+    together touch at most G + ceil(n / G) states."""
+    from cupy_lean.schedule import MERGE_TREE_FROM, merge_group_size
 
-    g = merge_group_size(n, rows, head_dim, threads)
-    one = merge_batches(n, rows, head_dim, threads)
-    if n < MERGE_TREE_FROM:
+    g = merge_group_size(n, rows, scratch)
+    if n < MERGE_TREE_FROM or (scratch // rows - 2) // 2 < 2:
         assert g == 0
         return
-    G = math.isqrt(n - 1) + 1
-    tree = (merge_batches(G, rows, head_dim, threads) + merge_batches(-(-n // G), rows, head_dim, threads)
-            + MERGE_ARRIVAL_BATCHES)
-    assert g == (G if tree < one else 0)
-    assert g == 0 or (2 <= g and (g - 1) ** 2 < n <= g * g)
-    assert merge_batches(n, rows, head_dim, threads) >= 1
+    assert 2 <= g and (2 * g + 2) * rows <= scratch
+    assert g <= math.isqrt(n - 1) + 1
+    if (scratch // rows - 2) // 2 >= math.isqrt(n - 1) + 1:
+        assert (g - 1) ** 2 < n <= g * g
+        assert g + -(-n // g) <= 2 * math.isqrt(n) + 3
 
 
-def test_merge_group_size_examples():
-    """Where the tree goes: small states merge in one pass up to many pieces,
-    large ones in groups."""
-    from cupy_lean.schedule import merge_group_size
-
-    assert merge_group_size(19, 3, 128, 256) == 0
-    assert merge_group_size(66, 2, 64, 256) == 0
-    assert merge_group_size(98, 6, 256, 128) == 10
-    assert merge_group_size(132, 128, 128, 256) == 12
-    assert merge_group_size(3, 128, 256, 128) == 0
-
-
-def _kernel_merge_protocol(sched, rows, head_dim, threads, rng):
+def _kernel_merge_protocol(sched, rows, scratch, rng):
     """The kernel's arrival-and-merge protocol (finish_segment's level loop)
     played over a lean schedule with contributors arriving in a random order:
     returns, per unit, the labels its final merge read, and the counters at
@@ -524,7 +510,7 @@ def _kernel_merge_protocol(sched, rows, head_dim, threads, rng):
         def slot(j):
             return parts[0][1] if j == 0 else 2 * (first + j)  # Contributors::slot
 
-        g = merge_group_size(n, rows, head_dim, threads)
+        g = merge_group_size(n, rows, scratch)
         for j in rng.permutation(n):
             level = 0 if g else 1
             while True:
@@ -554,18 +540,17 @@ def _kernel_merge_protocol(sched, rows, head_dim, threads, rng):
 def test_two_level_merge_reads_every_state_once(lens, hkv, tile, num_ctas, rows, head_dim, seed):
     """Whatever order the contributors arrive in, every partial unit is
     merged exactly once, from every contributor's state exactly once
-    (through its group's state where there is a tree), no two groups or
-    units share a counter, the counters fit the workspace's (units + 2 x
-    grid) and are all back at zero: the kernel's protocol, mirrored."""
+    (through its group's state from 16 pieces on), no two groups or units
+    share a counter, the counters fit the workspace's (units + 2 x grid)
+    and are all back at zero: the kernel's protocol, mirrored."""
     from cupy_lean.schedule import merge_group_size
 
-    threads = 128 if head_dim == 256 else 256
     sched = lean_schedule(lens, hkv, tile_size=tile, num_ctas=num_ctas)
-    by_unit, final, counters = _kernel_merge_protocol(sched, rows, head_dim, threads, np.random.default_rng(seed))
+    by_unit, final, counters = _kernel_merge_protocol(sched, rows, tile * head_dim, np.random.default_rng(seed))
     assert set(final) == set(by_unit) and not counters.any()
     for u, parts in by_unit.items():
         n = len(parts)
-        g = merge_group_size(n, rows, head_dim, threads)
+        g = merge_group_size(n, rows, tile * head_dim)
         want = [("g", q) for q in range(-(-n // g))] if g else [("s", j) for j in range(n)]
         assert final[u] == want
 
@@ -583,8 +568,7 @@ def test_emulate_merges_a_unit_of_many_pieces_in_groups():
     v = rng.standard_normal((2, 3001, 1, 64))
     sch = lean_schedule(lens, 1, tile_size=16, num_ctas=120)
     pieces = np.bincount(sch.segments["unit"][sch.segments["partial"].astype(bool)])
-    # rows 8, head_dim 64, tile 16: a CTA of 32 threads, 2 states a batch: groups
-    assert pieces.min() >= 16 and merge_group_size(int(pieces.min()), 8, 64, 32) >= 4
+    assert pieces.min() >= 16 and merge_group_size(int(pieces.min()), 8, 16 * 64) >= 4
     out, lse = reference.emulate(sch, q, k, v, kv_lens=lens)
     ref, ref_lse = reference.attention(q, k, v, kv_lens=lens)
     assert np.abs(out - ref).max() < 1e-12 and np.abs(lse - ref_lse).max() < 1e-12
