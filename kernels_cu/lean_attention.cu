@@ -836,20 +836,13 @@ struct LoadCursor {
 // pointer step and a compare (the copies are most of the loop's instructions):
 // dense rows are stepped by a stride from the tile's first row; paged rows
 // have their page and row in the page found one tile ahead (prefetch_pages,
-// so the block-table read is off the critical path; the prologue requests
-// the entries of its STAGES - 1 tiles together), rows on a page outside the
-// cache are zero-filled and masked.
-constexpr int LOAD_RSTEP = NT / KCPR;  // rows one pass of the block covers
-constexpr int LOAD_ROW_ITERS = (TILE + LOAD_RSTEP - 1) / LOAD_RSTEP;
-// PAGED: where the rows a thread copies of one tile lie
-struct PageRows {
-  int page[PAGED ? LOAD_ROW_ITERS : 1];  // physical page of each row (-1: none; checked in load)
-  int row0;                              // the first row's place in its page (the others: stepped)
-};
+// so the block-table read is off the critical path), rows on a page outside
+// the cache are zero-filled and masked.
 struct KVLoader {
-  static constexpr int RSTEP = LOAD_RSTEP;
-  static constexpr int ROW_ITERS = LOAD_ROW_ITERS;
-  PageRows next;                    // PAGED: the pages of the next tile to load
+  static constexpr int RSTEP = NT / KCPR;  // rows one pass of the block covers
+  static constexpr int ROW_ITERS = (TILE + RSTEP - 1) / RSTEP;
+  int page[PAGED ? ROW_ITERS : 1];  // physical page of each row this thread loads (-1: none; checked in load)
+  int prow0;                        // PAGED: the first row's place in its page (the others: stepped)
   int step_pages, step_rows;        // PAGED: RSTEP tokens as whole pages and rows (set once by init)
   u64 policy;
 
@@ -859,7 +852,7 @@ struct KVLoader {
     step_rows = PAGED ? RSTEP - step_pages * p.page_size : 0;
   }
 
-  __device__ void prefetch_pages(const Params& p, const Segment& s, int t, bool valid, PageRows& out) const {
+  __device__ void prefetch_pages(const Params& p, const Segment& s, int t, bool valid) {
     if (!PAGED) return;
     const int ps = p.page_size;
     const int tok0 = s.start + t * TILE;
@@ -870,8 +863,8 @@ struct KVLoader {
 #pragma unroll
     for (int it = 0; it < ROW_ITERS; ++it) {
       const int r = threadIdx.x / KCPR + it * RSTEP;
-      out.page[it] = (r < ntok) ? bt[pq] : -1;  // checked when used (load): this read's latency is hidden
-      if (it == 0) out.row0 = pr;
+      page[it] = (r < ntok) ? bt[pq] : -1;  // checked when used (load): this read's latency is hidden
+      if (it == 0) prow0 = pr;
       pq += step_pages;
       pr += step_rows;
       if (pr >= ps) {
@@ -883,7 +876,7 @@ struct KVLoader {
 
   // Returns true when a row of the tile's tokens lies on a page outside the
   // cache (paged; such rows are zero-filled and masked).
-  __device__ bool load(const Params& p, const Shared& sh, int stage, const LoadCursor& c, const PageRows& pages) const {
+  __device__ bool load(const Params& p, const Shared& sh, int stage, const LoadCursor& c) const {
     const int tid = threadIdx.x;
     const Segment& s = c.seg;
     if (s.first_tile(c.t)) {  // the unit's query rows into the Q ring
@@ -908,7 +901,7 @@ struct KVLoader {
     const i64 kst = p.k_st * KV_ELEM, vst = p.v_st * KV_ELEM;  // bytes per token
     const char* kp = c.kb + (i64)(tok0 + r0) * kst;  // dense: row r0 of the tile, stepped below
     const char* vp = c.vb + (i64)(tok0 + r0) * vst;
-    int pr = pages.row0;  // PAGED: row in the page of row r0 + RSTEP it
+    int pr = prow0;  // PAGED: row in the page of row r0 + RSTEP it
     // PAGED: a page's bytes and a page's rows fit in 32 bits (the plan copies a cache whose do not)
     const int ksb = (int)(p.k_sb * KV_ELEM), vsb = (int)(p.v_sb * KV_ELEM);
     const int kst32 = (int)kst, vst32 = (int)vst;
@@ -921,7 +914,7 @@ struct KVLoader {
       if (TILE % RSTEP != 0 && r >= TILE) break;
       bool ok;
       if (PAGED) {
-        const int pg = pages.page[it];
+        const int pg = page[it];
         ok = pg >= 0 && pg < p.num_pages;
         kp = c.kb + (i64)pg * ksb + pr * kst32;
         vp = c.vb + (i64)pg * vsb + pr * vst32;
@@ -1274,28 +1267,14 @@ __device__ void attention_cta(const Params& p) {
   loader.init(p);
   LoadCursor ld = {walker};
   ld.start(p, lens_s);
-  // PAGED: the block-table entries of the first STAGES - 1 tiles (tile 0's
-  // in loader.next, the others' in `more`), all requested before the first
-  // copy waits for them: one round trip, not one per tile; then the pipeline
-  // keeps one tile ahead
-  PageRows more[PAGED && STAGES > 2 ? STAGES - 2 : 1];
-  loader.prefetch_pages(p, ld.seg, ld.t, true, loader.next);
-  if (PAGED && STAGES > 2) {
-    LoadCursor c = ld;
-#pragma unroll
-    for (int s = 1; s < STAGES - 1; ++s) {
-      if (s - 1 < n_my) c.advance(p, lens_s);
-      loader.prefetch_pages(p, c.seg, c.t, s < n_my, more[PAGED && STAGES > 2 ? s - 1 : 0]);
-    }
-  }
+  loader.prefetch_pages(p, ld.seg, ld.t, true);
   u32 bad_bits = 0;  // PAGED: bit s set when this thread copied a row on a page outside the cache into stage s
 #pragma unroll
   for (int s = 0; s < STAGES - 1; ++s) {
     if (s < n_my) {
-      const PageRows& pages = s == 0 ? loader.next : more[PAGED && STAGES > 2 ? s - 1 : 0];
-      if (loader.load(p, sh, s, ld, pages)) bad_bits |= 1u << s;
+      if (loader.load(p, sh, s, ld)) bad_bits |= 1u << s;
       ld.advance(p, lens_s);
-      if (s == STAGES - 2) loader.prefetch_pages(p, ld.seg, ld.t, s + 1 < n_my, loader.next);
+      loader.prefetch_pages(p, ld.seg, ld.t, s + 1 < n_my);
     }
     cp_async_commit();
   }
@@ -1321,9 +1300,9 @@ __device__ void attention_cta(const Params& p) {
       const int jt = i + STAGES - 1;
       if (jt < n_my) {
         const u32 bit = 1u << (jt % STAGES);
-        bad_bits = loader.load(p, sh, jt % STAGES, ld, loader.next) ? (bad_bits | bit) : (bad_bits & ~bit);
+        bad_bits = loader.load(p, sh, jt % STAGES, ld) ? (bad_bits | bit) : (bad_bits & ~bit);
         ld.advance(p, lens_s);
-        loader.prefetch_pages(p, ld.seg, ld.t, jt + 1 < n_my, loader.next);
+        loader.prefetch_pages(p, ld.seg, ld.t, jt + 1 < n_my);
       }
       cp_async_commit();
       float s[TW / 8][4];
