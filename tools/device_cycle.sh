@@ -11,7 +11,7 @@
 #                the change, with this tree's bench/), FAMILY_N shapes, seed SEED
 #   family       the same with every peer on this tree (FlashInfer from .whl/ if carried)
 # trees: lean only with each package tree in TREES (older commits), the same shapes
-# Env: METHODS (family step, default lean and every peer), TUNE_GROUPS ("LOW HIGH" for tune), TREES, SEED (default 1), FAMILY_N (default 24), DTYPES (default fp16), BUDGET (seconds after
+# Env: TESTS_TIMEOUT (tests-par, default 1200 s), METHODS (family step, default lean and every peer), TUNE_GROUPS ("LOW HIGH" for tune), TREES, SEED (default 1), FAMILY_N (default 24), DTYPES (default fp16), BUDGET (seconds after
 # which the benchmark starts no new shape; default 0: none).
 set -u
 OUT=${OUT:-/tmp/out}
@@ -50,7 +50,9 @@ for step in "$@"; do
     tests-par)
       # the GPU tests in SHARDS processes at once (they are mostly compile- and
       # NumPy-bound), round-robin over the collected ids; one summary file
-      python3 tools/gpu_shards.py --shards "${SHARDS:-6}" --out "$OUT/gpu_tests.txt" ${TESTS_K:+-k "$TESTS_K"}
+      # TESTS_TIMEOUT (s): stop the shards there; gpu_shards.py still writes what finished
+      timeout "${TESTS_TIMEOUT:-1200}" python3 tools/gpu_shards.py --shards "${SHARDS:-6}" --out "$OUT/gpu_tests.txt" \
+        ${TESTS_K:+-k "$TESTS_K"}
       tail -${SHARDS:-6} "$OUT/gpu_tests.txt";;
     sanitize)
       bash tools/sanitize.sh /tmp/sanlogs > "$OUT/sanitize.txt" 2>&1; cat "$OUT/sanitize.txt";;

@@ -9,6 +9,7 @@ Usage: python tools/gpu_shards.py [--shards 6] [--out FILE] [-k EXPR]
 """
 import argparse
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -49,20 +50,37 @@ def main():
                 "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-rfE'] + ids))")
         procs.append((subprocess.Popen([sys.executable, "-c", code, idfile], stdout=log,
                                        stderr=subprocess.STDOUT), log, len(part)))
-    rcs = []
-    for p, log, _ in procs:
-        rcs.append(p.wait())
+    rcs = [None] * n
+
+    def write_summary(note=""):
+        # every shard's log so far (a shard still running shows its progress
+        # dots) and one line per shard; rewritten as shards finish, and on
+        # SIGTERM (an outer `timeout`), so a cut run still says what passed
+        wall = time.time() - t0
+        with open(args.out, "w") as out:
+            for i in range(n):
+                out.write(f"===== shard {i} ({procs[i][2]} tests, rc {rcs[i]}) =====\n")
+                out.write(open(os.path.join(tmp, f"log{i}.txt")).read())
+            out.write(f"\n{len(ids)} GPU tests in {n} shards, {wall:.0f} s wall{note}\n")
+            for i in range(n):
+                last = [ln for ln in open(os.path.join(tmp, f"log{i}.txt")).read().splitlines()
+                        if any(w in ln for w in ("passed", "failed", "skipped", "error")) and " in " in ln]
+                state = last[-1] if last and rcs[i] is not None else "still running"
+                out.write(f"shard {i}: rc {rcs[i]} {state}\n")
+
+    def on_term(signum, frame):
+        for p, log, _ in procs:
+            if p.poll() is None:
+                p.terminate()
+            log.flush()
+        write_summary(" (stopped by a signal: unfinished shards say so)")
+        sys.exit(124)
+
+    signal.signal(signal.SIGTERM, on_term)
+    for i, (p, log, _) in enumerate(procs):
+        rcs[i] = p.wait()
         log.close()
-    wall = time.time() - t0
-    with open(args.out, "w") as out:
-        for i in range(n):
-            out.write(f"===== shard {i} ({procs[i][2]} tests, rc {rcs[i]}) =====\n")
-            out.write(open(os.path.join(tmp, f"log{i}.txt")).read())
-        out.write(f"\n{len(ids)} GPU tests in {n} shards, {wall:.0f} s wall\n")
-        for i in range(n):
-            last = [ln for ln in open(os.path.join(tmp, f"log{i}.txt")).read().splitlines()
-                    if any(w in ln for w in ("passed", "failed", "skipped", "error")) and " in " in ln]
-            out.write(f"shard {i}: rc {rcs[i]} {last[-1] if last else 'no summary'}\n")
+        write_summary()
     sys.exit(max(rcs))
 
 
