@@ -39,17 +39,6 @@ def main():
     tmp = tempfile.mkdtemp(prefix="gpu_shards_")
     procs = []
     t0 = time.time()
-    for i in range(n):
-        part = ids[i::n]
-        idfile = os.path.join(tmp, f"ids{i}.txt")
-        with open(idfile, "w") as f:
-            f.write("\n".join(part))
-        log = open(os.path.join(tmp, f"log{i}.txt"), "w")
-        # ids may hold spaces, so they go to pytest through a file, not argv splitting
-        code = ("import sys, pytest; ids = open(sys.argv[1]).read().split('\\n'); "
-                "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-rfE'] + ids))")
-        procs.append((subprocess.Popen([sys.executable, "-c", code, idfile], stdout=log,
-                                       stderr=subprocess.STDOUT), log, len(part)))
     rcs = [None] * n
 
     def write_summary(note=""):
@@ -72,11 +61,24 @@ def main():
         for p, log, _ in procs:
             if p.poll() is None:
                 p.terminate()
-            log.flush()
-        write_summary(" (stopped by a signal: unfinished shards say so)")
+            if not log.closed:
+                log.flush()
+        if len(procs) == n:
+            write_summary(" (stopped by a signal: unfinished shards say so)")
         sys.exit(124)
 
     signal.signal(signal.SIGTERM, on_term)
+    for i in range(n):
+        part = ids[i::n]
+        idfile = os.path.join(tmp, f"ids{i}.txt")
+        with open(idfile, "w") as f:
+            f.write("\n".join(part))
+        log = open(os.path.join(tmp, f"log{i}.txt"), "w")
+        # ids may hold spaces, so they go to pytest through a file, not argv splitting
+        code = ("import sys, pytest; ids = open(sys.argv[1]).read().split('\\n'); "
+                "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-rfE'] + ids))")
+        procs.append((subprocess.Popen([sys.executable, "-c", code, idfile], stdout=log,
+                                       stderr=subprocess.STDOUT), log, len(part)))
     for i, (p, log, _) in enumerate(procs):
         rcs[i] = p.wait()
         log.close()
