@@ -481,15 +481,6 @@ struct UnitCounter {
     return (int)old + 1 == count;
   }
   __device__ void reset() const { asm volatile("st.relaxed.gpu.global.u32 [%0], 0;" ::"l"(word) : "memory"); }
-  // The count as it stands, unordered (a relaxed load, issued early so that
-  // its latency hides behind a tile); acquire() after it turns a count that
-  // shows every other arrival into an acquire of all of them.
-  __device__ u32 peek() const {
-    u32 v;
-    asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(word) : "memory");
-    return v;
-  }
-  __device__ static void acquire() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
 };
 
 // ============================================================= 4. softmax state
@@ -651,8 +642,7 @@ struct IntConst {
   static constexpr int value = N;
 };
 
-__device__ void reduce_unit(const Params& p, int b, int h, int n, SlotList slot_of, int out_slot = -1,
-                            const float* own = nullptr) {
+__device__ void reduce_unit(const Params& p, int b, int h, int n, SlotList slot_of, int out_slot = -1) {
   const int g = unit_rows(p);
   const bool to_slot = out_slot >= 0;
   const PartialSlots ps = {p.partials, p.slot_stride, g};
@@ -687,14 +677,6 @@ __device__ void reduce_unit(const Params& p, int b, int h, int n, SlotList slot_
         for (int u = 0; u < U; ++u) {  // past n or an idle row: an empty state, nothing read
           const int j = j0 + lane + u * lanes;
           const bool ok = live && j < n;
-          if (u == 0 && j == 0 && own != nullptr) {  // state 0 in shared memory (only u 0 of batch 0 has j 0)
-            mj[u] = live ? own[stat] : -LEAN_INF;
-            lj[u] = live ? own[stat + g] : 0.f;
-#pragma unroll
-            for (int c = 0; c < CH; ++c)
-              x[u][c] = live ? *reinterpret_cast<const float4*>(own + within + 4 * TPR * c) : make_float4(0, 0, 0, 0);
-            continue;
-          }
           const float* st = p.partials + (j == 0 ? base0 : (ok ? base1 + (j - 1) * jstep : base0));
           mj[u] = ok ? __ldcg(st + stat) : -LEAN_INF;
           lj[u] = ok ? __ldcg(st + stat + g) : 0.f;
@@ -1133,9 +1115,9 @@ __device__ __forceinline__ void accumulate_pv(WarpState& st, const float (&s)[TW
 // shared memory (`scr`, the K/V stage just consumed: no load targets it before
 // the next iteration's barrier; HAS_FP8: the scratch region) in warp order.
 __device__ void store_segment(const Params& p, const Shared& sh, const Segment& s, const WarpState& st, int slot,
-                              float* scr, float* slots) {
+                              float* scr) {
   const int g = unit_rows(p);
-  const PartialSlots ps = {slots, p.slot_stride, g};
+  const PartialSlots ps = {p.partials, p.slot_stride, g};
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wm = warp / WN, wn = warp % WN;
   const int rows[2] = {wm * 16 + (lane >> 2), wm * 16 + (lane >> 2) + 8};
   const float lq[2] = {quad_sum(st.l[0]), quad_sum(st.l[1])};
@@ -1207,45 +1189,16 @@ __device__ void store_segment(const Params& p, const Shared& sh, const Segment& 
 // End of a segment: store it; for a partial STREAM_K unit, arrive at the unit's
 // counter and, if this CTA completes it, reduce the unit (UnitCounter says
 // why this is safe).
-//
-// Known last: when the segment ends the CTA's work (`cta_done`), the unit has
-// one merge (no tree) and this CTA holds its first tiles (its state is state
-// 0 of the merge), thread 0 peeked at the unit's counter during the last tile
-// (`seen`, relaxed). A count of every other contributor means no arrival is
-// left to come: this CTA is the last, whatever happens next. It then acquires
-// (a fence after the relaxed load: the same synchronisation as the acquire of
-// an arrival), keeps its own state in shared memory (a K/V stage, free once
-// the CTA's last tile is consumed) instead of the workspace, skips the
-// arrival, and merges. The stream-K contributors after the first stream the
-// unit at the start of their ranges, the first one at the end of its own:
-// the peek usually sees them all, and the critical path loses a global store
-// and an atomic round trip. The merge reads the same values in the same
-// order either way: results do not depend on which path ran.
 __device__ void finish_segment(const Params& p, const Shared& sh, const StreamK& sk, const Segment& s,
-                               const WarpState& st, int stage, bool cta_done, u32 seen) {
+                               const WarpState& st, int stage) {
   const int c = blockIdx.x;
   const int slot = p.decomposition == STREAM_K ? PartialSlots::stream_k_slot(c, s.ordinal) : c;
-  const bool stream_k_partial = s.partial && p.decomposition == STREAM_K;
-  int* misc = sh.misc();
-  Contributors who = {0, 0, 0};
-  int G = 0;
-  float* own = nullptr;  // known last: this CTA's state (slot layout) in a free K/V stage
-  if (stream_k_partial) {
-    who = Contributors::of(sk, s);
-    G = merge_group_size(who.count, unit_rows(p), TILE * D);
-    if (cta_done && G == 0 && who.first == c && unit_rows(p) * (D + 2) * 4 <= SharedLayout::KV_STAGE) {
-      if (threadIdx.x == 0) {
-        const bool last = seen + 1 == (u32)who.count;
-        if (last) UnitCounter::acquire();
-        misc[MISC_LAST] = last ? 1 : 0;
-      }
-      __syncthreads();  // also: every warp is done with the K/V stages
-      if (misc[MISC_LAST]) own = reinterpret_cast<float*>(sh.kv(HAS_FP8 ? stage : (stage + 1) % STAGES));
-    }
-  }
-  store_segment(p, sh, s, st, own != nullptr ? 0 : slot, sh.scratch(stage), own != nullptr ? own : p.partials);
+  store_segment(p, sh, s, st, slot, sh.scratch(stage));
   LEAN_STAMP(4);
-  if (!stream_k_partial) return;
+  if (!s.partial || p.decomposition != STREAM_K) return;
+  int* misc = sh.misc();
+  const Contributors who = Contributors::of(sk, s);
+  const int G = merge_group_size(who.count, unit_rows(p), TILE * D);
   // With a merge tree (G > 0) this CTA first arrives in its group (level 0):
   // the counters of groups follow the units', one per slot, indexed by the
   // group's first slot, and the group is merged into that slot. Level 1 is
@@ -1257,16 +1210,14 @@ __device__ void finish_segment(const Params& p, const Shared& sh, const StreamK&
     const int into = level == 0 ? who.slot(q0) : -1;
     const UnitCounter counter = {p.counters + (level == 0 ? p.batch * p.heads_kv + into : s.b * p.heads_kv + s.h)};
     const int members = level == 0 ? min(G, who.count - q0) : (G > 0 ? (who.count + G - 1) / G : who.count);
-    __syncthreads();  // the slot's stores precede thread 0's release (known last: every thread's loads)
-    if (own == nullptr) {
-      if (threadIdx.x == 0) misc[MISC_LAST] = counter.arrive_is_last(members) ? 1 : 0;
-      __syncthreads();  // thread 0's acquire precedes every thread's slot loads
-    }
+    __syncthreads();  // the slot's stores precede thread 0's release
+    if (threadIdx.x == 0) misc[MISC_LAST] = counter.arrive_is_last(members) ? 1 : 0;
+    __syncthreads();  // thread 0's acquire precedes every thread's slot loads
     LEAN_STAMP(5);
-    if (own == nullptr && !misc[MISC_LAST]) return;
+    if (!misc[MISC_LAST]) return;
     const int step = level == 0 || G == 0 ? 1 : G;  // in contributors
     reduce_unit(p, s.b, s.h, members,
-                {who.slot(q0), PartialSlots::stream_k_slot(who.first + q0 + step, 0), 2 * step}, into, own);
+                {who.slot(q0), PartialSlots::stream_k_slot(who.first + q0 + step, 0), 2 * step}, into);
     if (threadIdx.x == 0) counter.reset();
     LEAN_STAMP(6);
     if (level == 1) return;
@@ -1330,8 +1281,7 @@ __device__ void attention_cta(const Params& p) {
   LEAN_STAMP(10);
 
   WarpState st;
-  int i = 0;      // tiles consumed
-  u32 seen = 0;  // thread 0: the counter of the CTA's last unit, peeked during its last tile (finish_segment)
+  int i = 0;  // tiles consumed
   for (Segment seg; walker.next(p, lens_s, seg);) {
     st.reset();
     const int nq = query_tokens(p, seg.b);
@@ -1347,8 +1297,6 @@ __device__ void attention_cta(const Params& p) {
       else
         __syncthreads();
       if (i == 0) LEAN_STAMP(2);
-      if (p.decomposition == STREAM_K && i == n_my - 1 && threadIdx.x == 0)
-        seen = UnitCounter{p.counters + seg.b * p.heads_kv + seg.h}.peek();
       const int jt = i + STAGES - 1;
       if (jt < n_my) {
         const u32 bit = 1u << (jt % STAGES);
@@ -1367,7 +1315,7 @@ __device__ void attention_cta(const Params& p) {
       if (i == 0) LEAN_STAMP(13);
     }
     LEAN_STAMP(3);
-    finish_segment(p, sh, sk, seg, st, (i - 1) % STAGES, i == n_my, seen);
+    finish_segment(p, sh, sk, seg, st, (i - 1) % STAGES);
   }
   cp_async_wait<0>();
   LEAN_STAMP(7);

@@ -486,9 +486,8 @@ def test_merge_group_size_bounds_the_serial_merge(n, rows, scratch):
 
 
 def _kernel_merge_protocol(sched, rows, scratch, rng):
-    """The kernel's arrival-and-merge protocol (finish_segment's level loop,
-    and its known-last path) played over a lean schedule with contributors
-    arriving in a random order:
+    """The kernel's arrival-and-merge protocol (finish_segment's level loop)
+    played over a lean schedule with contributors arriving in a random order:
     returns, per unit, the labels its final merge read, and the counters at
     the end. A state is labelled ("s", j) (contributor j's own) or ("g", q)
     (group q's merge, stored in place in its first member's slot)."""
@@ -519,14 +518,9 @@ def _kernel_merge_protocol(sched, rows, scratch, rng):
                 idx = units + slot(q0) if level == 0 else u
                 assert owner.setdefault(idx, (u, level, q0)) == (u, level, q0)
                 members = min(g, n - q0) if level == 0 else (-(-n // g) if g else n)
-                # known last (finish_segment): contributor 0 (its CTA's last segment) of a unit
-                # without a tree whose peek saw every other arrival skips its own arrival; the
-                # peek ran during its last tile, so it may also have seen fewer
-                known = not g and j == 0 and counters[idx] == members - 1 and rng.random() < 0.5
-                if not known:
-                    counters[idx] += 1
-                    if counters[idx] != members:
-                        break
+                counters[idx] += 1
+                if counters[idx] != members:
+                    break
                 step = g if (level == 1 and g) else 1
                 read = [slot(q0)] + [2 * (first + q0 + step) + (i - 1) * 2 * step for i in range(1, members)]
                 labels = [content[x] for x in read]
