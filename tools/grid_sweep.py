@@ -7,6 +7,7 @@ CUDA-graph replays over rotating copies (cold L2). The data a rule choosing
 among the decompositions is fitted to (and checked against on other seeds).
 
     python tools/grid_sweep.py --family 40 --seed S [--time-budget 240] [--out F.json]
+    python tools/grid_sweep.py --report F.json [F.json ...]
 """
 
 import argparse
@@ -36,7 +37,33 @@ def configs(units, full, tiles):
     return out
 
 
+def report(paths):
+    """Per shape: each decomposition's time over the default's (best first)."""
+    import math
+
+    logs = {}
+    for path in paths:
+        doc = json.load(open(path))
+        print(f"seed {doc['seed']} ({doc['gpu']})")
+        for r in doc["shapes"]:
+            t = {k: v for k, v in r["times"].items() if v}
+            d = t.get("default")
+            if not d:
+                continue
+            order = sorted(t, key=t.get)
+            print(f"  {r['case']:46s} {r['kv_bytes'] / 1e6:8.1f} MB units {r['units']:4d} tiles "
+                  f"{r['max_unit_tiles']:5d} grid {r['default_grid']:4d}/{r['full_grid']:4d} default {d:7.1f} us | "
+                  + " ".join(f"{k} {t[k] / d:.3f}" for k in order[:4]))
+            for k in t:
+                logs.setdefault((r["layout"] == "dense", k), []).append(math.log(t[k] / d))
+    for (dense, k), v in sorted(logs.items()):
+        print(f"{'dense' if dense else 'ragged/paged':13s} {k:10s} geomean over default {math.exp(sum(v) / len(v)):.3f}"
+              f"  min {math.exp(min(v)):.3f}  ({len(v)} shapes)")
+
+
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "--report":
+        return report(sys.argv[2:])
     ap = argparse.ArgumentParser()
     ap.add_argument("--family", type=int, default=40)
     ap.add_argument("--seed", type=int, default=None)
