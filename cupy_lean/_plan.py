@@ -43,7 +43,7 @@ import numpy as np
 from . import _cache
 from . import kernels as K
 from ._dtypes import KERNEL_TAG
-from .schedule import merge_balanced_tiles, num_splits_heuristic
+from .schedule import merge_balanced_tiles, num_splits_heuristic, uniform_variant
 
 __all__ = ["Signature", "Plan", "signature", "get_plan", "aligned_grid"]
 
@@ -254,7 +254,15 @@ class Plan:
         self.host_lens = sig.kv_lens is not None and sig.kv_lens[0] == "cpu"
         self.aligned_grid_applied = False
         self.merge_balance = K.TUNING["merge_balance"] if sig.merge_balance is None else sig.merge_balance
-        if sig.schedule == "lean":
+        # uniform lengths and no stream-K knob given: the lean plan may run its split-K
+        # variant (0: stream-K; n >= 1: n chunks per unit), by schedule.uniform_variant's model
+        self.uniform_variant = 0
+        if (sig.schedule == "lean" and sig.kv_lens is None and K.TUNING["uniform_variants"]
+                and sig.num_ctas is None and sig.ctas_per_sm is None and sig.min_tiles_per_cta is None
+                and sig.merge_balance is None and units * max_unit_tiles > 0):
+            self.uniform_variant = uniform_variant(units, max_unit_tiles, kern.ctas_per_sm * kern.num_sms,
+                                                   kern.num_sms)
+        if sig.schedule == "lean" and not self.uniform_variant:
             self.ctas_per_sm = sig.ctas_per_sm or kern.ctas_per_sm
             full = sig.num_ctas if sig.num_ctas is not None else self.ctas_per_sm * kern.num_sms
             grid = max(1, min(full, max(units * max_unit_tiles, 1)))
@@ -274,7 +282,9 @@ class Plan:
             slots = 2 * grid
         else:
             self.ctas_per_sm = None
-            if sig.schedule == "head":
+            if self.uniform_variant:
+                ns = self.uniform_variant
+            elif sig.schedule == "head":
                 ns = 1
             elif sig.num_ctas is not None:
                 ns = max(1, sig.num_ctas // max(units, 1))
@@ -389,7 +399,12 @@ class Plan:
             f"  device {self.device}: {self.num_sms} SMs, occupancy {self.kernels.occupancy} CTA/SM",
             f"  units {self.units} (batch x heads_kv), up to {self.max_unit_tiles} tiles per unit",
         ]
-        if s.schedule == "lean":
+        if self.uniform_variant:
+            lines.append(f"  grid: {self.grid} CTAs = {self.units} units x {self.num_splits} chunks (every "
+                         f"sequence has the same length: the lean plan's split-K variant, by the streaming "
+                         f"model of cupy_lean.schedule.uniform_variant)"
+                         + ("; then a combine launch of one CTA per unit" if self.num_splits > 1 else ""))
+        elif s.schedule == "lean":
             note = " (aligned to unit boundaries for uniform lengths)" if self.aligned_grid_applied else ""
             lines.append(f"  grid: {self.grid} persistent CTAs{note}; {self.ctas_per_sm} CTA/SM requested"
                          + (f", num_ctas={s.num_ctas}" if s.num_ctas is not None else "")

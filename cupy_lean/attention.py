@@ -72,10 +72,17 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
     out : array, shape (batch, heads_q, head_dim), optional
         Written in place and returned (q's dtype, same device).
     schedule : {"lean", "split", "head"}
-        ``"lean"``: stream-K over all tiles, one launch (the product).
-        ``"split"``: FlashDecoding (fixed chunks per unit, then a combine
-        launch). ``"head"``: FlashAttention-2 (one CTA per unit). All three give
-        the same result up to rounding; they exist to compare.
+        ``"lean"``: stream-K over all tiles, one launch (the product). When
+        every sequence has the same length (no ``kv_lens``) and no stream-K
+        option is given (``num_ctas``, ``ctas_per_sm``, ``min_tiles_per_cta``,
+        ``merge_balance``), the lean plan runs its split-K variant instead
+        where a streaming model says it is as fast
+        (:func:`cupy_lean.schedule.uniform_variant`; ``describe()`` says
+        which ran; ``cupy_lean.kernels.TUNING["uniform_variants"] = False``
+        turns this off). ``"split"``: FlashDecoding (fixed chunks per unit,
+        then a combine launch). ``"head"``: FlashAttention-2 (one CTA per
+        unit). All three give the same result up to rounding; they exist to
+        compare.
     num_ctas : int, optional
         Grid size override (lean: persistent CTAs, default fills the GPU at the
         kernel's occupancy; split: total CTAs, ``num_splits = num_ctas //
@@ -325,8 +332,9 @@ class Config:
     Attributes
     ----------
     schedule : {"lean", "split", "head"}
-        The decomposition: stream-K (the product), FlashDecoding's split-K,
-        or one CTA per unit.
+        The decomposition: stream-K (the product; for equal lengths without
+        a stream-K option set here, its split-K variant where faster, see
+        :func:`attention`), FlashDecoding's split-K, or one CTA per unit.
     tile_size : int, optional
         KV tokens per tile: 16, 32, 64 or 128.
     stages : int, optional

@@ -1059,3 +1059,44 @@ def test_split_with_empty_chunks_over_a_nan_workspace(d, hq, hkv):
     p.run(qd, kd, vd, kv_lens=ld, out=out, lse=lse)
     assert not bool(cp.isnan(out).any()) and not bool(cp.isnan(lse).any())
     check_close(out, lse, q, k, v, lens, None, np.float16)
+
+
+@pytest.mark.parametrize("b, hq, hkv, d, n", [(55, 12, 2, 128, 870), (11, 26, 2, 64, 2497), (4, 9, 3, 128, 841),
+                                              (18, 80, 10, 64, 700)])
+def test_dense_default_takes_the_uniform_variant(b, hq, hkv, d, n, monkeypatch):
+    """Dense calls (no kv_lens: every sequence has the same length): the lean
+    plan runs the split-K variant schedule.uniform_variant picks for the
+    device's grid, says so in describe(), and gives the result of stream-K
+    (forced by a knob) up to rounding; NaN-prefilled outputs, graph replay."""
+    from cupy_lean import kernels as K
+    from cupy_lean.schedule import uniform_variant
+
+    rng = np.random.default_rng(b * n)
+    q, k, v, lens, _ = make_inputs(rng, b, hq, hkv, d, np.float16, [n] * b, "dense")
+    qd, kd, vd = to_gpu(q), to_gpu(k), to_gpu(v)
+    out = _nan_like(q.shape, q.dtype)
+    p = cupy_lean.plan(qd, kd, vd, out=out)
+    kern = p.kernels
+    want = uniform_variant(p.units, p.max_unit_tiles, kern.ctas_per_sm * kern.num_sms, kern.num_sms)
+    assert p.uniform_variant == want
+    if want:
+        assert p.grid == p.units * want and p.num_splits == want and "split-K variant" in p.describe()
+    lse = cp.full(q.shape[:2], cp.nan, dtype=cp.float32)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        graph_out = _nan_like(q.shape, q.dtype)
+        stream.begin_capture()
+        p.run(qd, kd, vd, out=graph_out, lse=lse, return_lse=True)
+        g = stream.end_capture()
+        g.launch(stream)
+    stream.synchronize()
+    ro, rl = reference.attention(q, k, v)
+    _assert_out_lse(graph_out, lse, ro, rl)
+    monkeypatch.setitem(K.TUNING, "uniform_variants", False)
+    sk = cupy_lean.plan(qd, kd, vd, out=out)
+    assert sk.uniform_variant == 0 and sk.decomposition == K.Decomposition.STREAM_K
+    out2 = _nan_like(q.shape, q.dtype)
+    lse2 = cp.full(q.shape[:2], cp.nan, dtype=cp.float32)
+    sk.run(qd, kd, vd, out=out2, lse=lse2, return_lse=True)
+    _assert_out_lse(out2, lse2, ro, rl)
+    assert float(cp.abs(out2.astype(cp.float32) - graph_out.astype(cp.float32)).max()) < 2e-3

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import cupy_lean
 from cupy_lean import head_schedule, lean_schedule, num_splits_heuristic, split_schedule
+from cupy_lean.schedule import uniform_variant
 from cupy_lean.schedule import lean_cta_of_tile, tiles_per_sequence
 
 # ------------------------------------------------------------------ strategies
@@ -603,3 +604,52 @@ def test_merge_balance_is_checked():
     for bad in (-1, 1.5, True):
         with pytest.raises(ValueError, match="merge_balance: expected an integer >= 0"):
             lean_schedule([10], 1, tile_size=16, num_ctas=4, merge_balance=bad)
+
+
+# ------------------------------------------------------------------ uniform_variant
+
+def _spec_variant_time(ctas, chunk, grid):
+    """The docstring's streaming model: waves of at most ``grid`` CTAs one
+    after the other, a wave of w CTAs of ``chunk`` tiles costing
+    ``chunk * max(w, grid / 2)``."""
+    waves = [grid] * (ctas // grid) + ([ctas % grid] if ctas % grid else [])
+    return sum(chunk * max(w, grid / 2) for w in waves)
+
+
+@given(st.integers(-1, 400), st.integers(-1, 3000), st.integers(1, 300), st.integers(1, 264))
+@example(110, 7, 132, 132)  # 110 units of 7 tiles: one wave, one CTA per unit
+@example(180, 111, 132, 132)  # 180 units: a second wave of 48 CTAs -> stream-K
+@example(154, 26, 132, 132)
+@example(22, 20, 132, 132)  # few units: split
+@example(12, 7, 132, 132)
+@example(132, 5, 132, 132)  # one CTA per unit fills the GPU exactly
+@example(1, 1, 132, 132)
+@example(0, 10, 132, 132)
+def test_uniform_variant(units, tiles, grid, num_sms):
+    v = uniform_variant(units, tiles, grid, num_sms)
+    assert isinstance(v, int)
+    if units <= 0 or tiles <= 0:
+        assert v == 0
+        return
+    ns = num_splits_heuristic(units, tiles, num_sms)
+    assert v in (0, 1, ns)
+    total = units * tiles
+    g = min(grid, total)
+    sk = total / g * max(g, grid / 2)  # stream-K: one wave of g CTAs, equal shares
+    cands = {n: _spec_variant_time(units * n, -(-tiles // n), grid) for n in (1, ns)}
+    best = min(cands.values())
+    if v == 0:
+        assert best > 1.02 * sk
+    else:
+        assert cands[v] == best and cands[v] <= 1.02 * sk
+        assert v == 1 or cands[1] > best  # one CTA per unit on a tie
+
+
+def test_uniform_variant_cases():
+    """Measured on an H200 (132 SMs, tools/grid_sweep.py): these shapes ran
+    fastest (or within 1%) with the variant the model picks."""
+    assert uniform_variant(110, 7, 132, 132) == 1  # b55 12/2 d128 870 tokens: 15.8 us vs stream-K 20.7
+    assert uniform_variant(100, 78, 132, 132) == 1  # b25 32/4 d64 9.9k: 60.7 vs 65.8
+    assert uniform_variant(180, 111, 132, 132) == 0  # b18 80/10 d128 14k: one CTA per unit 1.11x slower
+    assert uniform_variant(154, 26, 132, 132) == 0  # b11 126/14 d64 3.3k: 1.22x slower
+    assert uniform_variant(22, 20, 132, 132) == num_splits_heuristic(22, 20, 132) == 5  # 9.9 vs 12.5
