@@ -254,10 +254,11 @@ class Plan:
         self.host_lens = sig.kv_lens is not None and sig.kv_lens[0] == "cpu"
         self.aligned_grid_applied = False
         self.merge_balance = K.TUNING["merge_balance"] if sig.merge_balance is None else sig.merge_balance
-        # uniform lengths and no stream-K knob given: the lean plan may run its split-K
-        # variant (0: stream-K; n >= 1: n chunks per unit), by schedule.uniform_variant's model
+        # a dense cache of uniform lengths and no stream-K knob given: the lean plan may run its
+        # split-K variant (0: stream-K; n >= 1: n chunks per unit), by schedule.uniform_variant's
+        # model (paged caches keep stream-K: split-K was up to 1.14x slower on them, measured)
         self.uniform_variant = 0
-        if (sig.schedule == "lean" and sig.kv_lens is None and K.TUNING["uniform_variants"]
+        if (sig.schedule == "lean" and sig.kv_lens is None and not m.paged and K.TUNING["uniform_variants"]
                 and sig.num_ctas is None and sig.ctas_per_sm is None and sig.min_tiles_per_cta is None
                 and sig.merge_balance is None and units * max_unit_tiles > 0):
             self.uniform_variant = uniform_variant(units, max_unit_tiles, kern.ctas_per_sm * kern.num_sms,

@@ -73,7 +73,8 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
         Written in place and returned (q's dtype, same device).
     schedule : {"lean", "split", "head"}
         ``"lean"``: stream-K over all tiles, one launch (the product). When
-        every sequence has the same length (no ``kv_lens``) and no stream-K
+        every sequence has the same length (no ``kv_lens``, dense ``k``
+        and ``v``) and no stream-K
         option is given (``num_ctas``, ``ctas_per_sm``, ``min_tiles_per_cta``,
         ``merge_balance``), the lean plan runs its split-K variant instead
         where a streaming model says it is as fast
