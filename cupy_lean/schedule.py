@@ -496,7 +496,7 @@ def num_splits_heuristic(num_units, max_unit_tiles, num_sms, max_splits=128):
     return 1  # pragma: no cover
 
 
-def uniform_variant(num_units, unit_tiles, grid, num_sms, slack=0.02):
+def uniform_variant(num_units, unit_tiles, grid, num_sms, slack=0.02, saturation=0.7):
     """The decomposition the ``"lean"`` plan runs when every sequence has the
     same length (dense calls, no ``kv_lens``): 0 for stream-K over ``grid``
     CTAs, else the number of chunks per unit of the split-K variant (1: one
@@ -507,7 +507,7 @@ def uniform_variant(num_units, unit_tiles, grid, num_sms, slack=0.02):
     a merge after the CTA's last tile, while split-K with chunks that fill
     the GPU evenly merges in a second short launch, or not at all. A
     streaming model decides: a wave of ``w`` CTAs of ``c`` tiles each takes
-    ``c * max(w, grid / 2)`` (half the grid saturates HBM; fewer CTAs stream
+    ``c * max(w, saturation * grid)`` (that many CTAs saturate HBM; fewer stream
     at their own rate), waves of at most ``grid`` CTAs run one after the
     other. Candidates: one CTA per unit and the split count of
     :func:`num_splits_heuristic`; the faster one is taken when its model time
@@ -519,7 +519,7 @@ def uniform_variant(num_units, unit_tiles, grid, num_sms, slack=0.02):
     """
     if num_units <= 0 or unit_tiles <= 0 or grid <= 0:
         return 0
-    sat = grid / 2
+    sat = saturation * grid
 
     def model(ctas, chunk):
         t, n = 0.0, ctas

@@ -611,9 +611,9 @@ def test_merge_balance_is_checked():
 def _spec_variant_time(ctas, chunk, grid):
     """The docstring's streaming model: waves of at most ``grid`` CTAs one
     after the other, a wave of w CTAs of ``chunk`` tiles costing
-    ``chunk * max(w, grid / 2)``."""
+    ``chunk * max(w, 0.7 * grid)``."""
     waves = [grid] * (ctas // grid) + ([ctas % grid] if ctas % grid else [])
-    return sum(chunk * max(w, grid / 2) for w in waves)
+    return sum(chunk * max(w, 0.7 * grid) for w in waves)
 
 
 @given(st.integers(-1, 400), st.integers(-1, 3000), st.integers(1, 300), st.integers(1, 264))
@@ -635,7 +635,7 @@ def test_uniform_variant(units, tiles, grid, num_sms):
     assert v in (0, 1, ns)
     total = units * tiles
     g = min(grid, total)
-    sk = total / g * max(g, grid / 2)  # stream-K: one wave of g CTAs, equal shares
+    sk = total / g * max(g, 0.7 * grid)  # stream-K: one wave of g CTAs, equal shares
     cands = {n: _spec_variant_time(units * n, -(-tiles // n), grid) for n in (1, ns)}
     best = min(cands.values())
     if v == 0:
@@ -652,4 +652,5 @@ def test_uniform_variant_cases():
     assert uniform_variant(100, 78, 132, 132) == 1  # b25 32/4 d64 9.9k: 60.7 vs 65.8
     assert uniform_variant(180, 111, 132, 132) == 0  # b18 80/10 d128 14k: one CTA per unit 1.11x slower
     assert uniform_variant(154, 26, 132, 132) == 0  # b11 126/14 d64 3.3k: 1.22x slower
+    assert uniform_variant(72, 56, 132, 132) == 0  # b18 40/4 d64 7k: 72 CTAs streaming, 1.07x slower
     assert uniform_variant(22, 20, 132, 132) == num_splits_heuristic(22, 20, 132) == 5  # 9.9 vs 12.5

@@ -22,10 +22,12 @@ from bench import cases as C  # noqa: E402
 from bench import family as F  # noqa: E402
 
 
-def configs(units, full, tiles):
+def configs(units, full, tiles, full_cps):
     """(name, Config kwargs) to time on a shape of ``units`` units of at most
-    ``tiles`` tiles, on a device whose default lean grid is ``full`` CTAs."""
-    out = [("default", {}), ("head", {"schedule": "head"}), ("split", {"schedule": "split"})]
+    ``tiles`` tiles, on a device whose default lean grid is ``full`` CTAs
+    (``full_cps`` per SM; given explicitly, it forces stream-K)."""
+    out = [("default", {}), ("stream_k", {"ctas_per_sm": full_cps}), ("head", {"schedule": "head"}),
+           ("split", {"schedule": "split"})]
     for p in range(1, 7):
         if units * p > full or (p > 1 and p > tiles):
             break
@@ -68,6 +70,7 @@ def main():
     ap.add_argument("--family", type=int, default=40)
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--time-budget", type=float, default=0.0, help="start no new shape after this many seconds")
+    ap.add_argument("--layouts", default="dense,ragged,paged", help="comma-separated layouts to time")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
 
@@ -77,7 +80,7 @@ def main():
     from cupy_lean.bench import graph_time
 
     seed = a.seed if a.seed is not None else F.new_seed()
-    shapes = F.draw(a.family, seed)
+    shapes = [c for c in F.draw(a.family, seed) if c.layout in a.layouts.split(",")]
     doc = {"seed": seed, "family": a.family, "gpu": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
            "shapes": []}
     t0 = time.time()
@@ -90,12 +93,13 @@ def main():
         kw = inp.index_kwargs()
         outs = [cp.empty_like(q) for q in inp.q]
         base = cupy_lean.plan(inp.q[0], inp.k[0], inp.v[0], out=outs[0], **kw)
-        full = base.ctas_per_sm * base.num_sms
+        cps = base.kernels.ctas_per_sm
+        full = cps * base.num_sms
         rec = {"case": case.name, "layout": case.layout, "head_dim": case.head_dim, "group": case.group,
                "units": base.units, "tile": base.tile, "max_unit_tiles": base.max_unit_tiles,
                "lens": list(case.lens), "kv_bytes": case.kv_bytes(), "full_grid": full,
                "default_grid": base.grid, "aligned_grid_applied": base.aligned_grid_applied, "times": {}}
-        for name, cfg in configs(base.units, full, base.max_unit_tiles):
+        for name, cfg in configs(base.units, full, base.max_unit_tiles, cps):
             try:
                 p = cupy_lean.plan(inp.q[0], inp.k[0], inp.v[0], out=outs[0], config=cupy_lean.Config(**cfg), **kw)
                 rec["times"][name] = graph_time(
