@@ -257,12 +257,15 @@ class Plan:
         # a dense cache of uniform lengths and no stream-K knob given: the lean plan may run its
         # split-K variant (0: stream-K; n >= 1: n chunks per unit), by schedule.uniform_variant's
         # model (paged caches keep stream-K: split-K was up to 1.14x slower on them, measured)
-        self.uniform_variant = 0
+        self.uniform_variant, self.tile_us = 0, 0.0
         if (sig.schedule == "lean" and sig.kv_lens is None and not m.paged and K.TUNING["uniform_variants"]
                 and sig.num_ctas is None and sig.ctas_per_sm is None and sig.min_tiles_per_cta is None
                 and sig.merge_balance is None and units * max_unit_tiles > 0):
+            # one unit's tile (K and V of `tile` tokens; fp8: 1 byte per element) over the DRAM bandwidth
+            kv_item = 1 if f_kv8 is not None else sig.dtypes[0].itemsize
+            self.tile_us = 2 * tile * D * kv_item / kern.hbm_bytes_per_us
             self.uniform_variant = uniform_variant(units, max_unit_tiles, kern.ctas_per_sm * kern.num_sms,
-                                                   kern.num_sms)
+                                                   kern.num_sms, tile_us=self.tile_us)
         if sig.schedule == "lean" and not self.uniform_variant:
             self.ctas_per_sm = sig.ctas_per_sm or kern.ctas_per_sm
             full = sig.num_ctas if sig.num_ctas is not None else self.ctas_per_sm * kern.num_sms

@@ -269,6 +269,7 @@ TUNING = {
     # uniform lengths (no kv_lens): the lean plan runs split-K or one CTA per unit where
     # schedule.uniform_variant's model says it streams as fast (False: always stream-K)
     "uniform_variants": True,
+    "fallback_hbm_tbps": 3.0,  # DRAM bandwidth assumed where the driver reports no memory clock
 }
 
 #: Opt-in shared memory per block (bytes) by architecture; the plan asks the
@@ -472,6 +473,21 @@ class _Kernels:
         self.occupancy = max(1, driver.occupancyMaxActiveBlocksPerMultiprocessor(
             self.attn.kernel.ptr, spec.threads, smem))
         self.ctas_per_sm = default_ctas_per_sm(spec, self.occupancy)
+        self.hbm_bytes_per_us = hbm_bytes_per_us(dev)
+
+
+def hbm_bytes_per_us(dev):
+    """The device's DRAM bandwidth in bytes per microsecond: its memory clock
+    x 2 (double data rate) x bus width, or ``TUNING["fallback_hbm_tbps"]``
+    where the driver reports neither. An estimate for the plan's models (the
+    read ceiling measured by ``bench`` is 90-95% of it on H100 and H200)."""
+    try:
+        khz = int(dev.attributes.get("MemoryClockRate", 0))
+        bits = int(dev.attributes.get("GlobalMemoryBusWidth", 0))
+    except Exception:  # an attribute this driver does not report
+        khz = bits = 0
+    bw = khz * 1e3 * 2 * bits / 8 / 1e6
+    return bw if bw >= 1e5 else TUNING["fallback_hbm_tbps"] * 1e6
 
 
 def device_smem_limit():

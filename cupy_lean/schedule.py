@@ -496,7 +496,8 @@ def num_splits_heuristic(num_units, max_unit_tiles, num_sms, max_splits=128):
     return 1  # pragma: no cover
 
 
-def uniform_variant(num_units, unit_tiles, grid, num_sms, slack=0.02, saturation=0.7):
+def uniform_variant(num_units, unit_tiles, grid, num_sms, tile_us=0.0, cut_us=2.0, slack=0.02,
+                    saturation=0.7):
     """The decomposition the ``"lean"`` plan runs when every sequence has the
     same length (dense calls, no ``kv_lens``): 0 for stream-K over ``grid``
     CTAs, else the number of chunks per unit of the split-K variant (1: one
@@ -507,15 +508,16 @@ def uniform_variant(num_units, unit_tiles, grid, num_sms, slack=0.02, saturation
     a merge after the CTA's last tile, while split-K with chunks that fill
     the GPU evenly merges in a second short launch, or not at all. A
     streaming model decides: a wave of ``w`` CTAs of ``c`` tiles each takes
-    ``c * max(w, saturation * grid)`` (that many CTAs saturate HBM; fewer stream
-    at their own rate), waves of at most ``grid`` CTAs run one after the
-    other. Candidates: one CTA per unit and the split count of
+    ``c * max(w, saturation * grid) * tile_us`` microseconds (that many CTAs
+    saturate HBM, fewer stream at their own rate; ``tile_us``: one unit's
+    tile over the whole HBM bandwidth), waves of at most ``grid`` CTAs run
+    one after the other. Candidates: one CTA per unit and the split count of
     :func:`num_splits_heuristic`; the faster one is taken when its model time
-    is within ``1 + slack`` of stream-K's (``units x tiles`` over
-    ``min(grid, units x tiles)`` CTAs), one CTA per unit on a tie. Measured
-    on an H200 over random family shapes (``tools/grid_sweep.py``), the rule
-    matched the fastest of the three on dense shapes up to 1.3 GB, where a
-    unit cut inside stream-K ranges cost 1-5 us.
+    is at most ``(1 + slack)`` times stream-K's (``units x tiles`` over
+    ``min(grid, units x tiles)`` CTAs) plus ``cut_us``, what a cut unit's
+    store, arrival and merge cost stream-K beyond a combine launch (measured
+    per CTA: 3-10 us after the last tile on small calls), one CTA per unit on
+    a tie. ``tile_us`` 0: the model compares streaming alone.
     """
     if num_units <= 0 or unit_tiles <= 0 or grid <= 0:
         return 0
@@ -527,7 +529,7 @@ def uniform_variant(num_units, unit_tiles, grid, num_sms, slack=0.02, saturation
             w = min(n, grid)
             t += chunk * max(w, sat)
             n -= w
-        return t
+        return t * tile_us if tile_us > 0 else t
 
     total = num_units * unit_tiles
     g = min(grid, total)
@@ -537,7 +539,7 @@ def uniform_variant(num_units, unit_tiles, grid, num_sms, slack=0.02, saturation
         t = model(num_units * ns, -(-unit_tiles // ns))
         if best_t is None or t < best_t:
             best, best_t = ns, t
-    return best if best_t <= (1 + slack) * stream_k else 0
+    return best if best_t <= (1 + slack) * stream_k + (cut_us if tile_us > 0 else 0.0) else 0
 
 
 def split_schedule(kv_lens, heads_kv, *, tile_size, num_splits):
