@@ -265,7 +265,7 @@ class Plan:
             kv_item = 1 if f_kv8 is not None else sig.dtypes[0].itemsize
             self.tile_us = 2 * tile * D * kv_item / kern.hbm_bytes_per_us
             self.uniform_variant = uniform_variant(units, max_unit_tiles, kern.ctas_per_sm * kern.num_sms,
-                                                   kern.num_sms, tile_us=self.tile_us)
+                                                   kern.num_sms, tile_us=self.tile_us, state_bytes=4 * slot_stride)
         if sig.schedule == "lean" and not self.uniform_variant:
             self.ctas_per_sm = sig.ctas_per_sm or kern.ctas_per_sm
             full = sig.num_ctas if sig.num_ctas is not None else self.ctas_per_sm * kern.num_sms

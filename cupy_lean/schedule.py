@@ -497,7 +497,7 @@ def num_splits_heuristic(num_units, max_unit_tiles, num_sms, max_splits=128):
 
 
 def uniform_variant(num_units, unit_tiles, grid, num_sms, tile_us=0.0, cut_us=2.0, slack=0.02,
-                    saturation=0.7):
+                    saturation=0.7, state_bytes=0, combine_bytes=256 * 1024):
     """The decomposition the ``"lean"`` plan runs when every sequence has the
     same length (dense calls, no ``kv_lens``): 0 for stream-K over ``grid``
     CTAs, else the number of chunks per unit of the split-K variant (1: one
@@ -517,7 +517,13 @@ def uniform_variant(num_units, unit_tiles, grid, num_sms, tile_us=0.0, cut_us=2.
     ``min(grid, units x tiles)`` CTAs) plus ``cut_us``, what a cut unit's
     store, arrival and merge cost stream-K beyond a combine launch (measured
     per CTA: 3-10 us after the last tile on small calls), one CTA per unit on
-    a tie. ``tile_us`` 0: the model compares streaming alone.
+    a tie. ``tile_us`` 0: the model compares streaming alone. A split count
+    whose combine would read more than ``combine_bytes`` of partial states
+    per unit (``state_bytes`` each; one CTA merges a unit's chunks) is not
+    a candidate: measured on an H200, 59 chunks of 12 x 256 floats per unit
+    (0.97 MB) took 1.20x stream-K's time, 29-75 chunks of 0.31-0.48 MB
+    1.02-1.03x, while every split under 0.2 MB per unit ran within 1.015x of
+    stream-K or faster.
     """
     if num_units <= 0 or unit_tiles <= 0 or grid <= 0:
         return 0
@@ -536,6 +542,8 @@ def uniform_variant(num_units, unit_tiles, grid, num_sms, tile_us=0.0, cut_us=2.
     stream_k = model(g, total / g)
     best, best_t = 0, None
     for ns in (1, num_splits_heuristic(num_units, unit_tiles, num_sms)):
+        if ns > 1 and ns * state_bytes > combine_bytes:
+            continue
         t = model(num_units * ns, -(-unit_tiles // ns))
         if best_t is None or t < best_t:
             best, best_t = ns, t

@@ -1079,7 +1079,7 @@ def test_dense_default_takes_the_uniform_variant(b, hq, hkv, d, n, monkeypatch):
     kern = p.kernels
     assert 0 < p.tile_us < 1 and kern.hbm_bytes_per_us > 1e5
     want = uniform_variant(p.units, p.max_unit_tiles, kern.ctas_per_sm * kern.num_sms, kern.num_sms,
-                           tile_us=p.tile_us)
+                           tile_us=p.tile_us, state_bytes=4 * p.slot_stride)
     assert p.uniform_variant == want
     if want:
         assert p.grid == p.units * want and p.num_splits == want and "split-K variant" in p.describe()

@@ -617,29 +617,31 @@ def _spec_variant_time(ctas, chunk, grid, tile_us):
 
 
 @given(st.integers(-1, 400), st.integers(-1, 3000), st.integers(1, 300), st.integers(1, 264),
-       st.sampled_from([0.0, 0.003, 0.01, 0.03, 0.1]))
-@example(110, 7, 132, 132, 0.0)  # 110 units of 7 tiles: one wave, one CTA per unit
-@example(180, 111, 132, 132, 0.0)  # 180 units: a second wave of 48 CTAs -> stream-K
-@example(154, 26, 132, 132, 0.013)
-@example(22, 20, 132, 132, 0.0)  # few units: split
-@example(12, 7, 132, 132, 0.0)
-@example(132, 5, 132, 132, 0.0)  # one CTA per unit fills the GPU exactly
-@example(1, 1, 132, 132, 0.0)
-@example(0, 10, 132, 132, 0.0)
-@example(36, 8, 132, 132, 0.0137)  # a cut's cost decides: split although it streams 1.1x longer
-def test_uniform_variant(units, tiles, grid, num_sms, tile_us):
-    v = uniform_variant(units, tiles, grid, num_sms, tile_us=tile_us)
+       st.sampled_from([0.0, 0.003, 0.01, 0.03, 0.1]), st.sampled_from([0, 272, 4128, 16 * 258 * 4, 128 * 258 * 4]))
+@example(2, 987, 132, 132, 0.0068, 12 * 258 * 4)  # 59 chunks of 12 x 258 floats: no split
+@example(110, 7, 132, 132, 0.0, 0)  # 110 units of 7 tiles: one wave, one CTA per unit
+@example(180, 111, 132, 132, 0.0, 0)  # 180 units: a second wave of 48 CTAs -> stream-K
+@example(154, 26, 132, 132, 0.013, 0)
+@example(22, 20, 132, 132, 0.0, 0)  # few units: split
+@example(12, 7, 132, 132, 0.0, 0)
+@example(132, 5, 132, 132, 0.0, 0)  # one CTA per unit fills the GPU exactly
+@example(1, 1, 132, 132, 0.0, 0)
+@example(0, 10, 132, 132, 0.0, 0)
+@example(36, 8, 132, 132, 0.0137, 0)  # a cut's cost decides: split although it streams 1.1x longer
+def test_uniform_variant(units, tiles, grid, num_sms, tile_us, state_bytes):
+    v = uniform_variant(units, tiles, grid, num_sms, tile_us=tile_us, state_bytes=state_bytes)
     assert isinstance(v, int)
     if units <= 0 or tiles <= 0:
         assert v == 0
         return
     ns = num_splits_heuristic(units, tiles, num_sms)
-    assert v in (0, 1, ns)
+    assert v in (0, 1, ns) and (v <= 1 or v * state_bytes <= 256 * 1024)
     total = units * tiles
     g = min(grid, total)
     sk = total / g * max(g, 0.7 * grid) * (tile_us or 1)  # stream-K: one wave of g CTAs, equal shares
     limit = 1.02 * sk + (2.0 if tile_us else 0.0)
-    cands = {n: _spec_variant_time(units * n, -(-tiles // n), grid, tile_us) for n in (1, ns)}
+    cands = {n: _spec_variant_time(units * n, -(-tiles // n), grid, tile_us) for n in (1, ns)
+             if n == 1 or n * state_bytes <= 256 * 1024}  # a combine of more than 256 KB per unit: no candidate
     best = min(cands.values())
     if v == 0:
         assert best > limit * (1 - 1e-12)
@@ -660,3 +662,7 @@ def test_uniform_variant_cases():
     assert uniform_variant(22, 20, 132, 132, tile_us=d64) == num_splits_heuristic(22, 20, 132) == 5  # 9.9 vs 12.5
     assert uniform_variant(36, 8, 132, 132, tile_us=d128) == 3  # b9 44/4 d128 998: 12.3 vs 17.2
     assert uniform_variant(72, 56, 132, 132, tile_us=d64) != 1  # b18 40/4 d64 7k: head 1.07x slower
+    d256 = 2 * 64 * 256 * 2 / 4.8e6
+    # b1 24/2 d256 63k: 59 chunks of 12 x 258 floats per unit, 1.20x stream-K's time
+    assert uniform_variant(2, 987, 132, 132, tile_us=d256) == num_splits_heuristic(2, 987, 132) == 59
+    assert uniform_variant(2, 987, 132, 132, tile_us=d256, state_bytes=12 * 258 * 4) == 0
