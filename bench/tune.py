@@ -106,6 +106,28 @@ def group_key(feat):
             "small" if feat["kv_bytes"] < SMALL_BYTES else "large")
 
 
+def family_inputs(shapes, time_budget, label):
+    """For each shape in turn: ``(case, inputs, index kwargs, outputs,
+    copies)``, fp16 with enough rotating copies of K and V (~256 MB) that a
+    graph replay over them reads from DRAM; a shape's arrays are freed when
+    the next one is asked for. Stops, saying so, once ``time_budget``
+    seconds (0: no limit) have passed."""
+    import cupy as cp
+
+    t0 = time.time()
+    for i, case in enumerate(shapes):
+        if time_budget and time.time() - t0 > time_budget:
+            print(f"{label}: time budget reached after {i} shapes", flush=True)
+            return
+        n_copies = C.plan_copies(case, 256e6, 30e9)
+        inp = C.build_inputs(case, "float16", n_copies)
+        outs = [cp.empty_like(q) for q in inp.q]
+        yield case, inp, inp.index_kwargs(), outs, n_copies
+        inp.free()
+        inp = outs = None  # free before the next shape
+        cp.get_default_memory_pool().free_all_blocks()
+
+
 def measure(args):
     import cupy as cp
 
@@ -124,15 +146,7 @@ def measure(args):
     sm_smem = int(cp.cuda.Device().attributes["MaxSharedMemoryPerMultiprocessor"])
     doc = {"seed": seed, "family": args.family, "smem_limit": limit,
            "gpu": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), "shapes": []}
-    t0 = time.time()
-    for case in shapes:
-        if args.time_budget and time.time() - t0 > args.time_budget:
-            print(f"tune: time budget reached after {len(doc['shapes'])} shapes", flush=True)
-            break
-        n_copies = C.plan_copies(case, 256e6, 30e9)
-        inp = C.build_inputs(case, "float16", n_copies)
-        kw = inp.index_kwargs()
-        outs = [cp.empty_like(q) for q in inp.q]
+    for case, inp, kw, outs, n_copies in family_inputs(shapes, args.time_budget, "tune"):
         rec = {"case": case.name, "features": features(case), "lens": list(case.lens), "times": {}}
         default = cupy_lean.plan(inp.q[0], inp.k[0], inp.v[0], out=outs[0], **kw)
         rec["default"] = f"lean_t{default.spec.tile}_s{default.spec.stages}_c{default.ctas_per_sm}" + (
@@ -157,9 +171,6 @@ def measure(args):
         print(f"  {case.name}: best {best[1]} {best[0]:.1f} us, default {rec['default']} "
               f"{rec['times'].get(rec['default']) or float('nan'):.1f} us", flush=True)
         doc["shapes"].append(rec)
-        inp.free()
-        inp = outs = None  # free before the next shape
-        cp.get_default_memory_pool().free_all_blocks()
     out = args.out or os.path.join("bench", "results", f"tune_{seed}.json")
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:

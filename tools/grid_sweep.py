@@ -14,12 +14,11 @@ import argparse
 import json
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench import cases as C  # noqa: E402
 from bench import family as F  # noqa: E402
+from bench.tune import family_inputs  # noqa: E402
 
 
 def configs(units, full, tiles, full_cps):
@@ -83,15 +82,7 @@ def main():
     shapes = [c for c in F.draw(a.family, seed) if c.layout in a.layouts.split(",")]
     doc = {"seed": seed, "family": a.family, "gpu": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
            "shapes": []}
-    t0 = time.time()
-    for case in shapes:
-        if a.time_budget and time.time() - t0 > a.time_budget:
-            print(f"grid_sweep: time budget reached after {len(doc['shapes'])} shapes", flush=True)
-            break
-        n_copies = C.plan_copies(case, 256e6, 30e9)
-        inp = C.build_inputs(case, "float16", n_copies)
-        kw = inp.index_kwargs()
-        outs = [cp.empty_like(q) for q in inp.q]
+    for case, inp, kw, outs, n_copies in family_inputs(shapes, a.time_budget, "grid_sweep"):
         base = cupy_lean.plan(inp.q[0], inp.k[0], inp.v[0], out=outs[0], **kw)
         cps = base.kernels.ctas_per_sm
         full = cps * base.num_sms
@@ -112,9 +103,6 @@ def main():
         print(f"{case.name}: default {t.get('default', float('nan')):.1f} us, best {best} {t[best]:.1f} us",
               flush=True)
         doc["shapes"].append(rec)
-        inp.free()
-        inp = outs = None
-        cp.get_default_memory_pool().free_all_blocks()
     out = a.out or f"grid_sweep_{seed}.json"
     with open(out, "w") as f:
         json.dump(doc, f, indent=1)
