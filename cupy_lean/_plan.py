@@ -215,7 +215,15 @@ class Plan:
         Compile-time parameters of the kernel (dtype, head_dim, query tiles,
         tile size, pipeline stages, paged).
     grid : int
-        CTAs launched (lean: the persistent grid; split/head: units x splits).
+        CTAs launched (lean: the persistent grid, or units x chunks when the
+        plan runs its split-K variant; split/head: units x splits).
+    uniform_variant : int
+        0: the plan runs its schedule as asked; n >= 1: a lean plan of equal
+        lengths runs split-K with n chunks per unit instead
+        (:func:`cupy_lean.schedule.uniform_variant`).
+    tile_us : float
+        One unit's tile of K and V over the device's DRAM bandwidth, the
+        unit of that model's time (0 where the model was not consulted).
     workspace_bytes : int
         Size of one workspace: unit (and merge group) counters, then fp32
         partial-state slots.

@@ -74,13 +74,13 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
     schedule : {"lean", "split", "head"}
         ``"lean"``: stream-K over all tiles, one launch (the product). When
         every sequence has the same length (no ``kv_lens``, dense ``k``
-        and ``v``) and no stream-K
-        option is given (``num_ctas``, ``ctas_per_sm``, ``min_tiles_per_cta``,
-        ``merge_balance``), the lean plan runs its split-K variant instead
-        where a streaming model says it is as fast
+        and ``v``) and no stream-K option is given (``num_ctas``; in
+        :func:`plan` and :class:`Config` also ``ctas_per_sm``,
+        ``min_tiles_per_cta``, ``merge_balance``), the lean plan runs its
+        split-K variant instead where a streaming model says it is as fast
         (:func:`cupy_lean.schedule.uniform_variant`; ``describe()`` says
         which ran; ``cupy_lean.kernels.TUNING["uniform_variants"] = False``
-        turns this off). ``"split"``: FlashDecoding (fixed chunks per unit,
+        turns this off for plans made afterwards). ``"split"``: FlashDecoding (fixed chunks per unit,
         then a combine launch). ``"head"``: FlashAttention-2 (one CTA per
         unit). All three give the same result up to rounding; they exist to
         compare.

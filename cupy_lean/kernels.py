@@ -479,7 +479,7 @@ class _Kernels:
 def hbm_bytes_per_us(dev):
     """The device's DRAM bandwidth in bytes per microsecond: its memory clock
     x 2 (double data rate) x bus width, or ``TUNING["fallback_hbm_tbps"]``
-    where the driver reports neither. An estimate for the plan's models (the
+    where the driver does not report both. An estimate for the plan's models (the
     read ceiling measured by ``bench`` is 90-95% of it on H100 and H200)."""
     try:
         khz = int(dev.attributes.get("MemoryClockRate", 0))

@@ -520,8 +520,8 @@ def uniform_variant(num_units, unit_tiles, grid, num_sms, tile_us=0.0, cut_us=2.
     a tie. ``tile_us`` 0: the model compares streaming alone. A split count
     whose combine would read more than ``combine_bytes`` of partial states
     per unit (``state_bytes`` each; one CTA merges a unit's chunks) is not
-    a candidate: measured on an H200, 59 chunks of 12 x 256 floats per unit
-    (0.97 MB) took 1.20x stream-K's time, 29-75 chunks of 0.31-0.48 MB
+    a candidate: measured on an H200, 59 chunks of 12 x 258 floats per unit
+    (0.73 MB) took 1.20x stream-K's time, 29-75 chunks of 0.31-0.48 MB
     1.02-1.03x, while every split under 0.2 MB per unit ran within 1.015x of
     stream-K or faster.
     """

@@ -2,7 +2,7 @@
 bounds a shape that misses the read floor (achieved DRAM throughput, warp
 stalls, grid).
 
-    ncu --kernel-name regex:lean_ --launch-skip 3 --launch-count 1 \\
+    ncu --kernel-name regex:lean_.*attention --launch-skip 3 --launch-count 1 \\
         --section SpeedOfLight --section LaunchStats --section WarpStateStats \\
         python tools/ncu_family.py --seed S --family N --case f12 [--dtype float16] [--fp8]
 
