@@ -264,7 +264,9 @@ class Plan:
         self.merge_balance = K.TUNING["merge_balance"] if sig.merge_balance is None else sig.merge_balance
         # a dense cache of uniform lengths and no stream-K knob given: the lean plan may run its
         # split-K variant (0: stream-K; n >= 1: n chunks per unit), by schedule.uniform_variant's
-        # model (paged caches keep stream-K: split-K was up to 1.14x slower on them, measured)
+        # model (paged caches keep stream-K: split-K was up to 1.14x slower on them, measured).
+        # The variant chooses the decomposition; when it keeps stream-K, aligned_grid below
+        # still lays that grid on unit boundaries where it can.
         self.uniform_variant, self.tile_us = 0, 0.0
         if (sig.schedule == "lean" and sig.kv_lens is None and not m.paged and K.TUNING["uniform_variants"]
                 and sig.num_ctas is None and sig.ctas_per_sm is None and sig.min_tiles_per_cta is None

@@ -468,24 +468,22 @@ class _Kernels:
         # pick a smaller one and fit fewer CTAs per SM than the occupancy
         # calculation (which assumes the largest) reports.
         self.attn.preferred_shared_memory_carveout = 100
-        dev = cp.cuda.Device()
-        self.num_sms = dev.attributes["MultiProcessorCount"]
+        attrs = cp.cuda.Device().attributes  # one driver query per attribute: read once
+        self.num_sms = attrs["MultiProcessorCount"]
         self.occupancy = max(1, driver.occupancyMaxActiveBlocksPerMultiprocessor(
             self.attn.kernel.ptr, spec.threads, smem))
         self.ctas_per_sm = default_ctas_per_sm(spec, self.occupancy)
-        self.hbm_bytes_per_us = hbm_bytes_per_us(dev)
+        self.hbm_bytes_per_us = hbm_bytes_per_us(attrs)
 
 
-def hbm_bytes_per_us(dev):
+def hbm_bytes_per_us(attrs):
     """The device's DRAM bandwidth in bytes per microsecond: its memory clock
     x 2 (double data rate) x bus width, or ``TUNING["fallback_hbm_tbps"]``
     where the driver does not report both. An estimate for the plan's models (the
-    read ceiling measured by ``bench`` is 90-95% of it on H100 and H200)."""
-    try:
-        khz = int(dev.attributes.get("MemoryClockRate", 0))
-        bits = int(dev.attributes.get("GlobalMemoryBusWidth", 0))
-    except Exception:  # an attribute this driver does not report
-        khz = bits = 0
+    read ceiling measured by ``bench`` is 90-95% of it on H100 and H200).
+    ``attrs``: ``cupy.cuda.Device().attributes``."""
+    khz = int(attrs.get("MemoryClockRate", 0) or 0)
+    bits = int(attrs.get("GlobalMemoryBusWidth", 0) or 0)
     bw = khz * 1e3 * 2 * bits / 8 / 1e6
     return bw if bw >= 1e5 else TUNING["fallback_hbm_tbps"] * 1e6
 

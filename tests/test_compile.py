@@ -310,3 +310,13 @@ def test_timeline_instrumentation_compiles(monkeypatch):
     assert any(o.startswith("-DLEAN_TIMELINE=") for o in K.compile_options(spec))
     stamped = K.compile_cubin(spec, "sm_90")
     assert b"lean_timeline" in stamped and b"lean_timeline" not in plain
+
+
+def test_hbm_bytes_per_us():
+    """Memory clock (kHz) x 2 x bus width: the H200 measured on reports
+    3134.3 MHz on 6144 bits (4.81 TB/s); without both, the TUNING fallback."""
+    assert K.hbm_bytes_per_us({"MemoryClockRate": 3134313, "GlobalMemoryBusWidth": 6144}) == 3134313 * 1536 / 1e3
+    fallback = K.TUNING["fallback_hbm_tbps"] * 1e6
+    assert K.hbm_bytes_per_us({}) == fallback
+    assert K.hbm_bytes_per_us({"MemoryClockRate": 0, "GlobalMemoryBusWidth": 6144}) == fallback
+    assert K.hbm_bytes_per_us({"MemoryClockRate": 2619000, "GlobalMemoryBusWidth": None}) == fallback

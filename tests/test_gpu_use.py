@@ -1085,18 +1085,14 @@ def test_dense_default_takes_the_uniform_variant(b, hq, hkv, d, n, split, monkey
         assert want > 0
     if want:
         assert p.grid == p.units * want and p.num_splits == want and "split-K variant" in p.describe()
-    stream = cp.cuda.Stream(non_blocking=True)
-    with stream:
-        lse = cp.full(q.shape[:2], cp.nan, dtype=cp.float32)
-        graph_out = _nan_like(q.shape, q.dtype)
-        cp.cuda.Device().synchronize()  # inputs and NaN fills done before the capture's stream reads them
-        stream.begin_capture()
-        try:
-            p.run(qd, kd, vd, out=graph_out, lse=lse, return_lse=True)
-        finally:
-            g = stream.end_capture()
-        g.launch(stream)
-    stream.synchronize()
+    lse = cp.empty(q.shape[:2], dtype=cp.float32)
+    graph_out = _nan_like(q.shape, q.dtype)
+    g = _capture(lambda: p.run(qd, kd, vd, out=graph_out, lse=lse, return_lse=True))
+    graph_out.fill(cp.nan)  # what the replay alone writes
+    lse.fill(cp.nan)
+    cp.cuda.Device().synchronize()
+    g.launch(cp.cuda.get_current_stream())
+    cp.cuda.Device().synchronize()
     ro, rl = reference.attention(q, k, v)
     _assert_out_lse(graph_out, lse, ro, rl)
     monkeypatch.setitem(K.TUNING, "uniform_variants", False)
@@ -1107,3 +1103,34 @@ def test_dense_default_takes_the_uniform_variant(b, hq, hkv, d, n, split, monkey
     sk.run(qd, kd, vd, out=out2, lse=lse2, return_lse=True)
     _assert_out_lse(out2, lse2, ro, rl)
     assert float(cp.abs(out2.astype(cp.float32) - graph_out.astype(cp.float32)).max()) < 2e-3
+
+
+def test_dense_variant_from_torch_bf16_strided_out_two_graphs():
+    """What a serving user does with a dense cache: PyTorch bf16 tensors,
+    ``out`` a strided slice of a larger tensor, a custom scale, and two CUDA
+    graphs captured one after another on the same plan (the dense default
+    takes the split-K variant here: 4 units of 122 tiles). Both replays
+    write every row of their own ``out`` (NaN-prefilled) and nothing else."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(77)
+    q, k, v, lens, _ = make_inputs(rng, 2, 14, 2, 64, BF16, [15587, 15587], "dense")
+    tq, tk, tv = (torch.from_numpy(x.view(np.int16)).cuda().view(torch.bfloat16) for x in (q, k, v))
+    scale = 0.07
+    bigs = [torch.full((2, 14, 2 * 64), float("nan"), dtype=torch.bfloat16, device="cuda") for _ in range(2)]
+    outs = [t[:, :, 64:] for t in bigs]  # strided: row stride 128 elements
+    p = cupy_lean.plan(tq, tk, tv, out=outs[0], scale=scale)
+    if p.kernels.num_sms >= 100:
+        assert p.uniform_variant > 1
+    torch.cuda.synchronize()
+    gs = [_capture(lambda o=o: p.run(tq, tk, tv, out=o)) for o in outs]
+    for t in bigs:
+        t.fill_(float("nan"))
+    torch.cuda.synchronize()
+    for g in gs:
+        g.launch(cp.cuda.get_current_stream())
+    cp.cuda.Device().synchronize()
+    ro, _ = reference.attention(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32), scale=scale)
+    for t in bigs:
+        got = t.float().cpu().numpy()
+        assert np.isnan(got[:, :, :64]).all()  # the other half of the row is never written
+        assert np.isfinite(got[:, :, 64:]).all() and np.abs(got[:, :, 64:] - ro).max() < 2e-2
