@@ -65,6 +65,22 @@ def _fix_void(arr, src, name):
         "expected float16 or bfloat16")
 
 
+class _NoSync:
+    """A DLPack producer seen through a wrapper that asks it for no stream
+    synchronisation (``stream=-1``, as the DLPack protocol defines it)."""
+
+    __slots__ = ("_x",)
+
+    def __init__(self, x):
+        self._x = x
+
+    def __dlpack_device__(self):
+        return self._x.__dlpack_device__()
+
+    def __dlpack__(self, stream=None, **kwargs):
+        return self._x.__dlpack__(stream=-1, **kwargs)
+
+
 def to_gpu(x, name):
     """A CuPy view of a GPU array (no copy); anything else is copied to the
     GPU, and refused, naming it, inside a CUDA graph capture."""
@@ -75,15 +91,24 @@ def to_gpu(x, name):
 
     if isinstance(x, cupy.ndarray):
         return x
+    from ._plan import capturing, refuse_host_in_capture
+
     if hasattr(x, "__dlpack__"):
         try:
-            arr = cupy.from_dlpack(x)
+            # Inside a capture the producer must not order its own stream
+            # before ours (an event recorded on a stream that is not capturing,
+            # e.g. PyTorch's legacy default stream, invalidates the capture):
+            # stream -1 asks for no synchronisation. Ordering the graph's
+            # replays after the writes is the caller's, as for any graph.
+            arr = cupy.from_dlpack(_NoSync(x)) if capturing() else None
+        except Exception:  # a producer that refuses stream -1: the plain exchange below
+            arr = None
+        try:
+            arr = cupy.from_dlpack(x) if arr is None else arr
         except Exception:
             arr = None
         if arr is not None:
             return _fix_void(arr, x, name)
-    from ._plan import refuse_host_in_capture
-
     refuse_host_in_capture(name)
     return _fix_void(cupy.asarray(x), x, name)
 

@@ -694,13 +694,18 @@ _cp = _driver = None
 _get_capture_info = None
 
 
+def capturing():
+    """Whether CuPy's current stream is capturing a CUDA graph."""
+    _bind_cupy()
+    return _capture_id(_cp.cuda.get_current_stream()) is not None
+
+
 def refuse_host_in_capture(name):
     """Raises ValueError naming the host array ``name`` when CuPy's current
     stream is capturing a CUDA graph: a host array is copied to the GPU by
     each call, and a replay would read a staging buffer reused since (and
     never see new values)."""
-    _bind_cupy()
-    if _capture_id(_cp.cuda.get_current_stream()) is not None:
+    if capturing():
         raise ValueError(f"{name}: inside a CUDA graph capture pass GPU arrays; a host array is "
                          f"copied by each call, and a replay would read a staging buffer reused since")
 

@@ -531,3 +531,26 @@ def test_kv_strides_zero_unit_axes_and_copy_wide_pages():
     assert _kv_strides(((2, 16, 1, 64), (2**31, 128, 128, 2)), 2, False, 16, "k") == ((1024, 64, 64), True)
     with pytest.raises(ValueError, match="v: the GPU kernels support pages of under 2 GB"):
         _kv_strides(((2, 256, 2**16, 64), (2**32, 2**23, 128, 2)), 2, False, 256, "v")
+
+
+def test_dlpack_exchange_inside_a_capture_asks_for_no_stream_sync():
+    """Inside a graph capture a GPU array from another library is taken with
+    ``stream=-1`` (no synchronisation): PyTorch would otherwise record an
+    event on its own stream, which invalidates a capture running on ours.
+    Every other keyword reaches the producer unchanged."""
+    from cupy_lean._arrays import _NoSync
+
+    seen = {}
+
+    class Producer:
+        def __dlpack_device__(self):
+            return (2, 0)
+
+        def __dlpack__(self, stream=None, **kwargs):
+            seen.update(stream=stream, **kwargs)
+            return "capsule"
+
+    w = _NoSync(Producer())
+    assert w.__dlpack_device__() == (2, 0)
+    assert w.__dlpack__(stream=7, max_version=(1, 0)) == "capsule"
+    assert seen == {"stream": -1, "max_version": (1, 0)}
