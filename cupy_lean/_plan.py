@@ -43,7 +43,7 @@ import numpy as np
 from . import _cache
 from . import kernels as K
 from ._dtypes import KERNEL_TAG
-from .schedule import merge_balanced_tiles, num_splits_heuristic, uniform_variant
+from .schedule import combine_row_blocks, merge_balanced_tiles, num_splits_heuristic, uniform_variant
 
 __all__ = ["Signature", "Plan", "signature", "get_plan", "aligned_grid"]
 
@@ -275,7 +275,8 @@ class Plan:
             kv_item = 1 if f_kv8 is not None else sig.dtypes[0].itemsize
             self.tile_us = 2 * tile * D * kv_item / kern.hbm_bytes_per_us
             self.uniform_variant = uniform_variant(units, max_unit_tiles, kern.ctas_per_sm * kern.num_sms,
-                                                   kern.num_sms, tile_us=self.tile_us, state_bytes=4 * slot_stride)
+                                                   kern.num_sms, tile_us=self.tile_us, state_bytes=4 * slot_stride,
+                                                   unit_rows=rows)
         if sig.schedule == "lean" and not self.uniform_variant:
             self.ctas_per_sm = sig.ctas_per_sm or kern.ctas_per_sm
             full = sig.num_ctas if sig.num_ctas is not None else self.ctas_per_sm * kern.num_sms
@@ -380,6 +381,8 @@ class Plan:
         self._param_arr = (ctypes.c_void_p * 1)(ctypes.addressof(prm))
         self._param_addr = ctypes.addressof(self._param_arr)
         self._combine = decomp == K.Decomposition.SPLIT_K and ns > 1
+        # CTAs per unit of the combine launch (each merges a share of the unit's rows)
+        self.combine_blocks = combine_row_blocks(max(units, 1), rows, kern.num_sms) if self._combine else 0
         # The common case: q, k, v and out used in place, kv_lens int32 on the
         # GPU, block_table (if any) int32 on the GPU.
         self._direct = (not (self.copy_q or self.copy_k or self.copy_v or self.copy_out)
@@ -417,7 +420,8 @@ class Plan:
             lines.append(f"  grid: {self.grid} CTAs = {self.units} units x {self.num_splits} chunks (every "
                          f"sequence has the same length: the lean plan's split-K variant, by the streaming "
                          f"model of cupy_lean.schedule.uniform_variant)"
-                         + ("; then a combine launch of one CTA per unit" if self.num_splits > 1 else ""))
+                         + (f"; then a combine launch of {self.combine_blocks} CTA(s) per unit (its rows split "
+                            f"over them)" if self.num_splits > 1 else ""))
         elif s.schedule == "lean":
             note = " (aligned to unit boundaries for uniform lengths)" if self.aligned_grid_applied else ""
             lines.append(f"  grid: {self.grid} persistent CTAs{note}; {self.ctas_per_sm} CTA/SM requested"
@@ -430,7 +434,8 @@ class Plan:
                            "from kv_lens at run time")
         else:
             lines.append(f"  grid: {self.grid} CTAs = {self.units} units x {self.num_splits} splits"
-                         + ("; then a combine launch of one CTA per unit" if self.num_splits > 1 else ""))
+                         + (f"; then a combine launch of {self.combine_blocks} CTA(s) per unit (its rows split "
+                            f"over them)" if self.num_splits > 1 else ""))
         if s.features is not None:
             f = s.features
             lines.append("  features: " + ", ".join(x for x in (
@@ -680,7 +685,8 @@ class Plan:
                 _driver.launchKernel(self._attn_ptr, grid, 1, 1, self.threads, 1, 1, self.smem, sp,
                                      self._param_addr, 0)
                 if self._combine:
-                    _driver.launchKernel(self._combine_ptr, self.units, 1, 1, self.threads, 1, 1, 0, sp,
+                    _driver.launchKernel(self._combine_ptr, self.units, self.combine_blocks, 1, self.threads,
+                                         1, 1, 0, sp,
                                          self._param_addr, 0)
             except Exception:
                 self._rearm.add(wp)  # zero the counters before this workspace's next launch

@@ -42,6 +42,7 @@ import numpy as np
 
 __all__ = [
     "Schedule",
+    "combine_row_blocks",
     "lean_schedule",
     "split_schedule",
     "head_schedule",
@@ -496,8 +497,20 @@ def num_splits_heuristic(num_units, max_unit_tiles, num_sms, max_splits=128):
     return 1  # pragma: no cover
 
 
+def combine_row_blocks(num_units, unit_rows, num_sms):
+    """CTAs per unit of the split-K combine launch: the unit's query rows are
+    split over that many CTAs (each merges every chunk's state for its rows),
+    enough for the launch to reach ``num_sms`` CTAs where the units alone
+    would not, at most one row per CTA. A few units of many chunks then
+    merge on many SMs at once instead of one each."""
+    num_units = _check_positive_int(num_units, "num_units")
+    unit_rows = _check_positive_int(unit_rows, "unit_rows")
+    num_sms = _check_positive_int(num_sms, "num_sms")
+    return min(unit_rows, -(-num_sms // num_units))
+
+
 def uniform_variant(num_units, unit_tiles, grid, num_sms, tile_us=0.0, cut_us=2.0, slack=0.02,
-                    saturation=0.7, state_bytes=0, combine_bytes=256 * 1024):
+                    saturation=0.7, state_bytes=0, combine_bytes=256 * 1024, unit_rows=1):
     """The decomposition the ``"lean"`` plan runs when every sequence has the
     same length (dense calls, no ``kv_lens``): 0 for stream-K over ``grid``
     CTAs, else the number of chunks per unit of the split-K variant (1: one
@@ -518,12 +531,13 @@ def uniform_variant(num_units, unit_tiles, grid, num_sms, tile_us=0.0, cut_us=2.
     store, arrival and merge cost stream-K beyond a combine launch (measured
     per CTA: 3-10 us after the last tile on small calls), one CTA per unit on
     a tie. ``tile_us`` 0: the model compares streaming alone. A split count
-    whose combine would read more than ``combine_bytes`` of partial states
-    per unit (``state_bytes`` each; one CTA merges a unit's chunks) is not
-    a candidate: measured on an H200, 59 chunks of 12 x 258 floats per unit
-    (0.73 MB) took 1.20x stream-K's time, 29-75 chunks of 0.31-0.48 MB
-    1.02-1.03x, while every split under 0.2 MB per unit ran within 1.015x of
-    stream-K or faster.
+    whose combine would have one CTA read more than ``combine_bytes`` of
+    partial states (``state_bytes`` each; the combine spreads a unit's
+    ``unit_rows`` rows over :func:`combine_row_blocks` CTAs) is not a
+    candidate: measured on an H200 with one combine CTA per unit, 59 chunks
+    of 12 x 258 floats (0.73 MB) took 1.20x stream-K's time, 29-75 chunks of
+    0.31-0.48 MB 1.02-1.03x, while every split under 0.2 MB per unit ran
+    within 1.015x of stream-K or faster.
     """
     if num_units <= 0 or unit_tiles <= 0 or grid <= 0:
         return 0
@@ -542,7 +556,7 @@ def uniform_variant(num_units, unit_tiles, grid, num_sms, tile_us=0.0, cut_us=2.
     stream_k = model(g, total / g)
     best, best_t = 0, None
     for ns in (1, num_splits_heuristic(num_units, unit_tiles, num_sms)):
-        if ns > 1 and ns * state_bytes > combine_bytes:
+        if ns > 1 and ns * state_bytes > combine_bytes * combine_row_blocks(num_units, unit_rows, num_sms):
             continue
         t = model(num_units * ns, -(-unit_tiles // ns))
         if best_t is None or t < best_t:

@@ -614,8 +614,9 @@ struct WarpState {
 
 // ============================================================= 5. unit reduction
 
-// Merges the n partial states of unit (b, h), slots slot_of(0 .. n-1), and
-// writes the output, or (out_slot >= 0) the merged state to that slot, which
+// Merges the n partial states of unit (b, h), slots slot_of(0 .. n-1), rows
+// [row_lo, row_hi) (row_hi < 0: to the unit's last row), and writes the
+// output, or (out_slot >= 0) the merged state to that slot, which
 // may be one of the merged ones (every element is stored by the thread that
 // read it, and only after a barrier that follows every thread's reads). Every
 // thread of the block takes part (barriers and warp shuffles inside).
@@ -632,8 +633,8 @@ struct WarpState {
 // thread would hold if spread evenly over the block, rounded up to a power of
 // two, at most 8. With few elements and many states, `lanes` adjacent threads
 // share the elements, each taking every lanes-th state, and a fixed butterfly
-// merges their states: the order depends on n, the rows and the spec only,
-// so results are deterministic.
+// merges their states: the order depends on n, the rows merged and the spec
+// only, so results are deterministic.
 // Partial accumulators a thread loads at once while merging (more would
 // spill at head_dim 256, whose tile loop holds 128 accumulators per thread).
 constexpr int RED_LOADS = D >= 128 ? 16 : 8;
@@ -642,13 +643,15 @@ struct IntConst {
   static constexpr int value = N;
 };
 
-__device__ void reduce_unit(const Params& p, int b, int h, int n, SlotList slot_of, int out_slot = -1) {
+__device__ void reduce_unit(const Params& p, int b, int h, int n, SlotList slot_of, int out_slot = -1,
+                            int row_lo = 0, int row_hi = -1) {
   const int g = unit_rows(p);
+  if (row_hi < 0) row_hi = g;
   const bool to_slot = out_slot >= 0;
   const PartialSlots ps = {p.partials, p.slot_stride, g};
   constexpr int PER_ROW = D / 4;
   static_assert(PER_ROW % 8 == 0, "8 elements of a row per thread");
-  const int E = g * PER_ROW;
+  const int E = (row_hi - row_lo) * PER_ROW;
   int lanes = 1;
   while (lanes < 32 && 2 * lanes * E <= NT && 8 * 2 * lanes <= n) lanes *= 2;  // >= 8 states per lane
   const int lane = threadIdx.x & (lanes - 1);
@@ -660,9 +663,9 @@ __device__ void reduce_unit(const Params& p, int b, int h, int n, SlotList slot_
   auto merge = [&](auto chunk) {
     constexpr int CH = decltype(chunk)::value, TPR = PER_ROW / CH, U = RED_LOADS / CH;
     const int q = threadIdx.x / lanes, col = q % TPR, rows_per_pass = NT / lanes / TPR;
-    for (int r0 = 0; r0 < g; r0 += rows_per_pass) {  // the same trip count in every thread (barrier, shuffles)
-      const int row = r0 + q / TPR;
-      const bool live = row < g;
+    for (int r0 = row_lo; r0 < row_hi; r0 += rows_per_pass) {  // the same trip count in every thread
+      const int row = r0 + q / TPR;                              // (barrier, shuffles)
+      const bool live = row < row_hi;
       const int within = live ? row * D + 4 * col : 0, stat = live ? g * D + row : 0;
       float acc[CH][4];
 #pragma unroll
@@ -1375,10 +1378,15 @@ extern "C" __global__ void __launch_bounds__(lean::NT, 1) LEAN_ENTRY(const __gri
   lean::attention_cta(p);
 }
 
-// SPLIT_K combine: grid = units; merges each unit's num_splits slots in chunk order.
+// SPLIT_K combine: grid = (units, row blocks); block (u, y) merges unit u's
+// num_splits slots in chunk order for its share of the unit's rows (the
+// rows split evenly over gridDim.y blocks; a block past the last row exits).
 extern "C" __global__ void __launch_bounds__(lean::NT, 1) LEAN_COMBINE_ENTRY(const __grid_constant__ lean::Params p) {
-  const int unit = blockIdx.x, ns = p.num_splits;
-  lean::reduce_unit(p, unit / p.heads_kv, unit % p.heads_kv, ns, {unit * ns, unit * ns + 1, 1});
+  const int unit = blockIdx.x, ns = p.num_splits, g = lean::unit_rows(p);
+  const int per = (g + gridDim.y - 1) / gridDim.y, lo = blockIdx.y * per;
+  if (lo >= g) return;  // the whole block: no barrier is left waiting
+  lean::reduce_unit(p, unit / p.heads_kv, unit % p.heads_kv, ns, {unit * ns, unit * ns + 1, 1}, -1, lo,
+                    min(g, lo + per));
 }
 
 extern "C" __global__ void __launch_bounds__(lean::NT) LEAN_DUMP_ENTRY(const __grid_constant__ lean::Params p) {

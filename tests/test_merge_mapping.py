@@ -19,8 +19,13 @@ MIRRORED = [
     "const int ept = (E * lanes + NT - 1) / NT;",
     "constexpr int CH = decltype(chunk)::value, TPR = PER_ROW / CH, U = RED_LOADS / CH;",
     "const int q = threadIdx.x / lanes, col = q % TPR, rows_per_pass = NT / lanes / TPR;",
-    "for (int r0 = 0; r0 < g; r0 += rows_per_pass) {",
+    "const int E = (row_hi - row_lo) * PER_ROW;",
+    "for (int r0 = row_lo; r0 < row_hi; r0 += rows_per_pass) {",
     "const int row = r0 + q / TPR;",
+    "const bool live = row < row_hi;",
+    "const int per = (g + gridDim.y - 1) / gridDim.y, lo = blockIdx.y * per;",
+    "if (lo >= g) return;",
+    "min(g, lo + per));",
     "for (int j0 = 0; j0 < n; j0 += U * lanes) {",
     "const int j = j0 + lane + u * lanes;",
     "emit<4>(p, ps, b, h, row, 4 * (col + TPR * c), acc[c], M, L, to_slot, out_slot);",
@@ -32,13 +37,14 @@ def test_mirrored_lines_are_in_the_kernel():
         assert line in SRC, line
 
 
-def merge_mapping(head_dim, threads, g, n):
+def merge_mapping(head_dim, threads, g, n, lo=0, hi=None):
     """(writes, reads, trips): writes[(row, col4)] = thread, reads[(row,
-    col4, state)] = thread, trips[thread] = state batches."""
+    col4, state)] = thread, trips[thread] = state batches; rows [lo, hi)."""
     D, NT = head_dim, threads
+    hi = g if hi is None else hi
     red_loads = 16 if D >= 128 else 8
     per_row = D // 4
-    E = g * per_row
+    E = (hi - lo) * per_row
     lanes = 1
     while lanes < 32 and 2 * lanes * E <= NT and 8 * 2 * lanes <= n:
         lanes *= 2
@@ -51,9 +57,9 @@ def merge_mapping(head_dim, threads, g, n):
         q = t // lanes
         col, rows_per_pass = q % tpr, NT // lanes // tpr
         trips[t] = 0
-        for r0 in range(0, g, rows_per_pass):
+        for r0 in range(lo, hi, rows_per_pass):
             row = r0 + q // tpr
-            live = row < g
+            live = row < hi
             for j0 in range(0, n, u_batch * lanes):
                 trips[t] += 1
                 for u in range(u_batch):
@@ -94,3 +100,33 @@ def test_merge_mapping_covers_once_and_keeps_warps_together(head_dim, threads, g
         assert len({trips[t] for t in range(w0, w0 + 32)}) == 1
     for (r, c, j), t in reads.items():  # lanes share an element: the writer is one of its lane group
         assert t // lanes == writes[(r, c)] // lanes
+
+
+def _combine_cases():
+    for head_dim, threads, g, n in _cases():
+        if n in (2, 33) and g > 1:
+            for blocks in sorted({2, 3, g} & set(range(2, g + 1))):
+                yield head_dim, threads, g, n, blocks
+
+
+@pytest.mark.parametrize("head_dim,threads,g,n,blocks", list(_combine_cases()))
+def test_combine_row_blocks_cover_every_row_once(head_dim, threads, g, n, blocks):
+    """The split-K combine's grid.y blocks: block y merges rows [y per, min(g,
+    (y + 1) per)) (a block past the last row exits); together every element
+    of every row is written once and every (element, state) read once, and
+    each block keeps its warps on one trip count."""
+    per = -(-g // blocks)
+    writes, reads = {}, {}
+    for y in range(blocks):
+        lo = y * per
+        if lo >= g:
+            continue
+        w, r, trips, _ = merge_mapping(head_dim, threads, g, n, lo, min(g, lo + per))
+        assert not set(w) & set(writes) and not set(r) & set(reads)
+        writes.update(w)
+        reads.update(r)
+        for w0 in range(0, threads, 32):
+            assert len({trips[t] for t in range(w0, w0 + 32)}) == 1
+    cols = range(0, head_dim, 4)
+    assert set(writes) == {(r, c) for r in range(g) for c in cols}
+    assert set(reads) == {(r, c, j) for r in range(g) for c in cols for j in range(n)}

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import cupy_lean
 from cupy_lean import head_schedule, lean_schedule, num_splits_heuristic, split_schedule
-from cupy_lean.schedule import uniform_variant
+from cupy_lean.schedule import combine_row_blocks, uniform_variant
 from cupy_lean.schedule import lean_cta_of_tile, tiles_per_sequence
 
 # ------------------------------------------------------------------ strategies
@@ -617,31 +617,35 @@ def _spec_variant_time(ctas, chunk, grid, tile_us):
 
 
 @given(st.integers(-1, 400), st.integers(-1, 3000), st.integers(1, 300), st.integers(1, 264),
-       st.sampled_from([0.0, 0.003, 0.01, 0.03, 0.1]), st.sampled_from([0, 272, 4128, 16 * 258 * 4, 128 * 258 * 4]))
-@example(2, 987, 132, 132, 0.0068, 12 * 258 * 4)  # 59 chunks of 12 x 258 floats: no split
-@example(110, 7, 132, 132, 0.0, 0)  # 110 units of 7 tiles: one wave, one CTA per unit
-@example(180, 111, 132, 132, 0.0, 0)  # 180 units: a second wave of 48 CTAs -> stream-K
-@example(154, 26, 132, 132, 0.013, 0)
-@example(22, 20, 132, 132, 0.0, 0)  # few units: split
-@example(12, 7, 132, 132, 0.0, 0)
-@example(132, 5, 132, 132, 0.0, 0)  # one CTA per unit fills the GPU exactly
-@example(1, 1, 132, 132, 0.0, 0)
-@example(0, 10, 132, 132, 0.0, 0)
-@example(36, 8, 132, 132, 0.0137, 0)  # a cut's cost decides: split although it streams 1.1x longer
-def test_uniform_variant(units, tiles, grid, num_sms, tile_us, state_bytes):
-    v = uniform_variant(units, tiles, grid, num_sms, tile_us=tile_us, state_bytes=state_bytes)
+       st.sampled_from([0.0, 0.003, 0.01, 0.03, 0.1]), st.sampled_from([0, 272, 4128, 16 * 258 * 4, 128 * 258 * 4]),
+       st.sampled_from([1, 2, 7, 12, 64]))
+@example(2, 987, 132, 132, 0.0068, 12 * 258 * 4, 1)  # 59 chunks of 12 x 258 floats, one combine CTA: no split
+@example(2, 987, 132, 132, 0.0068, 12 * 258 * 4, 12)  # the same over 12 combine CTAs per unit: split
+@example(110, 7, 132, 132, 0.0, 0, 1)  # 110 units of 7 tiles: one wave, one CTA per unit
+@example(180, 111, 132, 132, 0.0, 0, 1)  # 180 units: a second wave of 48 CTAs -> stream-K
+@example(154, 26, 132, 132, 0.013, 0, 1)
+@example(22, 20, 132, 132, 0.0, 0, 1)  # few units: split
+@example(12, 7, 132, 132, 0.0, 0, 1)
+@example(132, 5, 132, 132, 0.0, 0, 1)  # one CTA per unit fills the GPU exactly
+@example(1, 1, 132, 132, 0.0, 0, 1)
+@example(0, 10, 132, 132, 0.0, 0, 1)
+@example(36, 8, 132, 132, 0.0137, 0, 1)  # a cut's cost decides: split although it streams 1.1x longer
+def test_uniform_variant(units, tiles, grid, num_sms, tile_us, state_bytes, rows):
+    v = uniform_variant(units, tiles, grid, num_sms, tile_us=tile_us, state_bytes=state_bytes, unit_rows=rows)
     assert isinstance(v, int)
     if units <= 0 or tiles <= 0:
         assert v == 0
         return
     ns = num_splits_heuristic(units, tiles, num_sms)
-    assert v in (0, 1, ns) and (v <= 1 or v * state_bytes <= 256 * 1024)
+    blocks = min(rows, -(-num_sms // units))  # combine CTAs per unit: rows spread to reach num_sms CTAs
+    per_cta = 256 * 1024 * blocks  # partial-state bytes of a unit the combine may read
+    assert v in (0, 1, ns) and (v <= 1 or v * state_bytes <= per_cta)
     total = units * tiles
     g = min(grid, total)
     sk = total / g * max(g, 0.7 * grid) * (tile_us or 1)  # stream-K: one wave of g CTAs, equal shares
     limit = 1.02 * sk + (2.0 if tile_us else 0.0)
     cands = {n: _spec_variant_time(units * n, -(-tiles // n), grid, tile_us) for n in (1, ns)
-             if n == 1 or n * state_bytes <= 256 * 1024}  # a combine of more than 256 KB per unit: no candidate
+             if n == 1 or n * state_bytes <= per_cta}  # a combine CTA reading more than 256 KB: no candidate
     best = min(cands.values())
     if v == 0:
         assert best > limit * (1 - 1e-12)
@@ -666,3 +670,25 @@ def test_uniform_variant_cases():
     # b1 24/2 d256 63k: 59 chunks of 12 x 258 floats per unit, 1.20x stream-K's time
     assert uniform_variant(2, 987, 132, 132, tile_us=d256) == num_splits_heuristic(2, 987, 132) == 59
     assert uniform_variant(2, 987, 132, 132, tile_us=d256, state_bytes=12 * 258 * 4) == 0
+    # the same with the combine spreading each unit's 12 rows over 12 CTAs (61 KB each)
+    assert uniform_variant(2, 987, 132, 132, tile_us=d256, state_bytes=12 * 258 * 4, unit_rows=12) == 59
+
+
+@given(st.integers(1, 500), st.integers(1, 128), st.integers(1, 300))
+@example(2, 12, 132)
+@example(132, 8, 132)
+@example(500, 64, 132)
+def test_combine_row_blocks(units, rows, num_sms):
+    """Enough CTAs per unit for the combine launch to reach num_sms CTAs,
+    never more than one per row, at least one."""
+    n = combine_row_blocks(units, rows, num_sms)
+    assert 1 <= n <= rows
+    assert units * n >= num_sms or n == rows
+    assert n == 1 or units * (n - 1) < num_sms  # no more CTAs than needed
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5])
+def test_combine_row_blocks_validates(bad):
+    for args, name in (((bad, 4, 132), "num_units"), ((4, bad, 132), "unit_rows"), ((4, 4, bad), "num_sms")):
+        with pytest.raises((ValueError, TypeError), match=name):
+            combine_row_blocks(*args)
