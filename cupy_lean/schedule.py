@@ -499,14 +499,17 @@ def num_splits_heuristic(num_units, max_unit_tiles, num_sms, max_splits=128):
 
 def combine_row_blocks(num_units, unit_rows, num_sms):
     """CTAs per unit of the split-K combine launch: the unit's query rows are
-    split over that many CTAs (each merges every chunk's state for its rows),
-    enough for the launch to reach ``num_sms`` CTAs where the units alone
-    would not, at most one row per CTA. A few units of many chunks then
-    merge on many SMs at once instead of one each."""
+    split evenly over that many CTAs (each merges every chunk's state for
+    its rows), as many as one wave of ``num_sms`` CTAs holds, at most one
+    row per CTA, and no CTA without rows. A few units of many chunks then
+    merge on many SMs at once instead of one each, and the launch never
+    needs a second wave (measured on an H200: 189 combine CTAs on 132 SMs
+    took 2.3 us more than 63)."""
     num_units = _check_positive_int(num_units, "num_units")
     unit_rows = _check_positive_int(unit_rows, "unit_rows")
     num_sms = _check_positive_int(num_sms, "num_sms")
-    return min(unit_rows, -(-num_sms // num_units))
+    per = -(-unit_rows // min(unit_rows, max(1, num_sms // num_units)))  # rows per CTA
+    return -(-unit_rows // per)
 
 
 def uniform_variant(num_units, unit_tiles, grid, num_sms, tile_us=0.0, cut_us=2.0, slack=0.02,

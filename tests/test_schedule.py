@@ -637,7 +637,7 @@ def test_uniform_variant(units, tiles, grid, num_sms, tile_us, state_bytes, rows
         assert v == 0
         return
     ns = num_splits_heuristic(units, tiles, num_sms)
-    blocks = min(rows, -(-num_sms // units))  # combine CTAs per unit: rows spread to reach num_sms CTAs
+    blocks = combine_row_blocks(units, rows, num_sms)
     per_cta = 256 * 1024 * blocks  # partial-state bytes of a unit the combine may read
     assert v in (0, 1, ns) and (v <= 1 or v * state_bytes <= per_cta)
     total = units * tiles
@@ -679,12 +679,16 @@ def test_uniform_variant_cases():
 @example(132, 8, 132)
 @example(500, 64, 132)
 def test_combine_row_blocks(units, rows, num_sms):
-    """Enough CTAs per unit for the combine launch to reach num_sms CTAs,
-    never more than one per row, at least one."""
+    """CTAs per unit of the combine launch: at least one, at most one per
+    row, one wave of num_sms CTAs at most (beyond one per unit), every CTA
+    with rows, and the rows split as finely as one wave allows."""
     n = combine_row_blocks(units, rows, num_sms)
     assert 1 <= n <= rows
-    assert units * n >= num_sms or n == rows
-    assert n == 1 or units * (n - 1) < num_sms  # no more CTAs than needed
+    assert n == 1 or units * n <= num_sms
+    per = -(-rows // n)
+    assert (n - 1) * per < rows  # the last CTA has rows
+    cap = min(rows, max(1, num_sms // units))  # the most CTAs per unit one wave holds
+    assert per == -(-rows // cap)  # as few rows per CTA as that allows
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5])
