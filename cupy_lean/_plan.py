@@ -276,7 +276,7 @@ class Plan:
             self.tile_us = 2 * tile * D * kv_item / kern.hbm_bytes_per_us
             self.uniform_variant = uniform_variant(units, max_unit_tiles, kern.ctas_per_sm * kern.num_sms,
                                                    kern.num_sms, tile_us=self.tile_us, state_bytes=4 * slot_stride,
-                                                   unit_rows=rows)
+                                                   unit_rows=rows, head_dim=D, threads=spec.threads)
         if sig.schedule == "lean" and not self.uniform_variant:
             self.ctas_per_sm = sig.ctas_per_sm or kern.ctas_per_sm
             full = sig.num_ctas if sig.num_ctas is not None else self.ctas_per_sm * kern.num_sms
@@ -382,7 +382,8 @@ class Plan:
         self._param_addr = ctypes.addressof(self._param_arr)
         self._combine = decomp == K.Decomposition.SPLIT_K and ns > 1
         # CTAs per unit of the combine launch (each merges a share of the unit's rows)
-        self.combine_blocks = combine_row_blocks(max(units, 1), rows, kern.num_sms) if self._combine else 0
+        self.combine_blocks = (combine_row_blocks(max(units, 1), rows, kern.num_sms, ns, D, spec.threads)
+                               if self._combine else 0)
         # The common case: q, k, v and out used in place, kv_lens int32 on the
         # GPU, block_table (if any) int32 on the GPU.
         self._direct = (not (self.copy_q or self.copy_k or self.copy_v or self.copy_out)

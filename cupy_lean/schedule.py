@@ -43,6 +43,7 @@ import numpy as np
 __all__ = [
     "Schedule",
     "combine_row_blocks",
+    "merge_batches",
     "lean_schedule",
     "split_schedule",
     "head_schedule",
@@ -497,23 +498,52 @@ def num_splits_heuristic(num_units, max_unit_tiles, num_sms, max_splits=128):
     return 1  # pragma: no cover
 
 
-def combine_row_blocks(num_units, unit_rows, num_sms):
+def merge_batches(rows, num_states, head_dim, threads):
+    """Load rounds one CTA of ``threads`` threads takes to merge
+    ``num_states`` partial states of ``rows`` query rows of ``head_dim``
+    (the kernel's one-pass merge: each thread keeps 16 float4 loads in flight
+    at head_dim >= 128, 8 below; ``lanes`` threads share an element when
+    there are few elements and many states; rows beyond one pass take
+    another). Its time grows with this count: one L2 round trip each."""
+    per_row = head_dim // 4
+    e = rows * per_row
+    lanes = 1
+    while lanes < 32 and 2 * lanes * e <= threads and 16 * lanes <= num_states:
+        lanes *= 2
+    ept = -(-e * lanes // threads)
+    ch = 8 if ept > 4 else 4 if ept > 2 else 2 if ept > 1 else 1
+    loads = 16 if head_dim >= 128 else 8
+    rows_per_pass = threads // lanes // (per_row // ch)
+    return -(-rows // rows_per_pass) * -(-num_states // (loads // ch * lanes))
+
+
+def combine_row_blocks(num_units, unit_rows, num_sms, num_states=2, head_dim=0, threads=0):
     """CTAs per unit of the split-K combine launch: the unit's query rows are
-    split evenly over that many CTAs (each merges every chunk's state for
-    its rows), as many as one wave of ``num_sms`` CTAs holds, at most one
-    row per CTA, and no CTA without rows. A few units of many chunks then
-    merge on many SMs at once instead of one each, and the launch never
-    needs a second wave (measured on an H200: 189 combine CTAs on 132 SMs
-    took 2.3 us more than 63)."""
+    split evenly over that many CTAs, each merging every chunk's state for
+    its rows. One CTA per unit when it merges the ``num_states`` states in
+    one load round (:func:`merge_batches`, given ``head_dim`` and the CTA's
+    ``threads``; ``head_dim`` 0: never); otherwise as many as one wave of
+    ``num_sms`` CTAs holds in all, at most one row per CTA and no CTA
+    without rows, so that a few units of many chunks merge on many SMs at
+    once instead of one each. Measured on an H200 (rows spread to one wave
+    against one CTA per unit): 10 units of 12 chunks of 11 x 256 dims
+    (3 rounds on one CTA) 49.7 -> 46.2 us, 6 units of 20 chunks of 15 x 64
+    dims 16.5 -> 15.6 us, 2 units of 65 chunks of 12 x 128 dims 22.6 ->
+    18.1 us; merges of one round took 0.4-0.7 us more spread (14.2 -> 14.6,
+    35.6 -> 36.2 us), and 189 CTAs on 132 SMs (a second wave) 2.3 us more
+    than 63."""
     num_units = _check_positive_int(num_units, "num_units")
     unit_rows = _check_positive_int(unit_rows, "unit_rows")
     num_sms = _check_positive_int(num_sms, "num_sms")
+    num_states = _check_positive_int(num_states, "num_states")
+    if head_dim > 0 and merge_batches(unit_rows, num_states, head_dim, threads) <= 1:
+        return 1
     per = -(-unit_rows // min(unit_rows, max(1, num_sms // num_units)))  # rows per CTA
     return -(-unit_rows // per)
 
 
 def uniform_variant(num_units, unit_tiles, grid, num_sms, tile_us=0.0, cut_us=2.0, slack=0.02,
-                    saturation=0.7, state_bytes=0, combine_bytes=256 * 1024, unit_rows=1):
+                    saturation=0.7, state_bytes=0, combine_bytes=256 * 1024, unit_rows=1, head_dim=0, threads=0):
     """The decomposition the ``"lean"`` plan runs when every sequence has the
     same length (dense calls, no ``kv_lens``): 0 for stream-K over ``grid``
     CTAs, else the number of chunks per unit of the split-K variant (1: one
@@ -536,8 +566,8 @@ def uniform_variant(num_units, unit_tiles, grid, num_sms, tile_us=0.0, cut_us=2.
     a tie. ``tile_us`` 0: the model compares streaming alone. A split count
     whose combine would have one CTA read more than ``combine_bytes`` of
     partial states (``state_bytes`` each; the combine spreads a unit's
-    ``unit_rows`` rows over :func:`combine_row_blocks` CTAs) is not a
-    candidate: measured on an H200 with one combine CTA per unit, 59 chunks
+    ``unit_rows`` rows over :func:`combine_row_blocks` CTAs, given
+    ``head_dim`` and the CTA's ``threads``) is not a candidate: measured on an H200 with one combine CTA per unit, 59 chunks
     of 12 x 258 floats (0.73 MB) took 1.20x stream-K's time, 29-75 chunks of
     0.31-0.48 MB 1.02-1.03x, while every split under 0.2 MB per unit ran
     within 1.015x of stream-K or faster.
@@ -559,7 +589,8 @@ def uniform_variant(num_units, unit_tiles, grid, num_sms, tile_us=0.0, cut_us=2.
     stream_k = model(g, total / g)
     best, best_t = 0, None
     for ns in (1, num_splits_heuristic(num_units, unit_tiles, num_sms)):
-        if ns > 1 and ns * state_bytes > combine_bytes * combine_row_blocks(num_units, unit_rows, num_sms):
+        if ns > 1 and ns * state_bytes > combine_bytes * combine_row_blocks(num_units, unit_rows, num_sms, ns,
+                                                                              head_dim, threads):
             continue
         t = model(num_units * ns, -(-unit_tiles // ns))
         if best_t is None or t < best_t:

@@ -1079,7 +1079,8 @@ def test_dense_default_takes_the_uniform_variant(b, hq, hkv, d, n, split, monkey
     kern = p.kernels
     assert 0 < p.tile_us < 1 and kern.hbm_bytes_per_us > 1e5
     want = uniform_variant(p.units, p.max_unit_tiles, kern.ctas_per_sm * kern.num_sms, kern.num_sms,
-                           tile_us=p.tile_us, state_bytes=4 * p.slot_stride, unit_rows=p.meta.group)
+                           tile_us=p.tile_us, state_bytes=4 * p.slot_stride, unit_rows=p.meta.group, head_dim=d,
+                           threads=p.threads)
     assert p.uniform_variant == want
     if split and kern.num_sms >= 100:  # these take a split-K variant on an H100 or H200 (model and measured)
         assert want > 0

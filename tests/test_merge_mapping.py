@@ -11,6 +11,7 @@ import pathlib
 import pytest
 
 from cupy_lean import kernels as K
+from cupy_lean.schedule import merge_batches
 
 SRC = (pathlib.Path(K.kernel_dir()) / "lean_attention.cu").read_text()
 MIRRORED = [
@@ -100,6 +101,7 @@ def test_merge_mapping_covers_once_and_keeps_warps_together(head_dim, threads, g
         assert len({trips[t] for t in range(w0, w0 + 32)}) == 1
     for (r, c, j), t in reads.items():  # lanes share an element: the writer is one of its lane group
         assert t // lanes == writes[(r, c)] // lanes
+    assert max(trips.values()) == merge_batches(g, n, head_dim, threads)  # the host's count of load rounds
 
 
 def _combine_cases():
@@ -127,6 +129,7 @@ def test_combine_row_blocks_cover_every_row_once(head_dim, threads, g, n, blocks
         reads.update(r)
         for w0 in range(0, threads, 32):
             assert len({trips[t] for t in range(w0, w0 + 32)}) == 1
+        assert max(trips.values()) == merge_batches(min(g, lo + per) - lo, n, head_dim, threads)
     cols = range(0, head_dim, 4)
     assert set(writes) == {(r, c) for r in range(g) for c in cols}
     assert set(reads) == {(r, c, j) for r in range(g) for c in cols for j in range(n)}

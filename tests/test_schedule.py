@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import cupy_lean
 from cupy_lean import head_schedule, lean_schedule, num_splits_heuristic, split_schedule
-from cupy_lean.schedule import combine_row_blocks, uniform_variant
+from cupy_lean.schedule import combine_row_blocks, merge_batches, uniform_variant
 from cupy_lean.schedule import lean_cta_of_tile, tiles_per_sequence
 
 # ------------------------------------------------------------------ strategies
@@ -672,18 +672,26 @@ def test_uniform_variant_cases():
     assert uniform_variant(2, 987, 132, 132, tile_us=d256, state_bytes=12 * 258 * 4) == 0
     # the same with the combine spreading each unit's 12 rows over 12 CTAs (61 KB each)
     assert uniform_variant(2, 987, 132, 132, tile_us=d256, state_bytes=12 * 258 * 4, unit_rows=12) == 59
+    assert uniform_variant(2, 987, 132, 132, tile_us=d256, state_bytes=12 * 258 * 4, unit_rows=12, head_dim=256,
+                           threads=128) == 59  # 30 rounds on one CTA: the rows spread over 12
 
 
-@given(st.integers(1, 500), st.integers(1, 128), st.integers(1, 300))
-@example(2, 12, 132)
-@example(132, 8, 132)
-@example(500, 64, 132)
-def test_combine_row_blocks(units, rows, num_sms):
-    """CTAs per unit of the combine launch: at least one, at most one per
-    row, one wave of num_sms CTAs at most (beyond one per unit), every CTA
-    with rows, and the rows split as finely as one wave allows."""
-    n = combine_row_blocks(units, rows, num_sms)
+@given(st.integers(1, 500), st.integers(1, 128), st.integers(1, 300), st.integers(1, 200),
+       st.sampled_from([(0, 0), (64, 256), (128, 256), (256, 128), (64, 128)]))
+@example(2, 12, 132, 65, (128, 256))  # 65 chunks: 9 rounds on one CTA -> 12 CTAs of one row
+@example(15, 11, 132, 6, (128, 256))  # 6 chunks: one round -> one CTA per unit
+@example(132, 8, 132, 40, (64, 256))
+@example(500, 64, 132, 100, (256, 128))
+def test_combine_row_blocks(units, rows, num_sms, states, dims):
+    """CTAs per unit of the combine launch: one where a CTA merges the
+    unit in one load round; else the finest even row split one wave of
+    num_sms CTAs holds, at most one row per CTA, every CTA with rows."""
+    head_dim, threads = dims
+    n = combine_row_blocks(units, rows, num_sms, states, head_dim, threads)
     assert 1 <= n <= rows
+    if head_dim and merge_batches(rows, states, head_dim, threads) <= 1:
+        assert n == 1
+        return
     assert n == 1 or units * n <= num_sms
     per = -(-rows // n)
     assert (n - 1) * per < rows  # the last CTA has rows
@@ -693,6 +701,7 @@ def test_combine_row_blocks(units, rows, num_sms):
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5])
 def test_combine_row_blocks_validates(bad):
-    for args, name in (((bad, 4, 132), "num_units"), ((4, bad, 132), "unit_rows"), ((4, 4, bad), "num_sms")):
+    for args, name in (((bad, 4, 132), "num_units"), ((4, bad, 132), "unit_rows"), ((4, 4, bad), "num_sms"),
+                       ((4, 4, 132, bad), "num_states")):
         with pytest.raises((ValueError, TypeError), match=name):
             combine_row_blocks(*args)
