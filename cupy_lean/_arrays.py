@@ -9,6 +9,8 @@ otherwise.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 
 from ._dtypes import BFLOAT16
@@ -69,16 +71,33 @@ class _NoSync:
     """A DLPack producer seen through a wrapper that asks it for no stream
     synchronisation (``stream=-1``, as the DLPack protocol defines it)."""
 
-    __slots__ = ("_x",)
+    __slots__ = ("_x", "refused")
 
     def __init__(self, x):
         self._x = x
+        self.refused = False  # the producer raised when asked for stream -1
 
     def __dlpack_device__(self):
         return self._x.__dlpack_device__()
 
     def __dlpack__(self, stream=None, **kwargs):
-        return self._x.__dlpack__(stream=-1, **kwargs)
+        try:
+            return self._x.__dlpack__(stream=-1, **kwargs)
+        except Exception:
+            self.refused = True
+            raise
+
+
+def _producer_capturing(x):
+    """Whether ``x`` is a PyTorch tensor and PyTorch's current stream is
+    capturing a graph (then its synchronisation event is part of it)."""
+    torch = sys.modules.get("torch")
+    if torch is None or type(x).__module__.split(".")[0] != "torch":
+        return False
+    try:
+        return bool(torch.cuda.is_current_stream_capturing())
+    except Exception:  # pragma: no cover - a torch without CUDA
+        return False
 
 
 def to_gpu(x, name):
@@ -94,19 +113,27 @@ def to_gpu(x, name):
     from ._plan import capturing, refuse_host_in_capture
 
     if hasattr(x, "__dlpack__"):
-        try:
+        arr = None
+        if capturing() and not _producer_capturing(x):
             # Inside a capture the producer must not order its own stream
-            # before ours (an event recorded on a stream that is not capturing,
-            # e.g. PyTorch's legacy default stream, invalidates the capture):
-            # stream -1 asks for no synchronisation. Ordering the graph's
-            # replays after the writes is the caller's, as for any graph.
-            arr = cupy.from_dlpack(_NoSync(x)) if capturing() else None
-        except Exception:  # a producer that refuses stream -1: the plain exchange below
-            arr = None
-        try:
-            arr = cupy.from_dlpack(x) if arr is None else arr
-        except Exception:
-            arr = None
+            # before ours: an event recorded on a stream that is not
+            # capturing (e.g. PyTorch's legacy default stream) invalidates
+            # the capture. Stream -1 asks for no synchronisation; ordering a
+            # replay after the writes to its inputs is the caller's, as for
+            # any graph. A producer whose own current stream takes part in a
+            # capture keeps the plain exchange (its event is a graph edge).
+            w = _NoSync(x)
+            try:
+                arr = cupy.from_dlpack(w)
+            except Exception as exc:
+                if not w.refused:  # the exchange itself failed: a second one would invalidate the capture
+                    raise TypeError(f"{name}: could not view {type(x).__module__}.{type(x).__name__} through "
+                                    f"DLPack inside a CUDA graph capture: {exc}") from exc
+        if arr is None:  # not capturing, or a producer that refused stream -1
+            try:
+                arr = cupy.from_dlpack(x)
+            except Exception:
+                arr = None
         if arr is not None:
             return _fix_void(arr, x, name)
     refuse_host_in_capture(name)
@@ -154,7 +181,6 @@ def torch_fp8_storage(k, v, kv_dtype):
         raise TypeError(f"v: expected k's dtype {k.dtype}, got {getattr(v, 'dtype', type(v).__name__)}")
     if kv_dtype is not None and kv_dtype != fmt:
         raise ValueError(f"kv_dtype: k is {k.dtype}, got kv_dtype={kv_dtype!r}")
-    import sys
 
     u8 = sys.modules["torch"].uint8
     return k.view(u8), v.view(u8), fmt

@@ -404,6 +404,11 @@ class Plan:
 
     # ------------------------------------------------------------ reporting
 
+    def _combine_text(self):
+        if self.combine_blocks > 1:
+            return f"{self.combine_blocks} CTAs per unit (its rows split over them)"
+        return "one CTA per unit"
+
     def describe(self) -> str:
         """What launches: the spec, the grid and the decomposition."""
         s, m = self.signature, self.meta
@@ -421,8 +426,7 @@ class Plan:
             lines.append(f"  grid: {self.grid} CTAs = {self.units} units x {self.num_splits} chunks (every "
                          f"sequence has the same length: the lean plan's split-K variant, by the streaming "
                          f"model of cupy_lean.schedule.uniform_variant)"
-                         + (f"; then a combine launch of {self.combine_blocks} CTA(s) per unit (its rows split "
-                            f"over them)" if self.num_splits > 1 else ""))
+                         + (f"; then a combine launch of {self._combine_text()}" if self.num_splits > 1 else ""))
         elif s.schedule == "lean":
             note = " (aligned to unit boundaries for uniform lengths)" if self.aligned_grid_applied else ""
             lines.append(f"  grid: {self.grid} persistent CTAs{note}; {self.ctas_per_sm} CTA/SM requested"
@@ -435,8 +439,7 @@ class Plan:
                            "from kv_lens at run time")
         else:
             lines.append(f"  grid: {self.grid} CTAs = {self.units} units x {self.num_splits} splits"
-                         + (f"; then a combine launch of {self.combine_blocks} CTA(s) per unit (its rows split "
-                            f"over them)" if self.num_splits > 1 else ""))
+                         + (f"; then a combine launch of {self._combine_text()}" if self.num_splits > 1 else ""))
         if s.features is not None:
             f = s.features
             lines.append("  features: " + ", ".join(x for x in (

@@ -504,7 +504,14 @@ def merge_batches(rows, num_states, head_dim, threads):
     (the kernel's one-pass merge: each thread keeps 16 float4 loads in flight
     at head_dim >= 128, 8 below; ``lanes`` threads share an element when
     there are few elements and many states; rows beyond one pass take
-    another). Its time grows with this count: one L2 round trip each."""
+    another). Its time grows with this count: one L2 round trip each.
+    ``head_dim`` a positive multiple of 32, ``threads`` of 32."""
+    rows = _check_positive_int(rows, "rows")
+    num_states = _check_positive_int(num_states, "num_states")
+    head_dim = _check_positive_int(head_dim, "head_dim")
+    threads = _check_positive_int(threads, "threads")
+    if head_dim % 32 or threads % 32:
+        raise ValueError(f"head_dim, threads: expected multiples of 32, got head_dim={head_dim}, threads={threads}")
     per_row = head_dim // 4
     e = rows * per_row
     lanes = 1
@@ -523,11 +530,11 @@ def combine_row_blocks(num_units, unit_rows, num_sms, num_states=2, head_dim=0, 
     its rows. One CTA per unit when it merges the ``num_states`` states in
     one load round (:func:`merge_batches`, given ``head_dim`` and the CTA's
     ``threads``; ``head_dim`` 0: never); otherwise as many as one wave of
-    ``num_sms`` CTAs holds in all, at most one row per CTA and no CTA
-    without rows, so that a few units of many chunks merge on many SMs at
-    once instead of one each. Measured on an H200 (rows spread to one wave
+    ``num_sms`` CTAs holds in all, no more CTAs than rows and none without
+    rows, so that a few units of many chunks merge on many SMs at once
+    instead of one each. Measured on an H200 (rows spread to one wave
     against one CTA per unit): 10 units of 12 chunks of 11 x 256 dims
-    (3 rounds on one CTA) 49.7 -> 46.2 us, 6 units of 20 chunks of 15 x 64
+    (6 rounds on one CTA) 49.7 -> 46.2 us, 6 units of 20 chunks of 15 x 64
     dims 16.5 -> 15.6 us, 2 units of 65 chunks of 12 x 128 dims 22.6 ->
     18.1 us; merges of one round took 0.4-0.7 us more spread (14.2 -> 14.6,
     35.6 -> 36.2 us), and 189 CTAs on 132 SMs (a second wave) 2.3 us more
@@ -567,8 +574,10 @@ def uniform_variant(num_units, unit_tiles, grid, num_sms, tile_us=0.0, cut_us=2.
     whose combine would have one CTA read more than ``combine_bytes`` of
     partial states (``state_bytes`` each; the combine spreads a unit's
     ``unit_rows`` rows over :func:`combine_row_blocks` CTAs, given
-    ``head_dim`` and the CTA's ``threads``) is not a candidate: measured on an H200 with one combine CTA per unit, 59 chunks
-    of 12 x 258 floats (0.73 MB) took 1.20x stream-K's time, 29-75 chunks of
+    ``head_dim`` and the CTA's ``threads``, and one reads the states of
+    ``ceil(unit_rows / CTAs)`` rows) is not a candidate: measured on an H200
+    with one combine CTA per unit, 59 chunks of 12 x 258 floats (0.73 MB)
+    took 1.20x stream-K's time, 29-75 chunks of
     0.31-0.48 MB 1.02-1.03x, while every split under 0.2 MB per unit ran
     within 1.015x of stream-K or faster.
     """
@@ -589,9 +598,10 @@ def uniform_variant(num_units, unit_tiles, grid, num_sms, tile_us=0.0, cut_us=2.
     stream_k = model(g, total / g)
     best, best_t = 0, None
     for ns in (1, num_splits_heuristic(num_units, unit_tiles, num_sms)):
-        if ns > 1 and ns * state_bytes > combine_bytes * combine_row_blocks(num_units, unit_rows, num_sms, ns,
-                                                                              head_dim, threads):
-            continue
+        if ns > 1:
+            blocks = combine_row_blocks(num_units, unit_rows, num_sms, ns, head_dim, threads)
+            if ns * state_bytes * -(-unit_rows // blocks) > combine_bytes * unit_rows:  # one CTA's share
+                continue
         t = model(num_units * ns, -(-unit_tiles // ns))
         if best_t is None or t < best_t:
             best, best_t = ns, t

@@ -1061,6 +1061,34 @@ def test_split_with_empty_chunks_over_a_nan_workspace(d, hq, hkv):
     check_close(out, lse, q, k, v, lens, None, np.float16)
 
 
+@pytest.mark.parametrize("q_len", [0, 2])
+def test_split_combine_over_row_blocks_with_a_short_last_block(q_len):
+    """The combine spreads a unit's rows over CTAs when one CTA would merge
+    them in several load rounds: 11 rows per unit (22 with two query
+    tokens) over blocks of 2 or 3 rows whose last is short (132 SMs). Every
+    element of out and lse (NaN-prefilled) is written and equals the
+    reference."""
+    from cupy_lean.schedule import combine_row_blocks
+
+    rng = np.random.default_rng(41 + q_len)
+    lens, hq, hkv, d, ns = [5000, 3001, 7], 55, 5, 128, 40
+    q3, k, v, L, _ = make_inputs(rng, len(lens), hq, hkv, d, np.float16, lens, "dense")
+    q = q3 if not q_len else rng.standard_normal((len(lens), q_len, hq, d)).astype(np.float16)
+    units, rows = len(lens) * hkv, (hq // hkv) * max(q_len, 1)
+    args = (to_gpu(q), to_gpu(k), to_gpu(v))
+    out = _nan_like(q.shape, q.dtype)
+    lse = cp.full(q.shape[:-1], cp.nan, dtype=cp.float32)
+    p = cupy_lean.plan(*args, kv_lens=cp.asarray(L), out=out, schedule="split", num_ctas=ns * units)
+    assert p.num_splits == ns
+    assert p.combine_blocks == combine_row_blocks(units, rows, p.num_sms, ns, d, p.threads)
+    if p.num_sms >= 100:
+        per = -(-rows // p.combine_blocks)
+        assert p.combine_blocks > 1 and rows % per != 0  # a short last block
+        assert "CTAs per unit (its rows split over them)" in p.describe()
+    p.run(*args, kv_lens=cp.asarray(L), out=out, lse=lse)
+    _assert_out_lse(out, lse, *reference.attention(q, k, v, kv_lens=L))
+
+
 @pytest.mark.parametrize("b, hq, hkv, d, n, split", [(55, 12, 2, 128, 870, True), (11, 26, 2, 64, 2497, True),
                                                      (4, 9, 3, 128, 841, True), (18, 80, 10, 64, 700, None)])
 def test_dense_default_takes_the_uniform_variant(b, hq, hkv, d, n, split, monkeypatch):

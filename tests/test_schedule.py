@@ -637,15 +637,16 @@ def test_uniform_variant(units, tiles, grid, num_sms, tile_us, state_bytes, rows
         assert v == 0
         return
     ns = num_splits_heuristic(units, tiles, num_sms)
-    blocks = combine_row_blocks(units, rows, num_sms)
-    per_cta = 256 * 1024 * blocks  # partial-state bytes of a unit the combine may read
-    assert v in (0, 1, ns) and (v <= 1 or v * state_bytes <= per_cta)
+    def cta_bytes(n):  # what one combine CTA reads: every chunk's state of its share of the rows
+        return n * state_bytes * -(-rows // combine_row_blocks(units, rows, num_sms, n)) / rows
+
+    assert v in (0, 1, ns) and (v <= 1 or cta_bytes(v) <= 256 * 1024)
     total = units * tiles
     g = min(grid, total)
     sk = total / g * max(g, 0.7 * grid) * (tile_us or 1)  # stream-K: one wave of g CTAs, equal shares
     limit = 1.02 * sk + (2.0 if tile_us else 0.0)
     cands = {n: _spec_variant_time(units * n, -(-tiles // n), grid, tile_us) for n in (1, ns)
-             if n == 1 or n * state_bytes <= per_cta}  # a combine CTA reading more than 256 KB: no candidate
+             if n == 1 or cta_bytes(n) <= 256 * 1024}  # a combine CTA reading more than 256 KB: no candidate
     best = min(cands.values())
     if v == 0:
         assert best > limit * (1 - 1e-12)
@@ -697,6 +698,32 @@ def test_combine_row_blocks(units, rows, num_sms, states, dims):
     assert (n - 1) * per < rows  # the last CTA has rows
     cap = min(rows, max(1, num_sms // units))  # the most CTAs per unit one wave holds
     assert per == -(-rows // cap)  # as few rows per CTA as that allows
+
+
+def test_merge_batches_cases():
+    """Load rounds of one combine CTA (the kernel's reduce_unit): 16 float4
+    loads in flight per thread at head_dim >= 128, 8 below."""
+    assert merge_batches(12, 65, 128, 256) == 9  # 384 float4 a state, 2 a thread, 8 states a round
+    assert merge_batches(1, 65, 128, 256) == 1  # one row: 8 lanes share it, 16 states each a round
+    assert merge_batches(1, 129, 128, 256) == 2
+    assert merge_batches(11, 12, 256, 128) == 6  # 704 float4 over 128 threads: 8 each, 2 states a round
+    assert merge_batches(11, 6, 128, 256) == 1
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(rows=0, num_states=2, head_dim=128, threads=256), "rows"),
+    (dict(rows=4, num_states=0, head_dim=128, threads=256), "num_states"),
+    (dict(rows=4, num_states=2, head_dim=0, threads=256), "head_dim"),
+    (dict(rows=4, num_states=2, head_dim=128, threads=0), "threads"),
+    (dict(rows=4, num_states=2, head_dim=48, threads=256), "multiples of 32"),
+    (dict(rows=4, num_states=2, head_dim=128, threads=100), "multiples of 32"),
+])
+def test_merge_batches_validates(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        merge_batches(**kwargs)
+    if kwargs["head_dim"] > 0:  # combine_row_blocks checks the same through it
+        with pytest.raises((ValueError, TypeError), match=match):
+            combine_row_blocks(3, kwargs["rows"], 132, kwargs["num_states"], kwargs["head_dim"], kwargs["threads"])
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5])

@@ -554,3 +554,44 @@ def test_dlpack_exchange_inside_a_capture_asks_for_no_stream_sync():
     assert w.__dlpack_device__() == (2, 0)
     assert w.__dlpack__(stream=7, max_version=(1, 0)) == "capsule"
     assert seen == {"stream": -1, "max_version": (1, 0)}
+
+
+@pytest.mark.parametrize("capturing,refuse,fail_after,want", [
+    (False, False, False, [123]),  # not capturing: the usual exchange on the consumer's stream
+    (True, False, False, [-1]),  # capturing: no producer synchronisation
+    (True, True, False, [-1, 123]),  # a producer that refuses stream -1: the usual exchange
+    (True, False, True, [-1]),  # the exchange itself failed: an error naming q, no second exchange
+])
+def test_to_gpu_asks_for_no_sync_only_inside_a_capture(monkeypatch, capturing, refuse, fail_after, want):
+    """What ``to_gpu`` asks a foreign GPU array for, with the capture state
+    and CuPy's DLPack import stood in (no GPU here): the stream each
+    ``__dlpack__`` call received, in order."""
+    cupy = pytest.importorskip("cupy")
+    from cupy_lean import _arrays, _plan
+
+    seen = []
+
+    class Producer:
+        def __dlpack_device__(self):
+            return (2, 0)
+
+        def __dlpack__(self, stream=None, **kwargs):
+            seen.append(stream)
+            if refuse and stream == -1:
+                raise BufferError("stream -1 not supported")
+            return "capsule"
+
+    def from_dlpack(obj):
+        obj.__dlpack__(stream=123)  # as CuPy does: its current stream
+        if fail_after:
+            raise RuntimeError("unsupported dtype")
+        return np.zeros(2, np.float32)
+
+    monkeypatch.setattr(_plan, "capturing", lambda: capturing)
+    monkeypatch.setattr(cupy, "from_dlpack", from_dlpack)
+    if fail_after:
+        with pytest.raises(TypeError, match="q: could not view .*Producer through DLPack inside a CUDA graph"):
+            _arrays.to_gpu(Producer(), "q")
+    else:
+        assert _arrays.to_gpu(Producer(), "q").dtype == np.float32
+    assert seen == want
