@@ -69,7 +69,7 @@ for step in "$@"; do
       fi
       python3 -m bench.run --family "$N" --seed "$SEED" --dtypes "$DT" --methods "$methods" --out "$OUT" \
         --tag "new_$step" --no-plots --time-budget "${BUDGET:-0}" > "$OUT/new_$step.txt" 2>&1
-      grep '^family seed' "$OUT/new_$step.txt"
+      grep -E '^(family seed|stopped early)' "$OUT/new_$step.txt"  # a cut run names what it skipped
       if [ -d .base ] && [ "$step" = family ]; then
         python3 -m bench.report "$OUT/bench_base_$step.json" --peers-from "$OUT/bench_new_$step.json" \
           > "$OUT/base_vs_peers.txt" 2>&1
