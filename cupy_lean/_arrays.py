@@ -100,9 +100,23 @@ def _producer_capturing(x):
         return False
 
 
-def to_gpu(x, name):
+def foreign_capture_state(*xs):
+    """Whether CuPy's current stream is capturing a CUDA graph, asked once
+    for a call's arrays when one of them is not a CuPy array (the state
+    :func:`to_gpu` needs for it); None when all are CuPy arrays or None."""
+    nd = cupy_ndarray()
+    if all(x is None or type(x) is nd for x in xs):
+        return None
+    from ._plan import capturing
+
+    return capturing()
+
+
+def to_gpu(x, name, capture=None):
     """A CuPy view of a GPU array (no copy); anything else is copied to the
-    GPU, and refused, naming it, inside a CUDA graph capture."""
+    GPU, and refused, naming it, inside a CUDA graph capture. ``capture``:
+    whether CuPy's current stream is capturing, when the caller knows
+    (:func:`foreign_capture_state`); None: asked here, for a foreign array."""
     nd = cupy_ndarray()
     if type(x) is nd:
         return x
@@ -112,9 +126,11 @@ def to_gpu(x, name):
         return x
     from ._plan import capturing, refuse_host_in_capture
 
+    if capture is None:
+        capture = capturing()
     if hasattr(x, "__dlpack__"):
         arr = None
-        if capturing() and not _producer_capturing(x):
+        if capture and not _producer_capturing(x):
             # Inside a capture the producer must not order its own stream
             # before ours: an event recorded on a stream that is not
             # capturing (e.g. PyTorch's legacy default stream) invalidates
@@ -136,7 +152,8 @@ def to_gpu(x, name):
                 arr = None
         if arr is not None:
             return _fix_void(arr, x, name)
-    refuse_host_in_capture(name)
+    if capture:
+        refuse_host_in_capture(name)
     return _fix_void(cupy.asarray(x), x, name)
 
 

@@ -484,7 +484,7 @@ class Plan:
             names the field, what was planned and what was given), or the
             current device is not the plan's.
         """
-        from ._arrays import to_gpu
+        from ._arrays import foreign_capture_state, to_gpu
 
         current = _cp.cuda.runtime.getDevice()
         if current != self.device:
@@ -495,15 +495,16 @@ class Plan:
             from ._arrays import torch_fp8_storage
 
             k, v, _ = torch_fp8_storage(k, v, self.kv8)
-        q, k, v = to_gpu(q, "q"), to_gpu(k, "k"), to_gpu(v, "v")
+        cap = foreign_capture_state(q, k, v, out)  # one query of the capture state for the call's arrays
+        q, k, v = to_gpu(q, "q", cap), to_gpu(k, "k", cap), to_gpu(v, "v", cap)
         if self.kv_layout == "HND" and k.ndim == v.ndim == 4:
             k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         if out is not None:
-            out = to_gpu(out, "out")
+            out = to_gpu(out, "out", cap)
         if kv_lens is not None and not isinstance(kv_lens, np.ndarray):
-            kv_lens = to_gpu(kv_lens, "kv_lens")
+            kv_lens = to_gpu(kv_lens, "kv_lens", cap)
         if block_table is not None and not isinstance(block_table, np.ndarray):
-            block_table = to_gpu(block_table, "block_table")
+            block_table = to_gpu(block_table, "block_table", cap)
         s = self.signature
         feats = None
         if s.features is not None:
@@ -511,7 +512,7 @@ class Plan:
                 raise ValueError(f"sinks: the plan was made {'with' if s.features[0] else 'without'} sinks, "
                                  f"got {'none' if sinks is None else 'sinks'}")
             if sinks is not None:
-                sinks = to_gpu(sinks, "sinks")
+                sinks = to_gpu(sinks, "sinks", cap)
             feats = (None if sinks is None else sinks_meta(sinks),) + tuple(s.features[1:])
         elif sinks is not None:
             raise ValueError("sinks: the plan was made without sinks")
@@ -525,7 +526,7 @@ class Plan:
         if self.host_lens:
             _check_host_lens(self.meta, kv_lens, block_table)
         if lse is not None:
-            lse = to_gpu(lse, "lse")
+            lse = to_gpu(lse, "lse", cap)
             if not self._lse_ok(lse):
                 raise ValueError(f"lse: expected a C-contiguous float32 array of shape "
                                  f"{self.lse_shape}, got {lse.dtype} {lse.shape} "

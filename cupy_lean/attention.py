@@ -221,16 +221,16 @@ def _normalise(q, k, v, kv_lens, block_table, out, lse):
         desc = ", ".join(f"{n} on the {'GPU' if p == 'gpu' else 'CPU'}" for n, p in places.items())
         raise TypeError(f"{', '.join(places)}: expected arrays on one device, got {desc}")
     if gpu:
-        _arrays.cupy_ndarray()
-        q, k, v = _to_gpu(q, "q"), _to_gpu(k, "k"), _to_gpu(v, "v")
-        out = _to_gpu(out, "out") if out is not None else None
-        lse = _to_gpu(lse, "lse") if lse is not None else None
+        cap = _arrays.foreign_capture_state(q, k, v, out, lse)  # asked once for the call's arrays
+        q, k, v = _to_gpu(q, "q", cap), _to_gpu(k, "k", cap), _to_gpu(v, "v", cap)
+        out = _to_gpu(out, "out", cap) if out is not None else None
+        lse = _to_gpu(lse, "lse", cap) if lse is not None else None
         idx = []
         for x, name in ((kv_lens, "kv_lens"), (block_table, "block_table")):
             if x is None:
                 idx.append(None)
             elif _where(x) == "gpu":
-                idx.append(_to_gpu(x, name))
+                idx.append(_to_gpu(x, name, cap))
             else:
                 idx.append(_host_ints(x, name))
         kv_lens, block_table = idx

@@ -595,3 +595,33 @@ def test_to_gpu_asks_for_no_sync_only_inside_a_capture(monkeypatch, capturing, r
     else:
         assert _arrays.to_gpu(Producer(), "q").dtype == np.float32
     assert seen == want
+
+
+def test_capture_state_is_asked_once_per_call(monkeypatch):
+    """The per-call path asks whether the stream is capturing once for the
+    call's foreign arrays (foreign_capture_state), and to_gpu given that
+    state does not ask again."""
+    cupy = pytest.importorskip("cupy")
+    from cupy_lean import _arrays, _plan
+
+    asked = []
+    monkeypatch.setattr(_plan, "capturing", lambda: asked.append(1) or True)
+    streams = []
+
+    class Producer:
+        def __dlpack_device__(self):
+            return (2, 0)
+
+        def __dlpack__(self, stream=None, **kwargs):
+            streams.append(stream)
+            return "capsule"
+
+    monkeypatch.setattr(cupy, "from_dlpack", lambda obj: obj.__dlpack__(stream=5) and np.zeros(1, np.float32))
+    assert _arrays.foreign_capture_state(None, None) is None and asked == []
+    cap = _arrays.foreign_capture_state(None, Producer())
+    assert cap is True and len(asked) == 1
+    for name in ("q", "k", "v"):
+        _arrays.to_gpu(Producer(), name, cap)
+    assert len(asked) == 1 and streams == [-1, -1, -1]
+    _arrays.to_gpu(Producer(), "out", False)  # a known state outside a capture: the usual exchange
+    assert len(asked) == 1 and streams[-1] == 5
