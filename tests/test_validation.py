@@ -556,6 +556,23 @@ def test_dlpack_exchange_inside_a_capture_asks_for_no_stream_sync():
     assert seen == {"stream": -1, "max_version": (1, 0)}
 
 
+class _Producer:
+    """A foreign GPU array as DLPack sees it: records the stream each
+    ``__dlpack__`` call received in ``seen``; ``refuse``: raises for -1."""
+
+    def __init__(self, seen, refuse=False):
+        self.seen, self.refuse = seen, refuse
+
+    def __dlpack_device__(self):
+        return (2, 0)
+
+    def __dlpack__(self, stream=None, **kwargs):
+        self.seen.append(stream)
+        if self.refuse and stream == -1:
+            raise BufferError("stream -1 not supported")
+        return "capsule"
+
+
 @pytest.mark.parametrize("capturing,refuse,fail_after,want", [
     (False, False, False, [123]),  # not capturing: the usual exchange on the consumer's stream
     (True, False, False, [-1]),  # capturing: no producer synchronisation
@@ -571,16 +588,6 @@ def test_to_gpu_asks_for_no_sync_only_inside_a_capture(monkeypatch, capturing, r
 
     seen = []
 
-    class Producer:
-        def __dlpack_device__(self):
-            return (2, 0)
-
-        def __dlpack__(self, stream=None, **kwargs):
-            seen.append(stream)
-            if refuse and stream == -1:
-                raise BufferError("stream -1 not supported")
-            return "capsule"
-
     def from_dlpack(obj):
         obj.__dlpack__(stream=123)  # as CuPy does: its current stream
         if fail_after:
@@ -591,9 +598,9 @@ def test_to_gpu_asks_for_no_sync_only_inside_a_capture(monkeypatch, capturing, r
     monkeypatch.setattr(cupy, "from_dlpack", from_dlpack)
     if fail_after:
         with pytest.raises(TypeError, match="q: could not view .*Producer through DLPack inside a CUDA graph"):
-            _arrays.to_gpu(Producer(), "q")
+            _arrays.to_gpu(_Producer(seen, refuse), "q")
     else:
-        assert _arrays.to_gpu(Producer(), "q").dtype == np.float32
+        assert _arrays.to_gpu(_Producer(seen, refuse), "q").dtype == np.float32
     assert seen == want
 
 
@@ -607,21 +614,12 @@ def test_capture_state_is_asked_once_per_call(monkeypatch):
     asked = []
     monkeypatch.setattr(_plan, "capturing", lambda: asked.append(1) or True)
     streams = []
-
-    class Producer:
-        def __dlpack_device__(self):
-            return (2, 0)
-
-        def __dlpack__(self, stream=None, **kwargs):
-            streams.append(stream)
-            return "capsule"
-
     monkeypatch.setattr(cupy, "from_dlpack", lambda obj: obj.__dlpack__(stream=5) and np.zeros(1, np.float32))
     assert _arrays.foreign_capture_state(None, None) is None and asked == []
-    cap = _arrays.foreign_capture_state(None, Producer())
+    cap = _arrays.foreign_capture_state(None, _Producer(streams))
     assert cap is True and len(asked) == 1
     for name in ("q", "k", "v"):
-        _arrays.to_gpu(Producer(), name, cap)
+        _arrays.to_gpu(_Producer(streams), name, cap)
     assert len(asked) == 1 and streams == [-1, -1, -1]
-    _arrays.to_gpu(Producer(), "out", False)  # a known state outside a capture: the usual exchange
+    _arrays.to_gpu(_Producer(streams), "out", False)  # a known state outside a capture: the usual exchange
     assert len(asked) == 1 and streams[-1] == 5
