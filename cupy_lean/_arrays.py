@@ -100,6 +100,19 @@ def _producer_capturing(x):
         return False
 
 
+_DLPACK_GPU = (2, 3, 13)  # kDLCUDA, kDLCUDAHost, kDLCUDAManaged
+
+
+def _dlpack_on_gpu(x):
+    """Whether a DLPack producer says its memory is CUDA memory CuPy can
+    view (True when it does not say): a host array (NumPy's kDLCPU) is
+    copied, never viewed."""
+    try:
+        return int(x.__dlpack_device__()[0]) in _DLPACK_GPU
+    except Exception:
+        return True
+
+
 def foreign_capture_state(*xs):
     """Whether CuPy's current stream is capturing a CUDA graph, asked once
     for a call's arrays when one of them is not a CuPy array (the state
@@ -128,7 +141,7 @@ def to_gpu(x, name, capture=None):
 
     if capture is None:
         capture = capturing()
-    if hasattr(x, "__dlpack__"):
+    if hasattr(x, "__dlpack__") and _dlpack_on_gpu(x):
         arr = None
         if capture and not _producer_capturing(x):
             # Inside a capture the producer must not order its own stream

@@ -577,10 +577,10 @@ class Plan:
             stream.wait_event(ev)
         self._stream = stream
 
-    def _workspace_for(self, stream, cp):
+    def _workspace_for(self, stream, capture_id, cp):
         """The workspace of this launch (see the module docstring); called
-        under the plan's lock."""
-        capture_id = _capture_id(stream)
+        under the plan's lock. ``capture_id``: :func:`_capture_id` of the
+        stream."""
         capturing = capture_id is not None
         if self._user_ws:  # the caller's workspace, for eager and captured launches alike
             if not capturing:
@@ -597,8 +597,8 @@ class Plan:
                 return self._capture_ws, True
             ws = self._spare
             self._spare = None
-            if ws is None:  # no zeroed spare: the zeroing is captured into the graph
-                ws = self._new_workspace(cp)
+            if ws is None:  # no zeroed spare (a capture after a capture): the zeroing is captured into the graph
+                ws = self._new_workspace(cp)  # the capture mode is relaxed (_launch)
             self._capture_id, self._capture_ws = (capture_id, stream.ptr), ws
             return ws, True
         self._order_after_previous(stream, cp)
@@ -614,7 +614,20 @@ class Plan:
 
     def _launch(self, q, k, v, lens, table, out, lse, want_lse, sinks=None, q_lens=None, scales=None):
         """The hot path: arrays are CuPy (index arrays CuPy or NumPy) and match
-        the signature."""
+        the signature. Inside a capture, what the call allocates (workspace,
+        temporaries, ``out`` when not given) is allocated with this thread's
+        capture mode relaxed: a global-mode capture (``torch.cuda.graph``)
+        refuses cudaMalloc otherwise."""
+        stream = _cp.cuda.get_current_stream()
+        capture_id = _capture_id(stream)
+        if capture_id is None:
+            return self._launch_on(stream, capture_id, q, k, v, lens, table, out, lse, want_lse, sinks, q_lens,
+                                   scales)
+        with _relaxed_capture_mode():
+            return self._launch_on(stream, capture_id, q, k, v, lens, table, out, lse, want_lse, sinks, q_lens,
+                                   scales)
+
+    def _launch_on(self, stream, capture_id, q, k, v, lens, table, out, lse, want_lse, sinks, q_lens, scales):
         cp = _cp
         m = self.meta
         if out is None:
@@ -665,12 +678,11 @@ class Plan:
         if self.has_sinks:
             sinks32 = sinks if (sinks.dtype == cp.float32 and sinks.flags.c_contiguous) else \
                 cp.ascontiguousarray(sinks, dtype=cp.float32)
-        stream = cp.cuda.get_current_stream()
         extra = None  # q_lens and fp8 scales: only plans for them look at them
         if self.q_len or self.kv8 is not None:
             extra = self._extra_args(q_lens, scales)
         with self._lock:
-            ws, captured = self._workspace_for(stream, cp)
+            ws, captured = self._workspace_for(stream, capture_id, cp)
             if captured:  # the workspace and temporaries the graph reads live as long as the plan
                 self._graph_workspaces.append((ws, temps, lens32, table32, out_k, sinks32, extra))
             if sinks32 is not None:
@@ -748,6 +760,40 @@ def _capture_id(stream):
         return _get_capture_info(stream.ptr)
     except RuntimeError:
         return 0 if stream.is_capturing() else None
+
+
+class _relaxed_capture_mode:
+    """This thread's stream-capture mode set to relaxed for the block (and
+    restored after it): a capture begun in global mode, as
+    ``torch.cuda.graph`` begins one, makes a cudaMalloc from any thread an
+    error that invalidates the capture; relaxed lets this thread allocate a
+    workspace (the allocation is not part of the graph; its zeroing, queued
+    on the capturing stream, is). A driver without the call leaves the mode
+    as it is."""
+
+    _fn = None
+
+    def __enter__(self):
+        fn = _relaxed_capture_mode._fn
+        if fn is None:
+            try:
+                fn = ctypes.CDLL("libcuda.so.1").cuThreadExchangeStreamCaptureMode
+                fn.restype = ctypes.c_int
+                fn.argtypes = [ctypes.POINTER(ctypes.c_int)]
+            except (OSError, AttributeError):
+                fn = False
+            _relaxed_capture_mode._fn = fn
+        self._mode = None
+        if fn:
+            mode = ctypes.c_int(2)  # CU_STREAM_CAPTURE_MODE_RELAXED
+            if fn(ctypes.byref(mode)) == 0:
+                self._mode = mode
+        return self
+
+    def __exit__(self, *exc):
+        if self._mode is not None:
+            _relaxed_capture_mode._fn(ctypes.byref(self._mode))  # the previous mode back
+        return False
 
 
 def _bind_cupy():

@@ -623,3 +623,53 @@ def test_capture_state_is_asked_once_per_call(monkeypatch):
     assert len(asked) == 1 and streams == [-1, -1, -1]
     _arrays.to_gpu(_Producer(streams), "out", False)  # a known state outside a capture: the usual exchange
     assert len(asked) == 1 and streams[-1] == 5
+
+
+@pytest.mark.parametrize("capturing", [False, True])
+def test_host_dlpack_producer_is_copied_or_refused_never_viewed(monkeypatch, capturing):
+    """A DLPack producer on the host (NumPy: kDLCPU) is never exchanged
+    through DLPack: outside a capture it is copied to the GPU; inside one it
+    is refused with the ValueError naming it (CuPy's own refusal of a CPU
+    capsule was a TypeError that hid the reason)."""
+    cupy = pytest.importorskip("cupy")
+    from cupy_lean import _arrays, _plan
+
+    exchanged, copied = [], []
+    monkeypatch.setattr(_plan, "capturing", lambda: capturing)
+    monkeypatch.setattr(cupy, "from_dlpack", lambda obj: exchanged.append(obj))
+    monkeypatch.setattr(cupy, "asarray", lambda x: copied.append(x) or np.zeros(2, np.float32))
+    host = np.arange(4, dtype=np.int32)
+    assert host.__dlpack_device__()[0] == 1
+    if capturing:
+        with pytest.raises(ValueError, match="k_scale: inside a CUDA graph capture pass GPU arrays"):
+            _arrays.to_gpu(host, "k_scale")
+        assert copied == []
+    else:
+        assert _arrays.to_gpu(host, "k_scale").dtype == np.float32
+        assert len(copied) == 1
+    assert exchanged == []
+
+
+def test_relaxed_capture_mode_is_set_and_restored(monkeypatch):
+    """Inside a capture the launch's allocations run with this thread's
+    capture mode relaxed (2) and the caller's mode comes back after, also
+    when the block raises; the driver call stood in (no GPU here)."""
+    from cupy_lean import _plan
+
+    thread_mode = [0]  # CU_STREAM_CAPTURE_MODE_GLOBAL, as torch.cuda.graph sets it
+    seen = []
+
+    def exchange(ref):
+        m = ref._obj
+        thread_mode[0], m.value = m.value, thread_mode[0]
+        seen.append(thread_mode[0])
+        return 0
+
+    monkeypatch.setattr(_plan._relaxed_capture_mode, "_fn", exchange)
+    with _plan._relaxed_capture_mode():
+        assert thread_mode[0] == 2
+    assert thread_mode[0] == 0 and seen == [2, 0]
+    with pytest.raises(RuntimeError):
+        with _plan._relaxed_capture_mode():
+            raise RuntimeError("allocation failed")
+    assert thread_mode[0] == 0
