@@ -248,7 +248,8 @@ class Plan:
         self.has_sinks = f_sinks is not None
         rows = g * max(self.q_len, 1)  # query rows of a unit
         spec = K.make_spec(KERNEL_TAG[sig.dtypes[0]], D, rows, m.paged, sig.tile_size, sig.stages,
-                           smem_limit=K.device_smem_limit(), features=bits)
+                           smem_limit=K.device_smem_limit(), features=bits,
+                           page_size=m.page_size if m.paged else None)
         kern = K.kernels_for(spec)
         self.spec, self.kernels = spec, kern
         self.device = cp.cuda.runtime.getDevice()

@@ -50,7 +50,11 @@ LENS_CACHE = 256  # lengths kept in shared memory (the kernel static_asserts it 
 
 
 #: Optional semantics a spec can compile in (``LEAN_FEATURES`` bits).
-FEATURES = {"sinks": 1, "softcap": 2, "window": 4, "qlen": 8, "fp8_e4m3": 16, "fp8_e5m2": 32}
+FEATURES = {"sinks": 1, "softcap": 2, "window": 4, "qlen": 8, "fp8_e4m3": 16, "fp8_e5m2": 32,
+            "page_rows": 64}
+#: ``page_rows``: a paged cache whose page size the loader's run of rows per
+#: thread (:attr:`Spec.run_rows`) does not divide (e.g. 1) reads the block
+#: table per row; other page sizes read it once per run (see make_spec).
 #: fp8 K/V formats and their feature bits.
 FP8_FEATURES = {"e4m3": FEATURES["fp8_e4m3"], "e5m2": FEATURES["fp8_e5m2"]}
 FP8_BITS = FEATURES["fp8_e4m3"] | FEATURES["fp8_e5m2"]
@@ -226,6 +230,13 @@ class Spec:
         return bool(self.features & FP8_BITS)
 
     @property
+    def run_rows(self) -> int:
+        """Paged: consecutive rows (tokens) of a tile one loader thread
+        copies; when it divides the page size they lie on one page."""
+        kcpr = self.head_dim * (1 if self.fp8 else 2) // 16  # 16-byte chunks per K/V row
+        return max(1, self.tile // (self.threads // kcpr))
+
+    @property
     def smem_bytes(self) -> int:
         d, t, s, mt = self.head_dim, self.tile, self.stages, self.m_tiles
         fp8 = self.fp8
@@ -322,11 +333,14 @@ def default_ctas_per_sm(spec, occupancy):
 
 
 def make_spec(dtype, head_dim, group, paged, tile_size=None, stages=None,
-              smem_limit=DEFAULT_SMEM_LIMIT, features=0) -> Spec:
+              smem_limit=DEFAULT_SMEM_LIMIT, features=0, page_size=None) -> Spec:
     """The spec that serves ``group`` query heads per KV head at ``head_dim``
     on a device allowing ``smem_limit`` bytes of shared memory per block.
 
     ``features`` (bits of :data:`FEATURES`) compiles optional semantics in.
+    ``page_size`` (paged): the ``page_rows`` feature is added when the
+    spec's :attr:`Spec.run_rows` does not divide it (None: the spec for page
+    sizes it divides; a kernel launched with another page size traps).
     Raises ValueError naming the limit when no configuration (or not the
     requested ``tile_size`` / ``stages``) fits it.
     """
@@ -361,6 +375,8 @@ def make_spec(dtype, head_dim, group, paged, tile_size=None, stages=None,
         st = next((c for c in range(min(6, 2 * st), st, -1)
                    if Spec(dtype, head_dim, mt, tile, c, paged, int(features)).smem_bytes <= budget), st)
     spec = Spec(dtype, head_dim, mt, tile, st, paged, int(features))
+    if paged and page_size is not None and int(page_size) % spec.run_rows:
+        spec = Spec(dtype, head_dim, mt, tile, st, paged, int(features) | FEATURES["page_rows"])
     if spec.smem_bytes > smem_limit:
         what = "stages" if stages is not None else "tile_size"
         raise ValueError(
@@ -407,7 +423,7 @@ def compile_options(spec: Spec | None):
             f"-DLEAN_COMBINE_ENTRY={spec.combine_entry}",
             f"-DLEAN_DUMP_ENTRY={spec.dump_entry}",
             f"-DLEAN_HOST_SMEM_BYTES={spec.smem_bytes}",
-            f"-DLEAN_HOST_THREADS={spec.threads}",
+            f"-DLEAN_HOST_THREADS={spec.threads}", f"-DLEAN_HOST_RUN_ROWS={spec.run_rows}",
         ] + _params_layout_options()
     return tuple(opts)
 

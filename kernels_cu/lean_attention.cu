@@ -61,7 +61,7 @@ __device__ unsigned long long lean_timeline[LEAN_TIMELINE * 16];
   } while (0)
 #endif
 
-#if !defined(LEAN_D) || !defined(LEAN_HOST_SMEM_BYTES) || !defined(LEAN_HOST_PARAMS)
+#if !defined(LEAN_D) || !defined(LEAN_HOST_SMEM_BYTES) || !defined(LEAN_HOST_PARAMS) || !defined(LEAN_HOST_RUN_ROWS)
 #error "compile through cupy_lean.kernels (compile_options defines the spec and the host layouts)"
 #endif
 
@@ -91,6 +91,9 @@ constexpr bool HAS_QLEN = (LEAN_FEATURES & 8) != 0;     // q_len query tokens pe
 constexpr bool FP8_E4M3 = (LEAN_FEATURES & 16) != 0;
 constexpr bool FP8_E5M2 = (LEAN_FEATURES & 32) != 0;
 constexpr bool HAS_FP8 = FP8_E4M3 || FP8_E5M2;
+// Paged, with a page size that the loader's run of rows per thread
+// (KVLoader::RUN) does not divide (e.g. 1): a block-table read per row.
+constexpr bool PAGE_ROWS = (LEAN_FEATURES & 64) != 0;
 static_assert(!(FP8_E4M3 && FP8_E5M2), "one fp8 format");
 
 __host__ __device__ constexpr int imin(int a, int b) { return a < b ? a : b; }
@@ -834,25 +837,31 @@ struct LoadCursor {
 };
 
 // Issues the cp.async copies of one tile of K and V (and, at a segment's first
-// tile, the unit's query rows) into a pipeline stage. Thread t copies 16-byte
-// chunk t % KCPR of rows t / KCPR + RSTEP i. The per-row work is kept to a
-// pointer step and a compare (the copies are most of the loop's instructions):
-// dense rows are stepped by a stride from the tile's first row; paged rows
-// have their page and row in the page found one tile ahead (prefetch_pages,
-// so the block-table read is off the critical path), rows on a page outside
-// the cache are zero-filled and masked.
+// tile, the unit's query rows) into a pipeline stage. The per-row work is kept
+// to a pointer step and a compare (the copies are most of the loop's
+// instructions); rows past the tile's tokens, or on a page outside the cache,
+// are zero-filled (src-size 0 reads nothing at its address) and masked.
+// Dense: thread t copies 16-byte chunk t % KCPR of rows t / KCPR + RSTEP i,
+// stepped by a stride from the tile's first row.
+// Paged: thread t copies chunk t % KCPR of RUN consecutive rows (a run),
+// starting at row RUN (t / KCPR). A tile starts at a multiple of TILE tokens
+// and RUN divides TILE, so when RUN divides the page size a run lies on one
+// page: one block-table read per thread and tile, and rows stepped by a
+// stride as in the dense layout. Other page sizes (e.g. 1) read a page per
+// row (the page_rows feature). The reads are made one tile ahead (prefetch_pages), off the critical
+// path.
 struct KVLoader {
-  static constexpr int RSTEP = NT / KCPR;  // rows one pass of the block covers
+  static constexpr int RSTEP = NT / KCPR;  // dense: rows one pass of the block covers
   static constexpr int ROW_ITERS = (TILE + RSTEP - 1) / RSTEP;
-  int page[PAGED ? ROW_ITERS : 1];  // physical page of each row this thread loads (-1: none; checked in load)
-  int prow0;                        // PAGED: the first row's place in its page (the others: stepped)
-  int step_pages, step_rows;        // PAGED: RSTEP tokens as whole pages and rows (set once by init)
+  static constexpr int RUN = imax(1, TILE / RSTEP);  // paged: rows per thread (TILE < RSTEP: threads past TILE idle)
+  static constexpr bool one_page = PAGED && !PAGE_ROWS;  // the host checked that RUN divides the page size
+  int page[one_page ? 1 : (PAGED ? RUN : 1)];  // physical page of the run (one_page) or of each row; -1: none
+  int prow0;                                   // PAGED: the run's first row's place in its page
   u64 policy;
 
   __device__ void init(const Params& p) {
     policy = evict_first_policy();
-    step_pages = PAGED ? RSTEP / p.page_size : 0;
-    step_rows = PAGED ? RSTEP - step_pages * p.page_size : 0;
+    if (one_page && p.page_size % RUN != 0) __trap();  // a host bug: this spec needs page_rows
   }
 
   __device__ void prefetch_pages(const Params& p, const Segment& s, int t, bool valid) {
@@ -860,20 +869,33 @@ struct KVLoader {
     const int ps = p.page_size;
     const int tok0 = s.start + t * TILE;
     const int ntok = valid ? min(TILE, s.len - tok0) : 0;
-    const int first = tok0 + threadIdx.x / KCPR;
+    const int r0 = (threadIdx.x / KCPR) * RUN;
+    const int first = tok0 + r0;
     int pq = first / ps, pr = first - pq * ps;
+    prow0 = pr;
     const int* bt = p.block_table + (i64)s.b * p.bt_sb;
+    if (one_page) {
+      page[0] = r0 < ntok ? bt[pq] : -1;  // checked when used (load): this read's latency is hidden
+      return;
+    }
 #pragma unroll
-    for (int it = 0; it < ROW_ITERS; ++it) {
-      const int r = threadIdx.x / KCPR + it * RSTEP;
-      page[it] = (r < ntok) ? bt[pq] : -1;  // checked when used (load): this read's latency is hidden
-      if (it == 0) prow0 = pr;
-      pq += step_pages;
-      pr += step_rows;
-      if (pr >= ps) {
-        pr -= ps;
-        pq++;
+    for (int it = 0; it < RUN; ++it) {
+      page[it] = r0 + it < ntok ? bt[pq] : -1;
+      if (++pr == ps) {
+        pr = 0;
+        ++pq;
       }
+    }
+  }
+
+  __device__ void load_q(const Params& p, const Shared& sh, const Segment& s) const {
+    u16* qd = sh.q(s.ordinal % STAGES);
+    const u16* qsrc = p.q + (i64)s.b * p.q_sb;
+    for (int e = threadIdx.x; e < ROWS_Q * CPR; e += NT) {
+      const int r = e / CPR, ch = e % CPR;
+      const bool ok = r < unit_rows(p);
+      const i64 off = (HAS_QLEN ? (i64)row_token(p, r) * p.q_st : 0) + (i64)row_head(p, s.h, r) * p.q_sh + ch * 8;
+      cp_async16(smem_u32(qd + swz(r, ch)), ok ? (const void*)(qsrc + off) : (const void*)p.q, ok ? 16 : 0);
     }
   }
 
@@ -882,63 +904,90 @@ struct KVLoader {
   __device__ bool load(const Params& p, const Shared& sh, int stage, const LoadCursor& c) const {
     const int tid = threadIdx.x;
     const Segment& s = c.seg;
-    if (s.first_tile(c.t)) {  // the unit's query rows into the Q ring
-      u16* qd = sh.q(s.ordinal % STAGES);
-      const u16* qsrc = p.q + (i64)s.b * p.q_sb;
-      for (int e = tid; e < ROWS_Q * CPR; e += NT) {
-        const int r = e / CPR, ch = e % CPR;
-        const bool ok = r < unit_rows(p);
-        const i64 off = (HAS_QLEN ? (i64)row_token(p, r) * p.q_st : 0) + (i64)row_head(p, s.h, r) * p.q_sh + ch * 8;
-        cp_async16(smem_u32(qd + swz(r, ch)), ok ? (const void*)(qsrc + off) : (const void*)p.q,
-                   ok ? 16 : 0);
-      }
-    }
+    if (s.first_tile(c.t)) load_q(p, sh, s);  // the unit's query rows into the Q ring
     const int tok0 = s.start + c.t * TILE;
     const int ntok = min(TILE, s.len - tok0);
     unsigned char* ks = reinterpret_cast<unsigned char*>(sh.kv(stage));
     unsigned char* vs = ks + TILE * D * KV_ELEM;
-    const int ch = tid % KCPR, r0 = tid / KCPR;
+    const int ch = tid % KCPR;
+    if (PAGED) return load_paged(p, sh, stage, c, ks, vs, ch, ntok);
+    const int r0 = tid / KCPR;
     // Both ring layouts (swz, swz8) repeat every 8 rows: with RSTEP a multiple
     // of 8, row r0 + RSTEP it lies a constant distance after row r0.
     const int so0 = HAS_FP8 ? swz8(r0, ch) : 2 * swz(r0, ch);
     const i64 kst = p.k_st * KV_ELEM, vst = p.v_st * KV_ELEM;  // bytes per token
-    const char* kp = c.kb + (i64)(tok0 + r0) * kst;  // dense: row r0 of the tile, stepped below
+    const char* kp = c.kb + (i64)(tok0 + r0) * kst;  // row r0 of the tile, stepped below
     const char* vp = c.vb + (i64)(tok0 + r0) * vst;
-    int pr = prow0;  // PAGED: row in the page of row r0 + RSTEP it
-    // PAGED: a page's bytes and a page's rows fit in 32 bits (the plan copies a cache whose do not)
-    const int ksb = (int)(p.k_sb * KV_ELEM), vsb = (int)(p.v_sb * KV_ELEM);
-    const int kst32 = (int)kst, vst32 = (int)vst;
-    bool bad = false;
-    // A row past the tile's tokens (or on a page outside the cache) is
-    // zero-filled: src-size 0 reads nothing at its address.
 #pragma unroll
     for (int it = 0; it < ROW_ITERS; ++it) {
       const int r = r0 + it * RSTEP;
       if (TILE % RSTEP != 0 && r >= TILE) break;
-      bool ok;
-      if (PAGED) {
-        const int pg = page[it];
-        ok = pg >= 0 && pg < p.num_pages;
-        kp = c.kb + (i64)pg * ksb + pr * kst32;
-        vp = c.vb + (i64)pg * vsb + pr * vst32;
-        if (ch == 0) sh.mask(stage)[r] = ok ? 1 : 0;
-        bad = bad || (!ok && r < ntok);
-        pr += step_rows;
-        if (pr >= p.page_size) pr -= p.page_size;
-      } else {
-        ok = r < ntok;
-      }
+      const bool ok = r < ntok;
       const int so = RSTEP % 8 == 0 ? so0 + it * RSTEP * D * KV_ELEM : (HAS_FP8 ? swz8(r, ch) : 2 * swz(r, ch));
       cp_async16_stream(smem_u32(ks + so), kp, ok ? 16 : 0, policy);
       cp_async16_stream(smem_u32(vs + so), vp, ok ? 16 : 0, policy);
-      if (!PAGED) {
-        kp += RSTEP * kst;
-        vp += RSTEP * vst;
+      kp += RSTEP * kst;
+      vp += RSTEP * vst;
+    }
+    return false;
+  }
+
+  __device__ bool load_paged(const Params& p, const Shared& sh, int stage, const LoadCursor& c, unsigned char* ks,
+                             unsigned char* vs, int ch, int ntok) const {
+    const int r0 = (threadIdx.x / KCPR) * RUN;
+    if (TILE < RSTEP && r0 >= TILE) return false;  // an idle thread (more row groups than rows)
+    // a page's bytes and a page's rows fit in 32 bits (the plan copies a cache whose do not)
+    const u32 ksb = (u32)(p.k_sb * KV_ELEM), vsb = (u32)(p.v_sb * KV_ELEM);
+    const int kst = (int)(p.k_st * KV_ELEM), vst = (int)(p.v_st * KV_ELEM);
+    unsigned char* mrow = sh.mask(stage) + r0;
+    bool bad = false;
+    if (one_page) {
+      const int pg = page[0];
+      const bool pok = pg >= 0 && pg < p.num_pages;  // -1: the run starts past the tile's tokens
+      // (an offset from pg = -1 is never read: its copies have src-size 0)
+      const char* kp = c.kb + ((u64)(u32)pg * ksb + (u32)(prow0 * kst));
+      const char* vp = c.vb + ((u64)(u32)pg * vsb + (u32)(prow0 * vst));
+      bad = !pok && r0 < ntok;
+      if (ch == 0) {  // rows past ntok are masked by ntok itself
+        if (RUN % 4 == 0) {
+#pragma unroll
+          for (int w = 0; w < RUN / 4; ++w) reinterpret_cast<u32*>(mrow)[w] = pok ? 0x01010101u : 0u;
+        } else {
+#pragma unroll
+          for (int it = 0; it < RUN; ++it) mrow[it] = pok ? 1 : 0;
+        }
       }
+#pragma unroll
+      for (int it = 0; it < RUN; ++it) {
+        const int r = r0 + it;
+        const bool ok = pok && r < ntok;
+        const int so = HAS_FP8 ? swz8(r, ch) : 2 * swz(r, ch);
+        cp_async16_stream(smem_u32(ks + so), kp, ok ? 16 : 0, policy);
+        cp_async16_stream(smem_u32(vs + so), vp, ok ? 16 : 0, policy);
+        kp += kst;
+        vp += vst;
+      }
+      return bad;
+    }
+    int pr = prow0;
+#pragma unroll
+    for (int it = 0; it < RUN; ++it) {
+      const int r = r0 + it;
+      const int pg = page[it];  // -1: past the tile's tokens
+      const bool ok = pg >= 0 && pg < p.num_pages;
+      const char* kp = c.kb + ((u64)(u32)pg * ksb + (u32)(pr * kst));
+      const char* vp = c.vb + ((u64)(u32)pg * vsb + (u32)(pr * vst));
+      if (ch == 0) mrow[it] = ok ? 1 : 0;
+      bad = bad || (!ok && r < ntok);
+      const int so = HAS_FP8 ? swz8(r, ch) : 2 * swz(r, ch);
+      cp_async16_stream(smem_u32(ks + so), kp, ok ? 16 : 0, policy);
+      cp_async16_stream(smem_u32(vs + so), vp, ok ? 16 : 0, policy);
+      if (++pr == p.page_size) pr = 0;
     }
     return bad;
   }
 };
+static_assert(KVLoader::RUN == LEAN_HOST_RUN_ROWS, "loader run differs from kernels.Spec.run_rows");
 
 // HAS_FP8: two fp8 values (bytes B0 and B1 of w) as a pair of fp16 words (B0
 // in the low half). e5m2 is the high byte of the fp16 of the same value. e4m3

@@ -229,19 +229,22 @@ def test_too_large_requests_name_the_limit():
 FEATURE_SPECS = [K.make_spec("f16", 64, 4, True, features=7), K.make_spec("bf16", 128, 32, False, features=7),
                  K.make_spec("f16", 256, 8, True, features=1), K.make_spec("f16", 128, 32, True, features=15),
                  K.make_spec("f16", 128, 8, True, features=16), K.make_spec("bf16", 256, 4, False, features=32 | 9),
-                 K.make_spec("bf16", 64, 16, False, features=16 | 7)]
+                 K.make_spec("bf16", 64, 16, False, features=16 | 7),
+                 K.make_spec("f16", 256, 12, True, page_size=1), K.make_spec("bf16", 64, 4, True, page_size=3),
+                 K.make_spec("f16", 64, 20, True, features=16, page_size=1),
+                 K.make_spec("f16", 128, 8, True, tile_size=16, page_size=16)]
 
 
 @needs_nvrtc
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("spec", FEATURE_SPECS, ids=[s.name for s in FEATURE_SPECS])
 def test_feature_specs_compile(spec, arch):
-    """Specs with sinks, soft-cap and sliding window compiled in."""
+    """Specs with sinks, soft-cap, sliding window, query tokens, fp8 and
+    per-row page reads compiled in (and a tiny tile with a run of 2 rows)."""
     log = []
     cubin = K.compile_cubin(spec, arch, log=log)
-    assert spec.entry.encode() in cubin and spec.name.endswith(
-        ("_sinks_softcap_window", "_sinks", "_sinks_softcap_window_qlen", "_fp8_e4m3", "_sinks_qlen_fp8_e5m2",
-         "_sinks_softcap_window_fp8_e4m3"))
+    extra = "".join(f"_{n}" for n, bit in K.FEATURES.items() if spec.features & bit)
+    assert spec.entry.encode() in cubin and spec.name.endswith(("_paged" if spec.paged else "_dense") + extra)
     spills = [int(x) for x in re.findall(r"(\d+) bytes spill stores", log[0])]
     assert spills and max(spills) <= 512, log[0]
 
@@ -320,3 +323,23 @@ def test_hbm_bytes_per_us():
     assert K.hbm_bytes_per_us({}) == fallback
     assert K.hbm_bytes_per_us({"MemoryClockRate": 0, "GlobalMemoryBusWidth": 6144}) == fallback
     assert K.hbm_bytes_per_us({"MemoryClockRate": 2619000, "GlobalMemoryBusWidth": None}) == fallback
+
+
+@pytest.mark.parametrize("d,group,fp8", [(64, 4, False), (128, 8, False), (256, 12, False), (256, 40, False),
+                                         (64, 20, True), (128, 8, True)])
+def test_page_rows_feature_from_the_page_size(d, group, fp8):
+    """A paged spec reads the block table once per loader run of rows when
+    the run divides the page size, else per row (page_rows); the run is the
+    tile's rows over the rows one pass of the block covers, never below 1."""
+    feats = K.FEATURES["fp8_e4m3"] if fp8 else 0
+    base = K.make_spec("f16", d, group, True, features=feats)
+    kcpr = d * (1 if fp8 else 2) // 16
+    assert base.run_rows == max(1, base.tile // (base.threads // kcpr))
+    for ps in (1, 2, 3, 7, 8, 12, 16, 48, 64, 256):
+        spec = K.make_spec("f16", d, group, True, features=feats, page_size=ps)
+        rows = ps % base.run_rows != 0
+        assert bool(spec.features & K.FEATURES["page_rows"]) == rows, (ps, base.run_rows)
+        assert spec.name.endswith("_page_rows") == rows
+        assert (spec.tile, spec.stages, spec.smem_bytes) == (base.tile, base.stages, base.smem_bytes)
+    assert K.make_spec("f16", d, group, False, features=feats, page_size=1).features == feats  # dense: no rows
+    assert f"-DLEAN_HOST_RUN_ROWS={base.run_rows}" in K.compile_options(base)

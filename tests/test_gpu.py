@@ -416,6 +416,45 @@ def test_bad_values_without_validation_are_safe():
     assert abs(float(lse[0, 0]) - lse0[0, 0]) < 2e-3
 
 
+# ---------------------------------------------------------------- page sizes and the loader's runs
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("page_size", [1, 2, 8, 12, 16, 48, 64])
+def test_every_page_size_against_the_loader_run(d, page_size):
+    """A loader thread copies a run of consecutive rows of a tile and reads
+    the block table once per run when the run divides the page size, else per
+    row (the page_rows spec). Both, at every head_dim, with ragged lengths
+    that are multiples of nothing, a page outside the cache in the middle of
+    a sequence (its tokens read as absent) and NaN-prefilled outputs; the
+    spec is the one the page size calls for."""
+    rng = np.random.default_rng(d * 1000 + page_size)
+    lens = [777, 1, 0, 2049, 130]
+    q, k, v, lens, table = make_inputs(rng, len(lens), 6, 2, d, np.float16, lens, "paged", page_size=page_size)
+    p = cupy_lean.plan(to_gpu(q), to_gpu(k), to_gpu(v), kv_lens=cp.asarray(lens), block_table=cp.asarray(table))
+    want_rows = page_size % p.spec.run_rows != 0
+    assert ("page_rows" in p.spec.name) == want_rows, (p.spec.name, p.spec.run_rows)
+    out = cp.full(q.shape, cp.nan, dtype=cp.float16)
+    lse = cp.full(q.shape[:2], cp.nan, dtype=cp.float32)
+    p.run(to_gpu(q), to_gpu(k), to_gpu(v), kv_lens=cp.asarray(lens), block_table=cp.asarray(table), out=out, lse=lse)
+    check_close(out, lse, q, k, v, lens, table, np.float16)
+    # a page outside the cache: sequence 3 without the tokens of its page 2
+    t2 = table.copy()
+    t2[3, 2] = 10**6
+    out.fill(cp.nan)
+    lse.fill(cp.nan)
+    cupy_lean.attention(to_gpu(q), to_gpu(k), to_gpu(v), kv_lens=cp.asarray(lens), block_table=cp.asarray(t2),
+                        out=out, lse=lse, validate=False)
+    n3 = int(lens[3])
+    keep = [j for j in range(n3) if j // page_size != 2]
+    kk = np.concatenate([k[t2[3, j // page_size], j % page_size][None] for j in keep])[None]
+    vv = np.concatenate([v[t2[3, j // page_size], j % page_size][None] for j in keep])[None]
+    ref3, lse3 = reference.attention(q[3:4], kk, vv)
+    assert np.abs(cp.asnumpy(out[3]).astype(np.float64) - ref3[0]).max() < 5e-3
+    assert np.abs(cp.asnumpy(lse[3]) - lse3[0]).max() < 2e-3
+    others = [0, 1, 2, 4]
+    check_close(out[others], lse[others], q[others], k, v, lens[others], table[others], np.float16)
+
+
 # ---------------------------------------------------------------- units cut into many pieces
 
 @pytest.mark.parametrize("d,hq,hkv,n,layout,ctas", [
