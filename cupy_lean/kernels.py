@@ -339,8 +339,9 @@ def make_spec(dtype, head_dim, group, paged, tile_size=None, stages=None,
 
     ``features`` (bits of :data:`FEATURES`) compiles optional semantics in.
     ``page_size`` (paged): the ``page_rows`` feature is added when the
-    spec's :attr:`Spec.run_rows` does not divide it (None: the spec for page
-    sizes it divides; a kernel launched with another page size traps).
+    spec's :attr:`Spec.run_rows` does not divide it, and always with a
+    sliding window (None: the spec for page sizes it divides; a kernel
+    launched with another page size traps).
     Raises ValueError naming the limit when no configuration (or not the
     requested ``tile_size`` / ``stages``) fits it.
     """
@@ -375,7 +376,8 @@ def make_spec(dtype, head_dim, group, paged, tile_size=None, stages=None,
         st = next((c for c in range(min(6, 2 * st), st, -1)
                    if Spec(dtype, head_dim, mt, tile, c, paged, int(features)).smem_bytes <= budget), st)
     spec = Spec(dtype, head_dim, mt, tile, st, paged, int(features))
-    if paged and page_size is not None and int(page_size) % spec.run_rows:
+    if paged and (int(features) & FEATURES["window"] or (page_size is not None and int(page_size) % spec.run_rows)):
+        # a window starts a unit's tiles at any token: runs cross pages
         spec = Spec(dtype, head_dim, mt, tile, st, paged, int(features) | FEATURES["page_rows"])
     if spec.smem_bytes > smem_limit:
         what = "stages" if stages is not None else "tile_size"

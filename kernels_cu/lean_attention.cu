@@ -93,7 +93,10 @@ constexpr bool FP8_E5M2 = (LEAN_FEATURES & 32) != 0;
 constexpr bool HAS_FP8 = FP8_E4M3 || FP8_E5M2;
 // Paged, with a page size that the loader's run of rows per thread
 // (KVLoader::RUN) does not divide (e.g. 1): a block-table read per row.
+// A sliding window starts a unit's tiles at any token (a run may cross a
+// page): windowed paged specs always read per row.
 constexpr bool PAGE_ROWS = (LEAN_FEATURES & 64) != 0;
+static_assert(!(LEAN_PAGED && HAS_WINDOW) || PAGE_ROWS, "a windowed paged spec reads the block table per row");
 static_assert(!(FP8_E4M3 && FP8_E5M2), "one fp8 format");
 
 __host__ __device__ constexpr int imin(int a, int b) { return a < b ? a : b; }
@@ -844,8 +847,9 @@ struct LoadCursor {
 // Dense: thread t copies 16-byte chunk t % KCPR of rows t / KCPR + RSTEP i,
 // stepped by a stride from the tile's first row.
 // Paged: thread t copies chunk t % KCPR of RUN consecutive rows (a run),
-// starting at row RUN (t / KCPR). A tile starts at a multiple of TILE tokens
-// and RUN divides TILE, so when RUN divides the page size a run lies on one
+// starting at row RUN (t / KCPR). Without a window a tile starts at a
+// multiple of TILE tokens and RUN divides TILE, so when RUN divides the page
+// size a run lies on one
 // page: one block-table read per thread and tile, and rows stepped by a
 // stride as in the dense layout. Other page sizes (e.g. 1) read a page per
 // row (the page_rows feature). The reads are made one tile ahead (prefetch_pages), off the critical

@@ -342,4 +342,6 @@ def test_page_rows_feature_from_the_page_size(d, group, fp8):
         assert spec.name.endswith("_page_rows") == rows
         assert (spec.tile, spec.stages, spec.smem_bytes) == (base.tile, base.stages, base.smem_bytes)
     assert K.make_spec("f16", d, group, False, features=feats, page_size=1).features == feats  # dense: no rows
+    win = K.make_spec("f16", d, group, True, features=feats | K.FEATURES["window"], page_size=64)
+    assert win.features & K.FEATURES["page_rows"]  # a window starts tiles anywhere: always per row
     assert f"-DLEAN_HOST_RUN_ROWS={base.run_rows}" in K.compile_options(base)

@@ -430,11 +430,12 @@ def test_every_page_size_against_the_loader_run(d, page_size):
     rng = np.random.default_rng(d * 1000 + page_size)
     lens = [777, 1, 0, 2049, 130]
     q, k, v, lens, table = make_inputs(rng, len(lens), 6, 2, d, np.float16, lens, "paged", page_size=page_size)
-    p = cupy_lean.plan(to_gpu(q), to_gpu(k), to_gpu(v), kv_lens=cp.asarray(lens), block_table=cp.asarray(table))
-    want_rows = page_size % p.spec.run_rows != 0
-    assert ("page_rows" in p.spec.name) == want_rows, (p.spec.name, p.spec.run_rows)
     out = cp.full(q.shape, cp.nan, dtype=cp.float16)
     lse = cp.full(q.shape[:2], cp.nan, dtype=cp.float32)
+    p = cupy_lean.plan(to_gpu(q), to_gpu(k), to_gpu(v), kv_lens=cp.asarray(lens), block_table=cp.asarray(table),
+                       out=out)
+    want_rows = page_size % p.spec.run_rows != 0
+    assert ("page_rows" in p.spec.name) == want_rows, (p.spec.name, p.spec.run_rows)
     p.run(to_gpu(q), to_gpu(k), to_gpu(v), kv_lens=cp.asarray(lens), block_table=cp.asarray(table), out=out, lse=lse)
     check_close(out, lse, q, k, v, lens, table, np.float16)
     # a page outside the cache: sequence 3 without the tokens of its page 2
