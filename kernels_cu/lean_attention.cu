@@ -851,16 +851,18 @@ struct LoadCursor {
 // multiple of TILE tokens and RUN divides TILE, so when RUN divides the page
 // size a run lies on one
 // page: one block-table read per thread and tile, and rows stepped by a
-// stride as in the dense layout. Other page sizes (e.g. 1) read a page per
-// row (the page_rows feature). The reads are made one tile ahead (prefetch_pages), off the critical
-// path.
+// stride as in the dense layout. Other page sizes (e.g. 1; the page_rows
+// feature) read a page per row: lane j < RUN of a row group (the KCPR lanes
+// of a run) reads the page of the run's row j, and load() passes each row's
+// K and V offsets along the group by shuffles. The reads are made one tile
+// ahead (prefetch_pages), off the critical path.
 struct KVLoader {
   static constexpr int RSTEP = NT / KCPR;  // dense: rows one pass of the block covers
   static constexpr int ROW_ITERS = (TILE + RSTEP - 1) / RSTEP;
   static constexpr int RUN = imax(1, TILE / RSTEP);  // paged: rows per thread (TILE < RSTEP: threads past TILE idle)
   static constexpr bool one_page = PAGED && !PAGE_ROWS;  // the host checked that RUN divides the page size
-  int page[one_page ? 1 : (PAGED ? RUN : 1)];  // physical page of the run (one_page) or of each row; -1: none
-  int prow0;                                   // PAGED: the run's first row's place in its page
+  int page[1];  // PAGED: physical page of the run (one_page) or of this lane's row of it; -1: none
+  int prow0;    // PAGED: the run's first row's (or this lane's row's) place in its page
   u64 policy;
 
   __device__ void init(const Params& p) {
@@ -874,22 +876,13 @@ struct KVLoader {
     const int tok0 = s.start + t * TILE;
     const int ntok = valid ? min(TILE, s.len - tok0) : 0;
     const int r0 = (threadIdx.x / KCPR) * RUN;
-    const int first = tok0 + r0;
-    int pq = first / ps, pr = first - pq * ps;
-    prow0 = pr;
+    const int j = one_page ? 0 : threadIdx.x % KCPR;  // page_rows: this lane's row of the run
+    const int tok = tok0 + r0 + j;
+    const int pq = tok / ps;
+    prow0 = tok - pq * ps;
     const int* bt = p.block_table + (i64)s.b * p.bt_sb;
-    if (one_page) {
-      page[0] = r0 < ntok ? bt[pq] : -1;  // checked when used (load): this read's latency is hidden
-      return;
-    }
-#pragma unroll
-    for (int it = 0; it < RUN; ++it) {
-      page[it] = r0 + it < ntok ? bt[pq] : -1;
-      if (++pr == ps) {
-        pr = 0;
-        ++pq;
-      }
-    }
+    // checked when used (load): this read's latency is hidden
+    page[0] = (j < RUN && r0 + j < ntok) ? bt[pq] : -1;
   }
 
   __device__ void load_q(const Params& p, const Shared& sh, const Segment& s) const {
@@ -939,13 +932,13 @@ struct KVLoader {
   __device__ bool load_paged(const Params& p, const Shared& sh, int stage, const LoadCursor& c, unsigned char* ks,
                              unsigned char* vs, int ch, int ntok) const {
     const int r0 = (threadIdx.x / KCPR) * RUN;
-    if (TILE < RSTEP && r0 >= TILE) return false;  // an idle thread (more row groups than rows)
     // a page's bytes and a page's rows fit in 32 bits (the plan copies a cache whose do not)
     const u32 ksb = (u32)(p.k_sb * KV_ELEM), vsb = (u32)(p.v_sb * KV_ELEM);
     const int kst = (int)(p.k_st * KV_ELEM), vst = (int)(p.v_st * KV_ELEM);
     unsigned char* mrow = sh.mask(stage) + r0;
     bool bad = false;
     if (one_page) {
+      if (TILE < RSTEP && r0 >= TILE) return false;  // an idle thread (more row groups than rows)
       const int pg = page[0];
       const bool pok = pg >= 0 && pg < p.num_pages;  // -1: the run starts past the tile's tokens
       // (an offset from pg = -1 is never read: its copies have src-size 0)
@@ -973,24 +966,36 @@ struct KVLoader {
       }
       return bad;
     }
-    int pr = prow0;
+    // this lane's row: its K and V offsets, or an offset with the top bit
+    // set for none (past the tile's tokens, or a page outside the cache)
+    u64 koff = ~0ull, voff = 0;
+    if (page[0] >= 0 && page[0] < p.num_pages) {
+      koff = (u64)(u32)page[0] * ksb + (u32)(prow0 * kst);
+      voff = (u64)(u32)page[0] * vsb + (u32)(prow0 * vst);
+    }
+    const bool live = TILE >= RSTEP || r0 < TILE;  // idle lanes still take part in the shuffles
 #pragma unroll
     for (int it = 0; it < RUN; ++it) {
       const int r = r0 + it;
-      const int pg = page[it];  // -1: past the tile's tokens
-      const bool ok = pg >= 0 && pg < p.num_pages;
-      const char* kp = c.kb + ((u64)(u32)pg * ksb + (u32)(pr * kst));
-      const char* vp = c.vb + ((u64)(u32)pg * vsb + (u32)(pr * vst));
-      if (ch == 0) mrow[it] = ok ? 1 : 0;
-      bad = bad || (!ok && r < ntok);
-      const int so = HAS_FP8 ? swz8(r, ch) : 2 * swz(r, ch);
-      cp_async16_stream(smem_u32(ks + so), kp, ok ? 16 : 0, policy);
-      cp_async16_stream(smem_u32(vs + so), vp, ok ? 16 : 0, policy);
-      if (++pr == p.page_size) pr = 0;
+      const u32 khi = __shfl_sync(0xffffffffu, (u32)(koff >> 32), it, KCPR);
+      const u32 klo = __shfl_sync(0xffffffffu, (u32)koff, it, KCPR);
+      const u32 vhi = __shfl_sync(0xffffffffu, (u32)(voff >> 32), it, KCPR);
+      const u32 vlo = __shfl_sync(0xffffffffu, (u32)voff, it, KCPR);
+      const bool ok = (int)khi >= 0;
+      const char* kp = c.kb + (((u64)khi << 32) | klo);
+      const char* vp = c.vb + (((u64)vhi << 32) | vlo);
+      bad = bad || (!ok && r < ntok && live);
+      if (live) {
+        if (ch == 0) mrow[it] = ok ? 1 : 0;
+        const int so = HAS_FP8 ? swz8(r, ch) : 2 * swz(r, ch);
+        cp_async16_stream(smem_u32(ks + so), kp, ok ? 16 : 0, policy);
+        cp_async16_stream(smem_u32(vs + so), vp, ok ? 16 : 0, policy);
+      }
     }
     return bad;
   }
 };
+static_assert(!PAGE_ROWS || (KVLoader::RUN <= KCPR && KCPR <= 32), "page_rows: a run's rows fit its lanes, one warp");
 static_assert(KVLoader::RUN == LEAN_HOST_RUN_ROWS, "loader run differs from kernels.Spec.run_rows");
 
 // HAS_FP8: two fp8 values (bytes B0 and B1 of w) as a pair of fp16 words (B0
