@@ -1,0 +1,115 @@
+"""Time kernel configurations (tile size, CTAs per SM, decomposition) on
+dense decode shapes of many short units: more units than SMs and a few
+tiles each, where one CTA per unit needs several waves and stream-K cuts
+nearly every unit (the family's slowest dense shapes). For each shape:
+lean's default plan, tile sizes 64 and 32 (more CTAs per SM fit), one CTA
+per unit at each tile size, and PyTorch SDPA's cuDNN backend when torch is
+there. Device time per call from CUDA-graph replays over rotating copies
+(cold L2), fp16. The data a rule choosing the spec by the units' count and
+length would be fitted to; checked on other seeds, never tuned per shape.
+
+    python tools/spec_sweep.py --shapes 12 --seed S [--time-budget 200] [--out F.json]
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench import cases as C  # noqa: E402
+
+CONFIGS = [("default", {}), ("t64", {"tile_size": 64}), ("t32", {"tile_size": 32}),
+           ("head", {"schedule": "head"}), ("head_t64", {"schedule": "head", "tile_size": 64}),
+           ("head_t32", {"schedule": "head", "tile_size": 32})]
+
+
+def draw(n, seed, num_sms):
+    """``n`` dense shapes: units (batch x KV heads) from 0.8x to 5x the SMs,
+    lengths 300-2000 (multiples of nothing), at most 400 MB, every head_dim, groups 1-16."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        d = int(rng.choice([64, 128, 256]))
+        g = int(rng.integers(1, 17))
+        units = int(rng.integers(int(0.8 * num_sms), 5 * num_sms))
+        hkv = int(rng.choice([1, 2, 3, 4, 5, 8, 12]))
+        nlen = int(rng.integers(300, 2000)) | 1
+        b = max(1, min(units // hkv, int(400e6 // (nlen * hkv * d * 4))))  # at most 400 MB of K/V
+        out.append(C.Case(f"s{i:02d}_b{b}_h{hkv * g}x{hkv}_d{d}_{nlen}", b, hkv * g, hkv, d, (nlen,) * b,
+                          "dense", "sweep"))
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", type=int, default=12)
+    ap.add_argument("--seed", type=int, required=True)
+    ap.add_argument("--time-budget", type=float, default=0.0, help="seconds; start no new shape after it")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    import cupy as cp
+
+    import cupy_lean
+    from bench import peers as P
+    from bench.timing import calls_per_graph, graph_time_cupy, graph_time_torch
+
+    sms = cp.cuda.Device().attributes["MultiProcessorCount"]
+    try:
+        sdpa = P.Sdpa("sdpa-cudnn")
+        P.import_torch()
+    except Exception as exc:  # no torch: lean only
+        print(f"sdpa-cudnn: skipped ({exc})")
+        sdpa = None
+    rows, t0 = [], time.time()
+    for case in draw(a.shapes, a.seed, sms):
+        if a.time_budget and time.time() - t0 > a.time_budget:
+            print(f"time budget reached; {len(rows)} shapes")
+            break
+        n_copies = C.plan_copies(case, 256e6, 30e9)
+        inp = C.build_inputs(case, "float16", n_copies)
+        outs = [cp.empty_like(q) for q in inp.q]
+        row = {"case": case.name, "units": case.batch * case.heads_kv, "kv_bytes": case.kv_bytes(), "times": {},
+               "plans": {}}
+        for name, kw in CONFIGS:
+            try:
+                p = cupy_lean.plan(inp.q[0], inp.k[0], inp.v[0], out=outs[0], **kw)
+                call = lambda i, p=p: p.run(inp.q[i], inp.k[i], inp.v[i], out=outs[i])  # noqa: E731
+                call(0)
+                est = graph_time_cupy(call, n_copies, n_copies)["median_us"]
+                row["times"][name] = graph_time_cupy(call, n_copies, calls_per_graph(n_copies, est))["median_us"]
+                row["plans"][name] = " | ".join(x.strip() for x in p.describe().splitlines()[1:4])
+            except Exception as exc:
+                row["times"][name] = None
+                row["plans"][name] = f"error: {exc}"
+        if sdpa is not None:
+            try:
+                bnd = sdpa.setup(inp)
+                with bnd.context():
+                    est = graph_time_torch(bnd.graph_call, n_copies, n_copies)["median_us"]
+                    row["times"]["sdpa-cudnn"] = graph_time_torch(bnd.graph_call, n_copies,
+                                                                  calls_per_graph(n_copies, est))["median_us"]
+                bnd.release()
+            except Exception as exc:
+                row["times"]["sdpa-cudnn"] = None
+                row["plans"]["sdpa-cudnn"] = f"error: {exc}"
+        t = {k: v for k, v in row["times"].items() if v}
+        d = t.get("default")
+        print(f"{case.name:34s} units {row['units']:4d} {row['kv_bytes'] / 1e6:7.1f} MB default {d or 0:6.1f} us | "
+              + " ".join(f"{k} {v / d:.3f}" for k, v in sorted(t.items(), key=lambda kv: kv[1]) if d), flush=True)
+        rows.append(row)
+        inp.free()
+        inp = outs = None
+        cp.get_default_memory_pool().free_all_blocks()
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"seed": a.seed, "gpu": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
+                       "shapes": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
