@@ -8,7 +8,9 @@ there. Device time per call from CUDA-graph replays over rotating copies
 (cold L2), fp16. The data a rule choosing the spec by the units' count and
 length would be fitted to; checked on other seeds, never tuned per shape.
 
-    python tools/spec_sweep.py --shapes 12 --seed S [--time-budget 200] [--out F.json]
+    python tools/spec_sweep.py --shapes 12 --seed S [--head-dims 64,128] [--time-budget 200] [--out F.json]
+
+Also times tile 64 at 3 and tile 32 at 4 CTAs per SM (stream-K).
 """
 
 import argparse
@@ -25,16 +27,17 @@ from bench import cases as C  # noqa: E402
 
 CONFIGS = [("default", {}), ("t64", {"tile_size": 64}), ("t32", {"tile_size": 32}),
            ("head", {"schedule": "head"}), ("head_t64", {"schedule": "head", "tile_size": 64}),
-           ("head_t32", {"schedule": "head", "tile_size": 32})]
+           ("head_t32", {"schedule": "head", "tile_size": 32}),
+           ("t64_c3", {"tile_size": 64, "ctas_per_sm": 3}), ("t32_c4", {"tile_size": 32, "ctas_per_sm": 4})]
 
 
-def draw(n, seed, num_sms):
+def draw(n, seed, num_sms, head_dims=(64, 128, 256)):
     """``n`` dense shapes: units (batch x KV heads) from 0.8x to 5x the SMs,
     lengths 300-2000 (multiples of nothing), at most 400 MB, every head_dim, groups 1-16."""
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
-        d = int(rng.choice([64, 128, 256]))
+        d = int(rng.choice(list(head_dims)))
         g = int(rng.integers(1, 17))
         units = int(rng.integers(int(0.8 * num_sms), 5 * num_sms))
         hkv = int(rng.choice([1, 2, 3, 4, 5, 8, 12]))
@@ -51,6 +54,7 @@ def main():
     ap.add_argument("--seed", type=int, required=True)
     ap.add_argument("--time-budget", type=float, default=0.0, help="seconds; start no new shape after it")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--head-dims", default="64,128,256", help="comma-separated")
     a = ap.parse_args()
     import cupy as cp
 
@@ -66,7 +70,7 @@ def main():
         print(f"sdpa-cudnn: skipped ({exc})")
         sdpa = None
     rows, t0 = [], time.time()
-    for case in draw(a.shapes, a.seed, sms):
+    for case in draw(a.shapes, a.seed, sms, [int(x) for x in a.head_dims.split(",")]):
         if a.time_budget and time.time() - t0 > a.time_budget:
             print(f"time budget reached; {len(rows)} shapes")
             break
