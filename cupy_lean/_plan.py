@@ -214,6 +214,11 @@ class Plan:
     spec : cupy_lean.kernels.Spec
         Compile-time parameters of the kernel (dtype, head_dim, query tiles,
         tile size, pipeline stages, paged).
+    short_units : bool
+        The tile was chosen for many short units
+        (:func:`cupy_lean.kernels.short_unit_tile`) rather than the default
+        configuration (only when no tile size, stages or other schedule
+        was given).
     grid : int
         CTAs launched (lean: the persistent grid, or units x chunks when the
         plan runs its split-K variant; split/head: units x splits).
@@ -247,7 +252,12 @@ class Plan:
         self.kv8 = f_kv8  # "e4m3" | "e5m2": an fp8 cache (uint8 storage)
         self.has_sinks = f_sinks is not None
         rows = g * max(self.q_len, 1)  # query rows of a unit
-        spec = K.make_spec(KERNEL_TAG[sig.dtypes[0]], D, rows, m.paged, sig.tile_size, sig.stages,
+        tile_size, self.short_units = sig.tile_size, False
+        if tile_size is None and sig.stages is None and sig.schedule == "lean" and B * Hkv:
+            tile_size = K.short_unit_tile(D, rows, B * Hkv, m.capacity, K.device_sm_count(), m.paged,
+                                          sig.kv_lens is None, bits)
+            self.short_units = tile_size is not None
+        spec = K.make_spec(KERNEL_TAG[sig.dtypes[0]], D, rows, m.paged, tile_size, sig.stages,
                            smem_limit=K.device_smem_limit(), features=bits,
                            page_size=m.page_size if m.paged else None)
         kern = K.kernels_for(spec)
@@ -419,7 +429,8 @@ class Plan:
             + (f"paged (page_size {m.page_size}, {m.num_pages} pages, {m.max_pages} per sequence)"
                if m.paged else f"dense (seqlen {m.seqlen})"),
             f"  kernel: {self.spec.name} (tile {self.spec.tile} tokens, {self.spec.stages} stages, "
-            f"{self.threads} threads, {self.smem} B shared memory)",
+            f"{self.threads} threads, {self.smem} B shared memory"
+            + ("; the tile of many short units, kernels.short_unit_tile)" if self.short_units else ")"),
             f"  device {self.device}: {self.num_sms} SMs, occupancy {self.kernels.occupancy} CTA/SM",
             f"  units {self.units} (batch x heads_kv), up to {self.max_unit_tiles} tiles per unit",
         ]

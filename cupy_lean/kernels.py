@@ -281,6 +281,9 @@ TUNING = {
     # schedule.uniform_variant's model says it streams as fast (False: always stream-K)
     "uniform_variants": True,
     "fallback_hbm_tbps": 3.0,  # DRAM bandwidth assumed where the driver reports no memory clock
+    # many short units (short_unit_tile): equal lengths of at most this many tokens, at least one
+    # unit per SM, head_dim <= 128: 32-token tiles (0: the default tile always)
+    "short_unit_tokens": 640,
 }
 
 #: Opt-in shared memory per block (bytes) by architecture; the plan asks the
@@ -321,6 +324,27 @@ def default_config(head_dim, m_tiles, paged, smem_limit=DEFAULT_SMEM_LIMIT):
             return tile, 2
         tile //= 2
     return None
+
+
+def short_unit_tile(head_dim, group, units, tokens, num_sms, paged, uniform, features=0):
+    """The tile of a call of many short units, or None for the default.
+
+    A dense cache of equal lengths (``uniform``: no ``kv_lens``) of at most
+    ``TUNING["short_unit_tokens"]`` tokens, at least one unit (sequence x KV
+    head) per SM, head_dim 64 or 128, groups up to 16 and no optional
+    feature: 32-token tiles. The default tile (128 tokens there, one CTA per
+    SM) leaves each unit's fixed costs (query load, pipeline fill, the
+    store) one after another on one CTA; 32-token tiles run two CTAs per
+    SM. Measured on an H200 (``tools/spec_sweep.py``, dense shapes of 108-650
+    units drawn from two seeds, ``bench/results/spec_sweep_s*.json``): on
+    the five shapes of 303-629 tokens at head_dim 64 and 128 the 32-token
+    tile took 0.64-0.94 of the default's time; on longer units it was 0.93-1.08
+    (no rule), and slower at head_dim 256 (1.27-1.49)."""
+    limit = TUNING["short_unit_tokens"]
+    if (not limit or paged or not uniform or features or head_dim > 128 or group > 16
+            or units < num_sms or not 0 < tokens <= limit):
+        return None
+    return 32
 
 
 def default_ctas_per_sm(spec, occupancy):
@@ -504,6 +528,11 @@ def hbm_bytes_per_us(attrs):
     bits = int(attrs.get("GlobalMemoryBusWidth", 0) or 0)
     bw = khz * 1e3 * 2 * bits / 8 / 1e6
     return bw if bw >= 1e5 else TUNING["fallback_hbm_tbps"] * 1e6
+
+
+def device_sm_count():
+    """Streaming multiprocessors of the current device."""
+    return int(_cupy().cuda.Device().attributes["MultiProcessorCount"])
 
 
 def device_smem_limit():

@@ -345,3 +345,28 @@ def test_page_rows_feature_from_the_page_size(d, group, fp8):
     win = K.make_spec("f16", d, group, True, features=feats | K.FEATURES["window"], page_size=64)
     assert win.features & K.FEATURES["page_rows"]  # a window starts tiles anywhere: always per row
     assert f"-DLEAN_HOST_RUN_ROWS={base.run_rows}" in K.compile_options(base)
+
+
+def test_short_unit_tile_rule():
+    """Dense calls of equal lengths, at least one unit per SM, at most
+    TUNING["short_unit_tokens"] tokens, head_dim 64 or 128, groups up to 16,
+    no feature: 32-token tiles; anything else: the default (None)."""
+    lim = K.TUNING["short_unit_tokens"]
+    assert lim > 0
+    ok = dict(head_dim=64, group=8, units=280, tokens=559, num_sms=132, paged=False, uniform=True, features=0)
+    assert K.short_unit_tile(**ok) == 32
+    assert K.short_unit_tile(**{**ok, "head_dim": 128, "group": 16, "units": 132, "tokens": lim}) == 32
+    for change in ({"head_dim": 256}, {"group": 17}, {"units": 131}, {"tokens": lim + 1}, {"tokens": 0},
+                   {"paged": True}, {"uniform": False}, {"features": K.FEATURES["sinks"]},
+                   {"features": K.FEATURES["fp8_e4m3"]}):
+        assert K.short_unit_tile(**{**ok, **change}) is None, change
+    saved = K.TUNING["short_unit_tokens"]
+    try:
+        K.TUNING["short_unit_tokens"] = 0
+        assert K.short_unit_tile(**ok) is None
+    finally:
+        K.TUNING["short_unit_tokens"] = saved
+    # the tile it asks for fits every head_dim it applies to, with the stages a tile override gets
+    for d in (64, 128):
+        spec = K.make_spec("f16", d, 16, False, tile_size=32)
+        assert spec.tile == 32 and spec.smem_bytes <= K.SMEM_OPTIN["sm_80"]

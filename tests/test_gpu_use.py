@@ -1203,3 +1203,39 @@ def test_torch_graph_capture_on_torch_stream_two_graphs():
     for o in outs:
         got = o.float().cpu().numpy()
         assert np.isfinite(got).all() and np.abs(got - ro).max() < 4e-3
+
+
+@pytest.mark.parametrize("d,hq,hkv,n", [(64, 128, 8, 559), (128, 24, 3, 389), (64, 16, 16, 641)])
+def test_many_short_units_take_the_short_tile(d, hq, hkv, n):
+    """A dense batch of equal short lengths with more units than SMs gets
+    32-token tiles (kernels.short_unit_tile; not over short_unit_tokens):
+    bf16 from NumPy, NaN-prefilled out and lse against the reference, and
+    the same bits from a graph replay."""
+    sms = cp.cuda.Device().attributes["MultiProcessorCount"]
+    B = -(-sms // hkv) + 3
+    rng = np.random.default_rng(d + n)
+    q, k, v, lens, _ = make_inputs(rng, B, hq, hkv, d, BF16, [n] * B, "dense")
+    out = _nan_like(q.shape, BF16)
+    lse = cp.full(q.shape[:2], cp.nan, dtype=cp.float32)
+    qg, kg, vg = to_gpu(q), to_gpu(k), to_gpu(v)
+    p = cupy_lean.plan(qg, kg, vg, out=out, lse=lse)
+    from cupy_lean import kernels as K
+
+    short = n <= K.TUNING["short_unit_tokens"]
+    assert p.short_units == short and (p.spec.tile == 32) == short, p.describe()
+    assert ("short_unit_tile" in p.describe()) == short
+    p.run(qg, kg, vg, out=out, lse=lse)
+    check_close(out, lse, q, k, v, np.asarray(lens), None, BF16)
+    first = cp.asnumpy(out).copy()
+    out.fill(cp.nan)
+    s = cp.cuda.Stream(non_blocking=True)
+    cp.cuda.Device().synchronize()
+    with s:
+        s.begin_capture()
+        try:
+            p.run(qg, kg, vg, out=out, lse=lse)
+        finally:
+            g = s.end_capture()
+        g.launch()
+    s.synchronize()
+    assert np.array_equal(cp.asnumpy(out).view(np.uint16), first.view(np.uint16))
