@@ -173,7 +173,8 @@ def _kv_strides(meta, itemsize, copy, page_size, name):
     for K or V (``meta``: the signature's (shape, strides)), and whether the
     array is read through a contiguous copy: when ``copy`` already, or when
     a paged cache's (``page_size`` > 0) page stride or page rows reach 2**31
-    bytes (the loader steps pages in 32 bits). The strides of length-1
+    bytes or run backwards (the loader forms page offsets unsigned, in 32
+    bits). The strides of length-1
     (sequence or page, token) axes are 0: such a stride is never needed, and
     the kernel forms (unread, zero-filled) row addresses from it past a
     tile's tokens, which must stay as aligned as the array's start."""
@@ -194,8 +195,10 @@ def _kv_strides(meta, itemsize, copy, page_size, name):
 
 def _page_strides_fit(strides, itemsize, page_size):
     """Whether a paged cache's page stride and a page's rows (``page_size``
-    token strides) are below 2**31 bytes, as the kernel's loader needs."""
-    return abs(strides[0]) * itemsize < 2**31 and abs(strides[1]) * itemsize * page_size < 2**31
+    token strides) are non-negative and below 2**31 bytes, as the kernel's
+    loader needs (it forms page and row offsets unsigned)."""
+    return (0 <= strides[0] and 0 <= strides[1] and strides[0] * itemsize < 2**31
+            and strides[1] * itemsize * page_size < 2**31)
 
 
 def _elem_strides(strides, itemsize, n):

@@ -514,7 +514,8 @@ def test_page_strides_fit_32_bits():
     from cupy_lean._plan import _page_strides_fit
 
     assert _page_strides_fit((16 * 8 * 128, 8 * 128, 128), 2, 16)
-    assert _page_strides_fit((-(2**30 - 1), 64, 1), 2, 256)  # a reversed page order
+    assert not _page_strides_fit((-(2**10), 64, 1), 2, 16)  # a reversed page order: read through a copy
+    assert not _page_strides_fit((2**10, -64, 1), 2, 16)  # reversed tokens in a page: the same
     assert not _page_strides_fit((2**30, 64, 1), 2, 16)  # a page stride of 2**31 bytes
     assert not _page_strides_fit((256, 2**23, 1), 1, 256)  # a page's rows span 2**31 bytes
 
@@ -529,6 +530,8 @@ def test_kv_strides_zero_unit_axes_and_copy_wide_pages():
     assert _kv_strides(((5, 7, 1, 64), (8192, 128, 16, 2)), 2, False, 0, "k") == ((4096, 64, 8), False)  # heads kept
     # a page stride of 2**31 bytes: read through a contiguous copy
     assert _kv_strides(((2, 16, 1, 64), (2**31, 128, 128, 2)), 2, False, 16, "k") == ((1024, 64, 64), True)
+    # pages in reverse order (cache[::-1]): a copy, whose strides are the contiguous ones
+    assert _kv_strides(((3, 16, 2, 64), (-4096, 256, 128, 2)), 2, False, 16, "k") == ((2048, 128, 64), True)
     with pytest.raises(ValueError, match="v: the GPU kernels support pages of under 2 GB"):
         _kv_strides(((2, 256, 2**16, 64), (2**32, 2**23, 128, 2)), 2, False, 256, "v")
 
