@@ -141,7 +141,11 @@ def to_gpu(x, name, capture=None):
 
     if capture is None:
         capture = capturing()
-    if hasattr(x, "__dlpack__") and _dlpack_on_gpu(x):
+    # a host array is copied (or refused in a capture), never exchanged; the
+    # producer's device is asked only inside a capture (off the eager path),
+    # where a failed exchange cannot fall back
+    host = isinstance(x, np.ndarray) or (capture and not _dlpack_on_gpu(x))
+    if not host and hasattr(x, "__dlpack__"):
         arr = None
         if capture and not _producer_capturing(x):
             # Inside a capture the producer must not order its own stream

@@ -936,14 +936,18 @@ struct KVLoader {
     const u32 ksb = (u32)(p.k_sb * KV_ELEM), vsb = (u32)(p.v_sb * KV_ELEM);
     const int kst = (int)(p.k_st * KV_ELEM), vst = (int)(p.v_st * KV_ELEM);
     unsigned char* mrow = sh.mask(stage) + r0;
+    // the page of this thread's run (one_page) or of its lane's row of the
+    // run (page_rows): -1 past the tile's tokens; an offset from a page not
+    // in the cache is never read (its copies have src-size 0)
+    const int pg = page[0];
+    const bool pok = pg >= 0 && pg < p.num_pages;
+    const u64 koff = (u64)(u32)pg * ksb + (u32)(prow0 * kst);
+    const u64 voff = (u64)(u32)pg * vsb + (u32)(prow0 * vst);
     bool bad = false;
     if (one_page) {
       if (TILE < RSTEP && r0 >= TILE) return false;  // an idle thread (more row groups than rows)
-      const int pg = page[0];
-      const bool pok = pg >= 0 && pg < p.num_pages;  // -1: the run starts past the tile's tokens
-      // (an offset from pg = -1 is never read: its copies have src-size 0)
-      const char* kp = c.kb + ((u64)(u32)pg * ksb + (u32)(prow0 * kst));
-      const char* vp = c.vb + ((u64)(u32)pg * vsb + (u32)(prow0 * vst));
+      const char* kp = c.kb + koff;
+      const char* vp = c.vb + voff;
       bad = !pok && r0 < ntok;
       if (ch == 0) {  // rows past ntok are masked by ntok itself
         if (RUN % 4 == 0) {
@@ -966,19 +970,17 @@ struct KVLoader {
       }
       return bad;
     }
-    // this lane's row: its K and V offsets, or an offset with the top bit
-    // set for none (past the tile's tokens, or a page outside the cache)
-    u64 koff = ~0ull, voff = 0;
-    if (page[0] >= 0 && page[0] < p.num_pages) {
-      koff = (u64)(u32)page[0] * ksb + (u32)(prow0 * kst);
-      voff = (u64)(u32)page[0] * vsb + (u32)(prow0 * vst);
-    }
+    // each lane's row's K and V offsets along its run's lanes; the top bit
+    // of the K offset set: no row (past the tile's tokens, or a page outside
+    // the cache); the offsets are unsigned (the plan copies a cache whose
+    // page or token strides run backwards)
+    const u64 kflag = pok ? koff : koff | (1ull << 63);
     const bool live = TILE >= RSTEP || r0 < TILE;  // idle lanes still take part in the shuffles
 #pragma unroll
     for (int it = 0; it < RUN; ++it) {
       const int r = r0 + it;
-      const u32 khi = __shfl_sync(0xffffffffu, (u32)(koff >> 32), it, KCPR);
-      const u32 klo = __shfl_sync(0xffffffffu, (u32)koff, it, KCPR);
+      const u32 khi = __shfl_sync(0xffffffffu, (u32)(kflag >> 32), it, KCPR);
+      const u32 klo = __shfl_sync(0xffffffffu, (u32)kflag, it, KCPR);
       const u32 vhi = __shfl_sync(0xffffffffu, (u32)(voff >> 32), it, KCPR);
       const u32 vlo = __shfl_sync(0xffffffffu, (u32)voff, it, KCPR);
       const bool ok = (int)khi >= 0;

@@ -17,13 +17,13 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench import cases as C  # noqa: E402
+from bench.tune import family_inputs  # noqa: E402
 
 CONFIGS = [("default", {}), ("t64", {"tile_size": 64}), ("t32", {"tile_size": 32}),
            ("head", {"schedule": "head"}), ("head_t64", {"schedule": "head", "tile_size": 64}),
@@ -69,14 +69,9 @@ def main():
     except Exception as exc:  # no torch: lean only
         print(f"sdpa-cudnn: skipped ({exc})")
         sdpa = None
-    rows, t0 = [], time.time()
-    for case in draw(a.shapes, a.seed, sms, [int(x) for x in a.head_dims.split(",")]):
-        if a.time_budget and time.time() - t0 > a.time_budget:
-            print(f"time budget reached; {len(rows)} shapes")
-            break
-        n_copies = C.plan_copies(case, 256e6, 30e9)
-        inp = C.build_inputs(case, "float16", n_copies)
-        outs = [cp.empty_like(q) for q in inp.q]
+    rows = []
+    shapes = draw(a.shapes, a.seed, sms, [int(x) for x in a.head_dims.split(",")])
+    for case, inp, _, outs, n_copies in family_inputs(shapes, a.time_budget, "spec_sweep"):
         row = {"case": case.name, "units": case.batch * case.heads_kv, "kv_bytes": case.kv_bytes(), "times": {},
                "plans": {}}
         for name, kw in CONFIGS:
@@ -106,9 +101,6 @@ def main():
         print(f"{case.name:34s} units {row['units']:4d} {row['kv_bytes'] / 1e6:7.1f} MB default {d or 0:6.1f} us | "
               + " ".join(f"{k} {v / d:.3f}" for k, v in sorted(t.items(), key=lambda kv: kv[1]) if d), flush=True)
         rows.append(row)
-        inp.free()
-        inp = outs = None
-        cp.get_default_memory_pool().free_all_blocks()
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"seed": a.seed, "gpu": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
