@@ -218,10 +218,10 @@ class Plan:
         Compile-time parameters of the kernel (dtype, head_dim, query tiles,
         tile size, pipeline stages, paged).
     short_units : bool
-        The tile was chosen for many short units
-        (:func:`cupy_lean.kernels.short_unit_tile`) rather than the default
-        configuration (only when no tile size, stages or other schedule
-        was given).
+        The tile (and at head_dim 64 one CTA per unit) was chosen for many
+        short units (:func:`cupy_lean.kernels.short_unit_tile`) rather than
+        the default configuration (only when no tile size, stages or other
+        schedule was given).
     grid : int
         CTAs launched (lean: the persistent grid, or units x chunks when the
         plan runs its split-K variant; split/head: units x splits).
@@ -255,11 +255,12 @@ class Plan:
         self.kv8 = f_kv8  # "e4m3" | "e5m2": an fp8 cache (uint8 storage)
         self.has_sinks = f_sinks is not None
         rows = g * max(self.q_len, 1)  # query rows of a unit
-        tile_size, self.short_units = sig.tile_size, False
+        tile_size, self.short_units, one_per_unit = sig.tile_size, False, False
         if tile_size is None and sig.stages is None and sig.schedule == "lean" and B * Hkv:
-            tile_size = K.short_unit_tile(D, rows, B * Hkv, m.capacity, K.device_sm_count(), m.paged,
-                                          sig.kv_lens is None, bits)
-            self.short_units = tile_size is not None
+            short = K.short_unit_tile(D, rows, B * Hkv, m.capacity, K.device_sm_count(), m.paged,
+                                      sig.kv_lens is None, bits)
+            if short is not None:
+                (tile_size, one_per_unit), self.short_units = short, True
         spec = K.make_spec(KERNEL_TAG[sig.dtypes[0]], D, rows, m.paged, tile_size, sig.stages,
                            smem_limit=K.device_smem_limit(), features=bits,
                            page_size=m.page_size if m.paged else None)
@@ -288,9 +289,9 @@ class Plan:
             # one unit's tile (K and V of `tile` tokens; fp8: 1 byte per element) over the DRAM bandwidth
             kv_item = 1 if f_kv8 is not None else sig.dtypes[0].itemsize
             self.tile_us = 2 * tile * D * kv_item / kern.hbm_bytes_per_us
-            self.uniform_variant = uniform_variant(units, max_unit_tiles, kern.ctas_per_sm * kern.num_sms,
-                                                   kern.num_sms, tile_us=self.tile_us, state_bytes=4 * slot_stride,
-                                                   unit_rows=rows, head_dim=D, threads=spec.threads)
+            self.uniform_variant = 1 if one_per_unit else uniform_variant(
+                units, max_unit_tiles, kern.ctas_per_sm * kern.num_sms, kern.num_sms, tile_us=self.tile_us,
+                state_bytes=4 * slot_stride, unit_rows=rows, head_dim=D, threads=spec.threads)
         if sig.schedule == "lean" and not self.uniform_variant:
             self.ctas_per_sm = sig.ctas_per_sm or kern.ctas_per_sm
             full = sig.num_ctas if sig.num_ctas is not None else self.ctas_per_sm * kern.num_sms

@@ -282,8 +282,10 @@ TUNING = {
     "uniform_variants": True,
     "fallback_hbm_tbps": 3.0,  # DRAM bandwidth assumed where the driver reports no memory clock
     # many short units (short_unit_tile): equal lengths of at most this many tokens, at least one
-    # unit per SM, head_dim <= 128: 32-token tiles (0: the default tile always)
+    # unit per SM, head_dim 64 or 128: 32-token tiles (0: the default tile always)
     "short_unit_tokens": 640,
+    # and at head_dim 64 up to this many tokens: 32-token tiles, one CTA per unit (0: no such rule)
+    "short_unit_tokens_d64": 2048,
 }
 
 #: Opt-in shared memory per block (bytes) by architecture; the plan asks the
@@ -327,24 +329,37 @@ def default_config(head_dim, m_tiles, paged, smem_limit=DEFAULT_SMEM_LIMIT):
 
 
 def short_unit_tile(head_dim, group, units, tokens, num_sms, paged, uniform, features=0):
-    """The tile of a call of many short units, or None for the default.
+    """The ``(tile, one_cta_per_unit)`` of a call of many short units, or
+    None for the default configuration.
 
-    A dense cache of equal lengths (``uniform``: no ``kv_lens``) of at most
-    ``TUNING["short_unit_tokens"]`` tokens, at least one unit (sequence x KV
-    head) per SM, head_dim 64 or 128, groups up to 16 and no optional
-    feature: 32-token tiles. The default tile (128 tokens there, one CTA per
-    SM) leaves each unit's fixed costs (query load, pipeline fill, the
-    store) one after another on one CTA; 32-token tiles run two CTAs per
-    SM. Measured on an H200 (``tools/spec_sweep.py``, dense shapes of 108-650
-    units drawn from two seeds, ``bench/results/spec_sweep_s*.json``): on
-    the five shapes of 303-629 tokens at head_dim 64 and 128 the 32-token
-    tile took 0.64-0.94 of the default's time; on longer units it was 0.93-1.08
-    (no rule), and slower at head_dim 256 (1.27-1.49)."""
-    limit = TUNING["short_unit_tokens"]
-    if (not limit or paged or not uniform or features or head_dim > 128 or group > 16
-            or units < num_sms or not 0 < tokens <= limit):
+    A dense cache of equal lengths (``uniform``: no ``kv_lens``), at least
+    one unit (sequence x KV head) per SM, groups up to 16 and no optional
+    feature, with units of at most ``TUNING["short_unit_tokens"]`` tokens at
+    head_dim 64 or 128, or at most ``TUNING["short_unit_tokens_d64"]`` tokens
+    at head_dim 64: 32-token tiles, and at head_dim 64 one CTA per unit
+    (``one_cta_per_unit``; otherwise the equal-length variant's model
+    chooses the decomposition). The default tile (128 tokens there, one CTA
+    per SM) leaves each unit's fixed costs (query load, pipeline fill, the
+    store) one after another on one CTA; 32-token tiles fit two CTAs per SM
+    at head_dim 128 and five at head_dim 64, whose fixed costs overlap (and
+    at head_dim 64 keep 160 KB of K and V in flight per SM instead of 128).
+    Measured on an H200 (``tools/spec_sweep.py``, dense shapes of 108-650
+    units of 300-2000 tokens drawn from three seeds,
+    ``bench/results/spec_sweep_s*.json``): at head_dim 64, one CTA per unit
+    at tile 32 took 0.64-0.95 of the default's time on 12 of 13 shapes (1.01
+    on one of 315 tokens, against tile 32 under the variant model); at head_dim
+    128 the 32-token tile took 0.64-0.94 on shapes of 303-629 tokens and
+    0.93-1.32 on longer ones (no rule there); head_dim 256 was 1.27-1.66x
+    slower."""
+    limit, limit64 = TUNING["short_unit_tokens"], TUNING["short_unit_tokens_d64"]
+    if (paged or not uniform or features or head_dim not in (64, 128) or group > 16
+            or units < num_sms or tokens <= 0):
         return None
-    return 32
+    if head_dim == 64 and tokens <= max(limit, limit64):
+        return 32, bool(limit64)
+    if tokens <= limit:
+        return 32, False
+    return None
 
 
 def default_ctas_per_sm(spec, occupancy):

@@ -348,24 +348,33 @@ def test_page_rows_feature_from_the_page_size(d, group, fp8):
 
 
 def test_short_unit_tile_rule():
-    """Dense calls of equal lengths, at least one unit per SM, at most
-    TUNING["short_unit_tokens"] tokens, head_dim 64 or 128, groups up to 16,
-    no feature: 32-token tiles; anything else: the default (None)."""
-    lim = K.TUNING["short_unit_tokens"]
-    assert lim > 0
-    ok = dict(head_dim=64, group=8, units=280, tokens=559, num_sms=132, paged=False, uniform=True, features=0)
-    assert K.short_unit_tile(**ok) == 32
-    assert K.short_unit_tile(**{**ok, "head_dim": 128, "group": 16, "units": 132, "tokens": lim}) == 32
-    for change in ({"head_dim": 256}, {"group": 17}, {"units": 131}, {"tokens": lim + 1}, {"tokens": 0},
-                   {"paged": True}, {"uniform": False}, {"features": K.FEATURES["sinks"]},
-                   {"features": K.FEATURES["fp8_e4m3"]}):
+    """Dense calls of equal lengths, at least one unit per SM, groups up to
+    16, no feature: 32-token tiles up to TUNING["short_unit_tokens"] tokens
+    at head_dim 64 and 128 (the variant model chooses the decomposition), up
+    to TUNING["short_unit_tokens_d64"] at head_dim 64 with one CTA per unit;
+    anything else: the default (None)."""
+    lim, lim64 = K.TUNING["short_unit_tokens"], K.TUNING["short_unit_tokens_d64"]
+    assert 0 < lim < lim64
+    ok = dict(head_dim=128, group=8, units=280, tokens=559, num_sms=132, paged=False, uniform=True, features=0)
+    assert K.short_unit_tile(**ok) == (32, False)
+    assert K.short_unit_tile(**{**ok, "group": 16, "units": 132, "tokens": lim}) == (32, False)
+    assert K.short_unit_tile(**{**ok, "head_dim": 64}) == (32, True)
+    assert K.short_unit_tile(**{**ok, "head_dim": 64, "tokens": lim64}) == (32, True)
+    for change in ({"head_dim": 256}, {"head_dim": 96}, {"group": 17}, {"units": 131}, {"tokens": lim + 1},
+                   {"tokens": 0}, {"paged": True}, {"uniform": False}, {"features": K.FEATURES["sinks"]},
+                   {"features": K.FEATURES["fp8_e4m3"]}, {"head_dim": 64, "tokens": lim64 + 1},
+                   {"head_dim": 64, "units": 131}):
         assert K.short_unit_tile(**{**ok, **change}) is None, change
-    saved = K.TUNING["short_unit_tokens"]
+    saved = dict(K.TUNING)
     try:
         K.TUNING["short_unit_tokens"] = 0
         assert K.short_unit_tile(**ok) is None
+        assert K.short_unit_tile(**{**ok, "head_dim": 64}) == (32, True)
+        K.TUNING["short_unit_tokens"], K.TUNING["short_unit_tokens_d64"] = lim, 0
+        assert K.short_unit_tile(**{**ok, "head_dim": 64}) == (32, False)
+        assert K.short_unit_tile(**{**ok, "head_dim": 64, "tokens": lim + 1}) is None
     finally:
-        K.TUNING["short_unit_tokens"] = saved
+        K.TUNING.update(saved)
     # the tile it asks for fits every head_dim it applies to, with the stages a tile override gets
     for d in (64, 128):
         spec = K.make_spec("f16", d, 16, False, tile_size=32)

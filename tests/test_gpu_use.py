@@ -1205,10 +1205,12 @@ def test_torch_graph_capture_on_torch_stream_two_graphs():
         assert np.isfinite(got).all() and np.abs(got - ro).max() < 4e-3
 
 
-@pytest.mark.parametrize("d,hq,hkv,n", [(64, 128, 8, 559), (128, 24, 3, 389), (64, 16, 16, 641)])
+@pytest.mark.parametrize("d,hq,hkv,n", [(64, 128, 8, 559), (128, 24, 3, 389), (128, 16, 16, 641),
+                                        (64, 36, 3, 1093), (64, 16, 16, 2049)])
 def test_many_short_units_take_the_short_tile(d, hq, hkv, n):
     """A dense batch of equal short lengths with more units than SMs gets
-    32-token tiles (kernels.short_unit_tile; not over short_unit_tokens):
+    32-token tiles (kernels.short_unit_tile; not over short_unit_tokens,
+    short_unit_tokens_d64 at head_dim 64, where each unit gets one CTA):
     bf16 from NumPy, NaN-prefilled out and lse against the reference, and
     the same bits from a graph replay."""
     sms = cp.cuda.Device().attributes["MultiProcessorCount"]
@@ -1218,11 +1220,13 @@ def test_many_short_units_take_the_short_tile(d, hq, hkv, n):
     out = _nan_like(q.shape, BF16)
     lse = cp.full(q.shape[:2], cp.nan, dtype=cp.float32)
     qg, kg, vg = to_gpu(q), to_gpu(k), to_gpu(v)
-    p = cupy_lean.plan(qg, kg, vg, out=out, lse=lse)
+    p = cupy_lean.plan(qg, kg, vg, out=out)
     from cupy_lean import kernels as K
 
-    short = n <= K.TUNING["short_unit_tokens"]
+    short = n <= K.TUNING["short_unit_tokens"] or (d == 64 and n <= K.TUNING["short_unit_tokens_d64"])
     assert p.short_units == short and (p.spec.tile == 32) == short, p.describe()
+    if short and d == 64:
+        assert p.uniform_variant == 1 and p.grid == p.units, p.describe()
     assert ("short_unit_tile" in p.describe()) == short
     p.run(qg, kg, vg, out=out, lse=lse)
     check_close(out, lse, q, k, v, np.asarray(lens), None, BF16)
