@@ -2,7 +2,8 @@
 dense decode shapes of many short units: more units than SMs and a few
 tiles each, where one CTA per unit needs several waves and stream-K cuts
 nearly every unit (the family's slowest dense shapes). For each shape:
-lean's default plan, tile sizes 64 and 32 (more CTAs per SM fit), one CTA
+lean's default plan, tile sizes 128 (the default before the short-unit
+rule, at head_dim 64 and 128), 64 and 32 (more CTAs per SM fit), one CTA
 per unit at each tile size, and PyTorch SDPA's cuDNN backend when torch is
 there. Device time per call from CUDA-graph replays over rotating copies
 (cold L2), fp16. The data a rule choosing the spec by the units' count and
@@ -25,15 +26,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bench import cases as C  # noqa: E402
 from bench.tune import family_inputs  # noqa: E402
 
-CONFIGS = [("default", {}), ("t64", {"tile_size": 64}), ("t32", {"tile_size": 32}),
+CONFIGS = [("default", {}), ("t128", {"tile_size": 128}), ("t64", {"tile_size": 64}), ("t32", {"tile_size": 32}),
            ("head", {"schedule": "head"}), ("head_t64", {"schedule": "head", "tile_size": 64}),
            ("head_t32", {"schedule": "head", "tile_size": 32}),
            ("t64_c3", {"tile_size": 64, "ctas_per_sm": 3}), ("t32_c4", {"tile_size": 32, "ctas_per_sm": 4})]
 
 
-def draw(n, seed, num_sms, head_dims=(64, 128, 256)):
+def draw(n, seed, num_sms, head_dims=(64, 128, 256), lengths=(300, 2000)):
     """``n`` dense shapes: units (batch x KV heads) from 0.8x to 5x the SMs,
-    lengths 300-2000 (multiples of nothing), at most 400 MB, every head_dim, groups 1-16."""
+    lengths in ``lengths`` (multiples of nothing), at most 400 MB, every head_dim, groups 1-16."""
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
@@ -41,7 +42,7 @@ def draw(n, seed, num_sms, head_dims=(64, 128, 256)):
         g = int(rng.integers(1, 17))
         units = int(rng.integers(int(0.8 * num_sms), 5 * num_sms))
         hkv = int(rng.choice([1, 2, 3, 4, 5, 8, 12]))
-        nlen = int(rng.integers(300, 2000)) | 1
+        nlen = int(rng.integers(*lengths)) | 1
         b = max(1, min(units // hkv, int(400e6 // (nlen * hkv * d * 4))))  # at most 400 MB of K/V
         out.append(C.Case(f"s{i:02d}_b{b}_h{hkv * g}x{hkv}_d{d}_{nlen}", b, hkv * g, hkv, d, (nlen,) * b,
                           "dense", "sweep"))
@@ -55,6 +56,7 @@ def main():
     ap.add_argument("--time-budget", type=float, default=0.0, help="seconds; start no new shape after it")
     ap.add_argument("--out", default=None)
     ap.add_argument("--head-dims", default="64,128,256", help="comma-separated")
+    ap.add_argument("--lengths", default="300,2000", help="LOW,HIGH: the range of the lengths drawn")
     a = ap.parse_args()
     import cupy as cp
 
@@ -70,7 +72,8 @@ def main():
         print(f"sdpa-cudnn: skipped ({exc})")
         sdpa = None
     rows = []
-    shapes = draw(a.shapes, a.seed, sms, [int(x) for x in a.head_dims.split(",")])
+    shapes = draw(a.shapes, a.seed, sms, [int(x) for x in a.head_dims.split(",")],
+                  tuple(int(x) for x in a.lengths.split(",")))
     for case, inp, _, outs, n_copies in family_inputs(shapes, a.time_budget, "spec_sweep"):
         row = {"case": case.name, "units": case.batch * case.heads_kv, "kv_bytes": case.kv_bytes(), "times": {},
                "plans": {}}
