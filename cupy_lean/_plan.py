@@ -217,11 +217,11 @@ class Plan:
     spec : cupy_lean.kernels.Spec
         Compile-time parameters of the kernel (dtype, head_dim, query tiles,
         tile size, pipeline stages, paged).
-    short_units : bool
-        The tile (and at head_dim 64 one CTA per unit) was chosen for many
-        short units (:func:`cupy_lean.kernels.short_unit_tile`) rather than
-        the default configuration (only when no tile size, stages or other
-        schedule was given).
+    many_units : bool
+        The tile (and at head_dim 64 one CTA per unit) was chosen for a call
+        of many units (:func:`cupy_lean.kernels.many_unit_config`) rather
+        than the default configuration (only when no tile size, stages or
+        other schedule was given).
     grid : int
         CTAs launched (lean: the persistent grid, or units x chunks when the
         plan runs its split-K variant; split/head: units x splits).
@@ -255,12 +255,18 @@ class Plan:
         self.kv8 = f_kv8  # "e4m3" | "e5m2": an fp8 cache (uint8 storage)
         self.has_sinks = f_sinks is not None
         rows = g * max(self.q_len, 1)  # query rows of a unit
-        tile_size, self.short_units, one_per_unit = sig.tile_size, False, False
+        tile_size, self.many_units, one_per_unit = sig.tile_size, False, False
         if tile_size is None and sig.stages is None and sig.schedule == "lean" and B * Hkv:
-            short = K.short_unit_tile(D, rows, B * Hkv, m.capacity, K.device_sm_count(), m.paged,
-                                      sig.kv_lens is None, bits)
-            if short is not None:
-                (tile_size, one_per_unit), self.short_units = short, True
+            limit = K.device_smem_limit()
+
+            def occupancy(t):  # resident CTAs per SM of this call's spec at tile t
+                return K.kernels_for(K.make_spec(KERNEL_TAG[sig.dtypes[0]], D, rows, False, t, None,
+                                                 smem_limit=limit, features=bits)).occupancy
+
+            many = K.many_unit_config(D, rows, B * Hkv, m.capacity, K.device_sm_count(), m.paged,
+                                      sig.kv_lens is None, bits, occupancy)
+            if many is not None:
+                (tile_size, one_per_unit), self.many_units = many, True
         spec = K.make_spec(KERNEL_TAG[sig.dtypes[0]], D, rows, m.paged, tile_size, sig.stages,
                            smem_limit=K.device_smem_limit(), features=bits,
                            page_size=m.page_size if m.paged else None)
@@ -434,7 +440,7 @@ class Plan:
                if m.paged else f"dense (seqlen {m.seqlen})"),
             f"  kernel: {self.spec.name} (tile {self.spec.tile} tokens, {self.spec.stages} stages, "
             f"{self.threads} threads, {self.smem} B shared memory"
-            + ("; the tile of many short units, kernels.short_unit_tile)" if self.short_units else ")"),
+            + ("; the tile of many units, kernels.many_unit_config)" if self.many_units else ")"),
             f"  device {self.device}: {self.num_sms} SMs, occupancy {self.kernels.occupancy} CTA/SM",
             f"  units {self.units} (batch x heads_kv), up to {self.max_unit_tiles} tiles per unit",
         ]

@@ -281,11 +281,12 @@ TUNING = {
     # schedule.uniform_variant's model says it streams as fast (False: always stream-K)
     "uniform_variants": True,
     "fallback_hbm_tbps": 3.0,  # DRAM bandwidth assumed where the driver reports no memory clock
-    # many short units (short_unit_tile): equal lengths of at most this many tokens, at least one
-    # unit per SM, head_dim 64 or 128: 32-token tiles (0: the default tile always)
+    # many units (many_unit_config), equal lengths, at least one unit per SM: at head_dim 64 one CTA
+    # per unit (False: no such rule) at 32-token tiles up to this many tokens, 64-token tiles beyond
+    "many_units_d64": True,
+    "many_units_d64_t32_tokens": 2048,
+    # otherwise 32-token tiles for units of at most this many tokens (0: the default tile always)
     "short_unit_tokens": 640,
-    # and at head_dim 64 up to this many tokens: 32-token tiles, one CTA per unit (0: no such rule)
-    "short_unit_tokens_d64": 2048,
 }
 
 #: Opt-in shared memory per block (bytes) by architecture; the plan asks the
@@ -328,36 +329,46 @@ def default_config(head_dim, m_tiles, paged, smem_limit=DEFAULT_SMEM_LIMIT):
     return None
 
 
-def short_unit_tile(head_dim, group, units, tokens, num_sms, paged, uniform, features=0):
-    """The ``(tile, one_cta_per_unit)`` of a call of many short units, or
-    None for the default configuration.
+def many_unit_config(head_dim, group, units, tokens, num_sms, paged, uniform, features=0, occupancy=None):
+    """The ``(tile, one_cta_per_unit)`` of a call of many units, or None for
+    the default configuration.
 
-    A dense cache of equal lengths (``uniform``: no ``kv_lens``), at least
-    one unit (sequence x KV head) per SM, groups up to 16 and no optional
-    feature, with units of at most ``TUNING["short_unit_tokens"]`` tokens at
-    head_dim 64 or 128, or at most ``TUNING["short_unit_tokens_d64"]`` tokens
-    at head_dim 64: 32-token tiles, and at head_dim 64 one CTA per unit
-    (``one_cta_per_unit``; otherwise the equal-length variant's model
-    chooses the decomposition). The default tile (128 tokens there, one CTA
-    per SM) leaves each unit's fixed costs (query load, pipeline fill, the
-    store) one after another on one CTA; 32-token tiles fit two CTAs per SM
-    at head_dim 128 and five at head_dim 64, whose fixed costs overlap (and
-    at head_dim 64 keep 160 KB of K and V in flight per SM instead of 128).
-    Measured on an H200 (``tools/spec_sweep.py``, dense shapes of 108-650
-    units of 300-2000 tokens drawn from three seeds,
-    ``bench/results/spec_sweep_s*.json``): at head_dim 64, one CTA per unit
-    at tile 32 took 0.64-0.95 of the default's time on 12 of 13 shapes (1.01
-    on one of 315 tokens, against tile 32 under the variant model); at head_dim
-    128 the 32-token tile took 0.64-0.94 on shapes of 303-629 tokens and
-    0.93-1.32 on longer ones (no rule there); head_dim 256 was 1.27-1.66x
-    slower."""
-    limit, limit64 = TUNING["short_unit_tokens"], TUNING["short_unit_tokens_d64"]
+    Applies to a dense cache of equal lengths (``uniform``: no ``kv_lens``)
+    with at least one unit (sequence x KV head) per SM, groups up to 16 and
+    no optional feature:
+
+    - head_dim 64 (``TUNING["many_units_d64"]``): one CTA per unit, at
+      32-token tiles up to ``TUNING["many_units_d64_t32_tokens"]`` tokens
+      and 64-token tiles beyond, when one wave of resident CTAs holds every
+      unit (``units <= occupancy(tile) * num_sms``; ``occupancy``: a
+      function of the tile giving that spec's CTAs per SM, None: assume it
+      does);
+    - otherwise, units of at most ``TUNING["short_unit_tokens"]`` tokens at
+      head_dim 64 or 128: 32-token tiles, the equal-length variant's model
+      choosing the decomposition (``one_cta_per_unit`` False).
+
+    The default tile (128 tokens there, one CTA of 256 threads per SM)
+    streams each unit's tiles and leaves its fixed costs (query load,
+    pipeline fill, the store) one after another on one CTA. At head_dim 64,
+    32-token tiles fit five CTAs per SM on an H200 (64-token tiles three),
+    whose fixed costs overlap and which keep more of K and V in flight (160
+    and 192 KB per SM against 128). Measured on an H200
+    (``tools/spec_sweep.py``, ``bench/results/spec_sweep_s*.json``, dense
+    shapes of 108-650 units drawn from five seeds, fp16): at head_dim 64 and
+    300-2000 tokens, one CTA per unit at tile 32 took 0.64-0.95 of the
+    default's time on 12 of 13 shapes (1.01 on one of 315 tokens); at
+    2000-10000 tokens it took 0.93-1.37 while one CTA per unit at tile 64
+    took 0.91-1.00 (8 shapes of 155-380 units); at head_dim 128 the 32-token
+    tile took 0.64-0.98 on units of 303-640 tokens and 0.93-1.32 on longer
+    ones (no rule there); head_dim 256 was 1.27-1.66x slower."""
     if (paged or not uniform or features or head_dim not in (64, 128) or group > 16
             or units < num_sms or tokens <= 0):
         return None
-    if head_dim == 64 and tokens <= max(limit, limit64):
-        return 32, bool(limit64)
-    if tokens <= limit:
+    if head_dim == 64 and TUNING["many_units_d64"]:
+        tile = 32 if tokens <= TUNING["many_units_d64_t32_tokens"] else 64
+        if occupancy is None or units <= occupancy(tile) * num_sms:
+            return tile, True
+    if tokens <= TUNING["short_unit_tokens"]:
         return 32, False
     return None
 

@@ -347,32 +347,45 @@ def test_page_rows_feature_from_the_page_size(d, group, fp8):
     assert f"-DLEAN_HOST_RUN_ROWS={base.run_rows}" in K.compile_options(base)
 
 
-def test_short_unit_tile_rule():
+def test_many_unit_config_rule():
     """Dense calls of equal lengths, at least one unit per SM, groups up to
-    16, no feature: 32-token tiles up to TUNING["short_unit_tokens"] tokens
-    at head_dim 64 and 128 (the variant model chooses the decomposition), up
-    to TUNING["short_unit_tokens_d64"] at head_dim 64 with one CTA per unit;
-    anything else: the default (None)."""
-    lim, lim64 = K.TUNING["short_unit_tokens"], K.TUNING["short_unit_tokens_d64"]
-    assert 0 < lim < lim64
+    16, no feature: at head_dim 64 one CTA per unit at tile 32 up to
+    TUNING["many_units_d64_t32_tokens"] tokens and tile 64 beyond, while one
+    wave of resident CTAs holds the units; otherwise 32-token tiles up to
+    TUNING["short_unit_tokens"] (the variant model chooses the
+    decomposition); anything else: the default (None)."""
+    lim, lim32 = K.TUNING["short_unit_tokens"], K.TUNING["many_units_d64_t32_tokens"]
+    assert 0 < lim < lim32 and K.TUNING["many_units_d64"]
     ok = dict(head_dim=128, group=8, units=280, tokens=559, num_sms=132, paged=False, uniform=True, features=0)
-    assert K.short_unit_tile(**ok) == (32, False)
-    assert K.short_unit_tile(**{**ok, "group": 16, "units": 132, "tokens": lim}) == (32, False)
-    assert K.short_unit_tile(**{**ok, "head_dim": 64}) == (32, True)
-    assert K.short_unit_tile(**{**ok, "head_dim": 64, "tokens": lim64}) == (32, True)
+    f = K.many_unit_config
+    assert f(**ok) == (32, False)
+    assert f(**{**ok, "group": 16, "units": 132, "tokens": lim}) == (32, False)
+    d64 = {**ok, "head_dim": 64}
+    assert f(**d64) == (32, True)
+    assert f(**{**d64, "tokens": lim32}) == (32, True)
+    assert f(**{**d64, "tokens": lim32 + 1}) == (64, True)
+    assert f(**{**d64, "tokens": 100_001}) == (64, True)
+    occ = {32: 5, 64: 3}.get
+    assert f(**{**d64, "units": 660, "occupancy": occ}) == (32, True)
+    # more units than one wave of resident CTAs: the short rule, else the default
+    assert f(**{**d64, "units": 661, "occupancy": occ}) == (32, False)
+    assert f(**{**d64, "units": 661, "tokens": lim + 1, "occupancy": occ}) is None
+    assert f(**{**d64, "units": 396, "tokens": lim32 + 1, "occupancy": occ}) == (64, True)
+    assert f(**{**d64, "units": 397, "tokens": lim32 + 1, "occupancy": occ}) is None
     for change in ({"head_dim": 256}, {"head_dim": 96}, {"group": 17}, {"units": 131}, {"tokens": lim + 1},
                    {"tokens": 0}, {"paged": True}, {"uniform": False}, {"features": K.FEATURES["sinks"]},
-                   {"features": K.FEATURES["fp8_e4m3"]}, {"head_dim": 64, "tokens": lim64 + 1},
-                   {"head_dim": 64, "units": 131}):
-        assert K.short_unit_tile(**{**ok, **change}) is None, change
+                   {"features": K.FEATURES["fp8_e4m3"]}, {"head_dim": 64, "units": 131},
+                   {"head_dim": 64, "paged": True}, {"head_dim": 64, "uniform": False},
+                   {"head_dim": 64, "features": K.FEATURES["window"]}):
+        assert f(**{**ok, **change}) is None, change
     saved = dict(K.TUNING)
     try:
         K.TUNING["short_unit_tokens"] = 0
-        assert K.short_unit_tile(**ok) is None
-        assert K.short_unit_tile(**{**ok, "head_dim": 64}) == (32, True)
-        K.TUNING["short_unit_tokens"], K.TUNING["short_unit_tokens_d64"] = lim, 0
-        assert K.short_unit_tile(**{**ok, "head_dim": 64}) == (32, False)
-        assert K.short_unit_tile(**{**ok, "head_dim": 64, "tokens": lim + 1}) is None
+        assert f(**ok) is None
+        assert f(**d64) == (32, True)
+        K.TUNING["short_unit_tokens"], K.TUNING["many_units_d64"] = lim, False
+        assert f(**d64) == (32, False)
+        assert f(**{**d64, "tokens": lim + 1}) is None
     finally:
         K.TUNING.update(saved)
     # the tile it asks for fits every head_dim it applies to, with the stages a tile override gets

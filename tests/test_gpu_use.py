@@ -1206,13 +1206,14 @@ def test_torch_graph_capture_on_torch_stream_two_graphs():
 
 
 @pytest.mark.parametrize("d,hq,hkv,n", [(64, 128, 8, 559), (128, 24, 3, 389), (128, 16, 16, 641),
-                                        (64, 36, 3, 1093), (64, 16, 16, 2049)])
-def test_many_short_units_take_the_short_tile(d, hq, hkv, n):
-    """A dense batch of equal short lengths with more units than SMs gets
-    32-token tiles (kernels.short_unit_tile; not over short_unit_tokens,
-    short_unit_tokens_d64 at head_dim 64, where each unit gets one CTA):
-    bf16 from NumPy, NaN-prefilled out and lse against the reference, and
-    the same bits from a graph replay."""
+                                        (64, 36, 3, 1093), (64, 16, 16, 2049), (64, 5, 1, 3001)])
+def test_many_units_take_their_config(d, hq, hkv, n):
+    """A dense batch of equal lengths with more units than SMs gets the
+    configuration of many units (kernels.many_unit_config): at head_dim 64
+    one CTA per unit at tile 32 (tile 64 over many_units_d64_t32_tokens),
+    at head_dim 128 32-token tiles up to short_unit_tokens. bf16 from
+    NumPy, NaN-prefilled out and lse against the reference, and the same
+    bits from a graph replay."""
     sms = cp.cuda.Device().attributes["MultiProcessorCount"]
     B = -(-sms // hkv) + 3
     rng = np.random.default_rng(d + n)
@@ -1223,11 +1224,14 @@ def test_many_short_units_take_the_short_tile(d, hq, hkv, n):
     p = cupy_lean.plan(qg, kg, vg, out=out)
     from cupy_lean import kernels as K
 
-    short = n <= K.TUNING["short_unit_tokens"] or (d == 64 and n <= K.TUNING["short_unit_tokens_d64"])
-    assert p.short_units == short and (p.spec.tile == 32) == short, p.describe()
-    if short and d == 64:
+    if d == 64:
+        tile = 32 if n <= K.TUNING["many_units_d64_t32_tokens"] else 64
+        assert p.many_units and p.spec.tile == tile, p.describe()
         assert p.uniform_variant == 1 and p.grid == p.units, p.describe()
-    assert ("short_unit_tile" in p.describe()) == short
+    else:
+        short = n <= K.TUNING["short_unit_tokens"]
+        assert p.many_units == short and (p.spec.tile == 32) == short, p.describe()
+    assert ("many_unit_config" in p.describe()) == p.many_units
     p.run(qg, kg, vg, out=out, lse=lse)
     check_close(out, lse, q, k, v, np.asarray(lens), None, BF16)
     first = cp.asnumpy(out).copy()
