@@ -218,10 +218,13 @@ class Plan:
         Compile-time parameters of the kernel (dtype, head_dim, query tiles,
         tile size, pipeline stages, paged).
     many_units : bool
-        The tile (and at head_dim 64 one CTA per unit) was chosen for a call
-        of many units (:func:`cupy_lean.kernels.many_unit_config`) rather
-        than the default configuration (only when no tile size, stages or
-        other schedule was given).
+        The tile was chosen for a call of many units
+        (:func:`cupy_lean.kernels.many_unit_config`) rather than the default
+        configuration (only when no tile size, stages or other schedule was
+        given).
+    one_cta_per_unit : bool
+        That rule also gave each unit a CTA of its own (``uniform_variant``
+        1, not the model's choice).
     grid : int
         CTAs launched (lean: the persistent grid, or units x chunks when the
         plan runs its split-K variant; split/head: units x splits).
@@ -231,7 +234,8 @@ class Plan:
         (:func:`cupy_lean.schedule.uniform_variant`).
     tile_us : float
         One unit's tile of K and V over the device's DRAM bandwidth, the
-        unit of that model's time (0 where the model was not consulted).
+        unit of that model's time (0 where no equal-length variant could
+        run).
     workspace_bytes : int
         Size of one workspace: unit (and merge group) counters, then fp32
         partial-state slots.
@@ -255,7 +259,12 @@ class Plan:
         self.kv8 = f_kv8  # "e4m3" | "e5m2": an fp8 cache (uint8 storage)
         self.has_sinks = f_sinks is not None
         rows = g * max(self.q_len, 1)  # query rows of a unit
-        tile_size, self.many_units, one_per_unit = sig.tile_size, False, False
+        # a lean plan of equal lengths with no stream-K option may run another decomposition
+        # (the equal-length variant, below; one CTA per unit by many_unit_config)
+        variants_ok = (sig.schedule == "lean" and sig.kv_lens is None and not m.paged
+                       and K.TUNING["uniform_variants"] and sig.num_ctas is None and sig.ctas_per_sm is None
+                       and sig.min_tiles_per_cta is None and sig.merge_balance is None)
+        tile_size, self.many_units, self.one_cta_per_unit = sig.tile_size, False, False
         if tile_size is None and sig.stages is None and sig.schedule == "lean" and B * Hkv:
             limit = K.device_smem_limit()
 
@@ -264,9 +273,9 @@ class Plan:
                                                  smem_limit=limit, features=bits)).occupancy
 
             many = K.many_unit_config(D, rows, B * Hkv, m.capacity, K.device_sm_count(), m.paged,
-                                      sig.kv_lens is None, bits, occupancy)
+                                      sig.kv_lens is None, bits, occupancy, one_cta_per_unit=variants_ok)
             if many is not None:
-                (tile_size, one_per_unit), self.many_units = many, True
+                (tile_size, self.one_cta_per_unit), self.many_units = many, True
         spec = K.make_spec(KERNEL_TAG[sig.dtypes[0]], D, rows, m.paged, tile_size, sig.stages,
                            smem_limit=K.device_smem_limit(), features=bits,
                            page_size=m.page_size if m.paged else None)
@@ -289,13 +298,11 @@ class Plan:
         # The variant chooses the decomposition; when it keeps stream-K, aligned_grid below
         # still lays that grid on unit boundaries where it can.
         self.uniform_variant, self.tile_us = 0, 0.0
-        if (sig.schedule == "lean" and sig.kv_lens is None and not m.paged and K.TUNING["uniform_variants"]
-                and sig.num_ctas is None and sig.ctas_per_sm is None and sig.min_tiles_per_cta is None
-                and sig.merge_balance is None and units * max_unit_tiles > 0):
+        if variants_ok and units * max_unit_tiles > 0:
             # one unit's tile (K and V of `tile` tokens; fp8: 1 byte per element) over the DRAM bandwidth
             kv_item = 1 if f_kv8 is not None else sig.dtypes[0].itemsize
             self.tile_us = 2 * tile * D * kv_item / kern.hbm_bytes_per_us
-            self.uniform_variant = 1 if one_per_unit else uniform_variant(
+            self.uniform_variant = 1 if self.one_cta_per_unit else uniform_variant(
                 units, max_unit_tiles, kern.ctas_per_sm * kern.num_sms, kern.num_sms, tile_us=self.tile_us,
                 state_bytes=4 * slot_stride, unit_rows=rows, head_dim=D, threads=spec.threads)
         if sig.schedule == "lean" and not self.uniform_variant:
@@ -446,8 +453,9 @@ class Plan:
         ]
         if self.uniform_variant:
             lines.append(f"  grid: {self.grid} CTAs = {self.units} units x {self.num_splits} chunks (every "
-                         f"sequence has the same length: the lean plan's split-K variant, by the streaming "
-                         f"model of cupy_lean.schedule.uniform_variant)"
+                         f"sequence has the same length: the lean plan's split-K variant, "
+                         + ("one CTA per unit by cupy_lean.kernels.many_unit_config)" if self.one_cta_per_unit
+                            else "by the streaming model of cupy_lean.schedule.uniform_variant)")
                          + (f"; then a combine launch of {self._combine_text()}" if self.num_splits > 1 else ""))
         elif s.schedule == "lean":
             note = " (aligned to unit boundaries for uniform lengths)" if self.aligned_grid_applied else ""

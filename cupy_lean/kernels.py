@@ -282,9 +282,9 @@ TUNING = {
     "uniform_variants": True,
     "fallback_hbm_tbps": 3.0,  # DRAM bandwidth assumed where the driver reports no memory clock
     # many units (many_unit_config), equal lengths, at least one unit per SM: at head_dim 64 one CTA
-    # per unit (False: no such rule) at 32-token tiles up to this many tokens, 64-token tiles beyond
+    # per unit (False: no such rule), at 64-token tiles up to this many units per SM, 32 above
     "many_units_d64": True,
-    "many_units_d64_t32_tokens": 2048,
+    "many_units_d64_t64_per_sm": 2,
     # otherwise 32-token tiles for units of at most this many tokens (0: the default tile always)
     "short_unit_tokens": 640,
 }
@@ -329,17 +329,22 @@ def default_config(head_dim, m_tiles, paged, smem_limit=DEFAULT_SMEM_LIMIT):
     return None
 
 
-def many_unit_config(head_dim, group, units, tokens, num_sms, paged, uniform, features=0, occupancy=None):
+def many_unit_config(head_dim, group, units, tokens, num_sms, paged, uniform, features=0, occupancy=None,
+                     one_cta_per_unit=True):
     """The ``(tile, one_cta_per_unit)`` of a call of many units, or None for
     the default configuration.
 
     Applies to a dense cache of equal lengths (``uniform``: no ``kv_lens``)
-    with at least one unit (sequence x KV head) per SM, groups up to 16 and
+    with at least one unit (sequence x KV head) per SM, ``group`` query rows
+    per unit (query heads per KV head, times the query tokens) up to 16 and
     no optional feature:
 
-    - head_dim 64 (``TUNING["many_units_d64"]``): one CTA per unit, at
-      32-token tiles up to ``TUNING["many_units_d64_t32_tokens"]`` tokens
-      and 64-token tiles beyond, when one wave of resident CTAs holds every
+    - head_dim 64 (``TUNING["many_units_d64"]``; only where the plan may
+      run one CTA per unit, ``one_cta_per_unit``: not with a stream-K
+      option): one CTA per unit, at
+      64-token tiles while there are at most
+      ``TUNING["many_units_d64_t64_per_sm"]`` units per SM and 32-token tiles
+      above, whatever the length, when one wave of resident CTAs holds every
       unit (``units <= occupancy(tile) * num_sms``; ``occupancy``: a
       function of the tile giving that spec's CTAs per SM, None: assume it
       does);
@@ -347,25 +352,26 @@ def many_unit_config(head_dim, group, units, tokens, num_sms, paged, uniform, fe
       head_dim 64 or 128: 32-token tiles, the equal-length variant's model
       choosing the decomposition (``one_cta_per_unit`` False).
 
-    The default tile (128 tokens there, one CTA of 256 threads per SM)
-    streams each unit's tiles and leaves its fixed costs (query load,
-    pipeline fill, the store) one after another on one CTA. At head_dim 64,
-    32-token tiles fit five CTAs per SM on an H200 (64-token tiles three),
-    whose fixed costs overlap and which keep more of K and V in flight (160
-    and 192 KB per SM against 128). Measured on an H200
-    (``tools/spec_sweep.py``, ``bench/results/spec_sweep_s*.json``, dense
-    shapes of 108-650 units drawn from five seeds, fp16): at head_dim 64 and
-    300-2000 tokens, one CTA per unit at tile 32 took 0.64-0.95 of the
-    default's time on 12 of 13 shapes (1.01 on one of 315 tokens); at
-    2000-10000 tokens it took 0.93-1.37 while one CTA per unit at tile 64
-    took 0.91-1.00 (8 shapes of 155-380 units); at head_dim 128 the 32-token
-    tile took 0.64-0.98 on units of 303-640 tokens and 0.93-1.32 on longer
-    ones (no rule there); head_dim 256 was 1.27-1.66x slower."""
+    The default tile (128 tokens there, one CTA of 8 warps per SM) streams
+    each unit's tiles and leaves its fixed costs (query load, pipeline fill,
+    the store) one after another on one CTA. At head_dim 64, 64-token tiles
+    fit three CTAs of 4 warps per SM on an H200 and 32-token tiles five of 2
+    warps, whose fixed costs overlap and which keep more of K and V in flight
+    (192 and 160 KB per SM against 128); with up to two units per SM the
+    32-token tile leaves an SM 4 warps or fewer, and the 64-token tile is
+    faster. Measured on an H200 (``tools/spec_sweep.py``,
+    ``bench/results/spec_sweep_s*.json``, fp16, dense shapes from five
+    seeds): at head_dim 64 and 300-10000 tokens, one CTA per unit at tile 64
+    against tile 32 took 0.60-0.97 of the time on the 14 shapes of 125-232
+    units and 1.01-1.24 on the 17 of 300-650; the rule took 0.64-1.00 of the
+    old default's time (28 shapes). At head_dim 128 the 32-token tile took
+    0.64-0.98 on units of 303-640 tokens and 0.93-1.32 on longer ones (no
+    rule there); head_dim 256 was 1.27-1.66x slower."""
     if (paged or not uniform or features or head_dim not in (64, 128) or group > 16
             or units < num_sms or tokens <= 0):
         return None
-    if head_dim == 64 and TUNING["many_units_d64"]:
-        tile = 32 if tokens <= TUNING["many_units_d64_t32_tokens"] else 64
+    if head_dim == 64 and TUNING["many_units_d64"] and one_cta_per_unit:
+        tile = 64 if units <= TUNING["many_units_d64_t64_per_sm"] * num_sms else 32
         if occupancy is None or units <= occupancy(tile) * num_sms:
             return tile, True
     if tokens <= TUNING["short_unit_tokens"]:

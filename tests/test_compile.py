@@ -349,35 +349,51 @@ def test_page_rows_feature_from_the_page_size(d, group, fp8):
 
 def test_many_unit_config_rule():
     """Dense calls of equal lengths, at least one unit per SM, groups up to
-    16, no feature: at head_dim 64 one CTA per unit at tile 32 up to
-    TUNING["many_units_d64_t32_tokens"] tokens and tile 64 beyond, while one
-    wave of resident CTAs holds the units; otherwise 32-token tiles up to
-    TUNING["short_unit_tokens"] (the variant model chooses the
-    decomposition); anything else: the default (None)."""
-    lim, lim32 = K.TUNING["short_unit_tokens"], K.TUNING["many_units_d64_t32_tokens"]
-    assert 0 < lim < lim32 and K.TUNING["many_units_d64"]
+    16, no feature: at head_dim 64 one CTA per unit, at tile 64 up to
+    TUNING["many_units_d64_t64_per_sm"] units per SM and tile 32 above, while
+    one wave of resident CTAs holds the units and no stream-K option is
+    given; otherwise 32-token tiles up to TUNING["short_unit_tokens"] (the
+    variant model chooses the decomposition); anything else: the default
+    (None)."""
+    lim, per = K.TUNING["short_unit_tokens"], K.TUNING["many_units_d64_t64_per_sm"]
+    assert lim > 0 and per >= 1 and K.TUNING["many_units_d64"]
     ok = dict(head_dim=128, group=8, units=280, tokens=559, num_sms=132, paged=False, uniform=True, features=0)
     f = K.many_unit_config
-    assert f(**ok) == (32, False)
-    assert f(**{**ok, "group": 16, "units": 132, "tokens": lim}) == (32, False)
+
+    def never(tile):
+        raise AssertionError("occupancy asked outside the head_dim 64 rule")
+
+    assert f(**ok, occupancy=never) == (32, False)
+    assert f(**{**ok, "group": 16, "units": 132, "tokens": lim}, occupancy=never) == (32, False)
     d64 = {**ok, "head_dim": 64}
     assert f(**d64) == (32, True)
-    assert f(**{**d64, "tokens": lim32}) == (32, True)
-    assert f(**{**d64, "tokens": lim32 + 1}) == (64, True)
-    assert f(**{**d64, "tokens": 100_001}) == (64, True)
-    occ = {32: 5, 64: 3}.get
-    assert f(**{**d64, "units": 660, "occupancy": occ}) == (32, True)
+    for tokens in (1, lim, lim + 1, 2049, 100_001):  # the length does not choose at head_dim 64
+        assert f(**{**d64, "tokens": tokens, "units": per * 132}) == (64, True)
+        assert f(**{**d64, "tokens": tokens, "units": per * 132 + 1}) == (32, True)
+    asked = []
+    occ = {32: 5, 64: 3}
+
+    def occupancy(tile):
+        asked.append(tile)
+        return occ[tile]
+
+    assert f(**{**d64, "units": 660}, occupancy=occupancy) == (32, True) and asked == [32]
+    assert f(**{**d64, "units": 132}, occupancy=occupancy) == (64, True) and asked[-1] == 64
     # more units than one wave of resident CTAs: the short rule, else the default
-    assert f(**{**d64, "units": 661, "occupancy": occ}) == (32, False)
-    assert f(**{**d64, "units": 661, "tokens": lim + 1, "occupancy": occ}) is None
-    assert f(**{**d64, "units": 396, "tokens": lim32 + 1, "occupancy": occ}) == (64, True)
-    assert f(**{**d64, "units": 397, "tokens": lim32 + 1, "occupancy": occ}) is None
+    assert f(**{**d64, "units": 661}, occupancy=occupancy) == (32, False)
+    assert f(**{**d64, "units": 661, "tokens": lim + 1}, occupancy=occupancy) is None
+    occ[64] = 1  # a device where one tile-64 CTA fits per SM
+    assert f(**{**d64, "units": 133, "tokens": lim + 1}, occupancy=occupancy) is None
+    # a stream-K option given: no CTA per unit, the short rule only
+    assert f(**d64, one_cta_per_unit=False) == (32, False)
+    assert f(**{**d64, "tokens": lim + 1}, one_cta_per_unit=False) is None
     for change in ({"head_dim": 256}, {"head_dim": 96}, {"group": 17}, {"units": 131}, {"tokens": lim + 1},
                    {"tokens": 0}, {"paged": True}, {"uniform": False}, {"features": K.FEATURES["sinks"]},
                    {"features": K.FEATURES["fp8_e4m3"]}, {"head_dim": 64, "units": 131},
                    {"head_dim": 64, "paged": True}, {"head_dim": 64, "uniform": False},
-                   {"head_dim": 64, "features": K.FEATURES["window"]}):
-        assert f(**{**ok, **change}) is None, change
+                   {"head_dim": 64, "features": K.FEATURES["window"]},
+                   {"head_dim": 64, "features": K.FEATURES["qlen"]}, {"head_dim": 64, "group": 17}):
+        assert f(**{**ok, **change}, occupancy=never if change.get("head_dim") != 64 else None) is None, change
     saved = dict(K.TUNING)
     try:
         K.TUNING["short_unit_tokens"] = 0
@@ -388,7 +404,7 @@ def test_many_unit_config_rule():
         assert f(**{**d64, "tokens": lim + 1}) is None
     finally:
         K.TUNING.update(saved)
-    # the tile it asks for fits every head_dim it applies to, with the stages a tile override gets
-    for d in (64, 128):
-        spec = K.make_spec("f16", d, 16, False, tile_size=32)
-        assert spec.tile == 32 and spec.smem_bytes <= K.SMEM_OPTIN["sm_80"]
+    # the tiles it asks for fit every head_dim they apply to, with the stages a tile override gets
+    for d, tile in ((64, 32), (64, 64), (128, 32)):
+        spec = K.make_spec("f16", d, 16, False, tile_size=tile)
+        assert spec.tile == tile and spec.smem_bytes <= K.SMEM_OPTIN["sm_80"]

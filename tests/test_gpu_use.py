@@ -1090,7 +1090,7 @@ def test_split_combine_over_row_blocks_with_a_short_last_block(q_len):
 
 
 @pytest.mark.parametrize("b, hq, hkv, d, n, split", [(55, 12, 2, 128, 870, True), (11, 26, 2, 64, 2497, True),
-                                                     (4, 9, 3, 128, 841, True), (18, 80, 10, 64, 700, None)])
+                                                     (4, 9, 3, 128, 841, True), (12, 80, 10, 64, 700, None)])
 def test_dense_default_takes_the_uniform_variant(b, hq, hkv, d, n, split, monkeypatch):
     """Dense calls (no kv_lens: every sequence has the same length): the lean
     plan runs the split-K variant schedule.uniform_variant picks for the
@@ -1106,6 +1106,8 @@ def test_dense_default_takes_the_uniform_variant(b, hq, hkv, d, n, split, monkey
     p = cupy_lean.plan(qd, kd, vd, out=out)
     kern = p.kernels
     assert 0 < p.tile_us < 1 and kern.hbm_bytes_per_us > 1e5
+    if kern.num_sms > b * hkv:  # fewer units than SMs: the default tile and the model
+        assert not p.many_units, p.describe()
     want = uniform_variant(p.units, p.max_unit_tiles, kern.ctas_per_sm * kern.num_sms, kern.num_sms,
                            tile_us=p.tile_us, state_bytes=4 * p.slot_stride, unit_rows=p.meta.group, head_dim=d,
                            threads=p.threads)
@@ -1205,33 +1207,45 @@ def test_torch_graph_capture_on_torch_stream_two_graphs():
         assert np.isfinite(got).all() and np.abs(got - ro).max() < 4e-3
 
 
-@pytest.mark.parametrize("d,hq,hkv,n", [(64, 128, 8, 559), (128, 24, 3, 389), (128, 16, 16, 641),
-                                        (64, 36, 3, 1093), (64, 16, 16, 2049), (64, 5, 1, 3001)])
-def test_many_units_take_their_config(d, hq, hkv, n):
-    """A dense batch of equal lengths with more units than SMs gets the
-    configuration of many units (kernels.many_unit_config): at head_dim 64
-    one CTA per unit at tile 32 (tile 64 over many_units_d64_t32_tokens),
-    at head_dim 128 32-token tiles up to short_unit_tokens. bf16 from
-    NumPy, NaN-prefilled out and lse against the reference, and the same
-    bits from a graph replay."""
+@pytest.mark.parametrize("d,hq,hkv,n,waves,knob", [
+    (64, 128, 8, 559, 1, None), (64, 36, 3, 3001, 1, None), (64, 32, 8, 701, 3, None),
+    (64, 16, 8, 559, 6, None), (64, 16, 8, 1093, 6, None), (64, 32, 8, 559, 3, {"ctas_per_sm": 2}),
+    (128, 24, 3, 389, 1, None), (128, 16, 16, 641, 1, None)])
+def test_many_units_take_their_config(d, hq, hkv, n, waves, knob):
+    """A dense batch of equal lengths with more units than SMs (``waves``
+    times the SMs, about) gets the configuration of many units
+    (kernels.many_unit_config, asked with the device's occupancy): at
+    head_dim 64 one CTA per unit at tile 64 or 32 by the units per SM,
+    falling through to the short-unit rule (or the default) when one wave
+    cannot hold the units or a stream-K option is given; at head_dim 128
+    32-token tiles up to short_unit_tokens. bf16 from NumPy, NaN-prefilled
+    out and lse against the reference, and the same bits from a graph
+    replay."""
+    from cupy_lean import kernels as K
+
     sms = cp.cuda.Device().attributes["MultiProcessorCount"]
-    B = -(-sms // hkv) + 3
-    rng = np.random.default_rng(d + n)
+    B = -(-waves * sms // hkv) + 3
+    rng = np.random.default_rng(d + n + waves)
     q, k, v, lens, _ = make_inputs(rng, B, hq, hkv, d, BF16, [n] * B, "dense")
     out = _nan_like(q.shape, BF16)
     lse = cp.full(q.shape[:2], cp.nan, dtype=cp.float32)
     qg, kg, vg = to_gpu(q), to_gpu(k), to_gpu(v)
-    p = cupy_lean.plan(qg, kg, vg, out=out)
-    from cupy_lean import kernels as K
+    p = cupy_lean.plan(qg, kg, vg, out=out, **(knob or {}))
 
-    if d == 64:
-        tile = 32 if n <= K.TUNING["many_units_d64_t32_tokens"] else 64
-        assert p.many_units and p.spec.tile == tile, p.describe()
-        assert p.uniform_variant == 1 and p.grid == p.units, p.describe()
-    else:
-        short = n <= K.TUNING["short_unit_tokens"]
-        assert p.many_units == short and (p.spec.tile == 32) == short, p.describe()
+    def occupancy(tile):
+        return K.kernels_for(K.make_spec("bf16", d, hq // hkv, False, tile, smem_limit=K.device_smem_limit())).occupancy
+
+    want = K.many_unit_config(d, hq // hkv, B * hkv, n, sms, False, True, 0, occupancy, one_cta_per_unit=knob is None)
+    assert p.many_units == (want is not None), p.describe()
+    if want is not None:
+        assert (p.spec.tile, p.one_cta_per_unit) == want, p.describe()
     assert ("many_unit_config" in p.describe()) == p.many_units
+    if p.one_cta_per_unit:
+        assert p.uniform_variant == 1 and p.grid == p.units == B * hkv, p.describe()
+    if sms >= 100:  # an H100 or H200: what the rule gives there (five tile-32, three tile-64 CTAs per SM)
+        exp = {(64, 1): (64, True), (64, 3): (32, True), (128, 1): (32, False) if n <= 640 else None}
+        exp[(64, 6)] = (32, False) if n <= 640 else None
+        assert want == ((32, False) if knob else exp[(d, waves)]), (want, p.describe())
     p.run(qg, kg, vg, out=out, lse=lse)
     check_close(out, lse, q, k, v, np.asarray(lens), None, BF16)
     first = cp.asnumpy(out).copy()

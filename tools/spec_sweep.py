@@ -1,15 +1,16 @@
 """Time kernel configurations (tile size, CTAs per SM, decomposition) on
-dense decode shapes of many short units: more units than SMs and a few
-tiles each, where one CTA per unit needs several waves and stream-K cuts
-nearly every unit (the family's slowest dense shapes). For each shape:
-lean's default plan, tile sizes 128 (the default before the short-unit
-rule, at head_dim 64 and 128), 64 and 32 (more CTAs per SM fit), one CTA
-per unit at each tile size, and PyTorch SDPA's cuDNN backend when torch is
-there. Device time per call from CUDA-graph replays over rotating copies
-(cold L2), fp16. The data a rule choosing the spec by the units' count and
-length would be fitted to; checked on other seeds, never tuned per shape.
+dense decode shapes of many units: 0.8x to 5x as many units as SMs, where
+one CTA per unit may need several waves and stream-K cuts nearly every
+unit. For each shape: lean's default plan, tile sizes 128 (the default
+tile of head_dim 64 and 128 outside kernels.many_unit_config's rules), 64
+and 32 (more CTAs per SM fit), one CTA per unit at each tile size, and
+PyTorch SDPA's cuDNN backend when torch is there. Device time per call from
+CUDA-graph replays over rotating copies (cold L2), fp16. The data
+many_unit_config's rules were fitted to; check them on other seeds, never
+tune per shape.
 
-    python tools/spec_sweep.py --shapes 12 --seed S [--head-dims 64,128] [--time-budget 200] [--out F.json]
+    python tools/spec_sweep.py --shapes 12 --seed S [--head-dims 64,128] [--lengths 300,2000]
+                               [--time-budget 200] [--out F.json]
 
 Also times tile 64 at 3 and tile 32 at 4 CTAs per SM (stream-K).
 """
