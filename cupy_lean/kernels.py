@@ -360,13 +360,15 @@ def many_unit_config(head_dim, group, units, tokens, num_sms, paged, uniform, fe
     (192 and 160 KB per SM against 128); with up to two units per SM the
     32-token tile leaves an SM 4 warps or fewer, and the 64-token tile is
     faster. Measured on an H200 (``tools/spec_sweep.py``,
-    ``bench/results/spec_sweep_s*.json``, fp16, dense shapes from five
+    ``bench/results/spec_sweep_s*.json``, fp16, dense shapes from seven
     seeds): at head_dim 64 and 300-10000 tokens, one CTA per unit at tile 64
     against tile 32 took 0.60-0.97 of the time on the 14 shapes of 125-232
-    units and 1.01-1.24 on the 17 of 300-650; the rule took 0.64-1.00 of the
-    old default's time (28 shapes). At head_dim 128 the 32-token tile took
-    0.64-0.98 on units of 303-640 tokens and 0.93-1.32 on longer ones (no
-    rule there); head_dim 256 was 1.27-1.66x slower."""
+    units and 1.01-1.24 on the 17 of 300-650 (six seeds); on 35 shapes of
+    155-650 units the rule took 0.894 of the old default's time (geomean,
+    0.64-1.04), and 0.92-1.04 on the 6 of a seventh seed it was not fitted
+    to. At head_dim 128 the 32-token tile took 0.64-0.98 on units of
+    303-640 tokens and 0.93-1.32 on longer ones (no rule there); head_dim
+    256 was 1.27-1.66x slower."""
     if (paged or not uniform or features or head_dim not in (64, 128) or group > 16
             or units < num_sms or tokens <= 0):
         return None
