@@ -221,7 +221,15 @@ def _normalise(q, k, v, kv_lens, block_table, out, lse):
         desc = ", ".join(f"{n} on the {'GPU' if p == 'gpu' else 'CPU'}" for n, p in places.items())
         raise TypeError(f"{', '.join(places)}: expected arrays on one device, got {desc}")
     if gpu:
-        cap = _arrays.foreign_capture_state(q, k, v, out, lse)  # asked once for the call's arrays
+        try:
+            cap = _arrays.foreign_capture_state(q, k, v, out, lse)  # asked once for the call's arrays
+        except Exception:
+            # CuPy cannot use the GPU the arrays claim (no driver, one older than CuPy's CUDA):
+            # say what is missing rather than pass on a bare CUDA runtime error
+            from .kernels import require_device
+
+            require_device()
+            raise
         q, k, v = _to_gpu(q, "q", cap), _to_gpu(k, "k", cap), _to_gpu(v, "v", cap)
         out = _to_gpu(out, "out", cap) if out is not None else None
         lse = _to_gpu(lse, "lse", cap) if lse is not None else None

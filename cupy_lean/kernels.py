@@ -334,20 +334,24 @@ def many_unit_config(head_dim, group, units, tokens, num_sms, paged, uniform, fe
     """The ``(tile, one_cta_per_unit)`` of a call of many units, or None for
     the default configuration.
 
-    Applies to a dense cache of equal lengths (``uniform``: no ``kv_lens``)
-    with at least one unit (sequence x KV head) per SM, ``group`` query rows
-    per unit (query heads per KV head, times the query tokens) up to 16 and
-    no optional feature:
+    Applies to a dense cache of equal lengths (``uniform``: no ``kv_lens``
+    given) of ``tokens`` tokens with at least one unit (sequence x KV head)
+    per SM, ``group`` query rows per unit up to 16 and no optional feature
+    (``features``: the spec's ``FEATURES`` bits: sinks, window, soft-cap, a
+    q with a query-token axis, fp8; so in the plan ``group`` is the query
+    heads per KV head):
 
     - head_dim 64 (``TUNING["many_units_d64"]``; only where the plan may
-      run one CTA per unit, ``one_cta_per_unit``: not with a stream-K
-      option): one CTA per unit, at
-      64-token tiles while there are at most
-      ``TUNING["many_units_d64_t64_per_sm"]`` units per SM and 32-token tiles
-      above, whatever the length, when one wave of resident CTAs holds every
-      unit (``units <= occupancy(tile) * num_sms``; ``occupancy``: a
-      function of the tile giving that spec's CTAs per SM, None: assume it
-      does);
+      run one CTA per unit, ``one_cta_per_unit``: False with an option that
+      fixes the stream-K grid): one CTA per unit, at 64-token tiles while
+      there are at most ``TUNING["many_units_d64_t64_per_sm"]`` units per SM
+      and 32-token tiles above, whatever the length, when one wave of
+      resident CTAs holds every unit (``units <= occupancy(tile) *
+      num_sms``; ``occupancy``: a
+      function of the tile giving that spec's CTAs per SM; None, for a
+      check by hand without a GPU, assumes one wave holds any count, which
+      a device does not: on an H200 at most 5 x 132 units at tile 32 and
+      3 x 132 at tile 64);
     - otherwise, units of at most ``TUNING["short_unit_tokens"]`` tokens at
       head_dim 64 or 128: 32-token tiles, the equal-length variant's model
       choosing the decomposition (``one_cta_per_unit`` False).

@@ -470,6 +470,30 @@ def test_no_gpu_says_what_is_missing():
         cupy_lean.warmup()
 
 
+class _ForeignGpuArray:
+    """What a PyTorch or JAX GPU array shows CuPy: the CUDA array interface."""
+
+    def __init__(self, shape, typestr="<f2"):
+        strides = np.zeros(shape).strides
+        self.__cuda_array_interface__ = {"shape": shape, "typestr": typestr, "data": (1 << 20, False),
+                                         "version": 3, "strides": tuple(x // 8 * 2 for x in strides)}
+
+
+def test_gpu_arrays_without_a_usable_gpu_say_what_is_missing():
+    """Arrays of another GPU library on a machine where CuPy cannot use the
+    GPU (no driver here; in use, a driver older than CuPy's CUDA): attention()
+    says what is missing, not a bare CUDA runtime error, whatever else is
+    wrong with the call."""
+    pytest.importorskip("cupy")
+    if cupy_lean.gpu_available():
+        pytest.skip("a GPU is present")
+    kv = _ForeignGpuArray((2, 16, 2, 64))
+    for hq in (8, 7):  # 7 query heads over 2 KV heads is wrong too
+        q = _ForeignGpuArray((2, hq, 64))
+        with pytest.raises(RuntimeError, match=r"no usable CUDA GPU .*driver"):
+            cupy_lean.attention(q, kv, kv)
+
+
 @pytest.mark.parametrize("base", [dense, paged])
 def test_kv_layout_hnd_equals_nhd(base):
     args = base()
