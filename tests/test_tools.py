@@ -37,3 +37,21 @@ def test_opcodes_drop_predicates_and_modifiers():
 
 def test_no_loop_without_hmma():
     assert sass_loop._tile_loop([(0x0, "IADD3 R1, R1, 0x1, RZ"), (0x10, "@P0 BRA 0x0")]) is None
+
+
+def test_spec_sweep_draws_its_shapes_as_asked():
+    """tools/spec_sweep.py's two shape sources (the sweep itself needs a GPU):
+    many-unit dense shapes in the lengths asked, and family shapes filtered by
+    head_dim, layout and size, the same for the same seed."""
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    import spec_sweep
+
+    dense = spec_sweep.draw(12, 7, 132, (64,), (2000, 10000))
+    assert len(dense) == 12
+    for c in dense:
+        assert c.layout == "dense" and c.head_dim == 64 and 2000 <= c.max_len <= 10001
+        assert c.kv_bytes() <= 400e6 + 1 and len(set(c.lens)) == 1
+    fam = spec_sweep.family_shapes(10, 3, [64, 128], ["paged"], 60)
+    assert len(fam) == 10 and fam == spec_sweep.family_shapes(10, 3, [64, 128], ["paged"], 60)
+    for c in fam:
+        assert c.layout == "paged" and c.head_dim in (64, 128) and c.kv_bytes() <= 60e6

@@ -11,6 +11,11 @@ tune per shape.
 
     python tools/spec_sweep.py --shapes 12 --seed S [--head-dims 64,128] [--lengths 300,2000]
                                [--time-budget 200] [--out F.json]
+    python tools/spec_sweep.py --family --layouts paged,ragged --max-mb 60 --shapes 12 --seed S ...
+
+With ``--family`` the shapes come from the benchmark's family instead
+(``bench.family.draw``; ragged and paged ones get their ``kv_lens`` and
+``block_table``), e.g. the small paged calls where fixed costs dominate.
 
 Also times tile 64 at 3 and tile 32 at 4 CTAs per SM (stream-K).
 """
@@ -50,6 +55,21 @@ def draw(n, seed, num_sms, head_dims=(64, 128, 256), lengths=(300, 2000)):
     return out
 
 
+def family_shapes(n, seed, head_dims, layouts, max_mb):
+    """The first ``n`` shapes of the benchmark's family (``bench.family.draw``,
+    any layout) from ``seed`` with a head_dim in ``head_dims``, a layout in
+    ``layouts`` ("dense", "ragged", "paged") and at most ``max_mb`` MB of K
+    and V (0: any), drawn 20 at a time from ``seed``, ``seed + 1``, ..."""
+    from bench import family as F
+
+    out, s = [], seed
+    while len(out) < n and s < seed + 1000:
+        out += [c for c in F.draw(20, s) if c.head_dim in head_dims and c.layout in layouts
+                and (not max_mb or c.kv_bytes() <= max_mb * 1e6)]
+        s += 1
+    return out[:n]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", type=int, default=12)
@@ -58,6 +78,10 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--head-dims", default="64,128,256", help="comma-separated")
     ap.add_argument("--lengths", default="300,2000", help="LOW,HIGH: the range of the lengths drawn")
+    ap.add_argument("--family", action="store_true",
+                    help="shapes of the benchmark's family (ragged and paged too) instead of many-unit dense ones")
+    ap.add_argument("--layouts", default="dense,ragged,paged", help="with --family: comma-separated")
+    ap.add_argument("--max-mb", type=float, default=0.0, help="with --family: at most this much K and V (0: any)")
     a = ap.parse_args()
     import cupy as cp
 
@@ -73,15 +97,18 @@ def main():
         print(f"sdpa-cudnn: skipped ({exc})")
         sdpa = None
     rows = []
-    shapes = draw(a.shapes, a.seed, sms, [int(x) for x in a.head_dims.split(",")],
-                  tuple(int(x) for x in a.lengths.split(",")))
-    for case, inp, _, outs, n_copies in family_inputs(shapes, a.time_budget, "spec_sweep"):
+    dims = [int(x) for x in a.head_dims.split(",")]
+    if a.family:
+        shapes = family_shapes(a.shapes, a.seed, dims, a.layouts.split(","), a.max_mb)
+    else:
+        shapes = draw(a.shapes, a.seed, sms, dims, tuple(int(x) for x in a.lengths.split(",")))
+    for case, inp, idx, outs, n_copies in family_inputs(shapes, a.time_budget, "spec_sweep"):
         row = {"case": case.name, "units": case.batch * case.heads_kv, "kv_bytes": case.kv_bytes(), "times": {},
                "plans": {}}
         for name, kw in CONFIGS:
             try:
-                p = cupy_lean.plan(inp.q[0], inp.k[0], inp.v[0], out=outs[0], **kw)
-                call = lambda i, p=p: p.run(inp.q[i], inp.k[i], inp.v[i], out=outs[i])  # noqa: E731
+                p = cupy_lean.plan(inp.q[0], inp.k[0], inp.v[0], out=outs[0], **idx, **kw)
+                call = lambda i, p=p: p.run(inp.q[i], inp.k[i], inp.v[i], out=outs[i], **idx)  # noqa: E731
                 call(0)
                 est = graph_time_cupy(call, n_copies, n_copies)["median_us"]
                 row["times"][name] = graph_time_cupy(call, n_copies, calls_per_graph(n_copies, est))["median_us"]
@@ -89,7 +116,7 @@ def main():
             except Exception as exc:
                 row["times"][name] = None
                 row["plans"][name] = f"error: {exc}"
-        if sdpa is not None:
+        if sdpa is not None and case.layout == "dense":  # SDPA takes dense batches only
             try:
                 bnd = sdpa.setup(inp)
                 with bnd.context():
