@@ -1207,6 +1207,45 @@ def test_torch_graph_capture_on_torch_stream_two_graphs():
         assert np.isfinite(got).all() and np.abs(got - ro).max() < 4e-3
 
 
+@pytest.mark.parametrize("units_per_sm", [1.5, 3.2])
+def test_many_units_from_torch_bf16_strided_out_two_graphs(units_per_sm):
+    """The many-units configuration (head_dim 64, one CTA per unit at tile 64
+    or 32 by the units per SM) as a serving user drives it: PyTorch bf16
+    tensors, ``out`` a strided slice of a larger tensor, a custom scale, and
+    two CUDA graphs captured one after another on the same plan. Both
+    replays write every row of their own ``out`` (NaN-prefilled) and
+    nothing else."""
+    torch = pytest.importorskip("torch")
+    from cupy_lean import kernels as K
+
+    sms = cp.cuda.Device().attributes["MultiProcessorCount"]
+    hq, hkv, d, n = 20, 4, 64, 1237
+    B = int(units_per_sm * sms) // hkv
+    rng = np.random.default_rng(79)
+    q, k, v, lens, _ = make_inputs(rng, B, hq, hkv, d, BF16, [n] * B, "dense")
+    tq, tk, tv = (torch.from_numpy(x.view(np.int16)).cuda().view(torch.bfloat16) for x in (q, k, v))
+    scale = 0.11
+    bigs = [torch.full((B, hq, 2 * d), float("nan"), dtype=torch.bfloat16, device="cuda") for _ in range(2)]
+    outs = [t[:, :, :d] for t in bigs]  # strided: row stride 2 x head_dim
+    p = cupy_lean.plan(tq, tk, tv, out=outs[0], scale=scale)
+    if sms >= 100 and p.kernels.occupancy * sms >= p.units:  # an H100 or H200: the rule applies
+        want = 64 if p.units <= K.TUNING["many_units_d64_t64_per_sm"] * sms else 32
+        assert p.one_cta_per_unit and p.spec.tile == want and p.grid == p.units, p.describe()
+    torch.cuda.synchronize()
+    gs = [_capture(lambda o=o: p.run(tq, tk, tv, out=o)) for o in outs]
+    for t in bigs:
+        t.fill_(float("nan"))
+    torch.cuda.synchronize()
+    for g in gs:
+        g.launch(cp.cuda.get_current_stream())
+    cp.cuda.Device().synchronize()
+    ro, _ = reference.attention(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32), scale=scale)
+    for t in bigs:
+        got = t.float().cpu().numpy()
+        assert np.isnan(got[:, :, d:]).all()  # the other half of the row is never written
+        assert np.isfinite(got[:, :, :d]).all() and np.abs(got[:, :, :d] - ro).max() < 2e-2
+
+
 @pytest.mark.parametrize("d,hq,hkv,n,waves,knob", [
     (64, 128, 8, 559, 1, None), (64, 36, 3, 3001, 1, None), (64, 32, 8, 701, 3, None),
     (64, 16, 8, 559, 6, None), (64, 16, 8, 1093, 6, None), (64, 32, 8, 559, 3, {"ctas_per_sm": 2}),
