@@ -1228,9 +1228,17 @@ def test_many_units_from_torch_bf16_strided_out_two_graphs(units_per_sm):
     bigs = [torch.full((B, hq, 2 * d), float("nan"), dtype=torch.bfloat16, device="cuda") for _ in range(2)]
     outs = [t[:, :, :d] for t in bigs]  # strided: row stride 2 x head_dim
     p = cupy_lean.plan(tq, tk, tv, out=outs[0], scale=scale)
-    if sms >= 100 and p.kernels.occupancy * sms >= p.units:  # an H100 or H200: the rule applies
-        want = 64 if p.units <= K.TUNING["many_units_d64_t64_per_sm"] * sms else 32
-        assert p.one_cta_per_unit and p.spec.tile == want and p.grid == p.units, p.describe()
+
+    def occupancy(tile):  # of the tile the rule asks about, not of the plan's choice
+        return K.kernels_for(K.make_spec("bf16", d, hq // hkv, False, tile, smem_limit=K.device_smem_limit())).occupancy
+
+    want = K.many_unit_config(d, hq // hkv, B * hkv, n, sms, False, True, 0, occupancy)
+    assert p.many_units == (want is not None), p.describe()
+    if want is not None:
+        assert (p.spec.tile, p.one_cta_per_unit) == want, p.describe()
+        assert p.grid == p.units == B * hkv, p.describe()
+    if sms >= 100:  # an H100 or H200 (three CTAs per SM at tile 64, five at tile 32)
+        assert want == ((64, True) if units_per_sm < 2 else (32, True))
     torch.cuda.synchronize()
     gs = [_capture(lambda o=o: p.run(tq, tk, tv, out=o)) for o in outs]
     for t in bigs:

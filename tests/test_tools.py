@@ -55,3 +55,9 @@ def test_spec_sweep_draws_its_shapes_as_asked():
     assert len(fam) == 10 and fam == spec_sweep.family_shapes(10, 3, [64, 128], ["paged"], 60)
     for c in fam:
         assert c.layout == "paged" and c.head_dim in (64, 128) and c.kv_bytes() <= 60e6
+        assert c.name.startswith("s") and "_f" in c.name  # the family seed it came from, then its name there
+    assert len({c.name for c in fam}) == len(fam)
+    import pytest
+
+    with pytest.raises(ValueError, match=r"layouts: expected some of .*got \['page'\]"):
+        spec_sweep.family_shapes(3, 3, [64], ["page"], 0)

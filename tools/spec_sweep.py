@@ -60,12 +60,17 @@ def family_shapes(n, seed, head_dims, layouts, max_mb):
     any layout) from ``seed`` with a head_dim in ``head_dims``, a layout in
     ``layouts`` ("dense", "ragged", "paged") and at most ``max_mb`` MB of K
     and V (0: any), drawn 20 at a time from ``seed``, ``seed + 1``, ..."""
+    import dataclasses
+
     from bench import family as F
 
+    bad = sorted(set(layouts) - set(F.LAYOUTS))
+    if bad:
+        raise ValueError(f"layouts: expected some of {F.LAYOUTS}, got {bad}")
     out, s = [], seed
     while len(out) < n and s < seed + 1000:
-        out += [c for c in F.draw(20, s) if c.head_dim in head_dims and c.layout in layouts
-                and (not max_mb or c.kv_bytes() <= max_mb * 1e6)]
+        out += [dataclasses.replace(c, name=f"s{s}_{c.name}") for c in F.draw(20, s)  # seed_family name
+                if c.head_dim in head_dims and c.layout in layouts and (not max_mb or c.kv_bytes() <= max_mb * 1e6)]
         s += 1
     return out[:n]
 
@@ -81,7 +86,8 @@ def main():
     ap.add_argument("--family", action="store_true",
                     help="shapes of the benchmark's family (ragged and paged too) instead of many-unit dense ones")
     ap.add_argument("--layouts", default="dense,ragged,paged", help="with --family: comma-separated")
-    ap.add_argument("--max-mb", type=float, default=0.0, help="with --family: at most this much K and V (0: any)")
+    ap.add_argument("--max-mb", type=float, default=0.0,
+                    help="with --family: at most this much K and V read (0: any)")
     a = ap.parse_args()
     import cupy as cp
 
@@ -129,8 +135,10 @@ def main():
                 row["plans"]["sdpa-cudnn"] = f"error: {exc}"
         t = {k: v for k, v in row["times"].items() if v}
         d = t.get("default")
-        print(f"{case.name:34s} units {row['units']:4d} {row['kv_bytes'] / 1e6:7.1f} MB default {d or 0:6.1f} us | "
-              + " ".join(f"{k} {v / d:.3f}" for k, v in sorted(t.items(), key=lambda kv: kv[1]) if d), flush=True)
+        rest = sorted(t.items(), key=lambda kv: kv[1])
+        print(f"{case.name:34s} units {row['units']:4d} {row['kv_bytes'] / 1e6:7.1f} MB "
+              + (f"default {d:6.1f} us | " + " ".join(f"{k} {v / d:.3f}" for k, v in rest) if d else
+                 "default failed | " + " ".join(f"{k} {v:.1f} us" for k, v in rest)), flush=True)
         rows.append(row)
     if a.out:
         with open(a.out, "w") as f:
