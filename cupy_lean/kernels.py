@@ -451,14 +451,18 @@ def make_spec(dtype, head_dim, group, paged, tile_size=None, stages=None,
 
 
 def shipped_specs():
-    """Every spec reachable with default tile sizes: dtypes x head dims x
-    query-tile counts x dense/paged."""
+    """Every spec reachable without a tile override and no optional feature:
+    the default tile of dtypes x head dims x query-tile counts x
+    dense/paged, and the dense tiles :func:`many_unit_config` chooses (32 and
+    64 tokens at head_dim 64, 32 at head_dim 128; one query tile)."""
     out = []
     for dtype in ("f16", "bf16"):
         for d in HEAD_DIMS:
             for mt in M_TILES:
                 for paged in (False, True):
                     out.append(make_spec(dtype, d, mt * 16, paged))
+        for d, tile in ((64, 32), (64, 64), (128, 32)):
+            out.append(make_spec(dtype, d, 16, False, tile_size=tile))
     return out
 
 
