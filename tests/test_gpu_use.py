@@ -1136,6 +1136,29 @@ def test_dense_default_takes_the_uniform_variant(b, hq, hkv, d, n, split, monkey
     assert float(cp.abs(out2.astype(cp.float32) - graph_out.astype(cp.float32)).max()) < 2e-3
 
 
+def _replay_two_graphs_into_slices(torch, p, tensors, host, scale, bigs, cols):
+    """Capture ``p.run`` into ``big[:, :, cols]`` of each of two tensors (two
+    CUDA graphs, one after the other), NaN-fill the tensors, replay both:
+    each slice equals the reference (float32 of the ``host`` q, k, v, this
+    ``scale``) and the rest of each tensor is never written."""
+    tq, tk, tv = tensors
+    torch.cuda.synchronize()
+    gs = [_capture(lambda o=t[:, :, cols]: p.run(tq, tk, tv, out=o)) for t in bigs]
+    for t in bigs:
+        t.fill_(float("nan"))
+    torch.cuda.synchronize()
+    for g in gs:
+        g.launch(cp.cuda.get_current_stream())
+    cp.cuda.Device().synchronize()
+    ro, _ = reference.attention(*(x.astype(np.float32) for x in host), scale=scale)
+    for t in bigs:
+        got = t.float().cpu().numpy()
+        rest = np.ones(got.shape[-1], bool)
+        rest[cols] = False
+        assert np.isnan(got[:, :, rest]).all()
+        assert np.isfinite(got[:, :, cols]).all() and np.abs(got[:, :, cols] - ro).max() < 2e-2
+
+
 def test_dense_variant_from_torch_bf16_strided_out_two_graphs():
     """What a serving user does with a dense cache: PyTorch bf16 tensors,
     ``out`` a strided slice of a larger tensor, a custom scale, and two CUDA
@@ -1152,19 +1175,7 @@ def test_dense_variant_from_torch_bf16_strided_out_two_graphs():
     p = cupy_lean.plan(tq, tk, tv, out=outs[0], scale=scale)
     if p.kernels.num_sms >= 100:
         assert p.uniform_variant > 1
-    torch.cuda.synchronize()
-    gs = [_capture(lambda o=o: p.run(tq, tk, tv, out=o)) for o in outs]
-    for t in bigs:
-        t.fill_(float("nan"))
-    torch.cuda.synchronize()
-    for g in gs:
-        g.launch(cp.cuda.get_current_stream())
-    cp.cuda.Device().synchronize()
-    ro, _ = reference.attention(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32), scale=scale)
-    for t in bigs:
-        got = t.float().cpu().numpy()
-        assert np.isnan(got[:, :, :64]).all()  # the other half of the row is never written
-        assert np.isfinite(got[:, :, 64:]).all() and np.abs(got[:, :, 64:] - ro).max() < 2e-2
+    _replay_two_graphs_into_slices(torch, p, (tq, tk, tv), (q, k, v), scale, bigs, slice(64, None))
 
 
 def test_torch_graph_capture_on_torch_stream_two_graphs():
@@ -1239,19 +1250,7 @@ def test_many_units_from_torch_bf16_strided_out_two_graphs(units_per_sm):
         assert p.grid == p.units == B * hkv, p.describe()
     if sms >= 100:  # an H100 or H200 (three CTAs per SM at tile 64, five at tile 32)
         assert want == ((64, True) if units_per_sm < 2 else (32, True))
-    torch.cuda.synchronize()
-    gs = [_capture(lambda o=o: p.run(tq, tk, tv, out=o)) for o in outs]
-    for t in bigs:
-        t.fill_(float("nan"))
-    torch.cuda.synchronize()
-    for g in gs:
-        g.launch(cp.cuda.get_current_stream())
-    cp.cuda.Device().synchronize()
-    ro, _ = reference.attention(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32), scale=scale)
-    for t in bigs:
-        got = t.float().cpu().numpy()
-        assert np.isnan(got[:, :, d:]).all()  # the other half of the row is never written
-        assert np.isfinite(got[:, :, :d]).all() and np.abs(got[:, :, :d] - ro).max() < 2e-2
+    _replay_two_graphs_into_slices(torch, p, (tq, tk, tv), (q, k, v), scale, bigs, slice(0, d))
 
 
 @pytest.mark.parametrize("d,hq,hkv,n,waves,knob", [
