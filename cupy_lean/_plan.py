@@ -264,21 +264,20 @@ class Plan:
         variants_ok = (sig.schedule == "lean" and sig.kv_lens is None and not m.paged
                        and K.TUNING["uniform_variants"] and sig.num_ctas is None and sig.ctas_per_sm is None
                        and sig.min_tiles_per_cta is None and sig.merge_balance is None)
+        smem_limit = K.device_smem_limit()
+
+        def spec_at(tile):  # this call's spec at a tile size (None: the default)
+            return K.make_spec(KERNEL_TAG[sig.dtypes[0]], D, rows, m.paged, tile, sig.stages, smem_limit=smem_limit,
+                               features=bits, page_size=m.page_size if m.paged else None)
+
         tile_size, self.many_units, self.one_cta_per_unit = sig.tile_size, False, False
         if tile_size is None and sig.stages is None and sig.schedule == "lean" and B * Hkv:
-            limit = K.device_smem_limit()
-
-            def occupancy(t):  # resident CTAs per SM of this call's spec at tile t
-                return K.kernels_for(K.make_spec(KERNEL_TAG[sig.dtypes[0]], D, rows, False, t, None,
-                                                 smem_limit=limit, features=bits)).occupancy
-
             many = K.many_unit_config(D, rows, B * Hkv, m.capacity, K.device_sm_count(), m.paged,
-                                      sig.kv_lens is None, bits, occupancy, one_cta_per_unit=variants_ok)
+                                      sig.kv_lens is None, bits, lambda t: K.kernels_for(spec_at(t)).occupancy,
+                                      one_cta_per_unit=variants_ok)
             if many is not None:
                 (tile_size, self.one_cta_per_unit), self.many_units = many, True
-        spec = K.make_spec(KERNEL_TAG[sig.dtypes[0]], D, rows, m.paged, tile_size, sig.stages,
-                           smem_limit=K.device_smem_limit(), features=bits,
-                           page_size=m.page_size if m.paged else None)
+        spec = spec_at(tile_size)
         kern = K.kernels_for(spec)
         self.spec, self.kernels = spec, kern
         self.device = cp.cuda.runtime.getDevice()

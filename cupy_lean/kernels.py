@@ -572,14 +572,21 @@ def hbm_bytes_per_us(attrs):
     return bw if bw >= 1e5 else TUNING["fallback_hbm_tbps"] * 1e6
 
 
+def _device_attribute(attr):
+    """One attribute of the current device (one driver query; CuPy's
+    ``Device().attributes`` asks for every attribute)."""
+    rt = _cupy().cuda.runtime
+    return int(rt.deviceGetAttribute(attr, rt.getDevice()))
+
+
 def device_sm_count():
     """Streaming multiprocessors of the current device."""
-    return int(_cupy().cuda.Device().attributes["MultiProcessorCount"])
+    return _device_attribute(_cupy().cuda.runtime.cudaDevAttrMultiProcessorCount)
 
 
 def device_smem_limit():
     """Opt-in shared memory per block of the current device, in bytes."""
-    return int(_cupy().cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"])
+    return _device_attribute(_cupy().cuda.runtime.cudaDevAttrMaxSharedMemoryPerBlockOptin)
 
 
 def kernels_for(spec) -> _Kernels:

@@ -1136,6 +1136,19 @@ def test_dense_default_takes_the_uniform_variant(b, hq, hkv, d, n, split, monkey
     assert float(cp.abs(out2.astype(cp.float32) - graph_out.astype(cp.float32)).max()) < 2e-3
 
 
+def _many_unit_rule(d, group, units, n, one_cta_per_unit=True):
+    """What kernels.many_unit_config gives a dense bf16 call of equal lengths
+    on this device, asked with the occupancy of each tile it considers (not
+    of the plan's choice)."""
+    from cupy_lean import kernels as K
+
+    def occupancy(tile):
+        return K.kernels_for(K.make_spec("bf16", d, group, False, tile, smem_limit=K.device_smem_limit())).occupancy
+
+    return K.many_unit_config(d, group, units, n, K.device_sm_count(), False, True, 0, occupancy,
+                              one_cta_per_unit=one_cta_per_unit)
+
+
 def _replay_two_graphs_into_slices(torch, p, tensors, host, scale, bigs, cols):
     """Capture ``p.run`` into ``big[:, :, cols]`` of each of two tensors (two
     CUDA graphs, one after the other), NaN-fill the tensors, replay both:
@@ -1227,8 +1240,6 @@ def test_many_units_from_torch_bf16_strided_out_two_graphs(units_per_sm):
     replays write every row of their own ``out`` (NaN-prefilled) and
     nothing else."""
     torch = pytest.importorskip("torch")
-    from cupy_lean import kernels as K
-
     sms = cp.cuda.Device().attributes["MultiProcessorCount"]
     hq, hkv, d, n = 20, 4, 64, 1237
     B = int(units_per_sm * sms) // hkv
@@ -1240,10 +1251,7 @@ def test_many_units_from_torch_bf16_strided_out_two_graphs(units_per_sm):
     outs = [t[:, :, :d] for t in bigs]  # strided: row stride 2 x head_dim
     p = cupy_lean.plan(tq, tk, tv, out=outs[0], scale=scale)
 
-    def occupancy(tile):  # of the tile the rule asks about, not of the plan's choice
-        return K.kernels_for(K.make_spec("bf16", d, hq // hkv, False, tile, smem_limit=K.device_smem_limit())).occupancy
-
-    want = K.many_unit_config(d, hq // hkv, B * hkv, n, sms, False, True, 0, occupancy)
+    want = _many_unit_rule(d, hq // hkv, B * hkv, n)
     assert p.many_units == (want is not None), p.describe()
     if want is not None:
         assert (p.spec.tile, p.one_cta_per_unit) == want, p.describe()
@@ -1267,8 +1275,6 @@ def test_many_units_take_their_config(d, hq, hkv, n, waves, knob):
     32-token tiles up to short_unit_tokens. bf16 from NumPy, NaN-prefilled
     out and lse against the reference, and the same bits from a graph
     replay."""
-    from cupy_lean import kernels as K
-
     sms = cp.cuda.Device().attributes["MultiProcessorCount"]
     B = -(-waves * sms // hkv) + 3
     rng = np.random.default_rng(d + n + waves)
@@ -1278,10 +1284,7 @@ def test_many_units_take_their_config(d, hq, hkv, n, waves, knob):
     qg, kg, vg = to_gpu(q), to_gpu(k), to_gpu(v)
     p = cupy_lean.plan(qg, kg, vg, out=out, **(knob or {}))
 
-    def occupancy(tile):
-        return K.kernels_for(K.make_spec("bf16", d, hq // hkv, False, tile, smem_limit=K.device_smem_limit())).occupancy
-
-    want = K.many_unit_config(d, hq // hkv, B * hkv, n, sms, False, True, 0, occupancy, one_cta_per_unit=knob is None)
+    want = _many_unit_rule(d, hq // hkv, B * hkv, n, one_cta_per_unit=knob is None)
     assert p.many_units == (want is not None), p.describe()
     if want is not None:
         assert (p.spec.tile, p.one_cta_per_unit) == want, p.describe()
