@@ -259,9 +259,11 @@ class Plan:
         self.kv8 = f_kv8  # "e4m3" | "e5m2": an fp8 cache (uint8 storage)
         self.has_sinks = f_sinks is not None
         rows = g * max(self.q_len, 1)  # query rows of a unit
-        # a lean plan of equal lengths with no stream-K option may run another decomposition
-        # (the equal-length variant, below; one CTA per unit by many_unit_config)
-        variants_ok = (sig.schedule == "lean" and sig.kv_lens is None and not m.paged
+        # a lean plan of equal lengths (a dense cache without kv_lens, or one sequence: any
+        # layout, any kv_lens) with no stream-K option may run another decomposition (the
+        # equal-length variant, below; one CTA per unit by many_unit_config)
+        self.equal_lengths = (sig.kv_lens is None and not m.paged) or B == 1
+        variants_ok = (sig.schedule == "lean" and self.equal_lengths
                        and K.TUNING["uniform_variants"] and sig.num_ctas is None and sig.ctas_per_sm is None
                        and sig.min_tiles_per_cta is None and sig.merge_balance is None)
         smem_limit = K.device_smem_limit()
@@ -451,8 +453,9 @@ class Plan:
             f"  units {self.units} (batch x heads_kv), up to {self.max_unit_tiles} tiles per unit",
         ]
         if self.uniform_variant:
-            lines.append(f"  grid: {self.grid} CTAs = {self.units} units x {self.num_splits} chunks (every "
-                         f"sequence has the same length: the lean plan's split-K variant, "
+            why = "one sequence" if m.batch == 1 else "every sequence has the same length"
+            lines.append(f"  grid: {self.grid} CTAs = {self.units} units x {self.num_splits} chunks ({why}: "
+                         f"the lean plan's split-K variant, "
                          + ("one CTA per unit by cupy_lean.kernels.many_unit_config)" if self.one_cta_per_unit
                             else "by the streaming model of cupy_lean.schedule.uniform_variant)")
                          + (f"; then a combine launch of {self._combine_text()}" if self.num_splits > 1 else ""))

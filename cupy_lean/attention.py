@@ -73,8 +73,8 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
         Written in place and returned (q's dtype, same device).
     schedule : {"lean", "split", "head"}
         ``"lean"``: stream-K over all tiles, one launch (the product). When
-        every sequence has the same length (no ``kv_lens``, dense ``k``
-        and ``v``) and no stream-K option is given (``num_ctas``; in
+        every sequence has the same length (no ``kv_lens`` and dense ``k``
+        and ``v``, or a batch of one sequence) and no stream-K option is given (``num_ctas``; in
         :func:`plan` and :class:`Config` also ``ctas_per_sm``,
         ``min_tiles_per_cta``, ``merge_balance``), the lean plan runs its
         split-K variant instead where a streaming model says it is as fast
@@ -341,8 +341,9 @@ class Config:
     Attributes
     ----------
     schedule : {"lean", "split", "head"}
-        The decomposition: stream-K (the product; for equal lengths without
-        a stream-K option set here, its split-K variant where faster, see
+        The decomposition: stream-K (the product; for equal lengths, a
+        dense cache without ``kv_lens`` or one sequence, and no stream-K
+        option set here, its split-K variant where faster, see
         :func:`attention`), FlashDecoding's split-K, or one CTA per unit.
     tile_size : int, optional
         KV tokens per tile: 16, 32, 64 or 128.

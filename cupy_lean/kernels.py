@@ -277,7 +277,7 @@ TUNING = {
     # stream-K ranges >= sqrt(a x longest unit's tiles x state rows / tile) tiles; 0: no floor (since the
     # one-pass merge and the merge tree, the floor cost more streaming SMs than the merge it saved)
     "merge_balance": 0,
-    # uniform lengths (no kv_lens): the lean plan runs split-K or one CTA per unit where
+    # equal lengths (no kv_lens and a dense cache, or one sequence): the lean plan runs split-K or one CTA per unit where
     # schedule.uniform_variant's model says it streams as fast (False: always stream-K)
     "uniform_variants": True,
     "fallback_hbm_tbps": 3.0,  # DRAM bandwidth assumed where the driver reports no memory clock

@@ -923,15 +923,19 @@ def test_batch_300_past_the_length_cache():
     check_close(out, lse, q, k, v, lens, table, np.float16)
 
 
-def test_unit_with_many_contributors():
-    """One KV head, group 128, 128k tokens: every CTA of the grid contributes
-    to the one unit (100+ partial states merged)."""
+def test_unit_with_many_contributors(monkeypatch):
+    """One KV head, group 128, 128k tokens, stream-K (a batch of one sequence
+    may take the split-K variant: turned off here): every CTA of the grid
+    contributes to the one unit (100+ partial states merged)."""
+    from cupy_lean import kernels as K
+
+    monkeypatch.setitem(K.TUNING, "uniform_variants", False)
     rng = np.random.default_rng(83)
     n = 131072 - 5
     q, k, v, lens, table = make_inputs(rng, 1, 128, 1, 128, np.float16, [n], "dense")
     out = _nan_like(q.shape, q.dtype)
     p = cupy_lean.plan(to_gpu(q), to_gpu(k), to_gpu(v), kv_lens=cp.asarray(lens), out=out)
-    assert p.grid >= 100
+    assert p.grid >= 100 and p.decomposition == K.Decomposition.STREAM_K
     _, lse = cupy_lean.attention(to_gpu(q), to_gpu(k), to_gpu(v), kv_lens=cp.asarray(lens), out=out,
                                  return_lse=True)
     ro, rl = reference.attention(q, k, v, kv_lens=lens)
@@ -1134,6 +1138,64 @@ def test_dense_default_takes_the_uniform_variant(b, hq, hkv, d, n, split, monkey
     sk.run(qd, kd, vd, out=out2, lse=lse2, return_lse=True)
     _assert_out_lse(out2, lse2, ro, rl)
     assert float(cp.abs(out2.astype(cp.float32) - graph_out.astype(cp.float32)).max()) < 2e-3
+
+
+@pytest.mark.parametrize("layout, hq, hkv, d, cap, page", [("dense", 28, 7, 128, 5382, 16),
+                                                        ("paged", 15, 1, 256, 6751, 16),
+                                                        ("paged", 21, 3, 64, 2049, 1),
+                                                        ("paged", 55, 5, 64, 3001, 64)])
+def test_one_sequence_takes_the_equal_length_variant(layout, hq, hkv, d, cap, page, monkeypatch):
+    """A batch of one sequence (kv_lens on the GPU; dense or paged): every
+    unit has the same length, so the lean plan runs the variant
+    schedule.uniform_variant picks from the capacity, as for a dense call,
+    and describe() says why. Two graphs captured one after another (the
+    variant and stream-K forced by a knob) are replayed, NaN-prefilled, with
+    lengths other than the capture's (0, 1, shorter than a chunk, odd, the
+    capacity): each replay equals the reference and the two agree up to
+    rounding."""
+    from cupy_lean import kernels as K
+    from cupy_lean.schedule import uniform_variant
+
+    rng = np.random.default_rng(cap + d + page)
+    q, k, v, lens, table = make_inputs(rng, 1, hq, hkv, d, np.float16, [cap], layout, page_size=page)
+    qd, kd, vd, td = to_gpu(q), to_gpu(k), to_gpu(v), to_gpu(table)
+    ld = cp.asarray(lens)
+    p = cupy_lean.plan(qd, kd, vd, kv_lens=ld, block_table=td)
+    kern = p.kernels
+    want = uniform_variant(p.units, p.max_unit_tiles, kern.ctas_per_sm * kern.num_sms, kern.num_sms,
+                           tile_us=p.tile_us, state_bytes=4 * p.slot_stride, unit_rows=p.meta.group, head_dim=d,
+                           threads=p.threads)
+    assert p.equal_lengths and p.uniform_variant == want and not p.many_units
+    if kern.num_sms >= 100:  # a split-K variant on an H100 or H200 (model and measured)
+        assert want > 1 and p.grid == p.units * want and "one sequence: the lean plan's split-K" in p.describe()
+    monkeypatch.setitem(K.TUNING, "uniform_variants", False)
+    sk = cupy_lean.plan(qd, kd, vd, kv_lens=ld, block_table=td)
+    assert sk.uniform_variant == 0 and sk.decomposition == K.Decomposition.STREAM_K
+    runs = []
+    for plan in (p, sk):  # captured one after another
+        out = _nan_like(q.shape, q.dtype)
+        lse = cp.full(q.shape[:2], cp.nan, dtype=cp.float32)
+        g = _capture(lambda plan=plan, out=out, lse=lse: plan.run(qd, kd, vd, kv_lens=ld, block_table=td, out=out,
+                                                                  lse=lse))
+        runs.append((g, out, lse))
+    tile = p.tile
+    for n in (0, 1, tile - 1, 3 * tile + 5, cap):
+        ld[...] = n
+        for _, out, lse in runs:
+            out.fill(cp.nan)
+            lse.fill(cp.nan)
+        cp.cuda.Device().synchronize()  # the writes above are on the default stream (see _capture)
+        s = cp.cuda.Stream(non_blocking=True)
+        for g, _, _ in runs:
+            g.launch(s)
+        s.synchronize()
+        ro, rl = reference.attention(q, k, v, kv_lens=np.array([n], np.int32), block_table=table)
+        for _, out, lse in runs:
+            if n:
+                _assert_out_lse(out, lse, ro, rl)
+            else:  # an empty sequence: zero output, lse -inf
+                assert not bool(cp.any(out != 0)) and bool(cp.all(cp.isneginf(lse)))
+        assert float(cp.abs(runs[0][1].astype(cp.float32) - runs[1][1].astype(cp.float32)).max()) < 2e-3
 
 
 def _many_unit_rule(d, group, units, n, one_cta_per_unit=True):

@@ -42,7 +42,7 @@ def test_no_loop_without_hmma():
 def test_spec_sweep_draws_its_shapes_as_asked():
     """tools/spec_sweep.py's two shape sources (the sweep itself needs a GPU):
     many-unit dense shapes in the lengths asked, and family shapes filtered by
-    head_dim, layout and size, the same for the same seed."""
+    head_dim, layout, size and batch, the same for the same seed."""
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     import spec_sweep
 
@@ -57,6 +57,8 @@ def test_spec_sweep_draws_its_shapes_as_asked():
         assert c.layout == "paged" and c.head_dim in (64, 128) and c.kv_bytes() <= 60e6
         assert c.name.startswith("s") and "_f" in c.name  # the family seed it came from, then its name there
     assert len({c.name for c in fam}) == len(fam)
+    one = spec_sweep.family_shapes(6, 3, [64, 128, 256], ["ragged", "paged"], 0, max_batch=1)
+    assert len(one) == 6 and all(c.batch == 1 and c.layout in ("ragged", "paged") for c in one)
     import pytest
 
     with pytest.raises(ValueError, match=r"layouts: expected some of .*got \['page'\]"):

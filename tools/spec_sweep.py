@@ -17,7 +17,10 @@ With ``--family`` the shapes come from the benchmark's family instead
 (``bench.family.draw``; ragged and paged ones get their ``kv_lens`` and
 ``block_table``), e.g. the small paged calls where fixed costs dominate.
 
-Also times tile 64 at 3 and tile 32 at 4 CTAs per SM (stream-K).
+Also times tile 64 at 3 and tile 32 at 4 CTAs per SM (stream-K); with
+``--family`` also one CTA per SM (tile 128 and 64), the split-K schedule and
+a stream-K grid of half the SMs and split-K with as many chunks per unit
+as fit the SMs (``split_sms``).
 """
 
 import argparse
@@ -36,6 +39,9 @@ CONFIGS = [("default", {}), ("t128", {"tile_size": 128}), ("t64", {"tile_size": 
            ("head", {"schedule": "head"}), ("head_t64", {"schedule": "head", "tile_size": 64}),
            ("head_t32", {"schedule": "head", "tile_size": 32}),
            ("t64_c3", {"tile_size": 64, "ctas_per_sm": 3}), ("t32_c4", {"tile_size": 32, "ctas_per_sm": 4})]
+# with --family also: one CTA per SM, the split-K schedule, half the SMs
+FAMILY_CONFIGS = [("c1", {"ctas_per_sm": 1}), ("split", {"schedule": "split"}),
+                  ("t64_c1", {"tile_size": 64, "ctas_per_sm": 1}), ("half", "half"), ("split_sms", "split_sms")]
 
 
 def draw(n, seed, num_sms, head_dims=(64, 128, 256), lengths=(300, 2000)):
@@ -55,11 +61,12 @@ def draw(n, seed, num_sms, head_dims=(64, 128, 256), lengths=(300, 2000)):
     return out
 
 
-def family_shapes(n, seed, head_dims, layouts, max_mb):
+def family_shapes(n, seed, head_dims, layouts, max_mb, max_batch=0):
     """The first ``n`` shapes of the benchmark's family (``bench.family.draw``,
     any layout) from ``seed`` with a head_dim in ``head_dims``, a layout in
-    ``layouts`` ("dense", "ragged", "paged") and at most ``max_mb`` MB of K
-    and V (0: any), drawn 20 at a time from ``seed``, ``seed + 1``, ..."""
+    ``layouts`` ("dense", "ragged", "paged"), at most ``max_mb`` MB of K
+    and V (0: any) and at most ``max_batch`` sequences (0: any), drawn 20
+    at a time from ``seed``, ``seed + 1``, ..."""
     import dataclasses
 
     from bench import family as F
@@ -70,7 +77,8 @@ def family_shapes(n, seed, head_dims, layouts, max_mb):
     out, s = [], seed
     while len(out) < n and s < seed + 1000:
         out += [dataclasses.replace(c, name=f"s{s}_{c.name}") for c in F.draw(20, s)  # seed_family name
-                if c.head_dim in head_dims and c.layout in layouts and (not max_mb or c.kv_bytes() <= max_mb * 1e6)]
+                if c.head_dim in head_dims and c.layout in layouts and (not max_mb or c.kv_bytes() <= max_mb * 1e6)
+                and (not max_batch or c.batch <= max_batch)]
         s += 1
     return out[:n]
 
@@ -88,6 +96,7 @@ def main():
     ap.add_argument("--layouts", default="dense,ragged,paged", help="with --family: comma-separated")
     ap.add_argument("--max-mb", type=float, default=0.0,
                     help="with --family: at most this much K and V read (0: any)")
+    ap.add_argument("--max-batch", type=int, default=0, help="with --family: at most this many sequences (0: any)")
     a = ap.parse_args()
     import cupy as cp
 
@@ -105,13 +114,17 @@ def main():
     rows = []
     dims = [int(x) for x in a.head_dims.split(",")]
     if a.family:
-        shapes = family_shapes(a.shapes, a.seed, dims, a.layouts.split(","), a.max_mb)
+        shapes = family_shapes(a.shapes, a.seed, dims, a.layouts.split(","), a.max_mb, a.max_batch)
     else:
         shapes = draw(a.shapes, a.seed, sms, dims, tuple(int(x) for x in a.lengths.split(",")))
     for case, inp, idx, outs, n_copies in family_inputs(shapes, a.time_budget, "spec_sweep"):
         row = {"case": case.name, "units": case.batch * case.heads_kv, "kv_bytes": case.kv_bytes(), "times": {},
                "plans": {}}
-        for name, kw in CONFIGS:
+        for name, kw in CONFIGS + (FAMILY_CONFIGS if a.family else []):
+            if kw == "half":
+                kw = {"num_ctas": sms // 2}
+            elif kw == "split_sms":  # split-K, floor(SMs / units) chunks per unit
+                kw = {"schedule": "split", "num_ctas": max(sms, row["units"])}
             try:
                 p = cupy_lean.plan(inp.q[0], inp.k[0], inp.v[0], out=outs[0], **idx, **kw)
                 call = lambda i, p=p: p.run(inp.q[i], inp.k[i], inp.v[i], out=outs[i], **idx)  # noqa: E731
