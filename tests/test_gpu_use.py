@@ -1160,7 +1160,8 @@ def test_one_sequence_takes_the_equal_length_variant(layout, hq, hkv, d, cap, pa
     q, k, v, lens, table = make_inputs(rng, 1, hq, hkv, d, np.float16, [cap], layout, page_size=page)
     qd, kd, vd, td = to_gpu(q), to_gpu(k), to_gpu(v), to_gpu(table)
     ld = cp.asarray(lens)
-    p = cupy_lean.plan(qd, kd, vd, kv_lens=ld, block_table=td)
+    template = _nan_like(q.shape, q.dtype)  # the plans are made for an out of this layout
+    p = cupy_lean.plan(qd, kd, vd, kv_lens=ld, block_table=td, out=template)
     kern = p.kernels
     want = uniform_variant(p.units, p.max_unit_tiles, kern.ctas_per_sm * kern.num_sms, kern.num_sms,
                            tile_us=p.tile_us, state_bytes=4 * p.slot_stride, unit_rows=p.meta.group, head_dim=d,
@@ -1169,7 +1170,7 @@ def test_one_sequence_takes_the_equal_length_variant(layout, hq, hkv, d, cap, pa
     if kern.num_sms >= 100:  # a split-K variant on an H100 or H200 (model and measured)
         assert want > 1 and p.grid == p.units * want and "one sequence: the lean plan's split-K" in p.describe()
     monkeypatch.setitem(K.TUNING, "uniform_variants", False)
-    sk = cupy_lean.plan(qd, kd, vd, kv_lens=ld, block_table=td)
+    sk = cupy_lean.plan(qd, kd, vd, kv_lens=ld, block_table=td, out=template)
     assert sk.uniform_variant == 0 and sk.decomposition == K.Decomposition.STREAM_K
     runs = []
     for plan in (p, sk):  # captured one after another
