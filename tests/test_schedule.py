@@ -630,17 +630,20 @@ def _spec_variant_time(ctas, chunk, grid, tile_us):
 @example(1, 1, 132, 132, 0.0, 0, 1)
 @example(0, 10, 132, 132, 0.0, 0, 1)
 @example(36, 8, 132, 132, 0.0137, 0, 1)  # a cut's cost decides: split although it streams 1.1x longer
+@example(75, 13, 132, 132, 0.0136, 0, 1)  # the heuristic's 3 chunks need two waves: one CTA per unit or stream-K
+@example(47, 14, 132, 132, 0.0068, 0, 1)  # 5 chunks (two waves) -> 2
 def test_uniform_variant(units, tiles, grid, num_sms, tile_us, state_bytes, rows):
     v = uniform_variant(units, tiles, grid, num_sms, tile_us=tile_us, state_bytes=state_bytes, unit_rows=rows)
     assert isinstance(v, int)
     if units <= 0 or tiles <= 0:
         assert v == 0
         return
-    ns = num_splits_heuristic(units, tiles, num_sms)
+    ns = min(num_splits_heuristic(units, tiles, num_sms), max(1, grid // units))  # one wave at most
     def cta_bytes(n):  # what one combine CTA reads: every chunk's state of its share of the rows
         return n * state_bytes * -(-rows // combine_row_blocks(units, rows, num_sms, n)) / rows
 
     assert v in (0, 1, ns) and (v <= 1 or cta_bytes(v) <= 256 * 1024)
+    assert units * v <= max(grid, units)  # a split's CTAs fit one wave
     total = units * tiles
     g = min(grid, total)
     sk = total / g * max(g, 0.7 * grid) * (tile_us or 1)  # stream-K: one wave of g CTAs, equal shares
@@ -667,6 +670,10 @@ def test_uniform_variant_cases():
     assert uniform_variant(22, 20, 132, 132, tile_us=d64) == num_splits_heuristic(22, 20, 132) == 5  # 9.9 vs 12.5
     assert uniform_variant(36, 8, 132, 132, tile_us=d128) == 3  # b9 44/4 d128 998: 12.3 vs 17.2
     assert uniform_variant(72, 56, 132, 132, tile_us=d64) != 1  # b18 40/4 d64 7k: head 1.07x slower
+    # one wave at most (tools/spec_sweep.py --units 0.3,1.0, seeds 20124060-61): the heuristic's count
+    # needs two waves; the one-wave count (2 here, 1 below) took 0.875 and 0.577 of its time
+    assert num_splits_heuristic(47, 14, 132) == 5 and uniform_variant(47, 14, 132, 132, tile_us=d64) == 2
+    assert num_splits_heuristic(75, 3, 132) == 3 and uniform_variant(75, 3, 132, 132, tile_us=d64) == 1
     d256 = 2 * 64 * 256 * 2 / 4.8e6
     # b1 24/2 d256 63k: 59 chunks of 12 x 258 floats per unit, 1.20x stream-K's time
     assert uniform_variant(2, 987, 132, 132, tile_us=d256) == num_splits_heuristic(2, 987, 132) == 59

@@ -1,5 +1,6 @@
 """Time kernel configurations (tile size, CTAs per SM, decomposition) on
-dense decode shapes of many units: 0.8x to 5x as many units as SMs, where
+dense decode shapes of many units: 0.8x to 5x as many units as SMs
+(``--units``), where
 one CTA per unit may need several waves and stream-K cuts nearly every
 unit. For each shape: lean's default plan, tile sizes 128 (the default
 tile of head_dim 64 and 128 outside kernels.many_unit_config's rules), 64
@@ -17,10 +18,11 @@ With ``--family`` the shapes come from the benchmark's family instead
 (``bench.family.draw``; ragged and paged ones get their ``kv_lens`` and
 ``block_table``), e.g. the small paged calls where fixed costs dominate.
 
-Also times tile 64 at 3 and tile 32 at 4 CTAs per SM (stream-K); with
-``--family`` also one CTA per SM (tile 128 and 64), the split-K schedule and
-a stream-K grid of half the SMs and split-K with as many chunks per unit
-as fit the SMs (``split_sms``).
+Also times tile 64 at 3 and tile 32 at 4 CTAs per SM and one CTA per SM
+(``sk``; all three stream-K), the split-K schedule's own chunk count
+(``split``) and split-K with as many chunks per unit as fit the SMs in one
+wave (``split_sms``); with ``--family`` also tile 64 at one CTA per SM and
+a stream-K grid of half the SMs. ``--configs a,b,...`` times only those.
 """
 
 import argparse
@@ -38,21 +40,22 @@ from bench.tune import family_inputs  # noqa: E402
 CONFIGS = [("default", {}), ("t128", {"tile_size": 128}), ("t64", {"tile_size": 64}), ("t32", {"tile_size": 32}),
            ("head", {"schedule": "head"}), ("head_t64", {"schedule": "head", "tile_size": 64}),
            ("head_t32", {"schedule": "head", "tile_size": 32}),
-           ("t64_c3", {"tile_size": 64, "ctas_per_sm": 3}), ("t32_c4", {"tile_size": 32, "ctas_per_sm": 4})]
+           ("t64_c3", {"tile_size": 64, "ctas_per_sm": 3}), ("t32_c4", {"tile_size": 32, "ctas_per_sm": 4}),
+           ("sk", {"ctas_per_sm": 1}), ("split", {"schedule": "split"}), ("split_sms", "split_sms")]
 # with --family also: one CTA per SM, the split-K schedule, half the SMs
-FAMILY_CONFIGS = [("c1", {"ctas_per_sm": 1}), ("split", {"schedule": "split"}),
-                  ("t64_c1", {"tile_size": 64, "ctas_per_sm": 1}), ("half", "half"), ("split_sms", "split_sms")]
+FAMILY_CONFIGS = [("t64_c1", {"tile_size": 64, "ctas_per_sm": 1}), ("half", "half")]
 
 
-def draw(n, seed, num_sms, head_dims=(64, 128, 256), lengths=(300, 2000)):
-    """``n`` dense shapes: units (batch x KV heads) from 0.8x to 5x the SMs,
+def draw(n, seed, num_sms, head_dims=(64, 128, 256), lengths=(300, 2000), units_per_sm=(0.8, 5.0)):
+    """``n`` dense shapes: units (batch x KV heads) from ``units_per_sm[0]`` to
+    ``units_per_sm[1]`` times the SMs (default 0.8x to 5x),
     lengths in ``lengths`` (multiples of nothing), at most 400 MB, every head_dim, groups 1-16."""
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
         d = int(rng.choice(list(head_dims)))
         g = int(rng.integers(1, 17))
-        units = int(rng.integers(int(0.8 * num_sms), 5 * num_sms))
+        units = int(rng.integers(max(1, int(units_per_sm[0] * num_sms)), max(2, int(units_per_sm[1] * num_sms))))
         hkv = int(rng.choice([1, 2, 3, 4, 5, 8, 12]))
         nlen = int(rng.integers(*lengths)) | 1
         b = max(1, min(units // hkv, int(400e6 // (nlen * hkv * d * 4))))  # at most 400 MB of K/V
@@ -91,12 +94,14 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--head-dims", default="64,128,256", help="comma-separated")
     ap.add_argument("--lengths", default="300,2000", help="LOW,HIGH: the range of the lengths drawn")
+    ap.add_argument("--units", default="0.8,5", help="LOW,HIGH: units drawn per SM (dense shapes)")
     ap.add_argument("--family", action="store_true",
                     help="shapes of the benchmark's family (ragged and paged too) instead of many-unit dense ones")
     ap.add_argument("--layouts", default="dense,ragged,paged", help="with --family: comma-separated")
     ap.add_argument("--max-mb", type=float, default=0.0,
                     help="with --family: at most this much K and V read (0: any)")
     ap.add_argument("--max-batch", type=int, default=0, help="with --family: at most this many sequences (0: any)")
+    ap.add_argument("--configs", default="", help="comma-separated names of the configurations to time (default: all)")
     a = ap.parse_args()
     import cupy as cp
 
@@ -116,11 +121,14 @@ def main():
     if a.family:
         shapes = family_shapes(a.shapes, a.seed, dims, a.layouts.split(","), a.max_mb, a.max_batch)
     else:
-        shapes = draw(a.shapes, a.seed, sms, dims, tuple(int(x) for x in a.lengths.split(",")))
+        shapes = draw(a.shapes, a.seed, sms, dims, tuple(int(x) for x in a.lengths.split(",")),
+                      tuple(float(x) for x in a.units.split(",")))
     for case, inp, idx, outs, n_copies in family_inputs(shapes, a.time_budget, "spec_sweep"):
         row = {"case": case.name, "units": case.batch * case.heads_kv, "kv_bytes": case.kv_bytes(), "times": {},
                "plans": {}}
         for name, kw in CONFIGS + (FAMILY_CONFIGS if a.family else []):
+            if a.configs and name not in a.configs.split(","):
+                continue
             if kw == "half":
                 kw = {"num_ctas": sms // 2}
             elif kw == "split_sms":  # split-K, floor(SMs / units) chunks per unit
