@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import warnings
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -786,7 +787,10 @@ def _capture_id(stream):
                 return cid.value if status.value == 1 else None
         except (OSError, AttributeError):
             def info(ptr):
-                return 0 if _cp.cuda.ExternalStream(ptr).is_capturing() else None
+                with warnings.catch_warnings():  # CuPy 14 deprecates ExternalStream (no raw-pointer successor)
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    s = _cp.cuda.ExternalStream(ptr)
+                return 0 if s.is_capturing() else None
         _get_capture_info = info
     try:
         return _get_capture_info(stream.ptr)

@@ -1212,6 +1212,14 @@ def _many_unit_rule(d, group, units, n, one_cta_per_unit=True):
                               one_cta_per_unit=one_cta_per_unit)
 
 
+def _cupy_stream(torch_stream):
+    """The CuPy stream of a torch stream, as the README shows: from_external
+    (CuPy 14) or ExternalStream (older CuPy)."""
+    if hasattr(cp.cuda.Stream, "from_external"):
+        return cp.cuda.Stream.from_external(torch_stream)
+    return cp.cuda.ExternalStream(torch_stream.cuda_stream)
+
+
 def _replay_two_graphs_into_slices(torch, p, tensors, host, scale, bigs, cols):
     """Capture ``p.run`` into ``big[:, :, cols]`` of each of two tensors (two
     CUDA graphs, one after the other), NaN-fill the tensors, replay both:
@@ -1256,7 +1264,7 @@ def test_dense_variant_from_torch_bf16_strided_out_two_graphs():
 
 def test_torch_graph_capture_on_torch_stream_two_graphs():
     """A PyTorch user capturing with torch.cuda.graph: the kernels on torch's
-    capture stream through cupy.cuda.ExternalStream (as the README says),
+    capture stream through cupy.cuda.Stream.from_external (as the README says),
     torch tensors in and out, ragged lengths on the GPU, two graphs one after
     the other on one plan; the inputs rewritten by torch before the replays.
     Torch's current stream is the capturing one, so the DLPack exchange keeps
@@ -1271,14 +1279,14 @@ def test_torch_graph_capture_on_torch_stream_two_graphs():
     outs = [torch.full(q.shape, float("nan"), dtype=torch.float16, device="cuda") for _ in range(2)]
     p = cupy_lean.plan(tq, tk, tv, kv_lens=tl, out=outs[0])
     side = torch.cuda.Stream()
-    with torch.cuda.stream(side), cp.cuda.ExternalStream(side.cuda_stream):
+    with torch.cuda.stream(side), _cupy_stream(side):
         p.run(tq, tk, tv, kv_lens=tl, out=outs[0])  # eager once on the stream (workspaces made outside a capture)
     torch.cuda.synchronize()
     graphs = []
     for o in outs:
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            with cp.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+            with _cupy_stream(torch.cuda.current_stream()):
                 p.run(tq, tk, tv, kv_lens=tl, out=o)
         graphs.append(g)
     q2 = rng.standard_normal(q.shape).astype(np.float16)
