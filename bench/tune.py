@@ -149,7 +149,7 @@ def measure(args):
     for case, inp, kw, outs, n_copies in family_inputs(shapes, args.time_budget, "tune"):
         rec = {"case": case.name, "features": features(case), "lens": list(case.lens), "times": {}}
         default = cupy_lean.plan(inp.q[0], inp.k[0], inp.v[0], out=outs[0], **kw)
-        # the stream-K configuration of the default spec (a dense default plan may run split-K:
+        # the stream-K configuration of the default spec (a default plan of equal lengths may run split-K:
         # schedule.uniform_variant; the configurations timed here name ctas_per_sm, so stream-K)
         rec["default"] = f"lean_t{default.spec.tile}_s{default.spec.stages}_c{default.kernels.ctas_per_sm}" + (
             f"_b{default.merge_balance}" if default.merge_balance else "")

@@ -294,9 +294,10 @@ class Plan:
         self.host_lens = sig.kv_lens is not None and sig.kv_lens[0] == "cpu"
         self.aligned_grid_applied = False
         self.merge_balance = K.TUNING["merge_balance"] if sig.merge_balance is None else sig.merge_balance
-        # a dense cache of uniform lengths and no stream-K knob given: the lean plan may run its
-        # split-K variant (0: stream-K; n >= 1: n chunks per unit), by schedule.uniform_variant's
-        # model (paged caches keep stream-K: split-K was up to 1.14x slower on them, measured).
+        # equal lengths (a dense cache without kv_lens, or one sequence) and no stream-K knob
+        # given: the lean plan may run its split-K variant (0: stream-K; n >= 1: n chunks per
+        # unit), by schedule.uniform_variant's model (batches of several sequences with kv_lens
+        # or pages keep stream-K: the plan cannot see their lengths, docs/design.md).
         # The variant chooses the decomposition; when it keeps stream-K, aligned_grid below
         # still lays that grid on unit boundaries where it can.
         self.uniform_variant, self.tile_us = 0, 0.0
@@ -787,7 +788,7 @@ def _capture_id(stream):
                 return cid.value if status.value == 1 else None
         except (OSError, AttributeError):
             def info(ptr):
-                with warnings.catch_warnings():  # CuPy 14 deprecates ExternalStream (no raw-pointer successor)
+                with warnings.catch_warnings():  # deprecated in CuPy 14; this runs only without libcuda
                     warnings.simplefilter("ignore", DeprecationWarning)
                     s = _cp.cuda.ExternalStream(ptr)
                 return 0 if s.is_capturing() else None

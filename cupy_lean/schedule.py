@@ -569,7 +569,7 @@ def uniform_variant(num_units, unit_tiles, grid, num_sms, tile_us=0.0, cut_us=2.
     fit one wave: a second wave's CTAs start their prologue and pipeline
     ramp after the first's end, which the model does not price; measured on
     an H200, 32 dense shapes of 39-126 units and 300-2000 tokens, the
-    one-wave count took 0.58-1.02 of the multi-wave split's time, 0.911 as
+    one-wave count took 0.58-1.01 of the multi-wave split's time, 0.911 as
     a geometric mean over all 32); the faster one is taken when its model time
     is at most ``(1 + slack)`` times stream-K's (``units x tiles`` over
     ``min(grid, units x tiles)`` CTAs) plus ``cut_us``, what a cut unit's

@@ -1167,8 +1167,11 @@ def test_one_sequence_takes_the_equal_length_variant(layout, hq, hkv, d, cap, pa
                            tile_us=p.tile_us, state_bytes=4 * p.slot_stride, unit_rows=p.meta.group, head_dim=d,
                            threads=p.threads)
     assert p.equal_lengths and p.uniform_variant == want and not p.many_units
-    if kern.num_sms >= 100:  # a split-K variant on an H100 or H200 (model and measured)
-        assert want > 1 and p.grid == p.units * want and "one sequence: the lean plan's split-K" in p.describe()
+    name = cp.cuda.runtime.getDeviceProperties(p.device)["name"].decode()
+    if "H100" in name or "H200" in name:  # a split-K variant there (model and measured)
+        assert want > 1
+    if want > 1:
+        assert p.grid == p.units * want and "one sequence: the lean plan's split-K" in p.describe()
     monkeypatch.setitem(K.TUNING, "uniform_variants", False)
     sk = cupy_lean.plan(qd, kd, vd, kv_lens=ld, block_table=td, out=template)
     assert sk.uniform_variant == 0 and sk.decomposition == K.Decomposition.STREAM_K
@@ -1214,8 +1217,8 @@ def _many_unit_rule(d, group, units, n, one_cta_per_unit=True):
 
 def _cupy_stream(torch_stream):
     """The CuPy stream of a torch stream, as the README shows: from_external
-    (CuPy 14) or ExternalStream (older CuPy)."""
-    if hasattr(cp.cuda.Stream, "from_external"):
+    (CuPy 14, a torch stream with ``__cuda_stream__``) or ExternalStream."""
+    if hasattr(cp.cuda.Stream, "from_external") and hasattr(torch_stream, "__cuda_stream__"):
         return cp.cuda.Stream.from_external(torch_stream)
     return cp.cuda.ExternalStream(torch_stream.cuda_stream)
 

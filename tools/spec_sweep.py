@@ -42,7 +42,7 @@ CONFIGS = [("default", {}), ("t128", {"tile_size": 128}), ("t64", {"tile_size": 
            ("head_t32", {"schedule": "head", "tile_size": 32}),
            ("t64_c3", {"tile_size": 64, "ctas_per_sm": 3}), ("t32_c4", {"tile_size": 32, "ctas_per_sm": 4}),
            ("sk", {"ctas_per_sm": 1}), ("split", {"schedule": "split"}), ("split_sms", "split_sms")]
-# with --family also: one CTA per SM, the split-K schedule, half the SMs
+# with --family also: tile 64 at one CTA per SM, a stream-K grid of half the SMs
 FAMILY_CONFIGS = [("t64_c1", {"tile_size": 64, "ctas_per_sm": 1}), ("half", "half")]
 
 
@@ -103,6 +103,10 @@ def main():
     ap.add_argument("--max-batch", type=int, default=0, help="with --family: at most this many sequences (0: any)")
     ap.add_argument("--configs", default="", help="comma-separated names of the configurations to time (default: all)")
     a = ap.parse_args()
+    known = [n for n, _ in CONFIGS + (FAMILY_CONFIGS if a.family else [])]
+    unknown = sorted(set(a.configs.split(",")) - set(known)) if a.configs else []
+    if unknown:
+        ap.error(f"--configs: expected names among {known}, got {unknown}")
     import cupy as cp
 
     import cupy_lean

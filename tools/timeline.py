@@ -83,6 +83,9 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="")
     a = ap.parse_args()
+    # the stamps are of the stream-K kernel: keep plans of equal lengths (e.g. batch 1) off the
+    # split-K variant, whose combine launch the stamps would not see
+    K.TUNING["uniform_variants"] = False
     instrument()
     from range_sweep import decode_inputs  # tools/, beside this script
 
