@@ -1093,6 +1093,17 @@ def test_split_combine_over_row_blocks_with_a_short_last_block(q_len):
     _assert_out_lse(out, lse, *reference.attention(q, k, v, kv_lens=L))
 
 
+def _model_variant(p):
+    """The decomposition schedule.uniform_variant gives plan ``p``'s shape on
+    its device's grid (what an equal-length lean plan must run)."""
+    from cupy_lean.schedule import uniform_variant
+
+    kern = p.kernels
+    return uniform_variant(p.units, p.max_unit_tiles, kern.ctas_per_sm * kern.num_sms, kern.num_sms,
+                           tile_us=p.tile_us, state_bytes=4 * p.slot_stride, unit_rows=p.meta.group,
+                           head_dim=p.meta.head_dim, threads=p.threads)
+
+
 @pytest.mark.parametrize("b, hq, hkv, d, n, split", [(55, 12, 2, 128, 870, True), (11, 26, 2, 64, 2497, True),
                                                      (4, 9, 3, 128, 841, True), (12, 80, 10, 64, 700, None)])
 def test_dense_default_takes_the_uniform_variant(b, hq, hkv, d, n, split, monkeypatch):
@@ -1101,7 +1112,6 @@ def test_dense_default_takes_the_uniform_variant(b, hq, hkv, d, n, split, monkey
     device's grid, says so in describe(), and gives the result of stream-K
     (forced by a knob) up to rounding; NaN-prefilled outputs, graph replay."""
     from cupy_lean import kernels as K
-    from cupy_lean.schedule import uniform_variant
 
     rng = np.random.default_rng(b * n)
     q, k, v, lens, _ = make_inputs(rng, b, hq, hkv, d, np.float16, [n] * b, "dense")
@@ -1112,9 +1122,7 @@ def test_dense_default_takes_the_uniform_variant(b, hq, hkv, d, n, split, monkey
     assert 0 < p.tile_us < 1 and kern.hbm_bytes_per_us > 1e5
     if kern.num_sms > b * hkv:  # fewer units than SMs: the default tile and the model
         assert not p.many_units, p.describe()
-    want = uniform_variant(p.units, p.max_unit_tiles, kern.ctas_per_sm * kern.num_sms, kern.num_sms,
-                           tile_us=p.tile_us, state_bytes=4 * p.slot_stride, unit_rows=p.meta.group, head_dim=d,
-                           threads=p.threads)
+    want = _model_variant(p)
     assert p.uniform_variant == want
     if split and kern.num_sms >= 100:  # these take a split-K variant on an H100 or H200 (model and measured)
         assert want > 0
@@ -1154,7 +1162,6 @@ def test_one_sequence_takes_the_equal_length_variant(layout, hq, hkv, d, cap, pa
     capacity): each replay equals the reference and the two agree up to
     rounding."""
     from cupy_lean import kernels as K
-    from cupy_lean.schedule import uniform_variant
 
     rng = np.random.default_rng(cap + d + page)
     q, k, v, lens, table = make_inputs(rng, 1, hq, hkv, d, np.float16, [cap], layout, page_size=page)
@@ -1162,10 +1169,7 @@ def test_one_sequence_takes_the_equal_length_variant(layout, hq, hkv, d, cap, pa
     ld = cp.asarray(lens)
     template = _nan_like(q.shape, q.dtype)  # the plans are made for an out of this layout
     p = cupy_lean.plan(qd, kd, vd, kv_lens=ld, block_table=td, out=template)
-    kern = p.kernels
-    want = uniform_variant(p.units, p.max_unit_tiles, kern.ctas_per_sm * kern.num_sms, kern.num_sms,
-                           tile_us=p.tile_us, state_bytes=4 * p.slot_stride, unit_rows=p.meta.group, head_dim=d,
-                           threads=p.threads)
+    want = _model_variant(p)
     assert p.equal_lengths and p.uniform_variant == want and not p.many_units
     name = cp.cuda.runtime.getDeviceProperties(p.device)["name"].decode()
     if "H100" in name or "H200" in name:  # a split-K variant there (model and measured)
@@ -1200,6 +1204,42 @@ def test_one_sequence_takes_the_equal_length_variant(layout, hq, hkv, d, cap, pa
             else:  # an empty sequence: zero output, lse -inf
                 assert not bool(cp.any(out != 0)) and bool(cp.all(cp.isneginf(lse)))
         assert float(cp.abs(runs[0][1].astype(cp.float32) - runs[1][1].astype(cp.float32)).max()) < 2e-3
+
+
+def test_one_sequence_with_features_two_graphs_into_strided_slices():
+    """What a serving user does with one long sequence: page size 1, sinks,
+    a sliding window, soft-capping and a custom scale through attention(),
+    two graphs captured one after another writing into the two halves of
+    one NaN-filled array (strided outs), replayed after the length changes:
+    each half equals an eager call bitwise and the reference; the plan runs
+    the one-sequence variant (on an H100/H200)."""
+    rng = np.random.default_rng(97)
+    hq, hkv, d, n = 24, 4, 128, 7001
+    q, k, v, L, table = make_inputs(rng, 1, hq, hkv, d, np.float16, [n], "paged", page_size=1)
+    sinks = cp.asarray(rng.standard_normal(hq).astype(np.float32))
+    qd, kd, vd, td, ld = to_gpu(q), to_gpu(k), to_gpu(v), to_gpu(table), cp.asarray(L)
+    kw = dict(kv_lens=ld, block_table=td, sinks=sinks, window_left=3000, softcap=20.0, scale=0.05)
+    big = _nan_like((1, hq, 2 * d), q.dtype)
+    halves = [big[:, :, :d], big[:, :, d:]]
+    p = cupy_lean.plan(qd, kd, vd, out=halves[0], **kw)
+    name = cp.cuda.runtime.getDeviceProperties(p.device)["name"].decode()
+    if "H100" in name or "H200" in name:
+        assert p.uniform_variant > 1 and "one sequence" in p.describe(), p.describe()
+    graphs = [_capture(lambda o=o: cupy_lean.attention(qd, kd, vd, out=o, **kw)) for o in halves]
+    for new in (5003, 1, 2999, 0):
+        ld[...] = new
+        big.fill(cp.nan)
+        cp.cuda.Device().synchronize()  # the writes above are on the default stream (see _capture)
+        s = cp.cuda.Stream(non_blocking=True)
+        for g in graphs:
+            g.launch(s)
+        s.synchronize()
+        eager = cupy_lean.attention(qd, kd, vd, **kw)
+        ro, _ = reference.attention(q, k, v, kv_lens=np.array([new], np.int32), block_table=table,
+                                    sinks=cp.asnumpy(sinks), window_left=3000, softcap=20.0, scale=0.05)
+        for h in halves:
+            _assert_bitwise(h, eager)
+            assert np.abs(cp.asnumpy(h).astype(np.float64) - ro).max() < 4e-3
 
 
 def _many_unit_rule(d, group, units, n, one_cta_per_unit=True):
