@@ -301,6 +301,7 @@ class Plan:
         # The variant chooses the decomposition; when it keeps stream-K, aligned_grid below
         # still lays that grid on unit boundaries where it can.
         self.uniform_variant, self.tile_us = 0, 0.0
+        self.merge_launch = False  # STREAM_K: partial units merged by the combine launch (else in the kernel)
         if variants_ok and units * max_unit_tiles > 0:
             # one unit's tile (K and V of `tile` tokens; fp8: 1 byte per element) over the DRAM bandwidth
             kv_item = 1 if f_kv8 is not None else sig.dtypes[0].itemsize
@@ -326,6 +327,13 @@ class Plan:
                 grid = ag
             decomp, ns = K.Decomposition.STREAM_K, 1
             slots = 2 * grid
+            # few units for the grid (pieces of a unit ~ grid / units): their partial states are
+            # merged by a combine launch, rows spread over CTAs, instead of by each unit's last
+            # contributor alone (kernels.TUNING["merge_launch_pieces"]; not with stream-K knobs given)
+            pieces = K.TUNING["merge_launch_pieces"]
+            self.merge_launch = (pieces > 0 and units > 0 and grid >= pieces * units and sig.num_ctas is None
+                                 and sig.ctas_per_sm is None and sig.min_tiles_per_cta is None
+                                 and sig.merge_balance is None)
         else:
             self.ctas_per_sm = None
             if self.uniform_variant:
@@ -345,13 +353,15 @@ class Plan:
         # the two-level merge (schedule.merge_group_size)
         counters = units + (slots if decomp == K.Decomposition.STREAM_K else 0)
         self.counter_bytes = -(-max(counters, 1) * 4 // COUNTER_ALIGN) * COUNTER_ALIGN
+        # merge_launch: each unit's pieces and first slot (two ints), after the slots
+        self.meta_bytes = 8 * units if self.merge_launch else 0
         if slots * slot_stride >= 2**31:  # the kernel's merge indexes the slots in 32 bits
             per_cta = 2 if decomp == K.Decomposition.STREAM_K else 1  # partial states per CTA
             what = "num_ctas" if sig.num_ctas is not None else f"schedule={sig.schedule!r}"
             raise ValueError(f"{what}: a grid of {grid} CTAs needs {slots} partial states of {slot_stride} "
                              f"floats, 2**31 floats or more (the kernels index them in 32 bits); expected at "
                              f"most {(2**31 - 1) // (per_cta * slot_stride)} CTAs for this shape")
-        self.workspace_bytes = self.counter_bytes + slots * slot_stride * 4
+        self.workspace_bytes = self.counter_bytes + slots * slot_stride * 4 + self.meta_bytes
         self.threads, self.smem = spec.threads, spec.smem_bytes
         self._attn_ptr, self._combine_ptr = kern.attn.kernel.ptr, kern.combine.kernel.ptr
 
@@ -411,9 +421,12 @@ class Plan:
         self._ptrs = K.pointer_view(prm)  # a launch sets the pointers with one slice assignment
         self._param_arr = (ctypes.c_void_p * 1)(ctypes.addressof(prm))
         self._param_addr = ctypes.addressof(self._param_arr)
-        self._combine = decomp == K.Decomposition.SPLIT_K and ns > 1
-        # CTAs per unit of the combine launch (each merges a share of the unit's rows)
-        self.combine_blocks = (combine_row_blocks(max(units, 1), rows, kern.num_sms, ns, D, spec.threads)
+        self._combine = (decomp == K.Decomposition.SPLIT_K and ns > 1) or self.merge_launch
+        # CTAs per unit of the combine launch (each merges a share of the unit's rows); stream-K: the
+        # pieces of a unit of average length
+        self.combine_blocks = (combine_row_blocks(max(units, 1), rows, kern.num_sms,
+                                                  -(-grid // units) + 1 if self.merge_launch else ns, D,
+                                                  spec.threads)
                                if self._combine else 0)
         # The common case: q, k, v and out used in place, kv_lens int32 on the
         # GPU, block_table (if any) int32 on the GPU.
@@ -470,7 +483,10 @@ class Plan:
                             f"{16 * self.spec.m_tiles} rows / {self.spec.tile})) tiles (merge balance)"
                             if self.merge_balance else "")
                          + "; each CTA takes an equal share (+-1 tile) of all tiles, derived on the GPU "
-                           "from kv_lens at run time")
+                           "from kv_lens at run time"
+                         + (f"; partial units merged by a combine launch of {self._combine_text()} (few "
+                            f"units for the grid)" if self.merge_launch else
+                            "; partial units merged by their last contributor"))
         else:
             lines.append(f"  grid: {self.grid} CTAs = {self.units} units x {self.num_splits} splits"
                          + (f"; then a combine launch of {self._combine_text()}" if self.num_splits > 1 else ""))
@@ -481,7 +497,7 @@ class Plan:
                 f"softcap={f[2]}" if f[2] is not None else "",
                 f"fp8 {self.kv8} K/V" if self.kv8 is not None else "") if x))
         lines.append(f"  workspace: {self.workspace_bytes} bytes ({self.counter_bytes} of counters, "
-                     f"{(self.workspace_bytes - self.counter_bytes) // (4 * self.slot_stride)} partial-state "
+                     f"{(self.workspace_bytes - self.counter_bytes - self.meta_bytes) // (4 * self.slot_stride)} partial-state "
                      f"slots of {self.slot_stride * 4} bytes)")
         return "\n".join(lines)
 
@@ -727,7 +743,8 @@ class Plan:
             wp = ws.data.ptr
             self._ptrs[:] = (q.data.ptr, k.data.ptr, v.data.ptr, out_k.data.ptr,
                              0 if lse is None else lse.data.ptr, 0 if lens32 is None else lens32.data.ptr,
-                             0 if table32 is None else table32.data.ptr, wp + self.counter_bytes, wp)
+                             0 if table32 is None else table32.data.ptr, wp + self.counter_bytes, wp,
+                             wp + self.workspace_bytes - self.meta_bytes if self.meta_bytes else 0)
             sp = stream.ptr
             if self._rearm and wp in self._rearm:
                 self._rearm.discard(wp)

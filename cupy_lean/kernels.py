@@ -77,7 +77,7 @@ class Params(ctypes.Structure):
     _fields_ = [
         ("q", ctypes.c_uint64), ("k", ctypes.c_uint64), ("v", ctypes.c_uint64), ("out", ctypes.c_uint64),
         ("lse", ctypes.c_uint64), ("kv_lens", ctypes.c_uint64), ("block_table", ctypes.c_uint64),
-        ("partials", ctypes.c_uint64), ("counters", ctypes.c_uint64),
+        ("partials", ctypes.c_uint64), ("counters", ctypes.c_uint64), ("unit_meta", ctypes.c_uint64),
         ("q_sb", ctypes.c_int64), ("q_sh", ctypes.c_int64),
         ("k_sb", ctypes.c_int64), ("k_st", ctypes.c_int64), ("k_sh", ctypes.c_int64),
         ("v_sb", ctypes.c_int64), ("v_st", ctypes.c_int64), ("v_sh", ctypes.c_int64),
@@ -96,7 +96,8 @@ class Params(ctypes.Structure):
 
 #: The pointer fields, first in :class:`Params` (a launch sets them with one
 #: slice assignment through :func:`pointer_view`).
-POINTER_FIELDS = ("q", "k", "v", "out", "lse", "kv_lens", "block_table", "partials", "counters")
+POINTER_FIELDS = ("q", "k", "v", "out", "lse", "kv_lens", "block_table", "partials", "counters",
+                  "unit_meta")
 #: Schedule dump records (``lean::DUMP_HEADER`` / ``DUMP_RECORD``): ints per CTA header and per segment.
 DUMP_HEADER, DUMP_RECORD = 3, 7
 
@@ -287,6 +288,9 @@ TUNING = {
     "many_units_d64_t64_per_sm": 2,
     # otherwise 32-token tiles for units of at most this many tokens (0: the default tile always)
     "short_unit_tokens": 640,
+    # stream-K with at least this many CTAs per unit (grid >= n x units; 0: never): partial units merged by
+    # a combine launch (rows spread over CTAs) instead of by each unit's last contributor in the kernel
+    "merge_launch_pieces": 16,
 }
 
 #: Opt-in shared memory per block (bytes) by architecture; the plan asks the

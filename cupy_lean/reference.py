@@ -291,7 +291,8 @@ def emulate(schedule, q, k, v, *, kv_lens=None, block_table=None, scale=None, si
     output, and each partial unit's states are merged in CTA order (for
     ``split``, chunk order), as the kernels do; a ``lean`` unit cut into
     many pieces in groups first (:func:`cupy_lean.schedule.merge_group_size`
-    with ``scratch_floats = tile_size x head_dim``).
+    with ``scratch_floats = tile_size x head_dim``) unless the schedule's
+    ``merge_launch`` merges them all at once.
 
     ``schedule`` must have been built for the same ``heads_kv`` and for the
     lengths the kernel walks: ``kv_lens``, or with ``window_left`` the window
@@ -384,7 +385,7 @@ def emulate(schedule, q, k, v, *, kv_lens=None, block_table=None, scale=None, si
         b, h = divmod(u, hkv)
         parts.sort()  # CTA order, whatever order they were produced in
         states = [slots[sl] for _, sl in parts]
-        if schedule.kind == "lean":  # the kernel's two-level merge of a unit cut into many pieces
+        if schedule.kind == "lean" and not schedule.merge_launch:  # the kernel's two-level merge of many pieces
             size = merge_group_size(len(states), ql * g, ts * d)
             if size:
                 states = [merge_partial(states[i:i + size]) for i in range(0, len(states), size)]

@@ -131,6 +131,11 @@ class Schedule:
     contributors : ndarray, shape (units,)
         Number of partial states that make up each unit (0 when one CTA covers
         the unit whole, or the unit is empty).
+    merge_launch : bool
+        Lean: each partial unit's states are merged at once, in CTA order, by
+        a second (combine) launch, instead of by the unit's last contributor
+        in the kernel, which merges a unit of many pieces in groups first
+        (:func:`merge_group_size`).
     """
 
     kind: str
@@ -149,6 +154,7 @@ class Schedule:
     cta_end: np.ndarray
     segments: np.ndarray
     contributors: np.ndarray
+    merge_launch: bool = False
 
     @property
     def batch(self) -> int:
@@ -388,7 +394,7 @@ def merge_balanced_tiles(longest_unit_tiles, merge_balance, state_rows, tile_siz
 
 
 def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1, merge_balance=0,
-                  state_rows=16):
+                  state_rows=16, merge_launch=False):
     """The stream-K (LeanAttention) schedule.
 
     Parameters
@@ -414,6 +420,10 @@ def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1
         plan uses (``a = 1``).
     state_rows : int
         Rows of a unit's partial state (16 per query tile of the kernel spec).
+    merge_launch : bool
+        Partial units merged by a combine launch (:attr:`Schedule.merge_launch`;
+        the kernel's choice when the grid has many CTAs per unit,
+        ``kernels.TUNING["merge_launch_pieces"]``). The decomposition is the same.
 
     Returns
     -------
@@ -433,7 +443,7 @@ def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1
     if ncta == 0:
         return Schedule("lean", lens, heads_kv, tile_size, 0, tps, unit_tiles, unit_start,
                         0, 0, 0, 0, np.zeros(0, np.int64), np.zeros(0, np.int64),
-                        np.zeros(0, _SEG_DTYPE), np.zeros(unit_tiles.shape[0], np.int64))
+                        np.zeros(0, _SEG_DTYPE), np.zeros(unit_tiles.shape[0], np.int64), bool(merge_launch))
     max_tiles = -(-total // ncta)
     heavy = total - (max_tiles - 1) * ncta
     ctas = np.arange(ncta, dtype=np.int64)
@@ -464,7 +474,7 @@ def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1
     part = segments[segments["partial"]]
     np.add.at(contributors, part["unit"], 1)
     return Schedule("lean", lens, heads_kv, tile_size, ncta, tps, unit_tiles, unit_start,
-                    total, max_tiles, heavy, 0, cta_start, cta_end, segments, contributors)
+                    total, max_tiles, heavy, 0, cta_start, cta_end, segments, contributors, bool(merge_launch))
 
 
 def num_splits_heuristic(num_units, max_unit_tiles, num_sms, max_splits=128):

@@ -204,6 +204,7 @@ static_assert(STREAM_K == LEAN_HOST_STREAM_K && SPLIT_K == LEAN_HOST_SPLIT_K, "D
   F(const int*, block_table) /* (batch, max_pages), or null (dense) */                         \
   F(float*, partials)        /* PartialSlots storage (the dump entry: its int records) */      \
   F(u32*, counters)          /* UnitCounters: one per unit, then one per slot (merge groups) */\
+  F(int*, unit_meta)         /* STREAM_K merged by the combine launch: per unit, its pieces and first slot; else null */ \
   F(i64, q_sb) F(i64, q_sh)  /* strides in elements: q per sequence, per head */               \
   F(i64, k_sb) F(i64, k_st) F(i64, k_sh) /* k per sequence (or page), per token, per head */   \
   F(i64, v_sb) F(i64, v_st) F(i64, v_sh)                                                        \
@@ -779,7 +780,10 @@ __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, S
     local += nt;
     longest = max(longest, nt);
     if (nt == 0 && write_empty && (b % gridDim.x) == c)
-      for (int h = 0; h < p.heads_kv; ++h) emit_empty_rows(p, b, h, 0, unit_rows(p));
+      for (int h = 0; h < p.heads_kv; ++h) {
+        emit_empty_rows(p, b, h, 0, unit_rows(p));
+        if (p.unit_meta != nullptr) p.unit_meta[2 * (b * p.heads_kv + h)] = 0;  // nothing for the combine
+      }
   }
   int seq_tiles;
   const int incl1 = block_incl_scan_max<NT>(local, longest, misc, &seq_tiles, &longest);
@@ -1258,7 +1262,19 @@ __device__ void finish_segment(const Params& p, const Shared& sh, const StreamK&
   const int slot = p.decomposition == STREAM_K ? PartialSlots::stream_k_slot(c, s.ordinal) : c;
   store_segment(p, sh, s, st, slot, sh.scratch(stage));
   LEAN_STAMP(4);
-  if (!s.partial || p.decomposition != STREAM_K) return;
+  if (p.decomposition != STREAM_K) return;
+  if (p.unit_meta != nullptr) {
+    // merged by the combine launch: the CTA holding the unit's first tile
+    // records its pieces (1: whole here, nothing to merge) and their first
+    // slot, every launch (the combine reads nothing older)
+    if (s.t0 == 0 && threadIdx.x == 0) {
+      const Contributors who = Contributors::of(sk, s);
+      p.unit_meta[2 * (s.b * p.heads_kv + s.h)] = s.partial ? who.count : 1;
+      p.unit_meta[2 * (s.b * p.heads_kv + s.h) + 1] = who.first_slot;
+    }
+    return;
+  }
+  if (!s.partial) return;
   int* misc = sh.misc();
   const Contributors who = Contributors::of(sk, s);
   const int G = merge_group_size(who.count, unit_rows(p), TILE * D);
@@ -1441,10 +1457,22 @@ extern "C" __global__ void __launch_bounds__(lean::NT, 1) LEAN_ENTRY(const __gri
 // SPLIT_K combine: grid = (units, row blocks); block (u, y) merges unit u's
 // num_splits slots in chunk order for its share of the unit's rows (the
 // rows split evenly over gridDim.y blocks; a block past the last row exits).
+// STREAM_K (unit_meta set): the same for the unit's stream-K pieces, in CTA
+// order: its first piece in slot `first` (a CTA's first or last slot), piece
+// j >= 1 in the first slot of CTA first / 2 + j; a unit of one piece (or none)
+// was written by the attention kernel.
 extern "C" __global__ void __launch_bounds__(lean::NT, 1) LEAN_COMBINE_ENTRY(const __grid_constant__ lean::Params p) {
-  const int unit = blockIdx.x, ns = p.num_splits, g = lean::unit_rows(p);
+  const int unit = blockIdx.x, g = lean::unit_rows(p);
   const int per = (g + gridDim.y - 1) / gridDim.y, lo = blockIdx.y * per;
   if (lo >= g) return;  // the whole block: no barrier is left waiting
+  if (p.decomposition == lean::STREAM_K) {
+    const int n = __ldcg(p.unit_meta + 2 * unit), first = __ldcg(p.unit_meta + 2 * unit + 1);
+    if (n <= 1) return;
+    lean::reduce_unit(p, unit / p.heads_kv, unit % p.heads_kv, n,
+                      {first, lean::PartialSlots::stream_k_slot(first / 2 + 1, 0), 2}, -1, lo, min(g, lo + per));
+    return;
+  }
+  const int ns = p.num_splits;
   lean::reduce_unit(p, unit / p.heads_kv, unit % p.heads_kv, ns, {unit * ns, unit * ns + 1, 1}, -1, lo,
                     min(g, lo + per));
 }

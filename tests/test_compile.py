@@ -142,8 +142,8 @@ def test_params_struct_layout_reaches_the_compile():
     # the pointer fields come first, and the pointer view writes them
     assert [n for n, _ in K.Params._fields_[:len(K.POINTER_FIELDS)]] == list(K.POINTER_FIELDS)
     p = K.Params()
-    K.pointer_view(p)[:] = tuple(range(100, 109))
-    assert (p.q, p.counters) == (100, 108)
+    K.pointer_view(p)[:] = tuple(range(100, 110))
+    assert (p.q, p.counters, p.unit_meta) == (100, 108, 109)
 
 
 @needs_nvrtc

@@ -1424,3 +1424,55 @@ def test_many_units_take_their_config(d, hq, hkv, n, waves, knob):
         g.launch()
     s.synchronize()
     assert np.array_equal(cp.asnumpy(out).view(np.uint16), first.view(np.uint16))
+
+
+@pytest.mark.parametrize("layout, page, feats", [("dense", 16, False), ("paged", 16, True), ("paged", 1, False)])
+def test_few_units_merged_by_a_combine_launch(layout, page, feats, monkeypatch):
+    """A ragged batch of few units for the grid (3 sequences, 1 KV head, lengths
+    on the GPU): the lean plan keeps stream-K and merges the partial units by
+    a combine launch (kernels.TUNING["merge_launch_pieces"]). Two graphs
+    captured one after another (that plan, and the in-kernel merge forced by
+    the knob) are replayed, NaN-prefilled, with lengths that make a unit
+    whole in one CTA, empty, or cut into many pieces, changed between
+    replays (a unit's record from the previous replay must not be reused):
+    each replay equals the reference, with sinks, a window and soft-capping
+    in one case."""
+    from cupy_lean import kernels as K
+
+    rng = np.random.default_rng(31 + page)
+    hq, hkv, d, lens0 = 36, 1, 128, [9001, 6007, 4000]
+    q, k, v, lens, table = make_inputs(rng, 3, hq, hkv, d, np.float16, lens0, layout, page_size=page)
+    qd, kd, vd, td = to_gpu(q), to_gpu(k), to_gpu(v), to_gpu(table)
+    ld = cp.asarray(lens)
+    kw = dict(kv_lens=ld, block_table=td)
+    ref_kw = {}
+    if feats:
+        sinks = rng.standard_normal(hq).astype(np.float32)
+        kw.update(sinks=cp.asarray(sinks), window_left=2500, softcap=15.0)
+        ref_kw = dict(sinks=sinks, window_left=2500, softcap=15.0)
+    template = _nan_like(q.shape, q.dtype)
+    p = cupy_lean.plan(qd, kd, vd, out=template, **kw)
+    assert p.decomposition == K.Decomposition.STREAM_K and p.grid >= 16 * p.units
+    assert p.merge_launch and "merged by a combine launch" in p.describe(), p.describe()
+    monkeypatch.setitem(K.TUNING, "merge_launch_pieces", 0)
+    inkernel = cupy_lean.plan(qd, kd, vd, out=template, **kw)
+    assert not inkernel.merge_launch and "by their last contributor" in inkernel.describe()
+    runs = []
+    for plan in (p, inkernel):  # captured one after another
+        out = _nan_like(q.shape, q.dtype)
+        lse = cp.full(q.shape[:2], cp.nan, dtype=cp.float32)
+        g = _capture(lambda plan=plan, out=out, lse=lse: plan.run(qd, kd, vd, out=out, lse=lse, **kw))
+        runs.append((g, out, lse))
+    for new in ([1, 6007, 0], [9001, 0, 3999], [17, 5000, 4000], [0, 0, 0], [9001, 6007, 4000]):
+        ld[...] = cp.asarray(new, dtype=cp.int32)
+        for _, out, lse in runs:
+            out.fill(cp.nan)
+            lse.fill(cp.nan)
+        cp.cuda.Device().synchronize()  # the writes above are on the default stream (see _capture)
+        s = cp.cuda.Stream(non_blocking=True)
+        for g, _, _ in runs:
+            g.launch(s)
+        s.synchronize()
+        ro, rl = reference.attention(q, k, v, kv_lens=np.array(new, np.int32), block_table=table, **ref_kw)
+        for _, out, lse in runs:
+            _assert_out_lse(out, lse, ro, rl)

@@ -543,3 +543,21 @@ def test_attention_empty_cache():
     k = np.zeros((2, 0, 2, 16), dtype=np.float16)  # seqlen 0
     out, lse = cupy_lean.attention(q, k, k, return_lse=True)
     assert np.all(out == 0) and np.all(np.isneginf(lse))
+
+
+def test_emulate_merge_launch_merges_all_pieces_at_once():
+    """A lean schedule merged by the combine launch (``merge_launch``): the same
+    segments and slots, each unit's pieces merged in one step in CTA order,
+    equal to the reference; the in-kernel schedule's grouped merge of a unit
+    of many pieces gives the same result up to rounding."""
+    lens = np.array([200, 1, 0, 77])
+    q, k, v, lens = make_problem(lens, 2, 3, 16, 5, pad=2)
+    flat = lean_schedule(lens, 2, tile_size=2, num_ctas=90, merge_launch=True)
+    tree = lean_schedule(lens, 2, tile_size=2, num_ctas=90)
+    assert flat.merge_launch and not tree.merge_launch
+    assert np.array_equal(flat.segments, tree.segments) and flat.contributors.max() >= 16
+    ref_out, ref_lse = reference.attention(q, k, v, kv_lens=lens)
+    out, lse = reference.emulate(flat, q, k, v, kv_lens=lens)
+    assert np.allclose(out, ref_out, rtol=1e-10, atol=1e-13) and np.allclose(lse, ref_lse, rtol=1e-10, atol=1e-13)
+    out2, _ = reference.emulate(tree, q, k, v, kv_lens=lens)
+    assert np.allclose(out, out2, rtol=1e-10, atol=1e-13)

@@ -1,7 +1,7 @@
 """A small representative set of calls for compute-sanitizer (tools/sanitize.sh):
 lean with partial units and empty sequences, units cut into many pieces
-(the two-level merge), paged, strided, split, head, bf16, large group,
-merge_states. Exits non-zero on a wrong result."""
+(the two-level merge), few units merged by the combine launch, paged,
+strided, split, head, bf16, large group, merge_states. Exits non-zero on a wrong result."""
 
 import sys
 
@@ -121,6 +121,9 @@ def main():
     # units cut into 16+ pieces: the two-level merge (in-place group states, group counters)
     ok &= run(np.float16, 256, 24, 2, [9000, 8000], num_ctas=90)
     ok &= run(bf16, 64, 8, 1, [9000], layout="paged", num_ctas=40, page_size=5)
+    # few units for the default grid: stream-K pieces merged by the combine launch (unit records),
+    # a unit whole in one CTA and an empty one among them
+    ok &= run(np.float16, 128, 24, 1, [7001, 1, 0, 3000], layout="paged", page_size=16)
     outs = cp.asarray(np.random.default_rng(1).standard_normal((3, 4, 64)).astype(np.float16))
     lses = cp.asarray(np.random.default_rng(2).standard_normal((3, 4)).astype(np.float32))
     cupy_lean.merge_states(outs, lses)

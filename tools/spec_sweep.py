@@ -44,6 +44,10 @@ CONFIGS = [("default", {}), ("t128", {"tile_size": 128}), ("t64", {"tile_size": 
            ("sk", {"ctas_per_sm": 1}), ("split", {"schedule": "split"}), ("split_sms", "split_sms")]
 # with --family also: tile 64 at one CTA per SM, a stream-K grid of half the SMs
 FAMILY_CONFIGS = [("t64_c1", {"tile_size": 64, "ctas_per_sm": 1}), ("half", "half")]
+# the default plan with kernels.TUNING["merge_launch_pieces"] set: stream-K's partial units merged by a
+# combine launch whenever the grid has a CTA per unit ("sk_launch") or never ("sk_inkernel")
+TUNING_CONFIGS = {"sk_launch": ("merge_launch_pieces", 1), "sk_inkernel": ("merge_launch_pieces", 0)}
+CONFIGS += [(name, "tuning") for name in TUNING_CONFIGS]
 
 
 def draw(n, seed, num_sms, head_dims=(64, 128, 256), lengths=(300, 2000), units_per_sm=(0.8, 5.0)):
@@ -64,11 +68,12 @@ def draw(n, seed, num_sms, head_dims=(64, 128, 256), lengths=(300, 2000), units_
     return out
 
 
-def family_shapes(n, seed, head_dims, layouts, max_mb, max_batch=0):
+def family_shapes(n, seed, head_dims, layouts, max_mb, max_batch=0, max_units=0):
     """The first ``n`` shapes of the benchmark's family (``bench.family.draw``,
     any layout) from ``seed`` with a head_dim in ``head_dims``, a layout in
     ``layouts`` ("dense", "ragged", "paged"), at most ``max_mb`` MB of K
-    and V (0: any) and at most ``max_batch`` sequences (0: any), drawn 20
+    and V (0: any), at most ``max_batch`` sequences and ``max_units`` units
+    (batch x KV heads; 0: any), drawn 20
     at a time from ``seed``, ``seed + 1``, ..."""
     import dataclasses
 
@@ -81,7 +86,8 @@ def family_shapes(n, seed, head_dims, layouts, max_mb, max_batch=0):
     while len(out) < n and s < seed + 1000:
         out += [dataclasses.replace(c, name=f"s{s}_{c.name}") for c in F.draw(20, s)  # seed_family name
                 if c.head_dim in head_dims and c.layout in layouts and (not max_mb or c.kv_bytes() <= max_mb * 1e6)
-                and (not max_batch or c.batch <= max_batch)]
+                and (not max_batch or c.batch <= max_batch)
+                and (not max_units or c.batch * c.heads_kv <= max_units)]
         s += 1
     return out[:n]
 
@@ -101,6 +107,7 @@ def main():
     ap.add_argument("--max-mb", type=float, default=0.0,
                     help="with --family: at most this much K and V read (0: any)")
     ap.add_argument("--max-batch", type=int, default=0, help="with --family: at most this many sequences (0: any)")
+    ap.add_argument("--max-units", type=int, default=0, help="with --family: at most this many units (0: any)")
     ap.add_argument("--configs", default="", help="comma-separated names of the configurations to time (default: all)")
     a = ap.parse_args()
     known = [n for n, _ in CONFIGS + (FAMILY_CONFIGS if a.family else [])]
@@ -123,7 +130,8 @@ def main():
     rows = []
     dims = [int(x) for x in a.head_dims.split(",")]
     if a.family:
-        shapes = family_shapes(a.shapes, a.seed, dims, a.layouts.split(","), a.max_mb, a.max_batch)
+        shapes = family_shapes(a.shapes, a.seed, dims, a.layouts.split(","), a.max_mb, a.max_batch,
+                               a.max_units)
     else:
         shapes = draw(a.shapes, a.seed, sms, dims, tuple(int(x) for x in a.lengths.split(",")),
                       tuple(float(x) for x in a.units.split(",")))
@@ -137,6 +145,15 @@ def main():
                 kw = {"num_ctas": sms // 2}
             elif kw == "split_sms":  # split-K, floor(SMs / units) chunks per unit
                 kw = {"schedule": "split", "num_ctas": max(sms, row["units"])}
+            saved = None
+            if kw == "tuning":  # the default plan built under another tuning value
+                from cupy_lean import _cache
+                from cupy_lean import kernels as K
+                key, value = TUNING_CONFIGS[name]
+                saved = (key, K.TUNING[key])
+                K.TUNING[key] = value
+                _cache.clear()
+                kw = {}
             try:
                 p = cupy_lean.plan(inp.q[0], inp.k[0], inp.v[0], out=outs[0], **idx, **kw)
                 call = lambda i, p=p: p.run(inp.q[i], inp.k[i], inp.v[i], out=outs[i], **idx)  # noqa: E731
@@ -147,6 +164,10 @@ def main():
             except Exception as exc:
                 row["times"][name] = None
                 row["plans"][name] = f"error: {exc}"
+            finally:
+                if saved is not None:
+                    K.TUNING[saved[0]] = saved[1]
+                    _cache.clear()
         if sdpa is not None and case.layout == "dense":  # SDPA takes dense batches only
             try:
                 bnd = sdpa.setup(inp)
