@@ -239,7 +239,10 @@ class Plan:
         run).
     workspace_bytes : int
         Size of one workspace: unit (and merge group) counters, then fp32
-        partial-state slots.
+        partial-state slots, then (``merge_launch``) two ints per unit.
+    merge_launch : bool
+        Stream-K with few units for the grid: partial units are merged by the
+        combine launch, not by their last contributor in the kernel.
     """
 
     def __init__(self, sig: Signature, meta, *, workspace=None):

@@ -290,7 +290,8 @@ TUNING = {
     "short_unit_tokens": 640,
     # stream-K with at least this many CTAs per unit (grid >= n x units; 0: never): partial units merged by
     # a combine launch (rows spread over CTAs) instead of by each unit's last contributor in the kernel
-    "merge_launch_pieces": 16,
+    # (measured on ragged/paged calls of 2-20 units, bench/NOTES.md session 15)
+    "merge_launch_pieces": 8,
 }
 
 #: Opt-in shared memory per block (bytes) by architecture; the plan asks the
