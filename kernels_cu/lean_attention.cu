@@ -1256,6 +1256,16 @@ __device__ void store_segment(const Params& p, const Shared& sh, const Segment& 
 // End of a segment: store it; for a partial STREAM_K unit, arrive at the unit's
 // counter and, if this CTA completes it, reduce the unit (UnitCounter says
 // why this is safe).
+// STREAM_K merged by the combine launch: the CTA holding a unit's first tile
+// records the unit's pieces (1: whole in that CTA, nothing to merge) and the
+// first one's slot, at every launch (the combine reads nothing older). Out of
+// line: kept out of the register allocation of the tile loop.
+__device__ __noinline__ void record_unit(const Params& p, const StreamK& sk, const Segment& s) {
+  const Contributors who = Contributors::of(sk, s);
+  p.unit_meta[2 * (s.b * p.heads_kv + s.h)] = s.partial ? who.count : 1;
+  p.unit_meta[2 * (s.b * p.heads_kv + s.h) + 1] = who.first_slot;
+}
+
 __device__ void finish_segment(const Params& p, const Shared& sh, const StreamK& sk, const Segment& s,
                                const WarpState& st, int stage) {
   const int c = blockIdx.x;
@@ -1264,14 +1274,7 @@ __device__ void finish_segment(const Params& p, const Shared& sh, const StreamK&
   LEAN_STAMP(4);
   if (p.decomposition != STREAM_K) return;
   if (p.unit_meta != nullptr) {
-    // merged by the combine launch: the CTA holding the unit's first tile
-    // records its pieces (1: whole here, nothing to merge) and their first
-    // slot, every launch (the combine reads nothing older)
-    if (s.t0 == 0 && threadIdx.x == 0) {
-      const Contributors who = Contributors::of(sk, s);
-      p.unit_meta[2 * (s.b * p.heads_kv + s.h)] = s.partial ? who.count : 1;
-      p.unit_meta[2 * (s.b * p.heads_kv + s.h) + 1] = who.first_slot;
-    }
+    if (s.t0 == 0 && threadIdx.x == 0) record_unit(p, sk, s);
     return;
   }
   if (!s.partial) return;
