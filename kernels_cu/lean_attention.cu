@@ -1259,11 +1259,18 @@ __device__ void store_segment(const Params& p, const Shared& sh, const Segment& 
 // STREAM_K merged by the combine launch: the CTA holding a unit's first tile
 // records the unit's pieces (1: whole in that CTA, nothing to merge) and the
 // first one's slot, at every launch (the combine reads nothing older). Out of
-// line: kept out of the register allocation of the tile loop.
-__device__ __noinline__ void record_unit(const Params& p, const StreamK& sk, const Segment& s) {
-  const Contributors who = Contributors::of(sk, s);
-  p.unit_meta[2 * (s.b * p.heads_kv + s.h)] = s.partial ? who.count : 1;
-  p.unit_meta[2 * (s.b * p.heads_kv + s.h) + 1] = who.first_slot;
+// line, with scalar arguments (registers, no stack frame): kept out of the
+// register allocation of the tile loop.
+__device__ __noinline__ void record_unit(int* at, i64 per, i64 heavy, i64 unit_first, int ntiles, int partial) {
+  StreamK sk;
+  sk.per = per;
+  sk.heavy = heavy;
+  Segment s;
+  s.unit_first = unit_first;
+  s.ntiles = ntiles;
+  const Contributors who = Contributors::of(sk, s);  // reads only these fields
+  at[0] = partial ? who.count : 1;
+  at[1] = who.first_slot;
 }
 
 __device__ void finish_segment(const Params& p, const Shared& sh, const StreamK& sk, const Segment& s,
@@ -1274,7 +1281,8 @@ __device__ void finish_segment(const Params& p, const Shared& sh, const StreamK&
   LEAN_STAMP(4);
   if (p.decomposition != STREAM_K) return;
   if (p.unit_meta != nullptr) {
-    if (s.t0 == 0 && threadIdx.x == 0) record_unit(p, sk, s);
+    if (s.t0 == 0 && threadIdx.x == 0)
+      record_unit(p.unit_meta + 2 * (s.b * p.heads_kv + s.h), sk.per, sk.heavy, s.unit_first, s.ntiles, s.partial);
     return;
   }
   if (!s.partial) return;
