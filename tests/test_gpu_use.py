@@ -68,6 +68,20 @@ def _other_lengths(rng, lens, cap, page_size=None, table=None):
     return new
 
 
+def _replay_nan_prefilled(runs):
+    """NaN-fill each ``(graph, out, lse)`` of ``runs``' out and lse, then
+    replay the graphs one after another on a fresh non-blocking stream and
+    wait for them."""
+    for _, out, lse in runs:
+        out.fill(cp.nan)
+        lse.fill(cp.nan)
+    cp.cuda.Device().synchronize()  # the writes above are on the default stream (see _capture)
+    s = cp.cuda.Stream(non_blocking=True)
+    for g, _, _ in runs:
+        g.launch(s)
+    s.synchronize()
+
+
 def _capture(call):
     """Capture ``call()`` on a fresh non-blocking stream (after one eager call
     there); the stream is dropped afterwards.
@@ -1189,14 +1203,7 @@ def test_one_sequence_takes_the_equal_length_variant(layout, hq, hkv, d, cap, pa
     tile = p.tile
     for n in (0, 1, tile - 1, 3 * tile + 5, cap):
         ld[...] = n
-        for _, out, lse in runs:
-            out.fill(cp.nan)
-            lse.fill(cp.nan)
-        cp.cuda.Device().synchronize()  # the writes above are on the default stream (see _capture)
-        s = cp.cuda.Stream(non_blocking=True)
-        for g, _, _ in runs:
-            g.launch(s)
-        s.synchronize()
+        _replay_nan_prefilled(runs)
         ro, rl = reference.attention(q, k, v, kv_lens=np.array([n], np.int32), block_table=table)
         for _, out, lse in runs:
             if n:
@@ -1465,14 +1472,7 @@ def test_few_units_merged_by_a_combine_launch(layout, page, feats, monkeypatch):
         runs.append((g, out, lse))
     for new in ([1, 6007, 0], [9001, 0, 3999], [17, 5000, 4000], [0, 0, 0], [9001, 6007, 4000]):
         ld[...] = cp.asarray(new, dtype=cp.int32)
-        for _, out, lse in runs:
-            out.fill(cp.nan)
-            lse.fill(cp.nan)
-        cp.cuda.Device().synchronize()  # the writes above are on the default stream (see _capture)
-        s = cp.cuda.Stream(non_blocking=True)
-        for g, _, _ in runs:
-            g.launch(s)
-        s.synchronize()
+        _replay_nan_prefilled(runs)
         ro, rl = reference.attention(q, k, v, kv_lens=np.array(new, np.int32), block_table=table, **ref_kw)
         for _, out, lse in runs:
             if np.isfinite(rl).any():
