@@ -11,6 +11,7 @@ import time
 import numpy as np
 
 from . import attention, gpu_available, lean_schedule, reference
+from .schedule import merges_by_launch
 
 # A realistic decode step: 8 KV heads, 32 query heads (GQA group 4), head_dim
 # 128, a ragged batch of sequences up to 16k tokens (one empty).
@@ -79,7 +80,9 @@ def demo(argv=None):
     from .kernels import TUNING
 
     sched = lean_schedule(lens, DEMO_HEADS_KV, tile_size=spec.tile, num_ctas=num_ctas,
-                          merge_balance=TUNING["merge_balance"], state_rows=16 * spec.m_tiles)
+                          merge_balance=TUNING["merge_balance"], state_rows=16 * spec.m_tiles,
+                          merge_launch=merges_by_launch(num_ctas, len(lens) * DEMO_HEADS_KV,
+                                                        TUNING["merge_launch_pieces"]))
     em_out, em_lse = reference.emulate(sched, q, k, v, kv_lens=lens)
     em_err = float(np.nanmax(np.abs(em_out - ref_out)))
     lse_ok = np.array_equal(np.isneginf(em_lse), np.isneginf(ref_lse))
@@ -130,8 +133,11 @@ def schedule_cmd(argv=None):
     cps = _default_ctas_per_sm(spec)
     num_ctas = args.num_ctas if args.num_ctas is not None else cps * args.sms
     mb = TUNING["merge_balance"] if args.merge_balance is None else args.merge_balance
+    # the default plan's merge (a stream-K knob given keeps it in the kernel)
+    launch = (args.num_ctas is None and args.merge_balance is None
+              and merges_by_launch(num_ctas, len(args.lens) * args.heads_kv, TUNING["merge_launch_pieces"]))
     s = lean_schedule(args.lens, args.heads_kv, tile_size=spec.tile, num_ctas=num_ctas, merge_balance=mb,
-                      state_rows=16 * spec.m_tiles)
+                      state_rows=16 * spec.m_tiles, merge_launch=launch)
     src = (f"--num-ctas {args.num_ctas}" if args.num_ctas is not None
            else f"{cps} CTA(s) per SM on {args.sms} SMs"
            + (" (--sms default: an H100's / H200's)" if args.sms == H100_SMS else "")

@@ -44,7 +44,8 @@ import numpy as np
 from . import _cache
 from . import kernels as K
 from ._dtypes import KERNEL_TAG
-from .schedule import combine_row_blocks, merge_balanced_tiles, num_splits_heuristic, uniform_variant
+from .schedule import (combine_row_blocks, merge_balanced_tiles, merges_by_launch, num_splits_heuristic,
+                       uniform_variant)
 
 __all__ = ["Signature", "Plan", "signature", "get_plan", "aligned_grid"]
 
@@ -333,10 +334,9 @@ class Plan:
             # few units for the grid (pieces of a unit ~ grid / units): their partial states are
             # merged by a combine launch, rows spread over CTAs, instead of by each unit's last
             # contributor alone (kernels.TUNING["merge_launch_pieces"]; not with stream-K knobs given)
-            pieces = K.TUNING["merge_launch_pieces"]
-            self.merge_launch = (pieces > 0 and units > 0 and grid >= pieces * units and sig.num_ctas is None
-                                 and sig.ctas_per_sm is None and sig.min_tiles_per_cta is None
-                                 and sig.merge_balance is None)
+            self.merge_launch = (merges_by_launch(grid, units, K.TUNING["merge_launch_pieces"])
+                                 and sig.num_ctas is None and sig.ctas_per_sm is None
+                                 and sig.min_tiles_per_cta is None and sig.merge_balance is None)
         else:
             self.ctas_per_sm = None
             if self.uniform_variant:
@@ -500,8 +500,9 @@ class Plan:
                 f"softcap={f[2]}" if f[2] is not None else "",
                 f"fp8 {self.kv8} K/V" if self.kv8 is not None else "") if x))
         lines.append(f"  workspace: {self.workspace_bytes} bytes ({self.counter_bytes} of counters, "
-                     f"{(self.workspace_bytes - self.counter_bytes - self.meta_bytes) // (4 * self.slot_stride)} partial-state "
-                     f"slots of {self.slot_stride * 4} bytes)")
+                     f"{(self.workspace_bytes - self.counter_bytes - self.meta_bytes) // (4 * self.slot_stride)} "
+                     f"partial-state slots of {self.slot_stride * 4} bytes"
+                     + (f", {self.meta_bytes} of unit records for the combine launch)" if self.meta_bytes else ")"))
         return "\n".join(lines)
 
     def __repr__(self):

@@ -49,6 +49,7 @@ __all__ = [
     "head_schedule",
     "merge_balanced_tiles",
     "merge_group_size",
+    "merges_by_launch",
     "num_splits_heuristic",
     "tiles_per_sequence",
     "uniform_variant",
@@ -193,6 +194,8 @@ class Schedule:
             lines += [
                 f"max_tiles         {self.max_tiles}",
                 f"heavy_ctas        {self.heavy_ctas}",
+                "merge             " + ("by the combine launch (few units for the grid)" if self.merge_launch
+                                        else "by each partial unit's last contributor, in the kernel"),
             ]
         else:
             lines += [f"num_splits        {self.num_splits}"]
@@ -284,7 +287,8 @@ class Schedule:
         ax.tick_params(axis="x", labelsize=7)
         ax.legend(handles=[Patch(facecolor="0.8", label="unit covered by one CTA: writes its output"),
                            Patch(facecolor="0.8", hatch="////", edgecolor="black",
-                                 label="unit split over CTAs: partial states, merged by the last")],
+                                 label="unit split over CTAs: partial states, merged by "
+                                       + ("the combine launch" if self.merge_launch else "the last"))],
                   fontsize=7, loc="lower left", framealpha=0.9)
         note = f"; {grid_note}" if grid_note else ""
         fig.suptitle(title or (
@@ -435,6 +439,8 @@ def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1
     if not isinstance(merge_balance, (int, np.integer)) or isinstance(merge_balance, bool) or merge_balance < 0:
         raise ValueError(f"merge_balance: expected an integer >= 0, got {merge_balance!r}")
     state_rows = _check_positive_int(state_rows, "state_rows")
+    if not isinstance(merge_launch, (bool, np.bool_)):
+        raise TypeError(f"merge_launch: expected a bool, got {merge_launch!r}")
     total = int(unit_tiles.sum())
     if merge_balance and total:
         min_tiles = max(min_tiles, merge_balanced_tiles(int(unit_tiles.max()), merge_balance, state_rows,
@@ -475,6 +481,18 @@ def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1
     np.add.at(contributors, part["unit"], 1)
     return Schedule("lean", lens, heads_kv, tile_size, ncta, tps, unit_tiles, unit_start,
                     total, max_tiles, heavy, 0, cta_start, cta_end, segments, contributors, bool(merge_launch))
+
+
+def merges_by_launch(num_ctas, num_units, pieces):
+    """Whether a default lean plan merges stream-K's partial units by the
+    combine launch (:attr:`Schedule.merge_launch`) rather than in the kernel:
+    the grid has at least ``pieces`` CTAs per unit (``num_ctas >= pieces x
+    num_units``; ``pieces`` is ``kernels.TUNING["merge_launch_pieces"]``, 0:
+    never). Plans given a stream-K knob keep the in-kernel merge."""
+    num_ctas = _check_positive_int(num_ctas, "num_ctas")
+    num_units = _check_positive_int(num_units, "num_units", low=0)
+    pieces = _check_positive_int(pieces, "pieces", low=0)
+    return pieces > 0 and num_units > 0 and num_ctas >= pieces * num_units
 
 
 def num_splits_heuristic(num_units, max_unit_tiles, num_sms, max_splits=128):

@@ -1433,8 +1433,9 @@ def test_many_units_take_their_config(d, hq, hkv, n, waves, knob):
     assert np.array_equal(cp.asnumpy(out).view(np.uint16), first.view(np.uint16))
 
 
-@pytest.mark.parametrize("layout, page, feats", [("dense", 16, False), ("paged", 16, True), ("paged", 1, False)])
-def test_few_units_merged_by_a_combine_launch(layout, page, feats, monkeypatch):
+@pytest.mark.parametrize("layout, page, feats, hkv", [("dense", 16, False, 2), ("paged", 16, True, 1),
+                                                      ("paged", 1, False, 1)])
+def test_few_units_merged_by_a_combine_launch(layout, page, feats, hkv, monkeypatch):
     """A ragged batch of few units for the grid (3 sequences, 1 KV head, lengths
     on the GPU): the lean plan keeps stream-K and merges the partial units by
     a combine launch (kernels.TUNING["merge_launch_pieces"]). Two graphs
@@ -1443,11 +1444,12 @@ def test_few_units_merged_by_a_combine_launch(layout, page, feats, monkeypatch):
     whole in one CTA, empty, or cut into many pieces, changed between
     replays (a unit's record from the previous replay must not be reused):
     each replay equals the reference, with sinks, a window and soft-capping
-    in one case."""
+    in one case, 2 KV heads in another. A stream-K knob (num_ctas) keeps the
+    in-kernel merge."""
     from cupy_lean import kernels as K
 
     rng = np.random.default_rng(31 + page)
-    hq, hkv, d, lens0 = 36, 1, 128, [9001, 6007, 4000]
+    hq, d, lens0 = 36, 128, [9001, 6007, 4000]
     q, k, v, lens, table = make_inputs(rng, 3, hq, hkv, d, np.float16, lens0, layout, page_size=page)
     qd, kd, vd, td = to_gpu(q), to_gpu(k), to_gpu(v), to_gpu(table)
     ld = cp.asarray(lens)
@@ -1461,6 +1463,7 @@ def test_few_units_merged_by_a_combine_launch(layout, page, feats, monkeypatch):
     p = cupy_lean.plan(qd, kd, vd, out=template, **kw, **plan_kw)
     assert p.decomposition == K.Decomposition.STREAM_K and p.grid >= K.TUNING["merge_launch_pieces"] * p.units
     assert p.merge_launch and "merged by a combine launch" in p.describe(), p.describe()
+    assert not cupy_lean.plan(qd, kd, vd, out=template, num_ctas=p.grid, **kw, **plan_kw).merge_launch
     monkeypatch.setitem(K.TUNING, "merge_launch_pieces", 0)
     inkernel = cupy_lean.plan(qd, kd, vd, out=template, **kw, **plan_kw)
     assert not inkernel.merge_launch and "by their last contributor" in inkernel.describe()

@@ -739,3 +739,20 @@ def test_combine_row_blocks_validates(bad):
                        ((4, 4, 132, bad), "num_states")):
         with pytest.raises((ValueError, TypeError), match=name):
             combine_row_blocks(*args)
+
+
+def test_merges_by_launch_rule_and_the_schedule_flag():
+    """The default plan's merge rule: the combine launch from ``pieces`` CTAs
+    per unit on (0: never); lean_schedule records it, checks its type, and
+    describe() says which merge runs."""
+    from cupy_lean.schedule import merges_by_launch
+
+    assert merges_by_launch(132, 16, 8) and not merges_by_launch(132, 17, 8)
+    assert not merges_by_launch(132, 1, 0) and not merges_by_launch(132, 0, 8)
+    with pytest.raises(TypeError, match="pieces"):
+        merges_by_launch(132, 4, 8.0)
+    s = lean_schedule([900, 5, 0], 2, tile_size=16, num_ctas=132, merge_launch=True)
+    assert s.merge_launch and "by the combine launch" in s.describe()
+    assert "in the kernel" in lean_schedule([900, 5, 0], 2, tile_size=16, num_ctas=132).describe()
+    with pytest.raises(TypeError, match="merge_launch"):
+        lean_schedule([900], 1, tile_size=16, num_ctas=8, merge_launch=1)
