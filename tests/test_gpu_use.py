@@ -1482,3 +1482,32 @@ def test_few_units_merged_by_a_combine_launch(layout, page, feats, hkv, monkeypa
                 _assert_out_lse(out, lse, ro, rl)
             else:  # every sequence empty, no sinks: zero output, lse -inf
                 assert not bool(cp.any(out != 0)) and bool(cp.all(cp.isneginf(lse)))
+
+
+def test_few_units_merge_launch_with_query_tokens_and_a_dirty_workspace():
+    """The merge launch with 3 query tokens per sequence (ragged q_lens) from a
+    plan given a caller's workspace filled with 0xFF bytes (the unit records
+    and slots are written before they are read): the reference's rows
+    (padding tokens zeros and lse -inf), then a graph replayed with new
+    lengths and q_lens."""
+    rng = np.random.default_rng(211)
+    lens = [7000, 2, 0, 3100]
+    hq, hkv, d = 12, 2, 128
+    _, k, v, L, table = make_inputs(rng, len(lens), hq, hkv, d, np.float16, lens, "paged", page_size=16)
+    q = rng.standard_normal((len(lens), 3, hq, d)).astype(np.float16)
+    args = (to_gpu(q), to_gpu(k), to_gpu(v))
+    ld, qn = cp.asarray(L), cp.asarray(np.array([3, 1, 2, 3], np.int32))
+    kw = dict(kv_lens=ld, block_table=to_gpu(table))
+    out = _nan_like(q.shape, q.dtype)
+    lse = cp.full(q.shape[:3], cp.nan, dtype=cp.float32)
+    need = cupy_lean.plan(*args, **kw, out=out).workspace_bytes
+    ws = cp.full(need, 0xFF, dtype=cp.uint8)
+    p = cupy_lean.plan(*args, **kw, out=out, workspace=ws)
+    assert p.merge_launch and p.meta_bytes == 8 * p.units, p.describe()
+    p.run(*args, **kw, out=out, lse=lse, q_lens=qn)
+    _assert_out_lse(out, lse, *reference.attention(q, k, v, kv_lens=L, block_table=table, q_lens=cp.asnumpy(qn)))
+    graph = _capture(lambda: p.run(*args, **kw, out=out, lse=lse, q_lens=qn))
+    new_l, new_q = np.array([3, 2, 0, 3099], np.int32), np.array([1, 2, 3, 2], np.int32)  # within each table
+    ld[...], qn[...] = cp.asarray(new_l), cp.asarray(new_q)
+    _replay_nan_prefilled([(graph, out, lse)])
+    _assert_out_lse(out, lse, *reference.attention(q, k, v, kv_lens=new_l, block_table=table, q_lens=new_q))
