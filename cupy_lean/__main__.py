@@ -133,17 +133,25 @@ def schedule_cmd(argv=None):
     cps = _default_ctas_per_sm(spec)
     num_ctas = args.num_ctas if args.num_ctas is not None else cps * args.sms
     mb = TUNING["merge_balance"] if args.merge_balance is None else args.merge_balance
-    # the default plan's merge (a stream-K knob given keeps it in the kernel)
-    launch = (args.num_ctas is None and args.merge_balance is None
-              and merges_by_launch(num_ctas, len(args.lens) * args.heads_kv, TUNING["merge_launch_pieces"]))
-    s = lean_schedule(args.lens, args.heads_kv, tile_size=spec.tile, num_ctas=num_ctas, merge_balance=mb,
+    # the default plan's grid (at most one CTA per tile of the longest unit's length) and merge (a
+    # stream-K knob given keeps it in the kernel)
+    units = len(args.lens) * args.heads_kv
+    longest = -(-max(args.lens) // spec.tile) if args.lens else 0
+    grid = max(1, min(num_ctas, units * longest)) if args.num_ctas is None else num_ctas
+    launch = (args.num_ctas is None and not args.merge_balance
+              and merges_by_launch(grid, units, TUNING["merge_launch_pieces"]))
+    s = lean_schedule(args.lens, args.heads_kv, tile_size=spec.tile, num_ctas=grid, merge_balance=mb,
                       state_rows=16 * spec.m_tiles, merge_launch=launch)
     src = (f"--num-ctas {args.num_ctas}" if args.num_ctas is not None
            else f"{cps} CTA(s) per SM on {args.sms} SMs"
            + (" (--sms default: an H100's / H200's)" if args.sms == H100_SMS else "")
+           + (f", at most one per tile: {grid}" if grid != num_ctas else "")
            ) + f", tile {spec.tile}, merge balance {mb}"
-    print(f"(grid: {num_ctas} CTAs, {src})")
+    print(f"(grid: {grid} CTAs, {src})")
     print(s.describe(grid_note=src))
+    if len(args.lens) == 1 and args.num_ctas is None and args.merge_balance is None:
+        print("(one sequence: the default plan may run its split-K variant or one CTA per unit instead of "
+              "this stream-K schedule; cupy_lean.schedule.uniform_variant chooses, Plan.describe() says which)")
     if args.png:
         s.plot(args.png, grid_note=src)
         print(f"picture written to {args.png}")
@@ -199,8 +207,11 @@ def _parser():
                    help="where to write the schedule picture (default: a new temporary folder)")
     d.add_argument("--cpu", action="store_true", help="use the NumPy path even with a GPU")
     sc = sub.add_parser("schedule", help="print (and draw) the lean schedule of a batch",
-                        description="Print the stream-K decomposition of a batch: every CTA's tile range and "
-                                    "segments, partial units and their contributors.")
+                        description="Print a summary of the stream-K decomposition of a batch as the default "
+                                    "plan cuts it (grid, tiles per CTA, segments, partial units and their "
+                                    "contributors, which merge runs); --png draws every unit and CTA. "
+                                    "max_tiles: tiles of the busiest CTAs; heavy_ctas: how many have that many "
+                                    "(the rest one fewer).")
     sc.add_argument("--lens", type=_lens, required=True, help="comma-separated KV lengths, e.g. 131072,1024,1024")
     sc.add_argument("--heads-kv", type=_positive, default=8, help="KV heads (default 8)")
     sc.add_argument("--tile-size", type=int, choices=TILE_SIZES, default=None,
@@ -212,7 +223,7 @@ def _parser():
     sc.add_argument("--num-ctas", type=_positive, default=None,
                     help="CTAs of the grid (default: the default plan's CTAs per SM, see --sms)")
     sc.add_argument("--sms", type=_positive, default=H100_SMS,
-                    help=f"SM count the default grid assumes (default {H100_SMS}, an H100 SXM)")
+                    help=f"SM count the default grid assumes (default {H100_SMS}: an H100 SXM's or H200's)")
     sc.add_argument("--png", type=_png, default=None, help="also draw the schedule into this PNG file")
     sub.add_parser("bench", help="time lean/split/head and tile, CTA and pipeline variants on this GPU "
                                  "(python -m cupy_lean bench --help)", add_help=False)

@@ -333,10 +333,11 @@ class Plan:
             slots = 2 * grid
             # few units for the grid (pieces of a unit ~ grid / units): their partial states are
             # merged by a combine launch, rows spread over CTAs, instead of by each unit's last
-            # contributor alone (kernels.TUNING["merge_launch_pieces"]; not with stream-K knobs given)
+            # contributor alone (kernels.TUNING["merge_launch_pieces"]; not with a stream-K knob given:
+            # num_ctas, ctas_per_sm, min_tiles_per_cta, a merge balance other than 0)
             self.merge_launch = (merges_by_launch(grid, units, K.TUNING["merge_launch_pieces"])
                                  and sig.num_ctas is None and sig.ctas_per_sm is None
-                                 and sig.min_tiles_per_cta is None and sig.merge_balance is None)
+                                 and sig.min_tiles_per_cta is None and not sig.merge_balance)  # 0: no floor
         else:
             self.ctas_per_sm = None
             if self.uniform_variant:

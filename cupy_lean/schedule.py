@@ -420,8 +420,8 @@ def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1
         :func:`merge_balanced_tiles` ``(longest unit's tiles, a, state_rows,
         tile_size)`` tiles (as if ``min_tiles_per_cta`` were that much, when
         larger), so that no unit is cut into more pieces than one CTA merges
-        in about the time of one range's stream. What the kernel's default
-        plan uses (``a = 1``).
+        in about the time of one range's stream. The default plan uses
+        ``kernels.TUNING["merge_balance"]`` (0: no floor).
     state_rows : int
         Rows of a unit's partial state (16 per query tile of the kernel spec).
     merge_launch : bool
@@ -488,7 +488,9 @@ def merges_by_launch(num_ctas, num_units, pieces):
     combine launch (:attr:`Schedule.merge_launch`) rather than in the kernel:
     the grid has at least ``pieces`` CTAs per unit (``num_ctas >= pieces x
     num_units``; ``pieces`` is ``kernels.TUNING["merge_launch_pieces"]``, 0:
-    never). Plans given a stream-K knob keep the in-kernel merge."""
+    never). Plans given a stream-K knob (``num_ctas``, ``ctas_per_sm``,
+    ``min_tiles_per_cta``, a ``merge_balance`` other than 0) keep the
+    in-kernel merge."""
     num_ctas = _check_positive_int(num_ctas, "num_ctas")
     num_units = _check_positive_int(num_units, "num_units", low=0)
     pieces = _check_positive_int(pieces, "pieces", low=0)

@@ -59,3 +59,20 @@ def test_bench_help_and_no_gpu_message():
     pytest.importorskip("cupy")
     r = _run("bench")
     assert r.returncode == 1 and "no usable CUDA GPU" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_schedule_shows_the_default_plans_merge():
+    """Few units for the grid: the default plan's merge by the combine launch
+    (also with --merge-balance 0, the default); a grid given by --num-ctas
+    keeps the in-kernel merge; the grid is clamped to one CTA per tile as the
+    plan's is; one sequence gets a note on the plan's variants."""
+    r = _run("schedule", "--lens", "90000,3000", "--heads-kv", "2")
+    assert r.returncode == 0 and "merge             by the combine launch" in r.stdout, r.stdout
+    r = _run("schedule", "--lens", "90000,3000", "--heads-kv", "2", "--merge-balance", "0")
+    assert "by the combine launch" in r.stdout
+    r = _run("schedule", "--lens", "90000,3000", "--heads-kv", "2", "--num-ctas", "132")
+    assert "by each partial unit's last contributor" in r.stdout
+    r = _run("schedule", "--lens", "100,100", "--heads-kv", "1")
+    assert "(grid: 2 CTAs" in r.stdout and "in the kernel" in r.stdout, r.stdout
+    r = _run("schedule", "--lens", "90000", "--heads-kv", "2")
+    assert "one sequence: the default plan may run its split-K variant" in r.stdout
