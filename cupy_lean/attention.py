@@ -365,6 +365,12 @@ class Config:
         stream. Default 0 (off: measured over family shapes, the floor now
         costs more streaming SMs than the merge time it saves).
 
+    With none of the stream-K options above given (``ctas_per_sm``,
+    ``num_ctas``, ``min_tiles_per_cta``, a ``merge_balance`` other than 0),
+    a lean plan whose grid has at least 8 CTAs per unit merges stream-K's
+    partial units by a second (combine) launch instead of in the kernel
+    (``Plan.merge_launch``; docs/design.md); with any of them, in the kernel.
+
     A configuration whose shared memory does not fit the device raises
     ``ValueError`` naming the limit when the plan is made.
     """
