@@ -5,7 +5,12 @@ profilers weigh a phase by how many SMs spend time in it; a small call's
 time is set by its slowest chain (the last contributor of a unit, then that
 unit's merge), which this shows.
 
-    python tools/timeline.py --shape 3,45,3,256,2696[,PAGE] [--lens L] [--ctas C] [--out F.json]
+    python tools/timeline.py --shape 3,45,3,256,2696[,PAGE] [--lens L | --ragged L0:L1:L2] [--ctas C]
+                             [--schedule lean|split] [--merge auto|kernel] [--out F.json]
+
+E.g. the prologue of stream-K against split-K on a small ragged batch of few
+units: ``--shape 3,12,1,128,8000,16 --ragged 8000:900:3000`` with and
+without ``--schedule split --ctas 132``.
 
 Phases per CTA (ns from the first CTA's start): 0 start, 1 work found
 (find_work), 2 first tile in shared memory, 3 last segment streamed, 4 its
@@ -80,12 +85,21 @@ def main():
     ap.add_argument("--tile", type=int, default=None, help="tile_size (default: the library's)")
     ap.add_argument("--stages", type=int, default=None, help="pipeline stages (default: the library's)")
     ap.add_argument("--merge-balance", type=int, default=None, help="Config(merge_balance=...) (default: the library's)")
+    ap.add_argument("--schedule", choices=("lean", "split"), default="lean",
+                    help="split: FlashDecoding's split-K, --ctas giving units x chunks (default lean: stream-K)")
+    ap.add_argument("--merge", choices=("auto", "kernel"), default="auto",
+                    help="stream-K's merge: the plan's choice (auto; the combine launch with few units, "
+                         "whose time is in us/call but not in the stamps) or always in the kernel")
+    ap.add_argument("--ragged", default="",
+                    help="colon-separated lengths, one per sequence (each <= N), timed instead of --lens")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="")
     a = ap.parse_args()
-    # the stamps are of the stream-K kernel: keep plans of equal lengths (e.g. batch 1) off the
-    # split-K variant, whose combine launch the stamps would not see
+    # the stamps are of the attention kernel: keep plans of equal lengths (e.g. batch 1) on the
+    # decomposition asked for, not the equal-length variant the plan may choose
     K.TUNING["uniform_variants"] = False
+    if a.merge == "kernel":
+        K.TUNING["merge_launch_pieces"] = 0
     instrument()
     from range_sweep import decode_inputs  # tools/, beside this script
 
@@ -95,15 +109,22 @@ def main():
     copies = len(kvs)
     rows = []
     name = f"b{b} {hq}/{hkv} d{d} {n}" + (f" paged{ps}" if ps else "")
-    for length in [int(x) for x in a.lens.split(",")] if a.lens else [n]:
+    if a.ragged:
+        per_seq = [int(x) for x in a.ragged.split(":")]
+        if len(per_seq) != b or max(per_seq) > n or min(per_seq) < 0:
+            raise SystemExit(f"--ragged: expected {b} lengths in [0, {n}], got {per_seq}")
+        lengths = [per_seq]
+    else:
+        lengths = [int(x) for x in a.lens.split(",")] if a.lens else [n]
+    for length in lengths:
         for c in (int(x) for x in a.ctas.split(",")):
-            kv = cp.full((b,), length, dtype=cp.int32)
+            kv = cp.asarray(np.broadcast_to(np.asarray(length, np.int32), (b,)).copy())
             if a.merge_balance is not None:
                 kw = {"config": cupy_lean.Config(tile_size=a.tile, stages=a.stages, num_ctas=c or None,
                                                  merge_balance=a.merge_balance)}
             else:
                 kw = {"num_ctas": c} if c else {}
-                kw.update(tile_size=a.tile, stages=a.stages)
+                kw.update(tile_size=a.tile, stages=a.stages, schedule=a.schedule)
             pl = cupy_lean.plan(q, k, v, kv_lens=kv, block_table=table, out=out, **kw)
             glob = K.kernels_for(pl.spec).module.get_global("lean_timeline")
             tl = cp.ndarray((MAX_CTAS, 16), cp.uint64, glob)
@@ -121,9 +142,11 @@ def main():
 
             us = graph_time(call, copies, n_calls=n_calls, repeats=5)
             s = summary(cp.asnumpy(tl), pl.grid)
-            s.update(case=name, length=length, num_ctas=c or None, grid=pl.grid, call_us=us)
+            s.update(case=name, length=length, num_ctas=c or None, grid=pl.grid, call_us=us,
+                     schedule=a.schedule, merge_launch=bool(getattr(pl, "merge_launch", False)))
             rows.append(s)
-            print(f"{name} len {length} ctas {c or 'default'} (grid {pl.grid}, {pl.spec.name}): {us:.2f} us/call, "
+            print(f"{name} len {length} {a.schedule} ctas {c or 'default'} (grid {pl.grid}, {pl.spec.name}"
+                  + (", merge launch" if s["merge_launch"] else "") + f"): {us:.2f} us/call, "
                   f"kernel span {s['span_us']:.2f} us, {s['merging_ctas']} merging CTAs, "
                   f"SM clock {s.get('sm_mhz', 0):.0f} MHz")
             for key in PHASES:
