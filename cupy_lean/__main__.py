@@ -149,7 +149,7 @@ def schedule_cmd(argv=None):
            ) + f", tile {spec.tile}, merge balance {mb}"
     print(f"(grid: {grid} CTAs, {src})")
     print(s.describe(grid_note=src))
-    if len(args.lens) == 1 and args.num_ctas is None and args.merge_balance is None:
+    if len(args.lens) == 1 and args.num_ctas is None and not args.merge_balance:
         print("(one sequence: the default plan may run its split-K variant or one CTA per unit instead of "
               "this stream-K schedule; cupy_lean.schedule.uniform_variant chooses, Plan.describe() says which)")
     if args.png:

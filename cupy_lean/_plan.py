@@ -268,9 +268,12 @@ class Plan:
         # layout, any kv_lens) with no stream-K option may run another decomposition (the
         # equal-length variant, below; one CTA per unit by many_unit_config)
         self.equal_lengths = (sig.kv_lens is None and not m.paged) or B == 1
-        variants_ok = (sig.schedule == "lean" and self.equal_lengths
-                       and K.TUNING["uniform_variants"] and sig.num_ctas is None and sig.ctas_per_sm is None
-                       and sig.min_tiles_per_cta is None and sig.merge_balance is None)
+        # an option that fixes the stream-K grid or ranges (merge_balance 0 is the default: no floor);
+        # such a plan keeps stream-K and its in-kernel merge
+        stream_k_knob = (sig.num_ctas is not None or sig.ctas_per_sm is not None
+                         or sig.min_tiles_per_cta is not None or bool(sig.merge_balance))
+        variants_ok = (sig.schedule == "lean" and self.equal_lengths and K.TUNING["uniform_variants"]
+                       and not stream_k_knob)
         smem_limit = K.device_smem_limit()
 
         def spec_at(tile):  # this call's spec at a tile size (None: the default)
@@ -333,11 +336,9 @@ class Plan:
             slots = 2 * grid
             # few units for the grid (pieces of a unit ~ grid / units): their partial states are
             # merged by a combine launch, rows spread over CTAs, instead of by each unit's last
-            # contributor alone (kernels.TUNING["merge_launch_pieces"]; not with a stream-K knob given:
-            # num_ctas, ctas_per_sm, min_tiles_per_cta, a merge balance other than 0)
-            self.merge_launch = (merges_by_launch(grid, units, K.TUNING["merge_launch_pieces"])
-                                 and sig.num_ctas is None and sig.ctas_per_sm is None
-                                 and sig.min_tiles_per_cta is None and not sig.merge_balance)  # 0: no floor
+            # contributor alone (kernels.TUNING["merge_launch_pieces"]; not with a stream-K knob given)
+            self.merge_launch = not stream_k_knob and merges_by_launch(grid, units,
+                                                                       K.TUNING["merge_launch_pieces"])
         else:
             self.ctas_per_sm = None
             if self.uniform_variant:

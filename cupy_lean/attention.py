@@ -76,7 +76,7 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
         every sequence has the same length (no ``kv_lens`` and dense ``k``
         and ``v``, or a batch of one sequence) and no stream-K option is given (``num_ctas``; in
         :func:`plan` and :class:`Config` also ``ctas_per_sm``,
-        ``min_tiles_per_cta``, ``merge_balance``), the lean plan runs its
+        ``min_tiles_per_cta``, a ``merge_balance`` other than 0), the lean plan runs its
         split-K variant instead where a streaming model says it is as fast
         (:func:`cupy_lean.schedule.uniform_variant`; ``describe()`` says
         which ran; ``cupy_lean.kernels.TUNING["uniform_variants"] = False``

@@ -1253,9 +1253,6 @@ __device__ void store_segment(const Params& p, const Shared& sh, const Segment& 
   }
 }
 
-// End of a segment: store it; for a partial STREAM_K unit, arrive at the unit's
-// counter and, if this CTA completes it, reduce the unit (UnitCounter says
-// why this is safe).
 // STREAM_K merged by the combine launch: the CTA holding a unit's first tile
 // records the unit's pieces (1: whole in that CTA, nothing to merge) and the
 // first one's slot, at every launch (the combine reads nothing older). Out of
@@ -1273,6 +1270,9 @@ __device__ __noinline__ void record_unit(int* at, i64 per, i64 heavy, i64 unit_f
   at[1] = who.first_slot;
 }
 
+// End of a segment: store it; for a partial STREAM_K unit, arrive at the unit's
+// counter and, if this CTA completes it, reduce the unit (UnitCounter says
+// why this is safe); merged by the combine launch, record the unit.
 __device__ void finish_segment(const Params& p, const Shared& sh, const StreamK& sk, const Segment& s,
                                const WarpState& st, int stage) {
   const int c = blockIdx.x;
