@@ -414,6 +414,9 @@ class Plan:
         prm.batch, prm.heads_kv, prm.group, prm.capacity = B, Hkv, g, m.capacity
         prm.page_size, prm.num_pages = max(m.page_size, 1), m.num_pages
         prm.decomposition, prm.num_splits = int(decomp), ns
+        # merge launch: the kernel may run split-K in one wave when a launch's lengths favour it
+        self.runtime_split = bool(self.merge_launch and K.TUNING["runtime_split"])
+        prm.runtime_split = int(self.runtime_split)
         prm.scale_log2 = m.scale * _LOG2E
         prm.slot_stride = slot_stride
         prm.window_left = -1 if f_window is None else f_window
@@ -490,7 +493,10 @@ class Plan:
                          + "; each CTA takes an equal share (+-1 tile) of all tiles, derived on the GPU "
                            "from kv_lens at run time"
                          + (f"; partial units merged by a combine launch of {self._combine_text()} (few "
-                            f"units for the grid)" if self.merge_launch else
+                            f"units for the grid)"
+                            + ("; a launch whose lengths favour it runs split-K in one wave instead "
+                               "(cupy_lean.schedule.runtime_split_chunks, decided on the GPU)"
+                               if self.runtime_split else "") if self.merge_launch else
                             "; partial units merged by their last contributor"))
         else:
             lines.append(f"  grid: {self.grid} CTAs = {self.units} units x {self.num_splits} splits"

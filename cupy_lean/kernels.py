@@ -91,6 +91,7 @@ class Params(ctypes.Structure):
         ("q_len", ctypes.c_int32), ("q_st", ctypes.c_int64), ("o_st", ctypes.c_int64),
         ("q_lens", ctypes.c_uint64), ("k_scale", ctypes.c_uint64), ("v_scale", ctypes.c_uint64),
         ("k_scale_value", ctypes.c_float), ("v_scale_value", ctypes.c_float),
+        ("runtime_split", ctypes.c_int32),
     ]
 
 
@@ -292,6 +293,9 @@ TUNING = {
     # a combine launch (rows spread over CTAs) instead of by each unit's last contributor in the kernel
     # (measured on ragged/paged calls of 2-20 units, bench/NOTES.md session 15)
     "merge_launch_pieces": 8,
+    # with the merge launch: each launch runs split-K in one wave instead of stream-K when its busiest CTA
+    # would stream at most one tile more (schedule.runtime_split_chunks, decided on the GPU from kv_lens)
+    "runtime_split": True,
 }
 
 #: Opt-in shared memory per block (bytes) by architecture; the plan asks the

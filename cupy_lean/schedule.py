@@ -51,6 +51,7 @@ __all__ = [
     "merge_group_size",
     "merges_by_launch",
     "num_splits_heuristic",
+    "runtime_split_chunks",
     "tiles_per_sequence",
     "uniform_variant",
 ]
@@ -495,6 +496,25 @@ def merges_by_launch(num_ctas, num_units, pieces):
     num_units = _check_positive_int(num_units, "num_units", low=0)
     pieces = _check_positive_int(pieces, "pieces", low=0)
     return pieces > 0 and num_units > 0 and num_ctas >= pieces * num_units
+
+
+def runtime_split_chunks(kv_lens, heads_kv, tile_size, num_ctas):
+    """Chunks per unit of the split-K a lean launch with the merge launch runs
+    instead of stream-K (``kernels.TUNING["runtime_split"]``), or 0 for
+    stream-K: ``ns = num_ctas // units`` chunks when the busiest CTA of that
+    split streams at most one tile more than stream-K's busiest, ``ceil(longest
+    unit's tiles / ns) <= ceil(total tiles / CTAs) + 1`` (``kv_lens`` as the
+    kernel walks them: window lengths with a window). The kernel takes the
+    same decision at every launch from the lengths on the GPU."""
+    lens, heads_kv, tile_size, tps, unit_tiles, _ = _units(kv_lens, heads_kv, tile_size)
+    num_ctas = _check_positive_int(num_ctas, "num_ctas")
+    units, total = int(unit_tiles.shape[0]), int(unit_tiles.sum())
+    if units == 0 or total == 0:
+        return 0
+    ns = num_ctas // units
+    ctas = min(num_ctas, total)
+    per = -(-total // ctas)
+    return ns if ns >= 1 and -(-int(tps.max()) // ns) <= per + 1 else 0
 
 
 def num_splits_heuristic(num_units, max_unit_tiles, num_sms, max_splits=128):

@@ -227,7 +227,8 @@ static_assert(STREAM_K == LEAN_HOST_STREAM_K && SPLIT_K == LEAN_HOST_SPLIT_K, "D
   F(const float*, k_scale)   /* HAS_FP8: K = stored value x k_scale[h] (heads_kv floats), or null: */ \
   F(const float*, v_scale)   /* HAS_FP8: V = stored value x v_scale[h], or null: */         \
   F(float, k_scale_value)    /* HAS_FP8: ... one scale for every head (by value) */          \
-  F(float, v_scale_value)
+  F(float, v_scale_value)                                                                       \
+  F(int, runtime_split)      /* STREAM_K with unit_meta: 1: split-K in one wave when the lengths favour it */
 
 #define LEAN_DECLARE_FIELD(type, name) type name;
 struct Params {
@@ -334,8 +335,10 @@ __device__ __forceinline__ int merge_balanced_tiles(int longest, int a) {
 struct StreamK {
   i64 total, per, heavy;
   int ctas;
+  int split;  // > 0: this launch runs split-K in one wave instead (chunks per unit; see find_work)
   __device__ static StreamK make(i64 total, int grid, int min_tiles = 1) {
     StreamK s;
+    s.split = 0;
     s.total = total;
     s.ctas = (int)min((i64)grid, min_tiles > 1 ? max((i64)1, div_pos(total, min_tiles)) : total);
     if (total == 0) s.ctas = 0;
@@ -791,6 +794,34 @@ __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, S
   int min_tiles = p.min_tiles_per_cta;
   if (p.merge_balance > 0) min_tiles = max(min_tiles, merge_balanced_tiles(longest, p.merge_balance));
   sk = StreamK::make((i64)seq_tiles * p.heads_kv, gridDim.x, min_tiles);
+  if (p.runtime_split && p.unit_meta != nullptr && sk.ctas > 0) {
+    // Split-K in one wave (ns chunks per unit, ns = grid / units) when its
+    // busiest CTA streams at most one tile more than stream-K's: then no CTA
+    // holds two units' pieces. Every CTA takes the same decision from the
+    // same scan; the combine launch merges the chunks as it merges pieces
+    // (CTA c's state in slot 2c, the unit's chunks on consecutive CTAs).
+    const int units = p.batch * p.heads_kv, ns = (int)gridDim.x / max(units, 1);
+    if (ns >= 1 && div_pos(longest + ns - 1, ns) <= sk.per + 1) {
+      if (c >= units * ns) return false;
+      const int unit = c / ns, j = c % ns;
+      w.b = unit / p.heads_kv;
+      w.h = unit % p.heads_kv;
+      w.len = seq_len(p, lens_s, w.b, true);
+      w.start = window_start(p, w.len);
+      w.ntiles = ntiles_of(w.len - w.start);
+      const int chunk = max(1, (w.ntiles + ns - 1) / ns);
+      if (j == 0 && tid == 0) {  // the unit's record: its chunks with tiles, the first one's slot
+        p.unit_meta[2 * unit] = (w.ntiles + chunk - 1) / chunk;
+        p.unit_meta[2 * unit + 1] = PartialSlots::stream_k_slot(c, 0);
+      }
+      const int t0 = min(j * chunk, w.ntiles), t1 = min(t0 + chunk, w.ntiles);
+      sk.split = ns;
+      w.t = t0;
+      w.g = t0;
+      w.end = t1;
+      return t0 < t1;
+    }
+  }
   if (c >= sk.ctas) return false;
   LEAN_STAMP(9);
   w.g = sk.begin(c);
@@ -1281,7 +1312,7 @@ __device__ void finish_segment(const Params& p, const Shared& sh, const StreamK&
   LEAN_STAMP(4);
   if (p.decomposition != STREAM_K) return;
   if (p.unit_meta != nullptr) {
-    if (s.t0 == 0 && threadIdx.x == 0)
+    if (s.t0 == 0 && threadIdx.x == 0 && sk.split == 0)  // split: recorded by find_work
       record_unit(p.unit_meta + 2 * (s.b * p.heads_kv + s.h), sk.per, sk.heavy, s.unit_first, s.ntiles, s.partial);
     return;
   }

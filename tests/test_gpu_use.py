@@ -1511,3 +1511,43 @@ def test_few_units_merge_launch_with_query_tokens_and_a_dirty_workspace():
     ld[...], qn[...] = cp.asarray(new_l), cp.asarray(new_q)
     _replay_nan_prefilled([(graph, out, lse)])
     _assert_out_lse(out, lse, *reference.attention(q, k, v, kv_lens=new_l, block_table=table, q_lens=new_q))
+
+
+def test_runtime_split_flips_between_replays(monkeypatch):
+    """With the merge launch, each launch runs split-K in one wave or stream-K
+    as its lengths on the GPU decide (schedule.runtime_split_chunks). Two
+    graphs captured one after another (the runtime choice, and stream-K with
+    the merge launch only) replayed, NaN-prefilled, over lengths on both
+    sides of the rule (skewed: stream-K; even: split), an empty batch and
+    sinks: each equals the reference, and the two agree."""
+    from cupy_lean import kernels as K
+    from cupy_lean.schedule import runtime_split_chunks
+
+    rng = np.random.default_rng(41)
+    hq, hkv, d, lens0 = 24, 1, 128, [9001, 9001, 9001]
+    q, k, v, lens, table = make_inputs(rng, 3, hq, hkv, d, np.float16, lens0, "paged", page_size=16)
+    sinks = rng.standard_normal(hq).astype(np.float32)
+    qd, kd, vd, td, ld = to_gpu(q), to_gpu(k), to_gpu(v), to_gpu(table), cp.asarray(lens)
+    kw = dict(kv_lens=ld, block_table=td, sinks=cp.asarray(sinks))
+    template = _nan_like(q.shape, q.dtype)
+    p = cupy_lean.plan(qd, kd, vd, out=template, tile_size=16, **kw)
+    assert p.merge_launch and p.runtime_split and "split-K in one wave" in p.describe(), p.describe()
+    monkeypatch.setitem(K.TUNING, "runtime_split", False)
+    sk = cupy_lean.plan(qd, kd, vd, out=template, tile_size=16, **kw)
+    assert sk.merge_launch and not sk.runtime_split
+    runs = []
+    for plan in (p, sk):
+        out = _nan_like(q.shape, q.dtype)
+        lse = cp.full(q.shape[:2], cp.nan, dtype=cp.float32)
+        g = _capture(lambda plan=plan, out=out, lse=lse: plan.run(qd, kd, vd, out=out, lse=lse, **kw))
+        runs.append((g, out, lse))
+    sides = set()
+    for new in ([9001, 1, 0], [3000, 2990, 3001], [0, 0, 0], [17, 5000, 9001], [4000, 4000, 4000], [1, 1, 1]):
+        sides.add(runtime_split_chunks(new, hkv, 16, p.grid) > 0)
+        ld[...] = cp.asarray(new, dtype=cp.int32)
+        _replay_nan_prefilled(runs)
+        ro, rl = reference.attention(q, k, v, kv_lens=np.array(new, np.int32), block_table=table, sinks=sinks)
+        for _, out, lse in runs:
+            _assert_out_lse(out, lse, ro, rl)
+        assert float(cp.abs(runs[0][1].astype(cp.float32) - runs[1][1].astype(cp.float32)).max()) < 2e-3
+    assert sides == {True, False}

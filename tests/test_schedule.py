@@ -756,3 +756,35 @@ def test_merges_by_launch_rule_and_the_schedule_flag():
     assert "in the kernel" in lean_schedule([900, 5, 0], 2, tile_size=16, num_ctas=132).describe()
     with pytest.raises(TypeError, match="merge_launch"):
         lean_schedule([900], 1, tile_size=16, num_ctas=8, merge_launch=1)
+
+
+def test_runtime_split_chunks_rule():
+    """The launch-time choice of split-K in one wave over stream-K (with the
+    merge launch): split when its busiest CTA streams at most one tile more
+    than stream-K's; the kernel's rule, mirrored (the GPU test replays
+    lengths on both sides of it)."""
+    from cupy_lean.schedule import runtime_split_chunks
+
+    # 3 units, 132 CTAs: 44 chunks per unit
+    assert runtime_split_chunks([3000, 2990, 3001], 1, 16, 132) == 44  # 188 tiles: 5 per chunk, 5 per CTA
+    assert runtime_split_chunks([9001, 1, 0], 1, 16, 132) == 0  # 563 tiles: 13 per chunk against 5
+    assert runtime_split_chunks([17, 5000, 9001], 1, 16, 132) == 0
+    assert runtime_split_chunks([0, 0, 0], 1, 16, 132) == 0
+    assert runtime_split_chunks([4000, 4000, 4000], 1, 16, 132) == 44
+    # more units than CTAs: no split
+    assert runtime_split_chunks([100] * 200, 1, 16, 132) == 0
+    # the rule against a brute-force count of both decompositions' busiest CTAs
+    rng = np.random.default_rng(5)
+    for _ in range(200):
+        b, hkv, tile, ctas = int(rng.integers(1, 6)), int(rng.integers(1, 4)), int(rng.choice([16, 64])), 132
+        lens = rng.integers(0, 20000, b)
+        ns = runtime_split_chunks(lens, hkv, tile, ctas)
+        tiles = -(-lens // tile)
+        total = int(tiles.sum()) * hkv
+        if total == 0:
+            assert ns == 0
+            continue
+        sk = lean_schedule(lens, hkv, tile_size=tile, num_ctas=ctas)
+        split_busiest = -(-int(tiles.max()) // max(1, ctas // (b * hkv)))
+        want = ctas // (b * hkv) >= 1 and split_busiest <= int(sk.tiles_per_cta().max()) + 1
+        assert (ns > 0) == want and (ns == 0 or ns == ctas // (b * hkv))

@@ -123,7 +123,8 @@ def main():
     ok &= run(bf16, 64, 8, 1, [9000], layout="paged", num_ctas=40, page_size=5)
     # few units for the default grid: stream-K pieces merged by the combine launch (unit records),
     # a unit whole in one CTA and an empty one among them
-    ok &= run(np.float16, 128, 24, 1, [7001, 1, 0, 3000], layout="paged", page_size=16)
+    ok &= run(np.float16, 128, 24, 1, [7001, 1, 0, 3000], layout="paged", page_size=16)  # split-K at run time
+    ok &= run(np.float16, 128, 24, 1, [60000, 1, 0, 5], layout="paged", page_size=16)  # skewed: stream-K
     outs = cp.asarray(np.random.default_rng(1).standard_normal((3, 4, 64)).astype(np.float16))
     lses = cp.asarray(np.random.default_rng(2).standard_normal((3, 4)).astype(np.float32))
     cupy_lean.merge_states(outs, lses)
