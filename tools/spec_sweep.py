@@ -46,7 +46,8 @@ CONFIGS = [("default", {}), ("t128", {"tile_size": 128}), ("t64", {"tile_size": 
 FAMILY_CONFIGS = [("t64_c1", {"tile_size": 64, "ctas_per_sm": 1}), ("half", "half")]
 # the default plan with kernels.TUNING["merge_launch_pieces"] set: stream-K's partial units merged by a
 # combine launch whenever the grid has a CTA per unit ("sk_launch") or never ("sk_inkernel")
-TUNING_CONFIGS = {"sk_launch": ("merge_launch_pieces", 1), "sk_inkernel": ("merge_launch_pieces", 0)}
+TUNING_CONFIGS = {"sk_launch": ("merge_launch_pieces", 1), "sk_inkernel": ("merge_launch_pieces", 0),
+                  "sk_nosplit": ("runtime_split", False)}  # no launch-time choice of split-K
 CONFIGS += [(name, "tuning") for name in TUNING_CONFIGS]
 
 
