@@ -41,7 +41,7 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from . import _cache
+from . import _cache, _launch
 from . import kernels as K
 from ._dtypes import KERNEL_TAG
 from .schedule import (combine_row_blocks, merge_balanced_tiles, merges_by_launch, num_splits_heuristic,
@@ -430,6 +430,13 @@ class Plan:
         self._param_arr = (ctypes.c_void_p * 1)(ctypes.addressof(prm))
         self._param_addr = ctypes.addressof(self._param_arr)
         self._combine = (decomp == K.Decomposition.SPLIT_K and ns > 1) or self.merge_launch
+        # sm_90+: both launches may start while the previous kernel in the stream finishes (its tail
+        # overlaps their launch; the kernels wait for it before touching memory)
+        self.pdl = bool(K.TUNING["pdl"] and kern.pdl and _launch.available())
+        self._attn_launch = self._combine_launch = None
+        if self.pdl:
+            self._attn_launch = _launch.Launcher(self._attn_ptr, spec.threads, spec.smem_bytes, self._param_addr)
+            self._combine_launch = _launch.Launcher(self._combine_ptr, spec.threads, 0, self._param_addr)
         # CTAs per unit of the combine launch (each merges a share of the unit's rows); stream-K: the
         # pieces of a unit of average length
         self.combine_blocks = (combine_row_blocks(max(units, 1), rows, kern.num_sms,
@@ -762,12 +769,16 @@ class Plan:
                 self._rearm.discard(wp)
                 ws[:self.counter_bytes].fill(0)
             try:
-                _driver.launchKernel(self._attn_ptr, grid, 1, 1, self.threads, 1, 1, self.smem, sp,
-                                     self._param_addr, 0)
-                if self._combine:
-                    _driver.launchKernel(self._combine_ptr, self.units, self.combine_blocks, 1, self.threads,
-                                         1, 1, 0, sp,
+                if self._attn_launch is not None:
+                    self._attn_launch(grid, 1, sp)
+                    if self._combine:
+                        self._combine_launch(self.units, self.combine_blocks, sp)
+                else:
+                    _driver.launchKernel(self._attn_ptr, grid, 1, 1, self.threads, 1, 1, self.smem, sp,
                                          self._param_addr, 0)
+                    if self._combine:
+                        _driver.launchKernel(self._combine_ptr, self.units, self.combine_blocks, 1,
+                                             self.threads, 1, 1, 0, sp, self._param_addr, 0)
             except Exception:
                 self._rearm.add(wp)  # zero the counters before this workspace's next launch
                 raise

@@ -296,6 +296,10 @@ TUNING = {
     # with the merge launch: each launch runs split-K in one wave instead of stream-K when its busiest CTA
     # would stream at most one tile more (schedule.runtime_split_chunks, decided on the GPU from kv_lens)
     "runtime_split": True,
+    # sm_90 and newer: launch the attention and combine kernels with programmatic dependent launch (each may
+    # be scheduled during the previous kernel's tail in the stream; it waits for that kernel before it reads
+    # or writes memory). False: plain launches
+    "pdl": True,
 }
 
 #: Opt-in shared memory per block (bytes) by architecture; the plan asks the
@@ -563,6 +567,7 @@ class _Kernels:
         self.attn.preferred_shared_memory_carveout = 100
         attrs = cp.cuda.Device().attributes  # one driver query per attribute: read once
         self.num_sms = attrs["MultiProcessorCount"]
+        self.pdl = int(cp.cuda.Device().compute_capability) >= 90  # griddepcontrol in the kernels
         self.occupancy = max(1, driver.occupancyMaxActiveBlocksPerMultiprocessor(
             self.attn.kernel.ptr, spec.threads, smem))
         self.ctas_per_sm = default_ctas_per_sm(spec, self.occupancy)

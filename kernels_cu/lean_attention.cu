@@ -1488,11 +1488,24 @@ __device__ void dump_cta(const Params& p) {
   rec[2] = n;
 }
 
+// Programmatic dependent launch (sm_90+; the host launches both entries with
+// the attribute there): wait until the previous kernel in the stream has
+// completed and its writes are visible, before any read or write of global
+// memory, then let the next kernel's CTAs be scheduled as this grid's CTAs
+// exit (they wait in turn). Without the attribute both are no-ops.
+__device__ __forceinline__ void after_previous_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 }  // namespace lean
 
 // ============================================================= 7. entry points
 
 extern "C" __global__ void __launch_bounds__(lean::NT, 1) LEAN_ENTRY(const __grid_constant__ lean::Params p) {
+  lean::after_previous_kernel();
   lean::attention_cta(p);
 }
 
@@ -1504,6 +1517,7 @@ extern "C" __global__ void __launch_bounds__(lean::NT, 1) LEAN_ENTRY(const __gri
 // j >= 1 in the first slot of CTA first / 2 + j; a unit of one piece (or none)
 // was written by the attention kernel.
 extern "C" __global__ void __launch_bounds__(lean::NT, 1) LEAN_COMBINE_ENTRY(const __grid_constant__ lean::Params p) {
+  lean::after_previous_kernel();
   const int unit = blockIdx.x, g = lean::unit_rows(p);
   const int per = (g + gridDim.y - 1) / gridDim.y, lo = blockIdx.y * per;
   if (lo >= g) return;  // the whole block: no barrier is left waiting

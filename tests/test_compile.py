@@ -408,3 +408,54 @@ def test_many_unit_config_rule():
     for d, tile in ((64, 32), (64, 64), (128, 32)):
         spec = K.make_spec("f16", d, 16, False, tile_size=tile)
         assert spec.tile == tile and spec.smem_bytes <= K.SMEM_OPTIN["sm_80"]
+
+
+def _entry_bodies(ptx):
+    """``{entry name: its PTX text}`` of a module's PTX."""
+    parts = re.split(r"\.visible \.entry ", ptx)[1:]
+    return {p.split("(", 1)[0].strip(): p for p in parts}
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("arch", ARCHS)
+def test_programmatic_launch_waits_before_any_memory_access(arch):
+    """sm_90: the attention and combine entries (launched there with
+    programmatic dependent launch, so they may start during the previous
+    kernel) wait for the previous kernel before their first global load,
+    store or atomic, and then let their own dependents launch; sm_80 has
+    neither instruction."""
+    from cupy.cuda import nvrtc
+
+    spec = K.make_spec("f16", 128, 8, True, features=K.FEATURES["sinks"])
+    prog = nvrtc.createProgram(K._source_of(spec), f"{spec.name}.cu", [], [])
+    try:
+        nvrtc.compileProgram(prog, list(K.compile_options(spec)) + [f"--gpu-architecture=compute_{arch[3:]}"])
+        ptx = nvrtc.getPTX(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+    ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
+    bodies = _entry_bodies(ptx)
+    for entry in (spec.entry, spec.combine_entry):
+        body = bodies[entry]
+        if arch == "sm_80":
+            assert "griddepcontrol" not in body
+            continue
+        wait, trigger = body.find("griddepcontrol.wait"), body.find("griddepcontrol.launch_dependents")
+        access = [i for i in (body.find(op) for op in ("ld.global", "st.global", "atom.global", "red.global",
+                                                       "cp.async")) if i >= 0]
+        assert 0 <= wait < trigger, entry
+        assert access and wait < min(access), entry
+
+
+def test_launch_config_struct_matches_cuda_h():
+    """The ctypes mirror of CUlaunchConfig / CUlaunchAttribute (cuda.h) that
+    the programmatic launches pass to cuLaunchKernelEx."""
+    import ctypes
+
+    from cupy_lean import _launch as L
+
+    assert ctypes.sizeof(L._AttrValue) == 64
+    assert ctypes.sizeof(L._Attr) == 72 and L._Attr.value.offset == 8
+    assert [getattr(L._Config, f).offset for f in ("sharedMemBytes", "hStream", "attrs", "numAttrs")] == [24, 32, 40, 48]
+    assert ctypes.sizeof(L._Config) == 56
+    assert L._PROGRAMMATIC_STREAM_SERIALIZATION == 6

@@ -1551,3 +1551,65 @@ def test_runtime_split_flips_between_replays(monkeypatch):
             _assert_out_lse(out, lse, ro, rl)
         assert float(cp.abs(runs[0][1].astype(cp.float32) - runs[1][1].astype(cp.float32)).max()) < 2e-3
     assert sides == {True, False}
+
+
+@pytest.mark.parametrize("sched,tuning,B,hkv", [
+    ("lean", {}, 3, 2),  # few units: the merge launch (and split-K in one wave when the lengths favour it)
+    ("lean", {"merge_launch_pieces": 0}, 3, 2),  # few units, merged in the kernel by the last contributor
+    ("lean", {}, 24, 4),  # many sequences: stream-K merged in the kernel
+    ("split", {}, 3, 2),  # split-K and its combine launch
+    ("head", {}, 5, 2)])
+def test_programmatic_launches_back_to_back(monkeypatch, sched, tuning, B, hkv):
+    """On sm_90 and newer a plan launches its kernels with programmatic
+    dependent launch: each may be scheduled while the kernel before it runs,
+    and waits for it before touching memory. Four calls of one plan back to
+    back on one stream (sharing its workspace: counters, partial states,
+    unit records), each on other queries and lengths, with a CuPy kernel
+    between two of them, eagerly and as one captured graph replayed
+    NaN-prefilled: every output and lse equals, bitwise, the same plan
+    launched without the attribute and synchronised after each call, and the
+    reference."""
+    from cupy_lean import kernels as K
+
+    for key, value in tuning.items():
+        monkeypatch.setitem(K.TUNING, key, value)
+    rng = np.random.default_rng(44)
+    hq, d, cap = 8 * hkv, 128, 6000
+    q, k, v, _, table = make_inputs(rng, B, hq, hkv, d, np.float16, [cap] * B, "paged", page_size=16)
+    qs = [rng.standard_normal(q.shape).astype(np.float16) for _ in range(4)]
+    lens = [np.full(B, cap, np.int32), rng.integers(0, cap + 1, B).astype(np.int32),
+            np.array([cap] + [1] * (B - 1), np.int32), rng.integers(0, 40, B).astype(np.int32)]
+    kd, vd, td = to_gpu(k), to_gpu(v), to_gpu(table)
+    qd, ld = [to_gpu(x) for x in qs], [cp.asarray(x) for x in lens]
+    p = cupy_lean.plan(qd[0], kd, vd, kv_lens=ld[0], block_table=td, schedule=sched)
+    assert p.pdl == (int(cp.cuda.Device().compute_capability) >= 90), p.describe()
+    monkeypatch.setitem(K.TUNING, "pdl", False)
+    plain = cupy_lean.plan(qd[0], kd, vd, kv_lens=ld[0], block_table=td, schedule=sched)
+    assert not plain.pdl and plain.grid == p.grid
+    expect = []
+    for i in range(4):
+        expect.append(plain.run(qd[i], kd, vd, kv_lens=ld[i], block_table=td, return_lse=True))
+        cp.cuda.Device().synchronize()
+    outs = [_nan_like(q.shape, q.dtype) for _ in range(4)]
+    lses = [cp.full(q.shape[:2], cp.nan, dtype=cp.float32) for _ in range(4)]
+    between = cp.zeros(1 << 20, dtype=cp.float32)
+
+    def calls():
+        for i in range(4):
+            p.run(qd[i], kd, vd, kv_lens=ld[i], block_table=td, out=outs[i], lse=lses[i])
+            if i == 1:
+                cp.add(between, 1.0, out=between)  # a plain CuPy kernel between two programmatic launches
+
+    g = _capture(calls)  # one eager pass, then the capture
+    for i in range(4):
+        _assert_bitwise(outs[i], expect[i][0])
+        _assert_bitwise(lses[i], expect[i][1])
+    for o, l in zip(outs, lses):
+        o.fill(cp.nan)
+        l.fill(cp.nan)
+    _replay_nan_prefilled([(g, outs[0], lses[0])])  # the graph once, all outputs NaN-filled
+    for i in range(4):
+        _assert_bitwise(outs[i], expect[i][0])
+        _assert_bitwise(lses[i], expect[i][1])
+        ro, rl = reference.attention(qs[i], k, v, kv_lens=lens[i], block_table=table)
+        _assert_out_lse(outs[i], lses[i], ro, rl)
