@@ -382,10 +382,18 @@ def test_counters_rearmed_after_outside_writes_and_failed_launches(monkeypatch):
             calls.append(args)
             raise RuntimeError("injected launch failure")
 
+    def failing_launch(*args):  # the programmatic launches (sm_90+) go through cuLaunchKernelEx
+        calls.append(args)
+        raise RuntimeError("injected launch failure")
+
+    programmatic = p._attn_launch
     monkeypatch.setattr(_plan, "_driver", Failing())
+    if programmatic is not None:
+        p._attn_launch = failing_launch
     with pytest.raises(RuntimeError, match="injected"):
         p.run(qd, kd, vd, kv_lens=ld, out=out)
     monkeypatch.setattr(_plan, "_driver", real)
+    p._attn_launch = programmatic
     assert calls
     p.run(qd, kd, vd, kv_lens=ld, out=out)
     _assert_bitwise(out, ref)
@@ -1581,14 +1589,16 @@ def test_programmatic_launches_back_to_back(monkeypatch, sched, tuning, B, hkv):
             np.array([cap] + [1] * (B - 1), np.int32), rng.integers(0, 40, B).astype(np.int32)]
     kd, vd, td = to_gpu(k), to_gpu(v), to_gpu(table)
     qd, ld = [to_gpu(x) for x in qs], [cp.asarray(x) for x in lens]
-    p = cupy_lean.plan(qd[0], kd, vd, kv_lens=ld[0], block_table=td, schedule=sched)
+    template = _nan_like(q.shape, q.dtype)
+    p = cupy_lean.plan(qd[0], kd, vd, kv_lens=ld[0], block_table=td, schedule=sched, out=template)
     assert p.pdl == (int(cp.cuda.Device().compute_capability) >= 90), p.describe()
     monkeypatch.setitem(K.TUNING, "pdl", False)
-    plain = cupy_lean.plan(qd[0], kd, vd, kv_lens=ld[0], block_table=td, schedule=sched)
+    plain = cupy_lean.plan(qd[0], kd, vd, kv_lens=ld[0], block_table=td, schedule=sched, out=template)
     assert not plain.pdl and plain.grid == p.grid
     expect = []
     for i in range(4):
-        expect.append(plain.run(qd[i], kd, vd, kv_lens=ld[i], block_table=td, return_lse=True))
+        expect.append(plain.run(qd[i], kd, vd, kv_lens=ld[i], block_table=td, out=_nan_like(q.shape, q.dtype),
+                                return_lse=True))
         cp.cuda.Device().synchronize()
     outs = [_nan_like(q.shape, q.dtype) for _ in range(4)]
     lses = [cp.full(q.shape[:2], cp.nan, dtype=cp.float32) for _ in range(4)]
