@@ -5,9 +5,9 @@ attribute may be scheduled while the kernel before it in the stream is still
 running, once every CTA of that kernel has signalled (``griddepcontrol.
 launch_dependents``) or exited. The attention and combine kernels start with
 ``griddepcontrol.wait``, which returns when the previous kernel has completed
-and its memory is visible, and then signal their own dependents, so only the
-launch and the CTAs' dispatch overlap the previous kernel's tail: the
-kernels read and write nothing before the wait. Inside a CUDA graph capture the
+and its memory is visible, and signal nothing early (their dependents are let
+in as their CTAs exit), so only the launch and the CTAs' dispatch overlap the
+previous kernel's tail: the kernels read and write nothing before the wait. Inside a CUDA graph capture the
 attribute becomes a programmatic edge of the graph.
 
 CuPy has no binding of ``cuLaunchKernelEx``; this module calls it from the

@@ -1491,12 +1491,13 @@ __device__ void dump_cta(const Params& p) {
 // Programmatic dependent launch (sm_90+; the host launches both entries with
 // the attribute there): wait until the previous kernel in the stream has
 // completed and its writes are visible, before any read or write of global
-// memory, then let the next kernel's CTAs be scheduled as this grid's CTAs
-// exit (they wait in turn). Without the attribute both are no-ops.
+// memory. No explicit launch_dependents: the next kernel is let in as this
+// grid's CTAs exit (an early trigger let the next call's CTAs take the first
+// freed slots, two to an SM while others idled: +13% on a 190-unit dense
+// call). Without the attribute the wait is a no-op.
 __device__ __forceinline__ void after_previous_kernel() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
 }
 

@@ -422,8 +422,9 @@ def test_programmatic_launch_waits_before_any_memory_access(arch):
     """sm_90: the attention and combine entries (launched there with
     programmatic dependent launch, so they may start during the previous
     kernel) wait for the previous kernel before their first global load,
-    store or atomic, and then let their own dependents launch; sm_80 has
-    neither instruction."""
+    store or atomic, and trigger no early launch of the next kernel (its
+    CTAs would take the first freed slots unevenly); sm_80 has neither
+    instruction."""
     from cupy.cuda import nvrtc
 
     spec = K.make_spec("f16", 128, 8, True, features=K.FEATURES["sinks"])
@@ -440,10 +441,11 @@ def test_programmatic_launch_waits_before_any_memory_access(arch):
         if arch == "sm_80":
             assert "griddepcontrol" not in body
             continue
-        wait, trigger = body.find("griddepcontrol.wait"), body.find("griddepcontrol.launch_dependents")
+        wait = body.find("griddepcontrol.wait")
+        assert "griddepcontrol.launch_dependents" not in body, entry
         access = [i for i in (body.find(op) for op in ("ld.global", "st.global", "atom.global", "red.global",
                                                        "cp.async")) if i >= 0]
-        assert 0 <= wait < trigger, entry
+        assert wait >= 0, entry
         assert access and wait < min(access), entry
 
 
