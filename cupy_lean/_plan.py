@@ -244,6 +244,15 @@ class Plan:
     merge_launch : bool
         Stream-K with few units for the grid: partial units are merged by the
         combine launch, not by their last contributor in the kernel.
+    runtime_split : bool
+        With ``merge_launch``: each launch may run split-K in one wave
+        instead of stream-K when the lengths on the GPU favour it
+        (``cupy_lean.schedule.runtime_split_chunks``).
+    pdl : bool
+        Launched with programmatic dependent launch (sm_90 and newer,
+        ``kernels.TUNING["pdl"]``): each kernel may be scheduled during the
+        previous one's tail in the stream and waits for it before any memory
+        access.
     """
 
     def __init__(self, sig: Signature, meta, *, workspace=None):
@@ -479,7 +488,9 @@ class Plan:
             f"  kernel: {self.spec.name} (tile {self.spec.tile} tokens, {self.spec.stages} stages, "
             f"{self.threads} threads, {self.smem} B shared memory"
             + ("; the tile of many units, kernels.many_unit_config)" if self.many_units else ")"),
-            f"  device {self.device}: {self.num_sms} SMs, occupancy {self.kernels.occupancy} CTA/SM",
+            f"  device {self.device}: {self.num_sms} SMs, occupancy {self.kernels.occupancy} CTA/SM"
+            + ("; programmatic dependent launch (each kernel waits for the one before it in the stream)"
+               if self.pdl else ""),
             f"  units {self.units} (batch x heads_kv), up to {self.max_unit_tiles} tiles per unit",
         ]
         if self.uniform_variant:
