@@ -514,6 +514,21 @@ def _source_of(spec):
     return texts["util.cu" if spec is None else "lean_attention.cu"]
 
 
+def compile_ptx(spec: Spec, arch: str = "sm_90") -> str:
+    """The PTX of a spec for ``arch`` ("sm_80", "sm_90", ...), as NVRTC emits
+    it for the virtual architecture: for reading what the kernel asks of the
+    hardware without a GPU."""
+    from cupy.cuda import nvrtc
+
+    prog = nvrtc.createProgram(_source_of(spec), f"{spec.name}.cu", [], [])
+    try:
+        nvrtc.compileProgram(prog, list(compile_options(spec)) + [f"--gpu-architecture=compute_{arch[3:]}"])
+        out = nvrtc.getPTX(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+    return out.decode() if isinstance(out, bytes) else out
+
+
 def compile_cubin(spec: Spec | None, arch: str = "sm_90", log=None) -> bytes:
     """Compile a spec (None: the helper module) with NVRTC for ``arch`` and
     return the cubin. Needs NVRTC, not a GPU."""

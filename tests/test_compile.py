@@ -272,18 +272,10 @@ def test_fp8_conversion_path_per_architecture(monkeypatch):
     """e4m3 K/V: sm_90 converts with the hardware instruction, sm_80 moves
     bits; FP8_BITMOVES_ENV compiles the bit moves for sm_90 too (so a newer
     GPU can test that path), and leaves non-fp8 specs alone."""
-    from cupy.cuda import nvrtc
-
     spec = K.make_spec("f16", 64, 20, True, features=K.FEATURES["fp8_e4m3"])
 
     def ptx(arch):
-        prog = nvrtc.createProgram(K._source_of(spec), f"{spec.name}.cu", [], [])
-        try:
-            nvrtc.compileProgram(prog, list(K.compile_options(spec)) + [f"--gpu-architecture={arch}"])
-            out = nvrtc.getPTX(prog)
-        finally:
-            nvrtc.destroyProgram(prog)
-        return out.decode() if isinstance(out, bytes) else out
+        return K.compile_ptx(spec, "sm_" + arch[len("compute_"):])
 
     monkeypatch.delenv(K.FP8_BITMOVES_ENV, raising=False)
     assert "cvt.rn.f16x2.e4m3x2" in ptx("compute_90")
@@ -425,17 +417,8 @@ def test_programmatic_launch_waits_before_any_memory_access(arch):
     store or atomic, and trigger no early launch of the next kernel (its
     CTAs would take the first freed slots unevenly); sm_80 has neither
     instruction."""
-    from cupy.cuda import nvrtc
-
     spec = K.make_spec("f16", 128, 8, True, features=K.FEATURES["sinks"])
-    prog = nvrtc.createProgram(K._source_of(spec), f"{spec.name}.cu", [], [])
-    try:
-        nvrtc.compileProgram(prog, list(K.compile_options(spec)) + [f"--gpu-architecture=compute_{arch[3:]}"])
-        ptx = nvrtc.getPTX(prog)
-    finally:
-        nvrtc.destroyProgram(prog)
-    ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
-    bodies = _entry_bodies(ptx)
+    bodies = _entry_bodies(K.compile_ptx(spec, arch))
     for entry in (spec.entry, spec.combine_entry):
         body = bodies[entry]
         if arch == "sm_80":

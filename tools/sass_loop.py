@@ -61,17 +61,9 @@ def _spec(text):
 
 
 def _ptx(spec, arch="sm_90"):
-    from cupy.cuda import nvrtc
-
     from cupy_lean import kernels as K
 
-    prog = nvrtc.createProgram(K._source_of(spec), f"{spec.name}.cu", [], [])
-    try:
-        nvrtc.compileProgram(prog, list(K.compile_options(spec)) + [f"--gpu-architecture=compute_{arch[3:]}"])
-        out = nvrtc.getPTX(prog)
-    finally:
-        nvrtc.destroyProgram(prog)
-    return out.decode() if isinstance(out, bytes) else out
+    return K.compile_ptx(spec, arch)
 
 
 def _assemble(ptx, ptxas, path, arch="sm_90"):
