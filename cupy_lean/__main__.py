@@ -79,14 +79,14 @@ def demo(argv=None):
 
     from .kernels import TUNING
 
+    launch = merges_by_launch(num_ctas, len(lens) * DEMO_HEADS_KV, TUNING["merge_launch_pieces"])
     sched = lean_schedule(lens, DEMO_HEADS_KV, tile_size=spec.tile, num_ctas=num_ctas,
                           merge_balance=TUNING["merge_balance"], state_rows=16 * spec.m_tiles,
-                          merge_launch=merges_by_launch(num_ctas, len(lens) * DEMO_HEADS_KV,
-                                                        TUNING["merge_launch_pieces"]))
+                          merge_launch=launch, runtime_split=launch and TUNING["runtime_split"])
     em_out, em_lse = reference.emulate(sched, q, k, v, kv_lens=lens)
     em_err = float(np.nanmax(np.abs(em_out - ref_out)))
     lse_ok = np.array_equal(np.isneginf(em_lse), np.isneginf(ref_lse))
-    print(f"emulate(lean schedule) vs reference: max |diff| = {em_err:.2e}, "
+    print(f"emulate({sched.kind} schedule) vs reference: max |diff| = {em_err:.2e}, "
           f"empty sequences give lse=-inf: {lse_ok}")
     print()
     print(sched.describe(grid_note=grid_note))
@@ -141,7 +141,8 @@ def schedule_cmd(argv=None):
     launch = (args.num_ctas is None and not args.merge_balance
               and merges_by_launch(grid, units, TUNING["merge_launch_pieces"]))
     s = lean_schedule(args.lens, args.heads_kv, tile_size=spec.tile, num_ctas=grid, merge_balance=mb,
-                      state_rows=16 * spec.m_tiles, merge_launch=launch)
+                      state_rows=16 * spec.m_tiles, merge_launch=launch,
+                      runtime_split=launch and TUNING["runtime_split"])
     src = (f"--num-ctas {args.num_ctas}" if args.num_ctas is not None
            else f"{cps} CTA(s) per SM on {args.sms} SMs"
            + (" (--sms default: an H100's / H200's)" if args.sms == H100_SMS else "")

@@ -137,7 +137,10 @@ class Schedule:
         Lean: each partial unit's states are merged at once, in CTA order, by
         a second (combine) launch, instead of by the unit's last contributor
         in the kernel, which merges a unit of many pieces in groups first
-        (:func:`merge_group_size`).
+        (:func:`merge_group_size`). Split: the split-K in one wave that a lean
+        launch with the merge launch chose for its lengths
+        (``lean_schedule(runtime_split=True)``): a chunk covering its unit
+        whole is not partial, partial chunks use slot ``2 x cta``.
     """
 
     kind: str
@@ -199,7 +202,9 @@ class Schedule:
                                         else "by each partial unit's last contributor, in the kernel"),
             ]
         else:
-            lines += [f"num_splits        {self.num_splits}"]
+            lines += [f"num_splits        {self.num_splits}"
+                      + ("  (split-K in one wave chosen at launch by a lean plan; chunks merged by the combine "
+                         "launch)" if self.merge_launch else "")]
         if self.num_ctas:
             lines += [
                 f"tiles per CTA     min {int(per_cta.min())}  max {int(per_cta.max())}"
@@ -399,7 +404,7 @@ def merge_balanced_tiles(longest_unit_tiles, merge_balance, state_rows, tile_siz
 
 
 def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1, merge_balance=0,
-                  state_rows=16, merge_launch=False):
+                  state_rows=16, merge_launch=False, runtime_split=False):
     """The stream-K (LeanAttention) schedule.
 
     Parameters
@@ -429,6 +434,14 @@ def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1
         Partial units merged by a combine launch (:attr:`Schedule.merge_launch`;
         the kernel's choice when the grid has many CTAs per unit,
         ``kernels.TUNING["merge_launch_pieces"]``). The decomposition is the same.
+    runtime_split : bool
+        With ``merge_launch``: the kernel's launch-time choice
+        (``kernels.TUNING["runtime_split"]``): where
+        :func:`runtime_split_chunks` picks split-K in one wave for these
+        lengths, the schedule the kernel then runs: kind ``"split"``, ``ns =
+        num_ctas // units`` chunks per unit on consecutive CTAs, a unit that
+        one chunk covers whole written directly, the others' chunks in slots
+        ``2 x cta`` merged by the combine launch; else the stream-K schedule.
 
     Returns
     -------
@@ -442,6 +455,11 @@ def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1
     state_rows = _check_positive_int(state_rows, "state_rows")
     if not isinstance(merge_launch, (bool, np.bool_)):
         raise TypeError(f"merge_launch: expected a bool, got {merge_launch!r}")
+    if not isinstance(runtime_split, (bool, np.bool_)):
+        raise TypeError(f"runtime_split: expected a bool, got {runtime_split!r}")
+    if runtime_split and not merge_launch:
+        raise ValueError("runtime_split: the kernel chooses split-K at launch only with the merge launch; "
+                         "expected merge_launch=True, got merge_launch=False")
     total = int(unit_tiles.sum())
     if merge_balance and total:
         min_tiles = max(min_tiles, merge_balanced_tiles(int(unit_tiles.max()), merge_balance, state_rows,
@@ -453,6 +471,9 @@ def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1
                         np.zeros(0, _SEG_DTYPE), np.zeros(unit_tiles.shape[0], np.int64), bool(merge_launch))
     max_tiles = -(-total // ncta)
     heavy = total - (max_tiles - 1) * ncta
+    ns = num_ctas // unit_tiles.shape[0]
+    if runtime_split and ns >= 1 and -(-int(unit_tiles.max()) // ns) <= max_tiles + 1:
+        return _runtime_split(lens, heads_kv, tile_size, tps, unit_tiles, unit_start, ns)
     ctas = np.arange(ncta, dtype=np.int64)
     cta_start, cta_end = lean_cta_range(total, ncta, ctas)
     unit_end = unit_start + unit_tiles
@@ -482,6 +503,32 @@ def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1
     np.add.at(contributors, part["unit"], 1)
     return Schedule("lean", lens, heads_kv, tile_size, ncta, tps, unit_tiles, unit_start,
                     total, max_tiles, heavy, 0, cta_start, cta_end, segments, contributors, bool(merge_launch))
+
+
+def _runtime_split(lens, heads_kv, tile_size, tps, unit_tiles, unit_start, ns):
+    """The split-K in one wave that a stream-K launch with the merge launch
+    runs when its lengths favour it (see :func:`lean_schedule`)."""
+    units = unit_tiles.shape[0]
+    chunk = np.maximum(1, -(-unit_tiles // ns))
+    rows = []
+    starts = np.zeros(units * ns, dtype=np.int64)
+    ends = np.zeros(units * ns, dtype=np.int64)
+    for u in range(units):
+        b, h = divmod(u, heads_kv)
+        n = int(unit_tiles[u])
+        for j in range(ns):
+            c = u * ns + j
+            t0 = min(j * int(chunk[u]), n)
+            t1 = min(t0 + int(chunk[u]), n)
+            starts[c], ends[c] = t0, t1
+            if t1 > t0:
+                partial = not (t0 == 0 and t1 == n)
+                rows.append((c, u, b, h, t0, t1, partial, 2 * c if partial else -1))
+    segments = np.array(rows, dtype=_SEG_DTYPE)
+    contributors = np.zeros(units, dtype=np.int64)
+    np.add.at(contributors, segments[segments["partial"]]["unit"], 1)
+    return Schedule("split", lens, heads_kv, tile_size, units * ns, tps, unit_tiles, unit_start,
+                    int(unit_tiles.sum()), int(chunk.max()), 0, ns, starts, ends, segments, contributors, True)
 
 
 def merges_by_launch(num_ctas, num_units, pieces):

@@ -788,3 +788,55 @@ def test_runtime_split_chunks_rule():
         split_busiest = -(-int(tiles.max()) // max(1, ctas // (b * hkv)))
         want = ctas // (b * hkv) >= 1 and split_busiest <= int(sk.tiles_per_cta().max()) + 1
         assert (ns > 0) == want and (ns == 0 or ns == ctas // (b * hkv))
+
+
+@given(st.lists(st.integers(0, 3000), min_size=1, max_size=5), st.integers(1, 3), st.sampled_from([16, 64]),
+       st.integers(1, 140))
+@example([3000, 2990, 3001], 1, 16, 132)
+@example([1, 700, 0], 2, 16, 40)
+def test_lean_schedule_with_the_runtime_split(lens, hkv, tile, ctas):
+    """lean_schedule(merge_launch=True, runtime_split=True) is the schedule
+    the kernel runs: the split-K in one wave exactly where
+    runtime_split_chunks picks it (ns chunks per unit on consecutive CTAs,
+    every tile once, a chunk covering its unit whole written directly, the
+    others in slot 2 x cta), else the stream-K schedule with the merge
+    launch; emulating it equals the reference."""
+    from cupy_lean import reference
+    from cupy_lean.schedule import runtime_split_chunks
+
+    ns = runtime_split_chunks(lens, hkv, tile, ctas)
+    s = lean_schedule(lens, hkv, tile_size=tile, num_ctas=ctas, merge_launch=True, runtime_split=True)
+    sk = lean_schedule(lens, hkv, tile_size=tile, num_ctas=ctas, merge_launch=True)
+    assert s.merge_launch
+    if ns == 0:
+        assert s.kind == "lean" and np.array_equal(s.segments, sk.segments)
+        return
+    units = len(lens) * hkv
+    assert s.kind == "split" and s.num_splits == ns and s.num_ctas == units * ns
+    seg = s.segments
+    assert np.array_equal(seg["unit"], seg["cta"] // ns)  # unit u on CTAs u*ns .. u*ns + ns - 1
+    covered = np.zeros(units, np.int64)
+    np.add.at(covered, seg["unit"], seg["tile_end"] - seg["tile_begin"])
+    assert np.array_equal(covered, s.unit_tiles)
+    whole = (seg["tile_begin"] == 0) & (seg["tile_end"] == s.unit_tiles[seg["unit"]])
+    assert np.array_equal(seg["partial"], ~whole)
+    assert np.array_equal(seg["slot"], np.where(whole, -1, 2 * seg["cta"]))
+    # the busiest CTA streams at most one tile more than stream-K's
+    assert int(s.tiles_per_cta().max()) <= int(sk.tiles_per_cta().max()) + 1
+    rng = np.random.default_rng(len(lens) + ctas)
+    B, d, g = len(lens), 16, 2
+    cap = max(max(lens), 1)
+    q = rng.standard_normal((B, hkv * g, d))
+    k = rng.standard_normal((B, cap, hkv, d))
+    v = rng.standard_normal((B, cap, hkv, d))
+    lens_a = np.asarray(lens, np.int32)
+    out, lse = reference.emulate(s, q, k, v, kv_lens=lens_a)
+    ro, rl = reference.attention(q, k, v, kv_lens=lens_a)
+    assert np.allclose(out, ro, atol=1e-10) and np.array_equal(np.isneginf(lse), np.isneginf(rl))
+
+
+def test_lean_schedule_runtime_split_arguments():
+    with pytest.raises(ValueError, match="runtime_split: .*merge_launch=True"):
+        lean_schedule([100], 1, tile_size=16, num_ctas=8, runtime_split=True)
+    with pytest.raises(TypeError, match="runtime_split: expected a bool, got 1"):
+        lean_schedule([100], 1, tile_size=16, num_ctas=8, merge_launch=True, runtime_split=1)
