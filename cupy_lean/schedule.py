@@ -505,11 +505,14 @@ def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1
                     total, max_tiles, heavy, 0, cta_start, cta_end, segments, contributors, bool(merge_launch))
 
 
-def _runtime_split(lens, heads_kv, tile_size, tps, unit_tiles, unit_start, ns):
-    """The split-K in one wave that a stream-K launch with the merge launch
-    runs when its lengths favour it (see :func:`lean_schedule`)."""
+def _chunk_segments(unit_tiles, heads_kv, ns, split_k):
+    """``ns`` chunks of ``ceil(tiles / ns)`` tiles per unit, unit ``u``'s on
+    CTAs ``u * ns ...``: ``(chunk, starts, ends, segments)``. ``split_k``:
+    the split-K kernel's marking (every chunk partial when ``ns > 1``, slot
+    ``cta``); else the stream-K kernel's (a chunk covering its unit whole
+    written directly, slot ``2 x cta``)."""
     units = unit_tiles.shape[0]
-    chunk = np.maximum(1, -(-unit_tiles // ns))
+    chunk = -(-unit_tiles // ns)
     rows = []
     starts = np.zeros(units * ns, dtype=np.int64)
     ends = np.zeros(units * ns, dtype=np.int64)
@@ -522,9 +525,16 @@ def _runtime_split(lens, heads_kv, tile_size, tps, unit_tiles, unit_start, ns):
             t1 = min(t0 + int(chunk[u]), n)
             starts[c], ends[c] = t0, t1
             if t1 > t0:
-                partial = not (t0 == 0 and t1 == n)
-                rows.append((c, u, b, h, t0, t1, partial, 2 * c if partial else -1))
-    segments = np.array(rows, dtype=_SEG_DTYPE)
+                partial = ns > 1 if split_k else not (t0 == 0 and t1 == n)
+                rows.append((c, u, b, h, t0, t1, partial, (c if split_k else 2 * c) if partial else -1))
+    return chunk, starts, ends, np.array(rows, dtype=_SEG_DTYPE)
+
+
+def _runtime_split(lens, heads_kv, tile_size, tps, unit_tiles, unit_start, ns):
+    """The split-K in one wave that a stream-K launch with the merge launch
+    runs when its lengths favour it (see :func:`lean_schedule`)."""
+    units = unit_tiles.shape[0]
+    chunk, starts, ends, segments = _chunk_segments(unit_tiles, heads_kv, ns, split_k=False)
     contributors = np.zeros(units, dtype=np.int64)
     np.add.at(contributors, segments[segments["partial"]]["unit"], 1)
     return Schedule("split", lens, heads_kv, tile_size, units * ns, tps, unit_tiles, unit_start,
@@ -723,22 +733,7 @@ def split_schedule(kv_lens, heads_kv, *, tile_size, num_splits):
     num_splits = _check_positive_int(num_splits, "num_splits")
     nunits = unit_tiles.shape[0]
     ncta = nunits * num_splits
-    chunk = -(-unit_tiles // num_splits)
-    rows = []
-    starts = np.zeros(ncta, dtype=np.int64)
-    ends = np.zeros(ncta, dtype=np.int64)
-    for u in range(nunits):
-        b, h = divmod(u, heads_kv)
-        n = int(unit_tiles[u])
-        for j in range(num_splits):
-            c = u * num_splits + j
-            t0 = min(j * int(chunk[u]), n)
-            t1 = min(t0 + int(chunk[u]), n)
-            starts[c], ends[c] = t0, t1
-            if t1 > t0:
-                partial = num_splits > 1
-                rows.append((c, u, b, h, t0, t1, partial, c if partial else -1))
-    segments = np.array(rows, dtype=_SEG_DTYPE)
+    chunk, starts, ends, segments = _chunk_segments(unit_tiles, heads_kv, num_splits, split_k=True)
     contributors = np.zeros(nunits, dtype=np.int64)
     part = segments[segments["partial"]]
     np.add.at(contributors, part["unit"], 1)
