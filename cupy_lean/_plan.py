@@ -536,6 +536,15 @@ class Plan:
 
     # ------------------------------------------------------------ launching
 
+    def _drop_pdl(self, exc):
+        """The driver refused a programmatic launch: warn once and launch
+        this plan plainly from now on (the kernels' wait is then a no-op)."""
+        self._attn_launch = self._combine_launch = None
+        self.pdl = False
+        warnings.warn(f"cupy_lean: programmatic dependent launch refused by the driver ({exc}); this plan "
+                      f"launches without it from now on (kernels.TUNING['pdl'] = False turns it off)",
+                      RuntimeWarning, stacklevel=4)
+
     def rearm(self):
         """Zero the unit counters of every workspace of this plan, on CuPy's
         current stream (ordered before the plan's next launch on it). The
@@ -751,8 +760,8 @@ class Plan:
                     else:
                         lse.fill(-np.inf)
                 return out, lse
-            if total is not None and self.decomposition == K.Decomposition.STREAM_K:
-                grid = min(grid, total)
+            if total is not None and self.decomposition == K.Decomposition.STREAM_K and not self.runtime_split:
+                grid = min(grid, total)  # (the runtime split's chunks per unit come from the full grid)
 
         sinks32 = None
         if self.has_sinks:
@@ -780,11 +789,19 @@ class Plan:
                 self._rearm.discard(wp)
                 ws[:self.counter_bytes].fill(0)
             try:
-                if self._attn_launch is not None:
-                    self._attn_launch(grid, 1, sp)
-                    if self._combine:
-                        self._combine_launch(self.units, self.combine_blocks, sp)
-                else:
+                plain = self._attn_launch is None
+                if not plain:
+                    try:
+                        self._attn_launch(grid, 1, sp)
+                    except Exception as exc:
+                        if capture_id is not None:  # a capture the failure has invalidated: no retry
+                            raise
+                        self._drop_pdl(exc)  # nothing launched: plain launches, now and from now on
+                        plain = True
+                    else:
+                        if self._combine:
+                            self._combine_launch(self.units, self.combine_blocks, sp)
+                if plain:
                     _driver.launchKernel(self._attn_ptr, grid, 1, 1, self.threads, 1, 1, self.smem, sp,
                                          self._param_addr, 0)
                     if self._combine:

@@ -582,11 +582,24 @@ class _Kernels:
         self.attn.preferred_shared_memory_carveout = 100
         attrs = cp.cuda.Device().attributes  # one driver query per attribute: read once
         self.num_sms = attrs["MultiProcessorCount"]
-        self.pdl = int(cp.cuda.Device().compute_capability) >= 90  # griddepcontrol in the kernels
+        # griddepcontrol.wait is in the kernels when they were built for sm_90+: a device of compute
+        # capability 9.0+ and an NVRTC that targets it (CuPy builds for the lower of the two)
+        self.pdl = int(cp.cuda.Device().compute_capability) >= 90 and _nvrtc_max_arch() >= 90
         self.occupancy = max(1, driver.occupancyMaxActiveBlocksPerMultiprocessor(
             self.attn.kernel.ptr, spec.threads, smem))
         self.ctas_per_sm = default_ctas_per_sm(spec, self.occupancy)
         self.hbm_bytes_per_us = hbm_bytes_per_us(attrs)
+
+
+def _nvrtc_max_arch():
+    """The newest architecture this process's NVRTC compiles for (90 for
+    sm_90), or 0 where it cannot say."""
+    try:
+        from cupy.cuda import nvrtc
+
+        return max(int(a) for a in nvrtc.getSupportedArchs())
+    except Exception:
+        return 0
 
 
 def hbm_bytes_per_us(attrs):

@@ -471,8 +471,8 @@ def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1
                         np.zeros(0, _SEG_DTYPE), np.zeros(unit_tiles.shape[0], np.int64), bool(merge_launch))
     max_tiles = -(-total // ncta)
     heavy = total - (max_tiles - 1) * ncta
-    ns = num_ctas // unit_tiles.shape[0]
-    if runtime_split and ns >= 1 and -(-int(unit_tiles.max()) // ns) <= max_tiles + 1:
+    ns = runtime_split_chunks(lens, heads_kv, tile_size, num_ctas, min_tiles) if runtime_split else 0
+    if ns:
         return _runtime_split(lens, heads_kv, tile_size, tps, unit_tiles, unit_start, ns)
     ctas = np.arange(ncta, dtype=np.int64)
     cta_start, cta_end = lean_cta_range(total, ncta, ctas)
@@ -555,21 +555,24 @@ def merges_by_launch(num_ctas, num_units, pieces):
     return pieces > 0 and num_units > 0 and num_ctas >= pieces * num_units
 
 
-def runtime_split_chunks(kv_lens, heads_kv, tile_size, num_ctas):
+def runtime_split_chunks(kv_lens, heads_kv, tile_size, num_ctas, min_tiles_per_cta=1):
     """Chunks per unit of the split-K a lean launch with the merge launch runs
     instead of stream-K (``kernels.TUNING["runtime_split"]``), or 0 for
     stream-K: ``ns = num_ctas // units`` chunks when the busiest CTA of that
     split streams at most one tile more than stream-K's busiest, ``ceil(longest
     unit's tiles / ns) <= ceil(total tiles / CTAs) + 1`` (``kv_lens`` as the
     kernel walks them: window lengths with a window). The kernel takes the
-    same decision at every launch from the lengths on the GPU."""
+    same decision at every launch from the lengths on the GPU.
+    ``min_tiles_per_cta``: stream-K's floor on a CTA's range (raised by a
+    merge balance), which the comparison uses as the kernel does."""
     lens, heads_kv, tile_size, tps, unit_tiles, _ = _units(kv_lens, heads_kv, tile_size)
     num_ctas = _check_positive_int(num_ctas, "num_ctas")
+    m = _check_positive_int(min_tiles_per_cta, "min_tiles_per_cta")
     units, total = int(unit_tiles.shape[0]), int(unit_tiles.sum())
     if units == 0 or total == 0:
         return 0
     ns = num_ctas // units
-    ctas = min(num_ctas, total)
+    ctas = min(num_ctas, max(1, total // m) if m > 1 else total)  # stream-K's CTAs with work
     per = -(-total // ctas)
     return ns if ns >= 1 and -(-int(tps.max()) // ns) <= per + 1 else 0
 

@@ -1473,7 +1473,12 @@ __device__ void dump_cta(const Params& p) {
     e[3] = s.partial;
     e[4] = e[5] = -1;
     e[6] = 0;
-    if (s.partial && p.decomposition == STREAM_K) {
+    if (s.partial && p.decomposition == STREAM_K && sk.split > 0) {  // the runtime split's chunks
+      const int chunk = max(1, (s.ntiles + sk.split - 1) / sk.split);
+      e[4] = PartialSlots::stream_k_slot(blockIdx.x, s.ordinal);
+      e[5] = (s.b * p.heads_kv + s.h) * sk.split;
+      e[6] = (s.ntiles + chunk - 1) / chunk;
+    } else if (s.partial && p.decomposition == STREAM_K) {
       const Contributors who = Contributors::of(sk, s);
       e[4] = PartialSlots::stream_k_slot(blockIdx.x, s.ordinal);
       e[5] = who.first;

@@ -1623,3 +1623,50 @@ def test_programmatic_launches_back_to_back(monkeypatch, sched, tuning, B, hkv):
         _assert_bitwise(lses[i], expect[i][1])
         ro, rl = reference.attention(qs[i], k, v, kv_lens=lens[i], block_table=table)
         _assert_out_lse(outs[i], lses[i], ro, rl)
+
+
+def test_programmatic_launch_refused_falls_back_to_plain_launches():
+    """Where the driver refuses the programmatic launch outside a capture, the
+    call warns once, launches plainly (same bits) and the plan stays plain;
+    inside a capture the error is raised (the capture is spoilt: no retry)."""
+    rng = np.random.default_rng(45)
+    q, k, v, lens, table = make_inputs(rng, 3, 16, 2, 128, np.float16, [5000, 17, 2000], "paged")
+    qd, kd, vd, td, ld = to_gpu(q), to_gpu(k), to_gpu(v), to_gpu(table), cp.asarray(lens)
+    template = _nan_like(q.shape, q.dtype)
+    expect = cupy_lean.plan(qd, kd, vd, kv_lens=ld, block_table=td, out=template).run(
+        qd, kd, vd, kv_lens=ld, block_table=td, out=_nan_like(q.shape, q.dtype))
+    calls = []
+
+    def refused(*args):
+        calls.append(args)
+        raise RuntimeError("refused by a test")
+
+    def fresh_plan():
+        from cupy_lean import _cache
+
+        _cache.clear()
+        p = cupy_lean.plan(qd, kd, vd, kv_lens=ld, block_table=td, out=template)
+        if not p.pdl:
+            pytest.skip("no programmatic dependent launch on this device")
+        p._attn_launch = refused
+        return p
+
+    p = fresh_plan()
+    with pytest.warns(RuntimeWarning, match="refused by a test"):
+        out = p.run(qd, kd, vd, kv_lens=ld, block_table=td, out=_nan_like(q.shape, q.dtype))
+    _assert_bitwise(out, expect)
+    assert not p.pdl and p._attn_launch is None and len(calls) == 1
+    out = p.run(qd, kd, vd, kv_lens=ld, block_table=td, out=_nan_like(q.shape, q.dtype))  # plain, no warning
+    _assert_bitwise(out, expect)
+    p = fresh_plan()
+    out = _nan_like(q.shape, q.dtype)
+    cp.cuda.Device().synchronize()
+    s = cp.cuda.Stream(non_blocking=True)
+    with s:
+        s.begin_capture()
+        try:
+            with pytest.raises(RuntimeError, match="refused by a test"):
+                p.run(qd, kd, vd, kv_lens=ld, block_table=td, out=out)
+        finally:
+            s.end_capture()
+    assert p.pdl and len(calls) == 2  # not dropped inside a capture

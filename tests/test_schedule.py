@@ -840,3 +840,21 @@ def test_lean_schedule_runtime_split_arguments():
         lean_schedule([100], 1, tile_size=16, num_ctas=8, runtime_split=True)
     with pytest.raises(TypeError, match="runtime_split: expected a bool, got 1"):
         lean_schedule([100], 1, tile_size=16, num_ctas=8, merge_launch=True, runtime_split=1)
+
+
+def test_runtime_split_rule_with_a_tile_floor():
+    """A floor on stream-K's ranges (min_tiles_per_cta, or a merge balance)
+    raises stream-K's busiest CTA, which the rule compares against, in the
+    helper as in lean_schedule and the kernel."""
+    from cupy_lean.schedule import merge_balanced_tiles, runtime_split_chunks
+
+    lens, tile, ctas = [12739, 10222, 5395, 6156], 16, 132
+    floor = merge_balanced_tiles(-(-12739 // tile), 1, 16, tile)
+    assert floor > 1
+    assert runtime_split_chunks(lens, 1, tile, ctas) == 0
+    assert runtime_split_chunks(lens, 1, tile, ctas, floor) == ctas // 4
+    s = lean_schedule(lens, 1, tile_size=tile, num_ctas=ctas, merge_balance=1, merge_launch=True,
+                      runtime_split=True)
+    assert s.kind == "split" and s.num_splits == ctas // 4
+    with pytest.raises(ValueError, match="min_tiles_per_cta"):
+        runtime_split_chunks(lens, 1, tile, ctas, 0)
