@@ -514,48 +514,50 @@ def _source_of(spec):
     return texts["util.cu" if spec is None else "lean_attention.cu"]
 
 
+def _nvrtc(spec: Spec | None, target: str, output: str, log=None):
+    """NVRTC on a spec's source (None: the helper module) for
+    ``--gpu-architecture=target``; ``output``: "cubin" or "ptx"; ``log``: a
+    list that gets ptxas's report. A failure raises with NVRTC's log."""
+    from cupy.cuda import nvrtc
+
+    name = "util.cu" if spec is None else f"{spec.name}.cu"
+    prog = nvrtc.createProgram(_source_of(spec), name, [], [])
+    try:
+        opts = list(compile_options(spec)) + [f"--gpu-architecture={target}"]
+        if log is not None:
+            opts.append("--ptxas-options=-v")
+        try:
+            nvrtc.compileProgram(prog, opts)
+        except nvrtc.NVRTCError as exc:
+            raise RuntimeError(f"NVRTC failed on {name} for {target}:\n{nvrtc.getProgramLog(prog)}") from exc
+        if log is not None:
+            log.append(nvrtc.getProgramLog(prog))
+        return nvrtc.getCUBIN(prog) if output == "cubin" else nvrtc.getPTX(prog)
+    finally:
+        nvrtc.destroyProgram(prog)
+
+
 def compile_ptx(spec: Spec, arch: str = "sm_90") -> str:
     """The PTX of a spec for ``arch`` ("sm_80", "sm_90", ...), as NVRTC emits
     it for the virtual architecture: for reading what the kernel asks of the
     hardware without a GPU."""
-    from cupy.cuda import nvrtc
-
-    prog = nvrtc.createProgram(_source_of(spec), f"{spec.name}.cu", [], [])
-    try:
-        nvrtc.compileProgram(prog, list(compile_options(spec)) + [f"--gpu-architecture=compute_{arch[3:]}"])
-        out = nvrtc.getPTX(prog)
-    finally:
-        nvrtc.destroyProgram(prog)
+    out = _nvrtc(spec, f"compute_{arch[3:]}", "ptx")
     return out.decode() if isinstance(out, bytes) else out
 
 
 def compile_cubin(spec: Spec | None, arch: str = "sm_90", log=None) -> bytes:
     """Compile a spec (None: the helper module) with NVRTC for ``arch`` and
     return the cubin. Needs NVRTC, not a GPU."""
-    from cupy.cuda import nvrtc
-
-    src = _source_of(spec)
-    name = "util.cu" if spec is None else f"{spec.name}.cu"
-    prog = nvrtc.createProgram(src, name, [], [])
-    try:
-        opts = list(compile_options(spec)) + [f"--gpu-architecture={arch}"]
-        if log is not None:
-            opts.append("--ptxas-options=-v")
-        try:
-            nvrtc.compileProgram(prog, opts)
-        except nvrtc.NVRTCError as exc:
-            raise RuntimeError(f"NVRTC failed on {name} for {arch}:\n{nvrtc.getProgramLog(prog)}") from exc
-        if log is not None:
-            log.append(nvrtc.getProgramLog(prog))
-        return nvrtc.getCUBIN(prog)
-    finally:
-        nvrtc.destroyProgram(prog)
+    return _nvrtc(spec, arch, "cubin", log)
 
 
 # --------------------------------------------------------------------- modules
 
 def _device_id():
     return _cupy().cuda.runtime.getDevice()
+
+
+_CU_FUNC_ATTRIBUTE_PTX_VERSION = 5  # cuda.h: the virtual architecture a function's code was made for
 
 
 class _Kernels:
@@ -582,24 +584,13 @@ class _Kernels:
         self.attn.preferred_shared_memory_carveout = 100
         attrs = cp.cuda.Device().attributes  # one driver query per attribute: read once
         self.num_sms = attrs["MultiProcessorCount"]
-        # griddepcontrol.wait is in the kernels when they were built for sm_90+: a device of compute
-        # capability 9.0+ and an NVRTC that targets it (CuPy builds for the lower of the two)
-        self.pdl = int(cp.cuda.Device().compute_capability) >= 90 and _nvrtc_max_arch() >= 90
+        # griddepcontrol.wait is in the kernels when their PTX was made for compute_90 or newer (CuPy
+        # builds for the lower of the device and NVRTC's newest target): read from the loaded function
+        self.pdl = driver.funcGetAttribute(_CU_FUNC_ATTRIBUTE_PTX_VERSION, self.attn.kernel.ptr) >= 90
         self.occupancy = max(1, driver.occupancyMaxActiveBlocksPerMultiprocessor(
             self.attn.kernel.ptr, spec.threads, smem))
         self.ctas_per_sm = default_ctas_per_sm(spec, self.occupancy)
         self.hbm_bytes_per_us = hbm_bytes_per_us(attrs)
-
-
-def _nvrtc_max_arch():
-    """The newest architecture this process's NVRTC compiles for (90 for
-    sm_90), or 0 where it cannot say."""
-    try:
-        from cupy.cuda import nvrtc
-
-        return max(int(a) for a in nvrtc.getSupportedArchs())
-    except Exception:
-        return 0
 
 
 def hbm_bytes_per_us(attrs):

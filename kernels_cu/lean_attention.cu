@@ -332,6 +332,14 @@ __device__ __forceinline__ int merge_balanced_tiles(int longest, int a) {
 // others `per - 1`. `ctas` is the grid, at most one CTA per `min_tiles`
 // tiles (fewer, longer ranges: fewer partial states to merge on small
 // calls); CTAs past it exit. Mirrored by schedule.lean_schedule.
+// The runtime split (find_work): a unit of `ntiles` tiles in `ns` chunks of
+// split_chunk tiles; split_pieces of them hold tiles.
+__device__ __forceinline__ int split_chunk(int ntiles, int ns) { return max(1, (ntiles + ns - 1) / ns); }
+__device__ __forceinline__ int split_pieces(int ntiles, int ns) {
+  const int chunk = split_chunk(ntiles, ns);
+  return (ntiles + chunk - 1) / chunk;
+}
+
 struct StreamK {
   i64 total, per, heavy;
   int ctas;
@@ -809,9 +817,9 @@ __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, S
       w.len = seq_len(p, lens_s, w.b, true);
       w.start = window_start(p, w.len);
       w.ntiles = ntiles_of(w.len - w.start);
-      const int chunk = max(1, (w.ntiles + ns - 1) / ns);
+      const int chunk = split_chunk(w.ntiles, ns);
       if (j == 0 && tid == 0) {  // the unit's record: its chunks with tiles, the first one's slot
-        p.unit_meta[2 * unit] = (w.ntiles + chunk - 1) / chunk;
+        p.unit_meta[2 * unit] = split_pieces(w.ntiles, ns);
         p.unit_meta[2 * unit + 1] = PartialSlots::stream_k_slot(c, 0);
       }
       const int t0 = min(j * chunk, w.ntiles), t1 = min(t0 + chunk, w.ntiles);
@@ -1474,10 +1482,9 @@ __device__ void dump_cta(const Params& p) {
     e[4] = e[5] = -1;
     e[6] = 0;
     if (s.partial && p.decomposition == STREAM_K && sk.split > 0) {  // the runtime split's chunks
-      const int chunk = max(1, (s.ntiles + sk.split - 1) / sk.split);
       e[4] = PartialSlots::stream_k_slot(blockIdx.x, s.ordinal);
       e[5] = (s.b * p.heads_kv + s.h) * sk.split;
-      e[6] = (s.ntiles + chunk - 1) / chunk;
+      e[6] = split_pieces(s.ntiles, sk.split);
     } else if (s.partial && p.decomposition == STREAM_K) {
       const Contributors who = Contributors::of(sk, s);
       e[4] = PartialSlots::stream_k_slot(blockIdx.x, s.ordinal);

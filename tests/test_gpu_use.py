@@ -1670,3 +1670,67 @@ def test_programmatic_launch_refused_falls_back_to_plain_launches():
         finally:
             s.end_capture()
     assert p.pdl and len(calls) == 2  # not dropped inside a capture
+
+
+def test_torch_kernels_around_programmatic_launches_in_one_graph():
+    """A model layer's order on one torch stream, as a serving user captures
+    it: a torch kernel writes q (and the new lengths) right before each
+    attention call, and a torch kernel reads the output right after; three
+    layers in one torch.cuda.graph, bf16, paged, with sinks. With
+    programmatic dependent launch (sm_90+) our kernels may be scheduled
+    during torch's kernel before them, and must still see its writes; the
+    kernel after them must see theirs. Each layer's result, NaN-prefilled,
+    equals the reference of its own q and lengths."""
+    torch = pytest.importorskip("torch")
+    import ml_dtypes
+
+    rng = np.random.default_rng(79)
+    B, hq, hkv, d, cap = 4, 16, 2, 128, 4000
+    q, k, v, _, table = make_inputs(rng, B, hq, hkv, d, np.float32, [cap] * B, "paged", page_size=16)
+    bf = ml_dtypes.bfloat16
+    k, v = k.astype(bf), v.astype(bf)
+    tk, tv = (torch.from_numpy(x.astype(np.float32)).cuda().to(torch.bfloat16) for x in (k, v))  # exact
+    tt = torch.from_numpy(table).cuda()
+    sinks = rng.standard_normal(hq).astype(np.float32)
+    ts = torch.from_numpy(sinks).cuda()
+    layers = 3
+    qs = [rng.standard_normal((B, hq, d)).astype(np.float32) for _ in range(layers)]
+    lens = [rng.integers(0, cap + 1, B).astype(np.int32) for _ in range(layers)]
+    lens[1][0] = 0
+    src_q = [torch.from_numpy(x).cuda() for x in qs]  # fp32: the torch kernel before converts
+    src_l = [torch.from_numpy(x).cuda() for x in lens]
+    tq = torch.empty((B, hq, d), dtype=torch.bfloat16, device="cuda")
+    tl = torch.empty(B, dtype=torch.int32, device="cuda")
+    out = torch.empty((B, hq, d), dtype=torch.bfloat16, device="cuda")
+    results = [torch.full((B, hq, d), float("nan"), dtype=torch.float32, device="cuda") for _ in range(layers)]
+    tq.copy_(src_q[0])
+    tl.copy_(src_l[0])
+    p = cupy_lean.plan(tq, tk, tv, kv_lens=tl, block_table=tt, sinks=ts, out=out)
+    if int(cp.cuda.Device().compute_capability) >= 90:
+        assert p.pdl, p.describe()
+
+    def model():
+        for i in range(layers):
+            tq.copy_(src_q[i])  # torch kernels right before the call write its q and lengths
+            tl.copy_(src_l[i])
+            with _cupy_stream(torch.cuda.current_stream()):
+                p.run(tq, tk, tv, kv_lens=tl, block_table=tt, sinks=ts, out=out)
+            results[i].copy_(out)  # a torch kernel right after reads its output
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        model()  # eager once (workspaces made outside the capture)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        model()
+    for r in results:
+        r.fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    for i in range(layers):
+        qb = qs[i].astype(bf)
+        ro, _ = reference.attention(qb, k, v, kv_lens=lens[i], block_table=table, sinks=sinks)
+        got = results[i].cpu().numpy()
+        assert np.isfinite(got).all() and np.abs(got - ro).max() < 2e-2, i
