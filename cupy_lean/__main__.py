@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from . import attention, gpu_available, lean_schedule, reference
-from .schedule import merges_by_launch
+from .schedule import merges_by_launch, runtime_split_slack
 
 # A realistic decode step: 8 KV heads, 32 query heads (GQA group 4), head_dim
 # 128, a ragged batch of sequences up to 16k tokens (one empty).
@@ -82,7 +82,9 @@ def demo(argv=None):
     launch = merges_by_launch(num_ctas, len(lens) * DEMO_HEADS_KV, TUNING["merge_launch_pieces"])
     sched = lean_schedule(lens, DEMO_HEADS_KV, tile_size=spec.tile, num_ctas=num_ctas,
                           merge_balance=TUNING["merge_balance"], state_rows=16 * spec.m_tiles,
-                          merge_launch=launch, runtime_split=launch and TUNING["runtime_split"])
+                          merge_launch=launch, runtime_split=launch and TUNING["runtime_split"],
+                          split_slack_tiles=runtime_split_slack(spec.tile, DEMO_HEAD_DIM, 2,
+                                                                TUNING["runtime_split_slack_bytes"]))
     em_out, em_lse = reference.emulate(sched, q, k, v, kv_lens=lens)
     em_err = float(np.nanmax(np.abs(em_out - ref_out)))
     lse_ok = np.array_equal(np.isneginf(em_lse), np.isneginf(ref_lse))
@@ -142,7 +144,9 @@ def schedule_cmd(argv=None):
               and merges_by_launch(grid, units, TUNING["merge_launch_pieces"]))
     s = lean_schedule(args.lens, args.heads_kv, tile_size=spec.tile, num_ctas=grid, merge_balance=mb,
                       state_rows=16 * spec.m_tiles, merge_launch=launch,
-                      runtime_split=launch and TUNING["runtime_split"])
+                      runtime_split=launch and TUNING["runtime_split"],
+                      split_slack_tiles=runtime_split_slack(spec.tile, args.head_dim, 2,
+                                                            TUNING["runtime_split_slack_bytes"]))
     src = (f"--num-ctas {args.num_ctas}" if args.num_ctas is not None
            else f"{cps} CTA(s) per SM on {args.sms} SMs"
            + (" (--sms default: an H100's / H200's)" if args.sms == H100_SMS else "")

@@ -78,7 +78,7 @@ def _merge_lse_only(lses):
 
 
 def device_schedule(kv_lens, heads_kv, *, tile_size, num_ctas=None, num_splits=None, max_segments=64,
-                    min_tiles_per_cta=1, merge_balance=0, runtime_split=False):
+                    min_tiles_per_cta=1, merge_balance=0, runtime_split=False, split_slack_tiles=1):
     """The schedule as the kernel derives it (its schedule-dump entry: no
     attention is computed; the kernel spec has 16 state rows). Stream-K with ``num_ctas`` CTAs, or split-K with
     ``num_splits`` chunks per unit. Returns, per CTA, None (no work) or
@@ -87,7 +87,7 @@ def device_schedule(kv_lens, heads_kv, *, tile_size, num_ctas=None, num_splits=N
     :func:`cupy_lean.lean_schedule` / :func:`cupy_lean.split_schedule`.
     ``runtime_split``: stream-K as a plan with the merge launch and the
     launch-time split runs it (``lean_schedule(merge_launch=True,
-    runtime_split=True)``)."""
+    runtime_split=True, split_slack_tiles=...)``)."""
     lens_host = np.asarray(kv_lens)
     lens32 = cp.asarray(lens_host, dtype=cp.int32)
     B = int(lens32.shape[0])
@@ -109,7 +109,7 @@ def device_schedule(kv_lens, heads_kv, *, tile_size, num_ctas=None, num_splits=N
     meta = None
     if runtime_split:  # the unit records the split's first chunk writes
         meta = cp.zeros(max(1, 2 * B * heads_kv), dtype=cp.int32)
-        prm.runtime_split, prm.unit_meta = 1, meta.data.ptr
+        prm.runtime_split, prm.unit_meta = int(split_slack_tiles), meta.data.ptr
     K.launch_params(kern.dump, grid, spec.threads, spec.smem_bytes, cp.cuda.get_current_stream().ptr, prm)
     raw = rec.reshape(grid, stride).get()
     del meta

@@ -45,7 +45,7 @@ from . import _cache, _launch
 from . import kernels as K
 from ._dtypes import KERNEL_TAG
 from .schedule import (combine_row_blocks, merge_balanced_tiles, merges_by_launch, num_splits_heuristic,
-                       uniform_variant)
+                       runtime_split_slack, uniform_variant)
 
 __all__ = ["Signature", "Plan", "signature", "get_plan", "aligned_grid"]
 
@@ -248,6 +248,11 @@ class Plan:
         With ``merge_launch``: each launch may run split-K in one wave
         instead of stream-K when the lengths on the GPU favour it
         (``cupy_lean.schedule.runtime_split_chunks``).
+    split_slack_tiles : int
+        The rule's ``slack_tiles``: split-K is run when its busiest CTA
+        streams at most this many tiles more than stream-K's
+        (``kernels.TUNING["runtime_split_slack_bytes"]`` of K and V in
+        tiles, ``cupy_lean.schedule.runtime_split_slack``).
     pdl : bool
         Launched with programmatic dependent launch (sm_90 and newer,
         ``kernels.TUNING["pdl"]``): each kernel may be scheduled during the
@@ -425,7 +430,9 @@ class Plan:
         prm.decomposition, prm.num_splits = int(decomp), ns
         # merge launch: the kernel may run split-K in one wave when a launch's lengths favour it
         self.runtime_split = bool(self.merge_launch and K.TUNING["runtime_split"])
-        prm.runtime_split = int(self.runtime_split)
+        self.split_slack_tiles = runtime_split_slack(tile, D, 1 if f_kv8 is not None else sig.dtypes[0].itemsize,
+                                                     K.TUNING["runtime_split_slack_bytes"])
+        prm.runtime_split = self.split_slack_tiles if self.runtime_split else 0
         prm.scale_log2 = m.scale * _LOG2E
         prm.slot_stride = slot_stride
         prm.window_left = -1 if f_window is None else f_window
@@ -512,8 +519,9 @@ class Plan:
                            "from kv_lens at run time"
                          + (f"; partial units merged by a combine launch of {self._combine_text()} (few "
                             f"units for the grid)"
-                            + ("; a launch whose lengths favour it runs split-K in one wave instead "
-                               "(cupy_lean.schedule.runtime_split_chunks, decided on the GPU)"
+                            + (f"; a launch whose lengths favour it runs split-K in one wave instead "
+                               f"(its busiest CTA at most {self.split_slack_tiles} tile(s) above stream-K's; "
+                               f"cupy_lean.schedule.runtime_split_chunks, decided on the GPU)"
                                if self.runtime_split else "") if self.merge_launch else
                             "; partial units merged by their last contributor"))
         else:

@@ -294,8 +294,13 @@ TUNING = {
     # (measured on ragged/paged calls of 2-20 units, bench/NOTES.md session 15)
     "merge_launch_pieces": 8,
     # with the merge launch: each launch runs split-K in one wave instead of stream-K when its busiest CTA
-    # would stream at most one tile more (schedule.runtime_split_chunks, decided on the GPU from kv_lens)
+    # would stream at most runtime_split_slack_bytes of K and V more, in whole tiles, at least one
+    # (schedule.runtime_split_chunks / runtime_split_slack, decided on the GPU from kv_lens)
     "runtime_split": True,
+    # 0: one tile. Measured on an H200 (bench/NOTES.md session 17): 192 KB took the split on two held-out
+    # shapes where it ran 1.08x and 1.12x stream-K's time (the launch-time split runs 7-10% slower than a
+    # host-planned split of the same chunks), so the default stays at one tile
+    "runtime_split_slack_bytes": 0,
     # sm_90 and newer: launch the attention and combine kernels with programmatic dependent launch (each may
     # be scheduled during the previous kernel's tail in the stream; it waits for that kernel before it reads
     # or writes memory). False: plain launches

@@ -228,7 +228,7 @@ static_assert(STREAM_K == LEAN_HOST_STREAM_K && SPLIT_K == LEAN_HOST_SPLIT_K, "D
   F(const float*, v_scale)   /* HAS_FP8: V = stored value x v_scale[h], or null: */         \
   F(float, k_scale_value)    /* HAS_FP8: ... one scale for every head (by value) */          \
   F(float, v_scale_value)                                                                       \
-  F(int, runtime_split)      /* STREAM_K with unit_meta: 1: split-K in one wave when the lengths favour it */
+  F(int, runtime_split)      /* STREAM_K with unit_meta: n >= 1: split-K in one wave when its busiest CTA has at most n tiles more */
 
 #define LEAN_DECLARE_FIELD(type, name) type name;
 struct Params {
@@ -804,12 +804,13 @@ __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, S
   sk = StreamK::make((i64)seq_tiles * p.heads_kv, gridDim.x, min_tiles);
   if (p.runtime_split && p.unit_meta != nullptr && sk.ctas > 0) {
     // Split-K in one wave (ns chunks per unit, ns = grid / units) when its
-    // busiest CTA streams at most one tile more than stream-K's: then no CTA
-    // holds two units' pieces. Every CTA takes the same decision from the
-    // same scan; the combine launch merges the chunks as it merges pieces
-    // (CTA c's state in slot 2c, the unit's chunks on consecutive CTAs).
+    // busiest CTA streams at most p.runtime_split tiles more than stream-K's
+    // (what stream-K's cuts cost a small call): then no CTA holds two units'
+    // pieces. Every CTA takes the same decision from the same scan; the
+    // combine launch merges the chunks as it merges pieces (CTA c's state in
+    // slot 2c, the unit's chunks on consecutive CTAs).
     const int units = p.batch * p.heads_kv, ns = (int)gridDim.x / max(units, 1);
-    if (ns >= 1 && div_pos(longest + ns - 1, ns) <= sk.per + 1) {
+    if (ns >= 1 && div_pos(longest + ns - 1, ns) <= sk.per + p.runtime_split) {
       if (c >= units * ns) return false;
       const int unit = c / ns, j = c % ns;
       w.b = unit / p.heads_kv;

@@ -266,21 +266,23 @@ def test_device_split_schedule_equals_numpy(lens, hkv, tile, num_splits):
 
 @settings(deadline=None, max_examples=15)
 @given(st.lists(st.integers(0, 3000), min_size=1, max_size=6), st.integers(1, 3),
-       st.sampled_from([16, 64]), st.integers(8, 140))
-@example([3000, 2990, 3001], 1, 16, 132)
-@example([1, 700, 0], 2, 16, 40)
-@example([9001, 1, 0], 1, 16, 132)
-def test_device_runtime_split_schedule_equals_numpy(lens, hkv, tile, num_ctas):
+       st.sampled_from([16, 64]), st.integers(8, 140), st.integers(1, 12))
+@example([3000, 2990, 3001], 1, 16, 132, 1)
+@example([1, 700, 0], 2, 16, 40, 1)
+@example([9001, 1, 0], 1, 16, 132, 1)
+@example([9001, 1, 0], 1, 16, 132, 8)
+def test_device_runtime_split_schedule_equals_numpy(lens, hkv, tile, num_ctas, slack):
     """With the merge launch's unit records and the runtime split on, the
-    kernel runs what lean_schedule(merge_launch=True, runtime_split=True)
-    says: the split-K in one wave (chunk ranges within the unit, slot 2 x
-    cta, the unit's first CTA and chunk count) where the rule picks it, else
-    stream-K."""
+    kernel runs what lean_schedule(merge_launch=True, runtime_split=True,
+    split_slack_tiles=slack) says: the split-K in one wave (chunk ranges
+    within the unit, slot 2 x cta, the unit's first CTA and chunk count)
+    where the rule picks it, else stream-K."""
     from cupy_lean import _gpu
 
     host = cupy_lean.lean_schedule(lens, hkv, tile_size=tile, num_ctas=num_ctas, merge_launch=True,
-                                   runtime_split=True)
-    dev = _gpu.device_schedule(lens, hkv, tile_size=tile, num_ctas=num_ctas, runtime_split=True)
+                                   runtime_split=True, split_slack_tiles=slack)
+    dev = _gpu.device_schedule(lens, hkv, tile_size=tile, num_ctas=num_ctas, runtime_split=True,
+                               split_slack_tiles=slack)
     for c in range(num_ctas):
         expect = _expected_records(host, c) if c < host.num_ctas else []
         if not expect:

@@ -1532,17 +1532,20 @@ def test_runtime_split_flips_between_replays(monkeypatch):
     sides of the rule (skewed: stream-K; even: split), an empty batch and
     sinks: each equals the reference, and the two agree."""
     from cupy_lean import kernels as K
-    from cupy_lean.schedule import runtime_split_chunks
+    from cupy_lean.schedule import runtime_split_chunks, runtime_split_slack
 
     rng = np.random.default_rng(41)
-    hq, hkv, d, lens0 = 24, 1, 128, [9001, 9001, 9001]
+    hq, hkv, d, lens0 = 24, 1, 128, [30001, 30001, 30001]
     q, k, v, lens, table = make_inputs(rng, 3, hq, hkv, d, np.float16, lens0, "paged", page_size=16)
     sinks = rng.standard_normal(hq).astype(np.float32)
     qd, kd, vd, td, ld = to_gpu(q), to_gpu(k), to_gpu(v), to_gpu(table), cp.asarray(lens)
     kw = dict(kv_lens=ld, block_table=td, sinks=cp.asarray(sinks))
     template = _nan_like(q.shape, q.dtype)
+    # a slack of 192 KB (24 tiles of 16 tokens at head_dim 128): the rule's parameter, not only its default
+    monkeypatch.setitem(K.TUNING, "runtime_split_slack_bytes", 192 * 1024)
     p = cupy_lean.plan(qd, kd, vd, out=template, tile_size=16, **kw)
     assert p.merge_launch and p.runtime_split and "split-K in one wave" in p.describe(), p.describe()
+    assert p.split_slack_tiles == runtime_split_slack(16, d, 2, 192 * 1024) == 24
     monkeypatch.setitem(K.TUNING, "runtime_split", False)
     sk = cupy_lean.plan(qd, kd, vd, out=template, tile_size=16, **kw)
     assert sk.merge_launch and not sk.runtime_split
@@ -1553,8 +1556,8 @@ def test_runtime_split_flips_between_replays(monkeypatch):
         g = _capture(lambda plan=plan, out=out, lse=lse: plan.run(qd, kd, vd, out=out, lse=lse, **kw))
         runs.append((g, out, lse))
     sides = set()
-    for new in ([9001, 1, 0], [3000, 2990, 3001], [0, 0, 0], [17, 5000, 9001], [4000, 4000, 4000], [1, 1, 1]):
-        sides.add(runtime_split_chunks(new, hkv, 16, p.grid) > 0)
+    for new in ([30001, 1, 0], [3000, 2990, 3001], [0, 0, 0], [17, 5000, 30001], [4000, 4000, 4000], [1, 1, 1]):
+        sides.add(runtime_split_chunks(new, hkv, 16, p.grid, slack_tiles=p.split_slack_tiles) > 0)
         ld[...] = cp.asarray(new, dtype=cp.int32)
         _replay_nan_prefilled(runs)
         ro, rl = reference.attention(q, k, v, kv_lens=np.array(new, np.int32), block_table=table, sinks=sinks)

@@ -760,8 +760,8 @@ def test_merges_by_launch_rule_and_the_schedule_flag():
 
 def test_runtime_split_chunks_rule():
     """The launch-time choice of split-K in one wave over stream-K (with the
-    merge launch): split when its busiest CTA streams at most one tile more
-    than stream-K's; the kernel's rule, mirrored (the GPU test replays
+    merge launch): split when its busiest CTA streams at most slack_tiles
+    tiles more than stream-K's; the kernel's rule, mirrored (the GPU test replays
     lengths on both sides of it)."""
     from cupy_lean.schedule import runtime_split_chunks
 
@@ -773,12 +773,18 @@ def test_runtime_split_chunks_rule():
     assert runtime_split_chunks([4000, 4000, 4000], 1, 16, 132) == 44
     # more units than CTAs: no split
     assert runtime_split_chunks([100] * 200, 1, 16, 132) == 0
+    # a slack of 8 tiles: 13 per chunk against 5 is taken
+    assert runtime_split_chunks([9001, 1, 0], 1, 16, 132, slack_tiles=8) == 44
+    assert runtime_split_chunks([9001, 1, 0], 1, 16, 132, slack_tiles=7) == 0
+    with pytest.raises(ValueError, match="slack_tiles"):
+        runtime_split_chunks([9001, 1, 0], 1, 16, 132, slack_tiles=0)
     # the rule against a brute-force count of both decompositions' busiest CTAs
     rng = np.random.default_rng(5)
-    for _ in range(200):
+    for _ in range(300):
         b, hkv, tile, ctas = int(rng.integers(1, 6)), int(rng.integers(1, 4)), int(rng.choice([16, 64])), 132
+        slack = int(rng.integers(1, 30))
         lens = rng.integers(0, 20000, b)
-        ns = runtime_split_chunks(lens, hkv, tile, ctas)
+        ns = runtime_split_chunks(lens, hkv, tile, ctas, slack_tiles=slack)
         tiles = -(-lens // tile)
         total = int(tiles.sum()) * hkv
         if total == 0:
@@ -786,8 +792,35 @@ def test_runtime_split_chunks_rule():
             continue
         sk = lean_schedule(lens, hkv, tile_size=tile, num_ctas=ctas)
         split_busiest = -(-int(tiles.max()) // max(1, ctas // (b * hkv)))
-        want = ctas // (b * hkv) >= 1 and split_busiest <= int(sk.tiles_per_cta().max()) + 1
+        want = ctas // (b * hkv) >= 1 and split_busiest <= int(sk.tiles_per_cta().max()) + slack
         assert (ns > 0) == want and (ns == 0 or ns == ctas // (b * hkv))
+
+
+def test_runtime_split_slack_in_tiles():
+    """The slack of the launch-time split is a byte budget of K and V per
+    CTA counted in whole tiles of the kernel (at least one), so a smaller
+    tile, a smaller head_dim or an fp8 cache allows more tiles."""
+    from cupy_lean.kernels import TUNING
+    from cupy_lean.schedule import runtime_split_slack
+
+    kb = 1024
+    assert runtime_split_slack(128, 64, 2, 192 * kb) == 6
+    assert runtime_split_slack(128, 128, 2, 192 * kb) == 3
+    assert runtime_split_slack(64, 256, 2, 192 * kb) == 3
+    assert runtime_split_slack(128, 128, 1, 192 * kb) == 6  # fp8
+    assert runtime_split_slack(16, 128, 2, 192 * kb) == 24
+    assert runtime_split_slack(128, 256, 2, 192 * kb) == 1  # less than a tile: one
+    assert runtime_split_slack(128, 64, 2, 0) == 1
+    assert TUNING["runtime_split_slack_bytes"] >= 0
+    with pytest.raises(ValueError, match="slack_bytes"):
+        runtime_split_slack(128, 64, 2, -1)
+    with pytest.raises(ValueError, match="head_dim"):
+        runtime_split_slack(128, 0, 2, 192 * kb)
+    # lean_schedule follows the slack it is given
+    s1 = lean_schedule([9001, 1, 0], 1, tile_size=16, num_ctas=132, merge_launch=True, runtime_split=True)
+    s8 = lean_schedule([9001, 1, 0], 1, tile_size=16, num_ctas=132, merge_launch=True, runtime_split=True,
+                       split_slack_tiles=8)
+    assert s1.kind == "lean" and s8.kind == "split"
 
 
 @given(st.lists(st.integers(0, 3000), min_size=1, max_size=5), st.integers(1, 3), st.sampled_from([16, 64]),
