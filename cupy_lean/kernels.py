@@ -298,7 +298,7 @@ TUNING = {
     # (schedule.runtime_split_chunks / runtime_split_slack, decided on the GPU from kv_lens)
     "runtime_split": True,
     # 0: one tile. Measured on an H200 (bench/NOTES.md session 17): 192 KB took the split on two held-out
-    # shapes where it ran 1.08x and 1.12x stream-K's time (the launch-time split runs 7-10% slower than a
+    # shapes where it ran 1.08x and 1.12x stream-K's time (the launch-time split ran 8-11% slower than a
     # host-planned split of the same chunks), so the default stays at one tile
     "runtime_split_slack_bytes": 0,
     # sm_90 and newer: launch the attention and combine kernels with programmatic dependent launch (each may
