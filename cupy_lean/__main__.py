@@ -40,8 +40,11 @@ def demo(argv=None):
     kv_bytes = 2 * int(lens.sum()) * DEMO_HEADS_KV * DEMO_HEAD_DIM * 2
     print(f"cupy-lean demo: batch {len(lens)}, heads {DEMO_HEADS_Q}/{DEMO_HEADS_KV}, head_dim "
           f"{DEMO_HEAD_DIM}, fp16, kv_lens {lens.tolist()} ({kv_bytes / 1e6:.1f} MB of K/V)")
-    ref_out, ref_lse = reference.attention(q, k, v, kv_lens=lens)
     on_gpu = gpu_available() and not args.cpu
+    if not on_gpu:
+        print("no GPU used (" + ("--cpu" if args.cpu else "none found") + "): the NumPy path runs instead; "
+              "it takes about half a minute on a CPU")
+    ref_out, ref_lse = reference.attention(q, k, v, kv_lens=lens)
 
     if on_gpu:
         import cupy as cp

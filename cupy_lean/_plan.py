@@ -249,7 +249,7 @@ class Plan:
         instead of stream-K when the lengths on the GPU favour it
         (``cupy_lean.schedule.runtime_split_chunks``).
     split_slack_tiles : int
-        The rule's ``slack_tiles``: split-K is run when its busiest CTA
+        The rule's ``split_slack_tiles``: split-K is run when its busiest CTA
         streams at most this many tiles more than stream-K's
         (``kernels.TUNING["runtime_split_slack_bytes"]`` of K and V in
         tiles, ``cupy_lean.schedule.runtime_split_slack``).

@@ -444,7 +444,7 @@ def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1
         one chunk covers whole written directly, the others' chunks in slots
         ``2 x cta`` merged by the combine launch; else the stream-K schedule.
     split_slack_tiles : int
-        With ``runtime_split``: the rule's ``slack_tiles`` (a plan's
+        With ``runtime_split``: the rule's slack in tiles (a plan's
         :attr:`~cupy_lean.Plan.split_slack_tiles`).
 
     Returns
@@ -562,7 +562,7 @@ def merges_by_launch(num_ctas, num_units, pieces):
 
 
 def runtime_split_slack(tile_size, head_dim, kv_itemsize, slack_bytes):
-    """Tiles of :func:`runtime_split_chunks`' ``slack_tiles`` for a kernel
+    """Tiles of :func:`runtime_split_chunks`' ``split_slack_tiles`` for a kernel
     of ``tile_size`` tokens at ``head_dim`` with K and V elements of
     ``kv_itemsize`` bytes: ``slack_bytes`` of K and V per CTA
     (``kernels.TUNING["runtime_split_slack_bytes"]``) in whole tiles, at
@@ -570,36 +570,35 @@ def runtime_split_slack(tile_size, head_dim, kv_itemsize, slack_bytes):
     tile_size = _check_positive_int(tile_size, "tile_size")
     head_dim = _check_positive_int(head_dim, "head_dim")
     kv_itemsize = _check_positive_int(kv_itemsize, "kv_itemsize")
-    if not isinstance(slack_bytes, (int, np.integer)) or isinstance(slack_bytes, bool) or slack_bytes < 0:
-        raise ValueError(f"slack_bytes: expected an integer >= 0, got {slack_bytes!r}")
-    return max(1, int(slack_bytes) // (2 * tile_size * head_dim * kv_itemsize))
+    slack_bytes = _check_positive_int(slack_bytes, "slack_bytes", low=0)
+    return max(1, slack_bytes // (2 * tile_size * head_dim * kv_itemsize))
 
 
-def runtime_split_chunks(kv_lens, heads_kv, tile_size, num_ctas, min_tiles_per_cta=1, slack_tiles=1):
+def runtime_split_chunks(kv_lens, heads_kv, tile_size, num_ctas, min_tiles_per_cta=1, split_slack_tiles=1):
     """Chunks per unit of the split-K a lean launch with the merge launch runs
     instead of stream-K (``kernels.TUNING["runtime_split"]``), or 0 for
     stream-K: ``ns = num_ctas // units`` chunks when the busiest CTA of that
-    split streams at most ``slack_tiles`` tiles more than stream-K's busiest,
-    ``ceil(longest unit's tiles / ns) <= ceil(total tiles / CTAs) +
-    slack_tiles`` (``kv_lens`` as the kernel walks them: window lengths with
+    split streams at most ``split_slack_tiles`` tiles more than stream-K's
+    busiest, ``ceil(longest unit's tiles / ns) <= ceil(total tiles / CTAs) +
+    split_slack_tiles`` (``kv_lens`` as the kernel walks them: window lengths with
     a window). The kernel takes the same decision at every launch from the
     lengths on the GPU. ``min_tiles_per_cta``: stream-K's floor on a CTA's
     range (raised by a merge balance), which the comparison uses as the
-    kernel does. ``slack_tiles``: what stream-K's cuts cost on a small call
+    kernel does. ``split_slack_tiles``: what stream-K's cuts cost on a small call
     (partial stores, the combine's wait for every piece) in tiles a CTA
     streams meanwhile; the plans take :func:`runtime_split_slack` of
     ``kernels.TUNING["runtime_split_slack_bytes"]``."""
     lens, heads_kv, tile_size, tps, unit_tiles, _ = _units(kv_lens, heads_kv, tile_size)
     num_ctas = _check_positive_int(num_ctas, "num_ctas")
     m = _check_positive_int(min_tiles_per_cta, "min_tiles_per_cta")
-    slack_tiles = _check_positive_int(slack_tiles, "slack_tiles")
+    split_slack_tiles = _check_positive_int(split_slack_tiles, "split_slack_tiles")
     units, total = int(unit_tiles.shape[0]), int(unit_tiles.sum())
     if units == 0 or total == 0:
         return 0
     ns = num_ctas // units
     ctas = min(num_ctas, max(1, total // m) if m > 1 else total)  # stream-K's CTAs with work
     per = -(-total // ctas)
-    return ns if ns >= 1 and -(-int(tps.max()) // ns) <= per + slack_tiles else 0
+    return ns if ns >= 1 and -(-int(tps.max()) // ns) <= per + split_slack_tiles else 0
 
 
 def num_splits_heuristic(num_units, max_unit_tiles, num_sms, max_splits=128):

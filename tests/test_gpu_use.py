@@ -1557,7 +1557,7 @@ def test_runtime_split_flips_between_replays(monkeypatch):
         runs.append((g, out, lse))
     sides = set()
     for new in ([30001, 1, 0], [3000, 2990, 3001], [0, 0, 0], [17, 5000, 30001], [4000, 4000, 4000], [1, 1, 1]):
-        sides.add(runtime_split_chunks(new, hkv, 16, p.grid, slack_tiles=p.split_slack_tiles) > 0)
+        sides.add(runtime_split_chunks(new, hkv, 16, p.grid, split_slack_tiles=p.split_slack_tiles) > 0)
         ld[...] = cp.asarray(new, dtype=cp.int32)
         _replay_nan_prefilled(runs)
         ro, rl = reference.attention(q, k, v, kv_lens=np.array(new, np.int32), block_table=table, sinks=sinks)

@@ -760,7 +760,7 @@ def test_merges_by_launch_rule_and_the_schedule_flag():
 
 def test_runtime_split_chunks_rule():
     """The launch-time choice of split-K in one wave over stream-K (with the
-    merge launch): split when its busiest CTA streams at most slack_tiles
+    merge launch): split when its busiest CTA streams at most split_slack_tiles
     tiles more than stream-K's; the kernel's rule, mirrored (the GPU test replays
     lengths on both sides of it)."""
     from cupy_lean.schedule import runtime_split_chunks
@@ -774,17 +774,17 @@ def test_runtime_split_chunks_rule():
     # more units than CTAs: no split
     assert runtime_split_chunks([100] * 200, 1, 16, 132) == 0
     # a slack of 8 tiles: 13 per chunk against 5 is taken
-    assert runtime_split_chunks([9001, 1, 0], 1, 16, 132, slack_tiles=8) == 44
-    assert runtime_split_chunks([9001, 1, 0], 1, 16, 132, slack_tiles=7) == 0
-    with pytest.raises(ValueError, match="slack_tiles"):
-        runtime_split_chunks([9001, 1, 0], 1, 16, 132, slack_tiles=0)
+    assert runtime_split_chunks([9001, 1, 0], 1, 16, 132, split_slack_tiles=8) == 44
+    assert runtime_split_chunks([9001, 1, 0], 1, 16, 132, split_slack_tiles=7) == 0
+    with pytest.raises(ValueError, match="split_slack_tiles"):
+        runtime_split_chunks([9001, 1, 0], 1, 16, 132, split_slack_tiles=0)
     # the rule against a brute-force count of both decompositions' busiest CTAs
     rng = np.random.default_rng(5)
     for _ in range(300):
         b, hkv, tile, ctas = int(rng.integers(1, 6)), int(rng.integers(1, 4)), int(rng.choice([16, 64])), 132
         slack = int(rng.integers(1, 30))
         lens = rng.integers(0, 20000, b)
-        ns = runtime_split_chunks(lens, hkv, tile, ctas, slack_tiles=slack)
+        ns = runtime_split_chunks(lens, hkv, tile, ctas, split_slack_tiles=slack)
         tiles = -(-lens // tile)
         total = int(tiles.sum()) * hkv
         if total == 0:
@@ -814,6 +814,8 @@ def test_runtime_split_slack_in_tiles():
     assert TUNING["runtime_split_slack_bytes"] >= 0
     with pytest.raises(ValueError, match="slack_bytes"):
         runtime_split_slack(128, 64, 2, -1)
+    with pytest.raises(TypeError, match="slack_bytes"):
+        runtime_split_slack(128, 64, 2, 1.5)
     with pytest.raises(ValueError, match="head_dim"):
         runtime_split_slack(128, 0, 2, 192 * kb)
     # lean_schedule follows the slack it is given
