@@ -566,12 +566,13 @@ def runtime_split_slack(tile_size, head_dim, kv_itemsize, slack_bytes):
     of ``tile_size`` tokens at ``head_dim`` with K and V elements of
     ``kv_itemsize`` bytes: ``slack_bytes`` of K and V per CTA
     (``kernels.TUNING["runtime_split_slack_bytes"]``) in whole tiles, at
-    least 1."""
+    least 1 and at most 2**30 (what the kernel's int parameter holds; more
+    tiles than any batch has)."""
     tile_size = _check_positive_int(tile_size, "tile_size")
     head_dim = _check_positive_int(head_dim, "head_dim")
     kv_itemsize = _check_positive_int(kv_itemsize, "kv_itemsize")
     slack_bytes = _check_positive_int(slack_bytes, "slack_bytes", low=0)
-    return max(1, slack_bytes // (2 * tile_size * head_dim * kv_itemsize))
+    return min(1 << 30, max(1, slack_bytes // (2 * tile_size * head_dim * kv_itemsize)))
 
 
 def runtime_split_chunks(kv_lens, heads_kv, tile_size, num_ctas, min_tiles_per_cta=1, split_slack_tiles=1):

@@ -811,6 +811,7 @@ def test_runtime_split_slack_in_tiles():
     assert runtime_split_slack(16, 128, 2, 192 * kb) == 24
     assert runtime_split_slack(128, 256, 2, 192 * kb) == 1  # less than a tile: one
     assert runtime_split_slack(128, 64, 2, 0) == 1
+    assert runtime_split_slack(16, 64, 1, 1 << 62) == 1 << 30  # fits the kernel's int parameter
     assert TUNING["runtime_split_slack_bytes"] >= 0
     with pytest.raises(ValueError, match="slack_bytes"):
         runtime_split_slack(128, 64, 2, -1)
