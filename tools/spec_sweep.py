@@ -69,11 +69,11 @@ def draw(n, seed, num_sms, head_dims=(64, 128, 256), lengths=(300, 2000), units_
     return out
 
 
-def family_shapes(n, seed, head_dims, layouts, max_mb, max_batch=0, max_units=0):
+def family_shapes(n, seed, head_dims, layouts, max_mb, max_batch=0, max_units=0, min_units=0):
     """The first ``n`` shapes of the benchmark's family (``bench.family.draw``,
     any layout) from ``seed`` with a head_dim in ``head_dims``, a layout in
     ``layouts`` ("dense", "ragged", "paged"), at most ``max_mb`` MB of K
-    and V (0: any), at most ``max_batch`` sequences and ``max_units`` units
+    and V (0: any), at most ``max_batch`` sequences, at least ``min_units`` and at most ``max_units`` units
     (batch x KV heads; 0: any), drawn 20
     at a time from ``seed``, ``seed + 1``, ..."""
     import dataclasses
@@ -88,7 +88,8 @@ def family_shapes(n, seed, head_dims, layouts, max_mb, max_batch=0, max_units=0)
         out += [dataclasses.replace(c, name=f"s{s}_{c.name}") for c in F.draw(20, s)  # seed_family name
                 if c.head_dim in head_dims and c.layout in layouts and (not max_mb or c.kv_bytes() <= max_mb * 1e6)
                 and (not max_batch or c.batch <= max_batch)
-                and (not max_units or c.batch * c.heads_kv <= max_units)]
+                and (not max_units or c.batch * c.heads_kv <= max_units)
+                and c.batch * c.heads_kv >= min_units]
         s += 1
     return out[:n]
 
@@ -109,6 +110,7 @@ def main():
                     help="with --family: at most this much K and V read (0: any)")
     ap.add_argument("--max-batch", type=int, default=0, help="with --family: at most this many sequences (0: any)")
     ap.add_argument("--max-units", type=int, default=0, help="with --family: at most this many units (0: any)")
+    ap.add_argument("--min-units", type=int, default=0, help="with --family: at least this many units")
     ap.add_argument("--configs", default="", help="comma-separated names of the configurations to time (default: all)")
     a = ap.parse_args()
     known = [n for n, _ in CONFIGS + (FAMILY_CONFIGS if a.family else [])]
@@ -132,7 +134,7 @@ def main():
     dims = [int(x) for x in a.head_dims.split(",")]
     if a.family:
         shapes = family_shapes(a.shapes, a.seed, dims, a.layouts.split(","), a.max_mb, a.max_batch,
-                               a.max_units)
+                               a.max_units, a.min_units)
     else:
         shapes = draw(a.shapes, a.seed, sms, dims, tuple(int(x) for x in a.lengths.split(",")),
                       tuple(float(x) for x in a.units.split(",")))
