@@ -83,11 +83,7 @@ def demo(argv=None):
     from .kernels import TUNING
 
     launch = merges_by_launch(num_ctas, len(lens) * DEMO_HEADS_KV, TUNING["merge_launch_pieces"])
-    sched = lean_schedule(lens, DEMO_HEADS_KV, tile_size=spec.tile, num_ctas=num_ctas,
-                          merge_balance=TUNING["merge_balance"], state_rows=16 * spec.m_tiles,
-                          merge_launch=launch, runtime_split=launch and TUNING["runtime_split"],
-                          split_slack_tiles=runtime_split_slack(spec.tile, DEMO_HEAD_DIM, 2,
-                                                                TUNING["runtime_split_slack_bytes"]))
+    sched = _plan_schedule(lens, DEMO_HEADS_KV, spec, num_ctas, TUNING["merge_balance"], launch)
     em_out, em_lse = reference.emulate(sched, q, k, v, kv_lens=lens)
     em_err = float(np.nanmax(np.abs(em_out - ref_out)))
     lse_ok = np.array_equal(np.isneginf(em_lse), np.isneginf(ref_lse))
@@ -129,6 +125,17 @@ def _no_gpu_reason():
     return "--cpu was not given, yet no GPU was used"  # pragma: no cover
 
 
+def _plan_schedule(lens, heads_kv, spec, num_ctas, merge_balance, merge_launch):
+    """The lean schedule a plan of fp16 ``spec`` runs for these lengths: with
+    the merge launch, the launch-time split too (kernels.TUNING)."""
+    from .kernels import TUNING
+
+    slack = runtime_split_slack(spec.tile, spec.head_dim, 2, TUNING["runtime_split_slack_bytes"])
+    return lean_schedule(lens, heads_kv, tile_size=spec.tile, num_ctas=num_ctas, merge_balance=merge_balance,
+                         state_rows=16 * spec.m_tiles, merge_launch=merge_launch,
+                         runtime_split=merge_launch and TUNING["runtime_split"], split_slack_tiles=slack)
+
+
 def schedule_cmd(argv=None):
     """Print (and draw) the lean schedule of a batch."""
     from .kernels import TUNING, make_spec
@@ -145,11 +152,7 @@ def schedule_cmd(argv=None):
     grid = max(1, min(num_ctas, units * longest)) if args.num_ctas is None else num_ctas
     launch = (args.num_ctas is None and not args.merge_balance
               and merges_by_launch(grid, units, TUNING["merge_launch_pieces"]))
-    s = lean_schedule(args.lens, args.heads_kv, tile_size=spec.tile, num_ctas=grid, merge_balance=mb,
-                      state_rows=16 * spec.m_tiles, merge_launch=launch,
-                      runtime_split=launch and TUNING["runtime_split"],
-                      split_slack_tiles=runtime_split_slack(spec.tile, args.head_dim, 2,
-                                                            TUNING["runtime_split_slack_bytes"]))
+    s = _plan_schedule(args.lens, args.heads_kv, spec, grid, mb, launch)
     src = (f"--num-ctas {args.num_ctas}" if args.num_ctas is not None
            else f"{cps} CTA(s) per SM on {args.sms} SMs"
            + (" (--sms default: an H100's / H200's)" if args.sms == H100_SMS else "")

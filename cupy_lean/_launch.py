@@ -37,22 +37,29 @@ class _Config(ctypes.Structure):
                 ("attrs", ctypes.POINTER(_Attr)), ("numAttrs", ctypes.c_uint)]
 
 
+def driver_function(name, argtypes):
+    """The driver API function ``name`` (a ``CUresult`` returning C function
+    of ``argtypes``) from the driver library CuPy has loaded, through
+    ``ctypes``, or None where there is no such library or function."""
+    try:
+        fn = getattr(ctypes.CDLL("libcuda.so.1"), name)
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_int
+    fn.argtypes = argtypes
+    return fn
+
+
 _launch_ex = None
 
 
 def _driver_entry():
-    """``cuLaunchKernelEx`` from the driver library CuPy has loaded, or None
-    where the driver lacks it (before CUDA 12.0)."""
+    """``cuLaunchKernelEx``, or None where the driver lacks it (before CUDA
+    12.0)."""
     global _launch_ex
     if _launch_ex is None:
-        try:
-            fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
-        except (OSError, AttributeError):
-            _launch_ex = False
-        else:
-            fn.restype = ctypes.c_int
-            fn.argtypes = [ctypes.POINTER(_Config), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-            _launch_ex = fn
+        _launch_ex = driver_function("cuLaunchKernelEx", [ctypes.POINTER(_Config), ctypes.c_void_p,
+                                                           ctypes.c_void_p, ctypes.c_void_p]) or False
     return _launch_ex or None
 
 

@@ -851,18 +851,16 @@ def _capture_id(stream):
     if stream.ptr == 0:
         return None
     if _get_capture_info is None:
-        try:
-            lib = ctypes.CDLL("libcuda.so.1")
-            fn = lib.cuStreamGetCaptureInfo_v2
-            fn.restype = ctypes.c_int
-            fn.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_uint64),
-                           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        fn = _launch.driver_function("cuStreamGetCaptureInfo_v2", [
+            ctypes.c_void_p, ctypes.POINTER(ctypes.c_int), ctypes.POINTER(ctypes.c_uint64),
+            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p])
+        if fn is not None:
             def info(ptr, fn=fn, byref=ctypes.byref, c_int=ctypes.c_int, c_uint64=ctypes.c_uint64):
                 status, cid = c_int(), c_uint64()  # per call: threads must not share them
                 if fn(ptr, byref(status), byref(cid), None, None, None) != 0:
                     raise RuntimeError("cuStreamGetCaptureInfo failed")
                 return cid.value if status.value == 1 else None
-        except (OSError, AttributeError):
+        else:
             def info(ptr):
                 with warnings.catch_warnings():  # deprecated in CuPy 14; this runs only without libcuda
                     warnings.simplefilter("ignore", DeprecationWarning)
@@ -889,12 +887,8 @@ class _relaxed_capture_mode:
     def __enter__(self):
         fn = _relaxed_capture_mode._fn
         if fn is None:
-            try:
-                fn = ctypes.CDLL("libcuda.so.1").cuThreadExchangeStreamCaptureMode
-                fn.restype = ctypes.c_int
-                fn.argtypes = [ctypes.POINTER(ctypes.c_int)]
-            except (OSError, AttributeError):
-                fn = False
+            fn = _launch.driver_function("cuThreadExchangeStreamCaptureMode", [ctypes.POINTER(ctypes.c_int)]) \
+                or False
             _relaxed_capture_mode._fn = fn
         self._mode = None
         if fn:

@@ -464,6 +464,7 @@ def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1
     if runtime_split and not merge_launch:
         raise ValueError("runtime_split: the kernel chooses split-K at launch only with the merge launch; "
                          "expected merge_launch=True, got merge_launch=False")
+    split_slack_tiles = _check_positive_int(split_slack_tiles, "split_slack_tiles")
     total = int(unit_tiles.sum())
     if merge_balance and total:
         min_tiles = max(min_tiles, merge_balanced_tiles(int(unit_tiles.max()), merge_balance, state_rows,
@@ -475,7 +476,6 @@ def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1
                         np.zeros(0, _SEG_DTYPE), np.zeros(unit_tiles.shape[0], np.int64), bool(merge_launch))
     max_tiles = -(-total // ncta)
     heavy = total - (max_tiles - 1) * ncta
-    split_slack_tiles = _check_positive_int(split_slack_tiles, "split_slack_tiles")
     ns = runtime_split_chunks(lens, heads_kv, tile_size, num_ctas, min_tiles, split_slack_tiles) \
         if runtime_split else 0
     if ns:

@@ -332,8 +332,9 @@ __device__ __forceinline__ int merge_balanced_tiles(int longest, int a) {
 // others `per - 1`. `ctas` is the grid, at most one CTA per `min_tiles`
 // tiles (fewer, longer ranges: fewer partial states to merge on small
 // calls); CTAs past it exit. Mirrored by schedule.lean_schedule.
-// The runtime split (find_work): a unit of `ntiles` tiles in `ns` chunks of
-// split_chunk tiles; split_pieces of them hold tiles.
+// Split-K (the SPLIT_K decomposition and the runtime split of find_work): a
+// unit of `ntiles` tiles in `ns` chunks of split_chunk tiles; split_pieces of
+// them hold tiles.
 __device__ __forceinline__ int split_chunk(int ntiles, int ns) { return max(1, (ntiles + ns - 1) / ns); }
 __device__ __forceinline__ int split_pieces(int ntiles, int ns) {
   const int chunk = split_chunk(ntiles, ns);
@@ -773,7 +774,7 @@ __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, S
     w.len = seq_len(p, lens_s, w.b, false);
     w.start = window_start(p, w.len);
     w.ntiles = ntiles_of(w.len - w.start);
-    const int chunk = (w.ntiles + p.num_splits - 1) / p.num_splits;
+    const int chunk = split_chunk(w.ntiles, p.num_splits);
     const int t0 = min(j * chunk, w.ntiles), t1 = min(t0 + chunk, w.ntiles);
     w.t = t0;
     w.g = t0;
@@ -1482,20 +1483,17 @@ __device__ void dump_cta(const Params& p) {
     e[3] = s.partial;
     e[4] = e[5] = -1;
     e[6] = 0;
-    if (s.partial && p.decomposition == STREAM_K && sk.split > 0) {  // the runtime split's chunks
-      e[4] = PartialSlots::stream_k_slot(blockIdx.x, s.ordinal);
-      e[5] = (s.b * p.heads_kv + s.h) * sk.split;
-      e[6] = split_pieces(s.ntiles, sk.split);
-    } else if (s.partial && p.decomposition == STREAM_K) {
+    if (!s.partial) continue;
+    const bool stream_k = p.decomposition == STREAM_K;
+    e[4] = stream_k ? PartialSlots::stream_k_slot(blockIdx.x, s.ordinal) : (int)blockIdx.x;
+    if (stream_k && sk.split == 0) {
       const Contributors who = Contributors::of(sk, s);
-      e[4] = PartialSlots::stream_k_slot(blockIdx.x, s.ordinal);
       e[5] = who.first;
       e[6] = who.count;
-    } else if (s.partial) {
-      const int chunk = (s.ntiles + p.num_splits - 1) / p.num_splits;
-      e[4] = blockIdx.x;
-      e[5] = (s.b * p.heads_kv + s.h) * p.num_splits;
-      e[6] = (s.ntiles + chunk - 1) / chunk;  // chunks with tiles
+    } else {  // split-K chunks (SPLIT_K, or the runtime split): the unit's first CTA, its chunks with tiles
+      const int ns = stream_k ? sk.split : p.num_splits;
+      e[5] = (s.b * p.heads_kv + s.h) * ns;
+      e[6] = split_pieces(s.ntiles, ns);
     }
   }
   rec[2] = n;
