@@ -36,6 +36,9 @@
 #ifdef LEAN_TIMELINE
 extern "C" {
 __device__ unsigned long long lean_timeline[LEAN_TIMELINE * 16];
+// the combine launch: block (x, y) stamps lean_ctimeline[(x + gridDim.x y) * 4 + k]:
+// 0 start, 1 the previous kernel waited for, 2 its unit's record read, 3 end
+__device__ unsigned long long lean_ctimeline[LEAN_TIMELINE * 4];
 }
 #define LEAN_STAMP(k)                                                                   \
   do {                                                                                  \
@@ -52,7 +55,19 @@ __device__ unsigned long long lean_timeline[LEAN_TIMELINE * 16];
     if (threadIdx.x == 0 && blockIdx.x < LEAN_TIMELINE)                                 \
       lean_timeline[blockIdx.x * 16 + (k)] = clock64();                                 \
   } while (0)
+#define LEAN_CSTAMP(k)                                                                  \
+  do {                                                                                  \
+    const unsigned cb_ = blockIdx.x + gridDim.x * blockIdx.y;                          \
+    if (threadIdx.x == 0 && cb_ < LEAN_TIMELINE) {                                      \
+      unsigned long long t_;                                                            \
+      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_));                            \
+      lean_ctimeline[cb_ * 4 + (k)] = t_;                                               \
+    }                                                                                   \
+  } while (0)
 #else
+#define LEAN_CSTAMP(k) \
+  do {                 \
+  } while (0)
 #define LEAN_STAMP(k) \
   do {                \
   } while (0)
@@ -1528,21 +1543,38 @@ extern "C" __global__ void __launch_bounds__(lean::NT, 1) LEAN_ENTRY(const __gri
 // order: its first piece in slot `first` (a CTA's first or last slot), piece
 // j >= 1 in the first slot of CTA first / 2 + j; a unit of one piece (or none)
 // was written by the attention kernel.
-extern "C" __global__ void __launch_bounds__(lean::NT, 1) LEAN_COMBINE_ENTRY(const __grid_constant__ lean::Params p) {
-  lean::after_previous_kernel();
-  const int unit = blockIdx.x, g = lean::unit_rows(p);
+namespace lean {
+__device__ __forceinline__ void combine_block(const Params& p) {
+  const int unit = blockIdx.x, g = unit_rows(p);
   const int per = (g + gridDim.y - 1) / gridDim.y, lo = blockIdx.y * per;
   if (lo >= g) return;  // the whole block: no barrier is left waiting
-  if (p.decomposition == lean::STREAM_K) {
+  if (p.decomposition == STREAM_K) {
     const int n = __ldcg(p.unit_meta + 2 * unit), first = __ldcg(p.unit_meta + 2 * unit + 1);
+    LEAN_CSTAMP(2);
     if (n <= 1) return;
-    lean::reduce_unit(p, unit / p.heads_kv, unit % p.heads_kv, n,
-                      {first, lean::PartialSlots::stream_k_slot(first / 2 + 1, 0), 2}, -1, lo, min(g, lo + per));
+    reduce_unit(p, unit / p.heads_kv, unit % p.heads_kv, n, {first, PartialSlots::stream_k_slot(first / 2 + 1, 0), 2},
+                -1, lo, min(g, lo + per));
     return;
   }
+  LEAN_CSTAMP(2);
   const int ns = p.num_splits;
-  lean::reduce_unit(p, unit / p.heads_kv, unit % p.heads_kv, ns, {unit * ns, unit * ns + 1, 1}, -1, lo,
-                    min(g, lo + per));
+  reduce_unit(p, unit / p.heads_kv, unit % p.heads_kv, ns, {unit * ns, unit * ns + 1, 1}, -1, lo, min(g, lo + per));
+}
+}  // namespace lean
+
+// SPLIT_K combine: grid = (units, row blocks); block (u, y) merges unit u's
+// num_splits slots in chunk order for its share of the unit's rows (the
+// rows split evenly over gridDim.y blocks; a block past the last row exits).
+// STREAM_K (unit_meta set): the same for the unit's stream-K pieces, in CTA
+// order: its first piece in slot `first` (a CTA's first or last slot), piece
+// j >= 1 in the first slot of CTA first / 2 + j; a unit of one piece (or none)
+// was written by the attention kernel.
+extern "C" __global__ void __launch_bounds__(lean::NT, 1) LEAN_COMBINE_ENTRY(const __grid_constant__ lean::Params p) {
+  LEAN_CSTAMP(0);
+  lean::after_previous_kernel();
+  LEAN_CSTAMP(1);
+  lean::combine_block(p);
+  LEAN_CSTAMP(3);
 }
 
 extern "C" __global__ void __launch_bounds__(lean::NT) LEAN_DUMP_ENTRY(const __grid_constant__ lean::Params p) {
