@@ -35,7 +35,7 @@
 // compiled in with -DLEAN_TIMELINE=<CTAs recorded>; the plain specs carry none.
 #ifdef LEAN_TIMELINE
 extern "C" {
-__device__ unsigned long long lean_timeline[LEAN_TIMELINE * 16];
+__device__ unsigned long long lean_timeline[LEAN_TIMELINE * 32];
 // the combine launch: block (x, y) stamps lean_ctimeline[(x + gridDim.x y) * 4 + k]:
 // 0 start, 1 the previous kernel waited for, 2 its unit's record read, 3 end
 __device__ unsigned long long lean_ctimeline[LEAN_TIMELINE * 4];
@@ -45,7 +45,7 @@ __device__ unsigned long long lean_ctimeline[LEAN_TIMELINE * 4];
     if (threadIdx.x == 0 && blockIdx.x < LEAN_TIMELINE) {                               \
       unsigned long long t_;                                                            \
       asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_));                            \
-      lean_timeline[blockIdx.x * 16 + (k)] = t_;                                        \
+      lean_timeline[blockIdx.x * 32 + (k)] = t_;                                        \
     }                                                                                   \
   } while (0)
 // the SM's cycle counter (slots 14, 15: at start and end; their ratio to the
@@ -53,7 +53,7 @@ __device__ unsigned long long lean_ctimeline[LEAN_TIMELINE * 4];
 #define LEAN_CLOCK(k)                                                                   \
   do {                                                                                  \
     if (threadIdx.x == 0 && blockIdx.x < LEAN_TIMELINE)                                 \
-      lean_timeline[blockIdx.x * 16 + (k)] = clock64();                                 \
+      lean_timeline[blockIdx.x * 32 + (k)] = clock64();                                 \
   } while (0)
 #define LEAN_CSTAMP(k)                                                                  \
   do {                                                                                  \
@@ -818,6 +818,7 @@ __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, S
   int min_tiles = p.min_tiles_per_cta;
   if (p.merge_balance > 0) min_tiles = max(min_tiles, merge_balanced_tiles(longest, p.merge_balance));
   sk = StreamK::make((i64)seq_tiles * p.heads_kv, gridDim.x, min_tiles);
+  LEAN_STAMP(17);
   if (p.runtime_split && p.unit_meta != nullptr && sk.ctas > 0) {
     // Split-K in one wave (ns chunks per unit, ns = grid / units) when its
     // busiest CTA streams at most p.runtime_split tiles more than stream-K's
@@ -827,6 +828,7 @@ __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, S
     // slot 2c, the unit's chunks on consecutive CTAs).
     const int units = p.batch * p.heads_kv, ns = (int)gridDim.x / max(units, 1);
     if (ns >= 1 && div_pos(longest + ns - 1, ns) <= sk.per + p.runtime_split) {
+      LEAN_STAMP(18);
       if (c >= units * ns) return false;
       const int unit = c / ns, j = c % ns;
       w.b = unit / p.heads_kv;
@@ -1532,6 +1534,7 @@ __device__ __forceinline__ void after_previous_kernel() {
 // ============================================================= 7. entry points
 
 extern "C" __global__ void __launch_bounds__(lean::NT, 1) LEAN_ENTRY(const __grid_constant__ lean::Params p) {
+  LEAN_STAMP(16);
   lean::after_previous_kernel();
   lean::attention_cta(p);
 }

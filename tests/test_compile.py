@@ -305,6 +305,7 @@ def test_timeline_instrumentation_compiles(monkeypatch):
     assert any(o.startswith("-DLEAN_TIMELINE=") for o in K.compile_options(spec))
     stamped = K.compile_cubin(spec, "sm_90")
     assert b"lean_timeline" in stamped and b"lean_timeline" not in plain
+    assert b"lean_ctimeline" in stamped and b"lean_ctimeline" not in plain  # the combine launch's stamps
 
 
 def test_hbm_bytes_per_us():

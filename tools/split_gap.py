@@ -8,7 +8,8 @@ attention kernel's CTAs and the combine launch's blocks (start, the wait for
 the attention kernel, its unit's record read, end), for the last call of a
 CUDA-graph replay over rotating copies.
 
-    python tools/split_gap.py --seed S [--shapes 8] [--max-mb 80] [--max-units 44] [--slack-kb 4096] [--out F.json]
+    python tools/split_gap.py --seed S [--shapes 8] [--max-mb 80] [--max-units 44] [--slack-kb 4096]
+                              [--define NAME=VALUE] [--out F.json]
 """
 
 import argparse
@@ -49,6 +50,8 @@ def main():
     ap.add_argument("--max-units", type=int, default=44)
     ap.add_argument("--head-dims", default="64,128,256")
     ap.add_argument("--slack-kb", type=int, default=4096, help="launch-time split slack (KB of K and V)")
+    ap.add_argument("--define", action="append", default=[],
+                    help="NAME=VALUE: one more -D option for the kernels (e.g. LEAN_WARM_PARAMS=0)")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
     import cupy as cp
@@ -61,6 +64,14 @@ def main():
     from spec_sweep import family_shapes
 
     T.instrument()
+    if a.define:
+        stamped = K.compile_options
+
+        def with_defines(spec):
+            opts = stamped(spec)
+            return opts + tuple(f"-D{d}" for d in a.define) if spec is not None else opts
+
+        K.compile_options = with_defines
     K.TUNING["runtime_split_slack_bytes"] = a.slack_kb * 1024
     K.TUNING["uniform_variants"] = False  # equal lengths too: the stream-K kernel, not a host-planned variant
     K.TUNING["merge_launch_pieces"] = 1  # the merge launch (and so the launch-time split) at any CTAs per unit
@@ -78,7 +89,7 @@ def main():
                           "stages": ref["stages"]}
                 pl = cupy_lean.plan(inp.q[0], inp.k[0], inp.v[0], out=outs[0], **idx, **kw)
                 mod = K.kernels_for(pl.spec).module
-                tl = cp.ndarray((T.MAX_CTAS, 16), cp.uint64, mod.get_global("lean_timeline"))
+                tl = cp.ndarray((T.MAX_CTAS, T.WIDTH), cp.uint64, mod.get_global("lean_timeline"))
                 ct = cp.ndarray((T.MAX_CTAS, 4), cp.uint64, mod.get_global("lean_ctimeline"))
                 n_calls = max(20, n_copies)
                 seen = [0]
@@ -112,6 +123,7 @@ def main():
             print(f"   {name:6s} {s['call_us']:6.2f} us/call  grid {s['grid']} {s['spec']}  attn span "
                   f"{s['span_us']:.2f}  found med/max {s['found'][1]:.2f}/{s['found'][2]:.2f}  "
                   f"tile0 med {s['tile0'][1]:.2f}  crit end {crit.get('end', -1):.2f}  "
+                  + "".join(f"{k} med {s[k][1]:.2f}  " for k in ("scanned", "made", "decided", "wait_us") if k in s)
                   + (f"combine start {s['c_start'][0]:.2f}/{s['c_start'][2]:.2f} waited {s['c_waited'][0]:.2f}/"
                      f"{s['c_waited'][2]:.2f} meta max {s['c_meta'][2]:.2f} end {cend[1]:.2f}/{cend[2]:.2f}"
                      if "c_start" in s else "no combine"), flush=True)

@@ -16,9 +16,11 @@ Phases per CTA (ns from the first CTA's start): 0 start, 1 work found
 (find_work), 2 first tile in shared memory, 3 last segment streamed, 4 its
 state stored, 5 its arrival counted, 6 its merge done (merging CTAs only),
 7 end; inside the prologue: 8 lengths read and scanned (find_work's pass
-1), 9 the split made (StreamK), 10 the first tiles' copies issued; inside
+1), 17 the stream-K split made, 18 the launch-time split-K taken (when it
+is), 9 the stream-K start found, 10 the first tiles' copies issued; inside
 the first tile: 11 scores, 12 softmax update, 13 P V; slots 14 and 15 hold
-the SM's cycle counter at start and end (the SM clock, printed).
+the SM's cycle counter at start and end (the SM clock, printed); 16 the
+CTA's start before its wait for the previous kernel (printed as the wait).
 """
 
 import argparse
@@ -35,8 +37,9 @@ from cupy_lean import kernels as K  # noqa: E402
 from cupy_lean.bench import graph_time  # noqa: E402
 
 MAX_CTAS = 2048
+WIDTH = 32  # stamps per CTA (the kernel's row of lean_timeline)
 PHASES = ["start", "found", "tile0", "streamed", "stored", "arrived", "merged", "end", "scanned", "split",
-          "issued", "t0_scores", "t0_absorb", "t0_pv"]
+          "issued", "t0_scores", "t0_absorb", "t0_pv", None, None, None, "made", "decided"]
 
 
 def instrument():
@@ -54,12 +57,20 @@ def summary(t, grid):
     live = t[:, 0] > 0
     t0 = t[live, 0].min()
     rel = np.where(t > 0, t - t0, -1)[:, :len(PHASES)]
+    rel[:, [k for k, name in enumerate(PHASES) if name is None]] = -1
     out = {"ctas": int(live.sum()), "span_us": float((t[live, 7].max() - t0) / 1e3)}
+    # slot 16: the CTA's start before the wait for the previous kernel; start - it: the wait
+    waited = live & (t[:, 16] > 0)
+    if waited.any():
+        w = (t[waited, 0] - t[waited, 16]) / 1e3
+        out["wait_us"] = [float(np.min(w)), float(np.median(w)), float(np.max(w))]
     # slots 14, 15: the SM clock (cycles) at start and end; / the ns between: GHz
     ok = live & (t[:, 15] > t[:, 14]) & (t[:, 7] > t[:, 0])
     if ok.any():
         out["sm_mhz"] = float(np.median((t[ok, 15] - t[ok, 14]) / (t[ok, 7] - t[ok, 0]))) * 1e3
     for k, name in enumerate(PHASES):
+        if name is None:
+            continue
         col = rel[live, k]
         col = col[col >= 0]
         if len(col):
@@ -127,7 +138,7 @@ def main():
                 kw.update(tile_size=a.tile, stages=a.stages, schedule=a.schedule)
             pl = cupy_lean.plan(q, k, v, kv_lens=kv, block_table=table, out=out, **kw)
             glob = K.kernels_for(pl.spec).module.get_global("lean_timeline")
-            tl = cp.ndarray((MAX_CTAS, 16), cp.uint64, glob)
+            tl = cp.ndarray((MAX_CTAS, WIDTH), cp.uint64, glob)
 
             n_calls = max(20, copies)
             seen = [0]
@@ -149,13 +160,13 @@ def main():
                   + (", merge launch" if s["merge_launch"] else "") + f"): {us:.2f} us/call, "
                   f"kernel span {s['span_us']:.2f} us, {s['merging_ctas']} merging CTAs, "
                   f"SM clock {s.get('sm_mhz', 0):.0f} MHz")
-            for key in PHASES:
+            for key in [x for x in PHASES if x] + ["wait_us"]:
                 if key in s:
                     lo, med, hi = s[key]
                     print(f"   {key:9s} min {lo:7.2f}  median {med:7.2f}  max {hi:7.2f} us")
             for key in ("critical_cta", "critical_merger"):
                 if key in s:
-                    print(f"   {key}: " + " ".join(f"{nm}={x:.2f}" for nm, x in zip(PHASES, s[key]) if x >= 0))
+                    print(f"   {key}: " + " ".join(f"{nm}={x:.2f}" for nm, x in zip(PHASES, s[key]) if nm and x >= 0))
             if "merge_us" in s:
                 print("   merge duration min/median/max: " + " / ".join(f"{x:.2f}" for x in s["merge_us"]) + " us")
     if a.out:
