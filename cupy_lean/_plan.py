@@ -224,6 +224,11 @@ class Plan:
         (:func:`cupy_lean.kernels.many_unit_config`) rather than the default
         configuration (only when no tile size, stages or other schedule was
         given).
+    varied_lengths_tile : bool
+        The tile was chosen for several sequences of lengths the plan
+        cannot see (:func:`cupy_lean.kernels.varied_length_tile`: head_dim
+        64 with ``kv_lens`` or pages; only when no tile size, stages or
+        other schedule was given).
     one_cta_per_unit : bool
         That rule also gave each unit a CTA of its own (``uniform_variant``
         1, not the model's choice).
@@ -295,12 +300,16 @@ class Plan:
                                features=bits, page_size=m.page_size if m.paged else None)
 
         tile_size, self.many_units, self.one_cta_per_unit = sig.tile_size, False, False
+        self.varied_lengths_tile = False
         if tile_size is None and sig.stages is None and sig.schedule == "lean" and B * Hkv:
             many = K.many_unit_config(D, rows, B * Hkv, m.capacity, K.device_sm_count(), m.paged,
                                       sig.kv_lens is None, bits, lambda t: K.kernels_for(spec_at(t)).occupancy,
                                       one_cta_per_unit=variants_ok)
             if many is not None:
                 (tile_size, self.one_cta_per_unit), self.many_units = many, True
+            elif not self.equal_lengths:  # several sequences whose lengths the plan cannot see
+                tile_size = K.varied_length_tile(D, rows, bits)
+                self.varied_lengths_tile = tile_size is not None
         spec = spec_at(tile_size)
         kern = K.kernels_for(spec)
         self.spec, self.kernels = spec, kern
@@ -494,7 +503,9 @@ class Plan:
                if m.paged else f"dense (seqlen {m.seqlen})"),
             f"  kernel: {self.spec.name} (tile {self.spec.tile} tokens, {self.spec.stages} stages, "
             f"{self.threads} threads, {self.smem} B shared memory"
-            + ("; the tile of many units, kernels.many_unit_config)" if self.many_units else ")"),
+            + ("; the tile of many units, kernels.many_unit_config)" if self.many_units else
+               "; the tile of sequences of varied lengths, kernels.varied_length_tile)" if self.varied_lengths_tile
+               else ")"),
             f"  device {self.device}: {self.num_sms} SMs, occupancy {self.kernels.occupancy} CTA/SM"
             + ("; programmatic dependent launch (each kernel waits for the one before it in the stream)"
                if self.pdl else ""),

@@ -289,6 +289,9 @@ TUNING = {
     "many_units_d64_t64_per_sm": 2,
     # otherwise 32-token tiles for units of at most this many tokens (0: the default tile always)
     "short_unit_tokens": 640,
+    # a lean call at head_dim 64 over sequences of varied lengths (kv_lens or pages, several sequences):
+    # this tile (0: the default tile), half the default's, two CTAs of 4 warps per SM (varied_length_tile)
+    "varied_lengths_d64_tile": 64,
     # stream-K with at least this many CTAs per unit (grid >= n x units; 0: never): partial units merged by
     # a combine launch (rows spread over CTAs) instead of by each unit's last contributor in the kernel
     # (measured on ragged/paged calls of 2-20 units, bench/NOTES.md session 15)
@@ -403,6 +406,31 @@ def many_unit_config(head_dim, group, units, tokens, num_sms, paged, uniform, fe
     return None
 
 
+def varied_length_tile(head_dim, group, features=0):
+    """The tile of a lean call whose sequences may differ in length (a
+    ``kv_lens`` or a paged cache, and more than one sequence, so the plan
+    cannot see the lengths and runs stream-K), or None for the default.
+
+    At head_dim 64 with up to 16 query rows per unit and no optional feature
+    (``features``: the spec's ``FEATURES`` bits): ``TUNING["varied_lengths_d64_tile"]``
+    (64) tokens, half the default, so that two CTAs of 4 warps share an SM
+    where one of 8 ran. Each CTA's fixed costs (the length scan, the query
+    load, the pipeline fill, page-table reads) then overlap the other's
+    streaming, and stream-K cuts its ranges at half the granularity.
+    Measured on an H200 (``tools/spec_sweep.py --family --head-dims 64``,
+    fp16, ``bench/results/spec_sweep_d64_s20124331.json`` and
+    ``spec_sweep_t64_s20124411.json``): paged batches of 6-432 units and 11-331
+    MB took 0.87-0.99 of the default's time (9 of 9 shapes), ragged ones of
+    up to 45 MB 0.86-0.99 (7 of 7), ragged ones of 275-1400 MB 0.99-1.003
+    (4). Dense calls without ``kv_lens`` keep their rules (tile 64 lost there:
+    1.01-1.13), and so do calls of one sequence (the equal-length variant;
+    1.08 on the one such shape)."""
+    tile = TUNING["varied_lengths_d64_tile"]
+    if head_dim != 64 or group > 16 or features or not tile:
+        return None
+    return int(tile)
+
+
 def default_ctas_per_sm(spec, occupancy):
     """CTAs per SM of the lean grid: one for specs over
     ``TUNING["one_cta_per_sm_above"]`` bytes of shared memory, else the
@@ -471,8 +499,9 @@ def make_spec(dtype, head_dim, group, paged, tile_size=None, stages=None,
 def shipped_specs():
     """Every spec reachable without a tile override and no optional feature:
     the default tile of dtypes x head dims x query-tile counts x
-    dense/paged, and the dense tiles :func:`many_unit_config` chooses (32 and
-    64 tokens at head_dim 64, 32 at head_dim 128; one query tile)."""
+    dense/paged, the dense tiles :func:`many_unit_config` chooses (32 and
+    64 tokens at head_dim 64, 32 at head_dim 128; one query tile) and the
+    paged one of :func:`varied_length_tile` (64 tokens at head_dim 64)."""
     out = []
     for dtype in ("f16", "bf16"):
         for d in HEAD_DIMS:
@@ -481,6 +510,7 @@ def shipped_specs():
                     out.append(make_spec(dtype, d, mt * 16, paged))
         for d, tile in ((64, 32), (64, 64), (128, 32)):
             out.append(make_spec(dtype, d, 16, False, tile_size=tile))
+        out.append(make_spec(dtype, 64, 16, True, tile_size=64))  # varied_length_tile, paged
     return out
 
 

@@ -340,6 +340,32 @@ def test_page_rows_feature_from_the_page_size(d, group, fp8):
     assert f"-DLEAN_HOST_RUN_ROWS={base.run_rows}" in K.compile_options(base)
 
 
+def test_varied_length_tile_rule():
+    """Several sequences of lengths the plan cannot see: tile 64 at head_dim
+    64 with up to 16 query rows and no optional feature
+    (TUNING["varied_lengths_d64_tile"]; 0 turns the rule off), None
+    otherwise; the tile fits with the stages a tile override gets, dense and
+    paged, and the paged spec is among the shipped ones."""
+    f = K.varied_length_tile
+    assert K.TUNING["varied_lengths_d64_tile"] == 64
+    for group in (1, 7, 16):
+        assert f(64, group) == 64 and f(64, group, 0) == 64
+    for args in ((128, 8), (256, 4), (96, 8), (64, 17), (64, 32), (64, 8, K.FEATURES["sinks"]),
+                 (64, 8, K.FEATURES["softcap"]), (64, 8, K.FEATURES["window"]), (64, 8, K.FEATURES["qlen"]),
+                 (64, 8, K.FEATURES["fp8_e4m3"])):
+        assert f(*args) is None, args
+    saved = dict(K.TUNING)
+    try:
+        K.TUNING["varied_lengths_d64_tile"] = 0
+        assert f(64, 8) is None
+    finally:
+        K.TUNING.update(saved)
+    for paged in (False, True):
+        spec = K.make_spec("f16", 64, 16, paged, tile_size=64)
+        assert spec.tile == 64 and spec.threads == 128 and spec.smem_bytes <= K.TUNING["one_cta_per_sm_above"]
+    assert K.make_spec("bf16", 64, 16, True, tile_size=64) in K.shipped_specs()
+
+
 def test_many_unit_config_rule():
     """Dense calls of equal lengths, at least one unit per SM, groups up to
     16, no feature: at head_dim 64 one CTA per unit, at tile 64 up to

@@ -1740,3 +1740,51 @@ def test_torch_kernels_around_programmatic_launches_in_one_graph():
         ro, _ = reference.attention(qb, k, v, kv_lens=lens[i], block_table=table, sinks=sinks)
         got = results[i].cpu().numpy()
         assert np.isfinite(got).all() and np.abs(got - ro).max() < 2e-2, i
+
+
+@pytest.mark.parametrize("layout, page, lens, hq, hkv, dt", [
+    ("ragged", 16, [3001, 17, 0, 1290, 64], 12, 3, np.float16),
+    ("paged", 16, [700, 2049, 33], 16, 1, BF16),
+    ("paged", 1, [129, 5, 1000, 77], 8, 2, np.float16),
+    ("paged", 64, [4097, 1], 6, 6, BF16)])
+def test_varied_lengths_at_head_dim_64_take_tile_64(layout, page, lens, hq, hkv, dt):
+    """Several sequences with kv_lens or pages at head_dim 64 get the tile of
+    kernels.varied_length_tile (64 tokens, two CTAs per SM), and describe()
+    says so; one sequence, or a tile given, keeps the default. NaN-prefilled
+    out and lse against the reference, and a graph replay with new lengths."""
+    rng = np.random.default_rng(sum(lens) + hq)
+    d = 64
+    q, k, v, lens, table = make_inputs(rng, len(lens), hq, hkv, d, dt, lens,
+                                       "paged" if layout == "paged" else "dense", page_size=page)
+    qg, kg, vg, tg, lg = to_gpu(q), to_gpu(k), to_gpu(v), to_gpu(table), cp.asarray(lens)
+    out = _nan_like(q.shape, dt)
+    lse = cp.full(q.shape[:2], cp.nan, dtype=cp.float32)
+    p = cupy_lean.plan(qg, kg, vg, kv_lens=lg, block_table=tg, out=out)
+    assert p.varied_lengths_tile and p.spec.tile == 64 and not p.many_units, p.describe()
+    assert "varied_length_tile" in p.describe()
+    p.run(qg, kg, vg, kv_lens=lg, block_table=tg, out=out, lse=lse)
+    check_close(out, lse, q, k, v, lens, table, dt)
+    # a graph of the plan, replayed with other lengths (within what each sequence owns)
+    s = cp.cuda.Stream(non_blocking=True)
+    cp.cuda.Device().synchronize()
+    with s:
+        s.begin_capture()
+        try:
+            p.run(qg, kg, vg, kv_lens=lg, block_table=tg, out=out, lse=lse)
+        finally:
+            g = s.end_capture()
+    cap = k.shape[1] if table is None else None
+    new = _other_lengths(rng, lens, cap if cap is not None else int(lens.max()), page, table)
+    lg[...] = cp.asarray(new)
+    out.fill(cp.nan)
+    lse.fill(cp.nan)
+    cp.cuda.Device().synchronize()
+    g.launch(s)
+    s.synchronize()
+    check_close(out, lse, q, k, v, new, table, dt)
+    # one sequence, or a tile given: not this rule
+    one = cupy_lean.plan(qg[:1], kg if table is not None else kg[:1], vg if table is not None else vg[:1],
+                         kv_lens=lg[:1], block_table=None if tg is None else tg[:1], out=out[:1])
+    assert not one.varied_lengths_tile, one.describe()
+    given = cupy_lean.plan(qg, kg, vg, kv_lens=lg, block_table=tg, out=out, tile_size=128)
+    assert not given.varied_lengths_tile and given.spec.tile == 128, given.describe()
