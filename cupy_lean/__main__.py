@@ -107,12 +107,14 @@ def demo(argv=None):
     return 0 if ok else 1
 
 
-def _default_ctas_per_sm(spec):
+def _default_ctas_per_sm(spec, capped=True):
     """CTAs per SM of the default lean grid without a device to ask (the
-    occupancy taken as what the shared memory allows)."""
+    occupancy taken as what an H100's shared memory allows; ``capped=False``:
+    that occupancy itself, without the grid's cap)."""
     from .kernels import SMEM_OPTIN, default_ctas_per_sm
 
-    return default_ctas_per_sm(spec, max(1, (SMEM_OPTIN["sm_90"] + 1024) // (spec.smem_bytes + 1024)))
+    occupancy = max(1, (SMEM_OPTIN["sm_90"] + 1024) // (spec.smem_bytes + 1024))
+    return default_ctas_per_sm(spec, occupancy) if capped else occupancy
 
 
 def _no_gpu_reason():
@@ -138,10 +140,14 @@ def _plan_schedule(lens, heads_kv, spec, num_ctas, merge_balance, merge_launch):
 
 def schedule_cmd(argv=None):
     """Print (and draw) the lean schedule of a batch."""
-    from .kernels import TUNING, make_spec
+    from .kernels import TUNING, make_spec, varied_length_tile
 
     args = _parse(["schedule"] + list(argv or []))
-    spec = make_spec("f16", args.head_dim, args.group, False, args.tile_size)
+    tile = args.tile_size
+    if tile is None and len(args.lens) > 1:  # kv_lens of several sequences: the plan's tile rule for them
+        tile = varied_length_tile(args.head_dim, args.group, 0, lambda t: _default_ctas_per_sm(
+            make_spec("f16", args.head_dim, args.group, False, t), capped=False))
+    spec = make_spec("f16", args.head_dim, args.group, False, tile)
     cps = _default_ctas_per_sm(spec)
     num_ctas = args.num_ctas if args.num_ctas is not None else cps * args.sms
     mb = TUNING["merge_balance"] if args.merge_balance is None else args.merge_balance
@@ -226,7 +232,8 @@ def _parser():
     sc.add_argument("--lens", type=_lens, required=True, help="comma-separated KV lengths, e.g. 131072,1024,1024")
     sc.add_argument("--heads-kv", type=_positive, default=8, help="KV heads (default 8)")
     sc.add_argument("--tile-size", type=int, choices=TILE_SIZES, default=None,
-                    help="tokens per tile (default: the default plan's, by --head-dim and --group)")
+                    help="tokens per tile (default: the default plan's, by --head-dim and --group, and "
+                         "with several --lens kernels.varied_length_tile)")
     sc.add_argument("--head-dim", type=int, choices=(64, 128, 256), default=128, help="head_dim (default 128)")
     sc.add_argument("--group", type=_positive, default=4, help="query heads per KV head (default 4)")
     sc.add_argument("--merge-balance", type=int, default=None,

@@ -308,7 +308,7 @@ class Plan:
             if many is not None:
                 (tile_size, self.one_cta_per_unit), self.many_units = many, True
             elif not self.equal_lengths:  # several sequences whose lengths the plan cannot see
-                tile_size = K.varied_length_tile(D, rows, bits)
+                tile_size = K.varied_length_tile(D, rows, bits, lambda t: K.kernels_for(spec_at(t)).occupancy)
                 self.varied_lengths_tile = tile_size is not None
         spec = spec_at(tile_size)
         kern = K.kernels_for(spec)

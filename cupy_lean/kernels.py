@@ -406,7 +406,7 @@ def many_unit_config(head_dim, group, units, tokens, num_sms, paged, uniform, fe
     return None
 
 
-def varied_length_tile(head_dim, group, features=0):
+def varied_length_tile(head_dim, group, features=0, occupancy=None):
     """The tile of a lean call whose sequences may differ in length (a
     ``kv_lens`` or a paged cache, and more than one sequence, so the plan
     cannot see the lengths and runs stream-K), or None for the default.
@@ -422,11 +422,17 @@ def varied_length_tile(head_dim, group, features=0):
     ``spec_sweep_t64_s20124411.json``): paged batches of 6-432 units and 11-331
     MB took 0.87-0.99 of the default's time (9 of 9 shapes), ragged ones of
     up to 45 MB 0.86-0.99 (7 of 7), ragged ones of 275-1400 MB 0.99-1.003
-    (4). Dense calls without ``kv_lens`` keep their rules (tile 64 lost there:
-    1.01-1.13), and so do calls of one sequence (the equal-length variant;
-    1.08 on the one such shape)."""
+    (4). Dense calls without ``kv_lens`` keep their rules (tile 64 took
+    0.99-1.13 of their time there, slower on 3 of 5), and so do calls of
+    one sequence (the equal-length variant; 1.08 on the one such shape).
+    ``occupancy``: a function of the tile giving that spec's CTAs per SM;
+    the rule needs two (a GPU of about 100 KB of shared memory per SM fits
+    one such CTA, and that was not measured); None, for a check by hand
+    without a GPU, assumes they fit."""
     tile = TUNING["varied_lengths_d64_tile"]
     if head_dim != 64 or group > 16 or features or not tile:
+        return None
+    if occupancy is not None and occupancy(int(tile)) < 2:
         return None
     return int(tile)
 

@@ -76,3 +76,18 @@ def test_schedule_shows_the_default_plans_merge():
     assert "(grid: 2 CTAs" in r.stdout and "in the kernel" in r.stdout, r.stdout
     r = _run("schedule", "--lens", "90000", "--heads-kv", "2")
     assert "one sequence: the default plan may run its split-K variant" in r.stdout
+
+
+def test_schedule_takes_the_tile_of_varied_lengths():
+    """Several lengths at head_dim 64: the plan's tile for them
+    (kernels.varied_length_tile: 64 tokens, two CTAs per SM); one length, or
+    head_dim 128, or --tile-size, keeps the default tile."""
+    r = _run("schedule", "--lens", "3000,17,900", "--head-dim", "64", "--heads-kv", "2", "--sms", "10")
+    assert r.returncode == 0 and "(grid: 20 CTAs, 2 CTA(s) per SM on 10 SMs, tile 64," in r.stdout, r.stdout
+    r = _run("schedule", "--lens", "3000", "--head-dim", "64", "--heads-kv", "2", "--sms", "10")
+    assert r.returncode == 0 and "1 CTA(s) per SM on 10 SMs, tile 128," in r.stdout, r.stdout
+    r = _run("schedule", "--lens", "3000,17,900", "--head-dim", "128", "--heads-kv", "2", "--sms", "10")
+    assert r.returncode == 0 and "1 CTA(s) per SM on 10 SMs, tile 128," in r.stdout, r.stdout
+    r = _run("schedule", "--lens", "3000,17,900", "--head-dim", "64", "--heads-kv", "2", "--sms", "10",
+             "--tile-size", "128")
+    assert r.returncode == 0 and "1 CTA(s) per SM on 10 SMs, tile 128," in r.stdout, r.stdout

@@ -343,8 +343,8 @@ def test_page_rows_feature_from_the_page_size(d, group, fp8):
 def test_varied_length_tile_rule():
     """Several sequences of lengths the plan cannot see: tile 64 at head_dim
     64 with up to 16 query rows and no optional feature
-    (TUNING["varied_lengths_d64_tile"]; 0 turns the rule off), None
-    otherwise; the tile fits with the stages a tile override gets, dense and
+    (TUNING["varied_lengths_d64_tile"]; 0 turns the rule off) where two
+    such CTAs fit an SM, None otherwise; the tile fits with the stages a tile override gets, dense and
     paged, and the paged spec is among the shipped ones."""
     f = K.varied_length_tile
     assert K.TUNING["varied_lengths_d64_tile"] == 64
@@ -354,6 +354,14 @@ def test_varied_length_tile_rule():
                  (64, 8, K.FEATURES["softcap"]), (64, 8, K.FEATURES["window"]), (64, 8, K.FEATURES["qlen"]),
                  (64, 8, K.FEATURES["fp8_e4m3"])):
         assert f(*args) is None, args
+    asked = []
+
+    def occupancy(tile):  # a GPU of ~100 KB of shared memory per SM: one such CTA
+        asked.append(tile)
+        return 1
+
+    assert f(64, 8, 0, occupancy) is None and asked == [64]
+    assert f(64, 8, 0, lambda tile: 3) == 64
     saved = dict(K.TUNING)
     try:
         K.TUNING["varied_lengths_d64_tile"] = 0

@@ -145,6 +145,8 @@ def cases(draw):
     B = draw(st.integers(1, 4))
     t = TILE[d]
     edge = [0, 1, t - 1, t, t + 1, 2 * t + 3]
+    if d == 64:  # kv_lens of several sequences at head_dim 64: 64-token tiles (kernels.varied_length_tile)
+        edge += [63, 64, 65, 131]
     lens = draw(st.lists(st.one_of(st.sampled_from(edge), st.integers(0, 700)), min_size=B, max_size=B))
     layout = draw(st.sampled_from(["dense", "strided", "paged"]))
     page_size = draw(st.sampled_from([1, 3, 16, 64, 256])) if layout == "paged" else 16
