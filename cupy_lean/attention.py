@@ -92,7 +92,10 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
         KV tokens per tile, one of 16, 32, 64, 128 (a compile-time parameter);
         default by head_dim and group for the device (``plan(...).describe()``
         shows it; on an H100 with groups up to 16: 128 at head_dim 64 and 128,
-        64 at 256).
+        64 at 256), with two rules of the lean schedule: dense calls of many
+        equal-length units (``kernels.many_unit_config``) and, at head_dim
+        64, several sequences with ``kv_lens`` or pages
+        (``kernels.varied_length_tile``: 64).
     kv_layout : {"NHD", "HND"}
         Axis order of ``k`` and ``v``: ``"NHD"`` (default) tokens before
         heads as above; ``"HND"`` heads before tokens, ``(batch, heads_kv,
