@@ -65,3 +65,38 @@ def test_spec_sweep_draws_its_shapes_as_asked():
 
     with pytest.raises(ValueError, match=r"layouts: expected some of .*got \['page'\]"):
         spec_sweep.family_shapes(3, 3, [64], ["page"], 0)
+
+
+def test_timeline_and_split_gap_summaries():
+    """tools/timeline.py's per-CTA summary on a made-up table (32 stamps a
+    CTA: 16 the start before the wait, 17 and 18 the prologue's split
+    stamps; 14 and 15 clocks, never phases) and tools/split_gap.py's
+    combine summary (4 stamps a block), relative to the first CTA's start."""
+    import numpy as np
+
+    cp = __import__("pytest").importorskip("cupy")  # timeline.py imports CuPy (no GPU needed)
+    del cp
+    import split_gap
+    import timeline
+
+    t = np.zeros((4, timeline.WIDTH), np.uint64)
+    for c, base in enumerate((1000, 1100, 1200)):  # CTA 3 never ran
+        t[c, 16] = base - 30  # waited 30 ns
+        t[c, 0] = base
+        t[c, 8] = base + 500
+        t[c, 17] = base + 700
+        t[c, 1] = base + 900
+        t[c, 7] = base + 5000
+        t[c, 14], t[c, 15] = 10_000, 10_000 + 2 * 5000  # 2 GHz
+    t[1, 18] = 1100 + 800  # CTA 1 took the launch-time split
+    s = timeline.summary(t, 4)
+    assert s["ctas"] == 3 and abs(s["span_us"] - 5.2) < 1e-9 and abs(s["sm_mhz"] - 2000) < 1e-6
+    assert s["wait_us"] == [0.03, 0.03, 0.03]
+    assert s["scanned"] == [0.5, 0.6, 0.7] and s["made"] == [0.7, 0.8, 0.9] and s["decided"] == [0.9, 0.9, 0.9]
+    assert s["found"] == [0.9, 1.0, 1.1] and s["critical_cta"][7] == 5.2
+    assert None not in s and "None" not in s and len(s["critical_cta"]) == len(timeline.PHASES)
+    ct = np.zeros((3, 4), np.uint64)
+    ct[0] = (7000, 7100, 7300, 9000)
+    ct[1] = (7200, 7200, 7400, 9400)
+    c = split_gap.combine_summary(ct, 1000)
+    assert c["blocks"] == 2 and c["c_start"] == [6.0, 6.1, 6.2] and c["c_end"] == [8.0, 8.2, 8.4]
