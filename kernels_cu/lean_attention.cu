@@ -36,9 +36,11 @@
 #ifdef LEAN_TIMELINE
 extern "C" {
 __device__ unsigned long long lean_timeline[LEAN_TIMELINE * 32];
-// the combine launch: block (x, y) stamps lean_ctimeline[(x + gridDim.x y) * 4 + k]:
-// 0 start, 1 the previous kernel waited for, 2 its unit's record read, 3 end
-__device__ unsigned long long lean_ctimeline[LEAN_TIMELINE * 4];
+// the combine launch: block (x, y) stamps lean_ctimeline[(x + gridDim.x y) * 8 + k]:
+// 0 start, 1 the previous kernel waited for, 2 its unit's record read, 3 end;
+// inside its merge (thread 0, its first row pass): 4 the first round of state
+// loads in, 5 every state absorbed, 6 the lanes merged, 7 the row stored
+__device__ unsigned long long lean_ctimeline[LEAN_TIMELINE * 8];
 }
 #define LEAN_STAMP(k)                                                                   \
   do {                                                                                  \
@@ -61,7 +63,7 @@ __device__ unsigned long long lean_ctimeline[LEAN_TIMELINE * 4];
     if (threadIdx.x == 0 && cb_ < LEAN_TIMELINE) {                                      \
       unsigned long long t_;                                                            \
       asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_));                            \
-      lean_ctimeline[cb_ * 4 + (k)] = t_;                                               \
+      lean_ctimeline[cb_ * 8 + (k)] = t_;                                               \
     }                                                                                   \
   } while (0)
 #else
@@ -678,7 +680,7 @@ struct IntConst {
 };
 
 __device__ void reduce_unit(const Params& p, int b, int h, int n, SlotList slot_of, int out_slot = -1,
-                            int row_lo = 0, int row_hi = -1) {
+                            int row_lo = 0, int row_hi = -1, bool stamp = false) {
   const int g = unit_rows(p);
   if (row_hi < 0) row_hi = g;
   const bool to_slot = out_slot >= 0;
@@ -723,6 +725,7 @@ __device__ void reduce_unit(const Params& p, int b, int h, int n, SlotList slot_
         float Mn = M;
 #pragma unroll
         for (int u = 0; u < U; ++u) Mn = fmaxf(Mn, mj[u]);
+        if (stamp && r0 == row_lo && j0 == 0) LEAN_CSTAMP(4);
         const float a = M == Mn ? 1.f : merge_weight(M, Mn);  // 1 also while every state so far is empty
         L *= a;
         if (__any_sync(0xffffffffu, a != 1.f)) {  // the running max settles: most batches skip this
@@ -745,6 +748,7 @@ __device__ void reduce_unit(const Params& p, int b, int h, int n, SlotList slot_
         }
         M = Mn;
       }
+      if (stamp && r0 == row_lo) LEAN_CSTAMP(5);
       for (int o = 1; o < lanes; o <<= 1) {  // merge the lanes' states
         const float Mo = __shfl_xor_sync(0xffffffffu, M, o), Lo = __shfl_xor_sync(0xffffffffu, L, o);
         const float Mn = fmaxf(M, Mo), a = merge_weight(M, Mn), ao = merge_weight(Mo, Mn);
@@ -755,10 +759,12 @@ __device__ void reduce_unit(const Params& p, int b, int h, int n, SlotList slot_
           for (int i = 0; i < 4; ++i) acc[c][i] = acc[c][i] * a + __shfl_xor_sync(0xffffffffu, acc[c][i], o) * ao;
         M = Mn;
       }
+      if (stamp && r0 == row_lo) LEAN_CSTAMP(6);
       if (to_slot) __syncthreads();  // in place: every thread's reads of these rows precede the stores
       if (live && lane == 0)
 #pragma unroll
         for (int c = 0; c < CH; ++c) emit<4>(p, ps, b, h, row, 4 * (col + TPR * c), acc[c], M, L, to_slot, out_slot);
+      if (stamp && r0 == row_lo) LEAN_CSTAMP(7);
     }
   };
   if (ept > 4)
@@ -1556,12 +1562,13 @@ __device__ __forceinline__ void combine_block(const Params& p) {
     LEAN_CSTAMP(2);
     if (n <= 1) return;
     reduce_unit(p, unit / p.heads_kv, unit % p.heads_kv, n, {first, PartialSlots::stream_k_slot(first / 2 + 1, 0), 2},
-                -1, lo, min(g, lo + per));
+                -1, lo, min(g, lo + per), true);
     return;
   }
   LEAN_CSTAMP(2);
   const int ns = p.num_splits;
-  reduce_unit(p, unit / p.heads_kv, unit % p.heads_kv, ns, {unit * ns, unit * ns + 1, 1}, -1, lo, min(g, lo + per));
+  reduce_unit(p, unit / p.heads_kv, unit % p.heads_kv, ns, {unit * ns, unit * ns + 1, 1}, -1, lo, min(g, lo + per),
+              true);
 }
 }  // namespace lean
 

@@ -100,3 +100,8 @@ def test_timeline_and_split_gap_summaries():
     ct[1] = (7200, 7200, 7400, 9400)
     c = split_gap.combine_summary(ct, 1000)
     assert c["blocks"] == 2 and c["c_start"] == [6.0, 6.1, 6.2] and c["c_end"] == [8.0, 8.2, 8.4]
+    assert "c_loaded" not in c
+    ct8 = np.zeros((3, 8), np.uint64)  # the kernel's layout: the merge's own stamps after the first four
+    ct8[0] = (7000, 7100, 7300, 9000, 7900, 8100, 8200, 8900)
+    c = split_gap.combine_summary(ct8, 1000)
+    assert c["blocks"] == 1 and c["c_loaded"] == [6.9] * 3 and c["c_stored"] == [7.9] * 3

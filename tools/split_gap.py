@@ -27,13 +27,16 @@ import timeline as T  # noqa: E402  (tools/, beside this script)
 
 def combine_summary(ct, t0):
     """The combine blocks' stamps relative to the attention kernel's first
-    start ``t0`` (us): min / median / max of start, waited, record read, end."""
+    start ``t0`` (us): min / median / max of start, waited, record read, end
+    and, inside the merge (thread 0's first row pass), the first round of
+    state loads in, every state absorbed, the lanes merged, the row stored."""
     ct = ct.astype(np.int64)
     live = ct[:, 0] > 0
     if not live.any():
         return {}
     out = {"blocks": int(live.sum())}
-    for k, name in enumerate(("c_start", "c_waited", "c_meta", "c_end")):
+    for k, name in enumerate(("c_start", "c_waited", "c_meta", "c_end", "c_loaded", "c_absorbed", "c_lanes",
+                              "c_stored")[:ct.shape[1]]):
         col = ct[live, k]
         col = col[col > 0] - t0
         if len(col):
@@ -90,7 +93,7 @@ def main():
                 pl = cupy_lean.plan(inp.q[0], inp.k[0], inp.v[0], out=outs[0], **idx, **kw)
                 mod = K.kernels_for(pl.spec).module
                 tl = cp.ndarray((T.MAX_CTAS, T.WIDTH), cp.uint64, mod.get_global("lean_timeline"))
-                ct = cp.ndarray((T.MAX_CTAS, 4), cp.uint64, mod.get_global("lean_ctimeline"))
+                ct = cp.ndarray((T.MAX_CTAS, 8), cp.uint64, mod.get_global("lean_ctimeline"))
                 n_calls = max(20, n_copies)
                 seen = [0]
 
@@ -126,6 +129,8 @@ def main():
                   + "".join(f"{k} med {s[k][1]:.2f}  " for k in ("scanned", "made", "decided", "wait_us") if k in s)
                   + (f"combine start {s['c_start'][0]:.2f}/{s['c_start'][2]:.2f} waited {s['c_waited'][0]:.2f}/"
                      f"{s['c_waited'][2]:.2f} meta max {s['c_meta'][2]:.2f} end {cend[1]:.2f}/{cend[2]:.2f}"
+                     + "".join(f" {k[2:]} med {s[k][1]:.2f}" for k in ("c_loaded", "c_absorbed", "c_lanes", "c_stored")
+                               if k in s)
                      if "c_start" in s else "no combine"), flush=True)
     if a.out:
         with open(a.out, "w") as f:
