@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One build-test-measure cycle on a lent GPU machine, results under $OUT.
-# Usage: bash tools/device_cycle.sh STEPS...   (steps: precompile tests tests-par sanitize fp8 family-quick family tune trees)
+# Usage: bash tools/device_cycle.sh STEPS...   (steps: precompile tests tests-par sanitize fp8 family-quick family tune trees split-gap)
 #   precompile   every spec (and tile override) into CuPy's disk cache, in parallel
 #   tune         python -m bench.tune measure on FAMILY_N shapes of seed SEED -> $OUT/tune_SEED.json
 #   tests        the GPU test suite                    -> $OUT/gpu_tests.txt
@@ -11,6 +11,8 @@
 #                the change, with this tree's bench/), FAMILY_N shapes, seed SEED
 #   family       the same with every peer on this tree (FlashInfer from .whl/ if carried)
 # trees: lean only with each package tree in TREES (older commits), the same shapes
+# split-gap: tools/split_gap.py (launch-time split against host split, timeline stamps) on SEED's
+#   FAMILY_N shapes of at most 44 units and 80 MB, with this tree and each tree in TREES
 # Env: TESTS_TIMEOUT (tests-par, default 1200 s), METHODS (family step, default lean and every peer), TUNE_GROUPS ("LOW HIGH" for tune), TREES, SEED (default 1), FAMILY_N (default 24), DTYPES (default fp16), BUDGET (seconds after
 # which the benchmark starts no new shape; default 0: none).
 set -u
@@ -43,6 +45,14 @@ for step in "$@"; do
         (cd "$t" && PYTHONPATH=.:/tmp/site python3 -m bench.run --family "$N" --seed "$SEED" --dtypes "$DT" \
            --methods lean --out "$OUT" --tag "tree$tag" --no-plots --time-budget 0 > "$OUT/tree$tag.txt" 2>&1)
         echo "$tag: $(grep '^family seed' "$OUT/tree$tag.txt" | head -1)"
+      done;;
+    split-gap)
+      for t in . ${TREES:-}; do
+        tag=$(basename "$(cd "$t" && pwd)")
+        if [ "$t" != . ]; then rm -rf "$t/tools" "$t/bench" && cp -r tools "$t/tools" && cp -r bench "$t/bench"; fi
+        (cd "$t" && PYTHONPATH=.:/tmp/site python3 tools/split_gap.py --seed "$SEED" --shapes "$N" --max-mb 80 \
+           --min-units 2 --max-units 44 --out "$OUT/split_gap_${tag}_$SEED.json" > "$OUT/split_gap_${tag}.txt" 2>&1)
+        echo "== $tag"; grep -E "us/call" "$OUT/split_gap_${tag}.txt" | sed 's/  attn span.*found med\/max/ found/; s/  tile0.*//'
       done;;
     tests)
       python3 -m pytest tests -q -m gpu -p no:cacheprovider --maxfail=8 > "$OUT/gpu_tests.txt" 2>&1
