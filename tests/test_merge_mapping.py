@@ -26,7 +26,7 @@ MIRRORED = [
     "const bool live = row < row_hi;",
     "const int per = (g + gridDim.y - 1) / gridDim.y, lo = blockIdx.y * per;",
     "if (lo >= g) return;",
-    "min(g, lo + per));",
+    "-1, lo, min(g, lo + per)",  # the combine's rows [lo, min(g, lo + per))
     "for (int j0 = 0; j0 < n; j0 += U * lanes) {",
     "const int j = j0 + lane + u * lanes;",
     "emit<4>(p, ps, b, h, row, 4 * (col + TPR * c), acc[c], M, L, to_slot, out_slot);",
