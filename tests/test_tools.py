@@ -105,3 +105,25 @@ def test_timeline_and_split_gap_summaries():
     ct8[0] = (7000, 7100, 7300, 9000, 7900, 8100, 8200, 8900)
     c = split_gap.combine_summary(ct8, 1000)
     assert c["blocks"] == 1 and c["c_loaded"] == [6.9] * 3 and c["c_stored"] == [7.9] * 3
+
+
+def test_gpu_shards_deal_by_earlier_durations():
+    """tools/gpu_shards.py: pytest's durations report summed per test id,
+    and ids dealt longest first to the least loaded shard (unknown ids at
+    the median known duration), round-robin without durations."""
+    import gpu_shards
+
+    report = """============================= slowest durations =============================
+12.50s call     tests/test_gpu.py::test_property[a b]
+0.50s setup    tests/test_gpu.py::test_property[a b]
+3.00s call     tests/test_gpu_use.py::test_x
+(20 durations < 0.02s hidden.  Use -vv to show these durations.)
+"""
+    d = gpu_shards.parse_durations(report)
+    assert d == {"tests/test_gpu.py::test_property[a b]": 13.0, "tests/test_gpu_use.py::test_x": 3.0}
+    ids = ["a", "b", "c", "d", "e"]
+    assert gpu_shards.deal(ids, 2) == [["a", "c", "e"], ["b", "d"]]
+    assert gpu_shards.deal(ids, 2, {}) == [["a", "c", "e"], ["b", "d"]]
+    parts = gpu_shards.deal(ids, 2, {"a": 10.0, "b": 1.0, "c": 4.0, "d": 5.0})  # e unknown: the median, 5
+    # a (10) | d (5), e (5) | c (4) to the first of the tied shards | b (1) to the lighter
+    assert parts == [["a", "c"], ["d", "e", "b"]]

@@ -62,7 +62,7 @@ for step in "$@"; do
       # NumPy-bound), round-robin over the collected ids; one summary file
       # TESTS_TIMEOUT (s): stop the shards there; gpu_shards.py still writes what finished
       timeout "${TESTS_TIMEOUT:-1200}" python3 tools/gpu_shards.py --shards "${SHARDS:-6}" --out "$OUT/gpu_tests.txt" \
-        ${TESTS_K:+-k "$TESTS_K"}
+        --save-durations "$OUT/gpu_durations.json" ${TESTS_K:+-k "$TESTS_K"}
       tail -${SHARDS:-6} "$OUT/gpu_tests.txt";;
     sanitize)
       bash tools/sanitize.sh /tmp/sanlogs > "$OUT/sanitize.txt" 2>&1; cat "$OUT/sanitize.txt";;
