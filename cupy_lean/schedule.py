@@ -469,15 +469,14 @@ def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1
     if merge_balance and total:
         min_tiles = max(min_tiles, merge_balanced_tiles(int(unit_tiles.max()), merge_balance, state_rows,
                                                         tile_size))
-    ncta = min(num_ctas, max(1, total // min_tiles) if min_tiles > 1 else total) if total else 0
+    ncta = _stream_k_ctas(total, num_ctas, min_tiles)
     if ncta == 0:
         return Schedule("lean", lens, heads_kv, tile_size, 0, tps, unit_tiles, unit_start,
                         0, 0, 0, 0, np.zeros(0, np.int64), np.zeros(0, np.int64),
                         np.zeros(0, _SEG_DTYPE), np.zeros(unit_tiles.shape[0], np.int64), bool(merge_launch))
     max_tiles = -(-total // ncta)
     heavy = total - (max_tiles - 1) * ncta
-    ns = runtime_split_chunks(lens, heads_kv, tile_size, num_ctas, min_tiles, split_slack_tiles) \
-        if runtime_split else 0
+    ns = _split_count(tps, unit_tiles, num_ctas, ncta, split_slack_tiles) if runtime_split else 0
     if ns:
         return _runtime_split(lens, heads_kv, tile_size, tps, unit_tiles, unit_start, ns)
     ctas = np.arange(ncta, dtype=np.int64)
@@ -561,6 +560,23 @@ def merges_by_launch(num_ctas, num_units, pieces):
     return pieces > 0 and num_units > 0 and num_ctas >= pieces * num_units
 
 
+def _stream_k_ctas(total, num_ctas, min_tiles):
+    """Stream-K's CTAs with work: the grid, at most one CTA per ``min_tiles``
+    tiles and per tile (the kernel's StreamK::make)."""
+    return min(num_ctas, max(1, total // min_tiles) if min_tiles > 1 else total) if total else 0
+
+
+def _split_count(tps, unit_tiles, num_ctas, ncta, split_slack_tiles):
+    """runtime_split_chunks' rule on checked inputs (``ncta``: stream-K's
+    CTAs with work)."""
+    units, total = int(unit_tiles.shape[0]), int(unit_tiles.sum())
+    if units == 0 or total == 0:
+        return 0
+    ns = num_ctas // units
+    per = -(-total // ncta)
+    return ns if ns >= 1 and -(-int(tps.max()) // ns) <= per + split_slack_tiles else 0
+
+
 def runtime_split_slack(tile_size, head_dim, kv_itemsize, slack_bytes):
     """Tiles of :func:`runtime_split_chunks`' ``split_slack_tiles`` for a kernel
     of ``tile_size`` tokens at ``head_dim`` with K and V elements of
@@ -593,13 +609,8 @@ def runtime_split_chunks(kv_lens, heads_kv, tile_size, num_ctas, min_tiles_per_c
     num_ctas = _check_positive_int(num_ctas, "num_ctas")
     m = _check_positive_int(min_tiles_per_cta, "min_tiles_per_cta")
     split_slack_tiles = _check_positive_int(split_slack_tiles, "split_slack_tiles")
-    units, total = int(unit_tiles.shape[0]), int(unit_tiles.sum())
-    if units == 0 or total == 0:
-        return 0
-    ns = num_ctas // units
-    ctas = min(num_ctas, max(1, total // m) if m > 1 else total)  # stream-K's CTAs with work
-    per = -(-total // ctas)
-    return ns if ns >= 1 and -(-int(tps.max()) // ns) <= per + split_slack_tiles else 0
+    return _split_count(tps, unit_tiles, num_ctas, _stream_k_ctas(int(unit_tiles.sum()), num_ctas, m),
+                        split_slack_tiles)
 
 
 def num_splits_heuristic(num_units, max_unit_tiles, num_sms, max_splits=128):

@@ -42,14 +42,16 @@ __device__ unsigned long long lean_timeline[LEAN_TIMELINE * 32];
 // loads in, 5 every state absorbed, 6 the lanes merged, 7 the row stored
 __device__ unsigned long long lean_ctimeline[LEAN_TIMELINE * 8];
 }
-#define LEAN_STAMP(k)                                                                   \
+// thread 0 of a block whose index `i` is recorded: %globaltimer into `slot`
+#define LEAN_TIME_INTO(i, slot)                                                         \
   do {                                                                                  \
-    if (threadIdx.x == 0 && blockIdx.x < LEAN_TIMELINE) {                               \
+    if (threadIdx.x == 0 && (i) < LEAN_TIMELINE) {                                      \
       unsigned long long t_;                                                            \
       asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_));                            \
-      lean_timeline[blockIdx.x * 32 + (k)] = t_;                                        \
+      slot = t_;                                                                        \
     }                                                                                   \
   } while (0)
+#define LEAN_STAMP(k) LEAN_TIME_INTO(blockIdx.x, lean_timeline[blockIdx.x * 32 + (k)])
 // the SM's cycle counter (slots 14, 15: at start and end; their ratio to the
 // time between gives the SM clock)
 #define LEAN_CLOCK(k)                                                                   \
@@ -57,15 +59,8 @@ __device__ unsigned long long lean_ctimeline[LEAN_TIMELINE * 8];
     if (threadIdx.x == 0 && blockIdx.x < LEAN_TIMELINE)                                 \
       lean_timeline[blockIdx.x * 32 + (k)] = clock64();                                 \
   } while (0)
-#define LEAN_CSTAMP(k)                                                                  \
-  do {                                                                                  \
-    const unsigned cb_ = blockIdx.x + gridDim.x * blockIdx.y;                          \
-    if (threadIdx.x == 0 && cb_ < LEAN_TIMELINE) {                                      \
-      unsigned long long t_;                                                            \
-      asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t_));                            \
-      lean_ctimeline[cb_ * 8 + (k)] = t_;                                               \
-    }                                                                                   \
-  } while (0)
+#define LEAN_CSTAMP(k) \
+  LEAN_TIME_INTO(blockIdx.x + gridDim.x * blockIdx.y, lean_ctimeline[(blockIdx.x + gridDim.x * blockIdx.y) * 8 + (k)])
 #else
 #define LEAN_CSTAMP(k) \
   do {                 \
@@ -1572,13 +1567,7 @@ __device__ __forceinline__ void combine_block(const Params& p) {
 }
 }  // namespace lean
 
-// SPLIT_K combine: grid = (units, row blocks); block (u, y) merges unit u's
-// num_splits slots in chunk order for its share of the unit's rows (the
-// rows split evenly over gridDim.y blocks; a block past the last row exits).
-// STREAM_K (unit_meta set): the same for the unit's stream-K pieces, in CTA
-// order: its first piece in slot `first` (a CTA's first or last slot), piece
-// j >= 1 in the first slot of CTA first / 2 + j; a unit of one piece (or none)
-// was written by the attention kernel.
+// The combine launch (combine_block above).
 extern "C" __global__ void __launch_bounds__(lean::NT, 1) LEAN_COMBINE_ENTRY(const __grid_constant__ lean::Params p) {
   LEAN_CSTAMP(0);
   lean::after_previous_kernel();

@@ -1281,21 +1281,22 @@ def _cupy_stream(torch_stream):
     return cp.cuda.ExternalStream(torch_stream.cuda_stream)
 
 
-def _replay_two_graphs_into_slices(torch, p, tensors, host, scale, bigs, cols):
+def _replay_two_graphs_into_slices(torch, p, tensors, host, scale, bigs, cols, run_kw=None, ref_kw=None):
     """Capture ``p.run`` into ``big[:, :, cols]`` of each of two tensors (two
     CUDA graphs, one after the other), NaN-fill the tensors, replay both:
     each slice equals the reference (float32 of the ``host`` q, k, v, this
-    ``scale``) and the rest of each tensor is never written."""
+    ``scale``; ``ref_kw``: its kv_lens and block_table) and the rest of each
+    tensor is never written. ``run_kw``: more arguments of ``p.run``."""
     tq, tk, tv = tensors
     torch.cuda.synchronize()
-    gs = [_capture(lambda o=t[:, :, cols]: p.run(tq, tk, tv, out=o)) for t in bigs]
+    gs = [_capture(lambda o=t[:, :, cols]: p.run(tq, tk, tv, out=o, **(run_kw or {}))) for t in bigs]
     for t in bigs:
         t.fill_(float("nan"))
     torch.cuda.synchronize()
     for g in gs:
         g.launch(cp.cuda.get_current_stream())
     cp.cuda.Device().synchronize()
-    ro, _ = reference.attention(*(x.astype(np.float32) for x in host), scale=scale)
+    ro, _ = reference.attention(*(x.astype(np.float32) for x in host), scale=scale, **(ref_kw or {}))
     for t in bigs:
         got = t.float().cpu().numpy()
         rest = np.ones(got.shape[-1], bool)
@@ -1765,22 +1766,10 @@ def test_varied_lengths_at_head_dim_64_take_tile_64(layout, page, lens, hq, hkv,
     p.run(qg, kg, vg, kv_lens=lg, block_table=tg, out=out, lse=lse)
     check_close(out, lse, q, k, v, lens, table, dt)
     # a graph of the plan, replayed with other lengths (within what each sequence owns)
-    s = cp.cuda.Stream(non_blocking=True)
-    cp.cuda.Device().synchronize()
-    with s:
-        s.begin_capture()
-        try:
-            p.run(qg, kg, vg, kv_lens=lg, block_table=tg, out=out, lse=lse)
-        finally:
-            g = s.end_capture()
-    cap = k.shape[1] if table is None else None
-    new = _other_lengths(rng, lens, cap if cap is not None else int(lens.max()), page, table)
+    g = _capture(lambda: p.run(qg, kg, vg, kv_lens=lg, block_table=tg, out=out, lse=lse))
+    new = _other_lengths(rng, lens, k.shape[1] if table is None else int(lens.max()), page, table)
     lg[...] = cp.asarray(new)
-    out.fill(cp.nan)
-    lse.fill(cp.nan)
-    cp.cuda.Device().synchronize()
-    g.launch(s)
-    s.synchronize()
+    _replay_nan_prefilled([(g, out, lse)])
     check_close(out, lse, q, k, v, new, table, dt)
     # one sequence, or a tile given: not this rule
     one = cupy_lean.plan(qg[:1], kg if table is not None else kg[:1], vg if table is not None else vg[:1],
@@ -1788,3 +1777,26 @@ def test_varied_lengths_at_head_dim_64_take_tile_64(layout, page, lens, hq, hkv,
     assert not one.varied_lengths_tile, one.describe()
     given = cupy_lean.plan(qg, kg, vg, kv_lens=lg, block_table=tg, out=out, tile_size=128)
     assert not given.varied_lengths_tile and given.spec.tile == 128, given.describe()
+
+
+def test_varied_length_tile_from_torch_bf16_paged_strided_out_two_graphs():
+    """The head_dim 64 tile of varied lengths as a serving user meets it:
+    PyTorch bf16 paged cache, kv_lens and block_table as torch int32
+    tensors, a custom scale, ``out`` a strided slice of a larger tensor, two
+    CUDA graphs captured one after another on the same plan: both write
+    every row of their own ``out`` (NaN-prefilled) and nothing else."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(97)
+    lens0 = [1537, 3, 0, 700, 2049, 31]
+    q, k, v, lens, table = make_inputs(rng, len(lens0), 12, 2, 64, BF16, lens0, "paged", page_size=16)
+    tq, tk, tv = (torch.from_numpy(x.view(np.int16)).cuda().view(torch.bfloat16) for x in (q, k, v))
+    tl, tt = torch.from_numpy(lens).cuda(), torch.from_numpy(table).cuda()
+    scale = 0.09
+    bigs = [torch.full((len(lens0), 12, 3 * 64), float("nan"), dtype=torch.bfloat16, device="cuda")
+            for _ in range(2)]
+    cols = slice(64, 128)
+    run_kw = dict(kv_lens=tl, block_table=tt)
+    p = cupy_lean.plan(tq, tk, tv, out=bigs[0][:, :, cols], scale=scale, **run_kw)
+    assert p.varied_lengths_tile and p.spec.tile == 64, p.describe()
+    _replay_two_graphs_into_slices(torch, p, (tq, tk, tv), (q, k, v), scale, bigs, cols, run_kw,
+                                   dict(kv_lens=lens, block_table=table))
