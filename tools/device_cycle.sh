@@ -6,7 +6,8 @@
 #   tests        the GPU test suite                    -> $OUT/gpu_tests.txt
 #   tests-par    the same in SHARDS parallel processes (default 6) -> $OUT/gpu_tests.txt
 #   sanitize     tools/sanitize.sh                     -> $OUT/sanitize.txt
-#   fp8          tools/fp8_timing.py on FAMILY_N shapes of seed SEED -> $OUT/fp8_SEED.json
+#   fp8          tools/fp8_timing.py on FAMILY_N shapes of seed SEED, q in each of DTYPES, this tree and
+#                each tree in TREES -> $OUT/fp8_TREE_DTYPE_SEED.json
 #   family-quick lean only, this tree and .base/ (a copy of the package before
 #                the change, with this tree's bench/), FAMILY_N shapes, seed SEED
 #   family       the same with every peer on this tree (FlashInfer from .whl/ if carried)
@@ -67,8 +68,17 @@ for step in "$@"; do
     sanitize)
       bash tools/sanitize.sh /tmp/sanlogs > "$OUT/sanitize.txt" 2>&1; cat "$OUT/sanitize.txt";;
     fp8)
-      python3 tools/fp8_timing.py --family "$N" --seed "$SEED" --out "$OUT/fp8_$SEED.json" > "$OUT/fp8_$SEED.txt" 2>&1
-      tail -1 "$OUT/fp8_$SEED.txt";;
+      # this tree and each tree in TREES, q in each of DTYPES
+      for t in . ${TREES:-}; do
+        tag=$(basename "$(cd "$t" && pwd)")
+        if [ "$t" != . ]; then rm -rf "$t/tools" "$t/bench" && cp -r tools "$t/tools" && cp -r bench "$t/bench"; fi
+        for dt in $(echo "$DT" | tr ',' ' '); do
+          name=$([ "$dt" = bf16 ] && echo bfloat16 || echo float16)
+          (cd "$t" && PYTHONPATH=.:/tmp/site python3 tools/fp8_timing.py --family "$N" --seed "$SEED" --dtype "$name" \
+             --out "$OUT/fp8_${tag}_${dt}_$SEED.json" > "$OUT/fp8_${tag}_${dt}_$SEED.txt" 2>&1)
+          echo "$tag: $(tail -1 "$OUT/fp8_${tag}_${dt}_$SEED.txt")"
+        done
+      done;;
     family-quick|family)
       methods=lean; [ "$step" = family ] && methods=${METHODS:-lean,sdpa-cudnn,sdpa-flash,flashinfer,flashinfer-tc}
       if [ -d .base ]; then

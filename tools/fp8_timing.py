@@ -1,11 +1,12 @@
 """fp8 K/V against fp16 K/V on family shapes, lean only (the same shapes, the
 same timing as the benchmark: CUDA-graph replays over rotating copies).
 
-    python tools/fp8_timing.py --family 16 --seed S [--out fp8.json]
+    python tools/fp8_timing.py --family 16 --seed S [--dtype bfloat16] [--out fp8.json]
 
-For each shape: fp16 time, e4m3 time (the uint8 storage of the same
-values, per-head scales), their ratio, and the fp8 call's bytes per second.
-fp8 reads half the bytes: the target ratio is about 0.5.
+For each shape: the time with K/V in q's dtype (fp16 by default, or bf16),
+the e4m3 time (uint8 storage: the high byte of each of those values, scales
+per head; q and out stay in that dtype), their ratio, and the fp8 call's
+bytes per second. fp8 reads half the bytes: the target ratio is about 0.5.
 """
 
 import argparse
@@ -21,6 +22,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--family", type=int, default=16)
     ap.add_argument("--seed", type=int, required=True)
+    ap.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"), help="q, out (and the 16-bit K/V)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     import cupy as cp
@@ -33,11 +35,11 @@ def main():
     rows = []
     for case in F.draw(a.family, a.seed):
         n_copies = C.plan_copies(case, 256e6, 30e9)
-        inp = C.build_inputs(case, "float16", n_copies)
+        inp = C.build_inputs(case, a.dtype, n_copies)
         kw = inp.index_kwargs()
         outs = [cp.empty_like(x) for x in inp.q]
         t16 = graph_time(lambda i: cupy_lean.attention(inp.q[i], inp.k[i], inp.v[i], out=outs[i], **kw), n_copies)
-        # e5m2 bytes of the same values are the high bytes of fp16; timed as e4m3 (same bytes read)
+        # the high bytes (fp16: the e5m2 of the same values), timed as e4m3 (the same bytes read)
         k8 = [x.view(cp.uint8)[..., 1::2] for x in inp.k]
         v8 = [x.view(cp.uint8)[..., 1::2] for x in inp.v]
         del inp.k[:], inp.v[:]
@@ -55,11 +57,11 @@ def main():
         k8 = v8 = outs = None  # free before the next shape
         cp.get_default_memory_pool().free_all_blocks()
     g = math.exp(sum(math.log(r["ratio"]) for r in rows) / len(rows))
-    print(f"fp8 seed {a.seed}: {len(rows)} shapes; fp8 / fp16 time geomean {g:.3f}, "
+    print(f"fp8 seed {a.seed} {a.dtype}: {len(rows)} shapes; fp8 / 16-bit time geomean {g:.3f}, "
           f"min {min(r['ratio'] for r in rows):.3f}, max {max(r['ratio'] for r in rows):.3f}")
     if a.out:
         with open(a.out, "w") as f:
-            json.dump({"seed": a.seed, "rows": rows, "geomean_ratio": g}, f, indent=1)
+            json.dump({"seed": a.seed, "dtype": a.dtype, "rows": rows, "geomean_ratio": g}, f, indent=1)
 
 
 if __name__ == "__main__":
