@@ -103,6 +103,11 @@ constexpr bool HAS_QLEN = (LEAN_FEATURES & 8) != 0;     // q_len query tokens pe
 constexpr bool FP8_E4M3 = (LEAN_FEATURES & 16) != 0;
 constexpr bool FP8_E5M2 = (LEAN_FEATURES & 32) != 0;
 constexpr bool HAS_FP8 = FP8_E4M3 || FP8_E5M2;
+// The MMAs' input type: q's, except with fp8 K/V, whose MMAs run in fp16
+// whatever q's type (fp8 values are exact in fp16; bf16 q is brought into
+// fp16's range per row, see prepare_q_fp8; P keeps 11 bits instead of 8), so
+// that a K or V pair costs one conversion, not three.
+constexpr bool MMA_BF = BF && !HAS_FP8;
 // Paged, with a page size that the loader's run of rows per thread
 // (KVLoader::RUN) does not divide (e.g. 1): a block-table read per row.
 // A sliding window starts a unit's tiles at any token (a run may cross a
@@ -154,7 +159,10 @@ struct SharedLayout {
   // in flight).
   static constexpr int OFF_CONV = OFF_MISC + MISC_INTS * 4;
   static constexpr int CONV = HAS_FP8 ? 2 * TILE * D * 2 : 0;
-  static constexpr int BYTES = OFF_CONV + CONV;
+  // HAS_FP8 with bf16 q: each query row's factor from prepare_q_fp8.
+  static constexpr int OFF_QSCALE = OFF_CONV + CONV;
+  static constexpr int QSCALE = (HAS_FP8 && BF) ? ROWS_Q * 4 : 0;
+  static constexpr int BYTES = OFF_QSCALE + QSCALE;
 };
 
 // The host computes the same numbers (kernels.Spec); a drift fails the compile.
@@ -176,6 +184,7 @@ struct Shared {
   __device__ float* stat_l() const { return stat_m() + WN * ROWS_Q; }
   __device__ int* lens() const { return reinterpret_cast<int*>(base + SharedLayout::OFF_LENS); }
   __device__ int* misc() const { return reinterpret_cast<int*>(base + SharedLayout::OFF_MISC); }
+  __device__ float* q_scale() const { return reinterpret_cast<float*>(base + SharedLayout::OFF_QSCALE); }
 };
 // misc[] use: [0, 32) block-scan scratch, then named words.
 enum Misc { MISC_START_SEQ = 32, MISC_START_TILE = 33, MISC_LAST = 34, MISC_FIRST = 35, MISC_COUNT = 36 };
@@ -1085,11 +1094,51 @@ __device__ __forceinline__ u32 fp8x2_to_f16x2(u32 w) {
   const u32 t = __byte_perm(w, 0u, (B1 << 12) | (4 << 8) | (B0 << 4) | 4);  // byte b as b << 8 in its half
   return FP8_E5M2 ? t : ((t & 0x80008000u) | ((t & 0x7F007F00u) >> 1));
 }
-template <int B0, int B1>
-__device__ __forceinline__ u32 fp8x2_to_mma(u32 w) {
-  const u32 h = fp8x2_to_f16x2<B0, B1>(w);
-  if (!BF) return h;
-  return pack2<true>(to_float<false>((u16)(h & 0xFFFFu)), to_float<false>((u16)(h >> 16)));  // exact
+
+// HAS_FP8: readies the segment's query rows (Q ring slot qs) for the fp8
+// score MMAs, once per segment, before any warp reads them (all threads take
+// part; the caller's barrier follows). Within each 16-column block of a row
+// the 32-bit words (column pairs) 0, 2, 4, 6 move to the block's first 16
+// bytes and 1, 3, 5, 7 to its second: the fp16 path's ldmatrix then gives a
+// lane columns 16kk + 4 (lane % 4) + {0, 1} in A registers 0 / 1 and + {2, 3}
+// in 2 / 3, the four bytes of one 32-bit K read (tile_scores). bf16 q becomes
+// fp16, each row times the power of two 2^e that brings its largest magnitude
+// into [2^14, 2^15) (exact for every element down to 2^-28 of that: fp16
+// holds bf16's 8 bits); 2^-e goes to q_scale[row], for the row's logits.
+__device__ void prepare_q_fp8(u16* qs, float* q_scale) {
+  constexpr int BLOCKS = D / 16;  // 32-byte blocks per row: 4, 8 or 16 lanes of one warp
+  constexpr int ITEMS = ROWS_Q * BLOCKS;
+  static_assert(ITEMS % 32 == 0, "whole warps per pass");
+  for (int e = threadIdx.x; e < ITEMS; e += NT) {  // warp-uniform bound
+    const int r = e / BLOCKS, kk = e % BLOCKS;
+    uint4* lo = reinterpret_cast<uint4*>(qs + swz(r, 2 * kk));
+    uint4* hi = reinterpret_cast<uint4*>(qs + swz(r, 2 * kk + 1));
+    u32 w[8];
+    {
+      const uint4 a = *lo, b = *hi;
+      w[0] = a.x, w[1] = a.y, w[2] = a.z, w[3] = a.w, w[4] = b.x, w[5] = b.y, w[6] = b.z, w[7] = b.w;
+    }
+    if (BF) {
+      u32 mx = 0;  // the largest magnitude's bits (as bf16 words << 16: ordered as the values)
+#pragma unroll
+      for (int i = 0; i < 8; ++i) mx = max(mx, max((w[i] << 16) & 0x7FFFFFFFu, w[i] & 0x7FFF0000u));
+#pragma unroll
+      for (int o = 1; o < BLOCKS; o <<= 1) mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      // exponent of the largest magnitude (0 for zeros and subnormals, 255 for inf / NaN): the
+      // factor 2^(14 - (ex - 127)), at most 2^126; inf and NaN stay what they are
+      const int ex = (int)(mx >> 23);
+      const int sh2 = min(14 - (ex - 127), 126);
+      const float f = __uint_as_float((u32)(127 + sh2) << 23);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) {
+        const float x0 = __uint_as_float(w[i] << 16) * f, x1 = __uint_as_float(w[i] & 0xFFFF0000u) * f;
+        w[i] = pack2<false>(x0, x1);
+      }
+      if (kk == 0) q_scale[r] = __uint_as_float((u32)(127 - sh2) << 23);
+    }
+    *lo = make_uint4(w[0], w[2], w[4], w[6]);
+    *hi = make_uint4(w[1], w[3], w[5], w[7]);
+  }
 }
 
 // Column of the first of the two accumulator values acc[x][2 hf + {0, 1}] that
@@ -1118,7 +1167,7 @@ __device__ __forceinline__ int acc_pair(const float (&acc)[D / 8][4], int x, int
 // a ragged batch), and with a window none before that minus window_left;
 // `tok0` is the tile's first key, `len` the sequence's.
 __device__ __forceinline__ void tile_scores(const Params& p, const Shared& sh, const u16* qs, const u16* ks,
-                                            int stage, int ntok, int tok0, int len, int nq, float kmul,
+                                            int stage, int ntok, int tok0, int len, int nq, const float (&kmul)[2],
                                             bool bad_pages, float (&s)[TW / 8][4]) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int wm = warp / WN, tokw = (warp % WN) * TW;
@@ -1138,19 +1187,19 @@ __device__ __forceinline__ void tile_scores(const Params& p, const Shared& sh, c
     // fp8 K straight from the ring: in each 16-wide step kk the MMA's k indices
     // {2q, 2q+1, 2q+8, 2q+9} (q = lane % 4) are mapped to columns 16kk + 4q +
     // {0..3} of q and K alike (a dot product does not depend on the order of
-    // its terms), so that one 32-bit read of a K row gives both B registers
-    // and one 64-bit read of a q row both A registers of that row.
+    // its terms), so that one 32-bit read of a K row gives both B registers;
+    // q's columns were regrouped for this by prepare_q_fp8, and one ldmatrix
+    // gives the A registers.
     const unsigned char* kb = reinterpret_cast<const unsigned char*>(ks);
-    const int q4 = lane & 3, rq = wm * 16 + (lane >> 2);
+    const int q4 = lane & 3;
 #pragma unroll
     for (int kk = 0; kk < D / 16; ++kk) {
-      const int qo = swz(rq, 2 * kk + (q4 >> 1)) + (q4 & 1) * 4;
-      const uint2 top = *reinterpret_cast<const uint2*>(qs + qo);
-      const uint2 bot = *reinterpret_cast<const uint2*>(qs + qo + 8 * D);  // row rq + 8: same chunk swizzle
+      u32 a0, a1, a2, a3;
+      ldsm_x4(a0, a1, a2, a3, smem_u32(qs + swz(wm * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, kk * 2 + (lane >> 4))));
 #pragma unroll
       for (int nb = 0; nb < TW / 8; ++nb) {
         const u32 w = *reinterpret_cast<const u32*>(kb + swz8(tokw + nb * 8 + (lane >> 2), kk) + 4 * q4);
-        mma16816<BF>(s[nb], top.x, bot.x, top.y, bot.y, fp8x2_to_mma<0, 1>(w), fp8x2_to_mma<2, 3>(w));
+        mma16816<false>(s[nb], a0, a1, a2, a3, fp8x2_to_f16x2<0, 1>(w), fp8x2_to_f16x2<2, 3>(w));
       }
     }
   } else {
@@ -1163,14 +1212,14 @@ __device__ __forceinline__ void tile_scores(const Params& p, const Shared& sh, c
         u32 b0, b1, b2, b3;
         ldsm_x4(b0, b1, b2, b3,
                 smem_u32(ks + swz(tokw + nb2 * 16 + (lane & 7) + ((lane >> 4) << 3), kk * 2 + ((lane >> 3) & 1))));
-        mma16816<BF>(s[2 * nb2], a0, a1, a2, a3, b0, b1);
-        mma16816<BF>(s[2 * nb2 + 1], a0, a1, a2, a3, b2, b3);
+        mma16816<MMA_BF>(s[2 * nb2], a0, a1, a2, a3, b0, b1);
+        mma16816<MMA_BF>(s[2 * nb2 + 1], a0, a1, a2, a3, b2, b3);
       }
     }
   }
-  // a score as a base-2 logit
-  auto logit = [&](float x) {
-    return HAS_SOFTCAP ? p.softcap_log2 * fast_tanh(x * (p.softcap_scale * kmul)) : x * (p.scale_log2 * kmul);
+  // a score (of row half hf) as a base-2 logit
+  auto logit = [&](float x, int hf) {
+    return HAS_SOFTCAP ? p.softcap_log2 * fast_tanh(x * (p.softcap_scale * kmul[hf])) : x * (p.scale_log2 * kmul[hf]);
   };
   const unsigned char* mask = sh.mask(stage);
   // Per-element masks only where an element can be masked: a tile past the
@@ -1180,7 +1229,7 @@ __device__ __forceinline__ void tile_scores(const Params& p, const Shared& sh, c
 #pragma unroll
     for (int nb = 0; nb < TW / 8; ++nb)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s[nb][e] = logit(s[nb][e]);
+      for (int e = 0; e < 4; ++e) s[nb][e] = logit(s[nb][e], e >> 1);
     return;
   }
 #pragma unroll
@@ -1191,7 +1240,7 @@ __device__ __forceinline__ void tile_scores(const Params& p, const Shared& sh, c
       bool ok = tk < ntok;
       if (PAGED) ok = ok && mask[tk];
       if (HAS_QLEN) ok = ok && tk <= hi[e >> 1] && tk >= lo[e >> 1];
-      const float x = logit(s[nb][e]);
+      const float x = logit(s[nb][e], e >> 1);
       s[nb][e] = ok ? x : -LEAN_INF;
     }
   }
@@ -1206,10 +1255,10 @@ __device__ __forceinline__ void accumulate_pv(WarpState& st, const float (&s)[TW
   const int lane = threadIdx.x & 31, tokw = ((threadIdx.x >> 5) % WN) * TW;
 #pragma unroll
   for (int kb = 0; kb < TW / 16; ++kb) {
-    const u32 p0 = pack2<BF>(s[2 * kb][0], s[2 * kb][1]);
-    const u32 p1 = pack2<BF>(s[2 * kb][2], s[2 * kb][3]);
-    const u32 p2 = pack2<BF>(s[2 * kb + 1][0], s[2 * kb + 1][1]);
-    const u32 p3 = pack2<BF>(s[2 * kb + 1][2], s[2 * kb + 1][3]);
+    const u32 p0 = pack2<MMA_BF>(s[2 * kb][0], s[2 * kb][1]);
+    const u32 p1 = pack2<MMA_BF>(s[2 * kb][2], s[2 * kb][3]);
+    const u32 p2 = pack2<MMA_BF>(s[2 * kb + 1][0], s[2 * kb + 1][1]);
+    const u32 p3 = pack2<MMA_BF>(s[2 * kb + 1][2], s[2 * kb + 1][3]);
     if (HAS_FP8) {
       const unsigned char* vb = reinterpret_cast<const unsigned char*>(vs);
       const int mi = lane >> 3;  // matrix: tokens + 8 (mi & 1), chunk + 1 (mi >> 1)
@@ -1217,10 +1266,10 @@ __device__ __forceinline__ void accumulate_pv(WarpState& st, const float (&s)[TW
       for (int c2 = 0; c2 < D / 32; ++c2) {
         u32 r0, r1, r2, r3;
         ldsm_x4_t(r0, r1, r2, r3, smem_u32(vb + swz8(tokw + kb * 16 + (mi & 1) * 8 + (lane & 7), 2 * c2 + (mi >> 1))));
-        mma16816<BF>(st.acc[4 * c2], p0, p1, p2, p3, fp8x2_to_mma<0, 2>(r0), fp8x2_to_mma<0, 2>(r1));
-        mma16816<BF>(st.acc[4 * c2 + 1], p0, p1, p2, p3, fp8x2_to_mma<1, 3>(r0), fp8x2_to_mma<1, 3>(r1));
-        mma16816<BF>(st.acc[4 * c2 + 2], p0, p1, p2, p3, fp8x2_to_mma<0, 2>(r2), fp8x2_to_mma<0, 2>(r3));
-        mma16816<BF>(st.acc[4 * c2 + 3], p0, p1, p2, p3, fp8x2_to_mma<1, 3>(r2), fp8x2_to_mma<1, 3>(r3));
+        mma16816<false>(st.acc[4 * c2], p0, p1, p2, p3, fp8x2_to_f16x2<0, 2>(r0), fp8x2_to_f16x2<0, 2>(r1));
+        mma16816<false>(st.acc[4 * c2 + 1], p0, p1, p2, p3, fp8x2_to_f16x2<1, 3>(r0), fp8x2_to_f16x2<1, 3>(r1));
+        mma16816<false>(st.acc[4 * c2 + 2], p0, p1, p2, p3, fp8x2_to_f16x2<0, 2>(r2), fp8x2_to_f16x2<0, 2>(r3));
+        mma16816<false>(st.acc[4 * c2 + 3], p0, p1, p2, p3, fp8x2_to_f16x2<1, 3>(r2), fp8x2_to_f16x2<1, 3>(r3));
       }
     } else {
 #pragma unroll
@@ -1228,8 +1277,8 @@ __device__ __forceinline__ void accumulate_pv(WarpState& st, const float (&s)[TW
         u32 b0, b1, b2, b3;
         ldsm_x4_t(b0, b1, b2, b3,
                   smem_u32(vs + swz(tokw + kb * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, db2 * 2 + (lane >> 4))));
-        mma16816<BF>(st.acc[2 * db2], p0, p1, p2, p3, b0, b1);
-        mma16816<BF>(st.acc[2 * db2 + 1], p0, p1, p2, p3, b2, b3);
+        mma16816<MMA_BF>(st.acc[2 * db2], p0, p1, p2, p3, b0, b1);
+        mma16816<MMA_BF>(st.acc[2 * db2 + 1], p0, p1, p2, p3, b2, b3);
       }
     }
   }
@@ -1434,7 +1483,10 @@ __device__ void attention_cta(const Params& p) {
   for (Segment seg; walker.next(p, lens_s, seg);) {
     st.reset();
     const int nq = query_tokens(p, seg.b);
-    const float kmul = k_multiplier(p, seg.h);
+    // the score factor of this thread's two rows (lane / 4 and + 8 of its warp's
+    // 16): the KV head's k multiplier, times the row's q factor (fp8, bf16 q)
+    float kmul[2] = {k_multiplier(p, seg.h), 0.f};
+    kmul[1] = kmul[0];
     for (int t = seg.t0; t < seg.t1; ++t, ++i) {
       cp_async_wait<STAGES - 2>();
       const int stage = i % STAGES;
@@ -1454,6 +1506,15 @@ __device__ void attention_cta(const Params& p) {
         loader.prefetch_pages(p, ld.seg, ld.t, jt + 1 < n_my);
       }
       cp_async_commit();
+      if (HAS_FP8 && t == seg.t0) {  // the segment's query rows are in (with stage i): ready them
+        prepare_q_fp8(sh.q(seg.ordinal % STAGES), sh.q_scale());
+        __syncthreads();
+        if (BF) {
+          const int r = (threadIdx.x >> 5) / WN * 16 + ((threadIdx.x & 31) >> 2);
+          kmul[0] *= sh.q_scale()[r];
+          kmul[1] *= sh.q_scale()[r + 8];
+        }
+      }
       float s[TW / 8][4];
       tile_scores(p, sh, sh.q(seg.ordinal % STAGES), sh.kv(stage), stage,
                   min(TILE, seg.len - (seg.start + t * TILE)), seg.start + t * TILE, seg.len, nq, kmul, bad_pages, s);

@@ -1,0 +1,165 @@
+"""The fp8 score path's fragment mapping, mirrored in NumPy: the query rows as
+load_q lays them out (swizzled 16-byte chunks), prepare_q_fp8's regrouping of
+column pairs (and, for bf16 q, its per-row power-of-two conversion to fp16),
+the ldmatrix that gives a warp its A registers, the 32-bit K reads from the
+fp8 ring (swz8) and the m16n8k16 MMA's register semantics. Every (row, token)
+score must equal the dot product of that row and that key, for each head_dim
+and for rows and tokens of every warp. The source lines the mirror follows
+are checked verbatim, so a change there fails here first."""
+
+import pathlib
+
+import numpy as np
+import pytest
+
+from cupy_lean import kernels as K
+
+SRC = (pathlib.Path(K.kernel_dir()) / "lean_attention.cu").read_text()
+MIRRORED = [
+    "__device__ __forceinline__ int swz(int r, int ch) { return r * D + ((ch ^ (r & 7)) << 3); }",
+    "constexpr int FP8_ROWS_PER_LINE = D >= 128 ? 1 : 128 / D;",
+    "constexpr int FP8_SWZ_MASK = (KCPR < 8 ? KCPR : 8) - 1;",
+    "return r * D + ((ch ^ ((r / FP8_ROWS_PER_LINE) & FP8_SWZ_MASK)) << 4);",
+    "const int r = e / BLOCKS, kk = e % BLOCKS;",
+    "uint4* lo = reinterpret_cast<uint4*>(qs + swz(r, 2 * kk));",
+    "uint4* hi = reinterpret_cast<uint4*>(qs + swz(r, 2 * kk + 1));",
+    "*lo = make_uint4(w[0], w[2], w[4], w[6]);",
+    "*hi = make_uint4(w[1], w[3], w[5], w[7]);",
+    "const int sh2 = min(14 - (ex - 127), 126);",
+    "if (kk == 0) q_scale[r] = __uint_as_float((u32)(127 - sh2) << 23);",
+    "ldsm_x4(a0, a1, a2, a3, smem_u32(qs + swz(wm * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, kk * 2 + (lane >> 4))));",
+    "const u32 w = *reinterpret_cast<const u32*>(kb + swz8(tokw + nb * 8 + (lane >> 2), kk) + 4 * q4);",
+    "mma16816<false>(s[nb], a0, a1, a2, a3, fp8x2_to_f16x2<0, 1>(w), fp8x2_to_f16x2<2, 3>(w));",
+    "const int r = (threadIdx.x >> 5) / WN * 16 + ((threadIdx.x & 31) >> 2);",
+]
+
+
+def test_mirrored_lines_are_in_the_kernel():
+    for line in MIRRORED:
+        assert line in SRC, line
+
+
+def swz(d, r, ch):
+    return r * d + ((ch ^ (r & 7)) << 3)  # elements (2 bytes)
+
+
+def swz8(d, r, ch):
+    kcpr = d // 16
+    rows_per_line = 1 if d >= 128 else 128 // d
+    mask = min(kcpr, 8) - 1
+    return r * d + ((ch ^ ((r // rows_per_line) & mask)) << 4)  # bytes
+
+
+def prepare(qs, d, rows):
+    """prepare_q_fp8's regrouping, on the Q slot as uint32 words."""
+    words = qs.view(np.uint32)
+    for r in range(rows):
+        for kk in range(d // 16):
+            lo, hi = swz(d, r, 2 * kk) // 2, swz(d, r, 2 * kk + 1) // 2  # word offsets
+            w = np.concatenate([words[lo:lo + 4], words[hi:hi + 4]]).copy()
+            words[lo:lo + 4] = w[0::2]
+            words[hi:hi + 4] = w[1::2]
+
+
+def ldsm_x4(slot, addr):
+    """ldmatrix .x4 (no transpose): lane L gives the row address (in
+    elements) of row L % 8 of matrix L // 8; lane t receives word t % 4 of
+    row t // 4 of each matrix. Returns regs[lane][matrix] as element pairs."""
+    out = np.zeros((32, 4, 2), np.float64)
+    for t in range(32):
+        for m in range(4):
+            a = addr[8 * m + t // 4] + 2 * (t % 4)
+            out[t, m] = slot[a:a + 2]
+    return out
+
+
+def scores(q, k, d, wm_count, wn, tw):
+    """The kernel's S for every warp (wm, wn), as a [rows, tokens] array."""
+    rows, tile = 16 * wm_count, wn * tw
+    slot = np.zeros(rows * d, np.float64)
+    for r in range(rows):  # load_q: chunk ch of row r at swz(r, ch)
+        for ch in range(d // 8):
+            slot[swz(d, r, ch):swz(d, r, ch) + 8] = q[r, 8 * ch:8 * ch + 8]
+    as16 = slot.astype(np.float16)
+    prepare(as16, d, rows)
+    slot = as16.astype(np.float64)
+    ring = np.zeros(tile * d, np.float64)  # K bytes as values, swz8 layout
+    for r in range(tile):
+        for ch in range(d // 16):
+            ring[swz8(d, r, ch):swz8(d, r, ch) + 16] = k[r, 16 * ch:16 * ch + 16]
+    s = np.zeros((rows, tile))
+    for wm in range(wm_count):
+        for wn_i in range(wn):
+            tokw = wn_i * tw
+            for kk in range(d // 16):
+                addr = [swz(d, wm * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, kk * 2 + (lane >> 4)) for lane in range(32)]
+                a = ldsm_x4(slot, addr)
+                for nb in range(tw // 8):
+                    A = np.zeros((16, 16))
+                    B = np.zeros((16, 8))
+                    for lane in range(32):
+                        g, q4 = lane >> 2, lane & 3
+                        w0 = swz8(d, tokw + nb * 8 + (lane >> 2), kk) + 4 * q4
+                        wbytes = ring[w0:w0 + 4]
+                        # A registers a0..a3: (g, 2q..), (g+8, 2q..), (g, 2q+8..), (g+8, 2q+8..)
+                        A[g, 2 * q4:2 * q4 + 2] = a[lane, 0]
+                        A[g + 8, 2 * q4:2 * q4 + 2] = a[lane, 1]
+                        A[g, 2 * q4 + 8:2 * q4 + 10] = a[lane, 2]
+                        A[g + 8, 2 * q4 + 8:2 * q4 + 10] = a[lane, 3]
+                        # B: b0 = bytes <0, 1> at k 2q, 2q+1; b1 = bytes <2, 3> at k 2q+8, 2q+9; column g
+                        B[2 * q4:2 * q4 + 2, g] = wbytes[0:2]
+                        B[2 * q4 + 8:2 * q4 + 10, g] = wbytes[2:4]
+                    s[wm * 16:wm * 16 + 16, tokw + nb * 8:tokw + nb * 8 + 8] += A @ B
+    return s
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("wm_count,wn,tw", [(1, 2, 16), (2, 1, 32), (1, 1, 16)])
+def test_fp8_scores_pair_each_row_with_each_key(d, wm_count, wn, tw):
+    rng = np.random.default_rng(d + 7 * wn + tw)
+    rows, tile = 16 * wm_count, wn * tw
+    # small integers: every product and sum exact, so the check is equality
+    q = rng.integers(-8, 9, (rows, d)).astype(np.float64)
+    k = rng.integers(-8, 9, (tile, d)).astype(np.float64)
+    np.testing.assert_array_equal(scores(q, k, d, wm_count, wn, tw), q @ k.T)
+
+
+def bf16_row_to_fp16(row_bits):
+    """prepare_q_fp8's bf16 path on one row of bf16 bit patterns (uint16):
+    (fp16 values, the row's factor 2^-e)."""
+    f32 = (row_bits.astype(np.uint32) << 16).view(np.float32)
+    mx = int((np.abs(f32).view(np.uint32)).max())
+    ex = mx >> 23
+    sh2 = min(14 - (ex - 127), 126)
+    f = np.uint32((127 + sh2) << 23).view(np.float32)
+    inv = np.uint32((127 - sh2) << 23).view(np.float32)
+    return (f32 * f).astype(np.float16), inv
+
+
+@pytest.mark.parametrize("magnitude", [2.0 ** -130, 1e-30, 1e-3, 1.0, 3.0e4, 1e6, 2e37])
+def test_bf16_rows_become_fp16_exactly_in_range(magnitude):
+    import ml_dtypes
+
+    rng = np.random.default_rng(int(np.log2(magnitude) + 200))
+    x = (rng.standard_normal(128) * magnitude).astype(np.float32).astype(ml_dtypes.bfloat16)
+    bits = x.view(np.uint16)
+    h, inv = bf16_row_to_fp16(bits)
+    assert np.isfinite(h).all() and np.abs(h).max() < 2.0 ** 15 + 1
+    back = h.astype(np.float64) * float(inv)
+    exact = np.abs(x.astype(np.float64)) >= np.abs(x.astype(np.float64)).max() * 2.0 ** -28
+    if np.abs(x.astype(np.float64)).max() >= 2.0 ** -100:  # rows of normal size reach [2^14, 2^15)
+        assert 2.0 ** 14 <= np.abs(h.astype(np.float64)).max() < 2.0 ** 15
+        np.testing.assert_array_equal(back[exact], x.astype(np.float64)[exact])
+    np.testing.assert_allclose(back, x.astype(np.float64), rtol=2.0 ** -8, atol=np.abs(x.astype(np.float64)).max() * 2.0 ** -24)
+
+
+def test_bf16_rows_of_zeros_and_infinities():
+    import ml_dtypes
+
+    z = np.zeros(64, ml_dtypes.bfloat16).view(np.uint16)
+    h, inv = bf16_row_to_fp16(z)
+    assert (h == 0).all() and np.isfinite(inv) and inv > 0
+    x = np.ones(64, np.float32)
+    x[3] = np.inf
+    h, inv = bf16_row_to_fp16(x.astype(ml_dtypes.bfloat16).view(np.uint16))
+    assert np.isinf(h[3]) and np.isfinite(inv)
