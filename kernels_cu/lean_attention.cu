@@ -1085,14 +1085,31 @@ static_assert(KVLoader::RUN == LEAN_HOST_RUN_ROWS, "loader run differs from kern
 template <int B0, int B1>
 __device__ __forceinline__ u32 fp8x2_to_f16x2(u32 w) {
   if (FP8_E4M3 && FP8_HW_CVT) {
+    u32 r;
+    if (B0 == 2 && B1 == 3) {  // the high half of w as it is
+      asm("{.reg .b16 lo, hi;\n\tmov.b32 {lo, hi}, %1;\n\tcvt.rn.f16x2.e4m3x2 %0, hi;}" : "=r"(r) : "r"(w));
+      return r;
+    }
     const u16 pair = (B1 == B0 + 1 && B0 % 2 == 0) ? (u16)(w >> (8 * B0))  // a half of w as it is
                                                    : (u16)__byte_perm(w, 0u, B0 | (B1 << 4));
-    u32 r;
     asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(r) : "h"(pair));
     return r;
   }
   const u32 t = __byte_perm(w, 0u, (B1 << 12) | (4 << 8) | (B0 << 4) | 4);  // byte b as b << 8 in its half
   return FP8_E5M2 ? t : ((t & 0x80008000u) | ((t & 0x7F007F00u) >> 1));
+}
+// HAS_FP8: bytes 0, 2 (even) and 1, 3 (odd) of w as two fp16 pairs; with
+// the hardware conversion one byte permutation serves both (the odd pair is
+// converted from the high half in place).
+__device__ __forceinline__ void fp8x4_to_f16x2_even_odd(u32 w, u32& even, u32& odd) {
+  if (FP8_E4M3 && FP8_HW_CVT) {
+    const u32 t = __byte_perm(w, 0u, 0x3120);  // bytes 0, 2 in the low half, 1, 3 in the high
+    even = fp8x2_to_f16x2<0, 1>(t);
+    odd = fp8x2_to_f16x2<2, 3>(t);
+  } else {
+    even = fp8x2_to_f16x2<0, 2>(w);
+    odd = fp8x2_to_f16x2<1, 3>(w);
+  }
 }
 
 // HAS_FP8: readies the segment's query rows (Q ring slot qs) for the fp8
@@ -1266,10 +1283,15 @@ __device__ __forceinline__ void accumulate_pv(WarpState& st, const float (&s)[TW
       for (int c2 = 0; c2 < D / 32; ++c2) {
         u32 r0, r1, r2, r3;
         ldsm_x4_t(r0, r1, r2, r3, smem_u32(vb + swz8(tokw + kb * 16 + (mi & 1) * 8 + (lane & 7), 2 * c2 + (mi >> 1))));
-        mma16816<false>(st.acc[4 * c2], p0, p1, p2, p3, fp8x2_to_f16x2<0, 2>(r0), fp8x2_to_f16x2<0, 2>(r1));
-        mma16816<false>(st.acc[4 * c2 + 1], p0, p1, p2, p3, fp8x2_to_f16x2<1, 3>(r0), fp8x2_to_f16x2<1, 3>(r1));
-        mma16816<false>(st.acc[4 * c2 + 2], p0, p1, p2, p3, fp8x2_to_f16x2<0, 2>(r2), fp8x2_to_f16x2<0, 2>(r3));
-        mma16816<false>(st.acc[4 * c2 + 3], p0, p1, p2, p3, fp8x2_to_f16x2<1, 3>(r2), fp8x2_to_f16x2<1, 3>(r3));
+        u32 e0, o0, e1, o1, e2, o2, e3, o3;  // even / odd columns' B registers
+        fp8x4_to_f16x2_even_odd(r0, e0, o0);
+        fp8x4_to_f16x2_even_odd(r1, e1, o1);
+        fp8x4_to_f16x2_even_odd(r2, e2, o2);
+        fp8x4_to_f16x2_even_odd(r3, e3, o3);
+        mma16816<false>(st.acc[4 * c2], p0, p1, p2, p3, e0, e1);
+        mma16816<false>(st.acc[4 * c2 + 1], p0, p1, p2, p3, o0, o1);
+        mma16816<false>(st.acc[4 * c2 + 2], p0, p1, p2, p3, e2, e3);
+        mma16816<false>(st.acc[4 * c2 + 3], p0, p1, p2, p3, o2, o3);
       }
     } else {
 #pragma unroll

@@ -31,6 +31,10 @@ MIRRORED = [
     "const u32 w = *reinterpret_cast<const u32*>(kb + swz8(tokw + nb * 8 + (lane >> 2), kk) + 4 * q4);",
     "mma16816<false>(s[nb], a0, a1, a2, a3, fp8x2_to_f16x2<0, 1>(w), fp8x2_to_f16x2<2, 3>(w));",
     "const int r = (threadIdx.x >> 5) / WN * 16 + ((threadIdx.x & 31) >> 2);",
+    "const u32 t = __byte_perm(w, 0u, 0x3120);  // bytes 0, 2 in the low half, 1, 3 in the high",
+    "even = fp8x2_to_f16x2<0, 1>(t);",
+    "odd = fp8x2_to_f16x2<2, 3>(t);",
+    "asm(\"{.reg .b16 lo, hi;\\n\\tmov.b32 {lo, hi}, %1;\\n\\tcvt.rn.f16x2.e4m3x2 %0, hi;}\" : \"=r\"(r) : \"r\"(w));",
 ]
 
 
@@ -163,3 +167,21 @@ def test_bf16_rows_of_zeros_and_infinities():
     x[3] = np.inf
     h, inv = bf16_row_to_fp16(x.astype(ml_dtypes.bfloat16).view(np.uint16))
     assert np.isinf(h[3]) and np.isfinite(inv)
+
+
+def byte_perm(x, y, sel):
+    """CUDA's __byte_perm: result byte i is byte (sel >> 4 i) & 7 of y:x."""
+    src = [(x >> (8 * i)) & 0xFF for i in range(4)] + [(y >> (8 * i)) & 0xFF for i in range(4)]
+    return sum(src[(sel >> (4 * i)) & 7] << (8 * i) for i in range(4))
+
+
+def test_one_permutation_gives_the_even_and_odd_byte_pairs():
+    """fp8x4_to_f16x2_even_odd: the pair (b0, b2) in the low half and (b1,
+    b3) in the high half, each with its first byte low, as the two-call form
+    (fp8x2_to_f16x2<0, 2> and <1, 3>) pairs them."""
+    rng = np.random.default_rng(5)
+    for w in rng.integers(0, 2 ** 32, 64, dtype=np.uint64).tolist():
+        t = byte_perm(w, 0, 0x3120)
+        b = [(w >> (8 * i)) & 0xFF for i in range(4)]
+        assert t & 0xFFFF == b[0] | (b[2] << 8)  # converted as it is: <0, 1> of t
+        assert t >> 16 == b[1] | (b[3] << 8)  # the high half: <2, 3> of t

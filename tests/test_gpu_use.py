@@ -538,6 +538,37 @@ def test_gpu_fp8_every_head_dim_and_query_tiles(d, hq, hkv, dt, layout, tile):
                     2e-3 * max(1.0, np.abs(rl[fin]).max()))
 
 
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_gpu_fp8_bf16_query_rows_of_any_magnitude(fmt, d):
+    """bf16 q over an fp8 cache: the fp8 MMAs run in fp16, each query row
+    brought into fp16's range by its own power of two. Rows of one unit at
+    magnitudes from 1e-30 to 1e30 (far outside fp16), a row of zeros, a row
+    with one huge element; units cut by the grid (partial states merged);
+    NaN-prefilled outputs and lse against the float64 reference."""
+    rng = np.random.default_rng(211 + d + len(fmt))
+    lens = [1500, 130, 1]
+    hq, hkv = 8, 1
+    q, k, v, L, _ = make_inputs(rng, len(lens), hq, hkv, d, np.float16, lens, "dense")
+    mags = np.array([1e-30, 1e-3, 1.0, 7.0, 3e4, 1e5, 1e30, 0.0])
+    qf = q.astype(np.float64) / np.sqrt(d) * mags[None, :, None]
+    qf[1, 2, 5] = 1e6  # one element far above its row
+    qd = qf.astype(np.float32).astype(BF16)
+    k8, ku8, ks = _fp8_cache(rng, k, fmt, True)
+    v8, vu8, vs = _fp8_cache(rng, v, fmt, False)
+    ro, rl = reference.attention(qd, k8, v8, kv_lens=L, k_scale=ks, v_scale=vs, scale=1.0)
+    out = _nan_like(q.shape, BF16)
+    lse = cp.full(q.shape[:2], cp.nan, dtype=cp.float32)
+    cupy_lean.attention(to_gpu(qd), cp.asarray(ku8), cp.asarray(vu8), kv_lens=cp.asarray(L), kv_dtype=fmt,
+                        k_scale=cp.asarray(ks), v_scale=vs, scale=1.0, num_ctas=17, out=out, lse=lse)
+    g = cp.asnumpy(out).astype(np.float64)
+    assert np.isfinite(g).all()
+    assert np.abs(g - ro).max() < 2e-2 * max(1.0, np.abs(ro).max())
+    gl = cp.asnumpy(lse).astype(np.float64)
+    # lse relative to its own size: the 1e30 row's logits are ~1e30
+    assert (np.abs(gl - rl) <= 2e-3 * np.maximum(1.0, np.abs(rl))).all()
+
+
 def test_gpu_fp8_bit_move_conversion_in_a_fresh_process():
     """The e4m3 conversion of GPUs before sm_89 (bit moves, value / 256 with
     the 256 restored in the scales), forced on this GPU through
