@@ -108,6 +108,7 @@ constexpr bool HAS_FP8 = FP8_E4M3 || FP8_E5M2;
 // fp16's range per row, see prepare_q_fp8; P keeps 11 bits instead of 8), so
 // that a K or V pair costs one conversion, not three.
 constexpr bool MMA_BF = BF && !HAS_FP8;
+constexpr bool Q_ROW_SCALE = HAS_FP8 && BF;  // prepare_q_fp8 scales each bf16 query row
 // Paged, with a page size that the loader's run of rows per thread
 // (KVLoader::RUN) does not divide (e.g. 1): a block-table read per row.
 // A sliding window starts a unit's tiles at any token (a run may cross a
@@ -161,7 +162,7 @@ struct SharedLayout {
   static constexpr int CONV = HAS_FP8 ? 2 * TILE * D * 2 : 0;
   // HAS_FP8 with bf16 q: each query row's factor from prepare_q_fp8.
   static constexpr int OFF_QSCALE = OFF_CONV + CONV;
-  static constexpr int QSCALE = (HAS_FP8 && BF) ? ROWS_Q * 4 : 0;
+  static constexpr int QSCALE = Q_ROW_SCALE ? ROWS_Q * 4 : 0;
   static constexpr int BYTES = OFF_QSCALE + QSCALE;
 };
 
@@ -1135,7 +1136,7 @@ __device__ void prepare_q_fp8(u16* qs, float* q_scale) {
       const uint4 a = *lo, b = *hi;
       w[0] = a.x, w[1] = a.y, w[2] = a.z, w[3] = a.w, w[4] = b.x, w[5] = b.y, w[6] = b.z, w[7] = b.w;
     }
-    if (BF) {
+    if (Q_ROW_SCALE) {
       u32 mx = 0;  // the largest magnitude's bits (as bf16 words << 16: ordered as the values)
 #pragma unroll
       for (int i = 0; i < 8; ++i) mx = max(mx, max((w[i] << 16) & 0x7FFFFFFFu, w[i] & 0x7FFF0000u));
@@ -1184,7 +1185,7 @@ __device__ __forceinline__ int acc_pair(const float (&acc)[D / 8][4], int x, int
 // a ragged batch), and with a window none before that minus window_left;
 // `tok0` is the tile's first key, `len` the sequence's.
 __device__ __forceinline__ void tile_scores(const Params& p, const Shared& sh, const u16* qs, const u16* ks,
-                                            int stage, int ntok, int tok0, int len, int nq, const float (&kmul)[2],
+                                            int stage, int ntok, int tok0, int len, int nq, float kmul, const float (&qmul)[2],
                                             bool bad_pages, float (&s)[TW / 8][4]) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int wm = warp / WN, tokw = (warp % WN) * TW;
@@ -1236,7 +1237,8 @@ __device__ __forceinline__ void tile_scores(const Params& p, const Shared& sh, c
   }
   // a score (of row half hf) as a base-2 logit
   auto logit = [&](float x, int hf) {
-    return HAS_SOFTCAP ? p.softcap_log2 * fast_tanh(x * (p.softcap_scale * kmul[hf])) : x * (p.scale_log2 * kmul[hf]);
+    const float f = kmul * (Q_ROW_SCALE ? qmul[hf] : 1.f);
+    return HAS_SOFTCAP ? p.softcap_log2 * fast_tanh(x * (p.softcap_scale * f)) : x * (p.scale_log2 * f);
   };
   const unsigned char* mask = sh.mask(stage);
   // Per-element masks only where an element can be masked: a tile past the
@@ -1505,10 +1507,8 @@ __device__ void attention_cta(const Params& p) {
   for (Segment seg; walker.next(p, lens_s, seg);) {
     st.reset();
     const int nq = query_tokens(p, seg.b);
-    // the score factor of this thread's two rows (lane / 4 and + 8 of its warp's
-    // 16): the KV head's k multiplier, times the row's q factor (fp8, bf16 q)
-    float kmul[2] = {k_multiplier(p, seg.h), 0.f};
-    kmul[1] = kmul[0];
+    const float kmul = k_multiplier(p, seg.h);
+    float qmul[2] = {1.f, 1.f};  // Q_ROW_SCALE: the factors of this thread's rows (lane / 4 and + 8 of its warp's)
     for (int t = seg.t0; t < seg.t1; ++t, ++i) {
       cp_async_wait<STAGES - 2>();
       const int stage = i % STAGES;
@@ -1531,15 +1531,15 @@ __device__ void attention_cta(const Params& p) {
       if (HAS_FP8 && t == seg.t0) {  // the segment's query rows are in (with stage i): ready them
         prepare_q_fp8(sh.q(seg.ordinal % STAGES), sh.q_scale());
         __syncthreads();
-        if (BF) {
+        if (Q_ROW_SCALE) {
           const int r = (threadIdx.x >> 5) / WN * 16 + ((threadIdx.x & 31) >> 2);
-          kmul[0] *= sh.q_scale()[r];
-          kmul[1] *= sh.q_scale()[r + 8];
+          qmul[0] = sh.q_scale()[r];
+          qmul[1] = sh.q_scale()[r + 8];
         }
       }
       float s[TW / 8][4];
       tile_scores(p, sh, sh.q(seg.ordinal % STAGES), sh.kv(stage), stage,
-                  min(TILE, seg.len - (seg.start + t * TILE)), seg.start + t * TILE, seg.len, nq, kmul, bad_pages, s);
+                  min(TILE, seg.len - (seg.start + t * TILE)), seg.start + t * TILE, seg.len, nq, kmul, qmul, bad_pages, s);
       if (i == 0) LEAN_STAMP(11);
       st.absorb(s);
       if (i == 0) LEAN_STAMP(12);
