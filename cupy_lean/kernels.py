@@ -248,8 +248,7 @@ class Spec:
         mask = ((s * t + 15) // 16) * 16 if self.paged else 0
         stats = 2 * self.warps_n * mt * 16 * 4
         conv = 2 * t * d * 2 if fp8 else 0  # fp8: TILE x D floats of scratch (stores, reductions)
-        qscale = mt * 16 * 4 if fp8 and self.dtype == "bf16" else 0  # fp8 with bf16 q: a factor per query row
-        return off_mask + mask + stats + LENS_CACHE * 4 + 64 * 4 + conv + qscale
+        return off_mask + mask + stats + LENS_CACHE * 4 + 64 * 4 + conv
 
     @property
     def entry(self) -> str:

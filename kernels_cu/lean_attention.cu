@@ -160,10 +160,7 @@ struct SharedLayout {
   // in flight).
   static constexpr int OFF_CONV = OFF_MISC + MISC_INTS * 4;
   static constexpr int CONV = HAS_FP8 ? 2 * TILE * D * 2 : 0;
-  // HAS_FP8 with bf16 q: each query row's factor from prepare_q_fp8.
-  static constexpr int OFF_QSCALE = OFF_CONV + CONV;
-  static constexpr int QSCALE = Q_ROW_SCALE ? ROWS_Q * 4 : 0;
-  static constexpr int BYTES = OFF_QSCALE + QSCALE;
+  static constexpr int BYTES = OFF_CONV + CONV;
 };
 
 // The host computes the same numbers (kernels.Spec); a drift fails the compile.
@@ -185,7 +182,12 @@ struct Shared {
   __device__ float* stat_l() const { return stat_m() + WN * ROWS_Q; }
   __device__ int* lens() const { return reinterpret_cast<int*>(base + SharedLayout::OFF_LENS); }
   __device__ int* misc() const { return reinterpret_cast<int*>(base + SharedLayout::OFF_MISC); }
-  __device__ float* q_scale() const { return reinterpret_cast<float*>(base + SharedLayout::OFF_QSCALE); }
+  // Q_ROW_SCALE: each query row's factor from prepare_q_fp8 (ROWS_Q floats), in
+  // the warp stats: written after the barrier that opens a segment's first
+  // tile and read into registers right after the next one, while the stats
+  // are written only by store_segment after a barrier of its own, at the
+  // segment's end (and read there before the next segment's first barrier).
+  __device__ float* q_scale() const { return stat_m(); }
 };
 // misc[] use: [0, 32) block-scan scratch, then named words.
 enum Misc { MISC_START_SEQ = 32, MISC_START_TILE = 33, MISC_LAST = 34, MISC_FIRST = 35, MISC_COUNT = 36 };
