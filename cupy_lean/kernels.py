@@ -247,8 +247,7 @@ class Spec:
         off_mask = s * kv + s * qslot
         mask = ((s * t + 15) // 16) * 16 if self.paged else 0
         stats = 2 * self.warps_n * mt * 16 * 4
-        conv = 2 * t * d * 2 if fp8 else 0  # fp8: TILE x D floats of scratch (stores, reductions)
-        return off_mask + mask + stats + LENS_CACHE * 4 + 64 * 4 + conv
+        return off_mask + mask + stats + LENS_CACHE * 4 + 64 * 4
 
     @property
     def entry(self) -> str:

@@ -141,7 +141,7 @@ static_assert(TILE == 16 || TILE == 32 || TILE == 64 || TILE == 128, "TILE");
 static_assert(STAGES >= 2 && STAGES <= 6, "STAGES");
 static_assert(TW % 16 == 0, "tokens per warp");
 static_assert(NT % CPR == 0 && NT % KCPR == 0, "loader mapping");
-static_assert(WN == 1 || WN * ROWS_Q <= TILE, "the warp-merge scratch fits in one K/V stage (fp8: the scratch region)");
+static_assert(WN == 1 || WN * ROWS_Q <= TILE, "the warp-merge scratch fits in one K/V stage (fp8: in two passes)");
 
 // Shared storage, in bytes: [K/V ring][Q ring][page mask][warp stats][lengths][scan scratch].
 struct SharedLayout {
@@ -155,12 +155,7 @@ struct SharedLayout {
   static constexpr int OFF_LENS = OFF_STATS + STATS;
   static constexpr int OFF_MISC = OFF_LENS + LENS_CACHE * 4;
   static constexpr int MISC_INTS = 64;
-  // HAS_FP8: scratch of TILE * D floats for store_segment and reduce_unit (a
-  // ring stage of bytes is too small for it, and the other stages hold loads
-  // in flight).
-  static constexpr int OFF_CONV = OFF_MISC + MISC_INTS * 4;
-  static constexpr int CONV = HAS_FP8 ? 2 * TILE * D * 2 : 0;
-  static constexpr int BYTES = OFF_CONV + CONV;
+  static constexpr int BYTES = OFF_MISC + MISC_INTS * 4;
 };
 
 // The host computes the same numbers (kernels.Spec); a drift fails the compile.
@@ -172,10 +167,8 @@ static_assert(LENS_CACHE == LEAN_HOST_LENS_CACHE, "length cache differs from ker
 struct Shared {
   unsigned char* base;
   __device__ u16* kv(int stage) const { return reinterpret_cast<u16*>(base + stage * SharedLayout::KV_STAGE); }
-  // TILE * D floats of scratch once a stage is consumed: that stage, or (HAS_FP8) the scratch region.
-  __device__ float* scratch(int stage) const {
-    return reinterpret_cast<float*>(HAS_FP8 ? base + SharedLayout::OFF_CONV : base + stage * SharedLayout::KV_STAGE);
-  }
+  // Float scratch once a stage is consumed: that stage (TILE * D floats; HAS_FP8: half as many).
+  __device__ float* scratch(int stage) const { return reinterpret_cast<float*>(base + stage * SharedLayout::KV_STAGE); }
   __device__ u16* q(int slot) const { return reinterpret_cast<u16*>(base + SharedLayout::OFF_Q) + slot * ROWS_Q * D; }
   __device__ unsigned char* mask(int stage) const { return base + SharedLayout::OFF_MASK + stage * TILE; }
   __device__ float* stat_m() const { return reinterpret_cast<float*>(base + SharedLayout::OFF_STATS); }
@@ -1314,7 +1307,8 @@ __device__ __forceinline__ void accumulate_pv(WarpState& st, const float (&s)[TW
 // partial slot. With WN == 1 each warp owns whole rows and writes from
 // registers; otherwise the WN token-slices of each row are merged through
 // shared memory (`scr`, the K/V stage just consumed: no load targets it before
-// the next iteration's barrier; HAS_FP8: the scratch region) in warp order.
+// the next iteration's barrier) in warp order, PASSES column ranges one after
+// the other (HAS_FP8: two, a stage of bytes holding half the floats).
 __device__ void store_segment(const Params& p, const Shared& sh, const Segment& s, const WarpState& st, int slot,
                               float* scr) {
   const int g = unit_rows(p);
@@ -1346,44 +1340,54 @@ __device__ void store_segment(const Params& p, const Shared& sh, const Segment& 
     }
   }
   __syncthreads();
-  float* mine = scr + wn * ROWS_Q * D;
+  constexpr int PASSES = HAS_FP8 ? 2 : 1;
+  constexpr int DP = D / PASSES;                // columns of a pass: scr holds WN x ROWS_Q rows of DP floats
+  constexpr int XP = D / 8 / PASSES;            // accumulator pairs x of a pass
+  constexpr int SWZ = (DP / 2 - 1) & (7 << 2);  // the float2 index's bits that a row's XOR may flip
+  static_assert(4 * WN * ROWS_Q * DP <= SharedLayout::KV_STAGE, "a pass's scratch (floats) fits in one stage");
+  float* mine = scr + wn * ROWS_Q * DP;
 #pragma unroll
-  for (int hf = 0; hf < 2; ++hf) {
-    const int row = rows[hf];
-    if (row >= g) continue;  // padding rows of the query tile: read by no one below
-    float M = -LEAN_INF;
+  for (int pass = 0; pass < PASSES; ++pass) {
+    if (pass > 0) __syncthreads();  // the previous pass's reads of scr precede these writes
 #pragma unroll
-    for (int j = 0; j < WN; ++j) M = fmaxf(M, stat_m[j * ROWS_Q + row]);
-    const float f = merge_weight(st.m[hf], M);
+    for (int hf = 0; hf < 2; ++hf) {
+      const int row = rows[hf];
+      if (row >= g) continue;  // padding rows of the query tile: read by no one below
+      float M = -LEAN_INF;
 #pragma unroll
-    for (int x = 0; x < D / 8; ++x) {
-      float v[2];
-      const int col = acc_pair(st.acc, x, hf, lane, v);
-      // float2 index within the row, swizzled below (fp16/bf16: written as x * 4 + lane % 4, the same
-      // value, which keeps the plain specs' code as measured)
-      const int f2 = HAS_FP8 ? col >> 1 : x * 4 + (lane & 3);
-      *reinterpret_cast<float2*>(mine + row * D + 2 * (f2 ^ ((row & 7) << 2))) = make_float2(v[0] * f, v[1] * f);
+      for (int j = 0; j < WN; ++j) M = fmaxf(M, stat_m[j * ROWS_Q + row]);
+      const float f = merge_weight(st.m[hf], M);
+#pragma unroll
+      for (int x = pass * XP; x < (pass + 1) * XP; ++x) {
+        float v[2];
+        const int col = acc_pair(st.acc, x, hf, lane, v);
+        // float2 index within the pass's row, swizzled below (fp16/bf16: written as x * 4 + lane % 4, the
+        // same value, which keeps the plain specs' code as measured)
+        const int f2 = (HAS_FP8 ? col >> 1 : x * 4 + (lane & 3)) - pass * (DP / 2);
+        *reinterpret_cast<float2*>(mine + row * DP + 2 * (f2 ^ ((row & 7) << 2 & SWZ))) =
+            make_float2(v[0] * f, v[1] * f);
+      }
     }
-  }
-  __syncthreads();
-  constexpr int PER_ROW = D / 4;
-  for (int e = threadIdx.x; e < g * PER_ROW; e += NT) {
-    const int row = e / PER_ROW, d = (e % PER_ROW) * 4;
-    float M = -LEAN_INF, L = 0.f;
+    __syncthreads();
+    constexpr int PER_ROW = DP / 4;
+    for (int e = threadIdx.x; e < g * PER_ROW; e += NT) {
+      const int row = e / PER_ROW, d = (e % PER_ROW) * 4;
+      float M = -LEAN_INF, L = 0.f;
 #pragma unroll
-    for (int j = 0; j < WN; ++j) M = fmaxf(M, stat_m[j * ROWS_Q + row]);
-    float sum[4] = {0.f, 0.f, 0.f, 0.f};
-    const int f2 = (d >> 1) ^ ((row & 7) << 2);
+      for (int j = 0; j < WN; ++j) M = fmaxf(M, stat_m[j * ROWS_Q + row]);
+      float sum[4] = {0.f, 0.f, 0.f, 0.f};
+      const int f2 = (d >> 1) ^ ((row & 7) << 2 & SWZ);
 #pragma unroll
-    for (int j = 0; j < WN; ++j) {
-      L += stat_l[j * ROWS_Q + row] * merge_weight(stat_m[j * ROWS_Q + row], M);
-      const float4 x = *reinterpret_cast<const float4*>(scr + (j * ROWS_Q + row) * D + 2 * f2);
-      sum[0] += x.x;
-      sum[1] += x.y;
-      sum[2] += x.z;
-      sum[3] += x.w;
+      for (int j = 0; j < WN; ++j) {
+        L += stat_l[j * ROWS_Q + row] * merge_weight(stat_m[j * ROWS_Q + row], M);
+        const float4 x = *reinterpret_cast<const float4*>(scr + (j * ROWS_Q + row) * DP + 2 * f2);
+        sum[0] += x.x;
+        sum[1] += x.y;
+        sum[2] += x.z;
+        sum[3] += x.w;
+      }
+      emit<4>(p, ps, s.b, s.h, row, pass * DP + d, sum, M, L, s.partial, slot);
     }
-    emit<4>(p, ps, s.b, s.h, row, d, sum, M, L, s.partial, slot);
   }
 }
 

@@ -250,15 +250,20 @@ def test_feature_specs_compile(spec, arch):
 
 
 def test_fp8_specs_hold_bytes_in_the_ring():
-    """An fp8 spec's ring holds K/V as bytes (the MMAs read them there) plus
-    a scratch of TILE x D floats for the segment stores and reductions: never
-    more shared memory than the fp16 spec of the same tile and stages."""
+    """An fp8 spec's ring holds K/V as bytes (the MMAs read them there; the
+    segment store merges its warps through a consumed stage in two column
+    passes): half the ring of the fp16 spec of the same tile and stages, and
+    the default fp8 spec takes more stages than its fp16 twin."""
     for d, tile, stages in ((64, 128, 4), (128, 128, 3), (256, 64, 2)):
         plain = K.Spec("f16", d, 1, tile, stages, False)
         for bit in K.FP8_FEATURES.values():
             fp8 = K.Spec("f16", d, 1, tile, stages, False, bit)
-            assert fp8.smem_bytes == plain.smem_bytes - stages * 2 * tile * d + 2 * tile * d * 2
-            assert fp8.smem_bytes <= plain.smem_bytes
+            assert fp8.smem_bytes == plain.smem_bytes - stages * 2 * tile * d
+    for d in (64, 128, 256):
+        for paged in (False, True):
+            plain = K.make_spec("f16", d, 8, paged)
+            fp8 = K.make_spec("f16", d, 8, paged, features=K.FEATURES["fp8_e4m3"])
+            assert fp8.tile == plain.tile and fp8.stages > plain.stages, (fp8.name, plain.name)
 
 
 def test_feature_bits_name_the_spec():

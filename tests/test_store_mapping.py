@@ -1,0 +1,80 @@
+"""The segment store's warp merge (store_segment with several warps per row),
+mirrored in Python for every warp layout, head_dim and K/V element size: in
+each pass every warp's (row, column) value lands in its own scratch float,
+inside the consumed K/V stage, and the reduction's float4 read of (warp,
+row, columns d..d+3) finds exactly those four values. fp8 specs merge in two
+column passes (their stage of bytes holds half the floats). The source lines
+the mirror follows are checked verbatim."""
+
+import pathlib
+
+import pytest
+
+from cupy_lean import kernels as K
+
+SRC = (pathlib.Path(K.kernel_dir()) / "lean_attention.cu").read_text()
+MIRRORED = [
+    "constexpr int PASSES = HAS_FP8 ? 2 : 1;",
+    "constexpr int DP = D / PASSES;",
+    "constexpr int XP = D / 8 / PASSES;",
+    "constexpr int SWZ = (DP / 2 - 1) & (7 << 2);",
+    "float* mine = scr + wn * ROWS_Q * DP;",
+    "for (int x = pass * XP; x < (pass + 1) * XP; ++x) {",
+    "const int f2 = (HAS_FP8 ? col >> 1 : x * 4 + (lane & 3)) - pass * (DP / 2);",
+    "*reinterpret_cast<float2*>(mine + row * DP + 2 * (f2 ^ ((row & 7) << 2 & SWZ))) =",
+    "const int f2 = (d >> 1) ^ ((row & 7) << 2 & SWZ);",
+    "const float4 x = *reinterpret_cast<const float4*>(scr + (j * ROWS_Q + row) * DP + 2 * f2);",
+    "emit<4>(p, ps, s.b, s.h, row, pass * DP + d, sum, M, L, s.partial, slot);",
+    "return x * 8 + (lane & 3) * 2;",
+    "return 16 * j + 4 * (lane & 3) + 2 * e;",
+    "static constexpr int KV_STAGE = 2 * TILE * D * KV_ELEM;",
+]
+
+
+def test_mirrored_lines_are_in_the_kernel():
+    for line in MIRRORED:
+        assert line in SRC, line
+
+
+def _col(fp8, x, lane):
+    if not fp8:
+        return x * 8 + (lane & 3) * 2
+    j, e = x >> 1, x & 1
+    return 16 * j + 4 * (lane & 3) + 2 * e
+
+
+@pytest.mark.parametrize("fp8", [False, True])
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("mt", [1, 2, 4, 8])
+@pytest.mark.parametrize("tile", [16, 32, 64, 128])
+def test_store_merge_mapping(fp8, d, mt, tile):
+    spec = K.Spec("f16", d, mt, tile, 2, False, K.FEATURES["fp8_e4m3"] if fp8 else 0)
+    wn, rows_q = spec.warps_n, 16 * mt
+    if wn == 1:
+        pytest.skip("one warp per row: no merge through shared memory")
+    passes = 2 if fp8 else 1
+    dp, xp = d // passes, d // 8 // passes
+    swz = (dp // 2 - 1) & (7 << 2)
+    stage_floats = 2 * tile * d * (1 if fp8 else 2) // 4
+    for p in range(passes):
+        written = {}  # scratch float -> (warp wn, row, column)
+        for warp in range(wn * mt):
+            wm, w = warp // wn, warp % wn
+            for lane in range(32):
+                for hf in range(2):
+                    row = wm * 16 + (lane >> 2) + 8 * hf
+                    for x in range(p * xp, (p + 1) * xp):
+                        col = _col(fp8, x, lane)
+                        f2 = ((col >> 1) if fp8 else x * 4 + (lane & 3)) - p * (dp // 2)
+                        base = w * rows_q * dp + row * dp + 2 * (f2 ^ ((row & 7) << 2 & swz))
+                        for i in range(2):
+                            assert base + i not in written, (p, warp, lane, hf, x)
+                            assert 0 <= base + i < stage_floats
+                            written[base + i] = (w, row, col + i)
+        assert len(written) == wn * rows_q * dp
+        for j in range(wn):
+            for row in range(rows_q):
+                for d4 in range(0, dp, 4):
+                    f2 = (d4 >> 1) ^ ((row & 7) << 2 & swz)
+                    at = (j * rows_q + row) * dp + 2 * f2
+                    assert [written[at + i] for i in range(4)] == [(j, row, p * dp + d4 + i) for i in range(4)]
