@@ -1344,7 +1344,7 @@ __device__ void store_segment(const Params& p, const Shared& sh, const Segment& 
   constexpr int DP = D / PASSES;                // columns of a pass: scr holds WN x ROWS_Q rows of DP floats
   constexpr int XP = D / 8 / PASSES;            // accumulator pairs x of a pass
   constexpr int SWZ = (DP / 2 - 1) & (7 << 2);  // the float2 index's bits that a row's XOR may flip
-  static_assert(4 * WN * ROWS_Q * DP <= SharedLayout::KV_STAGE, "a pass's scratch (floats) fits in one stage");
+  static_assert(WN == 1 || 4 * WN * ROWS_Q * DP <= SharedLayout::KV_STAGE, "a pass's scratch (floats) fits in one stage");
   float* mine = scr + wn * ROWS_Q * DP;
 #pragma unroll
   for (int pass = 0; pass < PASSES; ++pass) {
