@@ -571,6 +571,29 @@ def test_gpu_fp8_bf16_query_rows_of_any_magnitude(fmt, d):
     assert (np.abs(gl - rl) <= 2e-3 * np.maximum(1.0, np.abs(rl))).all()
 
 
+@pytest.mark.parametrize("hq,dt", [(8, "float16"), (50, "bfloat16")])
+def test_gpu_fp8_head_dim_256_tile_128(hq, dt):
+    """fp8 at head_dim 256 with 128-token tiles, a configuration that fits
+    only since fp8 specs keep no separate float scratch (the segment store
+    merges through the consumed stage in two column passes): one and four
+    query tiles, a grid that cuts units; NaN-prefilled outputs and lse."""
+    rng = np.random.default_rng(401 + hq)
+    lens = [3001, 129, 0, 700]
+    q, k, v, L, table = make_inputs(rng, len(lens), hq, 1, 256, np.float16, lens, "dense")
+    npdt = np.float16 if dt == "float16" else BF16
+    k8, ku8, ks = _fp8_cache(rng, k, "e4m3", True)
+    v8, vu8, vs = _fp8_cache(rng, v, "e4m3", True)
+    qd = q.astype(npdt)
+    ro, rl = reference.attention(qd, k8, v8, kv_lens=L, k_scale=ks, v_scale=vs)
+    out = _nan_like(q.shape, npdt)
+    lse = cp.full(q.shape[:2], cp.nan, dtype=cp.float32)
+    cupy_lean.attention(to_gpu(qd), cp.asarray(ku8), cp.asarray(vu8), kv_lens=cp.asarray(L), kv_dtype="e4m3",
+                        k_scale=cp.asarray(ks), v_scale=cp.asarray(vs), num_ctas=19, tile_size=128, out=out, lse=lse)
+    fin = np.isfinite(rl)
+    _assert_out_lse(out, lse, ro, rl, (4e-3 if dt == "float16" else 2e-2) * max(1.0, np.abs(ro).max()),
+                    2e-3 * max(1.0, np.abs(rl[fin]).max()))
+
+
 def test_gpu_fp8_bit_move_conversion_in_a_fresh_process():
     """The e4m3 conversion of GPUs before sm_89 (bit moves, value / 256 with
     the 256 restored in the scales), forced on this GPU through
