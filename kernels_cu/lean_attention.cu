@@ -1196,30 +1196,24 @@ __device__ __forceinline__ void tile_scores(const Params& p, const Shared& sh, c
   }
 #pragma unroll
   for (int x = 0; x < TW / 8; ++x) s[x][0] = s[x][1] = s[x][2] = s[x][3] = 0.f;
-  if (HAS_FP8) {
-    // fp8 K straight from the ring: in each 16-wide step kk the MMA's k indices
-    // {2q, 2q+1, 2q+8, 2q+9} (q = lane % 4) are mapped to columns 16kk + 4q +
-    // {0..3} of q and K alike (a dot product does not depend on the order of
-    // its terms), so that one 32-bit read of a K row gives both B registers;
-    // q's columns were regrouped for this by prepare_q_fp8, and one ldmatrix
-    // gives the A registers.
-    const unsigned char* kb = reinterpret_cast<const unsigned char*>(ks);
-    const int q4 = lane & 3;
+  // fp8 K straight from the ring: in each 16-wide step kk the MMA's k indices
+  // {2q, 2q+1, 2q+8, 2q+9} (q = lane % 4) are mapped to columns 16kk + 4q +
+  // {0..3} of q and K alike (a dot product does not depend on the order of
+  // its terms), so that one 32-bit read of a K row gives both B registers;
+  // q's columns were regrouped for this by prepare_q_fp8, so the same
+  // ldmatrix as for fp16/bf16 K gives the A registers.
+  const unsigned char* kb = reinterpret_cast<const unsigned char*>(ks);
 #pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      u32 a0, a1, a2, a3;
-      ldsm_x4(a0, a1, a2, a3, smem_u32(qs + swz(wm * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, kk * 2 + (lane >> 4))));
+  for (int kk = 0; kk < D / 16; ++kk) {
+    u32 a0, a1, a2, a3;
+    ldsm_x4(a0, a1, a2, a3, smem_u32(qs + swz(wm * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, kk * 2 + (lane >> 4))));
+    if (HAS_FP8) {
 #pragma unroll
       for (int nb = 0; nb < TW / 8; ++nb) {
-        const u32 w = *reinterpret_cast<const u32*>(kb + swz8(tokw + nb * 8 + (lane >> 2), kk) + 4 * q4);
+        const u32 w = *reinterpret_cast<const u32*>(kb + swz8(tokw + nb * 8 + (lane >> 2), kk) + 4 * (lane & 3));
         mma16816<false>(s[nb], a0, a1, a2, a3, fp8x2_to_f16x2<0, 1>(w), fp8x2_to_f16x2<2, 3>(w));
       }
-    }
-  } else {
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      u32 a0, a1, a2, a3;
-      ldsm_x4(a0, a1, a2, a3, smem_u32(qs + swz(wm * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, kk * 2 + (lane >> 4))));
+    } else {
 #pragma unroll
       for (int nb2 = 0; nb2 < TW / 16; ++nb2) {
         u32 b0, b1, b2, b3;

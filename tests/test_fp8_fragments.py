@@ -28,7 +28,7 @@ MIRRORED = [
     "const int sh2 = min(14 - (ex - 127), 126);",
     "if (kk == 0) q_scale[r] = __uint_as_float((u32)(127 - sh2) << 23);",
     "ldsm_x4(a0, a1, a2, a3, smem_u32(qs + swz(wm * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, kk * 2 + (lane >> 4))));",
-    "const u32 w = *reinterpret_cast<const u32*>(kb + swz8(tokw + nb * 8 + (lane >> 2), kk) + 4 * q4);",
+    "const u32 w = *reinterpret_cast<const u32*>(kb + swz8(tokw + nb * 8 + (lane >> 2), kk) + 4 * (lane & 3));",
     "mma16816<false>(s[nb], a0, a1, a2, a3, fp8x2_to_f16x2<0, 1>(w), fp8x2_to_f16x2<2, 3>(w));",
     "const int r = (threadIdx.x >> 5) / WN * 16 + ((threadIdx.x & 31) >> 2);",
     "const u32 t = __byte_perm(w, 0u, 0x3120);  // bytes 0, 2 in the low half, 1, 3 in the high",
