@@ -120,7 +120,8 @@ def check_q_lens(q_lens, batch, q_len, check_values):
     if batch and (check_values or not gpu):  # on the given dtype: a cast to int32 could wrap
         lo, hi = int(x.min()), int(x.max())
         if lo < 0 or hi > q_len:
-            raise ValueError(f"q_lens: expected values in [0, {q_len}] (q_len), got {lo} to {hi}")
+            i = int(x.argmin()) if lo < 0 else int(x.argmax())
+            raise ValueError(f"q_lens: expected values in [0, {q_len}] (q_len), got q_lens[{i}] = {lo if lo < 0 else hi}")
     return _index_array(x, 0, q_len, "q_lens") if gpu else x
 
 

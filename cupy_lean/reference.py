@@ -242,7 +242,8 @@ def _query_tokens(q_lens, batch, q_len):
     if nq.shape != (batch,) or nq.dtype.kind not in "iu":
         raise ValueError(f"q_lens: expected integers of shape ({batch},), got {nq.dtype} {tuple(nq.shape)}")
     if nq.size and (nq.min() < 0 or nq.max() > q_len):
-        raise ValueError(f"q_lens: expected values in [0, {q_len}] (q_len), got {int(nq.min())} to {int(nq.max())}")
+        i = int(nq.argmin()) if nq.min() < 0 else int(nq.argmax())
+        raise ValueError(f"q_lens: expected values in [0, {q_len}] (q_len), got q_lens[{i}] = {int(nq[i])}")
     return nq.astype(np.int64)
 
 

@@ -286,8 +286,10 @@ def fp8_scales(k_scale, v_scale, heads_kv):
         if arr is None or arr.ndim > 1 or (arr.ndim == 1 and arr.shape != (heads_kv,)):
             raise ValueError(f"{name}: expected a number or an array of shape ({heads_kv},), got "
                              f"{type(sc).__name__} {getattr(sc, 'shape', sc)!r}")
-        if not np.all(np.isfinite(arr) & (arr > 0)):
-            raise ValueError(f"{name}: expected finite values > 0, got {arr!r}")
+        bad = ~(np.isfinite(arr) & (arr > 0))
+        if bad.any():
+            got = f"{float(arr)}" if arr.ndim == 0 else f"{name}[{int(np.argmax(bad))}] = {float(arr[np.argmax(bad)])}"
+            raise ValueError(f"{name}: expected finite values > 0, got {got}")
         scales.append(np.broadcast_to(arr, (heads_kv,)).copy())
     return scales[0], scales[1]
 
