@@ -72,6 +72,9 @@ for step in "$@"; do
       for t in . ${TREES:-}; do
         tag=$(basename "$(cd "$t" && pwd)")
         if [ "$t" != . ]; then rm -rf "$t/tools" "$t/bench" && cp -r tools "$t/tools" && cp -r bench "$t/bench"; fi
+        # the e4m3 specs (and the plain ones) of this tree, compiled in parallel first
+        (cd "$t" && PYTHONPATH=.:/tmp/site python3 tools/precompile.py --features 0,16 --dtypes "$DT_SPEC" \
+           > /dev/null 2>&1 || true)
         for dt in $(echo "$DT" | tr ',' ' '); do
           name=$([ "$dt" = bf16 ] && echo bfloat16 || echo float16)
           (cd "$t" && PYTHONPATH=.:/tmp/site python3 tools/fp8_timing.py --family "$N" --seed "$SEED" --dtype "$name" \
