@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # One build-test-measure cycle on a lent GPU machine, results under $OUT.
-# Usage: bash tools/device_cycle.sh STEPS...   (steps: precompile tests tests-par sanitize fp8 family-quick family tune trees split-gap)
+# Usage: bash tools/device_cycle.sh STEPS...   (steps: precompile smoke tests tests-par sanitize fp8 family-quick family tune trees split-gap)
 #   precompile   every spec (and tile override) into CuPy's disk cache, in parallel
 #   tune         python -m bench.tune measure on FAMILY_N shapes of seed SEED -> $OUT/tune_SEED.json
 #   tests        the GPU test suite                    -> $OUT/gpu_tests.txt
 #   tests-par    the same in SHARDS parallel processes (default 6) -> $OUT/gpu_tests.txt
 #   sanitize     tools/sanitize.sh                     -> $OUT/sanitize.txt
+#   smoke        tools/smoke.py under SMOKE_TIMEOUT (default 240 s): the likeliest-broken paths in a minute,
+#                before the suite -> $OUT/smoke.txt
 #   fp8          tools/fp8_timing.py on FAMILY_N shapes of seed SEED, q in each of DTYPES, this tree and
 #                each tree in TREES -> $OUT/fp8_TREE_DTYPE_SEED.json
 #   family-quick lean only, this tree and .base/ (a copy of the package before
@@ -67,6 +69,9 @@ for step in "$@"; do
       tail -${SHARDS:-6} "$OUT/gpu_tests.txt";;
     sanitize)
       bash tools/sanitize.sh /tmp/sanlogs > "$OUT/sanitize.txt" 2>&1; cat "$OUT/sanitize.txt";;
+    smoke)
+      timeout "${SMOKE_TIMEOUT:-240}" python3 tools/smoke.py > "$OUT/smoke.txt" 2>&1; echo "smoke rc $?"
+      grep -E "^FAIL|^smoke" "$OUT/smoke.txt";;
     fp8)
       # this tree and each tree in TREES, q in each of DTYPES
       for t in . ${TREES:-}; do
