@@ -25,23 +25,18 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _inputs(rng, lens, hq, hkv, d, dt, layout, page_size=16):
-    lens = np.asarray(lens, np.int32)
+    from bench import cases as C
+
     q = rng.standard_normal((len(lens), hq, d)).astype(dt)
-    if layout == "paged":
-        used = [-(-int(n) // page_size) for n in lens]
-        pages = sum(used) + 2
-        perm = rng.permutation(pages)
-        table = np.full((len(lens), max(max(used), 1) + 1), -1, np.int32)
-        pos = 0
-        for b, u in enumerate(used):
-            table[b, :u] = perm[pos:pos + u]
-            pos += u
+    case = C.Case("smoke", len(lens), hq, hkv, d, tuple(int(n) for n in lens), layout, "smoke", page_size)
+    if layout == "paged":  # pages handed out in a shuffled order (the benchmark's page lists)
+        pages, table, *_ = C.page_lists(case, seed=int(rng.integers(1 << 30)))
         shape = (pages, page_size, hkv, d)
     else:
-        table, shape = None, (len(lens), max(int(lens.max()), 1), hkv, d)
+        table, shape = None, (len(lens), max(case.max_len, 1), hkv, d)
     k = rng.standard_normal(shape).astype(np.float32)
     v = rng.standard_normal(shape).astype(np.float32)
-    return q, k, v, lens, table
+    return q, k, v, np.asarray(lens, np.int32), table
 
 
 class _NumPyAsCuPy:
