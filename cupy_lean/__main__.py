@@ -102,7 +102,7 @@ def demo(argv=None):
         print("\nNo GPU used: this ran on the CPU through the NumPy reference path "
               f"(schedule shown as the default plan would launch it on a {H100_SMS}-SM H100).")
         if not args.cpu:
-            print(f"Why: {_no_gpu_reason()}")
+            print(f"(CuPy could not use a GPU here: {_no_gpu_reason()})")
     ok = err < 1e-2 and em_err < 1e-9 and lse_ok
     return 0 if ok else 1
 
@@ -165,7 +165,7 @@ def schedule_cmd(argv=None):
            + (f", at most one per tile: {grid}" if grid != num_ctas else "")
            ) + f", tile {spec.tile}, merge balance {mb}"
     print(f"(grid: {grid} CTAs, {src})")
-    print(s.describe(grid_note=src))
+    print(s.describe())  # the grid's source is the line above
     if len(args.lens) == 1 and args.num_ctas is None and not args.merge_balance:
         print("(one sequence: the default plan may run its split-K variant or one CTA per unit instead of "
               "this stream-K schedule; cupy_lean.schedule.uniform_variant chooses, Plan.describe() says which)")

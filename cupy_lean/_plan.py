@@ -118,9 +118,9 @@ def check_q_lens(q_lens, batch, q_len, check_values):
     if tuple(x.shape) != (batch,) or x.dtype.kind not in "iu":
         raise ValueError(f"q_lens: expected integers of shape ({batch},), got {x.dtype} {tuple(x.shape)}")
     if batch and (check_values or not gpu):  # on the given dtype: a cast to int32 could wrap
-        lo, hi = int(x.min()), int(x.max())
-        if lo < 0 or hi > q_len:
-            raise ValueError(f"q_lens: expected values in [0, {q_len}] (q_len), got {lo} to {hi}")
+        from .validation import check_range
+
+        check_range(x, 0, q_len, "q_lens", "q_len")
     return _index_array(x, 0, q_len, "q_lens") if gpu else x
 
 

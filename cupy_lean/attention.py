@@ -39,7 +39,8 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
     q : array, shape (batch, heads_q, head_dim) or (batch, q_len, heads_q, head_dim)
         Query of the newest token of each sequence; or of its last ``q_len``
         tokens (speculative decoding), causal at the end of the cache: query
-        ``i`` sees keys ``[0, kv_len - q_len + i]``, and ``out`` / ``lse``
+        ``i`` sees keys ``[0, kv_len - q_len + i]`` (none where that is
+        negative: zero ``out``, ``-inf`` ``lse``), and ``out`` / ``lse``
         get the ``q_len`` axis (GPU: ``q_len x heads_q / heads_kv`` at most
         128, the rows of a KV head computed together).
     q_lens : array of int, shape (batch,), optional
@@ -87,7 +88,9 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
     num_ctas : int, optional
         Grid size override (lean: persistent CTAs, default fills the GPU at the
         kernel's occupancy; split: total CTAs, ``num_splits = num_ctas //
-        units``; ignored by head).
+        units``; ignored by head). ``schedule``, ``num_ctas`` and
+        ``tile_size`` shape the GPU's work only: on NumPy inputs they change
+        nothing (nor do the GPU's head_dim, group and page-size limits apply).
     tile_size : int, optional
         KV tokens per tile, one of 16, 32, 64, 128 (a compile-time parameter);
         default by head_dim and group for the device (``plan(...).describe()``

@@ -241,8 +241,9 @@ def _query_tokens(q_lens, batch, q_len):
     nq = np.asarray(to_cpu(q_lens, "q_lens"))
     if nq.shape != (batch,) or nq.dtype.kind not in "iu":
         raise ValueError(f"q_lens: expected integers of shape ({batch},), got {nq.dtype} {tuple(nq.shape)}")
-    if nq.size and (nq.min() < 0 or nq.max() > q_len):
-        raise ValueError(f"q_lens: expected values in [0, {q_len}] (q_len), got {int(nq.min())} to {int(nq.max())}")
+    from .validation import check_range
+
+    check_range(nq, 0, q_len, "q_lens", "q_len")
     return nq.astype(np.int64)
 
 

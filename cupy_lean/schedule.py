@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import textwrap
 
 import numpy as np
 
@@ -164,10 +165,12 @@ class Schedule:
 
     @property
     def batch(self) -> int:
+        """Sequences in the batch (empty ones included)."""
         return int(self.kv_lens.shape[0])
 
     @property
     def num_units(self) -> int:
+        """Units (one sequence's one KV head each): batch x heads_kv."""
         return int(self.unit_tiles.shape[0])
 
     def tiles_per_cta(self) -> np.ndarray:
@@ -297,10 +300,11 @@ class Schedule:
                                  label="unit split over CTAs: partial states, merged by "
                                        + ("the combine launch" if self.merge_launch else "the last"))],
                   fontsize=7, loc="lower left", framealpha=0.9)
-        note = f"; {grid_note}" if grid_note else ""
-        fig.suptitle(title or (
+        head = title or (
             f"{self.kind} schedule: {self.batch} sequences x {self.heads_kv} KV heads = {units} units (rows), "
-            f"{self.total_tiles} tiles of {self.tile_size} tokens over {self.num_ctas} CTAs{note}"), fontsize=9)
+            f"{self.total_tiles} tiles of {self.tile_size} tokens over {self.num_ctas} CTAs"
+            + (f"; {grid_note}" if grid_note else ""))
+        fig.suptitle("\n".join(textwrap.wrap(head, 120)), fontsize=9)  # the figure is 10 inches wide
         fig.tight_layout()
         fig.savefig(path, dpi=110)
         plt.close(fig)
@@ -784,5 +788,10 @@ def split_schedule(kv_lens, heads_kv, *, tile_size, num_splits):
 
 
 def head_schedule(kv_lens, heads_kv, *, tile_size):
-    """The FlashAttention-2 schedule: one CTA per unit, no partial states."""
+    """The FlashAttention-2 schedule: one CTA per unit (a sequence's KV head),
+    no partial states; ``split_schedule`` with one split.
+
+    ``kv_lens``: the sequences' lengths (tokens, >= 0); ``heads_kv``: KV heads
+    per sequence; ``tile_size``: tokens per tile. Returns a :class:`Schedule`
+    of ``len(kv_lens) x heads_kv`` CTAs."""
     return split_schedule(kv_lens, heads_kv, tile_size=tile_size, num_splits=1)

@@ -286,20 +286,28 @@ def fp8_scales(k_scale, v_scale, heads_kv):
         if arr is None or arr.ndim > 1 or (arr.ndim == 1 and arr.shape != (heads_kv,)):
             raise ValueError(f"{name}: expected a number or an array of shape ({heads_kv},), got "
                              f"{type(sc).__name__} {getattr(sc, 'shape', sc)!r}")
-        if not np.all(np.isfinite(arr) & (arr > 0)):
-            raise ValueError(f"{name}: expected finite values > 0, got {arr!r}")
+        bad = ~(np.isfinite(arr) & (arr > 0))
+        if bad.any():
+            i = int(np.argmax(bad))
+            got = f"{float(arr)}" if arr.ndim == 0 else f"{name}[{i}] = {float(arr[i])}"
+            raise ValueError(f"{name}: expected finite values > 0, got {got}")
         scales.append(np.broadcast_to(arr, (heads_kv,)).copy())
     return scales[0], scales[1]
+
+
+def check_range(x, lo, hi, name, bound):
+    """Raise ValueError naming the first entry of the 1-D integer array ``x``
+    (NumPy or CuPy) outside ``[lo, hi]``; ``bound`` says what ``hi`` is."""
+    bad = (x < lo) | (x > hi)
+    if bool(bad.any()):
+        i = int(bad.argmax())
+        raise ValueError(f"{name}: expected values in [{lo}, {hi}] ({bound}), got {name}[{i}] = {int(x[i])}")
 
 
 def check_host_values(m, lens, table):
     """Range checks of kv_lens / block_table given on the host."""
     if lens is not None and lens.size:
-        bad = np.nonzero((lens < 0) | (lens > m.capacity))[0]
-        if bad.size:
-            i = int(bad[0])
-            raise ValueError(
-                f"kv_lens: expected values in [0, {m.capacity}] (the cache capacity), got kv_lens[{i}] = {int(lens[i])}")
+        check_range(lens, 0, m.capacity, "kv_lens", "the cache capacity")
     if table is not None and table.size and lens is not None:
         used = -(-lens.astype(np.int64) // m.page_size)
         cols = np.arange(table.shape[1])

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # One build-test-measure cycle on a lent GPU machine, results under $OUT.
-# Usage: bash tools/device_cycle.sh STEPS...   (steps: precompile tests tests-par sanitize fp8 family-quick family tune trees split-gap)
+# Usage: bash tools/device_cycle.sh STEPS...   (steps: precompile smoke tests tests-par sanitize fp8 family-quick family tune trees split-gap)
 #   precompile   every spec (and tile override) into CuPy's disk cache, in parallel
 #   tune         python -m bench.tune measure on FAMILY_N shapes of seed SEED -> $OUT/tune_SEED.json
 #   tests        the GPU test suite                    -> $OUT/gpu_tests.txt
 #   tests-par    the same in SHARDS parallel processes (default 6) -> $OUT/gpu_tests.txt
 #   sanitize     tools/sanitize.sh                     -> $OUT/sanitize.txt
+#   smoke        tools/smoke.py under SMOKE_TIMEOUT (default 240 s): the likeliest-broken paths in a minute,
+#                before the suite -> $OUT/smoke.txt
 #   fp8          tools/fp8_timing.py on FAMILY_N shapes of seed SEED, q in each of DTYPES, this tree and
 #                each tree in TREES -> $OUT/fp8_TREE_DTYPE_SEED.json
 #   family-quick lean only, this tree and .base/ (a copy of the package before
@@ -27,6 +29,10 @@ fi
 export PYTHONPATH=.:${PYTHONPATH:-}
 SEED=${SEED:-1}; N=${FAMILY_N:-24}; DT=${DTYPES:-fp16}
 DT_SPEC=$(echo "$DT" | sed 's/fp16/f16/g')
+# another package tree (TREES, .base) runs with this tree's bench/ and tools/
+this_tools() {
+  if [ "$1" != . ]; then rm -rf "$1/bench" "$1/tools" && cp -r bench "$1/bench" && cp -r tools "$1/tools"; fi
+}
 nvidia-smi --query-gpu=name,clocks.max.sm,clocks.max.mem --format=csv,noheader > "$OUT/gpu.txt" 2>&1
 for step in "$@"; do
   t0=$(date +%s)
@@ -40,7 +46,7 @@ for step in "$@"; do
       # lean only, the same family shapes, with each package tree in TREES (dirs holding cupy_lean/ and
       # kernels_cu/, e.g. older commits) and this tree's bench/
       for t in ${TREES:-}; do
-        rm -rf "$t/bench" "$t/tools" && cp -r bench "$t/bench" && cp -r tools "$t/tools"
+        this_tools "$t"
         (cd "$t" && python3 tools/precompile.py --dtypes $DT_SPEC > /dev/null 2>&1 || true)
         tag=$(basename "$t")
         (cd "$t" && PYTHONPATH=.:/tmp/site python3 -m bench.run --family "$N" --seed "$SEED" --dtypes "$DT" \
@@ -50,7 +56,7 @@ for step in "$@"; do
     split-gap)
       for t in . ${TREES:-}; do
         tag=$(basename "$(cd "$t" && pwd)")
-        if [ "$t" != . ]; then rm -rf "$t/tools" "$t/bench" && cp -r tools "$t/tools" && cp -r bench "$t/bench"; fi
+        this_tools "$t"
         (cd "$t" && PYTHONPATH=.:/tmp/site python3 tools/split_gap.py --seed "$SEED" --shapes "$N" --max-mb 80 \
            --min-units 2 --max-units 44 --out "$OUT/split_gap_${tag}_$SEED.json" > "$OUT/split_gap_${tag}.txt" 2>&1)
         echo "== $tag"; grep -E "us/call" "$OUT/split_gap_${tag}.txt" | sed 's/  attn span.*found med\/max/ found/; s/  tile0.*//'
@@ -67,11 +73,17 @@ for step in "$@"; do
       tail -${SHARDS:-6} "$OUT/gpu_tests.txt";;
     sanitize)
       bash tools/sanitize.sh /tmp/sanlogs > "$OUT/sanitize.txt" 2>&1; cat "$OUT/sanitize.txt";;
+    smoke)
+      timeout "${SMOKE_TIMEOUT:-240}" python3 tools/smoke.py > "$OUT/smoke.txt" 2>&1; echo "smoke rc $?"
+      grep -E "^FAIL|^smoke" "$OUT/smoke.txt";;
     fp8)
       # this tree and each tree in TREES, q in each of DTYPES
       for t in . ${TREES:-}; do
         tag=$(basename "$(cd "$t" && pwd)")
-        if [ "$t" != . ]; then rm -rf "$t/tools" "$t/bench" && cp -r tools "$t/tools" && cp -r bench "$t/bench"; fi
+        this_tools "$t"
+        # the e4m3 specs (and the plain ones) of this tree, compiled in parallel first
+        (cd "$t" && PYTHONPATH=.:/tmp/site python3 tools/precompile.py --features 0,16 --dtypes "$DT_SPEC" \
+           > /dev/null 2>&1 || true)
         for dt in $(echo "$DT" | tr ',' ' '); do
           name=$([ "$dt" = bf16 ] && echo bfloat16 || echo float16)
           (cd "$t" && PYTHONPATH=.:/tmp/site python3 tools/fp8_timing.py --family "$N" --seed "$SEED" --dtype "$name" \
@@ -82,7 +94,7 @@ for step in "$@"; do
     family-quick|family)
       methods=lean; [ "$step" = family ] && methods=${METHODS:-lean,sdpa-cudnn,sdpa-flash,flashinfer,flashinfer-tc}
       if [ -d .base ]; then
-        rm -rf .base/bench && cp -r bench .base/bench
+        this_tools .base
         (cd .base && PYTHONPATH=.:/tmp/site python3 -m bench.run --family "$N" --seed "$SEED" --dtypes "$DT" \
            --methods lean --out "$OUT" --tag "base_$step" --no-plots --time-budget 0 > "$OUT/base_$step.txt" 2>&1)
         echo "base: $(grep '^family seed' "$OUT/base_$step.txt" | head -1)"

@@ -1,12 +1,15 @@
 """fp8 K/V against fp16 K/V on family shapes, lean only (the same shapes, the
 same timing as the benchmark: CUDA-graph replays over rotating copies).
 
-    python tools/fp8_timing.py --family 16 --seed S [--dtype bfloat16] [--out fp8.json]
+    python tools/fp8_timing.py --family 16 --seed S [--dtype bfloat16] [--stages 2,3] [--out fp8.json]
 
 For each shape: the time with K/V in q's dtype (fp16 by default, or bf16),
 the e4m3 time (uint8 storage: the high byte of each of those values, scales
 per head; q and out stay in that dtype), their ratio, and the fp8 call's
 bytes per second. fp8 reads half the bytes: the target ratio is about 0.5.
+``--stages``: the fp8 call also through plans of these pipeline depths (the
+default spec's tile; a depth that does not fit the device is skipped), to
+see how the fp8 time depends on the bytes in flight.
 """
 
 import argparse
@@ -23,6 +26,7 @@ def main():
     ap.add_argument("--family", type=int, default=16)
     ap.add_argument("--seed", type=int, required=True)
     ap.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"), help="q, out (and the 16-bit K/V)")
+    ap.add_argument("--stages", default="", help="comma-separated pipeline depths to time the fp8 call at too")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     import cupy as cp
@@ -48,11 +52,23 @@ def main():
         ks = cp.full(case.heads_kv, 0.5, dtype=cp.float32)
         t8 = graph_time(lambda i: cupy_lean.attention(inp.q[i], k8[i], v8[i], out=outs[i], kv_dtype="e4m3",
                                                       k_scale=ks, v_scale=ks, **kw), n_copies)
+        by_stages = {}
+        for st in (int(x) for x in a.stages.split(",") if x.strip()):
+            try:
+                p = cupy_lean.plan(inp.q[0], k8[0], v8[0], out=outs[0], kv_dtype="e4m3", stages=st, **kw)
+            except ValueError as exc:  # does not fit this device's shared memory
+                by_stages[st] = None
+                print(f"    stages {st}: {exc}", flush=True)
+                continue
+            by_stages[st] = graph_time(lambda i: p.run(inp.q[i], k8[i], v8[i], out=outs[i], k_scale=ks, v_scale=ks,
+                                                       **kw), n_copies)
         b8 = case.kv_bytes() / 2
         rows.append({"case": case.name, "kv_bytes_fp16": case.kv_bytes(), "fp16_us": t16, "fp8_us": t8,
-                     "ratio": t8 / t16, "fp8_tbps": b8 / t8 / 1e6, "fp16_tbps": case.kv_bytes() / t16 / 1e6})
+                     "ratio": t8 / t16, "fp8_tbps": b8 / t8 / 1e6, "fp16_tbps": case.kv_bytes() / t16 / 1e6,
+                     "fp8_us_by_stages": by_stages})
+        extra = "".join(f"  s{k} {v:.1f}" for k, v in by_stages.items() if v is not None)
         print(f"{case.name:48s} fp16 {t16:8.1f} us ({rows[-1]['fp16_tbps']:.2f} TB/s)  e4m3 {t8:8.1f} us "
-              f"({rows[-1]['fp8_tbps']:.2f} TB/s)  ratio {t8 / t16:.3f}", flush=True)
+              f"({rows[-1]['fp8_tbps']:.2f} TB/s)  ratio {t8 / t16:.3f}{extra}", flush=True)
         inp.free()
         k8 = v8 = outs = None  # free before the next shape
         cp.get_default_memory_pool().free_all_blocks()
