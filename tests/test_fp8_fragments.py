@@ -10,7 +10,6 @@ are checked verbatim, so a change there fails here first."""
 import numpy as np
 import pytest
 
-from cupy_lean import kernels as K
 from kernel_mirror import assert_in_kernel
 
 MIRRORED = [
