@@ -436,6 +436,7 @@ class Plan:
         prm.bt_sb = bt_sb
         prm.batch, prm.heads_kv, prm.group, prm.capacity = B, Hkv, g, m.capacity
         prm.page_size, prm.num_pages = max(m.page_size, 1), m.num_pages
+        prm.page_magic, prm.page_shift = K.page_divisor(prm.page_size)
         prm.decomposition, prm.num_splits = int(decomp), ns
         # merge launch: the kernel may run split-K in one wave when a launch's lengths favour it
         self.runtime_split = bool(self.merge_launch and K.TUNING["runtime_split"])

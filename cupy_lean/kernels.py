@@ -92,7 +92,21 @@ class Params(ctypes.Structure):
         ("q_lens", ctypes.c_uint64), ("k_scale", ctypes.c_uint64), ("v_scale", ctypes.c_uint64),
         ("k_scale_value", ctypes.c_float), ("v_scale_value", ctypes.c_float),
         ("runtime_split", ctypes.c_int32),
+        ("page_magic", ctypes.c_uint32), ("page_shift", ctypes.c_int32),
     ]
+
+
+def page_divisor(page_size):
+    """``(magic, shift)`` for the kernel's division of a token index by the
+    page size without a divide: ``n // page_size == ((n * magic >> 32) + n)
+    >> shift`` for every ``0 <= n < 2**31`` (``shift`` = ceil(log2
+    page_size), ``magic`` = floor(2**32 (2**shift - page_size) / page_size)
+    + 1, below 2**32; the sum stays under 2**32)."""
+    d = int(page_size)
+    if d < 1:
+        raise ValueError(f"page_size: expected an integer >= 1, got {page_size}")
+    shift = (d - 1).bit_length()
+    return ((1 << 32) * ((1 << shift) - d)) // d + 1, shift
 
 
 #: The pointer fields, first in :class:`Params` (a launch sets them with one

@@ -245,7 +245,8 @@ static_assert(STREAM_K == LEAN_HOST_STREAM_K && SPLIT_K == LEAN_HOST_SPLIT_K, "D
   F(const float*, v_scale)   /* HAS_FP8: V = stored value x v_scale[h], or null: */         \
   F(float, k_scale_value)    /* HAS_FP8: ... one scale for every head (by value) */          \
   F(float, v_scale_value)                                                                       \
-  F(int, runtime_split)      /* STREAM_K with unit_meta: n >= 1: split-K in one wave when its busiest CTA has at most n tiles more */
+  F(int, runtime_split)      /* STREAM_K with unit_meta: n >= 1: split-K in one wave when its busiest CTA has at most n tiles more */ \
+  F(u32, page_magic) F(int, page_shift) /* PAGED: tok / page_size = (umulhi(tok, magic) + tok) >> shift (kernels.page_divisor) */
 
 #define LEAN_DECLARE_FIELD(type, name) type name;
 struct Params {
@@ -936,6 +937,7 @@ struct KVLoader {
   __device__ void init(const Params& p) {
     policy = evict_first_policy();
     if (one_page && p.page_size % RUN != 0) __trap();  // a host bug: this spec needs page_rows
+    if (PAGED && p.page_magic == 0) __trap();          // a host bug: the page divisor is not set
   }
 
   __device__ void prefetch_pages(const Params& p, const Segment& s, int t, bool valid) {
@@ -945,8 +947,8 @@ struct KVLoader {
     const int ntok = valid ? min(TILE, s.len - tok0) : 0;
     const int r0 = (threadIdx.x / KCPR) * RUN;
     const int j = one_page ? 0 : threadIdx.x % KCPR;  // page_rows: this lane's row of the run
-    const int tok = tok0 + r0 + j;
-    const int pq = tok / ps;
+    const int tok = tok0 + r0 + j;  // >= 0 and < 2^31: the sum below fits in 32 bits
+    const int pq = (int)((__umulhi((u32)tok, p.page_magic) + (u32)tok) >> p.page_shift);  // tok / ps
     prow0 = tok - pq * ps;
     const int* bt = p.block_table + (i64)s.b * p.bt_sb;
     // checked when used (load): this read's latency is hidden

@@ -7,6 +7,7 @@ import os
 import re
 import sys
 
+import numpy as np
 import pytest
 
 from cupy_lean import kernels as K
@@ -484,3 +485,21 @@ def test_launch_config_struct_matches_cuda_h():
     assert [getattr(L._Config, f).offset for f in ("sharedMemBytes", "hStream", "attrs", "numAttrs")] == [24, 32, 40, 48]
     assert ctypes.sizeof(L._Config) == 56
     assert L._PROGRAMMATIC_STREAM_SERIALIZATION == 6
+
+
+def test_page_divisor_divides_every_token_index():
+    """kernels.page_divisor: the kernel's divide-free token / page_size, for
+    every page size the GPU takes, exhaustively below 2^20 and at 20000
+    random and edge indices up to 2^31 - 1."""
+    rng = np.random.default_rng(3)
+    small = np.arange(1 << 20, dtype=np.uint64)
+    big = np.concatenate([rng.integers(0, 2 ** 31, 20000, dtype=np.uint64),
+                          np.arange(2 ** 31 - 4096, 2 ** 31, dtype=np.uint64)])
+    for d in range(1, K.MAX_PAGE_SIZE + 1):
+        magic, shift = K.page_divisor(d)
+        assert 0 < magic < 2 ** 32
+        for n in (small, big):
+            got = (((n * np.uint64(magic)) >> np.uint64(32)) + n) >> np.uint64(shift)
+            assert np.array_equal(got, n // np.uint64(d)), d
+    with pytest.raises(ValueError, match="page_size: expected an integer >= 1, got 0"):
+        K.page_divisor(0)
