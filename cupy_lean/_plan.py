@@ -976,12 +976,18 @@ def _check_host_lens(meta, lens, table):
                       table if isinstance(table, np.ndarray) else None)
 
 
+def plan_key(device, sig):
+    """The cache key of the plan of ``sig`` on ``device``: also the TUNING
+    values (kernels.TUNING.key), which shape a plan."""
+    return ("plan", device, sig, K.TUNING.key)
+
+
 def get_plan(sig, build_meta):
     """The cached plan of ``sig`` on the current device, built (after
     ``build_meta()`` validated the call) when missing."""
     import cupy as cp
 
-    key = ("plan", cp.cuda.runtime.getDevice(), sig)
+    key = plan_key(cp.cuda.runtime.getDevice(), sig)
     plan = _cache.get(key)
     if plan is None:
         meta = build_meta()

@@ -186,7 +186,7 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
         # Hot path: CuPy arrays whose signature has a plan (validated when the
         # plan was built).
         sig = _plan.signature(q, k, v, out, kv_lens, block_table, scale, schedule, num_ctas, tile_size)
-        p = _cache.get(("plan", _device(), sig))
+        p = _cache.get(_plan.plan_key(_device(), sig))
         if p is not None and (lse is None or p._lse_ok(lse)):
             want = return_lse or lse is not None
             res_out, res_lse = p._launch(q, k, v, kv_lens, block_table, out, lse, want)

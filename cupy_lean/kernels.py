@@ -18,6 +18,7 @@ alone (no GPU needed), which is what the CPU tests do for sm_80 and sm_90.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import enum
@@ -280,9 +281,62 @@ def _fits(tile, stages, head_dim, m_tiles, paged, budget):
     return Spec("f16", head_dim, m_tiles, tile, stages, paged).smem_bytes <= budget
 
 
+class _Tuning(dict):
+    """The dict of :data:`TUNING`: ``key`` is a small integer naming its
+    current items (the same items, the same integer), kept current by every
+    change. A launch plan's cache key includes it, so a plan made under other
+    values is not reused after a change, and setting the values back finds
+    the plans made under them again (an integer: the per-call lookup hashes
+    no snapshot)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._changed()
+
+    def _changed(self):
+        keys = self.__dict__.setdefault("_keys", {})  # (a copy or unpickling sets items before attributes)
+        self.key = keys.setdefault(tuple(sorted(self.items())), len(keys))
+
+    def __setitem__(self, name, value):
+        super().__setitem__(name, value)
+        self._changed()
+
+    def __delitem__(self, name):
+        super().__delitem__(name)
+        self._changed()
+
+    def update(self, *args, **kwargs):
+        super().update(*args, **kwargs)
+        self._changed()
+
+    def __ior__(self, other):
+        self.update(other)
+        return self
+
+    def pop(self, *args):
+        out = super().pop(*args)
+        self._changed()
+        return out
+
+    def popitem(self):
+        out = super().popitem()
+        self._changed()
+        return out
+
+    def setdefault(self, name, default=None):
+        out = super().setdefault(name, default)
+        self._changed()
+        return out
+
+    def clear(self):
+        super().clear()
+        self._changed()
+
+
 #: Tuning constants of the default configurations (measured on an H100, see
-#: bench/NOTES.md), in one place.
-TUNING = {
+#: bench/NOTES.md), in one place. A change applies to the calls after it
+#: (plans are cached per call signature and these values).
+TUNING = _Tuning({
     "kv_tile_bytes": 32 * 1024,  # K+V bytes of the first tile tried: tile = kv_tile_bytes / (4 * head_dim)
     "min_warps": 8,  # the tile doubles (up to 128) while that adds warps and the CTA has fewer
     "deep_pipeline_smem": 160 * 1024,  # 4 stages only up to this much shared memory
@@ -321,7 +375,20 @@ TUNING = {
     # be scheduled during the previous kernel's tail in the stream; it waits for that kernel before it reads
     # or writes memory). False: plain launches
     "pdl": True,
-}
+})
+
+
+@contextlib.contextmanager
+def tuning(**changes):
+    """:data:`TUNING` with ``changes`` for the block, restored after it (an
+    experiment's switch: ``with kernels.tuning(pdl=False): ...``)."""
+    saved = {name: TUNING[name] for name in changes}
+    TUNING.update(changes)
+    try:
+        yield TUNING
+    finally:
+        TUNING.update(saved)
+
 
 #: Opt-in shared memory per block (bytes) by architecture; the plan asks the
 #: device itself, this table serves the CPU tests and the docs.

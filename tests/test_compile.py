@@ -503,3 +503,34 @@ def test_page_divisor_divides_every_token_index():
             assert np.array_equal(got, n // np.uint64(d)), d
     with pytest.raises(ValueError, match="page_size: expected an integer >= 1, got 0"):
         K.page_divisor(0)
+
+
+def test_a_tuning_change_names_other_plans():
+    """Plans are cached per call signature and TUNING values: after a change
+    a call finds no plan made before it (the change applies), and setting
+    the values back finds those plans again."""
+    from cupy_lean import _plan
+
+    before = _plan.plan_key(0, "sig")
+    pdl = K.TUNING["pdl"]
+    with K.tuning(pdl=not pdl) as t:
+        assert t["pdl"] is (not pdl) and _plan.plan_key(0, "sig") != before
+    assert K.TUNING["pdl"] is pdl and _plan.plan_key(0, "sig") == before
+    saved = dict(K.TUNING)
+    try:
+        K.TUNING["merge_launch_pieces"] += 1
+        changed = _plan.plan_key(0, "sig")
+        K.TUNING.update(saved)
+        assert changed != before and _plan.plan_key(0, "sig") == before
+    finally:
+        K.TUNING.update(saved)
+
+
+def test_tuning_survives_copies_and_pickling():
+    import copy
+    import pickle
+
+    for other in (copy.deepcopy(K.TUNING), pickle.loads(pickle.dumps(K.TUNING)), copy.copy(K.TUNING)):
+        assert dict(other) == dict(K.TUNING)
+        other["pdl"] = not other["pdl"]  # a change to the copy names other items, not the package's
+        assert other["pdl"] != K.TUNING["pdl"]

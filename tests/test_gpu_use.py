@@ -215,6 +215,33 @@ def test_plan_run_describe_and_workspace():
         p.run(qd[:2], kd, vd, kv_lens=ld, block_table=td, out=out)
 
 
+def test_tuning_change_applies_to_a_signature_already_called():
+    """The same call before, inside and after ``kernels.tuning(pdl=False)``:
+    the call inside uses a plan made under that value (plans are cached per
+    call signature and TUNING values), the call after finds the first plan
+    again; every output matches the reference."""
+    from cupy_lean import _cache, _plan
+    from cupy_lean import kernels as K
+
+    rng = np.random.default_rng(12)
+    q, k, v, L, _ = make_inputs(rng, 3, 8, 2, 128, np.float16, [300, 77, 1], "dense")
+    qd, kd, vd, ld = to_gpu(q), to_gpu(k), to_gpu(v), cp.asarray(L)
+    ro, _ = reference.attention(q, k, v, kv_lens=L)
+    plans = []
+    for pdl in (True, False, True):
+        with K.tuning(pdl=pdl):
+            out = _nan_like(q.shape, q.dtype)
+            cupy_lean.attention(qd, kd, vd, kv_lens=ld, out=out)
+            sig = _plan.signature(qd, kd, vd, out, ld, None, None, "lean", None, None)
+            plans.append(_cache.get(_plan.plan_key(cp.cuda.runtime.getDevice(), sig)))
+        g = cp.asnumpy(out).astype(np.float64)
+        assert np.isfinite(g).all() and np.abs(g - ro).max() < 4e-3
+    if not plans[0].pdl:
+        pytest.skip("no programmatic dependent launch on this device")
+    assert plans[1] is not plans[0] and not plans[1].pdl
+    assert plans[2] is plans[0]
+
+
 def test_plan_graphs_replayed_concurrently():
     """Two graphs captured from one plan replay at the same time on two
     streams: each captured launch has its own workspace."""

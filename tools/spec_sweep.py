@@ -120,6 +120,7 @@ def main():
     import cupy as cp
 
     import cupy_lean
+    from cupy_lean import kernels as K
     from bench import peers as P
     from bench.timing import calls_per_graph, graph_time_cupy, graph_time_torch
 
@@ -148,17 +149,13 @@ def main():
                 kw = {"num_ctas": sms // 2}
             elif kw == "split_sms":  # split-K, floor(SMs / units) chunks per unit
                 kw = {"schedule": "split", "num_ctas": max(sms, row["units"])}
-            saved = None
+            changes = {}
             if kw == "tuning":  # the default plan built under another tuning value
-                from cupy_lean import _cache
-                from cupy_lean import kernels as K
                 key, value = TUNING_CONFIGS[name]
-                saved = (key, K.TUNING[key])
-                K.TUNING[key] = value
-                _cache.clear()
-                kw = {}
+                changes, kw = {key: value}, {}
             try:
-                p = cupy_lean.plan(inp.q[0], inp.k[0], inp.v[0], out=outs[0], **idx, **kw)
+                with K.tuning(**changes):  # a plan keeps the values it was made under
+                    p = cupy_lean.plan(inp.q[0], inp.k[0], inp.v[0], out=outs[0], **idx, **kw)
                 call = lambda i, p=p: p.run(inp.q[i], inp.k[i], inp.v[i], out=outs[i], **idx)  # noqa: E731
                 call(0)
                 est = graph_time_cupy(call, n_copies, n_copies)["median_us"]
@@ -167,10 +164,6 @@ def main():
             except Exception as exc:
                 row["times"][name] = None
                 row["plans"][name] = f"error: {exc}"
-            finally:
-                if saved is not None:
-                    K.TUNING[saved[0]] = saved[1]
-                    _cache.clear()
         if sdpa is not None and case.layout == "dense":  # SDPA takes dense batches only
             try:
                 bnd = sdpa.setup(inp)
