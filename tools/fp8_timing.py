@@ -1,7 +1,7 @@
 """fp8 K/V against fp16 K/V on family shapes, lean only (the same shapes, the
 same timing as the benchmark: CUDA-graph replays over rotating copies).
 
-    python tools/fp8_timing.py --family 16 --seed S [--dtype bfloat16] [--stages 2,3] [--out fp8.json]
+    python tools/fp8_timing.py --family 16 --seed S [--dtype bfloat16] [--stages 2,3] [--only 3,7] [--out fp8.json]
 
 For each shape: the time with K/V in q's dtype (fp16 by default, or bf16),
 the e4m3 time (uint8 storage: the high byte of each of those values, scales
@@ -9,7 +9,8 @@ per head; q and out stay in that dtype), their ratio, and the fp8 call's
 bytes per second. fp8 reads half the bytes: the target ratio is about 0.5.
 ``--stages``: the fp8 call also through plans of these pipeline depths (the
 default spec's tile; a depth that does not fit the device is skipped), to
-see how the fp8 time depends on the bytes in flight.
+see how the fp8 time depends on the bytes in flight. ``--only``: only the
+drawn shapes of these indices (the same shapes as in the full run).
 """
 
 import argparse
@@ -27,8 +28,10 @@ def main():
     ap.add_argument("--seed", type=int, required=True)
     ap.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"), help="q, out (and the 16-bit K/V)")
     ap.add_argument("--stages", default="", help="comma-separated pipeline depths to time the fp8 call at too")
+    ap.add_argument("--only", default="", help="comma-separated indices of the drawn shapes to time (default: all)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    only = {int(x) for x in a.only.split(",") if x.strip()}
     import cupy as cp
 
     import cupy_lean
@@ -37,7 +40,9 @@ def main():
     from cupy_lean.bench import graph_time
 
     rows = []
-    for case in F.draw(a.family, a.seed):
+    for idx, case in enumerate(F.draw(a.family, a.seed)):
+        if only and idx not in only:
+            continue
         n_copies = C.plan_copies(case, 256e6, 30e9)
         inp = C.build_inputs(case, a.dtype, n_copies)
         kw = inp.index_kwargs()
