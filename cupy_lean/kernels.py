@@ -281,6 +281,16 @@ def _fits(tile, stages, head_dim, m_tiles, paged, budget):
     return Spec("f16", head_dim, m_tiles, tile, stages, paged).smem_bytes <= budget
 
 
+def _hashable(value):
+    """``value``, or its type and repr where it cannot be hashed (a list set
+    by an experiment): the same items, the same key."""
+    try:
+        hash(value)
+    except TypeError:
+        return (type(value).__name__, repr(value))
+    return value
+
+
 class _Tuning(dict):
     """The dict of :data:`TUNING`: ``key`` is a small integer naming its
     current items (the same items, the same integer), kept current by every
@@ -295,7 +305,8 @@ class _Tuning(dict):
 
     def _changed(self):
         keys = self.__dict__.setdefault("_keys", {})  # (a copy or unpickling sets items before attributes)
-        self.key = keys.setdefault(tuple(sorted(self.items())), len(keys))
+        items = tuple(sorted((name, _hashable(value)) for name, value in self.items()))
+        self.key = keys.setdefault(items, len(keys))
 
     def __setitem__(self, name, value):
         super().__setitem__(name, value)

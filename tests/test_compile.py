@@ -534,3 +534,16 @@ def test_tuning_survives_copies_and_pickling():
         assert dict(other) == dict(K.TUNING)
         other["pdl"] = not other["pdl"]  # a change to the copy names other items, not the package's
         assert other["pdl"] != K.TUNING["pdl"]
+
+
+def test_tuning_takes_unhashable_values():
+    """An experiment may set a list: the key still follows the items."""
+    from cupy_lean import _plan
+
+    before = _plan.plan_key(0, "sig")
+    with K.tuning(kv_tile_bytes=[16384]):
+        changed = _plan.plan_key(0, "sig")
+        assert changed != before
+        K.TUNING["kv_tile_bytes"] = [16384]  # the same items again: the same key
+        assert _plan.plan_key(0, "sig") == changed
+    assert _plan.plan_key(0, "sig") == before
