@@ -40,15 +40,23 @@ def _col(fp8, x, lane):
     return 16 * j + 4 * (lane & 3) + 2 * e
 
 
-@pytest.mark.parametrize("fp8", [False, True])
-@pytest.mark.parametrize("d", [64, 128, 256])
-@pytest.mark.parametrize("mt", [1, 2, 4, 8])
-@pytest.mark.parametrize("tile", [16, 32, 64, 128])
+def _spec(fp8, d, mt, tile):
+    return K.Spec("f16", d, mt, tile, 2, False, K.FEATURES["fp8_e4m3"] if fp8 else 0)
+
+
+# the layouts with several warps per row (one warp per row writes from registers: no merge)
+MERGING = [(fp8, d, mt, tile) for fp8 in (False, True) for d in (64, 128, 256) for mt in (1, 2, 4, 8)
+           for tile in (16, 32, 64, 128) if _spec(fp8, d, mt, tile).warps_n > 1]
+
+
+def test_some_layouts_merge_and_some_do_not():
+    assert 0 < len(MERGING) < 2 * 3 * 4 * 4
+
+
+@pytest.mark.parametrize("fp8, d, mt, tile", MERGING)
 def test_store_merge_mapping(fp8, d, mt, tile):
-    spec = K.Spec("f16", d, mt, tile, 2, False, K.FEATURES["fp8_e4m3"] if fp8 else 0)
+    spec = _spec(fp8, d, mt, tile)
     wn, rows_q = spec.warps_n, 16 * mt
-    if wn == 1:
-        pytest.skip("one warp per row: no merge through shared memory")
     passes = 2 if fp8 else 1
     dp, xp = d // passes, d // 8 // passes
     swz = (dp // 2 - 1) & (7 << 2)
