@@ -547,3 +547,25 @@ def test_tuning_takes_unhashable_values():
         K.TUNING["kv_tile_bytes"] = [16384]  # the same items again: the same key
         assert _plan.plan_key(0, "sig") == changed
     assert _plan.plan_key(0, "sig") == before
+
+
+def test_every_tuning_change_moves_the_key():
+    """Each way of changing TUNING updates its key (and restoring the items
+    restores it)."""
+    from cupy_lean import _plan
+
+    before = _plan.plan_key(0, "sig")
+    saved = dict(K.TUNING)
+    changes = [lambda t: t.update(pdl=not saved["pdl"]), lambda t: t.__setitem__("extra", 1),
+               lambda t: t.setdefault("extra", 2), lambda t: t.__ior__({"pdl": not saved["pdl"]}),
+               lambda t: t.pop("pdl"), lambda t: t.__delitem__("pdl"), lambda t: t.popitem(), lambda t: t.clear()]
+    try:
+        for change in changes:
+            change(K.TUNING)
+            assert _plan.plan_key(0, "sig") != before, change
+            K.TUNING.clear()
+            K.TUNING.update(saved)
+            assert _plan.plan_key(0, "sig") == before
+    finally:
+        K.TUNING.clear()
+        K.TUNING.update(saved)
