@@ -18,7 +18,6 @@ alone (no GPU needed), which is what the CPU tests do for sm_80 and sm_90.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import ctypes
 import dataclasses
@@ -292,31 +291,58 @@ def _hashable(value):
     return value
 
 
-class _Tuning(collections.UserDict):
-    """The mapping of :data:`TUNING`: ``key`` is a small integer naming its
+class _Tuning(dict):
+    """The dict of :data:`TUNING`: ``key`` is a small integer naming its
     current items (the same items, the same integer), kept current by every
-    change (every mutating method goes through ``__setitem__`` /
-    ``__delitem__``; ``|=`` too). A launch plan's cache key includes it, so
-    a plan made under other values is not reused after a change, and setting
-    the values back finds the plans made under them again (an integer: the
-    per-call lookup hashes no snapshot)."""
+    change. A launch plan's cache key includes it, so a plan made under other
+    values is not reused after a change, and setting the values back finds
+    the plans made under them again (an integer: the per-call lookup hashes
+    no snapshot). A dict, so that experiments can log it (JSON): every
+    mutating dict method is overridden below."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._changed()
 
     def _changed(self):
-        keys = self.__dict__.setdefault("_keys", {})
-        items = tuple(sorted((name, _hashable(value)) for name, value in self.data.items()))
+        keys = self.__dict__.setdefault("_keys", {})  # (a copy or unpickling sets items before attributes)
+        items = tuple(sorted((name, _hashable(value)) for name, value in self.items()))
         self.key = keys.setdefault(items, len(keys))
 
     def __setitem__(self, name, value):
-        self.data[name] = value
+        super().__setitem__(name, value)
         self._changed()
 
     def __delitem__(self, name):
-        del self.data[name]
+        super().__delitem__(name)
         self._changed()
 
-    def __ior__(self, other):  # (UserDict's writes self.data directly)
+    def update(self, *args, **kwargs):
+        super().update(*args, **kwargs)
+        self._changed()
+
+    def __ior__(self, other):
         self.update(other)
         return self
+
+    def pop(self, *args):
+        out = super().pop(*args)
+        self._changed()
+        return out
+
+    def popitem(self):
+        out = super().popitem()
+        self._changed()
+        return out
+
+    def setdefault(self, name, default=None):
+        out = super().setdefault(name, default)
+        self._changed()
+        return out
+
+    def clear(self):
+        super().clear()
+        self._changed()
 
 
 #: Tuning constants of the default configurations (measured on an H100, see

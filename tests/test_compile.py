@@ -569,3 +569,10 @@ def test_every_tuning_change_moves_the_key():
     finally:
         K.TUNING.clear()
         K.TUNING.update(saved)
+
+
+def test_tuning_is_still_a_dict():
+    """Experiments log TUNING with their results: it stays a dict (JSON)."""
+    import json
+
+    assert isinstance(K.TUNING, dict) and json.loads(json.dumps(K.TUNING)) == dict(K.TUNING)
