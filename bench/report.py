@@ -221,8 +221,11 @@ def family_summary(rows: List[dict], subset=None) -> Optional[dict]:
     """The family figures of lean over the rows of ``subset`` (a predicate
     on a lean row; all when None): geometric mean and minimum of lean's
     speedup over the best peer (per case and dtype), how many are below
-    0.95x, and how many take longer than ``1.05 x bound + 4 us``. Rows must
-    be finalized (best peer and bound filled)."""
+    0.95x, how many take longer than ``1.05 x bound + 4 us``, and the room
+    the read ceiling leaves over the best peer (geomean of best peer time
+    over the bound; shapes where the best peer is within 1.05x of it, so
+    that no kernel can be 1.05x faster). Rows must be finalized (best peer
+    and bound filled)."""
     lean = [r for r in rows if r["method"] == "lean" and _ok(r) and (subset is None or subset(r))]
     if not lean:
         return None
@@ -230,11 +233,16 @@ def family_summary(rows: List[dict], subset=None) -> Optional[dict]:
     over = [r for r in lean if _num(r.get("bound_us")) is not None
             and r["device_us"] > 1.05 * r["bound_us"] + 4.0]
     worst = min(sp, key=lambda p: p[0]) if sp else None
+    # the room the read ceiling leaves over the best peer: a kernel that moved K and V at the ceiling
+    # with no fixed cost at all would be best_peer_us / bound_us times as fast as the best peer
+    room = [r["best_peer_us"] / r["bound_us"] for r in lean
+            if _num(r.get("best_peer_us")) is not None and (_num(r.get("bound_us")) or 0) > 0]
     return {
         "n": len(lean), "n_peer": len(sp), "geomean": geomean(x for x, _ in sp),
         "min": worst[0] if worst else None, "min_case": _label(worst[1]) if worst else None,
         "below_095": sum(1 for x, _ in sp if x < 0.95), "over_bound": len(over),
         "frac_ceiling_geomean": geomean(r.get("frac_ceiling") for r in lean),
+        "ceiling_room_geomean": geomean(room), "peer_within_5pct": sum(1 for x in room if x < 1.05),
     }
 
 
@@ -263,6 +271,10 @@ def format_family_summary(rows: List[dict], seed=None) -> str:
                      f"({f['min_case']}), {f['below_095']} of {f['n_peer']} below 0.95x; "
                      f"{f['over_bound']} of {f['n']} over 1.05 x bound + 4 us; "
                      f"fraction of the read ceiling geomean {f['frac_ceiling_geomean']:.3f}")
+        if f["ceiling_room_geomean"] is not None:
+            lines.append(f"  read-ceiling room over the best peer: geomean {f['ceiling_room_geomean']:.3f}x "
+                         f"(best peer time / K,V bytes at the ceiling); the best peer within 1.05x of "
+                         f"that bound on {f['peer_within_5pct']} of {f['n_peer']}")
     return "\n".join(lines)
 
 

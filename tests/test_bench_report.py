@@ -308,6 +308,12 @@ def test_family_summary_counts():
     text = R.format_family_summary(rows, 7)
     assert text.splitlines()[0].startswith("family seed 7 all: 6 shapes; lean / best peer geomean 0.980x, min 0.800x")
     assert "3 of 6 below 0.95x; 3 of 6 over 1.05 x bound + 4 us" in text
+    # the best peer over the bound: odd shapes (1.02 bound + 1) x 1.2, even (1.5 bound + 10) x 0.8
+    room = [r["best_peer_us"] / r["bound_us"] for r in rows if r["method"] == "lean"]
+    assert abs(f["ceiling_room_geomean"] - R.geomean(room)) < 1e-12 and min(room) > 1.05
+    assert f["peer_within_5pct"] == 0 and "within 1.05x of that bound on 0 of 6" in text
+    rows[0]["best_peer_us"] = rows[0]["bound_us"] * 1.04  # a peer at the ceiling: no kernel is 1.05x faster
+    assert R.family_summary(rows)["peer_within_5pct"] == 1
 
 
 def test_family_arguments(capsys):
