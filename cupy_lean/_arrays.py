@@ -198,6 +198,8 @@ def host_ints(x, name):
         import cupy
 
         return cupy.asnumpy(to_gpu(x, name))
+    if isinstance(x, (str, bytes)):
+        raise TypeError(f"{name}: expected an array of integers, got {type(x).__name__} {x!r}")
     arr = np.asarray(x)
     if arr.size == 0 and not np.issubdtype(arr.dtype, np.integer) and isinstance(x, (list, tuple)):
         arr = arr.astype(np.int64)

@@ -257,20 +257,6 @@ def _normalise(q, k, v, kv_lens, block_table, out, lse):
     return gpu, q, k, v, kv_lens, block_table, out, lse
 
 
-def _check_lse(lse, m):
-    if lse is None:
-        return
-    if not hasattr(lse, "shape") or not hasattr(lse, "dtype"):
-        raise TypeError(f"lse: expected a float32 array of shape {(m.batch, m.heads_q)}, got {type(lse).__name__}")
-    if tuple(lse.shape) != (m.batch, m.heads_q):
-        raise ValueError(f"lse: expected shape {(m.batch, m.heads_q)}, got {tuple(lse.shape)}")
-    if lse.dtype != np.float32:
-        raise TypeError(f"lse: expected dtype float32, got {lse.dtype}")
-    flags = getattr(lse, "flags", None)
-    if flags is not None and not flags.c_contiguous:
-        raise ValueError(f"lse: expected a C-contiguous array, got strides {tuple(lse.strides)}")
-
-
 def _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, schedule, num_ctas, tile_size,
                     kv_layout, check_values, sinks=None, window_left=None, softcap=None, batch_invariant=False,
                     kv_dtype=None, k_scale=None, v_scale=None, q_lens=None):
@@ -295,13 +281,11 @@ def _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, 
             q_lens = _plan.check_q_lens(q_lens, m.batch, int(q.shape[1]), check_values)
     else:
         m = _validation.validate(q, k, v, lens, table, scale, out, schedule, num_ctas, tile_size, gpu, kv8)
-        _check_lse(lse, m)
+        _validation.check_lse(lse, (m.batch, m.heads_q))
     feats = _features(m, sinks, window_left, softcap, gpu)
     feats.kv8 = kv8
     if batch_invariant:
-        if schedule not in ("lean", "head") or num_ctas is not None:
-            raise ValueError(f"batch_invariant: needs schedule 'lean' or 'head' and num_ctas None (one CTA per "
-                             f"unit), got schedule={schedule!r}, num_ctas={num_ctas!r}")
+        _validation.check_batch_invariant(schedule, num_ctas)
         schedule = "head"
     host_lens = lens if isinstance(lens, np.ndarray) else None
     host_table = table if isinstance(table, np.ndarray) else None
@@ -388,6 +372,14 @@ class Config:
     num_ctas: Optional[int] = None
     min_tiles_per_cta: Optional[int] = None
     merge_balance: Optional[int] = None
+
+    def __post_init__(self):
+        # the checks plan() makes, when the configuration is written rather than when it is used
+        _validation.validate_options(self.schedule, self.num_ctas, self.tile_size)
+        for name, low, high in (("stages", 2, 6), ("ctas_per_sm", 1, 32), ("min_tiles_per_cta", 1, 1 << 20),
+                                ("merge_balance", 0, 1 << 10)):
+            if getattr(self, name) is not None:
+                _validation._check_int(getattr(self, name), name, low, high)
 
 
 def plan(q, k, v, *, kv_lens=None, block_table=None, scale=None, out=None, schedule="lean", num_ctas=None,
@@ -533,14 +525,8 @@ def _check_multi_query(q, k, v, lens, table, scale, out, lse, schedule, num_ctas
         raise ValueError(f"q: q_len x heads_q / heads_kv must be at most {MAX_GROUP} on the GPU, got "
                          f"{q_len} x {m.group}")
     shape = (m.batch, q_len, m.heads_q, m.head_dim)
-    if out is not None and (tuple(out.shape) != shape or out.dtype != q.dtype):
-        raise ValueError(f"out: expected an array of shape {shape} and dtype {q.dtype}, got {out.dtype} "
-                         f"{tuple(out.shape)}")
-    if out is not None:
-        _validation._check_last_contiguous(out, "out")
-    if lse is not None and (tuple(lse.shape) != shape[:3] or lse.dtype != np.float32 or not lse.flags.c_contiguous):
-        raise ValueError(f"lse: expected a C-contiguous float32 array of shape {shape[:3]}, got {lse.dtype} "
-                         f"{tuple(lse.shape)}")
+    _validation.check_out(out, shape, q.dtype)
+    _validation.check_lse(lse, shape[:3])
     return m
 
 
@@ -562,19 +548,20 @@ def _cpu_general(q, k, v, lens, table, scale, return_lse, out, lse, schedule, nu
     cache: the reference validates and computes; the result is cast to q's
     dtype and written to ``out`` / ``lse`` when given."""
     _validation.validate_options(schedule, num_ctas, tile_size)  # the arrays: checked by the reference
+    if batch_invariant:
+        _validation.check_batch_invariant(schedule, num_ctas)
+    if q.ndim in (3, 4):  # out and lse before any work (another q: the reference says what is wrong)
+        _validation.check_out(out, q.shape, q.dtype)
+        _validation.check_lse(lse, q.shape[:-1])
     with np.errstate(all="ignore"):
         o64, lse64 = reference.attention(q, k, v, kv_lens=lens, block_table=table, scale=scale, sinks=sinks,
                                          window_left=window_left, softcap=softcap, kv_dtype=kv_dtype,
                                          k_scale=k_scale, v_scale=v_scale, q_lens=q_lens)
     res = o64.astype(q.dtype)
     res_lse = lse64.astype(np.float32)
-    for name, dst, src in (("out", out, res), ("lse", lse, res_lse)):
-        if dst is None:
-            continue
-        if not hasattr(dst, "shape") or tuple(dst.shape) != src.shape or dst.dtype != src.dtype:
-            raise ValueError(f"{name}: expected an array of shape {src.shape} and dtype {src.dtype}, got "
-                             f"{getattr(dst, 'dtype', type(dst).__name__)} {tuple(getattr(dst, 'shape', ()))}")
-        dst[...] = src
+    for dst, src in ((out, res), (lse, res_lse)):
+        if dst is not None:
+            dst[...] = src
     res = out if out is not None else res
     res_lse = lse if lse is not None else res_lse
     return (res, res_lse) if return_lse else res

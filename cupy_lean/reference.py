@@ -194,10 +194,11 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, sinks=None
     if qa.ndim == 4:  # q_len query tokens: query i is a decode over the first kv_len - q_len + 1 + i keys
         if qa.shape[1] < 1:
             raise ValueError(f"q: expected q_len >= 1 query tokens on axis 1, got shape {tuple(qa.shape)}")
-        kk = to_cpu(k, "k")
-        if kv_lens is None and block_table is None and kk.ndim == 4:
-            kv_lens = np.full(qa.shape[0], kk.shape[1], dtype=np.int64)
-        full = None if kv_lens is None else np.asarray(to_cpu(kv_lens, "kv_lens"), dtype=np.int64)
+        # every argument checked once, as for one query token (kv_lens against the cache, ...); each
+        # token's lengths below are derived from those values
+        _, kk, _, lens0, _, _, _ = _checked(qa[:, 0], k, v, kv_lens, block_table, scale, sinks, window_left,
+                                            softcap, kv_dtype, k_scale, v_scale)
+        full = _default_lens(kk, block_table, qa.shape[0], lens0).astype(np.int64)
         ql = qa.shape[1]
         nq = _query_tokens(q_lens, qa.shape[0], ql)
         res = [attention(qa[:, i], k, v,
@@ -229,6 +230,12 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, sinks=None
                 state = add_sink(*state, f.sinks[rows])
             out[b, rows], lse[b, rows] = finalize(*state)
     return out, lse
+
+
+def _short(x, n=8):
+    """The first ``n`` entries of an integer array, for a message."""
+    x = [int(i) for i in np.asarray(x).ravel()]
+    return str(x[:n])[:-1] + (", ...]" if len(x) > n else "]")
 
 
 def _query_tokens(q_lens, batch, q_len):
@@ -308,34 +315,44 @@ def emulate(schedule, q, k, v, *, kv_lens=None, block_table=None, scale=None, si
     contributor's own state (in the kernel's workspace, after a two-level
     merge, a group's first slot holds the group's merged state instead).
     """
-    from .schedule import merge_group_size
-    from .validation import fp8_cache
+    from ._arrays import to_cpu
+    from .schedule import Schedule, merge_group_size
 
-    hkv = k.shape[2]
-    fp8 = fp8_cache(np.asarray(k), np.asarray(v), kv_dtype, k_scale, v_scale, hkv)
-    if fp8 is not None:
-        k8, v8, ks, vs = fp8
-        k = k8.astype(np.float64) * ks[None, None, :, None]
-        v = v8.astype(np.float64) * vs[None, None, :, None]
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule: expected a cupy_lean.Schedule (lean_schedule, split_schedule, "
+                        f"head_schedule), got {type(schedule).__name__}")
+    q = to_cpu(q, "q")
+    if q.ndim not in (3, 4):
+        raise ValueError(f"q: expected 3 dimensions (batch, heads_q, head_dim) or 4 (batch, q_len, heads_q, "
+                         f"head_dim), got shape {tuple(q.shape)}")
+    if q_lens is not None and q.ndim != 4:
+        raise ValueError(f"q_lens: needs q of shape (batch, q_len, heads_q, head_dim), got q of shape "
+                         f"{tuple(q.shape)}")
     multi = q.ndim == 4
+    if multi and q.shape[1] < 1:
+        raise ValueError(f"q: expected q_len >= 1 query tokens on axis 1, got shape {tuple(q.shape)}")
+    # the arrays and options checked as attention() checks them (as for one query token)
+    _, k, v, kv_lens, block_table, scale, f = _checked(q[:, 0] if multi else q, k, v, kv_lens, block_table, scale,
+                                                       sinks, window_left, softcap, kv_dtype, k_scale, v_scale)
+    if f.kv_scales is not None:  # fp8: the cache holds value / scale
+        k = k.astype(np.float64) * f.kv_scales[0][None, None, :, None]
+        v = v.astype(np.float64) * f.kv_scales[1][None, None, :, None]
+    window_left, softcap = f.window_left, f.softcap
+    hkv = k.shape[2]
     qm = q if multi else q[:, None]
     batch, ql, hq, d = qm.shape
-    if schedule.heads_kv != hkv:
-        raise ValueError(f"schedule: built for heads_kv={schedule.heads_kv}, arrays have {hkv}")
-    if window_left is not None and int(window_left) == -1:
-        window_left = None  # as in attention(): -1 is no window
+    if schedule.heads_kv != hkv or schedule.batch != batch:
+        raise ValueError(f"schedule: built for batch={schedule.batch}, heads_kv={schedule.heads_kv}, the arrays "
+                         f"have batch={batch}, heads_kv={hkv}")
     lens = _default_lens(k, block_table, batch, kv_lens)
     start = window_start(lens, window_left, ql)
     if not np.array_equal(lens - start, schedule.kv_lens):
-        raise ValueError("schedule: built for other kv_lens (or window lengths) than the ones given")
-    if q_lens is not None and not multi:
-        raise ValueError(f"q_lens: needs q of shape (batch, q_len, heads_q, head_dim), got q of shape "
-                         f"{tuple(q.shape)}")
+        what = "kv_lens" if window_left is None else "window lengths (kv_lens - window_start)"
+        raise ValueError(f"schedule: built for kv_lens {_short(schedule.kv_lens)}, the call's {what} are "
+                         f"{_short(lens - start)}")
     nq = _query_tokens(q_lens, batch, ql)
-    sink = None if sinks is None else _f64(sinks)
+    sink = f.sinks
     g = hq // hkv
-    if scale is None:
-        scale = 1.0 / np.sqrt(d)
     ts = schedule.tile_size
     qf = _f64(qm)
     out = np.zeros((batch, ql, hq, d))

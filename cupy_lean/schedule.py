@@ -383,7 +383,9 @@ def merge_group_size(contributors, state_rows, scratch_floats):
     depends on the count only, so the result is deterministic. The kernel
     computes the same integer.
     """
-    n, rows, red = (int(x) for x in (contributors, state_rows, scratch_floats))
+    n = _check_positive_int(contributors, "contributors", 0)
+    rows = _check_positive_int(state_rows, "state_rows")
+    red = _check_positive_int(scratch_floats, "scratch_floats")
     if n < MERGE_TREE_FROM:
         return 0
     g = min(math.isqrt(n - 1) + 1, (red // rows - 2) // 2)  # ceil(sqrt(n)), capped
@@ -626,6 +628,11 @@ def num_splits_heuristic(num_units, max_unit_tiles, num_sms, max_splits=128):
     split counts that give the same chunk length as a smaller count are
     skipped, and the smallest count within 85% of the best efficiency wins.
     """
+    for name, value in (("num_units", num_units), ("max_unit_tiles", max_unit_tiles)):  # <= 0: 1 split
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name}: expected an integer, got {value!r}")
+    num_sms = _check_positive_int(num_sms, "num_sms")
+    max_splits = _check_positive_int(max_splits, "max_splits")
     if num_units <= 0 or max_unit_tiles <= 0:
         return 1
     if num_units >= 0.8 * num_sms:
@@ -662,6 +669,9 @@ def merge_batches(rows, num_states, head_dim, threads):
     threads = _check_positive_int(threads, "threads")
     if head_dim % 32 or threads % 32:
         raise ValueError(f"head_dim, threads: expected multiples of 32, got head_dim={head_dim}, threads={threads}")
+    if 32 * threads < head_dim:
+        raise ValueError(f"threads: a row of head_dim {head_dim} needs at least head_dim / 32 = {head_dim // 32} "
+                         f"threads (8 float4 elements each), got {threads}")
     per_row = head_dim // 4
     e = rows * per_row
     lanes = 1

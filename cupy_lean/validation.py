@@ -146,22 +146,13 @@ def validate(q, k, v, kv_lens, block_table, scale, out, sched, num_ctas, tile_si
         if not np.issubdtype(kv_lens.dtype, np.integer):
             raise TypeError(f"kv_lens: expected an integer dtype, got {kv_lens.dtype}")
 
-    if out is not None:
-        if not hasattr(out, "shape") or not hasattr(out, "dtype") or isinstance(out, (list, tuple)):
-            raise TypeError(f"out: expected an array of shape {(batch, hq, d)}, got {type(out).__name__}")
-        flags = getattr(out, "flags", None)
-        if flags is not None and hasattr(flags, "writeable") and not flags.writeable:
-            raise ValueError("out: expected a writeable array, got a read-only one")
-        if tuple(out.shape) != (batch, hq, d):
-            raise ValueError(f"out: expected shape {(batch, hq, d)}, got {tuple(out.shape)}")
-        if out.dtype != q.dtype:
-            raise TypeError(f"out: expected dtype {q.dtype} (q's dtype), got {out.dtype}")
-        _check_last_contiguous(out, "out")
+    check_out(out, (batch, hq, d), q.dtype)
 
+    scale = scalar(scale)
     if scale is None:
         m.scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
     else:
-        if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, np.floating, np.integer)):
+        if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (numbers.Real, np.floating, np.integer)):
             raise TypeError(f"scale: expected a real number, got {type(scale).__name__} {scale!r}")
         try:
             fscale = float(scale)
@@ -176,6 +167,52 @@ def validate(q, k, v, kv_lens, block_table, scale, out, sched, num_ctas, tile_si
 
     validate_options(sched, num_ctas, tile_size)
     return m
+
+
+def _check_writeable(x, name):
+    flags = getattr(x, "flags", None)
+    if flags is not None and hasattr(flags, "writeable") and not flags.writeable:
+        raise ValueError(f"{name}: expected a writeable array, got a read-only one")
+
+
+def check_out(out, shape, dtype):
+    """Checks of an ``out`` array (None: nothing to check): an array of
+    ``shape`` and ``dtype`` (q's), writeable, unit stride on the last axis."""
+    if out is None:
+        return
+    if not hasattr(out, "shape") or not hasattr(out, "dtype") or isinstance(out, (list, tuple)):
+        raise TypeError(f"out: expected an array of shape {tuple(shape)}, got {type(out).__name__}")
+    _check_writeable(out, "out")
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"out: expected shape {tuple(shape)}, got {tuple(out.shape)}")
+    if out.dtype != dtype:
+        raise TypeError(f"out: expected dtype {dtype} (q's dtype), got {out.dtype}")
+    _check_last_contiguous(out, "out")
+
+
+def check_lse(lse, shape):
+    """Checks of an ``lse`` array (None: nothing to check): a C-contiguous,
+    writeable float32 array of ``shape``."""
+    if lse is None:
+        return
+    if not hasattr(lse, "shape") or not hasattr(lse, "dtype") or isinstance(lse, (list, tuple)):
+        raise TypeError(f"lse: expected a float32 array of shape {tuple(shape)}, got {type(lse).__name__}")
+    _check_writeable(lse, "lse")
+    if tuple(lse.shape) != tuple(shape):
+        raise ValueError(f"lse: expected shape {tuple(shape)}, got {tuple(lse.shape)}")
+    if lse.dtype != np.float32:
+        raise TypeError(f"lse: expected dtype float32, got {lse.dtype}")
+    flags = getattr(lse, "flags", None)
+    if flags is not None and not flags.c_contiguous:
+        raise ValueError(f"lse: expected a C-contiguous array, got strides {tuple(lse.strides)}")
+
+
+def check_batch_invariant(sched, num_ctas):
+    """``batch_invariant=True`` runs one CTA per unit: schedule 'lean' or
+    'head' and no CTA count."""
+    if sched not in ("lean", "head") or num_ctas is not None:
+        raise ValueError(f"batch_invariant: needs schedule 'lean' or 'head' and num_ctas None (one CTA per "
+                         f"unit), got schedule={sched!r}, num_ctas={num_ctas!r}")
 
 
 def validate_options(sched, num_ctas, tile_size):
@@ -205,10 +242,21 @@ class Features:
                 or self.kv8 is not None)
 
 
+def scalar(value):
+    """A NumPy 0-d array of real numbers as its value (others as they are)."""
+    if isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "fiu":
+        return value[()]
+    return value
+
+
 def _check_real(value, name):
-    if isinstance(value, bool) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
+    value = scalar(value)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.floating, np.integer)):
         raise TypeError(f"{name}: expected a real number, got {type(value).__name__} {value!r}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an integer past float's range
+        return math.inf if value > 0 else -math.inf
 
 
 def validate_features(m, sinks, window_left, softcap, gpu):
@@ -220,11 +268,11 @@ def validate_features(m, sinks, window_left, softcap, gpu):
     if sinks is not None:
         if not hasattr(sinks, "shape") or not hasattr(sinks, "dtype"):
             raise TypeError(f"sinks: expected an array of shape ({m.heads_q},), got {type(sinks).__name__}")
+        if not (np.issubdtype(sinks.dtype, np.floating) or sinks.dtype == BFLOAT16):
+            raise TypeError(f"sinks: expected a floating dtype, got {sinks.dtype}")
         if tuple(sinks.shape) != (m.heads_q,):
             raise ValueError(f"sinks: expected shape ({m.heads_q},) (one logit per query head), "
                              f"got {tuple(sinks.shape)}")
-        if not (np.issubdtype(sinks.dtype, np.floating) or sinks.dtype == BFLOAT16):
-            raise TypeError(f"sinks: expected a floating dtype, got {sinks.dtype}")
         if not gpu:
             vals = np.asarray(sinks, dtype=np.float64)
             bad = np.nonzero(np.isnan(vals) | (vals == np.inf))[0]
@@ -242,7 +290,9 @@ def validate_features(m, sinks, window_left, softcap, gpu):
     if softcap is not None:
         c = _check_real(softcap, "softcap")
         if not (math.isfinite(c) and c > 0):
-            raise ValueError(f"softcap: expected a finite number > 0 (None: no soft-capping), got {c!r}")
+            got = f"an integer of {len(str(abs(int(scalar(softcap)))))} digits" if (
+                isinstance(scalar(softcap), (int, np.integer)) and math.isinf(c)) else repr(c)
+            raise ValueError(f"softcap: expected a finite number > 0 (None: no soft-capping), got {got}")
         f.softcap = c
     return f
 
@@ -282,7 +332,10 @@ def fp8_scales(k_scale, v_scale, heads_kv):
         if sc is None:
             scales.append(np.ones(heads_kv))
             continue
-        arr = np.asarray(sc, dtype=np.float64) if not isinstance(sc, bool) else None
+        try:
+            arr = np.asarray(sc, dtype=np.float64) if not isinstance(sc, (bool, str, bytes)) else None
+        except (TypeError, ValueError):  # a complex number, an object that is no number
+            arr = None
         if arr is None or arr.ndim > 1 or (arr.ndim == 1 and arr.shape != (heads_kv,)):
             raise ValueError(f"{name}: expected a number or an array of shape ({heads_kv},), got "
                              f"{type(sc).__name__} {getattr(sc, 'shape', sc)!r}")
@@ -333,3 +386,10 @@ def validate_merge(outs, lses, gpu):
         raise TypeError(f"outs: expected dtype among {dtype_names(allowed)}, got {outs.dtype}")
     if not (np.issubdtype(lses.dtype, np.floating) or lses.dtype == BFLOAT16):
         raise TypeError(f"lses: expected a floating dtype, got {lses.dtype}")
+    if not gpu and lses.size:  # host values: NaN and +inf would make every merged row NaN
+        vals = np.asarray(lses, dtype=np.float64)
+        bad = np.isnan(vals) | (vals == np.inf)
+        if bad.any():
+            i = tuple(int(j) for j in np.argwhere(bad)[0])
+            raise ValueError(f"lses: expected finite values or -inf (an empty part), got lses{list(i)} = "
+                             f"{vals[i]}")

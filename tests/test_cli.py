@@ -28,6 +28,8 @@ def test_help_lists_every_command():
     (("schedule", "--lens", "64", "--tile-size", "48"), "invalid choice: 48"),
     (("schedule", "--lens", "64", "--png", "/no/such/folder/x.png"), "does not exist"),
     (("schedule", "--lens", "64", "--num-ctas", "0"), "expected an integer >= 1, got 0"),
+    (("schedule", "--lens", "64", "--merge-balance", "-3"), "expected an integer >= 0, got -3"),
+    (("schedule", "--lens", "64,9", "--group", "1000"), "groups of 1 to 128, got 1000"),
 ])
 def test_bad_arguments_exit_2_without_traceback(args, msg):
     r = _run(*args)

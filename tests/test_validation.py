@@ -526,6 +526,17 @@ def test_config_object_is_checked_before_any_gpu_work():
     assert (c.schedule, c.tile_size, c.stages, c.ctas_per_sm, c.num_ctas) == ("lean", 32, 3, None, None)
     with pytest.raises(dataclasses.FrozenInstanceError):
         c.tile_size = 64
+    # a bad field is refused where the configuration is written
+    for kw, exc, text in ((dict(schedule="x"), ValueError, "schedule: expected one of"),
+                          (dict(tile_size=7), ValueError, "tile_size: expected one of (16, 32, 64, 128), got 7"),
+                          (dict(num_ctas=-3), ValueError, "num_ctas: expected an integer in [1, "),
+                          (dict(stages=7), ValueError, "stages: expected an integer in [2, 6], got 7"),
+                          (dict(ctas_per_sm=0), ValueError, "ctas_per_sm: expected an integer in [1, 32], got 0"),
+                          (dict(min_tiles_per_cta=2.5), TypeError, "min_tiles_per_cta: expected an integer"),
+                          (dict(merge_balance=-1), ValueError, "merge_balance: expected an integer in [0, ")):
+        with pytest.raises(exc) as e:
+            cupy_lean.Config(**kw)
+        assert text in str(e.value)
 
 
 def test_lists_of_arrays_of_different_shapes_name_the_argument():
@@ -700,3 +711,184 @@ def test_relaxed_capture_mode_is_set_and_restored(monkeypatch):
         with _plan._relaxed_capture_mode():
             raise RuntimeError("allocation failed")
     assert thread_mode[0] == 0
+
+
+# ------------------------------------------- every path checks what the 3-D call checks
+
+def _q4_case(seed=0, batch=3, q_len=3, hq=4, hkv=2, d=8, n=12):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((batch, q_len, hq, d)).astype(np.float32)
+    k = rng.standard_normal((batch, n, hkv, d)).astype(np.float32)
+    v = rng.standard_normal((batch, n, hkv, d)).astype(np.float32)
+    return q, k, v
+
+
+@pytest.mark.parametrize("fn", ["attention", "reference"])
+@pytest.mark.parametrize("lens, exc, text", [
+    ([-5, 2, 0], ValueError, "kv_lens[0] = -5"),
+    ([100, 2, 0], ValueError, "kv_lens[0] = 100"),
+    ([12.7, 2, 0], TypeError, "kv_lens: expected an integer dtype"),
+    ([12, 2], ValueError, "kv_lens: expected shape (3,), got (2,)"),
+    ("3,3,3", TypeError, "kv_lens: expected an array of integers"),
+])
+def test_query_tokens_check_kv_lens_as_one_token_does(fn, lens, exc, text):
+    q, k, v = _q4_case()
+    f = cupy_lean.attention if fn == "attention" else cupy_lean.reference.attention
+    with pytest.raises(exc) as e:
+        f(q, k, v, kv_lens=lens)
+    assert text in str(e.value)
+    with pytest.raises(exc) as e3:  # the same message as with one query token
+        f(q[:, 0], k, v, kv_lens=lens)
+    assert str(e3.value) == str(e.value)
+
+
+def test_query_tokens_and_fp8_paths_check_out_and_lse_as_one_token_does():
+    q, k, v = _q4_case()
+    lens = np.array([12, 5, 0])
+    ro = np.zeros(q.shape, np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match="out: expected a writeable array"):
+        cupy_lean.attention(q, k, v, kv_lens=lens, out=ro)
+    lse_ro = np.zeros(q.shape[:3], np.float32)
+    lse_ro.flags.writeable = False
+    out = np.full(q.shape, np.nan, np.float32)
+    with pytest.raises(ValueError, match="lse: expected a writeable array"):
+        cupy_lean.attention(q, k, v, kv_lens=lens, out=out, lse=lse_ro)
+    assert np.isnan(out).all()  # refused before anything was written
+    with pytest.raises(TypeError, match=r"out: expected dtype float32 \(q's dtype\), got float16"):
+        cupy_lean.attention(q, k, v, kv_lens=lens, out=np.zeros(q.shape, np.float16))
+    with pytest.raises(TypeError, match="out: expected an array of shape"):
+        cupy_lean.attention(q, k, v, kv_lens=lens, out=[1, 2])
+    wide = np.zeros(q.shape[:3] + (2 * q.shape[3],), np.float32)[..., ::2]
+    with pytest.raises(ValueError, match="out: expected unit stride on the last axis"):
+        cupy_lean.attention(q, k, v, kv_lens=lens, out=wide)
+    lse_t = np.zeros(q.shape[:3][::-1], np.float32).T
+    with pytest.raises(ValueError, match="lse: expected a C-contiguous array"):
+        cupy_lean.attention(q, k, v, kv_lens=lens, lse=lse_t)
+    with pytest.raises(ValueError, match="batch_invariant: needs schedule 'lean' or 'head'"):
+        cupy_lean.attention(q, k, v, kv_lens=lens, batch_invariant=True, schedule="split")
+    # 3-D q with an fp8 cache (the NumPy reference path): the same checks
+    k8 = k.astype(ml_dtypes.float8_e4m3fn)
+    v8 = v.astype(ml_dtypes.float8_e4m3fn)
+    out3 = np.full(q[:, 0].shape, np.nan, np.float32)
+    with pytest.raises(ValueError, match="lse: expected a writeable array"):
+        cupy_lean.attention(q[:, 0], k8, v8, kv_lens=lens, out=out3, lse=lse_ro[:, 0])
+    assert np.isnan(out3).all()
+    with pytest.raises(ValueError, match="batch_invariant"):
+        cupy_lean.attention(q[:, 0], k8, v8, kv_lens=lens, batch_invariant=True, num_ctas=4)
+    # and the valid call still fills out and lse
+    lse = np.full(q.shape[:3], np.nan, np.float32)
+    cupy_lean.attention(q, k, v, kv_lens=lens, out=out, lse=lse)
+    ref_o, ref_l = cupy_lean.reference.attention(q, k, v, kv_lens=lens)
+    np.testing.assert_allclose(out, ref_o, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(lse, ref_l, rtol=1e-5)
+
+
+def test_three_d_read_only_lse_is_refused_before_out_is_written():
+    q, k, v = _q4_case()
+    q = q[:, 0]
+    out = np.full(q.shape, np.nan, np.float32)
+    lse = np.zeros(q.shape[:2], np.float32)
+    lse.flags.writeable = False
+    with pytest.raises(ValueError, match="lse: expected a writeable array"):
+        cupy_lean.attention(q, k, v, out=out, lse=lse)
+    assert np.isnan(out).all()
+
+
+def test_emulate_checks_its_arrays_as_attention_does():
+    from cupy_lean import reference as R
+
+    q, k, v = _q4_case()
+    q = q[:, 0]
+    lens = np.array([12, 5, 0])
+    s = cupy_lean.lean_schedule(lens, 2, tile_size=4, num_ctas=5)
+    o, l = R.emulate(s, q, k, v, kv_lens=lens)
+    ro, rl = R.attention(q, k, v, kv_lens=lens)
+    np.testing.assert_allclose(o, ro, atol=1e-12)
+    bad = [
+        (dict(kv_lens=np.array([50, 5, 0])), ValueError, "kv_lens[0] = 50"),
+        (dict(kv_lens=np.array([12.0, 5, 0])), TypeError, "kv_lens: expected an integer dtype"),
+        (dict(kv_lens=lens, sinks=np.zeros(5)), ValueError, "sinks: expected shape (4,)"),
+        (dict(kv_lens=lens, sinks=np.zeros(3)), ValueError, "sinks: expected shape (4,)"),
+        (dict(kv_lens=lens, scale=float("nan")), ValueError, "scale: expected a finite number"),
+        (dict(kv_lens=lens, softcap=0.0), ValueError, "softcap: expected a finite number > 0"),
+        (dict(kv_lens=lens, softcap=-1.0), ValueError, "softcap: expected a finite number > 0"),
+        (dict(kv_lens=lens, window_left=-2), ValueError, "window_left: expected an integer >= -1"),
+        (dict(kv_lens=lens, window_left=2.7), TypeError, "window_left: expected an integer"),
+        (dict(kv_lens=np.array([12, 5])), ValueError, "kv_lens: expected shape (3,)"),
+        (dict(kv_lens=np.array([11, 5, 0])), ValueError, "schedule: built for kv_lens [12, 5, 0], the call's "
+                                                         "kv_lens are [11, 5, 0]"),
+    ]
+    for kw, exc, text in bad:
+        with pytest.raises(exc) as e:
+            R.emulate(s, q, k, v, **kw)
+        assert text in str(e.value), (kw, str(e.value))
+    with pytest.raises(ValueError, match="q: heads_q must be a positive multiple of heads_kv"):
+        R.emulate(s, q[:, :3], k, v, kv_lens=lens)
+    with pytest.raises(ValueError, match="k: expected head_dim 8"):
+        R.emulate(s, q, k[..., :4], v[..., :4], kv_lens=lens)
+    with pytest.raises(ValueError, match="q: expected 3 dimensions"):
+        R.emulate(s, q[0], k, v, kv_lens=lens)
+    with pytest.raises(TypeError, match="schedule: expected a cupy_lean.Schedule"):
+        R.emulate("lean", q, k, v, kv_lens=lens)
+    # paged: a page index out of range (-1 would wrap to the last page)
+    kp = k.reshape(9, 4, 2, 8)
+    table = np.array([[0, 1, 2], [3, -1, 5], [6, 7, 8]])
+    with pytest.raises(ValueError, match=r"block_table\[1, 1\] = -1"):
+        R.emulate(cupy_lean.lean_schedule(np.array([12, 5, 0]), 2, tile_size=4, num_ctas=5), q, kp, kp,
+                  kv_lens=np.array([12, 5, 0]), block_table=table)
+
+
+def test_merge_states_refuses_nan_and_plus_inf_lses_on_the_host():
+    outs = np.ones((2, 3, 8), np.float32)
+    lses = np.zeros((2, 3), np.float32)
+    lses[1, 2] = np.inf
+    with pytest.raises(ValueError, match=r"lses: expected finite values or -inf \(an empty part\), got lses\[1, 2\] = inf"):
+        cupy_lean.merge_states(outs, lses)
+    lses[1, 2] = np.nan
+    with pytest.raises(ValueError, match=r"lses\[1, 2\] = nan"):
+        cupy_lean.reference.merge_states(outs, lses)
+    lses[1, 2] = -np.inf  # an empty part is fine
+    o, l = cupy_lean.merge_states(outs, lses)
+    assert np.isfinite(o).all() and np.isfinite(l).all()
+
+
+@pytest.mark.parametrize("bad", ["abc", 1j, object()])
+def test_fp8_scales_name_the_argument_for_values_that_are_no_numbers(bad):
+    q, k, v = _q4_case()
+    k8 = k.astype(ml_dtypes.float8_e4m3fn)
+    with pytest.raises(ValueError, match="k_scale: expected a number or an array of shape"):
+        cupy_lean.attention(q[:, 0], k8, k8, k_scale=bad)
+
+
+def test_scalars_as_zero_d_arrays_and_huge_integers():
+    q, k, v = _q4_case()
+    q = q[:, 0]
+    a = cupy_lean.attention(q, k, v, scale=np.array(0.5), softcap=np.array(3.0))
+    b = cupy_lean.attention(q, k, v, scale=0.5, softcap=3.0)
+    np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="softcap: expected a finite number > 0 .* an integer of 401 digits"):
+        cupy_lean.attention(q, k, v, softcap=10**400)
+    with pytest.raises(TypeError, match="scale: expected a real number"):
+        cupy_lean.attention(q, k, v, scale=np.array([0.5]))
+    with pytest.raises(TypeError, match="sinks: expected a floating dtype"):
+        cupy_lean.attention(q, k, v, sinks="abc")
+
+
+def test_schedule_helpers_check_their_arguments():
+    from cupy_lean import schedule as S
+
+    with pytest.raises(TypeError, match="max_unit_tiles: expected an integer"):
+        S.num_splits_heuristic(4, 10.5, 132)
+    with pytest.raises(TypeError, match="num_units: expected an integer"):
+        S.num_splits_heuristic("4", 10, 132)
+    for kw, name in ((dict(num_sms=0), "num_sms"), (dict(num_sms=-5), "num_sms"), (dict(max_splits=-3), "max_splits")):
+        args = dict(num_units=4, max_unit_tiles=10, num_sms=132) | kw
+        with pytest.raises(ValueError, match=f"{name}: expected an integer >= 1"):
+            S.num_splits_heuristic(**args)
+    assert S.num_splits_heuristic(0, 10, 132) == 1 and S.num_splits_heuristic(4, 0, 132) == 1
+    with pytest.raises(ValueError, match="state_rows: expected an integer >= 1, got 0"):
+        S.merge_group_size(20, 0, 1024)
+    with pytest.raises(ValueError, match="threads: a row of head_dim 2048 needs at least"):
+        S.merge_batches(1, 1, 2048, 32)
+    assert S.merge_batches(1, 1, 1024, 32) >= 1
