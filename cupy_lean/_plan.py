@@ -94,6 +94,7 @@ def gpu_fp8_scales(k_scale, v_scale, heads_kv):
             out.append(1.0)
         elif _where(sc) == "gpu":
             x = to_gpu(sc, name)
+            check_devices(_cp.cuda.runtime.getDevice(), **{name: x})
             if x.ndim > 1 or (x.ndim == 1 and x.shape != (heads_kv,)) or x.dtype.kind != "f":
                 raise ValueError(f"{name}: expected floats of shape () or ({heads_kv},), got {x.dtype} "
                                  f"{tuple(x.shape)}")
@@ -119,6 +120,8 @@ def check_q_lens(q_lens, batch, q_len, check_values):
 
     gpu = _where(q_lens) == "gpu"
     x = to_gpu(q_lens, "q_lens") if gpu else host_ints(q_lens, "q_lens")
+    if gpu:
+        check_devices(_cp.cuda.runtime.getDevice(), q_lens=x)
     if tuple(x.shape) != (batch,) or x.dtype.kind not in "iu":
         raise ValueError(f"q_lens: expected integers of shape ({batch},), got {x.dtype} {tuple(x.shape)}")
     if batch and (check_values or not gpu):  # on the given dtype: a cast to int32 could wrap
@@ -155,7 +158,8 @@ def signature(q, k, v, out, kv_lens, block_table, scale, schedule, num_ctas, til
         # (a call whose arrays live on another device than the current one finds no plan: the slow
         # path refuses it, naming the array)
         (qd.device_id, kd.device_id, vd.device_id, None if od is None else od.device_id,
-         _device_of(kv_lens), _device_of(block_table)))
+         None if kv_lens is None or isinstance(kv_lens, np.ndarray) else kv_lens.data.device_id,
+         None if block_table is None or isinstance(block_table, np.ndarray) else block_table.data.device_id))
 
 
 def _device_of(x):
@@ -643,7 +647,6 @@ class Plan:
             kv_lens = to_gpu(kv_lens, "kv_lens", cap)
         if block_table is not None and not isinstance(block_table, np.ndarray):
             block_table = to_gpu(block_table, "block_table", cap)
-        check_devices(current, q=q, k=k, v=v, out=out, lse=lse, kv_lens=kv_lens, block_table=block_table)
         s = self.signature
         feats = None
         if s.features is not None:
@@ -659,6 +662,7 @@ class Plan:
         got = signature(q, k, v, out, kv_lens, block_table, s.scale, s.schedule, s.num_ctas, s.tile_size,
                         s.stages, s.ctas_per_sm, feats, s.min_tiles_per_cta, s.merge_balance)
         if got != s:
+            check_devices(current, q=q, k=k, v=v, out=out, kv_lens=kv_lens, block_table=block_table)
             for name in Signature._fields:
                 a, b = getattr(s, name), getattr(got, name)
                 if a != b:
@@ -668,6 +672,7 @@ class Plan:
         if lse is not None:
             lse = to_gpu(lse, "lse", cap)
             if not self._lse_ok(lse):
+                check_devices(current, lse=lse)
                 raise ValueError(f"lse: expected a C-contiguous float32 array of shape "
                                  f"{self.lse_shape}, got {lse.dtype} {lse.shape} "
                                  f"with strides {lse.strides}")
@@ -700,16 +705,19 @@ class Plan:
         return ptrs + values, arrays
 
     def _lse_ok(self, lse):
-        """lse can be written in place: float32, (batch, heads_q), C-contiguous."""
+        """lse can be written in place: float32, (batch, heads_q), C-contiguous,
+        on the plan's device."""
         return (lse.shape == self.lse_shape and lse.dtype == np.float32
-                and lse.flags.c_contiguous)
+                and lse.flags.c_contiguous and lse.data.device_id == self.device)
 
     def _new_workspace(self, cp):
         return cp.zeros(max(self.workspace_bytes, COUNTER_ALIGN), dtype=cp.uint8)
 
     def _order_after_previous(self, stream, cp):
         """Order this launch after everything queued on the stream of the
-        previous eager launch: the workspace is never in use on two streams."""
+        previous eager launch: the workspace is never in use on two streams.
+        Returns True where that stream is capturing a graph now: the plan's
+        workspace was set aside instead, and the caller takes a fresh one."""
         prev = self._stream
         if prev is not None and stream is not prev and not (stream.ptr == prev.ptr and stream.ptr in _DEFAULT_STREAMS):
             if _capture_id(prev) is not None:
@@ -724,11 +732,14 @@ class Plan:
                         "workspace; launch on the capturing stream, or give this stream a plan of its own")
                 self._graph_workspaces.append((self._ws,))
                 self._ws = None
+                self._stream = stream
+                return True
             else:
                 ev = cp.cuda.Event(block=False, disable_timing=True)
                 ev.record(prev)
                 stream.wait_event(ev)
         self._stream = stream
+        return False
 
     def _workspace_for(self, stream, capture_id, cp):
         """The workspace of this launch (see the module docstring); called
@@ -754,7 +765,12 @@ class Plan:
                 ws = self._new_workspace(cp)  # the capture mode is relaxed (_launch)
             self._capture_id, self._capture_ws = (capture_id, stream.ptr), ws
             return ws, True
-        self._order_after_previous(stream, cp)
+        if self._order_after_previous(stream, cp):
+            # another stream of this process is capturing (maybe in global mode): allocate relaxed, and
+            # no spare now (its synchronisation could be refused; a later capture zeroes its own)
+            with _relaxed_capture_mode():
+                self._ws = self._new_workspace(cp)
+            return self._ws, False
         if self._ws is None:
             self._ws = self._new_workspace(cp)  # zeroed on this stream, before the launch
         if self._spare is None:
@@ -1011,7 +1027,8 @@ def _index_array(x, low, high, name):
             _clip_to_int32()(x, low - 1, high + 1, y)
         return y
     if x.ndim and x.shape[-1] > 1 and x.strides[-1] != 4:
-        x = cp.ascontiguousarray(x)
+        with _relaxed_capture_mode():
+            x = cp.ascontiguousarray(x)
     return x
 
 

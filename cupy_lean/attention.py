@@ -467,6 +467,7 @@ def plan(q, k, v, *, kv_lens=None, block_table=None, scale=None, out=None, sched
     if not gpu:
         raise TypeError("q: plan() needs GPU arrays (CuPy, or any with __cuda_array_interface__ / "
                         f"CUDA __dlpack__), got {type(q).__module__}.{type(q).__name__}")
+    _plan.check_devices(_device(), q=q, k=k, v=v, out=out, kv_lens=lens, block_table=table)
     kv_dtype = _gpu_fp8_format(k, kv_dtype)
     if q.ndim == 4:
         m = _check_multi_query(q, k, v, lens, table, scale, out, None, schedule, num_ctas, tile_size, kv_dtype)

@@ -1898,7 +1898,9 @@ def test_conversions_inside_a_capture_leave_no_freed_memory_written_by_replays(e
     B, hq, hkv, d = 6, 8, 2, 128
     lens_h = rng.integers(1, 3000, B).astype(np.int64)
     q, k, v, _, _ = make_inputs(rng, B, hq, hkv, d, np.float16, lens_h.astype(np.int32), "dense")
-    kw = dict(kv_lens=cp.asarray(lens_h))  # int64 on the GPU: converted at every launch
+    # int64 lengths on the GPU are converted at every launch; the other variants keep them int32, so that
+    # only their own conversion is under test
+    kw = dict(kv_lens=cp.asarray(lens_h if extra == "int64_lens" else lens_h.astype(np.int32)))
     q_g, k_g, v_g = to_gpu(q), to_gpu(k), to_gpu(v)
     if extra == "int64_q_lens":
         q2 = np.stack([q, q * 0.5], axis=1)
@@ -1908,7 +1910,8 @@ def test_conversions_inside_a_capture_leave_no_freed_memory_written_by_replays(e
         k8 = cp.ascontiguousarray(k_g.view(cp.uint8)[..., 1::2])
         v8 = cp.ascontiguousarray(v_g.view(cp.uint8)[..., 1::2])
         k_g, v_g = k8, v8
-        kw.update(kv_dtype="e5m2", k_scale=cp.full(hkv, 0.5, cp.float64), v_scale=cp.full(hkv, 2.0, cp.float64))
+        # float64 scales of shape (): cast and spread to (heads_kv,) float32 at every launch
+        kw.update(kv_dtype="e5m2", k_scale=cp.asarray(0.5), v_scale=cp.asarray(2.0))
     out = cp.full(q_g.shape, cp.nan, q_g.dtype)
 
     def call():
@@ -1919,6 +1922,9 @@ def test_conversions_inside_a_capture_leave_no_freed_memory_written_by_replays(e
     with cs:
         call()
         cs.synchronize()
+        # no free blocks left from earlier work (a new stream may reuse an old stream's handle, and
+        # with it that arena): what the pool serves after the capture is what the capture freed
+        cp.get_default_memory_pool().free_all_blocks()
         cs.begin_capture()
         try:
             call()
@@ -1970,12 +1976,22 @@ def test_caller_workspace_is_zeroed_before_a_launch_on_another_stream():
     rng = np.random.default_rng(5)
     q, k, v, lens, _ = make_inputs(rng, 3, 32, 4, 128, np.float16, [9000, 300, 5000], "dense")
     q_g, k_g, v_g, l_g = cp.asarray(q), cp.asarray(k), cp.asarray(v), cp.asarray(lens)
-    probe = cupy_lean.plan(q_g, k_g, v_g, kv_lens=l_g)
+    kw = dict(kv_lens=l_g, num_ctas=40)  # a CTA count keeps stream-K's merge (its counters) in the kernel
+    probe = cupy_lean.plan(q_g, k_g, v_g, **kw)
+    assert not probe.merge_launch
     ws = cp.full(probe.workspace_bytes, 0xFF, dtype=cp.uint8)  # dirty counters
-    p = cupy_lean.plan(q_g, k_g, v_g, kv_lens=l_g, workspace=ws)
+    cp.cuda.Device().synchronize()
+    # the zeroing of the plan below queues behind ~50 ms of work on the current (legacy) stream, which
+    # a non-blocking stream does not wait for unless the plan orders it
+    spin = cp.RawKernel(r"""extern "C" __global__ void spin(long long n) {
+        long long t0 = clock64(); while (clock64() - t0 < n) {} }""", "spin")
+    spin((1,), (1,), (np.int64(100_000_000),))
+    p = cupy_lean.plan(q_g, k_g, v_g, workspace=ws, **kw)
+    assert not p.merge_launch
     s = cp.cuda.Stream(non_blocking=True)
     with s:
         out = cp.full(q.shape, cp.nan, cp.float16)
         p.run(q_g, k_g, v_g, kv_lens=l_g, out=out)
         s.synchronize()
+    cp.cuda.Device().synchronize()
     check_close(cp.asnumpy(out), None, q, k, v, lens, None, np.float16)
