@@ -75,6 +75,7 @@ class Signature(NamedTuple):
     features: Optional[tuple] = None  # (sinks meta | None, window_left | None, softcap | None)
     min_tiles_per_cta: Optional[int] = None
     merge_balance: Optional[int] = None  # None: the default (kernels.TUNING)
+    devices: Optional[tuple] = None  # device of q, k, v, out and GPU kv_lens / block_table (None: absent / host)
 
 
 def gpu_fp8_scales(k_scale, v_scale, heads_kv):
@@ -93,11 +94,15 @@ def gpu_fp8_scales(k_scale, v_scale, heads_kv):
             out.append(1.0)
         elif _where(sc) == "gpu":
             x = to_gpu(sc, name)
+            check_devices(_cp.cuda.runtime.getDevice(), **{name: x})
             if x.ndim > 1 or (x.ndim == 1 and x.shape != (heads_kv,)) or x.dtype.kind != "f":
                 raise ValueError(f"{name}: expected floats of shape () or ({heads_kv},), got {x.dtype} "
                                  f"{tuple(x.shape)}")
             if not (x.dtype == np.float32 and x.shape == (heads_kv,) and x.flags.c_contiguous):
-                x = _cp.ascontiguousarray(_cp.broadcast_to(x.astype(_cp.float32), (heads_kv,)))
+                with _relaxed_capture_mode():  # a global-mode capture refuses cudaMalloc otherwise
+                    y = _cp.empty((heads_kv,), dtype=_cp.float32)
+                    y[...] = x  # one kernel, no temporary (kept by the launch, read by a captured graph)
+                x = y
             out.append(x)  # used in place: a captured graph reads its values at replay
         else:  # a number: by value; an array: copied at launch
             arr = fp8_scales(sc, None, heads_kv)[0]
@@ -115,6 +120,8 @@ def check_q_lens(q_lens, batch, q_len, check_values):
 
     gpu = _where(q_lens) == "gpu"
     x = to_gpu(q_lens, "q_lens") if gpu else host_ints(q_lens, "q_lens")
+    if gpu:
+        check_devices(_cp.cuda.runtime.getDevice(), q_lens=x)
     if tuple(x.shape) != (batch,) or x.dtype.kind not in "iu":
         raise ValueError(f"q_lens: expected integers of shape ({batch},), got {x.dtype} {tuple(x.shape)}")
     if batch and (check_values or not gpu):  # on the given dtype: a cast to int32 could wrap
@@ -140,13 +147,37 @@ def signature(q, k, v, out, kv_lens, block_table, scale, schedule, num_ctas, til
               stages=None, ctas_per_sm=None, features=None, min_tiles_per_cta=None, merge_balance=None):
     """The :class:`Signature` of CuPy arrays (``kv_lens`` / ``block_table``
     CuPy, NumPy or None) and options."""
+    qd, kd, vd = q.data, k.data, v.data
+    od = None if out is None else out.data
     return Signature(
         (q.dtype, k.dtype, v.dtype), (q.shape, q.strides), (k.shape, k.strides), (v.shape, v.strides),
         None if out is None else (out.shape, out.strides, out.dtype),
         None if kv_lens is None else _meta(kv_lens), None if block_table is None else _meta(block_table),
-        (not q.data.ptr & 15, not k.data.ptr & 15, not v.data.ptr & 15,
-         None if out is None else not out.data.ptr & 7),
-        scale, schedule, num_ctas, tile_size, stages, ctas_per_sm, features, min_tiles_per_cta, merge_balance)
+        (not qd.ptr & 15, not kd.ptr & 15, not vd.ptr & 15, None if od is None else not od.ptr & 7),
+        scale, schedule, num_ctas, tile_size, stages, ctas_per_sm, features, min_tiles_per_cta, merge_balance,
+        # (a call whose arrays live on another device than the current one finds no plan: the slow
+        # path refuses it, naming the array)
+        (qd.device_id, kd.device_id, vd.device_id, None if od is None else od.device_id,
+         None if kv_lens is None or isinstance(kv_lens, np.ndarray) else kv_lens.data.device_id,
+         None if block_table is None or isinstance(block_table, np.ndarray) else block_table.data.device_id))
+
+
+def _device_of(x):
+    """The device of a CuPy array; None for None, host and other arrays."""
+    if x is None or isinstance(x, np.ndarray):
+        return None
+    return getattr(getattr(x, "data", None), "device_id", None)
+
+
+def check_devices(device, **arrays):
+    """Raises ValueError naming the first GPU array (CuPy; NumPy and None
+    are skipped) that lives on another device than ``device``, the current
+    one: a kernel launched there would read another device's memory."""
+    for name, x in arrays.items():
+        d = _device_of(x)
+        if d is not None and d != device:
+            raise ValueError(f"{name}: the array is on device {d}, the current device is {device} (call under "
+                             f"cupy.cuda.Device({d}) or torch.cuda.device({d}), with every array on that device)")
 
 
 def aligned_grid(units, tiles_per_unit, grid, min_fraction=0.85):
@@ -479,13 +510,15 @@ class Plan:
         self.captured = False
         self._user_ws = workspace is not None
         self._ws = None
+        self._stream = None  # stream of the previous eager launch (held: its handle cannot be reused)
         if workspace is not None:
             self._ws = _check_workspace(workspace, self.workspace_bytes)
             self._ws[:self.counter_bytes].fill(0)
+            # the first launch, on whatever stream, is ordered after this zeroing
+            self._stream = _cp.cuda.get_current_stream()
         self._spare = None  # zeroed workspace for the next captured launch
         self._rearm = set()  # workspace addresses whose counters are zeroed before their next launch
         self._capture_id = self._capture_ws = None  # (capture, stream) in progress and its workspace
-        self._stream = None  # stream of the previous eager launch (held: its handle cannot be reused)
 
     # ------------------------------------------------------------ reporting
 
@@ -622,12 +655,14 @@ class Plan:
                                  f"got {'none' if sinks is None else 'sinks'}")
             if sinks is not None:
                 sinks = to_gpu(sinks, "sinks", cap)
+                check_devices(current, sinks=sinks)
             feats = (None if sinks is None else sinks_meta(sinks),) + tuple(s.features[1:])
         elif sinks is not None:
             raise ValueError("sinks: the plan was made without sinks")
         got = signature(q, k, v, out, kv_lens, block_table, s.scale, s.schedule, s.num_ctas, s.tile_size,
                         s.stages, s.ctas_per_sm, feats, s.min_tiles_per_cta, s.merge_balance)
         if got != s:
+            check_devices(current, q=q, k=k, v=v, out=out, kv_lens=kv_lens, block_table=block_table)
             for name in Signature._fields:
                 a, b = getattr(s, name), getattr(got, name)
                 if a != b:
@@ -637,6 +672,7 @@ class Plan:
         if lse is not None:
             lse = to_gpu(lse, "lse", cap)
             if not self._lse_ok(lse):
+                check_devices(current, lse=lse)
                 raise ValueError(f"lse: expected a C-contiguous float32 array of shape "
                                  f"{self.lse_shape}, got {lse.dtype} {lse.shape} "
                                  f"with strides {lse.strides}")
@@ -669,22 +705,41 @@ class Plan:
         return ptrs + values, arrays
 
     def _lse_ok(self, lse):
-        """lse can be written in place: float32, (batch, heads_q), C-contiguous."""
+        """lse can be written in place: float32, (batch, heads_q), C-contiguous,
+        on the plan's device."""
         return (lse.shape == self.lse_shape and lse.dtype == np.float32
-                and lse.flags.c_contiguous)
+                and lse.flags.c_contiguous and lse.data.device_id == self.device)
 
     def _new_workspace(self, cp):
         return cp.zeros(max(self.workspace_bytes, COUNTER_ALIGN), dtype=cp.uint8)
 
     def _order_after_previous(self, stream, cp):
         """Order this launch after everything queued on the stream of the
-        previous eager launch: the workspace is never in use on two streams."""
+        previous eager launch: the workspace is never in use on two streams.
+        Returns True where that stream is capturing a graph now: the plan's
+        workspace was set aside instead, and the caller takes a fresh one."""
         prev = self._stream
         if prev is not None and stream is not prev and not (stream.ptr == prev.ptr and stream.ptr in _DEFAULT_STREAMS):
-            ev = cp.cuda.Event(block=False, disable_timing=True)
-            ev.record(prev)
-            stream.wait_event(ev)
+            if _capture_id(prev) is not None:
+                # The previous stream has begun a capture since: an event recorded on it now would be
+                # part of that capture and would pull this eager launch into it. This launch takes a
+                # fresh workspace instead (zeroed on its own stream); the old one is kept alive for
+                # the launches queued before the capture began.
+                if self._user_ws:
+                    raise RuntimeError(
+                        "workspace: the plan's previous eager launch was on a stream that is now capturing a "
+                        "CUDA graph, so a launch on another stream cannot be ordered after it on the caller's "
+                        "workspace; launch on the capturing stream, or give this stream a plan of its own")
+                self._graph_workspaces.append((self._ws,))
+                self._ws = None
+                self._stream = stream
+                return True
+            else:
+                ev = cp.cuda.Event(block=False, disable_timing=True)
+                ev.record(prev)
+                stream.wait_event(ev)
         self._stream = stream
+        return False
 
     def _workspace_for(self, stream, capture_id, cp):
         """The workspace of this launch (see the module docstring); called
@@ -710,7 +765,12 @@ class Plan:
                 ws = self._new_workspace(cp)  # the capture mode is relaxed (_launch)
             self._capture_id, self._capture_ws = (capture_id, stream.ptr), ws
             return ws, True
-        self._order_after_previous(stream, cp)
+        if self._order_after_previous(stream, cp):
+            # another stream of this process is capturing (maybe in global mode): allocate relaxed, and
+            # no spare now (its synchronisation could be refused; a later capture zeroes its own)
+            with _relaxed_capture_mode():
+                self._ws = self._new_workspace(cp)
+            return self._ws, False
         if self._ws is None:
             self._ws = self._new_workspace(cp)  # zeroed on this stream, before the launch
         if self._spare is None:
@@ -776,7 +836,7 @@ class Plan:
                 out.fill(0)
                 if lse is not None:
                     if self.has_sinks:
-                        lse[...] = sinks.astype(cp.float32)[None, :]
+                        lse[...] = sinks[None, :]  # cast in the copy: no temporary
                     else:
                         lse.fill(-np.inf)
                 return out, lse
@@ -814,13 +874,21 @@ class Plan:
                     try:
                         self._attn_launch(grid, 1, sp)
                     except Exception as exc:
+                        self._drop_pdl(exc)  # nothing launched: plain launches, now and from now on
                         if capture_id is not None:  # a capture the failure has invalidated: no retry
                             raise
-                        self._drop_pdl(exc)  # nothing launched: plain launches, now and from now on
                         plain = True
                     else:
                         if self._combine:
-                            self._combine_launch(self.units, self.combine_blocks, sp)
+                            try:
+                                self._combine_launch(self.units, self.combine_blocks, sp)
+                            except Exception as exc:
+                                self._drop_pdl(exc)
+                                if capture_id is not None:
+                                    raise
+                                # the attention kernel is queued: its merge, as a plain launch
+                                _driver.launchKernel(self._combine_ptr, self.units, self.combine_blocks, 1,
+                                                     self.threads, 1, 1, 0, sp, self._param_addr, 0)
                 if plain:
                     _driver.launchKernel(self._attn_ptr, grid, 1, 1, self.threads, 1, 1, self.smem, sp,
                                          self._param_addr, 0)
@@ -951,10 +1019,35 @@ def _index_array(x, low, high, name):
         refuse_host_in_capture(name)
         return cp.asarray(np.clip(x.astype(np.int64), low - 1, high + 1).astype(np.int32))
     if x.dtype != cp.int32:
-        x = cp.clip(x.astype(cp.int64), low - 1, high + 1).astype(cp.int32)
+        # one kernel into the array the launch keeps: inside a capture, a temporary of a chain of
+        # kernels would go back to the memory pool when the capture ends while every replay still
+        # writes it (over whatever array the pool has handed that memory to since)
+        with _relaxed_capture_mode():  # a global-mode capture refuses cudaMalloc otherwise (see _launch)
+            y = cp.empty(x.shape, dtype=cp.int32)
+            _clip_to_int32()(x, low - 1, high + 1, y)
+        return y
     if x.ndim and x.shape[-1] > 1 and x.strides[-1] != 4:
-        x = cp.ascontiguousarray(x)
+        with _relaxed_capture_mode():
+            x = cp.ascontiguousarray(x)
     return x
+
+
+_CLIP_INT32 = None
+
+
+def _clip_to_int32():
+    """Elementwise kernel: an integer array (any width or sign, read as a
+    64-bit signed value, as ``astype(int64)`` reads it) clipped to ``[lo,
+    hi]`` into int32."""
+    global _CLIP_INT32
+    if _CLIP_INT32 is None:
+        import cupy as cp
+
+        _CLIP_INT32 = cp.ElementwiseKernel(
+            "T x, int64 lo, int64 hi", "int32 y",
+            "const long long w = (long long)x; y = (int)(w < lo ? lo : (w > hi ? hi : w));",
+            "cupy_lean_clip_to_int32")
+    return _CLIP_INT32
 
 
 def _check_workspace(ws, nbytes):

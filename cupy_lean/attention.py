@@ -270,6 +270,9 @@ def _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, 
     if q_lens is not None and q.ndim != 4:
         raise ValueError(f"q_lens: needs q of shape (batch, q_len, heads_q, head_dim), got q of shape "
                          f"{tuple(q.shape)}")
+    if gpu:
+        _plan.check_devices(_device(), q=q, k=k, v=v, out=out, lse=lse, kv_lens=lens, block_table=table,
+                            sinks=sinks, q_lens=q_lens)  # (other libraries' sinks / q_lens: once converted)
     kv8 = _gpu_fp8_format(k, kv_dtype, k_scale is not None or v_scale is not None) if gpu else None
     multi = gpu and q.ndim == 4  # several query tokens, GPU kernel
     if (q.ndim == 4 or fp8) and not gpu:
@@ -284,6 +287,8 @@ def _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, 
         _validation.check_lse(lse, (m.batch, m.heads_q))
     feats = _features(m, sinks, window_left, softcap, gpu)
     feats.kv8 = kv8
+    if gpu:
+        _plan.check_devices(_device(), sinks=feats.sinks, q_lens=q_lens)
     if batch_invariant:
         _validation.check_batch_invariant(schedule, num_ctas)
         schedule = "head"
@@ -462,6 +467,7 @@ def plan(q, k, v, *, kv_lens=None, block_table=None, scale=None, out=None, sched
     if not gpu:
         raise TypeError("q: plan() needs GPU arrays (CuPy, or any with __cuda_array_interface__ / "
                         f"CUDA __dlpack__), got {type(q).__module__}.{type(q).__name__}")
+    _plan.check_devices(_device(), q=q, k=k, v=v, out=out, kv_lens=lens, block_table=table)
     kv_dtype = _gpu_fp8_format(k, kv_dtype)
     if q.ndim == 4:
         m = _check_multi_query(q, k, v, lens, table, scale, out, None, schedule, num_ctas, tile_size, kv_dtype)

@@ -1883,3 +1883,115 @@ def test_varied_length_tile_from_torch_bf16_paged_strided_out_two_graphs():
     assert p.varied_lengths_tile and p.spec.tile == 64, p.describe()
     _replay_two_graphs_into_slices(torch, p, (tq, tk, tv), (q, k, v), scale, bigs, cols, run_kw,
                                    dict(kv_lens=lens, block_table=table))
+
+
+# ------------------------------------------------- what a captured call leaves behind
+
+@pytest.mark.parametrize("extra", ["int64_lens", "int64_q_lens", "fp8_scales_f64"])
+def test_conversions_inside_a_capture_leave_no_freed_memory_written_by_replays(extra):
+    """int64 kv_lens (PyTorch's default integer), int64 q_lens and float64
+    per-head fp8 scales are converted inside the capture. Every buffer the
+    graph writes must stay owned by the plan: arrays allocated after the
+    capture (which the memory pool serves from freed blocks first) keep
+    their contents over replays, and the replays stay right."""
+    rng = np.random.default_rng(91)
+    B, hq, hkv, d = 6, 8, 2, 128
+    lens_h = rng.integers(1, 3000, B).astype(np.int64)
+    q, k, v, _, _ = make_inputs(rng, B, hq, hkv, d, np.float16, lens_h.astype(np.int32), "dense")
+    # int64 lengths on the GPU are converted at every launch; the other variants keep them int32, so that
+    # only their own conversion is under test
+    kw = dict(kv_lens=cp.asarray(lens_h if extra == "int64_lens" else lens_h.astype(np.int32)))
+    q_g, k_g, v_g = to_gpu(q), to_gpu(k), to_gpu(v)
+    if extra == "int64_q_lens":
+        q2 = np.stack([q, q * 0.5], axis=1)
+        q_g = to_gpu(q2)
+        kw["q_lens"] = cp.asarray(np.array([2, 1, 0, 2, 1, 2], np.int64))
+    if extra == "fp8_scales_f64":
+        k8 = cp.ascontiguousarray(k_g.view(cp.uint8)[..., 1::2])
+        v8 = cp.ascontiguousarray(v_g.view(cp.uint8)[..., 1::2])
+        k_g, v_g = k8, v8
+        # float64 scales of shape (): cast and spread to (heads_kv,) float32 at every launch
+        kw.update(kv_dtype="e5m2", k_scale=cp.asarray(0.5), v_scale=cp.asarray(2.0))
+    out = cp.full(q_g.shape, cp.nan, q_g.dtype)
+
+    def call():
+        cupy_lean.attention(q_g, k_g, v_g, out=out, **kw)
+
+    cp.cuda.Device().synchronize()
+    cs = cp.cuda.Stream(non_blocking=True)
+    with cs:
+        call()
+        cs.synchronize()
+        # no free blocks left from earlier work (a new stream may reuse an old stream's handle, and
+        # with it that arena): what the pool serves after the capture is what the capture freed
+        cp.get_default_memory_pool().free_all_blocks()
+        cs.begin_capture()
+        try:
+            call()
+        finally:
+            g = cs.end_capture()
+        # what the memory pool hands out next on this stream (its arena holds what the capture freed):
+        # small blocks, filled with a sentinel
+        keep = [cp.full(n, 7, dtype) for n in (B, hkv, 2 * B) for dtype in (cp.int64, cp.int32, cp.float32,
+                                                                            cp.float64) for _ in range(4)]
+        cs.synchronize()
+    cp.cuda.Device().synchronize()
+    ref = None
+    for _ in range(3):
+        out.fill(cp.nan)
+        cp.cuda.Device().synchronize()
+        s = cp.cuda.Stream(non_blocking=True)
+        g.launch(s)
+        s.synchronize()
+        got = cp.asnumpy(out)
+        assert np.isfinite(got[..., :]).any() and not np.isnan(got).any()
+        ref = got if ref is None else ref
+        np.testing.assert_array_equal(got, ref)  # replays agree bitwise
+    for x in keep:
+        assert bool((x == 7).all()), "a replay wrote into memory the pool had handed out after the capture"
+    eager = cp.full(q_g.shape, cp.nan, q_g.dtype)
+    cupy_lean.attention(q_g, k_g, v_g, out=eager, **kw)
+    np.testing.assert_array_equal(cp.asnumpy(eager), ref)
+
+
+def test_arrays_on_another_device_are_refused_naming_them():
+    if cp.cuda.runtime.getDeviceCount() < 2:
+        pytest.skip("needs two GPUs")
+    rng = np.random.default_rng(3)
+    q, k, v, lens, _ = make_inputs(rng, 2, 8, 2, 128, np.float16, [100, 50], "dense")
+    with cp.cuda.Device(1):
+        q1 = cp.asarray(q)
+    k0, v0 = cp.asarray(k), cp.asarray(v)
+    with pytest.raises(ValueError, match="q: the array is on device 1, the current device is 0"):
+        cupy_lean.attention(q1, k0, v0)
+    cupy_lean.attention(cp.asarray(q), k0, v0)  # a plan for device 0's arrays ...
+    with pytest.raises(ValueError, match="q: the array is on device 1"):  # ... is not found for device 1's
+        cupy_lean.attention(q1, k0, v0)
+
+
+def test_caller_workspace_is_zeroed_before_a_launch_on_another_stream():
+    """A plan with the caller's workspace zeroes its counters on the stream
+    current when the plan is made; the first launch on another
+    (non-blocking) stream is ordered after that zeroing."""
+    rng = np.random.default_rng(5)
+    q, k, v, lens, _ = make_inputs(rng, 3, 32, 4, 128, np.float16, [9000, 300, 5000], "dense")
+    q_g, k_g, v_g, l_g = cp.asarray(q), cp.asarray(k), cp.asarray(v), cp.asarray(lens)
+    kw = dict(kv_lens=l_g, num_ctas=40)  # a CTA count keeps stream-K's merge (its counters) in the kernel
+    probe = cupy_lean.plan(q_g, k_g, v_g, **kw)
+    assert not probe.merge_launch
+    ws = cp.full(probe.workspace_bytes, 0xFF, dtype=cp.uint8)  # dirty counters
+    cp.cuda.Device().synchronize()
+    # the zeroing of the plan below queues behind ~50 ms of work on the current (legacy) stream, which
+    # a non-blocking stream does not wait for unless the plan orders it
+    spin = cp.RawKernel(r"""extern "C" __global__ void spin(long long n) {
+        long long t0 = clock64(); while (clock64() - t0 < n) {} }""", "spin")
+    spin((1,), (1,), (np.int64(100_000_000),))
+    p = cupy_lean.plan(q_g, k_g, v_g, workspace=ws, **kw)
+    assert not p.merge_launch
+    s = cp.cuda.Stream(non_blocking=True)
+    with s:
+        out = cp.full(q.shape, cp.nan, cp.float16)
+        p.run(q_g, k_g, v_g, kv_lens=l_g, out=out)
+        s.synchronize()
+    cp.cuda.Device().synchronize()
+    check_close(cp.asnumpy(out), None, q, k, v, lens, None, np.float16)

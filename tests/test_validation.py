@@ -413,15 +413,17 @@ def test_merge_states_accepts(dtype, lse_dtype):
 # ---------------------------------------------------------------- signatures and plans (no GPU needed)
 
 class _FakeData:
-    def __init__(self, ptr):
+    def __init__(self, ptr, device_id=0):
         self.ptr = ptr
+        self.device_id = device_id
 
 
 class _FakeArray:
     """Just the metadata a signature reads."""
 
-    def __init__(self, shape, strides, dtype, ptr=4096):
-        self.shape, self.strides, self.dtype, self.data = tuple(shape), tuple(strides), np.dtype(dtype), _FakeData(ptr)
+    def __init__(self, shape, strides, dtype, ptr=4096, device=0):
+        self.shape, self.strides, self.dtype = tuple(shape), tuple(strides), np.dtype(dtype)
+        self.data = _FakeData(ptr, device)
 
 
 def _sig(**over):
@@ -436,6 +438,8 @@ def _sig(**over):
 
 
 def test_signature_is_hashable_and_sees_every_launch_input():
+    from cupy_lean._plan import check_devices
+
     base = _sig()
     assert hash(base) == hash(_sig()) and base == _sig()
     k_other = _FakeArray((2, 100, 2, 64), (25600, 256, 128, 2), np.float16, ptr=4098)
@@ -446,10 +450,16 @@ def test_signature_is_hashable_and_sees_every_launch_input():
         _sig(k=k_other),  # alignment of a pointer
         _sig(scale=0.5), _sig(schedule="split"), _sig(num_ctas=7), _sig(tile_size=32),
         _sig(kv_lens=np.zeros(2, np.int32)),
+        _sig(q=_FakeArray((2, 8, 64), (1024, 128, 2), np.float16, device=1)),  # the device an array is on
     ]
     assert len({base, *variants}) == len(variants) + 1
     # data pointers that keep the alignment do not change the signature
     assert _sig(k=_FakeArray((2, 100, 2, 64), (25600, 256, 128, 2), np.float16, ptr=1 << 40)) == base
+    # an array on another device than the current one is refused, naming it
+    check_devices(0, q=_FakeArray((2, 8, 64), (1024, 128, 2), np.float16), kv_lens=np.zeros(2), out=None)
+    with pytest.raises(ValueError, match=r"k: the array is on device 3, the current device is 0 .*Device\(3\)"):
+        check_devices(0, q=_FakeArray((2, 8, 64), (1024, 128, 2), np.float16),
+                      k=_FakeArray((2, 100, 2, 64), (25600, 256, 128, 2), np.float16, device=3))
 
 
 def test_layers_below_the_front_end_do_not_import_it():
