@@ -41,8 +41,8 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
         tokens (speculative decoding), causal at the end of the cache: query
         ``i`` sees keys ``[0, kv_len - q_len + i]`` (none where that is
         negative: zero ``out``, ``-inf`` ``lse``), and ``out`` / ``lse``
-        get the ``q_len`` axis (GPU: ``q_len x heads_q / heads_kv`` at most
-        128, the rows of a KV head computed together).
+        get the ``q_len`` axis (GPU: ``q_len`` 1 to 8 and ``q_len x heads_q /
+        heads_kv`` at most 128, the rows of a KV head computed together).
     q_lens : array of int, shape (batch,), optional
         With a 4-D ``q``, a ragged batch: sequence ``b`` has ``q_lens[b]``
         query tokens (0 to ``q_len``), the first ``q_lens[b]`` entries of
@@ -86,8 +86,8 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
         unit). All three give the same result up to rounding; they exist to
         compare.
     num_ctas : int, optional
-        Grid size override (lean: persistent CTAs, default fills the GPU at the
-        kernel's occupancy; split: total CTAs, ``num_splits = num_ctas //
+        Grid size override (lean: persistent CTAs, default
+        ``kernels.default_ctas_per_sm`` per SM, at most one per tile; split: total CTAs, ``num_splits = num_ctas //
         units``; ignored by head). ``schedule``, ``num_ctas`` and
         ``tile_size`` shape the GPU's work only: on NumPy inputs they change
         nothing (nor do the GPU's head_dim, group and page-size limits apply).

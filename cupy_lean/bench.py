@@ -58,6 +58,7 @@ def _ints(text):
 
 
 def parser():
+    """The argument parser of ``python -m cupy_lean bench``."""
     from .kernels import HEAD_DIMS, TILE_SIZES
 
     p = argparse.ArgumentParser(prog="python -m cupy_lean bench", description=__doc__.split("\n\n")[0])
@@ -110,6 +111,8 @@ def _inputs(args, rng):
 
 
 def main(argv=None):
+    """``python -m cupy_lean bench``: time the decompositions and kernel
+    variants on this GPU; returns the exit status."""
     args = parser().parse_args(argv)
     from .kernels import require_device
 

@@ -116,6 +116,9 @@ class NcclGroup:
         self.comm, self.rank, self.world_size = comm, int(rank), int(world_size)
 
     def all_gather(self, x):
+        """Every rank's ``x`` (same shape and dtype on each: float16,
+        bfloat16 or float32) stacked in rank order, shape
+        ``(world_size,) + x.shape``, on CuPy's current stream."""
         import cupy as cp
         from cupy.cuda import nccl
 

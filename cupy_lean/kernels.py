@@ -227,6 +227,7 @@ class Spec:
 
     @property
     def name(self) -> str:
+        """The spec's name: its fields, and its optional features."""
         extra = "".join(f"_{n}" for n, bit in FEATURES.items() if self.features & bit)
         return (f"lean_{self.dtype}_d{self.head_dim}_m{self.m_tiles}_t{self.tile}"
                 f"_s{self.stages}_{'paged' if self.paged else 'dense'}{extra}")
@@ -234,11 +235,13 @@ class Spec:
     # Warp layout, mirrored from kernels_cu/lean_attention.cu.
     @property
     def warps_n(self) -> int:
+        """Warps along a tile's tokens (per 16-row query tile)."""
         wide = 2 if (self.m_tiles == 1 and self.tile >= 128) else 1
         return min(max(1, 4 // self.m_tiles) * wide, max(1, self.tile // (16 * self.m_tiles)))
 
     @property
     def threads(self) -> int:
+        """Threads per CTA."""
         return 32 * self.m_tiles * self.warps_n
 
     @property
@@ -255,6 +258,8 @@ class Spec:
 
     @property
     def smem_bytes(self) -> int:
+        """Dynamic shared memory of a CTA: the K/V and q ring stages, the
+        paged mask, the warps' statistics and the length cache."""
         d, t, s, mt = self.head_dim, self.tile, self.stages, self.m_tiles
         fp8 = self.fp8
         kv = 2 * t * d * (1 if fp8 else 2)  # the ring holds fp8 K/V as bytes
@@ -266,14 +271,18 @@ class Spec:
 
     @property
     def entry(self) -> str:
+        """Name of the attention kernel in the compiled module."""
         return f"{self.name}_attention"
 
     @property
     def combine_entry(self) -> str:
+        """Name of the combine (merge launch) kernel."""
         return f"{self.name}_combine"
 
     @property
     def dump_entry(self) -> str:
+        """Name of the kernel that writes the schedule a launch would run
+        (for tests against the NumPy mirror)."""
         return f"{self.name}_schedule_dump"
 
 
@@ -722,8 +731,19 @@ class _Kernels:
         self.pdl = driver.funcGetAttribute(_CU_FUNC_ATTRIBUTE_PTX_VERSION, self.attn.kernel.ptr) >= 90
         self.occupancy = max(1, driver.occupancyMaxActiveBlocksPerMultiprocessor(
             self.attn.kernel.ptr, spec.threads, smem))
-        self.ctas_per_sm = default_ctas_per_sm(spec, self.occupancy)
-        self.hbm_bytes_per_us = hbm_bytes_per_us(attrs)
+        self._attrs = {name: attrs.get(name) for name in ("MemoryClockRate", "GlobalMemoryBusWidth")}
+
+    # Read from TUNING when a plan asks (the kernels stay loaded for the process; a TUNING change
+    # applies to the next plan made)
+    @property
+    def ctas_per_sm(self) -> int:
+        """CTAs per SM of a default grid (:func:`default_ctas_per_sm`)."""
+        return default_ctas_per_sm(self.spec, self.occupancy)
+
+    @property
+    def hbm_bytes_per_us(self) -> float:
+        """The device's DRAM bandwidth estimate (:func:`hbm_bytes_per_us`)."""
+        return hbm_bytes_per_us(self._attrs)
 
 
 def hbm_bytes_per_us(attrs):

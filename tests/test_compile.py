@@ -576,3 +576,23 @@ def test_tuning_is_still_a_dict():
     import json
 
     assert isinstance(K.TUNING, dict) and json.loads(json.dumps(K.TUNING)) == dict(K.TUNING)
+
+
+def test_loaded_kernels_read_tuning_when_a_plan_asks():
+    """The kernels stay loaded for the process; the CTAs per SM and the DRAM
+    estimate a new plan takes from them follow TUNING changes made since."""
+    kern = object.__new__(K._Kernels)  # what loading left: the spec, its occupancy, two device attributes
+    kern.spec = K.make_spec("f16", 128, 8, False)
+    kern.occupancy = 2
+    kern._attrs = {"MemoryClockRate": None, "GlobalMemoryBusWidth": None}  # a driver that reports neither
+    assert kern.spec.smem_bytes > 100 * 1024 and kern.ctas_per_sm == 1  # over one_cta_per_sm_above
+    with K.tuning(one_cta_per_sm_above=1 << 30):
+        assert kern.ctas_per_sm == 2
+        with K.tuning(max_ctas_per_sm=1):
+            assert kern.ctas_per_sm == 1
+    assert kern.ctas_per_sm == 1
+    assert kern.hbm_bytes_per_us == K.TUNING["fallback_hbm_tbps"] * 1e6
+    with K.tuning(fallback_hbm_tbps=4.8):
+        assert kern.hbm_bytes_per_us == 4.8e6
+    kern._attrs = {"MemoryClockRate": 2_619_000, "GlobalMemoryBusWidth": 5120}  # an H100 SXM's
+    assert abs(kern.hbm_bytes_per_us - 3.352e6) < 1e3
