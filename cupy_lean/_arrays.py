@@ -41,13 +41,24 @@ def where(x):
             kind = int(dev()[0])
         except Exception:  # pragma: no cover - foreign object
             return None
-        return "gpu" if kind in (2, 3, 13) else "cpu"  # CUDA, CUDA host, CUDA managed
+        # CUDA, CUDA managed memory; CUDA host (pinned) memory is host memory, as its producer says
+        # (PyTorch: device 'cpu'), and CuPy cannot view it
+        return "gpu" if kind in _DLPACK_GPU else "cpu"
     try:
         if getattr(x, "__cuda_array_interface__", None) is not None:
             return "gpu"
     except Exception:  # e.g. PyTorch bfloat16 refuses the interface
         return "gpu"
     return None
+
+
+def refuse_immutable(x, name):
+    """Raises TypeError for an output array its library does not let anyone
+    write (JAX arrays are immutable: a kernel writing one would change a
+    value JAX may have cached or still be reading)."""
+    if x is not None and type(x).__module__.split(".")[0] in ("jax", "jaxlib"):
+        raise TypeError(f"{name}: JAX arrays are immutable, got {type(x).__module__}.{type(x).__name__}; "
+                        f"leave {name} out and use the returned array (jax.dlpack.from_dlpack views it)")
 
 
 def _producer_dtype_name(x):
@@ -100,7 +111,7 @@ def _producer_capturing(x):
         return False
 
 
-_DLPACK_GPU = (2, 3, 13)  # kDLCUDA, kDLCUDAHost, kDLCUDAManaged
+_DLPACK_GPU = (2, 13)  # kDLCUDA, kDLCUDAManaged (not kDLCUDAHost, 3: pinned host memory)
 
 
 def _dlpack_on_gpu(x):

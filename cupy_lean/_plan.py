@@ -626,9 +626,11 @@ class Plan:
             names the field, what was planned and what was given), or the
             current device is not the plan's.
         """
-        from ._arrays import foreign_capture_state, to_gpu
+        from ._arrays import foreign_capture_state, refuse_immutable, to_gpu
 
         current = _cp.cuda.runtime.getDevice()
+        refuse_immutable(out, "out")
+        refuse_immutable(lse, "lse")
         if current != self.device:
             raise ValueError(f"device: the plan was made on device {self.device}, the current device is {current} "
                              f"(run it under cupy.cuda.Device({self.device}))")

@@ -217,6 +217,8 @@ def _check_bool(value, name):
 def _normalise(q, k, v, kv_lens, block_table, out, lse):
     """Arrays on one device: CuPy views of GPU arrays (index arrays may stay
     on the host), NumPy arrays otherwise. Returns (gpu, arrays...)."""
+    _arrays.refuse_immutable(out, "out")
+    _arrays.refuse_immutable(lse, "lse")
     places = {n: _where(x) for n, x in (("q", q), ("k", k), ("v", v))}
     if out is not None:
         places["out"] = _where(out)
@@ -625,6 +627,7 @@ def merge_states(outs, lses):
     if gpu:
         from . import _gpu
 
+        _plan.check_devices(_device(), outs=outs, lses=lses)
         return _gpu.merge_states(outs, lses)
     with np.errstate(all="ignore"):
         o, s = reference.merge_states(outs, lses)

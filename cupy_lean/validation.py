@@ -188,6 +188,10 @@ def check_out(out, shape, dtype):
     if out.dtype != dtype:
         raise TypeError(f"out: expected dtype {dtype} (q's dtype), got {out.dtype}")
     _check_last_contiguous(out, "out")
+    for axis, (n, st) in enumerate(zip(out.shape, out.strides) if out.size else ()):
+        if st == 0 and n > 1:  # an expanded array: every row would be written to the same place
+            raise ValueError(f"out: expected elements that do not overlap, got a stride of 0 on axis {axis} "
+                             f"(of size {n})")
 
 
 def check_lse(lse, shape):

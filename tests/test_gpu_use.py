@@ -1995,3 +1995,24 @@ def test_caller_workspace_is_zeroed_before_a_launch_on_another_stream():
         s.synchronize()
     cp.cuda.Device().synchronize()
     check_close(cp.asnumpy(out), None, q, k, v, lens, None, np.float16)
+
+
+def test_pinned_torch_out_and_jax_out_are_refused_naming_them():
+    """A pinned (page-locked) host tensor as ``out=`` with CUDA inputs is a
+    host array among GPU ones: refused, naming it (it used to be copied into
+    a GPU temporary that the kernel wrote instead of the user's tensor). A
+    JAX array is immutable: refused as ``out=``."""
+    rng = np.random.default_rng(8)
+    q, k, v, lens, _ = make_inputs(rng, 2, 8, 2, 128, np.float16, [300, 77], "dense")
+    torch = pytest.importorskip("torch")
+    tq, tk, tv = (torch.from_numpy(x).cuda() for x in (q, k, v))
+    pinned = torch.empty(tuple(q.shape), dtype=torch.float16).pin_memory()
+    with pytest.raises(TypeError, match="out on the CPU"):
+        cupy_lean.attention(tq, tk, tv, out=pinned)
+    try:
+        import jax.numpy as jnp
+    except Exception:
+        return
+    jout = jnp.zeros(q.shape, dtype=jnp.float16)
+    with pytest.raises(TypeError, match="out: JAX arrays are immutable"):
+        cupy_lean.attention(tq, tk, tv, out=jout)

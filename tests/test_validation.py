@@ -902,3 +902,43 @@ def test_schedule_helpers_check_their_arguments():
     with pytest.raises(ValueError, match="threads: a row of head_dim 2048 needs at least"):
         S.merge_batches(1, 1, 2048, 32)
     assert S.merge_batches(1, 1, 1024, 32) >= 1
+
+
+def test_pinned_host_memory_is_host_memory():
+    """A DLPack producer on kDLCUDAHost (pinned host memory, PyTorch's
+    pin_memory()) is a host array: CuPy cannot view it, so with GPU inputs
+    it must be refused as a mix of devices, never copied into a temporary
+    that an ``out=`` would then not receive."""
+    from cupy_lean import _arrays
+
+    class Dev:
+        def __init__(self, kind):
+            self.kind = kind
+
+        def __dlpack_device__(self):
+            return (self.kind, 0)
+
+    assert _arrays.where(Dev(1)) == "cpu" and _arrays.where(Dev(3)) == "cpu"
+    assert _arrays.where(Dev(2)) == "gpu" and _arrays.where(Dev(13)) == "gpu"
+    assert not _arrays._dlpack_on_gpu(Dev(3)) and _arrays._dlpack_on_gpu(Dev(2))
+
+
+def test_jax_arrays_are_refused_as_outputs():
+    JaxArray = type("ArrayImpl", (), {"__module__": "jaxlib.xla_extension"})
+    q, k, v = _q4_case()
+    q = q[:, 0]
+    for name in ("out", "lse"):
+        with pytest.raises(TypeError, match=f"{name}: JAX arrays are immutable, got jaxlib.xla_extension.ArrayImpl"):
+            cupy_lean.attention(q, k, v, **{name: JaxArray()})
+
+
+def test_overlapping_out_is_refused():
+    q, k, v = _q4_case()
+    q = q[:, 0]
+    row = np.zeros((1,) + q.shape[1:], np.float32)
+    expanded = np.lib.stride_tricks.as_strided(row, shape=q.shape, strides=(0,) + row.strides[1:], writeable=True)
+    with pytest.raises(ValueError, match="out: expected elements that do not overlap, got a stride of 0 on axis 0"):
+        cupy_lean.attention(q, k, v, out=expanded)
+    one = np.zeros((1,) + q.shape[1:], np.float32)
+    cupy_lean.attention(q[:1], k[:1], v[:1], out=np.lib.stride_tricks.as_strided(
+        one, shape=one.shape, strides=(0,) + one.strides[1:], writeable=True))  # a size-1 axis: any stride
