@@ -136,11 +136,14 @@ def foreign_capture_state(*xs):
     return capturing()
 
 
-def to_gpu(x, name, capture=None):
+def to_gpu(x, name, capture=None, output=False):
     """A CuPy view of a GPU array (no copy); anything else is copied to the
     GPU, and refused, naming it, inside a CUDA graph capture. ``capture``:
     whether CuPy's current stream is capturing, when the caller knows
-    (:func:`foreign_capture_state`); None: asked here, for a foreign array."""
+    (:func:`foreign_capture_state`); None: asked here, for a foreign array.
+    ``output``: an array the call writes (``out``, ``lse``), never copied:
+    one that cannot be viewed raises TypeError naming it (a copy would
+    receive the results instead)."""
     nd = cupy_ndarray()
     if type(x) is nd:
         return x
@@ -180,9 +183,22 @@ def to_gpu(x, name, capture=None):
                 arr = None
         if arr is not None:
             return _fix_void(arr, x, name)
+    if output and not isinstance(x, np.ndarray) and not _has_cuda_interface(x):
+        raise TypeError(f"{name}: could not view {type(x).__module__}.{type(x).__name__} on the GPU without a "
+                        f"copy (its DLPack exchange failed and it has no __cuda_array_interface__), and a copy "
+                        f"would receive the results instead; pass a CuPy array, or leave {name} out and use "
+                        f"the returned array")
     if capture:
         refuse_host_in_capture(name)
     return _fix_void(cupy.asarray(x), x, name)
+
+
+def _has_cuda_interface(x):
+    """Whether CuPy can view ``x`` through ``__cuda_array_interface__``."""
+    try:
+        return getattr(x, "__cuda_array_interface__", None) is not None
+    except Exception:  # e.g. PyTorch bfloat16 refuses the interface
+        return False
 
 
 def to_cpu(x, name):

@@ -644,7 +644,7 @@ class Plan:
         if self.kv_layout == "HND" and k.ndim == v.ndim == 4:
             k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         if out is not None:
-            out = to_gpu(out, "out", cap)
+            out = to_gpu(out, "out", cap, output=True)
         if kv_lens is not None and not isinstance(kv_lens, np.ndarray):
             kv_lens = to_gpu(kv_lens, "kv_lens", cap)
         if block_table is not None and not isinstance(block_table, np.ndarray):
@@ -672,7 +672,7 @@ class Plan:
         if self.host_lens:
             _check_host_lens(self.meta, kv_lens, block_table)
         if lse is not None:
-            lse = to_gpu(lse, "lse", cap)
+            lse = to_gpu(lse, "lse", cap, output=True)
             if not self._lse_ok(lse):
                 check_devices(current, lse=lse)
                 raise ValueError(f"lse: expected a C-contiguous float32 array of shape "

@@ -239,8 +239,8 @@ def _normalise(q, k, v, kv_lens, block_table, out, lse):
             require_device()
             raise
         q, k, v = _to_gpu(q, "q", cap), _to_gpu(k, "k", cap), _to_gpu(v, "v", cap)
-        out = _to_gpu(out, "out", cap) if out is not None else None
-        lse = _to_gpu(lse, "lse", cap) if lse is not None else None
+        out = _to_gpu(out, "out", cap, output=True) if out is not None else None
+        lse = _to_gpu(lse, "lse", cap, output=True) if lse is not None else None
         idx = []
         for x, name in ((kv_lens, "kv_lens"), (block_table, "block_table")):
             if x is None:

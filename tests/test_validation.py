@@ -942,3 +942,38 @@ def test_overlapping_out_is_refused():
     one = np.zeros((1,) + q.shape[1:], np.float32)
     cupy_lean.attention(q[:1], k[:1], v[:1], out=np.lib.stride_tricks.as_strided(
         one, shape=one.shape, strides=(0,) + one.strides[1:], writeable=True))  # a size-1 axis: any stride
+
+
+def test_an_output_that_cannot_be_viewed_is_refused_not_copied(monkeypatch):
+    """``out`` / ``lse`` from a producer whose DLPack exchange fails: viewed
+    through ``__cuda_array_interface__`` when it has one, else refused
+    naming it (a copy would receive the results, the caller's array not)."""
+    cupy = pytest.importorskip("cupy")
+    from cupy_lean import _arrays, _plan
+
+    monkeypatch.setattr(_plan, "capturing", lambda: False)
+
+    def fail(obj):
+        raise RuntimeError("exchange refused")
+
+    monkeypatch.setattr(cupy, "from_dlpack", fail)
+    viewed = []
+    monkeypatch.setattr(cupy, "asarray", lambda x: viewed.append(x) or np.zeros(2, np.float32))
+
+    class GpuProducer:
+        def __dlpack_device__(self):
+            return (2, 0)
+
+        def __dlpack__(self, stream=None):
+            raise AssertionError("not reached: from_dlpack is replaced")
+
+    class WithInterface(GpuProducer):
+        __cuda_array_interface__ = {"shape": (2,), "typestr": "<f4", "data": (1 << 20, False), "version": 3}
+
+    with pytest.raises(TypeError, match="out: could not view .*GpuProducer on the GPU without a copy"):
+        _arrays.to_gpu(GpuProducer(), "out", output=True)
+    assert viewed == []
+    _arrays.to_gpu(WithInterface(), "lse", output=True)  # viewed through its interface
+    assert len(viewed) == 1
+    _arrays.to_gpu(GpuProducer(), "q")  # an input may be copied
+    assert len(viewed) == 2
