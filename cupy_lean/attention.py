@@ -87,8 +87,8 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
         compare.
     num_ctas : int, optional
         Grid size override (lean: persistent CTAs, default
-        ``kernels.default_ctas_per_sm`` per SM, at most one per tile; split: total CTAs, ``num_splits = num_ctas //
-        units``; ignored by head). ``schedule``, ``num_ctas`` and
+        ``kernels.default_ctas_per_sm`` per SM, at most one per tile; split:
+        total CTAs, ``num_splits = num_ctas // units``; ignored by head). ``schedule``, ``num_ctas`` and
         ``tile_size`` shape the GPU's work only: on NumPy inputs they change
         nothing (nor do the GPU's head_dim, group and page-size limits apply).
     tile_size : int, optional
