@@ -1,5 +1,5 @@
 """Benchmark harness of cupy-lean: decode-attention sweeps of the three
-schedules of :func:`cupy_lean.attention` ("lean", "split", "head") against
+schedules of :func:`cupy_lean.attention` ("lean", "split", "head"; "invariant": batch_invariant=True) against
 PyTorch SDPA (flash, cuDNN) and FlashInfer's paged decode, under CUDA graphs
 with cold L2.
 

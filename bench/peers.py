@@ -169,13 +169,15 @@ def torch_release():
 # ---------------------------------------------------------------------- ours
 
 class Ours:
-    """cupy_lean.attention with one schedule."""
+    """cupy_lean.attention with one schedule ("invariant": the default one
+    with ``batch_invariant=True``)."""
 
     kind = "ours"
 
     def __init__(self, schedule):
         self.name = schedule
-        self.schedule = schedule
+        self.schedule = "lean" if schedule == "invariant" else schedule
+        self.extra = {"batch_invariant": True} if schedule == "invariant" else {}
 
     def applicable(self, case: Case) -> Optional[str]:
         return None
@@ -184,7 +186,7 @@ class Ours:
         import cupy as cp
         import cupy_lean
 
-        sched = self.schedule
+        sched, extra = self.schedule, self.extra
         attention = cupy_lean.attention
         lens, table = inp.kv_lens, inp.block_table
         q, k, v = inp.q, inp.k, inp.v
@@ -195,11 +197,11 @@ class Ours:
 
         def graph_call(i):
             return attention(q[i], k[i], v[i], kv_lens=lens, block_table=table, out=outs[i],
-                             schedule=sched, validate=False)
+                             schedule=sched, validate=False, **extra)
 
         def eager_call(i):
             return attention(q[i], k[i], v[i], kv_lens=lens, block_table=table, schedule=sched,
-                             validate=False)
+                             validate=False, **extra)
 
         def first_output():
             return to_f32(eager_call(0))

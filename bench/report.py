@@ -21,11 +21,12 @@ import math
 import os
 from typing import Dict, Iterable, List, Optional
 
-OURS = ("lean", "split", "head")
+OURS = ("lean", "split", "head", "invariant")  # invariant: lean with batch_invariant=True
 SDPA = ("sdpa-flash", "sdpa-cudnn")
 FLASHINFER = ("flashinfer", "flashinfer-tc")
 PEERS = SDPA + FLASHINFER
 METHODS = OURS + PEERS
+DEFAULT_METHODS = tuple(m for m in METHODS if m != "invariant")  # without --methods
 
 FIELDS = [
     "case", "family", "layout", "page_size", "dtype", "method", "kind", "status",

@@ -70,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cases", default=None,
                    help="comma-separated substrings; keep cases whose name contains one (see --list)")
     p.add_argument("--methods", default=None,
-                   help=f"comma-separated methods among {','.join(R.METHODS)}; default all")
+                   help=f"comma-separated methods among {','.join(R.METHODS)}; default all but invariant "
+                        f"(lean with batch_invariant=True)")
     p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR", help="output folder (default bench/results)")
     p.add_argument("--tag", default=None, help="file name tag: bench_TAG.{csv,json} (default full / short)")
     p.add_argument("--no-peers", action="store_true", help="only cupy_lean's three schedules")
@@ -113,7 +114,7 @@ def parse_dtypes(s: Optional[str], short: bool) -> List[str]:
 
 
 def parse_methods(s: Optional[str], no_peers: bool) -> List[str]:
-    names = _split(s) or list(R.METHODS)
+    names = _split(s) or list(R.DEFAULT_METHODS)
     for n in names:
         if n not in R.METHODS:
             raise SystemExit(f"--methods: expected names among {', '.join(R.METHODS)}, got {n!r}")

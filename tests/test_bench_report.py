@@ -150,6 +150,7 @@ def test_arguments():
     with pytest.raises(SystemExit):
         bench_run.parse_dtypes("fp8", short=False)
     assert bench_run.parse_methods(None, no_peers=True) == ["lean", "split", "head"]
+    assert bench_run.parse_methods("invariant,lean", no_peers=True) == ["lean", "invariant"]  # on request only
     assert bench_run.parse_methods("flashinfer,split,lean", no_peers=False) == ["lean", "split", "flashinfer"]
     with pytest.raises(SystemExit):
         bench_run.parse_methods("xformers", no_peers=False)
