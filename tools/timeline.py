@@ -6,7 +6,11 @@ time is set by its slowest chain (the last contributor of a unit, then that
 unit's merge), which this shows.
 
     python tools/timeline.py --shape 3,45,3,256,2696[,PAGE] [--lens L | --ragged L0:L1:L2] [--ctas C]
-                             [--schedule lean|split] [--merge auto|kernel] [--out F.json]
+                             [--schedule lean|split] [--merge auto|kernel] [--kv-dtype e4m3] [--out F.json]
+
+``--kv-dtype``: an fp8 cache (uint8 storage: the high byte of each fp16
+value, scales 0.5), to see where an fp8 call's time goes against the same
+shape's 16-bit one.
 
 E.g. the prologue of stream-K against split-K on a small ragged batch of few
 units: ``--shape 3,12,1,128,8000,16 --ragged 8000:900:3000`` with and
@@ -103,6 +107,8 @@ def main():
                          "whose time is in us/call but not in the stamps) or always in the kernel")
     ap.add_argument("--ragged", default="",
                     help="colon-separated lengths, one per sequence (each <= N), timed instead of --lens")
+    ap.add_argument("--kv-dtype", choices=("e4m3", "e5m2"), default=None,
+                    help="an fp8 cache (the high bytes of the fp16 K/V, uint8 storage)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="")
     a = ap.parse_args()
@@ -115,11 +121,17 @@ def main():
     from range_sweep import decode_inputs  # tools/, beside this script
 
     (b, hq, hkv, d, n, ps), q, table, kvs = decode_inputs(a.shape, np.random.default_rng(a.seed))
+    fp8 = {}
+    if a.kv_dtype:
+        if q.dtype != cp.float16:
+            raise SystemExit("--kv-dtype: takes the high bytes of fp16 K/V")
+        kvs = [tuple(cp.ascontiguousarray(x.view(cp.uint8)[..., 1::2]) for x in pair) for pair in kvs]
+        fp8 = {"k_scale": 0.5, "v_scale": 0.5}
     k, v = kvs[0]
     out = cp.empty_like(q)
     copies = len(kvs)
     rows = []
-    name = f"b{b} {hq}/{hkv} d{d} {n}" + (f" paged{ps}" if ps else "")
+    name = f"b{b} {hq}/{hkv} d{d} {n}" + (f" paged{ps}" if ps else "") + (f" {a.kv_dtype}" if a.kv_dtype else "")
     if a.ragged:
         per_seq = [int(x) for x in a.ragged.split(":")]
         if len(per_seq) != b or max(per_seq) > n or min(per_seq) < 0:
@@ -136,7 +148,7 @@ def main():
             else:
                 kw = {"num_ctas": c} if c else {}
                 kw.update(tile_size=a.tile, stages=a.stages, schedule=a.schedule)
-            pl = cupy_lean.plan(q, k, v, kv_lens=kv, block_table=table, out=out, **kw)
+            pl = cupy_lean.plan(q, k, v, kv_lens=kv, block_table=table, out=out, kv_dtype=a.kv_dtype, **kw)
             glob = K.kernels_for(pl.spec).module.get_global("lean_timeline")
             tl = cp.ndarray((MAX_CTAS, WIDTH), cp.uint64, glob)
 
@@ -149,7 +161,7 @@ def main():
                 seen[0] += 1
                 if seen[0] == n_calls + 1:
                     tl.fill(0)
-                pl.run(q, *kvs[i], kv_lens=kv, block_table=table, out=out)
+                pl.run(q, *kvs[i], kv_lens=kv, block_table=table, out=out, **fp8)
 
             us = graph_time(call, copies, n_calls=n_calls, repeats=5)
             s = summary(cp.asnumpy(tl), pl.grid)
