@@ -94,6 +94,7 @@ def gpu_fp8_scales(k_scale, v_scale, heads_kv):
             out.append(1.0)
         elif _where(sc) == "gpu":
             x = to_gpu(sc, name)
+            _bind_cupy()  # (this may run before any plan of the process is made)
             check_devices(_cp.cuda.runtime.getDevice(), **{name: x})
             if x.ndim > 1 or (x.ndim == 1 and x.shape != (heads_kv,)) or x.dtype.kind != "f":
                 raise ValueError(f"{name}: expected floats of shape () or ({heads_kv},), got {x.dtype} "
@@ -121,6 +122,7 @@ def check_q_lens(q_lens, batch, q_len, check_values):
     gpu = _where(q_lens) == "gpu"
     x = to_gpu(q_lens, "q_lens") if gpu else host_ints(q_lens, "q_lens")
     if gpu:
+        _bind_cupy()  # (the first call of a process checks q_lens before it makes a plan)
         check_devices(_cp.cuda.runtime.getDevice(), q_lens=x)
     if tuple(x.shape) != (batch,) or x.dtype.kind not in "iu":
         raise ValueError(f"q_lens: expected integers of shape ({batch},), got {x.dtype} {tuple(x.shape)}")

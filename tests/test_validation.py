@@ -977,3 +977,26 @@ def test_an_output_that_cannot_be_viewed_is_refused_not_copied(monkeypatch):
     assert len(viewed) == 1
     _arrays.to_gpu(GpuProducer(), "q")  # an input may be copied
     assert len(viewed) == 2
+
+
+def test_q_lens_and_fp8_scale_checks_bind_cupy_before_use(monkeypatch):
+    """check_q_lens / gpu_fp8_scales may be the first GPU code of a process
+    (before any plan binds the module's CuPy handle): they bind it."""
+    cupy = pytest.importorskip("cupy")
+    from cupy_lean import _arrays, _plan
+
+    class Dev:  # what CuPy's runtime says without a GPU here
+        @staticmethod
+        def getDevice():
+            return 0
+
+    monkeypatch.setattr(_plan, "_cp", None)
+    monkeypatch.setattr(_plan, "_driver", None)
+    monkeypatch.setattr(cupy.cuda, "runtime", Dev)
+    fake = _FakeArray((3,), (4,), np.int32)
+    fake.ndim, fake.flags = 1, type("F", (), {"c_contiguous": True})()
+    monkeypatch.setattr(_arrays, "where", lambda x: "gpu")
+    monkeypatch.setattr(_arrays, "to_gpu", lambda x, name, *a, **k: x)
+    monkeypatch.setattr(_plan, "_index_array", lambda x, lo, hi, name: x)
+    assert _plan.check_q_lens(fake, 3, 2, False) is fake
+    assert _plan._cp is cupy
