@@ -63,7 +63,7 @@ class Signature(NamedTuple):
     k: tuple
     v: tuple
     out: Optional[tuple]  # (shape, strides), None: allocated by the call
-    kv_lens: Optional[tuple]  # ("gpu" | "cpu", shape, dtype, strides)
+    kv_lens: Optional[tuple]  # ("gpu" | "cpu", shape, dtype, strides, device | None)
     block_table: Optional[tuple]
     aligned: tuple  # q, k, v pointers 16-byte aligned; out pointer 8-byte aligned
     scale: Optional[float]
@@ -75,7 +75,7 @@ class Signature(NamedTuple):
     features: Optional[tuple] = None  # (sinks meta | None, window_left | None, softcap | None)
     min_tiles_per_cta: Optional[int] = None
     merge_balance: Optional[int] = None  # None: the default (kernels.TUNING)
-    devices: Optional[tuple] = None  # device of q, k, v, out and GPU kv_lens / block_table (None: absent / host)
+    devices: Optional[tuple] = None  # device of q, k, v and out (None: absent); kv_lens' and block_table's: their meta
 
 
 def gpu_fp8_scales(k_scale, v_scale, heads_kv):
@@ -88,13 +88,13 @@ def gpu_fp8_scales(k_scale, v_scale, heads_kv):
     from ._arrays import to_gpu, where as _where
     from .validation import fp8_scales
 
+    _bind_cupy()  # (this may run before any plan of the process is made)
     out = []
     for name, sc in (("k_scale", k_scale), ("v_scale", v_scale)):
         if sc is None:
             out.append(1.0)
         elif _where(sc) == "gpu":
             x = to_gpu(sc, name)
-            _bind_cupy()  # (this may run before any plan of the process is made)
             check_devices(_cp.cuda.runtime.getDevice(), **{name: x})
             if x.ndim > 1 or (x.ndim == 1 and x.shape != (heads_kv,)) or x.dtype.kind != "f":
                 raise ValueError(f"{name}: expected floats of shape () or ({heads_kv},), got {x.dtype} "
@@ -141,8 +141,9 @@ def sinks_meta(x):
 def _meta(x):
     if x is None:
         return None
-    where = "cpu" if isinstance(x, np.ndarray) else "gpu"
-    return (where, x.shape, x.dtype, x.strides)
+    if isinstance(x, np.ndarray):
+        return ("cpu", x.shape, x.dtype, x.strides, None)
+    return ("gpu", x.shape, x.dtype, x.strides, x.data.device_id)
 
 
 def signature(q, k, v, out, kv_lens, block_table, scale, schedule, num_ctas, tile_size,
@@ -159,9 +160,7 @@ def signature(q, k, v, out, kv_lens, block_table, scale, schedule, num_ctas, til
         scale, schedule, num_ctas, tile_size, stages, ctas_per_sm, features, min_tiles_per_cta, merge_balance,
         # (a call whose arrays live on another device than the current one finds no plan: the slow
         # path refuses it, naming the array)
-        (qd.device_id, kd.device_id, vd.device_id, None if od is None else od.device_id,
-         None if kv_lens is None or isinstance(kv_lens, np.ndarray) else kv_lens.data.device_id,
-         None if block_table is None or isinstance(block_table, np.ndarray) else block_table.data.device_id))
+        (qd.device_id, kd.device_id, vd.device_id, None if od is None else od.device_id))
 
 
 def _device_of(x):
@@ -873,32 +872,24 @@ class Plan:
                 self._rearm.discard(wp)
                 ws[:self.counter_bytes].fill(0)
             try:
-                plain = self._attn_launch is None
-                if not plain:
+                attn_done = combine_done = False
+                if self._attn_launch is not None:  # programmatic launches
                     try:
                         self._attn_launch(grid, 1, sp)
-                    except Exception as exc:
-                        self._drop_pdl(exc)  # nothing launched: plain launches, now and from now on
+                        attn_done = True
+                        if self._combine:
+                            self._combine_launch(self.units, self.combine_blocks, sp)
+                            combine_done = True
+                    except Exception as exc:  # refused: plain launches from now on (the kernels' wait: a no-op)
+                        self._drop_pdl(exc)
                         if capture_id is not None:  # a capture the failure has invalidated: no retry
                             raise
-                        plain = True
-                    else:
-                        if self._combine:
-                            try:
-                                self._combine_launch(self.units, self.combine_blocks, sp)
-                            except Exception as exc:
-                                self._drop_pdl(exc)
-                                if capture_id is not None:
-                                    raise
-                                # the attention kernel is queued: its merge, as a plain launch
-                                _driver.launchKernel(self._combine_ptr, self.units, self.combine_blocks, 1,
-                                                     self.threads, 1, 1, 0, sp, self._param_addr, 0)
-                if plain:
+                if not attn_done:
                     _driver.launchKernel(self._attn_ptr, grid, 1, 1, self.threads, 1, 1, self.smem, sp,
                                          self._param_addr, 0)
-                    if self._combine:
-                        _driver.launchKernel(self._combine_ptr, self.units, self.combine_blocks, 1,
-                                             self.threads, 1, 1, 0, sp, self._param_addr, 0)
+                if self._combine and not combine_done:
+                    _driver.launchKernel(self._combine_ptr, self.units, self.combine_blocks, 1,
+                                         self.threads, 1, 1, 0, sp, self._param_addr, 0)
             except Exception:
                 self._rearm.add(wp)  # zero the counters before this workspace's next launch
                 raise

@@ -273,8 +273,8 @@ def _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, 
         raise ValueError(f"q_lens: needs q of shape (batch, q_len, heads_q, head_dim), got q of shape "
                          f"{tuple(q.shape)}")
     if gpu:
-        _plan.check_devices(_device(), q=q, k=k, v=v, out=out, lse=lse, kv_lens=lens, block_table=table,
-                            sinks=sinks, q_lens=q_lens)  # (other libraries' sinks / q_lens: once converted)
+        # (sinks and q_lens: where they are taken, _features and check_q_lens)
+        _plan.check_devices(_device(), q=q, k=k, v=v, out=out, lse=lse, kv_lens=lens, block_table=table)
     kv8 = _gpu_fp8_format(k, kv_dtype, k_scale is not None or v_scale is not None) if gpu else None
     multi = gpu and q.ndim == 4  # several query tokens, GPU kernel
     if (q.ndim == 4 or fp8) and not gpu:
@@ -289,8 +289,6 @@ def _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, 
         _validation.check_lse(lse, (m.batch, m.heads_q))
     feats = _features(m, sinks, window_left, softcap, gpu)
     feats.kv8 = kv8
-    if gpu:
-        _plan.check_devices(_device(), sinks=feats.sinks, q_lens=q_lens)
     if batch_invariant:
         _validation.check_batch_invariant(schedule, num_ctas)
         schedule = "head"
@@ -544,6 +542,8 @@ def _features(m, sinks, window_left, softcap, gpu):
     on_gpu = gpu and sinks is not None and _where(sinks) == "gpu"
     if sinks is not None:
         sinks = _to_gpu(sinks, "sinks") if on_gpu else _to_cpu(sinks, "sinks")
+    if on_gpu:
+        _plan.check_devices(_device(), sinks=sinks)
     feats = _validation.validate_features(m, sinks, window_left, softcap, on_gpu)
     if gpu and isinstance(feats.sinks, np.ndarray):
         feats.sinks = _to_gpu(feats.sinks.astype(np.float32), "sinks")

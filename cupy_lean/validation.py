@@ -148,43 +148,37 @@ def validate(q, k, v, kv_lens, block_table, scale, out, sched, num_ctas, tile_si
 
     check_out(out, (batch, hq, d), q.dtype)
 
-    scale = scalar(scale)
     if scale is None:
         m.scale = 1.0 / math.sqrt(d) if d > 0 else 1.0
     else:
-        if isinstance(scale, (bool, np.bool_)) or not isinstance(scale, (numbers.Real, np.floating, np.integer)):
-            raise TypeError(f"scale: expected a real number, got {type(scale).__name__} {scale!r}")
-        try:
-            fscale = float(scale)
-        except OverflowError:
-            fscale = math.inf
+        fscale = _check_real(scale, "scale")
         if not math.isfinite(fscale):
-            text = repr(fscale) if isinstance(scale, (float, np.floating)) or math.isnan(fscale) else repr(scale)
-            if len(text) > 24:  # a huge integer: its size, not its 400 digits
-                text = f"an integer of {len(str(abs(int(scale))))} digits"
-            raise ValueError(f"scale: expected a finite number, got {text}")
+            raise ValueError(f"scale: expected a finite number, got {_real_text(scale, fscale)}")
         m.scale = fscale
 
     validate_options(sched, num_ctas, tile_size)
     return m
 
 
-def _check_writeable(x, name):
+def _output_array(x, name, shape, what):
+    """The checks every output array gets: an array (not a list), writeable,
+    of ``shape``; ``what`` names the expected array in the TypeError."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype") or isinstance(x, (list, tuple)):
+        raise TypeError(f"{name}: expected {what} of shape {tuple(shape)}, got {type(x).__name__}")
     flags = getattr(x, "flags", None)
     if flags is not None and hasattr(flags, "writeable") and not flags.writeable:
         raise ValueError(f"{name}: expected a writeable array, got a read-only one")
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {tuple(x.shape)}")
 
 
 def check_out(out, shape, dtype):
     """Checks of an ``out`` array (None: nothing to check): an array of
-    ``shape`` and ``dtype`` (q's), writeable, unit stride on the last axis."""
+    ``shape`` and ``dtype`` (q's), writeable, unit stride on the last axis,
+    no two elements at one address."""
     if out is None:
         return
-    if not hasattr(out, "shape") or not hasattr(out, "dtype") or isinstance(out, (list, tuple)):
-        raise TypeError(f"out: expected an array of shape {tuple(shape)}, got {type(out).__name__}")
-    _check_writeable(out, "out")
-    if tuple(out.shape) != tuple(shape):
-        raise ValueError(f"out: expected shape {tuple(shape)}, got {tuple(out.shape)}")
+    _output_array(out, "out", shape, "an array")
     if out.dtype != dtype:
         raise TypeError(f"out: expected dtype {dtype} (q's dtype), got {out.dtype}")
     _check_last_contiguous(out, "out")
@@ -199,15 +193,10 @@ def check_lse(lse, shape):
     writeable float32 array of ``shape``."""
     if lse is None:
         return
-    if not hasattr(lse, "shape") or not hasattr(lse, "dtype") or isinstance(lse, (list, tuple)):
-        raise TypeError(f"lse: expected a float32 array of shape {tuple(shape)}, got {type(lse).__name__}")
-    _check_writeable(lse, "lse")
-    if tuple(lse.shape) != tuple(shape):
-        raise ValueError(f"lse: expected shape {tuple(shape)}, got {tuple(lse.shape)}")
+    _output_array(lse, "lse", shape, "a float32 array")
     if lse.dtype != np.float32:
         raise TypeError(f"lse: expected dtype float32, got {lse.dtype}")
-    flags = getattr(lse, "flags", None)
-    if flags is not None and not flags.c_contiguous:
+    if getattr(lse, "flags", None) is not None and not lse.flags.c_contiguous:
         raise ValueError(f"lse: expected a C-contiguous array, got strides {tuple(lse.strides)}")
 
 
@@ -263,6 +252,15 @@ def _check_real(value, name):
         return math.inf if value > 0 else -math.inf
 
 
+def _real_text(value, f):
+    """``value`` (read as the float ``f``) for a message: an integer past
+    float's range by its size, not its hundreds of digits."""
+    value = scalar(value)
+    if isinstance(value, (int, np.integer)) and not math.isfinite(f):
+        return f"an integer of {len(str(abs(int(value))))} digits"
+    return repr(f)
+
+
 def validate_features(m, sinks, window_left, softcap, gpu):
     """Checks of the optional semantics: ``sinks`` (heads_q,) real values
     (NaN and +inf refused; -inf is "no sink" for that head), ``window_left``
@@ -294,9 +292,8 @@ def validate_features(m, sinks, window_left, softcap, gpu):
     if softcap is not None:
         c = _check_real(softcap, "softcap")
         if not (math.isfinite(c) and c > 0):
-            got = f"an integer of {len(str(abs(int(scalar(softcap)))))} digits" if (
-                isinstance(scalar(softcap), (int, np.integer)) and math.isinf(c)) else repr(c)
-            raise ValueError(f"softcap: expected a finite number > 0 (None: no soft-capping), got {got}")
+            raise ValueError(f"softcap: expected a finite number > 0 (None: no soft-capping), got "
+                             f"{_real_text(softcap, c)}")
         f.softcap = c
     return f
 
