@@ -17,6 +17,10 @@ Workspace rules (what makes graphs and streams safe):
   stream other than the previous launch's, the new stream first waits for the
   work already queued on the previous one (an event), so two streams never use
   the workspace at once.
+* A plan that is dropped (evicted, or a caller's plan collected) frees its
+  eager workspace in stream order: CuPy's pool reuses a block only on the
+  stream that allocated it, so where the last launch ran on another stream,
+  the allocating stream first waits for it (``_free_after_use``).
 * A launch captured into a CUDA graph gets a workspace of its own, kept as
   long as the plan lives, so no two graphs (and no graph and an eager call)
   share a workspace: graphs can be replayed in any order, on any streams,
@@ -202,6 +206,18 @@ def aligned_grid(units, tiles_per_unit, grid, min_fraction=0.85):
     return g if g >= min_fraction * grid else grid
 
 
+def check_tile_count(batch, unit_tiles, tile, paged):
+    """Raises ValueError when ``batch`` sequences of up to ``unit_tiles``
+    tiles could hold 2**31 tiles or more: the kernel sums the tiles of every
+    sequence in 32 bits (only reachable with a paged cache whose sequences
+    share pages, or a cache far past any GPU's memory)."""
+    if batch * unit_tiles >= 2**31:
+        name = "block_table" if paged else "k"
+        raise ValueError(f"{name}: {batch} sequences of up to {unit_tiles} tiles of {tile} tokens may hold "
+                         f"{batch * unit_tiles} tiles, expected fewer than 2**31 (the kernel counts them in "
+                         f"32 bits); split the batch")
+
+
 def _kv_strides(meta, itemsize, copy, page_size, name):
     """The element strides (sequence or page, token, head) the kernel gets
     for K or V (``meta``: the signature's (shape, strides)), and whether the
@@ -351,6 +367,7 @@ class Plan:
         max_unit_tiles = -(-(m.capacity if f_window is None else min(m.capacity, f_window + max(self.q_len, 1)))
                            // tile)
         slot_stride = -(-rows * (D + 2) // 4) * 4
+        check_tile_count(B, max_unit_tiles, tile, m.paged)
         self.units, self.tile, self.max_unit_tiles = units, tile, max_unit_tiles
         self.num_sms = kern.num_sms
         self.host_lens = sig.kv_lens is not None and sig.kv_lens[0] == "cpu"
@@ -506,6 +523,7 @@ class Plan:
         self._direct = (not (self.copy_q or self.copy_k or self.copy_v or self.copy_out)
                         and self.lens_direct and (tb is None or self.table_direct))
         _bind_cupy()
+        retry_deferred_frees()
         self._lock = threading.Lock()
         self._graph_workspaces = []  # workspaces (and temporaries) of captured launches
         self.captured = False
@@ -517,6 +535,9 @@ class Plan:
             self._ws[:self.counter_bytes].fill(0)
             # the first launch, on whatever stream, is ordered after this zeroing
             self._stream = _cp.cuda.get_current_stream()
+        self._ws_stream = None  # the stream the plan's eager workspace was allocated on
+        # eager workspaces set aside when their stream began a capture: (workspace, allocated on, used on)
+        self._set_aside = []
         self._spare = None  # zeroed workspace for the next captured launch
         self._rearm = set()  # workspace addresses whose counters are zeroed before their next launch
         self._capture_id = self._capture_ws = None  # (capture, stream) in progress and its workspace
@@ -713,6 +734,18 @@ class Plan:
         return (lse.shape == self.lse_shape and lse.dtype == np.float32
                 and lse.flags.c_contiguous and lse.data.device_id == self.device)
 
+    def __del__(self):
+        # CuPy's pool hands a freed block out again only on the stream that allocated it, ordered
+        # after what is queued there; a workspace last used on another stream is ordered there
+        # first (the cache evicting a plan, a caller dropping theirs)
+        try:
+            jobs = list(self._set_aside)
+            if not self._user_ws:
+                jobs.append((self._ws, self._ws_stream, self._stream))
+            _free_after_use(jobs, self.device)
+        except Exception:  # a plan that failed to build, or CuPy already gone at exit
+            pass
+
     def _new_workspace(self, cp):
         return cp.zeros(max(self.workspace_bytes, COUNTER_ALIGN), dtype=cp.uint8)
 
@@ -733,7 +766,7 @@ class Plan:
                         "workspace: the plan's previous eager launch was on a stream that is now capturing a "
                         "CUDA graph, so a launch on another stream cannot be ordered after it on the caller's "
                         "workspace; launch on the capturing stream, or give this stream a plan of its own")
-                self._graph_workspaces.append((self._ws,))
+                self._set_aside.append((self._ws, self._ws_stream, prev))
                 self._ws = None
                 self._stream = stream
                 return True
@@ -773,9 +806,11 @@ class Plan:
             # no spare now (its synchronisation could be refused; a later capture zeroes its own)
             with _relaxed_capture_mode():
                 self._ws = self._new_workspace(cp)
+            self._ws_stream = stream
             return self._ws, False
         if self._ws is None:
             self._ws = self._new_workspace(cp)  # zeroed on this stream, before the launch
+            self._ws_stream = stream
         if self._spare is None:
             # Prepared outside any capture, so that capturing allocates and
             # zeroes nothing; one synchronisation per plan (and after each
@@ -900,6 +935,49 @@ class Plan:
 
 _cp = _driver = None
 _get_capture_info = None
+_deferred = []  # (workspace, allocated on, used on, device): freed once neither stream is capturing
+_kept = []  # workspaces whose last stream could not be ordered (an error): never freed
+_free_lock = threading.Lock()
+
+
+def _free_after_use(jobs, device):
+    """Lets the workspaces of ``jobs`` ((workspace, stream it was allocated
+    on, stream of its last launch)) go back to CuPy's pool safely: the pool
+    reuses a block only on the stream that allocated it, so where the last
+    launch ran on another stream, the allocating stream first waits for an
+    event recorded after that launch. Where either stream is capturing a
+    graph now (an event there would join the capture) the workspace is
+    kept and retried by :func:`retry_deferred_frees`."""
+    for ws, alloc, used in jobs:
+        if ws is None or alloc is None or used is None or used.ptr == alloc.ptr:
+            continue  # stream-ordered already (or never launched)
+        try:
+            if _capture_id(used) is not None or _capture_id(alloc) is not None:
+                with _free_lock:
+                    _deferred.append((ws, alloc, used, device))
+                continue
+            with _cp.cuda.Device(device):
+                ev = _cp.cuda.Event(block=False, disable_timing=True)
+                ev.record(used)
+                alloc.wait_event(ev)
+        except Exception:  # e.g. a foreign stream destroyed since: never reuse that memory
+            with _free_lock:
+                _kept.append(ws)
+
+
+def retry_deferred_frees():
+    """Orders and frees the workspaces :func:`_free_after_use` kept because
+    a stream was capturing (called when a plan is built)."""
+    if not _deferred:
+        return
+    with _free_lock:
+        jobs = list(_deferred)
+        _deferred.clear()
+    by_device = {}
+    for ws, alloc, used, device in jobs:
+        by_device.setdefault(device, []).append((ws, alloc, used))
+    for device, js in by_device.items():
+        _free_after_use(js, device)
 
 
 def capturing():

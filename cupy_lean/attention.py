@@ -445,7 +445,10 @@ def plan(q, k, v, *, kv_lens=None, block_table=None, scale=None, out=None, sched
     package's cache; a plan from this function is the caller's, never shared
     with another call. To capture several CUDA graphs that may replay
     concurrently, one plan (or attention()) serves them all: each captured
-    launch gets a workspace of its own.
+    launch gets a workspace of its own; keep the plan alive as long as those
+    graphs may replay (their workspaces go with it). Dropping a plan while
+    its launches run is safe: its own workspace returns to CuPy's pool behind
+    an event on its last launch.
     """
     if config is not None:
         if not isinstance(config, Config):

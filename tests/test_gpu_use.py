@@ -188,6 +188,46 @@ def _replay_and_compare(rng, item):
     c["lens"][...] = cp.asarray(lens0)
 
 
+def test_graphs_replay_after_the_cache_evicted_their_plans(monkeypatch):
+    """With a cache of one plan, graphs captured from two signatures, then
+    eager calls of three more, each on two streams in turn, evict every
+    plan the graphs came from. The graphs still replay into NaN-prefilled
+    outputs and equal eager calls bitwise (their plans and workspaces are
+    kept); the plans evicted with nothing captured go, their workspaces
+    freed behind their last launch."""
+    from cupy_lean import _cache
+
+    monkeypatch.setattr(_cache, "MAX_PLANS", 1)
+    rng = np.random.default_rng(72)
+    graphs = []
+    for kind, hq, hkv, d, lens in (("ragged", 32, 8, 128, rng.integers(1, 7000, 9)),
+                                   ("paged", 16, 2, 64, rng.integers(1, 5000, 5))):
+        c = _graph_case(rng, kind, hq, hkv, d, lens)
+        out = _nan_like(c["q"].shape, c["q"].dtype)
+        lse = cp.full(c["q"].shape[:2], cp.nan, dtype=cp.float32)
+
+        def call(c=c, out=out, lse=lse):
+            cupy_lean.attention(c["q"], c["k"], c["v"], kv_lens=c["lens"], block_table=c["table"], out=out,
+                                lse=lse)
+
+        graphs.append((_capture(call), c, out, lse, "lean"))
+    streams = [cp.cuda.Stream(non_blocking=True) for _ in range(2)]
+    for i in range(3):
+        c = _graph_case(rng, "ragged", 8, 2, 128, rng.integers(1, 3000, 3 + i))
+        q, k, v, lens, _ = c["host"]
+        cp.cuda.Device().synchronize()
+        for s in streams:
+            with s:
+                out = cp.full(c["q"].shape, cp.nan, cp.float16)
+                cupy_lean.attention(c["q"], c["k"], c["v"], kv_lens=c["lens"], out=out)
+                s.synchronize()
+            check_close(out, None, q, k, v, lens, None, np.float16)
+    assert sum(key[0] == "plan" for key in list(_cache._entries)) == 1  # the graphs' plans were evicted
+    assert len(_cache._retained) >= 2
+    for item in graphs:
+        _replay_and_compare(rng, item)
+
+
 def test_plan_run_describe_and_workspace():
     rng = np.random.default_rng(71)
     q, k, v, lens, table = make_inputs(rng, 3, 32, 8, 128, np.float16, [5000, 17, 0], "paged", page_size=16)
@@ -1994,6 +2034,48 @@ def test_caller_workspace_is_zeroed_before_a_launch_on_another_stream():
         p.run(q_g, k_g, v_g, kv_lens=l_g, out=out)
         s.synchronize()
     cp.cuda.Device().synchronize()
+    check_close(cp.asnumpy(out), None, q, k, v, lens, None, np.float16)
+
+
+def test_a_dropped_plan_frees_its_workspace_behind_its_last_launch():
+    """A plan's workspace comes from CuPy's pool on the stream of its first
+    launch (a); its last launch runs on another stream (b), queued behind
+    ~100 ms of work there. The plan is dropped at once, and stream a takes
+    blocks of the workspace's size from the pool and fills them with 0x01
+    bytes (counters of 16843009). The pool reuses a block on its allocating
+    stream alone, ordered after that stream's work only: the drop must make
+    a wait for b's launch, or the launch finds those counters, never merges
+    its partial units, and leaves their rows NaN."""
+    import gc
+
+    from cupy_lean import kernels as K
+
+    rng = np.random.default_rng(6)
+    q, k, v, lens, _ = make_inputs(rng, 3, 32, 4, 128, np.float16, [9000, 300, 5000], "dense")
+    q_g, k_g, v_g, l_g = cp.asarray(q), cp.asarray(k), cp.asarray(v), cp.asarray(lens)
+    kw = dict(kv_lens=l_g, num_ctas=40)  # a CTA count keeps stream-K's merge (its counters) in the kernel
+    cp.cuda.Device().synchronize()
+    a, b = cp.cuda.Stream(non_blocking=True), cp.cuda.Stream(non_blocking=True)
+    p = cupy_lean.plan(q_g, k_g, v_g, **kw)
+    assert not p.merge_launch and p.decomposition == K.Decomposition.STREAM_K
+    nbytes = max(p.workspace_bytes, 256)
+    with a:
+        p.run(q_g, k_g, v_g, kv_lens=l_g)  # the workspace (and the spare) allocated on a
+        a.synchronize()
+    spin = cp.RawKernel(r"""extern "C" __global__ void spin(long long n) {
+        long long t0 = clock64(); while (clock64() - t0 < n) {} }""", "spin")
+    with b:
+        out = cp.full(q.shape, cp.nan, cp.float16)
+        spin((1,), (1,), (np.int64(200_000_000),))
+        p.run(q_g, k_g, v_g, kv_lens=l_g, out=out)  # ordered after a; runs after the spin
+    del p
+    gc.collect()
+    with a:
+        blocks = [cp.empty(nbytes, dtype=cp.uint8) for _ in range(4)]
+        for blk in blocks:
+            blk.fill(1)
+    b.synchronize()
+    a.synchronize()
     check_close(cp.asnumpy(out), None, q, k, v, lens, None, np.float16)
 
 
