@@ -78,6 +78,21 @@ def main(argv=None):
         if hasattr(cupy_lean, "plan"):  # older versions had no plans
             p = cupy_lean.plan(q, k, v, kv_lens=lens, out=out)
             variants["plan.run(out=)"] = lambda: p.run(q, k, v, kv_lens=lens, out=out)
+        # calls with optional features (they take the validating path on every call)
+        sinks = cp.zeros(hq, dtype=cp.float32)
+        k8, v8 = k.view(cp.uint8)[..., 1::2], v.view(cp.uint8)[..., 1::2]
+        k8, v8 = cp.ascontiguousarray(k8), cp.ascontiguousarray(v8)
+        variants.update({
+            "sinks=, out=": lambda: cupy_lean.attention(q, k, v, kv_lens=lens, out=out, sinks=sinks),
+            "softcap=, out=": lambda: cupy_lean.attention(q, k, v, kv_lens=lens, out=out, softcap=30.0),
+            "fp8 e4m3, out=": lambda: cupy_lean.attention(q, k8, v8, kv_lens=lens, out=out, kv_dtype="e4m3",
+                                                          k_scale=0.5, v_scale=0.5),
+        })
+        try:
+            ps = cupy_lean.plan(q, k, v, kv_lens=lens, out=out, sinks=sinks)
+            variants["plan.run(out=, sinks=)"] = lambda: ps.run(q, k, v, kv_lens=lens, out=out, sinks=sinks)
+        except TypeError:  # a version whose plan() takes no features
+            pass
         try:
             import torch
             import torch.nn.functional as F

@@ -57,6 +57,17 @@ def _put_locked(key, val):
             break
 
 
+def keep_if_evicted(plan):
+    """Called (once) when a launch of a cached ``plan`` is first captured
+    into a CUDA graph, after ``plan.captured`` is set: a plan the cache
+    dropped meanwhile (eviction or :func:`clear` on another thread, which
+    read ``captured`` before it was set) is kept alive here, as the graph
+    will read its workspaces."""
+    with _lock:
+        if not any(v is plan for v in _entries.values()) and not any(v is plan for v in _retained):
+            _retained.append(plan)
+
+
 def clear():
     """Drop every entry (kernels are reloaded from CuPy's disk cache on the
     next call). Plans that graphs were captured from stay alive."""

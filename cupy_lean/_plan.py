@@ -16,7 +16,9 @@ Workspace rules (what makes graphs and streams safe):
 * Eager launches of one plan are ordered on the GPU: when a launch comes on a
   stream other than the previous launch's, the new stream first waits for the
   work already queued on the previous one (an event), so two streams never use
-  the workspace at once.
+  the workspace at once. The per-thread default stream is one handle in every
+  thread but a stream per thread: a launch there records its event at once,
+  as no other thread can queue work on that stream later.
 * A plan that is dropped (evicted, or a caller's plan collected) frees its
   eager workspace in stream order: CuPy's pool reuses a block only on the
   stream that allocated it, so where the last launch ran on another stream,
@@ -55,7 +57,20 @@ __all__ = ["Signature", "Plan", "signature", "get_plan", "aligned_grid"]
 
 _LOG2E = 1.4426950408889634
 COUNTER_ALIGN = 256  # bytes: the fp32 slots start on this boundary
-_DEFAULT_STREAMS = (0, 1, 2)  # legacy and per-thread default streams: never destroyed
+_LEGACY = (0, 1)  # handles of the legacy default stream (one stream for the process)
+_PTDS = 2  # the per-thread default stream's handle: a different stream in each thread
+
+
+def _same_stream(a, a_thread, b, b_thread):
+    """Whether CuPy stream objects ``a`` (used from thread ``a_thread``) and
+    ``b`` (from ``b_thread``) are one CUDA stream: the legacy default stream
+    twice, the per-thread default stream from one thread, or one object
+    (which holds its handle, so it cannot be reused)."""
+    if a.ptr in _LEGACY or b.ptr in _LEGACY:
+        return a.ptr in _LEGACY and b.ptr in _LEGACY
+    if a.ptr == _PTDS or b.ptr == _PTDS:
+        return a.ptr == b.ptr and a_thread == b_thread
+    return a is b
 
 
 class Signature(NamedTuple):
@@ -524,20 +539,30 @@ class Plan:
                         and self.lens_direct and (tb is None or self.table_direct))
         _bind_cupy()
         retry_deferred_frees()
+        if workspace is not None and _capture_id(_cp.cuda.get_current_stream()) is not None:
+            raise ValueError("workspace: plan(workspace=...) zeroes the workspace's counters when the plan is made, "
+                             "and inside a CUDA graph capture that zeroing would run only at replay; make the plan "
+                             "before the capture begins")
         self._lock = threading.Lock()
         self._graph_workspaces = []  # workspaces (and temporaries) of captured launches
         self.captured = False
         self._user_ws = workspace is not None
         self._ws = None
         self._stream = None  # stream of the previous eager launch (held: its handle cannot be reused)
+        self._stream_thread = None  # the thread of that launch (the per-thread default stream is per thread)
+        self._last_ev = None  # recorded after that launch when it ran on a per-thread default stream
+        self._ptds_ev = None  # the event object used for it
         if workspace is not None:
             self._ws = _check_workspace(workspace, self.workspace_bytes)
             self._ws[:self.counter_bytes].fill(0)
             # the first launch, on whatever stream, is ordered after this zeroing
-            self._stream = _cp.cuda.get_current_stream()
-        self._ws_stream = None  # the stream the plan's eager workspace was allocated on
-        # eager workspaces set aside when their stream began a capture: (workspace, allocated on, used on)
+            self._stream, self._stream_thread = _cp.cuda.get_current_stream(), threading.get_ident()
+            self._note_eager_use(self._stream)
+        self._ws_stream = self._ws_thread = None  # the stream (and thread) the eager workspace was allocated on
+        # eager workspaces set aside when their stream began a capture: the jobs of _free_after_use
         self._set_aside = []
+        self._spare_ev = None  # recorded after the spare's zeroing
+        self._cached = False  # set by get_plan: the cache holds this plan
         self._spare = None  # zeroed workspace for the next captured launch
         self._rearm = set()  # workspace addresses whose counters are zeroed before their next launch
         self._capture_id = self._capture_ws = None  # (capture, stream) in progress and its workspace
@@ -621,15 +646,37 @@ class Plan:
                       RuntimeWarning, stacklevel=4)
 
     def rearm(self):
-        """Zero the unit counters of every workspace of this plan, on CuPy's
-        current stream (ordered before the plan's next launch on it). The
-        counters are zero after every completed launch; call this only when
-        something outside the plan may have written into its workspace (a
-        caller's ``workspace=`` reused for other data)."""
+        """Zero the unit counters of the plan's eager workspace (its own or
+        the caller's ``workspace=``) on CuPy's current stream, ordered after
+        the plan's previous launch and before its next one, as a launch on
+        this stream would be. The counters are zero after every completed
+        launch; call this only when something outside the plan may have
+        written into that workspace (a caller's ``workspace=`` reused for
+        other data), and outside a CUDA graph capture (a captured zeroing
+        would run only at replay). The workspaces of captured launches are
+        the graphs'; nothing outside writes them."""
+        stream = _cp.cuda.get_current_stream()
+        if _capture_id(stream) is not None:
+            raise RuntimeError("rearm: CuPy's current stream is capturing a CUDA graph, where the zeroing would run "
+                               "only at replay; call rearm() outside the capture")
         with self._lock:
-            for ws in [self._ws, self._spare, self._capture_ws] + [w[0] for w in self._graph_workspaces]:
-                if ws is not None:
-                    ws[:self.counter_bytes].fill(0)
+            if self._ws is None:
+                return
+            if self._order_after_previous(stream, threading.get_ident(), _cp):
+                return  # the plan's own workspace was set aside: the next launch takes a fresh, zeroed one
+            self._ws[:self.counter_bytes].fill(0)
+            self._rearm.discard(self._ws.data.ptr)
+            self._note_eager_use(stream)
+
+    def _note_eager_use(self, stream):
+        """After work on the eager workspace queued on ``stream`` by this
+        thread: on a per-thread default stream, an event that another thread
+        (which cannot queue work on this thread's stream) can wait for."""
+        if stream.ptr == _PTDS:
+            if self._ptds_ev is None:
+                self._ptds_ev = _cp.cuda.Event(block=False, disable_timing=True)
+            self._ptds_ev.record(stream)
+            self._last_ev = self._ptds_ev
 
 
     def run(self, q, k, v, *, kv_lens=None, block_table=None, out=None, lse=None, return_lse=False, sinks=None,
@@ -741,7 +788,8 @@ class Plan:
         try:
             jobs = list(self._set_aside)
             if not self._user_ws:
-                jobs.append((self._ws, self._ws_stream, self._stream))
+                jobs.append((self._ws, self._ws_stream, self._ws_thread, self._stream, self._stream_thread,
+                             self._last_ev))
             _free_after_use(jobs, self.device)
         except Exception:  # a plan that failed to build, or CuPy already gone at exit
             pass
@@ -749,32 +797,40 @@ class Plan:
     def _new_workspace(self, cp):
         return cp.zeros(max(self.workspace_bytes, COUNTER_ALIGN), dtype=cp.uint8)
 
-    def _order_after_previous(self, stream, cp):
-        """Order this launch after everything queued on the stream of the
-        previous eager launch: the workspace is never in use on two streams.
-        Returns True where that stream is capturing a graph now: the plan's
-        workspace was set aside instead, and the caller takes a fresh one."""
-        prev = self._stream
-        if prev is not None and stream is not prev and not (stream.ptr == prev.ptr and stream.ptr in _DEFAULT_STREAMS):
-            if _capture_id(prev) is not None:
+    def _order_after_previous(self, stream, thread, cp):
+        """Order work on the eager workspace queued next on ``stream`` (by
+        ``thread``) after everything queued on the stream of the previous
+        eager launch: the workspace is never in use on two streams. Returns
+        True where that stream cannot take an event now (it is capturing a
+        graph, or it is the legacy default stream while a blocking stream
+        captures): the plan's workspace was set aside instead, and the
+        caller takes a fresh one."""
+        prev, prev_thread = self._stream, self._stream_thread
+        if prev is not None and not _same_stream(prev, prev_thread, stream, thread):
+            if prev.ptr == _PTDS and prev_thread != thread:
+                # another thread's per-thread stream, on which this thread cannot queue anything:
+                # the event recorded after the launch there
+                if self._last_ev is not None:
+                    stream.wait_event(self._last_ev)
+            elif _enqueue_refused(prev):
                 # The previous stream has begun a capture since: an event recorded on it now would be
-                # part of that capture and would pull this eager launch into it. This launch takes a
-                # fresh workspace instead (zeroed on its own stream); the old one is kept alive for
-                # the launches queued before the capture began.
+                # part of that capture (or invalidate it) and would pull this eager launch into it.
+                # This launch takes a fresh workspace instead (zeroed on its own stream); the old one is
+                # kept alive for the launches queued before the capture began.
                 if self._user_ws:
                     raise RuntimeError(
                         "workspace: the plan's previous eager launch was on a stream that is now capturing a "
                         "CUDA graph, so a launch on another stream cannot be ordered after it on the caller's "
                         "workspace; launch on the capturing stream, or give this stream a plan of its own")
-                self._set_aside.append((self._ws, self._ws_stream, prev))
+                self._set_aside.append((self._ws, self._ws_stream, self._ws_thread, prev, prev_thread, None))
                 self._ws = None
-                self._stream = stream
+                self._stream, self._stream_thread, self._last_ev = stream, thread, None
                 return True
             else:
                 ev = cp.cuda.Event(block=False, disable_timing=True)
                 ev.record(prev)
                 stream.wait_event(ev)
-        self._stream = stream
+        self._stream, self._stream_thread, self._last_ev = stream, thread, None
         return False
 
     def _workspace_for(self, stream, capture_id, cp):
@@ -782,14 +838,16 @@ class Plan:
         under the plan's lock. ``capture_id``: :func:`_capture_id` of the
         stream."""
         capturing = capture_id is not None
+        thread = threading.get_ident()
+        if capturing and not self.captured:
+            self.captured = True  # (before the cache is asked: see _cache.keep_if_evicted)
+            if self._cached:
+                _cache.keep_if_evicted(self)
         if self._user_ws:  # the caller's workspace, for eager and captured launches alike
             if not capturing:
-                self._order_after_previous(stream, cp)
-            else:
-                self.captured = True
+                self._order_after_previous(stream, thread, cp)
             return self._ws, capturing
         if capturing:
-            self.captured = True
             if capture_id and (capture_id, stream.ptr) == self._capture_id:
                 # Launches of one capture on one stream are ordered in its
                 # graph: they share. (A stream forked into the capture has the
@@ -797,26 +855,25 @@ class Plan:
                 return self._capture_ws, True
             ws = self._spare
             self._spare = None
-            if ws is None:  # no zeroed spare (a capture after a capture): the zeroing is captured into the graph
+            if ws is not None:
+                self._spare_ev.synchronize()  # its zeroing, queued outside the capture, done (relaxed mode)
+            else:  # no zeroed spare (a capture after a capture): the zeroing is captured into the graph
                 ws = self._new_workspace(cp)  # the capture mode is relaxed (_launch)
             self._capture_id, self._capture_ws = (capture_id, stream.ptr), ws
             return ws, True
-        if self._order_after_previous(stream, cp):
-            # another stream of this process is capturing (maybe in global mode): allocate relaxed, and
-            # no spare now (its synchronisation could be refused; a later capture zeroes its own)
+        # Eager. What it allocates is allocated with the capture mode relaxed: another thread may be
+        # capturing in global mode (torch.cuda.graph), which refuses a cudaMalloc from any thread.
+        if self._order_after_previous(stream, thread, cp) or self._ws is None:
             with _relaxed_capture_mode():
-                self._ws = self._new_workspace(cp)
-            self._ws_stream = stream
-            return self._ws, False
-        if self._ws is None:
-            self._ws = self._new_workspace(cp)  # zeroed on this stream, before the launch
-            self._ws_stream = stream
+                self._ws = self._new_workspace(cp)  # zeroed on this stream, before the launch
+            self._ws_stream, self._ws_thread = stream, thread
         if self._spare is None:
-            # Prepared outside any capture, so that capturing allocates and
-            # zeroes nothing; one synchronisation per plan (and after each
-            # capture), never per call.
-            self._spare = self._new_workspace(cp)
-            stream.synchronize()
+            # Prepared outside any capture, so that a capture allocates and zeroes nothing: the
+            # capture waits (on the host) for this event instead.
+            with _relaxed_capture_mode():
+                self._spare = self._new_workspace(cp)
+            self._spare_ev = cp.cuda.Event(block=False, disable_timing=True)
+            self._spare_ev.record(stream)
         return self._ws, False
 
     def _launch(self, q, k, v, lens, table, out, lse, want_lse, sinks=None, q_lens=None, scales=None):
@@ -848,22 +905,8 @@ class Plan:
         if self._direct:  # nothing to convert or copy; lengths (if any) on the GPU
             out_k, lens32, table32 = out, lens, table
         else:
-            if self.copy_q:
-                q = temps = cp.array(q, copy=True, order="C")  # a new (aligned) buffer even if q is contiguous
-            if self.copy_k:
-                k = cp.array(k, copy=True, order="C")
-                temps = (temps, k)
-            if self.copy_v:
-                v = cp.array(v, copy=True, order="C")
-                temps = (temps, v)
-            lens32 = None
-            if lens is not None:
-                lens32 = lens if self.lens_direct else _index_array(lens, 0, m.capacity, "kv_lens")
-            table32 = None
-            if table is not None:
-                table32 = table if self.table_direct else _index_array(table, 0, max(m.num_pages - 1, 0),
-                                                                       "block_table")
-            out_k = cp.empty(out.shape, dtype=q.dtype) if self.copy_out else out
+            # an empty call first: it returns before anything is copied (a copy queued inside a
+            # capture and then dropped would be written by every replay after its memory is reused)
             total = None
             if self.host_lens:
                 host = np.asarray(lens, dtype=np.int64)
@@ -880,6 +923,22 @@ class Plan:
                 return out, lse
             if total is not None and self.decomposition == K.Decomposition.STREAM_K and not self.runtime_split:
                 grid = min(grid, total)  # (the runtime split's chunks per unit come from the full grid)
+            if self.copy_q:
+                q = temps = cp.array(q, copy=True, order="C")  # a new (aligned) buffer even if q is contiguous
+            if self.copy_k:
+                k = cp.array(k, copy=True, order="C")
+                temps = (temps, k)
+            if self.copy_v:
+                v = cp.array(v, copy=True, order="C")
+                temps = (temps, v)
+            lens32 = None
+            if lens is not None:
+                lens32 = lens if self.lens_direct else _index_array(lens, 0, m.capacity, "kv_lens")
+            table32 = None
+            if table is not None:
+                table32 = table if self.table_direct else _index_array(table, 0, max(m.num_pages - 1, 0),
+                                                                       "block_table")
+            out_k = cp.empty(out.shape, dtype=q.dtype) if self.copy_out else out
 
         sinks32 = None
         if self.has_sinks:
@@ -904,7 +963,8 @@ class Plan:
                              wp + self.workspace_bytes - self.meta_bytes if self.meta_bytes else 0)
             sp = stream.ptr
             if self._rearm and wp in self._rearm:
-                self._rearm.discard(wp)
+                if not captured:  # (a captured zeroing runs at replay: the next eager launch zeroes too)
+                    self._rearm.discard(wp)
                 ws[:self.counter_bytes].fill(0)
             try:
                 attn_done = combine_done = False
@@ -927,7 +987,11 @@ class Plan:
                                          self.threads, 1, 1, 0, sp, self._param_addr, 0)
             except Exception:
                 self._rearm.add(wp)  # zero the counters before this workspace's next launch
+                if sp == _PTDS and not captured:
+                    self._note_eager_use(stream)  # (a first kernel may have been queued)
                 raise
+            if sp == _PTDS and not captured:
+                self._note_eager_use(stream)
         if out_k is not out:
             out[...] = out_k
         return out, lse
@@ -935,49 +999,94 @@ class Plan:
 
 _cp = _driver = None
 _get_capture_info = None
-_deferred = []  # (workspace, allocated on, used on, device): freed once neither stream is capturing
+_deferred = []  # (job, device) of _free_after_use, to try again once no stream involved is capturing
 _kept = []  # workspaces whose last stream could not be ordered (an error): never freed
-_free_lock = threading.Lock()
+_free_lock = threading.RLock()  # (reentrant: a collection inside it may run a plan's __del__)
 
 
 def _free_after_use(jobs, device):
-    """Lets the workspaces of ``jobs`` ((workspace, stream it was allocated
-    on, stream of its last launch)) go back to CuPy's pool safely: the pool
-    reuses a block only on the stream that allocated it, so where the last
-    launch ran on another stream, the allocating stream first waits for an
-    event recorded after that launch. Where either stream is capturing a
-    graph now (an event there would join the capture) the workspace is
-    kept and retried by :func:`retry_deferred_frees`."""
-    for ws, alloc, used in jobs:
-        if ws is None or alloc is None or used is None or used.ptr == alloc.ptr:
+    """Lets the workspaces of ``jobs`` go back to CuPy's pool safely. A job
+    is (workspace, the stream it was allocated on and that stream's thread,
+    the stream of its last eager use and that thread, the event recorded
+    after that use where it was a per-thread default stream, else None).
+    The pool reuses a block only on the stream that allocated it, so where
+    the last use ran on another stream, the allocating stream first waits
+    for an event after that use. Where that cannot be done now (a stream
+    capturing a graph, the legacy stream while a blocking stream captures,
+    another thread's per-thread default stream) the workspace is kept and
+    retried by :func:`retry_deferred_frees`."""
+    me = threading.get_ident()
+    later, kept = [], []
+    for job in jobs:
+        ws, alloc, alloc_thread, used, used_thread, used_ev = job
+        if ws is None or alloc is None or used is None or _same_stream(alloc, alloc_thread, used, used_thread):
             continue  # stream-ordered already (or never launched)
         try:
-            if _capture_id(used) is not None or _capture_id(alloc) is not None:
-                with _free_lock:
-                    _deferred.append((ws, alloc, used, device))
-                continue
             with _cp.cuda.Device(device):
-                ev = _cp.cuda.Event(block=False, disable_timing=True)
-                ev.record(used)
+                if alloc.ptr == _PTDS and alloc_thread != me:
+                    later.append((job, device))  # only the allocating thread can queue a wait there
+                    continue
+                if used.ptr == _PTDS and used_thread != me:
+                    ev = used_ev  # recorded by the using thread after its last launch
+                    if ev is None:  # (none: nothing was queued there)
+                        continue
+                elif _enqueue_refused(used):
+                    later.append((job, device))
+                    continue
+                else:
+                    ev = _cp.cuda.Event(block=False, disable_timing=True)
+                    ev.record(used)
+                if _enqueue_refused(alloc):
+                    later.append((job, device))
+                    continue
                 alloc.wait_event(ev)
         except Exception:  # e.g. a foreign stream destroyed since: never reuse that memory
-            with _free_lock:
-                _kept.append(ws)
+            kept.append(ws)
+    if later or kept:
+        with _free_lock:
+            _deferred.extend(later)
+            _kept.extend(kept)
 
 
 def retry_deferred_frees():
-    """Orders and frees the workspaces :func:`_free_after_use` kept because
-    a stream was capturing (called when a plan is built)."""
+    """Orders and frees the workspaces :func:`_free_after_use` kept for later
+    (called when a plan is built)."""
     if not _deferred:
         return
     with _free_lock:
         jobs = list(_deferred)
         _deferred.clear()
-    by_device = {}
-    for ws, alloc, used, device in jobs:
-        by_device.setdefault(device, []).append((ws, alloc, used))
-    for device, js in by_device.items():
-        _free_after_use(js, device)
+    for job, device in jobs:
+        _free_after_use([job], device)
+
+
+def _enqueue_refused(stream):
+    """Whether queueing work (an event record or wait) on ``stream``, a
+    stream of this thread, would join or invalidate a graph capture now: it
+    is capturing, or it is the legacy default stream while a blocking stream
+    captures (CUDA refuses implicit synchronisation with a capture)."""
+    if stream.ptr in _LEGACY:
+        return _legacy_blocked()
+    return _capture_id(stream) is not None
+
+
+_is_capturing = None
+
+
+def _legacy_blocked():
+    """Whether the legacy default stream cannot take work now: a blocking
+    stream (``cupy.cuda.Stream()``) of this context is capturing a graph."""
+    global _is_capturing
+    if _is_capturing is None:
+        _is_capturing = _launch.driver_function("cuStreamIsCapturing",
+                                                [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int)]) or False
+    if _is_capturing:
+        status = ctypes.c_int()
+        return _is_capturing(None, ctypes.byref(status)) != 0 or status.value != 0
+    try:
+        return bool(_cp.cuda.Stream.null.is_capturing())
+    except Exception:  # refused: a blocking capture in progress
+        return True
 
 
 def capturing():
@@ -1012,7 +1121,7 @@ def _capture_id(stream):
                 status, cid = c_int(), c_uint64()  # per call: threads must not share them
                 if fn(ptr, byref(status), byref(cid), None, None, None) != 0:
                     raise RuntimeError("cuStreamGetCaptureInfo failed")
-                return cid.value if status.value == 1 else None
+                return None if status.value == 0 else cid.value  # active or invalidated: capturing
         else:
             def info(ptr):
                 with warnings.catch_warnings():  # deprecated in CuPy 14; this runs only without libcuda
@@ -1157,5 +1266,11 @@ def get_plan(sig, build_meta):
     plan = _cache.get(key)
     if plan is None:
         meta = build_meta()
-        plan = _cache.get_or_build(key, lambda: Plan(sig, meta))
+        plan = _cache.get_or_build(key, lambda: _cached_plan(sig, meta))
+    return plan
+
+
+def _cached_plan(sig, meta):
+    plan = Plan(sig, meta)
+    plan._cached = True  # (a capture of it then checks that the cache still holds it)
     return plan

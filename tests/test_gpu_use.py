@@ -2079,6 +2079,72 @@ def test_a_dropped_plan_frees_its_workspace_behind_its_last_launch():
     check_close(cp.asnumpy(out), None, q, k, v, lens, None, np.float16)
 
 
+def test_threads_on_their_per_thread_default_streams_share_a_plan_safely():
+    """With CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1 (a fresh process) every
+    thread's default stream is handle 2 and one CuPy object, but its own
+    CUDA stream. Two threads calling with one signature (one plan, one
+    eager workspace, its stream-K counters in the kernel) are ordered by
+    the event each records after its launch: every result equals the
+    single-thread one bitwise, into NaN-prefilled outputs."""
+    import subprocess
+    import sys
+
+    script = r"""
+import threading
+import numpy as np, cupy as cp, cupy_lean
+assert cp.cuda.get_current_stream().ptr == 2
+rng = np.random.default_rng(23)
+lens = np.array([9000, 300, 5000, 77], np.int32)
+q = cp.asarray(rng.standard_normal((4, 32, 128)).astype(np.float16))
+k = cp.asarray(rng.standard_normal((4, 9000, 4, 128)).astype(np.float16))
+v = cp.asarray(rng.standard_normal((4, 9000, 4, 128)).astype(np.float16))
+l = cp.asarray(lens)
+ref = cupy_lean.attention(q, k, v, kv_lens=l, num_ctas=40)
+cp.cuda.Device().synchronize()
+bad = []
+
+def work():
+    outs = [cp.full(q.shape, cp.nan, dtype=cp.float16) for _ in range(60)]
+    cp.cuda.get_current_stream().synchronize()
+    for out in outs:
+        cupy_lean.attention(q, k, v, kv_lens=l, num_ctas=40, out=out)
+    cp.cuda.get_current_stream().synchronize()
+    bad.extend(i for i, out in enumerate(outs) if not bool(cp.array_equal(out.view(cp.uint16), ref.view(cp.uint16))))
+
+threads = [threading.Thread(target=work) for _ in range(3)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+assert not bad, f"{len(bad)} of 180 results differ"
+print("ok")
+"""
+    env = dict(os.environ, CUPY_CUDA_PER_THREAD_DEFAULT_STREAM="1")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+
+
+def test_a_caller_workspace_plan_is_refused_inside_a_capture():
+    """plan(workspace=...) zeroes the workspace when the plan is made; made
+    inside a capture that zeroing would only run at replay: refused, naming
+    the argument."""
+    rng = np.random.default_rng(9)
+    q, k, v, lens, _ = make_inputs(rng, 2, 8, 2, 128, np.float16, [300, 77], "dense")
+    q_g, k_g, v_g = cp.asarray(q), cp.asarray(k), cp.asarray(v)
+    ws = cp.zeros(cupy_lean.plan(q_g, k_g, v_g).workspace_bytes + 256, dtype=cp.uint8)
+    cp.cuda.Device().synchronize()
+    s = cp.cuda.Stream(non_blocking=True)
+    with s:
+        s.begin_capture()
+        try:
+            with pytest.raises(ValueError, match="workspace: plan\\(workspace=...\\) zeroes"):
+                cupy_lean.plan(q_g, k_g, v_g, workspace=ws)
+        finally:
+            s.end_capture()
+
+
 def test_pinned_torch_out_and_jax_out_are_refused_naming_them():
     """A pinned (page-locked) host tensor as ``out=`` with CUDA inputs is a
     host array among GPU ones: refused, naming it (it used to be copied into

@@ -4,6 +4,7 @@ tile count is guarded. Streams and events are stand-ins that record what was
 asked of them; the GPU tests check the same on a device."""
 
 import gc
+import threading
 
 import pytest
 
@@ -13,7 +14,7 @@ from cupy_lean import _plan
 class Stream:
     def __init__(self, ptr, capturing=False):
         self.ptr, self.capturing = ptr, capturing
-        self.waited = []
+        self.waited = []  # the events' streams (and threads)
 
 
 class Event:
@@ -21,7 +22,7 @@ class Event:
         self.on = None
 
     def record(self, stream):
-        self.on = stream
+        self.on = stream if stream.ptr != 2 else (stream, threading.get_ident())
 
 
 class Device:
@@ -41,24 +42,43 @@ class FakeCupy:
         Device = Device
 
 
+LEGACY, PTDS = Stream(0), Stream(2)  # one object each, as CuPy's Stream.null / Stream.ptds
+
+
 @pytest.fixture
 def fake_streams(monkeypatch):
+    legacy = {"blocked": False}
     monkeypatch.setattr(_plan, "_cp", FakeCupy)
     monkeypatch.setattr(_plan, "_capture_id", lambda s: 7 if s.capturing else None)
+    monkeypatch.setattr(_plan, "_legacy_blocked", lambda: legacy["blocked"])
     monkeypatch.setattr(_plan, "_deferred", [])
     monkeypatch.setattr(_plan, "_kept", [])
+    LEGACY.waited.clear()
+    PTDS.waited.clear()
 
     def wait_event(stream, ev):
         stream.waited.append(ev.on)
 
     monkeypatch.setattr(Stream, "wait_event", wait_event, raising=False)
+    return legacy
 
 
-def _dropped_plan(ws, alloc, used, user_ws=False, set_aside=()):
-    """A plan as the launch path leaves it, then dropped."""
+def _bare_plan(user_ws=False):
     p = _plan.Plan.__new__(_plan.Plan)
-    p._user_ws, p._ws, p._ws_stream, p._stream = user_ws, ws, alloc, used
-    p._set_aside, p.device = list(set_aside), 0
+    p._user_ws, p.device = user_ws, 0
+    p._ws = p._ws_stream = p._ws_thread = p._stream = p._stream_thread = None
+    p._last_ev = p._ptds_ev = None
+    p._set_aside = []
+    return p
+
+
+def _dropped_plan(ws, alloc, used, user_ws=False, set_aside=(), alloc_thread=None, used_thread=None, used_ev=None):
+    """A plan as the launch path leaves it, then dropped."""
+    me = threading.get_ident()
+    p = _bare_plan(user_ws)
+    p._ws, p._ws_stream, p._ws_thread = ws, alloc, alloc_thread or me
+    p._stream, p._stream_thread, p._last_ev = used, used_thread or me, used_ev
+    p._set_aside = list(set_aside)
     del p
     gc.collect()
 
@@ -71,10 +91,19 @@ def test_a_workspace_last_used_on_another_stream_is_freed_behind_that_launch(fak
 
 def test_a_workspace_used_where_it_was_allocated_needs_no_event(fake_streams):
     a = Stream(11)
-    _dropped_plan(object(), a, Stream(11))  # the same stream (another wrapper of its handle)
+    _dropped_plan(object(), a, a)
+    _dropped_plan(object(), LEGACY, Stream(1))  # the legacy stream under its two handles
     _dropped_plan(object(), a, None)  # never launched
     _dropped_plan(None, None, None)  # nothing allocated
-    assert a.waited == [] and _plan._deferred == []
+    assert a.waited == [] and LEGACY.waited == [] and _plan._deferred == []
+
+
+def test_another_wrapper_of_a_stream_counts_as_another_stream(fake_streams):
+    """Two objects with one handle: ordered anyway (an object holds its
+    handle, so equal handles of two objects may be a reused one)."""
+    a = Stream(11)
+    _dropped_plan(object(), a, Stream(11))
+    assert len(a.waited) == 1
 
 
 def test_a_caller_workspace_is_left_to_the_caller(fake_streams):
@@ -87,7 +116,7 @@ def test_a_capturing_stream_defers_the_free_until_the_capture_ends(fake_streams)
     a, b = Stream(11), Stream(22, capturing=True)
     ws = object()
     _dropped_plan(ws, a, b)
-    assert a.waited == [] and [j[0] for j in _plan._deferred] == [ws]  # kept: an event on b would join its capture
+    assert a.waited == [] and [j[0][0] for j in _plan._deferred] == [ws]  # an event on b would join its capture
     _plan.retry_deferred_frees()
     assert a.waited == [] and len(_plan._deferred) == 1  # still capturing
     b.capturing = False
@@ -95,18 +124,89 @@ def test_a_capturing_stream_defers_the_free_until_the_capture_ends(fake_streams)
     assert a.waited == [b] and _plan._deferred == []
 
 
+def test_the_legacy_stream_waits_only_while_no_blocking_stream_captures(fake_streams):
+    """A workspace from the legacy default stream (CuPy's default), last used
+    on another: while a blocking stream captures, queueing a wait on the
+    legacy stream would invalidate that capture, so the free waits."""
+    b = Stream(22)
+    fake_streams["blocked"] = True
+    _dropped_plan(object(), LEGACY, b)
+    assert LEGACY.waited == [] and len(_plan._deferred) == 1
+    fake_streams["blocked"] = False
+    _plan.retry_deferred_frees()
+    assert LEGACY.waited == [b] and _plan._deferred == []
+
+
 def test_workspaces_set_aside_for_a_capture_are_ordered_after_their_own_stream(fake_streams):
     """A workspace set aside when its stream began a capture is ordered
     after that stream (once the capture ends), the current one after the
     plan's last stream."""
+    me = threading.get_ident()
     a, b, c = Stream(11), Stream(22, capturing=True), Stream(33)
     old, new = object(), object()
-    _dropped_plan(new, c, a, set_aside=[(old, a, b)])
+    _dropped_plan(new, c, a, set_aside=[(old, a, me, b, me, None)])
     assert c.waited == [a]  # the current workspace: allocated on c, last used on a
-    assert [j[0] for j in _plan._deferred] == [old]
+    assert [j[0][0] for j in _plan._deferred] == [old]
     b.capturing = False
     _plan.retry_deferred_frees()
     assert a.waited == [b]
+
+
+def test_per_thread_default_streams_of_two_threads(fake_streams):
+    """The per-thread default stream is one handle (2) and one CuPy object in
+    every thread, but a stream per thread: a workspace allocated on thread
+    1's and last used on thread 2's is ordered with the event thread 2
+    recorded after its launch, and only thread 1 can queue that wait."""
+    me = threading.get_ident()
+    other = me + 1
+    ev = Event()
+    ev.on = "after thread 2's launch"
+    ws = object()
+    _dropped_plan(ws, PTDS, PTDS, alloc_thread=me, used_thread=other, used_ev=ev)
+    assert PTDS.waited == ["after thread 2's launch"]  # this thread allocated it: it waits now
+    _dropped_plan(ws, PTDS, PTDS, alloc_thread=other, used_thread=me, used_ev=ev)
+    assert len(PTDS.waited) == 1 and len(_plan._deferred) == 1  # thread `other` must queue the wait
+    _plan.retry_deferred_frees()
+    assert len(_plan._deferred) == 1
+    _dropped_plan(object(), PTDS, PTDS, alloc_thread=me, used_thread=me)  # one thread's stream: no event
+    a = Stream(11)
+    _dropped_plan(object(), a, PTDS, used_thread=other, used_ev=ev)
+    assert a.waited == ["after thread 2's launch"]
+
+
+def test_eager_launches_from_two_threads_on_their_default_streams_are_ordered(fake_streams):
+    """_order_after_previous: the per-thread default stream of another
+    thread is another stream; the wait uses the event recorded after that
+    thread's launch (this thread cannot record on that thread's stream)."""
+    p = _bare_plan()
+    me = threading.get_ident()
+    p._stream, p._stream_thread = PTDS, me + 1
+    p._last_ev = Event()
+    p._last_ev.on = "thread 2's launch"
+    assert p._order_after_previous(PTDS, me, FakeCupy) is False
+    assert PTDS.waited == ["thread 2's launch"] and p._stream_thread == me and p._last_ev is None
+    assert p._order_after_previous(PTDS, me, FakeCupy) is False and len(PTDS.waited) == 1  # same thread now
+    b = Stream(22)
+    assert p._order_after_previous(b, me, FakeCupy) is False
+    assert b.waited == [(PTDS, me)]  # recorded on this thread's default stream
+
+
+def test_a_previous_stream_that_cannot_take_an_event_sets_the_workspace_aside(fake_streams):
+    me = threading.get_ident()
+    p = _bare_plan()
+    ws = object()
+    p._ws, p._ws_stream, p._ws_thread, p._stream, p._stream_thread = ws, LEGACY, me, LEGACY, me
+    fake_streams["blocked"] = True  # a blocking stream is capturing
+    b = Stream(22)
+    assert p._order_after_previous(b, me, FakeCupy) is True
+    assert p._ws is None and p._set_aside == [(ws, LEGACY, me, LEGACY, me, None)] and b.waited == []
+    q = _bare_plan(user_ws=True)
+    q._ws, q._stream, q._stream_thread = ws, LEGACY, me
+    with pytest.raises(RuntimeError, match="workspace: the plan's previous eager launch was on a stream that is "
+                                           "now capturing"):
+        q._order_after_previous(b, me, FakeCupy)
+    p._set_aside.clear()
+    q._ws = None
 
 
 def test_a_stream_that_cannot_be_ordered_keeps_its_workspace(fake_streams, monkeypatch):
@@ -180,3 +280,73 @@ def test_plans_that_graphs_were_captured_from_outlive_eviction_and_clear(small_c
     again = c.get_or_build(("plan", 0, "d"), lambda: _Plan(captured=True))
     c.clear()
     assert c.size() == 0 and c._retained == [captured, again]
+
+
+def test_rearm_is_ordered_after_the_last_launch_and_refused_in_a_capture(fake_streams, monkeypatch):
+    """rearm() zeroes the eager workspace's counters on the current stream
+    after the plan's previous launch (on another stream here), becomes the
+    previous use itself, and refuses to run inside a capture."""
+    fills = []
+
+    class Counters:
+        def fill(self, value):
+            fills.append(value)
+
+    class WS:
+        data = type("D", (), {"ptr": 4096})()
+
+        def __getitem__(self, key):
+            return Counters()
+
+    cur = {"stream": Stream(33)}
+    monkeypatch.setattr(FakeCupy.cuda, "get_current_stream", staticmethod(lambda: cur["stream"]), raising=False)
+    me = threading.get_ident()
+    p = _bare_plan()
+    p._lock, p.counter_bytes, p._rearm = threading.Lock(), 256, {4096}
+    b = Stream(22)
+    p._ws, p._ws_stream, p._ws_thread, p._stream, p._stream_thread = WS(), b, me, b, me
+    p.rearm()
+    assert fills == [0] and cur["stream"].waited == [b] and p._stream is cur["stream"] and p._rearm == set()
+    cur["stream"] = Stream(44, capturing=True)
+    with pytest.raises(RuntimeError, match="rearm: CuPy's current stream is capturing a CUDA graph"):
+        p.rearm()
+    assert fills == [0]
+    p._ws = None
+
+
+def test_the_legacy_stream_is_blocked_while_the_driver_says_so(monkeypatch):
+    """_legacy_blocked asks the driver about the legacy stream: an error
+    (CUDA_ERROR_STREAM_CAPTURE_IMPLICIT while a blocking stream captures) or
+    a capturing status both mean no work may be queued there."""
+    answers = {"rc": 0, "status": 0}
+
+    def is_capturing(handle, status):
+        assert handle is None
+        status._obj.value = answers["status"]
+        return answers["rc"]
+
+    monkeypatch.setattr(_plan, "_is_capturing", is_capturing)
+    assert _plan._legacy_blocked() is False
+    answers["rc"] = 906
+    assert _plan._legacy_blocked() is True
+    answers.update(rc=0, status=1)
+    assert _plan._legacy_blocked() is True
+
+
+def test_a_plan_evicted_before_its_first_capture_is_kept(small_cache):
+    """The cache evicts a plan (not yet captured) while another thread is
+    about to capture a launch of it: the capture, which sets ``captured``
+    first, then finds the plan gone and keeps it."""
+    c = small_cache
+    plan = c.get_or_build(("plan", 0, "a"), _Plan)
+    c.get_or_build(("plan", 0, "b"), _Plan)
+    c.get_or_build(("plan", 0, "c"), _Plan)  # "a" evicted, not captured: dropped
+    assert c._retained == []
+    plan.captured = True
+    c.keep_if_evicted(plan)
+    c.keep_if_evicted(plan)  # once
+    assert c._retained == [plan]
+    held = c.get(("plan", 0, "c"))
+    held.captured = True
+    c.keep_if_evicted(held)  # still cached: the cache keeps it on eviction itself
+    assert c._retained == [plan]
