@@ -550,7 +550,7 @@ class Plan:
         self._ws = None
         self._stream = None  # stream of the previous eager launch (held: its handle cannot be reused)
         self._stream_thread = None  # the thread of that launch (the per-thread default stream is per thread)
-        self._last_ev = None  # recorded after that launch when it ran on a per-thread default stream
+        self._last_ev = None  # recorded after the last eager use when that was on a per-thread default stream
         self._ptds_ev = None  # the event object used for it
         if workspace is not None:
             self._ws = _check_workspace(workspace, self.workspace_bytes)
@@ -822,15 +822,20 @@ class Plan:
                         "workspace: the plan's previous eager launch was on a stream that is now capturing a "
                         "CUDA graph, so a launch on another stream cannot be ordered after it on the caller's "
                         "workspace; launch on the capturing stream, or give this stream a plan of its own")
-                self._set_aside.append((self._ws, self._ws_stream, self._ws_thread, prev, prev_thread, None))
+                # (prev is this thread's per-thread stream or another stream: the job records its event
+                # later, or takes the one noted after prev's last use; later notes use a new object)
+                self._set_aside.append((self._ws, self._ws_stream, self._ws_thread, prev, prev_thread,
+                                        self._last_ev if prev.ptr == _PTDS else None))
                 self._ws = None
-                self._stream, self._stream_thread, self._last_ev = stream, thread, None
+                self._stream, self._stream_thread, self._last_ev, self._ptds_ev = stream, thread, None, None
                 return True
             else:
                 ev = cp.cuda.Event(block=False, disable_timing=True)
                 ev.record(prev)
                 stream.wait_event(ev)
-        self._stream, self._stream_thread, self._last_ev = stream, thread, None
+        # (_last_ev stays until a note replaces it: read only while _stream is a per-thread stream,
+        # which every eager call there notes, also when it raises)
+        self._stream, self._stream_thread = stream, thread
         return False
 
     def _workspace_for(self, stream, capture_id, cp):
@@ -870,10 +875,11 @@ class Plan:
         if self._spare is None:
             # Prepared outside any capture, so that a capture allocates and zeroes nothing: the
             # capture waits (on the host) for this event instead.
+            ev = cp.cuda.Event(block=False, disable_timing=True)
             with _relaxed_capture_mode():
-                self._spare = self._new_workspace(cp)
-            self._spare_ev = cp.cuda.Event(block=False, disable_timing=True)
-            self._spare_ev.record(stream)
+                spare = self._new_workspace(cp)
+            ev.record(stream)
+            self._spare, self._spare_ev = spare, ev
         return self._ws, False
 
     def _launch(self, q, k, v, lens, table, out, lse, want_lse, sinks=None, q_lens=None, scales=None):
@@ -909,6 +915,8 @@ class Plan:
             # capture and then dropped would be written by every replay after its memory is reused)
             total = None
             if self.host_lens:
+                if capture_id is not None:  # (the conversion below would refuse it, after an early return)
+                    refuse_host_in_capture("kv_lens")
                 host = np.asarray(lens, dtype=np.int64)
                 total = m.heads_kv * int((-(-np.clip(host, 0, m.capacity) // self.tile)).sum())
             elif lens is None:
@@ -947,51 +955,55 @@ class Plan:
         extra = None  # q_lens and fp8 scales: only plans for them look at them
         if self.q_len or self.kv8 is not None:
             extra = self._extra_args(q_lens, scales)
+        thread = threading.get_ident()
         with self._lock:
-            ws, captured = self._workspace_for(stream, capture_id, cp)
-            if captured:  # the workspace and temporaries the graph reads live as long as the plan
-                self._graph_workspaces.append((ws, temps, lens32, table32, out_k, sinks32, extra))
-            if sinks32 is not None:
-                self._params.sinks = sinks32.data.ptr
-            if extra is not None:
-                (self._params.q_lens, self._params.k_scale, self._params.v_scale, self._params.k_scale_value,
-                 self._params.v_scale_value) = extra[0]
-            wp = ws.data.ptr
-            self._ptrs[:] = (q.data.ptr, k.data.ptr, v.data.ptr, out_k.data.ptr,
-                             0 if lse is None else lse.data.ptr, 0 if lens32 is None else lens32.data.ptr,
-                             0 if table32 is None else table32.data.ptr, wp + self.counter_bytes, wp,
-                             wp + self.workspace_bytes - self.meta_bytes if self.meta_bytes else 0)
-            sp = stream.ptr
-            if self._rearm and wp in self._rearm:
-                if not captured:  # (a captured zeroing runs at replay: the next eager launch zeroes too)
-                    self._rearm.discard(wp)
-                ws[:self.counter_bytes].fill(0)
             try:
-                attn_done = combine_done = False
-                if self._attn_launch is not None:  # programmatic launches
-                    try:
-                        self._attn_launch(grid, 1, sp)
-                        attn_done = True
-                        if self._combine:
-                            self._combine_launch(self.units, self.combine_blocks, sp)
-                            combine_done = True
-                    except Exception as exc:  # refused: plain launches from now on (the kernels' wait: a no-op)
-                        self._drop_pdl(exc)
-                        if capture_id is not None:  # a capture the failure has invalidated: no retry
-                            raise
-                if not attn_done:
-                    _driver.launchKernel(self._attn_ptr, grid, 1, 1, self.threads, 1, 1, self.smem, sp,
-                                         self._param_addr, 0)
-                if self._combine and not combine_done:
-                    _driver.launchKernel(self._combine_ptr, self.units, self.combine_blocks, 1,
-                                         self.threads, 1, 1, 0, sp, self._param_addr, 0)
-            except Exception:
-                self._rearm.add(wp)  # zero the counters before this workspace's next launch
-                if sp == _PTDS and not captured:
-                    self._note_eager_use(stream)  # (a first kernel may have been queued)
-                raise
-            if sp == _PTDS and not captured:
-                self._note_eager_use(stream)
+                ws, captured = self._workspace_for(stream, capture_id, cp)
+                if captured:  # the workspace and temporaries the graph reads live as long as the plan
+                    self._graph_workspaces.append((ws, temps, lens32, table32, out_k, sinks32, extra))
+                if sinks32 is not None:
+                    self._params.sinks = sinks32.data.ptr
+                if extra is not None:
+                    (self._params.q_lens, self._params.k_scale, self._params.v_scale, self._params.k_scale_value,
+                     self._params.v_scale_value) = extra[0]
+                wp = ws.data.ptr
+                self._ptrs[:] = (q.data.ptr, k.data.ptr, v.data.ptr, out_k.data.ptr,
+                                 0 if lse is None else lse.data.ptr, 0 if lens32 is None else lens32.data.ptr,
+                                 0 if table32 is None else table32.data.ptr, wp + self.counter_bytes, wp,
+                                 wp + self.workspace_bytes - self.meta_bytes if self.meta_bytes else 0)
+                sp = stream.ptr
+                if self._rearm and wp in self._rearm:
+                    if not captured:  # (a captured zeroing runs at replay: the next eager launch zeroes too)
+                        self._rearm.discard(wp)
+                    ws[:self.counter_bytes].fill(0)
+                try:
+                    attn_done = combine_done = False
+                    if self._attn_launch is not None:  # programmatic launches
+                        try:
+                            self._attn_launch(grid, 1, sp)
+                            attn_done = True
+                            if self._combine:
+                                self._combine_launch(self.units, self.combine_blocks, sp)
+                                combine_done = True
+                        except Exception as exc:  # refused: plain launches from now on (the kernels' wait: a no-op)
+                            self._drop_pdl(exc)
+                            if capture_id is not None:  # a capture the failure has invalidated: no retry
+                                raise
+                    if not attn_done:
+                        _driver.launchKernel(self._attn_ptr, grid, 1, 1, self.threads, 1, 1, self.smem, sp,
+                                             self._param_addr, 0)
+                    if self._combine and not combine_done:
+                        _driver.launchKernel(self._combine_ptr, self.units, self.combine_blocks, 1,
+                                             self.threads, 1, 1, 0, sp, self._param_addr, 0)
+                except Exception:
+                    self._rearm.add(wp)  # zero the counters before this workspace's next launch
+                    raise
+            finally:
+                # on this thread's per-thread default stream, the event another thread waits for after
+                # whatever this call queued there (a workspace's zeroing, a launch), also when it raised
+                if capture_id is None and self._stream_thread == thread and self._stream is not None \
+                        and self._stream.ptr == _PTDS:
+                    self._note_eager_use(self._stream)
         if out_k is not out:
             out[...] = out_k
         return out, lse
@@ -1011,10 +1023,12 @@ def _free_after_use(jobs, device):
     after that use where it was a per-thread default stream, else None).
     The pool reuses a block only on the stream that allocated it, so where
     the last use ran on another stream, the allocating stream first waits
-    for an event after that use. Where that cannot be done now (a stream
-    capturing a graph, the legacy stream while a blocking stream captures,
-    another thread's per-thread default stream) the workspace is kept and
-    retried by :func:`retry_deferred_frees`."""
+    for an event after that use (another thread's per-thread default stream,
+    on which this thread cannot queue a wait: this thread waits for the
+    event on the host). Where no event can be recorded or waited for now (a
+    stream capturing a graph, the legacy stream while a blocking stream
+    captures) the workspace is kept and retried by
+    :func:`retry_deferred_frees`."""
     me = threading.get_ident()
     later, kept = [], []
     for job in jobs:
@@ -1023,11 +1037,8 @@ def _free_after_use(jobs, device):
             continue  # stream-ordered already (or never launched)
         try:
             with _cp.cuda.Device(device):
-                if alloc.ptr == _PTDS and alloc_thread != me:
-                    later.append((job, device))  # only the allocating thread can queue a wait there
-                    continue
                 if used.ptr == _PTDS and used_thread != me:
-                    ev = used_ev  # recorded by the using thread after its last launch
+                    ev = used_ev  # noted by the using thread after its last use
                     if ev is None:  # (none: nothing was queued there)
                         continue
                 elif _enqueue_refused(used):
@@ -1036,6 +1047,11 @@ def _free_after_use(jobs, device):
                 else:
                     ev = _cp.cuda.Event(block=False, disable_timing=True)
                     ev.record(used)
+                if alloc.ptr == _PTDS and alloc_thread != me:
+                    # only the allocating thread can queue a wait on its stream: wait here, on the host
+                    with _relaxed_capture_mode():
+                        ev.synchronize()
+                    continue
                 if _enqueue_refused(alloc):
                     later.append((job, device))
                     continue
@@ -1082,7 +1098,12 @@ def _legacy_blocked():
                                                 [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int)]) or False
     if _is_capturing:
         status = ctypes.c_int()
-        return _is_capturing(None, ctypes.byref(status)) != 0 or status.value != 0
+        rc = _is_capturing(None, ctypes.byref(status))
+        if rc == 906:  # CUDA_ERROR_STREAM_CAPTURE_IMPLICIT
+            return True
+        if rc == 0:
+            return status.value != 0
+        # another error (no context current on this thread yet): the runtime's answer binds one
     try:
         return bool(_cp.cuda.Stream.null.is_capturing())
     except Exception:  # refused: a blocking capture in progress

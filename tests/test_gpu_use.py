@@ -352,6 +352,8 @@ def test_host_index_arrays_refused_inside_a_capture():
     cupy_lean.attention(*args, kv_lens=lens, block_table=table)  # eagerly: accepted
     s = cp.cuda.Stream(non_blocking=True)
     for kw, name in ((dict(kv_lens=lens, block_table=cp.asarray(table)), "kv_lens"),
+                     # all empty: refused too (not a graph that writes zeros whatever the array holds later)
+                     (dict(kv_lens=np.zeros_like(lens), block_table=cp.asarray(table)), "kv_lens"),
                      (dict(kv_lens=cp.asarray(lens), block_table=table), "block_table"),
                      (dict(kv_lens=cp.asarray(lens), block_table=cp.asarray(table),
                            sinks=np.zeros(8, np.float32)), "sinks")):

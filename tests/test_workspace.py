@@ -20,9 +20,13 @@ class Stream:
 class Event:
     def __init__(self, **kwargs):
         self.on = None
+        self.synchronized = 0
 
     def record(self, stream):
         self.on = stream if stream.ptr != 2 else (stream, threading.get_ident())
+
+    def synchronize(self):
+        self.synchronized += 1
 
 
 class Device:
@@ -163,11 +167,13 @@ def test_per_thread_default_streams_of_two_threads(fake_streams):
     ev.on = "after thread 2's launch"
     ws = object()
     _dropped_plan(ws, PTDS, PTDS, alloc_thread=me, used_thread=other, used_ev=ev)
-    assert PTDS.waited == ["after thread 2's launch"]  # this thread allocated it: it waits now
-    _dropped_plan(ws, PTDS, PTDS, alloc_thread=other, used_thread=me, used_ev=ev)
-    assert len(PTDS.waited) == 1 and len(_plan._deferred) == 1  # thread `other` must queue the wait
-    _plan.retry_deferred_frees()
-    assert len(_plan._deferred) == 1
+    assert PTDS.waited == ["after thread 2's launch"] and ev.synchronized == 0  # this thread allocated it
+    _dropped_plan(ws, PTDS, PTDS, alloc_thread=other, used_thread=me, used_ev=None)
+    # only thread `other` could queue a wait on its stream: this thread waits on the host for an event
+    # it records after its own last use, and nothing is deferred
+    assert len(PTDS.waited) == 1 and _plan._deferred == []
+    _dropped_plan(ws, Stream(11), PTDS, used_thread=other, used_ev=None)  # nothing was queued there
+    assert _plan._deferred == [] and _plan._kept == []
     _dropped_plan(object(), PTDS, PTDS, alloc_thread=me, used_thread=me)  # one thread's stream: no event
     a = Stream(11)
     _dropped_plan(object(), a, PTDS, used_thread=other, used_ev=ev)
@@ -184,7 +190,7 @@ def test_eager_launches_from_two_threads_on_their_default_streams_are_ordered(fa
     p._last_ev = Event()
     p._last_ev.on = "thread 2's launch"
     assert p._order_after_previous(PTDS, me, FakeCupy) is False
-    assert PTDS.waited == ["thread 2's launch"] and p._stream_thread == me and p._last_ev is None
+    assert PTDS.waited == ["thread 2's launch"] and p._stream_thread == me
     assert p._order_after_previous(PTDS, me, FakeCupy) is False and len(PTDS.waited) == 1  # same thread now
     b = Stream(22)
     assert p._order_after_previous(b, me, FakeCupy) is False
@@ -315,9 +321,10 @@ def test_rearm_is_ordered_after_the_last_launch_and_refused_in_a_capture(fake_st
 
 
 def test_the_legacy_stream_is_blocked_while_the_driver_says_so(monkeypatch):
-    """_legacy_blocked asks the driver about the legacy stream: an error
-    (CUDA_ERROR_STREAM_CAPTURE_IMPLICIT while a blocking stream captures) or
-    a capturing status both mean no work may be queued there."""
+    """_legacy_blocked asks the driver about the legacy stream:
+    CUDA_ERROR_STREAM_CAPTURE_IMPLICIT (while a blocking stream captures) or
+    a capturing status mean no work may be queued there; another error (no
+    context current on the thread yet) asks the runtime instead."""
     answers = {"rc": 0, "status": 0}
 
     def is_capturing(handle, status):
@@ -330,6 +337,19 @@ def test_the_legacy_stream_is_blocked_while_the_driver_says_so(monkeypatch):
     answers["rc"] = 906
     assert _plan._legacy_blocked() is True
     answers.update(rc=0, status=1)
+    assert _plan._legacy_blocked() is True
+    answers.update(rc=201, status=0)  # CUDA_ERROR_INVALID_CONTEXT
+
+    class Null:
+        capturing = False
+
+        def is_capturing(self):
+            return self.capturing
+
+    null = Null()
+    monkeypatch.setattr(_plan, "_cp", type("C", (), {"cuda": type("D", (), {"Stream": type("S", (), {"null": null})})}))
+    assert _plan._legacy_blocked() is False
+    null.capturing = True
     assert _plan._legacy_blocked() is True
 
 
@@ -350,3 +370,23 @@ def test_a_plan_evicted_before_its_first_capture_is_kept(small_cache):
     held.captured = True
     c.keep_if_evicted(held)  # still cached: the cache keeps it on eviction itself
     assert c._retained == [plan]
+
+
+def test_a_set_aside_per_thread_stream_keeps_its_last_event(fake_streams):
+    """This thread's per-thread default stream began a capture after the
+    plan's last launch there: the workspace set aside keeps the event noted
+    after that launch (another thread freeing it waits for it), and later
+    notes record a new event object, not that one."""
+    me = threading.get_ident()
+    p = _bare_plan()
+    ws, noted = object(), Event()
+    p._ws, p._ws_stream, p._ws_thread, p._stream, p._stream_thread = ws, LEGACY, me, PTDS, me
+    p._last_ev = p._ptds_ev = noted
+    PTDS.capturing = True
+    try:
+        b = Stream(22)
+        assert p._order_after_previous(b, me, FakeCupy) is True
+    finally:
+        PTDS.capturing = False
+    assert p._set_aside == [(ws, LEGACY, me, PTDS, me, noted)] and p._ptds_ev is None and b.waited == []
+    p._set_aside.clear()
