@@ -806,6 +806,8 @@ class Plan:
         captures): the plan's workspace was set aside instead, and the
         caller takes a fresh one."""
         prev, prev_thread = self._stream, self._stream_thread
+        if prev is stream and (stream.ptr != _PTDS or prev_thread == thread):
+            return False  # (the common case: the stream of the previous launch)
         if prev is not None and not _same_stream(prev, prev_thread, stream, thread):
             if prev.ptr == _PTDS and prev_thread != thread:
                 # another thread's per-thread stream, on which this thread cannot queue anything:
