@@ -11,8 +11,10 @@ without a GPU.)
 Cases: fp16 / bf16 q over e4m3 and e5m2 caches at head_dim 64, 128, 256 with
 one and two query tiles, dense and paged; paged fp16 at page sizes 1, 7, 16,
 48 (the page divisor) with lengths past 2^17; a few-unit ragged batch (the
-merge launch and the launch-time split); a batch of 300 sequences. Prints
-one line per case and a summary; exits 1 on any failure.
+merge launch and the launch-time split); a batch of 300 sequences; on the
+GPU also the host side of launches (two streams, a graph, a caller's
+workspace, a dropped plan). Prints one line per case and a summary; exits 1
+on any failure.
 """
 
 import os
@@ -108,8 +110,100 @@ def main(argv=None):
             name += f" ({type(exc).__name__}: {exc})"
         failed += not ok
         print(f"{'ok  ' if ok else 'FAIL'} {name}: out err {err:.2e}, lse err {lerr:.2e}", flush=True)
-    print(f"smoke: {len(cases) - failed} of {len(cases)} passed in {time.time() - t0:.0f} s")
+    n = len(cases)
+    if not isinstance(cp, _NumPyAsCuPy):
+        for name, ok, detail in _launch_path_cases(cp, cupy_lean, reference, rng):
+            n += 1
+            failed += not ok
+            print(f"{'ok  ' if ok else 'FAIL'} launch path: {name}{detail}", flush=True)
+    print(f"smoke: {n - failed} of {n} passed in {time.time() - t0:.0f} s")
     return 1 if failed else 0
+
+
+def _launch_path_cases(cp, cupy_lean, reference, rng):
+    """The host side of launches (streams, a graph, a caller's workspace, a
+    dropped plan), each into a NaN-prefilled output against the reference:
+    ``(name, ok, detail)`` per case."""
+    lens = np.array([9000, 300, 5000, 77], np.int32)
+    q = rng.standard_normal((4, 32, 128)).astype(np.float16)
+    k = rng.standard_normal((4, 9000, 4, 128)).astype(np.float16)
+    v = rng.standard_normal((4, 9000, 4, 128)).astype(np.float16)
+    ro, _ = reference.attention(q, k, v, kv_lens=lens)
+    qg, kg, vg, lg = cp.asarray(q), cp.asarray(k), cp.asarray(v), cp.asarray(lens)
+    cp.cuda.Device().synchronize()
+
+    def check(out):
+        g = cp.asnumpy(out).astype(np.float64)
+        err = float(np.abs(g - ro).max()) if np.isfinite(g).all() else float("inf")
+        return err < 4e-3 * max(1.0, np.abs(ro).max()), f": out err {err:.2e}"
+
+    def case(name, fn):
+        try:
+            return (name,) + check(fn())
+        except Exception as exc:  # report and go on
+            return name, False, f" ({type(exc).__name__}: {exc})"
+
+    def two_streams():
+        s1, s2 = cp.cuda.Stream(non_blocking=True), cp.cuda.Stream(non_blocking=True)
+        with s1:
+            cupy_lean.attention(qg, kg, vg, kv_lens=lg, num_ctas=40)
+        with s2:
+            out = cp.full(q.shape, cp.nan, dtype=cp.float16)
+            cupy_lean.attention(qg, kg, vg, kv_lens=lg, num_ctas=40, out=out)
+            s2.synchronize()
+        return out
+
+    def graph():
+        s = cp.cuda.Stream(non_blocking=True)
+        out = cp.full(q.shape, cp.nan, dtype=cp.float16)
+        with s:
+            cupy_lean.attention(qg, kg, vg, kv_lens=lg, num_ctas=41, out=out)
+            s.synchronize()
+            s.begin_capture()
+            try:
+                cupy_lean.attention(qg, kg, vg, kv_lens=lg, num_ctas=41, out=out)
+            finally:
+                g = s.end_capture()
+            out.fill(cp.nan)
+            g.launch(s)
+            s.synchronize()
+        return out
+
+    def caller_workspace():
+        p = cupy_lean.plan(qg, kg, vg, kv_lens=lg, num_ctas=42)
+        ws = cp.full(p.workspace_bytes, 0xFF, dtype=cp.uint8)
+        p = cupy_lean.plan(qg, kg, vg, kv_lens=lg, num_ctas=42, workspace=ws)
+        s = cp.cuda.Stream(non_blocking=True)
+        with s:
+            out = cp.full(q.shape, cp.nan, dtype=cp.float16)
+            p.run(qg, kg, vg, kv_lens=lg, out=out)
+            s.synchronize()
+        return out
+
+    def dropped_plan():
+        import gc
+
+        a, b = cp.cuda.Stream(non_blocking=True), cp.cuda.Stream(non_blocking=True)
+        p = cupy_lean.plan(qg, kg, vg, kv_lens=lg, num_ctas=43)
+        nbytes = max(p.workspace_bytes, 256)
+        with a:
+            p.run(qg, kg, vg, kv_lens=lg)
+            a.synchronize()
+        with b:
+            out = cp.full(q.shape, cp.nan, dtype=cp.float16)
+            p.run(qg, kg, vg, kv_lens=lg, out=out)
+        del p
+        gc.collect()
+        with a:
+            for blk in [cp.empty(nbytes, dtype=cp.uint8) for _ in range(4)]:
+                blk.fill(1)
+        b.synchronize()
+        a.synchronize()
+        return out
+
+    return [case("two streams", two_streams), case("a graph replayed", graph),
+            case("a caller's workspace on another stream", caller_workspace),
+            case("a plan dropped while its launch runs", dropped_plan)]
 
 
 if __name__ == "__main__":
