@@ -12,6 +12,7 @@ after eviction, because those graphs point at its workspaces.
 from __future__ import annotations
 
 import atexit
+import sys
 import threading
 
 MAX_PLANS = 1024
@@ -91,3 +92,7 @@ def _shutdown():
     errors)."""
     _entries.clear()
     _retained.clear()
+    plan_module = sys.modules.get(__package__ + "._plan")
+    if plan_module is not None:  # workspaces kept for a later ordered free (see _plan._free_after_use)
+        plan_module._deferred.clear()
+        plan_module._kept.clear()

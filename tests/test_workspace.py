@@ -390,3 +390,16 @@ def test_a_set_aside_per_thread_stream_keeps_its_last_event(fake_streams):
         PTDS.capturing = False
     assert p._set_aside == [(ws, LEGACY, me, PTDS, me, noted)] and p._ptds_ev is None and b.waited == []
     p._set_aside.clear()
+
+
+def test_exit_releases_the_workspaces_kept_for_later(monkeypatch):
+    """At exit the cache's handler drops the workspaces that wait for an
+    ordered free too (while CUDA is still up)."""
+    from cupy_lean import _cache
+
+    monkeypatch.setattr(_plan, "_deferred", [("job", 0)])
+    monkeypatch.setattr(_plan, "_kept", [object()])
+    monkeypatch.setattr(_cache, "_entries", {})
+    monkeypatch.setattr(_cache, "_retained", [])
+    _cache._shutdown()
+    assert _plan._deferred == [] and _plan._kept == []
