@@ -840,12 +840,11 @@ class Plan:
         self._stream, self._stream_thread = stream, thread
         return False
 
-    def _workspace_for(self, stream, capture_id, cp):
-        """The workspace of this launch (see the module docstring); called
-        under the plan's lock. ``capture_id``: :func:`_capture_id` of the
-        stream."""
+    def _workspace_for(self, stream, thread, capture_id, cp):
+        """The workspace of this launch by ``thread`` (see the module
+        docstring); called under the plan's lock. ``capture_id``:
+        :func:`_capture_id` of the stream."""
         capturing = capture_id is not None
-        thread = threading.get_ident()
         if capturing and not self.captured:
             self.captured = True  # (before the cache is asked: see _cache.keep_if_evicted)
             if self._cached:
@@ -960,7 +959,7 @@ class Plan:
         thread = threading.get_ident()
         with self._lock:
             try:
-                ws, captured = self._workspace_for(stream, capture_id, cp)
+                ws, captured = self._workspace_for(stream, thread, capture_id, cp)
                 if captured:  # the workspace and temporaries the graph reads live as long as the plan
                     self._graph_workspaces.append((ws, temps, lens32, table32, out_k, sinks32, extra))
                 if sinks32 is not None:

@@ -27,6 +27,34 @@ def _nan_like(shape, dtype):
     return cp.full(shape, cp.nan, dtype=dtype)
 
 
+@contextlib.contextmanager
+def _inside_a_capture():
+    """A capture on a fresh non-blocking stream (after the device is idle) for
+    the block, ended whatever the block raised (a capture left open breaks
+    every later test)."""
+    cp.cuda.Device().synchronize()
+    s = cp.cuda.Stream(non_blocking=True)
+    with s:
+        s.begin_capture()
+        try:
+            yield s
+        finally:
+            s.end_capture()
+
+
+def _run_in_a_fresh_process(script, **env_vars):
+    """Runs ``script`` with this checkout's package in a new Python process
+    with ``env_vars`` set; asserts it exits 0 and prints "ok" last."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, **env_vars)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+
+
 def _assert_out_lse(out, lse, ro, rl, out_tol=4e-3, lse_tol=4e-3):
     """GPU ``out`` / ``lse`` against the reference's: every output finite and
     within ``out_tol``, -inf exactly where the reference has it, the finite
@@ -668,9 +696,6 @@ def test_gpu_fp8_bit_move_conversion_in_a_fresh_process():
     the 256 restored in the scales), forced on this GPU through
     kernels.FP8_BITMOVES_ENV in a fresh process: every head_dim, 1 and 4 query
     tiles, bf16 q, a grid that cuts units."""
-    import subprocess
-    import sys
-
     script = r"""
 import numpy as np, cupy as cp, ml_dtypes, cupy_lean
 from cupy_lean import reference
@@ -694,11 +719,7 @@ print("ok")
 """
     from cupy_lean import kernels as K
 
-    env = dict(os.environ, **{K.FP8_BITMOVES_ENV: "1"})
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+    _run_in_a_fresh_process(script, **{K.FP8_BITMOVES_ENV: "1"})
 
 
 def test_gpu_fp8_with_query_tokens_window_sinks_plans_and_graphs():
@@ -1792,15 +1813,9 @@ def test_programmatic_launch_refused_falls_back_to_plain_launches():
     _assert_bitwise(out, expect)
     p = fresh_plan()
     out = _nan_like(q.shape, q.dtype)
-    cp.cuda.Device().synchronize()
-    s = cp.cuda.Stream(non_blocking=True)
-    with s:
-        s.begin_capture()
-        try:
-            with pytest.raises(RuntimeError, match="refused by a test"):
-                p.run(qd, kd, vd, kv_lens=ld, block_table=td, out=out)
-        finally:
-            s.end_capture()
+    with _inside_a_capture():
+        with pytest.raises(RuntimeError, match="refused by a test"):
+            p.run(qd, kd, vd, kv_lens=ld, block_table=td, out=out)
     assert p.pdl and len(calls) == 2  # not dropped inside a capture
 
 
@@ -2088,9 +2103,6 @@ def test_threads_on_their_per_thread_default_streams_share_a_plan_safely():
     eager workspace, its stream-K counters in the kernel) are ordered by
     the event each records after its launch: every result equals the
     single-thread one bitwise, into NaN-prefilled outputs."""
-    import subprocess
-    import sys
-
     script = r"""
 import threading
 import numpy as np, cupy as cp, cupy_lean
@@ -2121,11 +2133,7 @@ for t in threads:
 assert not bad, f"{len(bad)} of 180 results differ"
 print("ok")
 """
-    env = dict(os.environ, CUPY_CUDA_PER_THREAD_DEFAULT_STREAM="1")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+    _run_in_a_fresh_process(script, CUPY_CUDA_PER_THREAD_DEFAULT_STREAM="1")
 
 
 def test_a_caller_workspace_plan_is_refused_inside_a_capture():
@@ -2136,15 +2144,9 @@ def test_a_caller_workspace_plan_is_refused_inside_a_capture():
     q, k, v, lens, _ = make_inputs(rng, 2, 8, 2, 128, np.float16, [300, 77], "dense")
     q_g, k_g, v_g = cp.asarray(q), cp.asarray(k), cp.asarray(v)
     ws = cp.zeros(cupy_lean.plan(q_g, k_g, v_g).workspace_bytes + 256, dtype=cp.uint8)
-    cp.cuda.Device().synchronize()
-    s = cp.cuda.Stream(non_blocking=True)
-    with s:
-        s.begin_capture()
-        try:
-            with pytest.raises(ValueError, match="workspace: plan\\(workspace=...\\) zeroes"):
-                cupy_lean.plan(q_g, k_g, v_g, workspace=ws)
-        finally:
-            s.end_capture()
+    with _inside_a_capture():
+        with pytest.raises(ValueError, match="workspace: plan\\(workspace=...\\) zeroes"):
+            cupy_lean.plan(q_g, k_g, v_g, workspace=ws)
 
 
 def test_pinned_torch_out_and_jax_out_are_refused_naming_them():
