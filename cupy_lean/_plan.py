@@ -365,7 +365,8 @@ class Plan:
         tile_size, self.many_units, self.one_cta_per_unit = sig.tile_size, False, False
         self.varied_lengths_tile = False
         if tile_size is None and sig.stages is None and sig.schedule == "lean" and B * Hkv:
-            many = K.many_unit_config(D, rows, B * Hkv, m.capacity, K.device_sm_count(), m.paged,
+            unit_tokens = m.capacity if f_window is None else min(m.capacity, f_window + max(self.q_len, 1))
+            many = K.many_unit_config(D, rows, B * Hkv, unit_tokens, K.device_sm_count(), m.paged,
                                       sig.kv_lens is None, bits, lambda t: K.kernels_for(spec_at(t)).occupancy,
                                       one_cta_per_unit=variants_ok)
             if many is not None:

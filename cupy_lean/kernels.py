@@ -380,6 +380,11 @@ TUNING = _Tuning({
     # a lean call at head_dim 64 over sequences of varied lengths (kv_lens or pages, several sequences):
     # this tile (0: the default tile), half the default's, two CTAs of 4 warps per SM (varied_length_tile)
     "varied_lengths_d64_tile": 64,
+    # the two rules above (many_unit_config, varied_length_tile) also for calls with an optional feature
+    # (sinks, window, soft-cap, query tokens, fp8; the window's length counting as the unit's tokens).
+    # False: such calls keep the default tile. Not measured on a GPU yet (an experiment switch:
+    # tools/fp8_timing.py --tuning config_rules_with_features=True times both in one process)
+    "config_rules_with_features": False,
     # stream-K with at least this many CTAs per unit (grid >= n x units; 0: never): partial units merged by
     # a combine launch (rows spread over CTAs) instead of by each unit's last contributor in the kernel
     # (measured on ragged/paged calls of 2-20 units, bench/NOTES.md session 15)
@@ -451,6 +456,12 @@ def default_config(head_dim, m_tiles, paged, smem_limit=DEFAULT_SMEM_LIMIT):
     return None
 
 
+def _features_block(features):
+    """Whether a call's optional features (``FEATURES`` bits) keep it on the
+    default tile: any feature, unless ``TUNING["config_rules_with_features"]``."""
+    return bool(features) and not TUNING["config_rules_with_features"]
+
+
 def many_unit_config(head_dim, group, units, tokens, num_sms, paged, uniform, features=0, occupancy=None,
                      one_cta_per_unit=True):
     """The ``(tile, one_cta_per_unit)`` of a call of many units, or None for
@@ -460,8 +471,9 @@ def many_unit_config(head_dim, group, units, tokens, num_sms, paged, uniform, fe
     given) of ``tokens`` tokens with at least one unit (sequence x KV head)
     per SM, ``group`` query rows per unit up to 16 and no optional feature
     (``features``: the spec's ``FEATURES`` bits: sinks, window, soft-cap, a
-    q with a query-token axis, fp8; so in the plan ``group`` is the query
-    heads per KV head):
+    q with a query-token axis, fp8; with
+    ``TUNING["config_rules_with_features"]`` features do not matter, and a
+    windowed plan passes the window's tokens as ``tokens``):
 
     - head_dim 64 (``TUNING["many_units_d64"]``; only where the plan may
       run one CTA per unit, ``one_cta_per_unit``: False with an option that
@@ -495,7 +507,7 @@ def many_unit_config(head_dim, group, units, tokens, num_sms, paged, uniform, fe
     to. At head_dim 128 the 32-token tile took 0.64-0.98 on units of
     303-640 tokens and 0.93-1.32 on longer ones (no rule there); head_dim
     256 was 1.27-1.66x slower."""
-    if (paged or not uniform or features or head_dim not in (64, 128) or group > 16
+    if (paged or not uniform or _features_block(features) or head_dim not in (64, 128) or group > 16
             or units < num_sms or tokens <= 0):
         return None
     if head_dim == 64 and TUNING["many_units_d64"] and one_cta_per_unit:
@@ -513,7 +525,8 @@ def varied_length_tile(head_dim, group, features=0, occupancy=None):
     cannot see the lengths and runs stream-K), or None for the default.
 
     At head_dim 64 with up to 16 query rows per unit and no optional feature
-    (``features``: the spec's ``FEATURES`` bits): ``TUNING["varied_lengths_d64_tile"]``
+    (``features``: the spec's ``FEATURES`` bits; any, with
+    ``TUNING["config_rules_with_features"]``): ``TUNING["varied_lengths_d64_tile"]``
     (64) tokens, half the default, so that two CTAs of 4 warps share an SM
     where one of 8 ran. Each CTA's fixed costs (the length scan, the query
     load, the pipeline fill, page-table reads) then overlap the other's
@@ -531,7 +544,7 @@ def varied_length_tile(head_dim, group, features=0, occupancy=None):
     one such CTA, and that was not measured); None, for a check by hand
     without a GPU, assumes they fit."""
     tile = TUNING["varied_lengths_d64_tile"]
-    if head_dim != 64 or group > 16 or features or not tile:
+    if head_dim != 64 or group > 16 or _features_block(features) or not tile:
         return None
     if occupancy is not None and occupancy(int(tile)) < 2:
         return None

@@ -443,6 +443,35 @@ def test_many_unit_config_rule():
         assert spec.tile == tile and spec.smem_bytes <= K.SMEM_OPTIN["sm_80"]
 
 
+def test_config_rules_with_features_switch():
+    """TUNING["config_rules_with_features"] (off by default) lets calls with
+    optional features take the many-unit and varied-length tiles; the specs
+    those tiles give with each feature build, dense and paged, and compile
+    for sm_90."""
+    assert K.TUNING["config_rules_with_features"] is False
+    ok = dict(head_dim=64, group=8, units=280, tokens=559, num_sms=132, paged=False, uniform=True)
+    feats = [K.FEATURES[n] for n in ("sinks", "softcap", "window", "qlen", "fp8_e4m3", "fp8_e5m2")]
+    feats.append(K.FEATURES["sinks"] | K.FEATURES["window"] | K.FEATURES["fp8_e4m3"])
+    for b in feats:
+        assert K.many_unit_config(**ok, features=b) is None and K.varied_length_tile(64, 8, b) is None
+    saved = dict(K.TUNING)
+    try:
+        K.TUNING["config_rules_with_features"] = True
+        for b in feats:
+            assert K.many_unit_config(**ok, features=b) == K.many_unit_config(**ok, features=0) == (32, True)
+            assert K.many_unit_config(**{**ok, "head_dim": 128}, features=b) == (32, False)
+            assert K.varied_length_tile(64, 8, b) == 64
+            for d, tile, paged in ((64, 32, False), (64, 64, False), (64, 64, True), (128, 32, False)):
+                spec = K.make_spec("f16", d, 16, paged, tile_size=tile, features=b,
+                                   page_size=16 if paged else None)
+                assert spec.tile == tile and spec.smem_bytes <= K.SMEM_OPTIN["sm_80"]
+        for b in (feats[-1], K.FEATURES["qlen"] | K.FEATURES["fp8_e5m2"]):
+            assert K.compile_cubin(K.make_spec("bf16", 64, 16, True, tile_size=64, features=b, page_size=16), "sm_90")
+    finally:
+        K.TUNING.update(saved)
+    assert K.TUNING["config_rules_with_features"] is False
+
+
 def _entry_bodies(ptx):
     """``{entry name: its PTX text}`` of a module's PTX."""
     parts = re.split(r"\.visible \.entry ", ptx)[1:]

@@ -1,7 +1,8 @@
 """fp8 K/V against fp16 K/V on family shapes, lean only (the same shapes, the
 same timing as the benchmark: CUDA-graph replays over rotating copies).
 
-    python tools/fp8_timing.py --family 16 --seed S [--dtype bfloat16] [--stages 2,3] [--only 3,7] [--out fp8.json]
+    python tools/fp8_timing.py --family 16 --seed S [--dtype bfloat16] [--stages 2,3] [--only 3,7]
+                               [--tuning KEY=VALUE ...] [--out fp8.json]
 
 For each shape: the time with K/V in q's dtype (fp16 by default, or bf16),
 the e4m3 time (uint8 storage: the high byte of each of those values, scales
@@ -11,9 +12,13 @@ bytes per second. fp8 reads half the bytes: the target ratio is about 0.5.
 default spec's tile; a depth that does not fit the device is skipped), to
 see how the fp8 time depends on the bytes in flight. ``--only``: only the
 drawn shapes of these indices (the same shapes as in the full run).
+``--tuning KEY=VALUE`` (repeatable; the value read as a Python literal):
+both calls timed again with ``cupy_lean.kernels.TUNING`` changed so, in the
+same process (an A/B of a switch; the next call after a change plans anew).
 """
 
 import argparse
+import ast
 import json
 import math
 import os
@@ -29,8 +34,16 @@ def main():
     ap.add_argument("--dtype", default="float16", choices=("float16", "bfloat16"), help="q, out (and the 16-bit K/V)")
     ap.add_argument("--stages", default="", help="comma-separated pipeline depths to time the fp8 call at too")
     ap.add_argument("--only", default="", help="comma-separated indices of the drawn shapes to time (default: all)")
+    ap.add_argument("--tuning", action="append", default=[], metavar="KEY=VALUE",
+                    help="time both calls again with kernels.TUNING[KEY] = VALUE (a Python literal)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
+    tuned = {}
+    for item in a.tuning:
+        key, sep, val = item.partition("=")
+        if not sep:
+            ap.error(f"--tuning: expected KEY=VALUE, got {item!r}")
+        tuned[key.strip()] = ast.literal_eval(val.strip())
     only = {int(x) for x in a.only.split(",") if x.strip()}
     import cupy as cp
 
@@ -38,6 +51,11 @@ def main():
     from bench import cases as C
     from bench import family as F
     from cupy_lean.bench import graph_time
+    from cupy_lean.kernels import TUNING
+
+    unknown = sorted(set(tuned) - set(TUNING))
+    if unknown:
+        ap.error(f"--tuning: unknown keys {unknown}; TUNING has {sorted(TUNING)}")
 
     rows = []
     for idx, case in enumerate(F.draw(a.family, a.seed)):
@@ -57,6 +75,16 @@ def main():
         ks = cp.full(case.heads_kv, 0.5, dtype=cp.float32)
         t8 = graph_time(lambda i: cupy_lean.attention(inp.q[i], k8[i], v8[i], out=outs[i], kv_dtype="e4m3",
                                                       k_scale=ks, v_scale=ks, **kw), n_copies)
+        t8_tuned = None
+        if tuned:
+            saved = {key: TUNING[key] for key in tuned}
+            try:
+                TUNING.update(tuned)
+                t8_tuned = graph_time(lambda i: cupy_lean.attention(inp.q[i], k8[i], v8[i], out=outs[i],
+                                                                    kv_dtype="e4m3", k_scale=ks, v_scale=ks, **kw),
+                                      n_copies)
+            finally:
+                TUNING.update(saved)
         by_stages = {}
         for st in (int(x) for x in a.stages.split(",") if x.strip()):
             try:
@@ -70,8 +98,10 @@ def main():
         b8 = case.kv_bytes() / 2
         rows.append({"case": case.name, "kv_bytes_fp16": case.kv_bytes(), "fp16_us": t16, "fp8_us": t8,
                      "ratio": t8 / t16, "fp8_tbps": b8 / t8 / 1e6, "fp16_tbps": case.kv_bytes() / t16 / 1e6,
-                     "fp8_us_by_stages": by_stages})
+                     "fp8_us_by_stages": by_stages, "tuning": tuned or None, "fp8_us_tuned": t8_tuned})
         extra = "".join(f"  s{k} {v:.1f}" for k, v in by_stages.items() if v is not None)
+        if t8_tuned is not None:
+            extra += f"  tuned e4m3 {t8_tuned:.1f} us ({t8_tuned / t8:.3f}x)"
         print(f"{case.name:48s} fp16 {t16:8.1f} us ({rows[-1]['fp16_tbps']:.2f} TB/s)  e4m3 {t8:8.1f} us "
               f"({rows[-1]['fp8_tbps']:.2f} TB/s)  ratio {t8 / t16:.3f}{extra}", flush=True)
         inp.free()
@@ -80,6 +110,10 @@ def main():
     g = math.exp(sum(math.log(r["ratio"]) for r in rows) / len(rows))
     print(f"fp8 seed {a.seed} {a.dtype}: {len(rows)} shapes; fp8 / 16-bit time geomean {g:.3f}, "
           f"min {min(r['ratio'] for r in rows):.3f}, max {max(r['ratio'] for r in rows):.3f}")
+    if tuned and rows:
+        ab = [r["fp8_us_tuned"] / r["fp8_us"] for r in rows]
+        print(f"tuned {tuned}: e4m3 time tuned / default geomean "
+              f"{math.exp(sum(math.log(x) for x in ab) / len(ab)):.3f}, min {min(ab):.3f}, max {max(ab):.3f}")
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"seed": a.seed, "dtype": a.dtype, "rows": rows, "geomean_ratio": g}, f, indent=1)
