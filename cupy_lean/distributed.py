@@ -80,7 +80,12 @@ def attention(q, k, v, *, kv_lens, group=None, block_table=None, return_lse=Fals
         Also return the merged log-sum-exp.
     **kwargs
         Passed to :func:`cupy_lean.attention` for the shard (``scale``,
-        ``schedule``, ...).
+        ``schedule``, ``softcap``, an fp8 cache, ...). Refused: ``out``,
+        ``lse``, ``sinks`` (fold them into the merged result:
+        ``out * sigmoid(lse - sink)``, ``lse = logaddexp(lse, sink)`` per
+        query head), and what depends on a key's position in the whole
+        sequence, which a shard does not know: a ``window_left`` other than
+        None or -1, ``q_lens``, and a 4-D ``q``.
 
     Returns
     -------
@@ -93,6 +98,17 @@ def attention(q, k, v, *, kv_lens, group=None, block_table=None, return_lse=Fals
         if bad in kwargs:
             raise ValueError(f"{bad}: not supported by the sharded call (sinks: add them once, to the merged "
                              f"result; out/lse: the merge allocates)")
+    # a shard cannot see where it starts in the sequence: a window, or the causal limits of several
+    # query tokens, applied to each shard's own length would give wrong results
+    if kwargs.get("window_left") not in (None, -1):
+        raise ValueError(f"window_left: not supported by the sharded call (each rank would apply the window "
+                         f"to its own shard's length), got {kwargs['window_left']!r}")
+    if kwargs.get("q_lens") is not None:
+        raise ValueError("q_lens: not supported by the sharded call (one query token per sequence)")
+    ndim = len(getattr(q, "shape", ()))
+    if ndim != 3:
+        raise ValueError(f"q: the sharded call takes one query token per sequence, shape (batch, heads_q, "
+                         f"head_dim); got {ndim} dimensions, shape {tuple(getattr(q, 'shape', ()))}")
     out, lse = local_attention(q, k, v, kv_lens=kv_lens, block_table=block_table, return_lse=True, **kwargs)
     if group is None or group.world_size == 1:
         return (out, lse) if return_lse else out

@@ -133,11 +133,16 @@ def _checked(q, k, v, kv_lens, block_table, scale, sinks=None, window_left=None,
 def window_start(lens, window_left, q_len=1):
     """First key position the queries of each sequence see: ``max(0, len -
     q_len - window_left)`` (the first of ``q_len`` query tokens sees keys
-    up to ``len - q_len``), or 0 without a window (``window_left`` None)."""
+    up to ``len - q_len``), or 0 without a window (``window_left`` None or
+    -1, as in :func:`cupy_lean.attention`). Raises ValueError for a
+    ``window_left`` below -1 or a ``q_len`` below 1."""
+    from .validation import _check_int
+
     lens = np.asarray(lens, dtype=np.int64)
-    if window_left is None:
+    q_len = _check_int(q_len, "q_len", 1)
+    if window_left is None or _check_int(window_left, "window_left", -1) == -1:
         return np.zeros_like(lens)
-    return np.maximum(lens - int(q_len) - int(window_left), 0)
+    return np.maximum(lens - q_len - int(window_left), 0)
 
 
 def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, sinks=None, window_left=None,

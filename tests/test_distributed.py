@@ -106,3 +106,43 @@ def test_one_rank_is_the_plain_call_and_bad_arguments_are_named():
     np.testing.assert_allclose(a, b, rtol=1e-12)
     with pytest.raises(ValueError, match="sinks: not supported by the sharded call"):
         distributed.attention(q, k, v, kv_lens=lens, sinks=np.zeros(2))
+    # what depends on a key's position in the whole sequence is refused, even on one rank
+    with pytest.raises(ValueError, match="window_left: not supported by the sharded call.*got 3"):
+        distributed.attention(q, k, v, kv_lens=lens, window_left=3)
+    with pytest.raises(ValueError, match="q_lens: not supported by the sharded call"):
+        distributed.attention(q, k, v, kv_lens=lens, q_lens=np.ones(2, np.int32))
+    with pytest.raises(ValueError, match=r"q: the sharded call .* got 4 dimensions, shape \(2, 1, 2, 16\)"):
+        distributed.attention(q[:, None], k, v, kv_lens=lens)
+    for w in (None, -1):  # no window: the plain call
+        np.testing.assert_allclose(distributed.attention(q, k, v, kv_lens=lens, window_left=w), b, rtol=1e-12)
+
+
+@given(st.lists(st.integers(0, 60), min_size=1, max_size=3), st.integers(1, 4), st.integers(0, 10**6))
+def test_sinks_folded_into_the_merged_result_as_the_docstring_says(lens, world, seed):
+    """The sharded call refuses sinks and its docstring says how to add them
+    to the merged result: out * sigmoid(lse - sink), lse = logaddexp(lse,
+    sink); that equals the unsharded call with sinks (empty sequences
+    included: zeros, lse = the sink)."""
+    q, k, v, lens = make_problem(lens, 1, 3, 16, seed)
+    k, v = np.nan_to_num(k), np.nan_to_num(v)
+    sinks = np.random.default_rng(seed).normal(size=3) * 2
+    shards = shard_cache(k, v, lens, world)
+    group = ThreadGroup(world)
+    results = [None] * world
+
+    def run(r):
+        ks, vs, ln = shards[r]
+        results[r] = distributed.attention(q, ks, vs, kv_lens=ln, group=group.member(r), return_lse=True)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out, lse = (np.asarray(x, np.float64) for x in results[0])
+    with np.errstate(over="ignore"):
+        folded = out / (1.0 + np.exp(sinks - lse))[..., None]
+    folded_lse = np.logaddexp(lse, sinks)
+    want_o, want_l = reference.attention(q, k, v, kv_lens=lens, sinks=sinks)
+    np.testing.assert_allclose(folded, want_o, rtol=2e-5, atol=2e-6)
+    np.testing.assert_allclose(folded_lse, want_l, rtol=2e-5, atol=2e-6)

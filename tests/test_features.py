@@ -339,3 +339,19 @@ def test_emulate_checks_q_lens_and_reads_window_minus_one_as_none():
     a = reference.emulate(sched, q3, k, v, kv_lens=lens, window_left=-1)
     b = reference.attention(q3, k, v, kv_lens=lens)
     close(a[0], b[0], rtol=1e-9, atol=1e-11)
+
+
+def test_window_start_takes_minus_one_as_no_window_and_refuses_below():
+    """reference.window_start reads window_left as attention() does: None
+    and -1 are no window (start 0); below -1 and q_len below 1 are
+    refused naming the argument."""
+    lens = np.array([5, 100, 0])
+    for w in (None, -1):
+        assert reference.window_start(lens, w).tolist() == [0, 0, 0]
+        assert reference.window_start(lens, w, 3).tolist() == [0, 0, 0]
+    assert reference.window_start(lens, 0).tolist() == [4, 99, 0]
+    assert reference.window_start(lens, 3, 2).tolist() == [0, 95, 0]
+    with pytest.raises(ValueError, match="window_left: expected an integer >= -1, got -2"):
+        reference.window_start(lens, -2)
+    with pytest.raises(ValueError, match="q_len: expected an integer >= 1, got 0"):
+        reference.window_start(lens, 4, 0)
