@@ -116,8 +116,8 @@ def gpu_fp8_scales(k_scale, v_scale, heads_kv):
             x = to_gpu(sc, name)
             check_devices(_cp.cuda.runtime.getDevice(), **{name: x})
             if x.ndim > 1 or (x.ndim == 1 and x.shape != (heads_kv,)) or x.dtype.kind != "f":
-                raise ValueError(f"{name}: expected floats of shape () or ({heads_kv},), got {x.dtype} "
-                                 f"{tuple(x.shape)}")
+                raise (TypeError if x.dtype.kind != "f" else ValueError)(
+                    f"{name}: expected floats of shape () or ({heads_kv},), got {x.dtype} {tuple(x.shape)}")
             if not (x.dtype == np.float32 and x.shape == (heads_kv,) and x.flags.c_contiguous):
                 with _relaxed_capture_mode():  # a global-mode capture refuses cudaMalloc otherwise
                     y = _cp.empty((heads_kv,), dtype=_cp.float32)
@@ -144,7 +144,8 @@ def check_q_lens(q_lens, batch, q_len, check_values):
         _bind_cupy()  # (the first call of a process checks q_lens before it makes a plan)
         check_devices(_cp.cuda.runtime.getDevice(), q_lens=x)
     if tuple(x.shape) != (batch,) or x.dtype.kind not in "iu":
-        raise ValueError(f"q_lens: expected integers of shape ({batch},), got {x.dtype} {tuple(x.shape)}")
+        raise (TypeError if x.dtype.kind not in "iu" else ValueError)(
+            f"q_lens: expected integers of shape ({batch},), got {x.dtype} {tuple(x.shape)}")
     if batch and (check_values or not gpu):  # on the given dtype: a cast to int32 could wrap
         from .validation import check_range
 
@@ -686,8 +687,14 @@ class Plan:
         signature (same shapes, strides, dtypes and alignment).
 
         Parameters are those of :func:`cupy_lean.attention`; ``lse`` is an
-        optional float32 ``(batch, heads_q)`` array to write the log-sum-exp
-        into (implies ``return_lse``). Returns ``out`` or ``(out, lse)``.
+        optional float32 ``(batch, heads_q)`` array (``(batch, q_len,
+        heads_q)`` for a 4-D ``q``) to write the log-sum-exp into (implies
+        ``return_lse``). Returns ``out`` or ``(out, lse)``. What the plan
+        fixed stays fixed: the window, the soft-cap, the fp8 format, and
+        whether there are sinks. So ``sinks`` (their values, read per call)
+        must be given exactly when the plan was made with ``sinks=``;
+        ``q_lens`` applies to plans of a 4-D ``q``; ``k_scale`` /
+        ``v_scale`` to plans of an fp8 cache.
 
         Raises
         ------

@@ -71,7 +71,8 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
     return_lse : bool
         Also return the log-sum-exp (natural log) of the scaled scores.
     out : array, shape (batch, heads_q, head_dim), optional
-        Written in place and returned (q's dtype, same device).
+        (``(batch, q_len, heads_q, head_dim)`` for a 4-D ``q``.) Written in
+        place and returned (q's dtype, same device).
     schedule : {"lean", "split", "head"}
         ``"lean"``: stream-K over all tiles, one launch (the product). When
         every sequence has the same length (no ``kv_lens`` and dense ``k``
@@ -105,8 +106,8 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
         seqlen, head_dim)`` dense or ``(num_pages, heads_kv, page_size,
         head_dim)`` paged. Either is read in place, without a copy.
     lse : array of float32, shape (batch, heads_q), optional
-        Written in place with the log-sum-exp and returned (implies
-        ``return_lse``).
+        (``(batch, q_len, heads_q)`` for a 4-D ``q``.) Written in place with
+        the log-sum-exp and returned (implies ``return_lse``).
     sinks : array, shape (heads_q,), optional
         Attention sinks: one learned logit per query head that joins the
         softmax denominator with a zero value vector (as in gpt-oss); ``lse``
@@ -365,6 +366,8 @@ class Config:
     a lean plan whose grid has at least 8 CTAs per unit merges stream-K's
     partial units by a second (combine) launch instead of in the kernel
     (``Plan.merge_launch``; docs/design.md); with any of them, in the kernel.
+    These options are refused (``ValueError``) with the split and head
+    schedules (``merge_balance`` 0, the default, passes).
 
     A configuration whose shared memory does not fit the device raises
     ``ValueError`` naming the limit when the plan is made.
@@ -385,6 +388,7 @@ class Config:
                                 ("merge_balance", 0, 1 << 10)):
             if getattr(self, name) is not None:
                 _validation._check_int(getattr(self, name), name, low, high)
+        _validation.check_lean_options(self.schedule, self.ctas_per_sm, self.min_tiles_per_cta, self.merge_balance)
 
 
 def plan(q, k, v, *, kv_lens=None, block_table=None, scale=None, out=None, schedule="lean", num_ctas=None,
@@ -464,6 +468,7 @@ def plan(q, k, v, *, kv_lens=None, block_table=None, scale=None, out=None, sched
         stages, ctas_per_sm = config.stages, config.ctas_per_sm
         min_tiles_per_cta = config.min_tiles_per_cta
     merge_balance = None if config is None else config.merge_balance
+    _validation.check_lean_options(schedule, ctas_per_sm, min_tiles_per_cta, merge_balance)
     k, v, kv_dtype = _torch_fp8_storage(k, v, kv_dtype)
     gpu, q, k, v, lens, table, out, _ = _normalise(q, k, v, kv_lens, block_table, out, None)
     k, v = _validation.kv_layout_views(k, v, kv_layout, table is not None)

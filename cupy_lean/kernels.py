@@ -407,7 +407,12 @@ TUNING = _Tuning({
 @contextlib.contextmanager
 def tuning(**changes):
     """:data:`TUNING` with ``changes`` for the block, restored after it (an
-    experiment's switch: ``with kernels.tuning(pdl=False): ...``)."""
+    experiment's switch: ``with kernels.tuning(pdl=False): ...``). Raises
+    ValueError naming a key that :data:`TUNING` does not have (nothing is
+    changed then)."""
+    unknown = sorted(set(changes) - set(TUNING))
+    if unknown:
+        raise ValueError(f"tuning: unknown keys {unknown}; TUNING has {sorted(TUNING)}")
     saved = {name: TUNING[name] for name in changes}
     TUNING.update(changes)
     try:

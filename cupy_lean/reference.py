@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["attention", "merge_states", "emulate", "gather_kv", "partial_state", "scores", "add_sink",
-           "window_start"]
+           "finalize", "window_start"]
 
 
 def _f64(x):
@@ -252,7 +252,8 @@ def _query_tokens(q_lens, batch, q_len):
         return np.full(batch, q_len, dtype=np.int64)
     nq = np.asarray(to_cpu(q_lens, "q_lens"))
     if nq.shape != (batch,) or nq.dtype.kind not in "iu":
-        raise ValueError(f"q_lens: expected integers of shape ({batch},), got {nq.dtype} {tuple(nq.shape)}")
+        raise (TypeError if nq.dtype.kind not in "iu" else ValueError)(
+            f"q_lens: expected integers of shape ({batch},), got {nq.dtype} {tuple(nq.shape)}")
     from .validation import check_range
 
     check_range(nq, 0, q_len, "q_lens", "q_len")

@@ -208,6 +208,21 @@ def check_batch_invariant(sched, num_ctas):
                          f"unit), got schedule={sched!r}, num_ctas={num_ctas!r}")
 
 
+def check_lean_options(sched, ctas_per_sm=None, min_tiles_per_cta=None, merge_balance=None):
+    """The stream-K options shape the lean schedule only: refused (not
+    ignored) with the split and head schedules. ``merge_balance`` 0 is the
+    default (off) and passes."""
+    if sched == "lean":
+        return
+    given = [f"{name}={value!r}" for name, value in (("ctas_per_sm", ctas_per_sm),
+                                                     ("min_tiles_per_cta", min_tiles_per_cta),
+                                                     ("merge_balance", merge_balance or None))
+             if value is not None]
+    if given:
+        raise ValueError(f"{given[0].split('=')[0]}: a stream-K option, for schedule 'lean' only; got "
+                         f"{', '.join(given)} with schedule={sched!r}")
+
+
 def validate_options(sched, num_ctas, tile_size):
     """Checks of the schedule, CTA count and tile size options."""
     if not isinstance(sched, str) or sched not in _schedule.SCHEDULES:
@@ -338,8 +353,10 @@ def fp8_scales(k_scale, v_scale, heads_kv):
         except (TypeError, ValueError):  # a complex number, an object that is no number
             arr = None
         if arr is None or arr.ndim > 1 or (arr.ndim == 1 and arr.shape != (heads_kv,)):
-            raise ValueError(f"{name}: expected a number or an array of shape ({heads_kv},), got "
-                             f"{type(sc).__name__} {getattr(sc, 'shape', sc)!r}")
+            # not a number (TypeError) or numbers of another shape (ValueError)
+            raise (TypeError if arr is None else ValueError)(
+                f"{name}: expected a number or an array of shape ({heads_kv},), got "
+                f"{type(sc).__name__} {getattr(sc, 'shape', sc)!r}")
         bad = ~(np.isfinite(arr) & (arr > 0))
         if bad.any():
             i = int(np.argmax(bad))

@@ -565,6 +565,14 @@ def test_tuning_survives_copies_and_pickling():
         assert other["pdl"] != K.TUNING["pdl"]
 
 
+def test_tuning_refuses_an_unknown_key_and_changes_nothing():
+    before = dict(K.TUNING)
+    with pytest.raises(ValueError, match=r"tuning: unknown keys \['pdll'\]; TUNING has \[.*'pdl'"):
+        with K.tuning(pdl=not K.TUNING["pdl"], pdll=False):
+            pass
+    assert dict(K.TUNING) == before
+
+
 def test_tuning_takes_unhashable_values():
     """An experiment may set a list: the key still follows the items."""
     from cupy_lean import _plan

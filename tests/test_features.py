@@ -262,6 +262,9 @@ def test_q_lens_is_checked():
         cupy_lean.attention(q, k, v, kv_lens=lens, q_lens=[3, 0])
     with pytest.raises(ValueError, match=r"q_lens: expected integers of shape \(2,\)"):
         cupy_lean.attention(q, k, v, kv_lens=lens, q_lens=[1, 1, 1])
+    for bad in ([1.0, 1.0], [True, False]):  # a wrong dtype is a TypeError, as for kv_lens
+        with pytest.raises(TypeError, match=r"q_lens: expected integers of shape \(2,\), got (float64|bool)"):
+            cupy_lean.attention(q, k, v, kv_lens=lens, q_lens=bad)
     with pytest.raises(ValueError, match="q_lens: needs q of shape"):
         cupy_lean.attention(q3, k, v, kv_lens=lens, q_lens=[1, 1])
     got = cupy_lean.attention(q, k, v, kv_lens=lens, q_lens=[1, 2])
@@ -301,7 +304,8 @@ def test_fp8_cache_is_value_over_scale(name, per_head):
     (dict(k_scale=0.0), ValueError, "k_scale: expected finite values > 0, got 0.0"),
     (dict(v_scale=np.array([1.0, np.nan])), ValueError, r"v_scale: expected finite values > 0, got v_scale\[1\] = nan"),
     (dict(k_scale=np.ones(3)), ValueError, r"k_scale: expected a number or an array of shape \(2,\)"),
-    (dict(k_scale=True), ValueError, "k_scale: expected a number"),
+    (dict(k_scale=True), TypeError, "k_scale: expected a number"),
+    (dict(k_scale="1"), TypeError, "k_scale: expected a number"),
     (dict(k_scale=0.5, plain=True), ValueError, "k_scale: only with an fp8 KV cache"),
 ])
 def test_fp8_arguments_are_validated(kw, exc, match):

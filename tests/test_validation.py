@@ -543,10 +543,20 @@ def test_config_object_is_checked_before_any_gpu_work():
                           (dict(stages=7), ValueError, "stages: expected an integer in [2, 6], got 7"),
                           (dict(ctas_per_sm=0), ValueError, "ctas_per_sm: expected an integer in [1, 32], got 0"),
                           (dict(min_tiles_per_cta=2.5), TypeError, "min_tiles_per_cta: expected an integer"),
-                          (dict(merge_balance=-1), ValueError, "merge_balance: expected an integer in [0, ")):
+                          (dict(merge_balance=-1), ValueError, "merge_balance: expected an integer in [0, "),
+                          (dict(schedule="split", merge_balance=3), ValueError,
+                           "merge_balance: a stream-K option, for schedule 'lean' only; got merge_balance=3 with "
+                           "schedule='split'"),
+                          (dict(schedule="head", ctas_per_sm=2, min_tiles_per_cta=4), ValueError,
+                           "ctas_per_sm: a stream-K option, for schedule 'lean' only; got ctas_per_sm=2, "
+                           "min_tiles_per_cta=4 with schedule='head'")):
         with pytest.raises(exc) as e:
             cupy_lean.Config(**kw)
         assert text in str(e.value)
+    # the same refusal from plan()'s arguments, before any GPU work; merge_balance 0 (off) passes
+    with pytest.raises(ValueError, match="min_tiles_per_cta: a stream-K option, for schedule 'lean' only"):
+        cupy_lean.plan(q, k, v, schedule="split", min_tiles_per_cta=2)
+    assert cupy_lean.Config(schedule="split", merge_balance=0).merge_balance == 0
 
 
 def test_lists_of_arrays_of_different_shapes_name_the_argument():
@@ -867,7 +877,7 @@ def test_merge_states_refuses_nan_and_plus_inf_lses_on_the_host():
 def test_fp8_scales_name_the_argument_for_values_that_are_no_numbers(bad):
     q, k, v = _q4_case()
     k8 = k.astype(ml_dtypes.float8_e4m3fn)
-    with pytest.raises(ValueError, match="k_scale: expected a number or an array of shape"):
+    with pytest.raises(TypeError, match="k_scale: expected a number or an array of shape"):
         cupy_lean.attention(q[:, 0], k8, k8, k_scale=bad)
 
 
