@@ -276,6 +276,17 @@ def _real_text(value, f):
     return repr(f)
 
 
+def check_sink_values(sinks):
+    """Host ``sinks`` as float64, refusing NaN and +inf (-inf: no sink for
+    that head)."""
+    vals = np.asarray(sinks, dtype=np.float64)
+    bad = np.nonzero(np.isnan(vals) | (vals == np.inf))[0]
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"sinks: expected finite values (or -inf: no sink), got sinks[{i}] = {vals[i]}")
+    return vals
+
+
 def validate_features(m, sinks, window_left, softcap, gpu):
     """Checks of the optional semantics: ``sinks`` (heads_q,) real values
     (NaN and +inf refused; -inf is "no sink" for that head), ``window_left``
@@ -291,12 +302,7 @@ def validate_features(m, sinks, window_left, softcap, gpu):
             raise ValueError(f"sinks: expected shape ({m.heads_q},) (one logit per query head), "
                              f"got {tuple(sinks.shape)}")
         if not gpu:
-            vals = np.asarray(sinks, dtype=np.float64)
-            bad = np.nonzero(np.isnan(vals) | (vals == np.inf))[0]
-            if bad.size:
-                i = int(bad[0])
-                raise ValueError(f"sinks: expected finite values (or -inf: no sink), got sinks[{i}] = {vals[i]}")
-            f.sinks = vals
+            f.sinks = check_sink_values(sinks)
         else:
             f.sinks = sinks
     if window_left is not None:

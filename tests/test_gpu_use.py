@@ -2168,3 +2168,22 @@ def test_pinned_torch_out_and_jax_out_are_refused_naming_them():
     jout = jnp.zeros(q.shape, dtype=jnp.float16)
     with pytest.raises(TypeError, match="out: JAX arrays are immutable"):
         cupy_lean.attention(tq, tk, tv, out=jout)
+
+
+def test_plan_run_checks_host_sink_values_as_attention_does():
+    """Host sinks passed to Plan.run are value-checked (NaN, +inf refused,
+    naming the entry) as attention() checks them; valid host sinks give
+    attention()'s result."""
+    rng = np.random.default_rng(10)
+    q, k, v, lens, _ = make_inputs(rng, 2, 8, 2, 128, np.float16, [300, 77], "dense")
+    q_g, k_g, v_g = cp.asarray(q), cp.asarray(k), cp.asarray(v)
+    good = rng.normal(size=8).astype(np.float32)
+    p = cupy_lean.plan(q_g, k_g, v_g, kv_lens=cp.asarray(lens), sinks=cp.asarray(good))
+    for bad_value in (np.nan, np.inf):
+        bad = good.copy()
+        bad[3] = bad_value
+        with pytest.raises(ValueError, match=r"sinks: expected finite values \(or -inf: no sink\), got sinks\[3\]"):
+            p.run(q_g, k_g, v_g, kv_lens=cp.asarray(lens), sinks=bad)
+    got = p.run(q_g, k_g, v_g, kv_lens=cp.asarray(lens), sinks=good)
+    want = cupy_lean.attention(q_g, k_g, v_g, kv_lens=cp.asarray(lens), sinks=good)
+    assert cp.array_equal(got, want)
