@@ -92,7 +92,30 @@ def build_parser() -> argparse.ArgumentParser:
                         "what speed is judged on; ends with the family summary lines")
     p.add_argument("--seed", type=int, default=None,
                    help="seed of --family (default: a fresh one, printed)")
+    p.add_argument("--tuning", action="append", default=[], metavar="KEY=VALUE",
+                   help="set cupy_lean.kernels.TUNING[KEY] = VALUE (a Python literal) for the whole run, e.g. "
+                        "invariant_splits=16; repeatable; recorded in the JSON's meta")
     return p
+
+
+def parse_tuning(items: List[str]) -> dict:
+    """``KEY=VALUE`` strings as a dict of TUNING changes (values: Python
+    literals); SystemExit naming a malformed item or an unknown key."""
+    import ast
+
+    from cupy_lean.kernels import TUNING
+
+    out = {}
+    for item in items:
+        key, sep, val = item.partition("=")
+        key = key.strip()
+        if not sep or key not in TUNING:
+            raise SystemExit(f"--tuning: expected KEY=VALUE with KEY among {sorted(TUNING)}, got {item!r}")
+        try:
+            out[key] = ast.literal_eval(val.strip())
+        except (ValueError, SyntaxError):
+            raise SystemExit(f"--tuning: {key}: expected a Python literal, got {val.strip()!r}") from None
+    return out
 
 
 def _split(s: Optional[str]) -> List[str]:
@@ -238,6 +261,7 @@ def collect_meta(args, cases, dtypes, methods) -> dict:
                               "validate=False); out= preallocated inside graphs",
         },
         "time_budget_s": args.time_budget,
+        "tuning_changes": parse_tuning(args.tuning),
         "stopped_early": None,
         "notes": [],
         "cases": [c.to_json() for c in cases],
@@ -678,6 +702,12 @@ def main(argv=None) -> int:
     methods = parse_methods(args.methods, args.no_peers)
     if not methods:
         raise SystemExit("--methods: nothing left to run")
+    tuned = parse_tuning(args.tuning)
+    if tuned:
+        from cupy_lean.kernels import TUNING
+
+        TUNING.update(tuned)
+        print(f"TUNING changed for this run: {tuned}", flush=True)
     if args.list:
         print(list_cases(cases, dtypes))
         return 0

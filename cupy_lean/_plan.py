@@ -95,6 +95,9 @@ class Signature(NamedTuple):
     min_tiles_per_cta: Optional[int] = None
     merge_balance: Optional[int] = None  # None: the default (kernels.TUNING)
     devices: Optional[tuple] = None  # device of q, k, v and out (None: absent); kv_lens' and block_table's: their meta
+    # batch_invariant=True run as split-K (kernels.TUNING["invariant_splits"]): the combine keeps one CTA
+    # per unit, so its arithmetic (lanes and loads per thread follow a CTA's rows) never follows the batch
+    invariant: bool = False
 
 
 def gpu_fp8_scales(k_scale, v_scale, heads_kv):
@@ -531,10 +534,14 @@ class Plan:
             self._combine_launch = _launch.Launcher(self._combine_ptr, spec.threads, 0, self._param_addr)
         # CTAs per unit of the combine launch (each merges a share of the unit's rows); stream-K: the
         # pieces of a unit of average length
-        self.combine_blocks = (combine_row_blocks(max(units, 1), rows, kern.num_sms,
-                                                  -(-grid // units) + 1 if self.merge_launch else ns, D,
-                                                  spec.threads)
-                               if self._combine else 0)
+        if not self._combine:
+            self.combine_blocks = 0
+        elif sig.invariant:  # the combine's arithmetic must not follow the batch
+            self.combine_blocks = 1
+        else:
+            self.combine_blocks = combine_row_blocks(max(units, 1), rows, kern.num_sms,
+                                                     -(-grid // units) + 1 if self.merge_launch else ns, D,
+                                                     spec.threads)
         # The common case: q, k, v and out used in place, kv_lens int32 on the
         # GPU, block_table (if any) int32 on the GPU.
         self._direct = (not (self.copy_q or self.copy_k or self.copy_v or self.copy_out)

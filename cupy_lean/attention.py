@@ -135,6 +135,9 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
         computed by one CTA over the same tiles in the same order (the
         ``"head"`` decomposition), at its speed; ``schedule`` must be
         ``"lean"`` (the default) or ``"head"``, and ``num_ctas`` None.
+        ``kernels.TUNING["invariant_splits"] = n`` (n >= 2, an experiment)
+        runs split-K with n chunks per unit instead (see
+        :func:`invariant_decomposition`).
     validate : bool
         Check the *values* of ``kv_lens`` and ``block_table`` that live on the
         GPU with a small kernel, then synchronise to raise ``ValueError`` on a
@@ -292,7 +295,7 @@ def _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, 
     feats.kv8 = kv8
     if batch_invariant:
         _validation.check_batch_invariant(schedule, num_ctas)
-        schedule = "head"
+        schedule, num_ctas = invariant_decomposition(m.batch * m.heads_kv)
     host_lens = lens if isinstance(lens, np.ndarray) else None
     host_table = table if isinstance(table, np.ndarray) else None
     if host_lens is not None or host_table is not None:
@@ -308,6 +311,8 @@ def _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, 
     fkey = _features_key(feats)
     sig = _plan.signature(q, k, v, out, lens, table, m.scale if scale is not None else None, schedule,
                           num_ctas, tile_size, features=fkey)
+    if batch_invariant and schedule == "split":
+        sig = sig._replace(invariant=True)
     p = _plan.get_plan(sig, lambda: m)
     on_gpu = (lens is not None and host_lens is None) or (table is not None and host_table is None)
     if check_values and m.batch and on_gpu:
@@ -556,6 +561,21 @@ def _features(m, sinks, window_left, softcap, gpu):
     if gpu and isinstance(feats.sinks, np.ndarray):
         feats.sinks = _to_gpu(feats.sinks.astype(np.float32), "sinks")
     return feats
+
+
+def invariant_decomposition(units):
+    """``(schedule, num_ctas)`` of a ``batch_invariant=True`` call of
+    ``units`` units (batch x KV heads): ``("head", None)``, or with
+    ``kernels.TUNING["invariant_splits"] = n`` (n >= 2) ``("split", units *
+    n)``: n chunks per unit whatever the batch, so each sequence's chunks,
+    their partial states and their merge order depend on that sequence
+    alone."""
+    from .kernels import TUNING
+
+    n = TUNING["invariant_splits"]
+    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+        raise ValueError(f"kernels.TUNING['invariant_splits']: expected an integer >= 0, got {n!r}")
+    return ("split", units * n) if n >= 2 and units else ("head", None)
 
 
 def _cpu_general(q, k, v, lens, table, scale, return_lse, out, lse, schedule, num_ctas, tile_size, sinks,

@@ -359,3 +359,35 @@ def test_window_start_takes_minus_one_as_no_window_and_refuses_below():
         reference.window_start(lens, -2)
     with pytest.raises(ValueError, match="q_len: expected an integer >= 1, got 0"):
         reference.window_start(lens, 4, 0)
+
+
+def test_invariant_splits_decomposition_depends_on_each_sequence_alone():
+    """TUNING["invariant_splits"] = n: batch_invariant calls run split-K
+    with n chunks per unit whatever the batch; the emulated kernel (chunk
+    states merged in chunk order) gives each sequence the same bits alone,
+    at another position, and in other batches. Off (0): the head
+    decomposition."""
+    from cupy_lean import kernels as K
+    from cupy_lean.attention import invariant_decomposition
+
+    assert K.TUNING["invariant_splits"] == 0 and invariant_decomposition(12) == ("head", None)
+    with K.tuning(invariant_splits=8):
+        assert invariant_decomposition(12) == ("split", 96) and invariant_decomposition(0) == ("head", None)
+    with K.tuning(invariant_splits=-1):
+        with pytest.raises(ValueError, match="invariant_splits'\\]: expected an integer >= 0, got -1"):
+            invariant_decomposition(3)
+    lens = np.array([900, 17, 301, 0, 4000, 55])
+    q, k, v, lens = make_problem(list(lens), 2, 3, 16, 5, dtype=np.float32)
+    k, v = np.nan_to_num(k), np.nan_to_num(v)
+
+    def run(idx, n=8):
+        sched = split_schedule(lens[idx], 2, tile_size=16, num_splits=n)
+        return reference.emulate(sched, q[idx], k[idx], v[idx], kv_lens=lens[idx])
+
+    full_o, full_l = run(np.arange(len(lens)))
+    for idx in ([0], [4], [4, 0], [5, 4, 3, 2, 1, 0], [2, 2, 4]):
+        o, l = run(np.array(idx))
+        for j, b in enumerate(idx):
+            assert np.array_equal(o[j], full_o[b]) and np.array_equal(l[j], full_l[b], equal_nan=True)
+    want_o, _ = reference.attention(q, k, v, kv_lens=lens)
+    np.testing.assert_allclose(full_o, want_o, rtol=1e-12, atol=1e-12)

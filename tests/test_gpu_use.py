@@ -288,7 +288,7 @@ def test_tuning_change_applies_to_a_signature_already_called():
     the call inside uses a plan made under that value (plans are cached per
     call signature and TUNING values), the call after finds the first plan
     again; every output matches the reference."""
-    from cupy_lean import _cache, _plan
+    from cupy_lean import _cache
     from cupy_lean import kernels as K
 
     rng = np.random.default_rng(12)
@@ -546,9 +546,25 @@ def test_merge_balance_bounds_the_pieces_and_stays_exact(layout, hq, hkv, lens):
         check_close(out, lse, q, k, v, L, table, np.float16)
 
 
-def test_batch_invariant_is_bitwise_whatever_the_batch():
+@pytest.mark.parametrize("splits", [0, 16])
+def test_batch_invariant_is_bitwise_whatever_the_batch(splits):
     """A sequence's out and lse are bitwise the same alone, inside batches
-    of other sizes, at other positions, dense and paged."""
+    of other sizes, at other positions, dense and paged; with the head
+    decomposition (invariant_splits 0, the default) and with split-K of a
+    fixed chunk count per unit (kernels.TUNING["invariant_splits"])."""
+    from cupy_lean import _cache
+    from cupy_lean import kernels as K
+
+    with K.tuning(invariant_splits=splits):
+        _batch_invariant_bitwise()
+        plans = [v for key, v in list(_cache._entries.items()) if key[0] == "plan" and v.signature.invariant]
+        if splits:  # the invariant plans ran split-K of `splits` chunks, one combine CTA per unit
+            assert plans and all(p.num_splits == splits and p.combine_blocks == 1 for p in plans)
+        else:
+            assert not plans
+
+
+def _batch_invariant_bitwise():
     rng = np.random.default_rng(77)
     lens = [9000, 17, 3001, 0, 40000, 555]
     for layout in ("dense", "paged"):
