@@ -49,13 +49,14 @@ def _put_locked(key, val):
     _num_plans += 1
     if _num_plans <= MAX_PLANS:
         return
-    for old in list(_entries):
+    for old in list(_entries):  # oldest first, down to MAX_PLANS (it may have been lowered meanwhile)
+        if _num_plans <= MAX_PLANS:
+            break
         if old[0] == "plan" and old is not key:
             plan = _entries.pop(old)
             _num_plans -= 1
             if getattr(plan, "captured", False):
                 _retained.append(plan)
-            break
 
 
 def keep_if_evicted(plan):

@@ -1006,9 +1006,9 @@ class Plan:
                                 self._combine_launch(self.units, self.combine_blocks, sp)
                                 combine_done = True
                         except Exception as exc:  # refused: plain launches from now on (the kernels' wait: a no-op)
+                            if capture_id is not None:  # a capture the failure has invalidated: no retry, and
+                                raise                   # the plan keeps its programmatic launches
                             self._drop_pdl(exc)
-                            if capture_id is not None:  # a capture the failure has invalidated: no retry
-                                raise
                     if not attn_done:
                         _driver.launchKernel(self._attn_ptr, grid, 1, 1, self.threads, 1, 1, self.smem, sp,
                                              self._param_addr, 0)

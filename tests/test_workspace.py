@@ -277,6 +277,18 @@ def test_the_cache_builds_once_and_evicts_its_oldest_plan(small_cache):
     assert c.get(("plan", 0, "b")) is not None and c.get(("spec", 0, "s")) == "kernels"
 
 
+def test_a_lowered_limit_evicts_down_to_it_at_the_next_plan(small_cache):
+    """MAX_PLANS lowered below the plans held: the next plan evicts the
+    oldest ones until the cache holds MAX_PLANS (not one per new plan)."""
+    c = small_cache
+    c.MAX_PLANS = 5
+    for name in "abcde":
+        c.get_or_build(("plan", 0, name), _Plan)
+    c.MAX_PLANS = 1
+    c.get_or_build(("plan", 0, "f"), _Plan)
+    assert [k[2] for k in c._entries if k[0] == "plan"] == ["f"] and c._num_plans == 1
+
+
 def test_plans_that_graphs_were_captured_from_outlive_eviction_and_clear(small_cache):
     c = small_cache
     captured = c.get_or_build(("plan", 0, "a"), lambda: _Plan(captured=True))
