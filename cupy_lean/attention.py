@@ -132,12 +132,11 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
     batch_invariant : bool
         A sequence's ``out`` and ``lse`` are bitwise the same whatever its
         batch-mates, its position in the batch and the grid: every unit is
-        computed by one CTA over the same tiles in the same order (the
-        ``"head"`` decomposition), at its speed; ``schedule`` must be
-        ``"lean"`` (the default) or ``"head"``, and ``num_ctas`` None.
-        ``kernels.TUNING["invariant_splits"] = n`` (n >= 2, an experiment)
-        runs split-K with n chunks per unit instead (see
-        :func:`invariant_decomposition`).
+        split into ``kernels.TUNING["invariant_splits"]`` (16) chunks of its
+        own tiles whatever the batch, merged in chunk order
+        (:func:`invariant_decomposition`; 0: one CTA per unit, the
+        ``"head"`` decomposition); ``schedule`` must be ``"lean"`` (the
+        default) or ``"head"``, and ``num_ctas`` None.
     validate : bool
         Check the *values* of ``kv_lens`` and ``block_table`` that live on the
         GPU with a small kernel, then synchronise to raise ``ValueError`` on a

@@ -385,10 +385,12 @@ TUNING = _Tuning({
     # False: such calls keep the default tile. Not measured on a GPU yet (an experiment switch:
     # tools/fp8_timing.py --tuning config_rules_with_features=True times both in one process)
     "config_rules_with_features": False,
-    # batch_invariant=True: 0 runs one CTA per unit (the head decomposition); n >= 2 runs split-K with n
-    # chunks per unit whatever the batch (a chunk: ceil(unit tiles / n) tiles, so a sequence's chunks depend
-    # on its own length only) and the combine launch merging them in chunk order. Not measured on a GPU yet
-    "invariant_splits": 0,
+    # batch_invariant=True: n >= 2 runs split-K with n chunks per unit whatever the batch (a chunk:
+    # ceil(unit tiles / n) tiles, so a sequence's chunks depend on its own length only), merged in chunk
+    # order by one combine CTA per unit; 0 runs one CTA per unit (the head decomposition). Measured on an
+    # H100 (bench/NOTES.md session 24, 8 family shapes): 16 took 1.14x lean's time (geomean, 1.00-1.76),
+    # the head decomposition 3.48x (1.01-23.3); bitwise invariant on the GPU test
+    "invariant_splits": 16,
     # stream-K with at least this many CTAs per unit (grid >= n x units; 0: never): partial units merged by
     # a combine launch (rows spread over CTAs) instead of by each unit's last contributor in the kernel
     # (measured on ragged/paged calls of 2-20 units, bench/NOTES.md session 15)

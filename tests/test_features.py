@@ -362,15 +362,17 @@ def test_window_start_takes_minus_one_as_no_window_and_refuses_below():
 
 
 def test_invariant_splits_decomposition_depends_on_each_sequence_alone():
-    """TUNING["invariant_splits"] = n: batch_invariant calls run split-K
-    with n chunks per unit whatever the batch; the emulated kernel (chunk
-    states merged in chunk order) gives each sequence the same bits alone,
-    at another position, and in other batches. Off (0): the head
+    """TUNING["invariant_splits"] = n (16 by default): batch_invariant calls
+    run split-K with n chunks per unit whatever the batch; the emulated
+    kernel (chunk states merged in chunk order) gives each sequence the same
+    bits alone, at another position, and in other batches. 0: the head
     decomposition."""
     from cupy_lean import kernels as K
     from cupy_lean.attention import invariant_decomposition
 
-    assert K.TUNING["invariant_splits"] == 0 and invariant_decomposition(12) == ("head", None)
+    assert K.TUNING["invariant_splits"] == 16 and invariant_decomposition(12) == ("split", 192)
+    with K.tuning(invariant_splits=0):
+        assert invariant_decomposition(12) == ("head", None)
     with K.tuning(invariant_splits=8):
         assert invariant_decomposition(12) == ("split", 96) and invariant_decomposition(0) == ("head", None)
     with K.tuning(invariant_splits=-1):

@@ -555,11 +555,12 @@ def test_merge_balance_bounds_the_pieces_and_stays_exact(layout, hq, hkv, lens):
 def test_batch_invariant_is_bitwise_whatever_the_batch(splits):
     """A sequence's out and lse are bitwise the same alone, inside batches
     of other sizes, at other positions, dense and paged; with the head
-    decomposition (invariant_splits 0, the default) and with split-K of a
-    fixed chunk count per unit (kernels.TUNING["invariant_splits"])."""
+    decomposition (invariant_splits 0) and with split-K of a fixed chunk
+    count per unit (kernels.TUNING["invariant_splits"], 16 by default)."""
     from cupy_lean import _cache
     from cupy_lean import kernels as K
 
+    _cache.clear()  # (plans of earlier tests would be counted below)
     with K.tuning(invariant_splits=splits):
         _batch_invariant_bitwise()
         plans = [v for key, v in list(_cache._entries.items()) if key[0] == "plan" and v.signature.invariant]
@@ -584,6 +585,42 @@ def _batch_invariant_bitwise():
         full = run(np.arange(len(lens)))
         check_close(full[0], full[1], q, k, v, L, table, np.float16)
         for idx in ([0], [4], [4, 0], [5, 4, 3, 2, 1, 0], [2, 2, 4]):
+            out, lse = run(np.array(idx))
+            for j, b in enumerate(idx):
+                _assert_bitwise(out[j], full[0][b])
+                assert cp.array_equal(lse[j].view(cp.uint32), full[1][b].view(cp.uint32))
+
+
+@pytest.mark.parametrize("splits", [0, 16])
+def test_batch_invariant_with_features_is_bitwise_whatever_the_batch(splits):
+    """batch_invariant=True with two query tokens per sequence, sinks, a
+    sliding window, soft-capping and an fp8 (e4m3) cache, bf16 q: each
+    sequence's out and lse are bitwise the same alone and in other batches,
+    and close to the reference."""
+    import ml_dtypes
+
+    from cupy_lean import kernels as K
+
+    rng = np.random.default_rng(78)
+    lens = np.array([7000, 40, 2500, 0, 19000])
+    q3, k, v, L, _ = make_inputs(rng, len(lens), 16, 4, 128, np.float16, list(lens), "dense")
+    q = np.stack([q3, q3[::-1]], axis=1).astype(BF16)  # (batch, 2, heads_q, head_dim)
+    k8 = k.astype(ml_dtypes.float8_e4m3fn)
+    v8 = v.astype(ml_dtypes.float8_e4m3fn)
+    sinks = rng.normal(size=16).astype(np.float32)
+    feats = dict(sinks=cp.asarray(sinks), window_left=3000, softcap=30.0, kv_dtype="e4m3")
+
+    def run(idx):
+        return cupy_lean.attention(cp.asarray(q[idx]), cp.asarray(k8.view(np.uint8)[idx]),
+                                   cp.asarray(v8.view(np.uint8)[idx]), kv_lens=cp.asarray(L[idx]),
+                                   return_lse=True, batch_invariant=True, **feats)
+
+    with K.tuning(invariant_splits=splits):
+        full = run(np.arange(len(lens)))
+        ro, rl = reference.attention(q, k8, v8, kv_lens=L, sinks=sinks, window_left=3000, softcap=30.0)
+        _assert_out_lse(full[0], full[1], ro, rl, 2e-2 * max(1.0, np.abs(ro).max()),
+                        2e-3 * max(1.0, np.abs(rl[np.isfinite(rl)]).max()))
+        for idx in ([0], [4], [4, 0], [3, 1, 2, 0, 4], [2, 2]):
             out, lse = run(np.array(idx))
             for j, b in enumerate(idx):
                 _assert_bitwise(out[j], full[0][b])
