@@ -57,14 +57,9 @@ def shard_cache(k, v, lens, world):
     return shards
 
 
-@given(st.lists(st.integers(0, 90), min_size=1, max_size=4), st.integers(1, 5), st.integers(1, 2),
-       st.integers(0, 10**6))
-@example([3, 0, 50], 4, 2, 1)
-def test_sharded_attention_equals_the_unsharded_one(lens, world, hkv, seed):
-    q, k, v, lens = make_problem(lens, hkv, 3, 16, seed)
-    k, v = np.nan_to_num(k), np.nan_to_num(v)
-    q, k, v = (x.astype(np.float32) for x in (q, k, v))
-    shards = shard_cache(k, v, lens, world)
+def run_ranks(q, shards, world):
+    """Every rank's ``distributed.attention(..., return_lse=True)`` over its
+    shard, each on a thread of one ThreadGroup; the results in rank order."""
     group = ThreadGroup(world)
     results = [None] * world
 
@@ -77,6 +72,17 @@ def test_sharded_attention_equals_the_unsharded_one(lens, world, hkv, seed):
         t.start()
     for t in threads:
         t.join()
+    return results
+
+
+@given(st.lists(st.integers(0, 90), min_size=1, max_size=4), st.integers(1, 5), st.integers(1, 2),
+       st.integers(0, 10**6))
+@example([3, 0, 50], 4, 2, 1)
+def test_sharded_attention_equals_the_unsharded_one(lens, world, hkv, seed):
+    q, k, v, lens = make_problem(lens, hkv, 3, 16, seed)
+    k, v = np.nan_to_num(k), np.nan_to_num(v)
+    q, k, v = (x.astype(np.float32) for x in (q, k, v))
+    results = run_ranks(q, shard_cache(k, v, lens, world), world)
     want_o, want_l = reference.attention(q, k, v, kv_lens=lens)
     for out, lse in results:
         assert np.array_equal(np.asarray(out), np.asarray(results[0][0]))  # every rank: the same bits
@@ -126,19 +132,7 @@ def test_sinks_folded_into_the_merged_result_as_the_docstring_says(lens, world, 
     q, k, v, lens = make_problem(lens, 1, 3, 16, seed)
     k, v = np.nan_to_num(k), np.nan_to_num(v)
     sinks = np.random.default_rng(seed).normal(size=3) * 2
-    shards = shard_cache(k, v, lens, world)
-    group = ThreadGroup(world)
-    results = [None] * world
-
-    def run(r):
-        ks, vs, ln = shards[r]
-        results[r] = distributed.attention(q, ks, vs, kv_lens=ln, group=group.member(r), return_lse=True)
-
-    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    results = run_ranks(q, shard_cache(k, v, lens, world), world)
     out, lse = (np.asarray(x, np.float64) for x in results[0])
     with np.errstate(over="ignore"):
         folded = out / (1.0 + np.exp(sinks - lse))[..., None]
