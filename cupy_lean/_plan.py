@@ -454,6 +454,11 @@ class Plan:
         self.meta_bytes = 8 * units if self.merge_launch else 0
         if slots * slot_stride >= 2**31:  # the kernel's merge indexes the slots in 32 bits
             per_cta = 2 if decomp == K.Decomposition.STREAM_K else 1  # partial states per CTA
+            if sig.invariant:
+                raise ValueError(f"batch_invariant: {units} units x {ns} chunks need {slots} partial states of "
+                                 f"{slot_stride} floats, 2**31 floats or more (the kernels index them in 32 "
+                                 f"bits); call with fewer sequences, or set kernels.TUNING['invariant_splits'] "
+                                 f"lower (0: one CTA per unit, no partial states) for every call")
             what = "num_ctas" if sig.num_ctas is not None else f"schedule={sig.schedule!r}"
             raise ValueError(f"{what}: a grid of {grid} CTAs needs {slots} partial states of {slot_stride} "
                              f"floats, 2**31 floats or more (the kernels index them in 32 bits); expected at "

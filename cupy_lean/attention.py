@@ -564,11 +564,15 @@ def _features(m, sinks, window_left, softcap, gpu):
 
 def invariant_decomposition(units):
     """``(schedule, num_ctas)`` of a ``batch_invariant=True`` call of
-    ``units`` units (batch x KV heads): ``("head", None)``, or with
-    ``kernels.TUNING["invariant_splits"] = n`` (n >= 2) ``("split", units *
-    n)``: n chunks per unit whatever the batch, so each sequence's chunks,
-    their partial states and their merge order depend on that sequence
-    alone."""
+    ``units`` units (batch x KV heads): with
+    ``kernels.TUNING["invariant_splits"] = n`` (16 by default; n >= 2)
+    ``("split", units * n)``: n chunks per unit whatever the batch, so each
+    sequence's chunks, their partial states and their merge order depend on
+    that sequence alone (the plan merges them with one combine CTA per
+    unit); with 0 (or no units) ``("head", None)``, one CTA per unit. The
+    bits differ between the two settings: compare results made under one.
+    A batch so large that its ``units x n`` partial states reach 2**31
+    floats is refused (ValueError) rather than run another way."""
     from .kernels import TUNING
 
     n = TUNING["invariant_splits"]
