@@ -397,3 +397,15 @@ def test_distributed_benchmark_arguments_and_sizes():
     # 1M tokens, 8 KV heads, head_dim 128, fp16: 4 GB per layer, 1 GB per GPU over four
     assert D.shard_bytes(1 << 20, 1, 1, 8, 128) == 4 * (1 << 30)
     assert D.shard_bytes(1 << 20, 4, 1, 8, 128) == 1 << 30
+
+
+def test_tuning_option_parses_literals_and_names_bad_items():
+    assert bench_run.parse_tuning([]) == {}
+    assert bench_run.parse_tuning(["invariant_splits=8", "config_rules_with_features = True"]) == {
+        "invariant_splits": 8, "config_rules_with_features": True}
+    with pytest.raises(SystemExit, match="--tuning: expected KEY=VALUE with KEY among .*got 'pdll=1'"):
+        bench_run.parse_tuning(["pdll=1"])
+    with pytest.raises(SystemExit, match="--tuning: expected KEY=VALUE .*got 'pdl'"):
+        bench_run.parse_tuning(["pdl"])
+    with pytest.raises(SystemExit, match="--tuning: pdl: expected a Python literal, got 'off'"):
+        bench_run.parse_tuning(["pdl=off"])
