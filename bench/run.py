@@ -703,14 +703,20 @@ def main(argv=None) -> int:
     if not methods:
         raise SystemExit("--methods: nothing left to run")
     tuned = parse_tuning(args.tuning)
-    if tuned:
-        from cupy_lean.kernels import TUNING
-
-        TUNING.update(tuned)
-        print(f"TUNING changed for this run: {tuned}", flush=True)
     if args.list:
         print(list_cases(cases, dtypes))
         return 0
+    if not tuned:
+        return _run(args, cases, dtypes, methods, argv)
+    from cupy_lean.kernels import tuning
+
+    print(f"TUNING changed for this run: {tuned}", flush=True)
+    with tuning(**tuned):  # restored after the run (main() may be called from code)
+        return _run(args, cases, dtypes, methods, argv)
+
+
+def _run(args, cases, dtypes, methods, argv) -> int:
+    """The sweep of :func:`main` once its arguments are parsed."""
 
     def _term(signum, frame):
         raise _Stop()

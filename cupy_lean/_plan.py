@@ -745,10 +745,13 @@ class Plan:
                 raise ValueError(f"sinks: the plan was made {'with' if s.features[0] else 'without'} sinks, "
                                  f"got {'none' if sinks is None else 'sinks'}")
             if sinks is not None:
-                if isinstance(sinks, np.ndarray):  # host values: checked as attention() checks them
+                from ._arrays import where as _where_is
+
+                if _where_is(sinks) != "gpu":  # host values (NumPy, a list, a CPU tensor): checked as
+                    from ._arrays import to_cpu       # attention() checks them
                     from .validation import check_sink_values
 
-                    check_sink_values(sinks)
+                    check_sink_values(to_cpu(sinks, "sinks"))
                 sinks = to_gpu(sinks, "sinks", cap)
                 check_devices(current, sinks=sinks)
             feats = (None if sinks is None else sinks_meta(sinks),) + tuple(s.features[1:])

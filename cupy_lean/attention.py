@@ -4,6 +4,7 @@ float64 reference; GPU -> a cached :class:`~cupy_lean.plan.Plan`)."""
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Optional
 
 import numpy as np
@@ -134,9 +135,14 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
         batch-mates, its position in the batch and the grid: every unit is
         split into ``kernels.TUNING["invariant_splits"]`` (16) chunks of its
         own tiles whatever the batch, merged in chunk order
-        (:func:`invariant_decomposition`; 0: one CTA per unit, the
-        ``"head"`` decomposition); ``schedule`` must be ``"lean"`` (the
-        default) or ``"head"``, and ``num_ctas`` None.
+        (:func:`invariant_decomposition`; it needs a workspace of 16 partial
+        states per unit). ``schedule="head"`` (or the setting 0) runs one
+        CTA per unit instead: no workspace, slower with few units, other
+        bits. ``schedule`` must be ``"lean"`` (the default) or ``"head"``,
+        and ``num_ctas`` None. The bits also depend on the call's
+        ``q_len`` (a 4-D ``q``'s second axis, which shapes the kernel and,
+        with a window, where it starts): with ``q_lens``, compare
+        sequences among calls of one ``q_len``.
     validate : bool
         Check the *values* of ``kv_lens`` and ``block_table`` that live on the
         GPU with a small kernel, then synchronise to raise ``ValueError`` on a
@@ -294,7 +300,8 @@ def _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, 
     feats.kv8 = kv8
     if batch_invariant:
         _validation.check_batch_invariant(schedule, num_ctas)
-        schedule, num_ctas = invariant_decomposition(m.batch * m.heads_kv)
+        if schedule != "head":  # (an explicit "head": one CTA per unit, no workspace)
+            schedule, num_ctas = invariant_decomposition(m.batch * m.heads_kv)
     host_lens = lens if isinstance(lens, np.ndarray) else None
     host_table = table if isinstance(table, np.ndarray) else None
     if host_lens is not None or host_table is not None:
@@ -576,9 +583,9 @@ def invariant_decomposition(units):
     from .kernels import TUNING
 
     n = TUNING["invariant_splits"]
-    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+    if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 0:
         raise ValueError(f"kernels.TUNING['invariant_splits']: expected an integer >= 0, got {n!r}")
-    return ("split", units * n) if n >= 2 and units else ("head", None)
+    return ("split", units * int(n)) if n >= 2 and units else ("head", None)
 
 
 def _cpu_general(q, k, v, lens, table, scale, return_lse, out, lse, schedule, num_ctas, tile_size, sinks,

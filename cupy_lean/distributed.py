@@ -61,6 +61,26 @@ def merge_ranks(outs, lses):
     return merge_states(outs, lses)
 
 
+def _refuse_unshardable(q, kwargs):
+    """What a shard cannot compute on its own: ``out`` / ``lse`` (the merge
+    allocates), sinks (added once, to the merged result), and what depends on
+    a key's position in the whole sequence, which a shard does not know (a
+    window, the causal limits of several query tokens)."""
+    for bad in ("out", "lse", "sinks"):
+        if bad in kwargs:
+            raise ValueError(f"{bad}: not supported by the sharded call (sinks: add them once, to the merged "
+                             f"result; out/lse: the merge allocates)")
+    if kwargs.get("window_left") not in (None, -1):
+        raise ValueError(f"window_left: not supported by the sharded call (each rank would apply the window "
+                         f"to its own shard's length), got {kwargs['window_left']!r}")
+    if kwargs.get("q_lens") is not None:
+        raise ValueError("q_lens: not supported by the sharded call (one query token per sequence)")
+    ndim = len(getattr(q, "shape", ()))
+    if ndim != 3:
+        raise ValueError(f"q: the sharded call takes one query token per sequence, shape (batch, heads_q, "
+                         f"head_dim); got {ndim} dimensions, shape {tuple(getattr(q, 'shape', ()))}")
+
+
 def attention(q, k, v, *, kv_lens, group=None, block_table=None, return_lse=False, **kwargs):
     """Decode attention over a KV cache sharded by position across ranks.
 
@@ -94,21 +114,7 @@ def attention(q, k, v, *, kv_lens, group=None, block_table=None, return_lse=Fals
     """
     from .attention import attention as local_attention
 
-    for bad in ("out", "lse", "sinks"):
-        if bad in kwargs:
-            raise ValueError(f"{bad}: not supported by the sharded call (sinks: add them once, to the merged "
-                             f"result; out/lse: the merge allocates)")
-    # a shard cannot see where it starts in the sequence: a window, or the causal limits of several
-    # query tokens, applied to each shard's own length would give wrong results
-    if kwargs.get("window_left") not in (None, -1):
-        raise ValueError(f"window_left: not supported by the sharded call (each rank would apply the window "
-                         f"to its own shard's length), got {kwargs['window_left']!r}")
-    if kwargs.get("q_lens") is not None:
-        raise ValueError("q_lens: not supported by the sharded call (one query token per sequence)")
-    ndim = len(getattr(q, "shape", ()))
-    if ndim != 3:
-        raise ValueError(f"q: the sharded call takes one query token per sequence, shape (batch, heads_q, "
-                         f"head_dim); got {ndim} dimensions, shape {tuple(getattr(q, 'shape', ()))}")
+    _refuse_unshardable(q, kwargs)
     out, lse = local_attention(q, k, v, kv_lens=kv_lens, block_table=block_table, return_lse=True, **kwargs)
     if group is None or group.world_size == 1:
         return (out, lse) if return_lse else out
@@ -152,7 +158,12 @@ def attention_devices(shards, *, comms=None, return_lse=False, **kwargs):
     The shards run on their devices, an NCCL all-gather (``comms``: the
     communicators of ``cupy.cuda.nccl.NcclCommunicator.initAll(devices)``,
     made here when None) exchanges the ``(out, lse)`` pairs, and every device
-    merges them. Returns the list of per-device results (identical)."""
+    merges them. Returns the list of per-device results (identical).
+    ``kwargs`` go to each shard's call and are refused as in
+    :func:`attention` (sinks, a window, ``q_lens``, a 4-D ``q``, ``out``,
+    ``lse``)."""
+    for s in shards:
+        _refuse_unshardable(s["q"], kwargs)
     import cupy as cp
     from cupy.cuda import nccl
 

@@ -201,18 +201,19 @@ def check_lse(lse, shape):
 
 
 def check_batch_invariant(sched, num_ctas):
-    """``batch_invariant=True`` runs one CTA per unit: schedule 'lean' or
-    'head' and no CTA count."""
+    """``batch_invariant=True`` fixes each sequence's decomposition (split-K
+    of a fixed chunk count, or one CTA per unit with 'head'): schedule
+    'lean' or 'head' and no CTA count."""
     if sched not in ("lean", "head") or num_ctas is not None:
-        raise ValueError(f"batch_invariant: needs schedule 'lean' or 'head' and num_ctas None (one CTA per "
-                         f"unit), got schedule={sched!r}, num_ctas={num_ctas!r}")
+        raise ValueError(f"batch_invariant: needs schedule 'lean' or 'head' and num_ctas None (the "
+                         f"decomposition is fixed per sequence), got schedule={sched!r}, num_ctas={num_ctas!r}")
 
 
 def check_lean_options(sched, ctas_per_sm=None, min_tiles_per_cta=None, merge_balance=None):
     """The stream-K options shape the lean schedule only: refused (not
     ignored) with the split and head schedules. ``merge_balance`` 0 is the
     default (off) and passes."""
-    if sched == "lean":
+    if sched not in ("split", "head"):  # lean, or a bad schedule (named by validate_options)
         return
     given = [f"{name}={value!r}" for name, value in (("ctas_per_sm", ctas_per_sm),
                                                      ("min_tiles_per_cta", min_tiles_per_cta),

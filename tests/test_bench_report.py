@@ -409,3 +409,13 @@ def test_tuning_option_parses_literals_and_names_bad_items():
         bench_run.parse_tuning(["pdl"])
     with pytest.raises(SystemExit, match="--tuning: pdl: expected a Python literal, got 'off'"):
         bench_run.parse_tuning(["pdl=off"])
+
+
+def test_tuning_option_is_restored_after_the_run():
+    """bench.run.main(argv) with --tuning leaves kernels.TUNING as it found it
+    (main may be called from code); --list changes nothing."""
+    from cupy_lean.kernels import TUNING
+
+    before = dict(TUNING)
+    assert bench_run.main(["--family", "2", "--seed", "3", "--list", "--tuning", "invariant_splits=4"]) == 0
+    assert dict(TUNING) == before

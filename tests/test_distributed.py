@@ -119,6 +119,8 @@ def test_one_rank_is_the_plain_call_and_bad_arguments_are_named():
         distributed.attention(q, k, v, kv_lens=lens, q_lens=np.ones(2, np.int32))
     with pytest.raises(ValueError, match=r"q: the sharded call .* got 4 dimensions, shape \(2, 1, 2, 16\)"):
         distributed.attention(q[:, None], k, v, kv_lens=lens)
+    with pytest.raises(ValueError, match="window_left: not supported by the sharded call"):
+        distributed.attention_devices([dict(device=0, q=q, k=k, v=v, kv_lens=lens)], window_left=3)
     for w in (None, -1):  # no window: the plain call
         np.testing.assert_allclose(distributed.attention(q, k, v, kv_lens=lens, window_left=w), b, rtol=1e-12)
 

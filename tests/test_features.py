@@ -375,6 +375,8 @@ def test_invariant_splits_decomposition_depends_on_each_sequence_alone():
         assert invariant_decomposition(12) == ("head", None)
     with K.tuning(invariant_splits=8):
         assert invariant_decomposition(12) == ("split", 96) and invariant_decomposition(0) == ("head", None)
+    with K.tuning(invariant_splits=np.int64(4)):  # a NumPy integer is an integer
+        assert invariant_decomposition(3) == ("split", 12)
     with K.tuning(invariant_splits=-1):
         with pytest.raises(ValueError, match="invariant_splits'\\]: expected an integer >= 0, got -1"):
             invariant_decomposition(3)

@@ -557,6 +557,8 @@ def test_config_object_is_checked_before_any_gpu_work():
     with pytest.raises(ValueError, match="min_tiles_per_cta: a stream-K option, for schedule 'lean' only"):
         cupy_lean.plan(q, k, v, schedule="split", min_tiles_per_cta=2)
     assert cupy_lean.Config(schedule="split", merge_balance=0).merge_balance == 0
+    with pytest.raises(ValueError, match="schedule: expected one of"):  # a bad schedule is named as such
+        cupy_lean.Config(schedule="Lean", ctas_per_sm=2)
 
 
 def test_lists_of_arrays_of_different_shapes_name_the_argument():

@@ -13,8 +13,9 @@ default spec's tile; a depth that does not fit the device is skipped), to
 see how the fp8 time depends on the bytes in flight. ``--only``: only the
 drawn shapes of these indices (the same shapes as in the full run).
 ``--tuning KEY=VALUE`` (repeatable; the value read as a Python literal):
-both calls timed again with ``cupy_lean.kernels.TUNING`` changed so, in the
-same process (an A/B of a switch; the next call after a change plans anew).
+the e4m3 call timed again with ``cupy_lean.kernels.TUNING`` changed so, in
+the same process (an A/B of a switch; the next call after a change plans
+anew).
 """
 
 import argparse
@@ -35,7 +36,7 @@ def main():
     ap.add_argument("--stages", default="", help="comma-separated pipeline depths to time the fp8 call at too")
     ap.add_argument("--only", default="", help="comma-separated indices of the drawn shapes to time (default: all)")
     ap.add_argument("--tuning", action="append", default=[], metavar="KEY=VALUE",
-                    help="time both calls again with kernels.TUNING[KEY] = VALUE (a Python literal)")
+                    help="time the e4m3 call again with kernels.TUNING[KEY] = VALUE (a Python literal)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     tuned = {}
@@ -43,7 +44,10 @@ def main():
         key, sep, val = item.partition("=")
         if not sep:
             ap.error(f"--tuning: expected KEY=VALUE, got {item!r}")
-        tuned[key.strip()] = ast.literal_eval(val.strip())
+        try:
+            tuned[key.strip()] = ast.literal_eval(val.strip())
+        except (ValueError, SyntaxError):
+            ap.error(f"--tuning: {key.strip()}: expected a Python literal, got {val.strip()!r}")
     only = {int(x) for x in a.only.split(",") if x.strip()}
     import cupy as cp
 
