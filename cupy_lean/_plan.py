@@ -715,7 +715,7 @@ class Plan:
             names the field, what was planned and what was given), or the
             current device is not the plan's.
         """
-        from ._arrays import foreign_capture_state, refuse_immutable, to_gpu
+        from ._arrays import foreign_capture_state, refuse_immutable, to_cpu, to_gpu, where
 
         current = _cp.cuda.runtime.getDevice()
         refuse_immutable(out, "out")
@@ -745,13 +745,11 @@ class Plan:
                 raise ValueError(f"sinks: the plan was made {'with' if s.features[0] else 'without'} sinks, "
                                  f"got {'none' if sinks is None else 'sinks'}")
             if sinks is not None:
-                from ._arrays import where as _where_is
+                if where(sinks) != "gpu":  # host values (NumPy, a list, a CPU tensor): checked as attention()
+                    from .validation import check_sink_values  # checks them, then copied
 
-                if _where_is(sinks) != "gpu":  # host values (NumPy, a list, a CPU tensor): checked as
-                    from ._arrays import to_cpu       # attention() checks them
-                    from .validation import check_sink_values
-
-                    check_sink_values(to_cpu(sinks, "sinks"))
+                    sinks = to_cpu(sinks, "sinks")
+                    check_sink_values(sinks)
                 sinks = to_gpu(sinks, "sinks", cap)
                 check_devices(current, sinks=sinks)
             feats = (None if sinks is None else sinks_meta(sinks),) + tuple(s.features[1:])

@@ -4,7 +4,6 @@ float64 reference; GPU -> a cached :class:`~cupy_lean.plan.Plan`)."""
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from typing import Optional
 
 import numpy as np
@@ -582,10 +581,8 @@ def invariant_decomposition(units):
     floats is refused (ValueError) rather than run another way."""
     from .kernels import TUNING
 
-    n = TUNING["invariant_splits"]
-    if not isinstance(n, numbers.Integral) or isinstance(n, bool) or n < 0:
-        raise ValueError(f"kernels.TUNING['invariant_splits']: expected an integer >= 0, got {n!r}")
-    return ("split", units * int(n)) if n >= 2 and units else ("head", None)
+    n = _validation._check_int(TUNING["invariant_splits"], "kernels.TUNING['invariant_splits']", 0)
+    return ("split", units * n) if n >= 2 and units else ("head", None)
 
 
 def _cpu_general(q, k, v, lens, table, scale, return_lse, out, lse, schedule, num_ctas, tile_size, sinks,

@@ -19,7 +19,6 @@ anew).
 """
 
 import argparse
-import ast
 import json
 import math
 import os
@@ -39,15 +38,9 @@ def main():
                     help="time the e4m3 call again with kernels.TUNING[KEY] = VALUE (a Python literal)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
-    tuned = {}
-    for item in a.tuning:
-        key, sep, val = item.partition("=")
-        if not sep:
-            ap.error(f"--tuning: expected KEY=VALUE, got {item!r}")
-        try:
-            tuned[key.strip()] = ast.literal_eval(val.strip())
-        except (ValueError, SyntaxError):
-            ap.error(f"--tuning: {key.strip()}: expected a Python literal, got {val.strip()!r}")
+    from bench.run import parse_tuning
+
+    tuned = parse_tuning(a.tuning)  # (SystemExit naming a bad item or key)
     only = {int(x) for x in a.only.split(",") if x.strip()}
     import cupy as cp
 
@@ -55,11 +48,7 @@ def main():
     from bench import cases as C
     from bench import family as F
     from cupy_lean.bench import graph_time
-    from cupy_lean.kernels import TUNING
-
-    unknown = sorted(set(tuned) - set(TUNING))
-    if unknown:
-        ap.error(f"--tuning: unknown keys {unknown}; TUNING has {sorted(TUNING)}")
+    from cupy_lean.kernels import tuning
 
     rows = []
     for idx, case in enumerate(F.draw(a.family, a.seed)):
@@ -81,14 +70,10 @@ def main():
                                                       k_scale=ks, v_scale=ks, **kw), n_copies)
         t8_tuned = None
         if tuned:
-            saved = {key: TUNING[key] for key in tuned}
-            try:
-                TUNING.update(tuned)
+            with tuning(**tuned):
                 t8_tuned = graph_time(lambda i: cupy_lean.attention(inp.q[i], k8[i], v8[i], out=outs[i],
                                                                     kv_dtype="e4m3", k_scale=ks, v_scale=ks, **kw),
                                       n_copies)
-            finally:
-                TUNING.update(saved)
         by_stages = {}
         for st in (int(x) for x in a.stages.split(",") if x.strip()):
             try:
