@@ -206,6 +206,21 @@ def source_hash() -> str:
 
 # --------------------------------------------------------------------- specs
 
+#: The dtype names of :class:`Spec`, and the NumPy names :func:`make_spec`
+#: and :func:`warmup` also take for them.
+SPEC_DTYPES = {"f16": "float16", "bf16": "bfloat16"}
+
+
+def _spec_dtype(dtype):
+    """``dtype`` as a :class:`Spec` dtype name ("f16" / "bf16"), from that
+    name or NumPy's ("float16" / "bfloat16"); ValueError naming it else."""
+    name = str(dtype)
+    for short, long in SPEC_DTYPES.items():
+        if name in (short, long):
+            return short
+    raise ValueError(f"dtype: expected one of {tuple(SPEC_DTYPES)} or {tuple(SPEC_DTYPES.values())}, got {dtype!r}")
+
+
 def _pow2_at_least(n):
     p = 1
     while p < n:
@@ -215,7 +230,14 @@ def _pow2_at_least(n):
 
 @dataclasses.dataclass(frozen=True)
 class Spec:
-    """Compile-time parameters of one attention module."""
+    """Compile-time parameters of one attention module (one NVRTC
+    compilation): ``dtype`` of q, out (and 16-bit K/V), ``"f16"`` or
+    ``"bf16"``; ``head_dim``; ``m_tiles`` 16-row query tiles per unit (a
+    power of two); ``tile`` tokens per K/V tile; ``stages`` of the copy
+    pipeline; ``paged`` cache; ``features``, the :data:`FEATURES` bits
+    compiled in. Build one with :func:`make_spec`, which checks the values
+    and picks the defaults. Raises ValueError for a ``dtype`` other than
+    the two names."""
 
     dtype: str  # "f16" or "bf16"
     head_dim: int
@@ -224,6 +246,11 @@ class Spec:
     stages: int
     paged: bool
     features: int = 0  # FEATURES bits compiled in (0: the plain kernel)
+
+    def __post_init__(self):
+        if self.dtype not in SPEC_DTYPES:
+            raise ValueError(f"dtype: expected one of {tuple(SPEC_DTYPES)} (or {tuple(SPEC_DTYPES.values())}), "
+                             f"got {self.dtype!r}")
 
     @property
     def name(self) -> str:
@@ -576,6 +603,11 @@ def make_spec(dtype, head_dim, group, paged, tile_size=None, stages=None,
     """The spec that serves ``group`` query heads per KV head at ``head_dim``
     on a device allowing ``smem_limit`` bytes of shared memory per block.
 
+    ``dtype``: q's (and out's) type, ``"f16"`` / ``"bf16"`` or NumPy's
+    ``"float16"`` / ``"bfloat16"`` (any other raises ValueError naming
+    ``dtype``). ``tile_size`` / ``stages``: override the default tile
+    (one of :data:`TILE_SIZES`) and pipeline depth.
+
     ``features`` (bits of :data:`FEATURES`) compiles optional semantics in.
     ``page_size`` (paged): the ``page_rows`` feature is added when the
     spec's :attr:`Spec.run_rows` does not divide it, and always with a
@@ -584,6 +616,7 @@ def make_spec(dtype, head_dim, group, paged, tile_size=None, stages=None,
     Raises ValueError naming the limit when no configuration (or not the
     requested ``tile_size`` / ``stages``) fits it.
     """
+    dtype = _spec_dtype(dtype)
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"head_dim: the GPU kernels support {HEAD_DIMS}, got {head_dim}")
     if not 1 <= group <= MAX_GROUP:
@@ -712,8 +745,10 @@ def compile_ptx(spec: Spec, arch: str = "sm_90") -> str:
 
 
 def compile_cubin(spec: Spec | None, arch: str = "sm_90", log=None) -> bytes:
-    """Compile a spec (None: the helper module) with NVRTC for ``arch`` and
-    return the cubin. Needs NVRTC, not a GPU."""
+    """Compile a spec (None: the helper module) with NVRTC for ``arch``
+    (``"sm_80"``, ``"sm_90"``, ...) and return the cubin. Needs NVRTC, not a
+    GPU. ``log``: a list that receives the compiler's report (ptxas's
+    register and spill lines); a failure raises with NVRTC's log."""
     return _nvrtc(spec, arch, "cubin", log)
 
 
@@ -823,12 +858,20 @@ def util_function(name):
 def warmup(dtypes=("float16", "bfloat16"), head_dims=(128,), groups=(1, 4, 8), paged=(False, True),
            tile_size=None):
     """Compile (or load from CuPy's disk cache) the kernels for these
-    parameters ahead of the first call. Returns the specs prepared."""
+    parameters ahead of the first call, so that it does not pay the
+    compilation (seconds per kernel). Every combination of ``dtypes`` (q's
+    type: "float16" / "bfloat16", or "f16" / "bf16"), ``head_dims`` (of
+    :data:`HEAD_DIMS`), ``groups`` (query heads per KV head), ``paged``
+    (False: dense cache, True: paged) at ``tile_size`` (None: the default
+    tile; else one of :data:`TILE_SIZES`). Returns the specs prepared.
+    Kernels of optional features (sinks, windows, fp8, ...) and of the
+    other tiles a call may choose compile at their first call. Raises
+    RuntimeError without a GPU, ValueError naming a bad value."""
     require_device()
     limit = device_smem_limit()
     specs = []
     for dt in dtypes:
-        name = {"float16": "f16", "bfloat16": "bf16", "f16": "f16", "bf16": "bf16"}[str(dt)]
+        name = _spec_dtype(dt)
         for d in head_dims:
             for g in groups:
                 for p in paged:

@@ -627,6 +627,8 @@ def num_splits_heuristic(num_units, max_unit_tiles, num_sms, max_splits=128):
     wave efficiency ``w / ceil(w)`` with ``w = num_units * splits / num_sms``;
     split counts that give the same chunk length as a smaller count are
     skipped, and the smallest count within 85% of the best efficiency wins.
+    ``num_units`` or ``max_unit_tiles`` of 0 or below (nothing to split)
+    gives 1; ``num_sms`` and ``max_splits`` must be positive.
     """
     for name, value in (("num_units", num_units), ("max_unit_tiles", max_unit_tiles)):  # <= 0: 1 split
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)):

@@ -82,8 +82,11 @@ def validate(q, k, v, kv_lens, block_table, scale, out, sched, num_ctas, tile_si
         raise ValueError(f"k: expected head_dim {d} (q.shape[2]), got {int(k.shape[3])}")
     if hkv < 1:
         raise ValueError(f"k: expected heads_kv >= 1, got {hkv}")
+    if d < 1:
+        raise ValueError(f"q: expected head_dim >= 1 (q.shape[-1]), got {d}")
     if hq % hkv != 0 or hq == 0:
-        raise ValueError(f"q: heads_q must be a positive multiple of heads_kv, got heads_q={hq}, heads_kv={hkv}")
+        raise ValueError(f"q: heads_q must be a positive multiple of heads_kv, got heads_q={hq}, heads_kv={hkv} "
+                         f"(heads_kv: k's axis 2 as {kaxes}, its axis 1 with kv_layout='HND')")
     if not paged and int(k.shape[0]) != batch:
         raise ValueError(f"k: expected batch {batch} (q.shape[0]), got {int(k.shape[0])}")
 

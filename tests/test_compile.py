@@ -118,6 +118,19 @@ def test_make_spec_rejects(bad):
         K.make_spec("f16", d, g, False)
 
 
+def test_make_spec_takes_both_dtype_names_and_refuses_others():
+    # NumPy's names give the same spec as the short ones; any other name is
+    # refused naming dtype (it once built a float16 kernel for "bfloat16")
+    assert K.make_spec("bfloat16", 128, 4, False) == K.make_spec("bf16", 128, 4, False)
+    assert K.make_spec("float16", 64, 8, True) == K.make_spec("f16", 64, 8, True)
+    assert "-DLEAN_BF=1" in K.compile_options(K.make_spec("bfloat16", 128, 4, False))
+    for bad in ("float32", "garbage", "fp16"):
+        with pytest.raises(ValueError, match=f"dtype: expected one of .*got '{bad}'"):
+            K.make_spec(bad, 128, 4, False)
+        with pytest.raises(ValueError, match="dtype: expected"):
+            K.Spec(bad, 128, 1, 64, 2, False)
+
+
 def test_tile_override_and_limits():
     for t in K.TILE_SIZES:
         s = K.make_spec("f16", 128, 1, False, tile_size=t)

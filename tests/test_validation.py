@@ -87,7 +87,14 @@ ATTENTION_CASES = [
     ("heads_kv 0", dense, lambda a: dict(k=np.zeros((B, S, 0, D), np.float32),
                                          v=np.zeros((B, S, 0, D), np.float32)), ValueError,
      r"k: expected heads_kv >= 1, got 0"),
+    ("heads_kv read from an HND cache as NHD", dense,
+     lambda a: dict(k=np.zeros((B, HKV, S, D), np.float32), v=np.zeros((B, HKV, S, D), np.float32)), ValueError,
+     r"heads_q=4, heads_kv=10 \(heads_kv: k's axis 2 as \(batch, seqlen, heads_kv, head_dim\), its axis 1 "
+     r"with kv_layout='HND'\)"),
     # head_dim
+    ("head_dim 0", dense, lambda a: dict(q=np.zeros((B, HQ, 0), np.float32), k=np.zeros((B, S, HKV, 0), np.float32),
+                                         v=np.zeros((B, S, HKV, 0), np.float32)), ValueError,
+     r"q: expected head_dim >= 1 \(q.shape\[-1\]\), got 0"),
     ("k head_dim", dense, lambda a: dict(k=np.zeros((B, S, HKV, 16), np.float32),
                                          v=np.zeros((B, S, HKV, 16), np.float32)), ValueError,
      r"k: expected head_dim 8 \(q\.shape\[2\]\), got 16"),
