@@ -409,8 +409,9 @@ TUNING = _Tuning({
     "varied_lengths_d64_tile": 64,
     # the two rules above (many_unit_config, varied_length_tile) also for calls with an optional feature
     # (sinks, window, soft-cap, query tokens, fp8; the window's length counting as the unit's tokens).
-    # False: such calls keep the default tile. Not measured on a GPU yet (an experiment switch:
-    # tools/fp8_timing.py --tuning config_rules_with_features=True times both in one process)
+    # False: such calls keep the default tile. Measured on an H100 (bench/NOTES.md session 25, 8 fp8
+    # family shapes, tools/fp8_timing.py --tuning config_rules_with_features=True): True took 1.035x the
+    # e4m3 time (0.999-1.158, slower on the head_dim 64 calls), so it stays off
     "config_rules_with_features": False,
     # batch_invariant=True: n >= 2 runs split-K with n chunks per unit whatever the batch (a chunk:
     # ceil(unit tiles / n) tiles, so a sequence's chunks depend on its own length only), merged in chunk
