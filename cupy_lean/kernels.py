@@ -52,10 +52,13 @@ LENS_CACHE = 256  # lengths kept in shared memory (the kernel static_asserts it 
 
 #: Optional semantics a spec can compile in (``LEAN_FEATURES`` bits).
 FEATURES = {"sinks": 1, "softcap": 2, "window": 4, "qlen": 8, "fp8_e4m3": 16, "fp8_e5m2": 32,
-            "page_rows": 64}
+            "page_rows": 64, "fp8_wide_k": 128}
 #: ``page_rows``: a paged cache whose page size the loader's run of rows per
 #: thread (:attr:`Spec.run_rows`) does not divide (e.g. 1) reads the block
 #: table per row; other page sizes read it once per run (see make_spec).
+#: ``fp8_wide_k`` (fp8 specs, with ``TUNING["fp8_wide_k_reads"]``): each lane
+#: reads 16 bytes of a K row per load instead of 4, q's columns regrouped to
+#: match (an experiment; see the kernel's FP8_WIDE_K).
 #: fp8 K/V formats and their feature bits.
 FP8_FEATURES = {"e4m3": FEATURES["fp8_e4m3"], "e5m2": FEATURES["fp8_e5m2"]}
 FP8_BITS = FEATURES["fp8_e4m3"] | FEATURES["fp8_e5m2"]
@@ -431,6 +434,11 @@ TUNING = _Tuning({
     # shapes where it ran 1.08x and 1.12x stream-K's time (the launch-time split ran 8-11% slower than a
     # host-planned split of the same chunks), so the default stays at one tile
     "runtime_split_slack_bytes": 0,
+    # fp8 K/V: each lane reads a 16-byte chunk of a K row per shared-memory load (four score steps'
+    # bytes) instead of 4 bytes, q's columns regrouped to match, and at head_dim >= 128 a K/V ring
+    # swizzle that keeps those reads conflict-free (the spec gets FEATURES["fp8_wide_k"]). An
+    # experiment, off until timed: tools/fp8_timing.py --tuning fp8_wide_k_reads=True
+    "fp8_wide_k_reads": False,
     # sm_90 and newer: launch the attention and combine kernels with programmatic dependent launch (each may
     # be scheduled during the previous kernel's tail in the stream; it waits for that kernel before it reads
     # or writes memory). False: plain launches
@@ -640,6 +648,10 @@ def make_spec(dtype, head_dim, group, paged, tile_size=None, stages=None,
                                                min(TUNING["deep_pipeline_smem"], smem_limit))), 2)
         if st == 2 and head_dim < 256 and _fits(tile, 3, head_dim, mt, paged, min(TUNING["max_smem"], smem_limit)):
             st = 3  # as default_config: 3 stages up to max_smem
+    if int(features) & FP8_BITS and TUNING["fp8_wide_k_reads"]:
+        features = int(features) | FEATURES["fp8_wide_k"]
+    if int(features) & FEATURES["fp8_wide_k"] and not int(features) & FP8_BITS:
+        raise ValueError(f"features: the fp8_wide_k bit needs an fp8 bit, got {int(features)}")
     if stages is not None:
         st = int(stages)
     elif int(features) & FP8_BITS:

@@ -115,6 +115,13 @@ constexpr bool Q_ROW_SCALE = HAS_FP8 && BF;  // prepare_q_fp8 scales each bf16 q
 // page): windowed paged specs always read per row.
 constexpr bool PAGE_ROWS = (LEAN_FEATURES & 64) != 0;
 static_assert(!(LEAN_PAGED && HAS_WINDOW) || PAGE_ROWS, "a windowed paged spec reads the block table per row");
+// fp8 K read 16 bytes per lane (an experiment, kernels.TUNING["fp8_wide_k_reads"]):
+// each lane's 16-byte chunk of a K row serves four 16-wide score steps, q's
+// columns regrouped to match (prepare_q_fp8), one shared load where four
+// 4-byte ones ran; at D >= 128 the swz8 XOR separates a row pair's chunk
+// groups (see swz8).
+constexpr bool FP8_WIDE_K = (LEAN_FEATURES & 128) != 0;
+static_assert(!FP8_WIDE_K || HAS_FP8, "wide K reads are an fp8 layout");
 static_assert(!(FP8_E4M3 && FP8_E5M2), "one fp8 format");
 
 __host__ __device__ constexpr int imin(int a, int b) { return a < b ? a : b; }
@@ -195,7 +202,12 @@ __device__ __forceinline__ int swz(int r, int ch) { return r * D + ((ch ^ (r & 7
 // and an ldmatrix of 8 rows are both conflict-free.
 constexpr int FP8_ROWS_PER_LINE = D >= 128 ? 1 : 128 / D;
 constexpr int FP8_SWZ_MASK = (KCPR < 8 ? KCPR : 8) - 1;
+// FP8_WIDE_K at D >= 128: the XOR is ((r & 1) << 2) | ((r >> 1) & 3), still
+// one of 8 values over 8 consecutive rows (the ldmatrix of V and the loader's
+// 8-row period hold), and rows 2m, 2m + 1 differ in its bit 2, so the 16-byte
+// reads of chunks 4j..4j+3 of both rows (one quarter-warp) hit 8 bank groups.
 __device__ __forceinline__ int swz8(int r, int ch) {
+  if (FP8_WIDE_K && D >= 128) return r * D + ((ch ^ (((r & 1) << 2) | ((r >> 1) & 3))) << 4);
   return r * D + ((ch ^ ((r / FP8_ROWS_PER_LINE) & FP8_SWZ_MASK)) << 4);
 }
 
@@ -1120,7 +1132,47 @@ __device__ __forceinline__ void fp8x4_to_f16x2_even_odd(u32 w, u32& even, u32& o
 // fp16, each row times the power of two 2^e that brings its largest magnitude
 // into [2^14, 2^15) (exact for every element down to 2^-28 of that: fp16
 // holds bf16's 8 bits); 2^-e goes to q_scale[row], for the row's logits.
+// FP8_WIDE_K: per 64-column group j of a row (its chunks 8j..8j+7 of 4 words,
+// word w' holding columns 64j + 2w' + {0, 1}), chunk 8j + c of the result gets
+// words c, 8 + c, 16 + c, 24 + c: at score step v = 4j + i the ldmatrix then
+// gives lane q columns 16 (4j + q) + 4i + {0, 1} (A 0 / 1) and + {2, 3} (A 2 /
+// 3), the four bytes of word i of the lane's 16-byte K read. bf16 rows as above.
+__device__ void prepare_q_fp8_wide(u16* qs, float* q_scale) {
+  constexpr int GROUPS = D / 64;  // 128-byte groups per row: 1, 2 or 4 lanes of one warp
+  constexpr int ITEMS = ROWS_Q * GROUPS;
+  static_assert(GROUPS == 1 || ITEMS % 32 == 0, "whole warps where a row's lanes shuffle");
+  for (int e = threadIdx.x; e < ITEMS; e += NT) {  // warp-uniform bound where GROUPS > 1
+    const int r = e / GROUPS, j = e % GROUPS;
+    u32 w[32];
+#pragma unroll
+    for (int c = 0; c < 8; ++c) {
+      const uint4 a = *reinterpret_cast<const uint4*>(qs + swz(r, 8 * j + c));
+      w[4 * c] = a.x, w[4 * c + 1] = a.y, w[4 * c + 2] = a.z, w[4 * c + 3] = a.w;
+    }
+    if (Q_ROW_SCALE) {
+      u32 mx = 0;
+#pragma unroll
+      for (int i = 0; i < 32; ++i) mx = max(mx, max((w[i] << 16) & 0x7FFFFFFFu, w[i] & 0x7FFF0000u));
+#pragma unroll
+      for (int o = 1; o < GROUPS; o <<= 1) mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      const int ex = (int)(mx >> 23);
+      const int sh2 = min(14 - (ex - 127), 126);
+      const float f = __uint_as_float((u32)(127 + sh2) << 23);
+#pragma unroll
+      for (int i = 0; i < 32; ++i) {
+        const float x0 = __uint_as_float(w[i] << 16) * f, x1 = __uint_as_float(w[i] & 0xFFFF0000u) * f;
+        w[i] = pack2<false>(x0, x1);
+      }
+      if (j == 0) q_scale[r] = __uint_as_float((u32)(127 - sh2) << 23);
+    }
+#pragma unroll
+    for (int c = 0; c < 8; ++c)
+      *reinterpret_cast<uint4*>(qs + swz(r, 8 * j + c)) = make_uint4(w[c], w[8 + c], w[16 + c], w[24 + c]);
+  }
+}
+
 __device__ void prepare_q_fp8(u16* qs, float* q_scale) {
+  if (FP8_WIDE_K) return prepare_q_fp8_wide(qs, q_scale);
   constexpr int BLOCKS = D / 16;  // 32-byte blocks per row: 4, 8 or 16 lanes of one warp
   constexpr int ITEMS = ROWS_Q * BLOCKS;
   static_assert(ITEMS % 32 == 0, "whole warps per pass");
@@ -1205,8 +1257,27 @@ __device__ __forceinline__ void tile_scores(const Params& p, const Shared& sh, c
   // q's columns were regrouped for this by prepare_q_fp8, so the same
   // ldmatrix as for fp16/bf16 K gives the A registers.
   const unsigned char* kb = reinterpret_cast<const unsigned char*>(ks);
+  if (FP8_WIDE_K) {  // steps 4j..4j+3 from one 16-byte read per 8 tokens (see prepare_q_fp8_wide)
 #pragma unroll
-  for (int kk = 0; kk < D / 16; ++kk) {
+    for (int j = 0; j < D / 64; ++j) {
+      u32 a[4][4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        ldsm_x4(a[i][0], a[i][1], a[i][2], a[i][3],
+                smem_u32(qs + swz(wm * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, (4 * j + i) * 2 + (lane >> 4))));
+#pragma unroll
+      for (int nb = 0; nb < TW / 8; ++nb) {
+        const uint4 u = *reinterpret_cast<const uint4*>(kb + swz8(tokw + nb * 8 + (lane >> 2), 4 * j + (lane & 3)));
+        const u32 w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+          mma16816<false>(s[nb], a[i][0], a[i][1], a[i][2], a[i][3], fp8x2_to_f16x2<0, 1>(w[i]),
+                          fp8x2_to_f16x2<2, 3>(w[i]));
+      }
+    }
+  }
+#pragma unroll
+  for (int kk = 0; kk < (FP8_WIDE_K ? 0 : D / 16); ++kk) {
     u32 a0, a1, a2, a3;
     ldsm_x4(a0, a1, a2, a3, smem_u32(qs + swz(wm * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, kk * 2 + (lane >> 4))));
     if (HAS_FP8) {

@@ -118,6 +118,15 @@ def test_make_spec_rejects(bad):
         K.make_spec("f16", d, g, False)
 
 
+def test_fp8_wide_k_reads_switch_marks_fp8_specs_only():
+    with K.tuning(fp8_wide_k_reads=True):
+        assert K.make_spec("f16", 128, 8, False, features=K.FEATURES["fp8_e4m3"]).name.endswith("_fp8_e4m3_fp8_wide_k")
+        assert not K.make_spec("f16", 128, 8, False).features & K.FEATURES["fp8_wide_k"]  # 16-bit K: no such read
+    assert not K.make_spec("f16", 128, 8, False, features=K.FEATURES["fp8_e4m3"]).features & K.FEATURES["fp8_wide_k"]
+    with pytest.raises(ValueError, match="features: the fp8_wide_k bit needs an fp8 bit, got 128"):
+        K.make_spec("f16", 128, 8, False, features=K.FEATURES["fp8_wide_k"])
+
+
 def test_make_spec_takes_both_dtype_names_and_refuses_others():
     # NumPy's names give the same spec as the short ones; any other name is
     # refused naming dtype (it once built a float16 kernel for "bfloat16")
@@ -246,7 +255,10 @@ FEATURE_SPECS = [K.make_spec("f16", 64, 4, True, features=7), K.make_spec("bf16"
                  K.make_spec("bf16", 64, 16, False, features=16 | 7),
                  K.make_spec("f16", 256, 12, True, page_size=1), K.make_spec("bf16", 64, 4, True, page_size=3),
                  K.make_spec("f16", 64, 20, True, features=16, page_size=1),
-                 K.make_spec("f16", 128, 8, True, tile_size=16, page_size=16)]
+                 K.make_spec("f16", 128, 8, True, tile_size=16, page_size=16),
+                 # the wide fp8 K reads (TUNING["fp8_wide_k_reads"]) at each head_dim
+                 K.make_spec("bf16", 64, 8, True, features=16 | 128), K.make_spec("f16", 128, 40, False, features=32 | 128),
+                 K.make_spec("bf16", 256, 4, True, features=16 | 128 | 15)]
 
 
 @needs_nvrtc

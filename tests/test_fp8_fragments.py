@@ -181,3 +181,115 @@ def test_one_permutation_gives_the_even_and_odd_byte_pairs():
         b = [(w >> (8 * i)) & 0xFF for i in range(4)]
         assert t & 0xFFFF == b[0] | (b[2] << 8)  # converted as it is: <0, 1> of t
         assert t >> 16 == b[1] | (b[3] << 8)  # the high half: <2, 3> of t
+
+
+# ---------------------------------------------------------------- FP8_WIDE_K (TUNING["fp8_wide_k_reads"])
+
+MIRRORED_WIDE = [
+    "if (FP8_WIDE_K && D >= 128) return r * D + ((ch ^ (((r & 1) << 2) | ((r >> 1) & 3))) << 4);",
+    "const int r = e / GROUPS, j = e % GROUPS;",
+    "const uint4 a = *reinterpret_cast<const uint4*>(qs + swz(r, 8 * j + c));",
+    "*reinterpret_cast<uint4*>(qs + swz(r, 8 * j + c)) = make_uint4(w[c], w[8 + c], w[16 + c], w[24 + c]);",
+    "smem_u32(qs + swz(wm * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, (4 * j + i) * 2 + (lane >> 4))));",
+    "const uint4 u = *reinterpret_cast<const uint4*>(kb + swz8(tokw + nb * 8 + (lane >> 2), 4 * j + (lane & 3)));",
+    "mma16816<false>(s[nb], a[i][0], a[i][1], a[i][2], a[i][3], fp8x2_to_f16x2<0, 1>(w[i]),",
+    "fp8x2_to_f16x2<2, 3>(w[i]));",
+    "for (int kk = 0; kk < (FP8_WIDE_K ? 0 : D / 16); ++kk) {",
+    "if (FP8_WIDE_K) return prepare_q_fp8_wide(qs, q_scale);",
+]
+
+
+def test_wide_mirrored_lines_are_in_the_kernel():
+    assert_in_kernel(MIRRORED_WIDE)
+
+
+def swz8_wide(d, r, ch):
+    if d >= 128:
+        return r * d + ((ch ^ (((r & 1) << 2) | ((r >> 1) & 3))) << 4)
+    return swz8(d, r, ch)
+
+
+def prepare_wide(qs, d, rows):
+    """prepare_q_fp8_wide's regrouping, on the Q slot as uint32 words."""
+    words = qs.view(np.uint32)
+    for r in range(rows):
+        for j in range(d // 64):
+            offs = [swz(d, r, 8 * j + c) // 2 for c in range(8)]  # word offsets of the group's chunks
+            w = np.concatenate([words[o:o + 4] for o in offs]).copy()
+            for c in range(8):
+                words[offs[c]:offs[c] + 4] = w[[c, 8 + c, 16 + c, 24 + c]]
+
+
+def scores_wide(q, k, d, wm_count, wn, tw):
+    """The kernel's S with FP8_WIDE_K, as a [rows, tokens] array."""
+    rows, tile = 16 * wm_count, wn * tw
+    slot = np.zeros(rows * d, np.float64)
+    for r in range(rows):
+        for ch in range(d // 8):
+            slot[swz(d, r, ch):swz(d, r, ch) + 8] = q[r, 8 * ch:8 * ch + 8]
+    as16 = slot.astype(np.float16)
+    prepare_wide(as16, d, rows)
+    slot = as16.astype(np.float64)
+    ring = np.full(tile * d, np.nan)
+    for r in range(tile):
+        for ch in range(d // 16):
+            ring[swz8_wide(d, r, ch):swz8_wide(d, r, ch) + 16] = k[r, 16 * ch:16 * ch + 16]
+    assert not np.isnan(ring).any()  # the layout is a permutation of the tile's bytes
+    s = np.zeros((rows, tile))
+    for wm in range(wm_count):
+        for wn_i in range(wn):
+            tokw = wn_i * tw
+            for j in range(d // 64):
+                a = [ldsm_x4(slot, [swz(d, wm * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, (4 * j + i) * 2 + (lane >> 4))
+                                    for lane in range(32)]) for i in range(4)]
+                for nb in range(tw // 8):
+                    for i in range(4):
+                        A = np.zeros((16, 16))
+                        B = np.zeros((16, 8))
+                        for lane in range(32):
+                            g, q4 = lane >> 2, lane & 3
+                            u0 = swz8_wide(d, tokw + nb * 8 + g, 4 * j + q4)
+                            wbytes = ring[u0 + 4 * i:u0 + 4 * i + 4]  # word i of the 16-byte read
+                            A[g, 2 * q4:2 * q4 + 2] = a[i][lane, 0]
+                            A[g + 8, 2 * q4:2 * q4 + 2] = a[i][lane, 1]
+                            A[g, 2 * q4 + 8:2 * q4 + 10] = a[i][lane, 2]
+                            A[g + 8, 2 * q4 + 8:2 * q4 + 10] = a[i][lane, 3]
+                            B[2 * q4:2 * q4 + 2, g] = wbytes[0:2]
+                            B[2 * q4 + 8:2 * q4 + 10, g] = wbytes[2:4]
+                        s[wm * 16:wm * 16 + 16, tokw + nb * 8:tokw + nb * 8 + 8] += A @ B
+    return s
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("wm_count,wn,tw", [(1, 2, 16), (2, 1, 32), (1, 1, 16)])
+def test_wide_fp8_scores_pair_each_row_with_each_key(d, wm_count, wn, tw):
+    rng = np.random.default_rng(d + 7 * wn + tw + 1)
+    rows, tile = 16 * wm_count, wn * tw
+    q = rng.integers(-8, 9, (rows, d)).astype(np.float64)
+    k = rng.integers(-8, 9, (tile, d)).astype(np.float64)
+    np.testing.assert_array_equal(scores_wide(q, k, d, wm_count, wn, tw), q @ k.T)
+
+
+def banks(byte_offsets):
+    """The most distinct 4-byte words that 16-byte reads at these byte
+    offsets put on one shared-memory bank (1: conflict-free)."""
+    per_bank = {}
+    for off in byte_offsets:
+        for b in range(off, off + 16, 4):
+            per_bank.setdefault((b // 4) % 32, set()).add(b // 4)
+    return max(len(v) for v in per_bank.values())
+
+
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_wide_k_reads_and_v_ldmatrix_are_conflict_free(d):
+    """Each quarter-warp's 16-byte K reads (lanes 8h..8h+7: rows 2h, 2h+1 of
+    8, chunks 4j..4j+3) touch every bank once, and each ldmatrix matrix of V
+    (8 consecutive rows, one chunk) as well: the wide swizzle keeps both."""
+    for base in (0, 8, 40):
+        for j in range(d // 64):
+            for h in range(4):
+                offs = [swz8_wide(d, base + 2 * h + (lane >> 2), 4 * j + (lane & 3)) for lane in range(8)]
+                assert banks(offs) == 1, (d, base, j, h)
+        for ch in range(d // 16):
+            offs = [swz8_wide(d, base + r, ch) for r in range(8)]
+            assert banks(offs) == 1, (d, base, ch)

@@ -693,6 +693,41 @@ def test_gpu_fp8_every_head_dim_and_query_tiles(d, hq, hkv, dt, layout, tile):
                     2e-3 * max(1.0, np.abs(rl[fin]).max()))
 
 
+@pytest.mark.parametrize("d", [64, 128, 256])
+@pytest.mark.parametrize("hq,hkv", [(6, 2), (50, 1)])
+@pytest.mark.parametrize("dt", ["float16", "bfloat16"])
+@pytest.mark.parametrize("fmt,layout,tile", [("e4m3", "dense", None), ("e5m2", "paged", 32)])
+def test_gpu_fp8_wide_k_reads_match_the_reference(d, hq, hkv, dt, fmt, layout, tile):
+    """TUNING["fp8_wide_k_reads"]: 16-byte K reads, q's columns regrouped per
+    64 and the wide ring swizzle, at every head_dim with 1 and 4 query tiles
+    (bf16 rows scaled per row across a row's groups), both fp8 formats, dense
+    and paged, a grid that cuts units; NaN-prefilled out and lse against the
+    float64 reference, and the spec carries the wide bit."""
+    rng = np.random.default_rng(17 * d + hq + (tile or 0))
+    lens = [2049, 1, 0, 333, 130]
+    q, k, v, L, table = make_inputs(rng, len(lens), hq, hkv, d, np.float16, lens, layout, page_size=16)
+    npdt = np.float16 if dt == "float16" else BF16
+    k8, ku8, ks = _fp8_cache(rng, k, fmt, True)
+    v8, vu8, vs = _fp8_cache(rng, v, fmt, True)
+    qd = (q * 2.0).astype(npdt)
+    ro, rl = reference.attention(qd, k8, v8, kv_lens=L, block_table=table, k_scale=ks, v_scale=vs)
+    out = _nan_like(q.shape, npdt)
+    lse = cp.full(q.shape[:2], cp.nan, dtype=cp.float32)
+    args = (to_gpu(qd), cp.asarray(ku8), cp.asarray(vu8))
+    kw = dict(kv_lens=cp.asarray(L), block_table=to_gpu(table), kv_dtype=fmt, k_scale=cp.asarray(ks),
+              v_scale=cp.asarray(vs), num_ctas=23, tile_size=tile)
+    from cupy_lean import kernels
+
+    with kernels.tuning(fp8_wide_k_reads=True):
+        pl = cupy_lean.plan(*args, out=out, kv_lens=kw["kv_lens"], block_table=kw["block_table"], kv_dtype=fmt,
+                            num_ctas=23, tile_size=tile)
+        assert pl.spec.features & kernels.FEATURES["fp8_wide_k"], pl.spec.name
+        cupy_lean.attention(*args, out=out, lse=lse, **kw)
+    fin = np.isfinite(rl)
+    _assert_out_lse(out, lse, ro, rl, (4e-3 if dt == "float16" else 2e-2) * max(1.0, np.abs(ro).max()),
+                    2e-3 * max(1.0, np.abs(rl[fin]).max()))
+
+
 @pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
 @pytest.mark.parametrize("d", [64, 128, 256])
 def test_gpu_fp8_bf16_query_rows_of_any_magnitude(fmt, d):
