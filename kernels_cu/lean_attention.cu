@@ -1132,6 +1132,29 @@ __device__ __forceinline__ void fp8x4_to_f16x2_even_odd(u32 w, u32& even, u32& o
 // fp16, each row times the power of two 2^e that brings its largest magnitude
 // into [2^14, 2^15) (exact for every element down to 2^-28 of that: fp16
 // holds bf16's 8 bits); 2^-e goes to q_scale[row], for the row's logits.
+// Q_ROW_SCALE: a thread's N words (bf16 pairs) of a query row, held by LANES
+// consecutive lanes per row, as fp16 pairs times the row's 2^e that brings its
+// largest magnitude into [2^14, 2^15); returns 2^-e (for the row's logits).
+template <int N, int LANES>
+__device__ __forceinline__ float bf16_row_to_fp16(u32 (&w)[N]) {
+  u32 mx = 0;  // the largest magnitude's bits (as bf16 words << 16: ordered as the values)
+#pragma unroll
+  for (int i = 0; i < N; ++i) mx = max(mx, max((w[i] << 16) & 0x7FFFFFFFu, w[i] & 0x7FFF0000u));
+#pragma unroll
+  for (int o = 1; o < LANES; o <<= 1) mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  // exponent of the largest magnitude (0 for zeros and subnormals, 255 for inf / NaN): the
+  // factor 2^(14 - (ex - 127)), at most 2^126; inf and NaN stay what they are
+  const int ex = (int)(mx >> 23);
+  const int sh2 = min(14 - (ex - 127), 126);
+  const float f = __uint_as_float((u32)(127 + sh2) << 23);
+#pragma unroll
+  for (int i = 0; i < N; ++i) {
+    const float x0 = __uint_as_float(w[i] << 16) * f, x1 = __uint_as_float(w[i] & 0xFFFF0000u) * f;
+    w[i] = pack2<false>(x0, x1);
+  }
+  return __uint_as_float((u32)(127 - sh2) << 23);
+}
+
 // FP8_WIDE_K: per 64-column group j of a row (its chunks 8j..8j+7 of 4 words,
 // word w' holding columns 64j + 2w' + {0, 1}), chunk 8j + c of the result gets
 // words c, 8 + c, 16 + c, 24 + c: at score step v = 4j + i the ldmatrix then
@@ -1150,20 +1173,8 @@ __device__ void prepare_q_fp8_wide(u16* qs, float* q_scale) {
       w[4 * c] = a.x, w[4 * c + 1] = a.y, w[4 * c + 2] = a.z, w[4 * c + 3] = a.w;
     }
     if (Q_ROW_SCALE) {
-      u32 mx = 0;
-#pragma unroll
-      for (int i = 0; i < 32; ++i) mx = max(mx, max((w[i] << 16) & 0x7FFFFFFFu, w[i] & 0x7FFF0000u));
-#pragma unroll
-      for (int o = 1; o < GROUPS; o <<= 1) mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-      const int ex = (int)(mx >> 23);
-      const int sh2 = min(14 - (ex - 127), 126);
-      const float f = __uint_as_float((u32)(127 + sh2) << 23);
-#pragma unroll
-      for (int i = 0; i < 32; ++i) {
-        const float x0 = __uint_as_float(w[i] << 16) * f, x1 = __uint_as_float(w[i] & 0xFFFF0000u) * f;
-        w[i] = pack2<false>(x0, x1);
-      }
-      if (j == 0) q_scale[r] = __uint_as_float((u32)(127 - sh2) << 23);
+      const float inv = bf16_row_to_fp16<32, GROUPS>(w);
+      if (j == 0) q_scale[r] = inv;
     }
 #pragma unroll
     for (int c = 0; c < 8; ++c)
@@ -1186,22 +1197,8 @@ __device__ void prepare_q_fp8(u16* qs, float* q_scale) {
       w[0] = a.x, w[1] = a.y, w[2] = a.z, w[3] = a.w, w[4] = b.x, w[5] = b.y, w[6] = b.z, w[7] = b.w;
     }
     if (Q_ROW_SCALE) {
-      u32 mx = 0;  // the largest magnitude's bits (as bf16 words << 16: ordered as the values)
-#pragma unroll
-      for (int i = 0; i < 8; ++i) mx = max(mx, max((w[i] << 16) & 0x7FFFFFFFu, w[i] & 0x7FFF0000u));
-#pragma unroll
-      for (int o = 1; o < BLOCKS; o <<= 1) mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-      // exponent of the largest magnitude (0 for zeros and subnormals, 255 for inf / NaN): the
-      // factor 2^(14 - (ex - 127)), at most 2^126; inf and NaN stay what they are
-      const int ex = (int)(mx >> 23);
-      const int sh2 = min(14 - (ex - 127), 126);
-      const float f = __uint_as_float((u32)(127 + sh2) << 23);
-#pragma unroll
-      for (int i = 0; i < 8; ++i) {
-        const float x0 = __uint_as_float(w[i] << 16) * f, x1 = __uint_as_float(w[i] & 0xFFFF0000u) * f;
-        w[i] = pack2<false>(x0, x1);
-      }
-      if (kk == 0) q_scale[r] = __uint_as_float((u32)(127 - sh2) << 23);
+      const float inv = bf16_row_to_fp16<8, BLOCKS>(w);
+      if (kk == 0) q_scale[r] = inv;
     }
     *lo = make_uint4(w[0], w[2], w[4], w[6]);
     *hi = make_uint4(w[1], w[3], w[5], w[7]);

@@ -23,7 +23,8 @@ MIRRORED = [
     "*lo = make_uint4(w[0], w[2], w[4], w[6]);",
     "*hi = make_uint4(w[1], w[3], w[5], w[7]);",
     "const int sh2 = min(14 - (ex - 127), 126);",
-    "if (kk == 0) q_scale[r] = __uint_as_float((u32)(127 - sh2) << 23);",
+    "return __uint_as_float((u32)(127 - sh2) << 23);",
+    "if (kk == 0) q_scale[r] = inv;",
     "ldsm_x4(a0, a1, a2, a3, smem_u32(qs + swz(wm * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, kk * 2 + (lane >> 4))));",
     "const u32 w = *reinterpret_cast<const u32*>(kb + swz8(tokw + nb * 8 + (lane >> 2), kk) + 4 * (lane & 3));",
     "mma16816<false>(s[nb], a0, a1, a2, a3, fp8x2_to_f16x2<0, 1>(w), fp8x2_to_f16x2<2, 3>(w));",
@@ -95,22 +96,31 @@ def scores(q, k, d, wm_count, wn, tw):
                 addr = [swz(d, wm * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, kk * 2 + (lane >> 4)) for lane in range(32)]
                 a = ldsm_x4(slot, addr)
                 for nb in range(tw // 8):
-                    A = np.zeros((16, 16))
-                    B = np.zeros((16, 8))
-                    for lane in range(32):
-                        g, q4 = lane >> 2, lane & 3
-                        w0 = swz8(d, tokw + nb * 8 + (lane >> 2), kk) + 4 * q4
-                        wbytes = ring[w0:w0 + 4]
-                        # A registers a0..a3: (g, 2q..), (g+8, 2q..), (g, 2q+8..), (g+8, 2q+8..)
-                        A[g, 2 * q4:2 * q4 + 2] = a[lane, 0]
-                        A[g + 8, 2 * q4:2 * q4 + 2] = a[lane, 1]
-                        A[g, 2 * q4 + 8:2 * q4 + 10] = a[lane, 2]
-                        A[g + 8, 2 * q4 + 8:2 * q4 + 10] = a[lane, 3]
-                        # B: b0 = bytes <0, 1> at k 2q, 2q+1; b1 = bytes <2, 3> at k 2q+8, 2q+9; column g
-                        B[2 * q4:2 * q4 + 2, g] = wbytes[0:2]
-                        B[2 * q4 + 8:2 * q4 + 10, g] = wbytes[2:4]
-                    s[wm * 16:wm * 16 + 16, tokw + nb * 8:tokw + nb * 8 + 8] += A @ B
+                    def k_bytes(lane):
+                        w0 = swz8(d, tokw + nb * 8 + (lane >> 2), kk) + 4 * (lane & 3)
+                        return ring[w0:w0 + 4]
+                    s[wm * 16:wm * 16 + 16, tokw + nb * 8:tokw + nb * 8 + 8] += mma(a, k_bytes)
     return s
+
+
+def mma(a, k_bytes):
+    """One m16n8k16 MMA's product A @ B from its lanes' registers: a[lane]
+    the four A registers (element pairs), k_bytes(lane) the four K values
+    whose pairs <0, 1> and <2, 3> form the lane's two B registers."""
+    A = np.zeros((16, 16))
+    B = np.zeros((16, 8))
+    for lane in range(32):
+        g, q4 = lane >> 2, lane & 3
+        wbytes = k_bytes(lane)
+        # A registers a0..a3: (g, 2q..), (g+8, 2q..), (g, 2q+8..), (g+8, 2q+8..)
+        A[g, 2 * q4:2 * q4 + 2] = a[lane, 0]
+        A[g + 8, 2 * q4:2 * q4 + 2] = a[lane, 1]
+        A[g, 2 * q4 + 8:2 * q4 + 10] = a[lane, 2]
+        A[g + 8, 2 * q4 + 8:2 * q4 + 10] = a[lane, 3]
+        # B: b0 = bytes <0, 1> at k 2q, 2q+1; b1 = bytes <2, 3> at k 2q+8, 2q+9; column g
+        B[2 * q4:2 * q4 + 2, g] = wbytes[0:2]
+        B[2 * q4 + 8:2 * q4 + 10, g] = wbytes[2:4]
+    return A @ B
 
 
 @pytest.mark.parametrize("d", [64, 128, 256])
@@ -244,19 +254,10 @@ def scores_wide(q, k, d, wm_count, wn, tw):
                                     for lane in range(32)]) for i in range(4)]
                 for nb in range(tw // 8):
                     for i in range(4):
-                        A = np.zeros((16, 16))
-                        B = np.zeros((16, 8))
-                        for lane in range(32):
-                            g, q4 = lane >> 2, lane & 3
-                            u0 = swz8_wide(d, tokw + nb * 8 + g, 4 * j + q4)
-                            wbytes = ring[u0 + 4 * i:u0 + 4 * i + 4]  # word i of the 16-byte read
-                            A[g, 2 * q4:2 * q4 + 2] = a[i][lane, 0]
-                            A[g + 8, 2 * q4:2 * q4 + 2] = a[i][lane, 1]
-                            A[g, 2 * q4 + 8:2 * q4 + 10] = a[i][lane, 2]
-                            A[g + 8, 2 * q4 + 8:2 * q4 + 10] = a[i][lane, 3]
-                            B[2 * q4:2 * q4 + 2, g] = wbytes[0:2]
-                            B[2 * q4 + 8:2 * q4 + 10, g] = wbytes[2:4]
-                        s[wm * 16:wm * 16 + 16, tokw + nb * 8:tokw + nb * 8 + 8] += A @ B
+                        def k_bytes(lane):  # word i of the lane's 16-byte read
+                            u0 = swz8_wide(d, tokw + nb * 8 + (lane >> 2), 4 * j + (lane & 3))
+                            return ring[u0 + 4 * i:u0 + 4 * i + 4]
+                        s[wm * 16:wm * 16 + 16, tokw + nb * 8:tokw + nb * 8 + 8] += mma(a[i], k_bytes)
     return s
 
 
