@@ -1132,27 +1132,28 @@ __device__ __forceinline__ void fp8x4_to_f16x2_even_odd(u32 w, u32& even, u32& o
 // fp16, each row times the power of two 2^e that brings its largest magnitude
 // into [2^14, 2^15) (exact for every element down to 2^-28 of that: fp16
 // holds bf16's 8 bits); 2^-e goes to q_scale[row], for the row's logits.
-// Q_ROW_SCALE: a thread's N words (bf16 pairs) of a query row, held by LANES
-// consecutive lanes per row, as fp16 pairs times the row's 2^e that brings its
-// largest magnitude into [2^14, 2^15); returns 2^-e (for the row's logits).
-template <int N, int LANES>
-__device__ __forceinline__ float bf16_row_to_fp16(u32 (&w)[N]) {
-  u32 mx = 0;  // the largest magnitude's bits (as bf16 words << 16: ordered as the values)
-#pragma unroll
-  for (int i = 0; i < N; ++i) mx = max(mx, max((w[i] << 16) & 0x7FFFFFFFu, w[i] & 0x7FFF0000u));
+// Q_ROW_SCALE helpers: a query row's largest magnitude over the LANES
+// consecutive lanes that hold it (each passing its own words' maximum, as
+// bf16 bits << 16: ordered as the values), its factor 2^e that brings that
+// magnitude into [2^14, 2^15) (returning 2^-e, for the row's logits), and a
+// bf16 pair as an fp16 pair times 2^e.
+__device__ __forceinline__ u32 bf16_pair_max_bits(u32 w) {
+  return max((w << 16) & 0x7FFFFFFFu, w & 0x7FFF0000u);
+}
+template <int LANES>
+__device__ __forceinline__ float bf16_row_factor(u32 mx, float& f) {
 #pragma unroll
   for (int o = 1; o < LANES; o <<= 1) mx = max(mx, __shfl_xor_sync(0xffffffffu, mx, o));
   // exponent of the largest magnitude (0 for zeros and subnormals, 255 for inf / NaN): the
   // factor 2^(14 - (ex - 127)), at most 2^126; inf and NaN stay what they are
   const int ex = (int)(mx >> 23);
   const int sh2 = min(14 - (ex - 127), 126);
-  const float f = __uint_as_float((u32)(127 + sh2) << 23);
-#pragma unroll
-  for (int i = 0; i < N; ++i) {
-    const float x0 = __uint_as_float(w[i] << 16) * f, x1 = __uint_as_float(w[i] & 0xFFFF0000u) * f;
-    w[i] = pack2<false>(x0, x1);
-  }
+  f = __uint_as_float((u32)(127 + sh2) << 23);
   return __uint_as_float((u32)(127 - sh2) << 23);
+}
+__device__ __forceinline__ u32 bf16_pair_to_fp16(u32 w, float f) {
+  const float x0 = __uint_as_float(w << 16) * f, x1 = __uint_as_float(w & 0xFFFF0000u) * f;
+  return pack2<false>(x0, x1);
 }
 
 // FP8_WIDE_K: per 64-column group j of a row (its chunks 8j..8j+7 of 4 words,
@@ -1166,19 +1167,29 @@ __device__ void prepare_q_fp8_wide(u16* qs, float* q_scale) {
   static_assert(GROUPS == 1 || ITEMS % 32 == 0, "whole warps where a row's lanes shuffle");
   for (int e = threadIdx.x; e < ITEMS; e += NT) {  // warp-uniform bound where GROUPS > 1
     const int r = e / GROUPS, j = e % GROUPS;
+    float f = 1.f;
+    if (Q_ROW_SCALE) {  // a first pass for the row's factor, so that only the raw words stay live below
+      u32 mx = 0;
+#pragma unroll
+      for (int c = 0; c < 8; ++c) {
+        const uint4 a = *reinterpret_cast<const uint4*>(qs + swz(r, 8 * j + c));
+        mx = max(max(mx, max(bf16_pair_max_bits(a.x), bf16_pair_max_bits(a.y))),
+                 max(bf16_pair_max_bits(a.z), bf16_pair_max_bits(a.w)));
+      }
+      const float inv = bf16_row_factor<GROUPS>(mx, f);
+      if (j == 0) q_scale[r] = inv;
+    }
     u32 w[32];
 #pragma unroll
     for (int c = 0; c < 8; ++c) {
       const uint4 a = *reinterpret_cast<const uint4*>(qs + swz(r, 8 * j + c));
       w[4 * c] = a.x, w[4 * c + 1] = a.y, w[4 * c + 2] = a.z, w[4 * c + 3] = a.w;
     }
-    if (Q_ROW_SCALE) {
-      const float inv = bf16_row_to_fp16<32, GROUPS>(w);
-      if (j == 0) q_scale[r] = inv;
-    }
+    auto cv = [f](u32 x) { return Q_ROW_SCALE ? bf16_pair_to_fp16(x, f) : x; };
 #pragma unroll
     for (int c = 0; c < 8; ++c)
-      *reinterpret_cast<uint4*>(qs + swz(r, 8 * j + c)) = make_uint4(w[c], w[8 + c], w[16 + c], w[24 + c]);
+      *reinterpret_cast<uint4*>(qs + swz(r, 8 * j + c)) =
+          make_uint4(cv(w[c]), cv(w[8 + c]), cv(w[16 + c]), cv(w[24 + c]));
   }
 }
 
@@ -1197,7 +1208,13 @@ __device__ void prepare_q_fp8(u16* qs, float* q_scale) {
       w[0] = a.x, w[1] = a.y, w[2] = a.z, w[3] = a.w, w[4] = b.x, w[5] = b.y, w[6] = b.z, w[7] = b.w;
     }
     if (Q_ROW_SCALE) {
-      const float inv = bf16_row_to_fp16<8, BLOCKS>(w);
+      u32 mx = 0;
+#pragma unroll
+      for (int i = 0; i < 8; ++i) mx = max(mx, bf16_pair_max_bits(w[i]));
+      float f;
+      const float inv = bf16_row_factor<BLOCKS>(mx, f);
+#pragma unroll
+      for (int i = 0; i < 8; ++i) w[i] = bf16_pair_to_fp16(w[i], f);
       if (kk == 0) q_scale[r] = inv;
     }
     *lo = make_uint4(w[0], w[2], w[4], w[6]);

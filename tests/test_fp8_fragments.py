@@ -199,7 +199,7 @@ MIRRORED_WIDE = [
     "if (FP8_WIDE_K && D >= 128) return r * D + ((ch ^ (((r & 1) << 2) | ((r >> 1) & 3))) << 4);",
     "const int r = e / GROUPS, j = e % GROUPS;",
     "const uint4 a = *reinterpret_cast<const uint4*>(qs + swz(r, 8 * j + c));",
-    "*reinterpret_cast<uint4*>(qs + swz(r, 8 * j + c)) = make_uint4(w[c], w[8 + c], w[16 + c], w[24 + c]);",
+    "make_uint4(cv(w[c]), cv(w[8 + c]), cv(w[16 + c]), cv(w[24 + c]));",
     "smem_u32(qs + swz(wm * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, (4 * j + i) * 2 + (lane >> 4))));",
     "const uint4 u = *reinterpret_cast<const uint4*>(kb + swz8(tokw + nb * 8 + (lane >> 2), 4 * j + (lane & 3)));",
     "mma16816<false>(s[nb], a[i][0], a[i][1], a[i][2], a[i][3], fp8x2_to_f16x2<0, 1>(w[i]),",
