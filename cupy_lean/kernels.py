@@ -239,8 +239,8 @@ class Spec:
     power of two); ``tile`` tokens per K/V tile; ``stages`` of the copy
     pipeline; ``paged`` cache; ``features``, the :data:`FEATURES` bits
     compiled in. Build one with :func:`make_spec`, which checks the values
-    and picks the defaults. Raises ValueError for a ``dtype`` other than
-    the two names."""
+    and picks the defaults. ``"float16"`` / ``"bfloat16"`` are taken as the
+    short names; another ``dtype`` raises ValueError."""
 
     dtype: str  # "f16" or "bf16"
     head_dim: int
@@ -251,9 +251,7 @@ class Spec:
     features: int = 0  # FEATURES bits compiled in (0: the plain kernel)
 
     def __post_init__(self):
-        if self.dtype not in SPEC_DTYPES:
-            raise ValueError(f"dtype: expected one of {tuple(SPEC_DTYPES)} (or {tuple(SPEC_DTYPES.values())}), "
-                             f"got {self.dtype!r}")
+        object.__setattr__(self, "dtype", _spec_dtype(self.dtype))  # NumPy's names as the short ones
 
     @property
     def name(self) -> str:
@@ -625,7 +623,7 @@ def make_spec(dtype, head_dim, group, paged, tile_size=None, stages=None,
     Raises ValueError naming the limit when no configuration (or not the
     requested ``tile_size`` / ``stages``) fits it.
     """
-    dtype = _spec_dtype(dtype)
+    dtype = _spec_dtype(dtype)  # (Spec takes either name too; here before any other use)
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"head_dim: the GPU kernels support {HEAD_DIMS}, got {head_dim}")
     if not 1 <= group <= MAX_GROUP:
