@@ -127,15 +127,18 @@ def _no_gpu_reason():
     return "--cpu was not given, yet no GPU was used"  # pragma: no cover
 
 
-def _plan_schedule(lens, heads_kv, spec, num_ctas, merge_balance, merge_launch):
+def _plan_schedule(lens, heads_kv, spec, num_ctas, merge_balance, merge_launch, knob=False):
     """The lean schedule a plan of fp16 ``spec`` runs for these lengths: with
-    the merge launch, the launch-time split too (kernels.TUNING)."""
+    the merge launch, the launch-time split too, and without it where
+    kernels.TUNING["runtime_split_in_kernel"] says so and no stream-K knob
+    (``knob``) was given."""
     from .kernels import TUNING
 
     slack = runtime_split_slack(spec.tile, spec.head_dim, 2, TUNING["runtime_split_slack_bytes"])
+    split = TUNING["runtime_split"] and (merge_launch or (TUNING["runtime_split_in_kernel"] and not knob))
     return lean_schedule(lens, heads_kv, tile_size=spec.tile, num_ctas=num_ctas, merge_balance=merge_balance,
                          state_rows=16 * spec.m_tiles, merge_launch=merge_launch,
-                         runtime_split=merge_launch and TUNING["runtime_split"], split_slack_tiles=slack)
+                         runtime_split=bool(split), split_slack_tiles=slack)
 
 
 def schedule_cmd(argv=None):
@@ -167,7 +170,8 @@ def _schedule(args):
     grid = max(1, min(num_ctas, units * longest)) if args.num_ctas is None else num_ctas
     launch = (args.num_ctas is None and not args.merge_balance
               and merges_by_launch(grid, units, TUNING["merge_launch_pieces"]))
-    s = _plan_schedule(args.lens, args.heads_kv, spec, grid, mb, launch)
+    s = _plan_schedule(args.lens, args.heads_kv, spec, grid, mb, launch,
+                       knob=args.num_ctas is not None or bool(args.merge_balance))
     src = (f"--num-ctas {args.num_ctas}" if args.num_ctas is not None
            else f"{cps} CTA(s) per SM on {args.sms} SMs"
            + (" (--sms default: an H100's / H200's)" if args.sms == H100_SMS else "")

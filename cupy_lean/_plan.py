@@ -317,9 +317,11 @@ class Plan:
         Stream-K with few units for the grid: partial units are merged by the
         combine launch, not by their last contributor in the kernel.
     runtime_split : bool
-        With ``merge_launch``: each launch may run split-K in one wave
-        instead of stream-K when the lengths on the GPU favour it
-        (``cupy_lean.schedule.runtime_split_chunks``).
+        Each launch may run split-K in one wave instead of stream-K when the
+        lengths on the GPU favour it
+        (``cupy_lean.schedule.runtime_split_chunks``): with ``merge_launch``,
+        or without it where ``kernels.TUNING["runtime_split_in_kernel"]``
+        is on (each unit's chunks then merged by its last arriving chunk).
     split_slack_tiles : int
         The rule's ``split_slack_tiles``: split-K is run when its busiest CTA
         streams at most this many tiles more than stream-K's
@@ -513,7 +515,10 @@ class Plan:
         prm.page_magic, prm.page_shift = K.page_divisor(prm.page_size)
         prm.decomposition, prm.num_splits = int(decomp), ns
         # merge launch: the kernel may run split-K in one wave when a launch's lengths favour it
-        self.runtime_split = bool(self.merge_launch and K.TUNING["runtime_split"])
+        # the launch-time split: a default stream-K plan with the merge launch, or (TUNING
+        # "runtime_split_in_kernel") one without it, whose chunks are then merged in the kernel
+        self.runtime_split = bool(K.TUNING["runtime_split"] and decomp == K.Decomposition.STREAM_K and (
+            self.merge_launch or (K.TUNING["runtime_split_in_kernel"] and not stream_k_knob)))
         self.split_slack_tiles = runtime_split_slack(tile, D, 1 if f_kv8 is not None else sig.dtypes[0].itemsize,
                                                      K.TUNING["runtime_split_slack_bytes"])
         prm.runtime_split = self.split_slack_tiles if self.runtime_split else 0
@@ -624,12 +629,13 @@ class Plan:
                          + "; each CTA takes an equal share (+-1 tile) of all tiles, derived on the GPU "
                            "from kv_lens at run time"
                          + (f"; partial units merged by a combine launch of {self._combine_text()} (few "
-                            f"units for the grid)"
-                            + (f"; a launch whose lengths favour it runs split-K in one wave instead "
-                               f"(its busiest CTA at most {self.split_slack_tiles} tile(s) above stream-K's; "
-                               f"cupy_lean.schedule.runtime_split_chunks, decided on the GPU)"
-                               if self.runtime_split else "") if self.merge_launch else
-                            "; partial units merged by their last contributor"))
+                            f"units for the grid)" if self.merge_launch else
+                            "; partial units merged by their last contributor")
+                         + (f"; a launch whose lengths favour it runs split-K in one wave instead "
+                            f"(its busiest CTA at most {self.split_slack_tiles} tile(s) above stream-K's; "
+                            f"cupy_lean.schedule.runtime_split_chunks, decided on the GPU)"
+                            + ("" if self.merge_launch else ", its chunks merged the same way")
+                            if self.runtime_split else ""))
         else:
             lines.append(f"  grid: {self.grid} CTAs = {self.units} units x {self.num_splits} splits"
                          + (f"; then a combine launch of {self._combine_text()}" if self.num_splits > 1 else ""))

@@ -428,6 +428,11 @@ TUNING = _Tuning({
     # would stream at most runtime_split_slack_bytes of K and V more, in whole tiles, at least one
     # (schedule.runtime_split_chunks / runtime_split_slack, decided on the GPU from kv_lens)
     "runtime_split": True,
+    # the same launch-time choice for default stream-K plans without the merge launch (fewer than
+    # merge_launch_pieces CTAs per unit): the split's chunks are then merged in the kernel by each unit's
+    # last arriving chunk, as stream-K's pieces are (no combine launch). An experiment, off until timed:
+    # tools/spec_sweep.py --family --configs default,sk_split_inkernel
+    "runtime_split_in_kernel": False,
     # 0: one tile. Measured on an H200 (bench/NOTES.md session 17): 192 KB took the split on two held-out
     # shapes where it ran 1.08x and 1.12x stream-K's time (the launch-time split ran 8-11% slower than a
     # host-planned split of the same chunks), so the default stays at one tile

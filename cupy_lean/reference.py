@@ -409,7 +409,8 @@ def emulate(schedule, q, k, v, *, kv_lens=None, block_table=None, scale=None, si
         b, h = divmod(u, hkv)
         parts.sort()  # CTA order, whatever order they were produced in
         states = [slots[sl] for _, sl in parts]
-        if schedule.kind == "lean" and not schedule.merge_launch:  # the kernel's two-level merge of many pieces
+        # the kernel's two-level merge of many pieces (stream-K's, or the launch-time split's chunks)
+        if (schedule.kind == "lean" or schedule.launch_split) and not schedule.merge_launch:
             size = merge_group_size(len(states), ql * g, ts * d)
             if size:
                 states = [merge_partial(states[i:i + size]) for i in range(0, len(states), size)]

@@ -139,10 +139,14 @@ class Schedule:
         Lean: each partial unit's states are merged at once, in CTA order, by
         a second (combine) launch, instead of by the unit's last contributor
         in the kernel, which merges a unit of many pieces in groups first
-        (:func:`merge_group_size`). Split: the split-K in one wave that a lean
-        launch with the merge launch chose for its lengths
-        (``lean_schedule(runtime_split=True)``): a chunk covering its unit
-        whole is not partial, partial chunks use slot ``2 x cta``.
+        (:func:`merge_group_size`). Split with ``launch_split``: the same
+        for the chunks of the launch-time split.
+    launch_split : bool
+        Kind ``"split"``: the split-K in one wave that a lean launch chose
+        for its lengths (``lean_schedule(runtime_split=True)``): a chunk
+        covering its unit whole is not partial, partial chunks use slot ``2
+        x cta``, and a unit's chunks are merged as stream-K's pieces are
+        (``merge_launch``). False for :func:`split_schedule`'s split-K.
     """
 
     kind: str
@@ -162,6 +166,7 @@ class Schedule:
     segments: np.ndarray
     contributors: np.ndarray
     merge_launch: bool = False
+    launch_split: bool = False
 
     @property
     def batch(self) -> int:
@@ -207,8 +212,9 @@ class Schedule:
             ]
         else:
             lines += [f"num_splits        {self.num_splits}"
-                      + ("  (split-K in one wave chosen at launch by a lean plan; chunks merged by the combine "
-                         "launch)" if self.merge_launch else "")]
+                      + ("  (split-K in one wave chosen at launch by a lean plan; chunks merged by "
+                         + ("the combine launch)" if self.merge_launch else "each unit's last chunk, in the kernel)")
+                         if self.launch_split else "")]
         if self.num_ctas:
             lines += [
                 f"tiles per CTA     min {int(per_cta.min())}  max {int(per_cta.max())}"
@@ -442,13 +448,15 @@ def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1
         the kernel's choice when the grid has many CTAs per unit,
         ``kernels.TUNING["merge_launch_pieces"]``). The decomposition is the same.
     runtime_split : bool
-        With ``merge_launch``: the kernel's launch-time choice
-        (``kernels.TUNING["runtime_split"]``): where
-        :func:`runtime_split_chunks` picks split-K in one wave for these
-        lengths, the schedule the kernel then runs: kind ``"split"``, ``ns =
-        num_ctas // units`` chunks per unit on consecutive CTAs, a unit that
-        one chunk covers whole written directly, the others' chunks in slots
-        ``2 x cta`` merged by the combine launch; else the stream-K schedule.
+        The kernel's launch-time choice (``kernels.TUNING["runtime_split"]``,
+        with ``merge_launch``; without it ``kernels.TUNING
+        ["runtime_split_in_kernel"]``): where :func:`runtime_split_chunks`
+        picks split-K in one wave for these lengths, the schedule the kernel
+        then runs: kind ``"split"`` with ``launch_split``, ``ns = num_ctas //
+        units`` chunks per unit on consecutive CTAs, a unit that one chunk
+        covers whole written directly, the others' chunks in slots ``2 x
+        cta``, merged by the combine launch (``merge_launch``) or else by the
+        unit's last arriving chunk; else the stream-K schedule.
     split_slack_tiles : int
         With ``runtime_split``: the rule's slack in tiles (a plan's
         :attr:`~cupy_lean.Plan.split_slack_tiles`).
@@ -467,9 +475,6 @@ def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1
         raise TypeError(f"merge_launch: expected a bool, got {merge_launch!r}")
     if not isinstance(runtime_split, (bool, np.bool_)):
         raise TypeError(f"runtime_split: expected a bool, got {runtime_split!r}")
-    if runtime_split and not merge_launch:
-        raise ValueError("runtime_split: the kernel chooses split-K at launch only with the merge launch; "
-                         "expected merge_launch=True, got merge_launch=False")
     split_slack_tiles = _check_positive_int(split_slack_tiles, "split_slack_tiles")
     total = int(unit_tiles.sum())
     if merge_balance and total:
@@ -484,7 +489,7 @@ def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1
     heavy = total - (max_tiles - 1) * ncta
     ns = _split_count(tps, unit_tiles, num_ctas, ncta, split_slack_tiles) if runtime_split else 0
     if ns:
-        return _runtime_split(lens, heads_kv, tile_size, tps, unit_tiles, unit_start, ns)
+        return _runtime_split(lens, heads_kv, tile_size, tps, unit_tiles, unit_start, ns, merge_launch)
     ctas = np.arange(ncta, dtype=np.int64)
     cta_start, cta_end = lean_cta_range(total, ncta, ctas)
     unit_end = unit_start + unit_tiles
@@ -541,15 +546,16 @@ def _chunk_segments(unit_tiles, heads_kv, ns, split_k):
     return chunk, starts, ends, np.array(rows, dtype=_SEG_DTYPE)
 
 
-def _runtime_split(lens, heads_kv, tile_size, tps, unit_tiles, unit_start, ns):
-    """The split-K in one wave that a stream-K launch with the merge launch
-    runs when its lengths favour it (see :func:`lean_schedule`)."""
+def _runtime_split(lens, heads_kv, tile_size, tps, unit_tiles, unit_start, ns, merge_launch):
+    """The split-K in one wave that a stream-K launch runs when its lengths
+    favour it (see :func:`lean_schedule`)."""
     units = unit_tiles.shape[0]
     chunk, starts, ends, segments = _chunk_segments(unit_tiles, heads_kv, ns, split_k=False)
     contributors = np.zeros(units, dtype=np.int64)
     np.add.at(contributors, segments[segments["partial"]]["unit"], 1)
     return Schedule("split", lens, heads_kv, tile_size, units * ns, tps, unit_tiles, unit_start,
-                    int(unit_tiles.sum()), int(chunk.max()), 0, ns, starts, ends, segments, contributors, True)
+                    int(unit_tiles.sum()), int(chunk.max()), 0, ns, starts, ends, segments, contributors,
+                    bool(merge_launch), True)
 
 
 def merges_by_launch(num_ctas, num_units, pieces):

@@ -474,6 +474,16 @@ struct Contributors {
     c.first_slot = PartialSlots::stream_k_slot(c.first, sk.begin(c.first) < s.unit_first ? 1 : 0);
     return c;
   }
+  // The launch-time split (sk.split = ns chunks per unit): the unit's chunks
+  // with tiles, on CTAs from (c / ns) ns on, each chunk its CTA's only
+  // segment (slot 2 x CTA).
+  __device__ static Contributors of_split(int c, int ns, int ntiles) {
+    Contributors w;
+    w.first = c / ns * ns;
+    w.count = split_pieces(ntiles, ns);
+    w.first_slot = PartialSlots::stream_k_slot(w.first, 0);
+    return w;
+  }
   __device__ int slot(int j) const { return j == 0 ? first_slot : PartialSlots::stream_k_slot(first + j, 0); }
 };
 
@@ -838,13 +848,15 @@ __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, S
   if (p.merge_balance > 0) min_tiles = max(min_tiles, merge_balanced_tiles(longest, p.merge_balance));
   sk = StreamK::make((i64)seq_tiles * p.heads_kv, gridDim.x, min_tiles);
   LEAN_STAMP(17);
-  if (p.runtime_split && p.unit_meta != nullptr && sk.ctas > 0) {
+  if (p.runtime_split && sk.ctas > 0) {
     // Split-K in one wave (ns chunks per unit, ns = grid / units) when its
     // busiest CTA streams at most p.runtime_split tiles more than stream-K's
     // (what stream-K's cuts cost a small call): then no CTA holds two units'
-    // pieces. Every CTA takes the same decision from the same scan; the
-    // combine launch merges the chunks as it merges pieces (CTA c's state in
-    // slot 2c, the unit's chunks on consecutive CTAs).
+    // pieces. Every CTA takes the same decision from the same scan. CTA c's
+    // state goes to slot 2c, the unit's chunks on consecutive CTAs; the
+    // combine launch merges them as it merges pieces (unit_meta set), or
+    // else the unit's last arriving chunk does, as for stream-K's pieces
+    // (Contributors::of_split).
     const int units = p.batch * p.heads_kv, ns = (int)gridDim.x / max(units, 1);
     if (ns >= 1 && div_pos(longest + ns - 1, ns) <= sk.per + p.runtime_split) {
       LEAN_STAMP(18);
@@ -856,7 +868,7 @@ __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, S
       w.start = window_start(p, w.len);
       w.ntiles = ntiles_of(w.len - w.start);
       const int chunk = split_chunk(w.ntiles, ns);
-      if (j == 0 && tid == 0) {  // the unit's record: its chunks with tiles, the first one's slot
+      if (j == 0 && tid == 0 && p.unit_meta != nullptr) {  // the unit's record: its chunks with tiles, the first one's slot
         p.unit_meta[2 * unit] = split_pieces(w.ntiles, ns);
         p.unit_meta[2 * unit + 1] = PartialSlots::stream_k_slot(c, 0);
       }
@@ -1506,7 +1518,7 @@ __device__ void finish_segment(const Params& p, const Shared& sh, const StreamK&
   }
   if (!s.partial) return;
   int* misc = sh.misc();
-  const Contributors who = Contributors::of(sk, s);
+  const Contributors who = sk.split > 0 ? Contributors::of_split(c, sk.split, s.ntiles) : Contributors::of(sk, s);
   const int G = merge_group_size(who.count, unit_rows(p), TILE * D);
   // With a merge tree (G > 0) this CTA first arrives in its group (level 0):
   // the counters of groups follow the units', one per slot, indexed by the

@@ -273,18 +273,20 @@ def test_device_split_schedule_equals_numpy(lens, hkv, tile, num_splits):
 @example([1, 700, 0], 2, 16, 40, 1)
 @example([9001, 1, 0], 1, 16, 132, 1)
 @example([9001, 1, 0], 1, 16, 132, 8)
-def test_device_runtime_split_schedule_equals_numpy(lens, hkv, tile, num_ctas, slack):
-    """With the merge launch's unit records and the runtime split on, the
-    kernel runs what lean_schedule(merge_launch=True, runtime_split=True,
+@pytest.mark.parametrize("merge_launch", [True, False])
+def test_device_runtime_split_schedule_equals_numpy(merge_launch, lens, hkv, tile, num_ctas, slack):
+    """With the runtime split on (and the merge launch's unit records, or
+    without them: the in-kernel merge), the kernel runs what
+    lean_schedule(merge_launch=..., runtime_split=True,
     split_slack_tiles=slack) says: the split-K in one wave (chunk ranges
     within the unit, slot 2 x cta, the unit's first CTA and chunk count)
     where the rule picks it, else stream-K."""
     from cupy_lean import _gpu
 
-    host = cupy_lean.lean_schedule(lens, hkv, tile_size=tile, num_ctas=num_ctas, merge_launch=True,
+    host = cupy_lean.lean_schedule(lens, hkv, tile_size=tile, num_ctas=num_ctas, merge_launch=merge_launch,
                                    runtime_split=True, split_slack_tiles=slack)
     dev = _gpu.device_schedule(lens, hkv, tile_size=tile, num_ctas=num_ctas, runtime_split=True,
-                               split_slack_tiles=slack)
+                               split_slack_tiles=slack, merge_launch=merge_launch)
     for c in range(num_ctas):
         expect = _expected_records(host, c) if c < host.num_ctas else []
         if not expect:

@@ -1764,13 +1764,16 @@ def test_few_units_merge_launch_with_query_tokens_and_a_dirty_workspace():
     _assert_out_lse(out, lse, *reference.attention(q, k, v, kv_lens=new_l, block_table=table, q_lens=new_q))
 
 
-def test_runtime_split_flips_between_replays(monkeypatch):
-    """With the merge launch, each launch runs split-K in one wave or stream-K
-    as its lengths on the GPU decide (schedule.runtime_split_chunks). Two
-    graphs captured one after another (the runtime choice, and stream-K with
-    the merge launch only) replayed, NaN-prefilled, over lengths on both
-    sides of the rule (skewed: stream-K; even: split), an empty batch and
-    sinks: each equals the reference, and the two agree."""
+@pytest.mark.parametrize("in_kernel", [False, True])
+def test_runtime_split_flips_between_replays(monkeypatch, in_kernel):
+    """With the merge launch (or, ``in_kernel``, without it and with
+    TUNING["runtime_split_in_kernel"]: the chunks merged by each unit's last
+    arriving chunk, 44 of them through the merge tree), each launch runs
+    split-K in one wave or stream-K as its lengths on the GPU decide
+    (schedule.runtime_split_chunks). Two graphs captured one after another
+    (the runtime choice, and stream-K alone) replayed, NaN-prefilled, over
+    lengths on both sides of the rule (skewed: stream-K; even: split), an
+    empty batch and sinks: each equals the reference, and the two agree."""
     from cupy_lean import kernels as K
     from cupy_lean.schedule import runtime_split_chunks, runtime_split_slack
 
@@ -1783,12 +1786,16 @@ def test_runtime_split_flips_between_replays(monkeypatch):
     template = _nan_like(q.shape, q.dtype)
     # a slack of 192 KB (24 tiles of 16 tokens at head_dim 128): the rule's parameter, not only its default
     monkeypatch.setitem(K.TUNING, "runtime_split_slack_bytes", 192 * 1024)
+    if in_kernel:
+        monkeypatch.setitem(K.TUNING, "merge_launch_pieces", 0)
+        monkeypatch.setitem(K.TUNING, "runtime_split_in_kernel", True)
     p = cupy_lean.plan(qd, kd, vd, out=template, tile_size=16, **kw)
-    assert p.merge_launch and p.runtime_split and "split-K in one wave" in p.describe(), p.describe()
+    assert p.merge_launch != in_kernel and p.runtime_split and "split-K in one wave" in p.describe(), p.describe()
     assert p.split_slack_tiles == runtime_split_slack(16, d, 2, 192 * 1024) == 24
+    assert not in_kernel or p.grid // 3 >= 16  # chunks per unit: the kernel's merge tree (MERGE_TREE_FROM)
     monkeypatch.setitem(K.TUNING, "runtime_split", False)
     sk = cupy_lean.plan(qd, kd, vd, out=template, tile_size=16, **kw)
-    assert sk.merge_launch and not sk.runtime_split
+    assert sk.merge_launch != in_kernel and not sk.runtime_split
     runs = []
     for plan in (p, sk):
         out = _nan_like(q.shape, q.dtype)
@@ -1805,6 +1812,42 @@ def test_runtime_split_flips_between_replays(monkeypatch):
             _assert_out_lse(out, lse, ro, rl)
         assert float(cp.abs(runs[0][1].astype(cp.float32) - runs[1][1].astype(cp.float32)).max()) < 2e-3
     assert sides == {True, False}
+
+
+@pytest.mark.parametrize("case", range(10))
+def test_in_kernel_runtime_split_matches_the_reference(monkeypatch, case):
+    """TUNING["runtime_split_in_kernel"]: a default plan with fewer than
+    merge_launch_pieces CTAs per unit runs split-K in one wave where its
+    lengths favour it, the chunks merged by each unit's last arriving chunk.
+    Random ragged and paged batches (lengths multiples of nothing, odd
+    groups, every head_dim, fp16 and bf16, sinks on some), NaN-prefilled
+    out and lse: each equals the reference, and the plan's schedule mirror
+    says which decomposition ran."""
+    from cupy_lean import kernels as K
+    from cupy_lean.schedule import runtime_split_chunks
+
+    monkeypatch.setitem(K.TUNING, "runtime_split_in_kernel", True)
+    rng = np.random.default_rng(900 + case)
+    d = int(rng.choice([64, 128, 256]))
+    hkv, g = int(rng.integers(1, 16)), int(rng.integers(1, 9))
+    B = int(rng.integers(1, 5))
+    lens = rng.integers(0, 1500, B) if case % 3 else rng.integers(300, 400, B)  # even lengths: the split
+    layout = "paged" if case % 2 else "dense"
+    dtype = BF16 if case % 4 == 1 else np.float16
+    q, k, v, lens, table = make_inputs(rng, B, hkv * g, hkv, d, dtype, lens, layout, page_size=int(
+        rng.choice([1, 16, 64])))
+    sinks = rng.standard_normal(hkv * g).astype(np.float32) if case % 5 == 0 else None
+    kw = dict(kv_lens=cp.asarray(lens), block_table=None if table is None else cp.asarray(table),
+              sinks=None if sinks is None else cp.asarray(sinks))
+    qd, kd, vd = to_gpu(q), to_gpu(k), to_gpu(v)
+    out = _nan_like(q.shape, q.dtype)
+    lse = cp.full(q.shape[:2], cp.nan, dtype=cp.float32)
+    p = cupy_lean.plan(qd, kd, vd, out=out, **kw)
+    p.run(qd, kd, vd, out=out, lse=lse, **kw)
+    ro, rl = reference.attention(q, k, v, kv_lens=lens, block_table=table, sinks=sinks)
+    _assert_out_lse(out, lse, ro, rl, out_tol=2e-2 if dtype == BF16 else 4e-3)
+    if p.decomposition == K.Decomposition.STREAM_K and not p.merge_launch:
+        assert p.runtime_split, p.describe()
 
 
 @pytest.mark.parametrize("sched,tuning,B,hkv", [

@@ -830,25 +830,28 @@ def test_runtime_split_slack_in_tiles():
        st.integers(1, 140))
 @example([3000, 2990, 3001], 1, 16, 132)
 @example([1, 700, 0], 2, 16, 40)
-def test_lean_schedule_with_the_runtime_split(lens, hkv, tile, ctas):
-    """lean_schedule(merge_launch=True, runtime_split=True) is the schedule
+@pytest.mark.parametrize("launch", [True, False])
+def test_lean_schedule_with_the_runtime_split(launch, lens, hkv, tile, ctas):
+    """lean_schedule(merge_launch=launch, runtime_split=True) is the schedule
     the kernel runs: the split-K in one wave exactly where
     runtime_split_chunks picks it (ns chunks per unit on consecutive CTAs,
     every tile once, a chunk covering its unit whole written directly, the
-    others in slot 2 x cta), else the stream-K schedule with the merge
-    launch; emulating it equals the reference."""
+    others in slot 2 x cta), else the stream-K schedule, with its merge
+    (the combine launch, or in the kernel: 44 chunks of a unit go through
+    the merge tree); emulating it equals the reference."""
     from cupy_lean import reference
     from cupy_lean.schedule import runtime_split_chunks
 
     ns = runtime_split_chunks(lens, hkv, tile, ctas)
-    s = lean_schedule(lens, hkv, tile_size=tile, num_ctas=ctas, merge_launch=True, runtime_split=True)
-    sk = lean_schedule(lens, hkv, tile_size=tile, num_ctas=ctas, merge_launch=True)
-    assert s.merge_launch
+    s = lean_schedule(lens, hkv, tile_size=tile, num_ctas=ctas, merge_launch=launch, runtime_split=True)
+    sk = lean_schedule(lens, hkv, tile_size=tile, num_ctas=ctas, merge_launch=launch)
+    assert s.merge_launch == launch
     if ns == 0:
-        assert s.kind == "lean" and np.array_equal(s.segments, sk.segments)
+        assert s.kind == "lean" and not s.launch_split and np.array_equal(s.segments, sk.segments)
         return
     units = len(lens) * hkv
-    assert s.kind == "split" and s.num_splits == ns and s.num_ctas == units * ns
+    assert s.kind == "split" and s.launch_split and s.num_splits == ns and s.num_ctas == units * ns
+    assert ("combine launch" if launch else "last chunk, in the kernel") in s.describe()
     seg = s.segments
     assert np.array_equal(seg["unit"], seg["cta"] // ns)  # unit u on CTAs u*ns .. u*ns + ns - 1
     covered = np.zeros(units, np.int64)
@@ -872,8 +875,9 @@ def test_lean_schedule_with_the_runtime_split(lens, hkv, tile, ctas):
 
 
 def test_lean_schedule_runtime_split_arguments():
-    with pytest.raises(ValueError, match="runtime_split: .*merge_launch=True"):
-        lean_schedule([100], 1, tile_size=16, num_ctas=8, runtime_split=True)
+    """The argument's type is checked; split_schedule's split-K is not a
+    launch-time split (its chunks: slot cta, merged by the combine launch)."""
+    assert not split_schedule([100, 7], 1, tile_size=16, num_splits=4).launch_split
     with pytest.raises(TypeError, match="runtime_split: expected a bool, got 1"):
         lean_schedule([100], 1, tile_size=16, num_ctas=8, merge_launch=True, runtime_split=1)
 

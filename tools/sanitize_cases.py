@@ -1,7 +1,8 @@
 """A small representative set of calls for compute-sanitizer (tools/sanitize.sh):
 lean with partial units and empty sequences, units cut into many pieces
 (the two-level merge), few units merged by the combine launch, paged,
-strided, split, head, bf16, large group, merge_states. Exits non-zero on a wrong result."""
+strided, split, head, bf16, large group, merge_states, the launch-time
+split merged in the kernel. Exits non-zero on a wrong result."""
 
 import sys
 
@@ -125,6 +126,13 @@ def main():
     # a unit whole in one CTA and an empty one among them
     ok &= run(np.float16, 128, 24, 1, [7001, 1, 0, 3000], layout="paged", page_size=16)  # split-K at run time
     ok &= run(np.float16, 128, 24, 1, [60000, 1, 0, 5], layout="paged", page_size=16)  # skewed: stream-K
+    # the launch-time split merged in the kernel (TUNING runtime_split_in_kernel): few pieces per unit,
+    # and 33 chunks per unit through the merge tree (merge launch off)
+    from cupy_lean import kernels as K
+    with K.tuning(runtime_split_in_kernel=True):
+        ok &= run(np.float16, 128, 30, 15, [1000, 990], layout="paged", page_size=16)
+        with K.tuning(merge_launch_pieces=0):
+            ok &= run(np.float16, 128, 24, 1, [7001, 1, 0, 3000], layout="paged", page_size=16)
     outs = cp.asarray(np.random.default_rng(1).standard_normal((3, 4, 64)).astype(np.float16))
     lses = cp.asarray(np.random.default_rng(2).standard_normal((3, 4)).astype(np.float32))
     cupy_lean.merge_states(outs, lses)

@@ -47,7 +47,11 @@ FAMILY_CONFIGS = [("t64_c1", {"tile_size": 64, "ctas_per_sm": 1}), ("half", "hal
 # the default plan with kernels.TUNING["merge_launch_pieces"] set: stream-K's partial units merged by a
 # combine launch whenever the grid has a CTA per unit ("sk_launch") or never ("sk_inkernel")
 TUNING_CONFIGS = {"sk_launch": ("merge_launch_pieces", 1), "sk_inkernel": ("merge_launch_pieces", 0),
-                  "sk_nosplit": ("runtime_split", False)}  # no launch-time choice of split-K
+                  "sk_launch2": ("merge_launch_pieces", 2), "sk_launch4": ("merge_launch_pieces", 4),
+                  "sk_nosplit": ("runtime_split", False),  # no launch-time choice of split-K
+                  # the launch-time split also without the merge launch (its chunks merged in the kernel)
+                  "sk_split_inkernel": {"runtime_split_in_kernel": True},
+                  "sk_split_inkernel_all": {"runtime_split_in_kernel": True, "merge_launch_pieces": 0}}
 CONFIGS += [(name, "tuning") for name in TUNING_CONFIGS]
 
 
@@ -69,13 +73,16 @@ def draw(n, seed, num_sms, head_dims=(64, 128, 256), lengths=(300, 2000), units_
     return out
 
 
-def family_shapes(n, seed, head_dims, layouts, max_mb, max_batch=0, max_units=0, min_units=0):
+def family_shapes(n, seed, head_dims, layouts, max_mb, max_batch=0, max_units=0, min_units=0, draw_size=20,
+                  only=()):
     """The first ``n`` shapes of the benchmark's family (``bench.family.draw``,
     any layout) from ``seed`` with a head_dim in ``head_dims``, a layout in
     ``layouts`` ("dense", "ragged", "paged"), at most ``max_mb`` MB of K
     and V (0: any), at most ``max_batch`` sequences, at least ``min_units`` and at most ``max_units`` units
-    (batch x KV heads; 0: any), drawn 20
-    at a time from ``seed``, ``seed + 1``, ..."""
+    (batch x KV heads; 0: any), drawn ``draw_size``
+    at a time from ``seed``, ``seed + 1``, ... (``bench.run --family N --seed S``'s
+    shapes are the draw of ``draw_size=N`` from ``S``); ``only``: names (e.g. "f28")
+    of which a shape's name must contain one (empty: any)"""
     import dataclasses
 
     from bench import family as F
@@ -85,11 +92,12 @@ def family_shapes(n, seed, head_dims, layouts, max_mb, max_batch=0, max_units=0,
         raise ValueError(f"layouts: expected some of {F.LAYOUTS}, got {bad}")
     out, s = [], seed
     while len(out) < n and s < seed + 1000:
-        out += [dataclasses.replace(c, name=f"s{s}_{c.name}") for c in F.draw(20, s)  # seed_family name
+        out += [dataclasses.replace(c, name=f"s{s}_{c.name}") for c in F.draw(draw_size, s)  # seed_family name
                 if c.head_dim in head_dims and c.layout in layouts and (not max_mb or c.kv_bytes() <= max_mb * 1e6)
                 and (not max_batch or c.batch <= max_batch)
                 and (not max_units or c.batch * c.heads_kv <= max_units)
-                and c.batch * c.heads_kv >= min_units]
+                and c.batch * c.heads_kv >= min_units
+                and (not only or any(f"{o}_" in c.name + "_" for o in only))]
         s += 1
     return out[:n]
 
@@ -111,6 +119,8 @@ def main():
     ap.add_argument("--max-batch", type=int, default=0, help="with --family: at most this many sequences (0: any)")
     ap.add_argument("--max-units", type=int, default=0, help="with --family: at most this many units (0: any)")
     ap.add_argument("--min-units", type=int, default=0, help="with --family: at least this many units")
+    ap.add_argument("--draw", type=int, default=20, help="with --family: shapes per draw (a family run's N)")
+    ap.add_argument("--only", default="", help="with --family: comma-separated shape names (f28,f05) to keep")
     ap.add_argument("--configs", default="", help="comma-separated names of the configurations to time (default: all)")
     a = ap.parse_args()
     known = [n for n, _ in CONFIGS + (FAMILY_CONFIGS if a.family else [])]
@@ -135,7 +145,7 @@ def main():
     dims = [int(x) for x in a.head_dims.split(",")]
     if a.family:
         shapes = family_shapes(a.shapes, a.seed, dims, a.layouts.split(","), a.max_mb, a.max_batch,
-                               a.max_units, a.min_units)
+                               a.max_units, a.min_units, a.draw, [o for o in a.only.split(",") if o])
     else:
         shapes = draw(a.shapes, a.seed, sms, dims, tuple(int(x) for x in a.lengths.split(",")),
                       tuple(float(x) for x in a.units.split(",")))
@@ -151,8 +161,8 @@ def main():
                 kw = {"schedule": "split", "num_ctas": max(sms, row["units"])}
             changes = {}
             if kw == "tuning":  # the default plan built under another tuning value
-                key, value = TUNING_CONFIGS[name]
-                changes, kw = {key: value}, {}
+                tc = TUNING_CONFIGS[name]
+                changes, kw = (dict(tc) if isinstance(tc, dict) else {tc[0]: tc[1]}), {}
             try:
                 with K.tuning(**changes):  # a plan keeps the values it was made under
                     p = cupy_lean.plan(inp.q[0], inp.k[0], inp.v[0], out=outs[0], **idx, **kw)
