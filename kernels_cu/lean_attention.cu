@@ -858,7 +858,8 @@ __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, S
     // else the unit's last arriving chunk does, as for stream-K's pieces
     // (Contributors::of_split).
     const int units = p.batch * p.heads_kv, ns = (int)gridDim.x / max(units, 1);
-    if (ns >= 1 && div_pos(longest + ns - 1, ns) <= sk.per + p.runtime_split) {
+    // ceil(longest / ns) <= per + slack, as one product: no division on every CTA's path to its first copy
+    if (ns >= 1 && (i64)longest <= (i64)ns * (sk.per + p.runtime_split)) {
       LEAN_STAMP(18);
       if (c >= units * ns) return false;
       const int unit = c / ns, j = c % ns;
