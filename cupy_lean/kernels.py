@@ -430,17 +430,21 @@ TUNING = _Tuning({
     "runtime_split": True,
     # the same launch-time choice for default stream-K plans without the merge launch (fewer than
     # merge_launch_pieces CTAs per unit): the split's chunks are then merged in the kernel by each unit's
-    # last arriving chunk, as stream-K's pieces are (no combine launch). An experiment, off until timed:
-    # tools/spec_sweep.py --family --configs default,sk_split_inkernel
-    "runtime_split_in_kernel": False,
+    # last arriving chunk, as stream-K's pieces are (no combine launch). Measured on an H100
+    # (bench/NOTES.md session 26, tools/spec_sweep.py --family --configs default,sk_split_inkernel, 48
+    # ragged/paged shapes up to 60 MB, seeds 341712192 and 99162041): 0.993x and 0.995x the time
+    # (geomean), 0.84-0.86x where the split is taken, at most 1.012x where it is not. False: stream-K
+    "runtime_split_in_kernel": True,
     # 0: one tile. Measured on an H200 (bench/NOTES.md session 17): 192 KB took the split on two held-out
     # shapes where it ran 1.08x and 1.12x stream-K's time (the launch-time split ran 8-11% slower than a
     # host-planned split of the same chunks), so the default stays at one tile
     "runtime_split_slack_bytes": 0,
     # fp8 K/V: each lane reads a 16-byte chunk of a K row per shared-memory load (four score steps'
     # bytes) instead of 4 bytes, q's columns regrouped to match, and at head_dim >= 128 a K/V ring
-    # swizzle that keeps those reads conflict-free (the spec gets FEATURES["fp8_wide_k"]). An
-    # experiment, off until timed: tools/fp8_timing.py --tuning fp8_wide_k_reads=True
+    # swizzle that keeps those reads conflict-free (the spec gets FEATURES["fp8_wide_k"]). Measured on an
+    # H200 (bench/NOTES.md session 26, tools/fp8_timing.py --family 8 --seed 760110712 --tuning
+    # fp8_wide_k_reads=True): e4m3 time 0.980x with fp16 q (0.919-1.049) and 1.021x with bf16 q
+    # (0.997-1.053), slower on some shapes with either, so it stays off
     "fp8_wide_k_reads": False,
     # sm_90 and newer: launch the attention and combine kernels with programmatic dependent launch (each may
     # be scheduled during the previous kernel's tail in the stream; it waits for that kernel before it reads
