@@ -320,8 +320,9 @@ class Plan:
         Each launch may run split-K in one wave instead of stream-K when the
         lengths on the GPU favour it
         (``cupy_lean.schedule.runtime_split_chunks``): with ``merge_launch``,
-        or without it where ``kernels.TUNING["runtime_split_in_kernel"]``
-        is on (each unit's chunks then merged by its last arriving chunk).
+        or without it for sequences of varied lengths where
+        ``kernels.TUNING["runtime_split_in_kernel"]`` is on (each unit's
+        chunks then merged by its last arriving chunk).
     split_slack_tiles : int
         The rule's ``split_slack_tiles``: split-K is run when its busiest CTA
         streams at most this many tiles more than stream-K's
@@ -516,9 +517,11 @@ class Plan:
         prm.decomposition, prm.num_splits = int(decomp), ns
         # merge launch: the kernel may run split-K in one wave when a launch's lengths favour it
         # the launch-time split: a default stream-K plan with the merge launch, or (TUNING
-        # "runtime_split_in_kernel") one without it, whose chunks are then merged in the kernel
+        # "runtime_split_in_kernel") one of varied lengths without it, whose chunks are then merged in the
+        # kernel (equal lengths: uniform_variant's model chose the decomposition on the host)
         self.runtime_split = bool(K.TUNING["runtime_split"] and decomp == K.Decomposition.STREAM_K and (
-            self.merge_launch or (K.TUNING["runtime_split_in_kernel"] and not stream_k_knob)))
+            self.merge_launch or (K.TUNING["runtime_split_in_kernel"] and not stream_k_knob
+                                  and not self.equal_lengths)))
         self.split_slack_tiles = runtime_split_slack(tile, D, 1 if f_kv8 is not None else sig.dtypes[0].itemsize,
                                                      K.TUNING["runtime_split_slack_bytes"])
         prm.runtime_split = self.split_slack_tiles if self.runtime_split else 0

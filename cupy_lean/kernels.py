@@ -424,12 +424,14 @@ TUNING = _Tuning({
     # a combine launch (rows spread over CTAs) instead of by each unit's last contributor in the kernel
     # (measured on ragged/paged calls of 2-20 units, bench/NOTES.md session 15)
     "merge_launch_pieces": 8,
-    # with the merge launch: each launch runs split-K in one wave instead of stream-K when its busiest CTA
-    # would stream at most runtime_split_slack_bytes of K and V more, in whole tiles, at least one
-    # (schedule.runtime_split_chunks / runtime_split_slack, decided on the GPU from kv_lens)
+    # with the merge launch (and without it, see runtime_split_in_kernel): each launch runs split-K in one
+    # wave instead of stream-K when its busiest CTA would stream at most runtime_split_slack_bytes of K and
+    # V more, in whole tiles, at least one (schedule.runtime_split_chunks / runtime_split_slack, decided on
+    # the GPU from kv_lens). False: neither
     "runtime_split": True,
-    # the same launch-time choice for default stream-K plans without the merge launch (fewer than
-    # merge_launch_pieces CTAs per unit): the split's chunks are then merged in the kernel by each unit's
+    # the same launch-time choice for default stream-K plans of several sequences of varied lengths
+    # (kv_lens or pages; equal-length plans keep schedule.uniform_variant's choice) without the merge launch
+    # (fewer than merge_launch_pieces CTAs per unit): the split's chunks are then merged in the kernel by each unit's
     # last arriving chunk, as stream-K's pieces are (no combine launch). Measured on an H100
     # (bench/NOTES.md session 26, tools/spec_sweep.py --family --configs default,sk_split_inkernel, 48
     # ragged/paged shapes up to 60 MB, seeds 341712192 and 99162041): 0.993x and 0.995x the time

@@ -604,8 +604,9 @@ def runtime_split_slack(tile_size, head_dim, kv_itemsize, slack_bytes):
 
 
 def runtime_split_chunks(kv_lens, heads_kv, tile_size, num_ctas, min_tiles_per_cta=1, split_slack_tiles=1):
-    """Chunks per unit of the split-K a lean launch with the merge launch runs
-    instead of stream-K (``kernels.TUNING["runtime_split"]``), or 0 for
+    """Chunks per unit of the split-K a lean launch runs instead of stream-K
+    (``kernels.TUNING["runtime_split"]``; with the merge launch, or without
+    it by ``kernels.TUNING["runtime_split_in_kernel"]``), or 0 for
     stream-K: ``ns = num_ctas // units`` chunks when the busiest CTA of that
     split streams at most ``split_slack_tiles`` tiles more than stream-K's
     busiest, ``ceil(longest unit's tiles / ns) <= ceil(total tiles / CTAs) +

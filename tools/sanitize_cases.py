@@ -132,7 +132,8 @@ def main():
     with K.tuning(runtime_split_in_kernel=True):
         ok &= run(np.float16, 128, 30, 15, [1000, 990], layout="paged", page_size=16)
         with K.tuning(merge_launch_pieces=0):
-            ok &= run(np.float16, 128, 24, 1, [7001, 1, 0, 3000], layout="paged", page_size=16)
+            # even lengths: the split at any of the plan's tiles and grids (24 chunks with tiles per unit)
+            ok &= run(np.float16, 128, 24, 1, [3001, 1, 0, 2990], layout="paged", page_size=16)
     outs = cp.asarray(np.random.default_rng(1).standard_normal((3, 4, 64)).astype(np.float16))
     lses = cp.asarray(np.random.default_rng(2).standard_normal((3, 4)).astype(np.float32))
     cupy_lean.merge_states(outs, lses)

@@ -49,8 +49,10 @@ FAMILY_CONFIGS = [("t64_c1", {"tile_size": 64, "ctas_per_sm": 1}), ("half", "hal
 TUNING_CONFIGS = {"sk_launch": ("merge_launch_pieces", 1), "sk_inkernel": ("merge_launch_pieces", 0),
                   "sk_launch2": ("merge_launch_pieces", 2), "sk_launch4": ("merge_launch_pieces", 4),
                   "sk_nosplit": ("runtime_split", False),  # no launch-time choice of split-K
-                  # the launch-time split also without the merge launch (its chunks merged in the kernel)
+                  # the launch-time split also without the merge launch (its chunks merged in the kernel):
+                  # the default since session 26; sk_split_off is the stream-K it replaced
                   "sk_split_inkernel": {"runtime_split_in_kernel": True},
+                  "sk_split_off": {"runtime_split_in_kernel": False},
                   "sk_split_inkernel_all": {"runtime_split_in_kernel": True, "merge_launch_pieces": 0}}
 CONFIGS += [(name, "tuning") for name in TUNING_CONFIGS]
 
