@@ -1816,38 +1816,59 @@ def test_runtime_split_flips_between_replays(monkeypatch, in_kernel):
 
 @pytest.mark.parametrize("case", range(10))
 def test_in_kernel_runtime_split_matches_the_reference(monkeypatch, case):
-    """TUNING["runtime_split_in_kernel"]: a default plan with fewer than
-    merge_launch_pieces CTAs per unit runs split-K in one wave where its
-    lengths favour it, the chunks merged by each unit's last arriving chunk.
-    Random ragged and paged batches (lengths multiples of nothing, odd
-    groups, every head_dim, fp16 and bf16, sinks on some), NaN-prefilled
-    out and lse: each equals the reference, and the plan's schedule mirror
-    says which decomposition ran."""
+    """TUNING["runtime_split_in_kernel"]: a default plan of varied lengths
+    with fewer than merge_launch_pieces CTAs per unit (19-66 units) runs
+    split-K in one wave where its lengths favour it, the chunks merged by
+    each unit's last arriving chunk. Random ragged and paged batches (every
+    head_dim, groups 1-8, fp16 and bf16, page sizes 1/16/64, sinks on some,
+    an empty sequence on some). Two of three cases draw lengths of at most
+    ns = grid // units tiles, where the rule always takes the split (one
+    tile per chunk, 2 or more chunks per unit); the others one long
+    sequence among short ones. The plan is made, then the lengths on the
+    GPU changed and the call run NaN-prefilled: out and lse equal the
+    reference, and the NumPy rule says which decomposition ran."""
     from cupy_lean import kernels as K
     from cupy_lean.schedule import runtime_split_chunks
 
     monkeypatch.setitem(K.TUNING, "runtime_split_in_kernel", True)
     rng = np.random.default_rng(900 + case)
     d = int(rng.choice([64, 128, 256]))
-    hkv, g = int(rng.integers(1, 16)), int(rng.integers(1, 9))
-    B = int(rng.integers(1, 5))
-    lens = rng.integers(0, 1500, B) if case % 3 else rng.integers(300, 400, B)  # even lengths: the split
+    g = int(rng.integers(1, 9))
+    B = int(rng.integers(3, 7))
+    lo = 50 if d == 64 else 19  # units: under 8 CTAs each on head_dim 64's grids of 2-3 CTAs per SM too
+    hkv = int(rng.integers(-(-lo // B), 66 // B + 1))
+    cap = 901  # 7 tiles of 128 tokens and 5 more: room for any split case below
     layout = "paged" if case % 2 else "dense"
     dtype = BF16 if case % 4 == 1 else np.float16
-    q, k, v, lens, table = make_inputs(rng, B, hkv * g, hkv, d, dtype, lens, layout, page_size=int(
-        rng.choice([1, 16, 64])))
+    q, k, v, lens, table = make_inputs(rng, B, hkv * g, hkv, d, dtype, [cap] * B, layout,
+                                       page_size=int(rng.choice([1, 16, 64])))
     sinks = rng.standard_normal(hkv * g).astype(np.float32) if case % 5 == 0 else None
-    kw = dict(kv_lens=cp.asarray(lens), block_table=None if table is None else cp.asarray(table),
+    ld = cp.asarray(lens)
+    kw = dict(kv_lens=ld, block_table=None if table is None else cp.asarray(table),
               sinks=None if sinks is None else cp.asarray(sinks))
     qd, kd, vd = to_gpu(q), to_gpu(k), to_gpu(v)
     out = _nan_like(q.shape, q.dtype)
     lse = cp.full(q.shape[:2], cp.nan, dtype=cp.float32)
     p = cupy_lean.plan(qd, kd, vd, out=out, **kw)
+    assert p.decomposition == K.Decomposition.STREAM_K and not p.merge_launch and p.runtime_split, p.describe()
+    ns = p.grid // p.units
+    assert 1 <= ns < K.TUNING["merge_launch_pieces"]
+    if case % 3:  # 2..ns tiles per sequence (at least 2: the chunks of a unit are merged)
+        top = max(2, min(ns, cap // p.tile)) * p.tile
+        new = rng.integers(p.tile + 1, top + 1, B)
+        if case % 3 == 2:
+            new[int(rng.integers(B))] = 0
+    else:
+        new = rng.integers(1, 3 * p.tile, B)
+        new[int(rng.integers(B))] = cap
+    new = new.astype(np.int32)
+    ld[...] = cp.asarray(new)
     p.run(qd, kd, vd, out=out, lse=lse, **kw)
-    ro, rl = reference.attention(q, k, v, kv_lens=lens, block_table=table, sinks=sinks)
+    split = runtime_split_chunks(new, hkv, p.tile, p.grid, split_slack_tiles=p.split_slack_tiles)
+    if case % 3:
+        assert split == ns, (new, split)  # the split ran (the kernel takes the rule's decision)
+    ro, rl = reference.attention(q, k, v, kv_lens=new, block_table=table, sinks=sinks)
     _assert_out_lse(out, lse, ro, rl, out_tol=2e-2 if dtype == BF16 else 4e-3)
-    if p.decomposition == K.Decomposition.STREAM_K and not p.merge_launch:
-        assert p.runtime_split == (not p.equal_lengths), p.describe()  # one sequence: the host's choice
 
 
 @pytest.mark.parametrize("sched,tuning,B,hkv", [
