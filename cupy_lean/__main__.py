@@ -128,19 +128,16 @@ def _no_gpu_reason():
 
 
 def _plan_schedule(lens, heads_kv, spec, num_ctas, merge_balance, merge_launch, knob=False):
-    """The lean schedule a plan of fp16 ``spec`` runs for these lengths: with
-    the merge launch, the launch-time split too, and without it where
-    kernels.TUNING["runtime_split_in_kernel"] says so, no stream-K knob
-    (``knob``) was given and there are several sequences (one is an
-    equal-length plan: its decomposition is chosen on the host)."""
-    from .kernels import TUNING
+    """The lean schedule a plan of fp16 ``spec`` runs for these lengths,
+    with the launch-time split where kernels.launch_time_split says so
+    (``knob``: a stream-K knob was given; one sequence is an equal-length
+    plan)."""
+    from .kernels import TUNING, launch_time_split
 
     slack = runtime_split_slack(spec.tile, spec.head_dim, 2, TUNING["runtime_split_slack_bytes"])
-    split = TUNING["runtime_split"] and (merge_launch or (TUNING["runtime_split_in_kernel"] and not knob
-                                                          and len(lens) > 1))
     return lean_schedule(lens, heads_kv, tile_size=spec.tile, num_ctas=num_ctas, merge_balance=merge_balance,
                          state_rows=16 * spec.m_tiles, merge_launch=merge_launch,
-                         runtime_split=bool(split), split_slack_tiles=slack)
+                         runtime_split=launch_time_split(merge_launch, knob, len(lens) > 1), split_slack_tiles=slack)
 
 
 def schedule_cmd(argv=None):

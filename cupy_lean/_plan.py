@@ -519,9 +519,8 @@ class Plan:
         # the launch-time split: a default stream-K plan with the merge launch, or (TUNING
         # "runtime_split_in_kernel") one of varied lengths without it, whose chunks are then merged in the
         # kernel (equal lengths: uniform_variant's model chose the decomposition on the host)
-        self.runtime_split = bool(K.TUNING["runtime_split"] and decomp == K.Decomposition.STREAM_K and (
-            self.merge_launch or (K.TUNING["runtime_split_in_kernel"] and not stream_k_knob
-                                  and not self.equal_lengths)))
+        self.runtime_split = decomp == K.Decomposition.STREAM_K and K.launch_time_split(
+            self.merge_launch, stream_k_knob, not self.equal_lengths)
         self.split_slack_tiles = runtime_split_slack(tile, D, 1 if f_kv8 is not None else sig.dtypes[0].itemsize,
                                                      K.TUNING["runtime_split_slack_bytes"])
         prm.runtime_split = self.split_slack_tiles if self.runtime_split else 0

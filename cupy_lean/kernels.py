@@ -455,6 +455,18 @@ TUNING = _Tuning({
 })
 
 
+def launch_time_split(merge_launch, stream_k_knob, varied_lengths):
+    """Whether a lean stream-K plan's launches choose split-K in one wave
+    from their lengths (:func:`cupy_lean.schedule.runtime_split_chunks`):
+    :data:`TUNING` ``"runtime_split"`` with the merge launch, and also
+    without it (``"runtime_split_in_kernel"``: the chunks merged in the
+    kernel) for a plan given no stream-K knob (``stream_k_knob``) over
+    sequences of varied lengths (``varied_lengths``; an equal-length plan's
+    decomposition is chosen on the host)."""
+    return bool(TUNING["runtime_split"] and (merge_launch or (
+        TUNING["runtime_split_in_kernel"] and not stream_k_knob and varied_lengths)))
+
+
 @contextlib.contextmanager
 def tuning(**changes):
     """:data:`TUNING` with ``changes`` for the block, restored after it (an

@@ -1687,15 +1687,12 @@ __device__ void dump_cta(const Params& p) {
     if (!s.partial) continue;
     const bool stream_k = p.decomposition == STREAM_K;
     e[4] = stream_k ? PartialSlots::stream_k_slot(blockIdx.x, s.ordinal) : (int)blockIdx.x;
-    if (stream_k && sk.split == 0) {
-      const Contributors who = Contributors::of(sk, s);
-      e[5] = who.first;
-      e[6] = who.count;
-    } else {  // split-K chunks (SPLIT_K, or the runtime split): the unit's first CTA, its chunks with tiles
-      const int ns = stream_k ? sk.split : p.num_splits;
-      e[5] = (s.b * p.heads_kv + s.h) * ns;
-      e[6] = split_pieces(s.ntiles, ns);
-    }
+    // the merge's own contributors: stream-K's pieces, or split-K chunks (SPLIT_K, or the launch-time
+    // split: the unit's first CTA, its chunks with tiles)
+    const Contributors who = stream_k && sk.split == 0 ? Contributors::of(sk, s)
+                             : Contributors::of_split(blockIdx.x, stream_k ? sk.split : p.num_splits, s.ntiles);
+    e[5] = who.first;
+    e[6] = who.count;
   }
   rec[2] = n;
 }

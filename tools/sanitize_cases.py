@@ -126,8 +126,8 @@ def main():
     # a unit whole in one CTA and an empty one among them
     ok &= run(np.float16, 128, 24, 1, [7001, 1, 0, 3000], layout="paged", page_size=16)  # split-K at run time
     ok &= run(np.float16, 128, 24, 1, [60000, 1, 0, 5], layout="paged", page_size=16)  # skewed: stream-K
-    # the launch-time split merged in the kernel (TUNING runtime_split_in_kernel): few pieces per unit,
-    # and 33 chunks per unit through the merge tree (merge launch off)
+    # the launch-time split merged in the kernel (TUNING runtime_split_in_kernel): 4 chunks per unit,
+    # and 24 through the merge tree (merge launch off)
     from cupy_lean import kernels as K
     with K.tuning(runtime_split_in_kernel=True):
         ok &= run(np.float16, 128, 30, 15, [1000, 990], layout="paged", page_size=16)

@@ -46,9 +46,9 @@ CONFIGS = [("default", {}), ("t128", {"tile_size": 128}), ("t64", {"tile_size": 
 FAMILY_CONFIGS = [("t64_c1", {"tile_size": 64, "ctas_per_sm": 1}), ("half", "half")]
 # the default plan with kernels.TUNING["merge_launch_pieces"] set: stream-K's partial units merged by a
 # combine launch whenever the grid has a CTA per unit ("sk_launch") or never ("sk_inkernel")
-TUNING_CONFIGS = {"sk_launch": ("merge_launch_pieces", 1), "sk_inkernel": ("merge_launch_pieces", 0),
-                  "sk_launch2": ("merge_launch_pieces", 2), "sk_launch4": ("merge_launch_pieces", 4),
-                  "sk_nosplit": ("runtime_split", False),  # no launch-time choice of split-K
+TUNING_CONFIGS = {"sk_launch": {"merge_launch_pieces": 1}, "sk_inkernel": {"merge_launch_pieces": 0},
+                  "sk_launch2": {"merge_launch_pieces": 2}, "sk_launch4": {"merge_launch_pieces": 4},
+                  "sk_nosplit": {"runtime_split": False},  # no launch-time choice of split-K
                   # the launch-time split also without the merge launch (its chunks merged in the kernel):
                   # the default since session 26; sk_split_off is the stream-K it replaced
                   "sk_split_inkernel": {"runtime_split_in_kernel": True},
@@ -163,8 +163,7 @@ def main():
                 kw = {"schedule": "split", "num_ctas": max(sms, row["units"])}
             changes = {}
             if kw == "tuning":  # the default plan built under another tuning value
-                tc = TUNING_CONFIGS[name]
-                changes, kw = (dict(tc) if isinstance(tc, dict) else {tc[0]: tc[1]}), {}
+                changes, kw = dict(TUNING_CONFIGS[name]), {}
             try:
                 with K.tuning(**changes):  # a plan keeps the values it was made under
                     p = cupy_lean.plan(inp.q[0], inp.k[0], inp.v[0], out=outs[0], **idx, **kw)
