@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from . import attention, gpu_available, lean_schedule, reference
-from .schedule import merges_by_launch, runtime_split_slack
+from .schedule import merges_by_launch
 
 # A realistic decode step: 8 KV heads, 32 query heads (GQA group 4), head_dim
 # 128, a ragged batch of sequences up to 16k tokens (one empty).
@@ -132,12 +132,13 @@ def _plan_schedule(lens, heads_kv, spec, num_ctas, merge_balance, merge_launch, 
     with the launch-time split where kernels.launch_time_split says so
     (``knob``: a stream-K knob was given; one sequence is an equal-length
     plan)."""
-    from .kernels import TUNING, launch_time_split
+    from .kernels import launch_split_rule, launch_time_split
 
-    slack = runtime_split_slack(spec.tile, spec.head_dim, 2, TUNING["runtime_split_slack_bytes"])
+    scale, slack = launch_split_rule(merge_launch, spec.tile, spec.head_dim, 2)
     return lean_schedule(lens, heads_kv, tile_size=spec.tile, num_ctas=num_ctas, merge_balance=merge_balance,
                          state_rows=16 * spec.m_tiles, merge_launch=merge_launch,
-                         runtime_split=launch_time_split(merge_launch, knob, len(lens) > 1), split_slack_tiles=slack)
+                         runtime_split=launch_time_split(merge_launch, knob, len(lens) > 1), split_slack_tiles=slack,
+                         split_scale=scale)
 
 
 def schedule_cmd(argv=None):

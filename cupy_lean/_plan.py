@@ -51,7 +51,7 @@ from . import _cache, _launch
 from . import kernels as K
 from ._dtypes import KERNEL_TAG
 from .schedule import (combine_row_blocks, merge_balanced_tiles, merges_by_launch, num_splits_heuristic,
-                       runtime_split_slack, uniform_variant)
+                       uniform_variant)
 
 __all__ = ["Signature", "Plan", "signature", "get_plan", "aligned_grid"]
 
@@ -323,11 +323,12 @@ class Plan:
         or without it for sequences of varied lengths where
         ``kernels.TUNING["runtime_split_in_kernel"]`` is on (each unit's
         chunks then merged by its last arriving chunk).
-    split_slack_tiles : int
-        The rule's ``split_slack_tiles``: split-K is run when its busiest CTA
-        streams at most this many tiles more than stream-K's
-        (``kernels.TUNING["runtime_split_slack_bytes"]`` of K and V in
-        tiles, ``cupy_lean.schedule.runtime_split_slack``).
+    split_scale, split_slack_tiles : int
+        The rule's ``split_scale`` and ``split_slack_tiles``: split-K is run
+        when its busiest CTA streams at most ``split_scale`` times stream-K's
+        busiest CTA's tiles plus ``split_slack_tiles`` tiles
+        (``kernels.launch_split_rule``: 1 and one tile with the merge
+        launch, 2 and no tile with the in-kernel merge, by default).
     pdl : bool
         Launched with programmatic dependent launch (sm_90 and newer,
         ``kernels.TUNING["pdl"]``): each kernel may be scheduled during the
@@ -521,9 +522,10 @@ class Plan:
         # kernel (equal lengths: uniform_variant's model chose the decomposition on the host)
         self.runtime_split = decomp == K.Decomposition.STREAM_K and K.launch_time_split(
             self.merge_launch, stream_k_knob, not self.equal_lengths)
-        self.split_slack_tiles = runtime_split_slack(tile, D, 1 if f_kv8 is not None else sig.dtypes[0].itemsize,
-                                                     K.TUNING["runtime_split_slack_bytes"])
-        prm.runtime_split = self.split_slack_tiles if self.runtime_split else 0
+        self.split_scale, self.split_slack_tiles = K.launch_split_rule(
+            self.merge_launch, tile, D, 1 if f_kv8 is not None else sig.dtypes[0].itemsize)
+        prm.runtime_split = self.split_scale if self.runtime_split else 0
+        prm.split_slack = self.split_slack_tiles
         prm.scale_log2 = m.scale * _LOG2E
         prm.slot_stride = slot_stride
         prm.window_left = -1 if f_window is None else f_window
@@ -634,7 +636,9 @@ class Plan:
                             f"units for the grid)" if self.merge_launch else
                             "; partial units merged by their last contributor")
                          + (f"; a launch whose lengths favour it runs split-K in one wave instead "
-                            f"(its busiest CTA at most {self.split_slack_tiles} tile(s) above stream-K's; "
+                            f"(its busiest CTA at most "
+                            + ("" if self.split_scale == 1 else f"{self.split_scale} x ")
+                            + f"stream-K's busiest CTA's tiles + {self.split_slack_tiles} tile(s); "
                             f"cupy_lean.schedule.runtime_split_chunks, decided on the GPU)"
                             + ("" if self.merge_launch else ", its chunks merged the same way")
                             if self.runtime_split else ""))

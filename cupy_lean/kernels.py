@@ -95,7 +95,7 @@ class Params(ctypes.Structure):
         ("q_len", ctypes.c_int32), ("q_st", ctypes.c_int64), ("o_st", ctypes.c_int64),
         ("q_lens", ctypes.c_uint64), ("k_scale", ctypes.c_uint64), ("v_scale", ctypes.c_uint64),
         ("k_scale_value", ctypes.c_float), ("v_scale_value", ctypes.c_float),
-        ("runtime_split", ctypes.c_int32),
+        ("runtime_split", ctypes.c_int32), ("split_slack", ctypes.c_int32),
         ("page_magic", ctypes.c_uint32), ("page_shift", ctypes.c_int32),
     ]
 
@@ -437,6 +437,15 @@ TUNING = _Tuning({
     # ragged/paged shapes up to 60 MB, seeds 341712192 and 99162041): 0.993x and 0.995x the time
     # (geomean), 0.84-0.86x where the split is taken, at most 1.012x where it is not. False: stream-K
     "runtime_split_in_kernel": True,
+    # the in-kernel merge's rule (runtime_split_in_kernel): the split is taken when its busiest CTA streams
+    # at most this many times stream-K's busiest CTA's tiles (plus runtime_split_slack_bytes, here without
+    # the one-tile floor). A stream-K CTA that cuts a unit stores a partial and the unit's last piece merges
+    # on the streaming path, so its cuts cost about its own range again. Measured on an H100
+    # (bench/NOTES.md session 27, tools/spec_sweep.py --family --layouts ragged,paged --configs
+    # sk_split_off,sk_split_force, 138 in-kernel shapes of 12 seeds up to 60 MB): 2 took 0.962x stream-K's
+    # time (geomean; the best choice per shape 0.958x), 1 (the merge launch's rule) 0.987x; 2 of 138
+    # shapes above 1.02x (1.023, 1.043). Integer, 1 to 64
+    "runtime_split_in_kernel_scale": 2,
     # 0: one tile. Measured on an H200 (bench/NOTES.md session 17): 192 KB took the split on two held-out
     # shapes where it ran 1.08x and 1.12x stream-K's time (the launch-time split ran 8-11% slower than a
     # host-planned split of the same chunks), so the default stays at one tile
@@ -465,6 +474,27 @@ def launch_time_split(merge_launch, stream_k_knob, varied_lengths):
     decomposition is chosen on the host)."""
     return bool(TUNING["runtime_split"] and (merge_launch or (
         TUNING["runtime_split_in_kernel"] and not stream_k_knob and varied_lengths)))
+
+
+def launch_split_rule(merge_launch, tile_size, head_dim, kv_itemsize):
+    """``(split_scale, split_slack_tiles)`` of the launch-time split's rule
+    (:func:`cupy_lean.schedule.runtime_split_chunks`) for a plan with the
+    merge launch (``merge_launch``) or with its chunks merged in the kernel,
+    of ``tile_size`` tokens at ``head_dim`` with K/V elements of
+    ``kv_itemsize`` bytes: with the merge launch 1 and
+    :data:`TUNING` ``"runtime_split_slack_bytes"`` in tiles (at least one);
+    in the kernel ``"runtime_split_in_kernel_scale"`` and those bytes in
+    tiles (possibly none)."""
+    from .schedule import runtime_split_slack
+
+    slack = runtime_split_slack(tile_size, head_dim, kv_itemsize, TUNING["runtime_split_slack_bytes"],
+                                at_least=1 if merge_launch else 0)
+    if merge_launch:
+        return 1, slack
+    scale = TUNING["runtime_split_in_kernel_scale"]
+    if isinstance(scale, bool) or not isinstance(scale, int) or not 1 <= scale <= 64:
+        raise ValueError(f'TUNING["runtime_split_in_kernel_scale"]: expected an integer from 1 to 64, got {scale!r}')
+    return scale, slack
 
 
 @contextlib.contextmanager

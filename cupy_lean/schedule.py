@@ -417,7 +417,7 @@ def merge_balanced_tiles(longest_unit_tiles, merge_balance, state_rows, tile_siz
 
 
 def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1, merge_balance=0,
-                  state_rows=16, merge_launch=False, runtime_split=False, split_slack_tiles=1):
+                  state_rows=16, merge_launch=False, runtime_split=False, split_slack_tiles=1, split_scale=1):
     """The stream-K (LeanAttention) schedule.
 
     Parameters
@@ -457,9 +457,11 @@ def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1
         covers whole written directly, the others' chunks in slots ``2 x
         cta``, merged by the combine launch (``merge_launch``) or else by the
         unit's last arriving chunk; else the stream-K schedule.
-    split_slack_tiles : int
-        With ``runtime_split``: the rule's slack in tiles (a plan's
-        :attr:`~cupy_lean.Plan.split_slack_tiles`).
+    split_slack_tiles, split_scale : int
+        With ``runtime_split``: the rule's slack in tiles (>= 0) and its
+        factor on stream-K's busiest CTA (>= 1) (a plan's
+        :attr:`~cupy_lean.Plan.split_slack_tiles` and
+        :attr:`~cupy_lean.Plan.split_scale`).
 
     Returns
     -------
@@ -475,7 +477,8 @@ def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1
         raise TypeError(f"merge_launch: expected a bool, got {merge_launch!r}")
     if not isinstance(runtime_split, (bool, np.bool_)):
         raise TypeError(f"runtime_split: expected a bool, got {runtime_split!r}")
-    split_slack_tiles = _check_positive_int(split_slack_tiles, "split_slack_tiles")
+    split_slack_tiles = _check_positive_int(split_slack_tiles, "split_slack_tiles", low=0)
+    split_scale = _check_positive_int(split_scale, "split_scale")
     total = int(unit_tiles.sum())
     if merge_balance and total:
         min_tiles = max(min_tiles, merge_balanced_tiles(int(unit_tiles.max()), merge_balance, state_rows,
@@ -487,7 +490,7 @@ def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1
                         np.zeros(0, _SEG_DTYPE), np.zeros(unit_tiles.shape[0], np.int64), bool(merge_launch))
     max_tiles = -(-total // ncta)
     heavy = total - (max_tiles - 1) * ncta
-    ns = _split_count(tps, unit_tiles, num_ctas, ncta, split_slack_tiles) if runtime_split else 0
+    ns = _split_count(tps, unit_tiles, num_ctas, ncta, split_slack_tiles, split_scale) if runtime_split else 0
     if ns:
         return _runtime_split(lens, heads_kv, tile_size, tps, unit_tiles, unit_start, ns, merge_launch)
     ctas = np.arange(ncta, dtype=np.int64)
@@ -578,7 +581,7 @@ def _stream_k_ctas(total, num_ctas, min_tiles):
     return min(num_ctas, max(1, total // min_tiles) if min_tiles > 1 else total) if total else 0
 
 
-def _split_count(tps, unit_tiles, num_ctas, ncta, split_slack_tiles):
+def _split_count(tps, unit_tiles, num_ctas, ncta, split_slack_tiles, split_scale=1):
     """runtime_split_chunks' rule on checked inputs (``ncta``: stream-K's
     CTAs with work)."""
     units, total = int(unit_tiles.shape[0]), int(unit_tiles.sum())
@@ -586,44 +589,53 @@ def _split_count(tps, unit_tiles, num_ctas, ncta, split_slack_tiles):
         return 0
     ns = num_ctas // units
     per = -(-total // ncta)
-    return ns if ns >= 1 and -(-int(tps.max()) // ns) <= per + split_slack_tiles else 0
+    return ns if ns >= 1 and -(-int(tps.max()) // ns) <= split_scale * per + split_slack_tiles else 0
 
 
-def runtime_split_slack(tile_size, head_dim, kv_itemsize, slack_bytes):
+def runtime_split_slack(tile_size, head_dim, kv_itemsize, slack_bytes, at_least=1):
     """Tiles of :func:`runtime_split_chunks`' ``split_slack_tiles`` for a kernel
     of ``tile_size`` tokens at ``head_dim`` with K and V elements of
     ``kv_itemsize`` bytes: ``slack_bytes`` of K and V per CTA
     (``kernels.TUNING["runtime_split_slack_bytes"]``) in whole tiles, at
-    least 1 and at most 2**30 (what the kernel's int parameter holds; more
-    tiles than any batch has)."""
+    least ``at_least`` (0 or 1; the merge launch's rule takes 1, the
+    in-kernel merge's 0, see ``kernels.launch_split_rule``) and at most
+    2**30 (what the kernel's int parameter holds; more tiles than any batch
+    has)."""
     tile_size = _check_positive_int(tile_size, "tile_size")
     head_dim = _check_positive_int(head_dim, "head_dim")
     kv_itemsize = _check_positive_int(kv_itemsize, "kv_itemsize")
     slack_bytes = _check_positive_int(slack_bytes, "slack_bytes", low=0)
-    return min(1 << 30, max(1, slack_bytes // (2 * tile_size * head_dim * kv_itemsize)))
+    if at_least not in (0, 1) or isinstance(at_least, bool):
+        raise ValueError(f"at_least: expected 0 or 1, got {at_least!r}")
+    return min(1 << 30, max(at_least, slack_bytes // (2 * tile_size * head_dim * kv_itemsize)))
 
 
-def runtime_split_chunks(kv_lens, heads_kv, tile_size, num_ctas, min_tiles_per_cta=1, split_slack_tiles=1):
+def runtime_split_chunks(kv_lens, heads_kv, tile_size, num_ctas, min_tiles_per_cta=1, split_slack_tiles=1,
+                         split_scale=1):
     """Chunks per unit of the split-K a lean launch runs instead of stream-K
     (``kernels.TUNING["runtime_split"]``; with the merge launch, or without
     it by ``kernels.TUNING["runtime_split_in_kernel"]``), or 0 for
     stream-K: ``ns = num_ctas // units`` chunks when the busiest CTA of that
-    split streams at most ``split_slack_tiles`` tiles more than stream-K's
-    busiest, ``ceil(longest unit's tiles / ns) <= ceil(total tiles / CTAs) +
-    split_slack_tiles`` (``kv_lens`` as the kernel walks them: window lengths with
-    a window). The kernel takes the same decision at every launch from the
-    lengths on the GPU. ``min_tiles_per_cta``: stream-K's floor on a CTA's
-    range (raised by a merge balance), which the comparison uses as the
-    kernel does. ``split_slack_tiles``: what stream-K's cuts cost on a small call
-    (partial stores, the combine's wait for every piece) in tiles a CTA
-    streams meanwhile; the plans take :func:`runtime_split_slack` of
-    ``kernels.TUNING["runtime_split_slack_bytes"]``."""
+    split streams at most ``split_scale`` times stream-K's busiest plus
+    ``split_slack_tiles`` tiles, ``ceil(longest unit's tiles / ns) <=
+    split_scale x ceil(total tiles / CTAs) + split_slack_tiles``
+    (``kv_lens`` as the kernel walks them: window lengths with a window).
+    The kernel takes the same decision at every launch from the lengths on
+    the GPU. ``min_tiles_per_cta``: stream-K's floor on a CTA's range
+    (raised by a merge balance), which the comparison uses as the kernel
+    does. ``split_scale`` and ``split_slack_tiles`` price what stream-K's
+    cuts cost a small call (partial stores, the wait for every piece, the
+    merge) in tiles a CTA streams meanwhile; the plans take
+    ``kernels.launch_split_rule``: 1 and one tile with the merge launch,
+    2 and no tile with the in-kernel merge, where a cut unit's last piece
+    merges on the streaming path."""
     lens, heads_kv, tile_size, tps, unit_tiles, _ = _units(kv_lens, heads_kv, tile_size)
     num_ctas = _check_positive_int(num_ctas, "num_ctas")
     m = _check_positive_int(min_tiles_per_cta, "min_tiles_per_cta")
-    split_slack_tiles = _check_positive_int(split_slack_tiles, "split_slack_tiles")
+    split_slack_tiles = _check_positive_int(split_slack_tiles, "split_slack_tiles", low=0)
+    split_scale = _check_positive_int(split_scale, "split_scale")
     return _split_count(tps, unit_tiles, num_ctas, _stream_k_ctas(int(unit_tiles.sum()), num_ctas, m),
-                        split_slack_tiles)
+                        split_slack_tiles, split_scale)
 
 
 def num_splits_heuristic(num_units, max_unit_tiles, num_sms, max_splits=128):

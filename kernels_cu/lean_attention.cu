@@ -257,7 +257,8 @@ static_assert(STREAM_K == LEAN_HOST_STREAM_K && SPLIT_K == LEAN_HOST_SPLIT_K, "D
   F(const float*, v_scale)   /* HAS_FP8: V = stored value x v_scale[h], or null: */         \
   F(float, k_scale_value)    /* HAS_FP8: ... one scale for every head (by value) */          \
   F(float, v_scale_value)                                                                       \
-  F(int, runtime_split)      /* STREAM_K: n >= 1: split-K in one wave when its busiest CTA has at most n tiles more */ \
+  F(int, runtime_split)      /* STREAM_K: n >= 1: split-K in one wave when its busiest CTA has at most n times */ \
+  F(int, split_slack)        /* ... stream-K's busiest CTA's tiles plus split_slack (>= 0) tiles; 0: never */ \
   F(u32, page_magic) F(int, page_shift) /* PAGED: tok / page_size = (umulhi(tok, magic) + tok) >> shift (kernels.page_divisor) */
 
 #define LEAN_DECLARE_FIELD(type, name) type name;
@@ -850,16 +851,17 @@ __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, S
   LEAN_STAMP(17);
   if (p.runtime_split && sk.ctas > 0) {
     // Split-K in one wave (ns chunks per unit, ns = grid / units) when its
-    // busiest CTA streams at most p.runtime_split tiles more than stream-K's
-    // (what stream-K's cuts cost a small call): then no CTA holds two units'
-    // pieces. Every CTA takes the same decision from the same scan. CTA c's
+    // busiest CTA streams at most p.runtime_split times stream-K's busiest
+    // CTA's tiles plus p.split_slack tiles (what stream-K's cuts cost a small
+    // call): then no CTA holds two units' pieces. Every CTA takes the same decision from the same scan. CTA c's
     // state goes to slot 2c, the unit's chunks on consecutive CTAs; the
     // combine launch merges them as it merges pieces (unit_meta set), or
     // else the unit's last arriving chunk does, as for stream-K's pieces
     // (Contributors::of_split).
     const int units = p.batch * p.heads_kv, ns = (int)gridDim.x / max(units, 1);
-    // ceil(longest / ns) <= per + slack, as one product: no division on every CTA's path to its first copy
-    if (ns >= 1 && (i64)longest <= (i64)ns * (sk.per + p.runtime_split)) {
+    // ceil(longest / ns) <= scale x per + slack, as one product: no division on every CTA's path to its
+    // first copy
+    if (ns >= 1 && (i64)longest <= (i64)ns * ((i64)p.runtime_split * sk.per + p.split_slack)) {
       LEAN_STAMP(18);
       if (c >= units * ns) return false;
       const int unit = c / ns, j = c % ns;

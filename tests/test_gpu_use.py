@@ -1786,12 +1786,13 @@ def test_runtime_split_flips_between_replays(monkeypatch, in_kernel):
     template = _nan_like(q.shape, q.dtype)
     # a slack of 192 KB (24 tiles of 16 tokens at head_dim 128): the rule's parameter, not only its default
     monkeypatch.setitem(K.TUNING, "runtime_split_slack_bytes", 192 * 1024)
-    if in_kernel:
+    if in_kernel:  # the in-kernel path with the merge launch's factor: the lengths below fall on both sides
         monkeypatch.setitem(K.TUNING, "merge_launch_pieces", 0)
         monkeypatch.setitem(K.TUNING, "runtime_split_in_kernel", True)
+        monkeypatch.setitem(K.TUNING, "runtime_split_in_kernel_scale", 1)
     p = cupy_lean.plan(qd, kd, vd, out=template, tile_size=16, **kw)
     assert p.merge_launch != in_kernel and p.runtime_split and "split-K in one wave" in p.describe(), p.describe()
-    assert p.split_slack_tiles == runtime_split_slack(16, d, 2, 192 * 1024) == 24
+    assert p.split_slack_tiles == runtime_split_slack(16, d, 2, 192 * 1024) == 24 and p.split_scale == 1
     assert not in_kernel or p.grid // 3 >= 16  # chunks per unit: the kernel's merge tree (MERGE_TREE_FROM)
     monkeypatch.setitem(K.TUNING, "runtime_split", False)
     sk = cupy_lean.plan(qd, kd, vd, out=template, tile_size=16, **kw)
@@ -1804,7 +1805,8 @@ def test_runtime_split_flips_between_replays(monkeypatch, in_kernel):
         runs.append((g, out, lse))
     sides = set()
     for new in ([30001, 1, 0], [3000, 2990, 3001], [0, 0, 0], [17, 5000, 30001], [4000, 4000, 4000], [1, 1, 1]):
-        sides.add(runtime_split_chunks(new, hkv, 16, p.grid, split_slack_tiles=p.split_slack_tiles) > 0)
+        sides.add(runtime_split_chunks(new, hkv, 16, p.grid, split_slack_tiles=p.split_slack_tiles,
+                                       split_scale=p.split_scale) > 0)
         ld[...] = cp.asarray(new, dtype=cp.int32)
         _replay_nan_prefilled(runs)
         ro, rl = reference.attention(q, k, v, kv_lens=np.array(new, np.int32), block_table=table, sinks=sinks)
@@ -1864,7 +1866,9 @@ def test_in_kernel_runtime_split_matches_the_reference(monkeypatch, case):
     new = new.astype(np.int32)
     ld[...] = cp.asarray(new)
     p.run(qd, kd, vd, out=out, lse=lse, **kw)
-    split = runtime_split_chunks(new, hkv, p.tile, p.grid, split_slack_tiles=p.split_slack_tiles)
+    split = runtime_split_chunks(new, hkv, p.tile, p.grid, split_slack_tiles=p.split_slack_tiles,
+                                 split_scale=p.split_scale)
+    assert (p.split_scale, p.split_slack_tiles) == (K.TUNING["runtime_split_in_kernel_scale"], 0)
     if case % 3:
         assert split == ns, (new, split)  # the split ran (the kernel takes the rule's decision)
     ro, rl = reference.attention(q, k, v, kv_lens=new, block_table=table, sinks=sinks)

@@ -776,15 +776,25 @@ def test_runtime_split_chunks_rule():
     # a slack of 8 tiles: 13 per chunk against 5 is taken
     assert runtime_split_chunks([9001, 1, 0], 1, 16, 132, split_slack_tiles=8) == 44
     assert runtime_split_chunks([9001, 1, 0], 1, 16, 132, split_slack_tiles=7) == 0
+    # the in-kernel merge's form: a factor on stream-K's busiest CTA, no slack
+    assert runtime_split_chunks([9001, 1, 0], 1, 16, 132, split_slack_tiles=0, split_scale=2) == 0  # 13 > 10
+    assert runtime_split_chunks([9001, 1, 0], 1, 16, 132, split_slack_tiles=3, split_scale=2) == 44  # 13 <= 13
+    assert runtime_split_chunks([3000, 2990, 3001], 1, 16, 132, split_slack_tiles=0) == 44  # 5 <= 5
+    # 376 tiles: 3 per stream-K CTA, 6 per chunk of the longest unit
+    assert runtime_split_chunks([1000, 1000, 4000], 1, 16, 132, split_slack_tiles=0) == 0
+    assert runtime_split_chunks([1000, 1000, 4000], 1, 16, 132, split_slack_tiles=2) == 0
+    assert runtime_split_chunks([1000, 1000, 4000], 1, 16, 132, split_slack_tiles=0, split_scale=2) == 44
     with pytest.raises(ValueError, match="split_slack_tiles"):
-        runtime_split_chunks([9001, 1, 0], 1, 16, 132, split_slack_tiles=0)
+        runtime_split_chunks([9001, 1, 0], 1, 16, 132, split_slack_tiles=-1)
+    with pytest.raises(ValueError, match="split_scale: expected an integer >= 1, got 0"):
+        runtime_split_chunks([9001, 1, 0], 1, 16, 132, split_scale=0)
     # the rule against a brute-force count of both decompositions' busiest CTAs
     rng = np.random.default_rng(5)
     for _ in range(300):
         b, hkv, tile, ctas = int(rng.integers(1, 6)), int(rng.integers(1, 4)), int(rng.choice([16, 64])), 132
-        slack = int(rng.integers(1, 30))
+        slack, scale = int(rng.integers(0, 30)), int(rng.integers(1, 4))
         lens = rng.integers(0, 20000, b)
-        ns = runtime_split_chunks(lens, hkv, tile, ctas, split_slack_tiles=slack)
+        ns = runtime_split_chunks(lens, hkv, tile, ctas, split_slack_tiles=slack, split_scale=scale)
         tiles = -(-lens // tile)
         total = int(tiles.sum()) * hkv
         if total == 0:
@@ -792,7 +802,7 @@ def test_runtime_split_chunks_rule():
             continue
         sk = lean_schedule(lens, hkv, tile_size=tile, num_ctas=ctas)
         split_busiest = -(-int(tiles.max()) // max(1, ctas // (b * hkv)))
-        want = ctas // (b * hkv) >= 1 and split_busiest <= int(sk.tiles_per_cta().max()) + slack
+        want = ctas // (b * hkv) >= 1 and split_busiest <= scale * int(sk.tiles_per_cta().max()) + slack
         assert (ns > 0) == want and (ns == 0 or ns == ctas // (b * hkv))
 
 
@@ -811,6 +821,10 @@ def test_runtime_split_slack_in_tiles():
     assert runtime_split_slack(16, 128, 2, 192 * kb) == 24
     assert runtime_split_slack(128, 256, 2, 192 * kb) == 1  # less than a tile: one
     assert runtime_split_slack(128, 64, 2, 0) == 1
+    assert runtime_split_slack(128, 64, 2, 0, at_least=0) == 0  # the in-kernel merge's rule: no floor
+    assert runtime_split_slack(16, 128, 2, 192 * kb, at_least=0) == 24
+    with pytest.raises(ValueError, match="at_least: expected 0 or 1, got 2"):
+        runtime_split_slack(128, 64, 2, 0, at_least=2)
     assert runtime_split_slack(16, 64, 1, 1 << 62) == 1 << 30  # fits the kernel's int parameter
     assert TUNING["runtime_split_slack_bytes"] >= 0
     with pytest.raises(ValueError, match="slack_bytes"):
@@ -824,6 +838,31 @@ def test_runtime_split_slack_in_tiles():
     s8 = lean_schedule([9001, 1, 0], 1, tile_size=16, num_ctas=132, merge_launch=True, runtime_split=True,
                        split_slack_tiles=8)
     assert s1.kind == "lean" and s8.kind == "split"
+    # and the factor it is given (13 tiles per chunk: 3 x 5 against stream-K's 5)
+    s3 = lean_schedule([9001, 1, 0], 1, tile_size=16, num_ctas=132, runtime_split=True, split_slack_tiles=0,
+                       split_scale=3)
+    assert s3.kind == "split" and not s3.merge_launch
+
+
+def test_launch_split_rule(monkeypatch):
+    """A plan's rule for the launch-time split: with the merge launch stream-K's
+    busiest CTA plus the byte slack in tiles (at least one); with the
+    in-kernel merge TUNING["runtime_split_in_kernel_scale"] times it plus the
+    byte slack in tiles (possibly none), which is checked."""
+    from cupy_lean import kernels as K
+
+    monkeypatch.setitem(K.TUNING, "runtime_split_slack_bytes", 0)
+    assert K.launch_split_rule(True, 128, 128, 2) == (1, 1)
+    assert K.launch_split_rule(False, 128, 128, 2) == (K.TUNING["runtime_split_in_kernel_scale"], 0)
+    monkeypatch.setitem(K.TUNING, "runtime_split_slack_bytes", 192 * 1024)
+    assert K.launch_split_rule(True, 16, 128, 2) == (1, 24)
+    monkeypatch.setitem(K.TUNING, "runtime_split_in_kernel_scale", 3)
+    assert K.launch_split_rule(False, 16, 128, 2) == (3, 24)
+    for bad in (0, 65, 1.5, True):
+        monkeypatch.setitem(K.TUNING, "runtime_split_in_kernel_scale", bad)
+        with pytest.raises(ValueError, match="runtime_split_in_kernel_scale"):
+            K.launch_split_rule(False, 16, 128, 2)
+    assert K.launch_split_rule(True, 16, 128, 2) == (1, 24)  # the merge launch's rule does not read it
 
 
 @given(st.lists(st.integers(0, 3000), min_size=1, max_size=5), st.integers(1, 3), st.sampled_from([16, 64]),
@@ -860,7 +899,7 @@ def test_lean_schedule_with_the_runtime_split(launch, lens, hkv, tile, ctas):
     whole = (seg["tile_begin"] == 0) & (seg["tile_end"] == s.unit_tiles[seg["unit"]])
     assert np.array_equal(seg["partial"], ~whole)
     assert np.array_equal(seg["slot"], np.where(whole, -1, 2 * seg["cta"]))
-    # the busiest CTA streams at most one tile more than stream-K's
+    # the busiest CTA streams at most one tile more than stream-K's (the rule's default slack, factor 1)
     assert int(s.tiles_per_cta().max()) <= int(sk.tiles_per_cta().max()) + 1
     rng = np.random.default_rng(len(lens) + ctas)
     B, d, g = len(lens), 16, 2

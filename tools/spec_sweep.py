@@ -53,7 +53,9 @@ TUNING_CONFIGS = {"sk_launch": {"merge_launch_pieces": 1}, "sk_inkernel": {"merg
                   # the default since session 26; sk_split_off is the stream-K it replaced
                   "sk_split_inkernel": {"runtime_split_in_kernel": True},
                   "sk_split_off": {"runtime_split_in_kernel": False},
-                  "sk_split_inkernel_all": {"runtime_split_in_kernel": True, "merge_launch_pieces": 0}}
+                  "sk_split_inkernel_all": {"runtime_split_in_kernel": True, "merge_launch_pieces": 0},
+                  # the launch-time split always taken where a plan has it (slack beyond any batch)
+                  "sk_split_force": {"runtime_split_slack_bytes": 1 << 40}}
 CONFIGS += [(name, "tuning") for name in TUNING_CONFIGS]
 
 
