@@ -127,3 +127,28 @@ def test_gpu_shards_deal_by_earlier_durations():
     parts = gpu_shards.deal(ids, 2, {"a": 10.0, "b": 1.0, "c": 4.0, "d": 5.0})  # e unknown: the median, 5
     # a (10) | d (5), e (5) | c (4) to the first of the tied shards | b (1) to the lighter
     assert parts == [["a", "c"], ["d", "e", "b"]]
+
+
+def test_split_rule_fit_supports_the_default():
+    """The checked-in sweep of the launch-time split (H100, 12 seeds of ragged
+    and paged family shapes, bench/results/split_rule_h100_s27.json) through
+    tools/split_rule_fit.py: on the in-kernel merge's shapes the default rule
+    (TUNING["runtime_split_in_kernel_scale"] x stream-K's busiest CTA, no
+    slack) is faster than the merge launch's rule (1 x, one tile) and than
+    stream-K alone, on each half of the seeds, and makes at most 2 shapes
+    over 2% slower; the rows are rebuilt from the compact file."""
+    import split_rule_fit as F
+    from cupy_lean.kernels import TUNING
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    rows = F.load([os.path.join(root, "bench", "results", "split_rule_h100_s27.json")])
+    inner = [r for r in rows if not r["launch"]]
+    assert len(inner) >= 100 and len({r["seed"] for r in inner}) >= 10
+    seeds = sorted({r["seed"] for r in inner})
+    scale = TUNING["runtime_split_in_kernel_scale"]
+    for part in ([r for r in inner if r["seed"] in seeds[::2]], [r for r in inner if r["seed"] not in seeds[::2]]):
+        new, over, _ = F.evaluate(part, scale, 0)
+        assert new < F.evaluate(part, 1, 1)[0] - 0.01 and new < 0.98 and over <= 2
+    # the merge launch keeps its rule: a factor of 2 there makes more shapes slower
+    launch = [r for r in rows if r["launch"]]
+    assert F.evaluate(launch, 1, 1)[1] < F.evaluate(launch, 2, 0)[1]
