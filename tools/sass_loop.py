@@ -18,8 +18,15 @@ counts it on any machine.
 
 Needs: NVRTC (cupy's wheel), ptxas (PTXAS=..., or on PATH, or under
 CUDA_HOME / /usr/local/cuda) and cuobjdump (CUOBJDUMP=..., or on PATH; the
-nvidia-cuda-cuobjdump wheel has one). An older ptxas is given the PTX with
-its .version lowered to what it reads (the kernel uses no newer feature).
+nvidia-cuda-cuobjdump wheel has one), which calls nvdisasm (on PATH or
+NVDISASM_PATH; the nvidia-cuda-nvdisasm wheel). An older ptxas is given the
+PTX with its .version lowered to what it reads (the kernel uses no newer
+feature).
+
+The count is static: blocks that the loop branches around on most tiles
+count too. In the fp8 loops about 160 instructions after LDGDEPBAR are the
+per-unit regrouping of q in shared memory (prepare_q_fp8, run when a tile
+starts a unit), so the "compute part" of an fp8 loop overstates a tile's.
 """
 
 import argparse
