@@ -111,7 +111,10 @@ def device_schedule(kv_lens, heads_kv, *, tile_size, num_ctas=None, num_splits=N
     prm.kv_lens, prm.partials = lens32.data.ptr, rec.data.ptr
     meta = None
     if runtime_split:
-        prm.runtime_split, prm.split_slack = int(split_scale), int(split_slack_tiles)
+        from .schedule import _check_split_rule
+
+        split_slack_tiles, split_scale = _check_split_rule(split_slack_tiles, split_scale)  # ctypes would wrap
+        prm.runtime_split, prm.split_slack = split_scale, split_slack_tiles
         if merge_launch:  # the unit records the split's first chunk writes
             meta = cp.zeros(max(1, 2 * B * heads_kv), dtype=cp.int32)
             prm.unit_meta = meta.data.ptr

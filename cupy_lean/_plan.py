@@ -324,11 +324,12 @@ class Plan:
         ``kernels.TUNING["runtime_split_in_kernel"]`` is on (each unit's
         chunks then merged by its last arriving chunk).
     split_scale, split_slack_tiles : int
-        The rule's ``split_scale`` and ``split_slack_tiles``: split-K is run
-        when its busiest CTA streams at most ``split_scale`` times stream-K's
-        busiest CTA's tiles plus ``split_slack_tiles`` tiles
-        (``kernels.launch_split_rule``: 1 and one tile with the merge
-        launch, 2 and no tile with the in-kernel merge, by default).
+        With ``runtime_split``, the rule's ``split_scale`` and
+        ``split_slack_tiles``: split-K is run when its busiest CTA streams
+        at most ``split_scale`` times stream-K's busiest CTA's tiles plus
+        ``split_slack_tiles`` tiles (``kernels.launch_split_rule``: 1 and
+        one tile with the merge launch, 2 and no tile with the in-kernel
+        merge, by default); 0 and 0 without it.
     pdl : bool
         Launched with programmatic dependent launch (sm_90 and newer,
         ``kernels.TUNING["pdl"]``): each kernel may be scheduled during the
@@ -523,7 +524,8 @@ class Plan:
         self.runtime_split = decomp == K.Decomposition.STREAM_K and K.launch_time_split(
             self.merge_launch, stream_k_knob, not self.equal_lengths)
         self.split_scale, self.split_slack_tiles = K.launch_split_rule(
-            self.merge_launch, tile, D, 1 if f_kv8 is not None else sig.dtypes[0].itemsize)
+            self.merge_launch, tile, D, 1 if f_kv8 is not None else sig.dtypes[0].itemsize) \
+            if self.runtime_split else (0, 0)
         prm.runtime_split = self.split_scale if self.runtime_split else 0
         prm.split_slack = self.split_slack_tiles
         prm.scale_log2 = m.scale * _LOG2E

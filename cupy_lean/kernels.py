@@ -426,8 +426,9 @@ TUNING = _Tuning({
     "merge_launch_pieces": 8,
     # with the merge launch (and without it, see runtime_split_in_kernel): each launch runs split-K in one
     # wave instead of stream-K when its busiest CTA would stream at most runtime_split_slack_bytes of K and
-    # V more, in whole tiles, at least one (schedule.runtime_split_chunks / runtime_split_slack, decided on
-    # the GPU from kv_lens). False: neither
+    # V more, in whole tiles, at least one (without the merge launch: runtime_split_in_kernel_scale times
+    # stream-K's busiest, plus those bytes in tiles, none at least; launch_split_rule,
+    # schedule.runtime_split_chunks, decided on the GPU from kv_lens). False: neither
     "runtime_split": True,
     # the same launch-time choice for default stream-K plans of several sequences of varied lengths
     # (kv_lens or pages; equal-length plans keep schedule.uniform_variant's choice) without the merge launch
@@ -446,7 +447,7 @@ TUNING = _Tuning({
     # time (geomean; the best choice per shape 0.958x), 1 (the merge launch's rule) 0.987x; 2 of 138
     # shapes above 1.02x (1.023, 1.043). Integer, 1 to 64
     "runtime_split_in_kernel_scale": 2,
-    # 0: one tile. Measured on an H200 (bench/NOTES.md session 17): 192 KB took the split on two held-out
+    # 0: one tile with the merge launch (none in the kernel's rule). Measured on an H200 (bench/NOTES.md session 17): 192 KB took the split on two held-out
     # shapes where it ran 1.08x and 1.12x stream-K's time (the launch-time split ran 8-11% slower than a
     # host-planned split of the same chunks), so the default stays at one tile
     "runtime_split_slack_bytes": 0,

@@ -417,7 +417,7 @@ def merge_balanced_tiles(longest_unit_tiles, merge_balance, state_rows, tile_siz
 
 
 def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1, merge_balance=0,
-                  state_rows=16, merge_launch=False, runtime_split=False, split_slack_tiles=1, split_scale=1):
+                  state_rows=16, merge_launch=False, runtime_split=False, split_slack_tiles=None, split_scale=None):
     """The stream-K (LeanAttention) schedule.
 
     Parameters
@@ -457,11 +457,15 @@ def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1
         covers whole written directly, the others' chunks in slots ``2 x
         cta``, merged by the combine launch (``merge_launch``) or else by the
         unit's last arriving chunk; else the stream-K schedule.
-    split_slack_tiles, split_scale : int
-        With ``runtime_split``: the rule's slack in tiles (>= 0) and its
-        factor on stream-K's busiest CTA (>= 1) (a plan's
+    split_slack_tiles, split_scale : int or None
+        With ``runtime_split``: the rule's slack in tiles (0 to 2**30) and its
+        factor on stream-K's busiest CTA (1 to 64) (a plan's
         :attr:`~cupy_lean.Plan.split_slack_tiles` and
-        :attr:`~cupy_lean.Plan.split_scale`).
+        :attr:`~cupy_lean.Plan.split_scale`). None: what a default fp16
+        plan at ``head_dim`` 128 with this ``tile_size`` and ``merge_launch``
+        takes (``kernels.launch_split_rule``: 1 and one tile with the merge
+        launch, ``kernels.TUNING["runtime_split_in_kernel_scale"]`` and no
+        tile without it, at the default byte slack).
 
     Returns
     -------
@@ -477,8 +481,13 @@ def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1
         raise TypeError(f"merge_launch: expected a bool, got {merge_launch!r}")
     if not isinstance(runtime_split, (bool, np.bool_)):
         raise TypeError(f"runtime_split: expected a bool, got {runtime_split!r}")
-    split_slack_tiles = _check_positive_int(split_slack_tiles, "split_slack_tiles", low=0)
-    split_scale = _check_positive_int(split_scale, "split_scale")
+    if split_slack_tiles is None or split_scale is None:
+        from .kernels import launch_split_rule
+
+        scale, slack = launch_split_rule(bool(merge_launch), tile_size, 128, 2)
+        split_scale = scale if split_scale is None else split_scale
+        split_slack_tiles = slack if split_slack_tiles is None else split_slack_tiles
+    split_slack_tiles, split_scale = _check_split_rule(split_slack_tiles, split_scale)
     total = int(unit_tiles.sum())
     if merge_balance and total:
         min_tiles = max(min_tiles, merge_balanced_tiles(int(unit_tiles.max()), merge_balance, state_rows,
@@ -581,6 +590,18 @@ def _stream_k_ctas(total, num_ctas, min_tiles):
     return min(num_ctas, max(1, total // min_tiles) if min_tiles > 1 else total) if total else 0
 
 
+def _check_split_rule(split_slack_tiles, split_scale):
+    """The launch-time split rule's slack (0 to 2**30 tiles) and factor (1 to
+    64): what the kernel's int parameters hold."""
+    split_slack_tiles = _check_positive_int(split_slack_tiles, "split_slack_tiles", low=0)
+    split_scale = _check_positive_int(split_scale, "split_scale")
+    if split_slack_tiles > 1 << 30:
+        raise ValueError(f"split_slack_tiles: expected an integer from 0 to 2**30, got {split_slack_tiles}")
+    if split_scale > 64:
+        raise ValueError(f"split_scale: expected an integer from 1 to 64, got {split_scale}")
+    return split_slack_tiles, split_scale
+
+
 def _split_count(tps, unit_tiles, num_ctas, ncta, split_slack_tiles, split_scale=1):
     """runtime_split_chunks' rule on checked inputs (``ncta``: stream-K's
     CTAs with work)."""
@@ -605,7 +626,7 @@ def runtime_split_slack(tile_size, head_dim, kv_itemsize, slack_bytes, at_least=
     head_dim = _check_positive_int(head_dim, "head_dim")
     kv_itemsize = _check_positive_int(kv_itemsize, "kv_itemsize")
     slack_bytes = _check_positive_int(slack_bytes, "slack_bytes", low=0)
-    if at_least not in (0, 1) or isinstance(at_least, bool):
+    if type(at_least) is not int or at_least not in (0, 1):
         raise ValueError(f"at_least: expected 0 or 1, got {at_least!r}")
     return min(1 << 30, max(at_least, slack_bytes // (2 * tile_size * head_dim * kv_itemsize)))
 
@@ -626,14 +647,14 @@ def runtime_split_chunks(kv_lens, heads_kv, tile_size, num_ctas, min_tiles_per_c
     does. ``split_scale`` and ``split_slack_tiles`` price what stream-K's
     cuts cost a small call (partial stores, the wait for every piece, the
     merge) in tiles a CTA streams meanwhile; the plans take
-    ``kernels.launch_split_rule``: 1 and one tile with the merge launch,
-    2 and no tile with the in-kernel merge, where a cut unit's last piece
-    merges on the streaming path."""
+    ``kernels.launch_split_rule``: 1 and one tile with the merge launch
+    (these defaults), 2 and no tile with the in-kernel merge, where a cut
+    unit's last piece merges on the streaming path. ``split_slack_tiles``
+    0 to 2**30, ``split_scale`` 1 to 64 (the kernel's int parameters)."""
     lens, heads_kv, tile_size, tps, unit_tiles, _ = _units(kv_lens, heads_kv, tile_size)
     num_ctas = _check_positive_int(num_ctas, "num_ctas")
     m = _check_positive_int(min_tiles_per_cta, "min_tiles_per_cta")
-    split_slack_tiles = _check_positive_int(split_slack_tiles, "split_slack_tiles", low=0)
-    split_scale = _check_positive_int(split_scale, "split_scale")
+    split_slack_tiles, split_scale = _check_split_rule(split_slack_tiles, split_scale)
     return _split_count(tps, unit_tiles, num_ctas, _stream_k_ctas(int(unit_tiles.sum()), num_ctas, m),
                         split_slack_tiles, split_scale)
 

@@ -257,8 +257,8 @@ static_assert(STREAM_K == LEAN_HOST_STREAM_K && SPLIT_K == LEAN_HOST_SPLIT_K, "D
   F(const float*, v_scale)   /* HAS_FP8: V = stored value x v_scale[h], or null: */         \
   F(float, k_scale_value)    /* HAS_FP8: ... one scale for every head (by value) */          \
   F(float, v_scale_value)                                                                       \
-  F(int, runtime_split)      /* STREAM_K: n >= 1: split-K in one wave when its busiest CTA has at most n times */ \
-  F(int, split_slack)        /* ... stream-K's busiest CTA's tiles plus split_slack (>= 0) tiles; 0: never */ \
+  F(int, runtime_split)      /* STREAM_K: 0: never; n >= 1: split-K in one wave when its busiest CTA has at most */ \
+  F(int, split_slack)        /* ... n times stream-K's busiest CTA's tiles plus split_slack (>= 0) tiles */ \
   F(u32, page_magic) F(int, page_shift) /* PAGED: tok / page_size = (umulhi(tok, magic) + tok) >> shift (kernels.page_divisor) */
 
 #define LEAN_DECLARE_FIELD(type, name) type name;

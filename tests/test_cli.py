@@ -93,3 +93,19 @@ def test_schedule_takes_the_tile_of_varied_lengths():
     r = _run("schedule", "--lens", "3000,17,900", "--head-dim", "64", "--heads-kv", "2", "--sms", "10",
              "--tile-size", "128")
     assert r.returncode == 0 and "1 CTA(s) per SM on 10 SMs, tile 128," in r.stdout, r.stdout
+
+
+def test_schedule_shows_the_in_kernel_split_rule():
+    """Twenty 1000-token sequences and one of 2560 at head_dim 128 (21 units,
+    132 CTAs, under 8 per unit: the in-kernel merge): stream-K's busiest CTA
+    has 2 tiles, the split's 4 (20 tiles in 6 chunks); the in-kernel rule
+    (twice stream-K's busiest) takes the split, which the merge launch's rule
+    (one tile more) would not; 3137 tokens (5 tiles per chunk) keep stream-K."""
+    lens = ",".join(["1000"] * 20 + ["2560"])
+    r = _run("schedule", "--lens", lens, "--heads-kv", "1", "--group", "4", "--head-dim", "128")
+    assert r.returncode == 0 and "schedule          split" in r.stdout, r.stdout
+    assert "chunks merged by each unit's last chunk, in the kernel" in r.stdout
+    assert "tiles per CTA     min 0  max 4" in r.stdout
+    lens = ",".join(["1000"] * 20 + ["3137"])
+    r = _run("schedule", "--lens", lens, "--heads-kv", "1", "--group", "4", "--head-dim", "128")
+    assert r.returncode == 0 and "schedule          lean" in r.stdout, r.stdout

@@ -823,8 +823,9 @@ def test_runtime_split_slack_in_tiles():
     assert runtime_split_slack(128, 64, 2, 0) == 1
     assert runtime_split_slack(128, 64, 2, 0, at_least=0) == 0  # the in-kernel merge's rule: no floor
     assert runtime_split_slack(16, 128, 2, 192 * kb, at_least=0) == 24
-    with pytest.raises(ValueError, match="at_least: expected 0 or 1, got 2"):
-        runtime_split_slack(128, 64, 2, 0, at_least=2)
+    for bad in (2, 1.0, True):
+        with pytest.raises(ValueError, match="at_least: expected 0 or 1"):
+            runtime_split_slack(128, 64, 2, 0, at_least=bad)
     assert runtime_split_slack(16, 64, 1, 1 << 62) == 1 << 30  # fits the kernel's int parameter
     assert TUNING["runtime_split_slack_bytes"] >= 0
     with pytest.raises(ValueError, match="slack_bytes"):
@@ -842,6 +843,32 @@ def test_runtime_split_slack_in_tiles():
     s3 = lean_schedule([9001, 1, 0], 1, tile_size=16, num_ctas=132, runtime_split=True, split_slack_tiles=0,
                        split_scale=3)
     assert s3.kind == "split" and not s3.merge_launch
+
+
+def test_lean_schedule_takes_the_plans_split_rule(monkeypatch):
+    """lean_schedule's split_scale / split_slack_tiles default to a default
+    plan's rule for its merge (kernels.launch_split_rule), so that the
+    schedule is what the kernel runs; given values are range-checked as the
+    kernel's int parameters need."""
+    from cupy_lean import kernels as K
+
+    lens = [1000, 1000, 4000]  # 376 tiles of 16: 3 per stream-K CTA, 6 per chunk of 44
+    inner = lean_schedule(lens, 1, tile_size=16, num_ctas=132, runtime_split=True)
+    assert inner.kind == "split" and inner.num_splits == 44 and not inner.merge_launch  # 6 <= 2 x 3
+    launch = lean_schedule(lens, 1, tile_size=16, num_ctas=132, runtime_split=True, merge_launch=True)
+    assert launch.kind == "lean" and launch.merge_launch  # 6 > 3 + 1
+    one = lean_schedule(lens, 1, tile_size=16, num_ctas=132, runtime_split=True, split_scale=1)
+    assert one.kind == "lean"  # the factor given, the slack the plan's (none in the kernel)
+    monkeypatch.setitem(K.TUNING, "runtime_split_in_kernel_scale", 1)
+    assert lean_schedule(lens, 1, tile_size=16, num_ctas=132, runtime_split=True).kind == "lean"
+    for kw, msg in (({"split_scale": 65}, "split_scale: expected an integer from 1 to 64, got 65"),
+                    ({"split_scale": 0}, "split_scale: expected an integer >= 1, got 0"),
+                    ({"split_slack_tiles": (1 << 30) + 1}, "split_slack_tiles: expected an integer from 0 to 2"),
+                    ({"split_slack_tiles": -1}, "split_slack_tiles: expected an integer >= 0, got -1")):
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            lean_schedule(lens, 1, tile_size=16, num_ctas=132, runtime_split=True, **kw)
+    with pytest.raises(TypeError, match="split_scale"):
+        lean_schedule(lens, 1, tile_size=16, num_ctas=132, runtime_split=True, split_scale=2.0)
 
 
 def test_launch_split_rule(monkeypatch):
@@ -879,9 +906,11 @@ def test_lean_schedule_with_the_runtime_split(launch, lens, hkv, tile, ctas):
     (the combine launch, or in the kernel: 44 chunks of a unit go through
     the merge tree); emulating it equals the reference."""
     from cupy_lean import reference
+    from cupy_lean.kernels import launch_split_rule
     from cupy_lean.schedule import runtime_split_chunks
 
-    ns = runtime_split_chunks(lens, hkv, tile, ctas)
+    scale, slack = launch_split_rule(launch, tile, 128, 2)  # what lean_schedule takes by default
+    ns = runtime_split_chunks(lens, hkv, tile, ctas, split_slack_tiles=slack, split_scale=scale)
     s = lean_schedule(lens, hkv, tile_size=tile, num_ctas=ctas, merge_launch=launch, runtime_split=True)
     sk = lean_schedule(lens, hkv, tile_size=tile, num_ctas=ctas, merge_launch=launch)
     assert s.merge_launch == launch
@@ -899,8 +928,9 @@ def test_lean_schedule_with_the_runtime_split(launch, lens, hkv, tile, ctas):
     whole = (seg["tile_begin"] == 0) & (seg["tile_end"] == s.unit_tiles[seg["unit"]])
     assert np.array_equal(seg["partial"], ~whole)
     assert np.array_equal(seg["slot"], np.where(whole, -1, 2 * seg["cta"]))
-    # the busiest CTA streams at most one tile more than stream-K's (the rule's default slack, factor 1)
-    assert int(s.tiles_per_cta().max()) <= int(sk.tiles_per_cta().max()) + 1
+    # the busiest CTA streams at most scale x stream-K's busiest + slack tiles (with the merge launch one
+    # tile more, in the kernel twice)
+    assert int(s.tiles_per_cta().max()) <= scale * int(sk.tiles_per_cta().max()) + slack
     rng = np.random.default_rng(len(lens) + ctas)
     B, d, g = len(lens), 16, 2
     cap = max(max(lens), 1)

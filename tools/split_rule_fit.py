@@ -47,7 +47,8 @@ def features(case):
     spec = make_spec("f16", case.head_dim, g, False, tile)
     units = len(lens) * case.heads_kv
     longest = -(-max(lens) // spec.tile)
-    grid = max(1, min(_default_ctas_per_sm(spec) * 132, units * longest))
+    # the plan's grid: at most one CTA per tile of the cache's capacity (max length rounded up to the page)
+    grid = max(1, min(_default_ctas_per_sm(spec) * 132, units * -(-case.capacity // spec.tile)))
     total = int((-(-np.array(lens) // spec.tile)).sum()) * case.heads_kv
     per = -(-total // _stream_k_ctas(total, grid, 1))
     ns = grid // units
