@@ -1875,6 +1875,60 @@ def test_in_kernel_runtime_split_matches_the_reference(monkeypatch, case):
     _assert_out_lse(out, lse, ro, rl, out_tol=2e-2 if dtype == BF16 else 4e-3)
 
 
+@pytest.mark.parametrize("dtype,layout", [(np.float16, "dense"), (BF16, "paged")])
+def test_in_kernel_split_by_its_factor_two_graphs(dtype, layout):
+    """The in-kernel merge's rule (TUNING["runtime_split_in_kernel_scale"],
+    2): 21 sequences, one KV head, head_dim 128. Lengths are chosen from the
+    plan's grid so that the split's busiest CTA streams more than stream-K's
+    plus one tile but at most twice it (the default takes the split, the
+    merge launch's rule would not), and lengths with a longer sequence where
+    it streams more than twice (stream-K). A graph of the default plan and
+    one of the same plan with the factor 1 are captured one after another
+    and replayed NaN-prefilled over both sets: each equals the reference."""
+    from cupy_lean import kernels as K
+    from cupy_lean.schedule import runtime_split_chunks
+
+    rng = np.random.default_rng(77)
+    B, hq, hkv, d, cap = 21, 4, 1, 128, 8192
+    q, k, v, lens, table = make_inputs(rng, B, hq, hkv, d, dtype, [cap] * B, layout, page_size=16)
+    ld = cp.asarray(lens)
+    kw = dict(kv_lens=ld, block_table=None if table is None else cp.asarray(table))
+    qd, kd, vd = to_gpu(q), to_gpu(k), to_gpu(v)
+    p = cupy_lean.plan(qd, kd, vd, out=_nan_like(q.shape, q.dtype), **kw)
+    assert not p.merge_launch and p.runtime_split and (p.split_scale, p.split_slack_tiles) == (2, 0), p.describe()
+    with K.tuning(runtime_split_in_kernel_scale=1):
+        p1 = cupy_lean.plan(qd, kd, vd, out=_nan_like(q.shape, q.dtype), **kw)
+    assert (p1.split_scale, p1.split_slack_tiles) == (1, 0) and p1.grid == p.grid
+
+    def decide(new, plan):
+        return runtime_split_chunks(new, hkv, plan.tile, plan.grid, split_slack_tiles=plan.split_slack_tiles,
+                                    split_scale=plan.split_scale)
+
+    short = rng.integers(300, 1200, B - 1)
+    factor_only = far = None
+    for long_len in range(p.tile, cap + 1, p.tile // 2):
+        new = np.append(short, long_len).astype(np.int32)
+        if factor_only is None and decide(new, p) and not decide(new, p1) and \
+                runtime_split_chunks(new, hkv, p.tile, p.grid, split_slack_tiles=1) == 0:
+            factor_only = new
+        if factor_only is not None and not decide(new, p):
+            far = new
+            break
+    assert factor_only is not None and far is not None, (p.grid, p.tile)
+    runs = []
+    for plan in (p, p1):
+        out = _nan_like(q.shape, q.dtype)
+        lse = cp.full(q.shape[:2], cp.nan, dtype=cp.float32)
+        g = _capture(lambda plan=plan, out=out, lse=lse: plan.run(qd, kd, vd, out=out, lse=lse, **kw))
+        runs.append((g, out, lse))
+    for new in (factor_only, far):
+        ld[...] = cp.asarray(new)
+        _replay_nan_prefilled(runs)
+        ro, rl = reference.attention(q, k, v, kv_lens=new, block_table=table)
+        for _, out, lse in runs:
+            _assert_out_lse(out, lse, ro, rl, out_tol=2e-2 if dtype == BF16 else 4e-3)
+
+
 @pytest.mark.parametrize("sched,tuning,B,hkv", [
     ("lean", {}, 3, 2),  # few units: the merge launch (and split-K in one wave when the lengths favour it)
     ("lean", {"merge_launch_pieces": 0}, 3, 2),  # few units, merged in the kernel by the last contributor
