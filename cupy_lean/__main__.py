@@ -242,7 +242,8 @@ def _parser():
     d.add_argument("--cpu", action="store_true", help="use the NumPy path even with a GPU")
     sc = sub.add_parser("schedule", help="print (and draw) the lean schedule of a batch",
                         description="Print a summary of the stream-K decomposition of a batch as the default "
-                                    "plan cuts it (grid, tiles per CTA, segments, partial units and their "
+                                    "plan cuts it, or of the split-K in one wave its launches choose for these "
+                                    "lengths (grid, tiles per CTA, segments, partial units and their "
                                     "contributors, which merge runs); --png draws every unit and CTA. "
                                     "max_tiles: tiles of the busiest CTAs; heavy_ctas: how many have that many "
                                     "(the rest one fewer).")

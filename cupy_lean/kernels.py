@@ -444,8 +444,9 @@ TUNING = _Tuning({
     # on the streaming path, so its cuts cost about its own range again. Measured on an H100
     # (bench/NOTES.md session 27, tools/spec_sweep.py --family --layouts ragged,paged --configs
     # sk_split_off,sk_split_force, 138 in-kernel shapes of 12 seeds up to 60 MB): 2 took 0.962x stream-K's
-    # time (geomean; the best choice per shape 0.958x), 1 (the merge launch's rule) 0.987x; 2 of 138
-    # shapes above 1.02x (1.023, 1.043). Integer, 1 to 64
+    # time (geomean; the best choice per shape 0.958x), the previous rule (1, one tile) 0.987x; 2 of 138
+    # shapes above 1.02x (1.023, 1.043). Held out (6 other seeds, 72 in-kernel shapes): 0.980x the
+    # previous rule's time. Integer, 1 to 64
     "runtime_split_in_kernel_scale": 2,
     # 0: one tile with the merge launch (none in the kernel's rule). Measured on an H200 (bench/NOTES.md session 17): 192 KB took the split on two held-out
     # shapes where it ran 1.08x and 1.12x stream-K's time (the launch-time split ran 8-11% slower than a

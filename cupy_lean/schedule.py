@@ -418,7 +418,9 @@ def merge_balanced_tiles(longest_unit_tiles, merge_balance, state_rows, tile_siz
 
 def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1, merge_balance=0,
                   state_rows=16, merge_launch=False, runtime_split=False, split_slack_tiles=None, split_scale=None):
-    """The stream-K (LeanAttention) schedule.
+    """The stream-K (LeanAttention) schedule (with ``runtime_split``: the
+    split-K in one wave that a launch chooses instead where its lengths
+    favour it).
 
     Parameters
     ----------
@@ -465,7 +467,8 @@ def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1
         plan at ``head_dim`` 128 with this ``tile_size`` and ``merge_launch``
         takes (``kernels.launch_split_rule``: 1 and one tile with the merge
         launch, ``kernels.TUNING["runtime_split_in_kernel_scale"]`` and no
-        tile without it, at the default byte slack).
+        tile without it, at the default byte slack). Checked, and unused,
+        without ``runtime_split``.
 
     Returns
     -------

@@ -56,7 +56,8 @@ TUNING_CONFIGS = {"sk_launch": {"merge_launch_pieces": 1}, "sk_inkernel": {"merg
                   "sk_split_inkernel_all": {"runtime_split_in_kernel": True, "merge_launch_pieces": 0},
                   # the launch-time split always taken where a plan has it (slack beyond any batch)
                   "sk_split_force": {"runtime_split_slack_bytes": 1 << 40},
-                  # the in-kernel split's rule with the merge launch's factor (the default before session 27)
+                  # the in-kernel split's rule with factor 1 and no slack (the default before session 27 had
+                  # factor 1 and one tile; time it from sk_split_force / sk_split_off by the rule)
                   "sk_scale1": {"runtime_split_in_kernel_scale": 1}}
 CONFIGS += [(name, "tuning") for name in TUNING_CONFIGS]
 
