@@ -198,7 +198,11 @@ def _replay_and_compare(rng, item, reference=True):
     """Replay a graph twice with new lengths into NaN-prefilled outputs: each
     replay equals an eager call bitwise; the last one is also checked
     against the float64 reference (``reference``; a second pass over the
-    same graphs skips that CPU-heavy check)."""
+    same graphs skips that CPU-heavy check) on at most four of its sequences:
+    the first (empty after the first batch), the longest, the last and one
+    drawn (every row is already held bitwise to the eager call, which the
+    rest of the suite holds to the reference; the whole batch's reference
+    took most of the GPU suite's longest test)."""
     g, c, out, lse, sched = item
     q, k, v, lens0, table = c["host"]
     for attempt in range(2):
@@ -217,7 +221,12 @@ def _replay_and_compare(rng, item, reference=True):
         _assert_bitwise(out, eo)
         _assert_bitwise(lse, el)
     if reference:
-        check_close(out, None, q, k, v, new, table, np.float16)
+        idx = np.unique([0, int(np.argmax(new)), len(new) - 1, int(rng.integers(len(new)))])
+        o = cp.asnumpy(out)[idx]
+        if table is None:
+            check_close(o, None, q[idx], k[idx], v[idx], new[idx], None, np.float16)
+        else:  # the page pool whole, the sampled sequences' rows of the block table
+            check_close(o, None, q[idx], k, v, new[idx], table[idx], np.float16)
     c["lens"][...] = cp.asarray(lens0)
 
 
