@@ -526,8 +526,7 @@ class Plan:
         self.split_scale, self.split_slack_tiles = K.launch_split_rule(
             self.merge_launch, tile, D, 1 if f_kv8 is not None else sig.dtypes[0].itemsize) \
             if self.runtime_split else (0, 0)
-        prm.runtime_split = self.split_scale if self.runtime_split else 0
-        prm.split_slack = self.split_slack_tiles
+        prm.runtime_split, prm.split_slack = self.split_scale, self.split_slack_tiles  # (0, 0): stream-K always
         prm.scale_log2 = m.scale * _LOG2E
         prm.slot_stride = slot_stride
         prm.window_left = -1 if f_window is None else f_window

@@ -111,6 +111,20 @@ def _replay_nan_prefilled(runs):
     s.synchronize()
 
 
+def _capture_plans(plans, q, qd, kd, vd, **kw):
+    """One graph per plan of ``plans``, captured one after another (``_capture``),
+    each running ``plan.run(qd, kd, vd, **kw)`` into its own NaN-filled out
+    and lse of ``q``'s shape; returns ``[(graph, out, lse), ...]`` for
+    ``_replay_nan_prefilled``."""
+    runs = []
+    for plan in plans:
+        out = _nan_like(q.shape, q.dtype)
+        lse = cp.full(q.shape[:2], cp.nan, dtype=cp.float32)
+        runs.append((_capture(lambda plan=plan, out=out, lse=lse: plan.run(qd, kd, vd, out=out, lse=lse, **kw)),
+                     out, lse))
+    return runs
+
+
 def _capture(call):
     """Capture ``call()`` on a fresh non-blocking stream (after one eager call
     there); the stream is dropped afterwards.
@@ -1452,13 +1466,7 @@ def test_one_sequence_takes_the_equal_length_variant(layout, hq, hkv, d, cap, pa
     monkeypatch.setitem(K.TUNING, "uniform_variants", False)
     sk = cupy_lean.plan(qd, kd, vd, kv_lens=ld, block_table=td, out=template)
     assert sk.uniform_variant == 0 and sk.decomposition == K.Decomposition.STREAM_K
-    runs = []
-    for plan in (p, sk):  # captured one after another
-        out = _nan_like(q.shape, q.dtype)
-        lse = cp.full(q.shape[:2], cp.nan, dtype=cp.float32)
-        g = _capture(lambda plan=plan, out=out, lse=lse: plan.run(qd, kd, vd, kv_lens=ld, block_table=td, out=out,
-                                                                  lse=lse))
-        runs.append((g, out, lse))
+    runs = _capture_plans((p, sk), q, qd, kd, vd, kv_lens=ld, block_table=td)
     tile = p.tile
     for n in (0, 1, tile - 1, 3 * tile + 5, cap):
         ld[...] = n
@@ -1727,12 +1735,7 @@ def test_few_units_merged_by_a_combine_launch(layout, page, feats, hkv, monkeypa
     monkeypatch.setitem(K.TUNING, "merge_launch_pieces", 0)
     inkernel = cupy_lean.plan(qd, kd, vd, out=template, **kw, **plan_kw)
     assert not inkernel.merge_launch and "by their last contributor" in inkernel.describe()
-    runs = []
-    for plan in (p, inkernel):  # captured one after another
-        out = _nan_like(q.shape, q.dtype)
-        lse = cp.full(q.shape[:2], cp.nan, dtype=cp.float32)
-        g = _capture(lambda plan=plan, out=out, lse=lse: plan.run(qd, kd, vd, out=out, lse=lse, **kw))
-        runs.append((g, out, lse))
+    runs = _capture_plans((p, inkernel), q, qd, kd, vd, **kw)
     for new in ([1, 6007, 0], [9001, 0, 3999], [17, 5000, 4000], [0, 0, 0], [9001, 6007, 4000]):
         ld[...] = cp.asarray(new, dtype=cp.int32)
         _replay_nan_prefilled(runs)
@@ -1806,12 +1809,7 @@ def test_runtime_split_flips_between_replays(monkeypatch, in_kernel):
     monkeypatch.setitem(K.TUNING, "runtime_split", False)
     sk = cupy_lean.plan(qd, kd, vd, out=template, tile_size=16, **kw)
     assert sk.merge_launch != in_kernel and not sk.runtime_split
-    runs = []
-    for plan in (p, sk):
-        out = _nan_like(q.shape, q.dtype)
-        lse = cp.full(q.shape[:2], cp.nan, dtype=cp.float32)
-        g = _capture(lambda plan=plan, out=out, lse=lse: plan.run(qd, kd, vd, out=out, lse=lse, **kw))
-        runs.append((g, out, lse))
+    runs = _capture_plans((p, sk), q, qd, kd, vd, **kw)
     sides = set()
     for new in ([30001, 1, 0], [3000, 2990, 3001], [0, 0, 0], [17, 5000, 30001], [4000, 4000, 4000], [1, 1, 1]):
         sides.add(runtime_split_chunks(new, hkv, 16, p.grid, split_slack_tiles=p.split_slack_tiles,
@@ -1924,12 +1922,7 @@ def test_in_kernel_split_by_its_factor_two_graphs(dtype, layout):
             far = new
             break
     assert factor_only is not None and far is not None, (p.grid, p.tile)
-    runs = []
-    for plan in (p, p1):
-        out = _nan_like(q.shape, q.dtype)
-        lse = cp.full(q.shape[:2], cp.nan, dtype=cp.float32)
-        g = _capture(lambda plan=plan, out=out, lse=lse: plan.run(qd, kd, vd, out=out, lse=lse, **kw))
-        runs.append((g, out, lse))
+    runs = _capture_plans((p, p1), q, qd, kd, vd, **kw)
     for new in (factor_only, far):
         ld[...] = cp.asarray(new)
         _replay_nan_prefilled(runs)
