@@ -1911,7 +1911,10 @@ def test_in_kernel_split_by_its_factor_two_graphs(dtype, layout):
         return runtime_split_chunks(new, hkv, plan.tile, plan.grid, split_slack_tiles=plan.split_slack_tiles,
                                     split_scale=plan.split_scale)
 
-    short = rng.integers(300, 1200, B - 1)
+    # Short sequences of 10-24 tiles: stream-K's busiest CTA streams at least
+    # two tiles on any grid, so twice it is more than it plus one tile (with
+    # one tile per CTA the two rules agree and no length tells them apart).
+    short = rng.integers(10 * p.tile, 24 * p.tile, B - 1)
     factor_only = far = None
     for long_len in range(p.tile, cap + 1, p.tile // 2):
         new = np.append(short, long_len).astype(np.int32)
