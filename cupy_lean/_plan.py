@@ -527,6 +527,10 @@ class Plan:
             self.merge_launch, tile, D, 1 if f_kv8 is not None else sig.dtypes[0].itemsize) \
             if self.runtime_split else (0, 0)
         prm.runtime_split, prm.split_slack = self.split_scale, self.split_slack_tiles  # (0, 0): stream-K always
+        prefetch_key = "split_prefetch_paged" if m.paged else "split_prefetch"
+        if K.TUNING[prefetch_key] not in (0, 1, 2):
+            raise ValueError(f'kernels.TUNING["{prefetch_key}"] must be 0, 1 or 2, got {K.TUNING[prefetch_key]!r}')
+        prm.split_prefetch = int(K.TUNING[prefetch_key]) if self.runtime_split else 0
         prm.scale_log2 = m.scale * _LOG2E
         prm.slot_stride = slot_stride
         prm.window_left = -1 if f_window is None else f_window

@@ -97,6 +97,7 @@ class Params(ctypes.Structure):
         ("k_scale_value", ctypes.c_float), ("v_scale_value", ctypes.c_float),
         ("runtime_split", ctypes.c_int32), ("split_slack", ctypes.c_int32),
         ("page_magic", ctypes.c_uint32), ("page_shift", ctypes.c_int32),
+        ("split_prefetch", ctypes.c_int32),
     ]
 
 
@@ -452,6 +453,19 @@ TUNING = _Tuning({
     # shapes where it ran 1.08x and 1.12x stream-K's time (the launch-time split ran 8-11% slower than a
     # host-planned split of the same chunks), so the default stays at one tile
     "runtime_split_slack_bytes": 0,
+    # sm_90 and newer, a plan with the launch-time split: each CTA of the attention kernel prefetches into
+    # L2 the first tiles (and query rows) that the split would give it while the lengths are scanned and
+    # the split decided, so that its first copies hit L2 when the split is taken (where stream-K is kept
+    # the lines serve the CTAs that stream them). Results are the same either way. 0: no prefetch; 1: by
+    # 128-byte lines; 2: one bulk prefetch per row (sm_90+, the TMA unit; lines on older GPUs). Measured on
+    # an H100 (bench/NOTES.md session 28, tools/spec_sweep.py --family --layouts ragged,paged --configs
+    # default,sk_no_prefetch,sk_prefetch_bulk, 4 seeds, 90 shapes up to 60 MB): by lines 0.969x the time
+    # without (geomean) on the 41 dense-layout shapes (0.895-1.014), 1.003x on the 49 paged ones (0.938-1.06,
+    # whose rows wait for their page first); by bulk prefetches 1.03-1.05x (up to 1.29x: one TMA
+    # operation per row queues the first copies behind it)
+    "split_prefetch": 1,
+    # the same for paged caches (see above: no gain measured), where each row's page is read first
+    "split_prefetch_paged": 0,
     # fp8 K/V: each lane reads a 16-byte chunk of a K row per shared-memory load (four score steps'
     # bytes) instead of 4 bytes, q's columns regrouped to match, and at head_dim >= 128 a K/V ring
     # swizzle that keeps those reads conflict-free (the spec gets FEATURES["fp8_wide_k"]). Measured on an

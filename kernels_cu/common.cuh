@@ -117,6 +117,26 @@ __device__ __forceinline__ u64 evict_first_policy() {
   return p;
 }
 
+// Bring `bytes` (a multiple of 16) from 16-byte aligned global memory into L2,
+// without waiting and without a destination (a hint: no ordering, no result).
+// bulk (sm_90+): one asynchronous bulk prefetch (the TMA unit); otherwise one
+// prefetch instruction per 128-byte line.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+constexpr bool HAS_BULK_PREFETCH = true;
+#else
+constexpr bool HAS_BULK_PREFETCH = false;
+#endif
+__device__ __forceinline__ void prefetch_l2(const void* src, u32 bytes, bool bulk) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (bulk) {
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;\n" ::"l"(src), "r"(bytes));
+    return;
+  }
+#endif
+  const char* c = reinterpret_cast<const char*>(src);
+  for (u32 o = 0; o < bytes; o += 128) asm volatile("prefetch.global.L2 [%0];\n" ::"l"(c + o));
+}
+
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 
 template <int N>

@@ -259,7 +259,8 @@ static_assert(STREAM_K == LEAN_HOST_STREAM_K && SPLIT_K == LEAN_HOST_SPLIT_K, "D
   F(float, v_scale_value)                                                                       \
   F(int, runtime_split)      /* STREAM_K: 0: never; n >= 1: split-K in one wave when its busiest CTA has at most */ \
   F(int, split_slack)        /* ... n times stream-K's busiest CTA's tiles plus split_slack (>= 0) tiles */ \
-  F(u32, page_magic) F(int, page_shift) /* PAGED: tok / page_size = (umulhi(tok, magic) + tok) >> shift (kernels.page_divisor) */
+  F(u32, page_magic) F(int, page_shift) /* PAGED: tok / page_size = (umulhi(tok, magic) + tok) >> shift (kernels.page_divisor) */ \
+  F(int, split_prefetch)     /* STREAM_K with runtime_split: 0: off; the split's first tiles into L2 during the scan (SplitPrefetch): 1 by lines, 2 by bulk prefetches (sm_90+) */
 
 #define LEAN_DECLARE_FIELD(type, name) type name;
 struct Params {
@@ -803,6 +804,88 @@ __device__ void reduce_unit(const Params& p, int b, int h, int n, SlotList slot_
 
 // ============================================================= 6. the CTA
 
+// The launch-time split's chunk of CTA c (find_work) needs no scan of the
+// lengths: unit c / ns, chunk c % ns with ns = grid / units, and its own
+// sequence's length. With p.split_prefetch (sm_90+) each CTA guesses that
+// the split will be taken and brings its chunk's first STAGES - 1 tiles of K
+// and V and its unit's query rows into L2 while the lengths are scanned and
+// the decision made, so that its first copies hit L2 instead of waiting for
+// DRAM: by 128-byte lines (1) or by one bulk prefetch per row (2, sm_90+;
+// on older GPUs by lines). Nothing but L2 changes: where the launch keeps stream-K, the lines
+// are read by whichever CTA streams those tiles (or evicted). Addresses are
+// those of valid tokens only (paged: of pages inside the cache).
+// begin issues the length load (before pass 1, so the two loads overlap);
+// locate takes the length and prefetches the query rows and dense K/V rows,
+// or loads the pages of paged rows (before the scan); issue prefetches the
+// paged rows (once the split is taken, when the page loads are long in).
+struct SplitPrefetch {
+  static constexpr int ROWS = ((STAGES - 1) * TILE + NT - 1) / NT;  // rows of K and V per thread
+  bool on, bulk;
+  int b, h, j, ns, len;
+  int tok[ROWS];   // this thread's rows' tokens, or -1
+  int page[ROWS];  // PAGED: their pages
+
+  __device__ void begin(const Params& p, int c) {
+    on = false;
+    if (p.split_prefetch == 0 || p.runtime_split == 0) return;
+    bulk = HAS_BULK_PREFETCH && p.split_prefetch == 2;
+    const int units = p.batch * p.heads_kv;
+    ns = (int)gridDim.x / max(units, 1);
+    if (ns < 1 || c >= units * ns) return;
+    const int unit = c / ns;
+    j = c - unit * ns;
+    b = unit / p.heads_kv;
+    h = unit - b * p.heads_kv;
+    len = p.kv_lens != nullptr ? p.kv_lens[b] : p.capacity;  // clamped in locate
+    on = true;
+  }
+
+  __device__ void locate(const Params& p) {
+    if (!on) return;
+    len = clamp_len(len, p.capacity);
+    const int start = window_start(p, len), nt = ntiles_of(len - start), chunk = split_chunk(nt, ns);
+    const int t0 = min(j * chunk, nt), t1 = min(t0 + min(chunk, STAGES - 1), nt);
+    const int tok_lo = start + t0 * TILE, tok_hi = min(len, start + t1 * TILE);
+    const u32 row_bytes = D * KV_ELEM;
+    if (tok_lo < tok_hi) {  // the query rows (load_q's), when the chunk has tiles
+      const u16* qsrc = p.q + (i64)b * p.q_sb;
+      for (int r = threadIdx.x; r < unit_rows(p); r += NT)
+        prefetch_l2(qsrc + (HAS_QLEN ? (i64)row_token(p, r) * p.q_st : 0) + (i64)row_head(p, h, r) * p.q_sh,
+                    D * 2, bulk);
+    }
+#pragma unroll
+    for (int i = 0; i < ROWS; ++i) {
+      const int t = tok_lo + (int)threadIdx.x + i * NT;
+      tok[i] = t < tok_hi ? t : -1;
+      if (tok[i] < 0) continue;
+      if (PAGED) {
+        const int pq = (int)((__umulhi((u32)t, p.page_magic) + (u32)t) >> p.page_shift);  // t / page_size
+        page[i] = p.block_table[(i64)b * p.bt_sb + pq];
+      } else {
+        const char* kb = reinterpret_cast<const char*>(p.k);
+        const char* vb = reinterpret_cast<const char*>(p.v);
+        prefetch_l2(kb + ((i64)b * p.k_sb + (i64)t * p.k_st + (i64)h * p.k_sh) * KV_ELEM, row_bytes, bulk);
+        prefetch_l2(vb + ((i64)b * p.v_sb + (i64)t * p.v_st + (i64)h * p.v_sh) * KV_ELEM, row_bytes, bulk);
+      }
+    }
+  }
+
+  __device__ void issue(const Params& p) const {
+    if (!PAGED || !on) return;
+    const char* kb = reinterpret_cast<const char*>(p.k);
+    const char* vb = reinterpret_cast<const char*>(p.v);
+#pragma unroll
+    for (int i = 0; i < ROWS; ++i) {
+      const int t = tok[i], pg = page[i];
+      if (t < 0 || pg < 0 || pg >= p.num_pages) continue;
+      const int pq = (int)((__umulhi((u32)t, p.page_magic) + (u32)t) >> p.page_shift);
+      const int row = t - pq * p.page_size;
+      prefetch_l2(kb + ((i64)pg * p.k_sb + (i64)row * p.k_st + (i64)h * p.k_sh) * KV_ELEM, D * KV_ELEM, bulk);
+      prefetch_l2(vb + ((i64)pg * p.v_sb + (i64)row * p.v_st + (i64)h * p.v_sh) * KV_ELEM, D * KV_ELEM, bulk);
+    }
+  }
+};
+
 // This CTA's work: the stream-K split (STREAM_K) and a walker positioned at
 // the CTA's first tile. Fills the shared length cache and writes the outputs
 // of empty sequences (sequence b by CTA b % grid) when `write_empty`. Returns
@@ -827,6 +910,8 @@ __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, S
     sk = StreamK::make(0, 1);
     return t0 < t1;
   }
+  SplitPrefetch pf;
+  pf.begin(p, c);
   // Pass 1: every sequence's tiles (and the longest); lengths cached; empty
   // sequences written.
   int local = 0, longest = 0;
@@ -842,6 +927,7 @@ __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, S
         if (p.unit_meta != nullptr) p.unit_meta[2 * (b * p.heads_kv + h)] = 0;  // nothing for the combine
       }
   }
+  pf.locate(p);
   int seq_tiles;
   const int incl1 = block_incl_scan_max<NT>(local, longest, misc, &seq_tiles, &longest);
   LEAN_STAMP(8);
@@ -863,6 +949,7 @@ __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, S
     // first copy
     if (ns >= 1 && (i64)longest <= (i64)ns * ((i64)p.runtime_split * sk.per + p.split_slack)) {
       LEAN_STAMP(18);
+      pf.issue(p);
       if (c >= units * ns) return false;
       const int unit = c / ns, j = c % ns;
       w.b = unit / p.heads_kv;

@@ -1934,6 +1934,81 @@ def test_in_kernel_split_by_its_factor_two_graphs(dtype, layout):
             _assert_out_lse(out, lse, ro, rl, out_tol=2e-2 if dtype == BF16 else 4e-3)
 
 
+@pytest.mark.parametrize("case", range(6))
+def test_split_prefetch_changes_nothing(case):
+    """TUNING["split_prefetch"]: each CTA prefetches into L2 the
+    tiles the launch-time split would give it. Random ragged and paged
+    batches of 19-40 units (every head_dim, page sizes 1, 16 and 64, fp16,
+    bf16 and fp8 e4m3 K/V, a sliding window with soft-cap, 3 query tokens,
+    an empty sequence), on lengths where the split is taken and where
+    stream-K is kept: NaN-prefilled out and lse are bitwise those of the plans
+    made with the prefetch off and by bulk prefetches, and equal the reference."""
+    from cupy_lean import kernels as K
+    from cupy_lean.schedule import runtime_split_chunks
+
+    rng = np.random.default_rng(1300 + case)
+    d = (64, 128, 256)[case % 3]
+    B, hkv, g = int(rng.integers(5, 9)), int(rng.integers(4, 6)), int(rng.integers(1, 7))
+    layout = "dense" if case % 2 == 0 else "paged"
+    dtype = BF16 if case % 4 == 1 else np.float16
+    cap = 1500
+    q, k, v, lens, table = make_inputs(rng, B, hkv * g, hkv, d, dtype, [cap] * B, layout,
+                                       page_size=(1, 16, 64)[case % 3])
+    feats, host = {}, {}
+    if case == 2:
+        feats = host = dict(window_left=700, softcap=20.0)
+    if case == 4:  # 3 query tokens per sequence
+        q = np.stack([q, q[::-1], q * 0.5], axis=1).astype(q.dtype)
+    if case in (3, 5):
+        k8, ku8, ks = _fp8_cache(rng, k, "e4m3", True)
+        v8, vu8, vs = _fp8_cache(rng, v, "e4m3", False)
+        k, v = k8, v8
+        kd, vd = cp.asarray(ku8), cp.asarray(vu8)
+        feats = dict(kv_dtype="e4m3", k_scale=cp.asarray(ks), v_scale=vs)
+        host = dict(k_scale=ks, v_scale=vs)
+    else:
+        kd, vd = to_gpu(k), to_gpu(v)
+    ld = cp.asarray(lens)
+    kw = dict(kv_lens=ld, block_table=None if table is None else cp.asarray(table))
+    run_kw = {key: val for key, val in feats.items() if key in ("k_scale", "v_scale")}  # run's, not plan's
+    plan_kw = {key: val for key, val in feats.items() if key not in run_kw}
+    qd = to_gpu(q)
+    plans = []
+    for on in (1, 0, 2):  # by lines, none, by bulk prefetches
+        with K.tuning(split_prefetch=on, split_prefetch_paged=on):
+            plans.append(cupy_lean.plan(qd, kd, vd, out=_nan_like(q.shape, q.dtype), **kw, **plan_kw))
+    p = plans[0]
+    assert p.decomposition == K.Decomposition.STREAM_K and p.runtime_split, p.describe()
+    units = B * hkv
+    short = rng.integers(1, max(2, (p.grid // units) * p.tile), B)  # the split: chunks of at most a tile
+    short[int(rng.integers(B))] = 0
+    long_ = rng.integers(1, 3 * p.tile, B)
+    long_[int(rng.integers(B))] = cap  # one long sequence: stream-K
+    taken = []
+    for new in (short.astype(np.int32), long_.astype(np.int32)):
+        ld[...] = cp.asarray(new)
+        got = []
+        for plan in plans:
+            out = _nan_like(q.shape, q.dtype)
+            lse = cp.full(q.shape[:-1], cp.nan, dtype=cp.float32)
+            plan.run(qd, kd, vd, out=out, lse=lse, **kw, **run_kw)
+            got.append((out, lse))
+        for other in got[1:]:
+            _assert_bitwise(got[0][0], other[0])
+            _assert_bitwise(got[0][1], other[1])
+        ro, rl = reference.attention(q, k, v, kv_lens=new, block_table=table, **host)
+        fin = np.isfinite(rl)
+        _assert_out_lse(got[0][0], got[0][1], ro, rl,
+                        (2e-2 if dtype == BF16 else 4e-3) * max(1.0, np.abs(ro).max()),
+                        4e-3 * max(1.0, np.abs(rl[fin]).max()))
+        taken.append(runtime_split_chunks(new, hkv, p.tile, p.grid, split_slack_tiles=p.split_slack_tiles,
+                                          split_scale=p.split_scale))
+    assert taken[0] > 0, (taken, p.describe())  # the prefetched tiles were the ones streamed
+    key = "split_prefetch_paged" if layout == "paged" else "split_prefetch"
+    with K.tuning(**{key: 3}), pytest.raises(ValueError, match=f'"{key}"\\] must be 0, 1 or 2, got 3'):
+        cupy_lean.plan(qd, kd, vd, **kw, **plan_kw)
+
+
 @pytest.mark.parametrize("sched,tuning,B,hkv", [
     ("lean", {}, 3, 2),  # few units: the merge launch (and split-K in one wave when the lengths favour it)
     ("lean", {"merge_launch_pieces": 0}, 3, 2),  # few units, merged in the kernel by the last contributor
