@@ -457,12 +457,14 @@ TUNING = _Tuning({
     # L2 the first tiles (and query rows) that the split would give it while the lengths are scanned and
     # the split decided, so that its first copies hit L2 when the split is taken (where stream-K is kept
     # the lines serve the CTAs that stream them). Results are the same either way. 0: no prefetch; 1: by
-    # 128-byte lines; 2: one bulk prefetch per row (sm_90+, the TMA unit; lines on older GPUs). Measured on
-    # an H100 (bench/NOTES.md session 28, tools/spec_sweep.py --family --layouts ragged,paged --configs
+    # 128-byte lines; 2: one bulk prefetch per row (the TMA unit); GPUs older than sm_90 ignore it.
+    # Measured on an H100 (bench/NOTES.md session 28, tools/spec_sweep.py --family --layouts ragged,paged --configs
     # default,sk_no_prefetch,sk_prefetch_bulk, 4 seeds, 90 shapes up to 60 MB): by lines 0.969x the time
     # without (geomean) on the 41 dense-layout shapes (0.895-1.014), 1.003x on the 49 paged ones (0.938-1.06,
-    # whose rows wait for their page first); by bulk prefetches 1.03-1.05x (up to 1.29x: one TMA
-    # operation per row queues the first copies behind it)
+    # whose rows wait for their page first; that run prefetched paged caches too, as spec_sweep's
+    # sk_paged_prefetch_lines does now); by bulk prefetches 1.03-1.05x (up to 1.29x: one TMA operation per
+    # row queues the first copies behind it). Held out (2 other seeds, 29 dense-layout shapes): 0.973x
+    # (0.907-1.004)
     "split_prefetch": 1,
     # the same for paged caches (see above: no gain measured), where each row's page is read first
     "split_prefetch_paged": 0,

@@ -260,7 +260,7 @@ static_assert(STREAM_K == LEAN_HOST_STREAM_K && SPLIT_K == LEAN_HOST_SPLIT_K, "D
   F(int, runtime_split)      /* STREAM_K: 0: never; n >= 1: split-K in one wave when its busiest CTA has at most */ \
   F(int, split_slack)        /* ... n times stream-K's busiest CTA's tiles plus split_slack (>= 0) tiles */ \
   F(u32, page_magic) F(int, page_shift) /* PAGED: tok / page_size = (umulhi(tok, magic) + tok) >> shift (kernels.page_divisor) */ \
-  F(int, split_prefetch)     /* STREAM_K with runtime_split: 0: off; the split's first tiles into L2 during the scan (SplitPrefetch): 1 by lines, 2 by bulk prefetches (sm_90+) */
+  F(int, split_prefetch)     /* runtime_split, sm_90+: the split's first tiles into L2 (SplitPrefetch); 0: off */
 
 #define LEAN_DECLARE_FIELD(type, name) type name;
 struct Params {
@@ -810,8 +810,9 @@ __device__ void reduce_unit(const Params& p, int b, int h, int n, SlotList slot_
 // the split will be taken and brings its chunk's first STAGES - 1 tiles of K
 // and V and its unit's query rows into L2 while the lengths are scanned and
 // the decision made, so that its first copies hit L2 instead of waiting for
-// DRAM: by 128-byte lines (1) or by one bulk prefetch per row (2, sm_90+;
-// on older GPUs by lines). Nothing but L2 changes: where the launch keeps stream-K, the lines
+// DRAM: by 128-byte lines (1) or by one bulk prefetch per row (2). sm_90
+// and newer only (HAS_BULK_PREFETCH: the GPUs it was measured on); older
+// GPUs ignore p.split_prefetch. Nothing but L2 changes: where the launch keeps stream-K, the lines
 // are read by whichever CTA streams those tiles (or evicted). Addresses are
 // those of valid tokens only (paged: of pages inside the cache).
 // begin issues the length load (before pass 1, so the two loads overlap);
@@ -827,8 +828,9 @@ struct SplitPrefetch {
 
   __device__ void begin(const Params& p, int c) {
     on = false;
-    if (p.split_prefetch == 0 || p.runtime_split == 0) return;
-    bulk = HAS_BULK_PREFETCH && p.split_prefetch == 2;
+    // measured on sm_90 only (an H100): older GPUs do not prefetch
+    if (!HAS_BULK_PREFETCH || p.split_prefetch == 0 || p.runtime_split == 0) return;
+    bulk = p.split_prefetch == 2;
     const int units = p.batch * p.heads_kv;
     ns = (int)gridDim.x / max(units, 1);
     if (ns < 1 || c >= units * ns) return;

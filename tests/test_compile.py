@@ -318,6 +318,20 @@ def test_fp8_conversion_path_per_architecture(monkeypatch):
 
 
 @needs_nvrtc
+@pytest.mark.parametrize("paged", [False, True])
+def test_split_prefetch_only_on_sm90(paged):
+    """The launch-time split's L2 prefetch (TUNING["split_prefetch"]) is in
+    the sm_90 kernel, by lines and by bulk prefetches, and not in the sm_80
+    one (measured on sm_90 only; older GPUs ignore the Params field)."""
+    spec = K.make_spec("f16", 128, 4, paged)
+    ptx90, ptx80 = K.compile_ptx(spec, "sm_90"), K.compile_ptx(spec, "sm_80")
+    assert "prefetch.global.L2" in ptx90 and "cp.async.bulk.prefetch.L2.global" in ptx90
+    assert "prefetch" not in ptx80
+    assert "split_prefetch" in [name for name, _ in K.Params._fields_]
+    assert K.TUNING["split_prefetch"] in (0, 1, 2) and K.TUNING["split_prefetch_paged"] in (0, 1, 2)
+
+
+@needs_nvrtc
 def test_timeline_instrumentation_compiles(monkeypatch):
     """tools/timeline.py compiles the kernel with -DLEAN_TIMELINE: the
     stamps must keep compiling (and define the table the tool reads), while

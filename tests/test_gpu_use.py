@@ -1912,8 +1912,9 @@ def test_in_kernel_split_by_its_factor_two_graphs(dtype, layout):
                                     split_scale=plan.split_scale)
 
     # Short sequences of 10-24 tiles: stream-K's busiest CTA streams at least
-    # two tiles on any grid, so twice it is more than it plus one tile (with
-    # one tile per CTA the two rules agree and no length tells them apart).
+    # two tiles on grids of up to 200 CTAs (head_dim 128 runs one CTA per
+    # SM), so twice it is more than it plus one tile (with one tile per CTA
+    # the two rules agree and no length tells them apart).
     short = rng.integers(10 * p.tile, 24 * p.tile, B - 1)
     factor_only = far = None
     for long_len in range(p.tile, cap + 1, p.tile // 2):
@@ -1934,32 +1935,60 @@ def test_in_kernel_split_by_its_factor_two_graphs(dtype, layout):
             _assert_out_lse(out, lse, ro, rl, out_tol=2e-2 if dtype == BF16 else 4e-3)
 
 
-@pytest.mark.parametrize("case", range(6))
+# (head_dim, layout, page size, q dtype, K/V, feature) of each split-prefetch case
+_PREFETCH_CASES = [(64, "strided", 16, "fp16", "fp16", None), (128, "paged", 16, "bf16", "bf16", None),
+                   (256, "dense", 16, "fp16", "fp16", "window"), (64, "dense", 16, "fp16", "e4m3", None),
+                   (128, "paged", 64, "fp16", "fp16", "q_len"), (256, "paged", 1, "bf16", "e4m3", None)]
+
+
+def _prefetch_lengths(rng, B, hkv, tile, grid, cap, window=None):
+    """The split-prefetch test's two length sets for a plan of ``grid`` CTAs
+    and ``tile``-token tiles: ``split``, every sequence (one empty) of
+    ``3 x ns`` tiles (ns = grid // units; fewer where the cache is short),
+    so that the split's chunks have up to 3 tiles (the prefetch covers
+    ``stages - 1`` of them) and both launch-time rules take the split (with
+    a sliding window: sequences longer than it, none empty, each unit
+    streaming the window); and ``keep``, one sequence of ``cap`` tokens among short ones
+    (stream-K)."""
+    ns = grid // (B * hkv)
+    n = max(1, min(3 * ns, cap // tile))
+    if window is not None:  # the window starts after key 0; no empty sequence (the units stay even)
+        split = rng.integers(window + 2, cap + 1, B)
+    else:
+        split = rng.integers((n - 1) * tile + 1, n * tile + 1, B)
+        split[int(rng.integers(B))] = 0
+    keep = rng.integers(1, 3 * tile, B)
+    keep[int(rng.integers(B))] = cap
+    return split.astype(np.int32), keep.astype(np.int32)
+
+
+@pytest.mark.parametrize("case", range(len(_PREFETCH_CASES)))
 def test_split_prefetch_changes_nothing(case):
-    """TUNING["split_prefetch"]: each CTA prefetches into L2 the
-    tiles the launch-time split would give it. Random ragged and paged
-    batches of 19-40 units (every head_dim, page sizes 1, 16 and 64, fp16,
-    bf16 and fp8 e4m3 K/V, a sliding window with soft-cap, 3 query tokens,
-    an empty sequence), on lengths where the split is taken and where
-    stream-K is kept: NaN-prefilled out and lse are bitwise those of the plans
-    made with the prefetch off and by bulk prefetches, and equal the reference."""
+    """TUNING["split_prefetch"] / ["split_prefetch_paged"]: each CTA
+    prefetches into L2 the first tiles the launch-time split would give it.
+    Random ragged and paged batches of 20-40 units: every head_dim, dense,
+    strided (HND) and paged caches (page sizes 1, 16 and 64), fp16, bf16
+    and fp8 e4m3 K/V (dense and paged), a sliding window with soft-cap, 3
+    query tokens, an empty sequence. On lengths where the split is taken
+    (chunks of up to 3 tiles) and where stream-K is kept, NaN-prefilled out
+    and lse of the plans made with the prefetch by lines, off and by bulk
+    prefetches are bitwise equal, and equal the reference."""
     from cupy_lean import kernels as K
     from cupy_lean.schedule import runtime_split_chunks
 
+    d, layout, page, qdt, kvdt, feature = _PREFETCH_CASES[case]
     rng = np.random.default_rng(1300 + case)
-    d = (64, 128, 256)[case % 3]
     B, hkv, g = int(rng.integers(5, 9)), int(rng.integers(4, 6)), int(rng.integers(1, 7))
-    layout = "dense" if case % 2 == 0 else "paged"
-    dtype = BF16 if case % 4 == 1 else np.float16
-    cap = 1500
-    q, k, v, lens, table = make_inputs(rng, B, hkv * g, hkv, d, dtype, [cap] * B, layout,
-                                       page_size=(1, 16, 64)[case % 3])
+    dtype = BF16 if qdt == "bf16" else np.float16
+    cap = 4096
+    q, k, v, lens, table = make_inputs(rng, B, hkv * g, hkv, d, dtype, [cap] * B, layout, page_size=page)
     feats, host = {}, {}
-    if case == 2:
-        feats = host = dict(window_left=700, softcap=20.0)
-    if case == 4:  # 3 query tokens per sequence
+    window = 3000 if feature == "window" else None
+    if window is not None:
+        feats = host = dict(window_left=window, softcap=20.0)
+    if feature == "q_len":  # 3 query tokens per sequence
         q = np.stack([q, q[::-1], q * 0.5], axis=1).astype(q.dtype)
-    if case in (3, 5):
+    if kvdt == "e4m3":
         k8, ku8, ks = _fp8_cache(rng, k, "e4m3", True)
         v8, vu8, vs = _fp8_cache(rng, v, "e4m3", False)
         k, v = k8, v8
@@ -1979,13 +2008,8 @@ def test_split_prefetch_changes_nothing(case):
             plans.append(cupy_lean.plan(qd, kd, vd, out=_nan_like(q.shape, q.dtype), **kw, **plan_kw))
     p = plans[0]
     assert p.decomposition == K.Decomposition.STREAM_K and p.runtime_split, p.describe()
-    units = B * hkv
-    short = rng.integers(1, max(2, (p.grid // units) * p.tile), B)  # the split: chunks of at most a tile
-    short[int(rng.integers(B))] = 0
-    long_ = rng.integers(1, 3 * p.tile, B)
-    long_[int(rng.integers(B))] = cap  # one long sequence: stream-K
     taken = []
-    for new in (short.astype(np.int32), long_.astype(np.int32)):
+    for new in _prefetch_lengths(rng, B, hkv, p.tile, p.grid, cap, window):
         ld[...] = cp.asarray(new)
         got = []
         for plan in plans:
@@ -2001,9 +2025,10 @@ def test_split_prefetch_changes_nothing(case):
         _assert_out_lse(got[0][0], got[0][1], ro, rl,
                         (2e-2 if dtype == BF16 else 4e-3) * max(1.0, np.abs(ro).max()),
                         4e-3 * max(1.0, np.abs(rl[fin]).max()))
-        taken.append(runtime_split_chunks(new, hkv, p.tile, p.grid, split_slack_tiles=p.split_slack_tiles,
+        seen = new if window is None else np.minimum(new, window + 1)  # the keys a unit streams
+        taken.append(runtime_split_chunks(seen, hkv, p.tile, p.grid, split_slack_tiles=p.split_slack_tiles,
                                           split_scale=p.split_scale))
-    assert taken[0] > 0, (taken, p.describe())  # the prefetched tiles were the ones streamed
+    assert taken[0] > 0 and taken[1] == 0, (taken, p.describe())  # the rule split the first set only
     key = "split_prefetch_paged" if layout == "paged" else "split_prefetch"
     with K.tuning(**{key: 3}), pytest.raises(ValueError, match=f'"{key}"\\] must be 0, 1 or 2, got 3'):
         cupy_lean.plan(qd, kd, vd, **kw, **plan_kw)

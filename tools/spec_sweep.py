@@ -60,8 +60,11 @@ TUNING_CONFIGS = {"sk_launch": {"merge_launch_pieces": 1}, "sk_inkernel": {"merg
                   # factor 1 and one tile; time it from sk_split_force / sk_split_off by the rule)
                   "sk_scale1": {"runtime_split_in_kernel_scale": 1},
                   # no L2 prefetch of the launch-time split's first tiles during the scan (sm_90+)
+                  # (dense layouts; the paged_ ones set the key of paged caches, off by default)
                   "sk_no_prefetch": {"split_prefetch": 0}, "sk_prefetch_lines": {"split_prefetch": 1},
                   "sk_prefetch_bulk": {"split_prefetch": 2},
+                  "sk_paged_prefetch_lines": {"split_prefetch_paged": 1},
+                  "sk_paged_prefetch_bulk": {"split_prefetch_paged": 2},
                   "sk_force_no_prefetch": {"runtime_split_slack_bytes": 1 << 40, "split_prefetch": 0}}
 CONFIGS += [(name, "tuning") for name in TUNING_CONFIGS]
 
