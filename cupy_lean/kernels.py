@@ -462,7 +462,7 @@ TUNING = _Tuning({
     # default,sk_no_prefetch,sk_prefetch_bulk, 4 seeds, 90 shapes up to 60 MB): by lines 0.969x the time
     # without (geomean) on the 41 dense-layout shapes (0.895-1.014), 1.003x on the 49 paged ones (0.938-1.06,
     # whose rows wait for their page first; that run prefetched paged caches too, as spec_sweep's
-    # sk_paged_prefetch_lines does now); by bulk prefetches 1.03-1.05x (up to 1.29x: one TMA operation per
+    # sk_paged_prefetch_lines does now); by bulk prefetches 1.04-1.05x (up to 1.29x: one TMA operation per
     # row queues the first copies behind it). Held out (2 other seeds, 29 dense-layout shapes): 0.973x
     # (0.907-1.004)
     "split_prefetch": 1,
