@@ -51,6 +51,15 @@ def test_spec_sweep_draws_its_shapes_as_asked():
     for c in dense:
         assert c.layout == "dense" and c.head_dim == 64 and 2000 <= c.max_len <= 10001
         assert c.kv_bytes() <= 400e6 + 1 and len(set(c.lens)) == 1
+    assert dense == spec_sweep.draw(12, 7, 132, (64,), (2000, 10000))
+    # long calls whose split would occupy 70-90% of the SMs (the equal-length model's step)
+    band = spec_sweep.draw(8, 5, 132, (64, 128), (20000, 160000), (0.3, 0.8), max_mb=2000, sm_fraction=(0.7, 0.9))
+    assert len(band) == 8 and band == spec_sweep.draw(8, 5, 132, (64, 128), (20000, 160000), (0.3, 0.8),
+                                                      max_mb=2000, sm_fraction=(0.7, 0.9))
+    for c in band:
+        u = c.batch * c.heads_kv
+        assert 0.7 <= (132 // u) * u / 132 < 0.9 and c.kv_bytes() <= 2000e6 + 1 and c.head_dim in (64, 128)
+    assert len({c.name for c in band}) == 8
     fam = spec_sweep.family_shapes(10, 3, [64, 128], ["paged"], 60)
     assert len(fam) == 10 and fam == spec_sweep.family_shapes(10, 3, [64, 128], ["paged"], 60)
     for c in fam:

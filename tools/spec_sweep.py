@@ -11,7 +11,7 @@ many_unit_config's rules were fitted to; check them on other seeds, never
 tune per shape.
 
     python tools/spec_sweep.py --shapes 12 --seed S [--head-dims 64,128] [--lengths 300,2000]
-                               [--time-budget 200] [--out F.json]
+                               [--max-mb 400] [--sm-fraction 0.7,0.9] [--time-budget 200] [--out F.json]
     python tools/spec_sweep.py --family --layouts paged,ragged --max-mb 60 --shapes 12 --seed S ...
 
 With ``--family`` the shapes come from the benchmark's family instead
@@ -69,20 +69,31 @@ TUNING_CONFIGS = {"sk_launch": {"merge_launch_pieces": 1}, "sk_inkernel": {"merg
 CONFIGS += [(name, "tuning") for name in TUNING_CONFIGS]
 
 
-def draw(n, seed, num_sms, head_dims=(64, 128, 256), lengths=(300, 2000), units_per_sm=(0.8, 5.0)):
+def draw(n, seed, num_sms, head_dims=(64, 128, 256), lengths=(300, 2000), units_per_sm=(0.8, 5.0), max_mb=400.0,
+         sm_fraction=None):
     """``n`` dense shapes: units (batch x KV heads) from ``units_per_sm[0]`` to
     ``units_per_sm[1]`` times the SMs (default 0.8x to 5x),
-    lengths in ``lengths`` (multiples of nothing), at most 400 MB, every head_dim, groups 1-16."""
+    lengths in ``lengths`` (multiples of nothing), at most ``max_mb`` MB of K and V
+    (the batch cut to fit), every head_dim, groups 1-16. ``sm_fraction``
+    (LOW, HIGH): keep only shapes whose split of ``num_sms // units`` chunks
+    per unit would occupy that fraction of the SMs, ``LOW <= (num_sms // units) x
+    units / num_sms < HIGH`` (drawing on until ``n`` are found): the regime where
+    the equal-length model weighs a split on part of the GPU against stream-K."""
     rng = np.random.default_rng(seed)
-    out = []
-    for i in range(n):
+    out, i = [], 0
+    while len(out) < n and i < 1000 * max(n, 1):
         d = int(rng.choice(list(head_dims)))
         g = int(rng.integers(1, 17))
         units = int(rng.integers(max(1, int(units_per_sm[0] * num_sms)), max(2, int(units_per_sm[1] * num_sms))))
         hkv = int(rng.choice([1, 2, 3, 4, 5, 8, 12]))
         nlen = int(rng.integers(*lengths)) | 1
-        b = max(1, min(units // hkv, int(400e6 // (nlen * hkv * d * 4))))  # at most 400 MB of K/V
-        out.append(C.Case(f"s{i:02d}_b{b}_h{hkv * g}x{hkv}_d{d}_{nlen}", b, hkv * g, hkv, d, (nlen,) * b,
+        b = max(1, min(units // hkv, int(max_mb * 1e6 // (nlen * hkv * d * 4))))  # at most max_mb of K/V
+        i += 1
+        if sm_fraction is not None:
+            u = b * hkv
+            if u > num_sms or not sm_fraction[0] <= (num_sms // u) * u / num_sms < sm_fraction[1]:
+                continue
+        out.append(C.Case(f"s{len(out):02d}_b{b}_h{hkv * g}x{hkv}_d{d}_{nlen}", b, hkv * g, hkv, d, (nlen,) * b,
                           "dense", "sweep"))
     return out
 
@@ -129,7 +140,10 @@ def main():
                     help="shapes of the benchmark's family (ragged and paged too) instead of many-unit dense ones")
     ap.add_argument("--layouts", default="dense,ragged,paged", help="with --family: comma-separated")
     ap.add_argument("--max-mb", type=float, default=0.0,
-                    help="with --family: at most this much K and V read (0: any)")
+                    help="at most this much K and V read (0: any with --family, 400 MB without)")
+    ap.add_argument("--sm-fraction", default="",
+                    help="LOW,HIGH, without --family: only shapes whose split of SMs // units chunks per unit "
+                         "occupies that fraction of the SMs")
     ap.add_argument("--max-batch", type=int, default=0, help="with --family: at most this many sequences (0: any)")
     ap.add_argument("--max-units", type=int, default=0, help="with --family: at most this many units (0: any)")
     ap.add_argument("--min-units", type=int, default=0, help="with --family: at least this many units")
@@ -162,7 +176,8 @@ def main():
                                a.max_units, a.min_units, a.draw, [o for o in a.only.split(",") if o])
     else:
         shapes = draw(a.shapes, a.seed, sms, dims, tuple(int(x) for x in a.lengths.split(",")),
-                      tuple(float(x) for x in a.units.split(",")))
+                      tuple(float(x) for x in a.units.split(",")), a.max_mb or 400.0,
+                      tuple(float(x) for x in a.sm_fraction.split(",")) if a.sm_fraction else None)
     for case, inp, idx, outs, n_copies in family_inputs(shapes, a.time_budget, "spec_sweep"):
         row = {"case": case.name, "units": case.batch * case.heads_kv, "kv_bytes": case.kv_bytes(), "times": {},
                "plans": {}}
