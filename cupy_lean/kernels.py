@@ -503,15 +503,17 @@ def launch_split_rule(merge_launch, tile_size, head_dim, kv_itemsize):
     :data:`TUNING` ``"runtime_split_slack_bytes"`` in tiles (at least one);
     in the kernel ``"runtime_split_in_kernel_scale"`` and those bytes in
     tiles (possibly none)."""
-    from .schedule import runtime_split_slack
+    from .schedule import _check_split_rule, runtime_split_slack
 
     slack = runtime_split_slack(tile_size, head_dim, kv_itemsize, TUNING["runtime_split_slack_bytes"],
                                 at_least=1 if merge_launch else 0)
     if merge_launch:
         return 1, slack
     scale = TUNING["runtime_split_in_kernel_scale"]
-    if isinstance(scale, bool) or not isinstance(scale, int) or not 1 <= scale <= 64:
-        raise ValueError(f'TUNING["runtime_split_in_kernel_scale"]: expected an integer from 1 to 64, got {scale!r}')
+    try:  # the kernel's range for the factor, named by the TUNING key
+        _, scale = _check_split_rule(slack, scale)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f'TUNING["runtime_split_in_kernel_scale"]: {exc}') from None
     return scale, slack
 
 

@@ -372,6 +372,20 @@ __device__ __forceinline__ int split_pieces(int ntiles, int ns) {
   const int chunk = split_chunk(ntiles, ns);
   return (ntiles + chunk - 1) / chunk;
 }
+// Tiles [x, y) of chunk j.
+__device__ __forceinline__ int2 split_chunk_tiles(int ntiles, int ns, int j) {
+  const int chunk = split_chunk(ntiles, ns), t0 = min(j * chunk, ntiles);
+  return make_int2(t0, min(t0 + chunk, ntiles));
+}
+// The launch-time split's chunks per unit (find_work): as many as the grid
+// holds for every unit (0: fewer CTAs than units).
+__device__ __forceinline__ int launch_split_count(const Params& p) {
+  return (int)gridDim.x / max(p.batch * p.heads_kv, 1);
+}
+// PAGED: the page index of token `tok` (tok / page_size, by the host's magic number).
+__device__ __forceinline__ int page_index(const Params& p, int tok) {
+  return (int)((__umulhi((u32)tok, p.page_magic) + (u32)tok) >> p.page_shift);
+}
 
 struct StreamK {
   i64 total, per, heavy;
@@ -831,13 +845,12 @@ struct SplitPrefetch {
     // measured on sm_90 only (an H100): older GPUs do not prefetch
     if (!HAS_BULK_PREFETCH || p.split_prefetch == 0 || p.runtime_split == 0) return;
     bulk = p.split_prefetch == 2;
-    const int units = p.batch * p.heads_kv;
-    ns = (int)gridDim.x / max(units, 1);
-    if (ns < 1 || c >= units * ns) return;
-    const int unit = c / ns;
-    j = c - unit * ns;
+    ns = launch_split_count(p);
+    if (ns < 1 || c >= p.batch * p.heads_kv * ns) return;
+    const int unit = c / ns;  // as find_work's split branch
+    j = c % ns;
     b = unit / p.heads_kv;
-    h = unit - b * p.heads_kv;
+    h = unit % p.heads_kv;
     len = p.kv_lens != nullptr ? p.kv_lens[b] : p.capacity;  // clamped in locate
     on = true;
   }
@@ -845,9 +858,9 @@ struct SplitPrefetch {
   __device__ void locate(const Params& p) {
     if (!on) return;
     len = clamp_len(len, p.capacity);
-    const int start = window_start(p, len), nt = ntiles_of(len - start), chunk = split_chunk(nt, ns);
-    const int t0 = min(j * chunk, nt), t1 = min(t0 + min(chunk, STAGES - 1), nt);
-    const int tok_lo = start + t0 * TILE, tok_hi = min(len, start + t1 * TILE);
+    const int start = window_start(p, len);
+    const int2 r = split_chunk_tiles(ntiles_of(len - start), ns, j);  // the chunk's first STAGES - 1 tiles:
+    const int tok_lo = start + r.x * TILE, tok_hi = min(len, start + min(r.y, r.x + STAGES - 1) * TILE);
     const u32 row_bytes = D * KV_ELEM;
     if (tok_lo < tok_hi) {  // the query rows (load_q's), when the chunk has tiles
       const u16* qsrc = p.q + (i64)b * p.q_sb;
@@ -861,8 +874,7 @@ struct SplitPrefetch {
       tok[i] = t < tok_hi ? t : -1;
       if (tok[i] < 0) continue;
       if (PAGED) {
-        const int pq = (int)((__umulhi((u32)t, p.page_magic) + (u32)t) >> p.page_shift);  // t / page_size
-        page[i] = p.block_table[(i64)b * p.bt_sb + pq];
+        page[i] = p.block_table[(i64)b * p.bt_sb + page_index(p, t)];
       } else {
         const char* kb = reinterpret_cast<const char*>(p.k);
         const char* vb = reinterpret_cast<const char*>(p.v);
@@ -880,8 +892,7 @@ struct SplitPrefetch {
     for (int i = 0; i < ROWS; ++i) {
       const int t = tok[i], pg = page[i];
       if (t < 0 || pg < 0 || pg >= p.num_pages) continue;
-      const int pq = (int)((__umulhi((u32)t, p.page_magic) + (u32)t) >> p.page_shift);
-      const int row = t - pq * p.page_size;
+      const int row = t - page_index(p, t) * p.page_size;
       prefetch_l2(kb + ((i64)pg * p.k_sb + (i64)row * p.k_st + (i64)h * p.k_sh) * KV_ELEM, D * KV_ELEM, bulk);
       prefetch_l2(vb + ((i64)pg * p.v_sb + (i64)row * p.v_st + (i64)h * p.v_sh) * KV_ELEM, D * KV_ELEM, bulk);
     }
@@ -904,8 +915,8 @@ __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, S
     w.len = seq_len(p, lens_s, w.b, false);
     w.start = window_start(p, w.len);
     w.ntiles = ntiles_of(w.len - w.start);
-    const int chunk = split_chunk(w.ntiles, p.num_splits);
-    const int t0 = min(j * chunk, w.ntiles), t1 = min(t0 + chunk, w.ntiles);
+    const int2 r = split_chunk_tiles(w.ntiles, p.num_splits, j);
+    const int t0 = r.x, t1 = r.y;
     w.t = t0;
     w.g = t0;
     w.end = t1;
@@ -946,7 +957,7 @@ __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, S
     // combine launch merges them as it merges pieces (unit_meta set), or
     // else the unit's last arriving chunk does, as for stream-K's pieces
     // (Contributors::of_split).
-    const int units = p.batch * p.heads_kv, ns = (int)gridDim.x / max(units, 1);
+    const int units = p.batch * p.heads_kv, ns = launch_split_count(p);
     // ceil(longest / ns) <= scale x per + slack, as one product: no division on every CTA's path to its
     // first copy
     if (ns >= 1 && (i64)longest <= (i64)ns * ((i64)p.runtime_split * sk.per + p.split_slack)) {
@@ -959,12 +970,12 @@ __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, S
       w.len = seq_len(p, lens_s, w.b, true);
       w.start = window_start(p, w.len);
       w.ntiles = ntiles_of(w.len - w.start);
-      const int chunk = split_chunk(w.ntiles, ns);
+      const int2 r = split_chunk_tiles(w.ntiles, ns, j);
+      const int t0 = r.x, t1 = r.y;
       if (j == 0 && tid == 0 && p.unit_meta != nullptr) {  // the unit's record: its chunks with tiles, the first one's slot
         p.unit_meta[2 * unit] = split_pieces(w.ntiles, ns);
         p.unit_meta[2 * unit + 1] = PartialSlots::stream_k_slot(c, 0);
       }
-      const int t0 = min(j * chunk, w.ntiles), t1 = min(t0 + chunk, w.ntiles);
       sk.split = ns;
       w.t = t0;
       w.g = t0;
@@ -1064,7 +1075,7 @@ struct KVLoader {
     const int r0 = (threadIdx.x / KCPR) * RUN;
     const int j = one_page ? 0 : threadIdx.x % KCPR;  // page_rows: this lane's row of the run
     const int tok = tok0 + r0 + j;  // >= 0 and < 2^31: the sum below fits in 32 bits
-    const int pq = (int)((__umulhi((u32)tok, p.page_magic) + (u32)tok) >> p.page_shift);  // tok / ps
+    const int pq = page_index(p, tok);
     prow0 = tok - pq * ps;
     const int* bt = p.block_table + (i64)s.b * p.bt_sb;
     // checked when used (load): this read's latency is hidden
