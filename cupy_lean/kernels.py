@@ -399,6 +399,13 @@ TUNING = _Tuning({
     # equal lengths (no kv_lens and a dense cache, or one sequence): the lean plan runs split-K or one CTA per unit where
     # schedule.uniform_variant's model says it streams as fast (False: always stream-K)
     "uniform_variants": True,
+    # that model's wave of w CTAs streams at the whole DRAM bandwidth when w >= this fraction of the
+    # grid, at w / (fraction x grid) of it below (schedule.uniform_variant's saturation). Measured on an
+    # H200 (bench/NOTES.md session 20, tools/spec_sweep.py seed 20124321, 18 dense shapes of 2k-40k
+    # tokens): with 0.7 the split or one CTA per unit ran on 0.79-0.98 of the SMs for 16 shapes, faster
+    # than stream-K on 15. Open (session 28): 1-2 GB calls whose split fills 0.71-0.79 of an H100's SMs
+    # read at 0.91-0.96x stream-K's speed. A fraction in (0, 1]
+    "uniform_saturation": 0.7,
     "fallback_hbm_tbps": 3.0,  # DRAM bandwidth assumed where the driver reports no memory clock
     # many units (many_unit_config), equal lengths, at least one unit per SM: at head_dim 64 one CTA
     # per unit (False: no such rule), at 64-token tiles up to this many units per SM, 32 above
@@ -480,6 +487,16 @@ TUNING = _Tuning({
     # or writes memory). False: plain launches
     "pdl": True,
 })
+
+
+def uniform_saturation():
+    """:data:`TUNING` ``"uniform_saturation"``, checked: the fraction of the
+    grid whose CTAs saturate DRAM in :func:`cupy_lean.schedule.uniform_variant`'s
+    model. Raises ValueError naming the key unless it is a number in (0, 1]."""
+    v = TUNING["uniform_saturation"]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+        raise ValueError(f'kernels.TUNING["uniform_saturation"] must be a number in (0, 1], got {v!r}')
+    return float(v)
 
 
 def launch_time_split(merge_launch, stream_k_knob, varied_lengths):

@@ -791,6 +791,8 @@ def uniform_variant(num_units, unit_tiles, grid, num_sms, tile_us=0.0, cut_us=2.
     0.31-0.48 MB 1.02-1.03x, while every split under 0.2 MB per unit ran
     within 1.015x of stream-K or faster.
     """
+    if isinstance(saturation, bool) or not isinstance(saturation, (int, float)) or not 0 < saturation <= 1:
+        raise ValueError(f"saturation: expected a number in (0, 1], got {saturation!r}")
     if num_units <= 0 or unit_tiles <= 0 or grid <= 0:
         return 0
     sat = saturation * grid

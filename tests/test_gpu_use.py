@@ -1383,11 +1383,13 @@ def test_split_combine_over_row_blocks_with_a_short_last_block(q_len):
 def _model_variant(p):
     """The decomposition schedule.uniform_variant gives plan ``p``'s shape on
     its device's grid (what an equal-length lean plan must run)."""
+    from cupy_lean import kernels as K
     from cupy_lean.schedule import uniform_variant
 
     kern = p.kernels
     return uniform_variant(p.units, p.max_unit_tiles, kern.ctas_per_sm * kern.num_sms, kern.num_sms,
-                           tile_us=p.tile_us, state_bytes=4 * p.slot_stride, unit_rows=p.meta.group,
+                           tile_us=p.tile_us, saturation=K.uniform_saturation(), state_bytes=4 * p.slot_stride,
+                           unit_rows=p.meta.group,
                            head_dim=p.meta.head_dim, threads=p.threads)
 
 

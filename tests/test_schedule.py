@@ -608,32 +608,36 @@ def test_merge_balance_is_checked():
 
 # ------------------------------------------------------------------ uniform_variant
 
-def _spec_variant_time(ctas, chunk, grid, tile_us):
+def _spec_variant_time(ctas, chunk, grid, tile_us, sat=0.7):
     """The docstring's streaming model in microseconds: waves of at most
     ``grid`` CTAs one after the other, a wave of w CTAs of ``chunk`` tiles
-    costing ``chunk * max(w, 0.7 * grid) * tile_us`` (tile_us 0: tiles)."""
+    costing ``chunk * max(w, sat * grid) * tile_us`` (tile_us 0: tiles)."""
     waves = [grid] * (ctas // grid) + ([ctas % grid] if ctas % grid else [])
-    return sum(chunk * max(w, 0.7 * grid) for w in waves) * (tile_us or 1)
+    return sum(chunk * max(w, sat * grid) for w in waves) * (tile_us or 1)
 
 
 @given(st.integers(-1, 400), st.integers(-1, 3000), st.integers(1, 300), st.integers(1, 264),
        st.sampled_from([0.0, 0.003, 0.01, 0.03, 0.1]), st.sampled_from([0, 272, 4128, 16 * 258 * 4, 128 * 258 * 4]),
-       st.sampled_from([1, 2, 7, 12, 64]))
-@example(2, 987, 132, 132, 0.0068, 12 * 258 * 4, 1)  # 59 chunks of 12 x 258 floats, one combine CTA: no split
-@example(2, 987, 132, 132, 0.0068, 12 * 258 * 4, 12)  # the same over 12 combine CTAs per unit: split
-@example(110, 7, 132, 132, 0.0, 0, 1)  # 110 units of 7 tiles: one wave, one CTA per unit
-@example(180, 111, 132, 132, 0.0, 0, 1)  # 180 units: a second wave of 48 CTAs -> stream-K
-@example(154, 26, 132, 132, 0.013, 0, 1)
-@example(22, 20, 132, 132, 0.0, 0, 1)  # few units: split
-@example(12, 7, 132, 132, 0.0, 0, 1)
-@example(132, 5, 132, 132, 0.0, 0, 1)  # one CTA per unit fills the GPU exactly
-@example(1, 1, 132, 132, 0.0, 0, 1)
-@example(0, 10, 132, 132, 0.0, 0, 1)
-@example(36, 8, 132, 132, 0.0137, 0, 1)  # a cut's cost decides: split although it streams 1.1x longer
-@example(75, 13, 132, 132, 0.0136, 0, 1)  # the heuristic's 3 chunks need two waves: one CTA per unit or stream-K
-@example(47, 14, 132, 132, 0.0068, 0, 1)  # 5 chunks (two waves) -> 2
-def test_uniform_variant(units, tiles, grid, num_sms, tile_us, state_bytes, rows):
-    v = uniform_variant(units, tiles, grid, num_sms, tile_us=tile_us, state_bytes=state_bytes, unit_rows=rows)
+       st.sampled_from([1, 2, 7, 12, 64]), st.sampled_from([None, 0.5, 0.8, 1.0]))
+@example(2, 987, 132, 132, 0.0068, 12 * 258 * 4, 1, None)  # 59 chunks of 12 x 258 floats, one combine CTA: no split
+@example(2, 987, 132, 132, 0.0068, 12 * 258 * 4, 12, None)  # the same over 12 combine CTAs per unit: split
+@example(110, 7, 132, 132, 0.0, 0, 1, None)  # 110 units of 7 tiles: one wave, one CTA per unit
+@example(180, 111, 132, 132, 0.0, 0, 1, None)  # 180 units: a second wave of 48 CTAs -> stream-K
+@example(154, 26, 132, 132, 0.013, 0, 1, None)
+@example(22, 20, 132, 132, 0.0, 0, 1, None)  # few units: split
+@example(12, 7, 132, 132, 0.0, 0, 1, None)
+@example(132, 5, 132, 132, 0.0, 0, 1, None)  # one CTA per unit fills the GPU exactly
+@example(1, 1, 132, 132, 0.0, 0, 1, None)
+@example(0, 10, 132, 132, 0.0, 0, 1, None)
+@example(36, 8, 132, 132, 0.0137, 0, 1, None)  # a cut's cost decides: split although it streams 1.1x longer
+@example(75, 13, 132, 132, 0.0136, 0, 1, None)  # the heuristic's 3 chunks need two waves: one CTA per unit or stream-K
+@example(47, 14, 132, 132, 0.0068, 0, 1, None)  # 5 chunks (two waves) -> 2
+@example(47, 1286, 132, 132, 0.0068, 0, 1, None)  # 2 chunks per unit on 94 CTAs: counted as saturating
+@example(47, 1286, 132, 132, 0.0068, 0, 1, 0.8)  # ... not at 0.8 of the grid: stream-K
+def test_uniform_variant(units, tiles, grid, num_sms, tile_us, state_bytes, rows, sat):
+    kw = {} if sat is None else {"saturation": sat}
+    sat = 0.7 if sat is None else sat  # the default
+    v = uniform_variant(units, tiles, grid, num_sms, tile_us=tile_us, state_bytes=state_bytes, unit_rows=rows, **kw)
     assert isinstance(v, int)
     if units <= 0 or tiles <= 0:
         assert v == 0
@@ -646,9 +650,9 @@ def test_uniform_variant(units, tiles, grid, num_sms, tile_us, state_bytes, rows
     assert units * v <= max(grid, units)  # a split's CTAs fit one wave
     total = units * tiles
     g = min(grid, total)
-    sk = total / g * max(g, 0.7 * grid) * (tile_us or 1)  # stream-K: one wave of g CTAs, equal shares
+    sk = total / g * max(g, sat * grid) * (tile_us or 1)  # stream-K: one wave of g CTAs, equal shares
     limit = 1.02 * sk + (2.0 if tile_us else 0.0)
-    cands = {n: _spec_variant_time(units * n, -(-tiles // n), grid, tile_us) for n in (1, ns)
+    cands = {n: _spec_variant_time(units * n, -(-tiles // n), grid, tile_us, sat) for n in (1, ns)
              if n == 1 or cta_bytes(n) <= 256 * 1024}  # a combine CTA reading more than 256 KB: no candidate
     best = min(cands.values())
     if v == 0:
@@ -656,6 +660,29 @@ def test_uniform_variant(units, tiles, grid, num_sms, tile_us, state_bytes, rows
     else:
         assert math.isclose(cands[v], best) and cands[v] <= limit * (1 + 1e-12)
         assert v == 1 or cands[1] > best  # one CTA per unit on a tie
+
+
+def test_uniform_variant_saturation():
+    """The saturating fraction decides a split that fills part of the GPU:
+    47 units of 1286 tiles on 132 SMs split in two chunks run 94 CTAs (0.71
+    of the grid), as fast as stream-K's 132 when 0.7 of the grid saturates
+    DRAM, 0.71 / 0.8 as fast when 0.8 does (stream-K then); the value is
+    checked, here and as the TUNING key the plan reads."""
+    assert uniform_variant(47, 1286, 132, 132, tile_us=0.0068) == 2
+    assert uniform_variant(47, 1286, 132, 132, tile_us=0.0068, saturation=0.8) == 0
+    assert uniform_variant(47, 1286, 132, 132, tile_us=0.0068, saturation=0.6) == 2
+    for bad in (0, 0.0, -0.5, 1.5, True, "0.7", None):
+        with pytest.raises(ValueError, match=r"saturation: expected a number in \(0, 1\], got"):
+            uniform_variant(47, 1286, 132, 132, saturation=bad)
+    from cupy_lean import kernels as K
+
+    assert K.uniform_saturation() == K.TUNING["uniform_saturation"] == 0.7
+    for bad in (0, 2, False, "x"):
+        with K.tuning(uniform_saturation=bad):
+            with pytest.raises(ValueError, match=r'TUNING\["uniform_saturation"\] must be a number in \(0, 1\]'):
+                K.uniform_saturation()
+    with K.tuning(uniform_saturation=1):
+        assert K.uniform_saturation() == 1.0
 
 
 def test_uniform_variant_cases():
