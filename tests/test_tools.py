@@ -76,6 +76,22 @@ def test_spec_sweep_draws_its_shapes_as_asked():
         spec_sweep.family_shapes(3, 3, [64], ["page"], 0)
 
 
+def test_cta_rate_shapes():
+    """tools/cta_rate.py's shapes (the timing needs a GPU): per head_dim and
+    group, one sequence of one KV head per CTA, each of about the asked MB
+    of K and V, a length that no tile divides, CTA counts from the
+    fractions of the SMs, each count once."""
+    import cta_rate
+
+    s = cta_rate.shapes(132, [64, 256], [1, 7], (0.3, 0.7, 0.7005, 1.0, 1.5), 8.0)
+    assert [(d, g, w) for d, g, w, _ in s] == [(d, g, w) for d in (64, 256) for g in (1, 7) for w in (40, 92, 132)]
+    for d, g, w, c in s:
+        assert (c.batch, c.heads_kv, c.heads_q, c.head_dim, c.layout) == (w, 1, g, d, "dense")
+        assert len(set(c.lens)) == 1 and c.lens[0] % 2 == 1
+        assert abs(c.kv_bytes() / w - 8e6) <= 4 * d  # one token's K and V at most
+    assert [w for _, _, w, _ in cta_rate.shapes(10, [128], [1], (0.01, 0.05), 1.0)] == [1]
+
+
 def test_timeline_and_split_gap_summaries():
     """tools/timeline.py's per-CTA summary on a made-up table (32 stamps a
     CTA: 16 the start before the wait, 17 and 18 the prologue's split
