@@ -238,12 +238,25 @@ def family_summary(rows: List[dict], subset=None) -> Optional[dict]:
     # with no fixed cost at all would be best_peer_us / bound_us times as fast as the best peer
     room = [r["best_peer_us"] / r["bound_us"] for r in lean
             if _num(r.get("best_peer_us")) is not None and (_num(r.get("bound_us")) or 0) > 0]
+    # against FlashInfer alone (the faster of its variants measured on the shape and dtype)
+    idx = _index(rows)
+    fi = []
+    for r in lean:
+        by = idx.get(_key(r), {})
+        t = [by[m]["device_us"] for m in FLASHINFER if m in by and _ok(by[m])]
+        if t:
+            fi.append((min(t) / r["device_us"], r))
+    fi_worst = min(fi, key=lambda p: p[0]) if fi else None
     return {
         "n": len(lean), "n_peer": len(sp), "geomean": geomean(x for x, _ in sp),
         "min": worst[0] if worst else None, "min_case": _label(worst[1]) if worst else None,
         "below_095": sum(1 for x, _ in sp if x < 0.95), "over_bound": len(over),
         "frac_ceiling_geomean": geomean(r.get("frac_ceiling") for r in lean),
         "ceiling_room_geomean": geomean(room), "peer_within_5pct": sum(1 for x in room if x < 1.05),
+        "n_flashinfer": len(fi), "flashinfer_geomean": geomean(x for x, _ in fi),
+        "flashinfer_min": fi_worst[0] if fi_worst else None,
+        "flashinfer_min_case": _label(fi_worst[1]) if fi_worst else None,
+        "flashinfer_below_095": sum(1 for x, _ in fi if x < 0.95),
     }
 
 
@@ -272,6 +285,10 @@ def format_family_summary(rows: List[dict], seed=None) -> str:
                      f"({f['min_case']}), {f['below_095']} of {f['n_peer']} below 0.95x; "
                      f"{f['over_bound']} of {f['n']} over 1.05 x bound + 4 us; "
                      f"fraction of the read ceiling geomean {f['frac_ceiling_geomean']:.3f}")
+        if f["n_flashinfer"]:
+            lines.append(f"  lean / FlashInfer (the faster of its variants) geomean {f['flashinfer_geomean']:.3f}x, "
+                         f"min {f['flashinfer_min']:.3f}x ({f['flashinfer_min_case']}), "
+                         f"{f['flashinfer_below_095']} of {f['n_flashinfer']} below 0.95x")
         if f["ceiling_room_geomean"] is not None:
             lines.append(f"  read-ceiling room over the best peer: geomean {f['ceiling_room_geomean']:.3f}x "
                          f"(best peer time / K,V bytes at the ceiling); the best peer within 1.05x of "

@@ -313,6 +313,15 @@ def test_family_summary_counts():
     room = [r["best_peer_us"] / r["bound_us"] for r in rows if r["method"] == "lean"]
     assert abs(f["ceiling_room_geomean"] - R.geomean(room)) < 1e-12 and min(room) > 1.05
     assert f["peer_within_5pct"] == 0 and "within 1.05x of that bound on 0 of 6" in text
+    # FlashInfer alone: the faster of its two variants where both ran
+    assert f["n_flashinfer"] == 6 and abs(f["flashinfer_geomean"] - f["geomean"]) < 1e-12
+    assert "lean / FlashInfer (the faster of its variants) geomean 0.980x, min 0.800x" in text
+    tc = _row(cs[0], "float16", "flashinfer-tc", rows[0]["device_us"] * 0.5)  # lean row 0: 0.8x FlashInfer
+    rows2 = R.finalize(rows + [tc], CEIL)
+    g = R.family_summary(rows2)
+    assert abs(g["flashinfer_min"] - 0.5) < 1e-12 and g["flashinfer_below_095"] == 3
+    assert R.family_summary([r for r in rows if r["method"] == "lean"])["n_flashinfer"] == 0
+    assert "FlashInfer" not in R.format_family_summary([r for r in rows if r["method"] == "lean"], 7)
     rows[0]["best_peer_us"] = rows[0]["bound_us"] * 1.04  # a peer at the ceiling: no kernel is 1.05x faster
     assert R.family_summary(rows)["peer_within_5pct"] == 1
 
