@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import tempfile
 import time
@@ -42,7 +43,8 @@ def demo(argv=None):
           f"{DEMO_HEAD_DIM}, fp16, kv_lens {lens.tolist()} ({kv_bytes / 1e6:.1f} MB of K/V)")
     on_gpu = gpu_available() and not args.cpu
     if not on_gpu:
-        print("no GPU used (" + ("--cpu" if args.cpu else "none found") + "): the NumPy path runs instead; "
+        print("no GPU used (" + ("--cpu" if args.cpu else "no usable CUDA GPU; why is printed at the end")
+              + "): the NumPy path runs instead; "
               "it takes 10 to 30 seconds on a CPU")
     ref_out, ref_lse = reference.attention(q, k, v, kv_lens=lens)
 
@@ -196,8 +198,11 @@ def bench_cmd(argv=None):
 
 
 def _lens(text):
+    items = text.split(",")
+    if text.strip() and any(not x.strip() for x in items):  # "5,,6" or "5,": a length left out
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers with none left empty, got {text!r}")
     try:
-        vals = [int(x) for x in text.split(",") if x.strip()]
+        vals = [int(x) for x in items if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not vals or min(vals) < 0:
@@ -267,7 +272,17 @@ def _parser():
 
 
 def _parse(argv):
-    return _parser().parse_args(argv)
+    # "--lens -5,3": argparse takes a value starting with "-" for an option and says only that --lens
+    # expected an argument; joined as "--lens=-5,3" the value reaches _lens, which says what is wrong
+    out, argv, i = [], list(argv), 0
+    while i < len(argv):
+        if argv[i] == "--lens" and i + 1 < len(argv) and re.fullmatch(r"-[0-9][0-9,\s-]*", argv[i + 1]):
+            out.append(f"--lens={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return _parser().parse_args(out)
 
 
 def main(argv=None):

@@ -146,6 +146,13 @@ def validate(q, k, v, kv_lens, block_table, scale, out, sched, num_ctas, tile_si
     if kv_lens is not None:
         if kv_lens.ndim != 1 or int(kv_lens.shape[0]) != batch:
             raise ValueError(f"kv_lens: expected shape ({batch},), got {tuple(kv_lens.shape)}")
+        if kv_lens.dtype == object:  # Python integers too large for int64 (a list made into an array)
+            vals = kv_lens.tolist()
+            big = [i for i, x in enumerate(vals) if isinstance(x, int) and not isinstance(x, bool)
+                   and not 0 <= x <= m.capacity]
+            if big and all(isinstance(x, int) and not isinstance(x, bool) for x in vals):
+                raise ValueError(f"kv_lens: expected values in [0, {m.capacity}] (the cache capacity), "
+                                 f"got kv_lens[{big[0]}] = {vals[big[0]]}")
         if not np.issubdtype(kv_lens.dtype, np.integer):
             raise TypeError(f"kv_lens: expected an integer dtype, got {kv_lens.dtype}")
 

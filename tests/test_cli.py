@@ -25,6 +25,9 @@ def test_help_lists_every_command():
     (("nope",), "invalid choice: 'nope'"),
     (("schedule", "--lens", "abc"), "expected comma-separated integers, got 'abc'"),
     (("schedule", "--lens", "5,-1"), "lengths >= 0"),
+    (("schedule", "--lens", "-5,3"), "expected one or more lengths >= 0, got '-5,3'"),  # not "expected one argument"
+    (("schedule", "--lens", "5,,6"), "none left empty, got '5,,6'"),
+    (("schedule", "--lens", "5,"), "none left empty, got '5,'"),
     (("schedule", "--lens", "64", "--tile-size", "48"), "invalid choice: 48"),
     (("schedule", "--lens", "64", "--png", "/no/such/folder/x.png"), "does not exist"),
     (("schedule", "--lens", "64", "--num-ctas", "0"), "expected an integer >= 1, got 0"),

@@ -132,6 +132,8 @@ ATTENTION_CASES = [
      r"kv_lens: expected an integer dtype, got float64"),
     ("kv_lens bool", dense, lambda a: dict(kv_lens=np.array([True, False])), TypeError,
      r"kv_lens: expected an integer dtype, got bool"),
+    ("kv_lens past int64", dense, lambda a: dict(kv_lens=[2**70, 1]), ValueError,
+     r"kv_lens: expected values in \[0, 10\] .*got kv_lens\[0\] = 1180591620717411303424"),
     ("kv_lens negative", dense, lambda a: dict(kv_lens=np.array([3, -1])), ValueError,
      r"kv_lens: expected values in \[0, 10\] .*got kv_lens\[1\] = -1"),
     ("kv_lens over capacity", dense, lambda a: dict(kv_lens=np.array([11, 3])), ValueError,
