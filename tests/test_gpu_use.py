@@ -1437,6 +1437,37 @@ def test_dense_default_takes_the_uniform_variant(b, hq, hkv, d, n, split, monkey
     assert float(cp.abs(out2.astype(cp.float32) - graph_out.astype(cp.float32)).max()) < 2e-3
 
 
+def test_uniform_saturation_is_read_when_a_plan_is_made():
+    """kernels.TUNING["uniform_saturation"] sets the equal-length model's
+    saturating fraction for plans made under it: 47 sequences of one KV head
+    (head_dim 64, 41 tiles of 128 tokens) split in two chunks (94 CTAs) on
+    a 132-SM GPU at 0.7, stream-K at 1.0 (94 CTAs then stream at 94/132 of
+    the bandwidth); each plan runs what schedule.uniform_variant says under
+    its value, and both give the reference's result (NaN-prefilled out)."""
+    from cupy_lean import kernels as K
+
+    rng = np.random.default_rng(4741)
+    b, hq, hkv, d, n = 47, 5, 1, 64, 41 * 128 - 91
+    q, k, v, lens, _ = make_inputs(rng, b, hq, hkv, d, np.float16, [n] * b, "dense")
+    qd, kd, vd = to_gpu(q), to_gpu(k), to_gpu(v)
+    ro, rl = reference.attention(q, k, v)
+    got = {}
+    for sat in (0.7, 1.0):
+        with K.tuning(uniform_saturation=sat):
+            out = _nan_like(q.shape, q.dtype)
+            p = cupy_lean.plan(qd, kd, vd, out=out)
+            assert p.uniform_variant == _model_variant(p), (sat, p.describe())
+            lse = cp.full(q.shape[:2], cp.nan, dtype=cp.float32)
+            p.run(qd, kd, vd, out=out, lse=lse, return_lse=True)
+            _assert_out_lse(out, lse, ro, rl)
+            got[sat] = p.uniform_variant
+    if p.kernels.num_sms == 132 and p.kernels.ctas_per_sm == 1 and not p.many_units:
+        assert got == {0.7: 2, 1.0: 0}, got
+    with K.tuning(uniform_saturation=1.5):
+        with pytest.raises(ValueError, match=r'TUNING\["uniform_saturation"\] must be a number in \(0, 1\]'):
+            cupy_lean.plan(qd, kd, vd, out=_nan_like(q.shape, q.dtype))
+
+
 @pytest.mark.parametrize("layout, hq, hkv, d, cap, page", [("dense", 28, 7, 128, 5382, 16),
                                                         ("paged", 15, 1, 256, 6751, 16),
                                                         ("paged", 21, 3, 64, 2049, 1),
