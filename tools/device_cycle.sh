@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One build-test-measure cycle on a lent GPU machine, results under $OUT.
-# Usage: bash tools/device_cycle.sh STEPS...   (steps: precompile smoke tests tests-par sanitize fp8 family-quick family tune trees split-gap)
+# Usage: bash tools/device_cycle.sh STEPS...   (steps: precompile smoke tests tests-par sanitize fp8 family-quick family tune trees split-gap saturation)
 #   precompile   every spec (and tile override) into CuPy's disk cache, in parallel
 #   tune         python -m bench.tune measure on FAMILY_N shapes of seed SEED -> $OUT/tune_SEED.json
 #   tests        the GPU test suite                    -> $OUT/gpu_tests.txt
@@ -14,6 +14,10 @@
 #                the change, with this tree's bench/), FAMILY_N shapes, seed SEED
 #   family       the same with every peer on this tree (FlashInfer from .whl/ if carried)
 # trees: lean only with each package tree in TREES (older commits), the same shapes
+# saturation: the equal-length model's saturating fraction: tools/cta_rate.py (CTA_GROUPS, default 1,8)
+#   -> $OUT/cta_rate.json, then spec_sweep on 1-2 GB dense calls whose split fills 70-90% of the SMs
+#   (seeds SAT_SEEDS, default SEED; default, stream-K, split_sms, sat08, sat09) -> $OUT/sat_S.json, and
+#   session 20's short calls (seed 20124321) with default, sk, split_sms, sat08 -> $OUT/sat_20124321.json
 # split-gap: tools/split_gap.py (launch-time split against host split, timeline stamps) on SEED's
 #   FAMILY_N shapes of at most 44 units and 80 MB, with this tree and each tree in TREES
 # Env: TESTS_TIMEOUT (tests-par, default 1200 s), METHODS (family step, default lean and every peer), TUNE_GROUPS ("LOW HIGH" for tune), TREES, SEED (default 1), FAMILY_N (default 24), DTYPES (default fp16), BUDGET (seconds after
@@ -61,6 +65,17 @@ for step in "$@"; do
            --min-units 2 --max-units 44 --out "$OUT/split_gap_${tag}_$SEED.json" > "$OUT/split_gap_${tag}.txt" 2>&1)
         echo "== $tag"; grep -E "us/call" "$OUT/split_gap_${tag}.txt" | sed 's/  attn span.*found med\/max/ found/; s/  tile0.*//'
       done;;
+    saturation)
+      python3 tools/cta_rate.py --groups "${CTA_GROUPS:-1,8}" --out "$OUT/cta_rate.json" > "$OUT/cta_rate.txt" 2>&1
+      echo "cta_rate: $(wc -l < "$OUT/cta_rate.txt") lines"
+      for S in ${SAT_SEEDS:-$SEED}; do
+        python3 tools/spec_sweep.py --shapes 10 --seed "$S" --lengths 20000,160000 --units 0.3,0.8 --max-mb 2000 \
+          --sm-fraction 0.7,0.9 --configs default,sk,split_sms,sat08,sat09 --out "$OUT/sat_$S.json" > "$OUT/sat_$S.txt" 2>&1
+        echo "sat seed $S: $(grep -c ' MB ' "$OUT/sat_$S.txt") shapes"
+      done
+      python3 tools/spec_sweep.py --shapes 18 --seed 20124321 --lengths 2000,40000 --units 0.15,1.0 \
+        --configs default,sk,split_sms,sat08 --out "$OUT/sat_20124321.json" > "$OUT/sat_20124321.txt" 2>&1
+      echo "sat seed 20124321: $(grep -c ' MB ' "$OUT/sat_20124321.txt") shapes";;
     tests)
       python3 -m pytest tests -q -m gpu -p no:cacheprovider --maxfail=8 > "$OUT/gpu_tests.txt" 2>&1
       echo "tests: $(grep -E 'passed|failed|error' "$OUT/gpu_tests.txt" | tail -1)";;
