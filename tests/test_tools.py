@@ -92,6 +92,38 @@ def test_cta_rate_shapes():
     assert [w for _, _, w, _ in cta_rate.shapes(10, [128], [1], (0.01, 0.05), 1.0)] == [1]
 
 
+def test_saturation_fit_reads_rates_and_sweeps(tmp_path, capsys):
+    """tools/saturation_fit.py on made-up measurements: CTAs of 30 GB/s each
+    under a 3 TB/s DRAM saturate at 100 of 132 SMs (0.758); the per-CTA rate
+    comes from the counts that stream below 0.9 of it; a sweep's ratios over
+    the default."""
+    import json
+
+    import saturation_fit
+
+    rows = []
+    for w in (40, 60, 92, 120, 132):
+        nbytes = w * 8e6
+        tb = min(3.0, w * 0.03)  # TB/s of w CTAs
+        rows.append({"head_dim": 128, "group": 1, "ctas": w, "sms": 132, "kv_bytes": nbytes,
+                     "times": {"head": nbytes / (tb * 1e6), "stream_k": nbytes / 3e6}})
+    (d, g, b, r, frac, n), = saturation_fit.rates({"rows": rows})
+    assert (d, g, n) == (128, 1, 2) and abs(b - 3.0) < 1e-9 and abs(r - 30.0) < 1e-9
+    assert abs(frac - 3000 / (30 * 132)) < 1e-9
+    sw = {"seed": 5, "shapes": [{"times": {"default": 10.0, "sk": 9.0, "sat08": 10.0}},
+                                {"times": {"default": 20.0, "sk": 22.0, "sat08": None}},
+                                {"times": {"default": None, "sk": 1.0}}]}
+    out = saturation_fit.sweep(sw)
+    assert set(out) == {"sk", "sat08"} and out["sat08"] == (1.0, 1.0, 1.0, 0, 0, 1)
+    g_, lo, hi, faster, slower, n = out["sk"]
+    assert abs(g_ - (0.9 * 1.1) ** 0.5) < 1e-12 and (lo, hi, faster, slower, n) == (0.9, 1.1, 1, 1, 2)
+    (tmp_path / "r.json").write_text(json.dumps({"gpu": "X", "rows": rows}))
+    (tmp_path / "s.json").write_text(json.dumps(sw))
+    assert saturation_fit.main(["--rates", str(tmp_path / "r.json"), "--sweeps", str(tmp_path / "s.json")]) == 0
+    text = capsys.readouterr().out
+    assert "saturates at 0.76 of the SMs" in text and "sk           0.995x (0.900-1.100) over 2" in text
+
+
 def test_timeline_and_split_gap_summaries():
     """tools/timeline.py's per-CTA summary on a made-up table (32 stamps a
     CTA: 16 the start before the wait, 17 and 18 the prologue's split

@@ -75,7 +75,8 @@ for step in "$@"; do
       done
       python3 tools/spec_sweep.py --shapes 18 --seed 20124321 --lengths 2000,40000 --units 0.15,1.0 \
         --configs default,sk,split_sms,sat08 --out "$OUT/sat_20124321.json" > "$OUT/sat_20124321.txt" 2>&1
-      echo "sat seed 20124321: $(grep -c ' MB ' "$OUT/sat_20124321.txt") shapes";;
+      echo "sat seed 20124321: $(grep -c ' MB ' "$OUT/sat_20124321.txt") shapes"
+      python3 tools/saturation_fit.py --rates "$OUT/cta_rate.json" --sweeps "$OUT"/sat_*.json 2>&1 | tee "$OUT/saturation_fit.txt";;
     tests)
       python3 -m pytest tests -q -m gpu -p no:cacheprovider --maxfail=8 > "$OUT/gpu_tests.txt" 2>&1
       echo "tests: $(grep -E 'passed|failed|error' "$OUT/gpu_tests.txt" | tail -1)";;
