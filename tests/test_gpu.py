@@ -427,6 +427,21 @@ def test_device_validation_raises():
         cupy_lean.attention(qd, kd, vd, kv_lens=cp.asarray(lens), block_table=cp.asarray(t2), validate=True)
 
 
+def test_device_validation_of_a_block_table_near_two_billion_tokens():
+    """validate=True on a sequence of 2,147,483,000 tokens in pages of 1000
+    (capacity just under the 2**31 - 256 limit): the check kernel counts the
+    pages in use without its 32-bit sum len + page_size - 1 wrapping, so a bad
+    entry of that sequence is still named (it was skipped before)."""
+    ps, max_pages = 1000, 2147483
+    qd = cp.zeros((1, 2, 64), dtype=cp.float16)
+    kd = cp.zeros((2, ps, 1, 64), dtype=cp.float16)
+    table = cp.zeros((1, max_pages), dtype=cp.int32)
+    table[0, max_pages - 1] = 7  # the last page in use: outside a cache of 2 pages
+    lens = cp.asarray(np.array([max_pages * ps], dtype=np.int32))
+    with pytest.raises(ValueError, match=r"block_table\[0, 2147482\] = 7"):
+        cupy_lean.attention(qd, kd, kd, kv_lens=lens, block_table=table, validate=True)
+
+
 def test_bad_values_without_validation_are_safe():
     """validate=False: lengths over the capacity are clamped; pages outside the
     cache are masked (read as empty)."""
