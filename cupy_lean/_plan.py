@@ -733,7 +733,7 @@ class Plan:
             names the field, what was planned and what was given), or the
             current device is not the plan's.
         """
-        from ._arrays import foreign_capture_state, refuse_immutable, to_cpu, to_gpu, where
+        from ._arrays import foreign_capture_state, host_ints, refuse_immutable, to_cpu, to_gpu, where
 
         current = _cp.cuda.runtime.getDevice()
         refuse_immutable(out, "out")
@@ -752,10 +752,18 @@ class Plan:
             k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         if out is not None:
             out = to_gpu(out, "out", cap, output=True)
-        if kv_lens is not None and not isinstance(kv_lens, np.ndarray):
-            kv_lens = to_gpu(kv_lens, "kv_lens", cap)
-        if block_table is not None and not isinstance(block_table, np.ndarray):
-            block_table = to_gpu(block_table, "block_table", cap)
+        # index arrays as plan() takes them: GPU ones as CuPy views; host ones (NumPy, lists, CPU
+        # tensors) as NumPy, kv_lens kept on the host, a block_table checked (with host kv_lens) and then
+        # copied to the GPU
+        host_table = None
+        if kv_lens is not None:
+            kv_lens = to_gpu(kv_lens, "kv_lens", cap) if where(kv_lens) == "gpu" else host_ints(kv_lens, "kv_lens")
+        if block_table is not None:
+            if where(block_table) == "gpu":
+                block_table = to_gpu(block_table, "block_table", cap)
+            else:
+                host_table = host_ints(block_table, "block_table")
+                block_table = to_gpu(host_table, "block_table", cap)  # (refused inside a capture)
         s = self.signature
         feats = None
         if s.features is not None:
@@ -768,6 +776,8 @@ class Plan:
 
                     sinks = to_cpu(sinks, "sinks")
                     check_sink_values(sinks)
+                    # copied as the plan's sinks were (plan() copies host sinks as float32; GPU ones keep theirs)
+                    sinks = np.ascontiguousarray(sinks, dtype=s.features[0][1])
                 sinks = to_gpu(sinks, "sinks", cap)
                 check_devices(current, sinks=sinks)
             feats = (None if sinks is None else sinks_meta(sinks),) + tuple(s.features[1:])
@@ -782,7 +792,7 @@ class Plan:
                 if a != b:
                     raise ValueError(f"{name}: the plan was made for {a}, got {b}")
         if self.host_lens:
-            _check_host_lens(self.meta, kv_lens, block_table)
+            _check_host_lens(self.meta, kv_lens, host_table)
         if lse is not None:
             lse = to_gpu(lse, "lse", cap, output=True)
             if not self._lse_ok(lse):
@@ -972,6 +982,9 @@ class Plan:
                         lse[...] = sinks[None, :]  # cast in the copy: no temporary
                     else:
                         lse.fill(-np.inf)
+                if capture_id is not None:  # the fills are graph nodes: what they write lives as long as the plan
+                    with self._lock:
+                        self._graph_workspaces.append((None, None, None, None, None, None, None, out, lse))
                 return out, lse
             if total is not None and self.decomposition == K.Decomposition.STREAM_K and not self.runtime_split:
                 grid = min(grid, total)  # (the runtime split's chunks per unit come from the full grid)
@@ -1003,8 +1016,10 @@ class Plan:
         with self._lock:
             try:
                 ws, captured = self._workspace_for(stream, thread, capture_id, cp)
-                if captured:  # the workspace and temporaries the graph reads live as long as the plan
-                    self._graph_workspaces.append((ws, temps, lens32, table32, out_k, sinks32, extra))
+                if captured:  # the workspace, temporaries and outputs the graph uses live as long as the plan
+                    # (out and lse too: allocated here inside a capture and dropped by the caller, every replay
+                    # would write into memory the pool had given to something else)
+                    self._graph_workspaces.append((ws, temps, lens32, table32, out_k, sinks32, extra, out, lse))
                 if sinks32 is not None:
                     self._params.sinks = sinks32.data.ptr
                 if extra is not None:

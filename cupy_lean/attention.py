@@ -150,7 +150,10 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
         ``[0, num_pages)`` as empty pages, so it never reads outside its
         arrays, and the result of a sequence with a bad value is that of the
         clamped input. Values given on the host (NumPy, lists) are always
-        checked, without a synchronisation.
+        checked, without a synchronisation, except a host ``block_table``
+        with ``kv_lens`` on the GPU: the pages in use depend on lengths the
+        host does not see, so that table is checked as GPU values are, with
+        ``validate=True``.
 
     Returns
     -------
@@ -189,6 +192,8 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
             and (out is None or type(out) is nd) and (lse is None or type(lse) is nd) and not validate
             and (kv_lens is None or type(kv_lens) is nd) and (block_table is None or type(block_table) is nd)
             and (scale is None or type(scale) is float) and type(return_lse) is bool
+            and type(schedule) is str and (num_ctas is None or type(num_ctas) is int)
+            and (tile_size is None or type(tile_size) is int)  # (others: validated below, then named)
             and sinks is None and window_left is None and softcap is None and batch_invariant is False
             and kv_dtype is None and k_scale is None and v_scale is None and q_lens is None):
         # Hot path: CuPy arrays whose signature has a plan (validated when the
@@ -323,6 +328,10 @@ def _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, 
     if check_values and m.batch and on_gpu:
         from . import _gpu
 
+        if _plan.capturing():
+            raise ValueError("validate: True reads the GPU's kv_lens / block_table values back to the host "
+                             "(a synchronisation), which a CUDA graph capture does not allow; validate in an "
+                             "eager call before capturing, and capture with validate=False")
         _gpu.device_check(m, lens, table)
     scales = None if kv8 is None else _plan.gpu_fp8_scales(k_scale, v_scale, m.heads_kv)
     res_out, res_lse = p._launch(q, k, v, lens, table, out, lse, return_lse, feats.sinks, q_lens, scales)

@@ -425,6 +425,9 @@ def test_device_validation_raises():
     t2[1, 1] = k.shape[0] + 5
     with pytest.raises(ValueError, match=r"block_table\[1, 1\]"):
         cupy_lean.attention(qd, kd, vd, kv_lens=cp.asarray(lens), block_table=cp.asarray(t2), validate=True)
+    # a host table with lengths on the GPU: checked as GPU values are (its pages in use follow those lengths)
+    with pytest.raises(ValueError, match=r"block_table\[1, 1\]"):
+        cupy_lean.attention(qd, kd, vd, kv_lens=cp.asarray(lens), block_table=t2, validate=True)
 
 
 def test_device_validation_of_a_block_table_near_two_billion_tokens():

@@ -150,6 +150,100 @@ def _capture(call):
     return g
 
 
+@pytest.mark.parametrize("empty", [False, True])
+def test_graph_keeps_the_lse_and_out_it_allocated(empty):
+    """An ``lse`` (and ``out``) that attention() allocates inside a capture
+    (return_lse=True, no lse= / out=) stays allocated as long as the plan:
+    a caller that drops them and allocates again gets other memory, so the
+    replays do not write into the new arrays. Also for a call with nothing to
+    stream (a dense cache of 0 tokens: the outputs are filled, no kernel of
+    ours)."""
+    rng = np.random.default_rng(31 + empty)
+    q, k, v, lens, _ = make_inputs(rng, 3, 8, 2, 64, np.float16, [300, 5, 77], "dense")
+    qd, kd, vd = to_gpu(q), to_gpu(k), to_gpu(v)
+    kw = {"kv_lens": cp.asarray(lens.astype(np.int32))}
+    if empty:
+        kd = vd = cp.zeros((3, 0, 2, 64), dtype=cp.float16)
+        kw = {}
+    held = {}
+
+    def call():
+        held["out"], held["lse"] = cupy_lean.attention(qd, kd, vd, return_lse=True, **kw)
+
+    g = _capture(call)
+    ptrs = {held["out"].data.ptr, held["lse"].data.ptr}
+    held.clear()  # the caller drops both
+    fresh = [cp.full((3, 8), 7.0, dtype=cp.float32) for _ in range(4)] + \
+        [cp.full((3, 8, 64), 7.0, dtype=cp.float16) for _ in range(4)]  # a freed block of that size comes back first
+    assert not ptrs & {a.data.ptr for a in fresh}
+    g.launch(cp.cuda.get_current_stream())
+    cp.cuda.Device().synchronize()
+    assert all(bool((a == 7).all()) for a in fresh)
+
+
+def test_plan_run_takes_host_inputs_as_plan_does():
+    """plan() and Plan.run() take host inputs alike: sinks as NumPy float64,
+    a NumPy block_table and kv_lens as a list, given to both, run (run()
+    refused them as signature mismatches: the sinks' float64 against the
+    plan's float32 copy, the table on the host against the plan's GPU copy,
+    the list sent to the GPU against the plan's host lengths); NaN-prefilled
+    out against the reference; a bad host table entry named by run()."""
+    rng = np.random.default_rng(77)
+    b, hq, hkv, d = 3, 8, 2, 64
+    q, k, v, lens, table = make_inputs(rng, b, hq, hkv, d, np.float16, [300, 5, 77], "paged")
+    qd, kd, vd = to_gpu(q), to_gpu(k), to_gpu(v)
+    sinks = rng.standard_normal(hq)  # float64, on the host
+    lens_list = [int(x) for x in lens]
+    out = _nan_like(q.shape, q.dtype)
+    p = cupy_lean.plan(qd, kd, vd, kv_lens=lens_list, block_table=table, sinks=sinks, out=out)
+    lse = cp.full(q.shape[:2], cp.nan, dtype=cp.float32)
+    p.run(qd, kd, vd, kv_lens=lens_list, block_table=table, sinks=sinks, out=out, lse=lse, return_lse=True)
+    ro, rl = reference.attention(q, k, v, kv_lens=lens, block_table=table, sinks=sinks)
+    _assert_out_lse(out, lse, ro, rl)
+    bad = table.copy()
+    bad[0, 0] = 10**6
+    with pytest.raises(ValueError, match=r"block_table\[0, 0\] = 1000000"):
+        p.run(qd, kd, vd, kv_lens=lens_list, block_table=bad, sinks=sinks, out=out)
+
+
+@pytest.mark.parametrize("kw, err, msg", [
+    (dict(num_ctas=[4]), TypeError, r"num_ctas: expected an integer, got list \[4\]"),
+    (dict(tile_size=[64]), TypeError, r"tile_size: expected an integer, got list \[64\]"),
+    (dict(schedule=["lean"]), ValueError, r"schedule: expected one of .*got \['lean'\]"),
+    (dict(num_ctas=np.array(4)), TypeError, r"num_ctas: expected an integer, got ndarray"),
+])
+def test_unhashable_options_on_gpu_arrays_are_named(kw, err, msg):
+    """Options of a type the plan cache cannot hash (a list, a NumPy array)
+    with CuPy arrays get the argument's own error, as on the NumPy path, not
+    a bare "unhashable type" from the cache lookup; also after a plan of the
+    same arrays is cached."""
+    q, k, v, lens, _ = make_inputs(np.random.default_rng(5), 2, 4, 2, 64, np.float16, [10, 7], "dense")
+    qd, kd, vd = to_gpu(q), to_gpu(k), to_gpu(v)
+    cupy_lean.attention(qd, kd, vd)  # the plan of these arrays in the cache
+    with pytest.raises(err, match=msg):
+        cupy_lean.attention(qd, kd, vd, **kw)
+
+
+def test_validate_inside_a_capture_is_refused_naming_it():
+    """validate=True synchronises to read the GPU's values back, which a
+    capture does not allow: refused with a message naming validate (not a
+    raw CUDA capture error), the capture still ends cleanly, and the same
+    call captures with validate=False."""
+    q, k, v, lens, _ = make_inputs(np.random.default_rng(8), 2, 4, 2, 64, np.float16, [10, 7], "dense")
+    qd, kd, vd = to_gpu(q), to_gpu(k), to_gpu(v)
+    ld = cp.asarray(lens)
+    out = cp.empty(q.shape, dtype=q.dtype)
+    cupy_lean.attention(qd, kd, vd, kv_lens=ld, out=out, validate=True)  # eager: checked
+    with pytest.raises(ValueError, match=r"validate: True reads the GPU's kv_lens"):
+        _capture(lambda: cupy_lean.attention(qd, kd, vd, kv_lens=ld, out=out, validate=True))
+    g = _capture(lambda: cupy_lean.attention(qd, kd, vd, kv_lens=ld, out=out))
+    out.fill(cp.nan)
+    g.launch(cp.cuda.get_current_stream())
+    cp.cuda.Device().synchronize()
+    got = cp.asnumpy(out).astype(np.float64)
+    assert np.isfinite(got).all() and np.abs(got - reference.attention(q, k, v, kv_lens=lens)[0]).max() < 4e-3
+
+
 def test_graphs_captured_in_sequence():
     """Eight graphs captured one after another on fresh streams (dense,
     ragged and paged; lean and split; shapes repeated so memory and stream
