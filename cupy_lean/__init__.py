@@ -10,7 +10,8 @@ Public API:
 * :func:`merge_states` — merge attention results over disjoint KV parts.
 * :func:`lean_schedule`, :func:`split_schedule`, :func:`head_schedule` — the
   work decompositions as NumPy data, with ``describe()`` and ``plot()``.
-* :func:`warmup` — compile the GPU kernels ahead of the first call.
+* :func:`warmup` — compile the GPU kernels ahead of the first call;
+  :func:`clear_cache` — drop the cached plans (their workspaces) and kernels.
 * :mod:`cupy_lean.reference` — float64 reference and ``emulate``.
 """
 
@@ -34,10 +35,27 @@ __all__ = [
     "num_splits_heuristic",
     "Schedule",
     "warmup",
+    "clear_cache",
     "reference",
     "gpu_available",
     "__version__",
 ]
+
+
+def clear_cache() -> None:
+    """Drop every launch plan and kernel module that :func:`attention`
+    keeps (one plan per call signature and device, up to 1024, each owning
+    a workspace of partial states: with many signatures, e.g. a
+    ``batch_invariant=True`` call per batch size, these can hold GBs of GPU
+    memory). Their memory goes back to CuPy's pool (a plan's launch still
+    running on another stream frees it behind an event); kernels reload from
+    CuPy's disk cache on the next call. Plans that CUDA graphs were captured
+    from stay alive for the life of the process, since graphs may still
+    replay them and read their workspaces. Plans from :func:`plan` are the
+    caller's and not affected. Needs no GPU."""
+    from . import _cache
+
+    _cache.clear()
 
 
 def gpu_available() -> bool:

@@ -300,6 +300,24 @@ def test_plans_that_graphs_were_captured_from_outlive_eviction_and_clear(small_c
     assert c.size() == 0 and c._retained == [captured, again]
 
 
+def test_clear_cache_is_public_and_drops_plans_and_kernels(small_cache):
+    """cupy_lean.clear_cache(): every cached plan (and its workspace) and
+    kernel module dropped and released; captured plans kept; no GPU needed."""
+    import weakref
+
+    import cupy_lean
+
+    c = small_cache
+    assert "clear_cache" in cupy_lean.__all__ and cupy_lean.clear_cache.__doc__
+    plain = c.get_or_build(("plan", 0, "a"), _Plan)
+    captured = c.get_or_build(("plan", 0, "b"), lambda: _Plan(captured=True))
+    c.get_or_build(("spec", 0, "s"), lambda: "kernels")
+    gone = weakref.ref(plain)
+    del plain
+    cupy_lean.clear_cache()
+    assert c.size() == 0 and gone() is None and c._retained == [captured] and c._num_plans == 0
+
+
 def test_rearm_is_ordered_after_the_last_launch_and_refused_in_a_capture(fake_streams, monkeypatch):
     """rearm() zeroes the eager workspace's counters on the current stream
     after the plan's previous launch (on another stream here), becomes the
