@@ -67,9 +67,14 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
         order in the cache. Only the first ``ceil(kv_lens[b] / page_size)``
         entries of row ``b`` are read.
     scale : float, optional
-        Softmax scale, default ``1 / sqrt(head_dim)``.
+        Softmax scale, default ``1 / sqrt(head_dim)``. Any finite number;
+        the scaled scores ``scale * q.k`` must stay finite in the arithmetic
+        of the path (float32 on the GPU, float64 on the CPU): a score that
+        overflows gives NaN rows, as softmax over infinite scores does.
     return_lse : bool
-        Also return the log-sum-exp (natural log) of the scaled scores.
+        Also return the log-sum-exp (natural log) of the scaled scores, as
+        float32: where it passes float32's range (huge scales or sinks) it
+        is +-inf while ``out`` stays correct.
     out : array, shape (batch, heads_q, head_dim), optional
         (``(batch, q_len, heads_q, head_dim)`` for a 4-D ``q``.) Written in
         place and returned (q's dtype, same device).
