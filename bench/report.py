@@ -79,9 +79,23 @@ def geomean(xs: Iterable[float]) -> Optional[float]:
 
 # ---------------------------------------------------------------------- derived
 
-def finalize(rows: List[dict], ceiling_tbps: Optional[float]) -> List[dict]:
-    """Fill the derived fields of every row in place; returns ``rows``."""
+def effective_ceiling(rows: List[dict], ceiling_tbps: Optional[float]) -> Optional[float]:
+    """The read ceiling the bounds use: the one measured in the run, or the
+    best TB/s any measured row reached where that is higher (a method
+    streaming K and V faster than the measured copy kernel shows the
+    ceiling was measured low, and a low ceiling would loosen every bound)."""
     ceil = _num(ceiling_tbps)
+    best = max((r["kv_bytes"] / (r["device_us"] * 1e-6) / 1e12 for r in rows
+                if _ok(r) and (_num(r.get("kv_bytes")) or 0) > 0), default=None)
+    if ceil is None or best is None:
+        return ceil
+    return max(ceil, best)
+
+
+def finalize(rows: List[dict], ceiling_tbps: Optional[float]) -> List[dict]:
+    """Fill the derived fields of every row in place; returns ``rows``. The
+    bounds and fractions use :func:`effective_ceiling`."""
+    ceil = effective_ceiling(rows, ceiling_tbps)
     for r in rows:
         for f in FIELDS:
             r.setdefault(f, None)
@@ -247,6 +261,23 @@ def family_summary(rows: List[dict], subset=None) -> Optional[dict]:
         if t:
             fi.append((min(t) / r["device_us"], r))
     fi_worst = min(fi, key=lambda p: p[0]) if fi else None
+    # peers that did not measure a shape (skipped, refused, failed): the best peer is then the best of
+    # fewer, and the ratios flatter lean; outputs over the tolerance (a note on the row)
+    # by family (SDPA, FlashInfer): missing where some variant applies (a row not "n/a") and none measured;
+    # a variant's own refusals or failures (e.g. FlashInfer's CUDA-core decode refusing a group, its
+    # tensor-core decode measured) are counted apart
+    missing, failed = {}, {}
+    for r in lean:
+        by = idx.get(_key(r), {})
+        for fam_name, fam in (("SDPA", SDPA), ("FlashInfer", FLASHINFER)):
+            rows_f = [by[m] for m in fam if m in by and by[m].get("status") != "n/a"]
+            if rows_f and not any(_ok(x) for x in rows_f):
+                missing[fam_name] = missing.get(fam_name, 0) + 1
+        for m, x in by.items():
+            if m in PEERS and x.get("status") not in ("ok", "n/a"):
+                failed[m] = failed.get(m, 0) + 1
+    mismatch = sum(1 for r in lean for x in idx.get(_key(r), {}).values()
+                   if "MISMATCH" in (x.get("note") or "") or "non-finite" in (x.get("note") or ""))
     return {
         "n": len(lean), "n_peer": len(sp), "geomean": geomean(x for x, _ in sp),
         "min": worst[0] if worst else None, "min_case": _label(worst[1]) if worst else None,
@@ -257,6 +288,7 @@ def family_summary(rows: List[dict], subset=None) -> Optional[dict]:
         "flashinfer_min": fi_worst[0] if fi_worst else None,
         "flashinfer_min_case": _label(fi_worst[1]) if fi_worst else None,
         "flashinfer_below_095": sum(1 for x, _ in fi if x < 0.95),
+        "no_peer": len(lean) - len(sp), "peer_missing": missing, "peer_failed": failed, "mismatch": mismatch,
     }
 
 
@@ -285,6 +317,15 @@ def format_family_summary(rows: List[dict], seed=None) -> str:
                      f"({f['min_case']}), {f['below_095']} of {f['n_peer']} below 0.95x; "
                      f"{f['over_bound']} of {f['n']} over 1.05 x bound + 4 us; "
                      f"fraction of the read ceiling geomean {f['frac_ceiling_geomean']:.3f}")
+        if f["no_peer"] or f["peer_missing"] or f["mismatch"]:
+            miss = ", ".join(f"{m} on {n}" for m, n in sorted(f["peer_missing"].items()))
+            lines.append(f"  INCOMPLETE: {f['no_peer']} of {f['n']} shapes with no peer measured"
+                         + (f"; no variant of {miss} measured where it applies" if miss else "")
+                         + (f"; {f['mismatch']} outputs over the diff tolerance or non-finite" if f["mismatch"]
+                            else "") + " (the best peer is then the best of fewer)")
+        if f["peer_failed"]:
+            lines.append("  peer rows refused, failed or skipped: "
+                         + ", ".join(f"{m} on {n}" for m, n in sorted(f["peer_failed"].items())))
         if f["n_flashinfer"]:
             lines.append(f"  lean / FlashInfer (the faster of its variants) geomean {f['flashinfer_geomean']:.3f}x, "
                          f"min {f['flashinfer_min']:.3f}x ({f['flashinfer_min_case']}), "
@@ -579,7 +620,17 @@ def main(argv=None):
     rows = doc["rows"]
     if a.peers_from:
         with open(a.peers_from) as f:
-            other = json.load(f)["rows"]
+            other_doc = json.load(f)
+        names = [(d.get("gpu") or {}).get("name") if isinstance(d.get("gpu"), dict) else None
+                 for d in (doc, other_doc)]
+        if names[0] != names[1]:
+            p.error(f"--peers-from: expected a run on the same GPU as {a.json_file} ({names[0]}), got {names[1]}: "
+                    f"ratios across GPUs would compare the machines, not the kernels")
+        ceils = [_num(d.get("read_ceiling_tbps")) for d in (doc, other_doc)]
+        if all(ceils) and abs(ceils[0] / ceils[1] - 1) > 0.03:
+            print(f"note: the read ceilings differ by more than 3% ({ceils[0]:.2f} and {ceils[1]:.2f} TB/s): "
+                  f"the two runs' machines or clocks differ, and so may the ratios")
+        other = other_doc["rows"]
         rows = [r for r in rows if r["method"] not in PEERS] + [dict(r) for r in other if r["method"] in PEERS]
     finalize(rows, doc.get("read_ceiling_tbps"))
     targets = evaluate_targets(rows)

@@ -326,6 +326,74 @@ def test_family_summary_counts():
     assert R.family_summary(rows)["peer_within_5pct"] == 1
 
 
+def test_family_summary_says_what_was_not_measured():
+    """A shape whose peers were all skipped or failed leaves the geomean, so
+    the summary says INCOMPLETE and counts them by peer family; a variant's
+    own refusals (FlashInfer's CUDA-core decode on a group it does not take,
+    the tensor-core one measured) are listed apart, not as missing; an
+    output over the tolerance is counted."""
+    from bench import family as F
+
+    cs = F.draw(4, 7)
+    rows = []
+    for i, c in enumerate(cs):
+        bound = c.kv_bytes() / (CEIL * 1e12) * 1e6
+        rows.append(_row(c, "float16", "lean", bound * 1.5 + 5))
+        rows.append(_row(c, "float16", "flashinfer", None, status="error"))  # refused group
+        rows.append(_row(c, "float16", "flashinfer-tc", bound * 1.6 + 5, status="ok" if i else "skipped"))
+    rows[1]["note"] = None
+    R.finalize(rows, CEIL)
+    f = R.family_summary(rows)
+    assert f["no_peer"] == 1 and f["peer_missing"] == {"FlashInfer": 1}
+    assert f["peer_failed"] == {"flashinfer": 4, "flashinfer-tc": 1} and f["mismatch"] == 0
+    text = R.format_family_summary(rows, 3)
+    assert "INCOMPLETE: 1 of 4 shapes with no peer measured; no variant of FlashInfer on 1" in text
+    assert "peer rows refused, failed or skipped: flashinfer on 4, flashinfer-tc on 1" in text
+    rows[5]["note"] = "MISMATCH vs lean: max abs diff 0.5 > 0.01"
+    assert R.family_summary(rows)["mismatch"] == 1
+    whole = [r for r in rows if r["status"] == "ok" or r["method"] == "flashinfer"]  # tc measured everywhere
+    for r in whole:
+        if r["method"] == "flashinfer-tc":
+            r["note"] = None
+    g = R.family_summary(R.finalize([dict(r) for r in whole] + [_row(cs[0], "float16", "flashinfer-tc", 99.0)],
+                                    CEIL))
+    assert g["no_peer"] == 0 and g["peer_missing"] == {} and g["mismatch"] == 0
+    assert "INCOMPLETE" not in R.format_family_summary(R.finalize([dict(r) for r in whole] + [
+        _row(cs[0], "float16", "flashinfer-tc", 99.0)], CEIL))
+
+
+def test_bounds_use_the_best_rate_measured_when_it_beats_the_ceiling():
+    """A method that streamed faster than the measured read ceiling shows the
+    ceiling was measured low: bounds and fractions use that rate instead."""
+    from bench import family as F
+
+    c = F.draw(1, 5)[0]
+    bound = c.kv_bytes() / (CEIL * 1e12) * 1e6
+    rows = R.finalize([_row(c, "float16", "lean", bound * 0.98), _row(c, "float16", "flashinfer", bound * 2)], CEIL)
+    fast = CEIL / 0.98
+    assert R.effective_ceiling(rows, CEIL) == pytest.approx(fast)
+    assert rows[0]["bound_us"] == pytest.approx(bound * 0.98) and rows[0]["frac_ceiling"] == pytest.approx(1.0)
+    slow = R.finalize([_row(c, "float16", "lean", bound * 1.2)], CEIL)
+    assert slow[0]["bound_us"] == pytest.approx(bound) and R.effective_ceiling(slow, None) is None
+
+
+def test_peers_from_another_gpu_is_refused(tmp_path, capsys):
+    """report --peers-from takes the peers of another run of the same cases:
+    only from the same GPU (the ratio would compare machines), with a note
+    where the two read ceilings differ by more than 3%."""
+    import json
+
+    rows = R.finalize(_fake_rows(), CEIL)
+    for name, gpu, ceil in (("a", "H100", CEIL), ("b", "H200", CEIL), ("c", "H100", CEIL * 1.1)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"rows": rows, "gpu": {"name": gpu},
+                                                           "read_ceiling_tbps": ceil}))
+    with pytest.raises(SystemExit):
+        R.main([str(tmp_path / "a.json"), "--peers-from", str(tmp_path / "b.json")])
+    assert "expected a run on the same GPU as" in capsys.readouterr().err
+    assert R.main([str(tmp_path / "a.json"), "--peers-from", str(tmp_path / "c.json")]) == 0
+    assert "the read ceilings differ by more than 3%" in capsys.readouterr().out
+
+
 def test_family_arguments(capsys):
     rc = bench_run.main(["--family", "5", "--seed", "11", "--list"])
     out = capsys.readouterr().out
