@@ -401,11 +401,12 @@ TUNING = _Tuning({
     "uniform_variants": True,
     # that model's wave of w CTAs streams at the whole DRAM bandwidth when w >= this fraction of the
     # grid, at w / (fraction x grid) of it below (schedule.uniform_variant's saturation). Measured on an
-    # H200 (bench/NOTES.md session 20, tools/spec_sweep.py seed 20124321, 18 dense shapes of 2k-40k
-    # tokens): with 0.7 the split or one CTA per unit ran on 0.79-0.98 of the SMs for 16 shapes, faster
-    # than stream-K on 15. Open (session 28): 1-2 GB calls whose split fills 0.71-0.79 of an H100's SMs
-    # read at 0.91-0.96x stream-K's speed. A fraction in (0, 1]
-    "uniform_saturation": 0.7,
+    # H100 (bench/NOTES.md session 29): w CTAs each streaming one unit (tools/cta_rate.py) read at
+    # 0.94-0.99x stream-K's speed at 0.6-0.85 of the SMs with head_dim 64 and 128, at 0.996-1.0x from
+    # 0.9 on; tools/spec_sweep.py on 10 dense calls of 0.85-2 GB whose split fills 70-90% of the SMs
+    # (seed 29100101): 0.8 took 0.990x 0.7's time (0.952-1.026), and on 18 calls of 2k-40k tokens
+    # (seed 20124321, where 0.7 was fitted to the split's wins) 0.998x (0.989-1.007). A fraction in (0, 1]
+    "uniform_saturation": 0.8,
     "fallback_hbm_tbps": 3.0,  # DRAM bandwidth assumed where the driver reports no memory clock
     # many units (many_unit_config), equal lengths, at least one unit per SM: at head_dim 64 one CTA
     # per unit (False: no such rule), at 64-token tiles up to this many units per SM, 32 above

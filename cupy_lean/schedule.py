@@ -755,7 +755,7 @@ def combine_row_blocks(num_units, unit_rows, num_sms, num_states=2, head_dim=0, 
 
 
 def uniform_variant(num_units, unit_tiles, grid, num_sms, tile_us=0.0, cut_us=2.0, slack=0.02,
-                    saturation=0.7, state_bytes=0, combine_bytes=256 * 1024, unit_rows=1, head_dim=0, threads=0):
+                    saturation=0.8, state_bytes=0, combine_bytes=256 * 1024, unit_rows=1, head_dim=0, threads=0):
     """The decomposition the ``"lean"`` plan runs when every sequence has the
     same length (dense calls without ``kv_lens``, or one sequence): 0 for
     stream-K over ``grid`` CTAs, else the number of chunks per unit of the split-K variant (1: one
