@@ -76,7 +76,7 @@ extern "C" __global__ void lean_check_inputs(const int* __restrict__ kv_lens,
       continue;
     }
     if (block_table == nullptr) continue;
-    const int used = (int)(((i64)len + page_size - 1) / page_size);  // 64-bit: len + page_size may pass 2^31
+    const int used = (int)(((i64)len + page_size - 1) / page_size);  // 64-bit: no wrap whatever the host limits
     for (int j = threadIdx.x; j < used; j += blockDim.x) {
       const int p = block_table[b * bt_sb + j];
       if (p < 0 || p >= num_pages) atomicMin(bad, (unsigned long long)(b * stride + 1 + j));

@@ -431,17 +431,19 @@ def test_device_validation_raises():
 
 
 def test_device_validation_of_a_block_table_near_two_billion_tokens():
-    """validate=True on a sequence of 2,147,483,000 tokens in pages of 1000
-    (capacity just under the 2**31 - 256 limit): the check kernel counts the
-    pages in use without its 32-bit sum len + page_size - 1 wrapping, so a bad
-    entry of that sequence is still named (it was skipped before)."""
-    ps, max_pages = 1000, 2147483
+    """validate=True on a sequence at the capacity limit (2**31 - 256
+    tokens at most) in pages of 255, the largest page size below the GPU
+    path's 256 that is not a power of two: the check kernel counts the pages
+    in use (in 64 bits) and names a bad entry in the last of them."""
+    ps = 255
+    max_pages = (2**31 - 256) // ps  # 8,421,504 pages: 2,147,483,520 tokens is past the limit, so one fewer
+    max_pages -= max_pages * ps > 2**31 - 256
     qd = cp.zeros((1, 2, 64), dtype=cp.float16)
     kd = cp.zeros((2, ps, 1, 64), dtype=cp.float16)
     table = cp.zeros((1, max_pages), dtype=cp.int32)
     table[0, max_pages - 1] = 7  # the last page in use: outside a cache of 2 pages
     lens = cp.asarray(np.array([max_pages * ps], dtype=np.int32))
-    with pytest.raises(ValueError, match=r"block_table\[0, 2147482\] = 7"):
+    with pytest.raises(ValueError, match=rf"block_table\[0, {max_pages - 1}\] = 7"):
         cupy_lean.attention(qd, kd, kd, kv_lens=lens, block_table=table, validate=True)
 
 
