@@ -494,10 +494,13 @@ def uniform_saturation():
     """:data:`TUNING` ``"uniform_saturation"``, checked: the fraction of the
     grid whose CTAs saturate DRAM in :func:`cupy_lean.schedule.uniform_variant`'s
     model. Raises ValueError naming the key unless it is a number in (0, 1]."""
+    from .schedule import _check_saturation
+
     v = TUNING["uniform_saturation"]
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
-        raise ValueError(f'kernels.TUNING["uniform_saturation"] must be a number in (0, 1], got {v!r}')
-    return float(v)
+    try:  # the model's own check, named by the TUNING key
+        return _check_saturation(v)
+    except ValueError:
+        raise ValueError(f'kernels.TUNING["uniform_saturation"] must be a number in (0, 1], got {v!r}') from None
 
 
 def launch_time_split(merge_launch, stream_k_knob, varied_lengths):

@@ -605,6 +605,13 @@ def _check_split_rule(split_slack_tiles, split_scale):
     return split_slack_tiles, split_scale
 
 
+def _check_saturation(saturation):
+    """:func:`uniform_variant`'s saturating fraction: a number in (0, 1]."""
+    if isinstance(saturation, bool) or not isinstance(saturation, (int, float)) or not 0 < saturation <= 1:
+        raise ValueError(f"saturation: expected a number in (0, 1], got {saturation!r}")
+    return float(saturation)
+
+
 def _split_count(tps, unit_tiles, num_ctas, ncta, split_slack_tiles, split_scale=1):
     """runtime_split_chunks' rule on checked inputs (``ncta``: stream-K's
     CTAs with work)."""
@@ -791,8 +798,7 @@ def uniform_variant(num_units, unit_tiles, grid, num_sms, tile_us=0.0, cut_us=2.
     0.31-0.48 MB 1.02-1.03x, while every split under 0.2 MB per unit ran
     within 1.015x of stream-K or faster.
     """
-    if isinstance(saturation, bool) or not isinstance(saturation, (int, float)) or not 0 < saturation <= 1:
-        raise ValueError(f"saturation: expected a number in (0, 1], got {saturation!r}")
+    saturation = _check_saturation(saturation)
     if num_units <= 0 or unit_tiles <= 0 or grid <= 0:
         return 0
     sat = saturation * grid
