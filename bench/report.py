@@ -44,6 +44,10 @@ HEAD_CASE = "b1_h32x32_d128_512k"
 TIE = 0.98  # a ratio >= TIE counts as a tie
 SHORT_DTYPE = {"float16": "fp16", "bfloat16": "bf16"}
 
+#: max_abs_diff above which a row is flagged MISMATCH (outputs are O(0.1-1)
+#: with the benchmark's inputs: bench/cases.py, Q_SHIFT).
+DIFF_TOL = {"float16": 1e-2, "bfloat16": 4e-2}
+
 
 def _ok(r) -> bool:
     return r.get("status") == "ok" and _num(r.get("device_us")) is not None and r["device_us"] > 0
@@ -399,6 +403,30 @@ def format_table(rows: List[dict], ceiling_tbps=None, gpu=None) -> str:
     return "\n".join(lines)
 
 
+def format_diffs(rows: List[dict], tol: Optional[Dict[str, float]] = None) -> str:
+    """Per method and dtype, the measured ``max_abs_diff`` over the run's rows
+    (the peers' against lean's output, lean's against a float32 reference
+    where one was computed): rows checked, median, largest, and how many
+    exceed the tolerance ``tol`` (by dtype). What a tighter tolerance would
+    drop shows here before it is set."""
+    groups: Dict[tuple, list] = {}
+    for r in rows:
+        d = _num(r.get("max_abs_diff"))
+        if d is not None and r.get("status") == "ok":
+            groups.setdefault((r["method"], r["dtype"]), []).append((d, r["case"]))
+    if not groups:
+        return "output diffs: none measured"
+    lines = ["output diffs (max |out - lean| per row; lean: against a float32 reference):"]
+    for (m, dt) in sorted(groups):
+        ds = sorted(groups[(m, dt)])
+        t = (tol or {}).get(dt)
+        over = sum(1 for d, _ in ds if t is not None and d > t)
+        lines.append(f"  {m:<14} {SHORT_DTYPE.get(dt, dt):<4} {len(ds):>3} rows, median {ds[len(ds) // 2][0]:.2g}, "
+                     f"max {ds[-1][0]:.2g} ({ds[-1][1][:28]})"
+                     + (f", {over} over {t:g}" if t is not None else ""))
+    return "\n".join(lines)
+
+
 def _order(rows, key):
     for i, r in enumerate(rows):
         if _key(r) == key:
@@ -641,6 +669,7 @@ def main(argv=None):
         plot_bandwidth(rows, os.path.join(a.plots, stem + "_bandwidth.png"), doc.get("read_ceiling_tbps"))
     gpu = (doc.get("gpu") or {}).get("name") if isinstance(doc.get("gpu"), dict) else None
     print(format_table(rows, doc.get("read_ceiling_tbps"), gpu))
+    print(format_diffs(rows, DIFF_TOL))
     fam = doc.get("family") or (doc.get("meta") or {}).get("family")
     if fam:
         print(format_family_summary(rows, fam.get("seed")))

@@ -44,8 +44,7 @@ STICKY = ("illegal memory access", "illegal address", "unspecified launch failur
           "illegal instruction")
 
 
-#: max_abs_diff above which a row is flagged MISMATCH (outputs are O(0.1-1)).
-DIFF_TOL = {"float16": 1e-2, "bfloat16": 4e-2}
+DIFF_TOL = R.DIFF_TOL
 
 
 def _note(r, text):
@@ -671,6 +670,7 @@ class Sweep:
         # the table and the targets are the last thing printed
         gpu = self.meta["gpu"]["name"]
         print(R.format_table(self.rows, self.meta["read_ceiling_tbps"], gpu))
+        print(R.format_diffs(self.rows, DIFF_TOL))
         for n in self.meta["notes"]:
             print("note: " + n)
         if self.args.family:

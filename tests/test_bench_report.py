@@ -496,3 +496,20 @@ def test_tuning_option_is_restored_after_the_run():
     before = dict(TUNING)
     assert bench_run.main(["--family", "2", "--seed", "3", "--list", "--tuning", "invariant_splits=4"]) == 0
     assert dict(TUNING) == before
+
+
+def test_diff_summary_counts_rows_over_the_tolerance():
+    rows = _fake_rows()
+    peers = [r for r in rows if r["method"] == "sdpa-cudnn" and r["dtype"] == "float16" and r["status"] == "ok"]
+    assert len(peers) >= 2
+    peers[0]["max_abs_diff"] = 0.5  # a wrong-looking output
+    peers[1]["max_abs_diff"] = None  # not checked: not counted
+    text = R.format_diffs(rows, R.DIFF_TOL)
+    line = next(ln for ln in text.splitlines() if ln.split()[:2] == ["sdpa-cudnn", "fp16"])
+    assert f"{len(peers) - 1} rows" in line
+    assert "max 0.5 (" + peers[0]["case"][:28] + ")" in line
+    assert "1 over 0.01" in line
+    other = next(ln for ln in text.splitlines() if ln.split()[:2] == ["sdpa-cudnn", "bf16"])
+    assert "0 over 0.04" in other
+    assert R.format_diffs([], R.DIFF_TOL) == "output diffs: none measured"
+    assert bench_run.DIFF_TOL is R.DIFF_TOL
