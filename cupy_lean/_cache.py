@@ -4,9 +4,16 @@ Everything expensive to build is kept here, keyed on what determines it and
 on the CUDA device, never on a stream or a data pointer (CuPy and the driver
 reuse both): compiled kernel modules under ``("spec", device, spec)``, the
 helper module under ``("util", device)`` and launch plans under
-``("plan", device, signature)``. Plans are evicted oldest first beyond
-:data:`MAX_PLANS`; a plan that CUDA graphs were captured from is kept alive
-after eviction, because those graphs point at its workspaces.
+``("plan", device, signature)``. Plans are evicted oldest first (in the
+order they were built) beyond either cap: :data:`MAX_PLANS` plans, or
+:data:`MAX_PLAN_BYTES` bytes of GPU workspace that the cached plans hold
+(each plan's ``cache_bytes``; the plan just built is never evicted, so one
+plan larger than the byte cap still works, alone). An evicted plan frees its
+workspaces as any dropped plan does (in stream order: ``_plan.Plan.__del__``);
+a plan that CUDA graphs were captured from is kept alive after eviction,
+because those graphs point at its workspaces, and no longer counts towards
+either cap. Both caps may be lowered or raised at any time; a lowered cap
+takes effect when the next plan is added.
 """
 
 from __future__ import annotations
@@ -16,10 +23,20 @@ import sys
 import threading
 
 MAX_PLANS = 1024
+# GPU bytes the cached plans may hold (their eager workspace and spare). A few
+# percent of an 80 GB GPU, and far above what the plans of a usual process
+# hold (a lean plan's workspace is 2 partial states per CTA: a few MB); it
+# is reached by many large-batch plans, e.g. batch_invariant=True (split-K of
+# a fixed chunk count per unit) once per batch size, at ~0.3 GB a plan for
+# 256 sequences x 8 KV heads x group 8 at head_dim 128, which without a cap
+# grew to tens of GB. Past it the oldest plans are rebuilt when called again
+# (host work; kernels stay cached).
+MAX_PLAN_BYTES = 2 << 30
 
 _entries: dict = {}
 _lock = threading.RLock()  # plans build kernels under the same lock
 _num_plans = 0
+_num_plan_bytes = 0  # the cache_bytes of the cached plans (constant per plan), summed
 _retained: list = []  # evicted plans that captured graphs still use
 
 
@@ -41,20 +58,33 @@ def get_or_build(key, build):
     return val
 
 
+def _plan_bytes(plan):
+    """The GPU bytes ``plan`` is counted for (``Plan.cache_bytes``; 0 for an
+    entry without it)."""
+    return getattr(plan, "cache_bytes", 0)
+
+
+def _over_caps():
+    return _num_plans > MAX_PLANS or _num_plan_bytes > MAX_PLAN_BYTES
+
+
 def _put_locked(key, val):
-    global _num_plans
+    global _num_plans, _num_plan_bytes
     _entries[key] = val
     if key[0] != "plan":
         return
     _num_plans += 1
-    if _num_plans <= MAX_PLANS:
+    _num_plan_bytes += _plan_bytes(val)
+    if not _over_caps():
         return
-    for old in list(_entries):  # oldest first, down to MAX_PLANS (it may have been lowered meanwhile)
-        if _num_plans <= MAX_PLANS:
+    # oldest first, down to both caps (either may have been lowered meanwhile); never the new plan
+    for old in list(_entries):
+        if not _over_caps():
             break
         if old[0] == "plan" and old is not key:
             plan = _entries.pop(old)
             _num_plans -= 1
+            _num_plan_bytes -= _plan_bytes(plan)
             if getattr(plan, "captured", False):
                 _retained.append(plan)
 
@@ -73,17 +103,23 @@ def keep_if_evicted(plan):
 def clear():
     """Drop every entry (kernels are reloaded from CuPy's disk cache on the
     next call). Plans that graphs were captured from stay alive."""
-    global _num_plans
+    global _num_plans, _num_plan_bytes
     with _lock:
         for key, val in _entries.items():
             if key[0] == "plan" and getattr(val, "captured", False):
                 _retained.append(val)
         _entries.clear()
-        _num_plans = 0
+        _num_plans = _num_plan_bytes = 0
 
 
 def size():
     return len(_entries)
+
+
+def plan_bytes():
+    """The GPU bytes the cached plans are counted for (the sum of their
+    ``cache_bytes``; plans kept only for captured graphs not included)."""
+    return _num_plan_bytes
 
 
 @atexit.register

@@ -313,6 +313,14 @@ class Plan:
     workspace_bytes : int
         Size of one workspace: unit (and merge group) counters, then fp32
         partial-state slots, then (``merge_launch``) two ints per unit.
+    cache_bytes : int
+        GPU bytes the plan's own workspaces hold, the count the cache caps
+        (``_cache.MAX_PLAN_BYTES``): the eager workspace and the spare kept
+        zeroed for a capture, each ``max(workspace_bytes, 256)``, both
+        allocated by the first eager launch and counted at that size from
+        the plan's creation (constant). 0 with a caller's ``workspace=``.
+        Not counted: the workspaces of captured launches (the graphs',
+        freed only with the plan).
     merge_launch : bool
         Stream-K with few units for the grid: partial units are merged by the
         combine launch, not by their last contributor in the kernel.
@@ -848,7 +856,15 @@ class Plan:
             pass
 
     def _new_workspace(self, cp):
-        return cp.zeros(max(self.workspace_bytes, COUNTER_ALIGN), dtype=cp.uint8)
+        return cp.zeros(self._one_workspace_bytes(), dtype=cp.uint8)
+
+    def _one_workspace_bytes(self):
+        return max(self.workspace_bytes, COUNTER_ALIGN)
+
+    @property
+    def cache_bytes(self) -> int:
+        """The eager workspace and the spare (see the class docstring)."""
+        return 0 if self._user_ws else 2 * self._one_workspace_bytes()
 
     def _order_after_previous(self, stream, thread, cp):
         """Order work on the eager workspace queued next on ``stream`` (by

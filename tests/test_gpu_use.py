@@ -378,6 +378,55 @@ def test_graphs_replay_after_the_cache_evicted_their_plans(monkeypatch):
         _replay_and_compare(rng, item)
 
 
+def test_batch_invariant_plans_of_many_batch_sizes_stay_under_a_lowered_byte_cap(monkeypatch):
+    """batch_invariant=True over 24 batch sizes (a plan each, its workspace
+    growing with the batch) with _cache.MAX_PLAN_BYTES lowered to three of
+    the largest plan: after every call the cache's byte total is the sum of
+    its plans' cache_bytes and under the cap, the evicted plans are released
+    (their workspaces freed), and every output, also of sizes called again
+    after their plan was evicted, matches the reference."""
+    import gc
+    import weakref
+
+    from cupy_lean import _cache
+    from cupy_lean import kernels as K
+
+    rng = np.random.default_rng(83)
+    n = 24
+    q, k, v, L, _ = make_inputs(rng, n, 32, 8, 128, np.float16, rng.integers(1, 3000, n), "dense")
+    qd, kd, vd, Ld = to_gpu(q), to_gpu(k), to_gpu(v), cp.asarray(L)
+
+    def invariant_plans():
+        return [p for key, p in list(_cache._entries.items()) if key[0] == "plan" and p.signature.invariant]
+
+    def call(b):
+        out = _nan_like((b, 32, 128), cp.float16)
+        cupy_lean.attention(qd[:b], kd[:b], vd[:b], kv_lens=Ld[:b], out=out, batch_invariant=True)
+        check_close(out, None, q[:b], k[:b], v[:b], L[:b], None, np.float16)
+
+    with K.tuning(invariant_splits=16):  # (split-K: a workspace of partial states per plan)
+        _cache.clear()
+        call(n)
+        (largest,) = invariant_plans()
+        cap = 3 * largest.cache_bytes
+        assert largest.cache_bytes >= 2 * largest.workspace_bytes > 0
+        del largest
+        _cache.clear()
+        monkeypatch.setattr(_cache, "MAX_PLAN_BYTES", cap)
+        refs = []
+        for b in list(range(1, n + 1)) + [1, 2, n]:
+            call(b)
+            plans = [p for key, p in list(_cache._entries.items()) if key[0] == "plan"]
+            assert _cache.plan_bytes() == sum(p.cache_bytes for p in plans) <= cap
+            refs += [weakref.ref(p) for p in invariant_plans()]
+            del plans
+        held = {id(p) for p in invariant_plans()}
+        assert len(held) < n  # plans were evicted
+        gc.collect()
+        assert all(r() is None or id(r()) in held for r in refs)  # the evicted ones released
+        _cache.clear()
+
+
 def test_plan_run_describe_and_workspace():
     rng = np.random.default_rng(71)
     q, k, v, lens, table = make_inputs(rng, 3, 32, 8, 128, np.float16, [5000, 17, 0], "paged", page_size=16)

@@ -243,10 +243,11 @@ def test_tile_counts_past_32_bits_are_refused_naming_the_cache(paged):
 # ---------------------------------------------------------------- the cache
 
 class _Plan:
-    """A cache entry standing in for a plan."""
+    """A cache entry standing in for a plan (``nbytes``: its cache_bytes)."""
 
-    def __init__(self, captured=False):
+    def __init__(self, captured=False, nbytes=0):
         self.captured = captured
+        self.cache_bytes = nbytes
 
 
 @pytest.fixture
@@ -256,8 +257,27 @@ def small_cache(monkeypatch):
     monkeypatch.setattr(_cache, "_entries", {})
     monkeypatch.setattr(_cache, "_retained", [])
     monkeypatch.setattr(_cache, "_num_plans", 0)
+    monkeypatch.setattr(_cache, "_num_plan_bytes", 0)
     monkeypatch.setattr(_cache, "MAX_PLANS", 2)
+    monkeypatch.setattr(_cache, "MAX_PLAN_BYTES", 2 << 30)
     return _cache
+
+
+@pytest.fixture
+def byte_cache(small_cache):
+    """A cache capped at 100 bytes of plans (and 1024 plans)."""
+    small_cache.MAX_PLANS = 1024
+    small_cache.MAX_PLAN_BYTES = 100
+    return small_cache
+
+
+def _plans_in(c):
+    return [k[2] for k in c._entries if k[0] == "plan"]
+
+
+def _consistent(c):
+    plans = [v for k, v in c._entries.items() if k[0] == "plan"]
+    return c._num_plans == len(plans) and c.plan_bytes() == sum(p.cache_bytes for p in plans)
 
 
 def test_the_cache_builds_once_and_evicts_its_oldest_plan(small_cache):
@@ -316,6 +336,142 @@ def test_clear_cache_is_public_and_drops_plans_and_kernels(small_cache):
     del plain
     cupy_lean.clear_cache()
     assert c.size() == 0 and gone() is None and c._retained == [captured] and c._num_plans == 0
+
+
+def test_the_cache_evicts_its_oldest_plans_past_the_byte_cap(byte_cache):
+    """Past MAX_PLAN_BYTES the oldest plans go (as few as needed, kernels
+    never), and are released."""
+    import weakref
+
+    c = byte_cache
+    c.get_or_build(("spec", 0, "s"), lambda: "kernels")
+    first = c.get_or_build(("plan", 0, "a"), lambda: _Plan(nbytes=40))
+    gone = weakref.ref(first)
+    del first
+    c.get_or_build(("plan", 0, "b"), lambda: _Plan(nbytes=30))
+    c.get_or_build(("plan", 0, "c"), lambda: _Plan(nbytes=30))  # 100: at the cap, all kept
+    assert _plans_in(c) == ["a", "b", "c"] and c.plan_bytes() == 100
+    c.get_or_build(("plan", 0, "d"), lambda: _Plan(nbytes=20))  # 120: "a" (40) goes
+    assert _plans_in(c) == ["b", "c", "d"] and c.plan_bytes() == 80 and gone() is None
+    c.get_or_build(("plan", 0, "e"), lambda: _Plan(nbytes=70))  # 150: "b" and "c" go
+    assert _plans_in(c) == ["d", "e"] and c.plan_bytes() == 90 and _consistent(c)
+    assert c.get(("spec", 0, "s")) == "kernels" and c._retained == []
+
+
+def test_a_plan_larger_than_the_byte_cap_is_kept_alone(byte_cache):
+    c = byte_cache
+    c.get_or_build(("plan", 0, "a"), lambda: _Plan(nbytes=10))
+    big = c.get_or_build(("plan", 0, "b"), lambda: _Plan(nbytes=500))
+    assert _plans_in(c) == ["b"] and c.get(("plan", 0, "b")) is big and c.plan_bytes() == 500
+    c.get_or_build(("plan", 0, "c"), lambda: _Plan(nbytes=1))  # the big one is the oldest now
+    assert _plans_in(c) == ["c"] and c.plan_bytes() == 1 and _consistent(c)
+
+
+def test_plans_that_graphs_were_captured_from_outlive_byte_eviction_uncounted(byte_cache):
+    c = byte_cache
+    captured = c.get_or_build(("plan", 0, "a"), lambda: _Plan(captured=True, nbytes=60))
+    c.get_or_build(("plan", 0, "b"), lambda: _Plan(nbytes=30))
+    c.get_or_build(("plan", 0, "c"), lambda: _Plan(nbytes=30))
+    assert _plans_in(c) == ["b", "c"] and c._retained == [captured] and c.plan_bytes() == 60
+    c.get_or_build(("plan", 0, "d"), lambda: _Plan(nbytes=10))  # 70: nothing more goes
+    assert _plans_in(c) == ["b", "c", "d"] and c._retained == [captured] and _consistent(c)
+
+
+def test_both_caps_hold_together_and_clear_resets_both_totals(byte_cache):
+    c = byte_cache
+    c.MAX_PLANS = 3
+    for name in "abcd":  # the count cap evicts "a"
+        c.get_or_build(("plan", 0, name), lambda: _Plan(nbytes=10))
+    assert _plans_in(c) == ["b", "c", "d"] and c.plan_bytes() == 30 and _consistent(c)
+    c.get_or_build(("plan", 0, "e"), lambda: _Plan(nbytes=95))  # both: "b" by count, "c" and "d" by bytes
+    assert _plans_in(c) == ["e"] and _consistent(c)
+    kept = c.get_or_build(("plan", 0, "f"), lambda: _Plan(captured=True, nbytes=1))
+    c.clear()
+    assert c.size() == 0 and c._num_plans == 0 and c.plan_bytes() == 0 and c._retained == [kept]
+    c.get_or_build(("plan", 0, "g"), lambda: _Plan(nbytes=100))  # counted from zero again
+    assert _plans_in(c) == ["g"] and c.plan_bytes() == 100 and _consistent(c)
+
+
+def test_a_lowered_byte_cap_evicts_down_to_it_at_the_next_plan(byte_cache):
+    c = byte_cache
+    c.MAX_PLAN_BYTES = 1000
+    for name in "abcde":
+        c.get_or_build(("plan", 0, name), lambda: _Plan(nbytes=100))
+    c.MAX_PLAN_BYTES = 250
+    assert c.plan_bytes() == 500  # nothing happens until the next plan
+    c.get_or_build(("spec", 0, "s"), lambda: "kernels")  # (not a plan: no eviction)
+    assert len(_plans_in(c)) == 5
+    c.get_or_build(("plan", 0, "f"), lambda: _Plan(nbytes=50))
+    assert _plans_in(c) == ["d", "e", "f"] and c.plan_bytes() == 250 and _consistent(c)  # at the cap: kept
+    c.MAX_PLAN_BYTES = 10**6  # raised: nothing evicted
+    c.get_or_build(("plan", 0, "g"), lambda: _Plan(nbytes=5000))
+    assert _plans_in(c) == ["d", "e", "f", "g"] and _consistent(c)
+
+
+def test_concurrent_builds_keep_the_totals_consistent(byte_cache):
+    c = byte_cache
+    c.MAX_PLANS, c.MAX_PLAN_BYTES = 50, 3000
+
+    def work(t):
+        for i in range(200):
+            c.get_or_build(("plan", 0, (t, i % 120)), lambda i=i: _Plan(captured=i % 37 == 0, nbytes=7 + i % 90))
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert _consistent(c) and c._num_plans <= 50 and c.plan_bytes() <= 3000
+
+
+def test_a_plans_cache_bytes_are_its_workspace_and_spare_at_their_allocated_size(monkeypatch):
+    """cache_bytes counts the eager workspace and the spare at the size
+    _new_workspace allocates (at least 256 bytes each) before either
+    exists, and nothing for a caller's workspace."""
+    sizes = []
+
+    class Cp:
+        uint8 = "uint8"
+
+        @staticmethod
+        def zeros(n, dtype):
+            sizes.append(n)
+
+    for ws_bytes, want in ((100, 512), (256, 512), (4096 + 256, 2 * 4352), (3 << 28, 6 << 28)):
+        p = _bare_plan()
+        p.workspace_bytes = ws_bytes
+        assert p.cache_bytes == want
+        p._new_workspace(Cp)
+        p._new_workspace(Cp)
+        assert sum(sizes[-2:]) == want
+        p._ws = None
+    p = _bare_plan(user_ws=True)
+    p.workspace_bytes = 4096
+    assert p.cache_bytes == 0
+    p._ws = None
+
+
+def test_a_plan_evicted_by_bytes_frees_its_workspace_behind_its_last_launch(fake_streams, byte_cache):
+    """Byte eviction drops the plan as count eviction does: its workspace,
+    last used on another stream than the one it came from, is freed only
+    after the allocating stream waits for that use."""
+    me = threading.get_ident()
+    a, b = Stream(11), Stream(22)
+    c = byte_cache
+    c.MAX_PLAN_BYTES = 3000
+
+    def build():
+        p = _bare_plan()
+        p.workspace_bytes = 1000
+        p.captured = False
+        p._ws, p._ws_stream, p._ws_thread, p._stream, p._stream_thread = object(), a, me, b, me
+        return p
+
+    c.get_or_build(("plan", 0, "a"), build)
+    assert c.plan_bytes() == 2000 and a.waited == []
+    c.get_or_build(("plan", 0, "b"), lambda: _Plan(nbytes=1500))
+    gc.collect()
+    assert _plans_in(c) == ["b"] and a.waited == [b] and b.waited == []
 
 
 def test_rearm_is_ordered_after_the_last_launch_and_refused_in_a_capture(fake_streams, monkeypatch):
