@@ -25,4 +25,5 @@ KERNEL_TAG = {FLOAT16: "f16", BFLOAT16: "bf16"}
 
 
 def dtype_names(dts):
+    """The dtypes ``dts`` as a comma-separated list, for error messages."""
     return ", ".join(str(d) for d in dts)

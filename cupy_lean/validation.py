@@ -41,6 +41,12 @@ def _check_int(value, name, low, high=None):
 
 
 class Meta:
+    """The validated shape of a call, as :func:`validate` returns it: batch,
+    heads (query, KV, and their ratio ``group``), ``head_dim``, whether the
+    cache is ``paged`` (then ``page_size``, ``num_pages`` and ``max_pages``,
+    the block table's columns), ``seqlen`` (the dense cache's token axis),
+    ``capacity`` (tokens a sequence may hold) and the softmax ``scale``."""
+
     __slots__ = ("batch", "heads_q", "heads_kv", "head_dim", "group", "paged", "seqlen",
                  "page_size", "num_pages", "max_pages", "capacity", "scale")
 
@@ -67,6 +73,16 @@ MAX_CAPACITY = 2**31 - 256
 
 
 def validate(q, k, v, kv_lens, block_table, scale, out, sched, num_ctas, tile_size, gpu, kv8=None):
+    """Check the arguments of one :func:`cupy_lean.attention` call and return
+    its :class:`Meta`; raise ValueError or TypeError naming the argument,
+    the expected and the actual value. ``q`` is 3-D here (for a 4-D ``q``
+    the front end passes one query token's slice and checks the ``q_len``
+    axis itself); ``gpu`` adds the kernels' limits
+    (head_dim, group, page size, dtypes, ``num_ctas``, ``tile_size``);
+    ``kv8``: the fp8 format of an fp8 cache (None: K and V share q's dtype).
+    Values on the GPU (lengths, block tables) are checked here only where
+    they are on the host; the front end's ``validate=True`` checks the rest
+    on the device."""
     if q.ndim != 3:
         raise ValueError(f"q: expected 3 dimensions (batch, heads_q, head_dim) or 4 (batch, q_len, heads_q, "
                          f"head_dim), got shape {tuple(q.shape)}")
@@ -257,6 +273,8 @@ class Features:
         self.kv8 = None  # GPU fp8 cache: "e4m3" | "e5m2"
 
     def any(self):
+        """Whether any optional semantics is on (sinks, a window, a
+        soft-cap or an fp8 cache)."""
         return (self.sinks is not None or self.window_left is not None or self.softcap is not None
                 or self.kv8 is not None)
 
