@@ -47,9 +47,9 @@ def clear_cache() -> None:
     keeps (one plan per call signature and device, each owning workspaces
     of partial states: with many signatures, e.g. a ``batch_invariant=True``
     call per batch size, these can hold GBs of GPU memory). The cache itself
-    evicts its oldest plans beyond 1024 plans or 2 GiB of their workspaces
-    (``cupy_lean._cache.MAX_PLANS`` and ``MAX_PLAN_BYTES``, which may be
-    changed); this drops them all at once. Their memory goes back to CuPy's
+    evicts its least recently used plans beyond 1024 plans or 2 GiB of
+    their workspaces (``cupy_lean._cache.MAX_PLANS`` and
+    ``MAX_PLAN_BYTES``, which may be changed); this drops them all at once. Their memory goes back to CuPy's
     pool (a plan's launch still running on another stream frees it behind
     an event); kernels reload from CuPy's disk cache on the next call.
     Plans that CUDA graphs were captured from stay alive for the life of the

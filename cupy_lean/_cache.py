@@ -4,8 +4,8 @@ Everything expensive to build is kept here, keyed on what determines it and
 on the CUDA device, never on a stream or a data pointer (CuPy and the driver
 reuse both): compiled kernel modules under ``("spec", device, spec)``, the
 helper module under ``("util", device)`` and launch plans under
-``("plan", device, signature)``. Plans are evicted oldest first (in the
-order they were built) beyond either cap: :data:`MAX_PLANS` plans, or
+``("plan", device, signature)``. Plans are evicted least recently used
+first (by their last lookup or build) beyond either cap: :data:`MAX_PLANS` plans, or
 :data:`MAX_PLAN_BYTES` bytes of GPU workspace that the cached plans hold
 (each plan's ``cache_bytes``; the plan just built is never evicted, so one
 plan larger than the byte cap still works, alone). An evicted plan frees its
@@ -19,6 +19,7 @@ takes effect when the next plan is added.
 from __future__ import annotations
 
 import atexit
+import itertools
 import sys
 import threading
 
@@ -29,8 +30,8 @@ MAX_PLANS = 1024
 # is reached by many large-batch plans, e.g. batch_invariant=True (split-K of
 # a fixed chunk count per unit) once per batch size, at ~0.3 GB a plan for
 # 256 sequences x 8 KV heads x group 8 at head_dim 128, which without a cap
-# grew to tens of GB. Past it the oldest plans are rebuilt when called again
-# (host work; kernels stay cached).
+# grew to tens of GB. Past it the least recently used plans are rebuilt when
+# called again (host work and a zeroed workspace; kernels stay cached).
 MAX_PLAN_BYTES = 2 << 30
 
 _entries: dict = {}
@@ -38,16 +39,22 @@ _lock = threading.RLock()  # plans build kernels under the same lock
 _num_plans = 0
 _num_plan_bytes = 0  # the cache_bytes of the cached plans (constant per plan), summed
 _retained: list = []  # evicted plans that captured graphs still use
+_used: dict = {}  # plan key -> tick of its last lookup or build (eviction takes the least recent first)
+_tick = itertools.count()  # next() is atomic under the GIL
 
 
 def get(key):
-    """The cached value, or None."""
-    return _entries.get(key)
+    """The cached value, or None. A hit marks the plan as used now."""
+    val = _entries.get(key)
+    if val is not None and key[0] == "plan":
+        _used[key] = next(_tick)
+    return val
 
 
 def get_or_build(key, build):
-    """The cached value of ``key``, built once (under a lock) when missing."""
-    val = _entries.get(key)
+    """The cached value of ``key``, built once (under a lock) when missing;
+    a plan found or built is marked as used now."""
+    val = get(key)
     if val is not None:
         return val
     with _lock:
@@ -75,18 +82,22 @@ def _put_locked(key, val):
         return
     _num_plans += 1
     _num_plan_bytes += _plan_bytes(val)
+    _used[key] = next(_tick)
     if not _over_caps():
         return
-    # oldest first, down to both caps (either may have been lowered meanwhile); never the new plan
-    for old in list(_entries):
+    # least recently used first, down to both caps (either may have been lowered meanwhile); never
+    # the new plan. A lookup racing with this may have set a tick after the list was taken: harmless
+    # (that plan is evicted by its older position, as if the lookup came just after).
+    olds = sorted((k for k in _entries if k[0] == "plan" and k is not key), key=lambda k: _used.get(k, -1))
+    for old in olds:
         if not _over_caps():
             break
-        if old[0] == "plan" and old is not key:
-            plan = _entries.pop(old)
-            _num_plans -= 1
-            _num_plan_bytes -= _plan_bytes(plan)
-            if getattr(plan, "captured", False):
-                _retained.append(plan)
+        plan = _entries.pop(old)
+        _used.pop(old, None)
+        _num_plans -= 1
+        _num_plan_bytes -= _plan_bytes(plan)
+        if getattr(plan, "captured", False):
+            _retained.append(plan)
 
 
 def keep_if_evicted(plan):
@@ -109,6 +120,7 @@ def clear():
             if key[0] == "plan" and getattr(val, "captured", False):
                 _retained.append(val)
         _entries.clear()
+        _used.clear()
         _num_plans = _num_plan_bytes = 0
 
 
@@ -128,6 +140,7 @@ def _shutdown():
     interpreter exit CuPy's driver bindings go first, and late unloads print
     errors)."""
     _entries.clear()
+    _used.clear()
     _retained.clear()
     plan_module = sys.modules.get(__package__ + "._plan")
     if plan_module is not None:  # workspaces kept for a later ordered free (see _plan._free_after_use)

@@ -258,6 +258,7 @@ def small_cache(monkeypatch):
     monkeypatch.setattr(_cache, "_retained", [])
     monkeypatch.setattr(_cache, "_num_plans", 0)
     monkeypatch.setattr(_cache, "_num_plan_bytes", 0)
+    monkeypatch.setattr(_cache, "_used", {})
     monkeypatch.setattr(_cache, "MAX_PLANS", 2)
     monkeypatch.setattr(_cache, "MAX_PLAN_BYTES", 2 << 30)
     return _cache
@@ -356,6 +357,30 @@ def test_the_cache_evicts_its_oldest_plans_past_the_byte_cap(byte_cache):
     c.get_or_build(("plan", 0, "e"), lambda: _Plan(nbytes=70))  # 150: "b" and "c" go
     assert _plans_in(c) == ["d", "e"] and c.plan_bytes() == 90 and _consistent(c)
     assert c.get(("spec", 0, "s")) == "kernels" and c._retained == []
+
+
+def test_the_cache_evicts_the_least_recently_used_plans_first(byte_cache):
+    """A plan looked up (the hot path's get, or get_or_build) after others
+    were built outlives them: eviction goes by last use, not by age; both
+    caps alike, and no tick is left behind for an evicted or cleared key."""
+    c = byte_cache
+    for name in "abc":
+        c.get_or_build(("plan", 0, name), lambda: _Plan(nbytes=30))
+    assert c.get(("plan", 0, "a")) is not None  # "a" used last now: "b" is the least recent
+    c.get_or_build(("plan", 0, "d"), lambda: _Plan(nbytes=30))  # 120 > 100: "b" goes
+    assert _plans_in(c) == ["a", "c", "d"] and _consistent(c)
+    c.get_or_build(("plan", 0, "c"), lambda: _Plan(nbytes=99))  # found: marks "c", builds nothing
+    c.get_or_build(("plan", 0, "e"), lambda: _Plan(nbytes=30))  # "a" then ... down to 100: "a" goes
+    assert _plans_in(c) == ["c", "d", "e"] and set(c._used) == {("plan", 0, k) for k in "cde"}
+    c.MAX_PLAN_BYTES, c.MAX_PLANS = 1 << 30, 2
+    c.get(("plan", 0, "d"))
+    c.get_or_build(("plan", 0, "f"), lambda: _Plan(nbytes=1))  # the count cap: "c" and "e" go, "d" stays
+    assert _plans_in(c) == ["d", "f"] and _consistent(c)
+    c.get_or_build(("spec", 0, "s"), lambda: "kernels")
+    c.get(("spec", 0, "s"))
+    assert set(c._used) == {("plan", 0, "d"), ("plan", 0, "f")}  # kernels are not tracked
+    c.clear()
+    assert c._used == {}
 
 
 def test_a_plan_larger_than_the_byte_cap_is_kept_alone(byte_cache):
