@@ -59,9 +59,21 @@ __device__ unsigned long long lean_ctimeline[LEAN_TIMELINE * 8];
     if (threadIdx.x == 0 && blockIdx.x < LEAN_TIMELINE)                                 \
       lean_timeline[blockIdx.x * 32 + (k)] = clock64();                                 \
   } while (0)
+// the SM the CTA runs on (%smid), into slot k: which CTAs shared an SM or a TPC
+#define LEAN_SMID(k)                                                                    \
+  do {                                                                                  \
+    if (threadIdx.x == 0 && blockIdx.x < LEAN_TIMELINE) {                               \
+      unsigned int s_;                                                                  \
+      asm volatile("mov.u32 %0, %%smid;" : "=r"(s_));                                  \
+      lean_timeline[blockIdx.x * 32 + (k)] = s_;                                        \
+    }                                                                                   \
+  } while (0)
 #define LEAN_CSTAMP(k) \
   LEAN_TIME_INTO(blockIdx.x + gridDim.x * blockIdx.y, lean_ctimeline[(blockIdx.x + gridDim.x * blockIdx.y) * 8 + (k)])
 #else
+#define LEAN_SMID(k) \
+  do {               \
+  } while (0)
 #define LEAN_CSTAMP(k) \
   do {                 \
   } while (0)
@@ -1665,6 +1677,7 @@ __device__ void attention_cta(const Params& p) {
   if (threadIdx.x == 0 && dynamic_smem_size() < (u32)SharedLayout::BYTES) __trap();
   LEAN_STAMP(0);
   LEAN_CLOCK(14);
+  LEAN_SMID(19);
 
   StreamK sk;
   SegmentWalker walker;

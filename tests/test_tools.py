@@ -152,6 +152,12 @@ def test_timeline_and_split_gap_summaries():
     assert s["scanned"] == [0.5, 0.6, 0.7] and s["made"] == [0.7, 0.8, 0.9] and s["decided"] == [0.9, 0.9, 0.9]
     assert s["found"] == [0.9, 1.0, 1.1] and s["critical_cta"][7] == 5.2
     assert None not in s and "None" not in s and len(s["critical_cta"]) == len(timeline.PHASES)
+    # slot 19, %smid: SMs 0 and 1 form one TPC, CTA 2 has TPC 3 (SMs 6, 7) to itself
+    t[0, 19], t[1, 19], t[2, 19] = 0, 1, 7
+    assert timeline.summary(t, 4)["by_tpc"] == {"alone": {"ctas": 1, "us": [5.0, 5.0, 5.0]},
+                                                "tpc_shared": {"ctas": 2, "us": [5.0, 5.0, 5.0]}}
+    t[1, 19] = 0  # CTAs 0 and 1 on one SM
+    assert set(timeline.summary(t, 4)["by_tpc"]) == {"alone", "sm_shared"}
     ct = np.zeros((3, 4), np.uint64)
     ct[0] = (7000, 7100, 7300, 9000)
     ct[1] = (7200, 7200, 7400, 9400)

@@ -3,7 +3,9 @@ with phase timestamps (-DLEAN_TIMELINE, %globaltimer in ns) and the last call
 of a CUDA-graph replay (rotating copies: cold L2) is read back. Sampling
 profilers weigh a phase by how many SMs spend time in it; a small call's
 time is set by its slowest chain (the last contributor of a unit, then that
-unit's merge), which this shows.
+unit's merge), which this shows. Slot 19 holds the CTA's SM (%smid): the
+CTAs are also grouped by whether they had their TPC (SMs 2i and 2i + 1) or
+their SM to themselves, with each group's start-to-end times.
 
     python tools/timeline.py --shape 3,45,3,256,2696[,PAGE] [--lens L | --ragged L0:L1:L2] [--ctas C]
                              [--schedule lean|split] [--merge auto|kernel] [--kv-dtype e4m3] [--out F.json]
@@ -89,6 +91,21 @@ def summary(t, grid):
                            float(np.max(merging[:, 6] - merging[:, 5])) / 1e3]
     crit = rel[live][np.argmax(rel[live, 7])]
     out["critical_cta"] = [float(x) / 1e3 for x in crit]
+    # slot 19: %smid. CTAs by how many recorded CTAs share their SM and their TPC (SMs 2i, 2i + 1):
+    # the start-to-end time of each group (does a CTA that shares its TPC stream slower?)
+    done = live & (t[:, 7] > t[:, 0])
+    if done.any():
+        sm = t[done, 19]
+        dur = (t[done, 7] - t[done, 0]) / 1e3
+        per_sm = np.bincount(sm, minlength=int(sm.max()) + 1)[sm]
+        per_tpc = np.bincount(sm // 2, minlength=int(sm.max()) // 2 + 1)[sm // 2]
+        groups = {}
+        for name, sel in (("alone", (per_tpc == 1)), ("tpc_shared", (per_tpc > 1) & (per_sm == 1)),
+                          ("sm_shared", per_sm > 1)):
+            if sel.any():
+                groups[name] = {"ctas": int(sel.sum()), "us": [float(np.min(dur[sel])), float(np.median(dur[sel])),
+                                                               float(np.max(dur[sel]))]}
+        out["by_tpc"] = groups
     return out
 
 
@@ -179,6 +196,9 @@ def main():
             for key in ("critical_cta", "critical_merger"):
                 if key in s:
                     print(f"   {key}: " + " ".join(f"{nm}={x:.2f}" for nm, x in zip(PHASES, s[key]) if nm and x >= 0))
+            for g, v in s.get("by_tpc", {}).items():
+                print(f"   {g:10s} {v['ctas']:4d} CTAs, start to end min {v['us'][0]:7.2f}  median {v['us'][1]:7.2f}  "
+                      f"max {v['us'][2]:7.2f} us")
             if "merge_us" in s:
                 print("   merge duration min/median/max: " + " / ".join(f"{x:.2f}" for x in s["merge_us"]) + " us")
     if a.out:
