@@ -24,6 +24,7 @@ import dataclasses
 import enum
 import functools
 import hashlib
+import math
 import os
 import pathlib
 
@@ -399,7 +400,7 @@ TUNING = _Tuning({
     # equal lengths (no kv_lens and a dense cache, or one sequence): the lean plan runs split-K or one CTA per unit where
     # schedule.uniform_variant's model says it streams as fast (False: always stream-K)
     "uniform_variants": True,
-    # that model's wave of w CTAs streams at the whole DRAM bandwidth when w >= this fraction of the
+    # with "uniform_model" "saturation" (below): that model's wave of w CTAs streams at the whole DRAM bandwidth when w >= this fraction of the
     # grid, at w / (fraction x grid) of it below (schedule.uniform_variant's saturation). Measured on an
     # H100 (bench/NOTES.md session 29): w CTAs each streaming one unit (tools/cta_rate.py) read at
     # 0.94-0.99x stream-K's speed at 0.6-0.85 of the SMs with head_dim 64 and 128, at 0.996-1.0x from
@@ -407,6 +408,28 @@ TUNING = _Tuning({
     # (seed 29100101): 0.8 took 0.990x 0.7's time (0.952-1.026), and on 18 calls of 2k-40k tokens
     # (seed 20124321, where 0.7 was fitted to the split's wins) 0.998x (0.989-1.007). A fraction in (0, 1]
     "uniform_saturation": 0.8,
+    # the equal-length model (schedule.uniform_variant): "rates" prices a wave of w CTAs by the measured
+    # partial_grid_time and the CTAs' own streaming rate (cta_stream_gbs); "saturation" by the step above
+    # (the model before 2026-12-06). On the stored H100 sweeps (38 dense calls, bench/NOTES.md session 30)
+    # "rates" took 1.0025x / 1.0005x / 1.000x the best measured variant's time per seed, the saturation
+    # step at 0.8 1.013x / 1.017x / 1.000x; it also gives the 9 H200 cases of the step's CPU test.
+    "uniform_model": "rates",
+    # per head_dim, (fraction of the grid, time over stream-K's on the full grid) of w CTAs each streaming
+    # one 8 MB unit (tools/cta_rate.py, H100 80GB HBM3, groups 1 and 8 averaged; session 29): a dip of
+    # 1-6% between 0.6 and 0.85 of the SMs, none from 0.9 (schedule.partial_grid_time makes it
+    # non-increasing in the fraction)
+    "partial_grid_time": {
+        64: ((0.303, 1.389), (0.447, 1.002), (0.598, 1.005), (0.697, 1.010), (0.75, 1.025), (0.803, 1.023),
+             (0.848, 1.022), (0.902, 0.997), (0.947, 0.997), (1.0, 0.977)),
+        128: ((0.303, 1.112), (0.447, 0.994), (0.598, 1.054), (0.697, 1.064), (0.75, 1.047), (0.803, 1.034),
+              (0.848, 1.012), (0.902, 0.998), (0.947, 0.997), (1.0, 0.998)),
+        256: ((0.303, 1.291), (0.447, 1.090), (0.598, 1.020), (0.697, 1.011), (0.75, 1.008), (0.803, 1.001),
+              (0.848, 0.997), (0.902, 0.999), (0.947, 0.998), (1.0, 0.998))},
+    # GB/s one CTA streams alone (40 CTAs of one unit each, the same measurement): below
+    # read_fraction x DRAM bandwidth / (this x w) the w CTAs set the pace, not DRAM (an H200's 4.8 TB/s
+    # needs ~0.65 of 132 SMs at head_dim 64, an H100's 3.35 ~0.46)
+    "cta_stream_gbs": {64: 50.7, 128: 64.1, 256: 55.4},
+    "read_fraction": 0.9,  # of the DRAM bandwidth the driver reports, what stream-K reads (H100: 3.0-3.1 of 3.35)
     "fallback_hbm_tbps": 3.0,  # DRAM bandwidth assumed where the driver reports no memory clock
     # many units (many_unit_config), equal lengths, at least one unit per SM: at head_dim 64 one CTA
     # per unit (False: no such rule), at 64-token tiles up to this many units per SM, 32 above
@@ -488,6 +511,41 @@ TUNING = _Tuning({
     # or writes memory). False: plain launches
     "pdl": True,
 })
+
+
+def uniform_model_args(head_dim, grid, hbm_bytes_per_us):
+    """The keyword arguments of :func:`cupy_lean.schedule.uniform_variant`
+    that :data:`TUNING` selects for a plan of ``head_dim`` on ``grid`` CTAs
+    of a device reading ``hbm_bytes_per_us``: ``"uniform_model"`` "rates"
+    (the measured ``"partial_grid_time"`` of that head_dim and the bound
+    from ``"cta_stream_gbs"``, no slack) or "saturation" (the step at
+    ``"uniform_saturation"``). Raises ValueError naming the key of a bad
+    value."""
+    model = TUNING["uniform_model"]
+    if model == "saturation":
+        return {"saturation": uniform_saturation()}
+    if model != "rates":
+        raise ValueError(f'kernels.TUNING["uniform_model"] must be "rates" or "saturation", got {model!r}')
+    from .schedule import _check_partial_grid
+
+    table, rates = TUNING["partial_grid_time"], TUNING["cta_stream_gbs"]
+    try:
+        points = _check_partial_grid(table[head_dim])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f'kernels.TUNING["partial_grid_time"] must map head_dim {head_dim} to (fraction, '
+                         f'relative time) pairs, fractions increasing in (0, 1], got '
+                         f'{table.get(head_dim) if isinstance(table, dict) else table!r}') from None
+    try:
+        rate, frac = float(rates[head_dim]), float(TUNING["read_fraction"])
+    except (KeyError, TypeError, ValueError):
+        rate, frac = float("nan"), float("nan")
+    if not (math.isfinite(rate) and rate > 0 and math.isfinite(frac) and 0 < frac <= 1):
+        raise ValueError(f'kernels.TUNING["cta_stream_gbs"][{head_dim}] must be a positive number and '
+                         f'TUNING["read_fraction"] one in (0, 1], got '
+                         f'{rates.get(head_dim) if isinstance(rates, dict) else rates!r} and '
+                         f'{TUNING["read_fraction"]!r}')
+    bound = frac * hbm_bytes_per_us / 1e3 / (rate * max(1, grid))
+    return {"partial_grid": points, "cta_bound": bound, "slack": 0.0}
 
 
 def uniform_saturation():

@@ -605,6 +605,47 @@ def _check_split_rule(split_slack_tiles, split_scale):
     return split_slack_tiles, split_scale
 
 
+def _check_partial_grid(points):
+    """:func:`uniform_variant`'s ``partial_grid``: at least one ``(fraction,
+    relative time)`` pair, fractions increasing in (0, 1], times positive;
+    returned as a tuple of float pairs."""
+    try:
+        pts = tuple((float(f), float(r)) for f, r in points)
+    except (TypeError, ValueError):
+        raise ValueError(f"partial_grid: expected (fraction, relative time) pairs, got {points!r}") from None
+    if not pts or any(not (0 < f <= 1 and math.isfinite(r) and r > 0) for f, r in pts) \
+            or any(b[0] <= a[0] for a, b in zip(pts, pts[1:])):
+        raise ValueError(f"partial_grid: expected (fraction, relative time) pairs with fractions increasing in "
+                         f"(0, 1] and positive times, got {points!r}")
+    return pts
+
+
+def partial_grid_time(points, fraction):
+    """The time of a wave whose CTAs fill ``fraction`` of the grid, each
+    streaming its own unit, over stream-K's on the whole grid, from measured
+    ``(fraction, relative time)`` points (``kernels.TUNING["partial_grid_time"]``,
+    measured by ``tools/cta_rate.py``): linear between the points, made
+    non-increasing in the fraction (a point is never cheaper than one with
+    fewer CTAs: fewer CTAs do not stream faster, and a single dip's
+    measurement is not trusted to be a valley); below the first point the
+    CTAs' own rate sets the pace (time times ``first / fraction``), above
+    the last the last point's time."""
+    pts = _check_partial_grid(points)
+    env = []
+    worst = 0.0
+    for f, r in reversed(pts):
+        worst = max(worst, r)
+        env.append((f, worst))
+    env.reverse()
+    f0, r0 = env[0]
+    if fraction <= f0:
+        return r0 * f0 / fraction
+    for (fa, ra), (fb, rb) in zip(env, env[1:]):
+        if fraction <= fb:
+            return ra + (rb - ra) * (fraction - fa) / (fb - fa)
+    return env[-1][1]
+
+
 def _check_saturation(saturation):
     """:func:`uniform_variant`'s saturating fraction: a number in (0, 1]."""
     if isinstance(saturation, bool) or not isinstance(saturation, (int, float)) or not 0 < saturation <= 1:
@@ -762,7 +803,8 @@ def combine_row_blocks(num_units, unit_rows, num_sms, num_states=2, head_dim=0, 
 
 
 def uniform_variant(num_units, unit_tiles, grid, num_sms, tile_us=0.0, cut_us=2.0, slack=0.02,
-                    saturation=0.8, state_bytes=0, combine_bytes=256 * 1024, unit_rows=1, head_dim=0, threads=0):
+                    saturation=0.8, state_bytes=0, combine_bytes=256 * 1024, unit_rows=1, head_dim=0, threads=0,
+                    partial_grid=None, cta_bound=0.0):
     """The decomposition the ``"lean"`` plan runs when every sequence has the
     same length (dense calls without ``kv_lens``, or one sequence): 0 for
     stream-K over ``grid`` CTAs, else the number of chunks per unit of the split-K variant (1: one
@@ -797,17 +839,38 @@ def uniform_variant(num_units, unit_tiles, grid, num_sms, tile_us=0.0, cut_us=2.
     took 1.20x stream-K's time, 29-75 chunks of
     0.31-0.48 MB 1.02-1.03x, while every split under 0.2 MB per unit ran
     within 1.015x of stream-K or faster.
+
+    ``partial_grid`` (a sequence of ``(fraction, relative time)`` points)
+    replaces the saturation step with measured rates: a wave of ``w`` CTAs
+    takes ``c * w * rel(w / grid) * tile_us``, where ``rel`` is the larger
+    of :func:`partial_grid_time` of the points at ``w / grid`` (the time of
+    ``w`` CTAs each streaming its own unit, over stream-K's on the full grid,
+    made non-increasing in the fraction) and ``cta_bound / (w / grid)``
+    (below ``cta_bound`` of the grid the CTAs' own streaming rate, not
+    DRAM, sets the pace), and at least 1; ``saturation`` is then unused.
     """
     saturation = _check_saturation(saturation)
     if num_units <= 0 or unit_tiles <= 0 or grid <= 0:
         return 0
     sat = saturation * grid
+    if partial_grid is not None:
+        points = _check_partial_grid(partial_grid)
+        bound = float(cta_bound)
+        if not (math.isfinite(bound) and bound >= 0):
+            raise ValueError(f"cta_bound: expected a finite number >= 0, got {cta_bound!r}")
+
+        def wave(w):
+            f = w / grid
+            return w * max(1.0, partial_grid_time(points, f), bound / f)
+    else:
+        def wave(w):
+            return max(w, sat)
 
     def model(ctas, chunk):
         t, n = 0.0, ctas
         while n > 0:
             w = min(n, grid)
-            t += chunk * max(w, sat)
+            t += chunk * wave(w)
             n -= w
         return t * tile_us if tile_us > 0 else t
 

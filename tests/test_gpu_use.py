@@ -1530,8 +1530,10 @@ def _model_variant(p):
     from cupy_lean.schedule import uniform_variant
 
     kern = p.kernels
-    return uniform_variant(p.units, p.max_unit_tiles, kern.ctas_per_sm * kern.num_sms, kern.num_sms,
-                           tile_us=p.tile_us, saturation=K.uniform_saturation(), state_bytes=4 * p.slot_stride,
+    grid = kern.ctas_per_sm * kern.num_sms
+    return uniform_variant(p.units, p.max_unit_tiles, grid, kern.num_sms,
+                           tile_us=p.tile_us, state_bytes=4 * p.slot_stride,
+                           **K.uniform_model_args(p.meta.head_dim, grid, kern.hbm_bytes_per_us),
                            unit_rows=p.meta.group,
                            head_dim=p.meta.head_dim, threads=p.threads)
 
@@ -1596,7 +1598,7 @@ def test_uniform_saturation_is_read_when_a_plan_is_made():
     ro, rl = reference.attention(q, k, v)
     got = {}
     for sat in (0.7, 1.0):
-        with K.tuning(uniform_saturation=sat):
+        with K.tuning(uniform_model="saturation", uniform_saturation=sat):
             out = _nan_like(q.shape, q.dtype)
             p = cupy_lean.plan(qd, kd, vd, out=out)
             assert p.uniform_variant == _model_variant(p), (sat, p.describe())
@@ -1606,8 +1608,43 @@ def test_uniform_saturation_is_read_when_a_plan_is_made():
             got[sat] = p.uniform_variant
     if p.kernels.num_sms == 132 and p.kernels.ctas_per_sm == 1 and not p.many_units:
         assert got == {0.7: 2, 1.0: 0}, got
-    with K.tuning(uniform_saturation=1.5):
+    with K.tuning(uniform_model="saturation", uniform_saturation=1.5):
         with pytest.raises(ValueError, match=r'TUNING\["uniform_saturation"\] must be a number in \(0, 1\]'):
+            cupy_lean.plan(qd, kd, vd, out=_nan_like(q.shape, q.dtype))
+
+
+def test_uniform_rates_model_is_read_when_a_plan_is_made():
+    """The default equal-length model ("rates": measured partial-grid times
+    and per-CTA rates) decides the plan's decomposition, and a change of its
+    TUNING table applies to plans made after it: a table that prices every
+    partial grid at 2x stream-K's time gives stream-K, one that prices them
+    at 1x splits the 47 d64 sequences. Both match the reference; a bad
+    table is refused naming its key."""
+    from cupy_lean import kernels as K
+
+    rng = np.random.default_rng(4742)
+    b, hq, hkv, d, n = 47, 5, 1, 64, 41 * 128 - 91
+    q, k, v, lens, _ = make_inputs(rng, b, hq, hkv, d, np.float16, [n] * b, "dense")
+    qd, kd, vd = to_gpu(q), to_gpu(k), to_gpu(v)
+    ro, rl = reference.attention(q, k, v)
+    assert K.TUNING["uniform_model"] == "rates"
+    got = {}
+    for name, rel in (("default", None), ("slow", 2.0), ("flat", 1.0)):
+        tables = dict(K.TUNING["partial_grid_time"])
+        if rel is not None:
+            tables[d] = ((0.1, rel), (1.0, rel))
+        with K.tuning(partial_grid_time=tables, cta_stream_gbs={64: 1e6, 128: 1e6, 256: 1e6} if rel else
+                      K.TUNING["cta_stream_gbs"]):
+            out = _nan_like(q.shape, q.dtype)
+            p = cupy_lean.plan(qd, kd, vd, out=out)
+            assert p.uniform_variant == _model_variant(p), (name, p.describe())
+            lse = cp.full(q.shape[:2], cp.nan, dtype=cp.float32)
+            p.run(qd, kd, vd, out=out, lse=lse, return_lse=True)
+            _assert_out_lse(out, lse, ro, rl)
+            got[name] = p.uniform_variant
+    assert got["slow"] == 0 and got["flat"] > 0, got
+    with K.tuning(partial_grid_time={64: ((0.5, 1.0), (0.4, 1.0))}):
+        with pytest.raises(ValueError, match=r'TUNING\["partial_grid_time"\] must map head_dim 64'):
             cupy_lean.plan(qd, kd, vd, out=_nan_like(q.shape, q.dtype))
 
 

@@ -685,6 +685,116 @@ def test_uniform_variant_saturation():
         assert K.uniform_saturation() == 1.0
 
 
+def _rel_mirror(points, f, bound):
+    """partial_grid_time's rule written out: the points made non-increasing
+    in the fraction (each the largest time at or above it), linear between,
+    scaled by first / f below the first, the last above; then at least 1 and
+    at least bound / f."""
+    fs = [p[0] for p in points]
+    env = [max(r for _, r in points[i:]) for i in range(len(points))]
+    if f <= fs[0]:
+        r = env[0] * fs[0] / f
+    else:
+        r = float(np.interp(f, fs, env))
+    return max(1.0, r, bound / f)
+
+
+@given(st.integers(1, 400), st.integers(1, 3000), st.sampled_from([132, 264, 108]), st.sampled_from([64, 128, 256]),
+       st.sampled_from([0.0, 0.003, 0.01, 0.03]), st.sampled_from([0.0, 0.3, 0.46, 0.7]))
+@example(104, 34, 132, 64, 0.0098, 0.451)  # H100 b26 4/4 d64 4329: one CTA per unit 41.8 us, stream-K 46.8
+@example(50, 1126, 132, 64, 0.0098, 0.451)  # H100 b10 25/5 d64 144k: stream-K 640.8 us, 2 chunks 671.6
+@example(36, 795, 132, 256, 0.0196, 0.415)  # H100 b3 36/12 d256 50.8k: 3 chunks 598.4 us, stream-K 625.4
+def test_uniform_variant_rates_model(units, tiles, grid, d, tile_us, bound):
+    """With measured rates (kernels.TUNING["partial_grid_time"]) the model
+    prices a wave of w CTAs at w x rel(w / grid) and stream-K at its CTAs x
+    rel, no slack: the variant returned is the cheapest candidate within
+    stream-K's time + cut_us, one CTA per unit on a tie, else stream-K."""
+    from cupy_lean import kernels as K
+
+    points = K.TUNING["partial_grid_time"][d]
+    v = uniform_variant(units, tiles, grid, 132, tile_us=tile_us, partial_grid=points, cta_bound=bound, slack=0.0)
+    ns = min(num_splits_heuristic(units, tiles, 132), max(1, grid // units))
+    assert v in (0, 1, ns)
+
+    def model(ctas, chunk):
+        t, n = 0.0, ctas
+        while n > 0:
+            w = min(n, grid)
+            t += chunk * w * _rel_mirror(points, w / grid, bound)
+            n -= w
+        return t * (tile_us or 1)
+
+    total = units * tiles
+    g = min(grid, total)
+    limit = model(g, total / g) + (2.0 if tile_us else 0.0)
+    cands = {n: model(units * n, -(-tiles // n)) for n in (1, ns)}
+    best = min(cands.values())
+    if v == 0:
+        assert best > limit * (1 - 1e-12)
+    else:
+        assert math.isclose(cands[v], best) and cands[v] <= limit * (1 + 1e-12)
+        assert v == 1 or cands[1] > best
+
+
+def test_partial_grid_time_and_the_model_args():
+    """partial_grid_time: non-increasing envelope of the points, linear
+    between, CTA-rate scaling below the first; bad tables are refused. The
+    plan's arguments (kernels.uniform_model_args) follow TUNING: the rates
+    model by default, the saturation step on request, bad values named by
+    their key."""
+    from cupy_lean import kernels as K
+    from cupy_lean.schedule import partial_grid_time
+
+    pts = ((0.25, 1.5), (0.5, 1.0), (0.75, 1.1), (1.0, 1.0))
+    assert partial_grid_time(pts, 0.5) == 1.1  # the dip at 0.75 lifts 0.5 to it: fewer CTAs are never cheaper
+    assert partial_grid_time(pts, 0.125) == 3.0 and partial_grid_time(pts, 1.0) == 1.0
+    assert math.isclose(partial_grid_time(pts, 0.875), 1.05)
+    for bad in ((), ((0.5, 1.0), (0.5, 1.0)), ((0.0, 1.0),), ((1.5, 1.0),), ((0.5, -1.0),), ((0.5,),), "x", None):
+        with pytest.raises(ValueError, match="partial_grid: expected"):
+            partial_grid_time(bad, 0.5)
+    with pytest.raises(ValueError, match="cta_bound: expected a finite number >= 0"):
+        uniform_variant(10, 10, 132, 132, partial_grid=pts, cta_bound=-1)
+    a = K.uniform_model_args(128, 132, 3.352e6)
+    assert K.TUNING["uniform_model"] == "rates" and a["slack"] == 0.0
+    assert a["partial_grid"] == K.TUNING["partial_grid_time"][128]
+    assert math.isclose(a["cta_bound"], 0.9 * 3352 / (64.1 * 132))  # ~0.36 of an H100's SMs at head_dim 128
+    with K.tuning(uniform_model="saturation", uniform_saturation=0.7):
+        assert K.uniform_model_args(128, 132, 3.352e6) == {"saturation": 0.7}
+    for key, val, msg in (("uniform_model", "steps", r'TUNING\["uniform_model"\] must be "rates" or "saturation"'),
+                          ("partial_grid_time", {64: ()}, r'TUNING\["partial_grid_time"\] must map head_dim 128'),
+                          ("cta_stream_gbs", {128: 0}, r'TUNING\["cta_stream_gbs"\]\[128\] must be a positive'),
+                          ("read_fraction", 1.5, r'TUNING\["cta_stream_gbs"\]\[128\] must be a positive')):
+        with K.tuning(**{key: val}):
+            with pytest.raises(ValueError, match=msg):
+                K.uniform_model_args(128, 132, 3.352e6)
+
+
+def test_uniform_variant_rates_model_cases():
+    """The rates model on measured shapes. H200 (4.8 TB/s, tools/grid_sweep.py;
+    the cases the saturation step was fitted to, test_uniform_variant_cases):
+    the same choices, the per-CTA bound deciding b18 40/4 d64 (72 CTAs stream
+    slower than stream-K's 132 there). H100 (3.35 TB/s, tools/spec_sweep.py,
+    seeds 29100101 / 29100303 / 20124321): long calls whose split fills
+    0.73-0.85 of the SMs at head_dim 64 or 128 take stream-K (the split lost
+    1-5% there), d256 and short calls keep their splits."""
+    from cupy_lean import kernels as K
+
+    def pick(u, t, d, hbm, tile=128):
+        return uniform_variant(u, t, 132, 132, tile_us=2 * tile * d * 2 / hbm, **K.uniform_model_args(d, 132, hbm))
+
+    h200, h100 = 4.8e6, 3.352e6
+    assert pick(110, 7, 128, h200) == 1 and pick(100, 78, 64, h200) == 1
+    assert pick(180, 111, 128, h200) == 0 and pick(154, 26, 64, h200) == 0
+    assert pick(22, 20, 64, h200) == 5 and pick(36, 8, 128, h200) == 3
+    assert pick(72, 56, 64, h200) == 0  # 72 CTAs at ~50 GB/s each: 3.6 of 4.3 TB/s
+    assert pick(47, 14, 64, h200) == 2 and pick(75, 3, 64, h200) == 1
+    assert pick(50, 1126, 64, h100) == 0  # 640.8 us against 671.6 split in 2
+    assert pick(48, 257, 128, h100) == 0  # 266.8 against 281.2
+    assert pick(36, 795, 256, h100, tile=64) == 3  # 598.4 against stream-K's 625.4
+    assert pick(104, 34, 64, h100) == 1  # 41.8 against 46.8
+    assert pick(28, 212, 256, h100, tile=64) == 4 and pick(12, 557, 256, h100, tile=64) == 10
+
+
 def test_uniform_variant_cases():
     """Measured on an H200 (132 SMs, tools/grid_sweep.py; tile_us: one
     unit's 128-token tile at 4.8 TB/s): these shapes ran fastest (or within

@@ -66,10 +66,12 @@ TUNING_CONFIGS = {"sk_launch": {"merge_launch_pieces": 1}, "sk_inkernel": {"merg
                   "sk_paged_prefetch_lines": {"split_prefetch_paged": 1},
                   "sk_paged_prefetch_bulk": {"split_prefetch_paged": 2},
                   "sk_force_no_prefetch": {"runtime_split_slack_bytes": 1 << 40, "split_prefetch": 0},
-                  # equal-length plans: schedule.uniform_variant's saturating fraction of the grid (0.8 default; 0.7 before)
-                  "sat06": {"uniform_saturation": 0.6}, "sat07": {"uniform_saturation": 0.7},
-                  "sat08": {"uniform_saturation": 0.8},
-                  "sat09": {"uniform_saturation": 0.9}}
+                  # equal-length plans: schedule.uniform_variant's saturation step (the model before the measured
+                  # rates, the default since 2026-12-06) at a fraction of the grid (0.8 its last value; 0.7 before)
+                  "sat06": {"uniform_model": "saturation", "uniform_saturation": 0.6},
+                  "sat07": {"uniform_model": "saturation", "uniform_saturation": 0.7},
+                  "sat08": {"uniform_model": "saturation", "uniform_saturation": 0.8},
+                  "sat09": {"uniform_model": "saturation", "uniform_saturation": 0.9}}
 CONFIGS += [(name, "tuning") for name in TUNING_CONFIGS]
 
 
