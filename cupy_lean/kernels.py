@@ -419,16 +419,16 @@ TUNING = _Tuning({
     # 1-6% between 0.6 and 0.85 of the SMs, none from 0.9 (schedule.partial_grid_time makes it
     # non-increasing in the fraction)
     "partial_grid_time": {
-        64: ((0.303, 1.389), (0.447, 1.002), (0.598, 1.005), (0.697, 1.010), (0.75, 1.025), (0.803, 1.023),
-             (0.848, 1.022), (0.902, 0.997), (0.947, 0.997), (1.0, 0.977)),
-        128: ((0.303, 1.112), (0.447, 0.994), (0.598, 1.054), (0.697, 1.064), (0.75, 1.047), (0.803, 1.034),
-              (0.848, 1.012), (0.902, 0.998), (0.947, 0.997), (1.0, 0.998)),
-        256: ((0.303, 1.291), (0.447, 1.090), (0.598, 1.020), (0.697, 1.011), (0.75, 1.008), (0.803, 1.001),
-              (0.848, 0.997), (0.902, 0.999), (0.947, 0.998), (1.0, 0.998))},
+        64: ((0.303, 1.389), (0.447, 1.002), (0.598, 1.005), (0.697, 1.01), (0.75, 1.025), (0.803, 1.022),
+              (0.848, 1.022), (0.902, 0.997), (0.947, 0.997), (1.0, 0.977)),
+        128: ((0.303, 1.112), (0.447, 0.994), (0.598, 1.054), (0.697, 1.064), (0.75, 1.047), (0.803, 1.033),
+               (0.848, 1.012), (0.902, 0.997), (0.947, 0.997), (1.0, 0.998)),
+        256: ((0.303, 1.291), (0.447, 1.09), (0.598, 1.019), (0.697, 1.011), (0.75, 1.008), (0.803, 1.0),
+               (0.848, 0.997), (0.902, 0.999), (0.947, 0.998), (1.0, 0.998))},
     # GB/s one CTA streams alone (40 CTAs of one unit each, the same measurement): below
     # read_fraction x DRAM bandwidth / (this x w) the w CTAs set the pace, not DRAM (an H200's 4.8 TB/s
     # needs ~0.65 of 132 SMs at head_dim 64, an H100's 3.35 ~0.46)
-    "cta_stream_gbs": {64: 50.7, 128: 64.1, 256: 55.4},
+    "cta_stream_gbs": {64: 51.1, 128: 63.7, 256: 55.2},
     "read_fraction": 0.9,  # of the DRAM bandwidth the driver reports, what stream-K reads (H100: 3.0-3.1 of 3.35)
     "fallback_hbm_tbps": 3.0,  # DRAM bandwidth assumed where the driver reports no memory clock
     # many units (many_unit_config), equal lengths, at least one unit per SM: at head_dim 64 one CTA

@@ -215,3 +215,27 @@ def test_split_rule_fit_supports_the_default():
     # the merge launch keeps its rule: a factor of 2 there makes more shapes slower
     launch = [r for r in rows if r["launch"]]
     assert F.evaluate(launch, 1, 1)[1] < F.evaluate(launch, 2, 0)[1]
+
+
+def test_cta_rate_reproduces_the_tuning_defaults(capsys):
+    """The equal-length model's measured inputs in kernels.TUNING are
+    tools/cta_rate.py's fit of the stored H100 run (the script that
+    regenerates them): partial_grid_time per head_dim and cta_stream_gbs;
+    --fit prints them without a GPU."""
+    import json
+    import pathlib
+
+    import cta_rate
+
+    from cupy_lean import kernels as K
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "results" / "cta_rate_h100_s29.json"
+    table, rates = cta_rate.tuning_values(json.loads(path.read_text())["rows"])
+    assert table == K.TUNING["partial_grid_time"] and rates == K.TUNING["cta_stream_gbs"]
+    cta_rate.print_tuning(json.loads(path.read_text())["rows"])
+    out = capsys.readouterr().out
+    assert '"partial_grid_time": {64: ((0.303, 1.389)' in out and '"cta_stream_gbs": {64: 51.1' in out
+    rows = [{"head_dim": 64, "group": g, "ctas": w, "sms": 100, "kv_bytes": 8e6 * w,
+             "times": {"head": t, "stream_k": 10.0}} for g, w, t in ((1, 50, 12.0), (8, 50, 11.0), (1, 100, 10.0))]
+    rows.append({"head_dim": 64, "group": 1, "ctas": 75, "sms": 100, "kv_bytes": 6e8, "times": {"head": None}})
+    assert cta_rate.tuning_values(rows) == ({64: ((0.5, 1.15), (1.0, 1.0))}, {64: 697.0})

@@ -12,10 +12,18 @@ Prints and writes, per (head_dim, group, w): TB/s, GB/s per CTA and the
 time over stream-K's. A model where each CTA streams at most ``r`` GB/s
 (a property of the kernel spec) and DRAM at most ``B`` saturates at
 ``w = B / r`` CTAs, a fraction ``B / (r x grid)`` that differs by spec;
-the fit is for the next change, not this tool.
+At the end it prints the two measured inputs of the equal-length model
+(``schedule.uniform_variant`` with ``kernels.TUNING["uniform_model"]``
+"rates") as TUNING values for this GPU: per head_dim, ``partial_grid_time``
+(w / SMs, head / stream-K time; the mean over groups) and
+``cta_stream_gbs`` (GB/s per CTA at the fewest CTAs measured, where the
+CTAs' own rate sets the pace). ``--fit F.json`` prints them from a stored
+run without a GPU. The package's defaults are this tool's output for
+``bench/results/cta_rate_h100_s29.json`` (an H100 80GB HBM3).
 
     python tools/cta_rate.py [--head-dims 64,128,256] [--groups 1,4,8,16] [--fractions 0.3,...,1.0]
                              [--unit-mb 8] [--dtype float16] [--time-budget 240] [--out F.json]
+    python tools/cta_rate.py --fit bench/results/cta_rate_h100_s29.json
 """
 
 import argparse
@@ -49,7 +57,45 @@ def shapes(num_sms, head_dims, groups, fractions, unit_mb, itemsize=2):
     return out
 
 
+def tuning_values(rows):
+    """``(partial_grid_time, cta_stream_gbs)`` from the rows of a run: per
+    head_dim, the points ``(round(w / SMs, 3), round(mean head / stream-K
+    time over the groups, 3))`` for each w measured with both, and the mean
+    GB/s per CTA (K/V bytes / head time / w) at the smallest w, rounded to
+    0.1."""
+    by = {}
+    for r in rows:
+        th, ts = (r.get("times") or {}).get("head"), (r.get("times") or {}).get("stream_k")
+        if th and ts:
+            by.setdefault(r["head_dim"], {}).setdefault(r["ctas"], []).append((th / ts, r["kv_bytes"] / th / 1e3 / r["ctas"],
+                                                                                 r["sms"]))
+    table, rates = {}, {}
+    for d, per in sorted(by.items()):
+        pts = []
+        for w in sorted(per):
+            xs = per[w]
+            pts.append((round(w / xs[0][2], 3), round(sum(x[0] for x in xs) / len(xs), 3)))
+        table[d] = tuple(pts)
+        first = per[min(per)]
+        rates[d] = round(sum(x[1] for x in first) / len(first), 1)
+    return table, rates
+
+
+def print_tuning(rows):
+    table, rates = tuning_values(rows)
+    print("TUNING values for this GPU (kernels.TUNING):")
+    print(f'  "partial_grid_time": {table!r},')
+    print(f'  "cta_stream_gbs": {rates!r},')
+
+
 def main():
+    if "--fit" in sys.argv[1:]:
+        i = sys.argv.index("--fit")
+        if i + 1 >= len(sys.argv):
+            raise SystemExit("--fit: expected a JSON file of this tool")
+        with open(sys.argv[i + 1]) as f:
+            print_tuning(json.load(f)["rows"])
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--head-dims", default="64,128,256")
     ap.add_argument("--groups", default="1,4,8,16")
@@ -117,6 +163,7 @@ def main():
         with open(a.out, "w") as f:
             json.dump({"gpu": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(), "dtype": a.dtype,
                        "unit_mb": a.unit_mb, "rows": rows}, f, indent=1)
+    print_tuning(rows)
 
 
 if __name__ == "__main__":
