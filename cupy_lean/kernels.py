@@ -414,21 +414,21 @@ TUNING = _Tuning({
     # "rates" took 1.0025x / 1.0005x / 1.000x the best measured variant's time per seed, the saturation
     # step at 0.8 1.013x / 1.017x / 1.000x; it also gives the 9 H200 cases of the step's CPU test.
     "uniform_model": "rates",
-    # per head_dim, (fraction of the grid, time over stream-K's on the full grid) of w CTAs each streaming
+    # per head_dim (a string key: TUNING stays JSON), [fraction of the grid, time over stream-K's on the full grid] of w CTAs each streaming
     # one 8 MB unit (tools/cta_rate.py, H100 80GB HBM3, groups 1 and 8 averaged; session 29): a dip of
     # 1-6% between 0.6 and 0.85 of the SMs, none from 0.9 (schedule.partial_grid_time makes it
     # non-increasing in the fraction)
     "partial_grid_time": {
-        64: ((0.303, 1.389), (0.447, 1.002), (0.598, 1.005), (0.697, 1.01), (0.75, 1.025), (0.803, 1.022),
-              (0.848, 1.022), (0.902, 0.997), (0.947, 0.997), (1.0, 0.977)),
-        128: ((0.303, 1.112), (0.447, 0.994), (0.598, 1.054), (0.697, 1.064), (0.75, 1.047), (0.803, 1.033),
-               (0.848, 1.012), (0.902, 0.997), (0.947, 0.997), (1.0, 0.998)),
-        256: ((0.303, 1.291), (0.447, 1.09), (0.598, 1.019), (0.697, 1.011), (0.75, 1.008), (0.803, 1.0),
-               (0.848, 0.997), (0.902, 0.999), (0.947, 0.998), (1.0, 0.998))},
+        "64": [[0.303, 1.389], [0.447, 1.002], [0.598, 1.005], [0.697, 1.01], [0.75, 1.025], [0.803, 1.022],
+               [0.848, 1.022], [0.902, 0.997], [0.947, 0.997], [1.0, 0.977]],
+        "128": [[0.303, 1.112], [0.447, 0.994], [0.598, 1.054], [0.697, 1.064], [0.75, 1.047], [0.803, 1.033],
+               [0.848, 1.012], [0.902, 0.997], [0.947, 0.997], [1.0, 0.998]],
+        "256": [[0.303, 1.291], [0.447, 1.09], [0.598, 1.019], [0.697, 1.011], [0.75, 1.008], [0.803, 1.0],
+               [0.848, 0.997], [0.902, 0.999], [0.947, 0.998], [1.0, 0.998]]},
     # GB/s one CTA streams alone (40 CTAs of one unit each, the same measurement): below
     # read_fraction x DRAM bandwidth / (this x w) the w CTAs set the pace, not DRAM (an H200's 4.8 TB/s
     # needs ~0.65 of 132 SMs at head_dim 64, an H100's 3.35 ~0.46)
-    "cta_stream_gbs": {64: 51.1, 128: 63.7, 256: 55.2},
+    "cta_stream_gbs": {"64": 51.1, "128": 63.7, "256": 55.2},
     "read_fraction": 0.9,  # of the DRAM bandwidth the driver reports, what stream-K reads (H100: 3.0-3.1 of 3.35)
     "fallback_hbm_tbps": 3.0,  # DRAM bandwidth assumed where the driver reports no memory clock
     # many units (many_unit_config), equal lengths, at least one unit per SM: at head_dim 64 one CTA
@@ -529,20 +529,21 @@ def uniform_model_args(head_dim, grid, hbm_bytes_per_us):
     from .schedule import _check_partial_grid
 
     table, rates = TUNING["partial_grid_time"], TUNING["cta_stream_gbs"]
+    key = str(head_dim)  # JSON keys (an int key is taken too)
     try:
-        points = _check_partial_grid(table[head_dim])
+        points = _check_partial_grid(table[key] if key in table else table[head_dim])
     except (KeyError, TypeError, ValueError):
         raise ValueError(f'kernels.TUNING["partial_grid_time"] must map head_dim {head_dim} to (fraction, '
                          f'relative time) pairs, fractions increasing in (0, 1], got '
-                         f'{table.get(head_dim) if isinstance(table, dict) else table!r}') from None
+                         f'{table.get(key, table.get(head_dim)) if isinstance(table, dict) else table!r}') from None
     try:
-        rate, frac = float(rates[head_dim]), float(TUNING["read_fraction"])
+        rate, frac = float(rates[key] if key in rates else rates[head_dim]), float(TUNING["read_fraction"])
     except (KeyError, TypeError, ValueError):
         rate, frac = float("nan"), float("nan")
     if not (math.isfinite(rate) and rate > 0 and math.isfinite(frac) and 0 < frac <= 1):
         raise ValueError(f'kernels.TUNING["cta_stream_gbs"][{head_dim}] must be a positive number and '
                          f'TUNING["read_fraction"] one in (0, 1], got '
-                         f'{rates.get(head_dim) if isinstance(rates, dict) else rates!r} and '
+                         f'{rates.get(key, rates.get(head_dim)) if isinstance(rates, dict) else rates!r} and '
                          f'{TUNING["read_fraction"]!r}')
     bound = frac * hbm_bytes_per_us / 1e3 / (rate * max(1, grid))
     return {"partial_grid": points, "cta_bound": bound, "slack": 0.0}

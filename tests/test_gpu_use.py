@@ -1632,8 +1632,8 @@ def test_uniform_rates_model_is_read_when_a_plan_is_made():
     for name, rel in (("default", None), ("slow", 2.0), ("flat", 1.0)):
         tables = dict(K.TUNING["partial_grid_time"])
         if rel is not None:
-            tables[d] = ((0.1, rel), (1.0, rel))
-        with K.tuning(partial_grid_time=tables, cta_stream_gbs={64: 1e6, 128: 1e6, 256: 1e6} if rel else
+            tables[str(d)] = [[0.1, rel], [1.0, rel]]
+        with K.tuning(partial_grid_time=tables, cta_stream_gbs={"64": 1e6, "128": 1e6, "256": 1e6} if rel else
                       K.TUNING["cta_stream_gbs"]):
             out = _nan_like(q.shape, q.dtype)
             p = cupy_lean.plan(qd, kd, vd, out=out)
@@ -1643,7 +1643,7 @@ def test_uniform_rates_model_is_read_when_a_plan_is_made():
             _assert_out_lse(out, lse, ro, rl)
             got[name] = p.uniform_variant
     assert got["slow"] == 0 and got["flat"] > 0, got
-    with K.tuning(partial_grid_time={64: ((0.5, 1.0), (0.4, 1.0))}):
+    with K.tuning(partial_grid_time={"64": [[0.5, 1.0], [0.4, 1.0]]}):
         with pytest.raises(ValueError, match=r'TUNING\["partial_grid_time"\] must map head_dim 64'):
             cupy_lean.plan(qd, kd, vd, out=_nan_like(q.shape, q.dtype))
 

@@ -711,7 +711,7 @@ def test_uniform_variant_rates_model(units, tiles, grid, d, tile_us, bound):
     stream-K's time + cut_us, one CTA per unit on a tie, else stream-K."""
     from cupy_lean import kernels as K
 
-    points = K.TUNING["partial_grid_time"][d]
+    points = K.TUNING["partial_grid_time"][str(d)]
     v = uniform_variant(units, tiles, grid, 132, tile_us=tile_us, partial_grid=points, cta_bound=bound, slack=0.0)
     ns = min(num_splits_heuristic(units, tiles, 132), max(1, grid // units))
     assert v in (0, 1, ns)
@@ -756,13 +756,15 @@ def test_partial_grid_time_and_the_model_args():
         uniform_variant(10, 10, 132, 132, partial_grid=pts, cta_bound=-1)
     a = K.uniform_model_args(128, 132, 3.352e6)
     assert K.TUNING["uniform_model"] == "rates" and a["slack"] == 0.0
-    assert a["partial_grid"] == K.TUNING["partial_grid_time"][128]
+    assert a["partial_grid"] == tuple(map(tuple, K.TUNING["partial_grid_time"]["128"]))
+    with K.tuning(partial_grid_time={128: [[1.0, 1.0]]}, cta_stream_gbs={128: 50}):  # int keys are taken too
+        assert K.uniform_model_args(128, 132, 3.352e6)["partial_grid"] == ((1.0, 1.0),)
     assert math.isclose(a["cta_bound"], 0.9 * 3352 / (63.7 * 132))  # ~0.36 of an H100's SMs at head_dim 128
     with K.tuning(uniform_model="saturation", uniform_saturation=0.7):
         assert K.uniform_model_args(128, 132, 3.352e6) == {"saturation": 0.7}
     for key, val, msg in (("uniform_model", "steps", r'TUNING\["uniform_model"\] must be "rates" or "saturation"'),
-                          ("partial_grid_time", {64: ()}, r'TUNING\["partial_grid_time"\] must map head_dim 128'),
-                          ("cta_stream_gbs", {128: 0}, r'TUNING\["cta_stream_gbs"\]\[128\] must be a positive'),
+                          ("partial_grid_time", {"64": []}, r'TUNING\["partial_grid_time"\] must map head_dim 128'),
+                          ("cta_stream_gbs", {"128": 0}, r'TUNING\["cta_stream_gbs"\]\[128\] must be a positive'),
                           ("read_fraction", 1.5, r'TUNING\["cta_stream_gbs"\]\[128\] must be a positive')):
         with K.tuning(**{key: val}):
             with pytest.raises(ValueError, match=msg):

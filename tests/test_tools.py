@@ -234,8 +234,8 @@ def test_cta_rate_reproduces_the_tuning_defaults(capsys):
     assert table == K.TUNING["partial_grid_time"] and rates == K.TUNING["cta_stream_gbs"]
     cta_rate.print_tuning(json.loads(path.read_text())["rows"])
     out = capsys.readouterr().out
-    assert '"partial_grid_time": {64: ((0.303, 1.389)' in out and '"cta_stream_gbs": {64: 51.1' in out
+    assert '"partial_grid_time": {"64": [[0.303, 1.389]' in out and '"cta_stream_gbs": {"64": 51.1' in out
     rows = [{"head_dim": 64, "group": g, "ctas": w, "sms": 100, "kv_bytes": 8e6 * w,
              "times": {"head": t, "stream_k": 10.0}} for g, w, t in ((1, 50, 12.0), (8, 50, 11.0), (1, 100, 10.0))]
     rows.append({"head_dim": 64, "group": 1, "ctas": 75, "sms": 100, "kv_bytes": 6e8, "times": {"head": None}})
-    assert cta_rate.tuning_values(rows) == ({64: ((0.5, 1.15), (1.0, 1.0))}, {64: 697.0})
+    assert cta_rate.tuning_values(rows) == ({"64": [[0.5, 1.15], [1.0, 1.0]]}, {"64": 697.0})

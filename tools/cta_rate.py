@@ -58,9 +58,9 @@ def shapes(num_sms, head_dims, groups, fractions, unit_mb, itemsize=2):
 
 
 def tuning_values(rows):
-    """``(partial_grid_time, cta_stream_gbs)`` from the rows of a run: per
-    head_dim, the points ``(round(w / SMs, 3), round(mean head / stream-K
-    time over the groups, 3))`` for each w measured with both, and the mean
+    """``(partial_grid_time, cta_stream_gbs)`` from the rows of a run, in
+    TUNING's JSON form (head_dim as a string key): per head_dim, the points
+    ``[round(w / SMs, 3), round(mean head / stream-K time over the groups, 3)]`` for each w measured with both, and the mean
     GB/s per CTA (K/V bytes / head time / w) at the smallest w, rounded to
     0.1."""
     by = {}
@@ -75,17 +75,17 @@ def tuning_values(rows):
         for w in sorted(per):
             xs = per[w]
             pts.append((round(w / xs[0][2], 3), round(sum(x[0] for x in xs) / len(xs), 3)))
-        table[d] = tuple(pts)
+        table[str(d)] = [list(x) for x in pts]
         first = per[min(per)]
-        rates[d] = round(sum(x[1] for x in first) / len(first), 1)
+        rates[str(d)] = round(sum(x[1] for x in first) / len(first), 1)
     return table, rates
 
 
 def print_tuning(rows):
     table, rates = tuning_values(rows)
     print("TUNING values for this GPU (kernels.TUNING):")
-    print(f'  "partial_grid_time": {table!r},')
-    print(f'  "cta_stream_gbs": {rates!r},')
+    print(f'  "partial_grid_time": {json.dumps(table)},')
+    print(f'  "cta_stream_gbs": {json.dumps(rates)},')
 
 
 def main():
