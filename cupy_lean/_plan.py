@@ -421,7 +421,7 @@ class Plan:
             self.uniform_variant = 1 if self.one_cta_per_unit else uniform_variant(
                 units, max_unit_tiles, kern.ctas_per_sm * kern.num_sms, kern.num_sms, tile_us=self.tile_us,
                 state_bytes=4 * slot_stride, unit_rows=rows, head_dim=D, threads=spec.threads,
-                **K.uniform_model_args(D, kern.ctas_per_sm * kern.num_sms, kern.hbm_bytes_per_us))
+                **K.uniform_model_args(D, kern.num_sms, kern.hbm_bytes_per_us))
         if sig.schedule == "lean" and not self.uniform_variant:
             self.ctas_per_sm = sig.ctas_per_sm or kern.ctas_per_sm
             full = sig.num_ctas if sig.num_ctas is not None else self.ctas_per_sm * kern.num_sms

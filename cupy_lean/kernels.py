@@ -414,7 +414,7 @@ TUNING = _Tuning({
     # "rates" took 1.0025x / 1.0005x / 1.000x the best measured variant's time per seed, the saturation
     # step at 0.8 1.013x / 1.017x / 1.000x; it also gives the 9 H200 cases of the step's CPU test.
     "uniform_model": "rates",
-    # per head_dim (a string key: TUNING stays JSON), [fraction of the grid, time over stream-K's on the full grid] of w CTAs each streaming
+    # per head_dim (a string key: TUNING stays JSON), [w / SMs, time over stream-K's on every SM] of w CTAs each streaming
     # one 8 MB unit (tools/cta_rate.py, H100 80GB HBM3, groups 1 and 8 averaged; session 29): a dip of
     # 1-6% between 0.6 and 0.85 of the SMs, none from 0.9 (schedule.partial_grid_time makes it
     # non-increasing in the fraction)
@@ -425,9 +425,9 @@ TUNING = _Tuning({
                [0.848, 1.012], [0.902, 0.997], [0.947, 0.997], [1.0, 0.998]],
         "256": [[0.303, 1.291], [0.447, 1.09], [0.598, 1.019], [0.697, 1.011], [0.75, 1.008], [0.803, 1.0],
                [0.848, 0.997], [0.902, 0.999], [0.947, 0.998], [1.0, 0.998]]},
-    # GB/s one CTA streams alone (40 CTAs of one unit each, the same measurement): below
-    # read_fraction x DRAM bandwidth / (this x w) the w CTAs set the pace, not DRAM (an H200's 4.8 TB/s
-    # needs ~0.65 of 132 SMs at head_dim 64, an H100's 3.35 ~0.46)
+    # GB/s one CTA streams alone (40 CTAs of one unit each, the same measurement): with fewer than
+    # read_fraction x DRAM bandwidth / this CTAs, the CTAs set the pace, not DRAM (an H200's 4.8 TB/s
+    # needs ~0.64 of 132 SMs at head_dim 64, an H100's 3.35 ~0.45)
     "cta_stream_gbs": {"64": 51.1, "128": 63.7, "256": 55.2},
     "read_fraction": 0.9,  # of the DRAM bandwidth the driver reports, what stream-K reads (H100: 3.0-3.1 of 3.35)
     "fallback_hbm_tbps": 3.0,  # DRAM bandwidth assumed where the driver reports no memory clock
@@ -513,12 +513,14 @@ TUNING = _Tuning({
 })
 
 
-def uniform_model_args(head_dim, grid, hbm_bytes_per_us):
+def uniform_model_args(head_dim, num_sms, hbm_bytes_per_us):
     """The keyword arguments of :func:`cupy_lean.schedule.uniform_variant`
-    that :data:`TUNING` selects for a plan of ``head_dim`` on ``grid`` CTAs
-    of a device reading ``hbm_bytes_per_us``: ``"uniform_model"`` "rates"
-    (the measured ``"partial_grid_time"`` of that head_dim and the bound
-    from ``"cta_stream_gbs"``, no slack) or "saturation" (the step at
+    that :data:`TUNING` selects for a plan of ``head_dim`` on a device of
+    ``num_sms`` SMs reading ``hbm_bytes_per_us`` (bytes per microsecond):
+    ``"uniform_model"`` "rates" (the measured ``"partial_grid_time"`` of
+    that head_dim; ``cta_bound``, the fraction of the SMs below which the
+    CTAs' own rate ``"cta_stream_gbs"`` sets the pace: ``read_fraction x
+    bandwidth / (rate x num_sms)``; no slack) or "saturation" (the step at
     ``"uniform_saturation"``). Raises ValueError naming the key of a bad
     value."""
     model = TUNING["uniform_model"]
@@ -528,24 +530,32 @@ def uniform_model_args(head_dim, grid, hbm_bytes_per_us):
         raise ValueError(f'kernels.TUNING["uniform_model"] must be "rates" or "saturation", got {model!r}')
     from .schedule import _check_partial_grid
 
-    table, rates = TUNING["partial_grid_time"], TUNING["cta_stream_gbs"]
+    table, rates, frac = TUNING["partial_grid_time"], TUNING["cta_stream_gbs"], TUNING["read_fraction"]
     key = str(head_dim)  # JSON keys (an int key is taken too)
+
+    def entry(d):
+        if not isinstance(d, dict):
+            raise TypeError
+        return d[key] if key in d else d[head_dim]
+
     try:
-        points = _check_partial_grid(table[key] if key in table else table[head_dim])
-    except (KeyError, TypeError, ValueError):
+        points = _check_partial_grid(entry(table))
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError):
         raise ValueError(f'kernels.TUNING["partial_grid_time"] must map head_dim {head_dim} to (fraction, '
                          f'relative time) pairs, fractions increasing in (0, 1], got '
                          f'{table.get(key, table.get(head_dim)) if isinstance(table, dict) else table!r}') from None
     try:
-        rate, frac = float(rates[key] if key in rates else rates[head_dim]), float(TUNING["read_fraction"])
-    except (KeyError, TypeError, ValueError):
-        rate, frac = float("nan"), float("nan")
-    if not (math.isfinite(rate) and rate > 0 and math.isfinite(frac) and 0 < frac <= 1):
-        raise ValueError(f'kernels.TUNING["cta_stream_gbs"][{head_dim}] must be a positive number and '
+        rate = entry(rates)
+        ok = all(not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x) for x in (rate, frac))
+        ok = ok and rate > 0 and 0 < frac <= 1
+    except (KeyError, TypeError, OverflowError):
+        ok = False
+    if not ok:
+        raise ValueError(f'kernels.TUNING["cta_stream_gbs"][{key!r}] must be a positive number and '
                          f'TUNING["read_fraction"] one in (0, 1], got '
                          f'{rates.get(key, rates.get(head_dim)) if isinstance(rates, dict) else rates!r} and '
-                         f'{TUNING["read_fraction"]!r}')
-    bound = frac * hbm_bytes_per_us / 1e3 / (rate * max(1, grid))
+                         f'{frac!r}')
+    bound = float(frac) * hbm_bytes_per_us / 1e3 / (float(rate) * max(1, num_sms))
     return {"partial_grid": points, "cta_bound": bound, "slack": 0.0}
 
 

@@ -611,7 +611,7 @@ def _check_partial_grid(points):
     returned as a tuple of float pairs."""
     try:
         pts = tuple((float(f), float(r)) for f, r in points)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(f"partial_grid: expected (fraction, relative time) pairs, got {points!r}") from None
     if not pts or any(not (0 < f <= 1 and math.isfinite(r) and r > 0) for f, r in pts) \
             or any(b[0] <= a[0] for a, b in zip(pts, pts[1:])):
@@ -842,12 +842,14 @@ def uniform_variant(num_units, unit_tiles, grid, num_sms, tile_us=0.0, cut_us=2.
 
     ``partial_grid`` (a sequence of ``(fraction, relative time)`` points)
     replaces the saturation step with measured rates: a wave of ``w`` CTAs
-    takes ``c * w * rel(w / grid) * tile_us``, where ``rel`` is the larger
-    of :func:`partial_grid_time` of the points at ``w / grid`` (the time of
-    ``w`` CTAs each streaming its own unit, over stream-K's on the full grid,
-    made non-increasing in the fraction) and ``cta_bound / (w / grid)``
-    (below ``cta_bound`` of the grid the CTAs' own streaming rate, not
-    DRAM, sets the pace), and at least 1; ``saturation`` is then unused.
+    takes ``c * w * rel(f) * tile_us`` with ``f = min(1, w / num_sms)`` (the
+    points were measured with one CTA per SM, so a grid of two CTAs per SM
+    is full from ``num_sms`` CTAs on), where ``rel`` is the larger of
+    :func:`partial_grid_time` of the points at ``f`` (the time of ``w`` CTAs
+    each streaming its own unit, over stream-K's on every SM, made
+    non-increasing in the fraction), ``cta_bound / f`` (with fewer than
+    ``cta_bound x num_sms`` CTAs their own streaming rate, not DRAM, sets
+    the pace) and 1; ``saturation`` is then unused.
     """
     saturation = _check_saturation(saturation)
     if num_units <= 0 or unit_tiles <= 0 or grid <= 0:
@@ -860,7 +862,7 @@ def uniform_variant(num_units, unit_tiles, grid, num_sms, tile_us=0.0, cut_us=2.
             raise ValueError(f"cta_bound: expected a finite number >= 0, got {cta_bound!r}")
 
         def wave(w):
-            f = w / grid
+            f = min(1.0, w / max(1, num_sms))
             return w * max(1.0, partial_grid_time(points, f), bound / f)
     else:
         def wave(w):

@@ -706,8 +706,9 @@ def _rel_mirror(points, f, bound):
 @example(36, 795, 132, 256, 0.0196, 0.415)  # H100 b3 36/12 d256 50.8k: 3 chunks 598.4 us, stream-K 625.4
 def test_uniform_variant_rates_model(units, tiles, grid, d, tile_us, bound):
     """With measured rates (kernels.TUNING["partial_grid_time"]) the model
-    prices a wave of w CTAs at w x rel(w / grid) and stream-K at its CTAs x
-    rel, no slack: the variant returned is the cheapest candidate within
+    prices a wave of w CTAs at w x rel(min(1, w / SMs)) (the points were
+    measured per SM: a grid of two CTAs per SM is full from one per SM on)
+    and stream-K at its CTAs x rel, no slack: the variant returned is the cheapest candidate within
     stream-K's time + cut_us, one CTA per unit on a tie, else stream-K."""
     from cupy_lean import kernels as K
 
@@ -720,7 +721,7 @@ def test_uniform_variant_rates_model(units, tiles, grid, d, tile_us, bound):
         t, n = 0.0, ctas
         while n > 0:
             w = min(n, grid)
-            t += chunk * w * _rel_mirror(points, w / grid, bound)
+            t += chunk * w * _rel_mirror(points, min(1.0, w / 132), bound)  # the points are per SM
             n -= w
         return t * (tile_us or 1)
 
@@ -764,8 +765,14 @@ def test_partial_grid_time_and_the_model_args():
         assert K.uniform_model_args(128, 132, 3.352e6) == {"saturation": 0.7}
     for key, val, msg in (("uniform_model", "steps", r'TUNING\["uniform_model"\] must be "rates" or "saturation"'),
                           ("partial_grid_time", {"64": []}, r'TUNING\["partial_grid_time"\] must map head_dim 128'),
-                          ("cta_stream_gbs", {"128": 0}, r'TUNING\["cta_stream_gbs"\]\[128\] must be a positive'),
-                          ("read_fraction", 1.5, r'TUNING\["cta_stream_gbs"\]\[128\] must be a positive')):
+                          ("cta_stream_gbs", {"128": 0}, r"TUNING\[\"cta_stream_gbs\"\]\['128'\] must be a positive"),
+                          ("read_fraction", 1.5, r"TUNING\[\"cta_stream_gbs\"\]\['128'\] must be a positive"),
+                          ("read_fraction", True, r"TUNING\[\"cta_stream_gbs\"\]\['128'\] must be a positive"),
+                          ("cta_stream_gbs", {"128": True}, r"TUNING\[\"cta_stream_gbs\"\]\['128'\] must be"),
+                          ("cta_stream_gbs", [1.0], r"TUNING\[\"cta_stream_gbs\"\]\['128'\] must be"),
+                          ("cta_stream_gbs", {"128": 10**400}, r"TUNING\[\"cta_stream_gbs\"\]\['128'\] must be"),
+                          ("partial_grid_time", [[1.0, 1.0]], r'TUNING\["partial_grid_time"\] must map'),
+                          ("partial_grid_time", {"128": [[1.0, 10**400]]}, r'TUNING\["partial_grid_time"\] must map')):
         with K.tuning(**{key: val}):
             with pytest.raises(ValueError, match=msg):
                 K.uniform_model_args(128, 132, 3.352e6)
