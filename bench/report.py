@@ -44,9 +44,14 @@ HEAD_CASE = "b1_h32x32_d128_512k"
 TIE = 0.98  # a ratio >= TIE counts as a tie
 SHORT_DTYPE = {"float16": "fp16", "bfloat16": "bf16"}
 
-#: max_abs_diff above which a row is flagged MISMATCH (outputs are O(0.1-1)
-#: with the benchmark's inputs: bench/cases.py, Q_SHIFT).
-DIFF_TOL = {"float16": 1e-2, "bfloat16": 4e-2}
+#: max_abs_diff above which a row is flagged MISMATCH. Outputs are O(0.1-1)
+#: with the benchmark's inputs (bench/cases.py, Q_SHIFT), all below 1 in
+#: magnitude; there one unit in the last place is 4.9e-4 (fp16) and 3.9e-3
+#: (bf16), and the tolerance is 4 of them. Measured on an H100 (seed
+#: 526613100, 36 rows): every peer within 4.9e-4 / 3.9e-3 of lean, lean
+#: within 3.4e-4 / 2.7e-3 of a float32 reference. (It was 1e-2 / 4e-2 while
+#: the inputs gave a flat softmax.)
+DIFF_TOL = {"float16": 2e-3, "bfloat16": 1.6e-2}
 
 
 def _ok(r) -> bool:

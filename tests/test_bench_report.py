@@ -508,8 +508,8 @@ def test_diff_summary_counts_rows_over_the_tolerance():
     line = next(ln for ln in text.splitlines() if ln.split()[:2] == ["sdpa-cudnn", "fp16"])
     assert f"{len(peers) - 1} rows" in line
     assert "max 0.5 (" + peers[0]["case"][:28] + ")" in line
-    assert "1 over 0.01" in line
+    assert f"1 over {R.DIFF_TOL['float16']:g}" in line
     other = next(ln for ln in text.splitlines() if ln.split()[:2] == ["sdpa-cudnn", "bf16"])
-    assert "0 over 0.04" in other
+    assert f"0 over {R.DIFF_TOL['bfloat16']:g}" in other
     assert R.format_diffs([], R.DIFF_TOL) == "output diffs: none measured"
     assert bench_run.DIFF_TOL is R.DIFF_TOL
