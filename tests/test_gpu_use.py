@@ -1582,6 +1582,19 @@ def test_dense_default_takes_the_uniform_variant(b, hq, hkv, d, n, split, monkey
     assert float(cp.abs(out2.astype(cp.float32) - graph_out.astype(cp.float32)).max()) < 2e-3
 
 
+def _plan_runs_its_model_variant(qd, kd, vd, q, ro, rl, label):
+    """A dense plan made under the current TUNING runs the variant
+    schedule.uniform_variant gives it and matches the reference (out
+    NaN-prefilled, ``ro`` / ``rl`` the reference's out and lse)."""
+    out = _nan_like(q.shape, q.dtype)
+    p = cupy_lean.plan(qd, kd, vd, out=out)
+    assert p.uniform_variant == _model_variant(p), (label, p.describe())
+    lse = cp.full(q.shape[:2], cp.nan, dtype=cp.float32)
+    p.run(qd, kd, vd, out=out, lse=lse, return_lse=True)
+    _assert_out_lse(out, lse, ro, rl)
+    return p
+
+
 def test_uniform_saturation_is_read_when_a_plan_is_made():
     """kernels.TUNING["uniform_saturation"] sets the equal-length model's
     saturating fraction for plans made under it: 47 sequences of one KV head
@@ -1599,12 +1612,7 @@ def test_uniform_saturation_is_read_when_a_plan_is_made():
     got = {}
     for sat in (0.7, 1.0):
         with K.tuning(uniform_model="saturation", uniform_saturation=sat):
-            out = _nan_like(q.shape, q.dtype)
-            p = cupy_lean.plan(qd, kd, vd, out=out)
-            assert p.uniform_variant == _model_variant(p), (sat, p.describe())
-            lse = cp.full(q.shape[:2], cp.nan, dtype=cp.float32)
-            p.run(qd, kd, vd, out=out, lse=lse, return_lse=True)
-            _assert_out_lse(out, lse, ro, rl)
+            p = _plan_runs_its_model_variant(qd, kd, vd, q, ro, rl, sat)
             got[sat] = p.uniform_variant
     if p.kernels.num_sms == 132 and p.kernels.ctas_per_sm == 1 and not p.many_units:
         assert got == {0.7: 2, 1.0: 0}, got
@@ -1636,12 +1644,7 @@ def test_uniform_rates_model_is_read_when_a_plan_is_made():
             tables[str(d)] = [[0.1, rel], [0.99, rel], [1.0, 1.0]]  # stream-K on every SM stays at 1
         with K.tuning(partial_grid_time=tables, cta_stream_gbs={"64": 1e6, "128": 1e6, "256": 1e6} if rel else
                       K.TUNING["cta_stream_gbs"]):
-            out = _nan_like(q.shape, q.dtype)
-            p = cupy_lean.plan(qd, kd, vd, out=out)
-            assert p.uniform_variant == _model_variant(p), (name, p.describe())
-            lse = cp.full(q.shape[:2], cp.nan, dtype=cp.float32)
-            p.run(qd, kd, vd, out=out, lse=lse, return_lse=True)
-            _assert_out_lse(out, lse, ro, rl)
+            p = _plan_runs_its_model_variant(qd, kd, vd, q, ro, rl, name)
             got[name] = p.uniform_variant
     assert got["flat"] > 0, got
     if p.kernels.ctas_per_sm == 1:  # (with two CTAs per SM a split of 5 fills every SM: rel 1 there)
