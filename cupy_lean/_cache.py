@@ -39,7 +39,8 @@ _lock = threading.RLock()  # plans build kernels under the same lock
 _num_plans = 0
 _num_plan_bytes = 0  # the cache_bytes of the cached plans (constant per plan), summed
 _retained: list = []  # evicted plans that captured graphs still use
-_used: dict = {}  # plan key -> tick of its last lookup or build (eviction takes the least recent first)
+# each cached plan's ``_cache_tick``: the tick of its last lookup or build (eviction takes the least
+# recent first). An attribute, not a dict by key: the hot path's lookup hashes the signature once.
 _tick = itertools.count()  # next() is atomic under the GIL
 
 
@@ -47,7 +48,7 @@ def get(key):
     """The cached value, or None. A hit marks the plan as used now."""
     val = _entries.get(key)
     if val is not None and key[0] == "plan":
-        _used[key] = next(_tick)
+        val._cache_tick = next(_tick)
     return val
 
 
@@ -82,18 +83,18 @@ def _put_locked(key, val):
         return
     _num_plans += 1
     _num_plan_bytes += _plan_bytes(val)
-    _used[key] = next(_tick)
+    val._cache_tick = next(_tick)
     if not _over_caps():
         return
     # least recently used first, down to both caps (either may have been lowered meanwhile); never
     # the new plan. A lookup racing with this may have set a tick after the list was taken: harmless
     # (that plan is evicted by its older position, as if the lookup came just after).
-    olds = sorted((k for k in _entries if k[0] == "plan" and k is not key), key=lambda k: _used.get(k, -1))
+    olds = sorted((k for k in _entries if k[0] == "plan" and k is not key),
+                  key=lambda k: getattr(_entries[k], "_cache_tick", -1))
     for old in olds:
         if not _over_caps():
             break
         plan = _entries.pop(old)
-        _used.pop(old, None)
         _num_plans -= 1
         _num_plan_bytes -= _plan_bytes(plan)
         if getattr(plan, "captured", False):
@@ -120,7 +121,6 @@ def clear():
             if key[0] == "plan" and getattr(val, "captured", False):
                 _retained.append(val)
         _entries.clear()
-        _used.clear()
         _num_plans = _num_plan_bytes = 0
 
 
@@ -140,7 +140,6 @@ def _shutdown():
     interpreter exit CuPy's driver bindings go first, and late unloads print
     errors)."""
     _entries.clear()
-    _used.clear()
     _retained.clear()
     plan_module = sys.modules.get(__package__ + "._plan")
     if plan_module is not None:  # workspaces kept for a later ordered free (see _plan._free_after_use)

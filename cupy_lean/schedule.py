@@ -630,13 +630,23 @@ def partial_grid_time(points, fraction):
     measurement is not trusted to be a valley); below the first point the
     CTAs' own rate sets the pace (time times ``first / fraction``), above
     the last the last point's time."""
-    pts = _check_partial_grid(points)
+    return _envelope_time(_envelope(_check_partial_grid(points)), fraction)
+
+
+def _envelope(pts):
+    """Checked points made non-increasing in the fraction (each time the
+    largest at or above its fraction)."""
     env = []
     worst = 0.0
     for f, r in reversed(pts):
         worst = max(worst, r)
         env.append((f, worst))
     env.reverse()
+    return env
+
+
+def _envelope_time(env, fraction):
+    """:func:`partial_grid_time` on an envelope already made."""
     f0, r0 = env[0]
     if fraction <= f0:
         return r0 * f0 / fraction
@@ -856,14 +866,14 @@ def uniform_variant(num_units, unit_tiles, grid, num_sms, tile_us=0.0, cut_us=2.
         return 0
     sat = saturation * grid
     if partial_grid is not None:
-        points = _check_partial_grid(partial_grid)
+        env = _envelope(_check_partial_grid(partial_grid))
         bound = float(cta_bound)
         if not (math.isfinite(bound) and bound >= 0):
             raise ValueError(f"cta_bound: expected a finite number >= 0, got {cta_bound!r}")
 
         def wave(w):
             f = min(1.0, w / max(1, num_sms))
-            return w * max(1.0, partial_grid_time(points, f), bound / f)
+            return w * max(1.0, _envelope_time(env, f), bound / f)
     else:
         def wave(w):
             return max(w, sat)

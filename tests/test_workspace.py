@@ -258,7 +258,6 @@ def small_cache(monkeypatch):
     monkeypatch.setattr(_cache, "_retained", [])
     monkeypatch.setattr(_cache, "_num_plans", 0)
     monkeypatch.setattr(_cache, "_num_plan_bytes", 0)
-    monkeypatch.setattr(_cache, "_used", {})
     monkeypatch.setattr(_cache, "MAX_PLANS", 2)
     monkeypatch.setattr(_cache, "MAX_PLAN_BYTES", 2 << 30)
     return _cache
@@ -371,16 +370,17 @@ def test_the_cache_evicts_the_least_recently_used_plans_first(byte_cache):
     assert _plans_in(c) == ["a", "c", "d"] and _consistent(c)
     c.get_or_build(("plan", 0, "c"), lambda: _Plan(nbytes=99))  # found: marks "c", builds nothing
     c.get_or_build(("plan", 0, "e"), lambda: _Plan(nbytes=30))  # "a" then ... down to 100: "a" goes
-    assert _plans_in(c) == ["c", "d", "e"] and set(c._used) == {("plan", 0, k) for k in "cde"}
+    assert _plans_in(c) == ["c", "d", "e"]
+    ticks = [c._entries[("plan", 0, k)]._cache_tick for k in "dce"]
+    assert ticks[0] < ticks[1] < ticks[2]  # each plan carries its last use: d built, c found, e built
     c.MAX_PLAN_BYTES, c.MAX_PLANS = 1 << 30, 2
     c.get(("plan", 0, "d"))
     c.get_or_build(("plan", 0, "f"), lambda: _Plan(nbytes=1))  # the count cap: "c" and "e" go, "d" stays
     assert _plans_in(c) == ["d", "f"] and _consistent(c)
     c.get_or_build(("spec", 0, "s"), lambda: "kernels")
-    c.get(("spec", 0, "s"))
-    assert set(c._used) == {("plan", 0, "d"), ("plan", 0, "f")}  # kernels are not tracked
+    assert c.get(("spec", 0, "s")) == "kernels"  # kernels are not tracked (a str takes no tick)
     c.clear()
-    assert c._used == {}
+    assert c.size() == 0 and c.plan_bytes() == 0
 
 
 def test_a_plan_larger_than_the_byte_cap_is_kept_alone(byte_cache):
