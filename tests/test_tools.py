@@ -239,3 +239,60 @@ def test_cta_rate_reproduces_the_tuning_defaults(capsys):
              "times": {"head": t, "stream_k": 10.0}} for g, w, t in ((1, 50, 12.0), (8, 50, 11.0), (1, 100, 10.0))]
     rows.append({"head_dim": 64, "group": 1, "ctas": 75, "sms": 100, "kv_bytes": 6e8, "times": {"head": None}})
     assert cta_rate.tuning_values(rows) == ({"64": [[0.5, 1.15], [1.0, 1.0]]}, {"64": 697.0})
+
+
+def test_ncu_table_tells_calls_apart_by_their_markers(tmp_path):
+    import ncu_table as T
+
+    st = T.STALL + "long_scoreboard" + T.STALL_END
+    sw = T.STALL + "wait" + T.STALL_END
+    ss = T.STALL + "selected" + T.STALL_END
+    head = ["ID", "Kernel Name", T.COLS["time"], T.COLS["dram"], T.COLS["grid"], st, sw, ss]
+    units = ["", "", "nsecond", "%", "", "", "", ""]
+    body = [
+        ["0", "lean_ncu_marker", "1,500", "0", "1", "0", "0", "0"],
+        ["1", "lean_f16_d128_attention", "12,000", "40.5", "132", "3.5", "1.0", "9.0"],
+        ["2", "lean_ncu_marker", "1,400", "0", "2", "0", "0", "0"],
+        ["3", "lean_f16_d64_attention", "30,000", "80.0", "264", "1.0", "2.0", "1.0"],
+        ["4", "lean_f16_d64_combine", "3,000", "10.0", "40", "0.5", "0.5", "1.0"],
+    ]
+    raw = tmp_path / "raw.csv"
+    with open(raw, "w", newline="") as f:
+        import csv
+
+        w = csv.writer(f, quoting=csv.QUOTE_ALL)
+        w.writerow(["==PROF== a line before the table"])
+        for r in [head, units] + body:
+            w.writerow(r)
+    index = [{"index": 1, "case": "f00_b1_x", "dtype": "float16", "fp8": False, "mb": 10.0},
+             {"index": 2, "case": "f01_b2_y", "dtype": "float16", "fp8": False, "mb": 100.0}]
+    bench = {"rows": [
+        {"method": "lean", "case": "f00_b1_x", "dtype": "float16", "device_us": 14.0, "bound_us": 3.0,
+         "best_peer": "p", "best_peer_us": 13.0},
+        {"method": "lean", "case": "f01_b2_y", "dtype": "float16", "device_us": 36.0, "bound_us": 32.0,
+         "best_peer": "p", "best_peer_us": 40.0},
+        {"method": "p", "case": "f01_b2_y", "dtype": "float16", "device_us": 40.0}]}
+    rows = T.table(index, T.read_raw(raw), bench)
+    a, b = rows
+    assert a["kernels"] == 1 and abs(a["ncu_us"] - 12.0) < 1e-9 and a["dram"] == 40.5
+    assert [n for n, _ in a["stalls"]] == ["long_scoreboard", "wait"]  # "selected" is not a stall
+    assert b["kernels"] == 2 and abs(b["ncu_us"] - 33.0) < 1e-9
+    assert b["grid"] == 264 and b["main"] == "lean_f16_d64_attention"
+    assert a["miss"] is True and abs(a["limit_us"] - 7.15) < 1e-9  # 14 > 1.05 x 3 + 4
+    assert b["miss"] is False  # 36 <= 1.05 x 32 + 4
+    md = T.markdown(rows)
+    assert "f00 fp16 MISS" in md and "long_scoreboard 3.5" in md
+
+
+def test_ncu_family_picks_cases_by_name():
+    import ncu_family
+    from bench import family as F
+
+    cases = F.draw(6, 12345)
+    assert ncu_family._pick(cases, "all") == cases
+    two = ncu_family._pick(cases, "f01,f04")
+    assert [c.name.split("_")[0] for c in two] == ["f01", "f04"]
+    import pytest
+
+    with pytest.raises(SystemExit, match="f99"):
+        ncu_family._pick(cases, "f99")
