@@ -192,6 +192,19 @@ def test_gpu_shards_deal_by_earlier_durations():
     assert parts == [["a", "c"], ["d", "e", "b"]]
 
 
+def test_gpu_shards_split_the_thread_pools():
+    """Each shard's BLAS / OpenMP pools get cpus // shards threads (at least
+    one); a variable the caller set is kept."""
+    import gpu_shards
+
+    env = gpu_shards.shard_env(12, {"PATH": "/bin"}, cpus=16)
+    assert env["PATH"] == "/bin"
+    assert [env[v] for v in gpu_shards.THREAD_VARS] == ["1", "1", "1"]
+    env = gpu_shards.shard_env(4, {"OMP_NUM_THREADS": "8"}, cpus=16)
+    assert env["OMP_NUM_THREADS"] == "8" and env["OPENBLAS_NUM_THREADS"] == "4"
+    assert gpu_shards.shard_env(32, {}, cpus=16)["MKL_NUM_THREADS"] == "1"
+
+
 def test_split_rule_fit_supports_the_default():
     """The checked-in sweep of the launch-time split (H100, 12 seeds of ragged
     and paged family shapes, bench/results/split_rule_h100_s27.json) through
