@@ -261,7 +261,7 @@ def test_ncu_table_tells_calls_apart_by_their_markers(tmp_path):
     sw = T.STALL + "wait" + T.STALL_END
     ss = T.STALL + "selected" + T.STALL_END
     head = ["ID", "Kernel Name", T.COLS["time"], T.COLS["dram"], T.COLS["grid"], st, sw, ss]
-    units = ["", "", "nsecond", "%", "", "", "", ""]
+    units = ["", "", "ns", "%", "", "", "", ""]
     body = [
         ["0", "lean_ncu_marker", "1,500", "0", "1", "0", "0", "0"],
         ["1", "lean_f16_d128_attention", "12,000", "40.5", "132", "3.5", "1.0", "9.0"],
@@ -269,10 +269,10 @@ def test_ncu_table_tells_calls_apart_by_their_markers(tmp_path):
         ["3", "lean_f16_d64_attention", "30,000", "80.0", "264", "1.0", "2.0", "1.0"],
         ["4", "lean_f16_d64_combine", "3,000", "10.0", "40", "0.5", "0.5", "1.0"],
     ]
+    import csv
+
     raw = tmp_path / "raw.csv"
     with open(raw, "w", newline="") as f:
-        import csv
-
         w = csv.writer(f, quoting=csv.QUOTE_ALL)
         w.writerow(["==PROF== a line before the table"])
         for r in [head, units] + body:
@@ -295,6 +295,28 @@ def test_ncu_table_tells_calls_apart_by_their_markers(tmp_path):
     assert b["miss"] is False  # 36 <= 1.05 x 32 + 4
     md = T.markdown(rows)
     assert "f00 fp16 MISS" in md and "long_scoreboard 3.5" in md
+    # a marker missing from the report (its kernels would join the call before) is refused, as is a repeat
+    import pytest
+
+    ks = T.read_raw(raw)
+    with pytest.raises(ValueError, match="missing"):
+        T.table(index, [k for k in ks if not (k["name"] == "lean_ncu_marker" and k[T.COLS["grid"]] == 1)])
+    with pytest.raises(ValueError, match="twice"):
+        T.calls(ks + ks[2:3])
+    # markers past the index (a run that died before writing the entry) are ignored
+    assert len(T.table(index[:1], ks)) == 1
+    # an unknown time unit is refused, not read as microseconds
+    bad = tmp_path / "bad.csv"
+    with open(bad, "w", newline="") as f:
+        w = csv.writer(f)
+        for r in [head, ["", "", "cycle", "%", "", "", "", ""]] + body:
+            w.writerow(r)
+    with pytest.raises(ValueError, match="unknown time unit"):
+        T.read_raw(bad)
+    empty = tmp_path / "empty.csv"
+    empty.write_text("==ERROR== no kernels were profiled\n")
+    with pytest.raises(ValueError, match="no ncu raw table"):
+        T.read_raw(empty)
 
 
 def test_ncu_family_picks_cases_by_name():

@@ -78,7 +78,12 @@ def shard_env(n, env=None, cpus=None):
     """The environment of each of ``n`` shards: the thread pools split over
     the CPUs (at least one thread each), a variable already set kept."""
     env = dict(os.environ if env is None else env)
-    per = max(1, (cpus or os.cpu_count() or 1) // max(1, n))
+    if not cpus:
+        try:
+            cpus = len(os.sched_getaffinity(0))  # the CPUs this process may use
+        except (AttributeError, OSError):
+            cpus = os.cpu_count() or 1
+    per = max(1, cpus // max(1, n))
     for var in THREAD_VARS:
         env.setdefault(var, str(per))
     return env

@@ -37,7 +37,8 @@ STALLS = ("barrier", "branch_resolving", "dispatch_stall", "drain", "imc_miss", 
 METRICS = tuple(COLS.values()) + ("dram__bytes_read.sum",) + tuple(STALL + s + STALL_END for s in STALLS)
 #: the fallback's metrics
 CORE = (COLS["time"], COLS["dram"], COLS["grid"], COLS["occupancy"], COLS["issue"])
-_TIME_SCALE = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3, "second": 1e6}
+_TIME_SCALE = {"nsecond": 1e-3, "ns": 1e-3, "usecond": 1.0, "us": 1.0, "msecond": 1e3, "ms": 1e3, "second": 1e6,
+               "s": 1e6}
 
 
 def _num(s):
@@ -52,7 +53,9 @@ def read_raw(path):
     (time in microseconds, whatever unit ncu printed it in)."""
     with open(path, newline="") as f:
         rows = [r for r in csv.reader(f) if r]
-    start = next(i for i, r in enumerate(rows) if "Kernel Name" in r)
+    start = next((i for i, r in enumerate(rows) if "Kernel Name" in r), None)
+    if start is None or start + 1 >= len(rows):
+        raise ValueError(f"{path}: no ncu raw table (no 'Kernel Name' header and units row)")
     head, units, body = rows[start], rows[start + 1], rows[start + 2:]
     ki = head.index("Kernel Name")
     out = []
@@ -63,22 +66,40 @@ def read_raw(path):
         for h, u, v in zip(head, units, r):
             if h == COLS["time"]:
                 t = _num(v)
-                k[h] = None if t is None else t * _TIME_SCALE.get(u.strip(), 1.0)
+                if t is not None and u.strip() not in _TIME_SCALE:
+                    raise ValueError(f"{path}: unknown time unit {u.strip()!r} of {h}")
+                k[h] = None if t is None else t * _TIME_SCALE[u.strip()]
             elif "__" in h:
                 k[h] = _num(v)
         out.append(k)
     return out
 
 
-def calls(kernels):
-    """{marker grid: [kernels after that marker]}."""
-    by, cur = {}, None
+def calls(kernels, expect=None):
+    """{marker grid: [kernels after that marker]}. ``expect``: the index's
+    call numbers in order; the report's markers must begin with exactly
+    those (a missing marker would put its call's kernels under the previous
+    call; markers past them, of a run that died, are ignored)."""
+    by, cur, seen = {}, None, []
     for k in kernels:
         if k["name"].startswith(MARKER):
             cur = int(k.get(COLS["grid"]) or 0)
+            if cur in by:
+                raise ValueError(f"marker {cur} appears twice in the report")
             by[cur] = []
+            seen.append(cur)
         elif cur is not None:
             by[cur].append(k)
+    expect = None if expect is None else list(expect)
+    if expect is not None and seen[len(expect):]:  # a run that died after a marker, before its index entry
+        import sys
+
+        print(f"ncu_table: markers {seen[len(expect):]} are past the index's last call; ignored", file=sys.stderr)
+    if expect is not None and seen[:len(expect)] != expect:
+        missing = sorted(set(expect) - set(seen))
+        extra = sorted(set(seen) - set(expect))
+        raise ValueError(f"the report's markers {seen[:8]}... are not the index's calls in order "
+                         f"(missing {missing[:8]}, not in the index {extra[:8]})")
     return by
 
 
@@ -119,7 +140,7 @@ def join_bench(rows, bench):
 
 
 def table(index, kernels, bench=None):
-    by = calls(kernels)
+    by = calls(kernels, [e["index"] for e in index])
     rows = []
     for e in index:
         row = dict(e)
