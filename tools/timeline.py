@@ -8,7 +8,13 @@ CTAs are also grouped by whether they had their TPC (SMs 2i and 2i + 1) or
 their SM to themselves, with each group's start-to-end times.
 
     python tools/timeline.py --shape 3,45,3,256,2696[,PAGE] [--lens L | --ragged L0:L1:L2] [--ctas C]
-                             [--schedule lean|split] [--merge auto|kernel] [--kv-dtype e4m3] [--out F.json]
+                             [--schedule lean|split] [--merge auto|kernel] [--kv-dtype e4m3]
+                             [--tuning KEY=VALUE ...] [--out F.json]
+
+The lengths go in as ``kv_lens``, so a lean plan of several sequences may
+take the launch-time split-K (stamp ``decided``; its last chunk of a unit
+merges) instead of stream-K: ``--tuning runtime_split=False`` keeps
+stream-K there.
 
 ``--kv-dtype``: an fp8 cache (uint8 storage: the high byte of each fp16
 value, scales 0.5), to see where an fp8 call's time goes against the same
@@ -127,8 +133,14 @@ def main():
     ap.add_argument("--kv-dtype", choices=("e4m3", "e5m2"), default=None,
                     help="an fp8 cache (the high bytes of the fp16 K/V, uint8 storage)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tuning", action="append", default=[], metavar="KEY=VALUE",
+                    help="kernels.TUNING[KEY] = VALUE (a Python literal) for these plans, e.g. runtime_split=False: "
+                         "stream-K where the launch-time split would be taken")
     ap.add_argument("--out", default="")
     a = ap.parse_args()
+    from bench.run import parse_tuning
+
+    K.TUNING.update(parse_tuning(a.tuning))  # (SystemExit naming a bad item or key)
     # the stamps are of the attention kernel: keep plans of equal lengths (e.g. batch 1) on the
     # decomposition asked for, not the equal-length variant the plan may choose
     K.TUNING["uniform_variants"] = False
