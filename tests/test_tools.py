@@ -331,3 +331,24 @@ def test_ncu_family_picks_cases_by_name():
 
     with pytest.raises(SystemExit, match="f99"):
         ncu_family._pick(cases, "f99")
+
+
+def test_ncu_table_compares_fp8_calls_with_the_fp16_ones():
+    """--against: each call's ncu time over another table's same call (the
+    fp16 row where the base has several dtypes), checked on the stored H100
+    tables of seed 918629583."""
+    import json
+
+    import ncu_table as T
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    fp8 = json.load(open(os.path.join(root, "bench/results/ncu_s918629583_e4m3.json")))
+    base = json.load(open(os.path.join(root, "bench/results/ncu_s918629583.json")))
+    cmp = T.compare(fp8, base)
+    assert len(cmp) == len(fp8) == 12
+    by = {c["case"].split("_")[0]: c for c in cmp}
+    assert 1.0 < by["f08"]["ratio"] < 1.03  # the fp8 call no faster than fp16
+    assert 0.55 < by["f10"]["ratio"] < 0.56
+    assert by["f10"]["base_us"] == next(r["ncu_us"] for r in base
+                                        if r["case"].startswith("f10_") and r["dtype"] == "float16")
+    assert T.compare(fp8, []) == []

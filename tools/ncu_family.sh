@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Nsight Compute over many family calls in one process (tools/ncu_family.py's batch mode), then the table.
 # Env: SEED, FAMILY_N, CASES (default all), DTYPES (default float16), FP8 (1: e4m3 K/V), BENCH (a family
-# run's bench_*.json to join), TAG (file names; default s$SEED, s${SEED}_e4m3 with FP8=1), OUT.
+# run's bench_*.json to join), AGAINST (another run's ncu_table_*.json: this run's time over it), TAG (file names; default s$SEED, s${SEED}_e4m3 with FP8=1), OUT.
 set -u -o pipefail
 export PYTHONPATH=.:${PYTHONPATH:-}
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -22,4 +22,4 @@ if ! [ -s "$OUT/ncu_$TAG.ncu-rep" ]; then
 fi
 ncu --import "$OUT/ncu_$TAG.ncu-rep" --csv --page raw --print-units base > "$OUT/ncu_raw_$TAG.csv" 2> "$OUT/ncu_import_$TAG.txt"
 python3 tools/ncu_table.py --raw "$OUT/ncu_raw_$TAG.csv" --index "$OUT/ncu_index_$TAG.json" \
-  ${BENCH:+--bench "$BENCH"} --out "$OUT/ncu_table_$TAG.json" | tee "$OUT/ncu_table_$TAG.md"
+  ${BENCH:+--bench "$BENCH"} ${AGAINST:+--against "$AGAINST"} --out "$OUT/ncu_table_$TAG.json" | tee "$OUT/ncu_table_$TAG.md"

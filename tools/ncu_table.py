@@ -2,6 +2,7 @@
 ``tools/ncu_family.py --index-out`` run, one row per call.
 
     python tools/ncu_table.py --raw raw.csv --index index.json [--bench bench_family_sS.json] [--out table.json]
+                              [--against other_table.json]
 
 ``raw.csv`` is ``ncu --import rep.ncu-rep --csv --page raw --print-units base``.
 A call's kernels are those between its marker (``lean_ncu_marker``, grid =
@@ -10,7 +11,9 @@ and of its longest kernel the DRAM throughput (% of peak), issue slots
 busy, achieved occupancy, grid, registers and the three largest stall
 reasons (warp cycles per issued instruction spent in each). With
 ``--bench``, the family run's lean time, its limit ``1.05 x bound + 4 us``
-and the best peer join each row (by case and dtype).
+and the best peer join each row (by case and dtype). With ``--against``
+(another run's ``--out``, e.g. the fp16 calls beside an ``--fp8`` run):
+each call's time over the other's, with both DRAM and issue figures.
 """
 
 import argparse
@@ -168,12 +171,33 @@ def markdown(rows):
     return "\n".join(lines)
 
 
+def compare(rows, base):
+    """Rows of one table (e.g. fp8) against another's of the same calls (e.g.
+    fp16, any dtype given): the ncu time ratio and both DRAM / issue figures,
+    keyed by case (and dtype where ``base`` has it)."""
+    by = {}
+    for r in base:
+        by.setdefault(r["case"], {})[r["dtype"]] = r
+    out = []
+    for r in rows:
+        cand = by.get(r["case"], {})
+        b = cand.get(r["dtype"]) or next(iter(cand.values()), None)
+        if b is None or not b.get("ncu_us") or r.get("ncu_us") is None:
+            continue
+        out.append({"case": r["case"], "ratio": r["ncu_us"] / b["ncu_us"], "ncu_us": r["ncu_us"],
+                    "base_us": b["ncu_us"], "dram": r.get("dram"), "base_dram": b.get("dram"),
+                    "issue": r.get("issue"), "base_issue": b.get("issue"), "stalls": r.get("stalls", [])})
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--raw", required=True)
     ap.add_argument("--index", required=True)
     ap.add_argument("--bench", default=None)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--against", default=None,
+                    help="another run's --out table (e.g. the fp16 calls): print this run's time over it")
     a = ap.parse_args()
     with open(a.index) as f:
         index = json.load(f)
@@ -183,6 +207,19 @@ def main():
             bench = json.load(f)
     rows = table(index, read_raw(a.raw), bench)
     print(markdown(rows))
+    if a.against:
+        with open(a.against) as f:
+            cmp = compare(rows, json.load(f))
+        print("\n| call | time over the other | ncu us | other us | DRAM % | other DRAM % | issue % | other issue % |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for c in cmp:
+            print(f"| {c['case'].split('_')[0]} | {c['ratio']:.3f} | {c['ncu_us']:.1f} | {c['base_us']:.1f} | "
+                  f"{_f(c['dram'], '.1f')} | {_f(c['base_dram'], '.1f')} | {_f(c['issue'], '.1f')} | "
+                  f"{_f(c['base_issue'], '.1f')} |")
+        if cmp:
+            g = math.exp(sum(math.log(c["ratio"]) for c in cmp) / len(cmp))
+            print(f"\n{len(cmp)} calls: time over the other, geomean {g:.3f}, "
+                  f"min {min(c['ratio'] for c in cmp):.3f}, max {max(c['ratio'] for c in cmp):.3f}")
     if a.out:
         with open(a.out, "w") as f:
             json.dump(rows, f, indent=1)
