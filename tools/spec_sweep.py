@@ -105,11 +105,11 @@ def draw(n, seed, num_sms, head_dims=(64, 128, 256), lengths=(300, 2000), units_
 
 
 def family_shapes(n, seed, head_dims, layouts, max_mb, max_batch=0, max_units=0, min_units=0, draw_size=20,
-                  only=()):
+                  only=(), min_mb=0.0):
     """The first ``n`` shapes of the benchmark's family (``bench.family.draw``,
     any layout) from ``seed`` with a head_dim in ``head_dims``, a layout in
     ``layouts`` ("dense", "ragged", "paged"), at most ``max_mb`` MB of K
-    and V (0: any), at most ``max_batch`` sequences, at least ``min_units`` and at most ``max_units`` units
+    and V (0: any), at least ``min_mb``, at most ``max_batch`` sequences, at least ``min_units`` and at most ``max_units`` units
     (batch x KV heads; 0: any), drawn ``draw_size``
     at a time from ``seed``, ``seed + 1``, ... (``bench.run --family N --seed S``'s
     shapes are the draw of ``draw_size=N`` from ``S``); ``only``: names (e.g. "f28")
@@ -125,6 +125,7 @@ def family_shapes(n, seed, head_dims, layouts, max_mb, max_batch=0, max_units=0,
     while len(out) < n and s < seed + 1000:
         out += [dataclasses.replace(c, name=f"s{s}_{c.name}") for c in F.draw(draw_size, s)  # seed_family name
                 if c.head_dim in head_dims and c.layout in layouts and (not max_mb or c.kv_bytes() <= max_mb * 1e6)
+                and c.kv_bytes() >= min_mb * 1e6
                 and (not max_batch or c.batch <= max_batch)
                 and (not max_units or c.batch * c.heads_kv <= max_units)
                 and c.batch * c.heads_kv >= min_units
@@ -150,6 +151,7 @@ def main():
     ap.add_argument("--sm-fraction", default="",
                     help="LOW,HIGH, without --family: only shapes whose split of SMs // units chunks per unit "
                          "occupies that fraction of the SMs")
+    ap.add_argument("--min-mb", type=float, default=0.0, help="with --family: at least this many MB of K and V")
     ap.add_argument("--max-batch", type=int, default=0, help="with --family: at most this many sequences (0: any)")
     ap.add_argument("--max-units", type=int, default=0, help="with --family: at most this many units (0: any)")
     ap.add_argument("--min-units", type=int, default=0, help="with --family: at least this many units")
@@ -179,7 +181,7 @@ def main():
     dims = [int(x) for x in a.head_dims.split(",")]
     if a.family:
         shapes = family_shapes(a.shapes, a.seed, dims, a.layouts.split(","), a.max_mb, a.max_batch,
-                               a.max_units, a.min_units, a.draw, [o for o in a.only.split(",") if o])
+                               a.max_units, a.min_units, a.draw, [o for o in a.only.split(",") if o], a.min_mb)
     else:
         shapes = draw(a.shapes, a.seed, sms, dims, tuple(int(x) for x in a.lengths.split(",")),
                       tuple(float(x) for x in a.units.split(",")), a.max_mb or 400.0,
