@@ -134,13 +134,14 @@ def _plan_schedule(lens, heads_kv, spec, num_ctas, merge_balance, merge_launch, 
     with the launch-time split where kernels.launch_time_split says so
     (``knob``: a stream-K knob was given; one sequence is an equal-length
     plan)."""
-    from .kernels import launch_split_rule, launch_time_split
+    from .kernels import launch_split_cap, launch_split_rule, launch_time_split
 
     scale, slack = launch_split_rule(merge_launch, spec.tile, spec.head_dim, 2)
+    cap = launch_split_cap(merge_launch, spec.tile, spec.head_dim, 2)
     return lean_schedule(lens, heads_kv, tile_size=spec.tile, num_ctas=num_ctas, merge_balance=merge_balance,
                          state_rows=16 * spec.m_tiles, merge_launch=merge_launch,
                          runtime_split=launch_time_split(merge_launch, knob, len(lens) > 1), split_slack_tiles=slack,
-                         split_scale=scale)
+                         split_scale=scale, split_cap_tiles=cap)
 
 
 def schedule_cmd(argv=None):

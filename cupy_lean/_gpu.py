@@ -79,7 +79,7 @@ def _merge_lse_only(lses):
 
 def device_schedule(kv_lens, heads_kv, *, tile_size, num_ctas=None, num_splits=None, max_segments=64,
                     min_tiles_per_cta=1, merge_balance=0, runtime_split=False, split_slack_tiles=1,
-                    merge_launch=True, split_scale=1):
+                    merge_launch=True, split_scale=1, split_cap_tiles=1 << 30):
     """The schedule as the kernel derives it (its schedule-dump entry: no
     attention is computed; the kernel spec has 16 state rows). Stream-K with ``num_ctas`` CTAs, or split-K with
     ``num_splits`` chunks per unit. Returns, per CTA, None (no work) or
@@ -88,7 +88,7 @@ def device_schedule(kv_lens, heads_kv, *, tile_size, num_ctas=None, num_splits=N
     :func:`cupy_lean.lean_schedule` / :func:`cupy_lean.split_schedule`.
     ``runtime_split``: stream-K as a plan with the launch-time split runs
     it (``lean_schedule(merge_launch=..., runtime_split=True,
-    split_slack_tiles=..., split_scale=...)``), with the merge launch's unit records
+    split_slack_tiles=..., split_scale=..., split_cap_tiles=...)``), with the merge launch's unit records
     (``merge_launch``) or without them (its chunks merged in the kernel)."""
     lens_host = np.asarray(kv_lens)
     lens32 = cp.asarray(lens_host, dtype=cp.int32)
@@ -111,10 +111,11 @@ def device_schedule(kv_lens, heads_kv, *, tile_size, num_ctas=None, num_splits=N
     prm.kv_lens, prm.partials = lens32.data.ptr, rec.data.ptr
     meta = None
     if runtime_split:
-        from .schedule import _check_split_rule
+        from .schedule import _check_split_cap, _check_split_rule
 
         split_slack_tiles, split_scale = _check_split_rule(split_slack_tiles, split_scale)  # ctypes would wrap
         prm.runtime_split, prm.split_slack = split_scale, split_slack_tiles
+        prm.split_cap = _check_split_cap(split_cap_tiles)
         if merge_launch:  # the unit records the split's first chunk writes
             meta = cp.zeros(max(1, 2 * B * heads_kv), dtype=cp.int32)
             prm.unit_meta = meta.data.ptr

@@ -338,6 +338,12 @@ class Plan:
         ``split_slack_tiles`` tiles (``kernels.launch_split_rule``: 1 and
         one tile with the merge launch, 2 and no tile with the in-kernel
         merge, by default); 0 and 0 without it.
+    split_cap_tiles : int
+        With ``runtime_split``, the rule's cap: the split's busiest CTA
+        streams at most this many tiles more than stream-K's
+        (``kernels.launch_split_cap``: the in-kernel merge's
+        ``kernels.TUNING["runtime_split_in_kernel_cap_bytes"]`` in tiles;
+        2**30, none, with the merge launch); 0 without it.
     pdl : bool
         Launched with programmatic dependent launch (sm_90 and newer,
         ``kernels.TUNING["pdl"]``): each kernel may be scheduled during the
@@ -535,7 +541,11 @@ class Plan:
         self.split_scale, self.split_slack_tiles = K.launch_split_rule(
             self.merge_launch, tile, D, 1 if f_kv8 is not None else sig.dtypes[0].itemsize) \
             if self.runtime_split else (0, 0)
+        self.split_cap_tiles = K.launch_split_cap(
+            self.merge_launch, tile, D, 1 if f_kv8 is not None else sig.dtypes[0].itemsize) \
+            if self.runtime_split else 0
         prm.runtime_split, prm.split_slack = self.split_scale, self.split_slack_tiles  # (0, 0): stream-K always
+        prm.split_cap = self.split_cap_tiles
         prefetch_key = "split_prefetch_paged" if m.paged else "split_prefetch"
         if K.TUNING[prefetch_key] not in (0, 1, 2):
             raise ValueError(f'kernels.TUNING["{prefetch_key}"] must be 0, 1 or 2, got {K.TUNING[prefetch_key]!r}')
@@ -652,7 +662,10 @@ class Plan:
                          + (f"; a launch whose lengths favour it runs split-K in one wave instead "
                             f"(its busiest CTA at most "
                             + ("" if self.split_scale == 1 else f"{self.split_scale} x ")
-                            + f"stream-K's busiest CTA's tiles + {self.split_slack_tiles} tile(s); "
+                            + f"stream-K's busiest CTA's tiles + {self.split_slack_tiles} tile(s)"
+                            + ("" if self.split_cap_tiles >= 1 << 30 or self.split_scale == 1 else
+                               f", the factor's share at most {self.split_cap_tiles} tile(s)")
+                            + "; "
                             f"cupy_lean.schedule.runtime_split_chunks, decided on the GPU)"
                             + ("" if self.merge_launch else ", its chunks merged the same way")
                             if self.runtime_split else ""))

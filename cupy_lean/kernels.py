@@ -96,7 +96,7 @@ class Params(ctypes.Structure):
         ("q_len", ctypes.c_int32), ("q_st", ctypes.c_int64), ("o_st", ctypes.c_int64),
         ("q_lens", ctypes.c_uint64), ("k_scale", ctypes.c_uint64), ("v_scale", ctypes.c_uint64),
         ("k_scale_value", ctypes.c_float), ("v_scale_value", ctypes.c_float),
-        ("runtime_split", ctypes.c_int32), ("split_slack", ctypes.c_int32),
+        ("runtime_split", ctypes.c_int32), ("split_slack", ctypes.c_int32), ("split_cap", ctypes.c_int32),
         ("page_magic", ctypes.c_uint32), ("page_shift", ctypes.c_int32),
         ("split_prefetch", ctypes.c_int32),
     ]
@@ -480,6 +480,13 @@ TUNING = _Tuning({
     # shapes above 1.02x (1.023, 1.043). Held out (6 other seeds, 72 in-kernel shapes): 0.980x the
     # previous rule's time. Integer, 1 to 64
     "runtime_split_in_kernel_scale": 2,
+    # ... and at most this many bytes of K and V (in whole tiles) above stream-K's busiest CTA's range: the
+    # factor prices a cut unit's merge as a CTA's range again, which holds on small calls only (the cut's
+    # cost does not grow with the range). Fitted on the same 210 in-kernel shapes of session 27 (up to 60 MB:
+    # 0.962x stream-K's time from 192 KB up, as without a cap) and on calls of 60 MB to 1.4 GB (bench/NOTES.md
+    # session 32), where the factor alone took the split with its busiest CTA up to 1.8x stream-K's range
+    # (b9 32/2 head_dim 256 ragged, 1.2 GB: 431 us against FlashInfer's 405). 1 << 62: no cap
+    "runtime_split_in_kernel_cap_bytes": 256 * 1024,
     # 0: one tile with the merge launch (none in the kernel's rule). Measured on an H200 (bench/NOTES.md session 17): 192 KB took the split on two held-out
     # shapes where it ran 1.08x and 1.12x stream-K's time (the launch-time split ran 8-11% slower than a
     # host-planned split of the same chunks), so the default stays at one tile
@@ -582,6 +589,24 @@ def launch_time_split(merge_launch, stream_k_knob, varied_lengths):
     decomposition is chosen on the host)."""
     return bool(TUNING["runtime_split"] and (merge_launch or (
         TUNING["runtime_split_in_kernel"] and not stream_k_knob and varied_lengths)))
+
+
+def launch_split_cap(merge_launch, tile_size, head_dim, kv_itemsize):
+    """``split_cap_tiles`` of the launch-time split's rule
+    (:func:`cupy_lean.schedule.runtime_split_chunks`): with the chunks merged
+    in the kernel, :data:`TUNING` ``"runtime_split_in_kernel_cap_bytes"`` of
+    K and V in whole tiles of ``tile_size`` tokens at ``head_dim`` with
+    elements of ``kv_itemsize`` bytes (at most 2**30 tiles); with the merge
+    launch 2**30 (its factor is 1: the cap cannot bind)."""
+    from .schedule import runtime_split_slack
+
+    if merge_launch:
+        return 1 << 30
+    cap = TUNING["runtime_split_in_kernel_cap_bytes"]
+    try:
+        return runtime_split_slack(tile_size, head_dim, kv_itemsize, cap, at_least=0)
+    except (TypeError, ValueError):
+        raise ValueError(f'TUNING["runtime_split_in_kernel_cap_bytes"] must be an integer >= 0, got {cap!r}') from None
 
 
 def launch_split_rule(merge_launch, tile_size, head_dim, kv_itemsize):

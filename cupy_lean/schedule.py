@@ -417,7 +417,8 @@ def merge_balanced_tiles(longest_unit_tiles, merge_balance, state_rows, tile_siz
 
 
 def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1, merge_balance=0,
-                  state_rows=16, merge_launch=False, runtime_split=False, split_slack_tiles=None, split_scale=None):
+                  state_rows=16, merge_launch=False, runtime_split=False, split_slack_tiles=None, split_scale=None,
+                  split_cap_tiles=None):
     """The stream-K (LeanAttention) schedule (with ``runtime_split``: the
     split-K in one wave that a launch chooses instead where its lengths
     favour it).
@@ -469,6 +470,13 @@ def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1
         launch, ``kernels.TUNING["runtime_split_in_kernel_scale"]`` and no
         tile without it, at the default byte slack). Checked, and unused,
         without ``runtime_split``.
+    split_cap_tiles : int or None
+        With ``runtime_split``: the rule's cap in tiles above stream-K's
+        busiest CTA (0 to 2**30, 2**30: none; a plan's
+        :attr:`~cupy_lean.Plan.split_cap_tiles`). None: what a default fp16
+        plan at ``head_dim`` 128 with this ``tile_size`` and ``merge_launch``
+        takes (``kernels.launch_split_cap``). Checked, and unused, without
+        ``runtime_split``.
 
     Returns
     -------
@@ -491,6 +499,11 @@ def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1
         split_scale = scale if split_scale is None else split_scale
         split_slack_tiles = slack if split_slack_tiles is None else split_slack_tiles
     split_slack_tiles, split_scale = _check_split_rule(split_slack_tiles, split_scale)
+    if split_cap_tiles is None:
+        from .kernels import launch_split_cap
+
+        split_cap_tiles = launch_split_cap(bool(merge_launch), tile_size, 128, 2)
+    split_cap_tiles = _check_split_cap(split_cap_tiles)
     total = int(unit_tiles.sum())
     if merge_balance and total:
         min_tiles = max(min_tiles, merge_balanced_tiles(int(unit_tiles.max()), merge_balance, state_rows,
@@ -502,7 +515,8 @@ def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1
                         np.zeros(0, _SEG_DTYPE), np.zeros(unit_tiles.shape[0], np.int64), bool(merge_launch))
     max_tiles = -(-total // ncta)
     heavy = total - (max_tiles - 1) * ncta
-    ns = _split_count(tps, unit_tiles, num_ctas, ncta, split_slack_tiles, split_scale) if runtime_split else 0
+    ns = _split_count(tps, unit_tiles, num_ctas, ncta, split_slack_tiles, split_scale,
+                      split_cap_tiles) if runtime_split else 0
     if ns:
         return _runtime_split(lens, heads_kv, tile_size, tps, unit_tiles, unit_start, ns, merge_launch)
     ctas = np.arange(ncta, dtype=np.int64)
@@ -663,7 +677,16 @@ def _check_saturation(saturation):
     return float(saturation)
 
 
-def _split_count(tps, unit_tiles, num_ctas, ncta, split_slack_tiles, split_scale=1):
+def _check_split_cap(split_cap_tiles):
+    """The launch-time split rule's cap (0 to 2**30 tiles; 2**30: none), what
+    the kernel's int parameter holds."""
+    split_cap_tiles = _check_positive_int(split_cap_tiles, "split_cap_tiles", low=0)
+    if split_cap_tiles > 1 << 30:
+        raise ValueError(f"split_cap_tiles: expected an integer from 0 to 2**30, got {split_cap_tiles}")
+    return split_cap_tiles
+
+
+def _split_count(tps, unit_tiles, num_ctas, ncta, split_slack_tiles, split_scale=1, split_cap_tiles=1 << 30):
     """runtime_split_chunks' rule on checked inputs (``ncta``: stream-K's
     CTAs with work)."""
     units, total = int(unit_tiles.shape[0]), int(unit_tiles.sum())
@@ -671,7 +694,8 @@ def _split_count(tps, unit_tiles, num_ctas, ncta, split_slack_tiles, split_scale
         return 0
     ns = num_ctas // units
     per = -(-total // ncta)
-    return ns if ns >= 1 and -(-int(tps.max()) // ns) <= split_scale * per + split_slack_tiles else 0
+    allowed = min(split_scale * per, per + split_cap_tiles) + split_slack_tiles
+    return ns if ns >= 1 and -(-int(tps.max()) // ns) <= allowed else 0
 
 
 def runtime_split_slack(tile_size, head_dim, kv_itemsize, slack_bytes, at_least=1):
@@ -693,15 +717,16 @@ def runtime_split_slack(tile_size, head_dim, kv_itemsize, slack_bytes, at_least=
 
 
 def runtime_split_chunks(kv_lens, heads_kv, tile_size, num_ctas, min_tiles_per_cta=1, split_slack_tiles=1,
-                         split_scale=1):
+                         split_scale=1, split_cap_tiles=1 << 30):
     """Chunks per unit of the split-K a lean launch runs instead of stream-K
     (``kernels.TUNING["runtime_split"]``; with the merge launch, or without
     it by ``kernels.TUNING["runtime_split_in_kernel"]``), or 0 for
     stream-K: ``ns = num_ctas // units`` chunks when the busiest CTA of that
-    split streams at most ``split_scale`` times stream-K's busiest plus
-    ``split_slack_tiles`` tiles, ``ceil(longest unit's tiles / ns) <=
-    split_scale x ceil(total tiles / CTAs) + split_slack_tiles``
-    (``kv_lens`` as the kernel walks them: window lengths with a window).
+    split streams at most ``split_scale`` times stream-K's busiest, yet at
+    most ``split_cap_tiles`` tiles above it, plus ``split_slack_tiles``
+    tiles: ``ceil(longest unit's tiles / ns) <= min(split_scale x per, per
+    + split_cap_tiles) + split_slack_tiles`` with ``per = ceil(total tiles
+    / CTAs)`` (``kv_lens`` as the kernel walks them: window lengths with a window).
     The kernel takes the same decision at every launch from the lengths on
     the GPU. ``min_tiles_per_cta``: stream-K's floor on a CTA's range
     (raised by a merge balance), which the comparison uses as the kernel
@@ -710,14 +735,19 @@ def runtime_split_chunks(kv_lens, heads_kv, tile_size, num_ctas, min_tiles_per_c
     merge) in tiles a CTA streams meanwhile; the plans take
     ``kernels.launch_split_rule``: 1 and one tile with the merge launch
     (these defaults), 2 and no tile with the in-kernel merge, where a cut
-    unit's last piece merges on the streaming path. ``split_slack_tiles``
-    0 to 2**30, ``split_scale`` 1 to 64 (the kernel's int parameters)."""
+    unit's last piece merges on the streaming path, and with it
+    ``kernels.launch_split_cap`` (a cut's cost does not grow with the
+    range: the factor alone would take a split whose busiest CTA streams
+    far more than stream-K's on a long call). ``split_slack_tiles`` and
+    ``split_cap_tiles`` 0 to 2**30 (2**30: no cap), ``split_scale`` 1 to 64
+    (the kernel's int parameters)."""
     lens, heads_kv, tile_size, tps, unit_tiles, _ = _units(kv_lens, heads_kv, tile_size)
     num_ctas = _check_positive_int(num_ctas, "num_ctas")
     m = _check_positive_int(min_tiles_per_cta, "min_tiles_per_cta")
     split_slack_tiles, split_scale = _check_split_rule(split_slack_tiles, split_scale)
+    split_cap_tiles = _check_split_cap(split_cap_tiles)
     return _split_count(tps, unit_tiles, num_ctas, _stream_k_ctas(int(unit_tiles.sum()), num_ctas, m),
-                        split_slack_tiles, split_scale)
+                        split_slack_tiles, split_scale, split_cap_tiles)
 
 
 def num_splits_heuristic(num_units, max_unit_tiles, num_sms, max_splits=128):

@@ -270,7 +270,8 @@ static_assert(STREAM_K == LEAN_HOST_STREAM_K && SPLIT_K == LEAN_HOST_SPLIT_K, "D
   F(float, k_scale_value)    /* HAS_FP8: ... one scale for every head (by value) */          \
   F(float, v_scale_value)                                                                       \
   F(int, runtime_split)      /* STREAM_K: 0: never; n >= 1: split-K in one wave when its busiest CTA has at most */ \
-  F(int, split_slack)        /* ... n times stream-K's busiest CTA's tiles plus split_slack (>= 0) tiles */ \
+  F(int, split_slack)        /* ... n times stream-K's busiest CTA's tiles plus split_slack (>= 0) tiles, */ \
+  F(int, split_cap)          /* ... the n times at most split_cap (>= 0) tiles above stream-K's busiest */ \
   F(u32, page_magic) F(int, page_shift) /* PAGED: tok / page_size = (umulhi(tok, magic) + tok) >> shift (kernels.page_divisor) */ \
   F(int, split_prefetch)     /* runtime_split, sm_90+: the split's first tiles into L2 (SplitPrefetch); 0: off */
 
@@ -963,16 +964,19 @@ __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, S
   if (p.runtime_split && sk.ctas > 0) {
     // Split-K in one wave (ns chunks per unit, ns = grid / units) when its
     // busiest CTA streams at most p.runtime_split times stream-K's busiest
-    // CTA's tiles plus p.split_slack tiles (what stream-K's cuts cost a small
-    // call): then no CTA holds two units' pieces. Every CTA takes the same decision from the same scan. CTA c's
+    // CTA's tiles, yet at most p.split_cap tiles more than it, plus
+    // p.split_slack tiles (what stream-K's cuts cost: about a CTA's range on
+    // a small call, a bounded amount on a long one): then no CTA holds two
+    // units' pieces. Every CTA takes the same decision from the same scan. CTA c's
     // state goes to slot 2c, the unit's chunks on consecutive CTAs; the
     // combine launch merges them as it merges pieces (unit_meta set), or
     // else the unit's last arriving chunk does, as for stream-K's pieces
     // (Contributors::of_split).
     const int units = p.batch * p.heads_kv, ns = launch_split_count(p);
-    // ceil(longest / ns) <= scale x per + slack, as one product: no division on every CTA's path to its
-    // first copy
-    if (ns >= 1 && (i64)longest <= (i64)ns * ((i64)p.runtime_split * sk.per + p.split_slack)) {
+    // ceil(longest / ns) <= min(scale x per, per + cap) + slack, as one product: no division on every
+    // CTA's path to its first copy
+    const i64 allowed = min((i64)p.runtime_split * sk.per, (i64)sk.per + p.split_cap) + p.split_slack;
+    if (ns >= 1 && (i64)longest <= (i64)ns * allowed) {
       LEAN_STAMP(18);
       pf.issue(p);
       if (c >= units * ns) return false;

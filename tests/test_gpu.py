@@ -268,27 +268,33 @@ def test_device_split_schedule_equals_numpy(lens, hkv, tile, num_splits):
 
 @settings(deadline=None, max_examples=15)
 @given(st.lists(st.integers(0, 3000), min_size=1, max_size=6), st.integers(1, 3),
-       st.sampled_from([16, 64]), st.integers(8, 140), st.integers(0, 12), st.integers(1, 3))
-@example([3000, 2990, 3001], 1, 16, 132, 1, 1)
-@example([1, 700, 0], 2, 16, 40, 1, 1)
-@example([9001, 1, 0], 1, 16, 132, 1, 1)
-@example([9001, 1, 0], 1, 16, 132, 8, 1)
-@example([1000, 1000, 4000], 1, 16, 132, 0, 2)  # split by the factor alone (6 tiles per chunk, 3 per CTA)
-@example([1000, 1000, 4000], 1, 16, 132, 2, 1)  # ... and stream-K without it
+       st.sampled_from([16, 64]), st.integers(8, 140), st.integers(0, 12), st.integers(1, 3),
+       st.sampled_from([0, 1, 2, 5, 1 << 30]))
+@example([3000, 2990, 3001], 1, 16, 132, 1, 1, 1 << 30)
+@example([1, 700, 0], 2, 16, 40, 1, 1, 1 << 30)
+@example([9001, 1, 0], 1, 16, 132, 1, 1, 1 << 30)
+@example([9001, 1, 0], 1, 16, 132, 8, 1, 1 << 30)
+@example([1000, 1000, 4000], 1, 16, 132, 0, 2, 1 << 30)  # split by the factor alone (6 tiles per chunk, 3 per CTA)
+@example([1000, 1000, 4000], 1, 16, 132, 0, 2, 2)  # ... not when the cap holds the factor to 3 + 2 tiles
+@example([1000, 1000, 4000], 1, 16, 132, 0, 2, 3)  # ... split at 3 + 3
+@example([1000, 1000, 4000], 1, 16, 132, 2, 1, 1 << 30)  # ... and stream-K without it
 @pytest.mark.parametrize("merge_launch", [True, False])
-def test_device_runtime_split_schedule_equals_numpy(merge_launch, lens, hkv, tile, num_ctas, slack, scale):
+def test_device_runtime_split_schedule_equals_numpy(merge_launch, lens, hkv, tile, num_ctas, slack, scale, cap):
     """With the runtime split on (and the merge launch's unit records, or
     without them: the in-kernel merge), the kernel runs what
     lean_schedule(merge_launch=..., runtime_split=True,
-    split_slack_tiles=slack, split_scale=scale) says: the split-K in one
-    wave (chunk ranges within the unit, slot 2 x cta, the unit's first CTA
-    and chunk count) where the rule picks it, else stream-K."""
+    split_slack_tiles=slack, split_scale=scale, split_cap_tiles=cap) says:
+    the split-K in one wave (chunk ranges within the unit, slot 2 x cta, the
+    unit's first CTA and chunk count) where the rule picks it, else
+    stream-K."""
     from cupy_lean import _gpu
 
     host = cupy_lean.lean_schedule(lens, hkv, tile_size=tile, num_ctas=num_ctas, merge_launch=merge_launch,
-                                   runtime_split=True, split_slack_tiles=slack, split_scale=scale)
+                                   runtime_split=True, split_slack_tiles=slack, split_scale=scale,
+                                   split_cap_tiles=cap)
     dev = _gpu.device_schedule(lens, hkv, tile_size=tile, num_ctas=num_ctas, runtime_split=True,
-                               split_slack_tiles=slack, merge_launch=merge_launch, split_scale=scale)
+                               split_slack_tiles=slack, merge_launch=merge_launch, split_scale=scale,
+                               split_cap_tiles=cap)
     for c in range(num_ctas):
         expect = _expected_records(host, c) if c < host.num_ctas else []
         if not expect:

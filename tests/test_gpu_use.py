@@ -2032,7 +2032,8 @@ def test_runtime_split_flips_between_replays(monkeypatch, in_kernel):
     sides = set()
     for new in ([30001, 1, 0], [3000, 2990, 3001], [0, 0, 0], [17, 5000, 30001], [4000, 4000, 4000], [1, 1, 1]):
         sides.add(runtime_split_chunks(new, hkv, 16, p.grid, split_slack_tiles=p.split_slack_tiles,
-                                       split_scale=p.split_scale) > 0)
+                                       split_scale=p.split_scale,
+                                 split_cap_tiles=p.split_cap_tiles) > 0)
         ld[...] = cp.asarray(new, dtype=cp.int32)
         _replay_nan_prefilled(runs)
         ro, rl = reference.attention(q, k, v, kv_lens=np.array(new, np.int32), block_table=table, sinks=sinks)
@@ -2093,7 +2094,8 @@ def test_in_kernel_runtime_split_matches_the_reference(monkeypatch, case):
     ld[...] = cp.asarray(new)
     p.run(qd, kd, vd, out=out, lse=lse, **kw)
     split = runtime_split_chunks(new, hkv, p.tile, p.grid, split_slack_tiles=p.split_slack_tiles,
-                                 split_scale=p.split_scale)
+                                 split_scale=p.split_scale,
+                                 split_cap_tiles=p.split_cap_tiles)
     assert (p.split_scale, p.split_slack_tiles) == (K.TUNING["runtime_split_in_kernel_scale"], 0)
     if case % 3:
         assert split == ns, (new, split)  # the split ran (the kernel takes the rule's decision)
@@ -2128,7 +2130,8 @@ def test_in_kernel_split_by_its_factor_two_graphs(dtype, layout):
 
     def decide(new, plan):
         return runtime_split_chunks(new, hkv, plan.tile, plan.grid, split_slack_tiles=plan.split_slack_tiles,
-                                    split_scale=plan.split_scale)
+                                    split_scale=plan.split_scale,
+                                    split_cap_tiles=plan.split_cap_tiles)
 
     # Short sequences of 10-24 tiles: stream-K's busiest CTA streams at least
     # two tiles on grids of up to 200 CTAs (head_dim 128 runs one CTA per
@@ -2246,7 +2249,8 @@ def test_split_prefetch_changes_nothing(case):
                         4e-3 * max(1.0, np.abs(rl[fin]).max()))
         seen = new if window is None else np.minimum(new, window + 1)  # the keys a unit streams
         taken.append(runtime_split_chunks(seen, hkv, p.tile, p.grid, split_slack_tiles=p.split_slack_tiles,
-                                          split_scale=p.split_scale))
+                                          split_scale=p.split_scale,
+                                 split_cap_tiles=p.split_cap_tiles))
     assert taken[0] > 0 and taken[1] == 0, (taken, p.describe())  # the rule split the first set only
     key = "split_prefetch_paged" if layout == "paged" else "split_prefetch"
     with K.tuning(**{key: 3}), pytest.raises(ValueError, match=f'"{key}"\\] must be 0, 1 or 2, got 3'):

@@ -930,6 +930,18 @@ def test_runtime_split_chunks_rule():
     assert runtime_split_chunks([1000, 1000, 4000], 1, 16, 132, split_slack_tiles=0) == 0
     assert runtime_split_chunks([1000, 1000, 4000], 1, 16, 132, split_slack_tiles=2) == 0
     assert runtime_split_chunks([1000, 1000, 4000], 1, 16, 132, split_slack_tiles=0, split_scale=2) == 44
+    # the cap on the factor's share: 6 <= min(2 x 3, 3 + cap) needs a cap of 3 tiles
+    assert runtime_split_chunks([1000, 1000, 4000], 1, 16, 132, split_slack_tiles=0, split_scale=2,
+                                split_cap_tiles=3) == 44
+    assert runtime_split_chunks([1000, 1000, 4000], 1, 16, 132, split_slack_tiles=0, split_scale=2,
+                                split_cap_tiles=2) == 0
+    assert runtime_split_chunks([1000, 1000, 4000], 1, 16, 132, split_slack_tiles=1, split_scale=2,
+                                split_cap_tiles=2) == 44  # the slack comes on top of the cap
+    assert runtime_split_chunks([3000, 2990, 3001], 1, 16, 132, split_slack_tiles=0, split_scale=2,
+                                split_cap_tiles=0) == 44  # 5 <= 5: a cap of 0 still splits at equal ranges
+    for bad, err in ((-1, ValueError), ((1 << 30) + 1, ValueError), (1.0, TypeError)):
+        with pytest.raises(err, match="split_cap_tiles"):
+            runtime_split_chunks([9001, 1, 0], 1, 16, 132, split_cap_tiles=bad)
     with pytest.raises(ValueError, match="split_slack_tiles"):
         runtime_split_chunks([9001, 1, 0], 1, 16, 132, split_slack_tiles=-1)
     with pytest.raises(ValueError, match="split_scale: expected an integer >= 1, got 0"):
@@ -939,8 +951,10 @@ def test_runtime_split_chunks_rule():
     for _ in range(300):
         b, hkv, tile, ctas = int(rng.integers(1, 6)), int(rng.integers(1, 4)), int(rng.choice([16, 64])), 132
         slack, scale = int(rng.integers(0, 30)), int(rng.integers(1, 4))
+        cap = int(rng.choice([0, 1, 3, 10, 40, 1 << 30]))
         lens = rng.integers(0, 20000, b)
-        ns = runtime_split_chunks(lens, hkv, tile, ctas, split_slack_tiles=slack, split_scale=scale)
+        ns = runtime_split_chunks(lens, hkv, tile, ctas, split_slack_tiles=slack, split_scale=scale,
+                                  split_cap_tiles=cap)
         tiles = -(-lens // tile)
         total = int(tiles.sum()) * hkv
         if total == 0:
@@ -948,7 +962,8 @@ def test_runtime_split_chunks_rule():
             continue
         sk = lean_schedule(lens, hkv, tile_size=tile, num_ctas=ctas)
         split_busiest = -(-int(tiles.max()) // max(1, ctas // (b * hkv)))
-        want = ctas // (b * hkv) >= 1 and split_busiest <= scale * int(sk.tiles_per_cta().max()) + slack
+        per = int(sk.tiles_per_cta().max())
+        want = ctas // (b * hkv) >= 1 and split_busiest <= min(scale * per, per + cap) + slack
         assert (ns > 0) == want and (ns == 0 or ns == ctas // (b * hkv))
 
 
@@ -1038,6 +1053,40 @@ def test_launch_split_rule(monkeypatch):
     assert K.launch_split_rule(True, 16, 128, 2) == (1, 24)  # the merge launch's rule does not read it
 
 
+def test_launch_split_cap(monkeypatch):
+    """The cap of the in-kernel rule: TUNING["runtime_split_in_kernel_cap_bytes"]
+    of K and V in whole tiles (none at least; 2**30 at most, no cap), so a
+    smaller tile, head_dim or an fp8 cache allows more tiles; the merge
+    launch's rule (factor 1) has none. lean_schedule takes it by default."""
+    from cupy_lean import kernels as K
+
+    monkeypatch.setitem(K.TUNING, "runtime_split_in_kernel_cap_bytes", 256 * 1024)
+    assert K.launch_split_cap(False, 64, 256, 2) == 4
+    assert K.launch_split_cap(False, 64, 256, 1) == 8  # fp8
+    assert K.launch_split_cap(False, 64, 64, 2) == 16
+    assert K.launch_split_cap(False, 128, 128, 2) == 4
+    assert K.launch_split_cap(True, 64, 256, 2) == 1 << 30
+    monkeypatch.setitem(K.TUNING, "runtime_split_in_kernel_cap_bytes", 1000)
+    assert K.launch_split_cap(False, 64, 256, 2) == 0
+    monkeypatch.setitem(K.TUNING, "runtime_split_in_kernel_cap_bytes", 1 << 62)
+    assert K.launch_split_cap(False, 16, 64, 1) == 1 << 30
+    for bad in (-1, 1.5, None):
+        monkeypatch.setitem(K.TUNING, "runtime_split_in_kernel_cap_bytes", bad)
+        with pytest.raises(ValueError, match="runtime_split_in_kernel_cap_bytes"):
+            K.launch_split_cap(False, 64, 256, 2)
+    assert K.launch_split_cap(True, 64, 256, 2) == 1 << 30  # the merge launch's rule does not read it
+    # lean_schedule's default: 376 tiles of 16 (3 per stream-K CTA, 6 per chunk): split under the factor 2
+    # with a cap of 3 tiles or more (3 x 16 tokens x 128 x 2 x 2 bytes = 24 KB), stream-K below
+    lens = [1000, 1000, 4000]
+    monkeypatch.setitem(K.TUNING, "runtime_split_in_kernel_cap_bytes", 24 * 1024)
+    assert lean_schedule(lens, 1, tile_size=16, num_ctas=132, runtime_split=True).kind == "split"
+    monkeypatch.setitem(K.TUNING, "runtime_split_in_kernel_cap_bytes", 24 * 1024 - 1)
+    assert lean_schedule(lens, 1, tile_size=16, num_ctas=132, runtime_split=True).kind == "lean"
+    assert lean_schedule(lens, 1, tile_size=16, num_ctas=132, runtime_split=True, split_cap_tiles=3).kind == "split"
+    with pytest.raises(ValueError, match="split_cap_tiles: expected an integer from 0 to 2"):
+        lean_schedule(lens, 1, tile_size=16, num_ctas=132, runtime_split=True, split_cap_tiles=(1 << 30) + 1)
+
+
 @given(st.lists(st.integers(0, 3000), min_size=1, max_size=5), st.integers(1, 3), st.sampled_from([16, 64]),
        st.integers(1, 140))
 @example([3000, 2990, 3001], 1, 16, 132)
@@ -1052,11 +1101,12 @@ def test_lean_schedule_with_the_runtime_split(launch, lens, hkv, tile, ctas):
     (the combine launch, or in the kernel: 44 chunks of a unit go through
     the merge tree); emulating it equals the reference."""
     from cupy_lean import reference
-    from cupy_lean.kernels import launch_split_rule
+    from cupy_lean.kernels import launch_split_cap, launch_split_rule
     from cupy_lean.schedule import runtime_split_chunks
 
     scale, slack = launch_split_rule(launch, tile, 128, 2)  # what lean_schedule takes by default
-    ns = runtime_split_chunks(lens, hkv, tile, ctas, split_slack_tiles=slack, split_scale=scale)
+    cap = launch_split_cap(launch, tile, 128, 2)
+    ns = runtime_split_chunks(lens, hkv, tile, ctas, split_slack_tiles=slack, split_scale=scale, split_cap_tiles=cap)
     s = lean_schedule(lens, hkv, tile_size=tile, num_ctas=ctas, merge_launch=launch, runtime_split=True)
     sk = lean_schedule(lens, hkv, tile_size=tile, num_ctas=ctas, merge_launch=launch)
     assert s.merge_launch == launch

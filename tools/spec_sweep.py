@@ -59,6 +59,8 @@ TUNING_CONFIGS = {"sk_launch": {"merge_launch_pieces": 1}, "sk_inkernel": {"merg
                   # the in-kernel split's rule with factor 1 and no slack (the default before session 27 had
                   # factor 1 and one tile; time it from sk_split_force / sk_split_off by the rule)
                   "sk_scale1": {"runtime_split_in_kernel_scale": 1},
+                  # the in-kernel split's factor without its byte cap (the rule of sessions 27-31)
+                  "sk_nocap": {"runtime_split_in_kernel_cap_bytes": 1 << 62},
                   # no L2 prefetch of the launch-time split's first tiles during the scan (sm_90+)
                   # (dense layouts; the paged_ ones set the key of paged caches, off by default)
                   "sk_no_prefetch": {"split_prefetch": 0}, "sk_prefetch_lines": {"split_prefetch": 1},
@@ -230,7 +232,7 @@ def main():
         rows.append(row)
     if a.out:
         with open(a.out, "w") as f:
-            json.dump({"seed": a.seed, "gpu": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
+            json.dump({"seed": a.seed, "draw": a.draw, "gpu": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
                        "shapes": rows}, f, indent=1)
 
 
