@@ -230,6 +230,14 @@ def test_split_rule_fit_supports_the_default():
     # the merge launch keeps its rule: a factor of 2 there makes more shapes slower
     launch = [r for r in rows if r["launch"]]
     assert F.evaluate(launch, 1, 1)[1] < F.evaluate(launch, 2, 0)[1]
+    # the default cap (TUNING["runtime_split_in_kernel_cap_bytes"]) costs these calls (up to 60 MB) under
+    # half a percent against the factor alone; a cap of none equals the factor's rule, of 0 bytes the
+    # factor 1 without slack
+    cap = TUNING["runtime_split_in_kernel_cap_bytes"]
+    assert F.evaluate_cap(inner, cap, scale)[0] < F.evaluate(inner, scale, 0)[0] + 0.005
+    assert F.evaluate_cap(inner, 1 << 62, scale) == F.evaluate(inner, scale, 0)
+    assert F.evaluate_cap(inner, 0, scale) == F.evaluate(inner, 1, 0)
+    assert F.tile_bytes({"tile": 64, "case": "s1_f03_b2_h8x2_d256_ragged_uniform_900"}) == 64 * 256 * 4
 
 
 def test_cta_rate_reproduces_the_tuning_defaults(capsys):

@@ -10,7 +10,10 @@ split (``ns = grid // units``) and the longest unit's chunk. For every factor
 ``m`` and slack ``k`` of the form ``chunk <= m x per + k`` it prints, per path
 (merge launch / in-kernel merge) and per half of the seeds, the geometric
 mean of the chosen time over stream-K's (``sk_split_off``), how many shapes
-the rule makes more than 2% slower, and the best per-shape choice's mean.
+the rule makes more than 2% slower, and the best per-shape choice's mean;
+then, for the in-kernel merge, the factor 2 with a cap of ``c`` bytes of K and
+V in whole tiles, ``chunk <= min(2 x per, per + c / tile bytes)``
+(``kernels.TUNING["runtime_split_in_kernel_cap_bytes"]``), by size class.
 
     python tools/split_rule_fit.py sweep1.json [sweep2.json ...] [--save compact.json]
     python tools/split_rule_fit.py bench/results/split_rule_h100_s27.json
@@ -52,7 +55,8 @@ def features(case):
     total = int((-(-np.array(lens) // spec.tile)).sum()) * case.heads_kv
     per = -(-total // _stream_k_ctas(total, grid, 1))
     ns = grid // units
-    return dict(units=units, tile=spec.tile, grid=grid, total=total, longest=longest, per=per, ns=ns,
+    return dict(units=units, tile=spec.tile, tile_bytes=4 * spec.tile * case.head_dim, grid=grid, total=total,
+                longest=longest, per=per, ns=ns,
                 chunk=-(-longest // ns) if ns else 0,
                 launch=bool(merges_by_launch(grid, units, TUNING["merge_launch_pieces"])))
 
@@ -68,8 +72,9 @@ def load(paths):
         if "rows" in doc:  # a compact file
             rows += doc["rows"]
             continue
-        by = {c.name: c for c in family_shapes(len(doc["shapes"]), doc["seed"], (64, 128, 256),
-                                               ("ragged", "paged"), 60)}
+        # every ragged or paged shape of the seeds the sweep drew from (at any size), by name
+        by = {c.name: c for c in family_shapes(4 * len(doc["shapes"]) + 40, doc["seed"], (64, 128, 256),
+                                               ("ragged", "paged"), 0, draw_size=doc.get("draw", 20))}
         for r in doc["shapes"]:
             t = r["times"]
             if r["case"] not in by or not all(t.get(k) for k in TIMES):
@@ -85,6 +90,24 @@ def evaluate(rows, scale, slack):
     """(geomean of the chosen time over stream-K's, shapes over 1.02x, worst)."""
     r = [(x["times"]["sk_split_force"] if x["ns"] >= 1 and x["chunk"] <= scale * x["per"] + slack
           else x["times"]["sk_split_off"]) / x["times"]["sk_split_off"] for x in rows]
+    return math.exp(sum(map(math.log, r)) / len(r)), sum(v > 1.02 for v in r), max(r)
+
+
+def tile_bytes(row):
+    """K and V bytes of one tile of a row's fp16 plan (compact files before
+    the field: from the head_dim in the shape's name)."""
+    if "tile_bytes" in row:
+        return row["tile_bytes"]
+    import re
+
+    return 4 * row["tile"] * int(re.search(r"_d(\d+)_", row["case"]).group(1))
+
+
+def evaluate_cap(rows, cap_bytes, scale=2):
+    """evaluate() of ``chunk <= min(scale x per, per + cap tiles)``."""
+    r = [(x["times"]["sk_split_force"] if x["ns"] >= 1 and x["chunk"] <= min(
+        scale * x["per"], x["per"] + cap_bytes // tile_bytes(x)) else x["times"]["sk_split_off"])
+         / x["times"]["sk_split_off"] for x in rows]
     return math.exp(sum(map(math.log, r)) / len(r)), sum(v > 1.02 for v in r), max(r)
 
 
@@ -111,6 +134,16 @@ def main(argv=None):
         for scale, slack in itertools.product((1, 2, 3), (0, 1, 2)):
             cols = " | ".join("%.3f, %2d over 1.02x (worst %.3f)" % evaluate(p, scale, slack) for p in parts)
             print(f"  chunk <= {scale} x per + {slack}: {cols} | all {evaluate(path, scale, slack)[0]:.3f}")
+        if launch:
+            continue
+        classes = [(name, [r for r in path if lo <= r["kv_bytes"] < hi]) for name, lo, hi in
+                   (("up to 60 MB", 0, 60e6), ("60 MB and more", 60e6, float("inf")))]
+        classes = [(n, c) for n, c in classes if c]
+        print("  the factor 2 with a cap (per size class: geomean over stream-K, shapes over 1.02x, worst):")
+        for kb in (0, 64, 128, 192, 256, 384, 512, 1024, None):
+            cap = (1 << 62) if kb is None else kb * 1024
+            cols = " | ".join(f"{n} ({len(c)}) %.3f, %2d (worst %.3f)" % evaluate_cap(c, cap) for n, c in classes)
+            print(f"    cap {'none' if kb is None else f'{kb} KB':>7}: {cols}")
 
 
 if __name__ == "__main__":
