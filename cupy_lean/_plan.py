@@ -339,8 +339,9 @@ class Plan:
         one tile with the merge launch, 2 and no tile with the in-kernel
         merge, by default); 0 and 0 without it.
     split_cap_tiles : int
-        With ``runtime_split``, the rule's cap: the split's busiest CTA
-        streams at most this many tiles more than stream-K's
+        With ``runtime_split``, the rule's cap: the factor lets the split's
+        busiest CTA stream at most this many tiles more than stream-K's
+        (``split_slack_tiles`` come on top)
         (``kernels.launch_split_cap``: the in-kernel merge's
         ``kernels.TUNING["runtime_split_in_kernel_cap_bytes"]`` in tiles;
         2**30, none, with the merge launch); 0 without it.
@@ -664,7 +665,7 @@ class Plan:
                             + ("" if self.split_scale == 1 else f"{self.split_scale} x ")
                             + f"stream-K's busiest CTA's tiles + {self.split_slack_tiles} tile(s)"
                             + ("" if self.split_cap_tiles >= 1 << 30 or self.split_scale == 1 else
-                               f", the factor's share at most {self.split_cap_tiles} tile(s)")
+                               f", the factor adding at most {self.split_cap_tiles} tile(s)")
                             + "; "
                             f"cupy_lean.schedule.runtime_split_chunks, decided on the GPU)"
                             + ("" if self.merge_launch else ", its chunks merged the same way")

@@ -483,7 +483,7 @@ TUNING = _Tuning({
     # ... and at most this many bytes of K and V (in whole tiles) above stream-K's busiest CTA's range: the
     # factor prices a cut unit's merge as a CTA's range again, which holds on small calls only (the cut's
     # cost does not grow with the range). Fitted on the same 210 in-kernel shapes of session 27 (up to 60 MB:
-    # 0.962x stream-K's time from 192 KB up, as without a cap) and on calls of 60 MB to 1.4 GB (bench/NOTES.md
+    # 0.962x stream-K's time at 256 KB, 0.961x without a cap) and on calls of 60 MB to 2.4 GB (bench/NOTES.md
     # session 32), where the factor alone took the split with its busiest CTA up to 1.8x stream-K's range
     # (b9 32/2 head_dim 256 ragged, 1.2 GB: 431 us against FlashInfer's 405). 1 << 62: no cap
     "runtime_split_in_kernel_cap_bytes": 256 * 1024,
@@ -603,10 +603,9 @@ def launch_split_cap(merge_launch, tile_size, head_dim, kv_itemsize):
     if merge_launch:
         return 1 << 30
     cap = TUNING["runtime_split_in_kernel_cap_bytes"]
-    try:
-        return runtime_split_slack(tile_size, head_dim, kv_itemsize, cap, at_least=0)
-    except (TypeError, ValueError):
-        raise ValueError(f'TUNING["runtime_split_in_kernel_cap_bytes"] must be an integer >= 0, got {cap!r}') from None
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:  # the key's value only; the rest below
+        raise ValueError(f'kernels.TUNING["runtime_split_in_kernel_cap_bytes"] must be an integer >= 0, got {cap!r}')
+    return runtime_split_slack(tile_size, head_dim, kv_itemsize, cap, at_least=0)
 
 
 def launch_split_rule(merge_launch, tile_size, head_dim, kv_itemsize):

@@ -277,7 +277,7 @@ def test_device_split_schedule_equals_numpy(lens, hkv, tile, num_splits):
 @example([1000, 1000, 4000], 1, 16, 132, 0, 2, 1 << 30)  # split by the factor alone (6 tiles per chunk, 3 per CTA)
 @example([1000, 1000, 4000], 1, 16, 132, 0, 2, 2)  # ... not when the cap holds the factor to 3 + 2 tiles
 @example([1000, 1000, 4000], 1, 16, 132, 0, 2, 3)  # ... split at 3 + 3
-@example([1000, 1000, 4000], 1, 16, 132, 2, 1, 1 << 30)  # ... and stream-K without it
+@example([1000, 1000, 4000], 1, 16, 132, 2, 1, 1 << 30)  # factor 1, slack 2: stream-K (6 > 3 + 2)
 @pytest.mark.parametrize("merge_launch", [True, False])
 def test_device_runtime_split_schedule_equals_numpy(merge_launch, lens, hkv, tile, num_ctas, slack, scale, cap):
     """With the runtime split on (and the merge launch's unit records, or

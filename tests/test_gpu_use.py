@@ -2024,6 +2024,7 @@ def test_runtime_split_flips_between_replays(monkeypatch, in_kernel):
     p = cupy_lean.plan(qd, kd, vd, out=template, tile_size=16, **kw)
     assert p.merge_launch != in_kernel and p.runtime_split and "split-K in one wave" in p.describe(), p.describe()
     assert p.split_slack_tiles == runtime_split_slack(16, d, 2, 192 * 1024) == 24 and p.split_scale == 1
+    assert p.split_cap_tiles == K.launch_split_cap(p.merge_launch, 16, d, 2)  # the cap its launches get
     assert not in_kernel or p.grid // 3 >= 16  # chunks per unit: the kernel's merge tree (MERGE_TREE_FROM)
     monkeypatch.setitem(K.TUNING, "runtime_split", False)
     sk = cupy_lean.plan(qd, kd, vd, out=template, tile_size=16, **kw)
@@ -2124,6 +2125,7 @@ def test_in_kernel_split_by_its_factor_two_graphs(dtype, layout):
     qd, kd, vd = to_gpu(q), to_gpu(k), to_gpu(v)
     p = cupy_lean.plan(qd, kd, vd, out=_nan_like(q.shape, q.dtype), **kw)
     assert not p.merge_launch and p.runtime_split and (p.split_scale, p.split_slack_tiles) == (2, 0), p.describe()
+    assert p.split_cap_tiles == K.launch_split_cap(False, p.tile, d, 2) < 1 << 30, p.describe()
     with K.tuning(runtime_split_in_kernel_scale=1):
         p1 = cupy_lean.plan(qd, kd, vd, out=_nan_like(q.shape, q.dtype), **kw)
     assert (p1.split_scale, p1.split_slack_tiles) == (1, 0) and p1.grid == p.grid

@@ -1070,10 +1070,14 @@ def test_launch_split_cap(monkeypatch):
     assert K.launch_split_cap(False, 64, 256, 2) == 0
     monkeypatch.setitem(K.TUNING, "runtime_split_in_kernel_cap_bytes", 1 << 62)
     assert K.launch_split_cap(False, 16, 64, 1) == 1 << 30
-    for bad in (-1, 1.5, None):
+    for bad in (-1, 1.5, None, True, "256"):
         monkeypatch.setitem(K.TUNING, "runtime_split_in_kernel_cap_bytes", bad)
-        with pytest.raises(ValueError, match="runtime_split_in_kernel_cap_bytes"):
+        with pytest.raises(ValueError, match=r'kernels.TUNING\["runtime_split_in_kernel_cap_bytes"\] must be an '
+                                             r'integer >= 0, got ' + re.escape(repr(bad))):
             K.launch_split_cap(False, 64, 256, 2)
+    monkeypatch.setitem(K.TUNING, "runtime_split_in_kernel_cap_bytes", 256 * 1024)
+    with pytest.raises(ValueError, match="tile_size"):  # another argument's error names that argument
+        K.launch_split_cap(False, 0, 256, 2)
     assert K.launch_split_cap(True, 64, 256, 2) == 1 << 30  # the merge launch's rule does not read it
     # lean_schedule's default: 376 tiles of 16 (3 per stream-K CTA, 6 per chunk): split under the factor 2
     # with a cap of 3 tiles or more (3 x 16 tokens x 128 x 2 x 2 bytes = 24 KB), stream-K below
