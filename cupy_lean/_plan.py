@@ -539,12 +539,11 @@ class Plan:
         # kernel (equal lengths: uniform_variant's model chose the decomposition on the host)
         self.runtime_split = decomp == K.Decomposition.STREAM_K and K.launch_time_split(
             self.merge_launch, stream_k_knob, not self.equal_lengths)
-        self.split_scale, self.split_slack_tiles = K.launch_split_rule(
-            self.merge_launch, tile, D, 1 if f_kv8 is not None else sig.dtypes[0].itemsize) \
-            if self.runtime_split else (0, 0)
-        self.split_cap_tiles = K.launch_split_cap(
-            self.merge_launch, tile, D, 1 if f_kv8 is not None else sig.dtypes[0].itemsize) \
-            if self.runtime_split else 0
+        self.split_scale, self.split_slack_tiles, self.split_cap_tiles = 0, 0, 0
+        if self.runtime_split:
+            kv_isz = 1 if f_kv8 is not None else sig.dtypes[0].itemsize
+            self.split_scale, self.split_slack_tiles = K.launch_split_rule(self.merge_launch, tile, D, kv_isz)
+            self.split_cap_tiles = K.launch_split_cap(self.merge_launch, tile, D, kv_isz)
         prm.runtime_split, prm.split_slack = self.split_scale, self.split_slack_tiles  # (0, 0): stream-K always
         prm.split_cap = self.split_cap_tiles
         prefetch_key = "split_prefetch_paged" if m.paged else "split_prefetch"

@@ -607,13 +607,20 @@ def _stream_k_ctas(total, num_ctas, min_tiles):
     return min(num_ctas, max(1, total // min_tiles) if min_tiles > 1 else total) if total else 0
 
 
+def _check_rule_tiles(value, name):
+    """A tile count of the launch-time split's rule (its slack or its cap):
+    0 to 2**30, what the kernel's int parameter holds."""
+    value = _check_positive_int(value, name, low=0)
+    if value > 1 << 30:
+        raise ValueError(f"{name}: expected an integer from 0 to 2**30, got {value}")
+    return value
+
+
 def _check_split_rule(split_slack_tiles, split_scale):
     """The launch-time split rule's slack (0 to 2**30 tiles) and factor (1 to
     64): what the kernel's int parameters hold."""
-    split_slack_tiles = _check_positive_int(split_slack_tiles, "split_slack_tiles", low=0)
+    split_slack_tiles = _check_rule_tiles(split_slack_tiles, "split_slack_tiles")
     split_scale = _check_positive_int(split_scale, "split_scale")
-    if split_slack_tiles > 1 << 30:
-        raise ValueError(f"split_slack_tiles: expected an integer from 0 to 2**30, got {split_slack_tiles}")
     if split_scale > 64:
         raise ValueError(f"split_scale: expected an integer from 1 to 64, got {split_scale}")
     return split_slack_tiles, split_scale
@@ -678,12 +685,8 @@ def _check_saturation(saturation):
 
 
 def _check_split_cap(split_cap_tiles):
-    """The launch-time split rule's cap (0 to 2**30 tiles; 2**30: none), what
-    the kernel's int parameter holds."""
-    split_cap_tiles = _check_positive_int(split_cap_tiles, "split_cap_tiles", low=0)
-    if split_cap_tiles > 1 << 30:
-        raise ValueError(f"split_cap_tiles: expected an integer from 0 to 2**30, got {split_cap_tiles}")
-    return split_cap_tiles
+    """The launch-time split rule's cap (0 to 2**30 tiles; 2**30: none)."""
+    return _check_rule_tiles(split_cap_tiles, "split_cap_tiles")
 
 
 def _split_count(tps, unit_tiles, num_ctas, ncta, split_slack_tiles, split_scale=1, split_cap_tiles=1 << 30):

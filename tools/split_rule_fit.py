@@ -86,9 +86,15 @@ def load(paths):
     return rows
 
 
-def evaluate(rows, scale, slack):
-    """(geomean of the chosen time over stream-K's, shapes over 1.02x, worst)."""
-    r = [(x["times"]["sk_split_force"] if x["ns"] >= 1 and x["chunk"] <= scale * x["per"] + slack
+def evaluate(rows, scale, slack, cap_bytes=None):
+    """(geomean of the chosen time over stream-K's, shapes over 1.02x, worst)
+    of the rule ``chunk <= min(scale x per, per + cap tiles) + slack``
+    (``cap_bytes`` None: no cap)."""
+    def allowed(x):
+        factor = scale * x["per"]
+        return (factor if cap_bytes is None else min(factor, x["per"] + cap_bytes // tile_bytes(x))) + slack
+
+    r = [(x["times"]["sk_split_force"] if x["ns"] >= 1 and x["chunk"] <= allowed(x)
           else x["times"]["sk_split_off"]) / x["times"]["sk_split_off"] for x in rows]
     return math.exp(sum(map(math.log, r)) / len(r)), sum(v > 1.02 for v in r), max(r)
 
@@ -104,11 +110,8 @@ def tile_bytes(row):
 
 
 def evaluate_cap(rows, cap_bytes, scale=2):
-    """evaluate() of ``chunk <= min(scale x per, per + cap tiles)``."""
-    r = [(x["times"]["sk_split_force"] if x["ns"] >= 1 and x["chunk"] <= min(
-        scale * x["per"], x["per"] + cap_bytes // tile_bytes(x)) else x["times"]["sk_split_off"])
-         / x["times"]["sk_split_off"] for x in rows]
-    return math.exp(sum(map(math.log, r)) / len(r)), sum(v > 1.02 for v in r), max(r)
+    """evaluate() of ``chunk <= min(scale x per, per + cap tiles)``, no slack."""
+    return evaluate(rows, scale, 0, cap_bytes)
 
 
 def main(argv=None):
