@@ -446,6 +446,14 @@ TUNING = _Tuning({
     # family shapes, tools/fp8_timing.py --tuning config_rules_with_features=True): True took 1.035x the
     # e4m3 time (0.999-1.158, slower on the head_dim 64 calls), so it stays off
     "config_rules_with_features": False,
+    # ... except many_unit_config's head_dim-64 rule (one CTA per unit at 64- or 32-token tiles) for a call
+    # whose only optional feature is an fp8 cache: an fp8 tile is as heavy in instructions as a 16-bit one
+    # for half the bytes, so the default tile leaves the unit's fixed costs even more exposed. Measured on
+    # an H100 (bench/NOTES.md session 33, tools/fp8_timing.py, dense head_dim 64, 168-308 units): 0.857 and
+    # 0.871 of the default's e4m3 time (seed 531427229) and the held-out shapes of session 33's call 2.
+    # The varied-length rule stays off for fp8 (0.68-1.16 over four runs) and so does the short-unit rule
+    # (not measured with fp8)
+    "many_units_d64_with_fp8": True,
     # batch_invariant=True: n >= 2 runs split-K with n chunks per unit whatever the batch (a chunk:
     # ceil(unit tiles / n) tiles, so a sequence's chunks depend on its own length only), merged in chunk
     # order by one combine CTA per unit; 0 runs one CTA per unit (the head decomposition). Measured on an
@@ -694,6 +702,13 @@ def _features_block(features):
     return bool(features) and not TUNING["config_rules_with_features"]
 
 
+def _fp8_only(features):
+    """Whether a call's optional features are an fp8 cache and nothing else
+    (its format bit, and the wide-K-reads bit that goes with it)."""
+    f = int(features)
+    return bool(f & FP8_BITS) and not f & ~(FP8_BITS | FEATURES["fp8_wide_k"])
+
+
 def many_unit_config(head_dim, group, units, tokens, num_sms, paged, uniform, features=0, occupancy=None,
                      one_cta_per_unit=True):
     """The ``(tile, one_cta_per_unit)`` of a call of many units, or None for
@@ -705,7 +720,9 @@ def many_unit_config(head_dim, group, units, tokens, num_sms, paged, uniform, fe
     (``features``: the spec's ``FEATURES`` bits: sinks, window, soft-cap, a
     q with a query-token axis, fp8; with
     ``TUNING["config_rules_with_features"]`` features do not matter, and a
-    windowed plan passes the window's tokens as ``tokens``):
+    windowed plan passes the window's tokens as ``tokens``; a call whose only
+    feature is an fp8 cache takes the head_dim-64 rule below, and only that
+    one, with ``TUNING["many_units_d64_with_fp8"]``):
 
     - head_dim 64 (``TUNING["many_units_d64"]``; only where the plan may
       run one CTA per unit, ``one_cta_per_unit``: False with an option that
@@ -739,13 +756,17 @@ def many_unit_config(head_dim, group, units, tokens, num_sms, paged, uniform, fe
     to. At head_dim 128 the 32-token tile took 0.64-0.98 on units of
     303-640 tokens and 0.93-1.32 on longer ones (no rule there); head_dim
     256 was 1.27-1.66x slower."""
-    if (paged or not uniform or _features_block(features) or head_dim not in (64, 128) or group > 16
+    blocked = _features_block(features)
+    fp8_d64 = blocked and head_dim == 64 and _fp8_only(features) and TUNING["many_units_d64_with_fp8"]
+    if (paged or not uniform or (blocked and not fp8_d64) or head_dim not in (64, 128) or group > 16
             or units < num_sms or tokens <= 0):
         return None
     if head_dim == 64 and TUNING["many_units_d64"] and one_cta_per_unit:
         tile = 64 if units <= TUNING["many_units_d64_t64_per_sm"] * num_sms else 32
         if occupancy is None or units <= occupancy(tile) * num_sms:
             return tile, True
+    if blocked:  # an fp8 call past the head_dim-64 rule keeps the default tile
+        return None
     if tokens <= TUNING["short_unit_tokens"]:
         return 32, False
     return None

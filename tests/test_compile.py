@@ -491,8 +491,12 @@ def test_config_rules_with_features_switch():
     ok = dict(head_dim=64, group=8, units=280, tokens=559, num_sms=132, paged=False, uniform=True)
     feats = [K.FEATURES[n] for n in ("sinks", "softcap", "window", "qlen", "fp8_e4m3", "fp8_e5m2")]
     feats.append(K.FEATURES["sinks"] | K.FEATURES["window"] | K.FEATURES["fp8_e4m3"])
+    fp8 = {K.FEATURES["fp8_e4m3"], K.FEATURES["fp8_e5m2"]}
     for b in feats:
-        assert K.many_unit_config(**ok, features=b) is None and K.varied_length_tile(64, 8, b) is None
+        # an fp8 cache alone takes the head_dim-64 rule (TUNING["many_units_d64_with_fp8"]), nothing else does
+        assert K.many_unit_config(**ok, features=b) == ((32, True) if b in fp8 else None)
+        assert K.varied_length_tile(64, 8, b) is None
+        assert K.many_unit_config(**{**ok, "head_dim": 128}, features=b) is None  # not the short-unit rule
     saved = dict(K.TUNING)
     try:
         K.TUNING["config_rules_with_features"] = True
@@ -509,6 +513,48 @@ def test_config_rules_with_features_switch():
     finally:
         K.TUNING.update(saved)
     assert K.TUNING["config_rules_with_features"] is False
+
+
+def test_many_units_d64_with_fp8_rule():
+    """TUNING["many_units_d64_with_fp8"] (on by default): a dense head_dim-64
+    call of equal lengths and at least one unit per SM whose only optional
+    feature is an fp8 cache (either format, with or without the wide K
+    reads) runs one CTA per unit at 64-token tiles up to two units per SM and
+    32-token tiles above, as a 16-bit call does; fp8 with any other feature,
+    a paged or ragged fp8 call, head_dim 128 (the short-unit rule) and the
+    varied-length rule keep the default tile. Off, every fp8 call does. The
+    specs the rule gives build within the sm_80 limit and compile for sm_80
+    and sm_90."""
+    e4, e5, wide = K.FEATURES["fp8_e4m3"], K.FEATURES["fp8_e5m2"], K.FEATURES["fp8_wide_k"]
+    ok = dict(head_dim=64, group=8, tokens=1237, num_sms=132, paged=False, uniform=True)
+    assert K.TUNING["many_units_d64_with_fp8"] is True
+    for b in (e4, e5, e4 | wide):
+        assert K.many_unit_config(**ok, units=200, features=b) == (64, True)
+        assert K.many_unit_config(**ok, units=300, features=b) == (32, True)
+        assert K.many_unit_config(**ok, units=131, features=b) is None  # fewer units than SMs
+        assert K.many_unit_config(**{**ok, "paged": True}, units=300, features=b) is None
+        assert K.many_unit_config(**{**ok, "uniform": False}, units=300, features=b) is None
+        assert K.many_unit_config(**ok, units=300, features=b, one_cta_per_unit=False) is None
+        assert K.many_unit_config(**{**ok, "tokens": 300}, units=300, features=b, one_cta_per_unit=False) is None
+        assert K.many_unit_config(**{**ok, "head_dim": 128, "tokens": 300}, units=300, features=b) is None
+        assert K.varied_length_tile(64, 8, b) is None
+        # the occupancy still bounds it: a wave of 2 tile-32 CTAs per SM cannot hold 300 units
+        assert K.many_unit_config(**ok, units=300, features=b, occupancy=lambda t: 2) is None
+    for other in ("sinks", "softcap", "window", "qlen", "page_rows"):
+        assert K.many_unit_config(**ok, units=300, features=e4 | K.FEATURES[other]) is None
+    saved = dict(K.TUNING)
+    try:
+        K.TUNING["many_units_d64_with_fp8"] = False
+        assert K.many_unit_config(**ok, units=300, features=e4) is None
+        assert K.many_unit_config(**ok, units=300, features=0) == (32, True)  # 16-bit calls keep their rule
+    finally:
+        K.TUNING.update(saved)
+    for dtype, b in (("f16", e4), ("bf16", e5)):
+        for tile in (32, 64):
+            spec = K.make_spec(dtype, 64, 8, False, tile_size=tile, features=b)
+            assert spec.tile == tile and spec.fp8 and spec.smem_bytes <= K.SMEM_OPTIN["sm_80"]
+            for arch in ("sm_80", "sm_90"):
+                assert K.compile_cubin(spec, arch)
 
 
 def _entry_bodies(ptx):

@@ -981,6 +981,55 @@ print("ok")
     _run_in_a_fresh_process(script, **{K.FP8_BITMOVES_ENV: "1"})
 
 
+@pytest.mark.parametrize("units_per_sm,fmt,dt", [(1.5, "e4m3", "float16"), (3.2, "e5m2", "bfloat16"),
+                                                  (3.2, "e4m3", "float16")])
+def test_gpu_fp8_many_units_take_their_config_two_graphs(units_per_sm, fmt, dt):
+    """A dense head_dim-64 fp8 batch of equal lengths with more units than
+    SMs takes the many-units configuration (one CTA per unit, 64- or 32-token
+    tiles by the units per SM; kernels.TUNING["many_units_d64_with_fp8"]) as a
+    16-bit call does, and the default tile with the switch off. Both plans
+    against the reference (NaN-prefilled out and lse, scales per KV head),
+    each captured in a graph one after another and replayed into NaN-filled
+    outputs: the same bits as their eager calls."""
+    from cupy_lean import kernels as K
+
+    sms = cp.cuda.Device().attributes["MultiProcessorCount"]
+    hq, hkv, d, n = 16, 4, 64, 1111
+    B = int(units_per_sm * sms) // hkv + 1
+    rng = np.random.default_rng(int(10 * units_per_sm) + len(fmt))
+    npdt = np.float16 if dt == "float16" else BF16
+    q, k, v, L, _ = make_inputs(rng, B, hq, hkv, d, np.float16, [n] * B, "dense")
+    k8, ku8, ks = _fp8_cache(rng, k, fmt, True)
+    v8, vu8, vs = _fp8_cache(rng, v, fmt, True)
+    qd = q.astype(npdt)
+    args = (to_gpu(qd), cp.asarray(ku8), cp.asarray(vu8))
+    scales = dict(k_scale=cp.asarray(ks, dtype=cp.float32), v_scale=cp.asarray(vs, dtype=cp.float32))
+    ro, rl = reference.attention(qd, k8, v8, k_scale=ks, v_scale=vs)
+    tol = (4e-3 if dt == "float16" else 2e-2) * max(1.0, np.abs(ro).max())
+    plans = [cupy_lean.plan(*args, kv_dtype=fmt, out=_nan_like(q.shape, npdt))]
+    with K.tuning(many_units_d64_with_fp8=False):
+        plans.append(cupy_lean.plan(*args, kv_dtype=fmt, out=_nan_like(q.shape, npdt)))
+    on, off = plans
+    want = (64 if units_per_sm < 2 else 32) if sms >= 100 else None  # an H100 / H200's occupancy holds them
+    assert on.many_units and on.one_cta_per_unit and on.grid == on.units == B * hkv, on.describe()
+    if want is not None:
+        assert on.spec.tile == want, on.describe()
+    assert not off.many_units and off.spec.tile == K.make_spec(dt, d, hq // hkv, False, features=on.spec.features).tile
+    outs = [(_nan_like(q.shape, npdt), cp.full(q.shape[:2], cp.nan, dtype=cp.float32)) for _ in plans]
+    for p, (o, lse) in zip(plans, outs):
+        p.run(*args, out=o, lse=lse, **scales)
+        _assert_out_lse(o, lse, ro, rl, tol, 2e-3 * max(1.0, np.abs(rl).max()))
+    eager = [(_bits(o).copy(), _bits(lse).copy()) for o, lse in outs]
+    graphs = [_capture(lambda p=p, o=o, lse=lse: p.run(*args, out=o, lse=lse, **scales))
+              for p, (o, lse) in zip(plans, outs)]
+    for (o, lse), g, (eo, el) in zip(outs, graphs, eager):
+        o.fill(cp.nan)
+        lse.fill(cp.nan)
+        g.launch()
+        cp.cuda.get_current_stream().synchronize()
+        assert cp.array_equal(_bits(o), eo) and cp.array_equal(_bits(lse), el)
+
+
 def test_gpu_fp8_with_query_tokens_window_sinks_plans_and_graphs():
     """fp8 with several query tokens, a window and sinks; a plan run twice
     with other scales; a CUDA graph replay; errors name the argument."""
