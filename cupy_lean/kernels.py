@@ -447,13 +447,17 @@ TUNING = _Tuning({
     # e4m3 time (0.999-1.158, slower on the head_dim 64 calls), so it stays off
     "config_rules_with_features": False,
     # ... except many_unit_config's head_dim-64 rule (one CTA per unit at 64- or 32-token tiles) for a call
-    # whose only optional feature is an fp8 cache: an fp8 tile is as heavy in instructions as a 16-bit one
-    # for half the bytes, so the default tile leaves the unit's fixed costs even more exposed. Measured on
-    # an H100 (bench/NOTES.md session 33, tools/fp8_timing.py, dense head_dim 64, 168-308 units): 0.857 and
-    # 0.871 of the default's e4m3 time (seed 531427229) and the held-out shapes of session 33's call 2.
-    # The varied-length rule stays off for fp8 (0.68-1.16 over four runs) and so does the short-unit rule
-    # (not measured with fp8)
+    # whose only optional feature is an fp8 cache, and units of at most many_units_d64_fp8_max_unit_bytes of
+    # K and V: the rule overlaps each unit's fixed costs, which an fp8 unit (half the bytes for the same
+    # work per tile) exposes more; on a long unit those costs are small, and one CTA per unit streams
+    # slower than stream-K's grid. Measured on an H100 (bench/NOTES.md session 33, tools/fp8_timing.py,
+    # dense head_dim 64, 132-408 units, e4m3): on 9 shapes of 954-10441 tokens (at most 1.34 MB of K and V
+    # per unit) the rule took 0.72-0.94 of the default's time; on 4 of 16236-75810 tokens (2.1-9.7 MB)
+    # 1.04-1.14, 0.87 on one of 31844 tokens (group 2), 1.03 on one of 719 tokens and 132 units. The
+    # varied-length rule stays off for fp8 (0.68-1.16 over four runs) and so does the short-unit rule (not
+    # measured with fp8)
     "many_units_d64_with_fp8": True,
+    "many_units_d64_fp8_max_unit_bytes": 3 << 19,  # 1.5 MB: 12288 tokens at head_dim 64
     # batch_invariant=True: n >= 2 runs split-K with n chunks per unit whatever the batch (a chunk:
     # ceil(unit tiles / n) tiles, so a sequence's chunks depend on its own length only), merged in chunk
     # order by one combine CTA per unit; 0 runs one CTA per unit (the head decomposition). Measured on an
@@ -722,7 +726,8 @@ def many_unit_config(head_dim, group, units, tokens, num_sms, paged, uniform, fe
     ``TUNING["config_rules_with_features"]`` features do not matter, and a
     windowed plan passes the window's tokens as ``tokens``; a call whose only
     feature is an fp8 cache takes the head_dim-64 rule below, and only that
-    one, with ``TUNING["many_units_d64_with_fp8"]``):
+    one, with ``TUNING["many_units_d64_with_fp8"]``, for units of at most
+    ``TUNING["many_units_d64_fp8_max_unit_bytes"]`` of K and V):
 
     - head_dim 64 (``TUNING["many_units_d64"]``; only where the plan may
       run one CTA per unit, ``one_cta_per_unit``: False with an option that
@@ -757,7 +762,8 @@ def many_unit_config(head_dim, group, units, tokens, num_sms, paged, uniform, fe
     303-640 tokens and 0.93-1.32 on longer ones (no rule there); head_dim
     256 was 1.27-1.66x slower."""
     blocked = _features_block(features)
-    fp8_d64 = blocked and head_dim == 64 and _fp8_only(features) and TUNING["many_units_d64_with_fp8"]
+    fp8_d64 = (blocked and head_dim == 64 and _fp8_only(features) and TUNING["many_units_d64_with_fp8"]
+               and 2 * head_dim * tokens <= TUNING["many_units_d64_fp8_max_unit_bytes"])
     if (paged or not uniform or (blocked and not fp8_d64) or head_dim not in (64, 128) or group > 16
             or units < num_sms or tokens <= 0):
         return None
