@@ -1718,28 +1718,23 @@ __device__ void attention_cta(const Params& p) {
   // The first stages' copies. Not unrolled (PROLOGUE_ROLLED): they run once
   // per CTA, and STAGES - 1 inlined copies of the loader made 5-19% of the
   // kernel's code, fetched cold before the first tile of every CTA.
-  // (The same loop twice: a shared lambda changed the code of both forms.)
-  if constexpr (PROLOGUE_ROLLED) {
-#pragma unroll 1
-    for (int s = 0; s < STAGES - 1; ++s) {
-      if (s < n_my) {
-        if (loader.load(p, sh, s, ld)) bad_bits |= 1u << s;
-        ld.advance(p, lens_s);
-        loader.prefetch_pages(p, ld.seg, ld.t, s + 1 < n_my);
-      }
-      cp_async_commit();
-    }
-  } else {
-#pragma unroll
-    for (int s = 0; s < STAGES - 1; ++s) {
-      if (s < n_my) {
-        if (loader.load(p, sh, s, ld)) bad_bits |= 1u << s;
-        ld.advance(p, lens_s);
-        loader.prefetch_pages(p, ld.seg, ld.t, s + 1 < n_my);
-      }
-      cp_async_commit();
-    }
+  // (One loop text for both forms, by a macro: a shared lambda changed the
+  // code of both.)
+#define LEAN_FIRST_STAGES(UNROLL)                                 \
+  _Pragma(UNROLL) for (int s = 0; s < STAGES - 1; ++s) {          \
+    if (s < n_my) {                                               \
+      if (loader.load(p, sh, s, ld)) bad_bits |= 1u << s;         \
+      ld.advance(p, lens_s);                                      \
+      loader.prefetch_pages(p, ld.seg, ld.t, s + 1 < n_my);       \
+    }                                                             \
+    cp_async_commit();                                            \
   }
+  if constexpr (PROLOGUE_ROLLED) {
+    LEAN_FIRST_STAGES("unroll 1")
+  } else {
+    LEAN_FIRST_STAGES("unroll")
+  }
+#undef LEAN_FIRST_STAGES
   LEAN_STAMP(10);
 
   WarpState st;
