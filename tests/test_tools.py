@@ -1,11 +1,14 @@
-"""The SASS reading of tools/sass_loop.py on a made-up listing (CI has no
-ptxas or cuobjdump; the tool itself runs where they are)."""
+"""The SASS reading of tools/sass_loop.py and tools/code_size.py on made-up
+listings (CI has no ptxas, cuobjdump or nvdisasm; the tools themselves run
+where they are), and code_size's ELF reading of an NVRTC cubin."""
 
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools"))
 
+import code_size  # noqa: E402
+import pytest  # noqa: E402
 import sass_loop  # noqa: E402
 
 LISTING = [
@@ -382,3 +385,43 @@ def test_ncu_table_compares_fp8_calls_with_the_fp16_ones():
     assert by["f10"]["base_us"] == next(r["ncu_us"] for r in base
                                         if r["case"].startswith("f10_") and r["dtype"] == "float16")
     assert T.compare(fp8, []) == []
+
+
+LINE_LISTING = """
+\t.section\t.text.other_entry,"ax",@progbits
+        //## File "/x/lean_f16_d64.cu", line 3
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+\t.section\t.text.my_entry,"ax",@progbits
+        //## File "/x/lean_f16_d64.cu", line 2
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   IADD3 R2, R2, 0x1, RZ ;
+        //## File "/x/lean_f16_d64.cu", line 7
+        /*0020*/                   HMMA.16816.F32 R8, R10, R12, R8 ;
+        //## File "/y/common.cuh", line 40
+        /*0030*/                   SHFL.BFLY PT, R3, R4, 0x1, 0x1f ;
+        //## File "/x/lean_f16_d64.cu", line 5
+        /*0040*/                   EXIT ;
+"""
+
+
+def test_code_size_counts_an_entrys_instructions_by_source_block():
+    src = ["// a", "__device__ void first(int a) {", "}", "", "__device__ float second() {", "", "x;", ""]
+    blocks = code_size.source_blocks(LINE_LISTING, "my_entry", 4, src)
+    # lines 1-4: the MOV and IADD3 at line 2; lines 5-8: line 7's HMMA and line 5's EXIT; the header's SHFL
+    assert blocks == [("lines 1-4 (first)", 2), ("lines 5-8 (second)", 2), ("common.cuh", 1)]
+    assert code_size.source_blocks(LINE_LISTING, "absent_entry", 4, src) == []
+
+
+def test_code_size_reads_the_text_sections_of_a_compiled_spec():
+    from cupy_lean import kernels as K
+
+    spec = K.make_spec("f16", 64, 4, False)
+    cubin = K.compile_cubin(spec, "sm_80")
+    sizes = code_size.text_sizes(cubin)
+    for entry in (spec.entry, spec.combine_entry, spec.dump_entry):
+        assert sizes[entry] > 0 and sizes[entry] % 16 == 0  # whole 16-byte instructions
+    got = code_size.spec_sizes(spec, "sm_80")
+    assert got == {"attention": sizes[spec.entry], "combine": sizes[spec.combine_entry],
+                   "dump": sizes[spec.dump_entry]}
+    with pytest.raises(ValueError, match="64-bit little-endian ELF"):
+        code_size.text_sizes(b"\x7fELF\x01\x01" + bytes(64))
