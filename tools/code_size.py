@@ -16,7 +16,9 @@ each block named by the first function it defines. The PTX is assembled
 with line information by ptxas and read by nvdisasm (both found as
 tools/sass_loop.py finds ptxas; NVDISASM=... or on PATH), so this part
 needs the CUDA toolkit's tools. Code that the compiler inlined counts at
-the line it came from, once per inlined copy.
+the line it came from, once per inlined copy. The sizes are static: an
+SM fetches only the code it runs, and branches the kernel takes on one
+call only (the merge's variants, the split path) count here in full.
 
 Why: the kernel's code is fetched cold by every SM at the start of a call,
 and on calls of a few microseconds the warps wait on instruction fetch
