@@ -455,9 +455,10 @@ TUNING = _Tuning({
     # per unit) the rule took 0.72-0.94 of the default's time; on 4 of 16236-75810 tokens (2.1-9.7 MB)
     # 1.04-1.14, 0.87 on one of 31844 tokens (group 2), 1.03 on one of 719 tokens and 132 units. The
     # varied-length rule stays off for fp8 (0.68-1.16 over four runs) and so does the short-unit rule (not
-    # measured with fp8)
+    # measured with fp8). With config_rules_with_features on, these two keys do not apply (every feature call
+    # takes both rules, uncapped)
     "many_units_d64_with_fp8": True,
-    "many_units_d64_fp8_max_unit_bytes": 3 << 19,  # 1.5 MB: 12288 tokens at head_dim 64
+    "many_units_d64_fp8_max_unit_bytes": 3 << 19,  # 1.5 MiB: 12288 tokens at head_dim 64
     # batch_invariant=True: n >= 2 runs split-K with n chunks per unit whatever the batch (a chunk:
     # ceil(unit tiles / n) tiles, so a sequence's chunks depend on its own length only), merged in chunk
     # order by one combine CTA per unit; 0 runs one CTA per unit (the head decomposition). Measured on an

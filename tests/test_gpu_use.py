@@ -996,7 +996,7 @@ def test_gpu_fp8_many_units_take_their_config_two_graphs(units_per_sm, fmt, dt):
     sms = cp.cuda.Device().attributes["MultiProcessorCount"]
     hq, hkv, d, n = 16, 4, 64, 1111
     B = int(units_per_sm * sms) // hkv + 1
-    rng = np.random.default_rng(int(10 * units_per_sm) + len(fmt))
+    rng = np.random.default_rng(int(10 * units_per_sm) + len(fmt) + len(dt))
     npdt = np.float16 if dt == "float16" else BF16
     q, k, v, L, _ = make_inputs(rng, B, hq, hkv, d, np.float16, [n] * B, "dense")
     k8, ku8, ks = _fp8_cache(rng, k, fmt, True)
@@ -1010,11 +1010,19 @@ def test_gpu_fp8_many_units_take_their_config_two_graphs(units_per_sm, fmt, dt):
     with K.tuning(many_units_d64_with_fp8=False):
         plans.append(cupy_lean.plan(*args, kv_dtype=fmt, out=_nan_like(q.shape, npdt)))
     on, off = plans
-    want = (64 if units_per_sm < 2 else 32) if sms >= 100 else None  # an H100 / H200's occupancy holds them
-    assert on.many_units and on.one_cta_per_unit and on.grid == on.units == B * hkv, on.describe()
+    bits, smem = on.spec.features, K.device_smem_limit()
+
+    def occupancy(tile):
+        return K.kernels_for(K.make_spec(dt, d, hq // hkv, False, tile, features=bits, smem_limit=smem)).occupancy
+
+    want = K.many_unit_config(d, hq // hkv, B * hkv, n, K.device_sm_count(), False, True, bits, occupancy)
+    assert on.many_units == (want is not None), on.describe()
     if want is not None:
-        assert on.spec.tile == want, on.describe()
-    assert not off.many_units and off.spec.tile == K.make_spec(dt, d, hq // hkv, False, features=on.spec.features).tile
+        assert (on.spec.tile, on.one_cta_per_unit) == want and on.grid == on.units == B * hkv, on.describe()
+    if sms >= 100:  # an H100 or H200: one wave holds them (two tile-64 CTAs per SM, five tile-32)
+        assert want == ((64, True) if units_per_sm < 2 else (32, True)), on.describe()
+    assert not off.many_units and off.spec.tile == K.make_spec(dt, d, hq // hkv, False, features=bits,
+                                                               smem_limit=smem).tile
     outs = [(_nan_like(q.shape, npdt), cp.full(q.shape[:2], cp.nan, dtype=cp.float32)) for _ in plans]
     for p, (o, lse) in zip(plans, outs):
         p.run(*args, out=o, lse=lse, **scales)
@@ -1028,6 +1036,29 @@ def test_gpu_fp8_many_units_take_their_config_two_graphs(units_per_sm, fmt, dt):
         g.launch()
         cp.cuda.get_current_stream().synchronize()
         assert cp.array_equal(_bits(o), eo) and cp.array_equal(_bits(lse), el)
+
+
+def test_gpu_fp8_many_units_rule_stops_at_the_unit_cap():
+    """The plan passes a unit's tokens to the fp8 many-units rule: a dense
+    head_dim-64 fp8 batch of one unit per SM takes it at
+    TUNING["many_units_d64_fp8_max_unit_bytes"] of K and V per unit and
+    keeps the default tile one token past it, where a 16-bit batch of the
+    same shape still takes it (plans only; zero-filled inputs)."""
+    from cupy_lean import kernels as K
+
+    sms = cp.cuda.Device().attributes["MultiProcessorCount"]
+    hq, hkv, d = 8, 4, 64
+    B = -(-sms // hkv)
+    at = K.TUNING["many_units_d64_fp8_max_unit_bytes"] // (2 * d)
+    for n, takes in ((at, True), (at + 1, False)):
+        q = cp.zeros((B, hq, d), dtype=cp.float16)
+        k8 = cp.zeros((B, n, hkv, d), dtype=cp.uint8)
+        p8 = cupy_lean.plan(q, k8, k8, kv_dtype="e4m3", out=cp.empty_like(q))
+        assert p8.many_units == takes and p8.one_cta_per_unit == takes, (n, p8.describe())
+        del k8
+        k16 = cp.zeros((B, n, hkv, d), dtype=cp.float16)
+        assert cupy_lean.plan(q, k16, k16, out=cp.empty_like(q)).many_units
+        del k16
 
 
 def test_gpu_fp8_with_query_tokens_window_sinks_plans_and_graphs():

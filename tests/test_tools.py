@@ -425,3 +425,5 @@ def test_code_size_reads_the_text_sections_of_a_compiled_spec():
                    "dump": sizes[spec.dump_entry]}
     with pytest.raises(ValueError, match="64-bit little-endian ELF"):
         code_size.text_sizes(b"\x7fELF\x01\x01" + bytes(64))
+    with pytest.raises(ValueError, match="section headers"):
+        code_size.text_sizes(cubin[:200])  # cut short: the headers it points to are gone

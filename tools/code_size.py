@@ -47,10 +47,13 @@ def text_sizes(cubin: bytes) -> dict:
     """``{function name: bytes}`` of a cubin's ``.text.<name>`` sections
     (a 64-bit little-endian ELF, as NVRTC writes). Raises ValueError on
     anything else."""
-    if cubin[:4] != b"\x7fELF" or cubin[4] != 2 or cubin[5] != 1:
+    if len(cubin) < 64 or cubin[:4] != b"\x7fELF" or cubin[4] != 2 or cubin[5] != 1:
         raise ValueError("cubin: expected a 64-bit little-endian ELF")
     shoff = struct.unpack_from("<Q", cubin, 0x28)[0]
     entsize, count, names_at = struct.unpack_from("<HHH", cubin, 0x3A)
+    if entsize < 40 or names_at >= count or shoff + count * entsize > len(cubin):
+        raise ValueError(f"cubin: its section headers ({count} of {entsize} bytes at {shoff}) are not in its "
+                         f"{len(cubin)} bytes")
     sections = [struct.unpack_from("<IIQQQQ", cubin, shoff + i * entsize) for i in range(count)]
     names = sections[names_at][4]  # the section-name table's file offset
     out = {}
@@ -81,6 +84,7 @@ def source_blocks(listing: str, entry: str, block: int, source_lines) -> list:
         s = line.strip()
         if s.startswith(".section"):
             inside = re.search(r"\.text\." + re.escape(entry) + r"\b", s) is not None
+            where = None
             continue
         m = re.search(r'//## File "([^"]*)", line (\d+)', line)
         if m:
@@ -94,7 +98,8 @@ def source_blocks(listing: str, entry: str, block: int, source_lines) -> list:
         if isinstance(key, int):
             text = source_lines[key - 1:key - 1 + block]
             name = next((m.group(1) for t in text if "__device__" in t or "__global__" in t
-                         for m in [re.search(r"(\w+)\s*\(", t)] if m), "")
+                         for m in [re.search(r"(\w+)\s*\(", re.sub(r"__launch_bounds__\([^)]*\)", "", t))]
+                         if m), "")
             out.append((f"lines {key}-{key + block - 1}" + (f" ({name})" if name else ""), n))
         else:
             out.append((str(key), n))
@@ -117,19 +122,10 @@ def _by_source(spec, arch, block):
     finally:
         nvrtc.destroyProgram(prog)
     ptx = (ptx.decode() if isinstance(ptx, bytes) else ptx).rstrip("\0")
-    path = os.path.join(tempfile.mkdtemp(prefix="cupy_lean_size_"), spec.name + ".cubin")
-    for attempt in range(2):  # an older ptxas: the PTX's .version lowered to what it reads
-        with open(path + ".ptx", "w") as f:
-            f.write(ptx)
-        r = subprocess.run([ptxas, f"-arch={arch}", "-lineinfo", path + ".ptx", "-o", path],
-                           capture_output=True, text=True)
-        if r.returncode == 0:
-            break
-        m = re.search(r"current version is '(\d+\.\d+)'", r.stderr)
-        if attempt or not m:
-            raise SystemExit(r.stderr)
-        ptx = re.sub(r"^\.version \d+\.\d+", f".version {m.group(1)}", ptx, count=1, flags=re.M)
-    listing = subprocess.run([nvdisasm, "-g", "-c", path], capture_output=True, text=True, check=True).stdout
+    with tempfile.TemporaryDirectory(prefix="cupy_lean_size_") as tmp:
+        path = os.path.join(tmp, spec.name + ".cubin")
+        sass_loop._assemble(ptx, ptxas, path, arch, flags=("-lineinfo",))
+        listing = subprocess.run([nvdisasm, "-g", "-c", path], capture_output=True, text=True, check=True).stdout
     with open(os.path.join(K.kernel_dir(), "lean_attention.cu")) as f:
         lines = f.read().splitlines()
     return source_blocks(listing, spec.entry, block, lines)
@@ -143,14 +139,18 @@ def main(argv=None):
     ap.add_argument("--by-source", type=int, default=0, metavar="N",
                     help="also the attention entry's instructions by N-line source blocks (needs ptxas, nvdisasm)")
     ap.add_argument("--top", type=int, default=15, help="source blocks listed per spec")
-    ap.add_argument("--json", default=None, help="write {spec name: sizes} here")
+    ap.add_argument("--json", default=None,
+                    help='write {"arch": ..., "sizes": {spec name: {entry: bytes}}, "by_source": {spec name: '
+                         '[[label, instructions], ...]}} here')
     a = ap.parse_args(argv)
     if a.by_source < 0:
         raise SystemExit(f"--by-source: expected a line count >= 1 (or 0: off), got {a.by_source}")
+    if a.top < 1:
+        raise SystemExit(f"--top: expected at least 1, got {a.top}")
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import sass_loop
 
-    rows = {}
+    rows, by_source = {}, {}
     for text in a.specs.split(","):
         spec = sass_loop._spec(text)
         sizes = spec_sizes(spec, a.arch)
@@ -159,12 +159,13 @@ def main(argv=None):
               f"dump {sizes['dump']:6d} B", flush=True)
         if a.by_source:
             blocks = _by_source(spec, a.arch, a.by_source)
+            by_source[spec.name] = blocks
             total = sum(n for _, n in blocks)
             for label, n in blocks[:a.top]:
                 print(f"    {n:6d} instructions {n / total:6.1%}  {label}")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"arch": a.arch, "sizes": rows}, f, indent=1)
+            json.dump({"arch": a.arch, "sizes": rows, "by_source": by_source}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -73,12 +73,14 @@ def _ptx(spec, arch="sm_90"):
     return K.compile_ptx(spec, arch)
 
 
-def _assemble(ptx, ptxas, path, arch="sm_90"):
+def _assemble(ptx, ptxas, path, arch="sm_90", flags=()):
+    """ptxas on ``ptx`` into ``path`` (``flags``: more ptxas options); an
+    older ptxas gets the PTX with its .version lowered to what it reads."""
     src = path + ".ptx"
     for attempt in range(2):
         with open(src, "w") as f:
             f.write(ptx)
-        r = subprocess.run([ptxas, f"-arch={arch}", src, "-o", path], capture_output=True, text=True)
+        r = subprocess.run([ptxas, f"-arch={arch}", *flags, src, "-o", path], capture_output=True, text=True)
         if r.returncode == 0:
             return
         m = re.search(r"current version is '(\d+\.\d+)'", r.stderr)
