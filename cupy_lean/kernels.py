@@ -939,16 +939,17 @@ def _source_of(spec):
     return texts["util.cu" if spec is None else "lean_attention.cu"]
 
 
-def _nvrtc(spec: Spec | None, target: str, output: str, log=None):
+def _nvrtc(spec: Spec | None, target: str, output: str, log=None, extra=()):
     """NVRTC on a spec's source (None: the helper module) for
     ``--gpu-architecture=target``; ``output``: "cubin" or "ptx"; ``log``: a
-    list that gets ptxas's report. A failure raises with NVRTC's log."""
+    list that gets ptxas's report; ``extra``: more NVRTC options. A failure
+    raises with NVRTC's log."""
     from cupy.cuda import nvrtc
 
     name = "util.cu" if spec is None else f"{spec.name}.cu"
     prog = nvrtc.createProgram(_source_of(spec), name, [], [])
     try:
-        opts = list(compile_options(spec)) + [f"--gpu-architecture={target}"]
+        opts = list(compile_options(spec)) + [f"--gpu-architecture={target}", *extra]
         if log is not None:
             opts.append("--ptxas-options=-v")
         try:
@@ -962,11 +963,12 @@ def _nvrtc(spec: Spec | None, target: str, output: str, log=None):
         nvrtc.destroyProgram(prog)
 
 
-def compile_ptx(spec: Spec, arch: str = "sm_90") -> str:
+def compile_ptx(spec: Spec, arch: str = "sm_90", lineinfo: bool = False) -> str:
     """The PTX of a spec for ``arch`` ("sm_80", "sm_90", ...), as NVRTC emits
     it for the virtual architecture: for reading what the kernel asks of the
-    hardware without a GPU."""
-    out = _nvrtc(spec, f"compute_{arch[3:]}", "ptx")
+    hardware without a GPU (``lineinfo``: with the source lines, which
+    ptxas ``-lineinfo`` carries into the cubin)."""
+    out = _nvrtc(spec, f"compute_{arch[3:]}", "ptx", extra=("-lineinfo",) if lineinfo else ())
     return out.decode() if isinstance(out, bytes) else out
 
 

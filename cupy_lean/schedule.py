@@ -492,17 +492,15 @@ def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1
         raise TypeError(f"merge_launch: expected a bool, got {merge_launch!r}")
     if not isinstance(runtime_split, (bool, np.bool_)):
         raise TypeError(f"runtime_split: expected a bool, got {runtime_split!r}")
-    if split_slack_tiles is None or split_scale is None:
-        from .kernels import launch_split_rule
+    if split_slack_tiles is None or split_scale is None or split_cap_tiles is None:
+        from .kernels import launch_split_cap, launch_split_rule  # a default fp16 plan's rule at head_dim 128
 
         scale, slack = launch_split_rule(bool(merge_launch), tile_size, 128, 2)
         split_scale = scale if split_scale is None else split_scale
         split_slack_tiles = slack if split_slack_tiles is None else split_slack_tiles
+        if split_cap_tiles is None:
+            split_cap_tiles = launch_split_cap(bool(merge_launch), tile_size, 128, 2)
     split_slack_tiles, split_scale = _check_split_rule(split_slack_tiles, split_scale)
-    if split_cap_tiles is None:
-        from .kernels import launch_split_cap
-
-        split_cap_tiles = launch_split_cap(bool(merge_launch), tile_size, 128, 2)
     split_cap_tiles = _check_split_cap(split_cap_tiles)
     total = int(unit_tiles.sum())
     if merge_balance and total:
@@ -696,9 +694,17 @@ def _split_count(tps, unit_tiles, num_ctas, ncta, split_slack_tiles, split_scale
     if units == 0 or total == 0:
         return 0
     ns = num_ctas // units
-    per = -(-total // ncta)
-    allowed = min(split_scale * per, per + split_cap_tiles) + split_slack_tiles
-    return ns if ns >= 1 and -(-int(tps.max()) // ns) <= allowed else 0
+    return ns if ns >= 1 and _split_rule_allows(-(-int(tps.max()) // ns), -(-total // ncta), split_scale,
+                                               split_slack_tiles, split_cap_tiles) else 0
+
+
+def _split_rule_allows(chunk, per, split_scale, split_slack_tiles, split_cap_tiles=1 << 30):
+    """The launch-time split rule's comparison (the kernel's find_work makes
+    the same): the split's busiest CTA streams ``chunk`` tiles, stream-K's
+    ``per``; the split is taken when ``chunk <= min(split_scale x per, per +
+    split_cap_tiles) + split_slack_tiles``. Unchecked (tools evaluating the
+    rule on measured rows call it too)."""
+    return chunk <= min(split_scale * per, per + split_cap_tiles) + split_slack_tiles
 
 
 def runtime_split_slack(tile_size, head_dim, kv_itemsize, slack_bytes, at_least=1):

@@ -107,21 +107,12 @@ def source_blocks(listing: str, entry: str, block: int, source_lines) -> list:
 
 
 def _by_source(spec, arch, block):
-    from cupy.cuda import nvrtc
-
     import sass_loop
     from cupy_lean import kernels as K
 
     ptxas = sass_loop._tool("ptxas", "PTXAS")
     nvdisasm = sass_loop._tool("nvdisasm", "NVDISASM")
-    prog = nvrtc.createProgram(K._source_of(spec), f"{spec.name}.cu", [], [])
-    try:
-        nvrtc.compileProgram(prog, list(K.compile_options(spec)) + [f"--gpu-architecture=compute_{arch[3:]}",
-                                                                     "-lineinfo"])
-        ptx = nvrtc.getPTX(prog)
-    finally:
-        nvrtc.destroyProgram(prog)
-    ptx = (ptx.decode() if isinstance(ptx, bytes) else ptx).rstrip("\0")
+    ptx = K.compile_ptx(spec, arch, lineinfo=True).rstrip("\0")
     with tempfile.TemporaryDirectory(prefix="cupy_lean_size_") as tmp:
         path = os.path.join(tmp, spec.name + ".cubin")
         sass_loop._assemble(ptx, ptxas, path, arch, flags=("-lineinfo",))

@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cupy_lean.__main__ import _default_ctas_per_sm  # noqa: E402
 from cupy_lean.kernels import TUNING, make_spec, varied_length_tile  # noqa: E402
-from cupy_lean.schedule import _stream_k_ctas, merges_by_launch  # noqa: E402
+from cupy_lean.schedule import _stream_k_ctas, merges_by_launch, _split_rule_allows  # noqa: E402
 
 TIMES = ("sk_split_off", "sk_split_force")
 
@@ -90,12 +90,12 @@ def evaluate(rows, scale, slack, cap_bytes=None):
     """(geomean of the chosen time over stream-K's, shapes over 1.02x, worst)
     of the rule ``chunk <= min(scale x per, per + cap tiles) + slack``
     (``cap_bytes`` None: no cap)."""
-    def allowed(x):
-        factor = scale * x["per"]
-        return (factor if cap_bytes is None else min(factor, x["per"] + cap_bytes // tile_bytes(x))) + slack
+    def taken(x):  # the package's rule on a measured row (no cap: one larger than any factor's reach)
+        cap = (scale - 1) * x["per"] if cap_bytes is None else cap_bytes // tile_bytes(x)
+        return x["ns"] >= 1 and _split_rule_allows(x["chunk"], x["per"], scale, slack, cap)
 
-    r = [(x["times"]["sk_split_force"] if x["ns"] >= 1 and x["chunk"] <= allowed(x)
-          else x["times"]["sk_split_off"]) / x["times"]["sk_split_off"] for x in rows]
+    r = [(x["times"]["sk_split_force"] if taken(x) else x["times"]["sk_split_off"]) / x["times"]["sk_split_off"]
+         for x in rows]
     return math.exp(sum(map(math.log, r)) / len(r)), sum(v > 1.02 for v in r), max(r)
 
 
