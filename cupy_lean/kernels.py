@@ -526,6 +526,12 @@ TUNING = _Tuning({
     # fp8_wide_k_reads=True): e4m3 time 0.980x with fp16 q (0.919-1.049) and 1.021x with bf16 q
     # (0.997-1.053), slower on some shapes with either, so it stays off
     "fp8_wide_k_reads": False,
+    # fp8 K/V specs take up to this many times the 16-bit spec's pipeline stages (as many as fit max_smem;
+    # an explicit stages= is kept): 1 keeps the 16-bit spec's depth (its stages then hold half the bytes;
+    # at head_dim 256 two 2-stage CTAs share an SM). 2 was the default before; measured on an H100
+    # (bench/NOTES.md session 34, tools/fp8_timing.py --tuning fp8_stage_factor=2, 18 fresh family shapes
+    # a seed) it took 1.048x and 1.053x the time of 1 with fp16 q and 1.065x with bf16 q
+    "fp8_stage_factor": 1,
     # sm_90 and newer: launch the attention and combine kernels with programmatic dependent launch (each may
     # be scheduled during the previous kernel's tail in the stream; it waits for that kernel before it reads
     # or writes memory). False: plain launches
@@ -868,10 +874,10 @@ def make_spec(dtype, head_dim, group, paged, tile_size=None, stages=None,
     if stages is not None:
         st = int(stages)
     elif int(features) & FP8_BITS:
-        # fp8 tiles carry half the bytes: up to twice the stages (as many as fit
-        # max_smem), to keep as many bytes in flight as the fp16 spec
+        # fp8 tiles carry half the bytes; the 16-bit depth holds enough of them in flight
+        # (TUNING["fp8_stage_factor"] 1; more: up to that many times the stages, as many as fit max_smem)
         budget = min(TUNING["max_smem"], smem_limit)
-        st = next((c for c in range(min(6, 2 * st), st, -1)
+        st = next((c for c in range(min(6, TUNING["fp8_stage_factor"] * st), st, -1)
                    if Spec(dtype, head_dim, mt, tile, c, paged, int(features)).smem_bytes <= budget), st)
     spec = Spec(dtype, head_dim, mt, tile, st, paged, int(features))
     if paged and (int(features) & FEATURES["window"] or (page_size is not None and int(page_size) % spec.run_rows)):

@@ -278,8 +278,10 @@ def test_feature_specs_compile(spec, arch):
 def test_fp8_specs_hold_bytes_in_the_ring():
     """An fp8 spec's ring holds K/V as bytes (the MMAs read them there; the
     segment store merges its warps through a consumed stage in two column
-    passes): half the ring of the fp16 spec of the same tile and stages, and
-    the default fp8 spec takes more stages than its fp16 twin."""
+    passes): half the ring of the fp16 spec of the same tile and stages. The
+    default fp8 spec keeps its fp16 twin's tile and stages
+    (TUNING["fp8_stage_factor"] 1); factor 2 gives it more stages, up to
+    twice as many, as many as fit TUNING["max_smem"]."""
     for d, tile, stages in ((64, 128, 4), (128, 128, 3), (256, 64, 2)):
         plain = K.Spec("f16", d, 1, tile, stages, False)
         for bit in K.FP8_FEATURES.values():
@@ -289,7 +291,14 @@ def test_fp8_specs_hold_bytes_in_the_ring():
         for paged in (False, True):
             plain = K.make_spec("f16", d, 8, paged)
             fp8 = K.make_spec("f16", d, 8, paged, features=K.FEATURES["fp8_e4m3"])
-            assert fp8.tile == plain.tile and fp8.stages > plain.stages, (fp8.name, plain.name)
+            assert fp8.tile == plain.tile and fp8.stages == plain.stages, (fp8.name, plain.name)
+            with K.tuning(fp8_stage_factor=2):  # up to twice the 16-bit depth, as many as fit max_smem
+                deep = K.make_spec("f16", d, 8, paged, features=K.FEATURES["fp8_e4m3"])
+            assert deep.tile == plain.tile and plain.stages < deep.stages <= min(6, 2 * plain.stages), deep.name
+            assert deep.smem_bytes <= K.TUNING["max_smem"], deep.name
+            if deep.stages < min(6, 2 * plain.stages):
+                more = K.Spec("f16", d, deep.m_tiles, deep.tile, deep.stages + 1, paged, deep.features)
+                assert more.smem_bytes > K.TUNING["max_smem"], deep.name
 
 
 def test_feature_bits_name_the_spec():
