@@ -877,7 +877,7 @@ def make_spec(dtype, head_dim, group, paged, tile_size=None, stages=None,
         # fp8 tiles carry half the bytes; the 16-bit depth holds enough of them in flight
         # (TUNING["fp8_stage_factor"] 1; more: up to that many times the stages, as many as fit max_smem)
         budget = min(TUNING["max_smem"], smem_limit)
-        st = next((c for c in range(min(6, TUNING["fp8_stage_factor"] * st), st, -1)
+        st = next((c for c in range(min(6, int(TUNING["fp8_stage_factor"] * st)), st, -1)
                    if Spec(dtype, head_dim, mt, tile, c, paged, int(features)).smem_bytes <= budget), st)
     spec = Spec(dtype, head_dim, mt, tile, st, paged, int(features))
     if paged and (int(features) & FEATURES["window"] or (page_size is not None and int(page_size) % spec.run_rows)):

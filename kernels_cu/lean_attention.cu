@@ -153,6 +153,8 @@ constexpr int CPR = D / 8;     // 16-byte chunks per row of fp16/bf16 (q, and fp
 // with fp8 at head_dim 256, whose calls took 1.15-1.28x the time rolled on
 // an H100 (4 of its 6 shapes of one seed), where the 16-bit specs took
 // 0.91-1.01x (36 shapes) and the other fp8 specs 0.88-1.04x (12 shapes).
+// (Measured at 4 stages; the default fp8 spec there now has 2, whose loop
+// runs once either way: the exception matters only to stages= overrides.)
 constexpr bool PROLOGUE_ROLLED = !(HAS_FP8 && D >= 256);
 constexpr int KV_ELEM = HAS_FP8 ? 1 : 2;  // bytes per K/V element in global memory and in the ring
 constexpr int KCPR = D * KV_ELEM / 16;    // 16-byte chunks per K/V row in global memory
