@@ -149,13 +149,6 @@ constexpr int NW = WM * WN;
 constexpr int NT = NW * 32;
 constexpr int TW = TILE / WN;  // tokens per warp per tile
 constexpr int CPR = D / 8;     // 16-byte chunks per row of fp16/bf16 (q, and fp16/bf16 K/V in the ring)
-// The prologue's loop over the first STAGES - 1 stages is rolled, except
-// with fp8 at head_dim 256, whose calls took 1.15-1.28x the time rolled on
-// an H100 (4 of its 6 shapes of one seed), where the 16-bit specs took
-// 0.91-1.01x (36 shapes) and the other fp8 specs 0.88-1.04x (12 shapes).
-// (Measured at 4 stages; the default fp8 spec there now has 2, whose loop
-// runs once either way: the exception matters only to stages= overrides.)
-constexpr bool PROLOGUE_ROLLED = !(HAS_FP8 && D >= 256);
 constexpr int KV_ELEM = HAS_FP8 ? 1 : 2;  // bytes per K/V element in global memory and in the ring
 constexpr int KCPR = D * KV_ELEM / 16;    // 16-byte chunks per K/V row in global memory
 constexpr int ROWS_Q = MT * 16;
@@ -1717,26 +1710,18 @@ __device__ void attention_cta(const Params& p) {
   ld.start(p, lens_s);
   loader.prefetch_pages(p, ld.seg, ld.t, true);
   u32 bad_bits = 0;  // PAGED: bit s set when this thread copied a row on a page outside the cache into stage s
-  // The first stages' copies. Not unrolled (PROLOGUE_ROLLED): they run once
-  // per CTA, and STAGES - 1 inlined copies of the loader made 5-19% of the
-  // kernel's code, fetched cold before the first tile of every CTA.
-  // (One loop text for both forms, by a macro: a shared lambda changed the
-  // code of both.)
-#define LEAN_FIRST_STAGES(UNROLL)                                 \
-  _Pragma(UNROLL) for (int s = 0; s < STAGES - 1; ++s) {          \
-    if (s < n_my) {                                               \
-      if (loader.load(p, sh, s, ld)) bad_bits |= 1u << s;         \
-      ld.advance(p, lens_s);                                      \
-      loader.prefetch_pages(p, ld.seg, ld.t, s + 1 < n_my);       \
-    }                                                             \
-    cp_async_commit();                                            \
+  // The first stages' copies. Not unrolled: they run once per CTA, and
+  // STAGES - 1 inlined copies of the loader made 5-19% of the kernel's code,
+  // fetched cold before the first tile of every CTA.
+#pragma unroll 1
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < n_my) {
+      if (loader.load(p, sh, s, ld)) bad_bits |= 1u << s;
+      ld.advance(p, lens_s);
+      loader.prefetch_pages(p, ld.seg, ld.t, s + 1 < n_my);
+    }
+    cp_async_commit();
   }
-  if constexpr (PROLOGUE_ROLLED) {
-    LEAN_FIRST_STAGES("unroll 1")
-  } else {
-    LEAN_FIRST_STAGES("unroll")
-  }
-#undef LEAN_FIRST_STAGES
   LEAN_STAMP(10);
 
   WarpState st;
