@@ -381,6 +381,17 @@ class Plan:
         variants_ok = (sig.schedule == "lean" and self.equal_lengths and K.TUNING["uniform_variants"]
                        and not stream_k_knob)
         smem_limit = K.device_smem_limit()
+        # paired heads (kernels.FEATURES["pair_heads"]): an fp8 cache at head_dim 64 whose neighbouring KV
+        # heads' rows are adjacent (64 bytes apart) runs as two halves, the even and the odd heads, each
+        # planned here as a call of heads_kv / 2 heads on half the SMs; the launch interleaves their CTAs
+        self.pair = bool(f_kv8 is not None and D == 64 and K.TUNING["fp8_pair_heads"] and sig.schedule == "lean"
+                         and Hkv >= 2 and Hkv % 2 == 0 and not stream_k_knob and not sig.invariant
+                         and all(int(x[1][2]) == D and int(x[1][3]) == 1 for x in (sig.k, sig.v)))
+        halves = 2 if self.pair else 1
+        if self.pair:
+            bits |= K.FEATURES["pair_heads"]
+        Hkv_h = Hkv // halves  # KV heads of a half
+        sms = K.device_sm_count() // halves  # the SMs a half's schedule is made for
 
         def spec_at(tile):  # this call's spec at a tile size (None: the default)
             return K.make_spec(KERNEL_TAG[sig.dtypes[0]], D, rows, m.paged, tile, sig.stages, smem_limit=smem_limit,
@@ -388,9 +399,9 @@ class Plan:
 
         tile_size, self.many_units, self.one_cta_per_unit = sig.tile_size, False, False
         self.varied_lengths_tile = False
-        if tile_size is None and sig.stages is None and sig.schedule == "lean" and B * Hkv:
+        if tile_size is None and sig.stages is None and sig.schedule == "lean" and B * Hkv_h:
             unit_tokens = m.capacity if f_window is None else min(m.capacity, f_window + max(self.q_len, 1))
-            many = K.many_unit_config(D, rows, B * Hkv, unit_tokens, K.device_sm_count(), m.paged,
+            many = K.many_unit_config(D, rows, B * Hkv_h, unit_tokens, sms, m.paged,
                                       sig.kv_lens is None, bits, lambda t: K.kernels_for(spec_at(t)).occupancy,
                                       one_cta_per_unit=variants_ok)
             if many is not None:
@@ -403,12 +414,14 @@ class Plan:
         self.spec, self.kernels = spec, kern
         self.device = cp.cuda.runtime.getDevice()
         tile = spec.tile
-        units = B * Hkv
+        units = B * Hkv_h  # (of a half)
         max_unit_tiles = -(-(m.capacity if f_window is None else min(m.capacity, f_window + max(self.q_len, 1)))
                            // tile)
         slot_stride = -(-rows * (D + 2) // 4) * 4
         check_tile_count(B, max_unit_tiles, tile, m.paged)
-        self.units, self.tile, self.max_unit_tiles = units, tile, max_unit_tiles
+        # units and grid: of the whole launch; pair: each half has half of them (_half_units, _half_grid)
+        self.units, self.tile, self.max_unit_tiles = units * halves, tile, max_unit_tiles
+        self._half_units = units
         self.num_sms = kern.num_sms
         self.host_lens = sig.kv_lens is not None and sig.kv_lens[0] == "cpu"
         self.aligned_grid_applied = False
@@ -424,14 +437,15 @@ class Plan:
         if variants_ok and units * max_unit_tiles > 0:
             # one unit's tile (K and V of `tile` tokens; fp8: 1 byte per element) over the DRAM bandwidth
             kv_item = 1 if f_kv8 is not None else sig.dtypes[0].itemsize
-            self.tile_us = 2 * tile * D * kv_item / kern.hbm_bytes_per_us
+            hbm = kern.hbm_bytes_per_us / halves  # a half's share
+            self.tile_us = 2 * tile * D * kv_item / hbm
             self.uniform_variant = 1 if self.one_cta_per_unit else uniform_variant(
-                units, max_unit_tiles, kern.ctas_per_sm * kern.num_sms, kern.num_sms, tile_us=self.tile_us,
+                units, max_unit_tiles, kern.ctas_per_sm * sms, sms, tile_us=self.tile_us,
                 state_bytes=4 * slot_stride, unit_rows=rows, head_dim=D, threads=spec.threads,
-                **K.uniform_model_args(D, kern.num_sms, kern.hbm_bytes_per_us))
+                **K.uniform_model_args(D, sms, hbm))
         if sig.schedule == "lean" and not self.uniform_variant:
             self.ctas_per_sm = sig.ctas_per_sm or kern.ctas_per_sm
-            full = sig.num_ctas if sig.num_ctas is not None else self.ctas_per_sm * kern.num_sms
+            full = sig.num_ctas if sig.num_ctas is not None else self.ctas_per_sm * sms
             grid = max(1, min(full, max(units * max_unit_tiles, 1)))
             if sig.kv_lens is None and units * max_unit_tiles:
                 # uniform lengths: the kernel's range floor is known here, so the grid
@@ -465,14 +479,15 @@ class Plan:
             grid = units * ns
             decomp = K.Decomposition.SPLIT_K
             slots = grid if ns > 1 else 0
-        self.grid, self.decomposition, self.num_splits = grid, decomp, ns
+        self.grid, self._half_grid, self.decomposition, self.num_splits = grid * halves, grid, decomp, ns
         self.slot_stride = slot_stride
         # stream-K: a counter per unit, then one per slot for the groups of
         # the two-level merge (schedule.merge_group_size)
         counters = units + (slots if decomp == K.Decomposition.STREAM_K else 0)
-        self.counter_bytes = -(-max(counters, 1) * 4 // COUNTER_ALIGN) * COUNTER_ALIGN
+        self.half_counters, self.half_slots = counters, slots  # (pair: each half's, its counters and slots after half 0's)
+        self.counter_bytes = -(-max(counters * halves, 1) * 4 // COUNTER_ALIGN) * COUNTER_ALIGN
         # merge_launch: each unit's pieces and first slot (two ints), after the slots
-        self.meta_bytes = 8 * units if self.merge_launch else 0
+        self.meta_bytes = 8 * units * halves if self.merge_launch else 0
         if slots * slot_stride >= 2**31:  # the kernel's merge indexes the slots in 32 bits
             per_cta = 2 if decomp == K.Decomposition.STREAM_K else 1  # partial states per CTA
             if sig.invariant:
@@ -484,7 +499,7 @@ class Plan:
             raise ValueError(f"{what}: a grid of {grid} CTAs needs {slots} partial states of {slot_stride} "
                              f"floats, 2**31 floats or more (the kernels index them in 32 bits); expected at "
                              f"most {(2**31 - 1) // (per_cta * slot_stride)} CTAs for this shape")
-        self.workspace_bytes = self.counter_bytes + slots * slot_stride * 4 + self.meta_bytes
+        self.workspace_bytes = self.counter_bytes + halves * slots * slot_stride * 4 + self.meta_bytes
         self.threads, self.smem = spec.threads, spec.smem_bytes
         self._attn_ptr, self._combine_ptr = kern.attn.kernel.ptr, kern.combine.kernel.ptr
 
@@ -522,14 +537,19 @@ class Plan:
             bt_sb = tb[3][0] // 4
         else:
             bt_sb = tb[1][1]  # contiguous int32 copy
-        prm = K.Params()
+        self._params_arr = (K.Params * halves)()  # pair: one Params per half, back to back
+        prm = self._params_arr[0]
         prm.q_sb, prm.q_sh = qs
         prm.q_len, prm.q_st, prm.o_st = max(self.q_len, 1), q_st, o_st
         prm.k_sb, prm.k_st, prm.k_sh = ks
         prm.v_sb, prm.v_st, prm.v_sh = vs
         prm.o_sb, prm.o_sh = os_
         prm.bt_sb = bt_sb
-        prm.batch, prm.heads_kv, prm.group, prm.capacity = B, Hkv, g, m.capacity
+        prm.batch, prm.heads_kv, prm.group, prm.capacity = B, Hkv_h, g, m.capacity
+        if self.pair:  # a half's heads are every other one
+            prm.k_sh, prm.v_sh = 2 * prm.k_sh, 2 * prm.v_sh
+        # pair: half 1's pointers from half 0's (bytes): q and out rows, lse, sinks; K, V; k_scale, v_scale
+        self._half_step = (g * prm.q_sh * isz, ks[2] * ksz, vs[2] * vsz, g * prm.o_sh * isz, 4 * g)
         prm.page_size, prm.num_pages = max(m.page_size, 1), m.num_pages
         prm.page_magic, prm.page_shift = K.page_divisor(prm.page_size)
         prm.decomposition, prm.num_splits = int(decomp), ns
@@ -560,7 +580,10 @@ class Plan:
             prm.softcap_log2 = f_softcap * _LOG2E
         self._params = prm
         self._ptrs = K.pointer_view(prm)  # a launch sets the pointers with one slice assignment
-        self._param_arr = (ctypes.c_void_p * 1)(ctypes.addressof(prm))
+        if self.pair:
+            ctypes.memmove(ctypes.addressof(self._params_arr[1]), ctypes.addressof(prm), ctypes.sizeof(prm))
+            self._ptrs1 = K.pointer_view(self._params_arr[1])
+        self._param_arr = (ctypes.c_void_p * 1)(ctypes.addressof(self._params_arr))
         self._param_addr = ctypes.addressof(self._param_arr)
         self._combine = (decomp == K.Decomposition.SPLIT_K and ns > 1) or self.merge_launch
         # sm_90+: both launches may start while the previous kernel in the stream finishes (its tail
@@ -577,7 +600,7 @@ class Plan:
         elif sig.invariant:  # the combine's arithmetic must not follow the batch
             self.combine_blocks = 1
         else:
-            self.combine_blocks = combine_row_blocks(max(units, 1), rows, kern.num_sms,
+            self.combine_blocks = combine_row_blocks(max(units, 1), rows, sms,
                                                      -(-grid // units) + 1 if self.merge_launch else ns, D,
                                                      spec.threads)
         # The common case: q, k, v and out used in place, kv_lens int32 on the
@@ -639,6 +662,11 @@ class Plan:
                if self.pdl else ""),
             f"  units {self.units} (batch x heads_kv), up to {self.max_unit_tiles} tiles per unit",
         ]
+        if self.pair:
+            lines.append(f"  paired heads: two halves (even and odd KV heads) side by side, CTAs 2c and 2c + 1 "
+                         f"on neighbouring heads; each half: units {self._half_units} (batch x heads_kv / 2), up to "
+                         f"{self.max_unit_tiles} tiles per unit, {self._half_grid} CTAs of the grid below planned "
+                         f"for {self.num_sms // 2} SMs")
         if self.uniform_variant:
             why = "one sequence" if m.batch == 1 else "every sequence has the same length"
             lines.append(f"  grid: {self.grid} CTAs = {self.units} units x {self.num_splits} chunks ({why}: "
@@ -980,6 +1008,25 @@ class Plan:
             return self._launch_on(stream, capture_id, q, k, v, lens, table, out, lse, want_lse, sinks, q_lens,
                                    scales)
 
+    def _set_half1(self):
+        """Paired heads: half 1's Params from half 0's (just set): the same
+        fields, its pointers one head (K, V; k_scale, v_scale) or one head's
+        query rows (q, out, lse, sinks) on, its own counters, slots and unit
+        records after half 0's."""
+        p0, p1 = self._params, self._params_arr[1]
+        ctypes.memmove(ctypes.addressof(p1), ctypes.addressof(p0), ctypes.sizeof(p0))
+        dq, dk, dv, do, dl = self._half_step
+        slots_b = self.half_slots * self.slot_stride * 4
+        q, k, v, o, lse, lens, table, parts, ctrs, meta = self._ptrs
+        self._ptrs1[:] = (q + dq, k + dk, v + dv, o + do, lse + dl if lse else 0, lens, table, parts + slots_b,
+                          ctrs + 4 * self.half_counters, meta + 8 * self._half_units if meta else 0)
+        if p0.sinks:
+            p1.sinks = p0.sinks + dl
+        if p0.k_scale:
+            p1.k_scale = p0.k_scale + 4
+        if p0.v_scale:
+            p1.v_scale = p0.v_scale + 4
+
     def _launch_on(self, stream, capture_id, q, k, v, lens, table, out, lse, want_lse, sinks, q_lens, scales):
         cp = _cp
         m = self.meta
@@ -990,7 +1037,7 @@ class Plan:
         if m.batch == 0:
             return out, lse
         temps = out_k = None
-        grid = self.grid
+        grid, halves = self._half_grid, 2 if self.pair else 1
         if self._direct:  # nothing to convert or copy; lengths (if any) on the GPU
             out_k, lens32, table32 = out, lens, table
         else:
@@ -1002,8 +1049,10 @@ class Plan:
                     refuse_host_in_capture("kv_lens")
                 host = np.asarray(lens, dtype=np.int64)
                 total = m.heads_kv * int((-(-np.clip(host, 0, m.capacity) // self.tile)).sum())
+                if self.pair:
+                    total //= 2  # a half's
             elif lens is None:
-                total = self.units * self.max_unit_tiles
+                total = self._half_units * self.max_unit_tiles
             if total == 0:
                 out.fill(0)
                 if lse is not None:
@@ -1059,6 +1108,8 @@ class Plan:
                                  0 if lse is None else lse.data.ptr, 0 if lens32 is None else lens32.data.ptr,
                                  0 if table32 is None else table32.data.ptr, wp + self.counter_bytes, wp,
                                  wp + self.workspace_bytes - self.meta_bytes if self.meta_bytes else 0)
+                if self.pair:
+                    self._set_half1()
                 sp = stream.ptr
                 if self._rearm and wp in self._rearm:
                     if not captured:  # (a captured zeroing runs at replay: the next eager launch zeroes too)
@@ -1068,7 +1119,7 @@ class Plan:
                     attn_done = combine_done = False
                     if self._attn_launch is not None:  # programmatic launches
                         try:
-                            self._attn_launch(grid, 1, sp)
+                            self._attn_launch(grid * halves, 1, sp)
                             attn_done = True
                             if self._combine:
                                 self._combine_launch(self.units, self.combine_blocks, sp)
@@ -1078,7 +1129,7 @@ class Plan:
                                 raise                   # the plan keeps its programmatic launches
                             self._drop_pdl(exc)
                     if not attn_done:
-                        _driver.launchKernel(self._attn_ptr, grid, 1, 1, self.threads, 1, 1, self.smem, sp,
+                        _driver.launchKernel(self._attn_ptr, grid * halves, 1, 1, self.threads, 1, 1, self.smem, sp,
                                              self._param_addr, 0)
                     if self._combine and not combine_done:
                         _driver.launchKernel(self._combine_ptr, self.units, self.combine_blocks, 1,

@@ -53,13 +53,16 @@ LENS_CACHE = 256  # lengths kept in shared memory (the kernel static_asserts it 
 
 #: Optional semantics a spec can compile in (``LEAN_FEATURES`` bits).
 FEATURES = {"sinks": 1, "softcap": 2, "window": 4, "qlen": 8, "fp8_e4m3": 16, "fp8_e5m2": 32,
-            "page_rows": 64, "fp8_wide_k": 128}
+            "page_rows": 64, "fp8_wide_k": 128, "pair_heads": 256}
 #: ``page_rows``: a paged cache whose page size the loader's run of rows per
 #: thread (:attr:`Spec.run_rows`) does not divide (e.g. 1) reads the block
 #: table per row; other page sizes read it once per run (see make_spec).
 #: ``fp8_wide_k`` (fp8 specs, with ``TUNING["fp8_wide_k_reads"]``): each lane
 #: reads 16 bytes of a K row per load instead of 4, q's columns regrouped to
 #: match (an experiment; see the kernel's FP8_WIDE_K).
+#: ``pair_heads`` (fp8 specs; the plan sets it, see ``TUNING["fp8_pair_heads"]``):
+#: the launch runs two halves, even and odd KV heads, CTAs 2c and 2c + 1 doing
+#: the same work on neighbouring heads at once (two Params; the kernel's PAIR).
 #: fp8 K/V formats and their feature bits.
 FP8_FEATURES = {"e4m3": FEATURES["fp8_e4m3"], "e5m2": FEATURES["fp8_e5m2"]}
 FP8_BITS = FEATURES["fp8_e4m3"] | FEATURES["fp8_e5m2"]
@@ -532,6 +535,13 @@ TUNING = _Tuning({
     # (bench/NOTES.md session 34, tools/fp8_timing.py --tuning fp8_stage_factor=2, 18 fresh family shapes
     # a seed) it took 1.048x and 1.053x the time of 1 with fp16 q and 1.065x with bf16 q
     "fp8_stage_factor": 1,
+    # fp8 caches at head_dim 64 whose neighbouring KV heads' rows are adjacent (NHD; an even number of KV
+    # heads, the lean schedule without a stream-K option): run the two halves of the heads side by side
+    # (FEATURES["pair_heads"]), so that the two 64-byte halves of each 128-byte line are read together.
+    # Measured on an H100 (bench/NOTES.md session 35, 20 family shapes of 3 fresh seeds): 0.744-0.79x the
+    # time on the large calls whose stream-K CTAs took neighbouring heads at different times (the DRAM then
+    # reads 64 bytes per row opened), 0.96-1.02x on calls under 80 MB
+    "fp8_pair_heads": True,
     # sm_90 and newer: launch the attention and combine kernels with programmatic dependent launch (each may
     # be scheduled during the previous kernel's tail in the stream; it waits for that kernel before it reads
     # or writes memory). False: plain launches
@@ -717,7 +727,7 @@ def _fp8_only(features):
     """Whether a call's optional features are an fp8 cache and nothing else
     (its format bit, and the wide-K-reads bit that goes with it)."""
     f = int(features)
-    return bool(f & FP8_BITS) and not f & ~(FP8_BITS | FEATURES["fp8_wide_k"])
+    return bool(f & FP8_BITS) and not f & ~(FP8_BITS | FEATURES["fp8_wide_k"] | FEATURES["pair_heads"])
 
 
 def many_unit_config(head_dim, group, units, tokens, num_sms, paged, uniform, features=0, occupancy=None,
@@ -871,6 +881,8 @@ def make_spec(dtype, head_dim, group, paged, tile_size=None, stages=None,
         features = int(features) | FEATURES["fp8_wide_k"]
     if int(features) & FEATURES["fp8_wide_k"] and not int(features) & FP8_BITS:
         raise ValueError(f"features: the fp8_wide_k bit needs an fp8 bit, got {int(features)}")
+    if int(features) & FEATURES["pair_heads"] and not int(features) & FP8_BITS:
+        raise ValueError(f"features: the pair_heads bit needs an fp8 bit, got {int(features)}")
     if stages is not None:
         st = int(stages)
     elif int(features) & FP8_BITS:

@@ -135,9 +135,21 @@ static_assert(!(LEAN_PAGED && HAS_WINDOW) || PAGE_ROWS, "a windowed paged spec r
 constexpr bool FP8_WIDE_K = (LEAN_FEATURES & 128) != 0;
 static_assert(!FP8_WIDE_K || HAS_FP8, "wide K reads are an fp8 layout");
 static_assert(!(FP8_E4M3 && FP8_E5M2), "one fp8 format");
+// Paired heads (kernels.FEATURES["pair_heads"]): the launch runs two halves of
+// the call, KV heads 2j (CTAs of even index) and 2j + 1 (odd), each half a
+// problem of heads_kv / 2 heads with its own Params (pointers, strides and
+// workspace set by the host) and its own schedule on gridDim / 2 CTAs. CTAs
+// 2c and 2c + 1 do the same work on neighbouring heads at the same time, so
+// the two halves of each 128-byte line of an fp8 head_dim-64 cache (two
+// heads' rows of one token) are read together.
+constexpr int PAIR = (LEAN_FEATURES & 256) ? 1 : 0;
+static_assert(!PAIR || HAS_FP8, "paired heads are made for fp8 caches");
 
 __host__ __device__ constexpr int imin(int a, int b) { return a < b ? a : b; }
 __host__ __device__ constexpr int imax(int a, int b) { return a > b ? a : b; }
+// This CTA's index and the grid in its half's schedule (PAIR: two halves).
+__device__ __forceinline__ int cta_index() { return (int)blockIdx.x >> PAIR; }
+__device__ __forceinline__ int grid_ctas() { return (int)gridDim.x >> PAIR; }
 
 // Warps: WM x WN. Warp (wm, wn) owns query rows [16 wm, 16 wm + 16) and tokens
 // [wn TW, wn TW + TW) of every tile. 4 warps per CTA, or 8 for single-row-tile
@@ -324,10 +336,10 @@ constexpr bool FP8_HW_CVT = false;
 #endif
 constexpr float FP8_UNIT = (FP8_E4M3 && !FP8_HW_CVT) ? 256.f : 1.f;
 __device__ __forceinline__ float k_multiplier(const Params& p, int h) {
-  return HAS_FP8 ? FP8_UNIT * (p.k_scale != nullptr ? p.k_scale[h] : p.k_scale_value) : 1.f;
+  return HAS_FP8 ? FP8_UNIT * (p.k_scale != nullptr ? p.k_scale[h << PAIR] : p.k_scale_value) : 1.f;
 }
 __device__ __forceinline__ float v_multiplier(const Params& p, int h) {
-  return HAS_FP8 ? FP8_UNIT * (p.v_scale != nullptr ? p.v_scale[h] : p.v_scale_value) : 1.f;
+  return HAS_FP8 ? FP8_UNIT * (p.v_scale != nullptr ? p.v_scale[h << PAIR] : p.v_scale_value) : 1.f;
 }
 
 // Query tokens of sequence b: q_lens[b] clamped to [0, q_len] (ragged), else q_len.
@@ -336,7 +348,7 @@ __device__ __forceinline__ int query_tokens(const Params& p, int b) {
   return p.q_lens != nullptr ? min(max(__ldg(p.q_lens + b), 0), p.q_len) : p.q_len;
 }
 __device__ __forceinline__ int row_head(const Params& p, int h, int r) {
-  return h * p.group + (HAS_QLEN ? r % p.group : r);
+  return h * (p.group << PAIR) + (HAS_QLEN ? r % p.group : r);  // PAIR: the half's heads are every other one
 }
 __device__ __forceinline__ int ntiles_of(int len) { return (len + TILE - 1) / TILE; }
 
@@ -393,7 +405,7 @@ __device__ __forceinline__ int2 split_chunk_tiles(int ntiles, int ns, int j) {
 // The launch-time split's chunks per unit (find_work): as many as the grid
 // holds for every unit (0: fewer CTAs than units).
 __device__ __forceinline__ int launch_split_count(const Params& p) {
-  return (int)gridDim.x / max(p.batch * p.heads_kv, 1);
+  return grid_ctas() / max(p.batch * p.heads_kv, 1);
 }
 // PAGED: the page index of token `tok` (tok / page_size, by the host's magic number).
 __device__ __forceinline__ int page_index(const Params& p, int tok) {
@@ -623,7 +635,7 @@ __device__ __forceinline__ void emit(const Params& p, const PartialSlots& ps, in
       *reinterpret_cast<uint2*>(o) = w;
     }
     if (d == 0 && p.lse != nullptr)
-      p.lse[((i64)b * (HAS_QLEN ? p.q_len : 1) + tok) * p.heads_kv * p.group + hq] = f.lse;
+      p.lse[((i64)b * (HAS_QLEN ? p.q_len : 1) + tok) * p.heads_kv * (p.group << PAIR) + hq] = f.lse;
   } else {
     float* a = ps.acc(slot, row) + d;
     if (N == 2)
@@ -917,7 +929,7 @@ struct SplitPrefetch {
 // of empty sequences (sequence b by CTA b % grid) when `write_empty`. Returns
 // false when the CTA owns no tiles. All threads call it (barriers inside).
 __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, StreamK& sk, SegmentWalker& w) {
-  const int tid = threadIdx.x, c = blockIdx.x;
+  const int tid = threadIdx.x, c = cta_index();
   int* lens_s = sh.lens();
   int* misc = sh.misc();
   w.ordinal = 0;
@@ -947,7 +959,7 @@ __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, S
     const int nt = tiles_of(p, len);
     local += nt;
     longest = max(longest, nt);
-    if (nt == 0 && write_empty && (b % gridDim.x) == c)
+    if (nt == 0 && write_empty && (b % (gridDim.x >> PAIR)) == c)
       for (int h = 0; h < p.heads_kv; ++h) {
         emit_empty_rows(p, b, h, 0, unit_rows(p));
         if (p.unit_meta != nullptr) p.unit_meta[2 * (b * p.heads_kv + h)] = 0;  // nothing for the combine
@@ -959,7 +971,7 @@ __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, S
   LEAN_STAMP(8);
   int min_tiles = p.min_tiles_per_cta;
   if (p.merge_balance > 0) min_tiles = max(min_tiles, merge_balanced_tiles(longest, p.merge_balance));
-  sk = StreamK::make((i64)seq_tiles * p.heads_kv, gridDim.x, min_tiles);
+  sk = StreamK::make((i64)seq_tiles * p.heads_kv, grid_ctas(), min_tiles);
   LEAN_STAMP(17);
   if (p.runtime_split && sk.ctas > 0) {
     // Split-K in one wave (ns chunks per unit, ns = grid / units) when its
@@ -1625,7 +1637,7 @@ __device__ __noinline__ void record_unit(int* at, i64 per, i64 heavy, i64 unit_f
 // why this is safe); merged by the combine launch, record the unit.
 __device__ void finish_segment(const Params& p, const Shared& sh, const StreamK& sk, const Segment& s,
                                const WarpState& st, int stage) {
-  const int c = blockIdx.x;
+  const int c = cta_index();
   const int slot = p.decomposition == STREAM_K ? PartialSlots::stream_k_slot(c, s.ordinal) : c;
   store_segment(p, sh, s, st, slot, sh.scratch(stage));
   LEAN_STAMP(4);
@@ -1671,7 +1683,7 @@ __device__ __noinline__ void write_empty_state(const Params& p, int g) {
   const PartialSlots ps = {p.partials, p.slot_stride, g};
   const float z[4] = {0.f, 0.f, 0.f, 0.f};
   for (int e = threadIdx.x; e < g * (D / 4); e += NT)
-    emit<4>(p, ps, 0, 0, e / (D / 4), e % (D / 4) * 4, z, -LEAN_INF, 0.f, true, blockIdx.x);
+    emit<4>(p, ps, 0, 0, e / (D / 4), e % (D / 4) * 4, z, -LEAN_INF, 0.f, true, cta_index());
 }
 
 // One CTA of the attention kernel.
@@ -1808,11 +1820,11 @@ __device__ void dump_cta(const Params& p) {
     e[6] = 0;
     if (!s.partial) continue;
     const bool stream_k = p.decomposition == STREAM_K;
-    e[4] = stream_k ? PartialSlots::stream_k_slot(blockIdx.x, s.ordinal) : (int)blockIdx.x;
+    e[4] = stream_k ? PartialSlots::stream_k_slot(cta_index(), s.ordinal) : cta_index();
     // the merge's own contributors: stream-K's pieces, or split-K chunks (SPLIT_K, or the launch-time
     // split: the unit's first CTA, its chunks with tiles)
     const Contributors who = stream_k && sk.split == 0 ? Contributors::of(sk, s)
-                             : Contributors::of_split(blockIdx.x, stream_k ? sk.split : p.num_splits, s.ntiles);
+                             : Contributors::of_split(cta_index(), stream_k ? sk.split : p.num_splits, s.ntiles);
     e[5] = who.first;
     e[6] = who.count;
   }
@@ -1836,10 +1848,30 @@ __device__ __forceinline__ void after_previous_kernel() {
 
 // ============================================================= 7. entry points
 
-extern "C" __global__ void __launch_bounds__(lean::NT, 1) LEAN_ENTRY(const __grid_constant__ lean::Params p) {
+// The kernels' parameter: one Params, or (PAIR) one per half of the launch,
+// CTAs of even index running half 0.
+#if LEAN_FEATURES & 256
+struct LeanLaunchParams {
+  lean::Params half[2];
+};
+#define LEAN_WITH_PARAMS(pp, call)                   \
+  do {                                               \
+    const lean::Params& p = pp.half[blockIdx.x & 1]; \
+    call;                                            \
+  } while (0)
+#else
+typedef lean::Params LeanLaunchParams;
+#define LEAN_WITH_PARAMS(pp, call) \
+  do {                             \
+    const lean::Params& p = pp;    \
+    call;                          \
+  } while (0)
+#endif
+
+extern "C" __global__ void __launch_bounds__(lean::NT, 1) LEAN_ENTRY(const __grid_constant__ LeanLaunchParams pp) {
   LEAN_STAMP(16);
   lean::after_previous_kernel();
-  lean::attention_cta(p);
+  LEAN_WITH_PARAMS(pp, lean::attention_cta(p));
 }
 
 // SPLIT_K combine: grid = (units, row blocks); block (u, y) merges unit u's
@@ -1851,7 +1883,7 @@ extern "C" __global__ void __launch_bounds__(lean::NT, 1) LEAN_ENTRY(const __gri
 // was written by the attention kernel.
 namespace lean {
 __device__ __forceinline__ void combine_block(const Params& p) {
-  const int unit = blockIdx.x, g = unit_rows(p);
+  const int unit = cta_index(), g = unit_rows(p);
   const int per = (g + gridDim.y - 1) / gridDim.y, lo = blockIdx.y * per;
   if (lo >= g) return;  // the whole block: no barrier is left waiting
   if (p.decomposition == STREAM_K) {
@@ -1870,14 +1902,14 @@ __device__ __forceinline__ void combine_block(const Params& p) {
 }  // namespace lean
 
 // The combine launch (combine_block above).
-extern "C" __global__ void __launch_bounds__(lean::NT, 1) LEAN_COMBINE_ENTRY(const __grid_constant__ lean::Params p) {
+extern "C" __global__ void __launch_bounds__(lean::NT, 1) LEAN_COMBINE_ENTRY(const __grid_constant__ LeanLaunchParams pp) {
   LEAN_CSTAMP(0);
   lean::after_previous_kernel();
   LEAN_CSTAMP(1);
-  lean::combine_block(p);
+  LEAN_WITH_PARAMS(pp, lean::combine_block(p));
   LEAN_CSTAMP(3);
 }
 
-extern "C" __global__ void __launch_bounds__(lean::NT) LEAN_DUMP_ENTRY(const __grid_constant__ lean::Params p) {
-  lean::dump_cta(p);
+extern "C" __global__ void __launch_bounds__(lean::NT) LEAN_DUMP_ENTRY(const __grid_constant__ LeanLaunchParams pp) {
+  LEAN_WITH_PARAMS(pp, lean::dump_cta(p));
 }

@@ -2,6 +2,7 @@
 without a GPU, with no register spills and within the shared-memory limit."""
 
 import concurrent.futures
+import ctypes
 import multiprocessing
 import os
 import re
@@ -125,6 +126,27 @@ def test_fp8_wide_k_reads_switch_marks_fp8_specs_only():
     assert not K.make_spec("f16", 128, 8, False, features=K.FEATURES["fp8_e4m3"]).features & K.FEATURES["fp8_wide_k"]
     with pytest.raises(ValueError, match="features: the fp8_wide_k bit needs an fp8 bit, got 128"):
         K.make_spec("f16", 128, 8, False, features=K.FEATURES["fp8_wide_k"])
+
+
+def test_pair_heads_bit_is_made_for_fp8_specs():
+    assert K.make_spec("f16", 64, 8, False, features=16 | 256).name.endswith("_fp8_e4m3_pair_heads")
+    with pytest.raises(ValueError, match="features: the pair_heads bit needs an fp8 bit, got 256"):
+        K.make_spec("f16", 64, 8, False, features=K.FEATURES["pair_heads"])
+
+
+@needs_nvrtc
+def test_pair_heads_leaves_other_specs_unchanged():
+    """The paired-heads code (two Params, the CTA index and grid of a half,
+    head and scale steps) compiles away in a spec without the bit: its PTX
+    holds no second Params, and the pair spec's entry takes two."""
+    plain = K.compile_ptx(K.make_spec("f16", 64, 8, False, features=16), "sm_90")
+    pair = K.compile_ptx(K.make_spec("f16", 64, 8, False, features=16 | 256), "sm_90")
+    size = ctypes.sizeof(K.Params)
+
+    def param_bytes(ptx):
+        return int(re.search(r"\.entry \w+_attention\(\s*\.param \.align \d+ \.b8 \w+\[(\d+)\]", ptx).group(1))
+
+    assert param_bytes(plain) == size and param_bytes(pair) == 2 * size
 
 
 def test_make_spec_takes_both_dtype_names_and_refuses_others():
@@ -258,7 +280,10 @@ FEATURE_SPECS = [K.make_spec("f16", 64, 4, True, features=7), K.make_spec("bf16"
                  K.make_spec("f16", 128, 8, True, tile_size=16, page_size=16),
                  # the wide fp8 K reads (TUNING["fp8_wide_k_reads"]) at each head_dim
                  K.make_spec("bf16", 64, 8, True, features=16 | 128), K.make_spec("f16", 128, 40, False, features=32 | 128),
-                 K.make_spec("bf16", 256, 4, True, features=16 | 128 | 15)]
+                 K.make_spec("bf16", 256, 4, True, features=16 | 128 | 15),
+                 # paired heads (TUNING["fp8_pair_heads"]): two Params, a half per CTA parity
+                 K.make_spec("f16", 64, 8, False, features=16 | 256), K.make_spec("bf16", 64, 4, True, features=32 | 256 | 15),
+                 K.make_spec("f16", 64, 3, True, features=16 | 256, page_size=1)]
 
 
 @needs_nvrtc

@@ -1061,6 +1061,76 @@ def test_gpu_fp8_many_units_rule_stops_at_the_unit_cap():
         del k16
 
 
+@pytest.mark.parametrize("fmt,dt", [("e4m3", "float16"), ("e5m2", "bfloat16")])
+@pytest.mark.parametrize("layout,page_size,lens,hq,hkv", [
+    ("dense", 16, [6001, 6001, 6001], 16, 2),          # equal lengths: the lean plan's split-K variant
+    ("dense", 16, [50000], 12, 6),                     # one sequence, few units: the combine launch
+    ("ragged", 16, [9000, 17, 0, 3001, 777, 1], 8, 4),
+    ("paged", 32, [4097, 0, 1, 2500, 130], 48, 4),
+    ("paged", 1, [700, 3, 1234], 24, 8),                # a page per row (page_rows)
+    ("ragged", 16, [2000 + 37 * i for i in range(300)], 6, 2),  # a batch of 300
+])
+def test_gpu_fp8_paired_heads_match_the_reference(fmt, dt, layout, page_size, lens, hq, hkv):
+    """TUNING["fp8_pair_heads"]: an fp8 head_dim-64 NHD cache of an even
+    number of KV heads runs as two halves (even and odd heads) side by side;
+    every decomposition the plan can take (equal lengths, the combine launch,
+    stream-K with merges), dense, ragged and paged (a page per row too), per
+    head scales for K and V, sinks, a window and a soft-cap, a strided out,
+    NaN-prefilled out and lse against the float64 reference, and two graphs
+    captured one after another."""
+    from cupy_lean import kernels as K
+
+    rng = np.random.default_rng(71 + len(lens) + hq + page_size)
+    lay = "paged" if layout == "paged" else "dense"
+    q, k, v, L, table = make_inputs(rng, len(lens), hq, hkv, 64, np.float16, lens, lay, page_size=page_size)
+    npdt = np.float16 if dt == "float16" else BF16
+    k8, ku8, ks = _fp8_cache(rng, k, fmt, True)
+    v8, vu8, vs = _fp8_cache(rng, v, fmt, True)
+    qd = (q * 2.0).astype(npdt)
+    sinks = rng.standard_normal(hq).astype(np.float32)
+    kv_lens = None if layout == "dense" else L
+    tol = (4e-3 if dt == "float16" else 2e-2)
+    args = (to_gpu(qd), cp.asarray(ku8), cp.asarray(vu8))
+    kw = dict(kv_lens=None if kv_lens is None else cp.asarray(kv_lens), block_table=to_gpu(table), kv_dtype=fmt)
+    scales = dict(k_scale=cp.asarray(ks, dtype=cp.float32), v_scale=cp.asarray(vs, dtype=cp.float32))
+    with K.tuning(fp8_pair_heads=True):
+        for feats in ({}, dict(sinks=sinks, window_left=1500, softcap=20.0)):
+            ro, rl = reference.attention(qd, k8, v8, kv_lens=kv_lens, block_table=table, k_scale=ks, v_scale=vs,
+                                         **feats)
+            gfeats = {n: (cp.asarray(x) if isinstance(x, np.ndarray) else x) for n, x in feats.items()}
+            pl = cupy_lean.plan(*args, **kw, out=_nan_like(q.shape, npdt), **gfeats)
+            assert pl.pair and pl.spec.features & K.FEATURES["pair_heads"], pl.describe()
+            assert "paired heads" in pl.describe()
+            wide = _nan_like((len(lens), hq, 128), npdt)
+            out = wide[:, :, 32:96]  # a strided out: rows 256 bytes apart
+            lse = cp.full(q.shape[:2], cp.nan, dtype=cp.float32)
+            cupy_lean.attention(*args, **kw, **scales, **gfeats, out=out, lse=lse)
+            fin = np.isfinite(rl)
+            _assert_out_lse(out, lse, ro, rl, tol * max(1.0, np.abs(ro).max()), 2e-3 * max(1.0, np.abs(rl[fin]).max()))
+            assert bool(cp.isnan(wide[:, :, :32]).all()) and bool(cp.isnan(wide[:, :, 96:]).all())
+        ro, rl = reference.attention(qd, k8, v8, kv_lens=kv_lens, block_table=table, k_scale=ks, v_scale=vs)
+        plans = [cupy_lean.plan(*args, **kw, out=_nan_like(q.shape, npdt)) for _ in range(2)]
+        runs = []
+        for plan in plans:
+            out = _nan_like(q.shape, npdt)
+            lse = cp.full(q.shape[:2], cp.nan, dtype=cp.float32)
+            runs.append((_capture(lambda plan=plan, out=out, lse=lse: plan.run(
+                *args, kv_lens=kw["kv_lens"], block_table=kw["block_table"], out=out, lse=lse, **scales)), out, lse))
+        for graph, out, lse in runs:
+            out.fill(cp.nan)
+            lse.fill(cp.nan)
+        for graph, out, lse in runs:
+            graph.launch()
+        cp.cuda.get_current_stream().synchronize()
+        fin = np.isfinite(rl)
+        for graph, out, lse in runs:
+            _assert_out_lse(out, lse, ro, rl, tol * max(1.0, np.abs(ro).max()), 2e-3 * max(1.0, np.abs(rl[fin]).max()))
+    # an odd number of KV heads, or K with heads apart (HND): no pairing
+    with K.tuning(fp8_pair_heads=True):
+        assert not cupy_lean.plan(*args[:1], args[1][:, :, :1], args[2][:, :, :1], kv_lens=kw["kv_lens"],
+                                  block_table=kw["block_table"], kv_dtype=fmt).pair
+
+
 def test_gpu_fp8_with_query_tokens_window_sinks_plans_and_graphs():
     """fp8 with several query tokens, a window and sinks; a plan run twice
     with other scales; a CUDA graph replay; errors name the argument."""
