@@ -383,14 +383,17 @@ class Plan:
         smem_limit = K.device_smem_limit()
         # paired heads (kernels.FEATURES["pair_heads"]): an fp8 cache at head_dim 64 whose neighbouring KV
         # heads' rows are adjacent (64 bytes apart) runs as two halves, the even and the odd heads, each
-        # planned here as a call of heads_kv / 2 heads on half the SMs; the launch interleaves their CTAs
+        # planned here as a call of ceil(heads_kv / 2) heads on half the SMs (an odd count, with
+        # TUNING["fp8_pair_odd_heads"]: the odd half repeats the last head unwritten); the launch
+        # interleaves their CTAs
         self.pair = bool(f_kv8 is not None and D == 64 and K.TUNING["fp8_pair_heads"] and sig.schedule == "lean"
-                         and Hkv >= 2 and Hkv % 2 == 0 and not stream_k_knob and not sig.invariant
+                         and Hkv >= 2 and (Hkv % 2 == 0 or K.TUNING["fp8_pair_odd_heads"])
+                         and not stream_k_knob and not sig.invariant
                          and all(int(x[1][2]) == D and int(x[1][3]) == 1 for x in (sig.k, sig.v)))
         halves = 2 if self.pair else 1
         if self.pair:
             bits |= K.FEATURES["pair_heads"]
-        Hkv_h = Hkv // halves  # KV heads of a half
+        Hkv_h = -(-Hkv // halves)  # KV heads of a half
         sms = K.device_sm_count() // halves  # the SMs a half's schedule is made for
 
         def spec_at(tile):  # this call's spec at a tile size (None: the default)
@@ -415,6 +418,7 @@ class Plan:
         self.device = cp.cuda.runtime.getDevice()
         tile = spec.tile
         units = B * Hkv_h  # (of a half)
+        self._half_heads = Hkv_h
         max_unit_tiles = -(-(m.capacity if f_window is None else min(m.capacity, f_window + max(self.q_len, 1)))
                            // tile)
         slot_stride = -(-rows * (D + 2) // 4) * 4
@@ -546,10 +550,7 @@ class Plan:
         prm.o_sb, prm.o_sh = os_
         prm.bt_sb = bt_sb
         prm.batch, prm.heads_kv, prm.group, prm.capacity = B, Hkv_h, g, m.capacity
-        if self.pair:  # a half's heads are every other one
-            prm.k_sh, prm.v_sh = 2 * prm.k_sh, 2 * prm.v_sh
-        # pair: half 1's pointers from half 0's (bytes): q and out rows, lse, sinks; K, V; k_scale, v_scale
-        self._half_step = (g * prm.q_sh * isz, ks[2] * ksz, vs[2] * vsz, g * prm.o_sh * isz, 4 * g)
+        prm.pair_heads = Hkv if self.pair else 0  # (the kernel maps a half's heads to the call's)
         prm.page_size, prm.num_pages = max(m.page_size, 1), m.num_pages
         prm.page_magic, prm.page_shift = K.page_divisor(prm.page_size)
         prm.decomposition, prm.num_splits = int(decomp), ns
@@ -660,11 +661,11 @@ class Plan:
             f"  device {self.device}: {self.num_sms} SMs, occupancy {self.kernels.occupancy} CTA/SM"
             + ("; programmatic dependent launch (each kernel waits for the one before it in the stream)"
                if self.pdl else ""),
-            f"  units {self.units} (batch x heads_kv), up to {self.max_unit_tiles} tiles per unit",
+            f"  units {m.batch * m.heads_kv} (batch x heads_kv), up to {self.max_unit_tiles} tiles per unit",
         ]
         if self.pair:
             lines.append(f"  paired heads: two halves (even and odd KV heads) side by side, CTAs 2c and 2c + 1 "
-                         f"on neighbouring heads; each half: units {self._half_units} (batch x heads_kv / 2), up to "
+                         f"on neighbouring heads{'' if m.heads_kv % 2 == 0 else ' (the odd half repeats the last head, unwritten)'}; each half: units {self._half_units} (batch x ceil(heads_kv / 2)), up to "
                          f"{self.max_unit_tiles} tiles per unit, {self._half_grid} CTAs of the grid below planned "
                          f"for {self.num_sms // 2} SMs")
         if self.uniform_variant:
@@ -1010,22 +1011,13 @@ class Plan:
 
     def _set_half1(self):
         """Paired heads: half 1's Params from half 0's (just set): the same
-        fields, its pointers one head (K, V; k_scale, v_scale) or one head's
-        query rows (q, out, lse, sinks) on, its own counters, slots and unit
-        records after half 0's."""
+        fields (the kernel maps each half's heads to the call's), its own
+        counters, slots and unit records after half 0's."""
         p0, p1 = self._params, self._params_arr[1]
         ctypes.memmove(ctypes.addressof(p1), ctypes.addressof(p0), ctypes.sizeof(p0))
-        dq, dk, dv, do, dl = self._half_step
-        slots_b = self.half_slots * self.slot_stride * 4
         q, k, v, o, lse, lens, table, parts, ctrs, meta = self._ptrs
-        self._ptrs1[:] = (q + dq, k + dk, v + dv, o + do, lse + dl if lse else 0, lens, table, parts + slots_b,
-                          ctrs + 4 * self.half_counters, meta + 8 * self._half_units if meta else 0)
-        if p0.sinks:
-            p1.sinks = p0.sinks + dl
-        if p0.k_scale:
-            p1.k_scale = p0.k_scale + 4
-        if p0.v_scale:
-            p1.v_scale = p0.v_scale + 4
+        self._ptrs1[-3:] = (parts + self.half_slots * self.slot_stride * 4, ctrs + 4 * self.half_counters,
+                            meta + 8 * self._half_units if meta else 0)
 
     def _launch_on(self, stream, capture_id, q, k, v, lens, table, out, lse, want_lse, sinks, q_lens, scales):
         cp = _cp
@@ -1048,9 +1040,7 @@ class Plan:
                 if capture_id is not None:  # (the conversion below would refuse it, after an early return)
                     refuse_host_in_capture("kv_lens")
                 host = np.asarray(lens, dtype=np.int64)
-                total = m.heads_kv * int((-(-np.clip(host, 0, m.capacity) // self.tile)).sum())
-                if self.pair:
-                    total //= 2  # a half's
+                total = self._half_heads * int((-(-np.clip(host, 0, m.capacity) // self.tile)).sum())
             elif lens is None:
                 total = self._half_units * self.max_unit_tiles
             if total == 0:

@@ -101,7 +101,7 @@ class Params(ctypes.Structure):
         ("k_scale_value", ctypes.c_float), ("v_scale_value", ctypes.c_float),
         ("runtime_split", ctypes.c_int32), ("split_slack", ctypes.c_int32), ("split_cap", ctypes.c_int32),
         ("page_magic", ctypes.c_uint32), ("page_shift", ctypes.c_int32),
-        ("split_prefetch", ctypes.c_int32),
+        ("split_prefetch", ctypes.c_int32), ("pair_heads", ctypes.c_int32),
     ]
 
 
@@ -538,10 +538,17 @@ TUNING = _Tuning({
     # fp8 caches at head_dim 64 whose neighbouring KV heads' rows are adjacent (NHD; an even number of KV
     # heads, the lean schedule without a stream-K option): run the two halves of the heads side by side
     # (FEATURES["pair_heads"]), so that the two 64-byte halves of each 128-byte line are read together.
-    # Measured on an H100 (bench/NOTES.md session 35, 20 family shapes of 3 fresh seeds): 0.744-0.79x the
-    # time on the large calls whose stream-K CTAs took neighbouring heads at different times (the DRAM then
-    # reads 64 bytes per row opened), 0.96-1.02x on calls under 80 MB
+    # Measured on an H100 (bench/NOTES.md session 35, 20 family shapes of 3 fresh seeds): 0.744-0.87x the
+    # time on the four large calls whose stream-K CTAs took neighbouring heads at different times (the DRAM
+    # then opened a row per 64 bytes), 0.89-0.99x on the other large ones, 0.93-1.02x on calls under 80 MB
+    # of fp8 bytes
     "fp8_pair_heads": True,
+    # ... and an odd number of KV heads (3 or more) too: the odd half repeats the last head (read, computed,
+    # not written). Off: a token's 128-byte lines hold heads (2j, 2j + 1) only at even token positions (a
+    # row of an odd count of 64-byte heads is not a whole number of lines), and the repeat costs one head
+    # in ceil(heads_kv / 2); measured (session 35) 0.933-0.940x on two calls of 25 and 27 KV heads
+    # (700-820 MB), 1.069-1.158x on two calls of 3 KV heads (14-20 MB)
+    "fp8_pair_odd_heads": False,
     # sm_90 and newer: launch the attention and combine kernels with programmatic dependent launch (each may
     # be scheduled during the previous kernel's tail in the stream; it waits for that kernel before it reads
     # or writes memory). False: plain launches
@@ -725,7 +732,8 @@ def _features_block(features):
 
 def _fp8_only(features):
     """Whether a call's optional features are an fp8 cache and nothing else
-    (its format bit, and the wide-K-reads bit that goes with it)."""
+    (its format bit, and the wide-K-reads and paired-heads bits that go with
+    it)."""
     f = int(features)
     return bool(f & FP8_BITS) and not f & ~(FP8_BITS | FEATURES["fp8_wide_k"] | FEATURES["pair_heads"])
 

@@ -137,11 +137,13 @@ static_assert(!FP8_WIDE_K || HAS_FP8, "wide K reads are an fp8 layout");
 static_assert(!(FP8_E4M3 && FP8_E5M2), "one fp8 format");
 // Paired heads (kernels.FEATURES["pair_heads"]): the launch runs two halves of
 // the call, KV heads 2j (CTAs of even index) and 2j + 1 (odd), each half a
-// problem of heads_kv / 2 heads with its own Params (pointers, strides and
-// workspace set by the host) and its own schedule on gridDim / 2 CTAs. CTAs
-// 2c and 2c + 1 do the same work on neighbouring heads at the same time, so
-// the two halves of each 128-byte line of an fp8 head_dim-64 cache (two
-// heads' rows of one token) are read together.
+// problem of ceil(pair_heads / 2) heads (p.heads_kv) with its own Params
+// (its workspace) and the same schedule on gridDim / 2 CTAs. CTAs 2c and
+// 2c + 1 do the same work on neighbouring heads at the same time, so the two
+// halves of each 128-byte line of an fp8 head_dim-64 cache (two heads' rows
+// of one token) are read together. With an odd number of heads, half 1's
+// last head is half 0's last one again: read (from L2, at the same time),
+// computed and not written, so that both halves keep the same schedule.
 constexpr int PAIR = (LEAN_FEATURES & 256) ? 1 : 0;
 static_assert(!PAIR || HAS_FP8, "paired heads are made for fp8 caches");
 
@@ -285,7 +287,8 @@ static_assert(STREAM_K == LEAN_HOST_STREAM_K && SPLIT_K == LEAN_HOST_SPLIT_K, "D
   F(int, split_slack)        /* ... n times stream-K's busiest CTA's tiles plus split_slack (>= 0) tiles, */ \
   F(int, split_cap)          /* ... the n times at most split_cap (>= 0) tiles above stream-K's busiest */ \
   F(u32, page_magic) F(int, page_shift) /* PAGED: tok / page_size = (umulhi(tok, magic) + tok) >> shift (kernels.page_divisor) */ \
-  F(int, split_prefetch)     /* runtime_split, sm_90+: the split's first tiles into L2 (SplitPrefetch); 0: off */
+  F(int, split_prefetch)     /* runtime_split, sm_90+: the split's first tiles into L2 (SplitPrefetch); 0: off */ \
+  F(int, pair_heads)         /* PAIR: the call's KV heads (heads_kv: a half's, their half rounded up) */
 
 #define LEAN_DECLARE_FIELD(type, name) type name;
 struct Params {
@@ -335,11 +338,20 @@ constexpr bool FP8_HW_CVT = true;
 constexpr bool FP8_HW_CVT = false;
 #endif
 constexpr float FP8_UNIT = (FP8_E4M3 && !FP8_HW_CVT) ? 256.f : 1.f;
+// PAIR: the KV head of the call that a half's head h is: 2h (half 0) or
+// 2h + 1 (half 1), or (an odd number of heads) half 0's last one again.
+__device__ __forceinline__ int phys_head(const Params& p, int h) {
+  return PAIR ? min(2 * h + (int)(blockIdx.x & 1), p.pair_heads - 1) : h;
+}
+// PAIR: half 1's repeat of half 0's last head (an odd number of heads): not written.
+__device__ __forceinline__ bool repeated_head(const Params& p, int h) {
+  return PAIR && 2 * h + (int)(blockIdx.x & 1) >= p.pair_heads;
+}
 __device__ __forceinline__ float k_multiplier(const Params& p, int h) {
-  return HAS_FP8 ? FP8_UNIT * (p.k_scale != nullptr ? p.k_scale[h << PAIR] : p.k_scale_value) : 1.f;
+  return HAS_FP8 ? FP8_UNIT * (p.k_scale != nullptr ? p.k_scale[phys_head(p, h)] : p.k_scale_value) : 1.f;
 }
 __device__ __forceinline__ float v_multiplier(const Params& p, int h) {
-  return HAS_FP8 ? FP8_UNIT * (p.v_scale != nullptr ? p.v_scale[h << PAIR] : p.v_scale_value) : 1.f;
+  return HAS_FP8 ? FP8_UNIT * (p.v_scale != nullptr ? p.v_scale[phys_head(p, h)] : p.v_scale_value) : 1.f;
 }
 
 // Query tokens of sequence b: q_lens[b] clamped to [0, q_len] (ragged), else q_len.
@@ -348,7 +360,7 @@ __device__ __forceinline__ int query_tokens(const Params& p, int b) {
   return p.q_lens != nullptr ? min(max(__ldg(p.q_lens + b), 0), p.q_len) : p.q_len;
 }
 __device__ __forceinline__ int row_head(const Params& p, int h, int r) {
-  return h * (p.group << PAIR) + (HAS_QLEN ? r % p.group : r);  // PAIR: the half's heads are every other one
+  return phys_head(p, h) * p.group + (HAS_QLEN ? r % p.group : r);
 }
 __device__ __forceinline__ int ntiles_of(int len) { return (len + TILE - 1) / TILE; }
 
@@ -621,6 +633,7 @@ __device__ __forceinline__ void emit(const Params& p, const PartialSlots& ps, in
                                      const float (&x)[N], float M, float L, bool partial, int slot) {
   static_assert(N == 2 || N == 4, "emit width");
   if (!partial) {
+    if (repeated_head(p, h)) return;
     const int hq = row_head(p, h, row), tok = row_token(p, row);
     const float sink = (HAS_SINKS && p.sinks != nullptr) ? p.sinks[hq] * LEAN_LOG2E : -LEAN_INF;
     Finalized f = Finalized::of(M, L, sink);
@@ -635,7 +648,7 @@ __device__ __forceinline__ void emit(const Params& p, const PartialSlots& ps, in
       *reinterpret_cast<uint2*>(o) = w;
     }
     if (d == 0 && p.lse != nullptr)
-      p.lse[((i64)b * (HAS_QLEN ? p.q_len : 1) + tok) * p.heads_kv * (p.group << PAIR) + hq] = f.lse;
+      p.lse[((i64)b * (HAS_QLEN ? p.q_len : 1) + tok) * (PAIR ? p.pair_heads : p.heads_kv) * p.group + hq] = f.lse;
   } else {
     float* a = ps.acc(slot, row) + d;
     if (N == 2)
@@ -903,8 +916,8 @@ struct SplitPrefetch {
       } else {
         const char* kb = reinterpret_cast<const char*>(p.k);
         const char* vb = reinterpret_cast<const char*>(p.v);
-        prefetch_l2(kb + ((i64)b * p.k_sb + (i64)t * p.k_st + (i64)h * p.k_sh) * KV_ELEM, row_bytes, bulk);
-        prefetch_l2(vb + ((i64)b * p.v_sb + (i64)t * p.v_st + (i64)h * p.v_sh) * KV_ELEM, row_bytes, bulk);
+        prefetch_l2(kb + ((i64)b * p.k_sb + (i64)t * p.k_st + (i64)phys_head(p, h) * p.k_sh) * KV_ELEM, row_bytes, bulk);
+        prefetch_l2(vb + ((i64)b * p.v_sb + (i64)t * p.v_st + (i64)phys_head(p, h) * p.v_sh) * KV_ELEM, row_bytes, bulk);
       }
     }
   }
@@ -918,8 +931,8 @@ struct SplitPrefetch {
       const int t = tok[i], pg = page[i];
       if (t < 0 || pg < 0 || pg >= p.num_pages) continue;
       const int row = t - page_index(p, t) * p.page_size;
-      prefetch_l2(kb + ((i64)pg * p.k_sb + (i64)row * p.k_st + (i64)h * p.k_sh) * KV_ELEM, D * KV_ELEM, bulk);
-      prefetch_l2(vb + ((i64)pg * p.v_sb + (i64)row * p.v_st + (i64)h * p.v_sh) * KV_ELEM, D * KV_ELEM, bulk);
+      prefetch_l2(kb + ((i64)pg * p.k_sb + (i64)row * p.k_st + (i64)phys_head(p, h) * p.k_sh) * KV_ELEM, D * KV_ELEM, bulk);
+      prefetch_l2(vb + ((i64)pg * p.v_sb + (i64)row * p.v_st + (i64)phys_head(p, h) * p.v_sh) * KV_ELEM, D * KV_ELEM, bulk);
     }
   }
 };
@@ -1055,8 +1068,8 @@ struct LoadCursor {
     walker.next(p, lens_s, seg);  // past the last segment: seg is kept, and nothing more is loaded
     t = seg.t0;
     const i64 ch = (threadIdx.x % KCPR) * (16 / KV_ELEM);
-    kb = reinterpret_cast<const char*>(p.k) + ((PAGED ? 0 : (i64)seg.b * p.k_sb) + (i64)seg.h * p.k_sh + ch) * KV_ELEM;
-    vb = reinterpret_cast<const char*>(p.v) + ((PAGED ? 0 : (i64)seg.b * p.v_sb) + (i64)seg.h * p.v_sh + ch) * KV_ELEM;
+    kb = reinterpret_cast<const char*>(p.k) + ((PAGED ? 0 : (i64)seg.b * p.k_sb) + (i64)phys_head(p, seg.h) * p.k_sh + ch) * KV_ELEM;
+    vb = reinterpret_cast<const char*>(p.v) + ((PAGED ? 0 : (i64)seg.b * p.v_sb) + (i64)phys_head(p, seg.h) * p.v_sh + ch) * KV_ELEM;
   }
   __device__ void advance(const Params& p, const int* lens_s) {
     if (++t == seg.t1) start(p, lens_s);
@@ -1804,7 +1817,7 @@ __device__ void dump_cta(const Params& p) {
   StreamK sk;
   SegmentWalker walker;
   if (!find_work(p, sh, false, sk, walker) || threadIdx.x != 0) return;
-  int* rec = reinterpret_cast<int*>(p.partials) + (i64)blockIdx.x * p.slot_stride;
+  int* rec = reinterpret_cast<int*>(p.partials) + (i64)(blockIdx.x >> PAIR) * p.slot_stride;
   const int room = (p.slot_stride - DUMP_HEADER) / DUMP_RECORD;
   rec[0] = (int)walker.g;
   rec[1] = (int)walker.end;

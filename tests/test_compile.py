@@ -137,8 +137,8 @@ def test_pair_heads_bit_is_made_for_fp8_specs():
 @needs_nvrtc
 def test_pair_heads_leaves_other_specs_unchanged():
     """The paired-heads code (two Params, the CTA index and grid of a half,
-    head and scale steps) compiles away in a spec without the bit: its PTX
-    holds no second Params, and the pair spec's entry takes two."""
+    the head map) compiles away in a spec without the bit: its entry takes
+    one Params, the pair spec's two."""
     plain = K.compile_ptx(K.make_spec("f16", 64, 8, False, features=16), "sm_90")
     pair = K.compile_ptx(K.make_spec("f16", 64, 8, False, features=16 | 256), "sm_90")
     size = ctypes.sizeof(K.Params)

@@ -1069,6 +1069,10 @@ def test_gpu_fp8_many_units_rule_stops_at_the_unit_cap():
     ("paged", 32, [4097, 0, 1, 2500, 130], 48, 4),
     ("paged", 1, [700, 3, 1234], 24, 8),                # a page per row (page_rows)
     ("ragged", 16, [2000 + 37 * i for i in range(300)], 6, 2),  # a batch of 300
+    # an odd number of KV heads: half 1 repeats the last head (read, not written)
+    ("dense", 16, [3001, 3001], 21, 7),
+    ("ragged", 16, [5000, 0, 1, 2222], 15, 5),
+    ("paged", 16, [3000, 77, 0, 1500], 9, 3),
 ])
 def test_gpu_fp8_paired_heads_match_the_reference(fmt, dt, layout, page_size, lens, hq, hkv):
     """TUNING["fp8_pair_heads"]: an fp8 head_dim-64 NHD cache of an even
@@ -1077,7 +1081,9 @@ def test_gpu_fp8_paired_heads_match_the_reference(fmt, dt, layout, page_size, le
     stream-K with merges), dense, ragged and paged (a page per row too), per
     head scales for K and V, sinks, a window and a soft-cap, a strided out,
     NaN-prefilled out and lse against the float64 reference, and two graphs
-    captured one after another."""
+    captured one after another; an odd number of KV heads (half 1 repeats
+    the last one; its values equal half 0's, so that it is not written is
+    held by the kernel's code, not by this test)."""
     from cupy_lean import kernels as K
 
     rng = np.random.default_rng(71 + len(lens) + hq + page_size)
@@ -1093,7 +1099,7 @@ def test_gpu_fp8_paired_heads_match_the_reference(fmt, dt, layout, page_size, le
     args = (to_gpu(qd), cp.asarray(ku8), cp.asarray(vu8))
     kw = dict(kv_lens=None if kv_lens is None else cp.asarray(kv_lens), block_table=to_gpu(table), kv_dtype=fmt)
     scales = dict(k_scale=cp.asarray(ks, dtype=cp.float32), v_scale=cp.asarray(vs, dtype=cp.float32))
-    with K.tuning(fp8_pair_heads=True):
+    with K.tuning(fp8_pair_heads=True, fp8_pair_odd_heads=True):
         for feats in ({}, dict(sinks=sinks, window_left=1500, softcap=20.0)):
             ro, rl = reference.attention(qd, k8, v8, kv_lens=kv_lens, block_table=table, k_scale=ks, v_scale=vs,
                                          **feats)
@@ -1125,10 +1131,16 @@ def test_gpu_fp8_paired_heads_match_the_reference(fmt, dt, layout, page_size, le
         fin = np.isfinite(rl)
         for graph, out, lse in runs:
             _assert_out_lse(out, lse, ro, rl, tol * max(1.0, np.abs(ro).max()), 2e-3 * max(1.0, np.abs(rl[fin]).max()))
-    # an odd number of KV heads, or K with heads apart (HND): no pairing
-    with K.tuning(fp8_pair_heads=True):
+    # one KV head, an odd number without fp8_pair_odd_heads, or K with heads apart (HND): no pairing
+    with K.tuning(fp8_pair_heads=True, fp8_pair_odd_heads=False):
         assert not cupy_lean.plan(*args[:1], args[1][:, :, :1], args[2][:, :, :1], kv_lens=kw["kv_lens"],
                                   block_table=kw["block_table"], kv_dtype=fmt).pair
+        assert cupy_lean.plan(*args, kv_lens=kw["kv_lens"], block_table=kw["block_table"], kv_dtype=fmt).pair \
+            == (hkv % 2 == 0)
+        if layout != "paged" or page_size > 1:  # (pages of one row: HND is NHD, paired rightly)
+            hk, hv = (cp.ascontiguousarray(x.transpose(0, 2, 1, 3)) for x in args[1:])
+            assert not cupy_lean.plan(args[0], hk, hv, kv_lens=kw["kv_lens"], block_table=kw["block_table"],
+                                      kv_dtype=fmt, kv_layout="HND").pair
 
 
 def test_gpu_fp8_with_query_tokens_window_sinks_plans_and_graphs():
