@@ -386,10 +386,7 @@ class Plan:
         # planned here as a call of ceil(heads_kv / 2) heads on half the SMs (an odd count, with
         # TUNING["fp8_pair_odd_heads"]: the odd half repeats the last head unwritten); the launch
         # interleaves their CTAs
-        self.pair = bool(f_kv8 is not None and D == 64 and K.TUNING["fp8_pair_heads"] and sig.schedule == "lean"
-                         and Hkv >= 2 and (Hkv % 2 == 0 or K.TUNING["fp8_pair_odd_heads"])
-                         and not stream_k_knob and not sig.invariant
-                         and all(int(x[1][2]) == D and int(x[1][3]) == 1 for x in (sig.k, sig.v)))
+        self.pair = K.pairs_heads(f_kv8, D, Hkv, sig.k[1], sig.v[1], sig.schedule, stream_k_knob, sig.invariant)
         halves = 2 if self.pair else 1
         if self.pair:
             bits |= K.FEATURES["pair_heads"]

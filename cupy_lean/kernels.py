@@ -803,6 +803,28 @@ def many_unit_config(head_dim, group, units, tokens, num_sms, paged, uniform, fe
     return None
 
 
+def pairs_heads(kv8, head_dim, heads_kv, k_strides, v_strides, schedule="lean", stream_k_knob=False,
+                batch_invariant=False):
+    """Whether a call runs its KV heads as two halves side by side (the
+    spec bit ``FEATURES["pair_heads"]``, ``TUNING["fp8_pair_heads"]``).
+
+    ``kv8``: the fp8 format of the cache, or None (16-bit K/V: never).
+    ``k_strides`` / ``v_strides``: byte strides of K and V as the kernel
+    reads them, ``(sequence or page, token, head, element)`` (the NHD view;
+    an HND cache is its transpose). Pairs are made where a KV head's row is
+    64 bytes (fp8 at head_dim 64) and the next head's row follows it (a
+    head stride of 64 bytes: the two share a 128-byte line), with at least
+    two KV heads, an even number of them unless
+    ``TUNING["fp8_pair_odd_heads"]``, the lean schedule, no stream-K option
+    (``num_ctas``, ``ctas_per_sm``, ``min_tiles_per_cta``,
+    ``merge_balance``) and not ``batch_invariant``. Why and what it
+    measured: ``docs/design.md``, "Paired heads"."""
+    return bool(kv8 is not None and head_dim == 64 and TUNING["fp8_pair_heads"] and schedule == "lean"
+                and heads_kv >= 2 and (heads_kv % 2 == 0 or TUNING["fp8_pair_odd_heads"])
+                and not stream_k_knob and not batch_invariant
+                and all(int(st[2]) == head_dim and int(st[3]) == 1 for st in (k_strides, v_strides)))
+
+
 def varied_length_tile(head_dim, group, features=0, occupancy=None):
     """The tile of a lean call whose sequences may differ in length (a
     ``kv_lens`` or a paged cache, and more than one sequence, so the plan

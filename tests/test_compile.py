@@ -134,6 +134,30 @@ def test_pair_heads_bit_is_made_for_fp8_specs():
         K.make_spec("f16", 64, 8, False, features=K.FEATURES["pair_heads"])
 
 
+def test_pairs_heads_rule():
+    """Which calls run their heads as two halves: fp8 at head_dim 64 whose
+    neighbouring heads' rows are adjacent (NHD), two heads or more (an even
+    number unless fp8_pair_odd_heads), lean without a stream-K option, not
+    batch-invariant."""
+    nhd = lambda h, t=1: (t * h * 64, h * 64, 64, 1)  # (sequence, token, head, element) byte strides
+    hnd = lambda h, t=100: (h * t * 64, 64, t * 64, 1)
+    assert K.pairs_heads("e4m3", 64, 8, nhd(8, 100), nhd(8, 100))
+    assert K.pairs_heads("e5m2", 64, 2, nhd(2, 7), nhd(2, 7))
+    assert not K.pairs_heads(None, 64, 8, nhd(8), nhd(8))  # 16-bit rows are whole lines
+    assert not K.pairs_heads("e4m3", 128, 8, (0, 1024, 128, 1), (0, 1024, 128, 1))  # 128-byte rows
+    assert not K.pairs_heads("e4m3", 64, 8, hnd(8), hnd(8))  # heads apart
+    assert not K.pairs_heads("e4m3", 64, 8, nhd(8), hnd(8))  # V's heads apart
+    assert not K.pairs_heads("e4m3", 64, 1, nhd(1), nhd(1))
+    assert not K.pairs_heads("e4m3", 64, 5, nhd(5), nhd(5))
+    with K.tuning(fp8_pair_odd_heads=True):
+        assert K.pairs_heads("e4m3", 64, 5, nhd(5), nhd(5))
+        assert not K.pairs_heads("e4m3", 64, 1, nhd(1), nhd(1))
+    for kw in ({"schedule": "split"}, {"schedule": "head"}, {"stream_k_knob": True}, {"batch_invariant": True}):
+        assert not K.pairs_heads("e4m3", 64, 8, nhd(8), nhd(8), **kw), kw
+    with K.tuning(fp8_pair_heads=False):
+        assert not K.pairs_heads("e4m3", 64, 8, nhd(8), nhd(8))
+
+
 @needs_nvrtc
 def test_pair_heads_leaves_other_specs_unchanged():
     """The paired-heads code (two Params, the CTA index and grid of a half,
