@@ -485,7 +485,8 @@ class Plan:
         # stream-K: a counter per unit, then one per slot for the groups of
         # the two-level merge (schedule.merge_group_size)
         counters = units + (slots if decomp == K.Decomposition.STREAM_K else 0)
-        self.half_counters, self.half_slots = counters, slots  # (pair: each half's, its counters and slots after half 0's)
+        # (pair: each half's; half 1's counters and slots follow half 0's)
+        self.half_counters, self.half_slots = counters, slots
         self.counter_bytes = -(-max(counters * halves, 1) * 4 // COUNTER_ALIGN) * COUNTER_ALIGN
         # merge_launch: each unit's pieces and first slot (two ints), after the slots
         self.meta_bytes = 8 * units * halves if self.merge_launch else 0
@@ -661,10 +662,11 @@ class Plan:
             f"  units {m.batch * m.heads_kv} (batch x heads_kv), up to {self.max_unit_tiles} tiles per unit",
         ]
         if self.pair:
+            repeat = "" if m.heads_kv % 2 == 0 else " (the odd half repeats the last head, unwritten)"
             lines.append(f"  paired heads: two halves (even and odd KV heads) side by side, CTAs 2c and 2c + 1 "
-                         f"on neighbouring heads{'' if m.heads_kv % 2 == 0 else ' (the odd half repeats the last head, unwritten)'}; each half: units {self._half_units} (batch x ceil(heads_kv / 2)), up to "
-                         f"{self.max_unit_tiles} tiles per unit, {self._half_grid} CTAs of the grid below planned "
-                         f"for {self.num_sms // 2} SMs")
+                         f"on neighbouring heads{repeat}; each half: units {self._half_units} (batch x "
+                         f"ceil(heads_kv / 2)), up to {self.max_unit_tiles} tiles per unit, {self._half_grid} "
+                         f"CTAs of the grid below planned for {self.num_sms // 2} SMs")
         if self.uniform_variant:
             why = "one sequence" if m.batch == 1 else "every sequence has the same length"
             lines.append(f"  grid: {self.grid} CTAs = {self.units} units x {self.num_splits} chunks ({why}: "

@@ -149,9 +149,10 @@ static_assert(!PAIR || HAS_FP8, "paired heads are made for fp8 caches");
 
 __host__ __device__ constexpr int imin(int a, int b) { return a < b ? a : b; }
 __host__ __device__ constexpr int imax(int a, int b) { return a > b ? a : b; }
-// This CTA's index and the grid in its half's schedule (PAIR: two halves).
-__device__ __forceinline__ int cta_index() { return (int)blockIdx.x >> PAIR; }
-__device__ __forceinline__ int grid_ctas() { return (int)gridDim.x >> PAIR; }
+// This CTA's index and the grid in its half's schedule (PAIR: two halves);
+// unsigned, as blockIdx.x and gridDim.x are.
+__device__ __forceinline__ u32 cta_index() { return blockIdx.x >> PAIR; }
+__device__ __forceinline__ u32 grid_ctas() { return gridDim.x >> PAIR; }
 
 // Warps: WM x WN. Warp (wm, wn) owns query rows [16 wm, 16 wm + 16) and tokens
 // [wn TW, wn TW + TW) of every tile. 4 warps per CTA, or 8 for single-row-tile
@@ -417,7 +418,7 @@ __device__ __forceinline__ int2 split_chunk_tiles(int ntiles, int ns, int j) {
 // The launch-time split's chunks per unit (find_work): as many as the grid
 // holds for every unit (0: fewer CTAs than units).
 __device__ __forceinline__ int launch_split_count(const Params& p) {
-  return grid_ctas() / max(p.batch * p.heads_kv, 1);
+  return (int)grid_ctas() / max(p.batch * p.heads_kv, 1);
 }
 // PAGED: the page index of token `tok` (tok / page_size, by the host's magic number).
 __device__ __forceinline__ int page_index(const Params& p, int tok) {
@@ -972,7 +973,7 @@ __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, S
     const int nt = tiles_of(p, len);
     local += nt;
     longest = max(longest, nt);
-    if (nt == 0 && write_empty && (b % (gridDim.x >> PAIR)) == c)
+    if (nt == 0 && write_empty && (b % grid_ctas()) == c)
       for (int h = 0; h < p.heads_kv; ++h) {
         emit_empty_rows(p, b, h, 0, unit_rows(p));
         if (p.unit_meta != nullptr) p.unit_meta[2 * (b * p.heads_kv + h)] = 0;  // nothing for the combine
@@ -1817,7 +1818,7 @@ __device__ void dump_cta(const Params& p) {
   StreamK sk;
   SegmentWalker walker;
   if (!find_work(p, sh, false, sk, walker) || threadIdx.x != 0) return;
-  int* rec = reinterpret_cast<int*>(p.partials) + (i64)(blockIdx.x >> PAIR) * p.slot_stride;
+  int* rec = reinterpret_cast<int*>(p.partials) + (i64)cta_index() * p.slot_stride;
   const int room = (p.slot_stride - DUMP_HEADER) / DUMP_RECORD;
   rec[0] = (int)walker.g;
   rec[1] = (int)walker.end;
@@ -1833,7 +1834,7 @@ __device__ void dump_cta(const Params& p) {
     e[6] = 0;
     if (!s.partial) continue;
     const bool stream_k = p.decomposition == STREAM_K;
-    e[4] = stream_k ? PartialSlots::stream_k_slot(cta_index(), s.ordinal) : cta_index();
+    e[4] = stream_k ? PartialSlots::stream_k_slot(cta_index(), s.ordinal) : (int)cta_index();
     // the merge's own contributors: stream-K's pieces, or split-K chunks (SPLIT_K, or the launch-time
     // split: the unit's first CTA, its chunks with tiles)
     const Contributors who = stream_k && sk.split == 0 ? Contributors::of(sk, s)
