@@ -1198,10 +1198,13 @@ def test_gpu_fp8_with_query_tokens_window_sinks_plans_and_graphs():
         cupy_lean.attention(args[0], cp.asarray(k), cp.asarray(v), **kw, kv_dtype="e5m2")
 
 
-def test_gpu_fp8_from_pytorch_float8():
+@pytest.mark.parametrize("d,hkv", [(128, 2), (64, 6)])
+def test_gpu_fp8_from_pytorch_float8(d, hkv):
+    """A PyTorch float8 cache through DLPack; at head_dim 64 with an even
+    head count the call takes the paired-heads path."""
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(104)
-    q, k, v, L, _ = make_inputs(rng, 2, 8, 2, 128, np.float16, [3000, 77], "dense")
+    q, k, v, L, _ = make_inputs(rng, 2, 4 * hkv, hkv, d, np.float16, [3000, 77], "dense")
     k8, ku8, ks = _fp8_cache(rng, k, "e4m3", False)
     v8, vu8, vs = _fp8_cache(rng, v, "e4m3", False)
     tk = torch.from_numpy(ku8).cuda().view(torch.float8_e4m3fn)
@@ -1213,6 +1216,7 @@ def test_gpu_fp8_from_pytorch_float8():
     assert np.abs(cp.asnumpy(cp.asarray(got)).astype(np.float64) - ro).max() < 4e-3
     p = cupy_lean.plan(tq, tk, tv, kv_lens=tl)  # the format comes from the tensors
     assert "fp8 e4m3" in p.describe()
+    assert p.pair == (d == 64), p.describe()
     got = p.run(tq, tk, tv, kv_lens=tl, k_scale=ks, v_scale=vs)
     assert np.abs(cp.asnumpy(cp.asarray(got)).astype(np.float64) - ro).max() < 4e-3
 
