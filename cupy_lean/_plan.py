@@ -381,17 +381,17 @@ class Plan:
         variants_ok = (sig.schedule == "lean" and self.equal_lengths and K.TUNING["uniform_variants"]
                        and not stream_k_knob)
         smem_limit = K.device_smem_limit()
-        # paired heads (kernels.FEATURES["pair_heads"]): an fp8 cache at head_dim 64 whose neighbouring KV
-        # heads' rows are adjacent (64 bytes apart) runs as two halves, the even and the odd heads, each
-        # planned here as a call of ceil(heads_kv / 2) heads on half the SMs (an odd count, with
-        # TUNING["fp8_pair_odd_heads"]: the odd half repeats the last head unwritten); the launch
-        # interleaves their CTAs
-        self.pair = K.pairs_heads(f_kv8, D, Hkv, sig.k[1], sig.v[1], sig.schedule, stream_k_knob, sig.invariant)
-        halves = 2 if self.pair else 1
-        if self.pair:
-            bits |= K.FEATURES["pair_heads"]
-        Hkv_h = -(-Hkv // halves)  # KV heads of a half
-        sms = K.device_sm_count() // halves  # the SMs a half's schedule is made for
+        # head lanes (kernels.FEATURES["head_lanes"]): an fp8 cache at head_dim 64 whose neighbouring KV
+        # heads' rows are adjacent (64 bytes apart) runs as `lanes` copies of one schedule side by side, lane
+        # l taking KV heads l, lanes + l, ...; each planned here as a call of heads_kv / lanes heads on
+        # SMs / lanes SMs; the launch interleaves their CTAs
+        self.lanes = K.head_lanes(f_kv8, D, Hkv, sig.k[1], sig.v[1], sig.schedule, stream_k_knob, sig.invariant,
+                                  K.device_sm_count())
+        lanes = self.lanes
+        if lanes > 1:
+            bits |= K.FEATURES["head_lanes"]
+        Hkv_h = Hkv // lanes  # KV heads of a lane
+        sms = K.device_sm_count() // lanes  # the SMs a lane's schedule is made for
 
         def spec_at(tile):  # this call's spec at a tile size (None: the default)
             return K.make_spec(KERNEL_TAG[sig.dtypes[0]], D, rows, m.paged, tile, sig.stages, smem_limit=smem_limit,
@@ -415,14 +415,14 @@ class Plan:
         self.device = cp.cuda.runtime.getDevice()
         tile = spec.tile
         units = B * Hkv_h  # (of a half)
-        self._half_heads = Hkv_h
+        self._lane_heads = Hkv_h
         max_unit_tiles = -(-(m.capacity if f_window is None else min(m.capacity, f_window + max(self.q_len, 1)))
                            // tile)
         slot_stride = -(-rows * (D + 2) // 4) * 4
         check_tile_count(B, max_unit_tiles, tile, m.paged)
-        # units and grid: of the whole launch; pair: each half has half of them (_half_units, _half_grid)
-        self.units, self.tile, self.max_unit_tiles = units * halves, tile, max_unit_tiles
-        self._half_units = units
+        # units and grid: of the whole launch; lanes: each lane has its share of them (_lane_units, _lane_grid)
+        self.units, self.tile, self.max_unit_tiles = units * lanes, tile, max_unit_tiles
+        self._lane_units = units
         self.num_sms = kern.num_sms
         self.host_lens = sig.kv_lens is not None and sig.kv_lens[0] == "cpu"
         self.aligned_grid_applied = False
@@ -438,7 +438,7 @@ class Plan:
         if variants_ok and units * max_unit_tiles > 0:
             # one unit's tile (K and V of `tile` tokens; fp8: 1 byte per element) over the DRAM bandwidth
             kv_item = 1 if f_kv8 is not None else sig.dtypes[0].itemsize
-            hbm = kern.hbm_bytes_per_us / halves  # a half's share
+            hbm = kern.hbm_bytes_per_us / lanes  # a lane's share
             self.tile_us = 2 * tile * D * kv_item / hbm
             self.uniform_variant = 1 if self.one_cta_per_unit else uniform_variant(
                 units, max_unit_tiles, kern.ctas_per_sm * sms, sms, tile_us=self.tile_us,
@@ -480,16 +480,16 @@ class Plan:
             grid = units * ns
             decomp = K.Decomposition.SPLIT_K
             slots = grid if ns > 1 else 0
-        self.grid, self._half_grid, self.decomposition, self.num_splits = grid * halves, grid, decomp, ns
+        self.grid, self._lane_grid, self.decomposition, self.num_splits = grid * lanes, grid, decomp, ns
         self.slot_stride = slot_stride
         # stream-K: a counter per unit, then one per slot for the groups of
         # the two-level merge (schedule.merge_group_size)
         counters = units + (slots if decomp == K.Decomposition.STREAM_K else 0)
-        # (pair: each half's; half 1's counters and slots follow half 0's)
-        self.half_counters, self.half_slots = counters, slots
-        self.counter_bytes = -(-max(counters * halves, 1) * 4 // COUNTER_ALIGN) * COUNTER_ALIGN
+        # (lanes: each lane's; lane l's counters and slots follow lane l - 1's)
+        self.lane_counters, self.lane_slots = counters, slots
+        self.counter_bytes = -(-max(counters * lanes, 1) * 4 // COUNTER_ALIGN) * COUNTER_ALIGN
         # merge_launch: each unit's pieces and first slot (two ints), after the slots
-        self.meta_bytes = 8 * units * halves if self.merge_launch else 0
+        self.meta_bytes = 8 * units * lanes if self.merge_launch else 0
         if slots * slot_stride >= 2**31:  # the kernel's merge indexes the slots in 32 bits
             per_cta = 2 if decomp == K.Decomposition.STREAM_K else 1  # partial states per CTA
             if sig.invariant:
@@ -501,7 +501,7 @@ class Plan:
             raise ValueError(f"{what}: a grid of {grid} CTAs needs {slots} partial states of {slot_stride} "
                              f"floats, 2**31 floats or more (the kernels index them in 32 bits); expected at "
                              f"most {(2**31 - 1) // (per_cta * slot_stride)} CTAs for this shape")
-        self.workspace_bytes = self.counter_bytes + halves * slots * slot_stride * 4 + self.meta_bytes
+        self.workspace_bytes = self.counter_bytes + lanes * slots * slot_stride * 4 + self.meta_bytes
         self.threads, self.smem = spec.threads, spec.smem_bytes
         self._attn_ptr, self._combine_ptr = kern.attn.kernel.ptr, kern.combine.kernel.ptr
 
@@ -539,8 +539,7 @@ class Plan:
             bt_sb = tb[3][0] // 4
         else:
             bt_sb = tb[1][1]  # contiguous int32 copy
-        self._params_arr = (K.Params * halves)()  # pair: one Params per half, back to back
-        prm = self._params_arr[0]
+        prm = K.Params()
         prm.q_sb, prm.q_sh = qs
         prm.q_len, prm.q_st, prm.o_st = max(self.q_len, 1), q_st, o_st
         prm.k_sb, prm.k_st, prm.k_sh = ks
@@ -548,7 +547,8 @@ class Plan:
         prm.o_sb, prm.o_sh = os_
         prm.bt_sb = bt_sb
         prm.batch, prm.heads_kv, prm.group, prm.capacity = B, Hkv_h, g, m.capacity
-        prm.pair_heads = Hkv if self.pair else 0  # (the kernel maps a half's heads to the call's)
+        # lanes: the kernel maps a lane's heads to the call's and finds its share of the workspace
+        prm.lanes, prm.lane_counters, prm.lane_slots, prm.lane_meta = lanes, counters, slots * slot_stride, 2 * units
         prm.page_size, prm.num_pages = max(m.page_size, 1), m.num_pages
         prm.page_magic, prm.page_shift = K.page_divisor(prm.page_size)
         prm.decomposition, prm.num_splits = int(decomp), ns
@@ -579,10 +579,7 @@ class Plan:
             prm.softcap_log2 = f_softcap * _LOG2E
         self._params = prm
         self._ptrs = K.pointer_view(prm)  # a launch sets the pointers with one slice assignment
-        if self.pair:
-            ctypes.memmove(ctypes.addressof(self._params_arr[1]), ctypes.addressof(prm), ctypes.sizeof(prm))
-            self._ptrs1 = K.pointer_view(self._params_arr[1])
-        self._param_arr = (ctypes.c_void_p * 1)(ctypes.addressof(self._params_arr))
+        self._param_arr = (ctypes.c_void_p * 1)(ctypes.addressof(prm))
         self._param_addr = ctypes.addressof(self._param_arr)
         self._combine = (decomp == K.Decomposition.SPLIT_K and ns > 1) or self.merge_launch
         # sm_90+: both launches may start while the previous kernel in the stream finishes (its tail
@@ -661,12 +658,12 @@ class Plan:
                if self.pdl else ""),
             f"  units {m.batch * m.heads_kv} (batch x heads_kv), up to {self.max_unit_tiles} tiles per unit",
         ]
-        if self.pair:
-            repeat = "" if m.heads_kv % 2 == 0 else " (the odd half repeats the last head, unwritten)"
-            lines.append(f"  paired heads: two halves (even and odd KV heads) side by side, CTAs 2c and 2c + 1 "
-                         f"on neighbouring heads{repeat}; each half: units {self._half_units} (batch x "
-                         f"ceil(heads_kv / 2)), up to {self.max_unit_tiles} tiles per unit, {self._half_grid} "
-                         f"CTAs of the grid below planned for {self.num_sms // 2} SMs")
+        if self.lanes > 1:
+            L = self.lanes
+            lines.append(f"  head lanes: {L} lanes side by side (lane l: KV heads l, {L} + l, ...), CTAs "
+                         f"{L}c .. {L}c + {L - 1} on neighbouring heads; each lane: units {self._lane_units} (batch "
+                         f"x heads_kv / {L}), up to {self.max_unit_tiles} tiles per unit, {self._lane_grid} CTAs of "
+                         f"the grid below planned for {self.num_sms // L} SMs")
         if self.uniform_variant:
             why = "one sequence" if m.batch == 1 else "every sequence has the same length"
             lines.append(f"  grid: {self.grid} CTAs = {self.units} units x {self.num_splits} chunks ({why}: "
@@ -1008,16 +1005,6 @@ class Plan:
             return self._launch_on(stream, capture_id, q, k, v, lens, table, out, lse, want_lse, sinks, q_lens,
                                    scales)
 
-    def _set_half1(self):
-        """Paired heads: half 1's Params from half 0's (just set): the same
-        fields (the kernel maps each half's heads to the call's), its own
-        counters, slots and unit records after half 0's."""
-        p0, p1 = self._params, self._params_arr[1]
-        ctypes.memmove(ctypes.addressof(p1), ctypes.addressof(p0), ctypes.sizeof(p0))
-        q, k, v, o, lse, lens, table, parts, ctrs, meta = self._ptrs
-        self._ptrs1[-3:] = (parts + self.half_slots * self.slot_stride * 4, ctrs + 4 * self.half_counters,
-                            meta + 8 * self._half_units if meta else 0)
-
     def _launch_on(self, stream, capture_id, q, k, v, lens, table, out, lse, want_lse, sinks, q_lens, scales):
         cp = _cp
         m = self.meta
@@ -1028,7 +1015,7 @@ class Plan:
         if m.batch == 0:
             return out, lse
         temps = out_k = None
-        grid, halves = self._half_grid, 2 if self.pair else 1
+        grid, lanes = self._lane_grid, self.lanes
         if self._direct:  # nothing to convert or copy; lengths (if any) on the GPU
             out_k, lens32, table32 = out, lens, table
         else:
@@ -1039,9 +1026,9 @@ class Plan:
                 if capture_id is not None:  # (the conversion below would refuse it, after an early return)
                     refuse_host_in_capture("kv_lens")
                 host = np.asarray(lens, dtype=np.int64)
-                total = self._half_heads * int((-(-np.clip(host, 0, m.capacity) // self.tile)).sum())
+                total = self._lane_heads * int((-(-np.clip(host, 0, m.capacity) // self.tile)).sum())
             elif lens is None:
-                total = self._half_units * self.max_unit_tiles
+                total = self._lane_units * self.max_unit_tiles
             if total == 0:
                 out.fill(0)
                 if lse is not None:
@@ -1097,8 +1084,6 @@ class Plan:
                                  0 if lse is None else lse.data.ptr, 0 if lens32 is None else lens32.data.ptr,
                                  0 if table32 is None else table32.data.ptr, wp + self.counter_bytes, wp,
                                  wp + self.workspace_bytes - self.meta_bytes if self.meta_bytes else 0)
-                if self.pair:
-                    self._set_half1()
                 sp = stream.ptr
                 if self._rearm and wp in self._rearm:
                     if not captured:  # (a captured zeroing runs at replay: the next eager launch zeroes too)
@@ -1108,7 +1093,7 @@ class Plan:
                     attn_done = combine_done = False
                     if self._attn_launch is not None:  # programmatic launches
                         try:
-                            self._attn_launch(grid * halves, 1, sp)
+                            self._attn_launch(grid * lanes, 1, sp)
                             attn_done = True
                             if self._combine:
                                 self._combine_launch(self.units, self.combine_blocks, sp)
@@ -1118,7 +1103,7 @@ class Plan:
                                 raise                   # the plan keeps its programmatic launches
                             self._drop_pdl(exc)
                     if not attn_done:
-                        _driver.launchKernel(self._attn_ptr, grid * halves, 1, 1, self.threads, 1, 1, self.smem, sp,
+                        _driver.launchKernel(self._attn_ptr, grid * lanes, 1, 1, self.threads, 1, 1, self.smem, sp,
                                              self._param_addr, 0)
                     if self._combine and not combine_done:
                         _driver.launchKernel(self._combine_ptr, self.units, self.combine_blocks, 1,

@@ -53,16 +53,17 @@ LENS_CACHE = 256  # lengths kept in shared memory (the kernel static_asserts it 
 
 #: Optional semantics a spec can compile in (``LEAN_FEATURES`` bits).
 FEATURES = {"sinks": 1, "softcap": 2, "window": 4, "qlen": 8, "fp8_e4m3": 16, "fp8_e5m2": 32,
-            "page_rows": 64, "fp8_wide_k": 128, "pair_heads": 256}
+            "page_rows": 64, "fp8_wide_k": 128, "head_lanes": 256}
 #: ``page_rows``: a paged cache whose page size the loader's run of rows per
 #: thread (:attr:`Spec.run_rows`) does not divide (e.g. 1) reads the block
 #: table per row; other page sizes read it once per run (see make_spec).
 #: ``fp8_wide_k`` (fp8 specs, with ``TUNING["fp8_wide_k_reads"]``): each lane
 #: reads 16 bytes of a K row per load instead of 4, q's columns regrouped to
 #: match (an experiment; see the kernel's FP8_WIDE_K).
-#: ``pair_heads`` (fp8 specs; the plan sets it, see ``TUNING["fp8_pair_heads"]``):
-#: the launch runs two halves, even and odd KV heads, CTAs 2c and 2c + 1 doing
-#: the same work on neighbouring heads at once (two Params; the kernel's PAIR).
+#: ``head_lanes`` (fp8 specs; the plan sets it, see :func:`head_lanes`): the
+#: launch runs ``Params.lanes`` copies of one schedule side by side, lane l on
+#: KV heads l, L + l, ..., CTAs cL .. cL + L - 1 doing the same work on L
+#: neighbouring heads at once (the kernel's LANES).
 #: fp8 K/V formats and their feature bits.
 FP8_FEATURES = {"e4m3": FEATURES["fp8_e4m3"], "e5m2": FEATURES["fp8_e5m2"]}
 FP8_BITS = FEATURES["fp8_e4m3"] | FEATURES["fp8_e5m2"]
@@ -101,7 +102,8 @@ class Params(ctypes.Structure):
         ("k_scale_value", ctypes.c_float), ("v_scale_value", ctypes.c_float),
         ("runtime_split", ctypes.c_int32), ("split_slack", ctypes.c_int32), ("split_cap", ctypes.c_int32),
         ("page_magic", ctypes.c_uint32), ("page_shift", ctypes.c_int32),
-        ("split_prefetch", ctypes.c_int32), ("pair_heads", ctypes.c_int32),
+        ("split_prefetch", ctypes.c_int32), ("lanes", ctypes.c_int32), ("lane_counters", ctypes.c_int32),
+        ("lane_slots", ctypes.c_int64), ("lane_meta", ctypes.c_int32),
     ]
 
 
@@ -535,20 +537,21 @@ TUNING = _Tuning({
     # (bench/NOTES.md session 34, tools/fp8_timing.py --tuning fp8_stage_factor=2, 18 fresh family shapes
     # a seed) it took 1.048x and 1.053x the time of 1 with fp16 q and 1.065x with bf16 q
     "fp8_stage_factor": 1,
-    # fp8 caches at head_dim 64 whose neighbouring KV heads' rows are adjacent (NHD; an even number of KV
-    # heads, the lean schedule without a stream-K option): run the two halves of the heads side by side
-    # (FEATURES["pair_heads"]), so that the two 64-byte halves of each 128-byte line are read together.
-    # Measured on an H100 (bench/NOTES.md session 35, 20 family shapes of 3 fresh seeds): 0.744-0.87x the
-    # time on the four large calls whose stream-K CTAs took neighbouring heads at different times (the DRAM
-    # then opened a row per 64 bytes), 0.89-0.99x on the other large ones, 0.93-1.02x on calls under 80 MB
-    # of fp8 bytes
-    "fp8_pair_heads": True,
-    # ... and an odd number of KV heads (3 or more) too: the odd half repeats the last head (read, computed,
-    # not written). Off: a token's 128-byte lines hold heads (2j, 2j + 1) only at even token positions (a
-    # row of an odd count of 64-byte heads is not a whole number of lines), and the repeat costs one head
-    # in ceil(heads_kv / 2); measured (session 35) 0.933-0.940x on two calls of 25 and 27 KV heads
-    # (700-820 MB), 1.069-1.158x on two calls of 3 KV heads (14-20 MB)
-    "fp8_pair_odd_heads": False,
+    # fp8 caches at head_dim 64 whose neighbouring KV heads' rows are adjacent (NHD, two or more KV heads,
+    # the lean schedule without a stream-K option): run the heads as lanes side by side (head_lanes,
+    # FEATURES["head_lanes"]), so that the 64-byte rows that share a 128-byte line are read together.
+    # Measured on an H100 with two lanes (bench/NOTES.md session 35, 20 family shapes of 3 fresh seeds):
+    # 0.744-0.87x the time on the four large calls whose stream-K CTAs took neighbouring heads at
+    # different times (the DRAM then opened a row per 64 bytes), 0.89-0.99x on the other large ones,
+    # 0.93-1.02x on calls under 80 MB of fp8 bytes
+    "fp8_head_lanes": True,
+    # head_lanes' cost of a 128-byte line that two lane groups read at different times (an odd lane count:
+    # a token's group of L heads is L/2 lines, every other group boundary inside a line), as a fraction of
+    # the line's one read; with the SMs a lane count leaves idle it picks the count (head_lanes)
+    "fp8_lane_split_line_cost": 0.5,
+    # an experiment: this many lanes where it divides heads_kv (and head_lanes' other conditions hold),
+    # else none; None: head_lanes' choice
+    "fp8_head_lanes_count": None,
     # sm_90 and newer: launch the attention and combine kernels with programmatic dependent launch (each may
     # be scheduled during the previous kernel's tail in the stream; it waits for that kernel before it reads
     # or writes memory). False: plain launches
@@ -732,10 +735,10 @@ def _features_block(features):
 
 def _fp8_only(features):
     """Whether a call's optional features are an fp8 cache and nothing else
-    (its format bit, and the wide-K-reads and paired-heads bits that go with
+    (its format bit, and the wide-K-reads and head-lanes bits that go with
     it)."""
     f = int(features)
-    return bool(f & FP8_BITS) and not f & ~(FP8_BITS | FEATURES["fp8_wide_k"] | FEATURES["pair_heads"])
+    return bool(f & FP8_BITS) and not f & ~(FP8_BITS | FEATURES["fp8_wide_k"] | FEATURES["head_lanes"])
 
 
 def many_unit_config(head_dim, group, units, tokens, num_sms, paged, uniform, features=0, occupancy=None,
@@ -803,27 +806,46 @@ def many_unit_config(head_dim, group, units, tokens, num_sms, paged, uniform, fe
     return None
 
 
-def pairs_heads(kv8, head_dim, heads_kv, k_strides, v_strides, schedule="lean", stream_k_knob=False,
-                batch_invariant=False):
-    """Whether a call runs its KV heads as two halves side by side (the
-    spec bit ``FEATURES["pair_heads"]``, ``TUNING["fp8_pair_heads"]``).
+def head_lanes(kv8, head_dim, heads_kv, k_strides, v_strides, schedule="lean", stream_k_knob=False,
+               batch_invariant=False, sms=132):
+    """How many lanes a call runs its KV heads in side by side (the spec bit
+    ``FEATURES["head_lanes"]``, ``TUNING["fp8_head_lanes"]``); 1: none.
 
     ``kv8``: the fp8 format of the cache, or None (16-bit K/V: never).
     ``k_strides`` / ``v_strides``: byte strides of K and V as the kernel
     reads them, ``(sequence or page, token, head, element)`` (the NHD view;
-    an HND cache is its transpose). Pairs are made where a KV head's row is
-    64 bytes (fp8 at head_dim 64) and the next head's row follows it (a
-    head stride of 64 bytes: the two share a 128-byte line), with at least
-    two KV heads, an even number of them unless
-    ``TUNING["fp8_pair_odd_heads"]``, the lean schedule, no stream-K option
+    an HND cache is its transpose). ``sms``: the device's SMs. Lanes are
+    made where a KV head's row is 64 bytes (fp8 at head_dim 64) and the next
+    head's row follows it (a head stride of 64 bytes: two rows per 128-byte
+    line), with at least two KV heads, the lean schedule, no stream-K option
     (``num_ctas``, ``ctas_per_sm``, ``min_tiles_per_cta``,
-    ``merge_balance``) and not ``batch_invariant``. Why and what it
-    measured: ``docs/design.md``, "Paired heads"."""
-    return bool(kv8 is not None and head_dim == 64 and TUNING["fp8_pair_heads"] and schedule == "lean"
-                and heads_kv >= 2 and (heads_kv % 2 == 0 or TUNING["fp8_pair_odd_heads"])
-                and not stream_k_knob and not batch_invariant
-                and all(int(st[2]) == head_dim and int(st[3]) == 1 for st in (k_strides, v_strides)))
+    ``merge_balance``) and not ``batch_invariant``.
 
+    L lanes run the schedule of a call of ``heads_kv / L`` heads on
+    ``sms // L`` SMs each, lane l taking heads l, L + l, ..., so a token's
+    heads are read in groups of L neighbours at once. The count is a divisor
+    L >= 2 of ``heads_kv`` (at most ``sms``) of least modelled time
+    ``(1 + c [L odd] / L) * sms / (L * (sms // L))``: the SMs it leaves idle,
+    and for odd L the lines that two groups share (every other group of L
+    64-byte rows ends inside a line; c = ``TUNING["fp8_lane_split_line_cost"]``),
+    the smallest on a tie (an even count: 2). ``TUNING["fp8_head_lanes_count"]``
+    forces a count where it divides ``heads_kv``. Why and what it measured:
+    ``docs/design.md``, "Head lanes"."""
+    if not (kv8 is not None and head_dim == 64 and TUNING["fp8_head_lanes"] and schedule == "lean"
+            and heads_kv >= 2 and not stream_k_knob and not batch_invariant
+            and all(int(st[2]) == head_dim and int(st[3]) == 1 for st in (k_strides, v_strides))):
+        return 1
+    forced = TUNING["fp8_head_lanes_count"]
+    if forced is not None:
+        forced = int(forced)
+        return forced if 2 <= forced <= sms and heads_kv % forced == 0 else 1
+    c = float(TUNING["fp8_lane_split_line_cost"])
+
+    def cost(L):
+        return (1.0 + (c / L if L % 2 else 0.0)) * sms / (L * (sms // L))
+
+    counts = [L for L in range(2, min(heads_kv, sms) + 1) if heads_kv % L == 0]
+    return min(counts, key=lambda L: (cost(L), L)) if counts else 1
 
 def varied_length_tile(head_dim, group, features=0, occupancy=None):
     """The tile of a lean call whose sequences may differ in length (a
@@ -911,8 +933,8 @@ def make_spec(dtype, head_dim, group, paged, tile_size=None, stages=None,
         features = int(features) | FEATURES["fp8_wide_k"]
     if int(features) & FEATURES["fp8_wide_k"] and not int(features) & FP8_BITS:
         raise ValueError(f"features: the fp8_wide_k bit needs an fp8 bit, got {int(features)}")
-    if int(features) & FEATURES["pair_heads"] and not int(features) & FP8_BITS:
-        raise ValueError(f"features: the pair_heads bit needs an fp8 bit, got {int(features)}")
+    if int(features) & FEATURES["head_lanes"] and not int(features) & FP8_BITS:
+        raise ValueError(f"features: the head_lanes bit needs an fp8 bit, got {int(features)}")
     if stages is not None:
         st = int(stages)
     elif int(features) & FP8_BITS:

@@ -135,24 +135,19 @@ static_assert(!(LEAN_PAGED && HAS_WINDOW) || PAGE_ROWS, "a windowed paged spec r
 constexpr bool FP8_WIDE_K = (LEAN_FEATURES & 128) != 0;
 static_assert(!FP8_WIDE_K || HAS_FP8, "wide K reads are an fp8 layout");
 static_assert(!(FP8_E4M3 && FP8_E5M2), "one fp8 format");
-// Paired heads (kernels.FEATURES["pair_heads"]): the launch runs two halves of
-// the call, KV heads 2j (CTAs of even index) and 2j + 1 (odd), each half a
-// problem of ceil(pair_heads / 2) heads (p.heads_kv) with its own Params
-// (its workspace) and the same schedule on gridDim / 2 CTAs. CTAs 2c and
-// 2c + 1 do the same work on neighbouring heads at the same time, so the two
-// halves of each 128-byte line of an fp8 head_dim-64 cache (two heads' rows
-// of one token) are read together. With an odd number of heads, half 1's
-// last head is half 0's last one again: read (from L2, at the same time),
-// computed and not written, so that both halves keep the same schedule.
-constexpr int PAIR = (LEAN_FEATURES & 256) ? 1 : 0;
-static_assert(!PAIR || HAS_FP8, "paired heads are made for fp8 caches");
+// Head lanes (kernels.FEATURES["head_lanes"]): the launch runs p.lanes copies
+// of one schedule side by side, lane l of the call's KV heads l, L + l,
+// 2L + l, ... (L = p.lanes, a divisor of the call's heads; p.heads_kv is a
+// lane's count), CTA c of lane l at block c * L + l, each lane with its own
+// share of the workspace (lane_partials, lane_counters, lane_meta). CTAs
+// cL .. cL + L - 1 do the same work on L neighbouring heads at the same time,
+// so the 64-byte rows of an fp8 head_dim-64 cache that share 128-byte lines
+// (neighbouring heads of one token) are read together.
+constexpr bool LANES = (LEAN_FEATURES & 256) != 0;
+static_assert(!LANES || HAS_FP8, "head lanes are made for fp8 caches");
 
 __host__ __device__ constexpr int imin(int a, int b) { return a < b ? a : b; }
 __host__ __device__ constexpr int imax(int a, int b) { return a > b ? a : b; }
-// This CTA's index and the grid in its half's schedule (PAIR: two halves);
-// unsigned, as blockIdx.x and gridDim.x are.
-__device__ __forceinline__ u32 cta_index() { return blockIdx.x >> PAIR; }
-__device__ __forceinline__ u32 grid_ctas() { return gridDim.x >> PAIR; }
 
 // Warps: WM x WN. Warp (wm, wn) owns query rows [16 wm, 16 wm + 16) and tokens
 // [wn TW, wn TW + TW) of every tile. 4 warps per CTA, or 8 for single-row-tile
@@ -289,7 +284,10 @@ static_assert(STREAM_K == LEAN_HOST_STREAM_K && SPLIT_K == LEAN_HOST_SPLIT_K, "D
   F(int, split_cap)          /* ... the n times at most split_cap (>= 0) tiles above stream-K's busiest */ \
   F(u32, page_magic) F(int, page_shift) /* PAGED: tok / page_size = (umulhi(tok, magic) + tok) >> shift (kernels.page_divisor) */ \
   F(int, split_prefetch)     /* runtime_split, sm_90+: the split's first tiles into L2 (SplitPrefetch); 0: off */ \
-  F(int, pair_heads)         /* PAIR: the call's KV heads (heads_kv: a half's, their half rounded up) */
+  F(int, lanes)              /* LANES: lanes of the launch (heads_kv: a lane's KV heads) */ \
+  F(int, lane_counters)      /* LANES: counters of a lane (its share of `counters`) */       \
+  F(i64, lane_slots)         /* LANES: floats of a lane's partial slots (its share of `partials`) */ \
+  F(int, lane_meta)          /* LANES: ints of a lane's unit records (its share of `unit_meta`) */
 
 #define LEAN_DECLARE_FIELD(type, name) type name;
 struct Params {
@@ -323,6 +321,24 @@ static_assert(sizeof(Params) == LEAN_HOST_PARAMS_SIZE, "sizeof(Params) differs f
 
 __device__ __forceinline__ int clamp_len(int x, int cap) { return min(max(x, 0), cap); }
 
+// This CTA's head lane (LANES; else 0), its index and the grid in its lane's
+// schedule; unsigned, as blockIdx.x and gridDim.x are.
+__device__ __forceinline__ u32 head_lane(const Params& p) { return LANES ? blockIdx.x % (u32)p.lanes : 0u; }
+__device__ __forceinline__ u32 cta_index(const Params& p) { return LANES ? blockIdx.x / (u32)p.lanes : blockIdx.x; }
+__device__ __forceinline__ u32 grid_ctas(const Params& p) { return LANES ? gridDim.x / (u32)p.lanes : gridDim.x; }
+// This CTA's lane's share of the workspace.
+__device__ __forceinline__ float* lane_partials(const Params& p) {
+  return LANES ? p.partials + (i64)head_lane(p) * p.lane_slots : p.partials;
+}
+__device__ __forceinline__ u32* lane_counters(const Params& p) {
+  return LANES ? p.counters + (i64)head_lane(p) * p.lane_counters : p.counters;
+}
+__device__ __forceinline__ int* lane_meta(const Params& p) {
+  return LANES ? p.unit_meta + (i64)head_lane(p) * p.lane_meta : p.unit_meta;
+}
+// The call's KV heads (LANES: p.heads_kv is a lane's).
+__device__ __forceinline__ int call_heads_kv(const Params& p) { return LANES ? p.heads_kv * p.lanes : p.heads_kv; }
+
 // Query rows of a unit: group query heads, for each of q_len query tokens
 // (HAS_QLEN; row r is token r / group, head r % group of the unit).
 __device__ __forceinline__ int unit_rows(const Params& p) { return HAS_QLEN ? p.q_len * p.group : p.group; }
@@ -339,14 +355,9 @@ constexpr bool FP8_HW_CVT = true;
 constexpr bool FP8_HW_CVT = false;
 #endif
 constexpr float FP8_UNIT = (FP8_E4M3 && !FP8_HW_CVT) ? 256.f : 1.f;
-// PAIR: the KV head of the call that a half's head h is: 2h (half 0) or
-// 2h + 1 (half 1), or (an odd number of heads) half 0's last one again.
+// LANES: the KV head of the call that a lane's head h is.
 __device__ __forceinline__ int phys_head(const Params& p, int h) {
-  return PAIR ? min(2 * h + (int)(blockIdx.x & 1), p.pair_heads - 1) : h;
-}
-// PAIR: half 1's repeat of half 0's last head (an odd number of heads): not written.
-__device__ __forceinline__ bool repeated_head(const Params& p, int h) {
-  return PAIR && 2 * h + (int)(blockIdx.x & 1) >= p.pair_heads;
+  return LANES ? h * p.lanes + (int)head_lane(p) : h;
 }
 __device__ __forceinline__ float k_multiplier(const Params& p, int h) {
   return HAS_FP8 ? FP8_UNIT * (p.k_scale != nullptr ? p.k_scale[phys_head(p, h)] : p.k_scale_value) : 1.f;
@@ -418,7 +429,7 @@ __device__ __forceinline__ int2 split_chunk_tiles(int ntiles, int ns, int j) {
 // The launch-time split's chunks per unit (find_work): as many as the grid
 // holds for every unit (0: fewer CTAs than units).
 __device__ __forceinline__ int launch_split_count(const Params& p) {
-  return (int)grid_ctas() / max(p.batch * p.heads_kv, 1);
+  return (int)grid_ctas(p) / max(p.batch * p.heads_kv, 1);
 }
 // PAGED: the page index of token `tok` (tok / page_size, by the host's magic number).
 __device__ __forceinline__ int page_index(const Params& p, int tok) {
@@ -634,7 +645,6 @@ __device__ __forceinline__ void emit(const Params& p, const PartialSlots& ps, in
                                      const float (&x)[N], float M, float L, bool partial, int slot) {
   static_assert(N == 2 || N == 4, "emit width");
   if (!partial) {
-    if (repeated_head(p, h)) return;
     const int hq = row_head(p, h, row), tok = row_token(p, row);
     const float sink = (HAS_SINKS && p.sinks != nullptr) ? p.sinks[hq] * LEAN_LOG2E : -LEAN_INF;
     Finalized f = Finalized::of(M, L, sink);
@@ -649,7 +659,7 @@ __device__ __forceinline__ void emit(const Params& p, const PartialSlots& ps, in
       *reinterpret_cast<uint2*>(o) = w;
     }
     if (d == 0 && p.lse != nullptr)
-      p.lse[((i64)b * (HAS_QLEN ? p.q_len : 1) + tok) * (PAIR ? p.pair_heads : p.heads_kv) * p.group + hq] = f.lse;
+      p.lse[((i64)b * (HAS_QLEN ? p.q_len : 1) + tok) * call_heads_kv(p) * p.group + hq] = f.lse;
   } else {
     float* a = ps.acc(slot, row) + d;
     if (N == 2)
@@ -762,7 +772,7 @@ __device__ void reduce_unit(const Params& p, int b, int h, int n, SlotList slot_
   const int g = unit_rows(p);
   if (row_hi < 0) row_hi = g;
   const bool to_slot = out_slot >= 0;
-  const PartialSlots ps = {p.partials, p.slot_stride, g};
+  const PartialSlots ps = {lane_partials(p), p.slot_stride, g};
   constexpr int PER_ROW = D / 4;
   static_assert(PER_ROW % 8 == 0, "8 elements of a row per thread");
   const int E = (row_hi - row_lo) * PER_ROW;
@@ -794,7 +804,7 @@ __device__ void reduce_unit(const Params& p, int b, int h, int n, SlotList slot_
         for (int u = 0; u < U; ++u) {  // past n or an idle row: an empty state, nothing read
           const int j = j0 + lane + u * lanes;
           const bool ok = live && j < n;
-          const float* st = p.partials + (j == 0 ? base0 : (ok ? base1 + (j - 1) * jstep : base0));
+          const float* st = lane_partials(p) + (j == 0 ? base0 : (ok ? base1 + (j - 1) * jstep : base0));
           mj[u] = ok ? __ldcg(st + stat) : -LEAN_INF;
           lj[u] = ok ? __ldcg(st + stat + g) : 0.f;
 #pragma unroll
@@ -943,7 +953,7 @@ struct SplitPrefetch {
 // of empty sequences (sequence b by CTA b % grid) when `write_empty`. Returns
 // false when the CTA owns no tiles. All threads call it (barriers inside).
 __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, StreamK& sk, SegmentWalker& w) {
-  const int tid = threadIdx.x, c = cta_index();
+  const int tid = threadIdx.x, c = cta_index(p);
   int* lens_s = sh.lens();
   int* misc = sh.misc();
   w.ordinal = 0;
@@ -973,10 +983,10 @@ __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, S
     const int nt = tiles_of(p, len);
     local += nt;
     longest = max(longest, nt);
-    if (nt == 0 && write_empty && (b % grid_ctas()) == c)
+    if (nt == 0 && write_empty && (b % grid_ctas(p)) == c)
       for (int h = 0; h < p.heads_kv; ++h) {
         emit_empty_rows(p, b, h, 0, unit_rows(p));
-        if (p.unit_meta != nullptr) p.unit_meta[2 * (b * p.heads_kv + h)] = 0;  // nothing for the combine
+        if (p.unit_meta != nullptr) lane_meta(p)[2 * (b * p.heads_kv + h)] = 0;  // nothing for the combine
       }
   }
   pf.locate(p);
@@ -985,7 +995,7 @@ __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, S
   LEAN_STAMP(8);
   int min_tiles = p.min_tiles_per_cta;
   if (p.merge_balance > 0) min_tiles = max(min_tiles, merge_balanced_tiles(longest, p.merge_balance));
-  sk = StreamK::make((i64)seq_tiles * p.heads_kv, grid_ctas(), min_tiles);
+  sk = StreamK::make((i64)seq_tiles * p.heads_kv, grid_ctas(p), min_tiles);
   LEAN_STAMP(17);
   if (p.runtime_split && sk.ctas > 0) {
     // Split-K in one wave (ns chunks per unit, ns = grid / units) when its
@@ -1015,8 +1025,8 @@ __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, S
       const int2 r = split_chunk_tiles(w.ntiles, ns, j);
       const int t0 = r.x, t1 = r.y;
       if (j == 0 && tid == 0 && p.unit_meta != nullptr) {  // the unit's record: its chunks with tiles, the first one's slot
-        p.unit_meta[2 * unit] = split_pieces(w.ntiles, ns);
-        p.unit_meta[2 * unit + 1] = PartialSlots::stream_k_slot(c, 0);
+        lane_meta(p)[2 * unit] = split_pieces(w.ntiles, ns);
+        lane_meta(p)[2 * unit + 1] = PartialSlots::stream_k_slot(c, 0);
       }
       sk.split = ns;
       w.t = t0;
@@ -1550,7 +1560,7 @@ __device__ __forceinline__ void accumulate_pv(WarpState& st, const float (&s)[TW
 __device__ void store_segment(const Params& p, const Shared& sh, const Segment& s, const WarpState& st, int slot,
                               float* scr) {
   const int g = unit_rows(p);
-  const PartialSlots ps = {p.partials, p.slot_stride, g};
+  const PartialSlots ps = {lane_partials(p), p.slot_stride, g};
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wm = warp / WN, wn = warp % WN;
   const int rows[2] = {wm * 16 + (lane >> 2), wm * 16 + (lane >> 2) + 8};
   const float lq[2] = {quad_sum(st.l[0]), quad_sum(st.l[1])};
@@ -1651,14 +1661,14 @@ __device__ __noinline__ void record_unit(int* at, i64 per, i64 heavy, i64 unit_f
 // why this is safe); merged by the combine launch, record the unit.
 __device__ void finish_segment(const Params& p, const Shared& sh, const StreamK& sk, const Segment& s,
                                const WarpState& st, int stage) {
-  const int c = cta_index();
+  const int c = cta_index(p);
   const int slot = p.decomposition == STREAM_K ? PartialSlots::stream_k_slot(c, s.ordinal) : c;
   store_segment(p, sh, s, st, slot, sh.scratch(stage));
   LEAN_STAMP(4);
   if (p.decomposition != STREAM_K) return;
   if (p.unit_meta != nullptr) {
     if (s.t0 == 0 && threadIdx.x == 0 && sk.split == 0)  // split: recorded by find_work
-      record_unit(p.unit_meta + 2 * (s.b * p.heads_kv + s.h), sk.per, sk.heavy, s.unit_first, s.ntiles, s.partial);
+      record_unit(lane_meta(p) + 2 * (s.b * p.heads_kv + s.h), sk.per, sk.heavy, s.unit_first, s.ntiles, s.partial);
     return;
   }
   if (!s.partial) return;
@@ -1674,7 +1684,7 @@ __device__ void finish_segment(const Params& p, const Shared& sh, const StreamK&
   for (int level = G > 0 ? 0 : 1;; ++level) {
     const int q0 = level == 0 ? (c - who.first) / G * G : 0;
     const int into = level == 0 ? who.slot(q0) : -1;
-    const UnitCounter counter = {p.counters + (level == 0 ? p.batch * p.heads_kv + into : s.b * p.heads_kv + s.h)};
+    const UnitCounter counter = {lane_counters(p) + (level == 0 ? p.batch * p.heads_kv + into : s.b * p.heads_kv + s.h)};
     const int members = level == 0 ? min(G, who.count - q0) : (G > 0 ? (who.count + G - 1) / G : who.count);
     __syncthreads();  // the slot's stores precede thread 0's release
     if (threadIdx.x == 0) misc[MISC_LAST] = counter.arrive_is_last(members) ? 1 : 0;
@@ -1694,10 +1704,10 @@ __device__ void finish_segment(const Params& p, const Shared& sh, const StreamK&
 // accumulators); all threads. Out of line: a rare path, kept out of the
 // register allocation of the tile loop.
 __device__ __noinline__ void write_empty_state(const Params& p, int g) {
-  const PartialSlots ps = {p.partials, p.slot_stride, g};
+  const PartialSlots ps = {lane_partials(p), p.slot_stride, g};
   const float z[4] = {0.f, 0.f, 0.f, 0.f};
   for (int e = threadIdx.x; e < g * (D / 4); e += NT)
-    emit<4>(p, ps, 0, 0, e / (D / 4), e % (D / 4) * 4, z, -LEAN_INF, 0.f, true, cta_index());
+    emit<4>(p, ps, 0, 0, e / (D / 4), e % (D / 4) * 4, z, -LEAN_INF, 0.f, true, cta_index(p));
 }
 
 // One CTA of the attention kernel.
@@ -1818,7 +1828,7 @@ __device__ void dump_cta(const Params& p) {
   StreamK sk;
   SegmentWalker walker;
   if (!find_work(p, sh, false, sk, walker) || threadIdx.x != 0) return;
-  int* rec = reinterpret_cast<int*>(p.partials) + (i64)cta_index() * p.slot_stride;
+  int* rec = reinterpret_cast<int*>(lane_partials(p)) + (i64)cta_index(p) * p.slot_stride;
   const int room = (p.slot_stride - DUMP_HEADER) / DUMP_RECORD;
   rec[0] = (int)walker.g;
   rec[1] = (int)walker.end;
@@ -1834,11 +1844,11 @@ __device__ void dump_cta(const Params& p) {
     e[6] = 0;
     if (!s.partial) continue;
     const bool stream_k = p.decomposition == STREAM_K;
-    e[4] = stream_k ? PartialSlots::stream_k_slot(cta_index(), s.ordinal) : (int)cta_index();
+    e[4] = stream_k ? PartialSlots::stream_k_slot(cta_index(p), s.ordinal) : (int)cta_index(p);
     // the merge's own contributors: stream-K's pieces, or split-K chunks (SPLIT_K, or the launch-time
     // split: the unit's first CTA, its chunks with tiles)
     const Contributors who = stream_k && sk.split == 0 ? Contributors::of(sk, s)
-                             : Contributors::of_split(cta_index(), stream_k ? sk.split : p.num_splits, s.ntiles);
+                             : Contributors::of_split(cta_index(p), stream_k ? sk.split : p.num_splits, s.ntiles);
     e[5] = who.first;
     e[6] = who.count;
   }
@@ -1862,30 +1872,10 @@ __device__ __forceinline__ void after_previous_kernel() {
 
 // ============================================================= 7. entry points
 
-// The kernels' parameter: one Params, or (PAIR) one per half of the launch,
-// CTAs of even index running half 0.
-#if LEAN_FEATURES & 256
-struct LeanLaunchParams {
-  lean::Params half[2];
-};
-#define LEAN_WITH_PARAMS(pp, call)                   \
-  do {                                               \
-    const lean::Params& p = pp.half[blockIdx.x & 1]; \
-    call;                                            \
-  } while (0)
-#else
-typedef lean::Params LeanLaunchParams;
-#define LEAN_WITH_PARAMS(pp, call) \
-  do {                             \
-    const lean::Params& p = pp;    \
-    call;                          \
-  } while (0)
-#endif
-
-extern "C" __global__ void __launch_bounds__(lean::NT, 1) LEAN_ENTRY(const __grid_constant__ LeanLaunchParams pp) {
+extern "C" __global__ void __launch_bounds__(lean::NT, 1) LEAN_ENTRY(const __grid_constant__ lean::Params p) {
   LEAN_STAMP(16);
   lean::after_previous_kernel();
-  LEAN_WITH_PARAMS(pp, lean::attention_cta(p));
+  lean::attention_cta(p);
 }
 
 // SPLIT_K combine: grid = (units, row blocks); block (u, y) merges unit u's
@@ -1897,11 +1887,11 @@ extern "C" __global__ void __launch_bounds__(lean::NT, 1) LEAN_ENTRY(const __gri
 // was written by the attention kernel.
 namespace lean {
 __device__ __forceinline__ void combine_block(const Params& p) {
-  const int unit = cta_index(), g = unit_rows(p);
+  const int unit = cta_index(p), g = unit_rows(p);
   const int per = (g + gridDim.y - 1) / gridDim.y, lo = blockIdx.y * per;
   if (lo >= g) return;  // the whole block: no barrier is left waiting
   if (p.decomposition == STREAM_K) {
-    const int n = __ldcg(p.unit_meta + 2 * unit), first = __ldcg(p.unit_meta + 2 * unit + 1);
+    const int n = __ldcg(lane_meta(p) + 2 * unit), first = __ldcg(lane_meta(p) + 2 * unit + 1);
     LEAN_CSTAMP(2);
     if (n <= 1) return;
     reduce_unit(p, unit / p.heads_kv, unit % p.heads_kv, n, {first, PartialSlots::stream_k_slot(first / 2 + 1, 0), 2},
@@ -1916,14 +1906,14 @@ __device__ __forceinline__ void combine_block(const Params& p) {
 }  // namespace lean
 
 // The combine launch (combine_block above).
-extern "C" __global__ void __launch_bounds__(lean::NT, 1) LEAN_COMBINE_ENTRY(const __grid_constant__ LeanLaunchParams pp) {
+extern "C" __global__ void __launch_bounds__(lean::NT, 1) LEAN_COMBINE_ENTRY(const __grid_constant__ lean::Params p) {
   LEAN_CSTAMP(0);
   lean::after_previous_kernel();
   LEAN_CSTAMP(1);
-  LEAN_WITH_PARAMS(pp, lean::combine_block(p));
+  lean::combine_block(p);
   LEAN_CSTAMP(3);
 }
 
-extern "C" __global__ void __launch_bounds__(lean::NT) LEAN_DUMP_ENTRY(const __grid_constant__ LeanLaunchParams pp) {
-  LEAN_WITH_PARAMS(pp, lean::dump_cta(p));
+extern "C" __global__ void __launch_bounds__(lean::NT) LEAN_DUMP_ENTRY(const __grid_constant__ lean::Params p) {
+  lean::dump_cta(p);
 }

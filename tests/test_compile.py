@@ -128,49 +128,56 @@ def test_fp8_wide_k_reads_switch_marks_fp8_specs_only():
         K.make_spec("f16", 128, 8, False, features=K.FEATURES["fp8_wide_k"])
 
 
-def test_pair_heads_bit_is_made_for_fp8_specs():
-    assert K.make_spec("f16", 64, 8, False, features=16 | 256).name.endswith("_fp8_e4m3_pair_heads")
-    with pytest.raises(ValueError, match="features: the pair_heads bit needs an fp8 bit, got 256"):
-        K.make_spec("f16", 64, 8, False, features=K.FEATURES["pair_heads"])
+def test_head_lanes_bit_is_made_for_fp8_specs():
+    assert K.make_spec("f16", 64, 8, False, features=16 | 256).name.endswith("_fp8_e4m3_head_lanes")
+    with pytest.raises(ValueError, match="features: the head_lanes bit needs an fp8 bit, got 256"):
+        K.make_spec("f16", 64, 8, False, features=K.FEATURES["head_lanes"])
 
 
-def test_pairs_heads_rule():
-    """Which calls run their heads as two halves: fp8 at head_dim 64 whose
-    neighbouring heads' rows are adjacent (NHD), two heads or more (an even
-    number unless fp8_pair_odd_heads), lean without a stream-K option, not
-    batch-invariant."""
+def test_head_lanes_rule():
+    """Which calls run their heads as lanes, and how many: fp8 at head_dim 64
+    whose neighbouring heads' rows are adjacent (NHD), two heads or more, lean
+    without a stream-K option, not batch-invariant; the count divides the
+    heads, leaves few SMs idle and (odd) few lines split between groups."""
     nhd = lambda h, t=1: (t * h * 64, h * 64, 64, 1)  # (sequence, token, head, element) byte strides
     hnd = lambda h, t=100: (h * t * 64, 64, t * 64, 1)
-    assert K.pairs_heads("e4m3", 64, 8, nhd(8, 100), nhd(8, 100))
-    assert K.pairs_heads("e5m2", 64, 2, nhd(2, 7), nhd(2, 7))
-    assert not K.pairs_heads(None, 64, 8, nhd(8), nhd(8))  # 16-bit rows are whole lines
-    assert not K.pairs_heads("e4m3", 128, 8, (0, 1024, 128, 1), (0, 1024, 128, 1))  # 128-byte rows
-    assert not K.pairs_heads("e4m3", 64, 8, hnd(8), hnd(8))  # heads apart
-    assert not K.pairs_heads("e4m3", 64, 8, nhd(8), hnd(8))  # V's heads apart
-    assert not K.pairs_heads("e4m3", 64, 1, nhd(1), nhd(1))
-    assert not K.pairs_heads("e4m3", 64, 5, nhd(5), nhd(5))
-    with K.tuning(fp8_pair_odd_heads=True):
-        assert K.pairs_heads("e4m3", 64, 5, nhd(5), nhd(5))
-        assert not K.pairs_heads("e4m3", 64, 1, nhd(1), nhd(1))
+    lanes = lambda h, **kw: K.head_lanes("e4m3", 64, h, nhd(h), nhd(h), **kw)
+    assert K.head_lanes("e4m3", 64, 8, nhd(8, 100), nhd(8, 100)) == 2
+    assert K.head_lanes("e5m2", 64, 2, nhd(2, 7), nhd(2, 7)) == 2
+    assert K.head_lanes(None, 64, 8, nhd(8), nhd(8)) == 1  # 16-bit rows are whole lines
+    assert K.head_lanes("e4m3", 128, 8, (0, 1024, 128, 1), (0, 1024, 128, 1)) == 1  # 128-byte rows
+    assert K.head_lanes("e4m3", 64, 8, hnd(8), hnd(8)) == 1  # heads apart
+    assert K.head_lanes("e4m3", 64, 8, nhd(8), hnd(8)) == 1  # V's heads apart
+    assert lanes(1) == 1
+    # even counts: two lanes (whole lines, every SM); odd: a divisor, by the model
+    assert [lanes(h) for h in (2, 4, 6, 12, 32)] == [2] * 5
+    assert lanes(3) == 3 and lanes(17) == 17 and lanes(13) == 13  # (3: 44 SMs a lane; 17: 7, 119 of 132)
+    assert lanes(27) == 9  # 9 x 14 = 126 SMs; 27 lanes would leave 24 idle, 3 split every third line
+    assert lanes(21) == 21 and lanes(21, sms=120) == 7  # 126 of 132 SMs either way; of 120: 105 vs 119
+    assert lanes(137) == 1  # prime, more than the SMs
     for kw in ({"schedule": "split"}, {"schedule": "head"}, {"stream_k_knob": True}, {"batch_invariant": True}):
-        assert not K.pairs_heads("e4m3", 64, 8, nhd(8), nhd(8), **kw), kw
-    with K.tuning(fp8_pair_heads=False):
-        assert not K.pairs_heads("e4m3", 64, 8, nhd(8), nhd(8))
+        assert lanes(8, **kw) == 1, kw
+    with K.tuning(fp8_head_lanes=False):
+        assert lanes(8) == 1
+    with K.tuning(fp8_head_lanes_count=3):
+        assert lanes(27) == 3 and lanes(8) == 1
+    with K.tuning(fp8_lane_split_line_cost=0.0):
+        assert lanes(27) == 3  # split lines free: the count that leaves no SM idle
 
 
 @needs_nvrtc
-def test_pair_heads_leaves_other_specs_unchanged():
-    """The paired-heads code (two Params, the CTA index and grid of a half,
-    the head map) compiles away in a spec without the bit: its entry takes
-    one Params, the pair spec's two."""
+def test_head_lanes_take_one_params():
+    """A head-lanes spec takes the one Params every spec takes (a lane finds
+    its heads and workspace from the lane fields: the remainder of its block
+    index by Params.lanes, which the plain fp8 spec does not compute)."""
     plain = K.compile_ptx(K.make_spec("f16", 64, 8, False, features=16), "sm_90")
-    pair = K.compile_ptx(K.make_spec("f16", 64, 8, False, features=16 | 256), "sm_90")
-    size = ctypes.sizeof(K.Params)
+    lanes = K.compile_ptx(K.make_spec("f16", 64, 8, False, features=16 | 256), "sm_90")
 
     def param_bytes(ptx):
         return int(re.search(r"\.entry \w+_attention\(\s*\.param \.align \d+ \.b8 \w+\[(\d+)\]", ptx).group(1))
 
-    assert param_bytes(plain) == size and param_bytes(pair) == 2 * size
+    assert param_bytes(plain) == param_bytes(lanes) == ctypes.sizeof(K.Params)
+    assert lanes.count("rem.u32") > plain.count("rem.u32")
 
 
 def test_make_spec_takes_both_dtype_names_and_refuses_others():
@@ -305,7 +312,7 @@ FEATURE_SPECS = [K.make_spec("f16", 64, 4, True, features=7), K.make_spec("bf16"
                  # the wide fp8 K reads (TUNING["fp8_wide_k_reads"]) at each head_dim
                  K.make_spec("bf16", 64, 8, True, features=16 | 128), K.make_spec("f16", 128, 40, False, features=32 | 128),
                  K.make_spec("bf16", 256, 4, True, features=16 | 128 | 15),
-                 # paired heads (TUNING["fp8_pair_heads"]): two Params, a half per CTA parity
+                 # head lanes (kernels.head_lanes): a lane's CTAs, heads and workspace
                  K.make_spec("f16", 64, 8, False, features=16 | 256), K.make_spec("bf16", 64, 4, True, features=32 | 256 | 15),
                  K.make_spec("f16", 64, 3, True, features=16 | 256, page_size=1)]
 

@@ -1062,28 +1062,31 @@ def test_gpu_fp8_many_units_rule_stops_at_the_unit_cap():
 
 
 @pytest.mark.parametrize("fmt,dt", [("e4m3", "float16"), ("e5m2", "bfloat16")])
-@pytest.mark.parametrize("layout,page_size,lens,hq,hkv", [
-    ("dense", 16, [6001, 6001, 6001], 16, 2),          # equal lengths: the lean plan's split-K variant
-    ("dense", 16, [50000], 12, 6),                     # one sequence, few units: the combine launch
-    ("ragged", 16, [9000, 17, 0, 3001, 777, 1], 8, 4),
-    ("paged", 32, [4097, 0, 1, 2500, 130], 48, 4),
-    ("paged", 1, [700, 3, 1234], 24, 8),                # a page per row (page_rows)
-    ("ragged", 16, [2000 + 37 * i for i in range(300)], 6, 2),  # a batch of 300
-    # an odd number of KV heads: half 1 repeats the last head (read, not written)
-    ("dense", 16, [3001, 3001], 21, 7),
-    ("ragged", 16, [5000, 0, 1, 2222], 15, 5),
-    ("paged", 16, [3000, 77, 0, 1500], 9, 3),
+@pytest.mark.parametrize("layout,page_size,lens,hq,hkv,count", [
+    ("dense", 16, [6001, 6001, 6001], 16, 2, None),          # equal lengths: the lean plan's split-K variant
+    ("dense", 16, [50000], 12, 6, None),                     # one sequence, few units: the combine launch
+    ("ragged", 16, [9000, 17, 0, 3001, 777, 1], 8, 4, None),
+    ("paged", 32, [4097, 0, 1, 2500, 130], 48, 4, None),
+    ("paged", 1, [700, 3, 1234], 24, 8, None),                # a page per row (page_rows)
+    ("ragged", 16, [2000 + 37 * i for i in range(300)], 6, 2, None),  # a batch of 300
+    # odd numbers of KV heads: as many lanes (or a divisor, 9 of 27)
+    ("dense", 16, [3001, 3001], 21, 7, None),
+    ("ragged", 16, [5000, 0, 1, 2222], 15, 5, None),
+    ("paged", 16, [3000, 77, 0, 1500], 9, 3, None),
+    ("dense", 16, [2500, 2500], 27, 27, None),
+    # counts forced (TUNING["fp8_head_lanes_count"]): odd lanes of two heads, lanes of three, one head a lane
+    ("dense", 16, [40000], 12, 6, 3),
+    ("paged", 16, [3000, 77, 0, 1500], 18, 9, 3),
+    ("ragged", 16, [9000, 17, 0, 3001, 777, 1], 12, 6, 6),
 ])
-def test_gpu_fp8_paired_heads_match_the_reference(fmt, dt, layout, page_size, lens, hq, hkv):
-    """TUNING["fp8_pair_heads"]: an fp8 head_dim-64 NHD cache of an even
-    number of KV heads runs as two halves (even and odd heads) side by side;
-    every decomposition the plan can take (equal lengths, the combine launch,
-    stream-K with merges), dense, ragged and paged (a page per row too), per
-    head scales for K and V, sinks, a window and a soft-cap, a strided out,
-    NaN-prefilled out and lse against the float64 reference, and two graphs
-    captured one after another; an odd number of KV heads (half 1 repeats
-    the last one; its values equal half 0's, so that it is not written is
-    held by the kernel's code, not by this test)."""
+def test_gpu_fp8_head_lanes_match_the_reference(fmt, dt, layout, page_size, lens, hq, hkv, count):
+    """kernels.head_lanes: an fp8 head_dim-64 NHD cache of two KV heads or
+    more runs as lanes of its heads side by side (the rule's count, or one
+    forced); every decomposition the plan can take (equal lengths, the
+    combine launch, stream-K with merges), dense, ragged and paged (a page
+    per row too), per head scales for K and V, sinks, a window and a
+    soft-cap, a strided out, NaN-prefilled out and lse against the float64
+    reference, and two graphs captured one after another."""
     from cupy_lean import kernels as K
 
     rng = np.random.default_rng(71 + len(lens) + hq + page_size)
@@ -1099,14 +1102,17 @@ def test_gpu_fp8_paired_heads_match_the_reference(fmt, dt, layout, page_size, le
     args = (to_gpu(qd), cp.asarray(ku8), cp.asarray(vu8))
     kw = dict(kv_lens=None if kv_lens is None else cp.asarray(kv_lens), block_table=to_gpu(table), kv_dtype=fmt)
     scales = dict(k_scale=cp.asarray(ks, dtype=cp.float32), v_scale=cp.asarray(vs, dtype=cp.float32))
-    with K.tuning(fp8_pair_heads=True, fp8_pair_odd_heads=True):
+    with K.tuning(fp8_head_lanes=True, fp8_head_lanes_count=count):
+        nhd = (hkv * 64, hkv * 64, 64, 1)
+        want = count or K.head_lanes(fmt, 64, hkv, nhd, nhd, sms=K.device_sm_count())
+        assert want > 1
         for feats in ({}, dict(sinks=sinks, window_left=1500, softcap=20.0)):
             ro, rl = reference.attention(qd, k8, v8, kv_lens=kv_lens, block_table=table, k_scale=ks, v_scale=vs,
                                          **feats)
             gfeats = {n: (cp.asarray(x) if isinstance(x, np.ndarray) else x) for n, x in feats.items()}
             pl = cupy_lean.plan(*args, **kw, out=_nan_like(q.shape, npdt), **gfeats)
-            assert pl.pair and pl.spec.features & K.FEATURES["pair_heads"], pl.describe()
-            assert "paired heads" in pl.describe()
+            assert pl.lanes == want and pl.spec.features & K.FEATURES["head_lanes"], pl.describe()
+            assert f"head lanes: {want} lanes" in pl.describe()
             wide = _nan_like((len(lens), hq, 128), npdt)
             out = wide[:, :, 32:96]  # a strided out: rows 256 bytes apart
             lse = cp.full(q.shape[:2], cp.nan, dtype=cp.float32)
@@ -1131,16 +1137,14 @@ def test_gpu_fp8_paired_heads_match_the_reference(fmt, dt, layout, page_size, le
         fin = np.isfinite(rl)
         for graph, out, lse in runs:
             _assert_out_lse(out, lse, ro, rl, tol * max(1.0, np.abs(ro).max()), 2e-3 * max(1.0, np.abs(rl[fin]).max()))
-    # one KV head, an odd number without fp8_pair_odd_heads, or K with heads apart (HND): no pairing
-    with K.tuning(fp8_pair_heads=True, fp8_pair_odd_heads=False):
-        assert not cupy_lean.plan(*args[:1], args[1][:, :, :1], args[2][:, :, :1], kv_lens=kw["kv_lens"],
-                                  block_table=kw["block_table"], kv_dtype=fmt).pair
-        assert cupy_lean.plan(*args, kv_lens=kw["kv_lens"], block_table=kw["block_table"], kv_dtype=fmt).pair \
-            == (hkv % 2 == 0)
-        if layout != "paged" or page_size > 1:  # (pages of one row: HND is NHD, paired rightly)
+    # one KV head, or K with heads apart (HND): no lanes
+    with K.tuning(fp8_head_lanes=True, fp8_head_lanes_count=None):
+        assert cupy_lean.plan(*args[:1], args[1][:, :, :1], args[2][:, :, :1], kv_lens=kw["kv_lens"],
+                              block_table=kw["block_table"], kv_dtype=fmt).lanes == 1
+        if layout != "paged" or page_size > 1:  # (pages of one row: HND is NHD, lanes rightly)
             hk, hv = (cp.ascontiguousarray(x.transpose(0, 2, 1, 3)) for x in args[1:])
-            assert not cupy_lean.plan(args[0], hk, hv, kv_lens=kw["kv_lens"], block_table=kw["block_table"],
-                                      kv_dtype=fmt, kv_layout="HND").pair
+            assert cupy_lean.plan(args[0], hk, hv, kv_lens=kw["kv_lens"], block_table=kw["block_table"],
+                                  kv_dtype=fmt, kv_layout="HND").lanes == 1
 
 
 def test_gpu_fp8_with_query_tokens_window_sinks_plans_and_graphs():
@@ -1164,6 +1168,7 @@ def test_gpu_fp8_with_query_tokens_window_sinks_plans_and_graphs():
         assert np.abs(cp.asnumpy(out).astype(np.float64) - ro).max() < 4e-3
     p = cupy_lean.plan(*args, **kw, kv_dtype="e4m3", out=_nan_like(q.shape, q.dtype))
     assert "fp8 e4m3" in p.describe()
+    assert p.lanes == 2, p.describe()  # (head_dim 64, 4 KV heads: the query tokens in head lanes)
     ro, _ = reference.attention(q, k8, v8, kv_lens=L, block_table=table, k_scale=ks, v_scale=vs)
     out = _nan_like(q.shape, q.dtype)
     ksd, vsd = cp.asarray(ks, dtype=cp.float32), cp.asarray(vs, dtype=cp.float32)
@@ -1201,7 +1206,7 @@ def test_gpu_fp8_with_query_tokens_window_sinks_plans_and_graphs():
 @pytest.mark.parametrize("d,hkv", [(128, 2), (64, 6)])
 def test_gpu_fp8_from_pytorch_float8(d, hkv):
     """A PyTorch float8 cache through DLPack; at head_dim 64 with an even
-    head count the call takes the paired-heads path."""
+    head count the call runs its heads in lanes (kernels.head_lanes)."""
     torch = pytest.importorskip("torch")
     rng = np.random.default_rng(104)
     q, k, v, L, _ = make_inputs(rng, 2, 4 * hkv, hkv, d, np.float16, [3000, 77], "dense")
@@ -1216,7 +1221,7 @@ def test_gpu_fp8_from_pytorch_float8(d, hkv):
     assert np.abs(cp.asnumpy(cp.asarray(got)).astype(np.float64) - ro).max() < 4e-3
     p = cupy_lean.plan(tq, tk, tv, kv_lens=tl)  # the format comes from the tensors
     assert "fp8 e4m3" in p.describe()
-    assert p.pair == (d == 64), p.describe()
+    assert (p.lanes > 1) == (d == 64), p.describe()
     got = p.run(tq, tk, tv, kv_lens=tl, k_scale=ks, v_scale=vs)
     assert np.abs(cp.asnumpy(cp.asarray(got)).astype(np.float64) - ro).max() < 4e-3
 
