@@ -99,7 +99,7 @@ def device_schedule(kv_lens, heads_kv, *, tile_size, num_ctas=None, num_splits=N
     prm.batch, prm.heads_kv, prm.group = B, heads_kv, 1
     prm.capacity = max(1, int(lens_host.max()) if B else 1)
     prm.page_size = 1
-    prm.page_magic, prm.page_shift = K.page_divisor(1)
+    prm.page_magic, prm.page_shift = K.index_divisor(1)
     prm.window_left, prm.min_tiles_per_cta, prm.merge_balance = -1, min_tiles_per_cta, merge_balance
     if num_splits is None:
         prm.decomposition, prm.num_splits, grid = K.Decomposition.STREAM_K, 1, num_ctas

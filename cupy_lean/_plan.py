@@ -549,8 +549,9 @@ class Plan:
         prm.batch, prm.heads_kv, prm.group, prm.capacity = B, Hkv_h, g, m.capacity
         # lanes: the kernel maps a lane's heads to the call's and finds its share of the workspace
         prm.lanes, prm.lane_counters, prm.lane_slots, prm.lane_meta = lanes, counters, slots * slot_stride, 2 * units
+        prm.lane_magic, prm.lane_shift = K.index_divisor(lanes, "lanes")
         prm.page_size, prm.num_pages = max(m.page_size, 1), m.num_pages
-        prm.page_magic, prm.page_shift = K.page_divisor(prm.page_size)
+        prm.page_magic, prm.page_shift = K.index_divisor(prm.page_size)
         prm.decomposition, prm.num_splits = int(decomp), ns
         # merge launch: the kernel may run split-K in one wave when a launch's lengths favour it
         # the launch-time split: a default stream-K plan with the merge launch, or (TUNING

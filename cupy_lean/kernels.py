@@ -104,18 +104,20 @@ class Params(ctypes.Structure):
         ("page_magic", ctypes.c_uint32), ("page_shift", ctypes.c_int32),
         ("split_prefetch", ctypes.c_int32), ("lanes", ctypes.c_int32), ("lane_counters", ctypes.c_int32),
         ("lane_slots", ctypes.c_int64), ("lane_meta", ctypes.c_int32),
+        ("lane_magic", ctypes.c_uint32), ("lane_shift", ctypes.c_int32),
     ]
 
 
-def page_divisor(page_size):
-    """``(magic, shift)`` for the kernel's division of a token index by the
-    page size without a divide: ``n // page_size == ((n * magic >> 32) + n)
-    >> shift`` for every ``0 <= n < 2**31`` (``shift`` = ceil(log2
-    page_size), ``magic`` = floor(2**32 (2**shift - page_size) / page_size)
-    + 1, below 2**32; the sum stays under 2**32)."""
-    d = int(page_size)
-    if d < 1:
-        raise ValueError(f"page_size: expected an integer >= 1, got {page_size}")
+def index_divisor(d, name="page_size"):
+    """``(magic, shift)`` for the kernel's division of an index by ``d`` (a
+    token index by the page size, a block index by the lane count) without
+    a divide: ``n // d == ((n * magic >> 32) + n) >> shift`` for every
+    ``0 <= n < 2**31`` (``shift`` = ceil(log2 d), ``magic`` = floor(2**32
+    (2**shift - d) / d) + 1, below 2**32; the sum stays under 2**32).
+    ``name``: the argument an error names."""
+    if int(d) < 1:
+        raise ValueError(f"{name}: expected an integer >= 1, got {d}")
+    d = int(d)
     shift = (d - 1).bit_length()
     return ((1 << 32) * ((1 << shift) - d)) // d + 1, shift
 
@@ -545,10 +547,10 @@ TUNING = _Tuning({
     # different times (the DRAM then opened a row per 64 bytes), 0.89-0.99x on the other large ones,
     # 0.93-1.02x on calls under 80 MB of fp8 bytes
     "fp8_head_lanes": True,
-    # head_lanes' cost of a 128-byte line that two lane groups read at different times (an odd lane count:
-    # a token's group of L heads is L/2 lines, every other group boundary inside a line), as a fraction of
-    # the line's one read; with the SMs a lane count leaves idle it picks the count (head_lanes)
-    "fp8_lane_split_line_cost": 0.5,
+    # head_lanes: at most this many lanes (a group of 32 heads' 64-byte rows: 2 KB of a token) ...
+    "fp8_head_lanes_max": 32,
+    # ... and a count whose lanes (sms // lanes SMs each) keep at least this fraction of the SMs busy
+    "fp8_head_lanes_sm_fraction": 0.9,
     # an experiment: this many lanes where it divides heads_kv (and head_lanes' other conditions hold),
     # else none; None: head_lanes' choice
     "fp8_head_lanes_count": None,
@@ -823,13 +825,11 @@ def head_lanes(kv8, head_dim, heads_kv, k_strides, v_strides, schedule="lean", s
 
     L lanes run the schedule of a call of ``heads_kv / L`` heads on
     ``sms // L`` SMs each, lane l taking heads l, L + l, ..., so a token's
-    heads are read in groups of L neighbours at once. The count is a divisor
-    L >= 2 of ``heads_kv`` (at most ``sms``) of least modelled time
-    ``(1 + c [L odd] / L) * sms / (L * (sms // L))``: the SMs it leaves idle,
-    and for odd L the lines that two groups share (every other group of L
-    64-byte rows ends inside a line; c = ``TUNING["fp8_lane_split_line_cost"]``),
-    the smallest on a tie (an even count: 2). ``TUNING["fp8_head_lanes_count"]``
-    forces a count where it divides ``heads_kv``. Why and what it measured:
+    heads are read in groups of L neighbours at once. The count: the largest
+    divisor L >= 2 of ``heads_kv`` of at most ``TUNING["fp8_head_lanes_max"]``
+    whose lanes keep ``TUNING["fp8_head_lanes_sm_fraction"]`` of the SMs busy
+    (``L * (sms // L)``), else 1. ``TUNING["fp8_head_lanes_count"]`` forces a
+    count where it divides ``heads_kv``. Why and what it measured:
     ``docs/design.md``, "Head lanes"."""
     if not (kv8 is not None and head_dim == 64 and TUNING["fp8_head_lanes"] and schedule == "lean"
             and heads_kv >= 2 and not stream_k_knob and not batch_invariant
@@ -839,13 +839,10 @@ def head_lanes(kv8, head_dim, heads_kv, k_strides, v_strides, schedule="lean", s
     if forced is not None:
         forced = int(forced)
         return forced if 2 <= forced <= sms and heads_kv % forced == 0 else 1
-    c = float(TUNING["fp8_lane_split_line_cost"])
-
-    def cost(L):
-        return (1.0 + (c / L if L % 2 else 0.0)) * sms / (L * (sms // L))
-
-    counts = [L for L in range(2, min(heads_kv, sms) + 1) if heads_kv % L == 0]
-    return min(counts, key=lambda L: (cost(L), L)) if counts else 1
+    top, frac = int(TUNING["fp8_head_lanes_max"]), float(TUNING["fp8_head_lanes_sm_fraction"])
+    counts = [L for L in range(2, min(heads_kv, top, sms) + 1)
+              if heads_kv % L == 0 and L * (sms // L) >= frac * sms]
+    return max(counts, default=1)
 
 def varied_length_tile(head_dim, group, features=0, occupancy=None):
     """The tile of a lean call whose sequences may differ in length (a

@@ -282,12 +282,13 @@ static_assert(STREAM_K == LEAN_HOST_STREAM_K && SPLIT_K == LEAN_HOST_SPLIT_K, "D
   F(int, runtime_split)      /* STREAM_K: 0: never; n >= 1: split-K in one wave when its busiest CTA has at most */ \
   F(int, split_slack)        /* ... n times stream-K's busiest CTA's tiles plus split_slack (>= 0) tiles, */ \
   F(int, split_cap)          /* ... the n times at most split_cap (>= 0) tiles above stream-K's busiest */ \
-  F(u32, page_magic) F(int, page_shift) /* PAGED: tok / page_size = (umulhi(tok, magic) + tok) >> shift (kernels.page_divisor) */ \
+  F(u32, page_magic) F(int, page_shift) /* PAGED: tok / page_size = (umulhi(tok, magic) + tok) >> shift (kernels.index_divisor) */ \
   F(int, split_prefetch)     /* runtime_split, sm_90+: the split's first tiles into L2 (SplitPrefetch); 0: off */ \
   F(int, lanes)              /* LANES: lanes of the launch (heads_kv: a lane's KV heads) */ \
   F(int, lane_counters)      /* LANES: counters of a lane (its share of `counters`) */       \
   F(i64, lane_slots)         /* LANES: floats of a lane's partial slots (its share of `partials`) */ \
-  F(int, lane_meta)          /* LANES: ints of a lane's unit records (its share of `unit_meta`) */
+  F(int, lane_meta)          /* LANES: ints of a lane's unit records (its share of `unit_meta`) */ \
+  F(u32, lane_magic) F(int, lane_shift) /* LANES: n / lanes = (umulhi(n, magic) + n) >> shift (kernels.index_divisor) */
 
 #define LEAN_DECLARE_FIELD(type, name) type name;
 struct Params {
@@ -321,11 +322,13 @@ static_assert(sizeof(Params) == LEAN_HOST_PARAMS_SIZE, "sizeof(Params) differs f
 
 __device__ __forceinline__ int clamp_len(int x, int cap) { return min(max(x, 0), cap); }
 
-// This CTA's head lane (LANES; else 0), its index and the grid in its lane's
-// schedule; unsigned, as blockIdx.x and gridDim.x are.
-__device__ __forceinline__ u32 head_lane(const Params& p) { return LANES ? blockIdx.x % (u32)p.lanes : 0u; }
-__device__ __forceinline__ u32 cta_index(const Params& p) { return LANES ? blockIdx.x / (u32)p.lanes : blockIdx.x; }
-__device__ __forceinline__ u32 grid_ctas(const Params& p) { return LANES ? gridDim.x / (u32)p.lanes : gridDim.x; }
+// LANES: n / p.lanes without a divide (n < 2**31).
+__device__ __forceinline__ u32 lane_div(const Params& p, u32 n) { return (__umulhi(n, p.lane_magic) + n) >> p.lane_shift; }
+// This CTA's index and the grid in its lane's schedule, and its head lane
+// (LANES; else 0); unsigned, as blockIdx.x and gridDim.x are.
+__device__ __forceinline__ u32 cta_index(const Params& p) { return LANES ? lane_div(p, blockIdx.x) : blockIdx.x; }
+__device__ __forceinline__ u32 grid_ctas(const Params& p) { return LANES ? lane_div(p, gridDim.x) : gridDim.x; }
+__device__ __forceinline__ u32 head_lane(const Params& p) { return LANES ? blockIdx.x - cta_index(p) * (u32)p.lanes : 0u; }
 // This CTA's lane's share of the workspace.
 __device__ __forceinline__ float* lane_partials(const Params& p) {
   return LANES ? p.partials + (i64)head_lane(p) * p.lane_slots : p.partials;
@@ -1117,6 +1120,7 @@ struct KVLoader {
     policy = evict_first_policy();
     if (one_page && p.page_size % RUN != 0) __trap();  // a host bug: this spec needs page_rows
     if (PAGED && p.page_magic == 0) __trap();          // a host bug: the page divisor is not set
+    if (LANES && p.lanes < 1) __trap();                 // ... or the lanes
   }
 
   __device__ void prefetch_pages(const Params& p, const Segment& s, int t, bool valid) {

@@ -138,38 +138,39 @@ def test_head_lanes_rule():
     """Which calls run their heads as lanes, and how many: fp8 at head_dim 64
     whose neighbouring heads' rows are adjacent (NHD), two heads or more, lean
     without a stream-K option, not batch-invariant; the count divides the
-    heads, leaves few SMs idle and (odd) few lines split between groups."""
+    heads, at most 32 of them, leaving at most a tenth of the SMs idle."""
     nhd = lambda h, t=1: (t * h * 64, h * 64, 64, 1)  # (sequence, token, head, element) byte strides
     hnd = lambda h, t=100: (h * t * 64, 64, t * 64, 1)
     lanes = lambda h, **kw: K.head_lanes("e4m3", 64, h, nhd(h), nhd(h), **kw)
-    assert K.head_lanes("e4m3", 64, 8, nhd(8, 100), nhd(8, 100)) == 2
+    assert K.head_lanes("e4m3", 64, 8, nhd(8, 100), nhd(8, 100)) == 8
     assert K.head_lanes("e5m2", 64, 2, nhd(2, 7), nhd(2, 7)) == 2
     assert K.head_lanes(None, 64, 8, nhd(8), nhd(8)) == 1  # 16-bit rows are whole lines
     assert K.head_lanes("e4m3", 128, 8, (0, 1024, 128, 1), (0, 1024, 128, 1)) == 1  # 128-byte rows
     assert K.head_lanes("e4m3", 64, 8, hnd(8), hnd(8)) == 1  # heads apart
     assert K.head_lanes("e4m3", 64, 8, nhd(8), hnd(8)) == 1  # V's heads apart
     assert lanes(1) == 1
-    # even counts: two lanes (whole lines, every SM); odd: a divisor, by the model
-    assert [lanes(h) for h in (2, 4, 6, 12, 32)] == [2] * 5
-    assert lanes(3) == 3 and lanes(17) == 17 and lanes(13) == 13  # (3: 44 SMs a lane; 17: 7, 119 of 132)
-    assert lanes(27) == 9  # 9 x 14 = 126 SMs; 27 lanes would leave 24 idle, 3 split every third line
-    assert lanes(21) == 21 and lanes(21, sms=120) == 7  # 126 of 132 SMs either way; of 120: 105 vs 119
-    assert lanes(137) == 1  # prime, more than the SMs
+    # the largest divisor of at most 32 whose lanes keep 90% of the SMs busy
+    assert [lanes(h) for h in (2, 3, 4, 6, 8, 12, 13, 17, 21, 32)] == [2, 3, 4, 6, 8, 12, 13, 17, 21, 32]
+    assert lanes(27) == 9  # 27 lanes: 4 SMs each, 108 of 132; 9: 14 each, 126
+    assert lanes(64) == 32 and lanes(48) == 24 and lanes(15) == 15 and lanes(35) == 7  # (35: 132 SMs; 35 lanes: over 32)
+    assert lanes(17, sms=114) == 1 and lanes(34, sms=114) == 2  # 17 lanes of 6 SMs: 102 of 114
+    assert lanes(37) == 1  # prime, over the 32 lanes
     for kw in ({"schedule": "split"}, {"schedule": "head"}, {"stream_k_knob": True}, {"batch_invariant": True}):
         assert lanes(8, **kw) == 1, kw
     with K.tuning(fp8_head_lanes=False):
         assert lanes(8) == 1
     with K.tuning(fp8_head_lanes_count=3):
         assert lanes(27) == 3 and lanes(8) == 1
-    with K.tuning(fp8_lane_split_line_cost=0.0):
-        assert lanes(27) == 3  # split lines free: the count that leaves no SM idle
+    with K.tuning(fp8_head_lanes_sm_fraction=0.8, fp8_head_lanes_max=64):
+        assert lanes(27) == 27 and lanes(64) == 64
 
 
 @needs_nvrtc
 def test_head_lanes_take_one_params():
     """A head-lanes spec takes the one Params every spec takes (a lane finds
-    its heads and workspace from the lane fields: the remainder of its block
-    index by Params.lanes, which the plain fp8 spec does not compute)."""
+    its heads and workspace from the lane fields: its block index over
+    Params.lanes by a multiply-high, which the dense plain fp8 spec has no
+    use for), and divides no more than the plain one."""
     plain = K.compile_ptx(K.make_spec("f16", 64, 8, False, features=16), "sm_90")
     lanes = K.compile_ptx(K.make_spec("f16", 64, 8, False, features=16 | 256), "sm_90")
 
@@ -177,7 +178,8 @@ def test_head_lanes_take_one_params():
         return int(re.search(r"\.entry \w+_attention\(\s*\.param \.align \d+ \.b8 \w+\[(\d+)\]", ptx).group(1))
 
     assert param_bytes(plain) == param_bytes(lanes) == ctypes.sizeof(K.Params)
-    assert lanes.count("rem.u32") > plain.count("rem.u32")
+    assert lanes.count("mul.hi.u32") > plain.count("mul.hi.u32") == 0
+    assert [lanes.count(op) for op in ("div.u32", "rem.u32")] == [plain.count(op) for op in ("div.u32", "rem.u32")]
 
 
 def test_make_spec_takes_both_dtype_names_and_refuses_others():
@@ -672,22 +674,25 @@ def test_launch_config_struct_matches_cuda_h():
     assert L._PROGRAMMATIC_STREAM_SERIALIZATION == 6
 
 
-def test_page_divisor_divides_every_token_index():
-    """kernels.page_divisor: the kernel's divide-free token / page_size, for
-    every page size the GPU takes, exhaustively below 2^20 and at 20000
-    random and edge indices up to 2^31 - 1."""
+def test_index_divisor_divides_every_index():
+    """kernels.index_divisor: the kernel's divide-free token / page_size and
+    block / lanes, for every page size the GPU takes (and lane count, at
+    most the SMs), exhaustively below 2^20 and at 20000 random and edge
+    indices up to 2^31 - 1."""
     rng = np.random.default_rng(3)
     small = np.arange(1 << 20, dtype=np.uint64)
     big = np.concatenate([rng.integers(0, 2 ** 31, 20000, dtype=np.uint64),
                           np.arange(2 ** 31 - 4096, 2 ** 31, dtype=np.uint64)])
     for d in range(1, K.MAX_PAGE_SIZE + 1):
-        magic, shift = K.page_divisor(d)
+        magic, shift = K.index_divisor(d)
         assert 0 < magic < 2 ** 32
         for n in (small, big):
             got = (((n * np.uint64(magic)) >> np.uint64(32)) + n) >> np.uint64(shift)
             assert np.array_equal(got, n // np.uint64(d)), d
     with pytest.raises(ValueError, match="page_size: expected an integer >= 1, got 0"):
-        K.page_divisor(0)
+        K.index_divisor(0)
+    with pytest.raises(ValueError, match="lanes: expected an integer >= 1, got 0"):
+        K.index_divisor(0, "lanes")
 
 
 def test_a_tuning_change_names_other_plans():
