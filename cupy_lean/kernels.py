@@ -547,10 +547,14 @@ TUNING = _Tuning({
     # different times (the DRAM then opened a row per 64 bytes), 0.89-0.99x on the other large ones,
     # 0.93-1.02x on calls under 80 MB of fp8 bytes
     "fp8_head_lanes": True,
-    # head_lanes: at most this many lanes (a group of 32 heads' 64-byte rows: 2 KB of a token) ...
-    "fp8_head_lanes_max": 32,
-    # ... and a count whose lanes (sms // lanes SMs each) keep at least this fraction of the SMs busy
+    # head_lanes: a count whose lanes (sms // lanes SMs each) keep at least this fraction of the SMs busy ...
     "fp8_head_lanes_sm_fraction": 0.9,
+    # ... the smallest one of at least this many lanes (else the largest). Measured on an H100 (bench/NOTES.md
+    # session 36, every divisor on 4 built calls of 16-32 KV heads and the head_dim-64 shapes of two family
+    # seeds): odd counts of 3 and 5 kept 0.88-0.96x of the time without lanes on calls of 25-27 heads where
+    # 7-27 lanes took 0.72-0.81x; among 8 or more lanes and the larger ones the differences were within the
+    # run-to-run spread (0.70-0.82x)
+    "fp8_head_lanes_group": 8,
     # an experiment: this many lanes where it divides heads_kv (and head_lanes' other conditions hold),
     # else none; None: head_lanes' choice
     "fp8_head_lanes_count": None,
@@ -825,12 +829,16 @@ def head_lanes(kv8, head_dim, heads_kv, k_strides, v_strides, schedule="lean", s
 
     L lanes run the schedule of a call of ``heads_kv / L`` heads on
     ``sms // L`` SMs each, lane l taking heads l, L + l, ..., so a token's
-    heads are read in groups of L neighbours at once. The count: the largest
-    divisor L >= 2 of ``heads_kv`` of at most ``TUNING["fp8_head_lanes_max"]``
-    whose lanes keep ``TUNING["fp8_head_lanes_sm_fraction"]`` of the SMs busy
-    (``L * (sms // L)``), else 1. ``TUNING["fp8_head_lanes_count"]`` forces a
-    count where it divides ``heads_kv``. Why and what it measured:
-    ``docs/design.md``, "Head lanes"."""
+    heads are read in groups of L neighbours at once. The count is a divisor
+    L >= 2 of ``heads_kv`` whose lanes keep ``TUNING["fp8_head_lanes_sm_fraction"]``
+    of the SMs busy (``L * (sms // L)``): the smallest such one of at least
+    ``TUNING["fp8_head_lanes_group"]`` (a group of 8 rows: 512 bytes), else
+    the largest (none: 1). More lanes read longer runs of a token's row at
+    once; with an odd count every other group ends inside a line, which
+    longer groups make rarer; fewer lanes keep more SMs per lane.
+    ``TUNING["fp8_head_lanes_count"]`` forces a count where it divides
+    ``heads_kv``. Why and what it measured: ``docs/design.md``, "Head
+    lanes"."""
     if not (kv8 is not None and head_dim == 64 and TUNING["fp8_head_lanes"] and schedule == "lean"
             and heads_kv >= 2 and not stream_k_knob and not batch_invariant
             and all(int(st[2]) == head_dim and int(st[3]) == 1 for st in (k_strides, v_strides))):
@@ -839,10 +847,9 @@ def head_lanes(kv8, head_dim, heads_kv, k_strides, v_strides, schedule="lean", s
     if forced is not None:
         forced = int(forced)
         return forced if 2 <= forced <= sms and heads_kv % forced == 0 else 1
-    top, frac = int(TUNING["fp8_head_lanes_max"]), float(TUNING["fp8_head_lanes_sm_fraction"])
-    counts = [L for L in range(2, min(heads_kv, top, sms) + 1)
-              if heads_kv % L == 0 and L * (sms // L) >= frac * sms]
-    return max(counts, default=1)
+    group, frac = int(TUNING["fp8_head_lanes_group"]), float(TUNING["fp8_head_lanes_sm_fraction"])
+    counts = [L for L in range(2, min(heads_kv, sms) + 1) if heads_kv % L == 0 and L * (sms // L) >= frac * sms]
+    return min((L for L in counts if L >= group), default=max(counts, default=1))
 
 def varied_length_tile(head_dim, group, features=0, occupancy=None):
     """The tile of a lean call whose sequences may differ in length (a

@@ -138,7 +138,8 @@ def test_head_lanes_rule():
     """Which calls run their heads as lanes, and how many: fp8 at head_dim 64
     whose neighbouring heads' rows are adjacent (NHD), two heads or more, lean
     without a stream-K option, not batch-invariant; the count divides the
-    heads, at most 32 of them, leaving at most a tenth of the SMs idle."""
+    heads and leaves at most a tenth of the SMs idle, the smallest of at
+    least 8 lanes, else the largest."""
     nhd = lambda h, t=1: (t * h * 64, h * 64, 64, 1)  # (sequence, token, head, element) byte strides
     hnd = lambda h, t=100: (h * t * 64, 64, t * 64, 1)
     lanes = lambda h, **kw: K.head_lanes("e4m3", 64, h, nhd(h), nhd(h), **kw)
@@ -149,20 +150,20 @@ def test_head_lanes_rule():
     assert K.head_lanes("e4m3", 64, 8, hnd(8), hnd(8)) == 1  # heads apart
     assert K.head_lanes("e4m3", 64, 8, nhd(8), hnd(8)) == 1  # V's heads apart
     assert lanes(1) == 1
-    # the largest divisor of at most 32 whose lanes keep 90% of the SMs busy
-    assert [lanes(h) for h in (2, 3, 4, 6, 8, 12, 13, 17, 21, 32)] == [2, 3, 4, 6, 8, 12, 13, 17, 21, 32]
+    # a divisor whose lanes keep 90% of the SMs busy: the smallest of 8 or more, else the largest
+    assert [lanes(h) for h in (2, 3, 4, 6, 8, 12, 13, 17, 21, 25)] == [2, 3, 4, 6, 8, 12, 13, 17, 21, 25]
     assert lanes(27) == 9  # 27 lanes: 4 SMs each, 108 of 132; 9: 14 each, 126
-    assert lanes(64) == 32 and lanes(48) == 24 and lanes(15) == 15 and lanes(35) == 7  # (35: 132 SMs; 35 lanes: over 32)
+    assert lanes(16) == 8 and lanes(32) == 8 and lanes(64) == 8 and lanes(15) == 15 and lanes(35) == 7
     assert lanes(17, sms=114) == 1 and lanes(34, sms=114) == 2  # 17 lanes of 6 SMs: 102 of 114
-    assert lanes(37) == 1  # prime, over the 32 lanes
+    assert lanes(37) == 1 and lanes(31) == 31  # primes: 37 lanes of 3 SMs (111); 31 of 4 (124)
     for kw in ({"schedule": "split"}, {"schedule": "head"}, {"stream_k_knob": True}, {"batch_invariant": True}):
         assert lanes(8, **kw) == 1, kw
     with K.tuning(fp8_head_lanes=False):
         assert lanes(8) == 1
     with K.tuning(fp8_head_lanes_count=3):
         assert lanes(27) == 3 and lanes(8) == 1
-    with K.tuning(fp8_head_lanes_sm_fraction=0.8, fp8_head_lanes_max=64):
-        assert lanes(27) == 27 and lanes(64) == 64
+    with K.tuning(fp8_head_lanes_sm_fraction=0.8, fp8_head_lanes_group=10):
+        assert lanes(27) == 27 and lanes(64) == 16 and lanes(8) == 8
 
 
 @needs_nvrtc
