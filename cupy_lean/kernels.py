@@ -447,6 +447,9 @@ TUNING = _Tuning({
     # a lean call at head_dim 64 over sequences of varied lengths (kv_lens or pages, several sequences):
     # this tile (0: the default tile), half the default's, two CTAs of 4 warps per SM (varied_length_tile)
     "varied_lengths_d64_tile": 64,
+    # ... also for an fp8 cache with no other feature (an experiment; session 33 measured it 0.68-1.16x with
+    # the 6-stage fp8 specs of then)
+    "fp8_varied_lengths_tile": False,
     # the two rules above (many_unit_config, varied_length_tile) also for calls with an optional feature
     # (sinks, window, soft-cap, query tokens, fp8; the window's length counting as the unit's tokens).
     # False: such calls keep the default tile. Measured on an H100 (bench/NOTES.md session 25, 8 fp8
@@ -858,7 +861,8 @@ def varied_length_tile(head_dim, group, features=0, occupancy=None):
 
     At head_dim 64 with up to 16 query rows per unit and no optional feature
     (``features``: the spec's ``FEATURES`` bits; any, with
-    ``TUNING["config_rules_with_features"]``): ``TUNING["varied_lengths_d64_tile"]``
+    ``TUNING["config_rules_with_features"]``; an fp8 cache and no other,
+    with ``TUNING["fp8_varied_lengths_tile"]``): ``TUNING["varied_lengths_d64_tile"]``
     (64) tokens, half the default, so that two CTAs of 4 warps share an SM
     where one of 8 ran. Each CTA's fixed costs (the length scan, the query
     load, the pipeline fill, page-table reads) then overlap the other's
@@ -876,7 +880,8 @@ def varied_length_tile(head_dim, group, features=0, occupancy=None):
     one such CTA, and that was not measured); None, for a check by hand
     without a GPU, assumes they fit."""
     tile = TUNING["varied_lengths_d64_tile"]
-    if head_dim != 64 or group > 16 or _features_block(features) or not tile:
+    fp8_ok = TUNING["fp8_varied_lengths_tile"] and _fp8_only(features)
+    if head_dim != 64 or group > 16 or (_features_block(features) and not fp8_ok) or not tile:
         return None
     if occupancy is not None and occupancy(int(tile)) < 2:
         return None

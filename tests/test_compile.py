@@ -565,6 +565,11 @@ def test_config_rules_with_features_switch():
         assert K.many_unit_config(**ok, features=b) == ((32, True) if b in fp8 else None)
         assert K.varied_length_tile(64, 8, b) is None
         assert K.many_unit_config(**{**ok, "head_dim": 128}, features=b) is None  # not the short-unit rule
+        # TUNING["fp8_varied_lengths_tile"]: the varied-length tile for an fp8 cache (with lanes too) alone
+        with K.tuning(fp8_varied_lengths_tile=True):
+            want = 64 if b in fp8 else None
+            assert K.varied_length_tile(64, 8, b) == want
+            assert K.varied_length_tile(64, 8, b | K.FEATURES["head_lanes"]) == (want if b & K.FP8_BITS else None)
     saved = dict(K.TUNING)
     try:
         K.TUNING["config_rules_with_features"] = True
