@@ -301,7 +301,11 @@ class Plan:
         1, not the model's choice).
     grid : int
         CTAs launched (lean: the persistent grid, or units x chunks when the
-        plan runs its split-K variant; split/head: units x splits).
+        plan runs its split-K variant; split/head: units x splits; with
+        lanes, all lanes' CTAs).
+    lanes : int
+        KV-head lanes run side by side (:func:`cupy_lean.kernels.head_lanes`:
+        fp8 at head_dim 64 in NHD); 1: none.
     uniform_variant : int
         0: the plan runs its schedule as asked; n >= 1: a lean plan of equal
         lengths runs split-K with n chunks per unit instead
@@ -414,7 +418,7 @@ class Plan:
         self.spec, self.kernels = spec, kern
         self.device = cp.cuda.runtime.getDevice()
         tile = spec.tile
-        units = B * Hkv_h  # (of a half)
+        units = B * Hkv_h  # (of a lane)
         self._lane_heads = Hkv_h
         max_unit_tiles = -(-(m.capacity if f_window is None else min(m.capacity, f_window + max(self.q_len, 1)))
                            // tile)

@@ -854,6 +854,7 @@ def head_lanes(kv8, head_dim, heads_kv, k_strides, v_strides, schedule="lean", s
     counts = [L for L in range(2, min(heads_kv, sms) + 1) if heads_kv % L == 0 and L * (sms // L) >= frac * sms]
     return min((L for L in counts if L >= group), default=max(counts, default=1))
 
+
 def varied_length_tile(head_dim, group, features=0, occupancy=None):
     """The tile of a lean call whose sequences may differ in length (a
     ``kv_lens`` or a paged cache, and more than one sequence, so the plan

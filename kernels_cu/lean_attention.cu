@@ -1817,7 +1817,7 @@ __device__ void attention_cta(const Params& p) {
 }
 
 // The schedule as the kernel derives it, for tests and experiments: CTA c
-// writes the record at p.partials (as ints) + c * p.slot_stride:
+// writes the record at its lane's partials (as ints) + c * p.slot_stride:
 //   [begin, end, segments, then per segment: unit, tile_begin, tile_end,
 //    partial, slot, first contributor, contributors]
 // (slot -1 and contributors 0 for a whole segment; STREAM_K ranges are linear
