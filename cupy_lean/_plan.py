@@ -389,13 +389,13 @@ class Plan:
         # heads' rows are adjacent (64 bytes apart) runs as `lanes` copies of one schedule side by side, lane
         # l taking KV heads l, lanes + l, ...; each planned here as a call of heads_kv / lanes heads on
         # SMs / lanes SMs; the launch interleaves their CTAs
-        self.lanes = K.head_lanes(f_kv8, D, Hkv, sig.k[1], sig.v[1], sig.schedule, stream_k_knob, sig.invariant,
-                                  K.device_sm_count())
-        lanes = self.lanes
+        all_sms = K.device_sm_count()
+        self.lanes = lanes = K.head_lanes(f_kv8, D, Hkv, sig.k[1], sig.v[1], sig.schedule, stream_k_knob,
+                                          sig.invariant, all_sms)
         if lanes > 1:
             bits |= K.FEATURES["head_lanes"]
         Hkv_h = Hkv // lanes  # KV heads of a lane
-        sms = K.device_sm_count() // lanes  # the SMs a lane's schedule is made for
+        sms = all_sms // lanes  # the SMs a lane's schedule is made for
 
         def spec_at(tile):  # this call's spec at a tile size (None: the default)
             return K.make_spec(KERNEL_TAG[sig.dtypes[0]], D, rows, m.paged, tile, sig.stages, smem_limit=smem_limit,

@@ -807,7 +807,7 @@ __device__ void reduce_unit(const Params& p, int b, int h, int n, SlotList slot_
         for (int u = 0; u < U; ++u) {  // past n or an idle row: an empty state, nothing read
           const int j = j0 + lane + u * lanes;
           const bool ok = live && j < n;
-          const float* st = lane_partials(p) + (j == 0 ? base0 : (ok ? base1 + (j - 1) * jstep : base0));
+          const float* st = ps.base + (j == 0 ? base0 : (ok ? base1 + (j - 1) * jstep : base0));
           mj[u] = ok ? __ldcg(st + stat) : -LEAN_INF;
           lj[u] = ok ? __ldcg(st + stat + g) : 0.f;
 #pragma unroll
@@ -1895,7 +1895,8 @@ __device__ __forceinline__ void combine_block(const Params& p) {
   const int per = (g + gridDim.y - 1) / gridDim.y, lo = blockIdx.y * per;
   if (lo >= g) return;  // the whole block: no barrier is left waiting
   if (p.decomposition == STREAM_K) {
-    const int n = __ldcg(lane_meta(p) + 2 * unit), first = __ldcg(lane_meta(p) + 2 * unit + 1);
+    const int* rec = lane_meta(p) + 2 * unit;
+    const int n = __ldcg(rec), first = __ldcg(rec + 1);
     LEAN_CSTAMP(2);
     if (n <= 1) return;
     reduce_unit(p, unit / p.heads_kv, unit % p.heads_kv, n, {first, PartialSlots::stream_k_slot(first / 2 + 1, 0), 2},
