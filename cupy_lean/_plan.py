@@ -411,7 +411,8 @@ class Plan:
             if many is not None:
                 (tile_size, self.one_cta_per_unit), self.many_units = many, True
             elif not self.equal_lengths:  # several sequences whose lengths the plan cannot see
-                tile_size = K.varied_length_tile(D, rows, bits, lambda t: K.kernels_for(spec_at(t)).occupancy)
+                tile_size = K.varied_length_tile(D, rows, bits, lambda t: K.kernels_for(spec_at(t)).occupancy,
+                                                 paged=m.paged)
                 self.varied_lengths_tile = tile_size is not None
             if tile_size is None and f_kv8 is not None and D == 128 and K.TUNING["fp8_d128_tile"]:
                 tile_size = int(K.TUNING["fp8_d128_tile"])  # an experiment (off: None)

@@ -447,9 +447,9 @@ TUNING = _Tuning({
     # a lean call at head_dim 64 over sequences of varied lengths (kv_lens or pages, several sequences):
     # this tile (0: the default tile), half the default's, two CTAs of 4 warps per SM (varied_length_tile)
     "varied_lengths_d64_tile": 64,
-    # ... also for an fp8 cache with no other feature (an experiment; session 33 measured it 0.68-1.16x with
-    # the 6-stage fp8 specs of then)
-    "fp8_varied_lengths_tile": False,
+    # ... also for an fp8 cache with no other feature: "paged" (paged caches only), True (ragged ones too) or
+    # False (none); see varied_length_tile
+    "fp8_varied_lengths_tile": "paged",
     # an experiment: the tile of a default lean fp8 call at head_dim 128 (None: the spec's default, 128)
     "fp8_d128_tile": None,
     # the two rules above (many_unit_config, varied_length_tile) also for calls with an optional feature
@@ -857,15 +857,17 @@ def head_lanes(kv8, head_dim, heads_kv, k_strides, v_strides, schedule="lean", s
     return min((L for L in counts if L >= group), default=max(counts, default=1))
 
 
-def varied_length_tile(head_dim, group, features=0, occupancy=None):
+def varied_length_tile(head_dim, group, features=0, occupancy=None, paged=False):
     """The tile of a lean call whose sequences may differ in length (a
     ``kv_lens`` or a paged cache, and more than one sequence, so the plan
     cannot see the lengths and runs stream-K), or None for the default.
 
     At head_dim 64 with up to 16 query rows per unit and no optional feature
     (``features``: the spec's ``FEATURES`` bits; any, with
-    ``TUNING["config_rules_with_features"]``; an fp8 cache and no other,
-    with ``TUNING["fp8_varied_lengths_tile"]``): ``TUNING["varied_lengths_d64_tile"]``
+    ``TUNING["config_rules_with_features"]``; an fp8 cache and no other
+    where ``TUNING["fp8_varied_lengths_tile"]`` allows: ``"paged"``, the
+    default, for a paged cache (``paged``), True for any):
+    ``TUNING["varied_lengths_d64_tile"]``
     (64) tokens, half the default, so that two CTAs of 4 warps share an SM
     where one of 8 ran. Each CTA's fixed costs (the length scan, the query
     load, the pipeline fill, page-table reads) then overlap the other's
@@ -881,9 +883,29 @@ def varied_length_tile(head_dim, group, features=0, occupancy=None):
     ``occupancy``: a function of the tile giving that spec's CTAs per SM;
     the rule needs two (a GPU of about 100 KB of shared memory per SM fits
     one such CTA, and that was not measured); None, for a check by hand
-    without a GPU, assumes they fit."""
+    without a GPU, assumes they fit.
+
+    fp8 (measured on an H100, ``tools/fp8_timing.py --tuning
+    fp8_varied_lengths_tile=True``, family seeds 20261607-9 and 20261704-6,
+    ``bench/results/fp8_vt64_h100_*.json``,
+    ``fp8_varied_lengths_tile_h100_*.json``): the fp8 kernel's 8-warp CTA
+    runs alone on an SM (213 registers a thread), its 4-warp 64-token one
+    two to an SM. Paged calls took 0.83-1.00 of the 128-token tile's time
+    (15 shapes of 10-1156 MB, pages of 1-64 tokens; none slower); they
+    stream at most ~2.2 TB/s of fp8 bytes (page-table reads, scattered
+    pages), and the second CTA hides the first's fixed costs. Ragged calls
+    (a dense cache with ``kv_lens``) took 0.80-1.06 on 10 calls up to 265
+    MB but 1.07-1.28 on 6 of 618-739 MB, which stream near the read ceiling with
+    128-token tiles: a 64-token fp8 tile carries 8 KB of K and V, as a
+    32-token 16-bit one does, so its per-tile work per byte is twice the
+    16-bit tile 64's. The plan cannot tell a large ragged call from a small
+    one (it sees the cache's capacity), so ragged fp8 calls keep the
+    default."""
     tile = TUNING["varied_lengths_d64_tile"]
-    fp8_ok = TUNING["fp8_varied_lengths_tile"] and _fp8_only(features)
+    fp8_mode = TUNING["fp8_varied_lengths_tile"]
+    if fp8_mode not in (True, False, "paged"):
+        raise ValueError(f'TUNING["fp8_varied_lengths_tile"]: expected True, False or "paged", got {fp8_mode!r}')
+    fp8_ok = (bool(paged) if fp8_mode == "paged" else bool(fp8_mode)) and _fp8_only(features)
     if head_dim != 64 or group > 16 or (_features_block(features) and not fp8_ok) or not tile:
         return None
     if occupancy is not None and occupancy(int(tile)) < 2:

@@ -565,11 +565,25 @@ def test_config_rules_with_features_switch():
         assert K.many_unit_config(**ok, features=b) == ((32, True) if b in fp8 else None)
         assert K.varied_length_tile(64, 8, b) is None
         assert K.many_unit_config(**{**ok, "head_dim": 128}, features=b) is None  # not the short-unit rule
-        # TUNING["fp8_varied_lengths_tile"]: the varied-length tile for an fp8 cache (with lanes too) alone
+        # TUNING["fp8_varied_lengths_tile"]: the varied-length tile for an fp8 cache (with lanes too) alone,
+        # "paged" (the default): paged caches only; True: ragged ones too; False: none
+        want = 64 if b in fp8 else None
+        lanes = b | K.FEATURES["head_lanes"]
+        assert K.TUNING["fp8_varied_lengths_tile"] == "paged"
+        assert K.varied_length_tile(64, 8, b, paged=True) == want
+        assert K.varied_length_tile(64, 8, lanes, paged=True) == (want if b & K.FP8_BITS else None)
+        assert K.varied_length_tile(64, 8, b, paged=False) is None
+        assert K.varied_length_tile(128, 8, b, paged=True) is None and K.varied_length_tile(64, 17, b, paged=True) is None
+        assert K.varied_length_tile(64, 8, b, lambda t: 1, paged=True) is None  # two CTAs must fit an SM
         with K.tuning(fp8_varied_lengths_tile=True):
-            want = 64 if b in fp8 else None
-            assert K.varied_length_tile(64, 8, b) == want
-            assert K.varied_length_tile(64, 8, b | K.FEATURES["head_lanes"]) == (want if b & K.FP8_BITS else None)
+            for paged in (False, True):
+                assert K.varied_length_tile(64, 8, b, paged=paged) == want
+                assert K.varied_length_tile(64, 8, lanes, paged=paged) == (want if b & K.FP8_BITS else None)
+        with K.tuning(fp8_varied_lengths_tile=False):
+            assert K.varied_length_tile(64, 8, b, paged=True) is None
+        with K.tuning(fp8_varied_lengths_tile="ragged"):
+            with pytest.raises(ValueError, match="fp8_varied_lengths_tile.*'ragged'"):
+                K.varied_length_tile(64, 8, b, paged=True)
     saved = dict(K.TUNING)
     try:
         K.TUNING["config_rules_with_features"] = True

@@ -1148,6 +1148,60 @@ def test_gpu_fp8_head_lanes_match_the_reference(fmt, dt, layout, page_size, lens
                                   kv_dtype=fmt, kv_layout="HND").lanes == 1
 
 
+@pytest.mark.parametrize("fmt,dt,page_size,hq,hkv", [
+    ("e4m3", "float16", 64, 10, 1),    # one KV head: no lanes
+    ("e5m2", "bfloat16", 16, 12, 4),   # four lanes
+    ("e4m3", "bfloat16", 1, 8, 2),     # a page per row
+])
+def test_gpu_fp8_paged_varied_lengths_take_tile_64(fmt, dt, page_size, hq, hkv):
+    """kernels.varied_length_tile with TUNING["fp8_varied_lengths_tile"]
+    "paged" (the default): a paged fp8 head_dim-64 cache of several
+    sequences runs 64-token tiles (two CTAs per SM) and describe() says so;
+    the same lengths in a ragged cache keep 128-token tiles (True: those
+    too). NaN-prefilled out and lse against the float64 reference, then two
+    graphs captured one after another, replayed with new lengths."""
+    from cupy_lean import kernels as K
+
+    rng = np.random.default_rng(211 + page_size + hkv)
+    lens = [4095, 0, 535, 1, 2429, 4678, 513, 1579]
+    npdt = np.float16 if dt == "float16" else BF16
+    for layout in ("paged", "dense"):
+        q, k, v, L, table = make_inputs(rng, len(lens), hq, hkv, 64, np.float16, lens, layout, page_size=page_size)
+        k8, ku8, ks = _fp8_cache(rng, k, fmt, True)
+        v8, vu8, vs = _fp8_cache(rng, v, fmt, False)
+        qd = q.astype(npdt)
+        args = (to_gpu(qd), cp.asarray(ku8), cp.asarray(vu8))
+        kw = dict(kv_lens=cp.asarray(L), block_table=to_gpu(table))
+        scales = dict(k_scale=cp.asarray(ks, dtype=cp.float32), v_scale=vs)
+        tol = 4e-3 if dt == "float16" else 2e-2
+        for mode in ("paged", True):
+            with K.tuning(fp8_varied_lengths_tile=mode):
+                pl = cupy_lean.plan(*args, **kw, kv_dtype=fmt, out=_nan_like(q.shape, npdt))
+                takes = layout == "paged" or mode is True
+                assert pl.varied_lengths_tile == takes and pl.spec.tile == (64 if takes else 128), pl.describe()
+                assert ("varied_length_tile" in pl.describe()) == takes
+                ro, rl = reference.attention(qd, k8, v8, kv_lens=L, block_table=table, k_scale=ks, v_scale=vs)
+                out = _nan_like(q.shape, npdt)
+                lse = cp.full(q.shape[:2], cp.nan, dtype=cp.float32)
+                pl.run(*args, **kw, **scales, out=out, lse=lse)
+                fin = np.isfinite(rl)
+                _assert_out_lse(out, lse, ro, rl, tol * max(1.0, np.abs(ro).max()),
+                                2e-3 * max(1.0, np.abs(rl[fin]).max()))
+                if not takes:
+                    continue
+                plans = [pl, cupy_lean.plan(*args, **kw, kv_dtype=fmt, out=_nan_like(q.shape, npdt))]
+                runs = _capture_plans(plans, qd, *args, **kw, **scales)
+                new = _other_lengths(rng, L, int(L.max()) if table is not None else k.shape[1], page_size, table)
+                kw["kv_lens"][...] = cp.asarray(new)
+                _replay_nan_prefilled(runs)
+                ro, rl = reference.attention(qd, k8, v8, kv_lens=new, block_table=table, k_scale=ks, v_scale=vs)
+                fin = np.isfinite(rl)
+                for _, o, l in runs:
+                    _assert_out_lse(o, l, ro, rl, tol * max(1.0, np.abs(ro).max()),
+                                    2e-3 * max(1.0, np.abs(rl[fin]).max()))
+                kw["kv_lens"][...] = cp.asarray(L)
+
+
 def test_gpu_fp8_with_query_tokens_window_sinks_plans_and_graphs():
     """fp8 with several query tokens, a window and sinks; a plan run twice
     with other scales; a CUDA graph replay; errors name the argument."""
