@@ -466,8 +466,8 @@ TUNING = _Tuning({
     # dense head_dim 64, 132-408 units, e4m3): on 9 shapes of 954-10441 tokens (at most 1.34 MB of K and V
     # per unit) the rule took 0.72-0.94 of the default's time; on 4 of 16236-75810 tokens (2.1-9.7 MB)
     # 1.04-1.14, 0.87 on one of 31844 tokens (group 2), 1.03 on one of 719 tokens and 132 units. The
-    # varied-length rule stays off for fp8 (0.68-1.16 over four runs) and so does the short-unit rule (not
-    # measured with fp8). With config_rules_with_features on, these two keys do not apply (every feature call
+    # varied-length rule takes fp8 only in paged caches (fp8_varied_lengths_tile) and the short-unit rule
+    # stays off for fp8 (not measured with fp8). With config_rules_with_features on, these two keys do not apply (every feature call
     # takes both rules, uncapped)
     "many_units_d64_with_fp8": True,
     "many_units_d64_fp8_max_unit_bytes": 3 << 19,  # 1.5 MiB: 12288 tokens at head_dim 64
@@ -885,13 +885,14 @@ def varied_length_tile(head_dim, group, features=0, occupancy=None, paged=False)
     one such CTA, and that was not measured); None, for a check by hand
     without a GPU, assumes they fit.
 
-    fp8 (measured on an H100, ``tools/fp8_timing.py --tuning
-    fp8_varied_lengths_tile=True``, family seeds 20261607-9 and 20261704-6,
+    fp8 (measured on an H100 against 128-token tiles, before this rule was
+    the default: ``tools/fp8_timing.py --tuning fp8_varied_lengths_tile=True``
+    with ``False`` then the default; now compare ``True`` with ``False``; family seeds 20261607-9 and 20261704-6,
     ``bench/results/fp8_vt64_h100_*.json``,
     ``fp8_varied_lengths_tile_h100_*.json``): the fp8 kernel's 8-warp CTA
     runs alone on an SM (213 registers a thread), its 4-warp 64-token one
     two to an SM. Paged calls took 0.83-1.00 of the 128-token tile's time
-    (15 shapes of 10-1156 MB, pages of 1-64 tokens; none slower); they
+    (13 batches of 10-1156 MB, pages of 1-64 tokens; none slower); they
     stream at most ~2.2 TB/s of fp8 bytes (page-table reads, scattered
     pages), and the second CTA hides the first's fixed costs. Ragged calls
     (a dense cache with ``kv_lens``) took 0.80-1.06 on 10 calls up to 265

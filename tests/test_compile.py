@@ -609,8 +609,10 @@ def test_many_units_d64_with_fp8_rule():
     reads) runs one CTA per unit at 64-token tiles up to two units per SM and
     32-token tiles above, as a 16-bit call does; fp8 with any other feature,
     a paged or ragged fp8 call, units of more than
-    TUNING["many_units_d64_fp8_max_unit_bytes"] of K and V, head_dim 128
-    (the short-unit rule) and the varied-length rule keep the default tile. Off, every fp8 call does. The
+    TUNING["many_units_d64_fp8_max_unit_bytes"] of K and V and head_dim 128
+    (the short-unit rule) keep the default tile, and so does the
+    varied-length rule for a ragged fp8 call (a paged one takes 64 tokens,
+    test_config_rules_with_features_switch). Off, every fp8 call does. The
     specs the rule gives build within the sm_80 limit and compile for sm_80
     and sm_90."""
     e4, e5, wide = K.FEATURES["fp8_e4m3"], K.FEATURES["fp8_e5m2"], K.FEATURES["fp8_wide_k"]
@@ -625,7 +627,7 @@ def test_many_units_d64_with_fp8_rule():
         assert K.many_unit_config(**ok, units=300, features=b, one_cta_per_unit=False) is None
         assert K.many_unit_config(**{**ok, "tokens": 300}, units=300, features=b, one_cta_per_unit=False) is None
         assert K.many_unit_config(**{**ok, "head_dim": 128, "tokens": 300}, units=300, features=b) is None
-        assert K.varied_length_tile(64, 8, b) is None
+        assert K.varied_length_tile(64, 8, b, paged=False) is None
         # units of more K and V bytes than the cap keep the default tile (1 byte an element)
         cap = K.TUNING["many_units_d64_fp8_max_unit_bytes"]
         assert K.many_unit_config(**{**ok, "tokens": cap // 128}, units=300, features=b) == (32, True)

@@ -1179,6 +1179,7 @@ def test_gpu_fp8_paged_varied_lengths_take_tile_64(fmt, dt, page_size, hq, hkv):
                 pl = cupy_lean.plan(*args, **kw, kv_dtype=fmt, out=_nan_like(q.shape, npdt))
                 takes = layout == "paged" or mode is True
                 assert pl.varied_lengths_tile == takes and pl.spec.tile == (64 if takes else 128), pl.describe()
+                assert pl.lanes == hkv and (pl.ctas_per_sm == 2 or not takes), pl.describe()
                 assert ("varied_length_tile" in pl.describe()) == takes
                 ro, rl = reference.attention(qd, k8, v8, kv_lens=L, block_table=table, k_scale=ks, v_scale=vs)
                 out = _nan_like(q.shape, npdt)
