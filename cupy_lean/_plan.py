@@ -414,8 +414,6 @@ class Plan:
                 tile_size = K.varied_length_tile(D, rows, bits, lambda t: K.kernels_for(spec_at(t)).occupancy,
                                                  paged=m.paged)
                 self.varied_lengths_tile = tile_size is not None
-            if tile_size is None and f_kv8 is not None and D == 128 and K.TUNING["fp8_d128_tile"]:
-                tile_size = int(K.TUNING["fp8_d128_tile"])  # an experiment (off: None)
         spec = spec_at(tile_size)
         kern = K.kernels_for(spec)
         self.spec, self.kernels = spec, kern

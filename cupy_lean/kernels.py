@@ -450,8 +450,6 @@ TUNING = _Tuning({
     # ... also for an fp8 cache with no other feature: "paged" (paged caches only), True (ragged ones too) or
     # False (none); see varied_length_tile
     "fp8_varied_lengths_tile": "paged",
-    # an experiment: the tile of a default lean fp8 call at head_dim 128 (None: the spec's default, 128)
-    "fp8_d128_tile": None,
     # the two rules above (many_unit_config, varied_length_tile) also for calls with an optional feature
     # (sinks, window, soft-cap, query tokens, fp8; the window's length counting as the unit's tokens).
     # False: such calls keep the default tile. Measured on an H100 (bench/NOTES.md session 25, 8 fp8
