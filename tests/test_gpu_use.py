@@ -1283,6 +1283,41 @@ def test_gpu_fp8_from_pytorch_float8(d, hkv):
     assert np.abs(cp.asnumpy(cp.asarray(got)).astype(np.float64) - ro).max() < 4e-3
 
 
+def test_gpu_fp8_paged_tile_64_from_pytorch_strided_out_two_graphs():
+    """A serving user's paged fp8 cache at head_dim 64, which takes the
+    64-token tile (TUNING["fp8_varied_lengths_tile"] "paged") in two lanes:
+    PyTorch float8_e5m2 pages, a bf16 q, torch int32 kv_lens and block
+    table, per-head K scales as a torch tensor, a custom softmax scale,
+    ``out`` a strided slice of a NaN-filled tensor, two CUDA graphs captured
+    one after another on the same plan: both write every row of their own
+    slice and nothing else."""
+    torch = pytest.importorskip("torch")
+    import ml_dtypes
+
+    rng = np.random.default_rng(113)
+    lens0 = [2049, 0, 1, 700, 4096, 33]
+    q, k, v, lens, table = make_inputs(rng, len(lens0), 12, 2, 64, BF16, lens0, "paged", page_size=16)
+    ks = rng.uniform(0.5, 2.0, 2)
+    k8 = (k.astype(np.float32) / ks[None, None, :, None]).astype(ml_dtypes.float8_e5m2)
+    v8 = (v.astype(np.float32) / 0.75).astype(ml_dtypes.float8_e5m2)
+    tq = torch.from_numpy(q.view(np.int16)).cuda().view(torch.bfloat16)
+    tk, tv = (torch.from_numpy(x.view(np.uint8)).cuda().view(torch.float8_e5m2) for x in (k8, v8))
+    tl, tt = torch.from_numpy(lens).cuda(), torch.from_numpy(table).cuda()
+    tks = torch.tensor(ks, dtype=torch.float32, device="cuda")
+    scale = 0.09
+    bigs = [torch.full((len(lens0), 12, 3 * 64), float("nan"), dtype=torch.bfloat16, device="cuda")
+            for _ in range(2)]
+    cols = slice(64, 128)
+    run_kw = dict(kv_lens=tl, block_table=tt, k_scale=tks, v_scale=0.75)
+    p = cupy_lean.plan(tq, tk, tv, out=bigs[0][:, :, cols], scale=scale, kv_lens=tl, block_table=tt)
+    assert "fp8 e5m2" in p.describe()
+    assert p.varied_lengths_tile and p.spec.tile == 64 and p.lanes == 2, p.describe()
+    kd = k8.astype(np.float32) * ks.astype(np.float32)[None, None, :, None]  # the values the kernel reads (exact in float32)
+    vd = v8.astype(np.float32) * np.float32(0.75)
+    _replay_two_graphs_into_slices(torch, p, (tq, tk, tv), (q, kd, vd), scale, bigs, cols, run_kw,
+                                   dict(kv_lens=lens, block_table=table))
+
+
 def _nccl():
     import warnings
 
