@@ -170,7 +170,7 @@ static_assert(TILE == 16 || TILE == 32 || TILE == 64 || TILE == 128, "TILE");
 static_assert(STAGES >= 2 && STAGES <= 6, "STAGES");
 static_assert(TW % 16 == 0, "tokens per warp");
 static_assert(NT % CPR == 0 && NT % KCPR == 0, "loader mapping");
-static_assert(WN == 1 || WN * ROWS_Q <= TILE, "the warp-merge scratch fits in one K/V stage (fp8: in two passes)");
+static_assert(WN == 1 || WN * ROWS_Q <= TILE, "the warp-merge scratch fits in one K/V stage (fp8: in two passes, or two stages)");
 
 // Shared storage, in bytes: [K/V ring][Q ring][page mask][warp stats][lengths][scan scratch].
 struct SharedLayout {
@@ -1555,48 +1555,17 @@ __device__ __forceinline__ void accumulate_pv(WarpState& st, const float (&s)[TW
   }
 }
 
-// Writes a segment's state: the output when it covers its unit, else its
-// partial slot. With WN == 1 each warp owns whole rows and writes from
-// registers; otherwise the WN token-slices of each row are merged through
-// shared memory (`scr`, the K/V stage just consumed: no load targets it before
-// the next iteration's barrier) in warp order, PASSES column ranges one after
-// the other (HAS_FP8: two, a stage of bytes holding half the floats).
-__device__ void store_segment(const Params& p, const Shared& sh, const Segment& s, const WarpState& st, int slot,
-                              float* scr) {
-  const int g = unit_rows(p);
-  const PartialSlots ps = {lane_partials(p), p.slot_stride, g};
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wm = warp / WN, wn = warp % WN;
-  const int rows[2] = {wm * 16 + (lane >> 2), wm * 16 + (lane >> 2) + 8};
-  const float lq[2] = {quad_sum(st.l[0]), quad_sum(st.l[1])};
-  if (WN == 1) {
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      if (rows[hf] >= g) continue;
-#pragma unroll
-      for (int x = 0; x < D / 8; ++x) {
-        float v[2];
-        const int col = acc_pair(st.acc, x, hf, lane, v);
-        emit<2>(p, ps, s.b, s.h, rows[hf], col, v, st.m[hf], lq[hf], s.partial, slot);
-      }
-    }
-    return;
-  }
-  float* stat_m = sh.stat_m();
-  float* stat_l = sh.stat_l();
-  __syncthreads();
-  if ((lane & 3) == 0) {
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      stat_m[wn * ROWS_Q + rows[hf]] = st.m[hf];
-      stat_l[wn * ROWS_Q + rows[hf]] = lq[hf];
-    }
-  }
-  __syncthreads();
-  constexpr int PASSES = HAS_FP8 ? 2 : 1;
+// The WN token-slices of each row merged through shared memory (`scr`) and
+// written, in PASSES column ranges one after the other; the warp stats are in
+// stat_m / stat_l (see store_segment).
+template <int PASSES>
+__device__ __forceinline__ void store_merged(const Params& p, const PartialSlots& ps, const Segment& s,
+                                             const WarpState& st, int slot, float* scr, const float* stat_m,
+                                             const float* stat_l, const int (&rows)[2], int wn, int lane) {
+  const int g = ps.group;
   constexpr int DP = D / PASSES;                // columns of a pass: scr holds WN x ROWS_Q rows of DP floats
   constexpr int XP = D / 8 / PASSES;            // accumulator pairs x of a pass
   constexpr int SWZ = (DP / 2 - 1) & (7 << 2);  // the float2 index's bits that a row's XOR may flip
-  static_assert(WN == 1 || 4 * WN * ROWS_Q * DP <= SharedLayout::KV_STAGE, "a pass's scratch (floats) fits in one stage");
   float* mine = scr + wn * ROWS_Q * DP;
 #pragma unroll
   for (int pass = 0; pass < PASSES; ++pass) {
@@ -1643,6 +1612,60 @@ __device__ void store_segment(const Params& p, const Shared& sh, const Segment& 
   }
 }
 
+// Writes a segment's state: the output when it covers its unit, else its
+// partial slot. With WN == 1 each warp owns whole rows and writes from
+// registers; otherwise the WN token-slices of each row are merged through
+// shared memory (store_merged) in warp order: `scr`, the K/V stage just
+// consumed (no load targets it before the next iteration's barrier), holds
+// the floats of half the columns with fp8 (a stage of bytes), so those merge
+// in two passes, except on the CTA's last segment (`last`): no copy is then
+// in flight into any stage, and the first two stages (with fp8: the floats of
+// every column) take the merge in one pass, a barrier and a round of stores
+// fewer on the path that ends a small call.
+__device__ void store_segment(const Params& p, const Shared& sh, const Segment& s, const WarpState& st, int slot,
+                              float* scr, bool last) {
+  const int g = unit_rows(p);
+  const PartialSlots ps = {lane_partials(p), p.slot_stride, g};
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wm = warp / WN, wn = warp % WN;
+  const int rows[2] = {wm * 16 + (lane >> 2), wm * 16 + (lane >> 2) + 8};
+  const float lq[2] = {quad_sum(st.l[0]), quad_sum(st.l[1])};
+  if (WN == 1) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      if (rows[hf] >= g) continue;
+#pragma unroll
+      for (int x = 0; x < D / 8; ++x) {
+        float v[2];
+        const int col = acc_pair(st.acc, x, hf, lane, v);
+        emit<2>(p, ps, s.b, s.h, rows[hf], col, v, st.m[hf], lq[hf], s.partial, slot);
+      }
+    }
+    return;
+  }
+  float* stat_m = sh.stat_m();
+  float* stat_l = sh.stat_l();
+  __syncthreads();
+  if ((lane & 3) == 0) {
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      stat_m[wn * ROWS_Q + rows[hf]] = st.m[hf];
+      stat_l[wn * ROWS_Q + rows[hf]] = lq[hf];
+    }
+  }
+  __syncthreads();
+  // a pass's floats fit in one stage (fp8: half the columns); with fp8 and at least two stages, every
+  // column's fit in the first two
+  static_assert(WN == 1 || 4 * WN * ROWS_Q * D / (HAS_FP8 ? 2 : 1) <= SharedLayout::KV_STAGE, "merge scratch");
+  static_assert(WN == 1 || !HAS_FP8 || 4 * WN * ROWS_Q * D <= 2 * SharedLayout::KV_STAGE, "merge scratch");
+  if (!HAS_FP8) {
+    store_merged<1>(p, ps, s, st, slot, scr, stat_m, stat_l, rows, wn, lane);
+  } else if (last) {
+    store_merged<1>(p, ps, s, st, slot, sh.scratch(0), stat_m, stat_l, rows, wn, lane);
+  } else {
+    store_merged<2>(p, ps, s, st, slot, scr, stat_m, stat_l, rows, wn, lane);
+  }
+}
+
 // STREAM_K merged by the combine launch: the CTA holding a unit's first tile
 // records the unit's pieces (1: whole in that CTA, nothing to merge) and the
 // first one's slot, at every launch (the combine reads nothing older). Out of
@@ -1662,12 +1685,13 @@ __device__ __noinline__ void record_unit(int* at, i64 per, i64 heavy, i64 unit_f
 
 // End of a segment: store it; for a partial STREAM_K unit, arrive at the unit's
 // counter and, if this CTA completes it, reduce the unit (UnitCounter says
-// why this is safe); merged by the combine launch, record the unit.
+// why this is safe); merged by the combine launch, record the unit. `last`:
+// the CTA's last segment (see store_segment).
 __device__ void finish_segment(const Params& p, const Shared& sh, const StreamK& sk, const Segment& s,
-                               const WarpState& st, int stage) {
+                               const WarpState& st, int stage, bool last) {
   const int c = cta_index(p);
   const int slot = p.decomposition == STREAM_K ? PartialSlots::stream_k_slot(c, s.ordinal) : c;
-  store_segment(p, sh, s, st, slot, sh.scratch(stage));
+  store_segment(p, sh, s, st, slot, sh.scratch(stage), last);
   LEAN_STAMP(4);
   if (p.decomposition != STREAM_K) return;
   if (p.unit_meta != nullptr) {
@@ -1809,7 +1833,7 @@ __device__ void attention_cta(const Params& p) {
       if (i == 0) LEAN_STAMP(13);
     }
     LEAN_STAMP(3);
-    finish_segment(p, sh, sk, seg, st, (i - 1) % STAGES);
+    finish_segment(p, sh, sk, seg, st, (i - 1) % STAGES, i == n_my);
   }
   cp_async_wait<0>();
   LEAN_STAMP(7);
