@@ -3,8 +3,9 @@ mirrored in Python for every warp layout, head_dim and K/V element size: in
 each pass every warp's (row, column) value lands in its own scratch float,
 inside the consumed K/V stage, and the reduction's float4 read of (warp,
 row, columns d..d+3) finds exactly those four values. fp8 specs merge in two
-column passes (their stage of bytes holds half the floats). The source lines
-the mirror follows are checked verbatim."""
+column passes inside the consumed stage (a stage of bytes holds half the
+floats), or, on a CTA's last segment, in one pass over the first two stages.
+The source lines the mirror follows are checked verbatim."""
 
 import pytest
 
@@ -12,7 +13,10 @@ from cupy_lean import kernels as K
 from kernel_mirror import assert_in_kernel
 
 MIRRORED = [
-    "constexpr int PASSES = HAS_FP8 ? 2 : 1;",
+    "template <int PASSES>",
+    "store_merged<1>(p, ps, s, st, slot, scr, stat_m, stat_l, rows, wn, lane);",
+    "store_merged<1>(p, ps, s, st, slot, sh.scratch(0), stat_m, stat_l, rows, wn, lane);",
+    "store_merged<2>(p, ps, s, st, slot, scr, stat_m, stat_l, rows, wn, lane);",
     "constexpr int DP = D / PASSES;",
     "constexpr int XP = D / 8 / PASSES;",
     "constexpr int SWZ = (DP / 2 - 1) & (7 << 2);",
@@ -44,23 +48,27 @@ def _spec(fp8, d, mt, tile):
     return K.Spec("f16", d, mt, tile, 2, False, K.FEATURES["fp8_e4m3"] if fp8 else 0)
 
 
-# the layouts with several warps per row (one warp per row writes from registers: no merge)
-MERGING = [(fp8, d, mt, tile) for fp8 in (False, True) for d in (64, 128, 256) for mt in (1, 2, 4, 8)
+# the layouts with several warps per row (one warp per row writes from registers: no merge), each with
+# the passes it merges in and the K/V stages its scratch may span: 16-bit one pass in one stage; fp8 two
+# passes in one stage, or (the CTA's last segment) one pass over two
+LAYOUTS = [(fp8, d, mt, tile) for fp8 in (False, True) for d in (64, 128, 256) for mt in (1, 2, 4, 8)
            for tile in (16, 32, 64, 128) if _spec(fp8, d, mt, tile).warps_n > 1]
+MERGING = [(fp8, d, mt, tile, passes, stages) for fp8, d, mt, tile in LAYOUTS
+           for passes, stages in (((2, 1), (1, 2)) if fp8 else ((1, 1),))]
 
 
 def test_some_layouts_merge_and_some_do_not():
-    assert 0 < len(MERGING) < 2 * 3 * 4 * 4
+    assert 0 < len(LAYOUTS) < 2 * 3 * 4 * 4
+    assert any(fp8 for fp8, *_ in LAYOUTS) and not all(fp8 for fp8, *_ in LAYOUTS)
 
 
-@pytest.mark.parametrize("fp8, d, mt, tile", MERGING)
-def test_store_merge_mapping(fp8, d, mt, tile):
+@pytest.mark.parametrize("fp8, d, mt, tile, passes, stages", MERGING)
+def test_store_merge_mapping(fp8, d, mt, tile, passes, stages):
     spec = _spec(fp8, d, mt, tile)
     wn, rows_q = spec.warps_n, 16 * mt
-    passes = 2 if fp8 else 1
     dp, xp = d // passes, d // 8 // passes
     swz = (dp // 2 - 1) & (7 << 2)
-    stage_floats = 2 * tile * d * (1 if fp8 else 2) // 4
+    stage_floats = stages * 2 * tile * d * (1 if fp8 else 2) // 4
     for p in range(passes):
         written = {}  # scratch float -> (warp wn, row, column)
         for warp in range(wn * mt):
