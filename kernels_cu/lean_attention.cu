@@ -196,7 +196,8 @@ static_assert(LENS_CACHE == LEAN_HOST_LENS_CACHE, "length cache differs from ker
 struct Shared {
   unsigned char* base;
   __device__ u16* kv(int stage) const { return reinterpret_cast<u16*>(base + stage * SharedLayout::KV_STAGE); }
-  // Float scratch once a stage is consumed: that stage (TILE * D floats; HAS_FP8: half as many).
+  // Float scratch once a stage is consumed: that stage (TILE * D floats; HAS_FP8: half as many), or
+  // from stage 0 on once no copy is in flight (store_segment's `last`).
   __device__ float* scratch(int stage) const { return reinterpret_cast<float*>(base + stage * SharedLayout::KV_STAGE); }
   __device__ u16* q(int slot) const { return reinterpret_cast<u16*>(base + SharedLayout::OFF_Q) + slot * ROWS_Q * D; }
   __device__ unsigned char* mask(int stage) const { return base + SharedLayout::OFF_MASK + stage * TILE; }
