@@ -883,11 +883,11 @@ def varied_length_tile(head_dim, group, features=0, occupancy=None, paged=False)
     one such CTA, and that was not measured); None, for a check by hand
     without a GPU, assumes they fit.
 
-    fp8 (measured on an H100 against 128-token tiles, before this rule was
-    the default: ``tools/fp8_timing.py --tuning fp8_varied_lengths_tile=True``
-    with ``False`` then the default; now compare ``True`` with ``False``; family seeds 20261607-9 and 20261704-6,
-    ``bench/results/fp8_vt64_h100_*.json``,
-    ``fp8_varied_lengths_tile_h100_*.json``): the fp8 kernel's 8-warp CTA
+    fp8 (measured on an H100, 64- against 128-token tiles, family seeds
+    20261607-9 and 20261704-6, ``bench/results/fp8_vt64_h100_*.json``,
+    ``fp8_varied_lengths_tile_h100_*.json``; to repeat:
+    ``tools/fp8_timing.py --tuning fp8_varied_lengths_tile=True`` against
+    ``False``): the fp8 kernel's 8-warp CTA
     runs alone on an SM (213 registers a thread), its 4-warp 64-token one
     two to an SM. Paged calls took 0.83-1.00 of the 128-token tile's time
     (13 batches of 10-1156 MB, pages of 1-64 tokens; none slower); they

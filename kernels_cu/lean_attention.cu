@@ -1658,13 +1658,10 @@ __device__ void store_segment(const Params& p, const Shared& sh, const Segment& 
   // column's fit in the first two
   static_assert(WN == 1 || 4 * WN * ROWS_Q * D / (HAS_FP8 ? 2 : 1) <= SharedLayout::KV_STAGE, "merge scratch");
   static_assert(WN == 1 || !HAS_FP8 || 4 * WN * ROWS_Q * D <= 2 * SharedLayout::KV_STAGE, "merge scratch");
-  if (!HAS_FP8) {
-    store_merged<1>(p, ps, s, st, slot, scr, stat_m, stat_l, rows, wn, lane);
-  } else if (last) {
-    store_merged<1>(p, ps, s, st, slot, sh.scratch(0), stat_m, stat_l, rows, wn, lane);
-  } else {
+  if (!HAS_FP8 || last)  // every column's floats in one pass (fp8: over stages 0 and 1)
+    store_merged<1>(p, ps, s, st, slot, HAS_FP8 ? sh.scratch(0) : scr, stat_m, stat_l, rows, wn, lane);
+  else
     store_merged<2>(p, ps, s, st, slot, scr, stat_m, stat_l, rows, wn, lane);
-  }
 }
 
 // STREAM_K merged by the combine launch: the CTA holding a unit's first tile

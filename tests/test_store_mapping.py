@@ -14,8 +14,8 @@ from kernel_mirror import assert_in_kernel
 
 MIRRORED = [
     "template <int PASSES>",
-    "store_merged<1>(p, ps, s, st, slot, scr, stat_m, stat_l, rows, wn, lane);",
-    "store_merged<1>(p, ps, s, st, slot, sh.scratch(0), stat_m, stat_l, rows, wn, lane);",
+    "if (!HAS_FP8 || last)",
+    "store_merged<1>(p, ps, s, st, slot, HAS_FP8 ? sh.scratch(0) : scr, stat_m, stat_l, rows, wn, lane);",
     "store_merged<2>(p, ps, s, st, slot, scr, stat_m, stat_l, rows, wn, lane);",
     "constexpr int DP = D / PASSES;",
     "constexpr int XP = D / 8 / PASSES;",
