@@ -1506,32 +1506,36 @@ def _poison_outside_the_window(k, v, lens, table, start, poison):
 
 @pytest.mark.parametrize("layout", ["dense", "paged"])
 @pytest.mark.parametrize("kv", ["float16", "bfloat16", "e4m3"])
-@pytest.mark.parametrize("sched,q_len", [("lean", 1), ("split", 3), ("head", 2)])
-def test_gpu_window_reads_nothing_outside_it(layout, kv, sched, q_len):
+@pytest.mark.parametrize("sched,q_len,ragged", [("lean", 1, False), ("split", 3, False), ("head", 2, False),
+                                                ("lean", 4, True)])
+def test_gpu_window_reads_nothing_outside_it(layout, kv, sched, q_len, ragged):
     """A sliding-window call reads only its window: with NaN in every key
     and value before each sequence's window and past its length, and the
     pages wholly before the window pointing at a page of NaN, the output and
     lse are those of the clean cache (a NaN read anywhere would spread to
-    its rows)."""
+    its rows). With ``q_lens`` the window starts where the first of
+    ``q_len`` tokens would see (README: the keys after that are read)."""
     rng = np.random.default_rng(211 + q_len)
     lens, wl = [9000, 700, 1, 0, 2345, 530], 500
     dt = BF16 if kv == "bfloat16" else np.float16
     _, k, v, L, table = make_inputs(rng, len(lens), 16, 4, 128, dt, lens, layout, page_size=16, cap_extra=37)
     q = rng.standard_normal((len(lens), q_len, 16, 128)).astype(dt)
+    nq = np.array([4, 1, 0, 2, 3, 4], np.int32) if ragged else None
     if kv == "e4m3":
         k_ref, k_st, ks = _fp8_cache(rng, k, "e4m3", True)
         v_ref, v_st, vs = _fp8_cache(rng, v, "e4m3", True)
         extra, poison = dict(kv_dtype="e4m3", k_scale=ks, v_scale=vs), 0x7F  # 0x7F: e4m3 NaN
     else:
         k_ref, k_st, v_ref, v_st, extra, poison = k, k, v, v, {}, np.nan
-    ro, rl = reference.attention(q, k_ref, v_ref, kv_lens=L, block_table=table, window_left=wl, **extra)
+    ro, rl = reference.attention(q, k_ref, v_ref, kv_lens=L, block_table=table, window_left=wl, q_lens=nq, **extra)
     start = reference.window_start(L, wl, q_len)
     assert start[0] > 16 and start[1] % 16 != 0  # whole pages and a part of one before the window
     k_st, v_st, tab = _poison_outside_the_window(k_st, v_st, L, table, start, poison)
     out = _nan_like(q.shape, q.dtype)
     lse = cp.full(q.shape[:3], cp.nan, dtype=cp.float32)
     cupy_lean.attention(to_gpu(q), to_gpu(k_st), to_gpu(v_st), kv_lens=cp.asarray(L), block_table=to_gpu(tab),
-                        window_left=wl, schedule=sched, out=out, lse=lse, **extra)
+                        window_left=wl, schedule=sched, out=out, lse=lse,
+                        q_lens=None if nq is None else cp.asarray(nq), **extra)
     tol = 1.6e-2 if kv == "bfloat16" else 4e-3
     _assert_out_lse(out, lse, ro, rl, tol, tol)
 
