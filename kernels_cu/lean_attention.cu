@@ -1567,6 +1567,7 @@ __device__ __forceinline__ void store_merged(const Params& p, const PartialSlots
   constexpr int DP = D / PASSES;                // columns of a pass: scr holds WN x ROWS_Q rows of DP floats
   constexpr int XP = D / 8 / PASSES;            // accumulator pairs x of a pass
   constexpr int SWZ = (DP / 2 - 1) & (7 << 2);  // the float2 index's bits that a row's XOR may flip
+  static_assert(!HAS_FP8 || DP % 32 == 0, "fp8 merge swizzle: a pass's row spans whole 128-byte lines");
   float* mine = scr + wn * ROWS_Q * DP;
 #pragma unroll
   for (int pass = 0; pass < PASSES; ++pass) {
@@ -1579,6 +1580,20 @@ __device__ __forceinline__ void store_merged(const Params& p, const PartialSlots
 #pragma unroll
       for (int j = 0; j < WN; ++j) M = fmaxf(M, stat_m[j * ROWS_Q + row]);
       const float f = merge_weight(st.m[hf], M);
+      if (HAS_FP8) {
+        // a lane's pairs x = 2i and 2i + 1 are columns 16i + 4 (lane % 4) + 0..3: one float4; the 8 lanes
+        // of a quarter warp (rows r, r + 1) write 64 bytes each, odd rows in the other half of the banks
+#pragma unroll
+        for (int i = pass * XP / 2; i < (pass + 1) * XP / 2; ++i) {
+          float v[2], w[2];
+          const int col = acc_pair(st.acc, 2 * i, hf, lane, v);
+          acc_pair(st.acc, 2 * i + 1, hf, lane, w);
+          const int f2 = (col >> 1) - pass * (DP / 2);
+          *reinterpret_cast<float4*>(mine + row * DP + 2 * (f2 ^ (row & 1) << 3)) =
+              make_float4(v[0] * f, v[1] * f, w[0] * f, w[1] * f);
+        }
+        continue;
+      }
 #pragma unroll
       for (int x = pass * XP; x < (pass + 1) * XP; ++x) {
         float v[2];
@@ -1598,7 +1613,7 @@ __device__ __forceinline__ void store_merged(const Params& p, const PartialSlots
 #pragma unroll
       for (int j = 0; j < WN; ++j) M = fmaxf(M, stat_m[j * ROWS_Q + row]);
       float sum[4] = {0.f, 0.f, 0.f, 0.f};
-      const int f2 = (d >> 1) ^ ((row & 7) << 2 & SWZ);
+      const int f2 = (d >> 1) ^ (HAS_FP8 ? (row & 1) << 3 : (row & 7) << 2 & SWZ);
 #pragma unroll
       for (int j = 0; j < WN; ++j) {
         L += stat_l[j * ROWS_Q + row] * merge_weight(stat_m[j * ROWS_Q + row], M);

@@ -5,7 +5,10 @@ inside the consumed K/V stage, and the reduction's float4 read of (warp,
 row, columns d..d+3) finds exactly those four values. fp8 specs merge in two
 column passes inside the consumed stage (a stage of bytes holds half the
 floats), or, on a CTA's last segment, in one pass over the first two stages.
-The source lines the mirror follows are checked verbatim."""
+Every store and load of the scratch is free of shared-memory bank conflicts
+(each phase of a warp's access, 16 lanes of 8 bytes or 8 of 16, touches a
+bank at most once). The source lines the mirror follows are checked
+verbatim."""
 
 import pytest
 
@@ -24,7 +27,13 @@ MIRRORED = [
     "for (int x = pass * XP; x < (pass + 1) * XP; ++x) {",
     "const int f2 = (HAS_FP8 ? col >> 1 : x * 4 + (lane & 3)) - pass * (DP / 2);",
     "*reinterpret_cast<float2*>(mine + row * DP + 2 * (f2 ^ ((row & 7) << 2 & SWZ))) =",
-    "const int f2 = (d >> 1) ^ ((row & 7) << 2 & SWZ);",
+    "for (int i = pass * XP / 2; i < (pass + 1) * XP / 2; ++i) {",
+    "const int col = acc_pair(st.acc, 2 * i, hf, lane, v);",
+    "acc_pair(st.acc, 2 * i + 1, hf, lane, w);",
+    "const int f2 = (col >> 1) - pass * (DP / 2);",
+    "*reinterpret_cast<float4*>(mine + row * DP + 2 * (f2 ^ (row & 1) << 3)) =",
+    "make_float4(v[0] * f, v[1] * f, w[0] * f, w[1] * f);",
+    "const int f2 = (d >> 1) ^ (HAS_FP8 ? (row & 1) << 3 : (row & 7) << 2 & SWZ);",
     "const float4 x = *reinterpret_cast<const float4*>(scr + (j * ROWS_Q + row) * DP + 2 * f2);",
     "emit<4>(p, ps, s.b, s.h, row, pass * DP + d, sum, M, L, s.partial, slot);",
     "return x * 8 + (lane & 3) * 2;",
@@ -62,6 +71,37 @@ def test_some_layouts_merge_and_some_do_not():
     assert any(fp8 for fp8, *_ in LAYOUTS) and not all(fp8 for fp8, *_ in LAYOUTS)
 
 
+def _conflict_free(accesses, width):
+    """Whether a warp's shared-memory access is free of bank conflicts:
+    ``accesses`` maps each lane to its first float (4-byte word) of
+    ``width`` words; the warp runs in phases of 128 bytes of lanes (16 lanes
+    of 8 bytes, 8 of 16), each touching a bank (word % 32) at most once."""
+    per_phase = 32 // width
+    for ph in range(0, 32, per_phase):
+        banks = [(a + i) % 32 for lane, a in accesses.items() if ph <= lane < ph + per_phase for i in range(width)]
+        if len(banks) != len(set(banks)):
+            return False
+    return True
+
+
+def _swizzle(fp8, row, swz):
+    return (row & 1) << 3 if fp8 else (row & 7) << 2 & swz
+
+
+def _writes(fp8, x_range, lane, row, dp, p):
+    """(first float within the row, width, columns) of each store of a lane's
+    row: fp8 one float4 per two pairs, 16-bit one float2 per pair."""
+    if fp8:
+        for i in range(x_range[0] // 2, x_range[1] // 2):
+            col = _col(True, 2 * i, lane)
+            assert _col(True, 2 * i + 1, lane) == col + 2
+            yield 2 * (((col >> 1) - p * (dp // 2)) ^ _swizzle(True, row, 0)), 4, col
+    else:
+        swz = (dp // 2 - 1) & (7 << 2)
+        for x in range(*x_range):
+            yield 2 * ((x * 4 + (lane & 3) - p * (dp // 2)) ^ _swizzle(False, row, swz)), 2, _col(False, x, lane)
+
+
 @pytest.mark.parametrize("fp8, d, mt, tile, passes, stages", MERGING)
 def test_store_merge_mapping(fp8, d, mt, tile, passes, stages):
     spec = _spec(fp8, d, mt, tile)
@@ -73,21 +113,43 @@ def test_store_merge_mapping(fp8, d, mt, tile, passes, stages):
         written = {}  # scratch float -> (warp wn, row, column)
         for warp in range(wn * mt):
             wm, w = warp // wn, warp % wn
-            for lane in range(32):
-                for hf in range(2):
+            for hf in range(2):
+                stores = {}  # the k-th store of the loop -> {lane: first float}
+                for lane in range(32):
                     row = wm * 16 + (lane >> 2) + 8 * hf
-                    for x in range(p * xp, (p + 1) * xp):
-                        col = _col(fp8, x, lane)
-                        f2 = ((col >> 1) if fp8 else x * 4 + (lane & 3)) - p * (dp // 2)
-                        base = w * rows_q * dp + row * dp + 2 * (f2 ^ ((row & 7) << 2 & swz))
-                        for i in range(2):
-                            assert base + i not in written, (p, warp, lane, hf, x)
+                    for k, (at, width, col) in enumerate(_writes(fp8, (p * xp, (p + 1) * xp), lane, row, dp, p)):
+                        base = w * rows_q * dp + row * dp + at
+                        stores.setdefault(k, {})[lane] = base
+                        for i in range(width):
+                            assert base + i not in written, (p, warp, lane, hf, k)
                             assert 0 <= base + i < stage_floats
                             written[base + i] = (w, row, col + i)
+                for k, lanes in stores.items():
+                    assert _conflict_free(lanes, 4 if fp8 else 2), (p, warp, hf, k)
         assert len(written) == wn * rows_q * dp
         for j in range(wn):
             for row in range(rows_q):
                 for d4 in range(0, dp, 4):
-                    f2 = (d4 >> 1) ^ ((row & 7) << 2 & swz)
+                    f2 = (d4 >> 1) ^ _swizzle(fp8, row, swz)
                     at = (j * rows_q + row) * dp + 2 * f2
                     assert [written[at + i] for i in range(4)] == [(j, row, p * dp + d4 + i) for i in range(4)]
+        # the reduction's loads: thread e reads row e // (dp / 4), columns 4 (e % (dp / 4)) + 0..3 of warp j
+        per_row = dp // 4
+        for j in range(wn):
+            for e0 in range(0, rows_q * per_row, 32):
+                lanes = {}
+                for lane in range(32):
+                    row, d4 = divmod(e0 + lane, per_row)
+                    if row < rows_q:
+                        lanes[lane] = (j * rows_q + row) * dp + 2 * ((2 * d4) ^ _swizzle(fp8, row, swz))
+                assert _conflict_free(lanes, 4), (p, j, e0)
+
+
+def test_the_bank_model_sees_the_old_fp8_stores_conflict():
+    """The mirror's bank check can fail: fp8's former float2 stores (the
+    16-bit row swizzle, (row % 8) x 4 float2s, on fp8's columns 16i +
+    4 (lane % 4) + 2e) were 2-way conflicted in a row of 128 floats."""
+    old = {lane: (lane >> 2) * 128 + 2 * ((_col(True, 0, lane) >> 1) ^ ((lane >> 2) & 7) << 2) for lane in range(32)}
+    assert not _conflict_free(old, 2)
+    new = {lane: (lane >> 2) * 128 + 2 * ((_col(True, 0, lane) >> 1) ^ _swizzle(True, lane >> 2, 0)) for lane in range(32)}
+    assert _conflict_free(new, 4)
