@@ -1584,7 +1584,8 @@ __device__ __forceinline__ void store_merged(const Params& p, const PartialSlots
         // a lane's pairs x = 2i and 2i + 1 are columns 16i + 4 (lane % 4) + 0..3: one float4; the 8 lanes
         // of a quarter warp (rows r, r + 1) write 64 bytes each, odd rows in the other half of the banks
 #pragma unroll
-        for (int i = pass * XP / 2; i < (pass + 1) * XP / 2; ++i) {
+        for (int k = 0; k < XP / 2; ++k) {  // (counted from 0: fully unrolled at D = 256 too)
+          const int i = pass * XP / 2 + k;
           float v[2], w[2];
           const int col = acc_pair(st.acc, 2 * i, hf, lane, v);
           acc_pair(st.acc, 2 * i + 1, hf, lane, w);

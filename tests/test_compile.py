@@ -334,6 +334,25 @@ def test_feature_specs_compile(spec, arch):
     assert spills and max(spills) <= 512, log[0]
 
 
+FP8_FRAME_SPECS = [K.make_spec("f16", d, 8, paged, t, features=K.FEATURES["fp8_e4m3"])
+                   for d in (64, 128, 256) for paged, t in ((False, None), (True, 64))]
+
+
+@needs_nvrtc
+@pytest.mark.parametrize("spec", FP8_FRAME_SPECS, ids=[s.name for s in FP8_FRAME_SPECS])
+def test_fp8_specs_have_no_stack_frame(spec):
+    """The fp8 kernels keep their accumulator in registers (sm_90): no entry
+    has a stack frame. A loop over accumulator pairs that the compiler does
+    not unroll (the segment store's float4 loop, written with bounds that
+    start at the pass, did not at head_dim 256) indexes the array at run
+    time and moves it to local memory: a 528-568-byte frame that the spill
+    limits above let through."""
+    log = []
+    K.compile_cubin(spec, "sm_90", log=log)
+    frames = [int(x) for x in re.findall(r"(\d+) bytes stack frame", log[0])]
+    assert frames and max(frames) == 0, log[0]
+
+
 def test_fp8_specs_hold_bytes_in_the_ring():
     """An fp8 spec's ring holds K/V as bytes (the MMAs read them there; the
     segment store merges its warps through a consumed stage in two column
