@@ -1598,10 +1598,8 @@ __device__ __forceinline__ void store_merged(const Params& p, const PartialSlots
 #pragma unroll
       for (int x = pass * XP; x < (pass + 1) * XP; ++x) {
         float v[2];
-        const int col = acc_pair(st.acc, x, hf, lane, v);
-        // float2 index within the pass's row, swizzled below (fp16/bf16: written as x * 4 + lane % 4, the
-        // same value, which keeps the plain specs' code as measured)
-        const int f2 = (HAS_FP8 ? col >> 1 : x * 4 + (lane & 3)) - pass * (DP / 2);
+        acc_pair(st.acc, x, hf, lane, v);  // columns x * 8 + 2 (lane % 4) + 0..1
+        const int f2 = x * 4 + (lane & 3) - pass * (DP / 2);  // their float2 within the pass's row
         *reinterpret_cast<float2*>(mine + row * DP + 2 * (f2 ^ ((row & 7) << 2 & SWZ))) =
             make_float2(v[0] * f, v[1] * f);
       }
