@@ -1568,6 +1568,9 @@ __device__ __forceinline__ void store_merged(const Params& p, const PartialSlots
   constexpr int XP = D / 8 / PASSES;            // accumulator pairs x of a pass
   constexpr int SWZ = (DP / 2 - 1) & (7 << 2);  // the float2 index's bits that a row's XOR may flip
   static_assert(!HAS_FP8 || DP % 32 == 0, "fp8 merge swizzle: a pass's row spans whole 128-byte lines");
+  // the XOR of a row's float2 indices, for the writes and the reduction's reads: fp8 rows 2m, 2m + 1 in
+  // opposite halves of the banks (a quarter warp's float4 writes), 16-bit rows 8 apart in 32-byte steps
+  auto row_xor = [](int row) { return HAS_FP8 ? (row & 1) << 3 : (row & 7) << 2 & SWZ; };
   float* mine = scr + wn * ROWS_Q * DP;
 #pragma unroll
   for (int pass = 0; pass < PASSES; ++pass) {
@@ -1581,8 +1584,7 @@ __device__ __forceinline__ void store_merged(const Params& p, const PartialSlots
       for (int j = 0; j < WN; ++j) M = fmaxf(M, stat_m[j * ROWS_Q + row]);
       const float f = merge_weight(st.m[hf], M);
       if (HAS_FP8) {
-        // a lane's pairs x = 2i and 2i + 1 are columns 16i + 4 (lane % 4) + 0..3: one float4; the 8 lanes
-        // of a quarter warp (rows r, r + 1) write 64 bytes each, odd rows in the other half of the banks
+        // a lane's pairs x = 2i and 2i + 1 are columns 16i + 4 (lane % 4) + 0..3: one float4
 #pragma unroll
         for (int k = 0; k < XP / 2; ++k) {  // (counted from 0: fully unrolled at D = 256 too)
           const int i = pass * XP / 2 + k;
@@ -1590,7 +1592,7 @@ __device__ __forceinline__ void store_merged(const Params& p, const PartialSlots
           const int col = acc_pair(st.acc, 2 * i, hf, lane, v);
           acc_pair(st.acc, 2 * i + 1, hf, lane, w);
           const int f2 = (col >> 1) - pass * (DP / 2);
-          *reinterpret_cast<float4*>(mine + row * DP + 2 * (f2 ^ (row & 1) << 3)) =
+          *reinterpret_cast<float4*>(mine + row * DP + 2 * (f2 ^ row_xor(row))) =
               make_float4(v[0] * f, v[1] * f, w[0] * f, w[1] * f);
         }
         continue;
@@ -1600,7 +1602,7 @@ __device__ __forceinline__ void store_merged(const Params& p, const PartialSlots
         float v[2];
         acc_pair(st.acc, x, hf, lane, v);  // columns x * 8 + 2 (lane % 4) + 0..1
         const int f2 = x * 4 + (lane & 3) - pass * (DP / 2);  // their float2 within the pass's row
-        *reinterpret_cast<float2*>(mine + row * DP + 2 * (f2 ^ ((row & 7) << 2 & SWZ))) =
+        *reinterpret_cast<float2*>(mine + row * DP + 2 * (f2 ^ row_xor(row))) =
             make_float2(v[0] * f, v[1] * f);
       }
     }
@@ -1612,7 +1614,7 @@ __device__ __forceinline__ void store_merged(const Params& p, const PartialSlots
 #pragma unroll
       for (int j = 0; j < WN; ++j) M = fmaxf(M, stat_m[j * ROWS_Q + row]);
       float sum[4] = {0.f, 0.f, 0.f, 0.f};
-      const int f2 = (d >> 1) ^ (HAS_FP8 ? (row & 1) << 3 : (row & 7) << 2 & SWZ);
+      const int f2 = (d >> 1) ^ row_xor(row);
 #pragma unroll
       for (int j = 0; j < WN; ++j) {
         L += stat_l[j * ROWS_Q + row] * merge_weight(stat_m[j * ROWS_Q + row], M);

@@ -347,10 +347,9 @@ def test_fp8_specs_have_no_stack_frame(spec):
     start at the pass, did not at head_dim 256) indexes the array at run
     time and moves it to local memory: a 528-568-byte frame that the spill
     limits above let through."""
-    log = []
-    K.compile_cubin(spec, "sm_90", log=log)
-    frames = [int(x) for x in re.findall(r"(\d+) bytes stack frame", log[0])]
-    assert frames and max(frames) == 0, log[0]
+    cubin, text = _compile_one((spec, "sm_90"))
+    frames = [int(x) for x in re.findall(r"(\d+) bytes stack frame", text)]
+    assert cubin is not None and frames and max(frames) == 0, text
 
 
 def test_fp8_specs_hold_bytes_in_the_ring():
