@@ -49,7 +49,9 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
         ``q``'s axis 1, query ``i`` seeing keys ``[0, kv_len - q_lens[b] +
         i]``. The padding tokens past ``q_lens[b]`` see no key: their ``out``
         rows are zero and their ``lse`` ``-inf`` (the sink's logit with
-        ``sinks``). A GPU array is read at launch (CUDA graphs replay new
+        ``sinks``). The GPU reads no key or value of a sequence with
+        ``q_lens[b] = 0``, and with a window none before the first key of
+        its own first token. A GPU array is read at launch (CUDA graphs replay new
         values); its values are clamped to ``[0, q_len]`` on the GPU, checked
         with ``validate=True``; host values are always checked.
     k, v : array, shape (batch, seqlen, heads_kv, head_dim)
@@ -144,9 +146,8 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
         CTA per unit instead: no workspace, slower with few units, other
         bits. ``schedule`` must be ``"lean"`` (the default) or ``"head"``,
         and ``num_ctas`` None. The bits also depend on the call's
-        ``q_len`` (a 4-D ``q``'s second axis, which shapes the kernel and,
-        with a window, where it starts): with ``q_lens``, compare
-        sequences among calls of one ``q_len``.
+        ``q_len`` (a 4-D ``q``'s second axis, which shapes the kernel):
+        with ``q_lens``, compare sequences among calls of one ``q_len``.
     validate : bool
         Check the *values* of ``kv_lens`` and ``block_table`` that live on the
         GPU with a small kernel, then synchronise to raise ``ValueError`` on a

@@ -134,15 +134,33 @@ def window_start(lens, window_left, q_len=1):
     """First key position the queries of each sequence see: ``max(0, len -
     q_len - window_left)`` (the first of ``q_len`` query tokens sees keys
     up to ``len - q_len``), or 0 without a window (``window_left`` None or
-    -1, as in :func:`cupy_lean.attention`). Raises ValueError for a
-    ``window_left`` below -1 or a ``q_len`` below 1."""
+    -1, as in :func:`cupy_lean.attention`).
+
+    ``q_len`` is one count for every sequence (at least 1) or, for a ragged
+    batch, each sequence's own (``q_lens``, each at least 0); a sequence of
+    no query tokens sees no key, and its start is ``len``. So ``lens -
+    window_start(lens, window_left, q_lens)`` are the lengths the GPU kernel
+    walks (and :func:`emulate` takes a schedule of). Raises ValueError for a
+    ``window_left`` below -1 or a count below its minimum."""
     from .validation import _check_int
 
     lens = np.asarray(lens, dtype=np.int64)
-    q_len = _check_int(q_len, "q_len", 1)
+    if np.ndim(q_len) == 0:
+        q_len = np.int64(_check_int(q_len, "q_len", 1))
+    else:
+        q_len = np.asarray(q_len)
+        if q_len.shape != lens.shape or q_len.dtype.kind not in "iu":
+            raise ValueError(f"q_len: expected one integer or integers of shape {lens.shape} (q_lens), got "
+                             f"{q_len.dtype} {q_len.shape}")
+        if (q_len < 0).any():
+            i = int(np.argmax(q_len < 0))
+            raise ValueError(f"q_len: expected counts of at least 0, got q_len[{i}] = {int(q_len[i])}")
+        q_len = q_len.astype(np.int64)
     if window_left is None or _check_int(window_left, "window_left", -1) == -1:
-        return np.zeros_like(lens)
-    return np.maximum(lens - q_len - int(window_left), 0)
+        start = np.zeros_like(lens)
+    else:
+        start = np.maximum(lens - q_len - int(window_left), 0)
+    return np.where(q_len == 0, lens, start)
 
 
 def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, sinks=None, window_left=None,
@@ -351,12 +369,12 @@ def emulate(schedule, q, k, v, *, kv_lens=None, block_table=None, scale=None, si
         raise ValueError(f"schedule: built for batch={schedule.batch}, heads_kv={schedule.heads_kv}, the arrays "
                          f"have batch={batch}, heads_kv={hkv}")
     lens = _default_lens(k, block_table, batch, kv_lens)
-    start = window_start(lens, window_left, ql)
+    nq = _query_tokens(q_lens, batch, ql)
+    start = window_start(lens, window_left, nq)
     if not np.array_equal(lens - start, schedule.kv_lens):
-        what = "kv_lens" if window_left is None else "window lengths (kv_lens - window_start)"
+        what = "kv_lens" if window_left is None and q_lens is None else "walked lengths (kv_lens - window_start)"
         raise ValueError(f"schedule: built for kv_lens {_short(schedule.kv_lens)}, the call's {what} are "
                          f"{_short(lens - start)}")
-    nq = _query_tokens(q_lens, batch, ql)
     sink = f.sinks
     g = hq // hkv
     ts = schedule.tile_size

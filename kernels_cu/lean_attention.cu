@@ -380,20 +380,30 @@ __device__ __forceinline__ int row_head(const Params& p, int h, int r) {
 }
 __device__ __forceinline__ int ntiles_of(int len) { return (len + TILE - 1) / TILE; }
 
-// The first key a sequence of `len` keys lets its query see: the sliding
+// The first key sequence b (of `len` keys) lets its queries see: the sliding
 // window's start, or 0. A unit's tiles cover keys [window_start, len). With
-// ragged query counts (q_lens) the start is that of q_len tokens, at most
-// q_len - 1 keys early: tile_scores masks them per row.
-__device__ __forceinline__ int window_start(const Params& p, int len) {
-  return (HAS_WINDOW && p.window_left >= 0) ? max(0, len - (HAS_QLEN ? p.q_len : 1) - p.window_left) : 0;
+// ragged query counts (q_lens) it is that of the sequence's own tokens, so no
+// key before its window is read.
+__device__ __forceinline__ int window_start(const Params& p, int len, int b) {
+  return (HAS_WINDOW && p.window_left >= 0) ? max(0, len - query_tokens(p, b) - p.window_left) : 0;
 }
-__device__ __forceinline__ int tiles_of(const Params& p, int len) { return ntiles_of(len - window_start(p, len)); }
+__device__ __forceinline__ int tiles_of(const Params& p, int len, int b) {
+  return ntiles_of(len - window_start(p, len, b));
+}
 
-// Length of sequence b (clamped to [0, capacity]); from the shared cache when filled.
+// Keys sequence b reads: kv_lens[b] clamped to [0, capacity] (capacity
+// without kv_lens), or none for a sequence of no query tokens (q_lens[b] ==
+// 0: its rows are padding, written as those of an empty sequence).
+__device__ __forceinline__ int keys_of(const Params& p, int b) {
+  const int len = p.kv_lens != nullptr ? clamp_len(p.kv_lens[b], p.capacity) : p.capacity;
+  return (HAS_QLEN && query_tokens(p, b) == 0) ? 0 : len;
+}
+
+// keys_of(p, b); from the shared cache when filled.
 __device__ __forceinline__ int seq_len(const Params& p, const int* lens_s, int b, bool cached) {
-  if (p.kv_lens == nullptr) return p.capacity;
+  if (!HAS_QLEN && p.kv_lens == nullptr) return p.capacity;
   if (cached && b < LENS_CACHE) return lens_s[b];
-  return clamp_len(p.kv_lens[b], p.capacity);
+  return keys_of(p, b);
 }
 
 // ============================================================= 3. schedule
@@ -507,7 +517,7 @@ struct SegmentWalker {
         do {
           ++b;
           len = seq_len(p, lens_s, b, true);
-          start = window_start(p, len);
+          start = window_start(p, len, b);
           ntiles = ntiles_of(len - start);
         } while (ntiles == 0);
       }
@@ -905,13 +915,14 @@ struct SplitPrefetch {
     b = unit / p.heads_kv;
     h = unit % p.heads_kv;
     len = p.kv_lens != nullptr ? p.kv_lens[b] : p.capacity;  // clamped in locate
+    if (HAS_QLEN && query_tokens(p, b) == 0) len = 0;  // as keys_of
     on = true;
   }
 
   __device__ void locate(const Params& p) {
     if (!on) return;
     len = clamp_len(len, p.capacity);
-    const int start = window_start(p, len);
+    const int start = window_start(p, len, b);
     const int2 r = split_chunk_tiles(ntiles_of(len - start), ns, j);  // the chunk's first STAGES - 1 tiles:
     const int tok_lo = start + r.x * TILE, tok_hi = min(len, start + min(r.y, r.x + STAGES - 1) * TILE);
     const u32 row_bytes = D * KV_ELEM;
@@ -966,7 +977,7 @@ __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, S
     w.b = unit / p.heads_kv;
     w.h = unit % p.heads_kv;
     w.len = seq_len(p, lens_s, w.b, false);
-    w.start = window_start(p, w.len);
+    w.start = window_start(p, w.len, w.b);
     w.ntiles = ntiles_of(w.len - w.start);
     const int2 r = split_chunk_tiles(w.ntiles, p.num_splits, j);
     const int t0 = r.x, t1 = r.y;
@@ -984,7 +995,7 @@ __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, S
   for (int b = tid; b < p.batch; b += NT) {
     const int len = seq_len(p, lens_s, b, false);
     if (b < LENS_CACHE) lens_s[b] = len;
-    const int nt = tiles_of(p, len);
+    const int nt = tiles_of(p, len, b);
     local += nt;
     longest = max(longest, nt);
     if (nt == 0 && write_empty && (b % grid_ctas(p)) == c)
@@ -1024,7 +1035,7 @@ __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, S
       w.b = unit / p.heads_kv;
       w.h = unit % p.heads_kv;
       w.len = seq_len(p, lens_s, w.b, true);
-      w.start = window_start(p, w.len);
+      w.start = window_start(p, w.len, w.b);
       w.ntiles = ntiles_of(w.len - w.start);
       const int2 r = split_chunk_tiles(w.ntiles, ns, j);
       const int t0 = r.x, t1 = r.y;
@@ -1049,7 +1060,7 @@ __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, S
   int running = 0;
   for (int base = 0; base < p.batch; base += NT) {
     const int b = base + tid;
-    const int nt = p.batch <= NT ? local : (b < p.batch ? tiles_of(p, seq_len(p, lens_s, b, true)) : 0);
+    const int nt = p.batch <= NT ? local : (b < p.batch ? tiles_of(p, seq_len(p, lens_s, b, true), b) : 0);
     int tot = seq_tiles;
     const int incl = p.batch <= NT ? incl1 : block_incl_scan<NT>(nt, misc, &tot);
     const i64 excl = (i64)running + incl - nt;
@@ -1062,7 +1073,7 @@ __device__ bool find_work(const Params& p, const Shared& sh, bool write_empty, S
   __syncthreads();
   w.b = misc[MISC_START_SEQ];
   w.len = seq_len(p, lens_s, w.b, true);
-  w.start = window_start(p, w.len);
+  w.start = window_start(p, w.len, w.b);
   w.ntiles = ntiles_of(w.len - w.start);
   const i64 r = w.g - (i64)misc[MISC_START_TILE] * p.heads_kv;
   w.h = (int)div_pos(r, w.ntiles);

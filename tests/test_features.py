@@ -120,7 +120,7 @@ def test_emulate_with_query_tokens_matches_the_reference(lens, hkv, q_len, windo
     q = rng.standard_normal((len(lens), q_len, hkv * 2, 16))
     sinks = rng.standard_normal(hkv * 2)
     nq = rng.integers(0, q_len + 1, size=len(lens)) if ragged else None
-    eff = lens - reference.window_start(lens, window, q_len)
+    eff = lens - reference.window_start(lens, window, q_len if nq is None else nq)
     if kind == "lean":
         sched = lean_schedule(eff, hkv, tile_size=16, num_ctas=count)
     else:
@@ -359,6 +359,43 @@ def test_window_start_takes_minus_one_as_no_window_and_refuses_below():
         reference.window_start(lens, -2)
     with pytest.raises(ValueError, match="q_len: expected an integer >= 1, got 0"):
         reference.window_start(lens, 4, 0)
+
+
+def test_window_start_of_a_ragged_batch_is_each_sequences_own():
+    """With per-sequence counts (q_lens) the start is that of the
+    sequence's own first token, and a sequence of no tokens starts at its
+    length (it sees no key), window or not: lens - start are the lengths the
+    kernel walks."""
+    lens = np.array([100, 100, 100, 7, 0])
+    nq = np.array([4, 1, 0, 2, 0])
+    assert reference.window_start(lens, 10, nq).tolist() == [86, 89, 100, 0, 0]
+    assert reference.window_start(lens, None, nq).tolist() == [0, 0, 100, 0, 0]
+    assert reference.window_start(lens, -1, nq.astype(np.int32)).tolist() == [0, 0, 100, 0, 0]
+    with pytest.raises(ValueError, match=r"q_len: expected counts of at least 0, got q_len\[1\] = -1"):
+        reference.window_start(lens, 10, [1, -1, 0, 0, 0])
+    with pytest.raises(ValueError, match=r"q_len: expected one integer or integers of shape \(5,\)"):
+        reference.window_start(lens, 10, [1, 2])
+
+
+def test_emulate_takes_a_ragged_schedule_of_each_sequences_own_window():
+    """emulate() models the kernel's walk of a ragged batch: a schedule of
+    the lengths from the q_len of q's axis is refused where a sequence has
+    fewer tokens (its window starts later) or none (it reads nothing); the
+    schedule of the q_lens lengths gives the reference's result."""
+    q3, k, v, lens = make_problem([300, 90, 40], 1, 2, 16, 5)
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((3, 4, 2, 16))
+    nq = np.array([4, 1, 0])
+    old = lean_schedule(lens - reference.window_start(lens, 50, 4), 1, tile_size=16, num_ctas=5)
+    with pytest.raises(ValueError, match=r"schedule: built for kv_lens \[54, 54, 40\], the call's walked lengths"):
+        reference.emulate(old, q, k, v, kv_lens=lens, window_left=50, q_lens=nq)
+    sched = lean_schedule(lens - reference.window_start(lens, 50, nq), 1, tile_size=16, num_ctas=5)
+    assert sched.kv_lens.tolist() == [54, 51, 0]
+    got = reference.emulate(sched, q, k, v, kv_lens=lens, window_left=50, q_lens=nq)
+    want = reference.attention(q, k, v, kv_lens=lens, window_left=50, q_lens=nq)
+    close(got[0], want[0], rtol=1e-9, atol=1e-11)
+    close(got[1], want[1], rtol=1e-9, atol=1e-11)
+    assert np.all(got[0][2] == 0) and np.all(got[1][2] == -np.inf)  # no tokens: padding rows only
 
 
 def test_invariant_splits_decomposition_depends_on_each_sequence_alone():

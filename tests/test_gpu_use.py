@@ -1513,8 +1513,8 @@ def test_gpu_window_reads_nothing_outside_it(layout, kv, sched, q_len, ragged):
     and value before each sequence's window and past its length, and the
     pages wholly before the window pointing at a page of NaN, the output and
     lse are those of the clean cache (a NaN read anywhere would spread to
-    its rows). With ``q_lens`` the window starts where the first of
-    ``q_len`` tokens would see (README: the keys after that are read)."""
+    its rows). With ``q_lens`` each sequence's window is that of its own
+    first token, and a sequence of no tokens reads nothing."""
     rng = np.random.default_rng(211 + q_len)
     lens, wl = [9000, 700, 1, 0, 2345, 530], 500
     dt = BF16 if kv == "bfloat16" else np.float16
@@ -1528,8 +1528,10 @@ def test_gpu_window_reads_nothing_outside_it(layout, kv, sched, q_len, ragged):
     else:
         k_ref, k_st, v_ref, v_st, extra, poison = k, k, v, v, {}, np.nan
     ro, rl = reference.attention(q, k_ref, v_ref, kv_lens=L, block_table=table, window_left=wl, q_lens=nq, **extra)
-    start = reference.window_start(L, wl, q_len)
+    start = reference.window_start(L, wl, q_len if nq is None else nq)
     assert start[0] > 16 and start[1] % 16 != 0  # whole pages and a part of one before the window
+    if nq is not None:  # later than q_len's start (sequence 1), and all of sequence 2 (no tokens)
+        assert start[1] == reference.window_start(L, wl, q_len)[1] + 3 and start[2] == L[2] == 1
     k_st, v_st, tab = _poison_outside_the_window(k_st, v_st, L, table, start, poison)
     out = _nan_like(q.shape, q.dtype)
     lse = cp.full(q.shape[:3], cp.nan, dtype=cp.float32)
@@ -1538,6 +1540,39 @@ def test_gpu_window_reads_nothing_outside_it(layout, kv, sched, q_len, ragged):
                         q_lens=None if nq is None else cp.asarray(nq), **extra)
     tol = 1.6e-2 if kv == "bfloat16" else 4e-3
     _assert_out_lse(out, lse, ro, rl, tol, tol)
+
+
+@pytest.mark.parametrize("layout", ["dense", "paged"])
+@pytest.mark.parametrize("kv", ["float16", "e4m3"])
+@pytest.mark.parametrize("sched", ["lean", "split", "head"])
+def test_gpu_sequence_of_no_query_tokens_reads_nothing(layout, kv, sched):
+    """Without a window, a sequence with q_lens[b] = 0 reads no key or
+    value: with its whole cache NaN (and past every length), its rows are
+    padding (zero, lse the sink's logit) and the other sequences' rows are
+    the clean cache's."""
+    rng = np.random.default_rng(223)
+    lens, nq = [1500, 900, 33, 0, 700], np.array([3, 0, 2, 0, 0], np.int32)
+    dt = np.float16
+    _, k, v, L, table = make_inputs(rng, len(lens), 16, 4, 128, dt, lens, layout, page_size=16, cap_extra=21)
+    q = rng.standard_normal((len(lens), 3, 16, 128)).astype(dt)
+    sinks = rng.standard_normal(16).astype(np.float32)
+    if kv == "e4m3":
+        k_ref, k_st, ks = _fp8_cache(rng, k, "e4m3", False)
+        v_ref, v_st, vs = _fp8_cache(rng, v, "e4m3", False)
+        extra, poison = dict(kv_dtype="e4m3", k_scale=ks, v_scale=vs), 0x7F
+    else:
+        k_ref, k_st, v_ref, v_st, extra, poison = k, k, v, v, {}, np.nan
+    ro, rl = reference.attention(q, k_ref, v_ref, kv_lens=L, block_table=table, sinks=sinks, q_lens=nq, **extra)
+    start = reference.window_start(L, None, nq)
+    assert start.tolist() == [0, 900, 0, 0, 700]
+    k_st, v_st, tab = _poison_outside_the_window(k_st, v_st, L, table, start, poison)
+    out = _nan_like(q.shape, q.dtype)
+    lse = cp.full(q.shape[:3], cp.nan, dtype=cp.float32)
+    cupy_lean.attention(to_gpu(q), to_gpu(k_st), to_gpu(v_st), kv_lens=cp.asarray(L), block_table=to_gpu(tab),
+                        schedule=sched, out=out, lse=lse, sinks=cp.asarray(sinks), q_lens=cp.asarray(nq), **extra)
+    _assert_out_lse(out, lse, ro, rl, 4e-3, 4e-3)
+    assert np.all(cp.asnumpy(out)[[1, 3, 4]] == 0)
+    assert np.allclose(cp.asnumpy(lse)[1], sinks[None, :], rtol=1e-6)
 
 
 # ---------------------------------------------------------------- array libraries
