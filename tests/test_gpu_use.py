@@ -1542,18 +1542,20 @@ def test_gpu_window_reads_nothing_outside_it(layout, kv, sched, q_len, ragged):
     _assert_out_lse(out, lse, ro, rl, tol, tol)
 
 
-@pytest.mark.parametrize("layout", ["dense", "paged"])
+@pytest.mark.parametrize("layout", ["dense", "paged", "dense_no_kv_lens"])
 @pytest.mark.parametrize("kv", ["float16", "e4m3"])
 @pytest.mark.parametrize("sched", ["lean", "split", "head"])
 def test_gpu_sequence_of_no_query_tokens_reads_nothing(layout, kv, sched):
     """Without a window, a sequence with q_lens[b] = 0 reads no key or
     value: with its whole cache NaN (and past every length), its rows are
     padding (zero, lse the sink's logit) and the other sequences' rows are
-    the clean cache's."""
+    the clean cache's; also with no kv_lens (every sequence full)."""
     rng = np.random.default_rng(223)
-    lens, nq = [1500, 900, 33, 0, 700], np.array([3, 0, 2, 0, 0], np.int32)
+    full = layout == "dense_no_kv_lens"
+    lens, nq = ([1500] * 5 if full else [1500, 900, 33, 0, 700]), np.array([3, 0, 2, 0, 0], np.int32)
     dt = np.float16
-    _, k, v, L, table = make_inputs(rng, len(lens), 16, 4, 128, dt, lens, layout, page_size=16, cap_extra=21)
+    _, k, v, L, table = make_inputs(rng, len(lens), 16, 4, 128, dt, lens, "dense" if full else layout,
+                                    page_size=16, cap_extra=0 if full else 21)
     q = rng.standard_normal((len(lens), 3, 16, 128)).astype(dt)
     sinks = rng.standard_normal(16).astype(np.float32)
     if kv == "e4m3":
@@ -1564,11 +1566,12 @@ def test_gpu_sequence_of_no_query_tokens_reads_nothing(layout, kv, sched):
         k_ref, k_st, v_ref, v_st, extra, poison = k, k, v, v, {}, np.nan
     ro, rl = reference.attention(q, k_ref, v_ref, kv_lens=L, block_table=table, sinks=sinks, q_lens=nq, **extra)
     start = reference.window_start(L, None, nq)
-    assert start.tolist() == [0, 900, 0, 0, 700]
+    assert start.tolist() == [0, L[1], 0, L[3], L[4]] and (L[0] == L[3]) == full
     k_st, v_st, tab = _poison_outside_the_window(k_st, v_st, L, table, start, poison)
     out = _nan_like(q.shape, q.dtype)
     lse = cp.full(q.shape[:3], cp.nan, dtype=cp.float32)
-    cupy_lean.attention(to_gpu(q), to_gpu(k_st), to_gpu(v_st), kv_lens=cp.asarray(L), block_table=to_gpu(tab),
+    cupy_lean.attention(to_gpu(q), to_gpu(k_st), to_gpu(v_st), kv_lens=None if full else cp.asarray(L),
+                        block_table=to_gpu(tab),
                         schedule=sched, out=out, lse=lse, sinks=cp.asarray(sinks), q_lens=cp.asarray(nq), **extra)
     _assert_out_lse(out, lse, ro, rl, 4e-3, 4e-3)
     assert np.all(cp.asnumpy(out)[[1, 3, 4]] == 0)
