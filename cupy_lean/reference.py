@@ -327,9 +327,11 @@ def emulate(schedule, q, k, v, *, kv_lens=None, block_table=None, scale=None, si
     ``merge_launch`` merges them all at once.
 
     ``schedule`` must have been built for the same ``heads_kv`` and for the
-    lengths the kernel walks: ``kv_lens``, or with ``window_left`` the window
-    lengths ``kv_lens - window_start(kv_lens, window_left, q_len)`` (tiles
-    start at the window's first key). Sinks are folded in once per unit, at
+    lengths the kernel walks: ``kv_lens - window_start(kv_lens,
+    window_left, q_len)`` (tiles start at the window's first key; without a
+    window and ``q_lens``, ``kv_lens`` itself). With ``q_lens`` pass them
+    for ``q_len``, window or not: each sequence's window starts at its own
+    first token's, and a sequence of no tokens walks no key. Sinks are folded in once per unit, at
     the final merge. A 4-D ``q`` (``q_len`` query tokens, optionally ragged
     through ``q_lens``) makes a unit's rows ``q_len x group``, token-major,
     each with its own causal limit, as in the kernel; ``kv_dtype`` /

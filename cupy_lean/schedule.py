@@ -735,7 +735,8 @@ def runtime_split_chunks(kv_lens, heads_kv, tile_size, num_ctas, min_tiles_per_c
     most ``split_cap_tiles`` tiles above it, plus ``split_slack_tiles``
     tiles: ``ceil(longest unit's tiles / ns) <= min(split_scale x per, per
     + split_cap_tiles) + split_slack_tiles`` with ``per = ceil(total tiles
-    / CTAs)`` (``kv_lens`` as the kernel walks them: window lengths with a window).
+    / CTAs)`` (``kv_lens`` as the kernel walks them: window lengths with a window,
+    0 for a sequence of no query tokens, see :func:`cupy_lean.reference.window_start`).
     The kernel takes the same decision at every launch from the lengths on
     the GPU. ``min_tiles_per_cta``: stream-K's floor on a CTA's range
     (raised by a merge balance), which the comparison uses as the kernel

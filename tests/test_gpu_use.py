@@ -1549,7 +1549,8 @@ def test_gpu_sequence_of_no_query_tokens_reads_nothing(layout, kv, sched):
     """Without a window, a sequence with q_lens[b] = 0 reads no key or
     value: with its whole cache NaN (and past every length), its rows are
     padding (zero, lse the sink's logit) and the other sequences' rows are
-    the clean cache's; also with no kv_lens (every sequence full)."""
+    the clean cache's; also with no kv_lens (every sequence full; lean as
+    stream-K over 45 CTAs, whose scan caches the lengths)."""
     rng = np.random.default_rng(223)
     full = layout == "dense_no_kv_lens"
     lens, nq = ([1500] * 5 if full else [1500, 900, 33, 0, 700]), np.array([3, 0, 2, 0, 0], np.int32)
@@ -1572,7 +1573,9 @@ def test_gpu_sequence_of_no_query_tokens_reads_nothing(layout, kv, sched):
     lse = cp.full(q.shape[:3], cp.nan, dtype=cp.float32)
     cupy_lean.attention(to_gpu(q), to_gpu(k_st), to_gpu(v_st), kv_lens=None if full else cp.asarray(L),
                         block_table=to_gpu(tab),
-                        schedule=sched, out=out, lse=lse, sinks=cp.asarray(sinks), q_lens=cp.asarray(nq), **extra)
+                        schedule=sched, out=out, lse=lse, sinks=cp.asarray(sinks), q_lens=cp.asarray(nq),
+                        num_ctas=45 if full and sched == "lean" else None,  # stream-K (not the uniform variant)
+                        **extra)
     _assert_out_lse(out, lse, ro, rl, 4e-3, 4e-3)
     assert np.all(cp.asnumpy(out)[[1, 3, 4]] == 0)
     assert np.allclose(cp.asnumpy(lse)[1], sinks[None, :], rtol=1e-6)
