@@ -150,8 +150,9 @@ def window_start(lens, window_left, q_len=1):
     else:
         q_len = np.asarray(q_len)
         if q_len.shape != lens.shape or q_len.dtype.kind not in "iu":
-            raise ValueError(f"q_len: expected one integer or integers of shape {lens.shape} (q_lens), got "
-                             f"{q_len.dtype} {q_len.shape}")
+            raise (ValueError if q_len.dtype.kind in "iu" else TypeError)(
+                f"q_len: expected one integer or integers of shape {lens.shape} (q_lens), got "
+                f"{q_len.dtype} {q_len.shape}")
         if (q_len < 0).any():
             i = int(np.argmax(q_len < 0))
             raise ValueError(f"q_len: expected counts of at least 0, got q_len[{i}] = {int(q_len[i])}")

@@ -391,12 +391,17 @@ __device__ __forceinline__ int tiles_of(const Params& p, int len, int b) {
   return ntiles_of(len - window_start(p, len, b));
 }
 
+// Whether sequence b has no query tokens (q_lens[b] == 0): it reads no key,
+// and its rows are padding, written as an empty sequence's.
+__device__ __forceinline__ bool no_query_tokens(const Params& p, int b) {
+  return HAS_QLEN && query_tokens(p, b) == 0;
+}
+
 // Keys sequence b reads: kv_lens[b] clamped to [0, capacity] (capacity
-// without kv_lens), or none for a sequence of no query tokens (q_lens[b] ==
-// 0: its rows are padding, written as those of an empty sequence).
+// without kv_lens), or none without query tokens.
 __device__ __forceinline__ int keys_of(const Params& p, int b) {
   const int len = p.kv_lens != nullptr ? clamp_len(p.kv_lens[b], p.capacity) : p.capacity;
-  return (HAS_QLEN && query_tokens(p, b) == 0) ? 0 : len;
+  return no_query_tokens(p, b) ? 0 : len;
 }
 
 // keys_of(p, b); from the shared cache when filled.
@@ -914,8 +919,8 @@ struct SplitPrefetch {
     j = c % ns;
     b = unit / p.heads_kv;
     h = unit % p.heads_kv;
-    len = p.kv_lens != nullptr ? p.kv_lens[b] : p.capacity;  // clamped in locate
-    if (HAS_QLEN && query_tokens(p, b) == 0) len = 0;  // as keys_of
+    len = p.kv_lens != nullptr ? p.kv_lens[b] : p.capacity;  // keys_of, clamped in locate (after the load)
+    if (no_query_tokens(p, b)) len = 0;
     on = true;
   }
 

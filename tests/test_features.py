@@ -375,6 +375,9 @@ def test_window_start_of_a_ragged_batch_is_each_sequences_own():
         reference.window_start(lens, 10, [1, -1, 0, 0, 0])
     with pytest.raises(ValueError, match=r"q_len: expected one integer or integers of shape \(5,\)"):
         reference.window_start(lens, 10, [1, 2])
+    with pytest.raises(TypeError, match=r"q_len: expected one integer or integers of shape \(5,\) \(q_lens\), got "
+                                        r"float64"):
+        reference.window_start(lens, 10, np.ones(5))
 
 
 def test_emulate_takes_a_ragged_schedule_of_each_sequences_own_window():

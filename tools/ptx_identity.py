@@ -7,9 +7,11 @@ out) is saved, or compared with a saved run.
 
 The grid: fp16 and bf16 q, head_dim 64 / 128 / 256, groups 8 and 16, dense
 and paged, no feature, e4m3, e5m2 and (head_dim 64) e4m3 with head lanes,
-the default tile and tiles 64 and 32 (108 specs, about 2 minutes on 16
-cores). A refactor whose PTX is byte-identical on all of them needs no new
-GPU run; one that differs does.
+the default tile and tiles 64 and 32, and fp16 q with several query
+tokens and a window (alone, with sinks and soft-cap, with e4m3) at the
+default tile (126 specs, about 2.5 minutes on 16 cores). A refactor whose
+PTX is byte-identical on all of them needs no new GPU run; one that
+differs does.
 """
 
 import concurrent.futures
@@ -36,6 +38,13 @@ def grid():
                             continue
                         for tile in (None, 64, 32):
                             out.add(K.make_spec(dt, d, group, paged, tile, None, features=f))
+    # the optional features' paths (several query tokens, window, sinks, soft-cap; with fp8), default tile
+    F = K.FEATURES
+    for d in (64, 128, 256):
+        for paged in (False, True):
+            for f in (F["qlen"] | F["window"], F["qlen"] | F["window"] | F["sinks"] | F["softcap"],
+                      F["qlen"] | F["window"] | F["fp8_e4m3"]):
+                out.add(K.make_spec("f16", d, 16, paged, None, None, features=f))
     return sorted(out, key=lambda s: s.name)
 
 

@@ -1,6 +1,7 @@
 """Time a ragged batch of query tokens (q_lens) on the GPU: every sequence
 with q_len tokens, against half of them with none (padding slots of a
-serving batch). Median of 50 CUDA-event timings per case.
+serving batch). Device time per call from CUDA-graph replays
+(cupy_lean.bench.graph_time, median of 7).
 
     PYTHONPATH=. python tools/qlens_padding_timing.py [--seed 7] [--out FILE]
 
@@ -19,6 +20,7 @@ def main():
     import cupy as cp
 
     import cupy_lean
+    from cupy_lean.bench import graph_time
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seed", type=int, default=7)
@@ -35,22 +37,9 @@ def main():
     for name, nq in (("every sequence q_len tokens", np.full(B, ql)),
                      ("half the sequences 0 tokens", np.where(np.arange(B) % 2 == 0, ql, 0))):
         nq_gpu = cp.asarray(nq.astype(np.int32))
-
-        def call():
-            cupy_lean.attention(q, k, v, kv_lens=lens, q_lens=nq_gpu, out=out)
-
-        for _ in range(5):
-            call()
-        cp.cuda.Device().synchronize()
-        ts = []
-        for _ in range(50):
-            e0, e1 = cp.cuda.Event(), cp.cuda.Event()
-            e0.record()
-            call()
-            e1.record()
-            e1.synchronize()
-            ts.append(cp.cuda.get_elapsed_time(e0, e1) * 1e3)
-        res.append({"case": name, "us": round(float(np.median(ts)), 2)})
+        us = graph_time(lambda i, nq_gpu=nq_gpu: cupy_lean.attention(q, k, v, kv_lens=lens, q_lens=nq_gpu,
+                                                                      out=out), 1)
+        res.append({"case": name, "us": round(us, 2)})
         print(res[-1], flush=True)
     if a.out:
         with open(a.out, "w") as f:
