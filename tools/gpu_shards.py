@@ -144,7 +144,7 @@ def main():
         log = open(os.path.join(tmp, f"log{i}.txt"), "w")
         # ids may hold spaces, so they go to pytest through a file, not argv splitting
         code = ("import sys, pytest; ids = open(sys.argv[1]).read().split('\\n'); "
-                "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-rfE', '--durations=0', "
+                "sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-rfEs', '--durations=0', "
                 "'--durations-min=0.02'] + ids))")
         procs.append((subprocess.Popen([sys.executable, "-c", code, idfile], stdout=log,
                                        stderr=subprocess.STDOUT, env=env), log, len(part)))
