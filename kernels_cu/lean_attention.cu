@@ -1623,6 +1623,7 @@ __device__ __forceinline__ void store_merged(const Params& p, const PartialSlots
       }
     }
     __syncthreads();
+    if (pass == 0) LEAN_STAMP(22);
     constexpr int PER_ROW = DP / 4;
     for (int e = threadIdx.x; e < g * PER_ROW; e += NT) {
       const int row = e / PER_ROW, d = (e % PER_ROW) * 4;
@@ -1642,6 +1643,7 @@ __device__ __forceinline__ void store_merged(const Params& p, const PartialSlots
       }
       emit<4>(p, ps, s.b, s.h, row, pass * DP + d, sum, M, L, s.partial, slot);
     }
+    if (pass == 0) LEAN_STAMP(23);
   }
 }
 
@@ -1678,6 +1680,7 @@ __device__ void store_segment(const Params& p, const Shared& sh, const Segment& 
   float* stat_m = sh.stat_m();
   float* stat_l = sh.stat_l();
   __syncthreads();
+  LEAN_STAMP(20);
   if ((lane & 3) == 0) {
 #pragma unroll
     for (int hf = 0; hf < 2; ++hf) {
@@ -1686,6 +1689,7 @@ __device__ void store_segment(const Params& p, const Shared& sh, const Segment& 
     }
   }
   __syncthreads();
+  LEAN_STAMP(21);
   // a pass's floats fit in one stage (fp8: half the columns); with fp8 and at least two stages, every
   // column's fit in the first two
   static_assert(WN == 1 || 4 * WN * ROWS_Q * D / (HAS_FP8 ? 2 : 1) <= SharedLayout::KV_STAGE, "merge scratch");

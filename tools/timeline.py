@@ -32,7 +32,10 @@ state stored, 5 its arrival counted, 6 its merge done (merging CTAs only),
 is), 9 the stream-K start found, 10 the first tiles' copies issued; inside
 the first tile: 11 scores, 12 softmax update, 13 P V; slots 14 and 15 hold
 the SM's cycle counter at start and end (the SM clock, printed); 16 the
-CTA's start before its wait for the previous kernel (printed as the wait).
+CTA's start before its wait for the previous kernel (printed as the wait);
+19 the SM; inside a WN > 1 kernel's store of the CTA's last segment: 20 every
+warp's tiles done, 21 the warps' row stats shared, 22 the first pass's
+scratch written, 23 its rows reduced and emitted.
 """
 
 import argparse
@@ -51,7 +54,8 @@ from cupy_lean.bench import graph_time  # noqa: E402
 MAX_CTAS = 2048
 WIDTH = 32  # stamps per CTA (the kernel's row of lean_timeline)
 PHASES = ["start", "found", "tile0", "streamed", "stored", "arrived", "merged", "end", "scanned", "split",
-          "issued", "t0_scores", "t0_absorb", "t0_pv", None, None, None, "made", "decided"]
+          "issued", "t0_scores", "t0_absorb", "t0_pv", None, None, None, "made", "decided", None,
+          "st_warps", "st_stats", "st_scratch", "st_reduced"]
 
 
 def instrument():
