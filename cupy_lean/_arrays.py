@@ -147,6 +147,7 @@ def to_gpu(x, name, capture=None, output=False):
     nd = cupy_ndarray()
     if type(x) is nd:
         return x
+    not_an_array(x, name)
     import cupy
 
     if isinstance(x, cupy.ndarray):
@@ -201,9 +202,18 @@ def _has_cuda_interface(x):
         return False
 
 
+def not_an_array(x, name):
+    """Refuses what no caller means as an array (None, text, a mapping, a
+    set), naming the argument, before NumPy turns it into a 0-d object."""
+    if x is None or isinstance(x, (str, bytes, dict, set, frozenset)):
+        raise TypeError(f"{name}: expected an array, got {type(x).__name__}"
+                        + ("" if x is None else f" {x!r}"[:80]))
+
+
 def to_cpu(x, name):
     if isinstance(x, np.ndarray):
         return x
+    not_an_array(x, name)
     if hasattr(x, "__dlpack__") and not isinstance(x, (list, tuple)):
         try:
             return _fix_void(np.from_dlpack(x), x, name)
@@ -227,7 +237,14 @@ def host_ints(x, name):
         return cupy.asnumpy(to_gpu(x, name))
     if isinstance(x, (str, bytes)):
         raise TypeError(f"{name}: expected an array of integers, got {type(x).__name__} {x!r}")
-    arr = np.asarray(x)
+    not_an_array(x, name)
+    try:
+        arr = np.asarray(x)
+    except ValueError as exc:  # a ragged nest of lists
+        if not isinstance(x, (list, tuple)):
+            raise
+        raise ValueError(f"{name}: expected a rectangular array of integers, got a ragged sequence (rows of "
+                         f"lengths {[len(e) if isinstance(e, (list, tuple)) else 1 for e in x][:8]})") from exc
     if arr.size == 0 and not np.issubdtype(arr.dtype, np.integer) and isinstance(x, (list, tuple)):
         arr = arr.astype(np.int64)
     return arr

@@ -636,7 +636,7 @@ def _cpu_attention(q, k, v, lens, table, m, out, feats=None):
                                              sinks=feats.sinks, window_left=feats.window_left,
                                              softcap=feats.softcap)
             o = o64.astype(q.dtype)
-        lse = lse64.astype(np.float32)
+            lse = lse64.astype(np.float32)  # (an lse past float32's range becomes +-inf, as on the GPU)
     if out is not None:
         out[...] = o
         o = out

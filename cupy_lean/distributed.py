@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .schedule import _as_lens, _check_positive_int
+
 __all__ = ["shard_ranges", "merge_ranks", "attention", "NcclGroup", "attention_devices"]
 
 
@@ -37,13 +39,8 @@ def shard_ranges(kv_lens, world_size):
     lengths[r, b])`` of sequence ``b``. The first ``len % world_size`` ranks
     hold one position more; a sequence shorter than ``world_size`` leaves
     some shards empty."""
-    lens = np.asarray(kv_lens, dtype=np.int64)
-    if lens.ndim != 1:
-        raise ValueError(f"kv_lens: expected a 1-D array of lengths, got shape {lens.shape}")
-    if lens.size and lens.min() < 0:
-        raise ValueError(f"kv_lens: expected lengths >= 0, got {int(lens.min())}")
-    if isinstance(world_size, bool) or not isinstance(world_size, (int, np.integer)) or world_size < 1:
-        raise ValueError(f"world_size: expected an integer >= 1, got {world_size!r}")
+    lens = _as_lens(kv_lens, "kv_lens")  # integers >= 0, 1-D (TypeError for floats)
+    world_size = _check_positive_int(world_size, "world_size")
     r = np.arange(world_size)[:, None]
     base, extra = lens // world_size, lens % world_size
     lengths = base[None, :] + (r < extra[None, :])

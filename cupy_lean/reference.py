@@ -26,7 +26,12 @@ def _f64(x):
 
 def gather_kv(k, v, b, length, block_table=None):
     """K and V of sequence ``b``, first ``length`` tokens, as float64 arrays of
-    shape ``(length, heads_kv, head_dim)``."""
+    shape ``(length, heads_kv, head_dim)``. A ``length`` past the sequence's
+    capacity (the dense cache's ``seqlen``, or ``block_table``'s pages x
+    ``page_size``) raises ValueError."""
+    cap = k.shape[1] * (1 if block_table is None else np.shape(block_table)[1])
+    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or not 0 <= length <= cap:
+        raise ValueError(f"length: expected an integer in [0, {cap}] (the sequence's capacity), got {length!r}")
     if block_table is None:
         return _f64(k[b, :length]), _f64(v[b, :length])
     page_size = k.shape[1]
@@ -118,7 +123,7 @@ def _checked(q, k, v, kv_lens, block_table, scale, sinks=None, window_left=None,
     from .validation import check_host_values, fp8_cache, validate, validate_features
 
     q, k, v = to_cpu(q, "q"), to_cpu(k, "k"), to_cpu(v, "v")
-    fp8 = fp8_cache(k, v, kv_dtype, k_scale, v_scale, int(k.shape[2]) if k.ndim == 4 else 1)
+    fp8 = fp8_cache(k, v, kv_dtype, k_scale, v_scale, int(k.shape[2]) if k.ndim == 4 == v.ndim else None)
     if fp8 is not None:
         k, v = fp8[0], fp8[1]
     lens = None if kv_lens is None else host_ints(kv_lens, "kv_lens")
@@ -140,11 +145,14 @@ def window_start(lens, window_left, q_len=1):
     batch, each sequence's own (``q_lens``, each at least 0); a sequence of
     no query tokens sees no key, and its start is ``len``. So ``lens -
     window_start(lens, window_left, q_lens)`` are the lengths the GPU kernel
-    walks (and :func:`emulate` takes a schedule of). Raises ValueError for a
-    ``window_left`` below -1 or a count below its minimum."""
+    walks (and :func:`emulate` takes a schedule of). ``lens``: integers >= 0,
+    one per sequence. Raises ValueError for a negative length, a
+    ``window_left`` below -1 or a count below its minimum, TypeError for
+    lengths or counts that are not integers."""
+    from .schedule import _as_lens
     from .validation import _check_int
 
-    lens = np.asarray(lens, dtype=np.int64)
+    lens = _as_lens(lens, "lens")
     if np.ndim(q_len) == 0:
         q_len = np.int64(_check_int(q_len, "q_len", 1))
     else:
@@ -270,6 +278,8 @@ def _query_tokens(q_lens, batch, q_len):
     if q_lens is None:
         return np.full(batch, q_len, dtype=np.int64)
     nq = np.asarray(to_cpu(q_lens, "q_lens"))
+    if nq.size == 0 and isinstance(q_lens, (list, tuple)):
+        nq = nq.astype(np.int64)  # [] of an empty batch, as kv_lens=[]
     if nq.shape != (batch,) or nq.dtype.kind not in "iu":
         raise (TypeError if nq.dtype.kind not in "iu" else ValueError)(
             f"q_lens: expected integers of shape ({batch},), got {nq.dtype} {tuple(nq.shape)}")

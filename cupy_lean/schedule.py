@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import textwrap
 
 import numpy as np
@@ -63,11 +64,22 @@ SCHEDULES = ("lean", "split", "head")
 
 
 def _as_lens(kv_lens, name="kv_lens"):
-    arr = np.asarray(kv_lens)
+    from ._arrays import host_ints
+
+    arr = host_ints(kv_lens, name)
     if arr.ndim != 1:
         raise ValueError(f"{name}: expected a 1-D array of lengths, got shape {arr.shape}")
+    big = np.iinfo(np.int64).max
+    if arr.dtype == object and all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in arr):
+        # Python integers, one of them past int64
+        i = next(j for j, x in enumerate(arr) if not 0 <= int(x) <= big)
+        bound = ">= 0" if arr[i] < 0 else "below 2**63"
+        raise ValueError(f"{name}: expected lengths {bound}, got {name}[{i}] = {int(arr[i])}")
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(f"{name}: expected an integer dtype, got {arr.dtype}")
+    if arr.size and arr.dtype.kind == "u" and arr.max() > big:  # the cast below would wrap
+        i = int(np.argmax(arr))
+        raise ValueError(f"{name}: expected lengths below 2**63, got {name}[{i}] = {int(arr[i])}")
     arr = arr.astype(np.int64, copy=False)
     if arr.size and arr.min() < 0:
         i = int(np.argmin(arr))

@@ -356,7 +356,9 @@ def fp8_cache(k, v, kv_dtype, k_scale, v_scale, heads_kv):
     without it ``k`` and ``v`` must already be ``float8_e4m3fn`` /
     ``float8_e5m2`` (ml_dtypes, or PyTorch through DLPack). ``k_scale`` /
     ``v_scale``: a number or an array of shape ``(heads_kv,)``, finite and >
-    0 (default 1): the cache holds ``value / scale``."""
+    0 (default 1): the cache holds ``value / scale``. ``heads_kv`` None (k
+    or v not 4-D): the scales are not checked here and come back None, so
+    that the caller's rank check names k or v first."""
     if kv_dtype is not None:
         if not isinstance(kv_dtype, str) or kv_dtype not in FP8_DTYPES:
             raise ValueError(f"kv_dtype: expected one of {tuple(FP8_DTYPES)}, got {kv_dtype!r}")
@@ -370,6 +372,8 @@ def fp8_cache(k, v, kv_dtype, k_scale, v_scale, heads_kv):
                 raise ValueError(f"{name}: only with an fp8 KV cache (k of dtype float8_e4m3fn / float8_e5m2, "
                                  f"or kv_dtype=), got k of dtype {k.dtype}")
         return None
+    if heads_kv is None:
+        return k, v, None, None
     ks, vs = fp8_scales(k_scale, v_scale, heads_kv)
     return k, v, ks, vs
 
