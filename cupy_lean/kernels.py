@@ -168,6 +168,8 @@ def require_device():
         n = cp.cuda.runtime.getDeviceCount()
     except Exception as exc:
         why = f"{type(exc).__name__}: {exc}"
+        if "InsufficientDriver" in why:  # what the CUDA runtime also says with no NVIDIA driver at all
+            why += "; CUDA reports this too when no NVIDIA driver is installed"
     else:
         if n > 0:
             return

@@ -52,6 +52,24 @@ def test_schedule_says_which_grid_it_assumed(tmp_path):
     assert r.returncode == 0 and "(grid: 7 CTAs, --num-ctas 7, tile 16, merge balance 1)" in r.stdout
 
 
+@pytest.mark.parametrize("args, note", [
+    (("--lens", "1000,200,0"),
+     "(work for 120 of the grid's 132 CTAs: the split-K chosen at launch gives each CTA one whole chunk of a unit)"),
+    (("--lens", "0,0"), "(work for 0 of the grid's 1 CTAs: no sequence has a key)"),
+    (("--lens", "100,100", "--num-ctas", "50"), "(work for 16 of the grid's 50 CTAs: fewer tiles than CTAs)"),
+    (("--lens", "30000,20000"), None),
+])
+def test_schedule_says_when_part_of_the_grid_has_no_work(args, note):
+    r = _run("schedule", *args)
+    assert r.returncode == 0, r.stderr
+    num = int(next(ln.split()[1] for ln in r.stdout.splitlines() if ln.startswith("num_ctas")))
+    grid = int(r.stdout.split("(grid: ")[1].split()[0])
+    if note is None:
+        assert num == grid and "work for" not in r.stdout
+    else:
+        assert note in r.stdout and num < grid
+
+
 def test_bench_help_and_no_gpu_message():
     r = _run("bench", "--help")
     assert r.returncode == 0 and "--cold-l2" in r.stdout and "--tile-sizes" in r.stdout

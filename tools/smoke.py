@@ -6,7 +6,7 @@ caller's timeout (device_cycle's ``smoke`` step runs this under one).
     python tools/smoke.py [--cpu]
 
 (``--cpu``: the same cases through the NumPy path, to check this script
-without a GPU.)
+without a GPU; about two minutes on 2 cores.)
 
 Cases: fp16 / bf16 q over e4m3 and e5m2 caches at head_dim 64, 128, 256 with
 one and two query tiles, dense and paged; paged fp16 at page sizes 1, 7, 16,
