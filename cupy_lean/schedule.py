@@ -497,7 +497,10 @@ def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1
     lens, heads_kv, tile_size, tps, unit_tiles, unit_start = _units(kv_lens, heads_kv, tile_size)
     num_ctas = _check_positive_int(num_ctas, "num_ctas")
     min_tiles = _check_positive_int(min_tiles_per_cta, "min_tiles_per_cta")
-    if not isinstance(merge_balance, (int, np.integer)) or isinstance(merge_balance, bool) or merge_balance < 0:
+    if not isinstance(merge_balance, (int, np.integer)) or isinstance(merge_balance, bool):
+        raise TypeError(f"merge_balance: expected an integer >= 0, got {type(merge_balance).__name__} "
+                        f"{merge_balance!r}")
+    if merge_balance < 0:
         raise ValueError(f"merge_balance: expected an integer >= 0, got {merge_balance!r}")
     state_rows = _check_positive_int(state_rows, "state_rows")
     if not isinstance(merge_launch, (bool, np.bool_)):

@@ -601,8 +601,10 @@ def test_merge_balance_bounds_the_pieces_of_a_unit(lens, hkv, num_ctas, a, rows)
 
 
 def test_merge_balance_is_checked():
-    for bad in (-1, 1.5, True):
-        with pytest.raises(ValueError, match="merge_balance: expected an integer >= 0"):
+    with pytest.raises(ValueError, match="merge_balance: expected an integer >= 0, got -1"):
+        lean_schedule([10], 1, tile_size=16, num_ctas=4, merge_balance=-1)
+    for bad in (1.5, True, "2"):  # not an integer: TypeError, as the other integer arguments
+        with pytest.raises(TypeError, match=f"merge_balance: expected an integer >= 0, got {type(bad).__name__}"):
             lean_schedule([10], 1, tile_size=16, num_ctas=4, merge_balance=bad)
 
 
