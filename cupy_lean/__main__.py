@@ -213,6 +213,11 @@ def _lens(text):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
     if not vals or min(vals) < 0:
         raise argparse.ArgumentTypeError(f"expected one or more lengths >= 0, got {text!r}")
+    from .validation import MAX_CAPACITY
+
+    if max(vals) > MAX_CAPACITY:
+        raise argparse.ArgumentTypeError(f"expected lengths of at most {MAX_CAPACITY} tokens (the kernels' "
+                                         f"longest sequence), got {max(vals)}")
     return vals
 
 

@@ -27,6 +27,8 @@ def test_help_lists_every_command():
     (("schedule", "--lens", "5,-1"), "lengths >= 0"),
     (("schedule", "--lens", "-5,3"), "expected one or more lengths >= 0, got '-5,3'"),  # not "expected one argument"
     (("schedule", "--lens", "5,,6"), "none left empty, got '5,,6'"),
+    (("schedule", "--lens", "5,100000000000"), "lengths of at most 2147483392 tokens (the kernels' longest sequence), "
+                                               "got 100000000000"),
     (("schedule", "--lens", "5,"), "none left empty, got '5,'"),
     (("schedule", "--lens", "64", "--tile-size", "48"), "invalid choice: 48"),
     (("schedule", "--lens", "64", "--png", "/no/such/folder/x.png"), "does not exist"),
