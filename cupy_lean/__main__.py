@@ -186,7 +186,8 @@ def _schedule(args):
         print(f"(work for {s.num_ctas} of the grid's {grid} CTAs: "
               + ("no sequence has a key" if s.num_ctas == 0
                  else "the split-K chosen at launch gives each CTA one whole chunk of a unit" if s.kind == "split"
-                 else "fewer tiles than CTAs") + ")")
+                 else "fewer tiles than CTAs" if s.total_tiles < grid
+                 else "the merge balance gives each CTA a range of at least a minimum size") + ")")
     if len(args.lens) == 1 and args.num_ctas is None and not args.merge_balance:
         print("(one sequence: the default plan may run its split-K variant or one CTA per unit instead of "
               "this stream-K schedule; cupy_lean.schedule.uniform_variant chooses, Plan.describe() says which)")

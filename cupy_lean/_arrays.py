@@ -244,7 +244,7 @@ def host_ints(x, name):
         if not isinstance(x, (list, tuple)):
             raise
         raise ValueError(f"{name}: expected a rectangular array of integers, got a ragged sequence (rows of "
-                         f"lengths {[len(e) if isinstance(e, (list, tuple)) else 1 for e in x][:8]})") from exc
+                         f"shapes {[np.shape(e) for e in x][:8]})") from exc
     if arr.size == 0 and not np.issubdtype(arr.dtype, np.integer) and isinstance(x, (list, tuple)):
         arr = arr.astype(np.int64)
     return arr

@@ -30,8 +30,10 @@ def gather_kv(k, v, b, length, block_table=None):
     capacity (the dense cache's ``seqlen``, or ``block_table``'s pages x
     ``page_size``) raises ValueError."""
     cap = k.shape[1] * (1 if block_table is None else np.shape(block_table)[1])
-    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or not 0 <= length <= cap:
-        raise ValueError(f"length: expected an integer in [0, {cap}] (the sequence's capacity), got {length!r}")
+    from .validation import _check_int
+
+    length = _check_int(np.asarray(length)[()] if np.ndim(length) == 0 and isinstance(length, np.ndarray)
+                        else length, "length", 0, cap)  # TypeError for a non-integer, ValueError past cap
     if block_table is None:
         return _f64(k[b, :length]), _f64(v[b, :length])
     page_size = k.shape[1]

@@ -71,10 +71,12 @@ def _as_lens(kv_lens, name="kv_lens"):
         raise ValueError(f"{name}: expected a 1-D array of lengths, got shape {arr.shape}")
     big = np.iinfo(np.int64).max
     if arr.dtype == object and all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in arr):
-        # Python integers, one of them past int64
-        i = next(j for j, x in enumerate(arr) if not 0 <= int(x) <= big)
-        bound = ">= 0" if arr[i] < 0 else "below 2**63"
-        raise ValueError(f"{name}: expected lengths {bound}, got {name}[{i}] = {int(arr[i])}")
+        # Python integers (NumPy keeps them as objects when one is past int64)
+        i = next((j for j, x in enumerate(arr) if not 0 <= int(x) <= big), None)
+        if i is not None:
+            bound = ">= 0" if arr[i] < 0 else "below 2**63"
+            raise ValueError(f"{name}: expected lengths {bound}, got {name}[{i}] = {int(arr[i])}")
+        arr = arr.astype(np.int64)
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         raise TypeError(f"{name}: expected an integer dtype, got {arr.dtype}")
     if arr.size and arr.dtype.kind == "u" and arr.max() > big:  # the cast below would wrap

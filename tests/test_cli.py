@@ -59,6 +59,8 @@ def test_schedule_says_which_grid_it_assumed(tmp_path):
      "(work for 120 of the grid's 132 CTAs: the split-K chosen at launch gives each CTA one whole chunk of a unit)"),
     (("--lens", "0,0"), "(work for 0 of the grid's 1 CTAs: no sequence has a key)"),
     (("--lens", "100,100", "--num-ctas", "50"), "(work for 16 of the grid's 50 CTAs: fewer tiles than CTAs)"),
+    (("--lens", "59,2251", "--num-ctas", "84", "--merge-balance", "1", "--heads-kv", "1", "--tile-size", "16"),
+     "(work for 12 of the grid's 84 CTAs: the merge balance gives each CTA a range of at least a minimum size)"),
     (("--lens", "30000,20000"), None),
 ])
 def test_schedule_says_when_part_of_the_grid_has_no_work(args, note):

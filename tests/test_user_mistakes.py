@@ -26,6 +26,8 @@ def test_a_ragged_list_of_lengths_or_pages_is_refused_naming_it():
     kp, vp = k.reshape(10, 10, 2, 16), v.reshape(10, 10, 2, 16)
     with pytest.raises(ValueError, match=r"block_table: expected a rectangular array of integers, got a ragged"):
         cupy_lean.attention(q, kp, vp, kv_lens=[30, 5], block_table=[[0, 1, 2, 3], [4]])
+    with pytest.raises(ValueError, match=r"rows of shapes \[\(2,\), \(1,\)\]"):
+        cupy_lean.attention(q, kp, vp, kv_lens=[30, 5], block_table=[np.array([0, 1]), np.array([2])])
     with pytest.raises(ValueError, match=r"kv_lens: expected a rectangular array"):
         cupy_lean.lean_schedule([[1, 2], [3]], 1, tile_size=16, num_ctas=4)
 
@@ -76,6 +78,14 @@ def test_lengths_past_int64_are_reported_as_given(lens, match):
         cupy_lean.lean_schedule(lens, 1, tile_size=16, num_ctas=4)
 
 
+def test_lengths_as_python_integers_in_an_object_array_still_work():
+    for lens in (np.array([10, 5], dtype=object), np.array([], dtype=object)):
+        s = cupy_lean.lean_schedule(lens, 1, tile_size=16, num_ctas=4)
+        assert s.total_tiles == (2 if len(lens) else 0)
+    starts, lengths = distributed.shard_ranges(np.array([4, 2], dtype=object), 2)
+    assert lengths.tolist() == [[2, 1], [2, 1]] and starts.tolist() == [[0, 0], [2, 1]]
+
+
 def test_float_or_negative_lengths_are_refused_by_the_helpers_too():
     with pytest.raises(TypeError, match="kv_lens: expected an integer dtype, got float64"):
         distributed.shard_ranges([100.5, 7, 0], 2)
@@ -96,6 +106,9 @@ def test_gather_kv_refuses_a_length_past_the_capacity():
     assert kb.shape == (50, 2, 16) and np.array_equal(kb, k[1].astype(np.float64))
     with pytest.raises(ValueError, match=r"length: expected an integer in \[0, 50\].*got 60"):
         reference.gather_kv(k, v, 0, 60)
+    with pytest.raises(TypeError, match=r"length: expected an integer, got float 5.0"):
+        reference.gather_kv(k, v, 0, 5.0)
+    assert reference.gather_kv(k, v, 0, np.array(5))[0].shape == (5, 2, 16)
     kp, vp = k.reshape(10, 10, 2, 16), v.reshape(10, 10, 2, 16)
     table = np.arange(10).reshape(2, 5)
     kb, _ = reference.gather_kv(kp, vp, 1, 43, table)

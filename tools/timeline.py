@@ -208,7 +208,7 @@ def main():
             for key in [x for x in PHASES if x] + ["wait_us"]:
                 if key in s:
                     lo, med, hi = s[key]
-                    print(f"   {key:9s} min {lo:7.2f}  median {med:7.2f}  max {hi:7.2f} us")
+                    print(f"   {key:10s} min {lo:7.2f}  median {med:7.2f}  max {hi:7.2f} us")
             for key in ("critical_cta", "critical_merger"):
                 if key in s:
                     print(f"   {key}: " + " ".join(f"{nm}={x:.2f}" for nm, x in zip(PHASES, s[key]) if nm and x >= 0))
