@@ -125,7 +125,9 @@ def _checked(q, k, v, kv_lens, block_table, scale, sinks=None, window_left=None,
     from .validation import check_host_values, fp8_cache, validate, validate_features
 
     q, k, v = to_cpu(q, "q"), to_cpu(k, "k"), to_cpu(v, "v")
-    fp8 = fp8_cache(k, v, kv_dtype, k_scale, v_scale, int(k.shape[2]) if k.ndim == 4 == v.ndim else None)
+    # (scales checked once k and v have passed validate's rank and shape checks, which name them)
+    fp8 = fp8_cache(k, v, kv_dtype, k_scale, v_scale,
+                    int(k.shape[2]) if k.ndim == 4 and tuple(v.shape) == tuple(k.shape) else None)
     if fp8 is not None:
         k, v = fp8[0], fp8[1]
     lens = None if kv_lens is None else host_ints(kv_lens, "kv_lens")

@@ -357,8 +357,9 @@ def fp8_cache(k, v, kv_dtype, k_scale, v_scale, heads_kv):
     ``float8_e5m2`` (ml_dtypes, or PyTorch through DLPack). ``k_scale`` /
     ``v_scale``: a number or an array of shape ``(heads_kv,)``, finite and >
     0 (default 1): the cache holds ``value / scale``. ``heads_kv`` None (k
-    or v not 4-D): the scales are not checked here and come back None, so
-    that the caller's rank check names k or v first."""
+    not 4-D, or v not of k's shape): the scales are not checked here and
+    come back None, so that the caller's rank and shape checks name k or v
+    first."""
     if kv_dtype is not None:
         if not isinstance(kv_dtype, str) or kv_dtype not in FP8_DTYPES:
             raise ValueError(f"kv_dtype: expected one of {tuple(FP8_DTYPES)}, got {kv_dtype!r}")

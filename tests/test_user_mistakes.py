@@ -50,6 +50,11 @@ def test_an_fp8_cache_of_the_wrong_rank_is_blamed_on_k_not_on_its_scales():
     for fn in (cupy_lean.attention, reference.attention):
         with pytest.raises(ValueError, match=r"^k: expected 4 dimensions"):
             fn(q, k8, v8, kv_dtype="e4m3", k_scale=[1.0, 1.0])
+    k2 = k.astype(np.uint8)
+    v3 = np.zeros(k.shape[:2] + (3, k.shape[3]), np.uint8)  # v of another head count, v_scale sized for it
+    for fn in (cupy_lean.attention, reference.attention):
+        with pytest.raises(ValueError, match=r"^v: expected the shape of k"):
+            fn(q, k2, v3, kv_dtype="e4m3", v_scale=[1.0, 1.0, 1.0])
     # the right rank with a wrong scale still names the scale
     with pytest.raises(ValueError, match=r"^k_scale: expected a number or an array of shape \(2,\)"):
         cupy_lean.attention(q, k.astype(np.uint8), v.astype(np.uint8), kv_dtype="e4m3", k_scale=[1.0, 1.0, 1.0])
