@@ -202,11 +202,11 @@ def _has_cuda_interface(x):
         return False
 
 
-def not_an_array(x, name):
+def not_an_array(x, name, what="an array"):
     """Refuses what no caller means as an array (None, text, a mapping, a
     set), naming the argument, before NumPy turns it into a 0-d object."""
     if x is None or isinstance(x, (str, bytes, dict, set, frozenset)):
-        raise TypeError(f"{name}: expected an array, got {type(x).__name__}"
+        raise TypeError(f"{name}: expected {what}, got {type(x).__name__}"
                         + ("" if x is None else f" {x!r}"[:80]))
 
 
@@ -235,9 +235,7 @@ def host_ints(x, name):
         import cupy
 
         return cupy.asnumpy(to_gpu(x, name))
-    if isinstance(x, (str, bytes)):
-        raise TypeError(f"{name}: expected an array of integers, got {type(x).__name__} {x!r}")
-    not_an_array(x, name)
+    not_an_array(x, name, "an array of integers")
     try:
         arr = np.asarray(x)
     except ValueError as exc:  # a ragged nest of lists

@@ -29,11 +29,12 @@ def gather_kv(k, v, b, length, block_table=None):
     shape ``(length, heads_kv, head_dim)``. A ``length`` past the sequence's
     capacity (the dense cache's ``seqlen``, or ``block_table``'s pages x
     ``page_size``) raises ValueError."""
-    cap = k.shape[1] * (1 if block_table is None else np.shape(block_table)[1])
     from .validation import _check_int
 
-    length = _check_int(np.asarray(length)[()] if np.ndim(length) == 0 and isinstance(length, np.ndarray)
-                        else length, "length", 0, cap)  # TypeError for a non-integer, ValueError past cap
+    if isinstance(length, np.ndarray) and length.ndim == 0:
+        length = length[()]
+    cap = k.shape[1] * (1 if block_table is None else np.shape(block_table)[1])
+    length = _check_int(length, "length", 0, cap)  # TypeError for a non-integer, ValueError past cap
     if block_table is None:
         return _f64(k[b, :length]), _f64(v[b, :length])
     page_size = k.shape[1]
@@ -122,20 +123,18 @@ def _checked(q, k, v, kv_lens, block_table, scale, sinks=None, window_left=None,
     :func:`cupy_lean.attention` validates them (same code, same messages).
     An fp8 cache comes back as its fp8 view, with its scales in ``f``."""
     from ._arrays import host_ints, to_cpu
-    from .validation import check_host_values, fp8_cache, validate, validate_features
+    from .validation import check_host_values, fp8_cache, fp8_scales, validate, validate_features
 
     q, k, v = to_cpu(q, "q"), to_cpu(k, "k"), to_cpu(v, "v")
-    # (scales checked once k and v have passed validate's rank and shape checks, which name them)
-    fp8 = fp8_cache(k, v, kv_dtype, k_scale, v_scale,
-                    int(k.shape[2]) if k.ndim == 4 and tuple(v.shape) == tuple(k.shape) else None)
+    fp8 = fp8_cache(k, v, kv_dtype, k_scale, v_scale)
     if fp8 is not None:
-        k, v = fp8[0], fp8[1]
+        k, v = fp8
     lens = None if kv_lens is None else host_ints(kv_lens, "kv_lens")
     table = None if block_table is None else host_ints(block_table, "block_table")
     m = validate(q, k, v, lens, table, scale, None, "lean", None, None, False)
     check_host_values(m, lens, table)
     f = validate_features(m, None if sinks is None else to_cpu(sinks, "sinks"), window_left, softcap, False)
-    f.kv_scales = None if fp8 is None else (fp8[2], fp8[3])
+    f.kv_scales = None if fp8 is None else fp8_scales(k_scale, v_scale, m.heads_kv)  # (as the GPU path does)
     return q, k, v, lens, table, m.scale, f
 
 
@@ -277,13 +276,11 @@ def _short(x, n=8):
 def _query_tokens(q_lens, batch, q_len):
     """Query tokens of each sequence: ``q_lens`` checked (integers of shape
     ``(batch,)`` in ``[0, q_len]``) as int64, or ``q_len`` for all."""
-    from ._arrays import to_cpu
+    from ._arrays import host_ints
 
     if q_lens is None:
         return np.full(batch, q_len, dtype=np.int64)
-    nq = np.asarray(to_cpu(q_lens, "q_lens"))
-    if nq.size == 0 and isinstance(q_lens, (list, tuple)):
-        nq = nq.astype(np.int64)  # [] of an empty batch, as kv_lens=[]
+    nq = host_ints(q_lens, "q_lens")
     if nq.shape != (batch,) or nq.dtype.kind not in "iu":
         raise (TypeError if nq.dtype.kind not in "iu" else ValueError)(
             f"q_lens: expected integers of shape ({batch},), got {nq.dtype} {tuple(nq.shape)}")

@@ -69,24 +69,17 @@ def _as_lens(kv_lens, name="kv_lens"):
     arr = host_ints(kv_lens, name)
     if arr.ndim != 1:
         raise ValueError(f"{name}: expected a 1-D array of lengths, got shape {arr.shape}")
-    big = np.iinfo(np.int64).max
-    if arr.dtype == object and all(isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in arr):
-        # Python integers (NumPy keeps them as objects when one is past int64)
-        i = next((j for j, x in enumerate(arr) if not 0 <= int(x) <= big), None)
-        if i is not None:
-            bound = ">= 0" if arr[i] < 0 else "below 2**63"
-            raise ValueError(f"{name}: expected lengths {bound}, got {name}[{i}] = {int(arr[i])}")
-        arr = arr.astype(np.int64)
-    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+    # (Python integers stay objects in NumPy when one is past int64: range-checked as given, not wrapped)
+    ints = np.issubdtype(arr.dtype, np.integer) or (arr.dtype == object and all(
+        isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in arr))
+    if arr.size and not ints:
         raise TypeError(f"{name}: expected an integer dtype, got {arr.dtype}")
-    if arr.size and arr.dtype.kind == "u" and arr.max() > big:  # the cast below would wrap
-        i = int(np.argmax(arr))
-        raise ValueError(f"{name}: expected lengths below 2**63, got {name}[{i}] = {int(arr[i])}")
-    arr = arr.astype(np.int64, copy=False)
-    if arr.size and arr.min() < 0:
-        i = int(np.argmin(arr))
-        raise ValueError(f"{name}: expected lengths >= 0, got {name}[{i}] = {int(arr[i])}")
-    return arr
+    bad = (arr < 0) | (arr > np.iinfo(np.int64).max)  # before the cast, which would wrap
+    if bad.any():
+        i = int(np.argmax(bad))
+        bound = ">= 0" if arr[i] < 0 else "below 2**63"
+        raise ValueError(f"{name}: expected lengths {bound}, got {name}[{i}] = {int(arr[i])}")
+    return arr.astype(np.int64, copy=False)
 
 
 def _check_positive_int(value, name, low=1):

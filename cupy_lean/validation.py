@@ -348,18 +348,15 @@ def validate_features(m, sinks, window_left, softcap, gpu):
     return f
 
 
-def fp8_cache(k, v, kv_dtype, k_scale, v_scale, heads_kv):
-    """The fp8 view of an fp8 KV cache and its float64 scales per KV head,
-    or None for a cache that is not fp8 (then no scale may be given).
+def fp8_cache(k, v, kv_dtype, k_scale, v_scale):
+    """``(k, v)`` as the fp8 view of an fp8 KV cache, or None for a cache
+    that is not fp8 (then no scale may be given).
 
     ``kv_dtype`` ("e4m3" or "e5m2") reads ``uint8`` storage as that type;
     without it ``k`` and ``v`` must already be ``float8_e4m3fn`` /
-    ``float8_e5m2`` (ml_dtypes, or PyTorch through DLPack). ``k_scale`` /
-    ``v_scale``: a number or an array of shape ``(heads_kv,)``, finite and >
-    0 (default 1): the cache holds ``value / scale``. ``heads_kv`` None (k
-    not 4-D, or v not of k's shape): the scales are not checked here and
-    come back None, so that the caller's rank and shape checks name k or v
-    first."""
+    ``float8_e5m2`` (ml_dtypes, or PyTorch through DLPack). The scales'
+    values are checked by :func:`fp8_scales`, once :func:`validate` has
+    checked k and v (their rank and shape give ``heads_kv``)."""
     if kv_dtype is not None:
         if not isinstance(kv_dtype, str) or kv_dtype not in FP8_DTYPES:
             raise ValueError(f"kv_dtype: expected one of {tuple(FP8_DTYPES)}, got {kv_dtype!r}")
@@ -373,10 +370,7 @@ def fp8_cache(k, v, kv_dtype, k_scale, v_scale, heads_kv):
                 raise ValueError(f"{name}: only with an fp8 KV cache (k of dtype float8_e4m3fn / float8_e5m2, "
                                  f"or kv_dtype=), got k of dtype {k.dtype}")
         return None
-    if heads_kv is None:
-        return k, v, None, None
-    ks, vs = fp8_scales(k_scale, v_scale, heads_kv)
-    return k, v, ks, vs
+    return k, v
 
 
 def fp8_scales(k_scale, v_scale, heads_kv):
