@@ -127,3 +127,39 @@ def test_an_lse_past_float32_is_infinite_without_a_warning():
     with np.errstate(all="raise"):  # a leaked overflow warning would raise here
         _, lse = cupy_lean.attention(q, k, v, scale=1e300, return_lse=True)
     assert np.isinf(lse).all()
+
+
+def test_a_pytorch_bfloat16_cpu_tensor_takes_the_numpy_path(monkeypatch):
+    """NumPy's DLPack import refuses bfloat16, so a PyTorch CPU tensor of
+    bf16 failed inside NumPy. A stand-in for torch (no torch in CI: its
+    tensor's type lives in module "torch", refuses DLPack for bf16 as NumPy
+    does, and views its bits as int16 as torch does) goes through the same
+    steps as the real one (checked by hand with torch 2.13 CPU)."""
+    import sys
+    import types
+
+    ml_dtypes = pytest.importorskip("ml_dtypes")  # a test dependency
+    fake = types.ModuleType("torch")
+    fake.int16 = "int16"
+
+    class Tensor:
+        def __init__(self, a):
+            self._a, self.dtype = a, "torch.bfloat16"
+
+        def __dlpack__(self, **kw):
+            raise RuntimeError("Unsupported dtype in DLTensor.")  # NumPy's refusal of bf16
+
+        def __dlpack_device__(self):
+            return (1, 0)  # the CPU
+
+        def view(self, dtype):
+            assert dtype == "int16"
+            return self._a.view(np.int16)
+
+    Tensor.__module__ = "torch"
+    monkeypatch.setitem(sys.modules, "torch", fake)
+    q, k, v = _qkv()
+    bq, bk, bv = (x.astype(ml_dtypes.bfloat16) for x in (q, k, v))
+    out = cupy_lean.attention(Tensor(bq), Tensor(bk), Tensor(bv), kv_lens=[50, 7])
+    assert out.dtype == ml_dtypes.bfloat16
+    assert np.array_equal(out, cupy_lean.attention(bq, bk, bv, kv_lens=[50, 7]))
