@@ -107,7 +107,7 @@ def draw(n, seed, num_sms, head_dims=(64, 128, 256), lengths=(300, 2000), units_
 
 
 def family_shapes(n, seed, head_dims, layouts, max_mb, max_batch=0, max_units=0, min_units=0, draw_size=20,
-                  only=(), min_mb=0.0):
+                  only=(), min_mb=0.0, max_group=0):
     """The first ``n`` shapes of the benchmark's family (``bench.family.draw``,
     any layout) from ``seed`` with a head_dim in ``head_dims``, a layout in
     ``layouts`` ("dense", "ragged", "paged"), at most ``max_mb`` MB of K
@@ -115,7 +115,8 @@ def family_shapes(n, seed, head_dims, layouts, max_mb, max_batch=0, max_units=0,
     (batch x KV heads; 0: any), drawn ``draw_size``
     at a time from ``seed``, ``seed + 1``, ... (``bench.run --family N --seed S``'s
     shapes are the draw of ``draw_size=N`` from ``S``); ``only``: names (e.g. "f28")
-    of which a shape's name must contain one (empty: any)"""
+    of which a shape's name must contain one (empty: any); ``max_group``: at most this many query heads per
+    KV head (0: any)"""
     import dataclasses
 
     from bench import family as F
@@ -131,6 +132,7 @@ def family_shapes(n, seed, head_dims, layouts, max_mb, max_batch=0, max_units=0,
                 and (not max_batch or c.batch <= max_batch)
                 and (not max_units or c.batch * c.heads_kv <= max_units)
                 and c.batch * c.heads_kv >= min_units
+                and (not max_group or c.heads_q // c.heads_kv <= max_group)
                 and (not only or any(f"{o}_" in c.name + "_" for o in only))]
         s += 1
     return out[:n]
@@ -157,6 +159,7 @@ def main():
     ap.add_argument("--max-batch", type=int, default=0, help="with --family: at most this many sequences (0: any)")
     ap.add_argument("--max-units", type=int, default=0, help="with --family: at most this many units (0: any)")
     ap.add_argument("--min-units", type=int, default=0, help="with --family: at least this many units")
+    ap.add_argument("--max-group", type=int, default=0, help="with --family: at most this many query heads per KV head")
     ap.add_argument("--draw", type=int, default=20, help="with --family: shapes per draw (a family run's N)")
     ap.add_argument("--only", default="", help="with --family: comma-separated shape names (f28,f05) to keep")
     ap.add_argument("--configs", default="", help="comma-separated names of the configurations to time (default: all)")
@@ -183,7 +186,8 @@ def main():
     dims = [int(x) for x in a.head_dims.split(",")]
     if a.family:
         shapes = family_shapes(a.shapes, a.seed, dims, a.layouts.split(","), a.max_mb, a.max_batch,
-                               a.max_units, a.min_units, a.draw, [o for o in a.only.split(",") if o], a.min_mb)
+                               a.max_units, a.min_units, a.draw, [o for o in a.only.split(",") if o], a.min_mb,
+                               a.max_group)
     else:
         shapes = draw(a.shapes, a.seed, sms, dims, tuple(int(x) for x in a.lengths.split(",")),
                       tuple(float(x) for x in a.units.split(",")), a.max_mb or 400.0,
