@@ -1048,13 +1048,16 @@ def _nvrtc(spec: Spec | None, target: str, output: str, log=None, extra=()):
     """NVRTC on a spec's source (None: the helper module) for
     ``--gpu-architecture=target``; ``output``: "cubin" or "ptx"; ``log``: a
     list that gets ptxas's report; ``extra``: more NVRTC options. A failure
-    raises with NVRTC's log."""
+    raises with NVRTC's log. Unannotated functions (the kernels' local
+    lambdas) compile as device code, as CuPy's RawModule compiles the
+    package's modules: NVRTC 13.0 refuses them otherwise, 13.5 does not."""
     from cupy.cuda import nvrtc
 
     name = "util.cu" if spec is None else f"{spec.name}.cu"
     prog = nvrtc.createProgram(_source_of(spec), name, [], [])
     try:
-        opts = list(compile_options(spec)) + [f"--gpu-architecture={target}", *extra]
+        opts = list(compile_options(spec)) + [f"--gpu-architecture={target}", "--device-as-default-execution-space",
+                                               *extra]
         if log is not None:
             opts.append("--ptxas-options=-v")
         try:

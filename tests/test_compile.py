@@ -834,3 +834,27 @@ def test_loaded_kernels_read_tuning_when_a_plan_asks():
         assert kern.hbm_bytes_per_us == 4.8e6
     kern._attrs = {"MemoryClockRate": 2_619_000, "GlobalMemoryBusWidth": 5120}  # an H100 SXM's
     assert abs(kern.hbm_bytes_per_us - 3.352e6) < 1e3
+
+
+@needs_nvrtc
+def test_tools_compile_with_the_options_the_package_compiles_with(monkeypatch):
+    # compile_cubin / compile_ptx (the tools' and these tests' compiles) must
+    # build what CuPy's RawModule builds for the package: RawModule compiles
+    # unannotated functions (the kernels' local lambdas) as device code, and
+    # NVRTC 13.0 refuses them without that option (13.5 accepts them).
+    from cupy.cuda import nvrtc
+
+    seen = []
+    real = nvrtc.compileProgram
+
+    def spy(prog, opts):
+        seen.append(list(opts))
+        return real(prog, opts)
+
+    monkeypatch.setattr(nvrtc, "compileProgram", spy)
+    spec = K.make_spec("f16", 64, 8, False)
+    K.compile_ptx(spec, "sm_90")
+    K.compile_cubin(None, "sm_80")
+    assert len(seen) == 2
+    for opts in seen:
+        assert "--device-as-default-execution-space" in opts, opts
