@@ -223,11 +223,27 @@ def to_cpu(x, name):
             # NumPy's DLPack import refuses bfloat16: a PyTorch tensor's bits as int16, viewed back (no copy)
             if BFLOAT16 is not None and _producer_dtype_name(x) == "bfloat16" and type(x).__module__ == "torch":
                 return np.from_dlpack(x.view(sys.modules["torch"].int16)).view(BFLOAT16)
-    if isinstance(x, (list, tuple)):
-        shapes = [tuple(np.shape(e)) for e in x]
-        if len(set(shapes)) > 1:
-            raise ValueError(f"{name}: expected a sequence of arrays of one shape, got shapes {shapes}")
-    return np.asarray(x)
+    return _asarray(x, name, "a sequence of arrays of one shape")
+
+
+def _asarray(x, name, what):
+    """``np.asarray(x)``; a ragged list or tuple (NumPy's ValueError names
+    no argument) is refused naming ``name``, ``what`` was expected and the
+    rows' shapes. Nothing is checked beforehand: no cost on a good call."""
+    try:
+        return np.asarray(x)
+    except ValueError as exc:
+        if not isinstance(x, (list, tuple)):
+            raise
+
+        def shape(e):
+            try:
+                return tuple(np.shape(e))
+            except ValueError:  # itself ragged
+                return "ragged"
+
+        raise ValueError(f"{name}: expected {what}, got a ragged sequence (rows of shapes "
+                         f"{[shape(e) for e in x][:8]})") from exc
 
 
 def host_ints(x, name):
@@ -238,13 +254,7 @@ def host_ints(x, name):
 
         return cupy.asnumpy(to_gpu(x, name))
     not_an_array(x, name, "an array of integers")
-    try:
-        arr = np.asarray(x)
-    except ValueError as exc:  # a ragged nest of lists
-        if not isinstance(x, (list, tuple)):
-            raise
-        raise ValueError(f"{name}: expected a rectangular array of integers, got a ragged sequence (rows of "
-                         f"shapes {[np.shape(e) for e in x][:8]})") from exc
+    arr = _asarray(x, name, "a rectangular array of integers")
     if arr.size == 0 and not np.issubdtype(arr.dtype, np.integer) and isinstance(x, (list, tuple)):
         arr = arr.astype(np.int64)
     return arr
