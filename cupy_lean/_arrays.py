@@ -214,16 +214,27 @@ def to_cpu(x, name):
     if isinstance(x, np.ndarray):
         return x
     not_an_array(x, name)
-    if hasattr(x, "__dlpack__") and not isinstance(x, (list, tuple)):
+    if isinstance(x, (list, tuple)):
+        return _asarray(x, name, "a sequence of arrays of one shape")
+    if hasattr(x, "__dlpack__"):
         try:
-            return _fix_void(np.from_dlpack(x), x, name)
-        except TypeError:
-            raise
+            arr = np.from_dlpack(x)
         except Exception:
             # NumPy's DLPack import refuses bfloat16: a PyTorch tensor's bits as int16, viewed back (no copy)
             if BFLOAT16 is not None and _producer_dtype_name(x) == "bfloat16" and type(x).__module__ == "torch":
-                return np.from_dlpack(x.view(sys.modules["torch"].int16)).view(BFLOAT16)
-    return _asarray(x, name, "a sequence of arrays of one shape")
+                try:
+                    return np.from_dlpack(x.view(sys.modules["torch"].int16)).view(BFLOAT16)
+                except Exception:  # e.g. a tensor that requires grad: said below
+                    pass
+        else:
+            return _fix_void(arr, x, name)
+    try:
+        return np.asarray(x)
+    except (TypeError, RuntimeError, ValueError) as exc:
+        # the producer's own refusal (a tensor that requires grad, on the meta device, of a dtype NumPy
+        # lacks, with the conjugate bit set) does not say which argument it was
+        raise TypeError(f"{name}: could not read {type(x).__module__}.{type(x).__name__} of dtype "
+                        f"{getattr(x, 'dtype', '?')!s} as a NumPy array on the CPU: {exc}") from exc
 
 
 def _asarray(x, name, what):

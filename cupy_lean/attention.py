@@ -79,7 +79,8 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
         is +-inf while ``out`` stays correct.
     out : array, shape (batch, heads_q, head_dim), optional
         (``(batch, q_len, heads_q, head_dim)`` for a 4-D ``q``.) Written in
-        place and returned (q's dtype, same device).
+        place and returned (q's dtype, same device); a PyTorch tensor comes
+        back as the CuPy (GPU) or NumPy (CPU) array that views its memory.
     schedule : {"lean", "split", "head"}
         ``"lean"``: stream-K over all tiles, one launch (the product). When
         every sequence has the same length (no ``kv_lens`` and dense ``k``

@@ -64,9 +64,9 @@ def _refuse_unshardable(q, kwargs):
     a key's position in the whole sequence, which a shard does not know (a
     window, the causal limits of several query tokens)."""
     for bad in ("out", "lse", "sinks"):
-        if bad in kwargs:
+        if kwargs.get(bad) is not None:  # None: the default, nothing asked
             raise ValueError(f"{bad}: not supported by the sharded call (sinks: add them once, to the merged "
-                             f"result; out/lse: the merge allocates)")
+                             f"result; out/lse: the merge allocates), got {type(kwargs[bad]).__name__}")
     if kwargs.get("window_left") not in (None, -1):
         raise ValueError(f"window_left: not supported by the sharded call (each rank would apply the window "
                          f"to its own shard's length), got {kwargs['window_left']!r}")
@@ -102,15 +102,17 @@ def attention(q, k, v, *, kv_lens, group=None, block_table=None, return_lse=Fals
         ``out * sigmoid(lse - sink)``, ``lse = logaddexp(lse, sink)`` per
         query head), and what depends on a key's position in the whole
         sequence, which a shard does not know: a ``window_left`` other than
-        None or -1, ``q_lens``, and a 4-D ``q``.
+        None or -1, ``q_lens``, and a 4-D ``q`` (``None`` for ``out``,
+        ``lse``, ``sinks`` and ``q_lens`` is their default, accepted).
 
     Returns
     -------
     out (and lse): the attention over the whole sequences, identical on every
     rank.
     """
-    from .attention import attention as local_attention
+    from .attention import _check_bool, attention as local_attention
 
+    return_lse = _check_bool(return_lse, "return_lse")
     _refuse_unshardable(q, kwargs)
     out, lse = local_attention(q, k, v, kv_lens=kv_lens, block_table=block_table, return_lse=True, **kwargs)
     if group is None or group.world_size == 1:
@@ -159,6 +161,9 @@ def attention_devices(shards, *, comms=None, return_lse=False, **kwargs):
     ``kwargs`` go to each shard's call and are refused as in
     :func:`attention` (sinks, a window, ``q_lens``, a 4-D ``q``, ``out``,
     ``lse``)."""
+    from .attention import _check_bool
+
+    return_lse = _check_bool(return_lse, "return_lse")
     for s in shards:
         _refuse_unshardable(s["q"], kwargs)
     import cupy as cp

@@ -28,11 +28,16 @@ def gather_kv(k, v, b, length, block_table=None):
     """K and V of sequence ``b``, first ``length`` tokens, as float64 arrays of
     shape ``(length, heads_kv, head_dim)``. A ``length`` past the sequence's
     capacity (the dense cache's ``seqlen``, or ``block_table``'s pages x
-    ``page_size``) raises ValueError."""
+    ``page_size``), a ``b`` outside the batch or a page of those tokens
+    outside the cache raises ValueError."""
     from .validation import _check_int
 
     if isinstance(length, np.ndarray) and length.ndim == 0:
         length = length[()]
+    if isinstance(b, np.ndarray) and b.ndim == 0:
+        b = b[()]
+    batch = k.shape[0] if block_table is None else np.shape(block_table)[0]
+    b = _check_int(b, "b", 0, batch - 1)  # no negative index from the end
     cap = k.shape[1] * (1 if block_table is None else np.shape(block_table)[1])
     length = _check_int(length, "length", 0, cap)  # TypeError for a non-integer, ValueError past cap
     if block_table is None:
@@ -40,6 +45,10 @@ def gather_kv(k, v, b, length, block_table=None):
     page_size = k.shape[1]
     npages = -(-length // page_size)
     pages = np.asarray(block_table[b, :npages], dtype=np.int64)
+    bad = np.flatnonzero((pages < 0) | (pages >= k.shape[0]))
+    if bad.size:
+        raise ValueError(f"block_table: sequence {b}'s page {bad[0]} (of its first {length} tokens) is "
+                         f"{pages[bad[0]]}, expected 0 <= page < {k.shape[0]} (the cache's pages)")
     kb = _f64(k[pages]).reshape(-1, k.shape[2], k.shape[3])[:length]
     vb = _f64(v[pages]).reshape(-1, v.shape[2], v.shape[3])[:length]
     return kb, vb

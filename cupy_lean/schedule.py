@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import numbers
 import textwrap
 
@@ -252,9 +253,12 @@ class Schedule:
         split over several CTAs (each writes a partial state, the last to
         finish merges them). Empty sequences are listed on the left without a
         bar. Top: tiles per CTA (the balance). ``grid_note`` says where the
-        CTA count came from (e.g. the SM count assumed). Needs matplotlib
-        (``pip install -e '.[plot]'``).
+        CTA count came from (e.g. the SM count assumed). The file is a PNG at
+        exactly ``path``, whatever its extension (none is added); returns
+        ``path``. Needs matplotlib (``pip install -e '.[plot]'``).
         """
+        if os.path.isdir(path):
+            raise ValueError(f"path: expected a file name for the PNG, got {os.fspath(path)!r}, which is a folder")
         try:
             import matplotlib
 
@@ -319,7 +323,7 @@ class Schedule:
             + (f"; {grid_note}" if grid_note else ""))
         fig.suptitle("\n".join(textwrap.wrap(head, 120)), fontsize=9)  # the figure is 10 inches wide
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, format="png")  # format given: matplotlib adds no extension
         plt.close(fig)
         return path
 

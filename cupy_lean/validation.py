@@ -201,7 +201,7 @@ def _output_array(x, name, shape, what):
 def check_out(out, shape, dtype):
     """Checks of an ``out`` array (None: nothing to check): an array of
     ``shape`` and ``dtype`` (q's), writeable, unit stride on the last axis,
-    no two elements at one address."""
+    no two elements at one address (strides that may overlap are refused)."""
     if out is None:
         return
     _output_array(out, "out", shape, "an array")
@@ -212,6 +212,23 @@ def check_out(out, shape, dtype):
         if st == 0 and n > 1:  # an expanded array: every row would be written to the same place
             raise ValueError(f"out: expected elements that do not overlap, got a stride of 0 on axis {axis} "
                              f"(of size {n})")
+    _check_no_overlap(out, "out")
+
+
+def _check_no_overlap(a, name):
+    """Refuses an array two of whose elements may share an address. Taken
+    from the smallest stride up, each axis's stride must reach past all that
+    the axes inside it span: a sufficient test, which refuses only
+    interleaved layouts that no array library makes."""
+    if a.size <= 1:
+        return
+    span = a.dtype.itemsize  # bytes covered by the axes taken so far, from the first element on
+    for st, n, axis in sorted((abs(st), n, axis) for axis, (n, st) in enumerate(zip(a.shape, a.strides)) if n > 1):
+        if st < span:
+            raise ValueError(f"{name}: expected elements that do not overlap, got strides {tuple(a.strides)} for "
+                             f"shape {tuple(a.shape)} (itemsize {a.dtype.itemsize}): axis {axis}'s stride {st} is "
+                             f"less than the {span} bytes the axes inside it span")
+        span = st * (n - 1) + span
 
 
 def check_lse(lse, shape):

@@ -142,3 +142,19 @@ def test_sinks_folded_into_the_merged_result_as_the_docstring_says(lens, world, 
     want_o, want_l = reference.attention(q, k, v, kv_lens=lens, sinks=sinks)
     np.testing.assert_allclose(folded, want_o, rtol=2e-5, atol=2e-6)
     np.testing.assert_allclose(folded_lse, want_l, rtol=2e-5, atol=2e-6)
+
+
+def test_sharded_call_takes_the_defaults_and_checks_return_lse():
+    """``out=None``, ``lse=None``, ``sinks=None`` are the defaults, not
+    requests: accepted; ``return_lse`` must be a bool, as in the plain call."""
+    q, k, v, lens = make_problem([9, 4], 1, 2, 16, 3)
+    k, v = np.nan_to_num(k), np.nan_to_num(v)
+    b = reference.attention(q, k, v, kv_lens=lens)[0]
+    got = distributed.attention(q, k, v, kv_lens=lens, out=None, lse=None, sinks=None, q_lens=None)
+    np.testing.assert_allclose(got, b, rtol=1e-12)
+    with pytest.raises(TypeError, match="return_lse: expected True or False, got str 'no'"):
+        distributed.attention(q, k, v, kv_lens=lens, return_lse="no")
+    with pytest.raises(TypeError, match="return_lse: expected True or False, got int 1"):
+        distributed.attention_devices([dict(device=0, q=q, k=k, v=v, kv_lens=lens)], return_lse=1)
+    with pytest.raises(ValueError, match="out: not supported by the sharded call .*got ndarray"):
+        distributed.attention(q, k, v, kv_lens=lens, out=np.empty_like(q))

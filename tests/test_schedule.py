@@ -1169,3 +1169,17 @@ def test_runtime_split_rule_with_a_tile_floor():
     assert s.kind == "split" and s.num_splits == ctas // 4
     with pytest.raises(ValueError, match="min_tiles_per_cta"):
         runtime_split_chunks(lens, 1, tile, ctas, 0)
+
+
+def test_plot_writes_a_png_at_exactly_the_path_given(tmp_path):
+    """No extension is added (the CLI prints the path it was given, which
+    must be the file written), whatever the extension; a folder is refused."""
+    pytest.importorskip("matplotlib")
+    s = lean_schedule([100, 3], 2, tile_size=16, num_ctas=4)
+    for name in ("noext", "picture.jpg"):
+        path = tmp_path / name
+        assert s.plot(str(path)) == str(path)
+        assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["noext", "picture.jpg"]
+    with pytest.raises(ValueError, match="path: expected a file name for the PNG, got .*, which is a folder"):
+        s.plot(tmp_path)

@@ -163,3 +163,41 @@ def test_a_pytorch_bfloat16_cpu_tensor_takes_the_numpy_path(monkeypatch):
     out = cupy_lean.attention(Tensor(bq), Tensor(bk), Tensor(bv), kv_lens=[50, 7])
     assert out.dtype == ml_dtypes.bfloat16
     assert np.array_equal(out, cupy_lean.attention(bq, bk, bv, kv_lens=[50, 7]))
+
+
+def test_gather_kv_refuses_a_sequence_or_page_outside_the_arrays():
+    """``b`` outside the batch (no negative index from the end) and a used
+    page outside the cache raise ValueError naming them, not IndexError or a
+    silently wrapped page; pages past the length are not read."""
+    _, k, v = _qkv()
+    with pytest.raises(ValueError, match=r"b: expected an integer in \[0, 1\], got -1"):
+        reference.gather_kv(k, v, -1, 5)
+    with pytest.raises(ValueError, match=r"b: expected an integer in \[0, 1\], got 2"):
+        reference.gather_kv(k, v, 2, 5)
+    kp, vp = k.reshape(10, 10, 2, 16), v.reshape(10, 10, 2, 16)
+    for page in (10, -1):
+        table = np.array([[0, 1, page, 3, 4]])
+        with pytest.raises(ValueError, match=rf"block_table: sequence 0's page 2 \(of its first 25 tokens\) is "
+                                             rf"{page}, expected 0 <= page < 10"):
+            reference.gather_kv(kp, vp, 0, 25, table)
+        kb, _ = reference.gather_kv(kp, vp, 0, 20, table)  # pages 0 and 1 only
+        assert np.array_equal(kb, kp[:2].reshape(20, 2, 16).astype(np.float64))
+    with pytest.raises(ValueError, match=r"b: expected an integer in \[0, 0\], got 1"):
+        reference.gather_kv(kp, vp, 1, 5, np.array([[0, 1]]))
+
+
+def test_torch_cpu_tensors_numpy_cannot_read_are_refused_naming_the_argument():
+    """PyTorch's own refusals (requires grad, meta device, an fp8 q) come
+    with the argument's name and the tensor's dtype."""
+    torch = pytest.importorskip("torch")
+    q, k, v = (torch.from_numpy(a) for a in _qkv())
+    cases = {"q": dict(q=q.clone().requires_grad_(True)),
+             "k": dict(k=torch.empty(k.shape, device="meta")),
+             "out": dict(out=torch.empty(q.shape, requires_grad=True))}
+    if hasattr(torch, "float8_e4m3fn"):
+        cases["q "] = dict(q=q.to(torch.float8_e4m3fn))
+    for name, kw in cases.items():
+        args = {**dict(q=q, k=k, v=v), **kw}
+        with pytest.raises(TypeError, match=rf"^{name.strip()}: could not read torch.Tensor of dtype torch\.\w+ as "
+                                            r"a NumPy array on the CPU: "):
+            cupy_lean.attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)

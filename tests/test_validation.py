@@ -1021,3 +1021,24 @@ def test_q_lens_and_fp8_scale_checks_bind_cupy_before_use(monkeypatch):
     monkeypatch.setattr(_plan, "_index_array", lambda x, lo, hi, name: x)
     assert _plan.check_q_lens(fake, 3, 2, False) is fake
     assert _plan._cp is cupy
+
+
+def test_out_whose_rows_overlap_is_refused():
+    """An ``out`` with no stride 0 whose rows still share addresses (a
+    stride smaller than the row it steps over) would have its rows written
+    over each other: refused naming ``out``; layouts that interleave without
+    overlap (a transposed or sliced out) are accepted and written whole."""
+    q, k, v = _q4_case()
+    q = q[:, 0]
+    b, h, d = q.shape
+    buf = np.zeros(b * h * d, np.float32)
+    rows_overlap = np.lib.stride_tricks.as_strided(buf, (b, h, d), (h * d * 4, d * 8, 4), writeable=True)  # bytes
+    with pytest.raises(ValueError, match=r"out: expected elements that do not overlap, got strides \(128, 64, 4\) "
+                                         r".* axis 0's stride 128 is less than the 224 bytes"):
+        cupy_lean.attention(q, k, v, out=rows_overlap)
+    want = cupy_lean.attention(q, k, v)
+    for out in (np.full((h, b, d), np.nan, np.float32).transpose(1, 0, 2),
+                np.full((b, 3, h, d), np.nan, np.float32)[:, 1],
+                np.full((b, h, 2 * d), np.nan, np.float32)[:, :, ::1][:, :, d:]):
+        assert cupy_lean.attention(q, k, v, out=out) is out
+        np.testing.assert_array_equal(out, want)
