@@ -136,7 +136,9 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
         GPU the bytes are converted in the kernel; ``q`` and ``out`` stay
         fp16 / bf16.
     k_scale, v_scale : float or array of shape (heads_kv,), optional
-        fp8 caches hold ``value / scale``; default 1.
+        fp8 caches hold ``value / scale``; default 1. The output is in q's
+        dtype: with a large ``v_scale`` an fp16 output past 65504 is inf
+        (bf16 reaches about 3e38).
     batch_invariant : bool
         A sequence's ``out`` and ``lse`` are bitwise the same whatever its
         batch-mates, its position in the batch and the grid: every unit is
