@@ -186,18 +186,40 @@ def test_gather_kv_refuses_a_sequence_or_page_outside_the_arrays():
         reference.gather_kv(kp, vp, 1, 5, np.array([[0, 1]]))
 
 
-def test_torch_cpu_tensors_numpy_cannot_read_are_refused_naming_the_argument():
-    """PyTorch's own refusals (requires grad, meta device, an fp8 q) come
-    with the argument's name and the tensor's dtype."""
-    torch = pytest.importorskip("torch")
-    q, k, v = (torch.from_numpy(a) for a in _qkv())
-    cases = {"q": dict(q=q.clone().requires_grad_(True)),
-             "k": dict(k=torch.empty(k.shape, device="meta")),
-             "out": dict(out=torch.empty(q.shape, requires_grad=True))}
+class _Unreadable:
+    """An array-like whose DLPack export and NumPy conversion both refuse
+    (as a PyTorch tensor that requires grad or lives on the meta device)."""
+
+    dtype = "fake.float32"
+    shape = (2, 4, 16)
+
+    def __dlpack__(self, **kw):
+        raise RuntimeError("no export")
+
+    def __array__(self, *a, **kw):
+        raise RuntimeError("Can't call numpy() here")
+
+
+def test_cpu_arrays_numpy_cannot_read_are_refused_naming_the_argument():
+    """A producer's own refusal (PyTorch: requires grad, meta device, an fp8
+    q, the conjugate bit) comes with the argument's name and the dtype."""
+    q, k, v = _qkv()
+    for name in ("q", "k", "out"):
+        args = {**dict(q=q, k=k, v=v), name: _Unreadable()}
+        with pytest.raises(TypeError, match=rf"^{name}: could not read test_user_mistakes._Unreadable of dtype "
+                                            r"fake.float32 as a NumPy array on the CPU: Can't call numpy\(\) here"):
+            cupy_lean.attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+    try:  # the same with PyTorch's tensors where it is installed (CI has no PyTorch)
+        import torch
+    except ImportError:
+        return
+    tq, tk, tv = (torch.from_numpy(a) for a in (q, k, v))
+    cases = [("q", dict(q=tq.clone().requires_grad_(True))), ("k", dict(k=torch.empty(tk.shape, device="meta"))),
+             ("out", dict(out=torch.empty(tq.shape, requires_grad=True)))]
     if hasattr(torch, "float8_e4m3fn"):
-        cases["q "] = dict(q=q.to(torch.float8_e4m3fn))
-    for name, kw in cases.items():
-        args = {**dict(q=q, k=k, v=v), **kw}
-        with pytest.raises(TypeError, match=rf"^{name.strip()}: could not read torch.Tensor of dtype torch\.\w+ as "
+        cases.append(("q", dict(q=tq.to(torch.float8_e4m3fn))))
+    for name, kw in cases:
+        args = {**dict(q=tq, k=tk, v=tv), **kw}
+        with pytest.raises(TypeError, match=rf"^{name}: could not read torch.Tensor of dtype torch\.\w+ as "
                                             r"a NumPy array on the CPU: "):
             cupy_lean.attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
