@@ -427,3 +427,26 @@ def test_code_size_reads_the_text_sections_of_a_compiled_spec():
         code_size.text_sizes(b"\x7fELF\x01\x01" + bytes(64))
     with pytest.raises(ValueError, match="section headers"):
         code_size.text_sizes(cubin[:200])  # cut short: the headers it points to are gone
+
+
+def test_fp8_excess_splits_a_call_into_floor_and_overhead(tmp_path, capsys):
+    """A pair with the same overhead over its floor has extra 0 and the
+    'same' ratio equal to its ratio; an fp8 call 2 us slower shows extra 2."""
+    import json
+
+    import fp8_excess
+
+    floor16 = 10.0  # us at 1 TB/s: 1e7 bytes
+    rows = [dict(case="f00_b1_h8x1_d128_dense_100", kv_bytes_fp16=10_000_000, fp16_us=floor16 + 5, fp8_us=floor16 / 2 + 5),
+            dict(case="f01_b1_h8x1_d64_dense_100", kv_bytes_fp16=10_000_000, fp16_us=floor16 + 5, fp8_us=floor16 / 2 + 7)]
+    path = tmp_path / "fp8.json"
+    path.write_text(json.dumps(dict(rows=rows)))
+    got = {r["case"]: r["_e"] for r in fp8_excess.main([str(path), "--tbps", "1"])}
+    a, b = got[rows[0]["case"]], got[rows[1]["case"]]
+    assert a["over16"] == pytest.approx(5) and a["over8"] == pytest.approx(5) and a["extra"] == pytest.approx(0)
+    assert a["same"] == pytest.approx(a["ratio"]) == pytest.approx(10 / 15)
+    assert b["extra"] == pytest.approx(2) and b["ratio"] == pytest.approx(12 / 15)
+    out = capsys.readouterr().out
+    assert "2 shapes from 1 files" in out and "\nd64 " in out and "< 60 MB" in out
+    with pytest.raises(SystemExit, match="files: no file matches"):
+        fp8_excess.main([str(tmp_path / "none*.json")])
