@@ -441,7 +441,8 @@ def lean_schedule(kv_lens, heads_kv, *, tile_size, num_ctas, min_tiles_per_cta=1
     heads_kv : int
         Number of KV heads.
     tile_size : int
-        Tokens per tile.
+        Tokens per tile: any positive size (a model; the kernels take the
+        sizes of ``kernels.TILE_SIZES``).
     num_ctas : int
         Grid size. CTAs beyond the number of tiles own no work: the effective
         count is ``min(total_tiles, num_ctas)``, and with ``min_tiles_per_cta
