@@ -27,6 +27,9 @@ import hashlib
 import math
 import os
 import pathlib
+import re
+
+import numpy as np
 
 from . import _cache
 from .schedule import MERGE_TREE_FROM
@@ -357,7 +360,17 @@ class _Tuning(dict):
         items = tuple(sorted((name, _hashable(value)) for name, value in self.items()))
         self.key = keys.setdefault(items, len(keys))
 
+    def _check_keys(self, names):
+        # the package's TUNING (known set after it is built; copies have none): a key it does not
+        # have would be read by nothing, so an experiment's typo would silently measure the default
+        known = self.__dict__.get("_known")
+        if known is not None:
+            unknown = sorted(str(n) for n in names if n not in known)
+            if unknown:
+                raise ValueError(f"TUNING: unknown keys {unknown} (nothing reads them); TUNING has {sorted(known)}")
+
     def __setitem__(self, name, value):
+        self._check_keys((name,))
         super().__setitem__(name, value)
         self._changed()
 
@@ -366,7 +379,9 @@ class _Tuning(dict):
         self._changed()
 
     def update(self, *args, **kwargs):
-        super().update(*args, **kwargs)
+        items = dict(*args, **kwargs)
+        self._check_keys(items)
+        super().update(items)
         self._changed()
 
     def __ior__(self, other):
@@ -384,6 +399,7 @@ class _Tuning(dict):
         return out
 
     def setdefault(self, name, default=None):
+        self._check_keys((name,))
         out = super().setdefault(name, default)
         self._changed()
         return out
@@ -395,7 +411,8 @@ class _Tuning(dict):
 
 #: Tuning constants of the default configurations (measured on an H100, see
 #: bench/NOTES.md), in one place. A change applies to the calls after it
-#: (plans are cached per call signature and these values).
+#: (plans are cached per call signature and these values). Setting a key it
+#: does not have raises ValueError (a typo would change nothing).
 TUNING = _Tuning({
     "kv_tile_bytes": 32 * 1024,  # K+V bytes of the first tile tried: tile = kv_tile_bytes / (4 * head_dim)
     "min_warps": 8,  # the tile doubles (up to 128) while that adds warps and the CTA has fewer
@@ -568,6 +585,7 @@ TUNING = _Tuning({
     # or writes memory). False: plain launches
     "pdl": True,
 })
+TUNING._known = frozenset(TUNING)  # setting or updating any other key raises ValueError
 
 
 def uniform_model_args(head_dim, num_sms, hbm_bytes_per_us):
@@ -923,6 +941,15 @@ def default_ctas_per_sm(spec, occupancy):
     return max(1, min(TUNING["max_ctas_per_sm"], occupancy))
 
 
+def _spec_int(value, name):
+    """``value`` as an int when it is an integer (not a bool, not a float
+    that happens to be whole: it would name a spec "d128.0"), else
+    TypeError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name}: expected an integer, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
 def make_spec(dtype, head_dim, group, paged, tile_size=None, stages=None,
               smem_limit=DEFAULT_SMEM_LIMIT, features=0, page_size=None) -> Spec:
     """The spec that serves ``group`` query heads per KV head at ``head_dim``
@@ -942,6 +969,20 @@ def make_spec(dtype, head_dim, group, paged, tile_size=None, stages=None,
     requested ``tile_size`` / ``stages``) fits it.
     """
     dtype = _spec_dtype(dtype)  # (Spec takes either name too; here before any other use)
+    _spec_int(head_dim, "head_dim")
+    _spec_int(group, "group")
+    if not isinstance(paged, (bool, np.bool_)):
+        raise TypeError(f"paged: expected True or False, got {type(paged).__name__} {paged!r}")
+    if tile_size is not None:
+        _spec_int(tile_size, "tile_size")
+    if stages is not None and not 2 <= _spec_int(stages, "stages") <= 6:
+        raise ValueError(f"stages: expected an integer in [2, 6], got {stages}")
+    if page_size is not None and _spec_int(page_size, "page_size") < 1:
+        raise ValueError(f"page_size: expected an integer >= 1, got {page_size}")
+    if _spec_int(features, "features") < 0 or features & ~sum(FEATURES.values()):
+        raise ValueError(f"features: expected a sum of FEATURES bits {FEATURES}, got {features}")
+    if features & FP8_BITS == FP8_BITS:
+        raise ValueError(f"features: one fp8 format (fp8_e4m3 or fp8_e5m2), got both bits in {features}")
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"head_dim: the GPU kernels support {HEAD_DIMS}, got {head_dim}")
     if not 1 <= group <= MAX_GROUP:
@@ -1071,12 +1112,24 @@ def _nvrtc(spec: Spec | None, target: str, output: str, log=None, extra=()):
         nvrtc.destroyProgram(prog)
 
 
+def _arch_number(arch):
+    """``"sm_90"`` -> ``"90"`` (``"sm_90a"`` -> ``"90a"``); anything else, or
+    an architecture before sm_80 (the kernels need Ampere's copies and warp
+    reductions), raises ValueError naming ``arch``."""
+    m = re.fullmatch(r"sm_(\d+)([a-z]?)", arch) if isinstance(arch, str) else None
+    if m is None:
+        raise ValueError(f"arch: expected a real architecture such as 'sm_80' or 'sm_90', got {arch!r}")
+    if int(m.group(1)) < 80:
+        raise ValueError(f"arch: the kernels need sm_80 or newer (cp.async, warp reductions), got {arch!r}")
+    return m.group(1) + m.group(2)
+
+
 def compile_ptx(spec: Spec, arch: str = "sm_90", lineinfo: bool = False) -> str:
     """The PTX of a spec for ``arch`` ("sm_80", "sm_90", ...), as NVRTC emits
     it for the virtual architecture: for reading what the kernel asks of the
     hardware without a GPU (``lineinfo``: with the source lines, which
     ptxas ``-lineinfo`` carries into the cubin)."""
-    out = _nvrtc(spec, f"compute_{arch[3:]}", "ptx", extra=("-lineinfo",) if lineinfo else ())
+    out = _nvrtc(spec, f"compute_{_arch_number(arch)}", "ptx", extra=("-lineinfo",) if lineinfo else ())
     return out.decode() if isinstance(out, bytes) else out
 
 
@@ -1085,7 +1138,7 @@ def compile_cubin(spec: Spec | None, arch: str = "sm_90", log=None) -> bytes:
     (``"sm_80"``, ``"sm_90"``, ...) and return the cubin. Needs NVRTC, not a
     GPU. ``log``: a list that receives the compiler's report (ptxas's
     register and spill lines); a failure raises with NVRTC's log."""
-    return _nvrtc(spec, arch, "cubin", log)
+    return _nvrtc(spec, f"sm_{_arch_number(arch)}", "cubin", log)
 
 
 # --------------------------------------------------------------------- modules

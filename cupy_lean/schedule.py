@@ -257,8 +257,13 @@ class Schedule:
         exactly ``path``, whatever its extension (none is added); returns
         ``path``. Needs matplotlib (``pip install -e '.[plot]'``).
         """
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path: expected a file name (str or path), got {type(path).__name__} {path!r}")
         if os.path.isdir(path):
             raise ValueError(f"path: expected a file name for the PNG, got {os.fspath(path)!r}, which is a folder")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise ValueError(f"path: the folder {folder} of {os.fspath(path)!r} does not exist")
         try:
             import matplotlib
 

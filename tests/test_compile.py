@@ -774,6 +774,19 @@ def test_tuning_refuses_an_unknown_key_and_changes_nothing():
     assert dict(K.TUNING) == before
 
 
+def test_tuning_refuses_setting_a_key_it_does_not_have():
+    """A typo in an experiment's switch would change nothing: refused by
+    item assignment, update, |= and setdefault, naming the key; nothing
+    changes."""
+    before, key = dict(K.TUNING), K.TUNING.key
+    for change in (lambda t: t.__setitem__("pdll", False), lambda t: t.update(pdl=False, pdll=False),
+                   lambda t: t.__ior__({"pdll": False}), lambda t: t.setdefault("pdll", False)):
+        with pytest.raises(ValueError, match=r"TUNING: unknown keys \['pdll'\] \(nothing reads them\); "
+                                             r"TUNING has \[.*'pdl'"):
+            change(K.TUNING)
+        assert dict(K.TUNING) == before and K.TUNING.key == key
+
+
 def test_tuning_takes_unhashable_values():
     """An experiment may set a list: the key still follows the items."""
     from cupy_lean import _plan
@@ -794,8 +807,9 @@ def test_every_tuning_change_moves_the_key():
 
     before = _plan.plan_key(0, "sig")
     saved = dict(K.TUNING)
-    changes = [lambda t: t.update(pdl=not saved["pdl"]), lambda t: t.__setitem__("extra", 1),
-               lambda t: t.setdefault("extra", 2), lambda t: t.__ior__({"pdl": not saved["pdl"]}),
+    changes = [lambda t: t.update(pdl=not saved["pdl"]), lambda t: t.__setitem__("min_warps", 3),
+               lambda t: (t.pop("min_warps"), t.setdefault("min_warps", 2)),
+               lambda t: t.__ior__({"pdl": not saved["pdl"]}),
                lambda t: t.pop("pdl"), lambda t: t.__delitem__("pdl"), lambda t: t.popitem(), lambda t: t.clear()]
     try:
         for change in changes:
@@ -858,3 +872,41 @@ def test_tools_compile_with_the_options_the_package_compiles_with(monkeypatch):
     assert len(seen) == 2
     for opts in seen:
         assert "--device-as-default-execution-space" in opts, opts
+
+
+def test_compile_names_a_bad_arch_before_nvrtc():
+    """compile_ptx / compile_cubin take 'sm_NN' (sm_80 or newer): another
+    spelling or an older GPU is refused naming ``arch``, not sent to NVRTC
+    mangled (``compute_pute_90``) or failing on a None."""
+    spec = K.make_spec("f16", 128, 4, False)
+    for bad in ("compute_90", "sm90", "90", None, 90):
+        for fn in (K.compile_ptx, K.compile_cubin):
+            with pytest.raises(ValueError, match=r"arch: expected a real architecture such as 'sm_80'"):
+                fn(spec, bad)
+    for old in ("sm_75", "sm_70"):
+        with pytest.raises(ValueError, match=rf"arch: the kernels need sm_80 or newer .*got '{old}'"):
+            K.compile_cubin(spec, old)
+    assert K._arch_number("sm_90a") == "90a" and K._arch_number("sm_120") == "120"
+
+
+def test_make_spec_names_a_bad_argument_before_nvrtc():
+    """Values Config refuses are refused by make_spec too, naming the
+    argument (not a spec named "d128.0" or "s0" that NVRTC then fails on)."""
+    good = dict(dtype="f16", head_dim=128, group=4, paged=False)
+    cases = [(dict(head_dim=128.0), TypeError, "head_dim: expected an integer, got float 128.0"),
+             (dict(group=4.5), TypeError, "group: expected an integer, got float 4.5"),
+             (dict(paged="no"), TypeError, "paged: expected True or False, got str 'no'"),
+             (dict(tile_size=64.0), TypeError, "tile_size: expected an integer, got float 64.0"),
+             (dict(stages=0), ValueError, r"stages: expected an integer in \[2, 6\], got 0"),
+             (dict(stages=7), ValueError, r"stages: expected an integer in \[2, 6\], got 7"),
+             (dict(stages=True), TypeError, "stages: expected an integer, got bool True"),
+             (dict(page_size=0, paged=True), ValueError, "page_size: expected an integer >= 1, got 0"),
+             (dict(page_size=7.5, paged=True), TypeError, "page_size: expected an integer, got float 7.5"),
+             (dict(features=1 << 20), ValueError, "features: expected a sum of FEATURES bits"),
+             (dict(features=-1), ValueError, "features: expected a sum of FEATURES bits"),
+             (dict(features="sinks"), TypeError, "features: expected an integer, got str 'sinks'"),
+             (dict(features=48), ValueError, r"features: one fp8 format .*got both bits in 48")]
+    for change, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            K.make_spec(**{**good, **change})
+    assert K.make_spec(**{**good, "head_dim": np.int64(128), "stages": np.int32(3)}).stages == 3

@@ -1183,3 +1183,7 @@ def test_plot_writes_a_png_at_exactly_the_path_given(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["noext", "picture.jpg"]
     with pytest.raises(ValueError, match="path: expected a file name for the PNG, got .*, which is a folder"):
         s.plot(tmp_path)
+    with pytest.raises(ValueError, match="path: the folder .*nope of .* does not exist"):
+        s.plot(tmp_path / "nope" / "x.png")
+    with pytest.raises(TypeError, match="path: expected a file name .*got int 5"):
+        s.plot(5)

@@ -57,6 +57,13 @@ def digest(spec):
 def main():
     if len(sys.argv) != 3 or sys.argv[1] not in ("save", "compare"):
         raise SystemExit(__doc__)
+    old = None
+    if sys.argv[1] == "compare":  # read the saved run before the minutes of compiling
+        try:
+            with open(sys.argv[2]) as f:
+                old = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise SystemExit(f"compare: cannot read the saved run {sys.argv[2]}: {exc}")
     with concurrent.futures.ProcessPoolExecutor(os.cpu_count(), mp_context=multiprocessing.get_context("spawn")) as ex:
         now = dict(ex.map(digest, grid()))
     if sys.argv[1] == "save":
@@ -64,8 +71,6 @@ def main():
             json.dump(now, f, indent=0)
         print(f"{len(now)} specs saved to {sys.argv[2]}")
         return
-    with open(sys.argv[2]) as f:
-        old = json.load(f)
     differ = sorted(k for k in now if k in old and old[k] != now[k])
     only = sorted(set(now) ^ set(old))
     print(f"{len(now)} specs: {len(differ)} differ" + (f", {len(only)} in one run only" if only else ""))

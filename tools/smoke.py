@@ -53,7 +53,10 @@ class _NumPyAsCuPy:
 def main(argv=None):
     import ml_dtypes
 
-    if "--cpu" in (sys.argv[1:] if argv is None else argv):
+    args = sys.argv[1:] if argv is None else argv
+    if set(args) - {"--cpu"}:  # --help, or anything else: the usage, nothing run
+        raise SystemExit(__doc__ if set(args) & {"-h", "--help"} else f"unknown arguments {args}\n{__doc__}")
+    if "--cpu" in args:
         cp = _NumPyAsCuPy()
     else:
         import cupy as cp
