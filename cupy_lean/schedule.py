@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import numbers
+import os
 import textwrap
 
 import numpy as np
@@ -922,6 +922,11 @@ def uniform_variant(num_units, unit_tiles, grid, num_sms, tile_us=0.0, cut_us=2.
     the pace) and 1; ``saturation`` is then unused.
     """
     saturation = _check_saturation(saturation)
+    for name, value in (("num_units", num_units), ("unit_tiles", unit_tiles), ("grid", grid), ("num_sms", num_sms)):
+        _check_positive_int(value, name, 0)
+    for name, value, low in (("tile_us", tile_us, 0.0), ("cut_us", cut_us, 0.0), ("slack", slack, -1.0)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value >= low):
+            raise ValueError(f"{name}: expected a finite number >= {low:g}, got {value!r}")
     if num_units <= 0 or unit_tiles <= 0 or grid <= 0:
         return 0
     sat = saturation * grid

@@ -1187,3 +1187,19 @@ def test_plot_writes_a_png_at_exactly_the_path_given(tmp_path):
         s.plot(tmp_path / "nope" / "x.png")
     with pytest.raises(TypeError, match="path: expected a file name .*got int 5"):
         s.plot(5)
+
+
+def test_uniform_variant_names_a_count_or_time_that_is_not_one():
+    """nan, negative or non-integer model inputs are refused naming them
+    (a nan tile time made every comparison false: stream-K, silently)."""
+    for kw, exc, msg in [(dict(grid=float("nan")), TypeError, "grid: expected an integer >= 0, got nan"),
+                         (dict(num_units=-1), ValueError, "num_units: expected an integer >= 0, got -1"),
+                         (dict(num_sms=1.5), TypeError, "num_sms: expected an integer >= 0, got 1.5"),
+                         (dict(tile_us=float("nan")), ValueError, "tile_us: expected a finite number >= 0, got nan"),
+                         (dict(cut_us=-1.0), ValueError, "cut_us: expected a finite number >= 0, got -1.0"),
+                         (dict(slack=-5), ValueError, "slack: expected a finite number >= -1, got -5"),
+                         (dict(tile_us="0.1"), ValueError, "tile_us: expected a finite number >= 0, got '0.1'")]:
+        args = {**dict(num_units=47, unit_tiles=1286, grid=132, num_sms=132, tile_us=0.0068), **kw}
+        with pytest.raises(exc, match=msg):
+            uniform_variant(**args)
+    assert uniform_variant(0, 10, 132, 132) == 0 and uniform_variant(np.int64(47), 1286, 132, 132, tile_us=0.0068) == 0
