@@ -118,6 +118,8 @@ def index_divisor(d, name="page_size"):
     ``0 <= n < 2**31`` (``shift`` = ceil(log2 d), ``magic`` = floor(2**32
     (2**shift - d) / d) + 1, below 2**32; the sum stays under 2**32).
     ``name``: the argument an error names."""
+    if isinstance(d, bool) or not isinstance(d, (int, np.integer)):  # 2.5 would divide by 2
+        raise TypeError(f"{name}: expected an integer >= 1, got {type(d).__name__} {d!r}")
     if int(d) < 1:
         raise ValueError(f"{name}: expected an integer >= 1, got {d}")
     d = int(d)

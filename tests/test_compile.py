@@ -733,6 +733,10 @@ def test_index_divisor_divides_every_index():
         K.index_divisor(0)
     with pytest.raises(ValueError, match="lanes: expected an integer >= 1, got 0"):
         K.index_divisor(0, "lanes")
+    for bad in (2.5, "x", True):  # 2.5 used to divide by 2
+        with pytest.raises(TypeError, match="page_size: expected an integer >= 1, got"):
+            K.index_divisor(bad)
+    assert K.index_divisor(np.int32(16)) == K.index_divisor(16)
 
 
 def test_a_tuning_change_names_other_plans():
