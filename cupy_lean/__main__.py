@@ -12,7 +12,7 @@ import time
 import numpy as np
 
 from . import attention, gpu_available, lean_schedule, reference
-from .schedule import merges_by_launch
+from .schedule import check_png_path, merges_by_launch
 
 # A realistic decode step: 8 KV heads, 32 query heads (GQA group 4), head_dim
 # 128, a ragged batch of sequences up to 16k tokens (one empty).
@@ -237,12 +237,10 @@ def _non_negative(text):
 
 
 def _png(text):
-    folder = os.path.dirname(os.path.abspath(text))
-    if not os.path.isdir(folder):
-        raise argparse.ArgumentTypeError(f"folder {folder} does not exist")
-    if os.path.isdir(text):
-        raise argparse.ArgumentTypeError(f"{text} is a folder; expected a file name for the PNG")
-    return text
+    try:
+        return check_png_path(text)  # Schedule.plot's own check, before the work
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("path: ")) from None
 
 
 def _parser():

@@ -32,7 +32,7 @@ import re
 import numpy as np
 
 from . import _cache
-from .schedule import MERGE_TREE_FROM
+from .schedule import MERGE_TREE_FROM, _check_positive_int
 
 __all__ = [
     "Spec",
@@ -118,11 +118,7 @@ def index_divisor(d, name="page_size"):
     ``0 <= n < 2**31`` (``shift`` = ceil(log2 d), ``magic`` = floor(2**32
     (2**shift - d) / d) + 1, below 2**32; the sum stays under 2**32).
     ``name``: the argument an error names."""
-    if isinstance(d, bool) or not isinstance(d, (int, np.integer)):  # 2.5 would divide by 2
-        raise TypeError(f"{name}: expected an integer >= 1, got {type(d).__name__} {d!r}")
-    if int(d) < 1:
-        raise ValueError(f"{name}: expected an integer >= 1, got {d}")
-    d = int(d)
+    d = _check_positive_int(d, name)  # (2.5 would divide by 2)
     shift = (d - 1).bit_length()
     return ((1 << 32) * ((1 << shift) - d)) // d + 1, shift
 
@@ -943,15 +939,6 @@ def default_ctas_per_sm(spec, occupancy):
     return max(1, min(TUNING["max_ctas_per_sm"], occupancy))
 
 
-def _spec_int(value, name):
-    """``value`` as an int when it is an integer (not a bool, not a float
-    that happens to be whole: it would name a spec "d128.0"), else
-    TypeError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name}: expected an integer, got {type(value).__name__} {value!r}")
-    return int(value)
-
-
 def make_spec(dtype, head_dim, group, paged, tile_size=None, stages=None,
               smem_limit=DEFAULT_SMEM_LIMIT, features=0, page_size=None) -> Spec:
     """The spec that serves ``group`` query heads per KV head at ``head_dim``
@@ -971,17 +958,16 @@ def make_spec(dtype, head_dim, group, paged, tile_size=None, stages=None,
     requested ``tile_size`` / ``stages``) fits it.
     """
     dtype = _spec_dtype(dtype)  # (Spec takes either name too; here before any other use)
-    _spec_int(head_dim, "head_dim")
-    _spec_int(group, "group")
+    # integers, not floats that happen to be whole (128.0 would name a spec "d128.0" that NVRTC refuses)
+    for name, value, low in (("head_dim", head_dim, 1), ("group", group, 1), ("tile_size", tile_size, 1),
+                             ("stages", stages, 2), ("page_size", page_size, 1), ("features", features, 0)):
+        if value is not None:
+            _check_positive_int(value, name, low)
     if not isinstance(paged, (bool, np.bool_)):
         raise TypeError(f"paged: expected True or False, got {type(paged).__name__} {paged!r}")
-    if tile_size is not None:
-        _spec_int(tile_size, "tile_size")
-    if stages is not None and not 2 <= _spec_int(stages, "stages") <= 6:
+    if stages is not None and stages > 6:
         raise ValueError(f"stages: expected an integer in [2, 6], got {stages}")
-    if page_size is not None and _spec_int(page_size, "page_size") < 1:
-        raise ValueError(f"page_size: expected an integer >= 1, got {page_size}")
-    if _spec_int(features, "features") < 0 or features & ~sum(FEATURES.values()):
+    if features & ~sum(FEATURES.values()):
         raise ValueError(f"features: expected a sum of FEATURES bits {FEATURES}, got {features}")
     if features & FP8_BITS == FP8_BITS:
         raise ValueError(f"features: one fp8 format (fp8_e4m3 or fp8_e5m2), got both bits in {features}")

@@ -257,13 +257,7 @@ class Schedule:
         exactly ``path``, whatever its extension (none is added); returns
         ``path``. Needs matplotlib (``pip install -e '.[plot]'``).
         """
-        if not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"path: expected a file name (str or path), got {type(path).__name__} {path!r}")
-        if os.path.isdir(path):
-            raise ValueError(f"path: expected a file name for the PNG, got {os.fspath(path)!r}, which is a folder")
-        folder = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(folder):
-            raise ValueError(f"path: the folder {folder} of {os.fspath(path)!r} does not exist")
+        check_png_path(path)
         try:
             import matplotlib
 
@@ -331,6 +325,19 @@ class Schedule:
         fig.savefig(path, dpi=110, format="png")  # format given: matplotlib adds no extension
         plt.close(fig)
         return path
+
+
+def check_png_path(path):
+    """A file name a PNG can be written to (:meth:`Schedule.plot`, the
+    command line's ``--png``): not a folder, in a folder that exists."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path: expected a file name (str or path), got {type(path).__name__} {path!r}")
+    if os.path.isdir(path):
+        raise ValueError(f"path: expected a file name for the PNG, got {os.fspath(path)!r}, which is a folder")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"path: the folder {folder} of {os.fspath(path)!r} does not exist")
+    return path
 
 
 _SEG_DTYPE = np.dtype(
@@ -924,7 +931,8 @@ def uniform_variant(num_units, unit_tiles, grid, num_sms, tile_us=0.0, cut_us=2.
     saturation = _check_saturation(saturation)
     for name, value in (("num_units", num_units), ("unit_tiles", unit_tiles), ("grid", grid), ("num_sms", num_sms)):
         _check_positive_int(value, name, 0)
-    for name, value, low in (("tile_us", tile_us, 0.0), ("cut_us", cut_us, 0.0), ("slack", slack, -1.0)):
+    for name, value, low in (("tile_us", tile_us, 0.0), ("cut_us", cut_us, 0.0), ("slack", slack, -1.0),
+                             ("cta_bound", cta_bound, 0.0)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value >= low):
             raise ValueError(f"{name}: expected a finite number >= {low:g}, got {value!r}")
     if num_units <= 0 or unit_tiles <= 0 or grid <= 0:
@@ -932,9 +940,7 @@ def uniform_variant(num_units, unit_tiles, grid, num_sms, tile_us=0.0, cut_us=2.
     sat = saturation * grid
     if partial_grid is not None:
         env = _envelope(_check_partial_grid(partial_grid))
-        bound = float(cta_bound)
-        if not (math.isfinite(bound) and bound >= 0):
-            raise ValueError(f"cta_bound: expected a finite number >= 0, got {cta_bound!r}")
+        bound = float(cta_bound)  # (checked above)
 
         def wave(w):
             f = min(1.0, w / max(1, num_sms))

@@ -208,10 +208,6 @@ def check_out(out, shape, dtype):
     if out.dtype != dtype:
         raise TypeError(f"out: expected dtype {dtype} (q's dtype), got {out.dtype}")
     _check_last_contiguous(out, "out")
-    for axis, (n, st) in enumerate(zip(out.shape, out.strides) if out.size else ()):
-        if st == 0 and n > 1:  # an expanded array: every row would be written to the same place
-            raise ValueError(f"out: expected elements that do not overlap, got a stride of 0 on axis {axis} "
-                             f"(of size {n})")
     _check_no_overlap(out, "out")
 
 
@@ -224,6 +220,9 @@ def _check_no_overlap(a, name):
         return
     span = a.dtype.itemsize  # bytes covered by the axes taken so far, from the first element on
     for st, n, axis in sorted((abs(st), n, axis) for axis, (n, st) in enumerate(zip(a.shape, a.strides)) if n > 1):
+        if st == 0:  # an expanded array: every row would be written to the same place
+            raise ValueError(f"{name}: expected elements that do not overlap, got a stride of 0 on axis {axis} "
+                             f"(of size {n})")
         if st < span:
             raise ValueError(f"{name}: expected elements that do not overlap, got strides {tuple(a.strides)} for "
                              f"shape {tuple(a.shape)} (itemsize {a.dtype.itemsize}): axis {axis}'s stride {st} is "

@@ -897,18 +897,18 @@ def test_make_spec_names_a_bad_argument_before_nvrtc():
     """Values Config refuses are refused by make_spec too, naming the
     argument (not a spec named "d128.0" or "s0" that NVRTC then fails on)."""
     good = dict(dtype="f16", head_dim=128, group=4, paged=False)
-    cases = [(dict(head_dim=128.0), TypeError, "head_dim: expected an integer, got float 128.0"),
-             (dict(group=4.5), TypeError, "group: expected an integer, got float 4.5"),
+    cases = [(dict(head_dim=128.0), TypeError, "head_dim: expected an integer >= 1, got 128.0"),
+             (dict(group=4.5), TypeError, "group: expected an integer >= 1, got 4.5"),
              (dict(paged="no"), TypeError, "paged: expected True or False, got str 'no'"),
-             (dict(tile_size=64.0), TypeError, "tile_size: expected an integer, got float 64.0"),
-             (dict(stages=0), ValueError, r"stages: expected an integer in \[2, 6\], got 0"),
+             (dict(tile_size=64.0), TypeError, "tile_size: expected an integer >= 1, got 64.0"),
+             (dict(stages=0), ValueError, "stages: expected an integer >= 2, got 0"),
              (dict(stages=7), ValueError, r"stages: expected an integer in \[2, 6\], got 7"),
-             (dict(stages=True), TypeError, "stages: expected an integer, got bool True"),
+             (dict(stages=True), TypeError, "stages: expected an integer >= 2, got True"),
              (dict(page_size=0, paged=True), ValueError, "page_size: expected an integer >= 1, got 0"),
-             (dict(page_size=7.5, paged=True), TypeError, "page_size: expected an integer, got float 7.5"),
+             (dict(page_size=7.5, paged=True), TypeError, "page_size: expected an integer >= 1, got 7.5"),
              (dict(features=1 << 20), ValueError, "features: expected a sum of FEATURES bits"),
-             (dict(features=-1), ValueError, "features: expected a sum of FEATURES bits"),
-             (dict(features="sinks"), TypeError, "features: expected an integer, got str 'sinks'"),
+             (dict(features=-1), ValueError, "features: expected an integer >= 0, got -1"),
+             (dict(features="sinks"), TypeError, "features: expected an integer >= 0, got 'sinks'"),
              (dict(features=48), ValueError, r"features: one fp8 format .*got both bits in 48")]
     for change, exc, msg in cases:
         with pytest.raises(exc, match=msg):
