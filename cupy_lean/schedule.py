@@ -930,7 +930,8 @@ def uniform_variant(num_units, unit_tiles, grid, num_sms, tile_us=0.0, cut_us=2.
     """
     saturation = _check_saturation(saturation)
     for name, value in (("num_units", num_units), ("unit_tiles", unit_tiles), ("grid", grid), ("num_sms", num_sms)):
-        _check_positive_int(value, name, 0)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # (<= 0: no work, 0 below)
+            raise TypeError(f"{name}: expected an integer, got {value!r}")
     for name, value, low in (("tile_us", tile_us, 0.0), ("cut_us", cut_us, 0.0), ("slack", slack, -1.0),
                              ("cta_bound", cta_bound, 0.0)):
         if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value >= low):
