@@ -340,6 +340,102 @@ def _hashable(value):
     return value
 
 
+def _is_int(v):
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_number(v):
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:  # an integer past the float range
+        return False
+
+
+def _is_bool(v):
+    return isinstance(v, (bool, np.bool_))
+
+
+def _int_from(low, high=None):
+    def check(v):
+        return _is_int(v) and low <= v and (high is None or v <= high)
+    text = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+    return check, text
+
+
+def _fraction():
+    return (lambda v: _is_number(v) and 0 < v <= 1), "a number in (0, 1]"
+
+
+def _per_head_dim(item, text):
+    def check(v):
+        return (isinstance(v, dict) and all(isinstance(k, str) or _is_int(k) for k in v)
+                and all(item(x) for x in v.values()))
+    return check, f"a dict from head_dims ('128' or 128) to {text}"
+
+
+def _points(v):
+    try:
+        return len(v) > 0 and all(len(p) == 2 and all(_is_number(x) for x in p) for p in v)
+    except TypeError:
+        return False
+
+
+# what each TUNING key's reader takes (checked when a value is set on the package's TUNING; the readers
+# check again where a value could reach them another way)
+_TUNING_CHECKS = {
+    "kv_tile_bytes": _int_from(1),
+    "min_warps": _int_from(1),
+    "deep_pipeline_smem": _int_from(0),
+    "max_smem": _int_from(0),
+    "one_cta_per_sm_above": _int_from(0),
+    "max_ctas_per_sm": _int_from(1),
+    "merge_balance": ((lambda v: _is_number(v) and v >= 0), "a number >= 0"),
+    "uniform_variants": (_is_bool, "True or False"),
+    "uniform_saturation": _fraction(),
+    "uniform_model": ((lambda v: v in ("rates", "saturation") and isinstance(v, str)), '"rates" or "saturation"'),
+    "partial_grid_time": _per_head_dim(_points, "lists of [fraction, time] pairs"),
+    "cta_stream_gbs": _per_head_dim(lambda x: _is_number(x) and x > 0, "positive numbers (GB/s)"),
+    "read_fraction": _fraction(),
+    "fallback_hbm_tbps": ((lambda v: _is_number(v) and v > 0), "a positive number (TB/s)"),
+    "many_units_d64": (_is_bool, "True or False"),
+    "many_units_d64_t64_per_sm": _int_from(0),
+    "short_unit_tokens": _int_from(0),
+    "varied_lengths_d64_tile": ((lambda v: _is_int(v) and (v == 0 or (16 <= v <= 128 and v % 16 == 0))),
+                                "0 or a tile of 16 to 128 tokens, a multiple of 16"),
+    "fp8_varied_lengths_tile": ((lambda v: _is_bool(v) or (isinstance(v, str) and v == "paged")),
+                                'True, False or "paged"'),
+    "config_rules_with_features": (_is_bool, "True or False"),
+    "many_units_d64_with_fp8": (_is_bool, "True or False"),
+    "many_units_d64_fp8_max_unit_bytes": _int_from(0),
+    "invariant_splits": _int_from(0),
+    "merge_launch_pieces": _int_from(0),
+    "runtime_split": (_is_bool, "True or False"),
+    "runtime_split_in_kernel": (_is_bool, "True or False"),
+    "runtime_split_in_kernel_scale": _int_from(1, 64),
+    "runtime_split_in_kernel_cap_bytes": _int_from(0),
+    "runtime_split_slack_bytes": _int_from(0),
+    "split_prefetch": _int_from(0, 2),
+    "split_prefetch_paged": _int_from(0, 2),
+    "fp8_wide_k_reads": (_is_bool, "True or False"),
+    "fp8_stage_factor": ((lambda v: _is_number(v) and v >= 1), "a number >= 1"),
+    "fp8_head_lanes": (_is_bool, "True or False"),
+    "fp8_head_lanes_sm_fraction": _fraction(),
+    "fp8_head_lanes_group": _int_from(1),
+    "fp8_head_lanes_count": ((lambda v: v is None or (_is_int(v) and v >= 1)), "None or an integer >= 1"),
+    "pdl": (_is_bool, "True or False"),
+}
+
+
+def _check_tuning_value(name, value):
+    """Raise ValueError naming ``kernels.TUNING[name]``, what it takes and
+    ``value`` when its reader would not take ``value``."""
+    check, text = _TUNING_CHECKS[name]
+    if not check(value):
+        raise ValueError(f'kernels.TUNING["{name}"] must be {text}, got {value!r}')
+
+
 class _Tuning(dict):
     """The dict of :data:`TUNING`: ``key`` is a small integer naming its
     current items (the same items, the same integer), kept current by every
@@ -367,8 +463,16 @@ class _Tuning(dict):
             if unknown:
                 raise ValueError(f"TUNING: unknown keys {unknown} (nothing reads them); TUNING has {sorted(known)}")
 
+    def _check_items(self, items):
+        # the package's TUNING: a key it does not have, or a value its reader would take wrongly
+        # (runtime_split="False" counts as true, kv_tile_bytes="32k" fails deep in default_config)
+        self._check_keys(items)
+        if self.__dict__.get("_known") is not None:
+            for name, value in items.items():
+                _check_tuning_value(name, value)
+
     def __setitem__(self, name, value):
-        self._check_keys((name,))
+        self._check_items({name: value})
         super().__setitem__(name, value)
         self._changed()
 
@@ -378,7 +482,7 @@ class _Tuning(dict):
 
     def update(self, *args, **kwargs):
         items = dict(*args, **kwargs)
-        self._check_keys(items)
+        self._check_items(items)
         super().update(items)
         self._changed()
 
@@ -397,7 +501,8 @@ class _Tuning(dict):
         return out
 
     def setdefault(self, name, default=None):
-        self._check_keys((name,))
+        if name not in self:
+            self._check_items({name: default})
         out = super().setdefault(name, default)
         self._changed()
         return out
@@ -410,7 +515,8 @@ class _Tuning(dict):
 #: Tuning constants of the default configurations (measured on an H100, see
 #: bench/NOTES.md), in one place. A change applies to the calls after it
 #: (plans are cached per call signature and these values). Setting a key it
-#: does not have raises ValueError (a typo would change nothing).
+#: does not have, or a value its reader would not take (a type or range
+#: each key's comment gives), raises ValueError naming the key.
 TUNING = _Tuning({
     "kv_tile_bytes": 32 * 1024,  # K+V bytes of the first tile tried: tile = kv_tile_bytes / (4 * head_dim)
     "min_warps": 8,  # the tile doubles (up to 128) while that adds warps and the CTA has fewer
@@ -583,7 +689,10 @@ TUNING = _Tuning({
     # or writes memory). False: plain launches
     "pdl": True,
 })
-TUNING._known = frozenset(TUNING)  # setting or updating any other key raises ValueError
+assert set(_TUNING_CHECKS) == set(TUNING)
+for _name, _value in TUNING.items():
+    _check_tuning_value(_name, _value)
+TUNING._known = frozenset(TUNING)  # setting any other key, or a value its reader would not take, raises ValueError
 
 
 def uniform_model_args(head_dim, num_sms, hbm_bytes_per_us):

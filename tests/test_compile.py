@@ -599,9 +599,10 @@ def test_config_rules_with_features_switch():
                 assert K.varied_length_tile(64, 8, lanes, paged=paged) == (want if b & K.FP8_BITS else None)
         with K.tuning(fp8_varied_lengths_tile=False):
             assert K.varied_length_tile(64, 8, b, paged=True) is None
-        with K.tuning(fp8_varied_lengths_tile="ragged"):
-            with pytest.raises(ValueError, match="fp8_varied_lengths_tile.*'ragged'"):
-                K.varied_length_tile(64, 8, b, paged=True)
+        with pytest.raises(ValueError, match="fp8_varied_lengths_tile.*'ragged'"):  # refused where it is set
+            with K.tuning(fp8_varied_lengths_tile="ragged"):
+                pass
+        assert K.TUNING["fp8_varied_lengths_tile"] == "paged"
     saved = dict(K.TUNING)
     try:
         K.TUNING["config_rules_with_features"] = True
@@ -796,10 +797,11 @@ def test_tuning_takes_unhashable_values():
     from cupy_lean import _plan
 
     before = _plan.plan_key(0, "sig")
-    with K.tuning(kv_tile_bytes=[16384]):
+    table = {"64": [[1.0, 1.0]], "128": [[1.0, 1.0]], "256": [[1.0, 1.0]]}
+    with K.tuning(partial_grid_time=table):
         changed = _plan.plan_key(0, "sig")
         assert changed != before
-        K.TUNING["kv_tile_bytes"] = [16384]  # the same items again: the same key
+        K.TUNING["partial_grid_time"] = {k: [list(p) for p in v] for k, v in table.items()}  # the same items again: the same key
         assert _plan.plan_key(0, "sig") == changed
     assert _plan.plan_key(0, "sig") == before
 
@@ -825,6 +827,35 @@ def test_every_tuning_change_moves_the_key():
     finally:
         K.TUNING.clear()
         K.TUNING.update(saved)
+
+
+def test_tuning_refuses_a_value_its_reader_would_take_wrongly():
+    """A value of the wrong type or range (a string for a switch, a float
+    for a byte count, a fraction over 1) is refused where it is set, naming
+    the key, what it takes and the value; nothing changes. Every default
+    passes its own check, and values of the right kind are taken."""
+    before, key = dict(K.TUNING), K.TUNING.key
+    bad = {"runtime_split": ("False", 'True or False'), "kv_tile_bytes": ("32k", "an integer >= 1"),
+           "max_smem": (216.5 * 1024, "an integer >= 0"), "pdl": (1, "True or False"),
+           "read_fraction": (1.2, r"a number in \(0, 1\]"), "fp8_stage_factor": (0.5, "a number >= 1"),
+           "split_prefetch": (3, "an integer from 0 to 2"), "fp8_head_lanes_count": (0, "None or an integer >= 1"),
+           "varied_lengths_d64_tile": (40, "0 or a tile of 16 to 128 tokens"),
+           "merge_balance": (float("nan"), "a number >= 0"), "uniform_model": (None, '"rates" or "saturation"'),
+           "cta_stream_gbs": ({"64": -1.0}, "a dict from head_dims")}
+    for name, (value, text) in bad.items():
+        for change in (lambda t: t.__setitem__(name, value), lambda t: t.update({"min_warps": 4, name: value}),
+                       lambda t: t.__ior__({name: value})):
+            with pytest.raises(ValueError, match=rf'kernels.TUNING\["{name}"\] must be {text}.*, got '
+                                                 + re.escape(repr(value))):
+                change(K.TUNING)
+            assert dict(K.TUNING) == before and K.TUNING.key == key
+    good = {"runtime_split": np.bool_(False), "kv_tile_bytes": np.int64(16384), "read_fraction": 1,
+            "fp8_stage_factor": 1.5, "fp8_head_lanes_count": 4, "varied_lengths_d64_tile": 0, "merge_balance": 0.5}
+    with K.tuning(**good):
+        assert all(K.TUNING[k] == v for k, v in good.items())
+    assert dict(K.TUNING) == before
+    for name, value in before.items():
+        K._check_tuning_value(name, value)
 
 
 def test_tuning_is_still_a_dict():

@@ -679,10 +679,17 @@ def test_uniform_variant_saturation():
     from cupy_lean import kernels as K
 
     assert K.uniform_saturation() == K.TUNING["uniform_saturation"] == 0.8
-    for bad in (0, 2, False, "x"):
-        with K.tuning(uniform_saturation=bad):
+    for bad in (0, 2, False, "x"):  # refused where it is set, nothing changed
+        with pytest.raises(ValueError, match=r'TUNING\["uniform_saturation"\] must be a number in \(0, 1\]'):
+            with K.tuning(uniform_saturation=bad):
+                pass
+        assert K.TUNING["uniform_saturation"] == 0.8
+        dict.__setitem__(K.TUNING, "uniform_saturation", bad)  # past the check: its reader refuses it too
+        try:
             with pytest.raises(ValueError, match=r'TUNING\["uniform_saturation"\] must be a number in \(0, 1\]'):
                 K.uniform_saturation()
+        finally:
+            dict.__setitem__(K.TUNING, "uniform_saturation", 0.8)
     with K.tuning(uniform_saturation=1):
         assert K.uniform_saturation() == 1.0
 
@@ -766,15 +773,23 @@ def test_partial_grid_time_and_the_model_args():
     with K.tuning(uniform_model="saturation", uniform_saturation=0.7):
         assert K.uniform_model_args(128, 132, 3.352e6) == {"saturation": 0.7}
     for key, val, msg in (("uniform_model", "steps", r'TUNING\["uniform_model"\] must be "rates" or "saturation"'),
-                          ("partial_grid_time", {"64": []}, r'TUNING\["partial_grid_time"\] must map head_dim 128'),
-                          ("cta_stream_gbs", {"128": 0}, r"TUNING\[\"cta_stream_gbs\"\]\['128'\] must be a positive"),
-                          ("read_fraction", 1.5, r"TUNING\[\"cta_stream_gbs\"\]\['128'\] must be a positive"),
-                          ("read_fraction", True, r"TUNING\[\"cta_stream_gbs\"\]\['128'\] must be a positive"),
-                          ("cta_stream_gbs", {"128": True}, r"TUNING\[\"cta_stream_gbs\"\]\['128'\] must be"),
-                          ("cta_stream_gbs", [1.0], r"TUNING\[\"cta_stream_gbs\"\]\['128'\] must be"),
-                          ("cta_stream_gbs", {"128": 10**400}, r"TUNING\[\"cta_stream_gbs\"\]\['128'\] must be"),
-                          ("partial_grid_time", [[1.0, 1.0]], r'TUNING\["partial_grid_time"\] must map'),
-                          ("partial_grid_time", {"128": [[1.0, 10**400]]}, r'TUNING\["partial_grid_time"\] must map')):
+                          ("partial_grid_time", {"64": []}, r'TUNING\["partial_grid_time"\] must be a dict'),
+                          ("cta_stream_gbs", {"128": 0}, r'TUNING\["cta_stream_gbs"\] must be a dict .* positive'),
+                          ("read_fraction", 1.5, r'TUNING\["read_fraction"\] must be a number in \(0, 1\]'),
+                          ("read_fraction", True, r'TUNING\["read_fraction"\] must be a number in \(0, 1\]'),
+                          ("cta_stream_gbs", {"128": True}, r'TUNING\["cta_stream_gbs"\] must be a dict'),
+                          ("cta_stream_gbs", [1.0], r'TUNING\["cta_stream_gbs"\] must be a dict'),
+                          ("cta_stream_gbs", {"128": 10**400}, r'TUNING\["cta_stream_gbs"\] must be a dict'),
+                          ("partial_grid_time", [[1.0, 1.0]], r'TUNING\["partial_grid_time"\] must be a dict'),
+                          ("partial_grid_time", {"128": [[1.0, 10**400]]}, r'TUNING\["partial_grid_time"\] must be')):
+        with pytest.raises(ValueError, match=msg):  # refused where it is set, nothing changed
+            with K.tuning(**{key: val}):
+                pass
+        assert K.uniform_model_args(128, 132, 3.352e6) == a
+    # values of the right form that this head_dim's plan cannot use: refused by the reader, naming the key
+    for key, val, msg in (("partial_grid_time", {"64": [[1.0, 1.0]]}, r'TUNING\["partial_grid_time"\] must map head_dim 128'),
+                          ("partial_grid_time", {"128": [[1.5, 1.0]]}, r'TUNING\["partial_grid_time"\] must map'),
+                          ("cta_stream_gbs", {"64": 50.0}, r"TUNING\[\"cta_stream_gbs\"\]\['128'\] must be a positive")):
         with K.tuning(**{key: val}):
             with pytest.raises(ValueError, match=msg):
                 K.uniform_model_args(128, 132, 3.352e6)
@@ -1048,10 +1063,11 @@ def test_launch_split_rule(monkeypatch):
     assert K.launch_split_rule(True, 16, 128, 2) == (1, 24)
     monkeypatch.setitem(K.TUNING, "runtime_split_in_kernel_scale", 3)
     assert K.launch_split_rule(False, 16, 128, 2) == (3, 24)
-    for bad in (0, 65, 1.5, True):
-        monkeypatch.setitem(K.TUNING, "runtime_split_in_kernel_scale", bad)
-        with pytest.raises(ValueError, match="runtime_split_in_kernel_scale"):
-            K.launch_split_rule(False, 16, 128, 2)
+    for bad in (0, 65, 1.5, True):  # refused where it is set
+        with pytest.raises(ValueError, match=r'TUNING\["runtime_split_in_kernel_scale"\] must be an integer '
+                                             r'from 1 to 64, got ' + re.escape(repr(bad))):
+            monkeypatch.setitem(K.TUNING, "runtime_split_in_kernel_scale", bad)
+        assert K.TUNING["runtime_split_in_kernel_scale"] == 3
     assert K.launch_split_rule(True, 16, 128, 2) == (1, 24)  # the merge launch's rule does not read it
 
 
@@ -1073,10 +1089,10 @@ def test_launch_split_cap(monkeypatch):
     monkeypatch.setitem(K.TUNING, "runtime_split_in_kernel_cap_bytes", 1 << 62)
     assert K.launch_split_cap(False, 16, 64, 1) == 1 << 30
     for bad in (-1, 1.5, None, True, "256"):
-        monkeypatch.setitem(K.TUNING, "runtime_split_in_kernel_cap_bytes", bad)
         with pytest.raises(ValueError, match=r'kernels.TUNING\["runtime_split_in_kernel_cap_bytes"\] must be an '
                                              r'integer >= 0, got ' + re.escape(repr(bad))):
-            K.launch_split_cap(False, 64, 256, 2)
+            monkeypatch.setitem(K.TUNING, "runtime_split_in_kernel_cap_bytes", bad)  # refused where it is set
+        assert K.launch_split_cap(False, 16, 64, 1) == 1 << 30
     monkeypatch.setitem(K.TUNING, "runtime_split_in_kernel_cap_bytes", 256 * 1024)
     with pytest.raises(ValueError, match="tile_size"):  # another argument's error names that argument
         K.launch_split_cap(False, 0, 256, 2)

@@ -73,6 +73,11 @@ def test_spec_sweep_draws_its_shapes_as_asked():
     assert len(one) == 6 and all(c.batch == 1 and c.layout in ("ragged", "paged") for c in one)
     mid = spec_sweep.family_shapes(6, 3, [64, 128, 256], ["ragged", "paged"], 0, max_units=44, min_units=17)
     assert len(mid) == 6 and all(17 <= c.batch * c.heads_kv <= 44 for c in mid)
+    from cupy_lean import kernels as K
+
+    for name, changes in spec_sweep.TUNING_CONFIGS.items():  # each config's values pass TUNING's checks
+        for key, value in changes.items():
+            K._check_tuning_value(key, value)
     big = spec_sweep.family_shapes(6, 3, [64, 128, 256], ["ragged", "paged"], 0, min_mb=60)
     assert len(big) == 6 and all(c.kv_bytes() >= 60e6 and c.layout != "dense" for c in big)
     import pytest
