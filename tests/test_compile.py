@@ -838,7 +838,7 @@ def test_tuning_refuses_a_value_its_reader_would_take_wrongly():
     bad = {"runtime_split": ("False", 'True or False'), "kv_tile_bytes": ("32k", "an integer >= 1"),
            "max_smem": (216.5 * 1024, "an integer >= 0"), "pdl": (1, "True or False"),
            "read_fraction": (1.2, r"a number in \(0, 1\]"), "fp8_stage_factor": (0.5, "a number >= 1"),
-           "split_prefetch": (3, "an integer from 0 to 2"), "fp8_head_lanes_count": (0, "None or an integer >= 1"),
+           "split_prefetch": (3, "0, 1 or 2"), "fp8_head_lanes_count": (0, "None or an integer >= 1"),
            "varied_lengths_d64_tile": (40, "0 or a tile of 16 to 128 tokens"),
            "merge_balance": (float("nan"), "a number >= 0"), "uniform_model": (None, '"rates" or "saturation"'),
            "cta_stream_gbs": ({"64": -1.0}, "a dict from head_dims")}

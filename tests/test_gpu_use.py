@@ -1989,8 +1989,8 @@ def test_uniform_saturation_is_read_when_a_plan_is_made():
             got[sat] = p.uniform_variant
     if p.kernels.num_sms == 132 and p.kernels.ctas_per_sm == 1 and not p.many_units:
         assert got == {0.7: 2, 1.0: 0}, got
-    with K.tuning(uniform_model="saturation", uniform_saturation=1.5):
-        with pytest.raises(ValueError, match=r'TUNING\["uniform_saturation"\] must be a number in \(0, 1\]'):
+    with pytest.raises(ValueError, match=r'TUNING\["uniform_saturation"\] must be a number in \(0, 1\]'):
+        with K.tuning(uniform_model="saturation", uniform_saturation=1.5):  # refused where it is set
             cupy_lean.plan(qd, kd, vd, out=_nan_like(q.shape, q.dtype))
 
 
@@ -2628,8 +2628,8 @@ def test_split_prefetch_changes_nothing(case):
                                  split_cap_tiles=p.split_cap_tiles))
     assert taken[0] > 0 and taken[1] == 0, (taken, p.describe())  # the rule split the first set only
     key = "split_prefetch_paged" if layout == "paged" else "split_prefetch"
-    with K.tuning(**{key: 3}), pytest.raises(ValueError, match=f'"{key}"\\] must be 0, 1 or 2, got 3'):
-        cupy_lean.plan(qd, kd, vd, **kw, **plan_kw)
+    with pytest.raises(ValueError, match=f'"{key}"\\] must be 0, 1 or 2, got 3'), K.tuning(**{key: 3}):
+        cupy_lean.plan(qd, kd, vd, **kw, **plan_kw)  # (refused where it is set)
 
 
 @pytest.mark.parametrize("sched,tuning,B,hkv", [
