@@ -78,15 +78,27 @@ def main(argv=None):
         if hasattr(cupy_lean, "plan"):  # older versions had no plans
             p = cupy_lean.plan(q, k, v, kv_lens=lens, out=out)
             variants["plan.run(out=)"] = lambda: p.run(q, k, v, kv_lens=lens, out=out)
-        # calls with optional features (they take the validating path on every call)
+        # calls with optional features (hot from their second call where the arguments are CuPy arrays,
+        # ints, floats and strs; the np.float64 soft-cap row validates every call, as older versions did)
         sinks = cp.zeros(hq, dtype=cp.float32)
         k8, v8 = k.view(cp.uint8)[..., 1::2], v.view(cp.uint8)[..., 1::2]
         k8, v8 = cp.ascontiguousarray(k8), cp.ascontiguousarray(v8)
+        vsc = cp.full(hkv, 0.5, dtype=cp.float32)
+        q4 = cp.asarray(rng.standard_normal((B, 2, hq, d), dtype=np.float32).astype(np.float16))
+        out4 = cp.empty_like(q4)
+        qn = cp.full(B, 2, dtype=cp.int32)
         variants.update({
             "sinks=, out=": lambda: cupy_lean.attention(q, k, v, kv_lens=lens, out=out, sinks=sinks),
+            "sinks=, window_left=, out=": lambda: cupy_lean.attention(q, k, v, kv_lens=lens, out=out, sinks=sinks,
+                                                                      window_left=128),
             "softcap=, out=": lambda: cupy_lean.attention(q, k, v, kv_lens=lens, out=out, softcap=30.0),
+            "softcap=np.float64, out= (validates)": lambda: cupy_lean.attention(q, k, v, kv_lens=lens, out=out,
+                                                                                softcap=np.float64(30.0)),
             "fp8 e4m3, out=": lambda: cupy_lean.attention(q, k8, v8, kv_lens=lens, out=out, kv_dtype="e4m3",
                                                           k_scale=0.5, v_scale=0.5),
+            "fp8 e4m3, GPU v_scale, out=": lambda: cupy_lean.attention(q, k8, v8, kv_lens=lens, out=out,
+                                                                       kv_dtype="e4m3", k_scale=0.5, v_scale=vsc),
+            "q_len 2, q_lens=, out=": lambda: cupy_lean.attention(q4, k, v, kv_lens=lens, out=out4, q_lens=qn),
         })
         try:
             ps = cupy_lean.plan(q, k, v, kv_lens=lens, out=out, sinks=sinks)

@@ -41,6 +41,7 @@ Workspace rules (what makes graphs and streams safe):
 from __future__ import annotations
 
 import ctypes
+import math
 import threading
 import warnings
 from typing import NamedTuple, Optional
@@ -115,6 +116,8 @@ def gpu_fp8_scales(k_scale, v_scale, heads_kv):
     for name, sc in (("k_scale", k_scale), ("v_scale", v_scale)):
         if sc is None:
             out.append(1.0)
+        elif type(sc) is float and 0.0 < sc < math.inf:  # (the common case, as fp8_scales would take it)
+            out.append(sc)
         elif _where(sc) == "gpu":
             x = to_gpu(sc, name)
             check_devices(_cp.cuda.runtime.getDevice(), **{name: x})

@@ -203,19 +203,95 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
             and (scale is None or type(scale) is float) and type(return_lse) is bool
             and type(schedule) is str and (num_ctas is None or type(num_ctas) is int)
             and (tile_size is None or type(tile_size) is int)  # (others: validated below, then named)
-            and sinks is None and window_left is None and softcap is None and batch_invariant is False
-            and kv_dtype is None and k_scale is None and v_scale is None and q_lens is None):
+            and batch_invariant is False):
         # Hot path: CuPy arrays whose signature has a plan (validated when the
         # plan was built).
         sig = _plan.signature(q, k, v, out, kv_lens, block_table, scale, schedule, num_ctas, tile_size)
-        p = _cache.get(_plan.plan_key(_device(), sig))
-        if p is not None and (lse is None or p._lse_ok(lse)):
-            want = return_lse or lse is not None
-            res_out, res_lse = p._launch(q, k, v, kv_lens, block_table, out, lse, want)
-            return (res_out, res_lse) if want else res_out
+        if (sinks is None and window_left is None and softcap is None and kv_dtype is None and k_scale is None
+                and v_scale is None and q_lens is None):
+            p = _cache.get(_plan.plan_key(_device(), sig))
+            if p is not None and (lse is None or p._lse_ok(lse)):
+                want = return_lse or lse is not None
+                res_out, res_lse = p._launch(q, k, v, kv_lens, block_table, out, lse, want)
+                return (res_out, res_lse) if want else res_out
+        else:
+            # ... and calls with optional features (sinks, a window, a soft-cap, an fp8 cache, q_lens)
+            # whose arguments, of simple types, were validated for this signature by an earlier call
+            rk = _raw_features(nd, sinks, window_left, softcap, kv_dtype, k_scale, v_scale, q_lens)
+            hot = None if rk is None else (sig, rk)
+            fkey = None if hot is None else _FEATURE_KEYS.get(hot)
+            if fkey is not None:
+                p = _cache.get(_plan.plan_key(_device(), sig._replace(features=fkey)))
+                if p is not None and (lse is None or p._lse_ok(lse)):
+                    want = return_lse or lse is not None
+                    if q_lens is not None:  # (per call: its values are the GPU's; its form is checked)
+                        q_lens = _plan.check_q_lens(q_lens, p.meta.batch, p.q_len, False)
+                    scales = None if kv_dtype is None else _plan.gpu_fp8_scales(k_scale, v_scale, p.meta.heads_kv)
+                    res_out, res_lse = p._launch(q, k, v, kv_lens, block_table, out, lse, want, sinks, q_lens,
+                                                 scales)
+                    return (res_out, res_lse) if want else res_out
+            if hot is not None:
+                res, used = _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, schedule,
+                                            num_ctas, tile_size, kv_layout, validate, sinks, window_left, softcap,
+                                            batch_invariant, kv_dtype, k_scale, v_scale, q_lens, with_sig=True)
+                if used is not None and used._replace(features=None) == sig and used.features is not None:
+                    _remember_features(hot, used.features)  # the same call again: validated, so hot
+                return res
     return _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, schedule, num_ctas,
                            tile_size, kv_layout, validate, sinks, window_left, softcap, batch_invariant,
                            kv_dtype, k_scale, v_scale, q_lens)
+
+
+# (signature without features, raw feature arguments) -> the features entry of the signature that an
+# earlier call with those arguments was validated into (attention()'s hot path for feature calls); the
+# plan itself stays in the package's plan cache (a miss there: the validating path again)
+_FEATURE_KEYS = {}
+_FEATURE_KEYS_MAX = 4096
+
+
+def _remember_features(hot, fkey):
+    if len(_FEATURE_KEYS) >= _FEATURE_KEYS_MAX:
+        _FEATURE_KEYS.clear()
+    _FEATURE_KEYS[hot] = fkey
+
+
+def _array_key(nd, x):
+    """A GPU array's entry in a raw feature key (its form and device, not its
+    values, which the kernel reads), or None when it is not a CuPy array."""
+    if type(x) is not nd:
+        return None
+    return (x.shape, x.dtype, x.strides, x.data.device_id)
+
+
+def _raw_features(nd, sinks, window_left, softcap, kv_dtype, k_scale, v_scale, q_lens):
+    """The optional-feature arguments of a call as a hashable key, or None
+    when any is of a type the hot path does not take (those calls validate
+    every time): ``sinks`` / ``q_lens`` / array scales as CuPy arrays (by
+    form and device), ``window_left`` an int, ``softcap`` a float,
+    ``kv_dtype`` a str, scales floats. Two calls with the same key and the
+    same array signature validate alike."""
+    key = []
+    for x in (sinks, q_lens):
+        if x is None:
+            key.append(None)
+        else:
+            a = _array_key(nd, x)
+            if a is None:
+                return None
+            key.append(a)
+    for x, kind in ((window_left, int), (softcap, float), (kv_dtype, str)):
+        if x is not None and type(x) is not kind:
+            return None
+        key.append(x)
+    for x in (k_scale, v_scale):  # floats (checked per call) or GPU arrays (read by the kernel)
+        if x is None or type(x) is float:
+            key.append(None if x is None else "f")
+        else:
+            a = _array_key(nd, x)
+            if a is None:
+                return None
+            key.append(a)
+    return tuple(key)
 
 
 _get_device = None
@@ -283,7 +359,19 @@ def _normalise(q, k, v, kv_lens, block_table, out, lse):
 
 def _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, schedule, num_ctas, tile_size,
                     kv_layout, check_values, sinks=None, window_left=None, softcap=None, batch_invariant=False,
-                    kv_dtype=None, k_scale=None, v_scale=None, q_lens=None):
+                    kv_dtype=None, k_scale=None, v_scale=None, q_lens=None, with_sig=False):
+    """The validating path of :func:`attention`. ``with_sig``: returns
+    ``(result, sig)``, sig the signature of the plan that launched (None
+    where none did: the CPU path)."""
+    res, sig = _attention_checked(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, schedule, num_ctas,
+                                  tile_size, kv_layout, check_values, sinks, window_left, softcap, batch_invariant,
+                                  kv_dtype, k_scale, v_scale, q_lens)
+    return (res, sig) if with_sig else res
+
+
+def _attention_checked(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, schedule, num_ctas, tile_size,
+                       kv_layout, check_values, sinks, window_left, softcap, batch_invariant, kv_dtype, k_scale,
+                       v_scale, q_lens):
     return_lse = _check_bool(return_lse, "return_lse") or lse is not None
     check_values = _check_bool(check_values, "validate")
     batch_invariant = _check_bool(batch_invariant, "batch_invariant")
@@ -301,7 +389,7 @@ def _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, 
     multi = gpu and q.ndim == 4  # several query tokens, GPU kernel
     if (q.ndim == 4 or fp8) and not gpu:
         return _cpu_general(q, k, v, lens, table, scale, return_lse, out, lse, schedule, num_ctas, tile_size,
-                            sinks, window_left, softcap, batch_invariant, kv_dtype, k_scale, v_scale, q_lens)
+                            sinks, window_left, softcap, batch_invariant, kv_dtype, k_scale, v_scale, q_lens), None
     if multi:
         m = _check_multi_query(q, k, v, lens, table, scale, out, lse, schedule, num_ctas, tile_size, kv8)
         if q_lens is not None:
@@ -324,7 +412,7 @@ def _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, 
         if lse is not None:
             lse[...] = res_lse
             res_lse = lse
-        return (res_out, res_lse) if return_lse else res_out
+        return ((res_out, res_lse) if return_lse else res_out), None
     if host_table is not None:
         table = _to_gpu(host_table, "block_table")  # the kernel reads the table from the GPU
     fkey = _features_key(feats)
@@ -344,7 +432,7 @@ def _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, 
         _gpu.device_check(m, lens, table)
     scales = None if kv8 is None else _plan.gpu_fp8_scales(k_scale, v_scale, m.heads_kv)
     res_out, res_lse = p._launch(q, k, v, lens, table, out, lse, return_lse, feats.sinks, q_lens, scales)
-    return (res_out, res_lse) if return_lse else res_out
+    return ((res_out, res_lse) if return_lse else res_out), sig
 
 
 def _features_key(feats):

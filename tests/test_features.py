@@ -436,3 +436,48 @@ def test_invariant_splits_decomposition_depends_on_each_sequence_alone():
             assert np.array_equal(o[j], full_o[b]) and np.array_equal(l[j], full_l[b], equal_nan=True)
     want_o, _ = reference.attention(q, k, v, kv_lens=lens)
     np.testing.assert_allclose(full_o, want_o, rtol=1e-12, atol=1e-12)
+
+
+def test_raw_feature_key_of_the_hot_path():
+    """attention()'s hot path for feature calls keys the raw arguments: GPU
+    arrays (sinks, q_lens, array scales) by form and device, not values;
+    window_left an int, softcap a float, kv_dtype a str, scales floats. Any
+    other type gives no key (such calls validate every time), and arguments
+    that validate differently give different keys."""
+    from cupy_lean.attention import _raw_features
+
+    class Data:
+        device_id = 0
+
+    class Nd:  # a stand-in for cupy.ndarray: the key reads shape, dtype, strides and the device
+        def __init__(self, shape, dtype=np.float32, device=0):
+            self.shape, self.dtype = shape, np.dtype(dtype)
+            self.strides = (self.dtype.itemsize,) * len(shape)
+            self.data = Data()
+            self.data.device_id = device
+
+    def key(**kw):
+        args = dict(sinks=None, window_left=None, softcap=None, kv_dtype=None, k_scale=None, v_scale=None,
+                    q_lens=None)
+        args.update(kw)
+        return _raw_features(Nd, **args)
+
+    base = key(sinks=Nd((8,)), window_left=700, softcap=30.0)
+    assert base is not None and hash(base) is not None
+    assert key(sinks=Nd((8,)), window_left=700, softcap=30.0) == base  # another array of the same form
+    for other in (dict(sinks=Nd((8,), np.float16), window_left=700, softcap=30.0),
+                  dict(sinks=Nd((8,), device=1), window_left=700, softcap=30.0),
+                  dict(sinks=Nd((4,)), window_left=700, softcap=30.0),
+                  dict(sinks=Nd((8,)), window_left=701, softcap=30.0),
+                  dict(sinks=Nd((8,)), window_left=700, softcap=20.0),
+                  dict(sinks=Nd((8,)), window_left=700, softcap=30.0, q_lens=Nd((5,), np.int32))):
+        assert key(**other) not in (None, base)
+    fp8 = key(kv_dtype="e4m3", k_scale=0.5, v_scale=Nd((2,)))
+    assert fp8 == key(kv_dtype="e4m3", k_scale=0.25, v_scale=Nd((2,)))  # float scales: checked per call
+    assert fp8 != key(kv_dtype="e5m2", k_scale=0.5, v_scale=Nd((2,)))
+    assert key(kv_dtype="e4m3") != fp8
+    for bad in (dict(sinks=np.zeros(8, np.float32)), dict(sinks=[0.0] * 8), dict(window_left=np.int64(5)),
+                dict(window_left=True), dict(softcap=30), dict(softcap=np.float64(30.0)), dict(kv_dtype=b"e4m3"),
+                dict(kv_dtype="e4m3", k_scale=np.float32(0.5)), dict(kv_dtype="e4m3", v_scale=np.ones(2)),
+                dict(q_lens=np.ones(5, np.int32))):
+        assert key(**bad) is None, bad

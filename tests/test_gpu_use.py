@@ -3107,3 +3107,96 @@ def test_plan_run_checks_host_sink_values_as_attention_does():
     got = p.run(q_g, k_g, v_g, kv_lens=cp.asarray(lens), sinks=good)
     want = cupy_lean.attention(q_g, k_g, v_g, kv_lens=cp.asarray(lens), sinks=good)
     assert cp.array_equal(got, want)
+
+
+@pytest.mark.parametrize("case", ["sinks_window_softcap", "fp8_paged", "qlens_sinks"])
+def test_gpu_feature_calls_take_the_hot_path_after_one_validated_call(case, monkeypatch):
+    """A call with optional features (sinks, a window, a soft-cap, an fp8
+    cache, q_lens) of simple argument types validates once; the same call
+    again finds its plan without validating (counted here), reads the
+    per-call values (sinks and q_lens in place, a new float k_scale, another
+    sinks array of the same form) and matches the reference each time
+    (NaN-prefilled out and lse); a bad float scale is still refused, a new
+    window validates again, a graph captured from the hot call replays new
+    sink values."""
+    from cupy_lean import attention as A
+
+    calls = []
+    checked = A._attention_checked
+    monkeypatch.setattr(A, "_attention_checked", lambda *a, **k: (calls.append(1), checked(*a, **k))[1])
+    rng = np.random.default_rng(7 + len(case))
+    lens = [3001, 1, 0, 777, 1290]
+    layout = "paged" if case == "fp8_paged" else "dense"
+    d = 64 if case == "fp8_paged" else 128
+    q, k, v, L, table = make_inputs(rng, len(lens), 8, 2, d, np.float16, lens, layout, page_size=16)
+    if case == "qlens_sinks":
+        q = rng.standard_normal((len(lens), 3, 8, d)).astype(np.float16)
+    host = dict(kv_lens=L, block_table=table)
+    gkw = dict(kv_lens=cp.asarray(L), block_table=to_gpu(table))
+    kd, vd = to_gpu(k), to_gpu(v)
+    sinks = rng.standard_normal(8).astype(np.float32)
+    nq = np.array([3, 1, 0, 2, 3], dtype=np.int32)
+    if case == "sinks_window_softcap":
+        host.update(sinks=sinks, window_left=700, softcap=30.0)
+        gkw.update(sinks=cp.asarray(sinks), window_left=700, softcap=30.0)
+    elif case == "fp8_paged":
+        k8, ku8, ks = _fp8_cache(rng, k, "e4m3", False)
+        v8, vu8, vs = _fp8_cache(rng, v, "e4m3", True)
+        k, v, kd, vd = k8, v8, cp.asarray(ku8), cp.asarray(vu8)
+        host.update(k_scale=ks, v_scale=vs)
+        gkw.update(kv_dtype="e4m3", k_scale=float(ks), v_scale=cp.asarray(vs, dtype=cp.float32))
+    else:
+        host.update(sinks=sinks, q_lens=nq)
+        gkw.update(sinks=cp.asarray(sinks), q_lens=cp.asarray(nq))
+    qd = cp.asarray(q)
+
+    def check(**changes):
+        h = dict(host, **changes)
+        ro, rl = reference.attention(q, k, v, **h)
+        out = _nan_like(q.shape, q.dtype)
+        lse = cp.full(q.shape[:-1], cp.nan, dtype=cp.float32)
+        cupy_lean.attention(qd, kd, vd, **gkw, out=out, lse=lse)
+        _assert_out_lse(out, lse, ro, rl, 4e-3 * max(1.0, np.abs(ro).max()),
+                        2e-3 * max(1.0, np.abs(rl[np.isfinite(rl)]).max()))
+
+    check()
+    assert len(calls) == 1
+    check()
+    assert len(calls) == 1, "the same call again validated"
+    if case == "fp8_paged":
+        gkw["k_scale"] = float(ks) * 0.6
+        check(k_scale=ks * 0.6)
+        with pytest.raises(ValueError, match="k_scale"):
+            cupy_lean.attention(qd, kd, vd, **dict(gkw, k_scale=-1.0), out=_nan_like(q.shape, q.dtype))
+        gkw["v_scale"][...] = cp.asarray(vs * 1.5, dtype=cp.float32)  # read by the kernel at launch
+        check(k_scale=ks * 0.6, v_scale=vs * 1.5)
+        assert len(calls) == 1
+        return
+    new = rng.standard_normal(8).astype(np.float32)
+    gkw["sinks"][...] = cp.asarray(new)  # the same array, new values
+    host["sinks"] = new
+    if case == "qlens_sinks":
+        nq2 = np.array([1, 3, 2, 0, 1], dtype=np.int32)
+        gkw["q_lens"][...] = cp.asarray(nq2)
+        host["q_lens"] = nq2
+    check()
+    other = rng.standard_normal(8).astype(np.float32)
+    gkw["sinks"], host["sinks"] = cp.asarray(other), other  # another array of the same form
+    check()
+    assert len(calls) == 1
+    if case == "sinks_window_softcap":
+        gkw["window_left"], host["window_left"] = 200, 200  # other features: validated (once)
+        check()
+        check()
+        assert len(calls) == 2
+        out = _nan_like(q.shape, q.dtype)
+        graph = _capture(lambda: cupy_lean.attention(qd, kd, vd, **gkw, out=out))
+        assert len(calls) == 2
+        last = rng.standard_normal(8).astype(np.float32)
+        gkw["sinks"][...] = cp.asarray(last)
+        out.fill(cp.nan)
+        graph.launch()
+        cp.cuda.get_current_stream().synchronize()
+        ro, _ = reference.attention(q, k, v, **dict(host, sinks=last))
+        g = cp.asnumpy(out).astype(np.float64)
+        assert np.isfinite(g).all() and np.abs(g - ro).max() < 4e-3 * max(1.0, np.abs(ro).max())
