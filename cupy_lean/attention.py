@@ -183,7 +183,11 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
     -----
     GPU calls keep one launch plan per signature (shapes, strides, dtypes,
     pointer alignment, options) and device; a call with a known signature
-    costs a dictionary lookup and a launch. Calls are safe from several
+    costs a dictionary lookup and a launch (with optional features too,
+    from the second call with the same arguments, when ``sinks``,
+    ``q_lens`` and array scales are CuPy arrays, ``window_left`` an int,
+    ``softcap`` and scalar scales floats and ``kv_dtype`` a str; other
+    types are validated on every call). Calls are safe from several
     streams and threads (launches that share a plan's workspace are ordered
     on the GPU) and can be captured into CUDA graphs: each captured launch gets
     a workspace of its own, so any number of graphs can be captured one after
