@@ -51,10 +51,49 @@ def graph_time(call, n_copies, repeats=7, n_calls=None):
 
 
 def _ints(text):
+    items = text.split(",")
+    if any(not x.strip() for x in items):  # "5,,6", "5," or "": a value left out
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers with none left empty, got {text!r}")
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        return [int(x) for x in items]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _int_at_least(low):
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {v}")
+        return v
+    return parse
+
+
+def check_args(p, args):
+    """What the options must be, checked before any GPU work (``p.error``:
+    the message names the option, exit status 2): lengths >= 0 with at least
+    one, heads_q a multiple of heads_kv, known schedules, tile sizes of the
+    kernels, positive grids, 2 to 6 stages, positive CTAs per SM."""
+    from .kernels import TILE_SIZES
+
+    if min(args.lens) < 0:
+        p.error(f"--lens: expected lengths >= 0, got {min(args.lens)}")
+    if args.heads_q % args.heads_kv:
+        p.error(f"--heads-q: expected a multiple of --heads-kv ({args.heads_kv}), got {args.heads_q}")
+    scheds = args.schedules.split(",")
+    bad = [s for s in scheds if s not in ("lean", "split", "head")]
+    if bad or not args.schedules:
+        p.error(f"--schedules: expected comma-separated names from lean, split, head, got {args.schedules!r}")
+    for opt, vals, ok, want in (("--tile-sizes", args.tile_sizes, lambda t: t in TILE_SIZES, f"from {TILE_SIZES}"),
+                                ("--num-ctas", args.num_ctas, lambda n: n >= 1, ">= 1"),
+                                ("--stages", args.stages, lambda n: 2 <= n <= 6, "from 2 to 6"),
+                                ("--ctas-per-sm", args.ctas_per_sm, lambda n: n >= 1, ">= 1")):
+        wrong = [x for x in vals or [] if not ok(x)]
+        if wrong:
+            p.error(f"{opt}: expected values {want}, got {wrong[0]}")
 
 
 def parser():
@@ -64,11 +103,11 @@ def parser():
     p = argparse.ArgumentParser(prog="python -m cupy_lean bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--lens", type=_ints, default=[8192, 3000, 17000, 1],
                    help="comma-separated KV lengths, one per sequence (default 8192,3000,17000,1)")
-    p.add_argument("--heads-q", type=int, default=32, help="query heads (default 32)")
-    p.add_argument("--heads-kv", type=int, default=8, help="KV heads (default 8)")
+    p.add_argument("--heads-q", type=_int_at_least(1), default=32, help="query heads (default 32)")
+    p.add_argument("--heads-kv", type=_int_at_least(1), default=8, help="KV heads (default 8)")
     p.add_argument("--head-dim", type=int, choices=HEAD_DIMS, default=128, help="head_dim (default 128)")
     p.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16", help="default float16")
-    p.add_argument("--page-size", type=int, default=0, help="paged cache with this page size (default: dense)")
+    p.add_argument("--page-size", type=_int_at_least(0), default=0, help="paged cache with this page size (default: dense)")
     p.add_argument("--schedules", default="lean,split,head", help="comma-separated (default lean,split,head)")
     p.add_argument("--tile-sizes", type=_ints, default=None,
                    help=f"lean variants with these tile sizes, from {TILE_SIZES} (default: the configured one)")
@@ -77,7 +116,7 @@ def parser():
     p.add_argument("--ctas-per-sm", type=_ints, default=None, help="lean variants with these CTAs per SM")
     p.add_argument("--cold-l2", action="store_true",
                    help="rotate input copies over 4x the L2 size, so K/V are read from memory")
-    p.add_argument("--repeats", type=int, default=7, help="timed graph replays (median; default 7)")
+    p.add_argument("--repeats", type=_int_at_least(1), default=7, help="timed graph replays (median; default 7)")
     return p
 
 
@@ -113,7 +152,9 @@ def _inputs(args, rng):
 def main(argv=None):
     """``python -m cupy_lean bench``: time the decompositions and kernel
     variants on this GPU; returns the exit status."""
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    check_args(p, args)
     from .kernels import require_device
 
     require_device()

@@ -74,6 +74,27 @@ def test_schedule_says_when_part_of_the_grid_has_no_work(args, note):
         assert note in r.stdout and num < grid
 
 
+@pytest.mark.parametrize("args,msg", [
+    (("--lens", "5,x"), "expected comma-separated integers"),
+    (("--lens", "5,,6"), "none left empty, got '5,,6'"),
+    (("--lens=-5,3",), "--lens: expected lengths >= 0, got -5"),
+    (("--heads-q", "0"), "expected an integer >= 1, got 0"),
+    (("--heads-kv", "x"), "expected an integer >= 1, got 'x'"),
+    (("--heads-q", "30", "--heads-kv", "8"), "--heads-q: expected a multiple of --heads-kv (8), got 30"),
+    (("--page-size", "-1"), "expected an integer >= 0, got -1"),
+    (("--repeats", "0"), "expected an integer >= 1, got 0"),
+    (("--schedules", "lean,stream"), "--schedules: expected comma-separated names from lean, split, head"),
+    (("--tile-sizes", "48"), "--tile-sizes: expected values from"),
+    (("--num-ctas", "0,132"), "--num-ctas: expected values >= 1, got 0"),
+    (("--stages", "7"), "--stages: expected values from 2 to 6, got 7"),
+    (("--ctas-per-sm", "0"), "--ctas-per-sm: expected values >= 1, got 0"),
+])
+def test_bench_names_a_bad_option_before_any_gpu_work(args, msg):
+    """Checked with or without a GPU: exit 2, the option and the value named."""
+    r = _run("bench", *args)
+    assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
 def test_bench_help_and_no_gpu_message():
     r = _run("bench", "--help")
     assert r.returncode == 0 and "--cold-l2" in r.stdout and "--tile-sizes" in r.stdout
