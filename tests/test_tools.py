@@ -455,3 +455,20 @@ def test_fp8_excess_splits_a_call_into_floor_and_overhead(tmp_path, capsys):
     assert "2 shapes from 1 files" in out and "\nd64 " in out and "< 60 MB" in out
     with pytest.raises(SystemExit, match="files: no file matches"):
         fp8_excess.main([str(tmp_path / "none*.json")])
+
+
+def test_spec_texts_of_the_sass_tools_are_checked():
+    """tools/code_size.py / sass_loop.py --specs: dtype:head_dim:group:dense|paged[:features];
+    another form or a value make_spec refuses exits naming the text (before
+    any compile)."""
+    from cupy_lean import kernels as K
+
+    assert sass_loop._spec("f16:128:4:dense").name == K.make_spec("f16", 128, 4, False).name
+    assert sass_loop._spec("bf16:64:8:paged:1").features == 1
+    for text, msg in (("f16:128:4", "expected dtype:head_dim"), ("f16:128:4:ragged", "expected dtype:head_dim"),
+                      ("f16:128.0:4:dense", "must be integers"), ("f16:96:4:dense", "head_dim"),
+                      ("f32:128:4:dense", "f32"), ("f16:128:4:dense:48", "features"), ("", "got ''")):
+        with pytest.raises(SystemExit, match=msg):
+            sass_loop._spec(text)
+    with pytest.raises(SystemExit, match="f16:96:4:dense"):
+        code_size.main(["--specs", "f16:64:4:dense,f16:96:4:dense"])

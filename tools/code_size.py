@@ -142,8 +142,8 @@ def main(argv=None):
     import sass_loop
 
     rows, by_source = {}, {}
-    for text in a.specs.split(","):
-        spec = sass_loop._spec(text)
+    specs = [sass_loop._spec(text) for text in a.specs.split(",")]  # every text checked before compiling
+    for spec in specs:
         sizes = spec_sizes(spec, a.arch)
         rows[spec.name] = sizes
         print(f"{spec.name:52s} attention {sizes['attention']:7d} B  combine {sizes['combine']:7d} B  "

@@ -59,12 +59,23 @@ def _tool(name, env):
 
 
 def _spec(text):
+    """The spec of ``dtype:head_dim:group:dense|paged[:features]``; a text
+    of another form, or values make_spec refuses, raise SystemExit naming
+    the text and what is wrong."""
     from cupy_lean import kernels as K
 
-    parts = text.split(":")
-    dtype, d, group, layout = parts[:4]
-    features = int(parts[4]) if len(parts) > 4 else 0
-    return K.make_spec(dtype, int(d), int(group), layout == "paged", features=features)
+    form = "dtype:head_dim:group:dense|paged[:features], e.g. f16:128:4:dense"
+    parts = text.strip().split(":")
+    if len(parts) not in (4, 5) or parts[3] not in ("dense", "paged"):
+        raise SystemExit(f"--specs: expected {form}, got {text!r}")
+    try:
+        d, group, features = int(parts[1]), int(parts[2]), int(parts[4]) if len(parts) == 5 else 0
+    except ValueError:
+        raise SystemExit(f"--specs: head_dim, group and features must be integers ({form}), got {text!r}") from None
+    try:
+        return K.make_spec(parts[0], d, group, parts[3] == "paged", features=features)
+    except (TypeError, ValueError) as exc:
+        raise SystemExit(f"--specs: {text!r}: {exc}") from None
 
 
 def _ptx(spec, arch="sm_90"):
@@ -130,8 +141,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     ptxas, cuobjdump = _tool("ptxas", "PTXAS"), _tool("cuobjdump", "CUOBJDUMP")
     tmp = tempfile.mkdtemp(prefix="cupy_lean_sass_")
-    for text in a.specs.split(","):
-        spec = _spec(text)
+    for spec in [_spec(text) for text in a.specs.split(",")]:  # every text checked before compiling
         path = os.path.join(tmp, spec.name + ".cubin")
         _assemble(_ptx(spec, a.arch), ptxas, path, a.arch)
         ins = _instructions(path, spec.entry, cuobjdump)
