@@ -202,7 +202,7 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # NHD views, no copy
         kv_layout = "NHD"
     if (kv_layout == "NHD" and nd is not None and type(q) is nd and type(k) is nd and type(v) is nd
-            and (out is None or type(out) is nd) and (lse is None or type(lse) is nd) and not validate
+            and (out is None or type(out) is nd) and (lse is None or type(lse) is nd) and validate is False
             and (kv_lens is None or type(kv_lens) is nd) and (block_table is None or type(block_table) is nd)
             and (scale is None or type(scale) is float) and type(return_lse) is bool
             and type(schedule) is str and (num_ctas is None or type(num_ctas) is int)
@@ -223,8 +223,8 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
             # whose arguments, of simple types, were validated for this signature by an earlier call
             rk = _raw_features(nd, sinks, window_left, softcap, kv_dtype, k_scale, v_scale, q_lens)
             hot = None if rk is None else (sig, rk)
-            fkey = None if hot is None else _FEATURE_KEYS.get(hot)
-            if fkey is not None:
+            fkey = _MISS if hot is None else _FEATURE_KEYS.get(hot, _MISS)
+            if fkey is not _MISS:  # (None: arguments that validated into no features, e.g. q_lens alone)
                 p = _cache.get(_plan.plan_key(_device(), sig._replace(features=fkey)))
                 if p is not None and (lse is None or p._lse_ok(lse)):
                     want = return_lse or lse is not None
@@ -238,7 +238,7 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
                 res, used = _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, schedule,
                                             num_ctas, tile_size, kv_layout, validate, sinks, window_left, softcap,
                                             batch_invariant, kv_dtype, k_scale, v_scale, q_lens, with_sig=True)
-                if used is not None and used._replace(features=None) == sig and used.features is not None:
+                if used is not None and used._replace(features=None) == sig:
                     _remember_features(hot, used.features)  # the same call again: validated, so hot
                 return res
     return _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, schedule, num_ctas,
@@ -251,6 +251,7 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
 # plan itself stays in the package's plan cache (a miss there: the validating path again)
 _FEATURE_KEYS = {}
 _FEATURE_KEYS_MAX = 4096
+_MISS = object()
 
 
 def _remember_features(hot, fkey):

@@ -3109,7 +3109,7 @@ def test_plan_run_checks_host_sink_values_as_attention_does():
     assert cp.array_equal(got, want)
 
 
-@pytest.mark.parametrize("case", ["sinks_window_softcap", "fp8_paged", "qlens_sinks"])
+@pytest.mark.parametrize("case", ["sinks_window_softcap", "fp8_paged", "qlens_sinks", "qlens_only"])
 def test_gpu_feature_calls_take_the_hot_path_after_one_validated_call(case, monkeypatch):
     """A call with optional features (sinks, a window, a soft-cap, an fp8
     cache, q_lens) of simple argument types validates once; the same call
@@ -3129,7 +3129,7 @@ def test_gpu_feature_calls_take_the_hot_path_after_one_validated_call(case, monk
     layout = "paged" if case == "fp8_paged" else "dense"
     d = 64 if case == "fp8_paged" else 128
     q, k, v, L, table = make_inputs(rng, len(lens), 8, 2, d, np.float16, lens, layout, page_size=16)
-    if case == "qlens_sinks":
+    if case.startswith("qlens"):
         q = rng.standard_normal((len(lens), 3, 8, d)).astype(np.float16)
     host = dict(kv_lens=L, block_table=table)
     gkw = dict(kv_lens=cp.asarray(L), block_table=to_gpu(table))
@@ -3145,9 +3145,12 @@ def test_gpu_feature_calls_take_the_hot_path_after_one_validated_call(case, monk
         k, v, kd, vd = k8, v8, cp.asarray(ku8), cp.asarray(vu8)
         host.update(k_scale=ks, v_scale=vs)
         gkw.update(kv_dtype="e4m3", k_scale=float(ks), v_scale=cp.asarray(vs, dtype=cp.float32))
-    else:
+    elif case == "qlens_sinks":
         host.update(sinks=sinks, q_lens=nq)
         gkw.update(sinks=cp.asarray(sinks), q_lens=cp.asarray(nq))
+    else:  # q_lens alone: no features in the plan, the lengths per call
+        host.update(q_lens=nq)
+        gkw.update(q_lens=cp.asarray(nq))
     qd = cp.asarray(q)
 
     def check(**changes):
@@ -3171,6 +3174,16 @@ def test_gpu_feature_calls_take_the_hot_path_after_one_validated_call(case, monk
         gkw["v_scale"][...] = cp.asarray(vs * 1.5, dtype=cp.float32)  # read by the kernel at launch
         check(k_scale=ks * 0.6, v_scale=vs * 1.5)
         assert len(calls) == 1
+        return
+    if case == "qlens_only":
+        nq2 = np.array([1, 3, 2, 0, 1], dtype=np.int32)
+        gkw["q_lens"][...] = cp.asarray(nq2)
+        host["q_lens"] = nq2
+        check()
+        assert len(calls) == 1
+        with pytest.raises(ValueError, match="q_lens"):  # its form is still checked per call
+            cupy_lean.attention(qd, kd, vd, **dict(gkw, q_lens=cp.zeros(4, dtype=cp.int32)),
+                                out=_nan_like(q.shape, q.dtype))
         return
     new = rng.standard_normal(8).astype(np.float32)
     gkw["sinks"][...] = cp.asarray(new)  # the same array, new values
