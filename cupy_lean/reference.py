@@ -335,6 +335,37 @@ def merge_states(outs, lses):
     return out, lse
 
 
+def _check_coverage(schedule):
+    """Raises ValueError naming the first unit whose segments do not cover
+    its tiles exactly once (a tile left out, walked twice, or past the
+    unit's end) or that is not the unit its batch and head name: a schedule
+    edited by hand would otherwise give attention over the wrong keys."""
+    segs = schedule.segments
+    ts = schedule.tile_size
+    tiles = (np.asarray(schedule.kv_lens, dtype=np.int64) + ts - 1) // ts
+    ranges = {}
+    for s in segs:
+        b, h, u = int(s["batch"]), int(s["head"]), int(s["unit"])
+        if not (0 <= b < schedule.batch and 0 <= h < schedule.heads_kv) or u != b * schedule.heads_kv + h:
+            raise ValueError(f"schedule: a segment names unit {u} with batch {b} and head {h}, expected unit "
+                             f"batch x {schedule.heads_kv} + head with batch < {schedule.batch}")
+        ranges.setdefault(u, []).append((int(s["tile_begin"]), int(s["tile_end"])))
+    for u in range(schedule.batch * schedule.heads_kv):
+        n = int(tiles[u // schedule.heads_kv])
+        at = 0
+        for t0, t1 in sorted(ranges.get(u, [])):
+            if t0 != at or t1 <= t0:
+                break
+            at = t1
+        else:
+            if at == n:
+                continue
+        got = sorted(ranges.get(u, []))
+        raise ValueError(f"schedule: the segments of unit {u} (batch {u // schedule.heads_kv}, head "
+                         f"{u % schedule.heads_kv}) cover tiles {got}, expected each of its {n} tiles "
+                         f"[0, {n}) once")
+
+
 def emulate(schedule, q, k, v, *, kv_lens=None, block_table=None, scale=None, sinks=None, window_left=None,
             softcap=None, return_partials=False, q_lens=None, kv_dtype=None, k_scale=None, v_scale=None):
     """Run a schedule's decomposition in float64.
@@ -361,6 +392,8 @@ def emulate(schedule, q, k, v, *, kv_lens=None, block_table=None, scale=None, si
     value (a dict ``slot -> (m, l, acc)``, natural-log ``m``): each
     contributor's own state (in the kernel's workspace, after a two-level
     merge, a group's first slot holds the group's merged state instead).
+    A schedule whose segments do not cover each unit's tiles exactly once
+    (edited by hand) raises ValueError naming the unit.
     """
     from ._arrays import to_cpu
     from .schedule import Schedule, merge_group_size
@@ -398,6 +431,7 @@ def emulate(schedule, q, k, v, *, kv_lens=None, block_table=None, scale=None, si
         what = "kv_lens" if window_left is None and q_lens is None else "walked lengths (kv_lens - window_start)"
         raise ValueError(f"schedule: built for kv_lens {_short(schedule.kv_lens)}, the call's {what} are "
                          f"{_short(lens - start)}")
+    _check_coverage(schedule)
     sink = f.sinks
     g = hq // hkv
     ts = schedule.tile_size

@@ -481,3 +481,29 @@ def test_raw_feature_key_of_the_hot_path():
                 dict(kv_dtype="e4m3", k_scale=np.float32(0.5)), dict(kv_dtype="e4m3", v_scale=np.ones(2)),
                 dict(q_lens=np.ones(5, np.int32))):
         assert key(**bad) is None, bad
+
+
+def test_emulate_refuses_a_schedule_whose_segments_do_not_cover_each_unit_once():
+    """A schedule edited by hand (a segment removed, duplicated, stretched, or
+    naming another unit) is refused naming the unit; the untouched schedule
+    emulates to the reference."""
+    import dataclasses
+
+    lens = [300, 45, 0, 129]
+    q, k, v, L = make_problem(lens, 2, 3, 16, 5)
+    sched = lean_schedule(L, 2, tile_size=16, num_ctas=7)
+    want = reference.attention(q, k, v, kv_lens=L)
+    got = reference.emulate(sched, q, k, v, kv_lens=L)
+    close(got[0], want[0], rtol=1e-9, atol=1e-11)
+    segs = sched.segments
+    stretched = segs.copy()
+    stretched["tile_end"][-1] += 1
+    renamed = segs.copy()
+    renamed["head"][0] = 1 - renamed["head"][0]
+    for bad, msg in ((segs[1:], r"segments of unit \d+ \(batch \d+, head \d+\) cover tiles"),
+                     (np.concatenate([segs, segs[:1]]), r"cover tiles .* expected each of its \d+ tiles"),
+                     (stretched, r"cover tiles .* expected each of its \d+ tiles"),
+                     (renamed, r"names unit \d+ with batch \d+ and head \d+")):
+        tampered = dataclasses.replace(sched, segments=bad)
+        with pytest.raises(ValueError, match=msg):
+            reference.emulate(tampered, q, k, v, kv_lens=L)
