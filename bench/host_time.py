@@ -113,6 +113,10 @@ def main(argv=None):
             tk = torch.from_dlpack(k).permute(0, 2, 1, 3)  # (B, Hkv, N, D), no copy
             tv = torch.from_dlpack(v).permute(0, 2, 1, 3)
             variants["torch SDPA (peer)"] = lambda: F.scaled_dot_product_attention(tq, tk, tv, enable_gqa=True)
+            # cupy_lean called with PyTorch tensors (exchanged through DLPack on every call)
+            tqq, tkk, tvv = torch.from_dlpack(q), torch.from_dlpack(k), torch.from_dlpack(v)
+            tl, to = torch.from_dlpack(lens), torch.from_dlpack(out)
+            variants["torch tensors, out="] = lambda: cupy_lean.attention(tqq, tkk, tvv, kv_lens=tl, out=to)
         except Exception:  # PyTorch missing: no peer row
             pass
         for var, r in _measure(variants, sync).items():
