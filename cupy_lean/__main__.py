@@ -223,13 +223,9 @@ def _lens(text):
 
 
 def _positive(text, low=1):
-    try:
-        val = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if val < low:
-        raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {val}")
-    return val
+    from .bench import int_at_least  # (bench's options take the same check)
+
+    return int_at_least(low)(text)
 
 
 def _non_negative(text):

@@ -60,7 +60,9 @@ def _ints(text):
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
 
 
-def _int_at_least(low):
+def int_at_least(low):
+    """An argparse type: the integer of a text, at least ``low`` (else a
+    message naming the text and the bound)."""
     def parse(text):
         try:
             v = int(text)
@@ -103,11 +105,11 @@ def parser():
     p = argparse.ArgumentParser(prog="python -m cupy_lean bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--lens", type=_ints, default=[8192, 3000, 17000, 1],
                    help="comma-separated KV lengths, one per sequence (default 8192,3000,17000,1)")
-    p.add_argument("--heads-q", type=_int_at_least(1), default=32, help="query heads (default 32)")
-    p.add_argument("--heads-kv", type=_int_at_least(1), default=8, help="KV heads (default 8)")
+    p.add_argument("--heads-q", type=int_at_least(1), default=32, help="query heads (default 32)")
+    p.add_argument("--heads-kv", type=int_at_least(1), default=8, help="KV heads (default 8)")
     p.add_argument("--head-dim", type=int, choices=HEAD_DIMS, default=128, help="head_dim (default 128)")
     p.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16", help="default float16")
-    p.add_argument("--page-size", type=_int_at_least(0), default=0, help="paged cache with this page size (default: dense)")
+    p.add_argument("--page-size", type=int_at_least(0), default=0, help="paged cache with this page size (default: dense)")
     p.add_argument("--schedules", default="lean,split,head", help="comma-separated (default lean,split,head)")
     p.add_argument("--tile-sizes", type=_ints, default=None,
                    help=f"lean variants with these tile sizes, from {TILE_SIZES} (default: the configured one)")
@@ -116,7 +118,7 @@ def parser():
     p.add_argument("--ctas-per-sm", type=_ints, default=None, help="lean variants with these CTAs per SM")
     p.add_argument("--cold-l2", action="store_true",
                    help="rotate input copies over 4x the L2 size, so K/V are read from memory")
-    p.add_argument("--repeats", type=_int_at_least(1), default=7, help="timed graph replays (median; default 7)")
+    p.add_argument("--repeats", type=int_at_least(1), default=7, help="timed graph replays (median; default 7)")
     return p
 
 
