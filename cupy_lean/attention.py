@@ -241,6 +241,22 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
                 if used is not None and used._replace(features=None) == sig:
                     _remember_features(hot, used.features)  # the same call again: validated, so hot
                 return res
+    elif (nd is not None and type(q) is not nd and validate is False and type(return_lse) is bool
+          and batch_invariant is False and hasattr(q, "__dlpack__") and not isinstance(q, np.ndarray)):
+        # Arrays of another library (PyTorch, JAX): viewed as CuPy arrays (DLPack, no copy), as the
+        # validating path would; on the GPU the call then takes the hot path above when its plan exists
+        k2, v2, kv_dtype2 = _torch_fp8_storage(k, v, kv_dtype)
+        gpu, q2, k2, v2, lens2, table2, out2, lse2 = _normalise(q, k2, v2, kv_lens, block_table, out, lse)
+        if gpu:
+            # GPU sinks, q_lens and scale arrays viewed alike (host ones stay: their values are checked)
+            sinks, q_lens, k_scale, v_scale = (
+                _to_gpu(x, name) if x is not None and type(x) is not nd and _where(x) == "gpu" else x
+                for x, name in ((sinks, "sinks"), (q_lens, "q_lens"), (k_scale, "k_scale"), (v_scale, "v_scale")))
+            return attention(q2, k2, v2, kv_lens=lens2, block_table=table2, scale=scale, return_lse=return_lse,
+                             out=out2, lse=lse2, schedule=schedule, num_ctas=num_ctas, tile_size=tile_size,
+                             kv_layout=kv_layout, validate=False, sinks=sinks, window_left=window_left,
+                             softcap=softcap, batch_invariant=False, kv_dtype=kv_dtype2, k_scale=k_scale,
+                             v_scale=v_scale, q_lens=q_lens)
     return _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, schedule, num_ctas,
                            tile_size, kv_layout, validate, sinks, window_left, softcap, batch_invariant,
                            kv_dtype, k_scale, v_scale, q_lens)

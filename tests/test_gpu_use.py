@@ -3213,3 +3213,46 @@ def test_gpu_feature_calls_take_the_hot_path_after_one_validated_call(case, monk
         ro, _ = reference.attention(q, k, v, **dict(host, sinks=last))
         g = cp.asnumpy(out).astype(np.float64)
         assert np.isfinite(g).all() and np.abs(g - ro).max() < 4e-3 * max(1.0, np.abs(ro).max())
+
+
+def test_gpu_torch_calls_take_the_hot_path(monkeypatch):
+    """PyTorch tensors (bf16 q/k/v, GPU int32 kv_lens, a NaN-filled out, then
+    a strided slice of a larger out, sinks on the GPU) are viewed through
+    DLPack and, from the second call of a signature, launch without
+    validating (counted here); lengths changed in place are read per call;
+    every call matches the reference and the slice's other columns stay NaN."""
+    torch = pytest.importorskip("torch")
+    from cupy_lean import attention as A
+
+    calls = []
+    checked = A._attention_checked
+    monkeypatch.setattr(A, "_attention_checked", lambda *a, **k: (calls.append(1), checked(*a, **k))[1])
+    rng = np.random.default_rng(31)
+    lens = [1500, 7, 0, 640, 2049]
+    hq, hkv, d = 12, 3, 128
+    q, k, v, L, _ = make_inputs(rng, len(lens), hq, hkv, d, BF16, lens, "dense")
+    tq, tk, tv = (torch.from_numpy(x.view(np.int16)).cuda().view(torch.bfloat16) for x in (q, k, v))
+    tl = torch.from_numpy(L).cuda()
+    sinks = rng.standard_normal(hq).astype(np.float32)
+    ts = torch.from_numpy(sinks).cuda()
+
+    def run(out, use_sinks):
+        kw = dict(sinks=ts) if use_sinks else {}
+        cupy_lean.attention(tq, tk, tv, kv_lens=tl, out=out, scale=0.07, **kw)
+        torch.cuda.synchronize()
+        ro, _ = reference.attention(q, k, v, kv_lens=tl.cpu().numpy(), scale=0.07, **(dict(sinks=sinks) if use_sinks else {}))
+        got = out.float().cpu().numpy()
+        assert np.isfinite(got).all() and np.abs(got - ro).max() < 2e-2 * max(1.0, np.abs(ro).max())
+
+    for use_sinks in (False, True):
+        before = len(calls)
+        out = torch.full((len(lens), hq, d), float("nan"), dtype=torch.bfloat16, device="cuda")
+        run(out, use_sinks)
+        run(out.fill_(float("nan")), use_sinks)
+        assert len(calls) == before + 1, "the same torch call again validated"
+    tl[1] = 900  # in place: read by the next call
+    big = torch.full((len(lens), hq, 2 * d), float("nan"), dtype=torch.bfloat16, device="cuda")
+    run(big[:, :, :d], False)  # a strided out: a new signature, validated once
+    run(big[:, :, :d].fill_(float("nan")), False)
+    assert len(calls) == 3
+    assert torch.isnan(big[:, :, d:]).all()
