@@ -4,6 +4,7 @@ float64 reference; GPU -> a cached :class:`~cupy_lean.plan.Plan`)."""
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Optional
 
 import numpy as np
@@ -198,6 +199,8 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
     graph.
     """
     nd = _arrays._CUPY_NDARRAY
+    if nd is None and "cupy" in sys.modules:  # (CuPy imported by the caller: its arrays can take the hot path
+        nd = _arrays.cupy_ndarray()           # from a process's first call)
     if kv_layout == "HND" and nd is not None and type(k) is nd and type(v) is nd and k.ndim == v.ndim == 4:
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # NHD views, no copy
         kv_layout = "NHD"

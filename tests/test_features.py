@@ -507,3 +507,27 @@ def test_emulate_refuses_a_schedule_whose_segments_do_not_cover_each_unit_once()
         tampered = dataclasses.replace(sched, segments=bad)
         with pytest.raises(ValueError, match=msg):
             reference.emulate(tampered, q, k, v, kv_lens=L)
+
+
+def test_cupys_array_type_is_bound_once_cupy_is_imported():
+    """attention() recognises CuPy arrays (its hot path) from a process's
+    first call when the caller has imported CuPy (it used to learn the type
+    only inside that first call's validating path); without CuPy imported it
+    imports nothing."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np, cupy_lean\n"
+            "from cupy_lean import _arrays\n"
+            "q = np.ones((1, 2, 64), np.float32); k = np.ones((1, 5, 1, 64), np.float32)\n"
+            "cupy_lean.attention(q, k, k)\n"
+            "assert _arrays._CUPY_NDARRAY is None and 'cupy' not in sys.modules\n"
+            "try:\n"
+            "    import cupy\n"
+            "except Exception:\n"
+            "    print('ok'); raise SystemExit\n"
+            "cupy_lean.attention(q, k, k)\n"
+            "assert _arrays._CUPY_NDARRAY is cupy.ndarray\n"
+            "print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
