@@ -250,7 +250,7 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
         # validating path would; on the GPU the call then takes the hot path above when its plan exists
         k2, v2, kv_dtype2 = _torch_fp8_storage(k, v, kv_dtype)
         gpu, q2, k2, v2, lens2, table2, out2, lse2 = _normalise(q, k2, v2, kv_lens, block_table, out, lse)
-        if gpu:
+        if gpu and type(q2) is nd:  # (a subclass of CuPy's array stays as it is: validated, no loop)
             # GPU sinks, q_lens and scale arrays viewed alike (host ones stay: their values are checked)
             sinks, q_lens, k_scale, v_scale = (
                 _to_gpu(x, name) if x is not None and type(x) is not nd and _where(x) == "gpu" else x

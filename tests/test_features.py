@@ -4,6 +4,8 @@ softmax written here; and their validation. (GPU kernels: test_gpu_use.py.)"""
 
 import math
 
+import sys
+
 import numpy as np
 import pytest
 from hypothesis import example, given
@@ -531,3 +533,25 @@ def test_cupys_array_type_is_bound_once_cupy_is_imported():
             "print('ok')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout + r.stderr
+
+
+def test_a_foreign_array_is_viewed_once_and_never_loops(monkeypatch):
+    """attention()'s path for arrays of another library views them (as the
+    validating path does) and calls itself once with the views; an array
+    type that stays foreign after the view (a subclass of CuPy's array)
+    goes to the validating path instead of calling itself again."""
+    from cupy_lean import _arrays
+
+    A = sys.modules["cupy_lean.attention"]
+
+    class Nd:  # stands for cupy.ndarray
+        pass
+
+    class Sub(Nd):  # a subclass: "viewed" as itself
+        __dlpack__ = None
+
+    seen = []
+    monkeypatch.setattr(_arrays, "_CUPY_NDARRAY", Nd)
+    monkeypatch.setattr(A, "_normalise", lambda q, k, v, lens, table, out, lse: (True, q, k, v, lens, table, out, lse))
+    monkeypatch.setattr(A, "_attention_slow", lambda *a, **kw: seen.append("slow") or "validated")
+    assert A.attention(Sub(), Sub(), Sub()) == "validated" and seen == ["slow"]
