@@ -161,6 +161,8 @@ def to_gpu(x, name, capture=None, output=False):
     # where a failed exchange cannot fall back
     host = isinstance(x, np.ndarray) or (capture and not _dlpack_on_gpu(x))
     if not host and hasattr(x, "__dlpack__"):
+        if type(x).__module__.split(".")[0] == "torch":
+            _refuse_torch_bits(x, name)
         arr = None
         if capture and not _producer_capturing(x):
             # Inside a capture the producer must not order its own stream
@@ -194,6 +196,23 @@ def to_gpu(x, name, capture=None, output=False):
     return _fix_void(cupy.asarray(x), x, name)
 
 
+def _refuse_torch_bits(x, name):
+    """A PyTorch tensor whose values are not what its memory holds (a lazy
+    negation, which DLPack exports without it) or whose memory is gone (a
+    freed storage, pointer 0) is refused, naming it, by either import."""
+    try:
+        neg = bool(x.is_neg())
+        gone = x.numel() > 0 and not getattr(x, "is_meta", False) and x.data_ptr() == 0  # (meta: no memory, said by the import)
+    except Exception:  # not a plain tensor: the import says what is wrong
+        return
+    if neg:
+        raise TypeError(f"{name}: the tensor has its negative bit set (a lazy negation that DLPack does not "
+                        f"carry); pass {name}.resolve_neg()")
+    if gone:
+        raise ValueError(f"{name}: the tensor's storage has no memory (data pointer 0, e.g. freed with "
+                         f"untyped_storage().resize_(0))")
+
+
 def _has_cuda_interface(x):
     """Whether CuPy can view ``x`` through ``__cuda_array_interface__``."""
     try:
@@ -217,6 +236,8 @@ def to_cpu(x, name):
     if isinstance(x, (list, tuple)):
         return _asarray(x, name, "a sequence of arrays of one shape")
     if hasattr(x, "__dlpack__"):
+        if type(x).__module__.split(".")[0] == "torch":
+            _refuse_torch_bits(x, name)
         try:
             arr = np.from_dlpack(x)
         except Exception:

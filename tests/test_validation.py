@@ -1042,3 +1042,34 @@ def test_out_whose_rows_overlap_is_refused():
                 np.full((b, h, 2 * d), np.nan, np.float32)[:, :, ::1][:, :, d:]):
         assert cupy_lean.attention(q, k, v, out=out) is out
         np.testing.assert_array_equal(out, want)
+
+
+def test_a_torch_tensor_with_a_lazy_negation_or_no_memory_is_refused():
+    """DLPack exports a PyTorch tensor's memory without its negative bit (the
+    values would be read with the wrong sign) and a freed storage as pointer
+    0: both refused, naming the argument, on the CPU and GPU imports."""
+    from cupy_lean import _arrays
+
+    class Tensor:
+        def __init__(self, neg=False, ptr=64, n=4):
+            self.neg, self.ptr, self.n = neg, ptr, n
+
+        def is_neg(self):
+            return self.neg
+
+        def numel(self):
+            return self.n
+
+        def data_ptr(self):
+            return self.ptr
+
+        def __dlpack__(self, stream=None):
+            raise AssertionError("exported")
+
+    Tensor.__module__ = "torch"
+    with pytest.raises(TypeError, match=r"q: the tensor has its negative bit set .* q.resolve_neg\(\)"):
+        _arrays.to_cpu(Tensor(neg=True), "q")
+    with pytest.raises(ValueError, match="k: the tensor's storage has no memory"):
+        _arrays._refuse_torch_bits(Tensor(ptr=0), "k")
+    _arrays._refuse_torch_bits(Tensor(ptr=0, n=0), "k")  # empty: nothing to read
+    _arrays._refuse_torch_bits(Tensor(), "k")
