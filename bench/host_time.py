@@ -117,6 +117,10 @@ def main(argv=None):
             tqq, tkk, tvv = torch.from_dlpack(q), torch.from_dlpack(k), torch.from_dlpack(v)
             tl, to = torch.from_dlpack(lens), torch.from_dlpack(out)
             variants["torch tensors, out="] = lambda: cupy_lean.attention(tqq, tkk, tvv, kv_lens=tl, out=to)
+            # the parts of one tensor's exchange: PyTorch's export with CuPy's stream, CuPy's whole import
+            sarg = cp.cuda.get_current_stream().ptr or 1
+            variants["(one tensor) torch __dlpack__(stream)"] = lambda: tqq.__dlpack__(stream=sarg)
+            variants["(one tensor) cupy.from_dlpack"] = lambda: cp.from_dlpack(tqq)
         except Exception:  # PyTorch missing: no peer row
             pass
         for var, r in _measure(variants, sync).items():
