@@ -205,13 +205,9 @@ def bench_cmd(argv=None):
 
 
 def _lens(text):
-    items = text.split(",")
-    if text.strip() and any(not x.strip() for x in items):  # "5,,6" or "5,": a length left out
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers with none left empty, got {text!r}")
-    try:
-        vals = [int(x) for x in items if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    from .bench import int_list  # ("5,,6" or "5,": a length left out; "": none, said below)
+
+    vals = int_list(text) if text.strip() else []
     if not vals or min(vals) < 0:
         raise argparse.ArgumentTypeError(f"expected one or more lengths >= 0, got {text!r}")
     from .validation import MAX_CAPACITY

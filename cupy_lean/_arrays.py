@@ -103,7 +103,7 @@ def _producer_capturing(x):
     """Whether ``x`` is a PyTorch tensor and PyTorch's current stream is
     capturing a graph (then its synchronisation event is part of it)."""
     torch = sys.modules.get("torch")
-    if torch is None or type(x).__module__.split(".")[0] != "torch":
+    if torch is None or not _from_torch(x):
         return False
     try:
         return bool(torch.cuda.is_current_stream_capturing())
@@ -161,8 +161,7 @@ def to_gpu(x, name, capture=None, output=False):
     # where a failed exchange cannot fall back
     host = isinstance(x, np.ndarray) or (capture and not _dlpack_on_gpu(x))
     if not host and hasattr(x, "__dlpack__"):
-        if type(x).__module__.split(".")[0] == "torch":
-            _refuse_torch_bits(x, name)
+        _refuse_torch_bits(x, name)
         arr = None
         if capture and not _producer_capturing(x):
             # Inside a capture the producer must not order its own stream
@@ -196,10 +195,18 @@ def to_gpu(x, name, capture=None, output=False):
     return _fix_void(cupy.asarray(x), x, name)
 
 
+def _from_torch(x):
+    """Whether ``x`` is a PyTorch object (its type's top module)."""
+    return type(x).__module__.split(".")[0] == "torch"
+
+
 def _refuse_torch_bits(x, name):
     """A PyTorch tensor whose values are not what its memory holds (a lazy
     negation, which DLPack exports without it) or whose memory is gone (a
-    freed storage, pointer 0) is refused, naming it, by either import."""
+    freed storage, pointer 0) is refused, naming it, by either import;
+    anything else passes."""
+    if not _from_torch(x):
+        return
     try:
         neg = bool(x.is_neg())
         gone = x.numel() > 0 and not getattr(x, "is_meta", False) and x.data_ptr() == 0  # (meta: no memory, said by the import)
@@ -236,8 +243,7 @@ def to_cpu(x, name):
     if isinstance(x, (list, tuple)):
         return _asarray(x, name, "a sequence of arrays of one shape")
     if hasattr(x, "__dlpack__"):
-        if type(x).__module__.split(".")[0] == "torch":
-            _refuse_torch_bits(x, name)
+        _refuse_torch_bits(x, name)
         try:
             arr = np.from_dlpack(x)
         except Exception:
@@ -297,7 +303,7 @@ def torch_fp8_storage(k, v, kv_dtype):
     and the matching kv_dtype; other arrays as they are."""
     names = {"torch.float8_e4m3fn": "e4m3", "torch.float8_e5m2": "e5m2"}
     fmt = names.get(str(getattr(k, "dtype", "")))
-    if fmt is None or type(k).__module__.split(".")[0] != "torch":
+    if fmt is None or not _from_torch(k):
         return k, v, kv_dtype
     if str(getattr(v, "dtype", "")) != str(k.dtype):
         raise TypeError(f"v: expected k's dtype {k.dtype}, got {getattr(v, 'dtype', type(v).__name__)}")

@@ -575,8 +575,7 @@ class Plan:
         prm.runtime_split, prm.split_slack = self.split_scale, self.split_slack_tiles  # (0, 0): stream-K always
         prm.split_cap = self.split_cap_tiles
         prefetch_key = "split_prefetch_paged" if m.paged else "split_prefetch"
-        if K.TUNING[prefetch_key] not in (0, 1, 2):
-            raise ValueError(f'kernels.TUNING["{prefetch_key}"] must be 0, 1 or 2, got {K.TUNING[prefetch_key]!r}')
+        K._check_tuning_value(prefetch_key, K.TUNING[prefetch_key])
         prm.split_prefetch = int(K.TUNING[prefetch_key]) if self.runtime_split else 0
         prm.scale_log2 = m.scale * _LOG2E
         prm.slot_stride = slot_stride

@@ -214,36 +214,35 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
         # Hot path: CuPy arrays whose signature has a plan (validated when the
         # plan was built).
         sig = _plan.signature(q, k, v, out, kv_lens, block_table, scale, schedule, num_ctas, tile_size)
-        if (sinks is None and window_left is None and softcap is None and kv_dtype is None and k_scale is None
-                and v_scale is None and q_lens is None):
-            p = _cache.get(_plan.plan_key(_device(), sig))
-            if p is not None and (lse is None or p._lse_ok(lse)):
-                want = return_lse or lse is not None
-                res_out, res_lse = p._launch(q, k, v, kv_lens, block_table, out, lse, want)
-                return (res_out, res_lse) if want else res_out
-        else:
+        plain = (sinks is None and window_left is None and softcap is None and kv_dtype is None and k_scale is None
+                 and v_scale is None and q_lens is None)
+        hot = fkey = None
+        if not plain:
             # ... and calls with optional features (sinks, a window, a soft-cap, an fp8 cache, q_lens)
             # whose arguments, of simple types, were validated for this signature by an earlier call
             rk = _raw_features(nd, sinks, window_left, softcap, kv_dtype, k_scale, v_scale, q_lens)
             hot = None if rk is None else (sig, rk)
             fkey = _MISS if hot is None else _FEATURE_KEYS.get(hot, _MISS)
-            if fkey is not _MISS:  # (None: arguments that validated into no features, e.g. q_lens alone)
-                p = _cache.get(_plan.plan_key(_device(), sig._replace(features=fkey)))
-                if p is not None and (lse is None or p._lse_ok(lse)):
-                    want = return_lse or lse is not None
+        if fkey is not _MISS:  # (a feature call's None: arguments that validated into no features, q_lens alone)
+            p = _cache.get(_plan.plan_key(_device(), sig if fkey is None else sig._replace(features=fkey)))
+            if p is not None and (lse is None or p._lse_ok(lse)):
+                want = return_lse or lse is not None
+                if plain:
+                    res_out, res_lse = p._launch(q, k, v, kv_lens, block_table, out, lse, want)
+                else:
                     if q_lens is not None:  # (per call: its values are the GPU's; its form is checked)
                         q_lens = _plan.check_q_lens(q_lens, p.meta.batch, p.q_len, False)
                     scales = None if kv_dtype is None else _plan.gpu_fp8_scales(k_scale, v_scale, p.meta.heads_kv)
                     res_out, res_lse = p._launch(q, k, v, kv_lens, block_table, out, lse, want, sinks, q_lens,
                                                  scales)
-                    return (res_out, res_lse) if want else res_out
-            if hot is not None:
-                res, used = _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, schedule,
-                                            num_ctas, tile_size, kv_layout, validate, sinks, window_left, softcap,
-                                            batch_invariant, kv_dtype, k_scale, v_scale, q_lens, with_sig=True)
-                if used is not None and used._replace(features=None) == sig:
-                    _remember_features(hot, used.features)  # the same call again: validated, so hot
-                return res
+                return (res_out, res_lse) if want else res_out
+        if hot is not None:
+            res, used = _attention_checked(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, schedule,
+                                           num_ctas, tile_size, kv_layout, validate, sinks, window_left, softcap,
+                                           batch_invariant, kv_dtype, k_scale, v_scale, q_lens)
+            if used is not None and used._replace(features=None) == sig:
+                _remember_features(hot, used.features)  # the same call again: validated, so hot
+            return res
     elif (nd is not None and type(q) is not nd and validate is False and type(return_lse) is bool
           and batch_invariant is False and hasattr(q, "__dlpack__") and not isinstance(q, np.ndarray)):
         # Arrays of another library (PyTorch, JAX): viewed as CuPy arrays (DLPack, no copy), as the
@@ -280,11 +279,10 @@ def _remember_features(hot, fkey):
 
 
 def _array_key(nd, x):
-    """A GPU array's entry in a raw feature key (its form and device, not its
-    values, which the kernel reads), or None when it is not a CuPy array."""
-    if type(x) is not nd:
-        return None
-    return (x.shape, x.dtype, x.strides, x.data.device_id)
+    """A GPU array's entry in a raw feature key (its form and device, as a
+    signature holds an index array's, not its values, which the kernel
+    reads), or None when it is not a CuPy array."""
+    return _plan._meta(x) if type(x) is nd else None
 
 
 def _raw_features(nd, sinks, window_left, softcap, kv_dtype, k_scale, v_scale, q_lens):
@@ -383,19 +381,18 @@ def _normalise(q, k, v, kv_lens, block_table, out, lse):
 
 def _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, schedule, num_ctas, tile_size,
                     kv_layout, check_values, sinks=None, window_left=None, softcap=None, batch_invariant=False,
-                    kv_dtype=None, k_scale=None, v_scale=None, q_lens=None, with_sig=False):
-    """The validating path of :func:`attention`. ``with_sig``: returns
-    ``(result, sig)``, sig the signature of the plan that launched (None
-    where none did: the CPU path)."""
-    res, sig = _attention_checked(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, schedule, num_ctas,
-                                  tile_size, kv_layout, check_values, sinks, window_left, softcap, batch_invariant,
-                                  kv_dtype, k_scale, v_scale, q_lens)
-    return (res, sig) if with_sig else res
+                    kv_dtype=None, k_scale=None, v_scale=None, q_lens=None):
+    """The validating path of :func:`attention`: its result."""
+    return _attention_checked(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, schedule, num_ctas,
+                              tile_size, kv_layout, check_values, sinks, window_left, softcap, batch_invariant,
+                              kv_dtype, k_scale, v_scale, q_lens)[0]
 
 
 def _attention_checked(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, schedule, num_ctas, tile_size,
                        kv_layout, check_values, sinks, window_left, softcap, batch_invariant, kv_dtype, k_scale,
                        v_scale, q_lens):
+    """The validating path: ``(result, sig)``, sig the signature of the plan
+    that launched (None where none did: the CPU path)."""
     return_lse = _check_bool(return_lse, "return_lse") or lse is not None
     check_values = _check_bool(check_values, "validate")
     batch_invariant = _check_bool(batch_invariant, "batch_invariant")
@@ -709,9 +706,11 @@ def invariant_decomposition(units):
     bits differ between the two settings: compare results made under one.
     A batch so large that its ``units x n`` partial states reach 2**31
     floats is refused (ValueError) rather than run another way."""
-    from .kernels import TUNING
+    from .kernels import TUNING, _check_tuning_value
 
-    n = _validation._check_int(TUNING["invariant_splits"], "kernels.TUNING['invariant_splits']", 0)
+    n = TUNING["invariant_splits"]
+    _check_tuning_value("invariant_splits", n)
+    n = int(n)
     return ("split", units * n) if n >= 2 and units else ("head", None)
 
 

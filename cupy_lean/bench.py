@@ -50,7 +50,9 @@ def graph_time(call, n_copies, repeats=7, n_calls=None):
     return statistics.median(times)
 
 
-def _ints(text):
+def int_list(text):
+    """An argparse type: comma-separated integers, none left empty (the
+    command line's ``--lens`` reads its lengths with it too)."""
     items = text.split(",")
     if any(not x.strip() for x in items):  # "5,,6", "5," or "": a value left out
         raise argparse.ArgumentTypeError(f"expected comma-separated integers with none left empty, got {text!r}")
@@ -103,7 +105,7 @@ def parser():
     from .kernels import HEAD_DIMS, TILE_SIZES
 
     p = argparse.ArgumentParser(prog="python -m cupy_lean bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--lens", type=_ints, default=[8192, 3000, 17000, 1],
+    p.add_argument("--lens", type=int_list, default=[8192, 3000, 17000, 1],
                    help="comma-separated KV lengths, one per sequence (default 8192,3000,17000,1)")
     p.add_argument("--heads-q", type=int_at_least(1), default=32, help="query heads (default 32)")
     p.add_argument("--heads-kv", type=int_at_least(1), default=8, help="KV heads (default 8)")
@@ -111,11 +113,11 @@ def parser():
     p.add_argument("--dtype", choices=("float16", "bfloat16"), default="float16", help="default float16")
     p.add_argument("--page-size", type=int_at_least(0), default=0, help="paged cache with this page size (default: dense)")
     p.add_argument("--schedules", default="lean,split,head", help="comma-separated (default lean,split,head)")
-    p.add_argument("--tile-sizes", type=_ints, default=None,
+    p.add_argument("--tile-sizes", type=int_list, default=None,
                    help=f"lean variants with these tile sizes, from {TILE_SIZES} (default: the configured one)")
-    p.add_argument("--num-ctas", type=_ints, default=None, help="lean variants with these grid sizes")
-    p.add_argument("--stages", type=_ints, default=None, help="lean variants with these pipeline depths (2-6)")
-    p.add_argument("--ctas-per-sm", type=_ints, default=None, help="lean variants with these CTAs per SM")
+    p.add_argument("--num-ctas", type=int_list, default=None, help="lean variants with these grid sizes")
+    p.add_argument("--stages", type=int_list, default=None, help="lean variants with these pipeline depths (2-6)")
+    p.add_argument("--ctas-per-sm", type=int_list, default=None, help="lean variants with these CTAs per SM")
     p.add_argument("--cold-l2", action="store_true",
                    help="rotate input copies over 4x the L2 size, so K/V are read from memory")
     p.add_argument("--repeats", type=int_at_least(1), default=7, help="timed graph replays (median; default 7)")

@@ -382,8 +382,8 @@ def _points(v):
         return False
 
 
-# what each TUNING key's reader takes (checked when a value is set on the package's TUNING; the readers
-# check again where a value could reach them another way)
+# what each TUNING key's reader takes (checked when a value is set on the package's TUNING; readers whose
+# key can go wrong past that check, e.g. a value set through dict.__setitem__, call _check_tuning_value too)
 _TUNING_CHECKS = {
     "kv_tile_bytes": _int_from(1),
     "min_warps": _int_from(1),
@@ -706,10 +706,9 @@ def uniform_model_args(head_dim, num_sms, hbm_bytes_per_us):
     ``"uniform_saturation"``). Raises ValueError naming the key of a bad
     value."""
     model = TUNING["uniform_model"]
+    _check_tuning_value("uniform_model", model)  # (set past TUNING's own check: named here)
     if model == "saturation":
         return {"saturation": uniform_saturation()}
-    if model != "rates":
-        raise ValueError(f'kernels.TUNING["uniform_model"] must be "rates" or "saturation", got {model!r}')
     from .schedule import _check_partial_grid
 
     table, rates, frac = TUNING["partial_grid_time"], TUNING["cta_stream_gbs"], TUNING["read_fraction"]
@@ -745,13 +744,9 @@ def uniform_saturation():
     """:data:`TUNING` ``"uniform_saturation"``, checked: the fraction of the
     grid whose CTAs saturate DRAM in :func:`cupy_lean.schedule.uniform_variant`'s
     model. Raises ValueError naming the key unless it is a number in (0, 1]."""
-    from .schedule import _check_saturation
-
     v = TUNING["uniform_saturation"]
-    try:  # the model's own check, named by the TUNING key
-        return _check_saturation(v)
-    except ValueError:
-        raise ValueError(f'kernels.TUNING["uniform_saturation"] must be a number in (0, 1], got {v!r}') from None
+    _check_tuning_value("uniform_saturation", v)
+    return float(v)
 
 
 def launch_time_split(merge_launch, stream_k_knob, varied_lengths):
@@ -778,8 +773,7 @@ def launch_split_cap(merge_launch, tile_size, head_dim, kv_itemsize):
     if merge_launch:
         return 1 << 30
     cap = TUNING["runtime_split_in_kernel_cap_bytes"]
-    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:  # the key's value only; the rest below
-        raise ValueError(f'kernels.TUNING["runtime_split_in_kernel_cap_bytes"] must be an integer >= 0, got {cap!r}')
+    _check_tuning_value("runtime_split_in_kernel_cap_bytes", cap)  # the key's value only; the rest below
     return runtime_split_slack(tile_size, head_dim, kv_itemsize, cap, at_least=0)
 
 
@@ -792,18 +786,15 @@ def launch_split_rule(merge_launch, tile_size, head_dim, kv_itemsize):
     :data:`TUNING` ``"runtime_split_slack_bytes"`` in tiles (at least one);
     in the kernel ``"runtime_split_in_kernel_scale"`` and those bytes in
     tiles (possibly none)."""
-    from .schedule import _check_split_rule, runtime_split_slack
+    from .schedule import runtime_split_slack
 
     slack = runtime_split_slack(tile_size, head_dim, kv_itemsize, TUNING["runtime_split_slack_bytes"],
                                 at_least=1 if merge_launch else 0)
     if merge_launch:
         return 1, slack
     scale = TUNING["runtime_split_in_kernel_scale"]
-    try:  # the kernel's range for the factor, named by the TUNING key
-        _, scale = _check_split_rule(slack, scale)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f'TUNING["runtime_split_in_kernel_scale"]: {exc}') from None
-    return scale, slack
+    _check_tuning_value("runtime_split_in_kernel_scale", scale)  # the kernel's range for the factor, 1 to 64
+    return int(scale), slack  # (the slack: at most 2**30 tiles, runtime_split_slack's bound)
 
 
 @contextlib.contextmanager
@@ -1029,8 +1020,7 @@ def varied_length_tile(head_dim, group, features=0, occupancy=None, paged=False)
     default."""
     tile = TUNING["varied_lengths_d64_tile"]
     fp8_mode = TUNING["fp8_varied_lengths_tile"]
-    if fp8_mode not in (True, False, "paged"):
-        raise ValueError(f'TUNING["fp8_varied_lengths_tile"]: expected True, False or "paged", got {fp8_mode!r}')
+    _check_tuning_value("fp8_varied_lengths_tile", fp8_mode)
     fp8_ok = (bool(paged) if fp8_mode == "paged" else bool(fp8_mode)) and _fp8_only(features)
     if head_dim != 64 or group > 16 or (_features_block(features) and not fp8_ok) or not tile:
         return None
