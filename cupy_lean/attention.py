@@ -11,6 +11,7 @@ import numpy as np
 
 from . import _arrays, _cache, reference
 from . import _plan
+from . import kernels as _K
 from ._arrays import host_ints as _host_ints, to_cpu as _to_cpu, to_gpu as _to_gpu, where as _where
 from ._arrays import torch_fp8_storage as _torch_fp8_storage
 from . import validation as _validation
@@ -210,24 +211,27 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
             and (scale is None or type(scale) is float) and type(return_lse) is bool
             and type(schedule) is str and (num_ctas is None or type(num_ctas) is int)
             and (tile_size is None or type(tile_size) is int)  # (others: validated below, then named)
-            and batch_invariant is False):
+            and type(batch_invariant) is bool):
         # Hot path: CuPy arrays whose signature has a plan (validated when the
         # plan was built).
         sig = _plan.signature(q, k, v, out, kv_lens, block_table, scale, schedule, num_ctas, tile_size)
         plain = (sinks is None and window_left is None and softcap is None and kv_dtype is None and k_scale is None
                  and v_scale is None and q_lens is None)
         hot = fkey = None
-        if not plain:
+        if not plain or batch_invariant:
             # ... and calls with optional features (sinks, a window, a soft-cap, an fp8 cache, q_lens)
-            # whose arguments, of simple types, were validated for this signature by an earlier call
-            rk = _raw_features(nd, sinks, window_left, softcap, kv_dtype, k_scale, v_scale, q_lens)
-            hot = None if rk is None else (sig, rk)
+            # whose arguments, of simple types, were validated for this signature by an earlier call;
+            # a batch_invariant call remembers the whole signature it was validated into (its
+            # decomposition follows the batch and TUNING, hence TUNING's key in its key)
+            rk = () if plain else _raw_features(nd, sinks, window_left, softcap, kv_dtype, k_scale, v_scale, q_lens)
+            hot = None if rk is None else ((sig, rk, _K.TUNING.key) if batch_invariant else (sig, rk))
             fkey = _MISS if hot is None else _FEATURE_KEYS.get(hot, _MISS)
         if fkey is not _MISS:  # (a feature call's None: arguments that validated into no features, q_lens alone)
-            p = _cache.get(_plan.plan_key(_device(), sig if fkey is None else sig._replace(features=fkey)))
+            psig = fkey if batch_invariant else sig if fkey is None else sig._replace(features=fkey)
+            p = _cache.get(_plan.plan_key(_device(), psig))
             if p is not None and (lse is None or p._lse_ok(lse)):
                 want = return_lse or lse is not None
-                if plain:
+                if plain and not batch_invariant:
                     res_out, res_lse = p._launch(q, k, v, kv_lens, block_table, out, lse, want)
                 else:
                     if q_lens is not None:  # (per call: its values are the GPU's; its form is checked)
@@ -240,11 +244,14 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
             res, used = _attention_checked(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, schedule,
                                            num_ctas, tile_size, kv_layout, validate, sinks, window_left, softcap,
                                            batch_invariant, kv_dtype, k_scale, v_scale, q_lens)
-            if used is not None and used._replace(features=None) == sig:
-                _remember_features(hot, used.features)  # the same call again: validated, so hot
+            if used is not None:  # the same call again: validated, so hot
+                if batch_invariant:
+                    _remember_features(hot, used)
+                elif used._replace(features=None) == sig:
+                    _remember_features(hot, used.features)
             return res
     elif (nd is not None and type(q) is not nd and validate is False and type(return_lse) is bool
-          and batch_invariant is False and hasattr(q, "__dlpack__") and not isinstance(q, np.ndarray)):
+          and type(batch_invariant) is bool and hasattr(q, "__dlpack__") and not isinstance(q, np.ndarray)):
         # Arrays of another library (PyTorch, JAX): viewed as CuPy arrays (DLPack, no copy), as the
         # validating path would; on the GPU the call then takes the hot path above when its plan exists
         k2, v2, kv_dtype2 = _torch_fp8_storage(k, v, kv_dtype)
@@ -257,7 +264,7 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
             return attention(q2, k2, v2, kv_lens=lens2, block_table=table2, scale=scale, return_lse=return_lse,
                              out=out2, lse=lse2, schedule=schedule, num_ctas=num_ctas, tile_size=tile_size,
                              kv_layout=kv_layout, validate=False, sinks=sinks, window_left=window_left,
-                             softcap=softcap, batch_invariant=False, kv_dtype=kv_dtype2, k_scale=k_scale,
+                             softcap=softcap, batch_invariant=batch_invariant, kv_dtype=kv_dtype2, k_scale=k_scale,
                              v_scale=v_scale, q_lens=q_lens)
     return _attention_slow(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, schedule, num_ctas,
                            tile_size, kv_layout, validate, sinks, window_left, softcap, batch_invariant,
@@ -265,7 +272,8 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
 
 
 # (signature without features, raw feature arguments) -> the features entry of the signature that an
-# earlier call with those arguments was validated into (attention()'s hot path for feature calls); the
+# earlier call with those arguments was validated into (attention()'s hot path for feature calls);
+# (the same, TUNING's key) -> the whole signature a batch_invariant=True call was validated into; the
 # plan itself stays in the package's plan cache (a miss there: the validating path again)
 _FEATURE_KEYS = {}
 _FEATURE_KEYS_MAX = 4096

@@ -3110,7 +3110,8 @@ def test_plan_run_checks_host_sink_values_as_attention_does():
     assert cp.array_equal(got, want)
 
 
-@pytest.mark.parametrize("case", ["sinks_window_softcap", "fp8_paged", "qlens_sinks", "qlens_only"])
+@pytest.mark.parametrize("case", ["sinks_window_softcap", "fp8_paged", "qlens_sinks", "qlens_only", "invariant",
+                                  "invariant_sinks"])
 def test_gpu_feature_calls_take_the_hot_path_after_one_validated_call(case, monkeypatch):
     """A call with optional features (sinks, a window, a soft-cap, an fp8
     cache, q_lens) of simple argument types validates once; the same call
@@ -3150,6 +3151,11 @@ def test_gpu_feature_calls_take_the_hot_path_after_one_validated_call(case, monk
     elif case == "qlens_sinks":
         host.update(sinks=sinks, q_lens=nq)
         gkw.update(sinks=cp.asarray(sinks), q_lens=cp.asarray(nq))
+    elif case.startswith("invariant"):  # batch_invariant=True: the remembered decomposition
+        gkw.update(batch_invariant=True)
+        if case == "invariant_sinks":
+            host.update(sinks=sinks)
+            gkw.update(sinks=cp.asarray(sinks))
     else:  # q_lens alone: no features in the plan, the lengths per call
         host.update(q_lens=nq)
         gkw.update(q_lens=cp.asarray(nq))
@@ -3176,6 +3182,21 @@ def test_gpu_feature_calls_take_the_hot_path_after_one_validated_call(case, monk
         gkw["v_scale"][...] = cp.asarray(vs * 1.5, dtype=cp.float32)  # read by the kernel at launch
         check(k_scale=ks * 0.6, v_scale=vs * 1.5)
         assert len(calls) == 1
+        return
+    if case.startswith("invariant"):
+        # the hot call's bits are the validating path's (validate=True: the values checked, no lookup)
+        outs = []
+        for validate in (False, True):
+            outs.append((_nan_like(q.shape, q.dtype), cp.full(q.shape[:-1], cp.nan, dtype=cp.float32)))
+            cupy_lean.attention(qd, kd, vd, **gkw, out=outs[-1][0], lse=outs[-1][1], validate=validate)
+        assert len(calls) == 2
+        assert cp.array_equal(outs[0][0], outs[1][0]) and cp.array_equal(outs[0][1], outs[1][1])
+        with cupy_lean.kernels.tuning(invariant_splits=4):  # another decomposition: validated once
+            check()
+            check()
+            assert len(calls) == 3
+        check()  # back: the first decomposition, still remembered
+        assert len(calls) == 3
         return
     if case == "qlens_only":
         nq2 = np.array([1, 3, 2, 0, 1], dtype=np.int32)

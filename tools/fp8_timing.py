@@ -15,10 +15,15 @@ drawn shapes of these indices (the same shapes as in the full run).
 ``--tuning KEY=VALUE`` (repeatable; the value read as a Python literal):
 the e4m3 call timed again with ``cupy_lean.kernels.TUNING`` changed so, in
 the same process (an A/B of a switch; the next call after a change plans
-anew).
+anew). ``--matched-bytes``: the e4m3 call also on the same shape with every
+length doubled, which reads the 16-bit call's bytes: the 16-bit time over
+that time is the fp8 call's bytes per second over the 16-bit call's at
+equal bytes (1.0: the same rate; a per-call fixed cost that both pay keeps
+the same-shape ratio above 0.5 on small calls but not this one).
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -36,6 +41,8 @@ def main():
     ap.add_argument("--only", default="", help="comma-separated indices of the drawn shapes to time (default: all)")
     ap.add_argument("--tuning", action="append", default=[], metavar="KEY=VALUE",
                     help="time the e4m3 call again with kernels.TUNING[KEY] = VALUE (a Python literal)")
+    ap.add_argument("--matched-bytes", action="store_true",
+                    help="also time e4m3 with every length doubled (the 16-bit call's bytes)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     from bench.run import parse_tuning
@@ -50,6 +57,25 @@ def main():
     from cupy_lean.bench import graph_time
     from cupy_lean.kernels import tuning
 
+    def e4m3_of(x):  # the high byte of each 16-bit value (fp16: its e5m2), read as e4m3: the same bytes
+        return cp.ascontiguousarray(x.view(cp.uint8)[..., 1::2])
+
+    def time_doubled(case):
+        """The e4m3 call on ``case`` with every length doubled (us)."""
+        c2 = dataclasses.replace(case, name=case.name + "_x2", lens=tuple(2 * n for n in case.lens))
+        n2 = C.plan_copies(c2, 256e6, 30e9)
+        inp2 = C.build_inputs(c2, a.dtype, n2)
+        kw2 = inp2.index_kwargs()
+        k2 = [e4m3_of(x) for x in inp2.k]
+        v2 = [e4m3_of(x) for x in inp2.v]
+        del inp2.k[:], inp2.v[:]
+        o2 = [cp.empty_like(x) for x in inp2.q]
+        ks2 = cp.full(case.heads_kv, 0.5, dtype=cp.float32)
+        t = graph_time(lambda i: cupy_lean.attention(inp2.q[i], k2[i], v2[i], out=o2[i], kv_dtype="e4m3",
+                                                     k_scale=ks2, v_scale=ks2, **kw2), n2)
+        inp2.free()
+        return t
+
     rows = []
     for idx, case in enumerate(F.draw(a.family, a.seed)):
         if only and idx not in only:
@@ -60,11 +86,9 @@ def main():
         outs = [cp.empty_like(x) for x in inp.q]
         t16 = graph_time(lambda i: cupy_lean.attention(inp.q[i], inp.k[i], inp.v[i], out=outs[i], **kw), n_copies)
         # the high bytes (fp16: the e5m2 of the same values), timed as e4m3 (the same bytes read)
-        k8 = [x.view(cp.uint8)[..., 1::2] for x in inp.k]
-        v8 = [x.view(cp.uint8)[..., 1::2] for x in inp.v]
+        k8 = [e4m3_of(x) for x in inp.k]
+        v8 = [e4m3_of(x) for x in inp.v]
         del inp.k[:], inp.v[:]
-        k8 = [cp.ascontiguousarray(x) for x in k8]
-        v8 = [cp.ascontiguousarray(x) for x in v8]
         ks = cp.full(case.heads_kv, 0.5, dtype=cp.float32)
 
         def fp8_call(i):
@@ -87,20 +111,30 @@ def main():
             by_stages[st] = graph_time(lambda i: p.run(inp.q[i], k8[i], v8[i], out=outs[i], k_scale=ks, v_scale=ks,
                                                        **kw), n_copies)
         b8 = case.kv_bytes() / 2
+        inp.free()
+        k8 = v8 = outs = None  # free before the next inputs
+        cp.get_default_memory_pool().free_all_blocks()
+        t8x2 = time_doubled(case) if a.matched_bytes else None
         rows.append({"case": case.name, "kv_bytes_fp16": case.kv_bytes(), "fp16_us": t16, "fp8_us": t8,
                      "ratio": t8 / t16, "fp8_tbps": b8 / t8 / 1e6, "fp16_tbps": case.kv_bytes() / t16 / 1e6,
-                     "fp8_us_by_stages": by_stages, "tuning": tuned or None, "fp8_us_tuned": t8_tuned})
+                     "fp8_us_by_stages": by_stages, "tuning": tuned or None, "fp8_us_tuned": t8_tuned,
+                     "fp8_doubled_us": t8x2, "rate_at_equal_bytes": None if t8x2 is None else t16 / t8x2})
         extra = "".join(f"  s{k} {v:.1f}" for k, v in by_stages.items() if v is not None)
+        if t8x2 is not None:
+            extra += f"  e4m3 x2 lengths {t8x2:.1f} us (rate vs 16-bit at equal bytes {t16 / t8x2:.3f})"
         if t8_tuned is not None:
             extra += f"  tuned e4m3 {t8_tuned:.1f} us ({t8_tuned / t8:.3f}x)"
         print(f"{case.name:48s} fp16 {t16:8.1f} us ({rows[-1]['fp16_tbps']:.2f} TB/s)  e4m3 {t8:8.1f} us "
               f"({rows[-1]['fp8_tbps']:.2f} TB/s)  ratio {t8 / t16:.3f}{extra}", flush=True)
-        inp.free()
-        k8 = v8 = outs = None  # free before the next shape
         cp.get_default_memory_pool().free_all_blocks()
     g = math.exp(sum(math.log(r["ratio"]) for r in rows) / len(rows))
     print(f"fp8 seed {a.seed} {a.dtype}: {len(rows)} shapes; fp8 / 16-bit time geomean {g:.3f}, "
           f"min {min(r['ratio'] for r in rows):.3f}, max {max(r['ratio'] for r in rows):.3f}")
+    if a.matched_bytes and rows:
+        eq = [r["rate_at_equal_bytes"] for r in rows]
+        print(f"fp8 seed {a.seed} {a.dtype}: e4m3 bytes per second over 16-bit at equal bytes (lengths doubled) "
+              f"geomean {math.exp(sum(math.log(x) for x in eq) / len(eq)):.3f}, min {min(eq):.3f}, "
+              f"max {max(eq):.3f}")
     if tuned and rows:
         ab = [r["fp8_us_tuned"] / r["fp8_us"] for r in rows]
         print(f"tuned {tuned}: e4m3 time tuned / default geomean "
