@@ -99,6 +99,8 @@ def main(argv=None):
             "fp8 e4m3, GPU v_scale, out=": lambda: cupy_lean.attention(q, k8, v8, kv_lens=lens, out=out,
                                                                        kv_dtype="e4m3", k_scale=0.5, v_scale=vsc),
             "q_len 2, q_lens=, out=": lambda: cupy_lean.attention(q4, k, v, kv_lens=lens, out=out4, q_lens=qn),
+            "batch_invariant=True, out=": lambda: cupy_lean.attention(q, k, v, kv_lens=lens, out=out,
+                                                                      batch_invariant=True),
         })
         try:
             ps = cupy_lean.plan(q, k, v, kv_lens=lens, out=out, sinks=sinks)
@@ -117,6 +119,16 @@ def main(argv=None):
             tqq, tkk, tvv = torch.from_dlpack(q), torch.from_dlpack(k), torch.from_dlpack(v)
             tl, to = torch.from_dlpack(lens), torch.from_dlpack(out)
             variants["torch tensors, out="] = lambda: cupy_lean.attention(tqq, tkk, tvv, kv_lens=tl, out=to)
+            tsk = torch.from_dlpack(sinks)
+            variants["torch tensors, sinks=, out="] = lambda: cupy_lean.attention(tqq, tkk, tvv, kv_lens=tl, out=to,
+                                                                                  sinks=tsk)
+            side = torch.cuda.Stream()
+
+            def on_side():  # PyTorch's current stream is not CuPy's: the exchange orders them
+                with torch.cuda.stream(side):
+                    cupy_lean.attention(tqq, tkk, tvv, kv_lens=tl, out=to)
+
+            variants["torch tensors on a PyTorch side stream, out="] = on_side
             # the parts of one tensor's exchange: PyTorch's export with CuPy's stream, CuPy's whole import
             sarg = cp.cuda.get_current_stream().ptr or 1
             variants["(one tensor) torch __dlpack__(stream)"] = lambda: tqq.__dlpack__(stream=sarg)

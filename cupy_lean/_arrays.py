@@ -195,6 +195,84 @@ def to_gpu(x, name, capture=None, output=False):
     return _fix_void(cupy.asarray(x), x, name)
 
 
+_TORCH_DTYPES = None  # torch dtype -> NumPy dtype of the tensors torch_views reads
+
+
+def _torch_dtypes(torch):
+    global _TORCH_DTYPES
+    if _TORCH_DTYPES is None:
+        m = {torch.float16: np.dtype(np.float16), torch.float32: np.dtype(np.float32),
+             torch.int32: np.dtype(np.int32), torch.int64: np.dtype(np.int64), torch.uint8: np.dtype(np.uint8)}
+        if BFLOAT16 is not None:
+            m[torch.bfloat16] = BFLOAT16
+        _TORCH_DTYPES = m
+    return _TORCH_DTYPES
+
+
+def torch_layout(x, torch):
+    """``(pointer, bytes spanned, shape, NumPy dtype, byte strides)`` of a
+    plain PyTorch tensor (exactly ``torch.Tensor``) whose memory holds its
+    values as they are: a dtype of :func:`_torch_dtypes`, at least one
+    element, no lazy negation, not requiring grad (DLPack refuses those, and
+    a write to one would bypass autograd). None for anything else (the
+    DLPack exchange then decides, with its own errors)."""
+    if type(x) is not torch.Tensor:
+        return None
+    dt = _torch_dtypes(torch).get(x.dtype)
+    if dt is None or x.requires_grad or x.is_neg():
+        return None
+    shape = tuple(x.shape)
+    isz = dt.itemsize
+    strides = tuple(st * isz for st in x.stride())
+    ptr = x.data_ptr()
+    if ptr == 0 or 0 in shape:
+        return None
+    span = isz + sum((n - 1) * st for n, st in zip(shape, strides))
+    return ptr, span, shape, dt, strides
+
+
+def torch_views(xs, current_device):
+    """``xs`` with each PyTorch CUDA tensor replaced by a CuPy view of its
+    memory (no copy, no DLPack exchange), or None when any tensor among them
+    needs the exchange: one that :func:`torch_layout` does not read, one
+    not on CuPy's current device (``current_device()``, asked only once a
+    CUDA tensor is seen), or PyTorch's current stream on that device being
+    another stream than CuPy's (the exchange then orders PyTorch's stream
+    before CuPy's). With one stream there is nothing to order, and nothing
+    is recorded on it (the same inside a CUDA graph capture). A view keeps
+    its tensor alive."""
+    tensor = getattr(sys.modules.get("torch"), "Tensor", None)
+    if tensor is None:
+        return None
+    torch = sys.modules["torch"]
+    cupy = device = None
+    res = []
+    for x in xs:
+        if x is None or type(x) is not tensor:
+            res.append(x)
+            continue
+        d = x.get_device()  # (-1: a CPU tensor)
+        if d < 0:
+            return None
+        if device is None:
+            device = current_device()
+            if d != device:
+                return None
+            import cupy
+
+            if torch.cuda.current_stream(device).cuda_stream != cupy.cuda.get_current_stream().ptr:
+                return None
+        elif d != device:
+            return None
+        lay = torch_layout(x, torch)
+        if lay is None:
+            return None
+        ptr, span, shape, dt, strides = lay
+        mem = cupy.cuda.UnownedMemory(ptr, span, x, device)
+        res.append(cupy.ndarray(shape, dt, cupy.cuda.MemoryPointer(mem, 0), strides))
+    return res
+
+
 def _from_torch(x):
     """Whether ``x`` is a PyTorch object (its type's top module)."""
     return type(x).__module__.split(".")[0] == "torch"

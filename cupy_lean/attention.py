@@ -255,7 +255,14 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
         # Arrays of another library (PyTorch, JAX): viewed as CuPy arrays (DLPack, no copy), as the
         # validating path would; on the GPU the call then takes the hot path above when its plan exists
         k2, v2, kv_dtype2 = _torch_fp8_storage(k, v, kv_dtype)
-        gpu, q2, k2, v2, lens2, table2, out2, lse2 = _normalise(q, k2, v2, kv_lens, block_table, out, lse)
+        # PyTorch CUDA tensors on CuPy's device and stream: viewed from their pointers (no exchange)
+        views = None if not _arrays._from_torch(q) else _arrays.torch_views(
+            (q, k2, v2, kv_lens, block_table, out, lse, sinks, q_lens, k_scale, v_scale), _device)
+        if views is not None:
+            q2, k2, v2, lens2, table2, out2, lse2, sinks, q_lens, k_scale, v_scale = views
+            gpu = type(q2) is nd
+        else:
+            gpu, q2, k2, v2, lens2, table2, out2, lse2 = _normalise(q, k2, v2, kv_lens, block_table, out, lse)
         if gpu and type(q2) is nd:  # (a subclass of CuPy's array stays as it is: validated, no loop)
             # GPU sinks, q_lens and scale arrays viewed alike (host ones stay: their values are checked)
             sinks, q_lens, k_scale, v_scale = (

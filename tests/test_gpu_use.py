@@ -3280,3 +3280,49 @@ def test_gpu_torch_calls_take_the_hot_path(monkeypatch):
     run(big[:, :, :d].fill_(float("nan")), False)
     assert len(calls) == 3
     assert torch.isnan(big[:, :, d:]).all()
+
+
+def test_gpu_torch_tensors_on_cupys_stream_are_viewed_without_an_exchange(monkeypatch):
+    """PyTorch CUDA tensors on CuPy's stream are viewed from their pointers
+    (CuPy's DLPack import is not called: it raises here): fp16 and bf16 q /
+    k / v, GPU kv_lens, sinks, and a strided slice of a NaN-filled wider
+    out, which is written and whose other columns stay NaN. On a PyTorch
+    side stream the exchange orders the streams (the import is called) and
+    the result is the same. A view keeps its tensor's memory alive."""
+    torch = pytest.importorskip("torch")
+    from cupy_lean import _arrays
+
+    rng = np.random.default_rng(45)
+    lens = [700, 1, 0, 1234]
+    hq, hkv, d = 8, 2, 64
+    real_import = cp.from_dlpack
+    for dt, tdt in ((np.float16, torch.float16), (BF16, torch.bfloat16)):
+        q, k, v, L, _ = make_inputs(rng, len(lens), hq, hkv, d, dt, lens, "dense")
+        tq, tk, tv = (torch.from_numpy(x.view(np.int16)).cuda().view(tdt) for x in (q, k, v))
+        tl = torch.from_numpy(L).cuda()
+        sinks = rng.standard_normal(hq).astype(np.float32)
+        ts = torch.from_numpy(sinks).cuda()
+        ro, _ = reference.attention(q, k, v, kv_lens=L, sinks=sinks, scale=0.1)
+        tol = 2e-2 * max(1.0, np.abs(ro).max())
+        for side in (False, True):
+            big = torch.full((len(lens), hq, 2 * d), float("nan"), dtype=tdt, device="cuda")
+            out = big[:, :, d // 2:d // 2 + d]
+            imported = []
+            monkeypatch.setattr(cp, "from_dlpack", lambda x, *a, **kw: (imported.append(1), real_import(x, *a, **kw))[1])
+            stream = torch.cuda.Stream() if side else torch.cuda.current_stream()
+            with torch.cuda.stream(stream):
+                cupy_lean.attention(tq, tk, tv, kv_lens=tl, sinks=ts, scale=0.1, out=out)
+            torch.cuda.synchronize()
+            monkeypatch.setattr(cp, "from_dlpack", real_import)
+            assert bool(imported) == side, (dt, side, len(imported))
+            got = big.float().cpu().numpy()
+            mid = got[:, :, d // 2:d // 2 + d]
+            assert np.isfinite(mid).all() and np.abs(mid - ro).max() < tol
+            assert np.isnan(got[:, :, :d // 2]).all() and np.isnan(got[:, :, d // 2 + d:]).all()
+    t = torch.arange(1000, dtype=torch.float32, device="cuda")
+    view = _arrays.torch_views((t,), cp.cuda.runtime.getDevice)[0]
+    del t
+    torch.cuda.empty_cache()
+    torch.empty(1000, dtype=torch.float32, device="cuda").fill_(-1.0)  # would reuse freed memory
+    torch.cuda.synchronize()
+    assert cp.asnumpy(view).tolist() == list(range(1000))

@@ -1073,3 +1073,43 @@ def test_a_torch_tensor_with_a_lazy_negation_or_no_memory_is_refused():
         _arrays._refuse_torch_bits(Tensor(ptr=0), "k")
     _arrays._refuse_torch_bits(Tensor(ptr=0, n=0), "k")  # empty: nothing to read
     _arrays._refuse_torch_bits(Tensor(), "k")
+
+
+def test_torch_layout_reads_a_tensors_memory_as_numpy_would():
+    """The layout a PyTorch CUDA tensor is viewed from without a DLPack
+    exchange (pointer, bytes spanned, shape, dtype, byte strides), checked
+    on CPU tensors against NumPy's view of the same memory: contiguous,
+    a strided slice, a broadcast (stride 0) and bfloat16. Tensors whose
+    memory does not hold their values as they are, or that the exchange
+    refuses, get None (the exchange then decides): a lazy negation,
+    requires_grad, a subclass, no elements, a dtype the package does not
+    read. torch_views gives None for a CPU tensor and leaves other
+    arguments as they are."""
+    torch = pytest.importorskip("torch")
+    from cupy_lean import _arrays
+
+    def numpy_bytes(x):
+        a = x.view(torch.int16).numpy() if x.dtype == torch.bfloat16 else x.numpy()
+        bounds = getattr(getattr(np.lib, "array_utils", None), "byte_bounds", None) or np.byte_bounds
+        lo, hi = bounds(a)
+        return lo, hi - lo, a.strides
+
+    wide = torch.arange(2 * 3 * 8, dtype=torch.float32).reshape(2, 3, 8).to(torch.float16)
+    for x, dt in ((torch.zeros((2, 3, 4), dtype=torch.float16), np.float16),
+                  (wide[:, :, 3:7], np.float16),
+                  (wide.transpose(0, 1)[1:], np.float16),
+                  (torch.zeros((1, 5), dtype=torch.int32).expand(4, 5), np.int32),
+                  (torch.zeros((3, 6), dtype=torch.bfloat16)[:, ::2], "bfloat16")):
+        ptr, span, shape, dtype, strides = _arrays.torch_layout(x, torch)
+        lo, size, np_strides = numpy_bytes(x)
+        assert (ptr, span, shape, strides) == (lo, size, tuple(x.shape), np_strides)
+        assert dtype.name == np.dtype(dt).name if dt != "bfloat16" else dtype.name == "bfloat16"
+    z = torch.zeros(3, dtype=torch.complex64)
+    for x in (z.conj().imag, torch.zeros(3, requires_grad=True), torch.nn.Parameter(torch.zeros(3)),
+              torch.zeros((0, 4), dtype=torch.float16), torch.zeros(3, dtype=torch.float64),
+              torch.zeros(3, dtype=torch.int8)):
+        assert _arrays.torch_layout(x, torch) is None, x
+    host = np.zeros(3, np.int32)
+    no_device = lambda: pytest.fail("the device was asked without a CUDA tensor")  # noqa: E731
+    assert _arrays.torch_views((torch.zeros(3, dtype=torch.float16), None), no_device) is None
+    assert _arrays.torch_views((host, None, 1.5), no_device) == [host, None, 1.5]
