@@ -124,7 +124,7 @@ def main():
             extra += f"  e4m3 x2 lengths {t8x2:.1f} us (rate vs 16-bit at equal bytes {t16 / t8x2:.3f})"
         if t8_tuned is not None:
             extra += f"  tuned e4m3 {t8_tuned:.1f} us ({t8_tuned / t8:.3f}x)"
-        print(f"{case.name:48s} fp16 {t16:8.1f} us ({rows[-1]['fp16_tbps']:.2f} TB/s)  e4m3 {t8:8.1f} us "
+        print(f"{case.name:48s} {a.dtype[:4]} {t16:8.1f} us ({rows[-1]['fp16_tbps']:.2f} TB/s)  e4m3 {t8:8.1f} us "
               f"({rows[-1]['fp8_tbps']:.2f} TB/s)  ratio {t8 / t16:.3f}{extra}", flush=True)
         cp.get_default_memory_pool().free_all_blocks()
     g = math.exp(sum(math.log(r["ratio"]) for r in rows) / len(rows))
