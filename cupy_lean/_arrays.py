@@ -211,13 +211,14 @@ def _torch_dtypes(torch):
 
 def torch_layout(x, torch):
     """``(pointer, bytes spanned, shape, NumPy dtype, byte strides)`` of a
-    plain PyTorch tensor (exactly ``torch.Tensor``) whose memory holds its
-    values as they are: a dtype of :func:`_torch_dtypes`, at least one
-    element, no lazy negation, not requiring grad (DLPack refuses those, and
-    a write to one would bypass autograd). None for anything else (the
-    DLPack exchange then decides, with its own errors)."""
-    if type(x) is not torch.Tensor:
-        return None
+    plain PyTorch tensor (exactly ``torch.Tensor``, strided, not nested)
+    whose memory holds its values as they are: a dtype of
+    :func:`_torch_dtypes`, at least one element, no lazy negation, not
+    requiring grad (DLPack refuses those, and a write to one would bypass
+    autograd). None for anything else (the DLPack exchange then decides,
+    with its own errors)."""
+    if type(x) is not torch.Tensor or x.layout is not torch.strided or x.is_nested:
+        return None  # (sparse and nested tensors have no one pointer and strides)
     dt = _torch_dtypes(torch).get(x.dtype)
     if dt is None or x.requires_grad or x.is_neg():
         return None
@@ -234,8 +235,9 @@ def torch_layout(x, torch):
 def torch_views(xs, current_device):
     """``xs`` with each PyTorch CUDA tensor replaced by a CuPy view of its
     memory (no copy, no DLPack exchange), or None when any tensor among them
-    needs the exchange: one that :func:`torch_layout` does not read, one
-    not on CuPy's current device (``current_device()``, asked only once a
+    needs the exchange: a subclass of ``torch.Tensor``, one that
+    :func:`torch_layout` does not read, one not in CUDA memory of CuPy's
+    current device (``current_device()``, asked only once a
     CUDA tensor is seen), or PyTorch's current stream on that device being
     another stream than CuPy's (the exchange then orders PyTorch's stream
     before CuPy's). With one stream there is nothing to order, and nothing
@@ -248,12 +250,12 @@ def torch_views(xs, current_device):
     cupy = device = None
     res = []
     for x in xs:
-        if x is None or type(x) is not tensor:
+        if x is None or not isinstance(x, tensor):
             res.append(x)
             continue
-        d = x.get_device()  # (-1: a CPU tensor)
-        if d < 0:
+        if type(x) is not tensor or not x.is_cuda:  # (a subclass, e.g. a Parameter; a CPU or other device's tensor)
             return None
+        d = x.get_device()
         if device is None:
             device = current_device()
             if d != device:

@@ -1083,8 +1083,8 @@ def test_torch_layout_reads_a_tensors_memory_as_numpy_would():
     memory does not hold their values as they are, or that the exchange
     refuses, get None (the exchange then decides): a lazy negation,
     requires_grad, a subclass, no elements, a dtype the package does not
-    read. torch_views gives None for a CPU tensor and leaves other
-    arguments as they are."""
+    read, sparse and nested tensors. torch_views gives None for a CPU
+    tensor and a subclass, and leaves other arguments as they are."""
     torch = pytest.importorskip("torch")
     from cupy_lean import _arrays
 
@@ -1107,9 +1107,12 @@ def test_torch_layout_reads_a_tensors_memory_as_numpy_would():
     z = torch.zeros(3, dtype=torch.complex64)
     for x in (z.conj().imag, torch.zeros(3, requires_grad=True), torch.nn.Parameter(torch.zeros(3)),
               torch.zeros((0, 4), dtype=torch.float16), torch.zeros(3, dtype=torch.float64),
-              torch.zeros(3, dtype=torch.int8)):
+              torch.zeros(3, dtype=torch.int8), torch.zeros((2, 3), dtype=torch.float16).to_sparse(),
+              torch.nested.nested_tensor([torch.zeros(2), torch.zeros(3)])):
         assert _arrays.torch_layout(x, torch) is None, x
     host = np.zeros(3, np.int32)
     no_device = lambda: pytest.fail("the device was asked without a CUDA tensor")  # noqa: E731
     assert _arrays.torch_views((torch.zeros(3, dtype=torch.float16), None), no_device) is None
     assert _arrays.torch_views((host, None, 1.5), no_device) == [host, None, 1.5]
+    param = torch.nn.Parameter(torch.zeros(3), requires_grad=False)  # a subclass: the exchange
+    assert _arrays.torch_views((host, param), no_device) is None

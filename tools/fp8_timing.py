@@ -15,11 +15,13 @@ drawn shapes of these indices (the same shapes as in the full run).
 ``--tuning KEY=VALUE`` (repeatable; the value read as a Python literal):
 the e4m3 call timed again with ``cupy_lean.kernels.TUNING`` changed so, in
 the same process (an A/B of a switch; the next call after a change plans
-anew). ``--matched-bytes``: the e4m3 call also on the same shape with every
-length doubled, which reads the 16-bit call's bytes: the 16-bit time over
-that time is the fp8 call's bytes per second over the 16-bit call's at
-equal bytes (1.0: the same rate; a per-call fixed cost that both pay keeps
-the same-shape ratio above 0.5 on small calls but not this one).
+anew). ``--matched-bytes``: both calls also on the same shape with every
+length doubled. (1) The 16-bit time over the doubled e4m3 time (which reads
+the 16-bit call's bytes): the fp8 rate at equal bytes, a lower bound (twice
+the tokens: twice the scores and exponentials per byte). (2) The marginal
+time per token: (doubled e4m3 - e4m3) / (doubled 16-bit - 16-bit), the
+time each added token costs, without the per-call fixed cost (launch,
+prologue, merge) that both pay once; 0.5 is half the time per token.
 """
 
 import argparse
@@ -61,20 +63,21 @@ def main():
         return cp.ascontiguousarray(x.view(cp.uint8)[..., 1::2])
 
     def time_doubled(case):
-        """The e4m3 call on ``case`` with every length doubled (us)."""
+        """The 16-bit and the e4m3 call on ``case`` with every length doubled (us)."""
         c2 = dataclasses.replace(case, name=case.name + "_x2", lens=tuple(2 * n for n in case.lens))
         n2 = C.plan_copies(c2, 256e6, 30e9)
         inp2 = C.build_inputs(c2, a.dtype, n2)
         kw2 = inp2.index_kwargs()
+        o2 = [cp.empty_like(x) for x in inp2.q]
+        t16 = graph_time(lambda i: cupy_lean.attention(inp2.q[i], inp2.k[i], inp2.v[i], out=o2[i], **kw2), n2)
         k2 = [e4m3_of(x) for x in inp2.k]
         v2 = [e4m3_of(x) for x in inp2.v]
         del inp2.k[:], inp2.v[:]
-        o2 = [cp.empty_like(x) for x in inp2.q]
         ks2 = cp.full(case.heads_kv, 0.5, dtype=cp.float32)
         t = graph_time(lambda i: cupy_lean.attention(inp2.q[i], k2[i], v2[i], out=o2[i], kv_dtype="e4m3",
                                                      k_scale=ks2, v_scale=ks2, **kw2), n2)
         inp2.free()
-        return t
+        return t16, t
 
     rows = []
     for idx, case in enumerate(F.draw(a.family, a.seed)):
@@ -114,14 +117,17 @@ def main():
         inp.free()
         k8 = v8 = outs = None  # free before the next inputs
         cp.get_default_memory_pool().free_all_blocks()
-        t8x2 = time_doubled(case) if a.matched_bytes else None
+        t16x2, t8x2 = time_doubled(case) if a.matched_bytes else (None, None)
+        marginal = None if t8x2 is None or t16x2 <= t16 else (t8x2 - t8) / (t16x2 - t16)
         rows.append({"case": case.name, "kv_bytes_fp16": case.kv_bytes(), "fp16_us": t16, "fp8_us": t8,
                      "ratio": t8 / t16, "fp8_tbps": b8 / t8 / 1e6, "fp16_tbps": case.kv_bytes() / t16 / 1e6,
                      "fp8_us_by_stages": by_stages, "tuning": tuned or None, "fp8_us_tuned": t8_tuned,
-                     "fp8_doubled_us": t8x2, "rate_at_equal_bytes": None if t8x2 is None else t16 / t8x2})
+                     "fp16_doubled_us": t16x2, "fp8_doubled_us": t8x2,
+                     "rate_at_equal_bytes": None if t8x2 is None else t16 / t8x2, "marginal_ratio": marginal})
         extra = "".join(f"  s{k} {v:.1f}" for k, v in by_stages.items() if v is not None)
         if t8x2 is not None:
-            extra += f"  e4m3 x2 lengths {t8x2:.1f} us (rate vs 16-bit at equal bytes {t16 / t8x2:.3f})"
+            extra += (f"  x2 lengths: 16-bit {t16x2:.1f} us, e4m3 {t8x2:.1f} us (rate at equal bytes "
+                      f"{t16 / t8x2:.3f}, marginal ratio {'-' if marginal is None else f'{marginal:.3f}'})")
         if t8_tuned is not None:
             extra += f"  tuned e4m3 {t8_tuned:.1f} us ({t8_tuned / t8:.3f}x)"
         print(f"{case.name:48s} {a.dtype[:4]} {t16:8.1f} us ({rows[-1]['fp16_tbps']:.2f} TB/s)  e4m3 {t8:8.1f} us "
@@ -135,6 +141,17 @@ def main():
         print(f"fp8 seed {a.seed} {a.dtype}: e4m3 bytes per second over 16-bit at equal bytes (lengths doubled) "
               f"geomean {math.exp(sum(math.log(x) for x in eq) / len(eq)):.3f}, min {min(eq):.3f}, "
               f"max {max(eq):.3f}")
+        # the marginal ratio where the 16-bit increment is at least 5 us (smaller ones are mostly noise),
+        # and over all shapes as one ratio of summed increments
+        mr = [r["marginal_ratio"] for r in rows
+              if r["marginal_ratio"] is not None and r["fp16_doubled_us"] - r["fp16_us"] >= 5.0]
+        d8 = sum(r["fp8_doubled_us"] - r["fp8_us"] for r in rows)
+        d16 = sum(r["fp16_doubled_us"] - r["fp16_us"] for r in rows)
+        if mr:
+            print(f"fp8 seed {a.seed} {a.dtype}: marginal time per token e4m3 / 16-bit (lengths doubled): "
+                  f"geomean {math.exp(sum(math.log(max(x, 1e-3)) for x in mr) / len(mr)):.3f} over {len(mr)} shapes "
+                  f"whose 16-bit time grew by >= 5 us (min {min(mr):.3f}, max {max(mr):.3f}); "
+                  f"summed increments {d8:.1f} / {d16:.1f} us = {d8 / d16:.3f}")
     if tuned and rows:
         ab = [r["fp8_us_tuned"] / r["fp8_us"] for r in rows]
         print(f"tuned {tuned}: e4m3 time tuned / default geomean "
