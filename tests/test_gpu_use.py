@@ -3326,3 +3326,27 @@ def test_gpu_torch_tensors_on_cupys_stream_are_viewed_without_an_exchange(monkey
     torch.empty(1000, dtype=torch.float32, device="cuda").fill_(-1.0)  # would reuse freed memory
     torch.cuda.synchronize()
     assert cp.asnumpy(view).tolist() == list(range(1000))
+
+
+def test_gpu_plan_run_views_torch_tensors_on_cupys_stream(monkeypatch):
+    """Plan.run with PyTorch tensors on CuPy's stream views them from their
+    pointers (CuPy's DLPack import raises here) and writes a NaN-filled
+    torch out as attention() would."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(46)
+    lens = [300, 77, 0]
+    q, k, v, L, _ = make_inputs(rng, len(lens), 8, 2, 128, np.float16, lens, "dense")
+    tq, tk, tv, tl = (torch.from_numpy(x).cuda() for x in (q, k, v, L))
+    tout = torch.full(tuple(q.shape), float("nan"), dtype=torch.float16, device="cuda")
+    p = cupy_lean.plan(*(cp.from_dlpack(x) for x in (tq, tk, tv)), kv_lens=cp.from_dlpack(tl),
+                       out=cp.from_dlpack(tout), scale=0.2)
+
+    def no_import(*a, **kw):
+        raise AssertionError("CuPy's DLPack import was called")
+
+    monkeypatch.setattr(cp, "from_dlpack", no_import)
+    p.run(tq, tk, tv, kv_lens=tl, out=tout)
+    torch.cuda.synchronize()
+    ro, _ = reference.attention(q, k, v, kv_lens=L, scale=0.2)
+    got = tout.float().cpu().numpy()
+    assert np.isfinite(got).all() and np.abs(got - ro).max() < 4e-3 * max(1.0, np.abs(ro).max())
