@@ -195,18 +195,18 @@ def to_gpu(x, name, capture=None, output=False):
     return _fix_void(cupy.asarray(x), x, name)
 
 
-_TORCH_DTYPES = None  # torch dtype -> NumPy dtype of the tensors torch_views reads
+_TORCH_DTYPES = (None, None)  # (the torch module, its dtype -> NumPy dtype of the tensors torch_views reads)
 
 
 def _torch_dtypes(torch):
     global _TORCH_DTYPES
-    if _TORCH_DTYPES is None:
+    if _TORCH_DTYPES[0] is not torch:
         m = {torch.float16: np.dtype(np.float16), torch.float32: np.dtype(np.float32),
              torch.int32: np.dtype(np.int32), torch.int64: np.dtype(np.int64), torch.uint8: np.dtype(np.uint8)}
         if BFLOAT16 is not None:
             m[torch.bfloat16] = BFLOAT16
-        _TORCH_DTYPES = m
-    return _TORCH_DTYPES
+        _TORCH_DTYPES = (torch, m)
+    return _TORCH_DTYPES[1]
 
 
 def torch_layout(x, torch):

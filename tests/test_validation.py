@@ -9,6 +9,8 @@ fixed.
 """
 
 import dataclasses
+import sys
+import warnings
 
 import ml_dtypes
 import numpy as np
@@ -1105,10 +1107,13 @@ def test_torch_layout_reads_a_tensors_memory_as_numpy_would():
         assert (ptr, span, shape, strides) == (lo, size, tuple(x.shape), np_strides)
         assert dtype.name == np.dtype(dt).name if dt != "bfloat16" else dtype.name == "bfloat16"
     z = torch.zeros(3, dtype=torch.complex64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (nested tensors: "in prototype stage")
+        nested = torch.nested.nested_tensor([torch.zeros(2), torch.zeros(3)])
     for x in (z.conj().imag, torch.zeros(3, requires_grad=True), torch.nn.Parameter(torch.zeros(3)),
               torch.zeros((0, 4), dtype=torch.float16), torch.zeros(3, dtype=torch.float64),
               torch.zeros(3, dtype=torch.int8), torch.zeros((2, 3), dtype=torch.float16).to_sparse(),
-              torch.nested.nested_tensor([torch.zeros(2), torch.zeros(3)])):
+              nested):
         assert _arrays.torch_layout(x, torch) is None, x
     host = np.zeros(3, np.int32)
     no_device = lambda: pytest.fail("the device was asked without a CUDA tensor")  # noqa: E731
@@ -1116,3 +1121,79 @@ def test_torch_layout_reads_a_tensors_memory_as_numpy_would():
     assert _arrays.torch_views((host, None, 1.5), no_device) == [host, None, 1.5]
     param = torch.nn.Parameter(torch.zeros(3), requires_grad=False)  # a subclass: the exchange
     assert _arrays.torch_views((host, param), no_device) is None
+
+
+def test_torch_layout_and_views_with_a_stand_in_for_torch(monkeypatch):
+    """The same reading with a stand-in for torch (CI has no PyTorch): byte
+    strides and the span from element strides (a slice, a broadcast), the
+    dtype map, and each tensor the view leaves to the DLPack exchange (None):
+    not strided, nested, requires_grad, negated, no elements, pointer 0, an
+    unknown dtype, a subclass, a CPU tensor, another device, another stream.
+    With one stream and device, torch_views builds each view from the layout
+    (a stand-in CuPy records what it was given)."""
+    import types
+
+    from cupy_lean import _arrays
+
+    torch = types.ModuleType("torch")
+    for name in ("float16", "float32", "int32", "int64", "uint8", "bfloat16", "float64", "strided", "sparse_coo"):
+        setattr(torch, name, name)
+
+    class Tensor:
+        def __init__(self, shape, stride, dtype="float16", ptr=4096, device=0, **flags):
+            self.shape, self._stride, self.dtype, self._ptr, self._device = shape, stride, dtype, ptr, device
+            self.layout = flags.get("layout", "strided")
+            self.is_nested = flags.get("nested", False)
+            self.requires_grad = flags.get("grad", False)
+            self._neg = flags.get("neg", False)
+            self.is_cuda = device >= 0
+
+        def stride(self):
+            return self._stride
+
+        def data_ptr(self):
+            return self._ptr
+
+        def is_neg(self):
+            return self._neg
+
+        def get_device(self):
+            return self._device
+
+    Tensor.__module__ = "torch"
+    torch.Tensor = Tensor
+    stream = {"torch": 7}
+    torch.cuda = types.SimpleNamespace(current_stream=lambda d: types.SimpleNamespace(cuda_stream=stream["torch"]))
+    monkeypatch.setitem(sys.modules, "torch", torch)
+
+    got = _arrays.torch_layout(Tensor((4, 3, 8), (48, 16, 1)), torch)  # a slice [..., :8] of (4, 3, 16)
+    assert got == (4096, 2 * (1 + 3 * 48 + 2 * 16 + 7), (4, 3, 8), np.dtype(np.float16), (96, 32, 2))
+    got = _arrays.torch_layout(Tensor((5, 6), (0, 1), "int32"), torch)  # a broadcast row
+    assert got == (4096, 4 * 6, (5, 6), np.dtype(np.int32), (0, 4))
+    assert _arrays.torch_layout(Tensor((2,), (1,), "bfloat16"), torch)[3].name == "bfloat16"
+    for t in (Tensor((2,), (1,), layout="sparse_coo"), Tensor((2,), (1,), nested=True), Tensor((2,), (1,), grad=True),
+              Tensor((2,), (1,), neg=True), Tensor((0, 2), (2, 1)), Tensor((2,), (1,), ptr=0),
+              Tensor((2,), (1,), "float64")):
+        assert _arrays.torch_layout(t, torch) is None
+
+    class Sub(Tensor):
+        pass
+
+    made = []
+    fake_cupy = types.ModuleType("cupy")
+    fake_cupy.cuda = types.SimpleNamespace(
+        get_current_stream=lambda: types.SimpleNamespace(ptr=7),
+        UnownedMemory=lambda ptr, size, owner, device: ("mem", ptr, size, owner, device),
+        MemoryPointer=lambda mem, offset: ("ptr", mem, offset))
+    fake_cupy.ndarray = lambda shape, dtype, memptr, strides: made.append((shape, dtype, memptr, strides)) or "view"
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy)
+    a, b = Tensor((4, 3, 8), (48, 16, 1)), Tensor((3,), (1,), "int32")
+    host = np.zeros(2)
+    assert _arrays.torch_views((a, None, host, b), lambda: 0) == ["view", None, host, "view"]
+    assert made[0] == ((4, 3, 8), np.dtype(np.float16), ("ptr", ("mem", 4096, 2 * 184, a, 0), 0), (96, 32, 2))
+    assert made[1][2][1][3] is b  # each view's memory holds its tensor
+    for xs in ((a, Sub((2,), (1,))), (a, Tensor((2,), (1,), device=-1)), (a, Tensor((2,), (1,), device=1)),
+               (Tensor((2,), (1,), grad=True),)):
+        assert _arrays.torch_views(xs, lambda: 0) is None
+    stream["torch"] = 8  # PyTorch's current stream is not CuPy's
+    assert _arrays.torch_views((a,), lambda: 0) is None
