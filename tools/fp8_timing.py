@@ -22,6 +22,11 @@ the tokens: twice the scores and exponentials per byte). (2) The marginal
 time per token: (doubled e4m3 - e4m3) / (doubled 16-bit - 16-bit), the
 time each added token costs, without the per-call fixed cost (launch,
 prologue, merge) that both pay once; 0.5 is half the time per token.
+``--flashinfer``: FlashInfer's paged decode (the peer; PyTorch and
+FlashInfer must import) on the same pages, with 16-bit K/V and with the same
+e4m3 bytes (``kv_data_type=torch.float8_e4m3fn``), its CUDA-core wrapper or,
+where that refuses the shape, its tensor-core one: how a peer's fp8 call
+compares with its 16-bit one on the same shapes (a refusal is recorded).
 """
 
 import argparse
@@ -30,6 +35,8 @@ import json
 import math
 import os
 import sys
+
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -45,6 +52,8 @@ def main():
                     help="time the e4m3 call again with kernels.TUNING[KEY] = VALUE (a Python literal)")
     ap.add_argument("--matched-bytes", action="store_true",
                     help="also time e4m3 with every length doubled (the 16-bit call's bytes)")
+    ap.add_argument("--flashinfer", action="store_true",
+                    help="also time FlashInfer's paged decode with 16-bit and with e4m3 K/V")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     from bench.run import parse_tuning
@@ -78,6 +87,47 @@ def main():
                                                      k_scale=ks2, v_scale=ks2, **kw2), n2)
         inp2.free()
         return t16, t
+
+    def time_flashinfer(case, inp, est_us):
+        """FlashInfer's paged decode on ``inp``'s pages: ``{variant, fi16_us, fi8_us}`` or ``{error}``
+        (``est_us``: about how long a call takes, for the calls per graph)."""
+        from bench import peers as P
+        from bench import timing as T
+
+        try:
+            flashinfer, torch = P.import_flashinfer(), P.import_torch()
+        except Exception as exc:
+            return {"error": str(exc)[:200]}
+        tdt = P.torch_dtype(torch, a.dtype)
+        idx = [torch.from_numpy(np.ascontiguousarray(x, dtype=np.int32))
+               for x in (inp.fi_indptr, inp.fi_indices, inp.fi_last_page_len)]
+        qs = [P.to_torch(x, a.dtype) for x in inp.q]
+        outs = [torch.empty_like(x) for x in qs]
+        p16 = [(P.to_torch(kp, a.dtype), P.to_torch(vp, a.dtype)) for kp, vp in inp.fi_pages]
+        p8 = [tuple(torch.from_dlpack(e4m3_of(x)).view(torch.float8_e4m3fn) for x in kv) for kv in inp.fi_pages]
+        n = len(qs)
+        res, errors = {}, []
+        for tc in (False, True):  # the CUDA-core wrapper refuses some groups: then the tensor-core one
+            try:
+                for name, kv_dt, pages, scales in (("fi16_us", tdt, p16, {}),
+                                                   ("fi8_us", torch.float8_e4m3fn, p8, {"k_scale": 0.5, "v_scale": 0.5})):
+                    w = flashinfer.BatchDecodeWithPagedKVCacheWrapper(P._fi_workspace(), "NHD", use_tensor_cores=tc)
+                    w.plan(*idx, case.heads_q, case.heads_kv, case.head_dim, case.page_size, pos_encoding_mode="NONE",
+                           q_data_type=tdt, kv_data_type=kv_dt)
+                    call = (lambda i, w=w, pages=pages, scales=scales: w.run(qs[i], pages[i], out=outs[i], **scales))
+                    res[name] = T.graph_time_torch(call, n, T.calls_per_graph(n, est_us))["median_us"]
+                res["variant"] = "flashinfer-tc" if tc else "flashinfer"
+                break
+            except Exception as exc:
+                errors.append(f"{'tc' if tc else 'cuda-core'}: {type(exc).__name__}: {str(exc)[:160]}")
+                res = {}
+        if not res:
+            res = {"error": "; ".join(errors)}
+        elif errors:
+            res["refused"] = errors[0]
+        qs = outs = p16 = p8 = None
+        P.torch_release()
+        return res
 
     rows = []
     for idx, case in enumerate(F.draw(a.family, a.seed)):
@@ -113,6 +163,7 @@ def main():
                 continue
             by_stages[st] = graph_time(lambda i: p.run(inp.q[i], k8[i], v8[i], out=outs[i], k_scale=ks, v_scale=ks,
                                                        **kw), n_copies)
+        fi = time_flashinfer(case, inp, t16) if a.flashinfer else None
         b8 = case.kv_bytes() / 2
         inp.free()
         k8 = v8 = outs = None  # free before the next inputs
@@ -123,8 +174,12 @@ def main():
                      "ratio": t8 / t16, "fp8_tbps": b8 / t8 / 1e6, "fp16_tbps": case.kv_bytes() / t16 / 1e6,
                      "fp8_us_by_stages": by_stages, "tuning": tuned or None, "fp8_us_tuned": t8_tuned,
                      "fp16_doubled_us": t16x2, "fp8_doubled_us": t8x2,
-                     "rate_at_equal_bytes": None if t8x2 is None else t16 / t8x2, "marginal_ratio": marginal})
+                     "rate_at_equal_bytes": None if t8x2 is None else t16 / t8x2, "marginal_ratio": marginal,
+                     "flashinfer": fi})
         extra = "".join(f"  s{k} {v:.1f}" for k, v in by_stages.items() if v is not None)
+        if fi is not None:
+            extra += (f"  {fi['variant']}: 16-bit {fi['fi16_us']:.1f} us, e4m3 {fi['fi8_us']:.1f} us "
+                      f"(ratio {fi['fi8_us'] / fi['fi16_us']:.3f})" if "fi8_us" in fi else f"  FlashInfer: {fi['error']}")
         if t8x2 is not None:
             extra += (f"  x2 lengths: 16-bit {t16x2:.1f} us, e4m3 {t8x2:.1f} us (rate at equal bytes "
                       f"{t16 / t8x2:.3f}, marginal ratio {'-' if marginal is None else f'{marginal:.3f}'})")
@@ -152,6 +207,12 @@ def main():
                   f"geomean {math.exp(sum(math.log(max(x, 1e-3)) for x in mr) / len(mr)):.3f} over {len(mr)} shapes "
                   f"whose 16-bit time grew by >= 5 us (min {min(mr):.3f}, max {max(mr):.3f}); "
                   f"summed increments {d8:.1f} / {d16:.1f} us = {d8 / d16:.3f}")
+    fr = [(r["flashinfer"]["fi8_us"] / r["flashinfer"]["fi16_us"], r["ratio"]) for r in rows
+          if r.get("flashinfer") and "fi8_us" in r["flashinfer"]]
+    if fr:
+        print(f"fp8 seed {a.seed} {a.dtype}: FlashInfer e4m3 / 16-bit time geomean "
+              f"{math.exp(sum(math.log(x) for x, _ in fr) / len(fr)):.3f} on {len(fr)} shapes (lean on the same: "
+              f"{math.exp(sum(math.log(y) for _, y in fr) / len(fr)):.3f})")
     if tuned and rows:
         ab = [r["fp8_us_tuned"] / r["fp8_us"] for r in rows]
         print(f"tuned {tuned}: e4m3 time tuned / default geomean "
