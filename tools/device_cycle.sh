@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One build-test-measure cycle on a lent GPU machine, results under $OUT.
-# Usage: bash tools/device_cycle.sh STEPS...   (steps: precompile smoke tests tests-par sanitize fp8 family-quick family tune trees split-gap saturation)
+# Usage: bash tools/device_cycle.sh STEPS...   (steps: precompile smoke tests tests-par sanitize fp8 fp8-marginal host-time family-quick family tune trees split-gap saturation)
 #   precompile   every spec (and tile override) into CuPy's disk cache, in parallel
 #   tune         python -m bench.tune measure on FAMILY_N shapes of seed SEED -> $OUT/tune_SEED.json
 #   tests        the GPU test suite                    -> $OUT/gpu_tests.txt
@@ -10,6 +10,11 @@
 #                before the suite -> $OUT/smoke.txt
 #   fp8          tools/fp8_timing.py on FAMILY_N shapes of seed SEED, q in each of DTYPES, this tree and
 #                each tree in TREES -> $OUT/fp8_TREE_DTYPE_SEED.json
+#   fp8-marginal tools/fp8_timing.py --matched-bytes (the marginal time per token) on FAMILY_N shapes of seed
+#                SEED, q in each of DTYPES, extra options in FP8_FLAGS (e.g. --flashinfer, --only 3,7)
+#                -> $OUT/fp8_marginal_DTYPE_SEED.{json,txt}
+#   host-time    python -m bench.host_time: this tree, then .base/ (if there) and this tree again
+#                -> $OUT/host_TAG.txt, $OUT/host_time_TAG_N.json
 #   family-quick lean only, this tree and .base/ (a copy of the package before
 #                the change, with this tree's bench/), FAMILY_N shapes, seed SEED
 #   family       the same with every peer on this tree (FlashInfer from .whl/ if carried)
@@ -106,6 +111,23 @@ for step in "$@"; do
              --out "$OUT/fp8_${tag}_${dt}_$SEED.json" > "$OUT/fp8_${tag}_${dt}_$SEED.txt" 2>&1)
           echo "$tag: $(tail -1 "$OUT/fp8_${tag}_${dt}_$SEED.txt")"
         done
+      done;;
+    fp8-marginal)
+      for dt in $(echo "$DT" | tr ',' ' '); do
+        name=$([ "$dt" = bf16 ] && echo bfloat16 || echo float16)
+        python3 tools/precompile.py --features 0,16 --dtypes "$(echo "$dt" | sed 's/fp16/f16/')" > /dev/null 2>&1 || true
+        python3 tools/fp8_timing.py --family "$N" --seed "$SEED" --dtype "$name" --matched-bytes ${FP8_FLAGS:-} \
+          --out "$OUT/fp8_marginal_${dt}_$SEED.json" > "$OUT/fp8_marginal_${dt}_$SEED.txt" 2>&1
+        grep "^fp8 seed" "$OUT/fp8_marginal_${dt}_$SEED.txt"
+      done;;
+    host-time)
+      order=new; [ -d .base ] && order="new base new"
+      n=0
+      for tag in $order; do
+        n=$((n + 1)); d=.; [ "$tag" = base ] && { this_tools .base; d=.base; }
+        (cd "$d" && PYTHONPATH=.:/tmp/site python3 -m bench.host_time --label "$tag" \
+           --out "$OUT/host_time_${tag}_$n.json") > "$OUT/host_${tag}_$n.txt" 2>&1
+        grep -E "out=|torch" "$OUT/host_${tag}_$n.txt"
       done;;
     family-quick|family)
       methods=lean; [ "$step" = family ] && methods=${METHODS:-lean,sdpa-cudnn,sdpa-flash,flashinfer,flashinfer-tc}
