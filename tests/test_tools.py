@@ -472,3 +472,25 @@ def test_spec_texts_of_the_sass_tools_are_checked():
             sass_loop._spec(text)
     with pytest.raises(SystemExit, match="f16:96:4:dense"):
         code_size.main(["--specs", "f16:64:4:dense,f16:96:4:dense"])
+
+
+def test_pair_heads_transform_gives_the_plain_result_on_the_reference_path(capsys):
+    """tools/pair_heads_probe.py's transform (two neighbouring KV heads read
+    as one 128-wide head, q padded by zeros in the other half, the wanted
+    half taken back) gives the plain call's output on the NumPy reference
+    path, with an fp8 cache, ragged lengths, one-token pages, sinks, a window
+    and a soft-cap; and the padding leaves exactly the other halves zero."""
+    import numpy as np
+    import pair_heads_probe as P
+
+    assert P.check_cpu() < 1e-6
+    q = np.arange(2 * 12 * 64, dtype=np.float32).reshape(2, 12, 64) + 1
+    qp = P.pair_q(q, 3)  # 4 KV heads of 3 query heads: pairs (0, 1) and (2, 3)
+    assert qp.shape == (2, 12, 128)
+    for i in range(12):
+        half = (i // 3) % 2
+        assert (qp[:, i, 64 * half:64 * half + 64] == q[:, i]).all()
+        assert (qp[:, i, 64 * (1 - half):64 * (1 - half) + 64] == 0).all()
+    assert (P.unpair_out(qp, 3) == q).all()
+    k = np.zeros((5, 1, 4, 64), np.uint8)
+    assert P.pair_kv(k).shape == (5, 1, 2, 128) and np.shares_memory(P.pair_kv(k), k)
