@@ -71,20 +71,31 @@ def main():
     def e4m3_of(x):  # the high byte of each 16-bit value (fp16: its e5m2), read as e4m3: the same bytes
         return cp.ascontiguousarray(x.view(cp.uint8)[..., 1::2])
 
+    def timed_inputs(case):
+        """``case``'s inputs and 16-bit time, then its K/V as e4m3 bytes (the 16-bit K/V dropped):
+        ``(inp, kw, outs, t16, k8, v8, ks, fp8_call, copies)``."""
+        n = C.plan_copies(case, 256e6, 30e9)
+        inp = C.build_inputs(case, a.dtype, n)
+        kw = inp.index_kwargs()
+        outs = [cp.empty_like(x) for x in inp.q]
+        t16 = graph_time(lambda i: cupy_lean.attention(inp.q[i], inp.k[i], inp.v[i], out=outs[i], **kw), n)
+        # the high bytes (fp16: the e5m2 of the same values), timed as e4m3 (the same bytes read)
+        k8 = [e4m3_of(x) for x in inp.k]
+        v8 = [e4m3_of(x) for x in inp.v]
+        del inp.k[:], inp.v[:]
+        ks = cp.full(case.heads_kv, 0.5, dtype=cp.float32)
+
+        def fp8_call(i):
+            return cupy_lean.attention(inp.q[i], k8[i], v8[i], out=outs[i], kv_dtype="e4m3", k_scale=ks,
+                                       v_scale=ks, **kw)
+
+        return inp, kw, outs, t16, k8, v8, ks, fp8_call, n
+
     def time_doubled(case):
         """The 16-bit and the e4m3 call on ``case`` with every length doubled (us)."""
         c2 = dataclasses.replace(case, name=case.name + "_x2", lens=tuple(2 * n for n in case.lens))
-        n2 = C.plan_copies(c2, 256e6, 30e9)
-        inp2 = C.build_inputs(c2, a.dtype, n2)
-        kw2 = inp2.index_kwargs()
-        o2 = [cp.empty_like(x) for x in inp2.q]
-        t16 = graph_time(lambda i: cupy_lean.attention(inp2.q[i], inp2.k[i], inp2.v[i], out=o2[i], **kw2), n2)
-        k2 = [e4m3_of(x) for x in inp2.k]
-        v2 = [e4m3_of(x) for x in inp2.v]
-        del inp2.k[:], inp2.v[:]
-        ks2 = cp.full(case.heads_kv, 0.5, dtype=cp.float32)
-        t = graph_time(lambda i: cupy_lean.attention(inp2.q[i], k2[i], v2[i], out=o2[i], kv_dtype="e4m3",
-                                                     k_scale=ks2, v_scale=ks2, **kw2), n2)
+        inp2, _, _, t16, _, _, _, call2, n2 = timed_inputs(c2)
+        t = graph_time(call2, n2)
         inp2.free()
         return t16, t
 
@@ -133,21 +144,7 @@ def main():
     for idx, case in enumerate(F.draw(a.family, a.seed)):
         if only and idx not in only:
             continue
-        n_copies = C.plan_copies(case, 256e6, 30e9)
-        inp = C.build_inputs(case, a.dtype, n_copies)
-        kw = inp.index_kwargs()
-        outs = [cp.empty_like(x) for x in inp.q]
-        t16 = graph_time(lambda i: cupy_lean.attention(inp.q[i], inp.k[i], inp.v[i], out=outs[i], **kw), n_copies)
-        # the high bytes (fp16: the e5m2 of the same values), timed as e4m3 (the same bytes read)
-        k8 = [e4m3_of(x) for x in inp.k]
-        v8 = [e4m3_of(x) for x in inp.v]
-        del inp.k[:], inp.v[:]
-        ks = cp.full(case.heads_kv, 0.5, dtype=cp.float32)
-
-        def fp8_call(i):
-            return cupy_lean.attention(inp.q[i], k8[i], v8[i], out=outs[i], kv_dtype="e4m3", k_scale=ks,
-                                       v_scale=ks, **kw)
-
+        inp, kw, outs, t16, k8, v8, ks, fp8_call, n_copies = timed_inputs(case)
         t8 = graph_time(fp8_call, n_copies)
         t8_tuned = None
         if tuned:
