@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One build-test-measure cycle on a lent GPU machine, results under $OUT.
-# Usage: bash tools/device_cycle.sh STEPS...   (steps: precompile smoke tests tests-par sanitize fp8 fp8-marginal host-time family-quick family tune trees split-gap saturation)
+# Usage: bash tools/device_cycle.sh STEPS...   (steps: precompile smoke tests tests-par sanitize fp8 fp8-marginal pair-heads host-time family-quick family tune trees split-gap saturation)
 #   precompile   every spec (and tile override) into CuPy's disk cache, in parallel
 #   tune         python -m bench.tune measure on FAMILY_N shapes of seed SEED -> $OUT/tune_SEED.json
 #   tests        the GPU test suite                    -> $OUT/gpu_tests.txt
@@ -13,6 +13,9 @@
 #   fp8-marginal tools/fp8_timing.py --matched-bytes (the marginal time per token) on FAMILY_N shapes of seed
 #                SEED, q in each of DTYPES, extra options in FP8_FLAGS (e.g. --flashinfer, --only 3,7)
 #                -> $OUT/fp8_marginal_DTYPE_SEED.{json,txt}
+#   pair-heads   tools/pair_heads_probe.py on FAMILY_N shapes of seed SEED (head_dim 64, even KV head counts),
+#                q in each of DTYPES, extra options in PAIR_FLAGS (e.g. --only 11,14,17)
+#                -> $OUT/pair_heads_DTYPE_SEED.{json,txt}
 #   host-time    python -m bench.host_time: this tree, then .base/ (if there) and this tree again
 #                -> $OUT/host_TAG.txt, $OUT/host_time_TAG_N.json
 #   family-quick lean only, this tree and .base/ (a copy of the package before
@@ -119,6 +122,13 @@ for step in "$@"; do
         python3 tools/fp8_timing.py --family "$N" --seed "$SEED" --dtype "$name" --matched-bytes ${FP8_FLAGS:-} \
           --out "$OUT/fp8_marginal_${dt}_$SEED.json" > "$OUT/fp8_marginal_${dt}_$SEED.txt" 2>&1
         grep "^fp8 seed" "$OUT/fp8_marginal_${dt}_$SEED.txt"
+      done;;
+    pair-heads)
+      for dt in $(echo "$DT" | tr ',' ' '); do
+        name=$([ "$dt" = bf16 ] && echo bfloat16 || echo float16)
+        python3 tools/pair_heads_probe.py --family "$N" --seed "$SEED" --dtype "$name" ${PAIR_FLAGS:-} \
+          --out "$OUT/pair_heads_${dt}_$SEED.json" > "$OUT/pair_heads_${dt}_$SEED.txt" 2>&1
+        tail -${PAIR_TAIL:-12} "$OUT/pair_heads_${dt}_$SEED.txt"
       done;;
     host-time)
       order=new; [ -d .base ] && order="new base new"
