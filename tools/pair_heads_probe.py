@@ -17,9 +17,10 @@ head differ within a pair and are not handled here (one float each).
     python tools/pair_heads_probe.py --family 18 --seed S [--dtype bfloat16] [--only 3,7] [--out F.json]
 
 Times, per drawn shape with head_dim 64 and an even heads_kv: the 16-bit
-call, the e4m3 call, and the paired e4m3 call (the attention call alone, and
-with the padding and unpairing copies), plus the largest difference between
-the paired and the plain e4m3 outputs. CPU: ``--check`` runs the transform
+call, the e4m3 call, and the paired e4m3 call (the attention call alone,
+with the padding and unpairing done by CuPy slice copies, and with one
+kernel each, ``PAIR_KERNELS``), plus the largest difference between the
+paired and the plain e4m3 outputs. CPU: ``--check`` runs the transform
 on small NumPy inputs through the reference path and compares (no GPU).
 """
 
@@ -32,6 +33,29 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+# the padding and unpairing as one kernel each (16-bit values as raw bits; contiguous (rows, 64) and (rows, 128))
+PAIR_KERNELS = r"""
+extern "C" __global__ void pair_pad(const unsigned short* __restrict__ q, unsigned short* __restrict__ out,
+                                    long long rows, int hq, int group) {
+  const long long n = rows * 128;
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+    const long long row = i / 128;
+    const int c = (int)(i % 128), half = ((int)(row % hq) / group) & 1;
+    out[i] = (c / 64 == half) ? q[row * 64 + (c % 64)] : (unsigned short)0;
+  }
+}
+extern "C" __global__ void pair_unpad(const unsigned short* __restrict__ o, unsigned short* __restrict__ out,
+                                      long long rows, int hq, int group) {
+  const long long n = rows * 64;
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
+    const long long row = i / 64;
+    const int c = (int)(i % 64), half = ((int)(row % hq) / group) & 1;
+    out[i] = o[row * 128 + half * 64 + c];
+  }
+}
+"""
 
 
 def pair_q(q, group, out=None):
@@ -128,6 +152,8 @@ def main():
     from cupy_lean.bench import graph_time
 
     only = {int(x) for x in a.only.split(",") if x.strip()}
+    mod = cp.RawModule(code=PAIR_KERNELS)
+    pad_k, unpad_k = mod.get_function("pair_pad"), mod.get_function("pair_unpad")
     rows = []
     for idx, case in enumerate(F.draw(a.family, a.seed)):
         if (only and idx not in only) or case.head_dim != 64 or case.heads_kv % 2:
@@ -158,17 +184,37 @@ def main():
         tw = graph_time(whole, n)
         whole(0)
         diff = float(cp.abs(outs[0].astype(cp.float32) - plain.astype(cp.float32)).max())
+        nrows = inp.q[0].size // 64
+        grid = (int(min(1024, -(-nrows * 128 // 256))),)
+        hq_g = (np.int64(nrows), np.int32(case.heads_q), np.int32(g))
+
+        def fused(i):  # one padding kernel, the call, one unpairing kernel
+            pad_k(grid, (256,), (inp.q[i].view(cp.uint16), qp[i].view(cp.uint16)) + hq_g)
+            cupy_lean.attention(qp[i], kp[i], vp[i], out=op[i], **f8)
+            unpad_k(grid, (256,), (op[i].view(cp.uint16), outs[i].view(cp.uint16)) + hq_g)
+
+        try:
+            tf = graph_time(fused, n)
+            outs[0].fill(0)
+            fused(0)
+            diff_f = float(cp.abs(outs[0].astype(cp.float32) - plain.astype(cp.float32)).max())
+        except Exception as exc:  # (an experiment: say why, keep the other columns)
+            tf = diff_f = None
+            print(f"    fused copies failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
         rows.append({"case": case.name, "fp16_us": t16, "fp8_us": t8, "paired_fp8_us": tp, "paired_with_copies_us": tw,
-                     "max_abs_diff": diff})
+                     "paired_fused_us": tf, "max_abs_diff": diff, "max_abs_diff_fused": diff_f})
+        fz = "" if tf is None else f"  fused {tf:8.1f} ({tf / t16:.3f}, diff {diff_f:.2g})"
         print(f"{case.name:48s} 16-bit {t16:8.1f} us  e4m3 {t8:8.1f} ({t8 / t16:.3f})  paired {tp:8.1f} "
-              f"({tp / t16:.3f})  with copies {tw:8.1f} ({tw / t16:.3f})  diff {diff:.2g}", flush=True)
+              f"({tp / t16:.3f})  with copies {tw:8.1f} ({tw / t16:.3f}){fz}  diff {diff:.2g}", flush=True)
         inp.free()
         k8 = v8 = kp = vp = qp = op = outs = None
         cp.get_default_memory_pool().free_all_blocks()
     if rows:
         gm = lambda key: math.exp(sum(math.log(r[key] / r["fp16_us"]) for r in rows) / len(rows))  # noqa: E731
+        fused = "" if any(r["paired_fused_us"] is None for r in rows) else f", fused {gm('paired_fused_us'):.3f}"
         print(f"pair_heads seed {a.seed} {a.dtype}: {len(rows)} shapes; time / 16-bit geomean: e4m3 "
-              f"{gm('fp8_us'):.3f}, paired {gm('paired_fp8_us'):.3f}, paired with copies {gm('paired_with_copies_us'):.3f}")
+              f"{gm('fp8_us'):.3f}, paired {gm('paired_fp8_us'):.3f}, paired with copies "
+              f"{gm('paired_with_copies_us'):.3f}{fused}")
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"seed": a.seed, "dtype": a.dtype, "rows": rows}, f, indent=1)
