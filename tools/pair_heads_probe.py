@@ -12,11 +12,13 @@ KV head's half: with ``q`` padded by zeros in the other half (``pair_q``),
 is a head_dim-128 call of ``heads_kv / 2`` KV heads whose output rows carry
 the wanted half (``unpair_out``) and, in the other half, values nobody
 asked for. The scale must be passed as the head_dim-64 one. Scales per KV
-head differ within a pair and are not handled here (one float each).
+head differ within a pair and are not handled here (one float each). An
+odd last KV head runs as a call of its own (``paired_attention``).
 
     python tools/pair_heads_probe.py --family 18 --seed S [--dtype bfloat16] [--only 3,7] [--out F.json]
 
-Times, per drawn shape with head_dim 64 and an even heads_kv: the 16-bit
+Times, per drawn shape with head_dim 64 and two or more KV heads (an odd
+last one takes a second, unpaired call of its own): the 16-bit
 call, the e4m3 call, and the paired e4m3 call (the attention call alone,
 with the padding and unpairing done by CuPy slice copies, and with one
 kernel each, ``PAIR_KERNELS``), plus the largest difference between the
@@ -92,10 +94,32 @@ def unpair_out(o, group, out=None):
 
 
 def pair_kv(x):
-    """A contiguous ``(..., heads_kv, 64)`` cache viewed as ``(...,
-    heads_kv / 2, 128)`` (no copy)."""
+    """The first ``2 * (heads_kv // 2)`` KV heads of a ``(..., heads_kv, 64)``
+    cache whose heads lie 64 elements apart (the usual layout), viewed as
+    ``(..., heads_kv // 2, 128)`` (no copy; an odd last head is left out)."""
+    xp = sys.modules["cupy"] if type(x).__module__.startswith("cupy") else np
     *lead, hkv, d = x.shape
-    return x.reshape(*lead, hkv // 2, 2 * d)
+    st, isz = x.strides, x.itemsize
+    if st[-1] != isz or st[-2] != d * isz:
+        raise ValueError(f"pair_kv: needs heads {d} elements apart, got strides {st}")
+    return xp.lib.stride_tricks.as_strided(x, shape=(*lead, hkv // 2, 2 * d), strides=(*st[:-2], 2 * d * isz, isz))
+
+
+def paired_attention(attention, q, k, v, group, out, **kw):
+    """``attention(q, k, v, out=out, **kw)`` computed through paired heads:
+    one call on the pairs (q padded), and for an odd KV head count one more
+    call on the last KV head and its query heads. ``out`` is written and
+    returned; per-query-head ``sinks`` are split between the calls."""
+    hkv = k.shape[-2]
+    n = 2 * (hkv // 2) * group  # query heads of the pairs
+    sinks = kw.pop("sinks", None)
+    sa = {} if sinks is None else {"sinks": sinks[:n]}
+    oa = attention(pair_q(q[..., :n, :], group), pair_kv(k), pair_kv(v), **kw, **sa)
+    unpair_out(oa, group, out=out[..., :n, :])
+    if hkv % 2:
+        sb = {} if sinks is None else {"sinks": sinks[n:]}
+        attention(q[..., n:, :], k[..., n // group:, :], v[..., n // group:, :], out=out[..., n:, :], **kw, **sb)
+    return out
 
 
 def check_cpu(seed=3):
@@ -107,7 +131,8 @@ def check_cpu(seed=3):
 
     rng = np.random.default_rng(seed)
     worst = 0.0
-    for b, hkv, group, paged in ((3, 4, 3, False), (2, 6, 1, True), (4, 2, 5, True)):
+    for b, hkv, group, paged in ((3, 4, 3, False), (2, 6, 1, True), (4, 2, 5, True), (2, 3, 2, True),
+                                 (3, 5, 1, False)):
         hq, d, n = hkv * group, 64, 70
         lens = rng.integers(0, n + 1, size=b).astype(np.int32)
         q = rng.standard_normal((b, hq, d)).astype(np.float16)
@@ -125,7 +150,9 @@ def check_cpu(seed=3):
             pages_v[perm] = v8.reshape(b * n, 1, hkv, d)
             k8, v8, kw["block_table"] = pages_k, pages_v, table
         want = cupy_lean.attention(q, k8, v8, **kw)
-        got = unpair_out(cupy_lean.attention(pair_q(q, group), pair_kv(k8), pair_kv(v8), **kw), group)
+        got = paired_attention(cupy_lean.attention, q, k8, v8, group, np.full_like(q, np.nan), **kw)
+        if not np.isfinite(got).all():  # (a row the paired calls left unwritten stays NaN)
+            return float("inf")
         worst = max(worst, float(np.abs(got.astype(np.float64) - want.astype(np.float64)).max()))
     print(f"pair_heads check (NumPy reference path): max |paired - plain| = {worst:.3g}")
     return worst
@@ -156,9 +183,10 @@ def main():
     pad_k, unpad_k = mod.get_function("pair_pad"), mod.get_function("pair_unpad")
     rows = []
     for idx, case in enumerate(F.draw(a.family, a.seed)):
-        if (only and idx not in only) or case.head_dim != 64 or case.heads_kv % 2:
+        if (only and idx not in only) or case.head_dim != 64 or case.heads_kv < 2:
             continue
-        g = case.group
+        g, odd = case.group, case.heads_kv % 2
+        nq = 2 * (case.heads_kv // 2) * g  # query heads of the pairs (an odd last KV head: a second call)
         n = C.plan_copies(case, 256e6, 30e9)
         inp = C.build_inputs(case, a.dtype, n)
         kw = inp.index_kwargs()
@@ -171,38 +199,49 @@ def main():
         f8 = dict(kv_dtype="e4m3", k_scale=0.5, v_scale=0.5, scale=1 / 8.0, **kw)
         t8 = graph_time(lambda i: cupy_lean.attention(inp.q[i], k8[i], v8[i], out=outs[i], **f8), n)
         plain = outs[0].copy()
-        qp = [pair_q(x, g) for x in inp.q]
+        qp = [pair_q(x[..., :nq, :], g) for x in inp.q]
         op = [cp.empty(x.shape, dtype=x.dtype) for x in qp]
         kp, vp = [pair_kv(x) for x in k8], [pair_kv(x) for x in v8]
-        tp = graph_time(lambda i: cupy_lean.attention(qp[i], kp[i], vp[i], out=op[i], **f8), n)
+        last = nq // g  # the odd last KV head
 
-        def whole(i):  # the copies a fused version would do, and the call
-            pair_q(inp.q[i], g, out=qp[i])
+        def calls(i):  # the paired call (q padded already), and the odd last head's own call
             cupy_lean.attention(qp[i], kp[i], vp[i], out=op[i], **f8)
-            unpair_out(op[i], g, out=outs[i])
+            if odd:
+                cupy_lean.attention(inp.q[i][..., nq:, :], k8[i][..., last:, :], v8[i][..., last:, :],
+                                    out=outs[i][..., nq:, :], **f8)
+
+        tp = graph_time(calls, n)
+
+        def whole(i):  # the copies a fused version would do, and the calls
+            pair_q(inp.q[i][..., :nq, :], g, out=qp[i])
+            calls(i)
+            unpair_out(op[i], g, out=outs[i][..., :nq, :])
 
         tw = graph_time(whole, n)
+        outs[0].fill(cp.nan)
         whole(0)
-        diff = float(cp.abs(outs[0].astype(cp.float32) - plain.astype(cp.float32)).max())
-        nrows = inp.q[0].size // 64
-        grid = (int(min(1024, -(-nrows * 128 // 256))),)
-        hq_g = (np.int64(nrows), np.int32(case.heads_q), np.int32(g))
+        diff = float(cp.abs(outs[0].astype(cp.float32) - plain.astype(cp.float32)).max())  # (NaN: a row unwritten)
+        tf = diff_f = None
+        if not odd:  # (the kernels take whole contiguous q / out)
+            nrows = inp.q[0].size // 64
+            grid = (int(min(1024, -(-nrows * 128 // 256))),)
+            hq_g = (np.int64(nrows), np.int32(case.heads_q), np.int32(g))
 
-        def fused(i):  # one padding kernel, the call, one unpairing kernel
-            pad_k(grid, (256,), (inp.q[i].view(cp.uint16), qp[i].view(cp.uint16)) + hq_g)
-            cupy_lean.attention(qp[i], kp[i], vp[i], out=op[i], **f8)
-            unpad_k(grid, (256,), (op[i].view(cp.uint16), outs[i].view(cp.uint16)) + hq_g)
+            def fused(i):  # one padding kernel, the call, one unpairing kernel
+                pad_k(grid, (256,), (inp.q[i].view(cp.uint16), qp[i].view(cp.uint16)) + hq_g)
+                cupy_lean.attention(qp[i], kp[i], vp[i], out=op[i], **f8)
+                unpad_k(grid, (256,), (op[i].view(cp.uint16), outs[i].view(cp.uint16)) + hq_g)
 
-        try:
-            tf = graph_time(fused, n)
-            outs[0].fill(0)
-            fused(0)
-            diff_f = float(cp.abs(outs[0].astype(cp.float32) - plain.astype(cp.float32)).max())
-        except Exception as exc:  # (an experiment: say why, keep the other columns)
-            tf = diff_f = None
-            print(f"    fused copies failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+            try:
+                tf = graph_time(fused, n)
+                outs[0].fill(cp.nan)
+                fused(0)
+                diff_f = float(cp.abs(outs[0].astype(cp.float32) - plain.astype(cp.float32)).max())
+            except Exception as exc:  # (an experiment: say why, keep the other columns)
+                tf = diff_f = None
+                print(f"    fused copies failed: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
         rows.append({"case": case.name, "fp16_us": t16, "fp8_us": t8, "paired_fp8_us": tp, "paired_with_copies_us": tw,
-                     "paired_fused_us": tf, "max_abs_diff": diff, "max_abs_diff_fused": diff_f})
+                     "paired_fused_us": tf, "max_abs_diff": diff, "max_abs_diff_fused": diff_f, "odd": bool(odd)})
         fz = "" if tf is None else f"  fused {tf:8.1f} ({tf / t16:.3f}, diff {diff_f:.2g})"
         print(f"{case.name:48s} 16-bit {t16:8.1f} us  e4m3 {t8:8.1f} ({t8 / t16:.3f})  paired {tp:8.1f} "
               f"({tp / t16:.3f})  with copies {tw:8.1f} ({tw / t16:.3f}){fz}  diff {diff:.2g}", flush=True)
@@ -212,6 +251,7 @@ def main():
     if rows:
         gm = lambda key: math.exp(sum(math.log(r[key] / r["fp16_us"]) for r in rows) / len(rows))  # noqa: E731
         fused = "" if any(r["paired_fused_us"] is None for r in rows) else f", fused {gm('paired_fused_us'):.3f}"
+        fused += f" ({sum(r['odd'] for r in rows)} of odd KV head counts: two calls)"
         print(f"pair_heads seed {a.seed} {a.dtype}: {len(rows)} shapes; time / 16-bit geomean: e4m3 "
               f"{gm('fp8_us'):.3f}, paired {gm('paired_fp8_us'):.3f}, paired with copies "
               f"{gm('paired_with_copies_us'):.3f}{fused}")
