@@ -233,9 +233,10 @@ def torch_layout(x, torch):
 
 
 def torch_views(xs, current_device):
-    """``xs`` with each PyTorch CUDA tensor replaced by a CuPy view of its
-    memory (no copy, no DLPack exchange), or None when any tensor among them
-    needs the exchange: a subclass of ``torch.Tensor``, one that
+    """``xs`` (q first) with each PyTorch CUDA tensor replaced by a CuPy view
+    of its memory (no copy, no DLPack exchange), or None when q is not a
+    PyTorch tensor or any tensor among them needs the exchange: a subclass
+    of ``torch.Tensor``, one that
     :func:`torch_layout` does not read, one not in CUDA memory of CuPy's
     current device (``current_device()``, asked only once a
     CUDA tensor is seen), or PyTorch's current stream on that device being
@@ -243,10 +244,10 @@ def torch_views(xs, current_device):
     before CuPy's). With one stream there is nothing to order, and nothing
     is recorded on it (the same inside a CUDA graph capture). A view keeps
     its tensor alive."""
-    tensor = getattr(sys.modules.get("torch"), "Tensor", None)
-    if tensor is None:
+    torch = sys.modules.get("torch")
+    tensor = getattr(torch, "Tensor", None)
+    if tensor is None or not isinstance(xs[0], tensor):
         return None
-    torch = sys.modules["torch"]
     cupy = device = None
     res = []
     for x in xs:
@@ -289,7 +290,8 @@ def _refuse_torch_bits(x, name):
         return
     try:
         neg = bool(x.is_neg())
-        gone = x.numel() > 0 and not getattr(x, "is_meta", False) and x.data_ptr() == 0  # (meta: no memory, said by the import)
+        # (a meta tensor has no memory either: its import says so)
+        gone = x.numel() > 0 and not getattr(x, "is_meta", False) and x.data_ptr() == 0
     except Exception:  # not a plain tensor: the import says what is wrong
         return
     if neg:

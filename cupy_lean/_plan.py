@@ -787,8 +787,7 @@ class Plan:
             names the field, what was planned and what was given), or the
             current device is not the plan's.
         """
-        from ._arrays import (_from_torch, foreign_capture_state, host_ints, refuse_immutable, to_cpu, to_gpu,
-                              torch_views, where)
+        from ._arrays import foreign_capture_state, host_ints, refuse_immutable, to_cpu, to_gpu, torch_views, where
 
         current = _cp.cuda.runtime.getDevice()
         refuse_immutable(out, "out")
@@ -801,11 +800,11 @@ class Plan:
             from ._arrays import torch_fp8_storage
 
             k, v, _ = torch_fp8_storage(k, v, self.kv8)
-        if _from_torch(q):  # PyTorch CUDA tensors on CuPy's device and stream: viewed from their pointers
-            views = torch_views((q, k, v, out, lse, kv_lens, block_table, sinks, q_lens, k_scale, v_scale),
-                                lambda: current)
-            if views is not None:
-                q, k, v, out, lse, kv_lens, block_table, sinks, q_lens, k_scale, v_scale = views
+        # PyTorch CUDA tensors on CuPy's device and stream: viewed from their pointers
+        views = torch_views((q, k, v, out, lse, kv_lens, block_table, sinks, q_lens, k_scale, v_scale),
+                            lambda: current)
+        if views is not None:
+            q, k, v, out, lse, kv_lens, block_table, sinks, q_lens, k_scale, v_scale = views
         cap = foreign_capture_state(q, k, v, out)  # one query of the capture state for the call's arrays
         q, k, v = to_gpu(q, "q", cap), to_gpu(k, "k", cap), to_gpu(v, "v", cap)
         if self.kv_layout == "HND" and k.ndim == v.ndim == 4:

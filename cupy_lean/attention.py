@@ -217,38 +217,34 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
         sig = _plan.signature(q, k, v, out, kv_lens, block_table, scale, schedule, num_ctas, tile_size)
         plain = (sinks is None and window_left is None and softcap is None and kv_dtype is None and k_scale is None
                  and v_scale is None and q_lens is None)
-        hot = fkey = None
-        if not plain or batch_invariant:
+        hot = None
+        if plain and not batch_invariant:
+            psig = sig
+        else:
             # ... and calls with optional features (sinks, a window, a soft-cap, an fp8 cache, q_lens)
-            # whose arguments, of simple types, were validated for this signature by an earlier call;
-            # a batch_invariant call remembers the whole signature it was validated into (its
-            # decomposition follows the batch and TUNING, hence TUNING's key in its key)
+            # or batch_invariant=True whose arguments, of simple types, were validated for this
+            # signature by an earlier call: the signature that call launched (its features; an invariant
+            # call's decomposition, which follows TUNING too, hence TUNING's key in its key)
             rk = () if plain else _raw_features(nd, sinks, window_left, softcap, kv_dtype, k_scale, v_scale, q_lens)
             hot = None if rk is None else ((sig, rk, _K.TUNING.key) if batch_invariant else (sig, rk))
-            fkey = _MISS if hot is None else _FEATURE_KEYS.get(hot, _MISS)
-        if fkey is not _MISS:  # (a feature call's None: arguments that validated into no features, q_lens alone)
-            psig = fkey if batch_invariant else sig if fkey is None else sig._replace(features=fkey)
+            psig = None if hot is None else _LAUNCHED.get(hot)
+        if psig is not None:
             p = _cache.get(_plan.plan_key(_device(), psig))
             if p is not None and (lse is None or p._lse_ok(lse)):
                 want = return_lse or lse is not None
-                if plain and not batch_invariant:
-                    res_out, res_lse = p._launch(q, k, v, kv_lens, block_table, out, lse, want)
-                else:
-                    if q_lens is not None:  # (per call: its values are the GPU's; its form is checked)
-                        q_lens = _plan.check_q_lens(q_lens, p.meta.batch, p.q_len, False)
-                    scales = None if kv_dtype is None else _plan.gpu_fp8_scales(k_scale, v_scale, p.meta.heads_kv)
-                    res_out, res_lse = p._launch(q, k, v, kv_lens, block_table, out, lse, want, sinks, q_lens,
-                                                 scales)
+                if q_lens is not None:  # (per call: its values are the GPU's; its form is checked)
+                    q_lens = _plan.check_q_lens(q_lens, p.meta.batch, p.q_len, False)
+                scales = None if kv_dtype is None else _plan.gpu_fp8_scales(k_scale, v_scale, p.meta.heads_kv)
+                res_out, res_lse = p._launch(q, k, v, kv_lens, block_table, out, lse, want, sinks, q_lens, scales)
                 return (res_out, res_lse) if want else res_out
         if hot is not None:
             res, used = _attention_checked(q, k, v, kv_lens, block_table, scale, return_lse, out, lse, schedule,
                                            num_ctas, tile_size, kv_layout, validate, sinks, window_left, softcap,
                                            batch_invariant, kv_dtype, k_scale, v_scale, q_lens)
-            if used is not None:  # the same call again: validated, so hot
-                if batch_invariant:
-                    _remember_features(hot, used)
-                elif used._replace(features=None) == sig:
-                    _remember_features(hot, used.features)
+            # the same call again: validated, so hot (a feature call launches its own signature with its
+            # features; an invariant one may launch another decomposition)
+            if used is not None and (batch_invariant or used._replace(features=None) == sig):
+                _remember_launch(hot, used)
             return res
     elif (nd is not None and type(q) is not nd and validate is False and type(return_lse) is bool
           and type(batch_invariant) is bool and hasattr(q, "__dlpack__") and not isinstance(q, np.ndarray)):
@@ -256,11 +252,10 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
         # validating path would; on the GPU the call then takes the hot path above when its plan exists
         k2, v2, kv_dtype2 = _torch_fp8_storage(k, v, kv_dtype)
         # PyTorch CUDA tensors on CuPy's device and stream: viewed from their pointers (no exchange)
-        views = None if not _arrays._from_torch(q) else _arrays.torch_views(
-            (q, k2, v2, kv_lens, block_table, out, lse, sinks, q_lens, k_scale, v_scale), _device)
+        views = _arrays.torch_views((q, k2, v2, kv_lens, block_table, out, lse, sinks, q_lens, k_scale, v_scale),
+                                    _device)
         if views is not None:
-            q2, k2, v2, lens2, table2, out2, lse2, sinks, q_lens, k_scale, v_scale = views
-            gpu = type(q2) is nd
+            gpu, (q2, k2, v2, lens2, table2, out2, lse2, sinks, q_lens, k_scale, v_scale) = True, views
         else:
             gpu, q2, k2, v2, lens2, table2, out2, lse2 = _normalise(q, k2, v2, kv_lens, block_table, out, lse)
         if gpu and type(q2) is nd:  # (a subclass of CuPy's array stays as it is: validated, no loop)
@@ -278,19 +273,18 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
                            kv_dtype, k_scale, v_scale, q_lens)
 
 
-# (signature without features, raw feature arguments) -> the features entry of the signature that an
-# earlier call with those arguments was validated into (attention()'s hot path for feature calls);
-# (the same, TUNING's key) -> the whole signature a batch_invariant=True call was validated into; the
-# plan itself stays in the package's plan cache (a miss there: the validating path again)
-_FEATURE_KEYS = {}
-_FEATURE_KEYS_MAX = 4096
-_MISS = object()
+# (signature without features, raw feature arguments[, TUNING's key for batch_invariant=True]) -> the
+# signature an earlier call with those arguments was validated into and launched (attention()'s hot path
+# for feature and invariant calls); the plan itself stays in the package's plan cache (a miss there: the
+# validating path again)
+_LAUNCHED = {}
+_LAUNCHED_MAX = 4096
 
 
-def _remember_features(hot, fkey):
-    if len(_FEATURE_KEYS) >= _FEATURE_KEYS_MAX:
-        _FEATURE_KEYS.clear()
-    _FEATURE_KEYS[hot] = fkey
+def _remember_launch(hot, sig):
+    if len(_LAUNCHED) >= _LAUNCHED_MAX:
+        _LAUNCHED.clear()
+    _LAUNCHED[hot] = sig
 
 
 def _array_key(nd, x):

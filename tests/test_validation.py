@@ -1086,7 +1086,7 @@ def test_torch_layout_reads_a_tensors_memory_as_numpy_would():
     refuses, get None (the exchange then decides): a lazy negation,
     requires_grad, a subclass, no elements, a dtype the package does not
     read, sparse and nested tensors. torch_views gives None for a CPU
-    tensor and a subclass, and leaves other arguments as they are."""
+    tensor, a subclass and a q that is not a tensor."""
     torch = pytest.importorskip("torch")
     from cupy_lean import _arrays
 
@@ -1118,9 +1118,9 @@ def test_torch_layout_reads_a_tensors_memory_as_numpy_would():
     host = np.zeros(3, np.int32)
     no_device = lambda: pytest.fail("the device was asked without a CUDA tensor")  # noqa: E731
     assert _arrays.torch_views((torch.zeros(3, dtype=torch.float16), None), no_device) is None
-    assert _arrays.torch_views((host, None, 1.5), no_device) == [host, None, 1.5]
+    assert _arrays.torch_views((host, None, 1.5), no_device) is None  # q not a tensor: nothing to view
     param = torch.nn.Parameter(torch.zeros(3), requires_grad=False)  # a subclass: the exchange
-    assert _arrays.torch_views((host, param), no_device) is None
+    assert _arrays.torch_views((param, host), no_device) is None
 
 
 def test_torch_layout_and_views_with_a_stand_in_for_torch(monkeypatch):
@@ -1195,5 +1195,6 @@ def test_torch_layout_and_views_with_a_stand_in_for_torch(monkeypatch):
     for xs in ((a, Sub((2,), (1,))), (a, Tensor((2,), (1,), device=-1)), (a, Tensor((2,), (1,), device=1)),
                (Tensor((2,), (1,), grad=True),)):
         assert _arrays.torch_views(xs, lambda: 0) is None
+    assert _arrays.torch_views((host, a), lambda: 0) is None  # q not a tensor: the caller's other path
     stream["torch"] = 8  # PyTorch's current stream is not CuPy's
     assert _arrays.torch_views((a,), lambda: 0) is None
