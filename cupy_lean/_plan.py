@@ -101,18 +101,31 @@ class Signature(NamedTuple):
     invariant: bool = False
 
 
+class UniformScales(tuple):
+    """``(k_scale, v_scale)`` from :func:`gpu_fp8_scales` where each is one
+    value for every KV head (a float, or a GPU array of shape () broadcast
+    to ``(heads_kv,)``): a plan in head pairs takes them (each of its units
+    reads the scale of its first head)."""
+
+    __slots__ = ()
+
+
 def gpu_fp8_scales(k_scale, v_scale, heads_kv):
     """``(k_scale, v_scale)`` of a GPU fp8 call, each a float (one scale for
     every KV head, passed by value: None is 1) or a float32 GPU array of shape
     ``(heads_kv,)`` (read at launch). Host numbers and arrays are checked
     (finite, > 0); a host array stays on the host (copied at launch, refused
     inside a CUDA graph capture); GPU arrays of shape () or (heads_kv,) are
-    used as they are."""
+    used as they are (shape (): broadcast into a new ``(heads_kv,)`` array).
+    A :class:`UniformScales` where neither is a per-head array."""
     from ._arrays import to_gpu, where as _where
     from .validation import fp8_scales
 
+    if (k_scale is None or (type(k_scale) is float and 0.0 < k_scale < math.inf)) and \
+            (v_scale is None or (type(v_scale) is float and 0.0 < v_scale < math.inf)):
+        return UniformScales((1.0 if k_scale is None else k_scale, 1.0 if v_scale is None else v_scale))
     _bind_cupy()  # (this may run before any plan of the process is made)
-    out = []
+    out, uniform = [], True
     for name, sc in (("k_scale", k_scale), ("v_scale", v_scale)):
         if sc is None:
             out.append(1.0)
@@ -124,6 +137,7 @@ def gpu_fp8_scales(k_scale, v_scale, heads_kv):
             if x.ndim > 1 or (x.ndim == 1 and x.shape != (heads_kv,)) or x.dtype.kind != "f":
                 raise (TypeError if x.dtype.kind != "f" else ValueError)(
                     f"{name}: expected floats of shape () or ({heads_kv},), got {x.dtype} {tuple(x.shape)}")
+            uniform = uniform and (x.ndim == 0 or heads_kv == 1)
             if not (x.dtype == np.float32 and x.shape == (heads_kv,) and x.flags.c_contiguous):
                 with _relaxed_capture_mode():  # a global-mode capture refuses cudaMalloc otherwise
                     y = _cp.empty((heads_kv,), dtype=_cp.float32)
@@ -133,7 +147,8 @@ def gpu_fp8_scales(k_scale, v_scale, heads_kv):
         else:  # a number: by value; an array: copied at launch
             arr = fp8_scales(sc, None, heads_kv)[0]
             out.append(float(arr[0]) if np.ndim(sc) == 0 else arr.astype(np.float32))
-    return tuple(out)
+            uniform = uniform and (np.ndim(sc) == 0 or heads_kv == 1)
+    return UniformScales(out) if uniform else tuple(out)
 
 
 def check_q_lens(q_lens, batch, q_len, check_values):
@@ -265,6 +280,31 @@ def _kv_strides(meta, itemsize, copy, page_size, name):
     return st, copy
 
 
+def _paired_kv_meta(meta):
+    """K's or V's (shape, byte strides) read in head pairs: ``(..., heads_kv
+    / 2, 128)`` with a head stride of 128 elements (the caller's heads lie 64
+    elements apart, kernels.pair_heads)."""
+    shape, strides = meta[0], meta[1]
+    return (tuple(shape[:-2]) + (int(shape[-2]) // 2, 2 * int(shape[-1])),
+            tuple(strides[:-2]) + (2 * int(strides[-2]), int(strides[-1])))
+
+
+def _pair_rows(shape, strides, itemsize):
+    """The row arguments of the ``lean_pair_heads`` kernel for a 64-wide q or
+    out of ``shape`` ((batch, heads_q, 64) or (batch, q_len, heads_q, 64))
+    and byte ``strides``: (rows, tokens, heads_q, element strides of
+    sequence, token, head and element); None where a stride is not a whole
+    number of elements."""
+    if any(int(s) % itemsize for s in strides):
+        return None
+    st = [int(s) // itemsize for s in strides]
+    if len(shape) == 3:
+        st.insert(1, 0)
+    tokens = int(shape[1]) if len(shape) == 4 else 1
+    rows = int(shape[0]) * tokens * int(shape[-2])
+    return (np.int64(rows), np.int32(tokens), np.int32(shape[-2])) + tuple(np.int64(x) for x in st)
+
+
 def _page_strides_fit(strides, itemsize, page_size):
     """Whether a paged cache's page stride and a page's rows (``page_size``
     token strides) are non-negative and below 2**31 bytes, as the kernel's
@@ -309,6 +349,16 @@ class Plan:
     lanes : int
         KV-head lanes run side by side (:func:`cupy_lean.kernels.head_lanes`:
         fp8 at head_dim 64 in NHD); 1: none.
+    paired : bool
+        The call runs in head pairs (:func:`cupy_lean.kernels.pair_heads`:
+        fp8 at head_dim 64, an even number of adjacent KV heads, pages of a
+        few tokens): ``spec``, ``grid``, ``units`` and the schedule are those
+        of a head_dim-128 call of ``heads_kv / 2`` KV heads whose query heads
+        are padded by zeros; ``signature``, ``meta`` and the arrays the plan
+        takes and returns stay the caller's. A launch given per-head
+        ``k_scale`` / ``v_scale`` arrays runs a plan without pairs, made at
+        its first such launch (its workspaces are its own, not counted in
+        ``cache_bytes``).
     uniform_variant : int
         0: the plan runs its schedule as asked; n >= 1: a lean plan of equal
         lengths runs split-K with n chunks per unit instead
@@ -359,7 +409,7 @@ class Plan:
         access.
     """
 
-    def __init__(self, sig: Signature, meta, *, workspace=None):
+    def __init__(self, sig: Signature, meta, *, workspace=None, pair=True):
         import cupy as cp
 
         self.signature = sig
@@ -387,13 +437,27 @@ class Plan:
                          or sig.min_tiles_per_cta is not None or bool(sig.merge_balance))
         variants_ok = (sig.schedule == "lean" and self.equal_lengths and K.TUNING["uniform_variants"]
                        and not stream_k_knob)
+        # head pairs (kernels.pair_heads): an fp8 cache at head_dim 64 of an even number of adjacent KV heads
+        # runs as a head_dim-128 call of heads_kv / 2 heads and groups of 2 x group query heads, each query head
+        # padded by zeros to the half of its KV head in the pair (launch: _pair_copy); K and V as they are, with
+        # a head stride of 128 elements. The caller's shapes stay the plan's (signature, meta, out_shape)
+        D0 = D
+        self.paired = bool(pair) and K.pair_heads(
+            f_kv8, D, Hkv, rows, sig.k[1], sig.v[1], m.page_size if m.paged else 0, sig.schedule,
+            stream_k_knob or sig.tile_size is not None or sig.stages is not None, sig.invariant)
+        sig_k, sig_v = sig.k, sig.v
+        if self.paired:
+            D, Hkv, g = 2 * D, Hkv // 2, 2 * g
+            rows = g * max(self.q_len, 1)
+            sig_k, sig_v = (_paired_kv_meta(x) for x in (sig.k, sig.v))
+        self._unpaired = None  # the plan without pairs, for launches with per-head fp8 scales (made when needed)
         smem_limit = K.device_smem_limit()
         # head lanes (kernels.FEATURES["head_lanes"]): an fp8 cache at head_dim 64 whose neighbouring KV
         # heads' rows are adjacent (64 bytes apart) runs as `lanes` copies of one schedule side by side, lane
         # l taking KV heads l, lanes + l, ...; each planned here as a call of heads_kv / lanes heads on
         # SMs / lanes SMs; the launch interleaves their CTAs
         all_sms = K.device_sm_count()
-        self.lanes = lanes = K.head_lanes(f_kv8, D, Hkv, sig.k[1], sig.v[1], sig.schedule, stream_k_knob,
+        self.lanes = lanes = K.head_lanes(f_kv8, D, Hkv, sig_k[1], sig_v[1], sig.schedule, stream_k_knob,
                                           sig.invariant, all_sms)
         if lanes > 1:
             bits |= K.FEATURES["head_lanes"]
@@ -519,15 +583,24 @@ class Plan:
         self.copy_q = not _aligned_layout(sig.q, sig.aligned[0], 16)
         self.copy_k = not _aligned_layout(sig.k, sig.aligned[1], 16)
         self.copy_v = not _aligned_layout(sig.v, sig.aligned[2], 16)
-        out_shape = (B, self.q_len, m.heads_q, D) if self.q_len else (B, m.heads_q, D)
+        out_shape = (B, self.q_len, m.heads_q, D0) if self.q_len else (B, m.heads_q, D0)
         self.out_shape, self.lse_shape = out_shape, out_shape[:-1]
         self.copy_out = sig.out is not None and not _aligned_layout(sig.out[:2], sig.aligned[3], 8)
-        qs = _elem_strides(_contig(sig.q[0], isz) if self.copy_q else sig.q[1], isz, 3 if self.q_len else 2)
+        q_shape, k_out_shape = sig.q[0], out_shape  # (of the q and out the kernel reads and writes)
+        if self.paired:  # q padded into a contiguous (..., heads_q, 128) temporary, out written into another
+            q_shape = k_out_shape = out_shape[:-1] + (D,)
+            self.copy_q = self.copy_out = True
+            self._pair_shape = k_out_shape
+            self._pair_fn = K.util_function("lean_pair_heads")
+            self._pair_q_args = _pair_rows(sig.q[0], sig.q[1], isz)
+            self._pair_out_args = _pair_rows(out_shape, sig.out[1] if sig.out is not None else _contig(out_shape, isz),
+                                             isz)
+        qs = _elem_strides(_contig(q_shape, isz) if self.copy_q else sig.q[1], isz, 3 if self.q_len else 2)
         ksz, vsz = sig.dtypes[1].itemsize, sig.dtypes[2].itemsize  # 1 for an fp8 cache (uint8 storage)
-        ks, self.copy_k = _kv_strides(sig.k, ksz, self.copy_k, m.page_size if m.paged else 0, "k")
-        vs, self.copy_v = _kv_strides(sig.v, vsz, self.copy_v, m.page_size if m.paged else 0, "v")
+        ks, self.copy_k = _kv_strides(sig_k, ksz, self.copy_k, m.page_size if m.paged else 0, "k")
+        vs, self.copy_v = _kv_strides(sig_v, vsz, self.copy_v, m.page_size if m.paged else 0, "v")
         os_ = _elem_strides(sig.out[1] if (sig.out is not None and not self.copy_out)
-                            else _contig(out_shape, isz), isz, 3 if self.q_len else 2)
+                            else _contig(k_out_shape, isz), isz, 3 if self.q_len else 2)
         if self.q_len:  # (per sequence, per query token, per head)
             (q_sb, q_st, q_sh), (o_sb, o_st, o_sh) = qs, os_
             qs, os_ = (q_sb, q_sh), (o_sb, o_sh)
@@ -664,8 +737,14 @@ class Plan:
             f"  device {self.device}: {self.num_sms} SMs, occupancy {self.kernels.occupancy} CTA/SM"
             + ("; programmatic dependent launch (each kernel waits for the one before it in the stream)"
                if self.pdl else ""),
-            f"  units {m.batch * m.heads_kv} (batch x heads_kv), up to {self.max_unit_tiles} tiles per unit",
+            f"  units {self.units} (batch x heads_kv" + (" / 2" if self.paired else "")
+            + f"), up to {self.max_unit_tiles} tiles per unit",
         ]
+        if self.paired:
+            lines.append(f"  head pairs: KV heads 2j and 2j + 1 read as one head of head_dim {2 * m.head_dim} (fp8 rows of "
+                         f"{m.head_dim} bytes side by side), a call of {m.heads_kv // 2} KV heads and "
+                         f"{2 * m.group} query heads each, q padded by zeros and each output row's half copied out "
+                         f"(kernels.pair_heads); per-head k_scale / v_scale arrays launch the plan without pairs")
         if self.lanes > 1:
             L = self.lanes
             lines.append(f"  head lanes: {L} lanes side by side (lane l: KV heads l, {L} + l, ...), CTAs "
@@ -1021,6 +1100,15 @@ class Plan:
     def _launch_on(self, stream, capture_id, q, k, v, lens, table, out, lse, want_lse, sinks, q_lens, scales):
         cp = _cp
         m = self.meta
+        if self.paired and type(scales) is not UniformScales:
+            # per-head scale arrays: a pair's two heads have two scales, which the unit's one scale
+            # cannot carry; the plan without pairs launches
+            if self._unpaired is None:
+                with self._lock:
+                    if self._unpaired is None:
+                        self._unpaired = Plan(self.signature, self.meta, pair=False)
+            return self._unpaired._launch_on(stream, capture_id, q, k, v, lens, table, out, lse, want_lse, sinks,
+                                             q_lens, scales)
         if out is None:
             out = cp.empty(self.out_shape, dtype=q.dtype)
         if want_lse and lse is None:
@@ -1055,7 +1143,9 @@ class Plan:
                 return out, lse
             if total is not None and self.decomposition == K.Decomposition.STREAM_K and not self.runtime_split:
                 grid = min(grid, total)  # (the runtime split's chunks per unit come from the full grid)
-            if self.copy_q:
+            if self.paired:
+                q = temps = self._pair_copy(q, cp.empty(self._pair_shape, dtype=q.dtype), self._pair_q_args, 1)
+            elif self.copy_q:
                 q = temps = cp.array(q, copy=True, order="C")  # a new (aligned) buffer even if q is contiguous
             if self.copy_k:
                 k = cp.array(k, copy=True, order="C")
@@ -1070,7 +1160,7 @@ class Plan:
             if table is not None:
                 table32 = table if self.table_direct else _index_array(table, 0, max(m.num_pages - 1, 0),
                                                                        "block_table")
-            out_k = cp.empty(out.shape, dtype=q.dtype) if self.copy_out else out
+            out_k = cp.empty(self._pair_shape if self.paired else out.shape, dtype=q.dtype) if self.copy_out else out
 
         sinks32 = None
         if self.has_sinks:
@@ -1130,9 +1220,32 @@ class Plan:
                 if capture_id is None and self._stream_thread == thread and self._stream is not None \
                         and self._stream.ptr == _PTDS:
                     self._note_eager_use(self._stream)
-        if out_k is not out:
+        if self.paired:
+            self._pair_copy(out_k, out, self._pair_out_args, 0)
+        elif out_k is not out:
             out[...] = out_k
         return out, lse
+
+    def _pair_copy(self, src, dst, rows_args, pad):
+        """Head pairs: q padded into the 128-wide ``dst`` (``pad`` 1) or the
+        wanted halves of the 128-wide ``src`` into ``dst`` (0), on the
+        current stream. ``rows_args``: the 64-wide array's rows and element
+        strides (:func:`_pair_rows`; None: strides in bytes that are not
+        whole elements, read or written through a contiguous copy)."""
+        wide = self._pair_shape
+        if rows_args is None:  # (a layout the kernel cannot index in elements)
+            shape = wide[:-1] + (wide[-1] // 2,)
+            flat = _pair_rows(shape, _contig(shape, src.itemsize), src.itemsize)
+            if pad:
+                return self._pair_copy(_cp.ascontiguousarray(src), dst, flat, 1)
+            tmp = _cp.empty(shape, dtype=dst.dtype)
+            self._pair_copy(src, tmp, flat, 0)
+            dst[...] = tmp
+            return dst
+        n = rows_args[0] * (128 if pad else 64)
+        grid = (max(1, min(-(-n // 256), 8 * self.num_sms)),)
+        self._pair_fn(grid, (256,), (src, dst) + rows_args + (np.int32(self.meta.group), np.int32(pad)))
+        return dst
 
 
 _cp = _driver = None

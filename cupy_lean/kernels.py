@@ -424,6 +424,8 @@ _TUNING_CHECKS = {
     "fp8_head_lanes_sm_fraction": _fraction(),
     "fp8_head_lanes_group": _int_from(1),
     "fp8_head_lanes_count": ((lambda v: v is None or (_is_int(v) and v >= 1)), "None or an integer >= 1"),
+    "fp8_pair_heads_max_page": _int_from(0),
+    "fp8_pair_heads_dense": (_is_bool, "True or False"),
     "pdl": (_is_bool, "True or False"),
 }
 
@@ -684,6 +686,13 @@ TUNING = _Tuning({
     # an experiment: this many lanes where it divides heads_kv (and head_lanes' other conditions hold),
     # else none; None: head_lanes' choice
     "fp8_head_lanes_count": None,
+    # fp8 caches at head_dim 64 of an even number of KV heads whose rows are adjacent (NHD): read two
+    # neighbouring KV heads as one head_dim-128 head (pair_heads), q padded by zeros and the output's wanted
+    # halves copied out by two small kernels, in paged caches of pages of at most this many tokens (0: never)
+    # ...
+    "fp8_pair_heads_max_page": 1,
+    # ... and in dense caches (or ragged ones, kv_lens over a dense cache)
+    "fp8_pair_heads_dense": False,
     # sm_90 and newer: launch the attention and combine kernels with programmatic dependent launch (each may
     # be scheduled during the previous kernel's tail in the stream; it waits for that kernel before it reads
     # or writes memory). False: plain launches
@@ -971,6 +980,45 @@ def head_lanes(kv8, head_dim, heads_kv, k_strides, v_strides, schedule="lean", s
     group, frac = int(TUNING["fp8_head_lanes_group"]), float(TUNING["fp8_head_lanes_sm_fraction"])
     counts = [L for L in range(2, min(heads_kv, sms) + 1) if heads_kv % L == 0 and L * (sms // L) >= frac * sms]
     return min((L for L in counts if L >= group), default=max(counts, default=1))
+
+
+def pair_heads(kv8, head_dim, heads_kv, rows, k_strides, v_strides, page_size, schedule="lean", knobs=False,
+               batch_invariant=False):
+    """Whether a call runs its KV heads in pairs (``TUNING["fp8_pair_heads_max_page"]``,
+    ``TUNING["fp8_pair_heads_dense"]``): two neighbouring KV heads read as
+    one head of head_dim 128, as a head_dim-128 call of ``heads_kv / 2``
+    KV heads and ``2 x group`` query heads per KV head.
+
+    ``kv8``: the fp8 format of the cache, or None (16-bit: never).
+    ``rows``: the query rows of a KV head (``group x q_len``).
+    ``k_strides`` / ``v_strides``: byte strides of K and V in the NHD view.
+    ``page_size``: the paged cache's, or 0 for a dense cache. ``knobs``: a
+    tile size, stages, num_ctas or another stream-K option was given (the
+    call is an experiment on its own shapes: never paired).
+
+    At head_dim 64 an fp8 row of a KV head is 64 bytes; where a cache's
+    tokens lie at scattered places (pages of one token) each such row is a
+    request for half of a 128-byte line, and the call streams well under
+    the 16-bit rate. In the NHD layout the next KV head's row follows, so
+    a pair of heads is one 128-byte row. The query heads of head ``2j`` get
+    their values in the first 64 columns of a 128-wide q and zeros in the
+    second; those of head ``2j + 1`` the other way round: ``q' . k'`` is
+    ``q . k`` exactly. Each output row's wanted half is copied out. Paired
+    when: fp8, head_dim 64, an even ``heads_kv``, both K and V with a head
+    stride of 64 bytes and unit element stride, ``2 x rows`` within
+    :data:`MAX_GROUP`, the lean schedule with no option fixing its
+    configuration, not ``batch_invariant``, and the page size within
+    ``TUNING["fp8_pair_heads_max_page"]`` (dense caches:
+    ``TUNING["fp8_pair_heads_dense"]``). A non-finite key value of one head
+    then also reaches its pair's scores (``0 x inf`` is NaN): such a cache
+    gives NaN rows either way for the head that holds it."""
+    if not (kv8 is not None and head_dim == 64 and heads_kv >= 2 and heads_kv % 2 == 0
+            and 2 * rows <= MAX_GROUP and schedule == "lean" and not knobs and not batch_invariant
+            and all(int(st[2]) == head_dim and int(st[3]) == 1 for st in (k_strides, v_strides))):
+        return False
+    if page_size:
+        return page_size <= int(TUNING["fp8_pair_heads_max_page"])
+    return bool(TUNING["fp8_pair_heads_dense"])
 
 
 def varied_length_tile(head_dim, group, features=0, occupancy=None, paged=False):

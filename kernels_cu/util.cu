@@ -1,6 +1,7 @@
 // cupy-lean: helper kernels that do not depend on an attention spec.
 //   merge_states_{f16,bf16,f32}: merge attention results over disjoint parts.
 //   lean_check_inputs: device-side validation of kv_lens and block_table.
+//   lean_pair_heads: q padding and output unpairing of calls run in head pairs.
 #include "common.cuh"
 
 template <int KIND>  // 0: f16, 1: bf16, 2: f32
@@ -81,5 +82,32 @@ extern "C" __global__ void lean_check_inputs(const int* __restrict__ kv_lens,
       const int p = block_table[b * bt_sb + j];
       if (p < 0 || p >= num_pages) atomicMin(bad, (unsigned long long)(b * stride + 1 + j));
     }
+  }
+}
+
+// Head pairs (kernels.pair_heads): the query and output rows of a call that
+// reads two neighbouring KV heads of head_dim 64 as one of 128. Rows are
+// (sequence, token, query head) with element strides sb, st, sh and sd (the
+// 64-wide side: any layout); the 128-wide side is contiguous. Query head h
+// takes half ((h / group) & 1) of a 128-wide row (its KV head's place in the
+// pair). pad != 0: the 128-wide q from src (64 wide), zeros in the other
+// half; pad == 0: the wanted half of src (128 wide) into dst (64 wide).
+// 16-bit values moved as bits.
+extern "C" __global__ void lean_pair_heads(const u16* __restrict__ src, u16* __restrict__ dst, i64 rows,
+                                           int tokens, int heads_q, i64 sb, i64 st, i64 sh, i64 sd, int group,
+                                           int pad) {
+  const int w = pad ? 128 : 64;
+  const i64 n = rows * w;
+  for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+    const i64 r = i / w;
+    const int c = (int)(i - r * w);
+    const i64 bt = r / heads_q;
+    const int h = (int)(r - bt * heads_q);
+    const i64 at = (bt / tokens) * sb + (bt % tokens) * st + (i64)h * sh;
+    const int half = (h / group) & 1;
+    if (pad)
+      dst[i] = (c >> 6) == half ? src[at + (i64)(c & 63) * sd] : (u16)0;
+    else
+      dst[at + (i64)c * sd] = src[r * 128 + half * 64 + c];
   }
 }

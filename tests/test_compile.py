@@ -166,6 +166,61 @@ def test_head_lanes_rule():
         assert lanes(27) == 27 and lanes(64) == 16 and lanes(8) == 8
 
 
+def test_head_pairs_rule():
+    """Which calls run in head pairs (kernels.pair_heads): fp8 at head_dim
+    64, an even number of KV heads whose rows are adjacent in K and V, room
+    for twice the query rows, lean with no option fixing its configuration,
+    not batch-invariant, pages within TUNING's limit (dense caches: its
+    switch)."""
+    nhd = lambda h, t=1: (t * h * 64, h * 64, 64, 1)  # (sequence or page, token, head, element) byte strides
+    hnd = lambda h, t=100: (h * t * 64, 64, t * 64, 1)
+    with K.tuning(fp8_pair_heads_max_page=16, fp8_pair_heads_dense=False):
+        pairs = lambda h, page=1, rows=4, **kw: K.pair_heads("e4m3", 64, h, rows, nhd(h, page), nhd(h, page), page,
+                                                             **kw)
+        assert pairs(2) and pairs(8) and pairs(8, page=16) and pairs(2, rows=64)
+        assert K.pair_heads("e5m2", 64, 4, 8, nhd(4), nhd(4), 1)
+        assert not pairs(8, page=32)  # pages over the limit
+        assert not pairs(8, page=0)  # dense: the switch is off
+        assert not pairs(3) and not pairs(1)  # an odd count
+        assert not pairs(2, rows=65)  # 130 query rows a pair: over MAX_GROUP
+        assert not K.pair_heads(None, 64, 8, 4, nhd(8), nhd(8), 1)  # 16-bit rows are whole lines
+        assert not K.pair_heads("e4m3", 128, 8, 4, (0, 1024, 128, 1), (0, 1024, 128, 1), 1)
+        assert not K.pair_heads("e4m3", 64, 8, 4, hnd(8), hnd(8), 16)  # heads apart
+        assert not K.pair_heads("e4m3", 64, 8, 4, nhd(8), hnd(8), 16)  # V's heads apart
+        for kw in ({"schedule": "split"}, {"schedule": "head"}, {"knobs": True}, {"batch_invariant": True}):
+            assert not pairs(8, **kw), kw
+    with K.tuning(fp8_pair_heads_max_page=0, fp8_pair_heads_dense=True):
+        assert not pairs(8, page=1) and pairs(8, page=0)
+    for bad in (-1, 1.5, None):
+        with pytest.raises(ValueError, match="fp8_pair_heads_max_page"):
+            K.TUNING["fp8_pair_heads_max_page"] = bad
+
+
+def test_head_pairs_views_and_rows():
+    """The K / V layout a call in head pairs reads (two heads of 64 as one of
+    128, no copy), the row arguments of the padding / unpairing kernel
+    (element strides of any layout), and the scales a paired plan takes
+    (one value for every head: by value, None, or a GPU array of shape ())."""
+    from cupy_lean import _plan as P
+
+    # a paged cache (pages, 1, 6, 64) of uint8 and a dense one in a wider buffer
+    assert P._paired_kv_meta(((10, 1, 6, 64), (384, 384, 64, 1))) == ((10, 1, 3, 128), (384, 384, 128, 1))
+    assert P._paired_kv_meta(((2, 50, 4, 64), (51200, 1024, 64, 1))) == ((2, 50, 2, 128), (51200, 1024, 128, 1))
+    q = np.zeros((3, 8, 64), np.float16)
+    assert P._pair_rows(q.shape, q.strides, 2) == (24, 1, 8, 512, 0, 64, 1)
+    q4 = np.zeros((3, 5, 8, 128), np.float16)[:, :, :, 32:96]  # 4-D, strided rows
+    assert P._pair_rows(q4.shape, q4.strides, 2) == (120, 5, 8, 5120, 1024, 128, 1)
+    qt = np.zeros((8, 3, 64), np.float16).transpose(1, 0, 2)  # heads-major
+    assert P._pair_rows(qt.shape, qt.strides, 2) == (24, 1, 8, 64, 0, 192, 1)
+    assert P._pair_rows((3, 8, 64), (1025, 128, 2), 2) is None  # a stride of no whole element
+    assert type(P.gpu_fp8_scales(0.5, None, 4)) is P.UniformScales
+    assert tuple(P.gpu_fp8_scales(None, 2.0, 4)) == (1.0, 2.0)
+    assert type(P.gpu_fp8_scales(np.float32(0.5), 1.5, 4)) is P.UniformScales  # a host number: by value
+    per_head = P.gpu_fp8_scales(np.full(4, 0.5), 1.5, 4)
+    assert type(per_head) is tuple and per_head[0].shape == (4,)
+    assert type(P.gpu_fp8_scales(np.full(1, 0.5), 1.5, 1)) is P.UniformScales  # one KV head
+
+
 @needs_nvrtc
 def test_head_lanes_take_one_params():
     """A head-lanes spec takes the one Params every spec takes (a lane finds

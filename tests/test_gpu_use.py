@@ -28,6 +28,12 @@ def _nan_like(shape, dtype):
     return cp.full(shape, cp.nan, dtype=dtype)
 
 
+# kernels.TUNING for tests of head lanes (no head pairs) and of head pairs (wherever kernels.pair_heads'
+# other conditions hold), independent of the defaults
+NO_PAIRS = dict(fp8_pair_heads_max_page=0, fp8_pair_heads_dense=False)
+PAIRS = dict(fp8_pair_heads_max_page=1 << 20, fp8_pair_heads_dense=True)
+
+
 @contextlib.contextmanager
 def _inside_a_capture():
     """A capture on a fresh non-blocking stream (after the device is idle) for
@@ -1104,7 +1110,7 @@ def test_gpu_fp8_head_lanes_match_the_reference(fmt, dt, layout, page_size, lens
     args = (to_gpu(qd), cp.asarray(ku8), cp.asarray(vu8))
     kw = dict(kv_lens=None if kv_lens is None else cp.asarray(kv_lens), block_table=to_gpu(table), kv_dtype=fmt)
     scales = dict(k_scale=cp.asarray(ks, dtype=cp.float32), v_scale=cp.asarray(vs, dtype=cp.float32))
-    with K.tuning(fp8_head_lanes=True, fp8_head_lanes_count=count):
+    with K.tuning(fp8_head_lanes=True, fp8_head_lanes_count=count, **NO_PAIRS):
         nhd = (hkv * 64, hkv * 64, 64, 1)
         want = count or K.head_lanes(fmt, 64, hkv, nhd, nhd, sms=K.device_sm_count())
         assert want > 1
@@ -1140,7 +1146,7 @@ def test_gpu_fp8_head_lanes_match_the_reference(fmt, dt, layout, page_size, lens
         for graph, out, lse in runs:
             _assert_out_lse(out, lse, ro, rl, tol * max(1.0, np.abs(ro).max()), 2e-3 * max(1.0, np.abs(rl[fin]).max()))
     # one KV head, or K with heads apart (HND): no lanes
-    with K.tuning(fp8_head_lanes=True, fp8_head_lanes_count=None):
+    with K.tuning(fp8_head_lanes=True, fp8_head_lanes_count=None, **NO_PAIRS):
         assert cupy_lean.plan(*args[:1], args[1][:, :, :1], args[2][:, :, :1], kv_lens=kw["kv_lens"],
                               block_table=kw["block_table"], kv_dtype=fmt).lanes == 1
         if layout != "paged" or page_size > 1:  # (pages of one row: HND is NHD, lanes rightly)
@@ -1176,7 +1182,7 @@ def test_gpu_fp8_paged_varied_lengths_take_tile_64(fmt, dt, page_size, hq, hkv):
         scales = dict(k_scale=cp.asarray(ks, dtype=cp.float32), v_scale=vs)
         tol = 4e-3 if dt == "float16" else 2e-2
         for mode in ("paged", True):
-            with K.tuning(fp8_varied_lengths_tile=mode):
+            with K.tuning(fp8_varied_lengths_tile=mode, **NO_PAIRS):
                 pl = cupy_lean.plan(*args, **kw, kv_dtype=fmt, out=_nan_like(q.shape, npdt))
                 takes = layout == "paged" or mode is True
                 assert pl.varied_lengths_tile == takes and pl.spec.tile == (64 if takes else 128), pl.describe()
@@ -1282,6 +1288,171 @@ def test_gpu_fp8_from_pytorch_float8(d, hkv):
     assert (p.lanes > 1) == (d == 64), p.describe()
     got = p.run(tq, tk, tv, kv_lens=tl, k_scale=ks, v_scale=vs)
     assert np.abs(cp.asnumpy(cp.asarray(got)).astype(np.float64) - ro).max() < 4e-3
+
+
+@pytest.mark.parametrize("fmt,dt,layout,page_size,lens,hq,hkv,q_len", [
+    ("e4m3", "float16", "paged", 1, [700, 3, 0, 1234], 24, 8, 0),          # a page per row
+    ("e5m2", "bfloat16", "paged", 1, [20 + 7 * i for i in range(300)], 4, 2, 0),  # a batch of 300
+    ("e4m3", "bfloat16", "paged", 16, [4097, 0, 1, 2500, 130], 48, 4, 3),  # 3 query tokens, ragged q_lens
+    ("e4m3", "float16", "dense", 16, [6001, 6001, 6001], 16, 2, 0),        # equal lengths: split-K variant
+    ("e5m2", "float16", "ragged", 16, [9000, 17, 0, 3001, 777, 1], 12, 6, 0),
+    ("e4m3", "bfloat16", "dense", 16, [50000], 10, 10, 0),                 # one sequence, group 1
+])
+def test_gpu_fp8_head_pairs_match_the_reference(fmt, dt, layout, page_size, lens, hq, hkv, q_len):
+    """kernels.pair_heads: an fp8 head_dim-64 cache of an even number of
+    adjacent KV heads runs as a head_dim-128 call of head pairs (q padded,
+    each output row's half copied out): dense, ragged, paged (a page per
+    row too), a batch of 300, several query tokens with ragged q_lens;
+    scales by value and as a GPU array of shape (); sinks, a window and a
+    soft-cap; out a strided slice of a NaN-filled array (the rest stays
+    NaN) and a NaN-filled lse, against the float64 reference. Per-head
+    scale arrays run the plan without pairs, also correct. Two graphs
+    captured one after another on two plans, replayed NaN-prefilled."""
+    from cupy_lean import kernels as K
+
+    rng = np.random.default_rng(313 + len(lens) + hq + page_size + q_len)
+    lay = "paged" if layout == "paged" else "dense"
+    q3, k, v, L, table = make_inputs(rng, len(lens), hq, hkv, 64, np.float16, lens, lay, page_size=page_size)
+    npdt = np.float16 if dt == "float16" else BF16
+    q = rng.standard_normal((len(lens), q_len, hq, 64)).astype(np.float16) if q_len else q3
+    qd = (q * 2.0).astype(npdt)
+    k8, ku8, ks = _fp8_cache(rng, k, fmt, False)  # one scale (0.75)
+    v8, vu8, vs = _fp8_cache(rng, v, fmt, False)
+    kh8, khu8, ksh = _fp8_cache(rng, k, fmt, True)  # one per KV head
+    kv_lens = None if layout == "dense" else L
+    q_lens = rng.integers(0, q_len + 1, size=len(lens)).astype(np.int32) if q_len else None
+    sinks = rng.standard_normal(hq).astype(np.float32)
+    tol = 4e-3 if dt == "float16" else 2e-2
+    args = (to_gpu(qd), cp.asarray(ku8), cp.asarray(vu8))
+    kw = dict(kv_lens=None if kv_lens is None else cp.asarray(kv_lens), block_table=to_gpu(table), kv_dtype=fmt)
+    qkw = {} if q_lens is None else dict(q_lens=cp.asarray(q_lens))
+    rq = {} if q_lens is None else dict(q_lens=q_lens)
+    lse_shape = qd.shape[:-1]
+
+    def check(out, lse, ro, rl):
+        fin = np.isfinite(rl)
+        _assert_out_lse(out, lse, ro, rl, tol * max(1.0, np.abs(ro).max()),
+                        2e-3 * max(1.0, np.abs(rl[fin]).max()) if fin.any() else 1.0)
+
+    with K.tuning(**PAIRS):
+        for feats in ({}, dict(sinks=sinks, window_left=1500, softcap=20.0)):
+            gfeats = {n: (cp.asarray(x) if isinstance(x, np.ndarray) else x) for n, x in feats.items()}
+            pl = cupy_lean.plan(*args, **kw, out=_nan_like(qd.shape, npdt), **gfeats)
+            assert pl.paired and pl.lanes == 1 and pl.spec.head_dim == 128, pl.describe()
+            assert "head pairs" in pl.describe() and pl.units == len(lens) * hkv // 2
+            ro, rl = reference.attention(qd, k8, v8, kv_lens=kv_lens, block_table=table, k_scale=ks, v_scale=vs,
+                                         **rq, **feats)
+            wide = _nan_like(qd.shape[:-1] + (128,), npdt)
+            out = wide[..., 32:96]  # a strided out: rows 256 bytes apart
+            lse = cp.full(lse_shape, cp.nan, dtype=cp.float32)
+            cupy_lean.attention(*args, **kw, **qkw, **gfeats, k_scale=float(ks),
+                                v_scale=cp.asarray(vs, dtype=cp.float32), out=out, lse=lse)
+            check(out, lse, ro, rl)
+            assert bool(cp.isnan(wide[..., :32]).all()) and bool(cp.isnan(wide[..., 96:]).all())
+            # the plan itself, and with per-head K scales (the plan without pairs launches)
+            out, lse = _nan_like(qd.shape, npdt), cp.full(lse_shape, cp.nan, dtype=cp.float32)
+            rfeats = {"sinks": gfeats["sinks"]} if feats else {}  # (the window and soft-cap: the plan's)
+            pl.run(*args, kv_lens=kw["kv_lens"], block_table=kw["block_table"], **qkw, **rfeats, k_scale=ks,
+                   v_scale=vs, out=out, lse=lse)
+            check(out, lse, ro, rl)
+            rh, rlh = reference.attention(qd, kh8, v8, kv_lens=kv_lens, block_table=table, k_scale=ksh, v_scale=vs,
+                                          **rq, **feats)
+            out, lse = _nan_like(qd.shape, npdt), cp.full(lse_shape, cp.nan, dtype=cp.float32)
+            pl.run(args[0], cp.asarray(khu8), args[2], kv_lens=kw["kv_lens"], block_table=kw["block_table"], **qkw,
+                   **rfeats, k_scale=cp.asarray(ksh, dtype=cp.float32), v_scale=vs, out=out, lse=lse)
+            check(out, lse, rh, rlh)
+            assert pl._unpaired is not None and not pl._unpaired.paired
+        # two graphs captured one after another, each on a plan of its own
+        ro, rl = reference.attention(qd, k8, v8, kv_lens=kv_lens, block_table=table, k_scale=ks, v_scale=vs, **rq)
+        plans = [cupy_lean.plan(*args, **kw, out=_nan_like(qd.shape, npdt)) for _ in range(2)]
+        runs = []
+        for plan in plans:
+            assert plan.paired
+            out = _nan_like(qd.shape, npdt)
+            lse = cp.full(lse_shape, cp.nan, dtype=cp.float32)
+            runs.append((_capture(lambda plan=plan, out=out, lse=lse: plan.run(
+                *args, kv_lens=kw["kv_lens"], block_table=kw["block_table"], **qkw, out=out, lse=lse,
+                k_scale=float(ks), v_scale=float(vs))), out, lse))
+        _replay_nan_prefilled(runs)
+        for _, out, lse in runs:
+            check(out, lse, ro, rl)
+    # the same call without pairs agrees with the paired one
+    with K.tuning(**NO_PAIRS):
+        assert not cupy_lean.plan(*args, **kw, out=_nan_like(qd.shape, npdt)).paired
+        plain = cupy_lean.attention(*args, **kw, **qkw, k_scale=float(ks), v_scale=float(vs))
+    with K.tuning(**PAIRS):
+        paired = cupy_lean.attention(*args, **kw, **qkw, k_scale=float(ks), v_scale=float(vs))
+    d = cp.abs(plain.astype(cp.float32) - paired.astype(cp.float32))
+    assert bool(cp.isfinite(paired).all()) and float(d.max()) < 2 * tol
+
+
+def test_gpu_fp8_head_pairs_only_where_they_apply():
+    """No head pairs for an odd number of KV heads, heads apart (HND),
+    16-bit caches, head_dim 128, an option fixing the configuration (a tile
+    size, num_ctas, another schedule), or a page size over the limit; the
+    rule's default (TUNING) pairs pages of one token."""
+    from cupy_lean import kernels as K
+
+    rng = np.random.default_rng(331)
+    lens = [900, 5, 0, 2000]
+
+    def plan_of(hq, hkv, d=64, layout="paged", page_size=1, fp8=True, **opts):
+        q, k, v, L, table = make_inputs(rng, len(lens), hq, hkv, d, np.float16, lens, layout, page_size=page_size)
+        kk, vv = (cp.asarray(x.view(np.uint16).astype(np.uint8)) if fp8 else cp.asarray(x) for x in (k, v))
+        kw = dict(kv_lens=cp.asarray(L), block_table=to_gpu(table))
+        if opts.pop("hnd", False):
+            kk, vv = (cp.ascontiguousarray(x.transpose(0, 2, 1, 3)) for x in (kk, vv))
+            kw["kv_layout"] = "HND"
+        return cupy_lean.plan(cp.asarray(q), kk, vv, kv_dtype="e4m3" if fp8 else None, **kw, **opts)
+
+    with K.tuning(**PAIRS):
+        assert plan_of(8, 4).paired
+        assert not plan_of(6, 3).paired  # odd
+        assert not plan_of(8, 4, hnd=True, page_size=4).paired  # heads apart
+        assert not plan_of(8, 4, fp8=False).paired
+        assert not plan_of(8, 4, d=128).paired
+        assert not plan_of(8, 4, tile_size=64).paired
+        assert not plan_of(8, 4, num_ctas=40).paired
+        assert not plan_of(8, 4, schedule="split").paired
+    with K.tuning(fp8_pair_heads_max_page=8, fp8_pair_heads_dense=False):
+        assert plan_of(8, 4, page_size=8).paired
+        assert not plan_of(8, 4, page_size=16).paired
+        assert not plan_of(8, 4, layout="dense").paired
+    default = K.TUNING["fp8_pair_heads_max_page"]
+    assert plan_of(8, 4).paired == (default >= 1)
+
+
+def test_gpu_fp8_head_pairs_from_pytorch_two_graphs():
+    """A serving user's paged fp8 cache of one-token pages at head_dim 64
+    in head pairs: PyTorch float8_e4m3fn pages, a bf16 q, torch int32
+    kv_lens and block table, k_scale a torch scalar tensor and v_scale a
+    float, a custom softmax scale, ``out`` a strided slice of a NaN-filled
+    tensor, two CUDA graphs captured one after another on the same plan:
+    both write every row of their own slice and nothing else."""
+    torch = pytest.importorskip("torch")
+    import ml_dtypes
+    from cupy_lean import kernels as K
+
+    rng = np.random.default_rng(337)
+    lens0 = [2049, 0, 1, 700, 4096, 33]
+    q, k, v, lens, table = make_inputs(rng, len(lens0), 12, 4, 64, BF16, lens0, "paged", page_size=1)
+    k8 = (k.astype(np.float32) / 1.5).astype(ml_dtypes.float8_e4m3fn)
+    v8 = (v.astype(np.float32) / 0.75).astype(ml_dtypes.float8_e4m3fn)
+    tq = torch.from_numpy(q.view(np.int16)).cuda().view(torch.bfloat16)
+    tk, tv = (torch.from_numpy(x.view(np.uint8)).cuda().view(torch.float8_e4m3fn) for x in (k8, v8))
+    tl, tt = torch.from_numpy(lens).cuda(), torch.from_numpy(table).cuda()
+    scale = 0.09
+    bigs = [torch.full((len(lens0), 12, 3 * 64), float("nan"), dtype=torch.bfloat16, device="cuda")
+            for _ in range(2)]
+    cols = slice(64, 128)
+    run_kw = dict(kv_lens=tl, block_table=tt, k_scale=torch.tensor(1.5, device="cuda"), v_scale=0.75)
+    with K.tuning(**PAIRS):
+        p = cupy_lean.plan(tq, tk, tv, out=bigs[0][:, :, cols], scale=scale, kv_lens=tl, block_table=tt)
+    assert p.paired and "fp8 e4m3" in p.describe(), p.describe()
+    kd = k8.astype(np.float32) * np.float32(1.5)
+    vd = v8.astype(np.float32) * np.float32(0.75)
+    _replay_two_graphs_into_slices(torch, p, (tq, tk, tv), (q, kd, vd), scale, bigs, cols, run_kw,
+                                   dict(kv_lens=lens, block_table=table))
 
 
 def test_gpu_fp8_paged_tile_64_from_pytorch_strided_out_two_graphs():

@@ -27,7 +27,10 @@ FlashInfer must import) on the same pages, with 16-bit K/V and with the same
 e4m3 bytes (``kv_data_type=torch.float8_e4m3fn``), its CUDA-core wrapper or,
 where that refuses the shape, its tensor-core one: how a peer's fp8 call
 compares with its 16-bit one on the same shapes (a refusal is recorded).
-FlashInfer's fp8 call gets ``k_scale`` only: 0.5.0 applies a ``v_scale`` by
+The e4m3 calls get ``k_scale = v_scale = 0.5`` by value
+(``--per-head-scales``: as GPU arrays of one per KV head, which calls in
+head pairs, ``cupy_lean.kernels.pair_heads``, do not take: those then run
+without pairs). FlashInfer's fp8 call gets ``k_scale`` only: 0.5.0 applies a ``v_scale`` by
 a separate kernel after the attention, which the 16-bit call does not run.
 """
 
@@ -56,6 +59,8 @@ def main():
                     help="also time e4m3 with every length doubled (the 16-bit call's bytes)")
     ap.add_argument("--flashinfer", action="store_true",
                     help="also time FlashInfer's paged decode with 16-bit and with e4m3 K/V")
+    ap.add_argument("--per-head-scales", action="store_true",
+                    help="k_scale / v_scale as GPU arrays of one scale per KV head (default: 0.5 by value)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     from bench.run import parse_tuning
@@ -86,7 +91,9 @@ def main():
         k8 = [e4m3_of(x) for x in inp.k]
         v8 = [e4m3_of(x) for x in inp.v]
         del inp.k[:], inp.v[:]
-        ks = cp.full(case.heads_kv, 0.5, dtype=cp.float32)
+        # one scale by value (a serving cache's per-tensor scale), or one per KV head (--per-head-scales: a
+        # GPU array, which a call in head pairs does not take: it runs without pairs, kernels.pair_heads)
+        ks = cp.full(case.heads_kv, 0.5, dtype=cp.float32) if a.per_head_scales else 0.5
 
         def fp8_call(i):
             return cupy_lean.attention(inp.q[i], k8[i], v8[i], out=outs[i], kv_dtype="e4m3", k_scale=ks,
