@@ -103,9 +103,10 @@ class Signature(NamedTuple):
 
 class UniformScales(tuple):
     """``(k_scale, v_scale)`` from :func:`gpu_fp8_scales` where each is one
-    value for every KV head (a float, or a GPU array of shape () broadcast
-    to ``(heads_kv,)``): a plan in head pairs takes them (each of its units
-    reads the scale of its first head)."""
+    value for every KV head (a float, or a GPU array of shape () or of
+    stride 0, broadcast into a ``(heads_kv,)`` array): a plan in head pairs
+    takes them (the unit of pair j reads the value, or entry j, which holds
+    the same value)."""
 
     __slots__ = ()
 
@@ -137,7 +138,7 @@ def gpu_fp8_scales(k_scale, v_scale, heads_kv):
             if x.ndim > 1 or (x.ndim == 1 and x.shape != (heads_kv,)) or x.dtype.kind != "f":
                 raise (TypeError if x.dtype.kind != "f" else ValueError)(
                     f"{name}: expected floats of shape () or ({heads_kv},), got {x.dtype} {tuple(x.shape)}")
-            uniform = uniform and (x.ndim == 0 or heads_kv == 1)
+            uniform = uniform and (x.ndim == 0 or heads_kv == 1 or x.strides == (0,))
             if not (x.dtype == np.float32 and x.shape == (heads_kv,) and x.flags.c_contiguous):
                 with _relaxed_capture_mode():  # a global-mode capture refuses cudaMalloc otherwise
                     y = _cp.empty((heads_kv,), dtype=_cp.float32)
@@ -293,11 +294,13 @@ def _pair_rows(shape, strides, itemsize):
     """The row arguments of the ``lean_pair_heads`` kernel for a 64-wide q or
     out of ``shape`` ((batch, heads_q, 64) or (batch, q_len, heads_q, 64))
     and byte ``strides``: (rows, tokens, heads_q, element strides of
-    sequence, token, head and element); None where a stride is not a whole
-    number of elements."""
-    if any(int(s) % itemsize for s in strides):
+    sequence, token, head and element; those of axes of length 1 are 0, as
+    they are never stepped over); None where a stride is not a whole number
+    of elements (the plan then runs without pairs)."""
+    strides = [0 if int(n) == 1 else int(s) for n, s in zip(shape, strides)]  # (never stepped over)
+    if any(s % itemsize for s in strides):
         return None
-    st = [int(s) // itemsize for s in strides]
+    st = [s // itemsize for s in strides]
     if len(shape) == 3:
         st.insert(1, 0)
     tokens = int(shape[1]) if len(shape) == 4 else 1
@@ -442,9 +445,12 @@ class Plan:
         # padded by zeros to the half of its KV head in the pair (launch: _pair_copy); K and V as they are, with
         # a head stride of 128 elements. The caller's shapes stay the plan's (signature, meta, out_shape)
         D0 = D
+        isz = sig.dtypes[0].itemsize
+        out_rows = None if sig.out is None else _pair_rows(sig.out[0], sig.out[1], isz)
         self.paired = bool(pair) and K.pair_heads(
             f_kv8, D, Hkv, rows, sig.k[1], sig.v[1], m.page_size if m.paged else 0, sig.schedule,
-            stream_k_knob or sig.tile_size is not None or sig.stages is not None, sig.invariant)
+            stream_k_knob or sig.tile_size is not None or sig.stages is not None, sig.invariant) \
+            and _pair_rows(sig.q[0], sig.q[1], isz) is not None and (sig.out is None or out_rows is not None)
         sig_k, sig_v = sig.k, sig.v
         if self.paired:
             D, Hkv, g = 2 * D, Hkv // 2, 2 * g
@@ -1103,10 +1109,15 @@ class Plan:
         if self.paired and type(scales) is not UniformScales:
             # per-head scale arrays: a pair's two heads have two scales, which the unit's one scale
             # cannot carry; the plan without pairs launches
-            if self._unpaired is None:
-                with self._lock:
-                    if self._unpaired is None:
-                        self._unpaired = Plan(self.signature, self.meta, pair=False)
+            with self._lock:
+                if self._unpaired is None:  # (built under the TUNING of this first launch)
+                    self._unpaired = Plan(self.signature, self.meta, pair=False)
+                if capture_id is not None and not self.captured:
+                    # the graph's workspace and temporaries are the plan without pairs', which lives as
+                    # long as this one: this one is kept as any captured plan is (_cache.keep_if_evicted)
+                    self.captured = True
+                    if self._cached:
+                        _cache.keep_if_evicted(self)
             return self._unpaired._launch_on(stream, capture_id, q, k, v, lens, table, out, lse, want_lse, sinks,
                                              q_lens, scales)
         if out is None:
@@ -1143,9 +1154,7 @@ class Plan:
                 return out, lse
             if total is not None and self.decomposition == K.Decomposition.STREAM_K and not self.runtime_split:
                 grid = min(grid, total)  # (the runtime split's chunks per unit come from the full grid)
-            if self.paired:
-                q = temps = self._pair_copy(q, cp.empty(self._pair_shape, dtype=q.dtype), self._pair_q_args, 1)
-            elif self.copy_q:
+            if self.copy_q and not self.paired:  # (pairs: q padded below, once nothing else can refuse the call)
                 q = temps = cp.array(q, copy=True, order="C")  # a new (aligned) buffer even if q is contiguous
             if self.copy_k:
                 k = cp.array(k, copy=True, order="C")
@@ -1169,6 +1178,9 @@ class Plan:
         extra = None  # q_lens and fp8 scales: only plans for them look at them
         if self.q_len or self.kv8 is not None:
             extra = self._extra_args(q_lens, scales)
+        if self.paired:
+            q = self._pair_copy(q, cp.empty(self._pair_shape, dtype=q.dtype), self._pair_q_args, 1)
+            temps = (temps, q)
         thread = threading.get_ident()
         with self._lock:
             try:
@@ -1230,18 +1242,7 @@ class Plan:
         """Head pairs: q padded into the 128-wide ``dst`` (``pad`` 1) or the
         wanted halves of the 128-wide ``src`` into ``dst`` (0), on the
         current stream. ``rows_args``: the 64-wide array's rows and element
-        strides (:func:`_pair_rows`; None: strides in bytes that are not
-        whole elements, read or written through a contiguous copy)."""
-        wide = self._pair_shape
-        if rows_args is None:  # (a layout the kernel cannot index in elements)
-            shape = wide[:-1] + (wide[-1] // 2,)
-            flat = _pair_rows(shape, _contig(shape, src.itemsize), src.itemsize)
-            if pad:
-                return self._pair_copy(_cp.ascontiguousarray(src), dst, flat, 1)
-            tmp = _cp.empty(shape, dtype=dst.dtype)
-            self._pair_copy(src, tmp, flat, 0)
-            dst[...] = tmp
-            return dst
+        strides (:func:`_pair_rows`)."""
         n = rows_args[0] * (128 if pad else 64)
         grid = (max(1, min(-(-n // 256), 8 * self.num_sms)),)
         self._pair_fn(grid, (256,), (src, dst) + rows_args + (np.int32(self.meta.group), np.int32(pad)))

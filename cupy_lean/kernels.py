@@ -688,10 +688,13 @@ TUNING = _Tuning({
     "fp8_head_lanes_count": None,
     # fp8 caches at head_dim 64 of an even number of KV heads whose rows are adjacent (NHD): read two
     # neighbouring KV heads as one head_dim-128 head (pair_heads), q padded by zeros and the output's wanted
-    # halves copied out by two small kernels, in paged caches of pages of at most this many tokens (0: never)
-    # ...
+    # halves copied out by two small kernels, in paged caches of pages of at most this many tokens (0: never).
+    # Measured on an H100 (bf16 q, bench/NOTES.md session 46): with one-token pages 0.73-0.93x the time of the
+    # same fp8 call without pairs on 3 calls of 68-321 us, 1.13x on one of 62 short sequences and 14 query
+    # heads per KV head ...
     "fp8_pair_heads_max_page": 1,
-    # ... and in dense caches (or ragged ones, kv_lens over a dense cache)
+    # ... and in dense caches (or ragged ones, kv_lens over a dense cache). Pairs on larger pages and dense
+    # caches: 0.70-0.99x on 5 of 8 calls over 75 us, 1.02-1.55x on the 3 others and on all 13 smaller ones
     "fp8_pair_heads_dense": False,
     # sm_90 and newer: launch the attention and combine kernels with programmatic dependent launch (each may
     # be scheduled during the previous kernel's tail in the stream; it waits for that kernel before it reads
@@ -1009,9 +1012,10 @@ def pair_heads(kv8, head_dim, heads_kv, rows, k_strides, v_strides, page_size, s
     :data:`MAX_GROUP`, the lean schedule with no option fixing its
     configuration, not ``batch_invariant``, and the page size within
     ``TUNING["fp8_pair_heads_max_page"]`` (dense caches:
-    ``TUNING["fp8_pair_heads_dense"]``). A non-finite key value of one head
-    then also reaches its pair's scores (``0 x inf`` is NaN): such a cache
-    gives NaN rows either way for the head that holds it."""
+    ``TUNING["fp8_pair_heads_dense"]``). A non-finite stored key of one
+    head then also reaches the scores of the other head of its pair
+    (``0 x inf`` is NaN): that head's rows are NaN where without pairs they
+    are finite."""
     if not (kv8 is not None and head_dim == 64 and heads_kv >= 2 and heads_kv % 2 == 0
             and 2 * rows <= MAX_GROUP and schedule == "lean" and not knobs and not batch_invariant
             and all(int(st[2]) == head_dim and int(st[3]) == 1 for st in (k_strides, v_strides))):

@@ -185,8 +185,9 @@ def test_head_pairs_rule():
         assert not pairs(2, rows=65)  # 130 query rows a pair: over MAX_GROUP
         assert not K.pair_heads(None, 64, 8, 4, nhd(8), nhd(8), 1)  # 16-bit rows are whole lines
         assert not K.pair_heads("e4m3", 128, 8, 4, (0, 1024, 128, 1), (0, 1024, 128, 1), 1)
-        assert not K.pair_heads("e4m3", 64, 8, 4, hnd(8), hnd(8), 16)  # heads apart
-        assert not K.pair_heads("e4m3", 64, 8, 4, nhd(8), hnd(8), 16)  # V's heads apart
+        assert not K.pair_heads("e4m3", 64, 8, 4, hnd(8, 16), hnd(8, 16), 16)  # heads apart
+        assert not K.pair_heads("e4m3", 64, 8, 4, nhd(8, 16), hnd(8, 16), 16)  # V's heads apart
+        assert K.pair_heads("e4m3", 64, 8, 4, (512, 64, 64, 1), (512, 64, 64, 1), 1)  # HND pages of one token
         for kw in ({"schedule": "split"}, {"schedule": "head"}, {"knobs": True}, {"batch_invariant": True}):
             assert not pairs(8, **kw), kw
     with K.tuning(fp8_pair_heads_max_page=0, fp8_pair_heads_dense=True):
@@ -212,7 +213,8 @@ def test_head_pairs_views_and_rows():
     assert P._pair_rows(q4.shape, q4.strides, 2) == (120, 5, 8, 5120, 1024, 128, 1)
     qt = np.zeros((8, 3, 64), np.float16).transpose(1, 0, 2)  # heads-major
     assert P._pair_rows(qt.shape, qt.strides, 2) == (24, 1, 8, 64, 0, 192, 1)
-    assert P._pair_rows((3, 8, 64), (1025, 128, 2), 2) is None  # a stride of no whole element
+    assert P._pair_rows((3, 8, 64), (1025, 128, 2), 2) is None  # a stride of no whole element: no pairs
+    assert P._pair_rows((1, 8, 64), (1025, 128, 2), 2) == (8, 1, 8, 0, 0, 64, 1)  # (an axis of one: never used)
     assert type(P.gpu_fp8_scales(0.5, None, 4)) is P.UniformScales
     assert tuple(P.gpu_fp8_scales(None, 2.0, 4)) == (1.0, 2.0)
     assert type(P.gpu_fp8_scales(np.float32(0.5), 1.5, 4)) is P.UniformScales  # a host number: by value

@@ -1418,8 +1418,54 @@ def test_gpu_fp8_head_pairs_only_where_they_apply():
         assert plan_of(8, 4, page_size=8).paired
         assert not plan_of(8, 4, page_size=16).paired
         assert not plan_of(8, 4, layout="dense").paired
-    default = K.TUNING["fp8_pair_heads_max_page"]
-    assert plan_of(8, 4).paired == (default >= 1)
+    # the defaults: pages of one token only
+    assert plan_of(8, 4).paired and not plan_of(8, 4, page_size=16).paired
+    assert not plan_of(8, 4, layout="dense").paired
+
+
+def test_gpu_fp8_head_pairs_layouts_and_a_captured_unpaired_launch():
+    """Head pairs with a heads-major q and out (transposed views) and an HND
+    cache of one-token pages (the same memory as NHD); then per-head GPU
+    scales captured in a graph through attention() (the plan without pairs
+    launches inside the capture), the plan cache cleared and other memory
+    allocated: the graph still replays correctly into its NaN-prefilled
+    out (its plan and workspace were kept)."""
+    import gc
+
+    from cupy_lean import kernels as K
+
+    rng = np.random.default_rng(347)
+    lens = [1500, 1, 0, 777, 3001]
+    B, hq, hkv = len(lens), 12, 4
+    q, k, v, L, table = make_inputs(rng, B, hq, hkv, 64, np.float16, lens, "paged", page_size=1)
+    k8, ku8, _ = _fp8_cache(rng, k, "e4m3", False)
+    v8, vu8, _ = _fp8_cache(rng, v, "e4m3", False)
+    ksh = rng.uniform(0.5, 2.0, hkv)
+    kh8 = (k.astype(np.float32) / ksh[None, None, :, None]).astype(k8.dtype)
+    kw = dict(kv_lens=cp.asarray(L), block_table=to_gpu(table), kv_dtype="e4m3")
+    qh = cp.asarray(np.ascontiguousarray(q.transpose(1, 0, 2))).transpose(1, 0, 2)  # heads-major
+    hk, hv = (cp.asarray(np.ascontiguousarray(x.transpose(0, 2, 1, 3))) for x in (ku8, vu8))  # HND pages
+    ro, rl = reference.attention(q, k8, v8, kv_lens=L, block_table=table, k_scale=0.75, v_scale=0.75)
+    with K.tuning(**PAIRS):
+        pl = cupy_lean.plan(qh, hk, hv, **kw, kv_layout="HND", out=_nan_like((hq, B, 64), np.float16).transpose(1, 0, 2))
+        assert pl.paired, pl.describe()
+        outh = _nan_like((hq, B, 64), np.float16).transpose(1, 0, 2)
+        lse = cp.full((B, hq), cp.nan, dtype=cp.float32)
+        cupy_lean.attention(qh, hk, hv, **kw, kv_layout="HND", k_scale=0.75, v_scale=0.75, out=outh, lse=lse)
+        _assert_out_lse(outh, lse, ro, rl, 4e-3, 2e-3 * max(1.0, np.abs(rl[np.isfinite(rl)]).max()))
+        # per-head K scales in a graph (through attention()'s cache), then the cache cleared
+        rh, rlh = reference.attention(q, kh8, v8, kv_lens=L, block_table=table, k_scale=ksh, v_scale=0.75)
+        args = (cp.asarray(q), cp.asarray(kh8.view(np.uint8)), cp.asarray(vu8))
+        kss = cp.asarray(ksh, dtype=cp.float32)
+        out = _nan_like(q.shape, np.float16)
+        lse = cp.full((B, hq), cp.nan, dtype=cp.float32)
+        graph = _capture(lambda: cupy_lean.attention(*args, **kw, k_scale=kss, v_scale=0.75, out=out, lse=lse))
+        cupy_lean.clear_cache()
+        gc.collect()
+        junk = [cp.full((1 << 20,), 7, dtype=cp.float32) for _ in range(8)]  # memory the pool hands out again
+        _replay_nan_prefilled([(graph, out, lse)])
+        del junk
+        _assert_out_lse(out, lse, rh, rlh, 4e-3, 2e-3 * max(1.0, np.abs(rlh[np.isfinite(rlh)]).max()))
 
 
 def test_gpu_fp8_head_pairs_from_pytorch_two_graphs():
