@@ -694,7 +694,7 @@ TUNING = _Tuning({
     # heads per KV head ...
     "fp8_pair_heads_max_page": 1,
     # ... and in dense caches (or ragged ones, kv_lens over a dense cache). Pairs on larger pages and dense
-    # caches: 0.70-0.99x on 5 of 8 calls over 75 us, 1.02-1.55x on the 3 others and on all 13 smaller ones
+    # caches: 0.70-0.99x on 5 of 8 calls over 75 us, 1.06-1.10x on the other 3, 1.02-1.55x on all 13 smaller ones
     "fp8_pair_heads_dense": False,
     # sm_90 and newer: launch the attention and combine kernels with programmatic dependent launch (each may
     # be scheduled during the previous kernel's tail in the stream; it waits for that kernel before it reads
