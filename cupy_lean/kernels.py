@@ -689,9 +689,10 @@ TUNING = _Tuning({
     # fp8 caches at head_dim 64 of an even number of KV heads whose rows are adjacent (NHD): read two
     # neighbouring KV heads as one head_dim-128 head (pair_heads), q padded by zeros and the output's wanted
     # halves copied out by two small kernels, in paged caches of pages of at most this many tokens (0: never).
-    # Measured on an H100 (bf16 q, bench/NOTES.md session 46): with one-token pages 0.73-0.93x the time of the
-    # same fp8 call without pairs on 3 calls of 68-321 us, 1.13x on one of 62 short sequences and 14 query
-    # heads per KV head ...
+    # Measured on an H100 (bf16 q, bench/NOTES.md session 46), 16 family calls of one-token pages against pairs
+    # off: 0.62-0.93x the time on 10 of the 11 calls of 50 us or more at 16 bits, 1.13x on the other (62 short
+    # sequences, 14 query heads per KV head), 1.05-1.29x on the 5 smaller ones (two more launches); 0.91x
+    # geomean ...
     "fp8_pair_heads_max_page": 1,
     # ... and in dense caches (or ragged ones, kv_lens over a dense cache). Pairs on larger pages and dense
     # caches: 0.70-0.99x on 5 of 8 calls over 75 us, 1.06-1.10x on the other 3, 1.02-1.55x on all 13 smaller ones
