@@ -136,8 +136,9 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
         Read ``uint8`` k and v as fp8 (``float8_e4m3fn`` / ``float8_e5m2``
         arrays, NumPy (ml_dtypes) or PyTorch, need no ``kv_dtype``). On the
         GPU the bytes are converted in the kernel; ``q`` and ``out`` stay
-        fp16 / bf16. At head_dim 64, with an even number of KV heads in
-        pages of one token (``kernels.pair_heads``), the GPU reads two
+        fp16 / bf16. At head_dim 64, with an even number of adjacent KV
+        heads in pages of one token and the default schedule options
+        (``kernels.pair_heads`` has every condition), the GPU reads two
         neighbouring KV heads as one of head_dim 128 (full 128-byte rows),
         each query padded by zeros in the other head's half: there a NaN
         or infinite stored key of one head also gives NaN in the other
@@ -146,8 +147,10 @@ def attention(q, k, v, *, kv_lens=None, block_table=None, scale=None, return_lse
     k_scale, v_scale : float or array of shape (heads_kv,), optional
         fp8 caches hold ``value / scale``; default 1. The output is in q's
         dtype: with a large ``v_scale`` an fp16 output past 65504 is inf
-        (bf16 reaches about 3e38). A call in head pairs (above) with a
-        scale per head (an array of several values) runs without pairs.
+        (bf16 reaches about 3e38). A call in head pairs (above) given an
+        array of shape ``(heads_kv,)`` (other than one value broadcast with
+        stride 0) runs without pairs (a second plan, made at its first such
+        call); a number or a GPU array of shape () keeps them.
     batch_invariant : bool
         A sequence's ``out`` and ``lse`` are bitwise the same whatever its
         batch-mates, its position in the batch and the grid: every unit is

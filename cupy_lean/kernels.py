@@ -1010,13 +1010,14 @@ def pair_heads(kv8, head_dim, heads_kv, rows, k_strides, v_strides, page_size, s
     ``q . k`` exactly. Each output row's wanted half is copied out. Paired
     when: fp8, head_dim 64, an even ``heads_kv``, both K and V with a head
     stride of 64 bytes and unit element stride, ``2 x rows`` within
-    :data:`MAX_GROUP`, the lean schedule with no option fixing its
+    :data:`MAX_GROUP` (128), the lean schedule with no option fixing its
     configuration, not ``batch_invariant``, and the page size within
     ``TUNING["fp8_pair_heads_max_page"]`` (dense caches:
     ``TUNING["fp8_pair_heads_dense"]``). A non-finite stored key of one
     head then also reaches the scores of the other head of its pair
     (``0 x inf`` is NaN): that head's rows are NaN where without pairs they
-    are finite."""
+    are finite. The plan (``Plan._launch_on``) runs a call given per-head
+    scale arrays without pairs: each unit reads one scale."""
     if not (kv8 is not None and head_dim == 64 and heads_kv >= 2 and heads_kv % 2 == 0
             and 2 * rows <= MAX_GROUP and schedule == "lean" and not knobs and not batch_invariant
             and all(int(st[2]) == head_dim and int(st[3]) == 1 for st in (k_strides, v_strides))):
