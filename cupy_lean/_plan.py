@@ -452,11 +452,7 @@ class Plan:
             stream_k_knob or sig.tile_size is not None or sig.stages is not None, sig.invariant) \
             and _pair_rows(sig.q[0], sig.q[1], isz) is not None and (sig.out is None or out_rows is not None)
         sig_k, sig_v = sig.k, sig.v
-        # the kernel reads q and writes out itself (the head_pairs bit), or through copies (_pair_copy)
-        self._pair_copies = self.paired and not K.TUNING["fp8_pair_heads_in_kernel"]
         if self.paired:
-            if not self._pair_copies:
-                bits |= K.FEATURES["head_pairs"]
             D, Hkv, g = 2 * D, Hkv // 2, 2 * g
             rows = g * max(self.q_len, 1)
             sig_k, sig_v = (_paired_kv_meta(x) for x in (sig.k, sig.v))
@@ -597,7 +593,7 @@ class Plan:
         self.out_shape, self.lse_shape = out_shape, out_shape[:-1]
         self.copy_out = sig.out is not None and not _aligned_layout(sig.out[:2], sig.aligned[3], 8)
         q_shape, k_out_shape = sig.q[0], out_shape  # (of the q and out the kernel reads and writes)
-        if self._pair_copies:  # q padded into a contiguous (..., heads_q, 128) temporary, out written into another
+        if self.paired:  # q padded into a contiguous (..., heads_q, 128) temporary, out written into another
             q_shape = k_out_shape = out_shape[:-1] + (D,)
             self.copy_q = self.copy_out = True
             self._pair_shape = k_out_shape
@@ -753,11 +749,8 @@ class Plan:
         if self.paired:
             lines.append(f"  head pairs: KV heads 2j and 2j + 1 read as one head of head_dim {2 * m.head_dim} (fp8 rows of "
                          f"{m.head_dim} bytes side by side), a call of {m.heads_kv // 2} KV heads and "
-                         f"{2 * m.group} query heads each, "
-                         + ("q padded by zeros and each output row's half copied out by two more kernels"
-                            if self._pair_copies else "the kernel reading each query row into its half of a "
-                            "128-wide row and writing that half of its output row (spec bit head_pairs)")
-                         + " (kernels.pair_heads); per-head k_scale / v_scale arrays launch the plan without pairs")
+                         f"{2 * m.group} query heads each, q padded by zeros and each output row's half copied out "
+                         f"(kernels.pair_heads); per-head k_scale / v_scale arrays launch the plan without pairs")
         if self.lanes > 1:
             L = self.lanes
             lines.append(f"  head lanes: {L} lanes side by side (lane l: KV heads l, {L} + l, ...), CTAs "
@@ -1161,7 +1154,7 @@ class Plan:
                 return out, lse
             if total is not None and self.decomposition == K.Decomposition.STREAM_K and not self.runtime_split:
                 grid = min(grid, total)  # (the runtime split's chunks per unit come from the full grid)
-            if self.copy_q and not self._pair_copies:  # (q padded below, once nothing else can refuse the call)
+            if self.copy_q and not self.paired:  # (pairs: q padded below, once nothing else can refuse the call)
                 q = temps = cp.array(q, copy=True, order="C")  # a new (aligned) buffer even if q is contiguous
             if self.copy_k:
                 k = cp.array(k, copy=True, order="C")
@@ -1176,7 +1169,7 @@ class Plan:
             if table is not None:
                 table32 = table if self.table_direct else _index_array(table, 0, max(m.num_pages - 1, 0),
                                                                        "block_table")
-            out_k = cp.empty(self._pair_shape if self._pair_copies else out.shape, dtype=q.dtype) if self.copy_out else out
+            out_k = cp.empty(self._pair_shape if self.paired else out.shape, dtype=q.dtype) if self.copy_out else out
 
         sinks32 = None
         if self.has_sinks:
@@ -1185,7 +1178,7 @@ class Plan:
         extra = None  # q_lens and fp8 scales: only plans for them look at them
         if self.q_len or self.kv8 is not None:
             extra = self._extra_args(q_lens, scales)
-        if self._pair_copies:
+        if self.paired:
             q = self._pair_copy(q, cp.empty(self._pair_shape, dtype=q.dtype), self._pair_q_args, 1)
             temps = (temps, q)
         thread = threading.get_ident()
@@ -1239,7 +1232,7 @@ class Plan:
                 if capture_id is None and self._stream_thread == thread and self._stream is not None \
                         and self._stream.ptr == _PTDS:
                     self._note_eager_use(self._stream)
-        if self._pair_copies:
+        if self.paired:
             self._pair_copy(out_k, out, self._pair_out_args, 0)
         elif out_k is not out:
             out[...] = out_k

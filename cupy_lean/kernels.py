@@ -56,7 +56,7 @@ LENS_CACHE = 256  # lengths kept in shared memory (the kernel static_asserts it 
 
 #: Optional semantics a spec can compile in (``LEAN_FEATURES`` bits).
 FEATURES = {"sinks": 1, "softcap": 2, "window": 4, "qlen": 8, "fp8_e4m3": 16, "fp8_e5m2": 32,
-            "page_rows": 64, "fp8_wide_k": 128, "head_lanes": 256, "head_pairs": 512}
+            "page_rows": 64, "fp8_wide_k": 128, "head_lanes": 256}
 #: ``page_rows``: a paged cache whose page size the loader's run of rows per
 #: thread (:attr:`Spec.run_rows`) does not divide (e.g. 1) reads the block
 #: table per row; other page sizes read it once per run (see make_spec).
@@ -67,11 +67,6 @@ FEATURES = {"sinks": 1, "softcap": 2, "window": 4, "qlen": 8, "fp8_e4m3": 16, "f
 #: launch runs ``Params.lanes`` copies of one schedule side by side, lane l on
 #: KV heads l, L + l, ..., CTAs cL .. cL + L - 1 doing the same work on L
 #: neighbouring heads at once (the kernel's LANES).
-#: ``head_pairs`` (fp8 specs at head_dim 128; the plan sets it, see
-#: :func:`pair_heads`): the call's KV head j is the caller's heads 2j and
-#: 2j + 1 of head_dim 64; the kernel reads each query row's 64 values into its
-#: head's half of a 128-wide row (zeros in the other) and writes only that
-#: half of its output row (the kernel's PAIRS).
 #: fp8 K/V formats and their feature bits.
 FP8_FEATURES = {"e4m3": FEATURES["fp8_e4m3"], "e5m2": FEATURES["fp8_e5m2"]}
 FP8_BITS = FEATURES["fp8_e4m3"] | FEATURES["fp8_e5m2"]
@@ -431,7 +426,6 @@ _TUNING_CHECKS = {
     "fp8_head_lanes_count": ((lambda v: v is None or (_is_int(v) and v >= 1)), "None or an integer >= 1"),
     "fp8_pair_heads_max_page": _int_from(0),
     "fp8_pair_heads_dense": (_is_bool, "True or False"),
-    "fp8_pair_heads_in_kernel": (_is_bool, "True or False"),
     "pdl": (_is_bool, "True or False"),
 }
 
@@ -703,10 +697,6 @@ TUNING = _Tuning({
     # ... and in dense caches (or ragged ones, kv_lens over a dense cache). Pairs on larger pages and dense
     # caches: 0.70-0.99x on 5 of 8 calls over 75 us, 1.06-1.10x on the other 3, 1.02-1.55x on all 13 smaller ones
     "fp8_pair_heads_dense": False,
-    # head pairs read q and write out in the attention kernel (the spec bit head_pairs: q's 64 values into
-    # their half of a 128-wide row, only that half of each output row written), not through a padded q and a
-    # 128-wide output that two more kernels write and read (False)
-    "fp8_pair_heads_in_kernel": True,
     # sm_90 and newer: launch the attention and combine kernels with programmatic dependent launch (each may
     # be scheduled during the previous kernel's tail in the stream; it waits for that kernel before it reads
     # or writes memory). False: plain launches
@@ -888,8 +878,7 @@ def _fp8_only(features):
     (its format bit, and the wide-K-reads and head-lanes bits that go with
     it)."""
     f = int(features)
-    return bool(f & FP8_BITS) and not f & ~(FP8_BITS | FEATURES["fp8_wide_k"] | FEATURES["head_lanes"]
-                                            | FEATURES["head_pairs"])
+    return bool(f & FP8_BITS) and not f & ~(FP8_BITS | FEATURES["fp8_wide_k"] | FEATURES["head_lanes"])
 
 
 def many_unit_config(head_dim, group, units, tokens, num_sms, paged, uniform, features=0, occupancy=None,
@@ -1163,10 +1152,6 @@ def make_spec(dtype, head_dim, group, paged, tile_size=None, stages=None,
         raise ValueError(f"features: the fp8_wide_k bit needs an fp8 bit, got {int(features)}")
     if int(features) & FEATURES["head_lanes"] and not int(features) & FP8_BITS:
         raise ValueError(f"features: the head_lanes bit needs an fp8 bit, got {int(features)}")
-    if int(features) & FEATURES["head_pairs"] and (not int(features) & FP8_BITS or head_dim != 128
-                                                    or int(features) & FEATURES["head_lanes"]):
-        raise ValueError(f"features: the head_pairs bit needs an fp8 bit, head_dim 128 and no head_lanes bit, "
-                         f"got features {int(features)} at head_dim {head_dim}")
     if stages is not None:
         st = int(stages)
     elif int(features) & FP8_BITS:

@@ -145,15 +145,6 @@ static_assert(!(FP8_E4M3 && FP8_E5M2), "one fp8 format");
 // (neighbouring heads of one token) are read together.
 constexpr bool LANES = (LEAN_FEATURES & 256) != 0;
 static_assert(!LANES || HAS_FP8, "head lanes are made for fp8 caches");
-// Head pairs (kernels.pair_heads): the call's KV head j is the caller's heads
-// 2j and 2j + 1 of head_dim D / 2, read as one row of D (K and V with a head
-// stride of D elements), p.group = 2 x the caller's group. q and out are the
-// caller's (D / 2 wide, their strides): a row of the first half of a unit's
-// group takes q's values in columns [0, D / 2) and zeros in the others, the
-// second half the other way round (q' . k' = q . k), and writes only those
-// columns of its output row.
-constexpr bool PAIRS = (LEAN_FEATURES & 512) != 0;
-static_assert(!PAIRS || (HAS_FP8 && !LANES && D == 128), "head pairs are made for fp8 caches at head_dim 64");
 
 __host__ __device__ constexpr int imin(int a, int b) { return a < b ? a : b; }
 __host__ __device__ constexpr int imax(int a, int b) { return a > b ? a : b; }
@@ -386,10 +377,6 @@ __device__ __forceinline__ int query_tokens(const Params& p, int b) {
 }
 __device__ __forceinline__ int row_head(const Params& p, int h, int r) {
   return phys_head(p, h) * p.group + (HAS_QLEN ? r % p.group : r);
-}
-// PAIRS: the half of a D-wide row that unit row r's query head owns (0: columns [0, D / 2), 1: the rest).
-__device__ __forceinline__ int pair_half(const Params& p, int r) {
-  return (HAS_QLEN ? r % p.group : r) >= (p.group >> 1) ? 1 : 0;
 }
 __device__ __forceinline__ int ntiles_of(int len) { return (len + TILE - 1) / TILE; }
 
@@ -682,15 +669,6 @@ __device__ __forceinline__ void emit(const Params& p, const PartialSlots& ps, in
     Finalized f = Finalized::of(M, L, sink);
     f.inv *= v_multiplier(p, h);
     u16* o = p.out + (i64)b * p.o_sb + (HAS_QLEN ? (i64)tok * p.o_st : 0) + (i64)hq * p.o_sh + d;
-    if (PAIRS) {  // only the row's own half, at its place in the caller's row (N values never straddle D / 2)
-      const int half = pair_half(p, row);
-      if ((d >= D / 2 ? 1 : 0) != half) {
-        if (d == 0 && p.lse != nullptr)
-          p.lse[((i64)b * (HAS_QLEN ? p.q_len : 1) + tok) * call_heads_kv(p) * p.group + hq] = f.lse;
-        return;
-      }
-      o -= half * (D / 2);
-    }
     if (N == 2) {
       *reinterpret_cast<u32*>(o) = pack2<BF>(x[0] * f.inv, x[1] * f.inv);
     } else {
@@ -957,7 +935,7 @@ struct SplitPrefetch {
       const u16* qsrc = p.q + (i64)b * p.q_sb;
       for (int r = threadIdx.x; r < unit_rows(p); r += NT)
         prefetch_l2(qsrc + (HAS_QLEN ? (i64)row_token(p, r) * p.q_st : 0) + (i64)row_head(p, h, r) * p.q_sh,
-                    (PAIRS ? D / 2 : D) * 2, bulk);
+                    D * 2, bulk);
     }
 #pragma unroll
     for (int i = 0; i < ROWS; ++i) {
@@ -1182,10 +1160,8 @@ struct KVLoader {
     const u16* qsrc = p.q + (i64)s.b * p.q_sb;
     for (int e = threadIdx.x; e < ROWS_Q * CPR; e += NT) {
       const int r = e / CPR, ch = e % CPR;
-      // PAIRS: the chunks of the row's own half from q's row (D / 2 wide), zeros in the other half
-      const bool ok = r < unit_rows(p) && (!PAIRS || (ch >= CPR / 2 ? 1 : 0) == pair_half(p, r));
-      const i64 off = (HAS_QLEN ? (i64)row_token(p, r) * p.q_st : 0) + (i64)row_head(p, s.h, r) * p.q_sh +
-                      (PAIRS ? ch % (CPR / 2) : ch) * 8;
+      const bool ok = r < unit_rows(p);
+      const i64 off = (HAS_QLEN ? (i64)row_token(p, r) * p.q_st : 0) + (i64)row_head(p, s.h, r) * p.q_sh + ch * 8;
       cp_async16(smem_u32(qd + swz(r, ch)), ok ? (const void*)(qsrc + off) : (const void*)p.q, ok ? 16 : 0);
     }
   }

@@ -240,23 +240,6 @@ def test_head_lanes_take_one_params():
     assert [lanes.count(op) for op in ("div.u32", "rem.u32")] == [plain.count(op) for op in ("div.u32", "rem.u32")]
 
 
-@needs_nvrtc
-def test_head_pairs_spec_compiles_and_takes_one_params():
-    """The head_pairs bit (fp8 at head_dim 128: the caller's heads of 64 in
-    pairs) compiles for sm_80 and sm_90 with every feature it may meet, takes
-    the one Params, and is refused without fp8, at another head_dim or with
-    head lanes."""
-    for arch in ("sm_80", "sm_90"):
-        for dt, g, paged, f in (("bf16", 32, True, 16 | 64 | 512), ("f16", 16, False, 32 | 512),
-                                ("bf16", 12, True, 16 | 64 | 512 | 8 | 1 | 2 | 4)):
-            ptx = K.compile_ptx(K.make_spec(dt, 128, g, paged, features=f, page_size=1 if paged else None), arch)
-            size = int(re.search(r"\.entry \w+_attention\(\s*\.param \.align \d+ \.b8 \w+\[(\d+)\]", ptx).group(1))
-            assert size == ctypes.sizeof(K.Params)
-    for f, d in ((512, 128), (16 | 512, 64), (16 | 256 | 512, 128)):
-        with pytest.raises(ValueError, match="the head_pairs bit needs"):
-            K.make_spec("f16", d, 8, False, features=f)
-
-
 def test_make_spec_takes_both_dtype_names_and_refuses_others():
     # NumPy's names give the same spec as the short ones; any other name is
     # refused naming dtype (it once built a float16 kernel for "bfloat16")

@@ -31,8 +31,7 @@ def _nan_like(shape, dtype):
 # kernels.TUNING for tests of head lanes (no head pairs) and of head pairs (wherever kernels.pair_heads'
 # other conditions hold), independent of the defaults
 NO_PAIRS = dict(fp8_pair_heads_max_page=0, fp8_pair_heads_dense=False)
-PAIRS = dict(fp8_pair_heads_max_page=1 << 20, fp8_pair_heads_dense=True, fp8_pair_heads_in_kernel=True)
-PAIRS_COPIES = dict(PAIRS, fp8_pair_heads_in_kernel=False)  # (q padded and out unpaired by two more kernels)
+PAIRS = dict(fp8_pair_heads_max_page=1 << 20, fp8_pair_heads_dense=True)
 
 
 @contextlib.contextmanager
@@ -1291,17 +1290,15 @@ def test_gpu_fp8_from_pytorch_float8(d, hkv):
     assert np.abs(cp.asnumpy(cp.asarray(got)).astype(np.float64) - ro).max() < 4e-3
 
 
-@pytest.mark.parametrize("fmt,dt,layout,page_size,lens,hq,hkv,q_len,copies", [
-    ("e4m3", "float16", "paged", 1, [700, 3, 0, 1234], 24, 8, 0, False),          # a page per row
-    ("e4m3", "float16", "paged", 1, [700, 3, 0, 1234], 24, 8, 0, True),
-    ("e5m2", "bfloat16", "paged", 1, [20 + 7 * i for i in range(300)], 4, 2, 0, False),  # a batch of 300
-    ("e4m3", "bfloat16", "paged", 16, [4097, 0, 1, 2500, 130], 48, 4, 3, False),  # 3 query tokens, ragged q_lens
-    ("e4m3", "bfloat16", "paged", 16, [4097, 0, 1, 2500, 130], 48, 4, 3, True),
-    ("e4m3", "float16", "dense", 16, [6001, 6001, 6001], 16, 2, 0, False),        # equal lengths: split-K variant
-    ("e5m2", "float16", "ragged", 16, [9000, 17, 0, 3001, 777, 1], 12, 6, 0, False),
-    ("e4m3", "bfloat16", "dense", 16, [50000], 10, 10, 0, False),                 # one sequence, group 1
+@pytest.mark.parametrize("fmt,dt,layout,page_size,lens,hq,hkv,q_len", [
+    ("e4m3", "float16", "paged", 1, [700, 3, 0, 1234], 24, 8, 0),          # a page per row
+    ("e5m2", "bfloat16", "paged", 1, [20 + 7 * i for i in range(300)], 4, 2, 0),  # a batch of 300
+    ("e4m3", "bfloat16", "paged", 16, [4097, 0, 1, 2500, 130], 48, 4, 3),  # 3 query tokens, ragged q_lens
+    ("e4m3", "float16", "dense", 16, [6001, 6001, 6001], 16, 2, 0),        # equal lengths: split-K variant
+    ("e5m2", "float16", "ragged", 16, [9000, 17, 0, 3001, 777, 1], 12, 6, 0),
+    ("e4m3", "bfloat16", "dense", 16, [50000], 10, 10, 0),                 # one sequence, group 1
 ])
-def test_gpu_fp8_head_pairs_match_the_reference(fmt, dt, layout, page_size, lens, hq, hkv, q_len, copies):
+def test_gpu_fp8_head_pairs_match_the_reference(fmt, dt, layout, page_size, lens, hq, hkv, q_len):
     """kernels.pair_heads: an fp8 head_dim-64 cache of an even number of
     adjacent KV heads runs as a head_dim-128 call of head pairs (q padded,
     each output row's half copied out): dense, ragged, paged (a page per
@@ -1310,8 +1307,7 @@ def test_gpu_fp8_head_pairs_match_the_reference(fmt, dt, layout, page_size, lens
     soft-cap; out a strided slice of a NaN-filled array (the rest stays
     NaN) and a NaN-filled lse, against the float64 reference. Per-head
     scale arrays run the plan without pairs, also correct. Two graphs
-    captured one after another on two plans, replayed NaN-prefilled. Pairs
-    in the kernel (the head_pairs bit) or through copies (``copies``)."""
+    captured one after another on two plans, replayed NaN-prefilled."""
     from cupy_lean import kernels as K
 
     rng = np.random.default_rng(313 + len(lens) + hq + page_size + q_len)
@@ -1338,12 +1334,11 @@ def test_gpu_fp8_head_pairs_match_the_reference(fmt, dt, layout, page_size, lens
         _assert_out_lse(out, lse, ro, rl, tol * max(1.0, np.abs(ro).max()),
                         2e-3 * max(1.0, np.abs(rl[fin]).max()) if fin.any() else 1.0)
 
-    with K.tuning(**(PAIRS_COPIES if copies else PAIRS)):
+    with K.tuning(**PAIRS):
         for feats in ({}, dict(sinks=sinks, window_left=1500, softcap=20.0)):
             gfeats = {n: (cp.asarray(x) if isinstance(x, np.ndarray) else x) for n, x in feats.items()}
             pl = cupy_lean.plan(*args, **kw, out=_nan_like(qd.shape, npdt), **gfeats)
             assert pl.paired and pl.lanes == 1 and pl.spec.head_dim == 128, pl.describe()
-            assert bool(pl.spec.features & K.FEATURES["head_pairs"]) != copies, pl.describe()
             assert "head pairs" in pl.describe() and pl.units == len(lens) * hkv // 2
             ro, rl = reference.attention(qd, k8, v8, kv_lens=kv_lens, block_table=table, k_scale=ks, v_scale=vs,
                                          **rq, **feats)
@@ -1385,7 +1380,7 @@ def test_gpu_fp8_head_pairs_match_the_reference(fmt, dt, layout, page_size, lens
     with K.tuning(**NO_PAIRS):
         assert not cupy_lean.plan(*args, **kw, out=_nan_like(qd.shape, npdt)).paired
         plain = cupy_lean.attention(*args, **kw, **qkw, k_scale=float(ks), v_scale=float(vs))
-    with K.tuning(**(PAIRS_COPIES if copies else PAIRS)):
+    with K.tuning(**PAIRS):
         paired = cupy_lean.attention(*args, **kw, **qkw, k_scale=float(ks), v_scale=float(vs))
     d = cp.abs(plain.astype(cp.float32) - paired.astype(cp.float32))
     assert bool(cp.isfinite(paired).all()) and float(d.max()) < 2 * tol
