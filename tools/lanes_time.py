@@ -64,7 +64,7 @@ def main():
             k8 = [cp.ascontiguousarray(x.view(cp.uint8)[..., 1::2]) for x in inp.k]
             v8 = [cp.ascontiguousarray(x.view(cp.uint8)[..., 1::2]) for x in inp.v]
             del inp.k[:], inp.v[:]
-            sc = cp.full(H, 0.5, dtype=cp.float32)
+            sc = cp.full(H, 0.5, dtype=cp.float32)  # (per-head scales: never head pairs, kernels.pair_heads)
 
             def call(i, lay="NHD"):
                 return cupy_lean.attention(inp.q[i], k8[i], v8[i], out=outs[i], kv_dtype="e4m3", k_scale=sc,

@@ -2,7 +2,8 @@
 lean with partial units and empty sequences, units cut into many pieces
 (the two-level merge), few units merged by the combine launch, paged,
 strided, split, head, bf16, large group, merge_states, the launch-time
-split merged in the kernel. Exits non-zero on a wrong result."""
+split merged in the kernel, fp8 (head pairs too). Exits non-zero on a wrong
+result."""
 
 import sys
 
@@ -68,6 +69,30 @@ def run_fp8():
         err = float(np.abs(cp.asnumpy(out).astype(np.float64) - ref).max())
         ok &= err < 2e-2
         print(f"fp8 e4m3 d={d} {hq}/{hkv} lens={lens.tolist()} err={err:.2e} {'ok' if err < 2e-2 else 'WRONG'}")
+    # head pairs (kernels.pair_heads: one-token pages, 4 KV heads at head_dim 64): the padding and
+    # unpairing kernels and the head_dim-128 call, out a strided slice (rows 256 bytes apart)
+    lens = np.array([300, 0, 1, 77], np.int32)
+    q = rng.standard_normal((4, 12, 64)).astype(np.float16)
+    perm = rng.permutation(int(lens.sum()) + 2)
+    table = np.full((4, int(lens.max()) + 1), -1, np.int32)
+    pos = 0
+    for b, n in enumerate(lens):
+        table[b, :n] = perm[pos:pos + n]
+        pos += n
+    k = rng.standard_normal((len(perm), 1, 4, 64)).astype(ml_dtypes.float8_e4m3fn)
+    v = rng.standard_normal((len(perm), 1, 4, 64)).astype(ml_dtypes.float8_e4m3fn)
+    wide = cp.full((4, 12, 128), cp.nan, dtype=cp.float16)
+    args = (cp.asarray(q), cp.asarray(k.view(np.uint8)), cp.asarray(v.view(np.uint8)))
+    kw = dict(kv_lens=cp.asarray(lens), block_table=cp.asarray(table), kv_dtype="e4m3")
+    paired = cupy_lean.plan(*args, **kw).paired
+    cupy_lean.attention(*args, **kw, k_scale=0.5, out=wide[:, :, 32:96])
+    ref, _ = reference.attention(q, k, v, kv_lens=lens, block_table=table, k_scale=0.5)
+    err = float(np.abs(cp.asnumpy(wide[:, :, 32:96]).astype(np.float64) - ref).max())
+    rest = bool(cp.isnan(wide[:, :, :32]).all()) and bool(cp.isnan(wide[:, :, 96:]).all())
+    good = err < 2e-2 and rest and paired
+    ok &= good
+    print(f"fp8 e4m3 head pairs (paired {paired}) d=64 12/4 pages of 1 lens={lens.tolist()} err={err:.2e} "
+          f"rest of out untouched {rest} {'ok' if good else 'WRONG'}")
     return ok
 
 
