@@ -119,12 +119,12 @@ def gpu_fp8_scales(k_scale, v_scale, heads_kv):
     inside a CUDA graph capture); GPU arrays of shape () or (heads_kv,) are
     used as they are (shape (): broadcast into a new ``(heads_kv,)`` array).
     A :class:`UniformScales` where neither is a per-head array."""
-    from ._arrays import to_gpu, where as _where
-    from .validation import fp8_scales
-
     if (k_scale is None or (type(k_scale) is float and 0.0 < k_scale < math.inf)) and \
             (v_scale is None or (type(v_scale) is float and 0.0 < v_scale < math.inf)):
         return UniformScales((1.0 if k_scale is None else k_scale, 1.0 if v_scale is None else v_scale))
+    from ._arrays import to_gpu, where as _where
+    from .validation import fp8_scales
+
     _bind_cupy()  # (this may run before any plan of the process is made)
     out, uniform = [], True
     for name, sc in (("k_scale", k_scale), ("v_scale", v_scale)):

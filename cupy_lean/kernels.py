@@ -973,9 +973,8 @@ def head_lanes(kv8, head_dim, heads_kv, k_strides, v_strides, schedule="lean", s
     ``TUNING["fp8_head_lanes_count"]`` forces a count where it divides
     ``heads_kv``. Why and what it measured: ``docs/design.md``, "Head
     lanes"."""
-    if not (kv8 is not None and head_dim == 64 and TUNING["fp8_head_lanes"] and schedule == "lean"
-            and heads_kv >= 2 and not stream_k_knob and not batch_invariant
-            and all(int(st[2]) == head_dim and int(st[3]) == 1 for st in (k_strides, v_strides))):
+    if not (TUNING["fp8_head_lanes"] and _adjacent_fp8_rows(kv8, head_dim, heads_kv, k_strides, v_strides, schedule,
+                                                             stream_k_knob, batch_invariant)):
         return 1
     forced = TUNING["fp8_head_lanes_count"]
     if forced is not None:
@@ -984,6 +983,17 @@ def head_lanes(kv8, head_dim, heads_kv, k_strides, v_strides, schedule="lean", s
     group, frac = int(TUNING["fp8_head_lanes_group"]), float(TUNING["fp8_head_lanes_sm_fraction"])
     counts = [L for L in range(2, min(heads_kv, sms) + 1) if heads_kv % L == 0 and L * (sms // L) >= frac * sms]
     return min((L for L in counts if L >= group), default=max(counts, default=1))
+
+
+def _adjacent_fp8_rows(kv8, head_dim, heads_kv, k_strides, v_strides, schedule, knobs, batch_invariant):
+    """What head lanes and head pairs both need: an fp8 cache at head_dim 64
+    (64-byte rows) of two KV heads or more whose neighbouring heads' rows
+    are adjacent in K and V (a head stride of 64 bytes, unit element stride,
+    in the NHD view's byte strides), the lean schedule with no option fixing
+    its configuration (``knobs``), not ``batch_invariant``."""
+    return (kv8 is not None and head_dim == 64 and heads_kv >= 2 and schedule == "lean" and not knobs
+            and not batch_invariant
+            and all(int(st[2]) == head_dim and int(st[3]) == 1 for st in (k_strides, v_strides)))
 
 
 def pair_heads(kv8, head_dim, heads_kv, rows, k_strides, v_strides, page_size, schedule="lean", knobs=False,
@@ -1018,9 +1028,8 @@ def pair_heads(kv8, head_dim, heads_kv, rows, k_strides, v_strides, page_size, s
     (``0 x inf`` is NaN): that head's rows are NaN where without pairs they
     are finite. The plan (``Plan._launch_on``) runs a call given per-head
     scale arrays without pairs: each unit reads one scale."""
-    if not (kv8 is not None and head_dim == 64 and heads_kv >= 2 and heads_kv % 2 == 0
-            and 2 * rows <= MAX_GROUP and schedule == "lean" and not knobs and not batch_invariant
-            and all(int(st[2]) == head_dim and int(st[3]) == 1 for st in (k_strides, v_strides))):
+    if not (heads_kv % 2 == 0 and 2 * rows <= MAX_GROUP
+            and _adjacent_fp8_rows(kv8, head_dim, heads_kv, k_strides, v_strides, schedule, knobs, batch_invariant)):
         return False
     if page_size:
         return page_size <= int(TUNING["fp8_pair_heads_max_page"])

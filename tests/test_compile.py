@@ -91,7 +91,8 @@ def test_spec_compiles(spec, arch, compiled):
 @pytest.mark.parametrize("arch", ARCHS)
 def test_util_module_compiles(arch):
     cubin = K.compile_cubin(None, arch)
-    for name in (b"merge_states_f16", b"merge_states_bf16", b"merge_states_f32", b"lean_check_inputs"):
+    for name in (b"merge_states_f16", b"merge_states_bf16", b"merge_states_f32", b"lean_check_inputs",
+                 b"lean_pair_heads"):
         assert name in cubin
 
 

@@ -1046,34 +1046,54 @@ def test_out_whose_rows_overlap_is_refused():
         np.testing.assert_array_equal(out, want)
 
 
+class _StandInTensor:
+    """A stand-in for a PyTorch tensor (CI has no PyTorch): its type's module
+    is "torch"; shape, element strides, dtype name, data pointer, device (-1:
+    the CPU) and flags (layout, nested, grad, neg). Its DLPack export fails
+    the test."""
+
+    def __init__(self, shape=(4,), stride=(1,), dtype="float16", ptr=4096, device=0, **flags):
+        self.shape, self._stride, self.dtype, self._ptr, self._device = shape, stride, dtype, ptr, device
+        self.layout = flags.get("layout", "strided")
+        self.is_nested = flags.get("nested", False)
+        self.requires_grad = flags.get("grad", False)
+        self._neg = flags.get("neg", False)
+        self.is_cuda = device >= 0
+
+    def stride(self):
+        return self._stride
+
+    def data_ptr(self):
+        return self._ptr
+
+    def is_neg(self):
+        return self._neg
+
+    def numel(self):
+        return int(np.prod(self.shape))
+
+    def get_device(self):
+        return self._device
+
+    def __dlpack__(self, stream=None):
+        raise AssertionError("exported")
+
+
+_StandInTensor.__module__ = "torch"
+
+
 def test_a_torch_tensor_with_a_lazy_negation_or_no_memory_is_refused():
     """DLPack exports a PyTorch tensor's memory without its negative bit (the
     values would be read with the wrong sign) and a freed storage as pointer
     0: both refused, naming the argument, on the CPU and GPU imports."""
     from cupy_lean import _arrays
 
-    class Tensor:
-        def __init__(self, neg=False, ptr=64, n=4):
-            self.neg, self.ptr, self.n = neg, ptr, n
-
-        def is_neg(self):
-            return self.neg
-
-        def numel(self):
-            return self.n
-
-        def data_ptr(self):
-            return self.ptr
-
-        def __dlpack__(self, stream=None):
-            raise AssertionError("exported")
-
-    Tensor.__module__ = "torch"
+    Tensor = _StandInTensor
     with pytest.raises(TypeError, match=r"q: the tensor has its negative bit set .* q.resolve_neg\(\)"):
         _arrays.to_cpu(Tensor(neg=True), "q")
     with pytest.raises(ValueError, match="k: the tensor's storage has no memory"):
         _arrays._refuse_torch_bits(Tensor(ptr=0), "k")
-    _arrays._refuse_torch_bits(Tensor(ptr=0, n=0), "k")  # empty: nothing to read
+    _arrays._refuse_torch_bits(Tensor((0,), ptr=0), "k")  # empty: nothing to read
     _arrays._refuse_torch_bits(Tensor(), "k")
 
 
@@ -1139,29 +1159,7 @@ def test_torch_layout_and_views_with_a_stand_in_for_torch(monkeypatch):
     for name in ("float16", "float32", "int32", "int64", "uint8", "bfloat16", "float64", "strided", "sparse_coo"):
         setattr(torch, name, name)
 
-    class Tensor:
-        def __init__(self, shape, stride, dtype="float16", ptr=4096, device=0, **flags):
-            self.shape, self._stride, self.dtype, self._ptr, self._device = shape, stride, dtype, ptr, device
-            self.layout = flags.get("layout", "strided")
-            self.is_nested = flags.get("nested", False)
-            self.requires_grad = flags.get("grad", False)
-            self._neg = flags.get("neg", False)
-            self.is_cuda = device >= 0
-
-        def stride(self):
-            return self._stride
-
-        def data_ptr(self):
-            return self._ptr
-
-        def is_neg(self):
-            return self._neg
-
-        def get_device(self):
-            return self._device
-
-    Tensor.__module__ = "torch"
-    torch.Tensor = Tensor
+    Tensor = torch.Tensor = _StandInTensor
     stream = {"torch": 7}
     torch.cuda = types.SimpleNamespace(current_stream=lambda d: types.SimpleNamespace(cuda_stream=stream["torch"]))
     monkeypatch.setitem(sys.modules, "torch", torch)

@@ -25,7 +25,7 @@ Times, per drawn shape with head_dim 64 and two or more KV heads (an odd
 last one takes a second, unpaired call of its own): the 16-bit
 call, the e4m3 call, and the paired e4m3 call (the attention call alone,
 with the padding and unpairing done by CuPy slice copies, and with one
-kernel launch each, ``PAIR_KERNELS``), plus the largest difference between the
+kernel launch each: the package's ``lean_pair_heads``), plus the largest difference between the
 paired and the plain e4m3 outputs. CPU: ``--check`` runs the transform
 on small NumPy inputs through the reference path and compares (no GPU).
 """
@@ -39,25 +39,6 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-# the padding and the unpairing by one kernel (16-bit values as raw bits; contiguous (rows, 64) and (rows, 128))
-PAIR_KERNELS = r"""
-// pad (1): out (rows, 128) from q (rows, 64), the other half zero; unpad (0): out (rows, 64), the wanted half
-extern "C" __global__ void pair_copy(const unsigned short* __restrict__ src, unsigned short* __restrict__ out,
-                                     long long rows, int hq, int group, int pad) {
-  const int w = pad ? 128 : 64;
-  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < rows * w;
-       i += (long long)gridDim.x * blockDim.x) {
-    const long long row = i / w;
-    const int c = (int)(i % w), half = ((int)(row % hq) / group) & 1;
-    if (pad)
-      out[i] = (c / 64 == half) ? src[row * 64 + (c % 64)] : (unsigned short)0;
-    else
-      out[i] = src[row * 128 + half * 64 + c];
-  }
-}
-"""
 
 
 def pair_q(q, group, out=None):
@@ -182,7 +163,10 @@ def main():
     # the plain e4m3 call without the package's own head pairs (kernels.pair_heads, which grew out of this
     # probe): the probe's baseline is the unpaired call
     cupy_lean.kernels.TUNING["fp8_pair_heads_max_page"] = 0
-    pair_k = cp.RawModule(code=PAIR_KERNELS).get_function("pair_copy")
+    from cupy_lean import _plan
+    from cupy_lean import kernels as K
+
+    pair_k = K.util_function("lean_pair_heads")  # (the package's padding / unpairing kernel)
     rows = []
     for idx, case in enumerate(F.draw(a.family, a.seed)):
         if (only and idx not in only) or case.head_dim != 64 or case.heads_kv < 2:
@@ -225,14 +209,14 @@ def main():
         diff = float(cp.abs(outs[0].astype(cp.float32) - plain.astype(cp.float32)).max())  # (NaN: a row unwritten)
         tf = diff_f = None
         if not odd:  # (the kernels take whole contiguous q / out)
-            nrows = inp.q[0].size // 64
-            grid = (int(min(1024, -(-nrows * 128 // 256))),)
-            hq_g = (np.int64(nrows), np.int32(case.heads_q), np.int32(g))
+            rows_q = _plan._pair_rows(inp.q[0].shape, inp.q[0].strides, 2)
+            rows_o = _plan._pair_rows(outs[0].shape, outs[0].strides, 2)
+            grid = (int(min(1024, -(-int(rows_q[0]) * 128 // 256))),)
 
             def fused(i):  # one padding kernel, the call, one unpairing kernel
-                pair_k(grid, (256,), (inp.q[i].view(cp.uint16), qp[i].view(cp.uint16)) + hq_g + (np.int32(1),))
+                pair_k(grid, (256,), (inp.q[i], qp[i]) + rows_q + (np.int32(g), np.int32(1)))
                 cupy_lean.attention(qp[i], kp[i], vp[i], out=op[i], **f8)
-                pair_k(grid, (256,), (op[i].view(cp.uint16), outs[i].view(cp.uint16)) + hq_g + (np.int32(0),))
+                pair_k(grid, (256,), (op[i], outs[i]) + rows_o + (np.int32(g), np.int32(0)))
 
             try:
                 tf = graph_time(fused, n)
