@@ -444,16 +444,13 @@ class Plan:
         # runs as a head_dim-128 call of heads_kv / 2 heads and groups of 2 x group query heads, each query head
         # padded by zeros to the half of its KV head in the pair (launch: _pair_copy); K and V as they are, with
         # a head stride of 128 elements. The caller's shapes stay the plan's (signature, meta, out_shape)
+        D0 = D
         isz = sig.dtypes[0].itemsize
-        out_shape = (B, self.q_len, m.heads_q, D) if self.q_len else (B, m.heads_q, D)
-        pair_args = None  # the padding / unpairing kernel's rows of q and of out (_pair_rows)
-        if pair and K.pair_heads(f_kv8, D, Hkv, rows, sig.k[1], sig.v[1], m.page_size if m.paged else 0, sig.schedule,
-                                 stream_k_knob or sig.tile_size is not None or sig.stages is not None, sig.invariant):
-            pair_args = (_pair_rows(sig.q[0], sig.q[1], isz),
-                         _pair_rows(out_shape, sig.out[1] if sig.out is not None else _contig(out_shape, isz), isz))
-            if any(a is None for a in pair_args):  # (a stride of no whole element: no pairs)
-                pair_args = None
-        self.paired = pair_args is not None
+        out_rows = None if sig.out is None else _pair_rows(sig.out[0], sig.out[1], isz)
+        self.paired = bool(pair) and K.pair_heads(
+            f_kv8, D, Hkv, rows, sig.k[1], sig.v[1], m.page_size if m.paged else 0, sig.schedule,
+            stream_k_knob or sig.tile_size is not None or sig.stages is not None, sig.invariant) \
+            and _pair_rows(sig.q[0], sig.q[1], isz) is not None and (sig.out is None or out_rows is not None)
         sig_k, sig_v = sig.k, sig.v
         if self.paired:
             D, Hkv, g = 2 * D, Hkv // 2, 2 * g
@@ -588,9 +585,11 @@ class Plan:
 
         # Strides the kernel sees: those of the arrays, or of the contiguous
         # copies made for arrays the kernel cannot read in place.
+        isz = sig.dtypes[0].itemsize
         self.copy_q = not _aligned_layout(sig.q, sig.aligned[0], 16)
         self.copy_k = not _aligned_layout(sig.k, sig.aligned[1], 16)
         self.copy_v = not _aligned_layout(sig.v, sig.aligned[2], 16)
+        out_shape = (B, self.q_len, m.heads_q, D0) if self.q_len else (B, m.heads_q, D0)
         self.out_shape, self.lse_shape = out_shape, out_shape[:-1]
         self.copy_out = sig.out is not None and not _aligned_layout(sig.out[:2], sig.aligned[3], 8)
         q_shape, k_out_shape = sig.q[0], out_shape  # (of the q and out the kernel reads and writes)
@@ -599,7 +598,9 @@ class Plan:
             self.copy_q = self.copy_out = True
             self._pair_shape = k_out_shape
             self._pair_fn = K.util_function("lean_pair_heads")
-            self._pair_q_args, self._pair_out_args = pair_args
+            self._pair_q_args = _pair_rows(sig.q[0], sig.q[1], isz)
+            self._pair_out_args = _pair_rows(out_shape, sig.out[1] if sig.out is not None else _contig(out_shape, isz),
+                                             isz)
         qs = _elem_strides(_contig(q_shape, isz) if self.copy_q else sig.q[1], isz, 3 if self.q_len else 2)
         ksz, vsz = sig.dtypes[1].itemsize, sig.dtypes[2].itemsize  # 1 for an fp8 cache (uint8 storage)
         ks, self.copy_k = _kv_strides(sig_k, ksz, self.copy_k, m.page_size if m.paged else 0, "k")
@@ -1125,9 +1126,6 @@ class Plan:
             lse = cp.empty(self.lse_shape, dtype=cp.float32)
         if m.batch == 0:
             return out, lse
-        extra = None  # q_lens and fp8 scales: only plans for them look at them (host arrays: refused in a capture)
-        if self.q_len or self.kv8 is not None:
-            extra = self._extra_args(q_lens, scales)
         temps = out_k = None
         grid, lanes = self._lane_grid, self.lanes
         if self._direct:  # nothing to convert or copy; lengths (if any) on the GPU
@@ -1156,6 +1154,14 @@ class Plan:
                 return out, lse
             if total is not None and self.decomposition == K.Decomposition.STREAM_K and not self.runtime_split:
                 grid = min(grid, total)  # (the runtime split's chunks per unit come from the full grid)
+            if self.copy_q and not self.paired:  # (pairs: q padded below, once nothing else can refuse the call)
+                q = temps = cp.array(q, copy=True, order="C")  # a new (aligned) buffer even if q is contiguous
+            if self.copy_k:
+                k = cp.array(k, copy=True, order="C")
+                temps = (temps, k)
+            if self.copy_v:
+                v = cp.array(v, copy=True, order="C")
+                temps = (temps, v)
             lens32 = None
             if lens is not None:
                 lens32 = lens if self.lens_direct else _index_array(lens, 0, m.capacity, "kv_lens")
@@ -1165,23 +1171,16 @@ class Plan:
                                                                        "block_table")
             out_k = cp.empty(self._pair_shape if self.paired else out.shape, dtype=q.dtype) if self.copy_out else out
 
-        # below, the copies, queued once nothing above can refuse the call (inside a capture, a copy queued
-        # before a refusal stays in the graph, writing into a temporary dropped on return)
         sinks32 = None
         if self.has_sinks:
             sinks32 = sinks if (sinks.dtype == cp.float32 and sinks.flags.c_contiguous) else \
                 cp.ascontiguousarray(sinks, dtype=cp.float32)
-        if not self._direct:  # q, k and v
-            if self.paired:  # (q padded into the 128-wide temporary)
-                q = temps = self._pair_copy(q, cp.empty(self._pair_shape, dtype=q.dtype), self._pair_q_args, 1)
-            elif self.copy_q:
-                q = temps = cp.array(q, copy=True, order="C")  # a new (aligned) buffer even if q is contiguous
-            if self.copy_k:
-                k = cp.array(k, copy=True, order="C")
-                temps = (temps, k)
-            if self.copy_v:
-                v = cp.array(v, copy=True, order="C")
-                temps = (temps, v)
+        extra = None  # q_lens and fp8 scales: only plans for them look at them
+        if self.q_len or self.kv8 is not None:
+            extra = self._extra_args(q_lens, scales)
+        if self.paired:
+            q = self._pair_copy(q, cp.empty(self._pair_shape, dtype=q.dtype), self._pair_q_args, 1)
+            temps = (temps, q)
         thread = threading.get_ident()
         with self._lock:
             try:
